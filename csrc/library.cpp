@@ -1,0 +1,79 @@
+// Every lrpcpp operator schema, declared exactly once.
+//
+// Each rule is a pair: the forward op (same output as torch's) and a public
+// relevance op that its autograd backward calls through the dispatcher, so the
+// rule is dispatchable, opcheck-able and visible in compiled graphs.
+#include <torch/library.h>
+
+#include "lrpcpp.h"
+
+#ifdef WITH_CUDA
+#include <cuda.h>
+#endif
+
+namespace lrpcpp {
+
+int64_t cuda_version() {
+#ifdef WITH_CUDA
+  return CUDA_VERSION;
+#else
+  return -1;
+#endif
+}
+
+TORCH_LIBRARY(lrpcpp, m) {
+  m.def("cuda_version() -> int", &cuda_version);
+
+  // epsilon rule through an affine map (RULES.md section 1, Eq. 8)
+  m.def("stab_div(Tensor relevance, Tensor z, float epsilon, float scale=1.0, ScalarType? dtype=None) -> Tensor");
+  m.def("linear_epsilon(Tensor x, Tensor weight, Tensor? bias=None, float epsilon=1e-6) -> Tensor");
+  m.def("linear_epsilon_relevance(Tensor grad, Tensor x, Tensor weight, Tensor output, float epsilon) -> Tensor");
+  m.def(
+      "conv2d_epsilon(Tensor x, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
+      "int[2] dilation=1, int groups=1, float epsilon=1e-6) -> Tensor");
+  m.def(
+      "conv2d_epsilon_relevance(Tensor grad, Tensor x, Tensor weight, Tensor output, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, float epsilon) -> Tensor");
+
+  // binary ops between two relevance-carrying tensors
+  m.def("add2(Tensor a, Tensor b, float epsilon=1e-8) -> Tensor");
+  m.def("add2_relevance(Tensor grad, Tensor a, Tensor b, float epsilon, bool[2] output_mask) -> (Tensor, Tensor)");
+  m.def("mul2(Tensor a, Tensor b) -> Tensor");
+  m.def("mul2_relevance(Tensor grad, Tensor a, Tensor b, bool[2] output_mask) -> (Tensor, Tensor)");
+  m.def("matmul(Tensor a, Tensor b, float epsilon=1e-8) -> Tensor");
+  m.def(
+      "matmul_relevance(Tensor grad, Tensor a, Tensor b, Tensor output, float epsilon, bool[2] output_mask) "
+      "-> (Tensor, Tensor)");
+
+  // softmax: Deep Taylor decomposition with bias (Prop. 3.1)
+  m.def("softmax(Tensor x, int dim, float temperature=1.0, ScalarType? dtype=None) -> Tensor");
+  m.def("softmax_relevance(Tensor grad, Tensor x, Tensor output, int dim, float temperature) -> Tensor");
+
+  // normalisation layers
+  m.def("rms_norm_identity(Tensor x, int[] normalized_shape, Tensor? weight=None, float? eps=None) -> Tensor");
+  m.def(
+      "layer_norm(Tensor x, int[] normalized_shape, Tensor? weight=None, Tensor? bias=None, float eps=1e-5, "
+      "float epsilon=1e-6) -> Tensor");
+  m.def(
+      "layer_norm_relevance(Tensor grad, Tensor x, int[] normalized_shape, Tensor? weight, Tensor? bias, "
+      "float eps, float epsilon) -> Tensor");
+  m.def(
+      "layer_norm_identity(Tensor x, int[] normalized_shape, Tensor? weight=None, Tensor? bias=None, "
+      "float eps=1e-5) -> Tensor");
+  m.def("normalize_identity(Tensor x, float p=2.0, int dim=1, float eps=1e-12) -> Tensor");
+
+  // reductions
+  m.def("mean(Tensor x, int[1]? dim=None, bool keepdim=False, float epsilon=1e-6) -> Tensor");
+  m.def("mean_relevance(Tensor grad, Tensor x, int[1]? dim, bool keepdim, float epsilon) -> Tensor");
+
+  // identity rule (activations) and the relevance cut
+  m.def("silu_identity(Tensor x) -> Tensor");
+  m.def("gelu_identity(Tensor x, str approximate=\"none\") -> Tensor");
+  m.def("tanh_identity(Tensor x) -> Tensor");
+  m.def("relu_identity(Tensor x) -> Tensor");
+  m.def("sigmoid_identity(Tensor x) -> Tensor");
+  m.def("identity_relevance(Tensor grad, ScalarType dtype) -> Tensor");
+  m.def("stop_relevance(Tensor x) -> Tensor");
+}
+
+}  // namespace lrpcpp

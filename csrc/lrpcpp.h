@@ -1,0 +1,80 @@
+// Public C++ API of lrpcpp: one function per operator, each a call through the
+// PyTorch dispatcher (so autograd, CPU/CUDA/Meta kernels and tracing all apply).
+//
+// Link liblrpcpp (CMake target lrpcpp::lrpcpp) and call, for example,
+//   at::Tensor y = lrpcpp::linear_epsilon(x, w, b, 1e-6);
+//   y.backward(y);           // x.grad() is now the epsilon-LRP relevance of x
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+#if defined(_WIN32)
+#define LRPCPP_API __declspec(dllexport)
+#else
+#define LRPCPP_API __attribute__((visibility("default")))
+#endif
+
+namespace lrpcpp {
+
+using at::Tensor;
+using TensorPair = std::tuple<Tensor, Tensor>;
+using OptTensor = std::optional<Tensor>;
+
+// -1 for a CPU-only build, else the CUDA version the library was built with.
+LRPCPP_API int64_t cuda_version();
+
+// R / stab(scale * z), computed in fp32 or fp64, returned in `dtype` (default: z's dtype).
+LRPCPP_API Tensor stab_div(const Tensor& relevance, const Tensor& z, double epsilon, double scale,
+                           std::optional<at::ScalarType> dtype);
+
+LRPCPP_API Tensor linear_epsilon(const Tensor& x, const Tensor& weight, const OptTensor& bias, double epsilon);
+LRPCPP_API Tensor linear_epsilon_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                                           const Tensor& output, double epsilon);
+LRPCPP_API Tensor conv2d_epsilon(const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 int64_t groups, double epsilon);
+LRPCPP_API Tensor conv2d_epsilon_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                                           const Tensor& output, at::IntArrayRef stride, at::IntArrayRef padding,
+                                           at::IntArrayRef dilation, int64_t groups, double epsilon);
+
+LRPCPP_API Tensor add2(const Tensor& a, const Tensor& b, double epsilon);
+LRPCPP_API TensorPair add2_relevance(const Tensor& grad, const Tensor& a, const Tensor& b, double epsilon,
+                                     std::array<bool, 2> output_mask);
+LRPCPP_API Tensor mul2(const Tensor& a, const Tensor& b);
+LRPCPP_API TensorPair mul2_relevance(const Tensor& grad, const Tensor& a, const Tensor& b,
+                                     std::array<bool, 2> output_mask);
+LRPCPP_API Tensor matmul(const Tensor& a, const Tensor& b, double epsilon);
+LRPCPP_API TensorPair matmul_relevance(const Tensor& grad, const Tensor& a, const Tensor& b, const Tensor& output,
+                                       double epsilon, std::array<bool, 2> output_mask);
+
+LRPCPP_API Tensor softmax(const Tensor& x, int64_t dim, double temperature, std::optional<at::ScalarType> dtype);
+LRPCPP_API Tensor softmax_relevance(const Tensor& grad, const Tensor& x, const Tensor& output, int64_t dim,
+                                    double temperature);
+
+LRPCPP_API Tensor rms_norm_identity(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
+                                    std::optional<double> eps);
+LRPCPP_API Tensor layer_norm(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
+                             const OptTensor& bias, double eps, double epsilon);
+LRPCPP_API Tensor layer_norm_relevance(const Tensor& grad, const Tensor& x, at::IntArrayRef normalized_shape,
+                                       const OptTensor& weight, const OptTensor& bias, double eps, double epsilon);
+LRPCPP_API Tensor layer_norm_identity(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
+                                      const OptTensor& bias, double eps);
+LRPCPP_API Tensor normalize_identity(const Tensor& x, double p, int64_t dim, double eps);
+
+LRPCPP_API Tensor mean(const Tensor& x, at::OptionalIntArrayRef dim, bool keepdim, double epsilon);
+LRPCPP_API Tensor mean_relevance(const Tensor& grad, const Tensor& x, at::OptionalIntArrayRef dim, bool keepdim,
+                                 double epsilon);
+
+LRPCPP_API Tensor silu_identity(const Tensor& x);
+LRPCPP_API Tensor gelu_identity(const Tensor& x, c10::string_view approximate);
+LRPCPP_API Tensor tanh_identity(const Tensor& x);
+LRPCPP_API Tensor relu_identity(const Tensor& x);
+LRPCPP_API Tensor sigmoid_identity(const Tensor& x);
+LRPCPP_API Tensor identity_relevance(const Tensor& grad, at::ScalarType dtype);
+LRPCPP_API Tensor stop_relevance(const Tensor& x);
+
+}  // namespace lrpcpp

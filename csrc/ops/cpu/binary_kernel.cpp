@@ -1,0 +1,57 @@
+// CPU kernels of the binary family: add2's relevance in one pass over R, a
+// and b (broadcasting through TensorIterator), and the registrations.
+#include <torch/library.h>
+
+#include "../impl.h"
+#include "../rule_math.h"
+#include "loops.h"
+
+namespace lrpcpp {
+namespace {
+
+TensorPair add2_relevance_cpu(const Tensor& grad, const Tensor& a, const Tensor& b, double epsilon,
+                              std::array<bool, 2> output_mask) {
+  impl::check_add2_relevance(grad, a, b, epsilon);
+  if (!output_mask[0] && !output_mask[1]) return {};
+  // relevance of each summand at the broadcast shape, then summed back to its own shape
+  Tensor ra = at::empty(grad.sizes(), grad.options());
+  Tensor rb = at::empty(grad.sizes(), grad.options());
+  if (grad.numel() > 0) {
+    auto iter = at::TensorIteratorConfig()
+                    .add_output(ra)
+                    .add_output(rb)
+                    .add_const_input(grad)
+                    .add_const_input(a)
+                    .add_const_input(b)
+                    .build();
+    LRPCPP_DISPATCH_FLOATING(grad.scalar_type(), "lrpcpp_add2_relevance_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const acc_t e = static_cast<acc_t>(epsilon);
+      iter.for_each([&](char** data, const int64_t* strides, int64_t n) {
+        for (int64_t i = 0; i < n; ++i) {
+          const acc_t r = cpu::elem<scalar_t>(data, strides, 2, i);
+          const acc_t va = cpu::elem<scalar_t>(data, strides, 3, i);
+          const acc_t vb = cpu::elem<scalar_t>(data, strides, 4, i);
+          const acc_t y = va + vb;
+          cpu::elem<scalar_t>(data, strides, 0, i) = static_cast<scalar_t>(math::add_share(va, r, y, e));
+          cpu::elem<scalar_t>(data, strides, 1, i) = static_cast<scalar_t>(math::add_share(vb, r, y, e));
+        }
+      });
+    });
+  }
+  return {output_mask[0] ? at::sum_to(ra, a.sizes()) : Tensor(),
+          output_mask[1] ? at::sum_to(rb, b.sizes()) : Tensor()};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lrpcpp, CPU, m) {
+  m.impl("add2", &impl::add2);
+  m.impl("add2_relevance", &add2_relevance_cpu);
+  m.impl("mul2", &impl::mul2);
+  m.impl("mul2_relevance", &impl::mul2_relevance);
+  m.impl("matmul", &impl::matmul);
+  m.impl("matmul_relevance", &impl::matmul_relevance);
+}
+
+}  // namespace lrpcpp

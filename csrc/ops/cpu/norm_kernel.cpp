@@ -1,0 +1,84 @@
+// CPU kernel of the layer-norm epsilon rule, one row of the normalised
+// dimensions at a time: mean and sigma (recomputed from x, sigma constant),
+// h = (w / sigma) R / stab(y), then R_x = x (h - mean(h)).
+#include <torch/library.h>
+
+#include "../impl.h"
+#include "../rule_math.h"
+#include "loops.h"
+
+#include <cmath>
+#include <vector>
+
+namespace lrpcpp {
+namespace {
+
+template <typename scalar_t>
+void layer_norm_relevance_loop(const Tensor& grad, const Tensor& x, const Tensor& w, const Tensor& b, Tensor& out,
+                               int64_t rows, int64_t len, double eps, double epsilon) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const acc_t* wp = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* bp = b.defined() ? b.const_data_ptr<acc_t>() : nullptr;
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  const acc_t e = static_cast<acc_t>(epsilon);
+  at::parallel_for(0, rows, cpu::row_grain(len), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> h(len);
+    for (int64_t row = begin; row < end; ++row) {
+      const scalar_t* xr = xp + row * len;
+      const scalar_t* gr = gp + row * len;
+      acc_t mean = 0;
+      for (int64_t k = 0; k < len; ++k) mean += static_cast<acc_t>(xr[k]);
+      mean /= len;
+      acc_t var = 0;
+      for (int64_t k = 0; k < len; ++k) {
+        const acc_t d = static_cast<acc_t>(xr[k]) - mean;
+        var += d * d;
+      }
+      const acc_t rstd = acc_t(1) / std::sqrt(var / len + static_cast<acc_t>(eps));
+      acc_t h_sum = 0;
+      for (int64_t k = 0; k < len; ++k) {
+        const acc_t wk = wp ? wp[k] : acc_t(1);
+        const acc_t y = (static_cast<acc_t>(xr[k]) - mean) * rstd * wk + (bp ? bp[k] : acc_t(0));
+        h[k] = math::layer_norm_h<acc_t>(gr[k], y, wk * rstd, e);
+        h_sum += h[k];
+      }
+      const acc_t h_mean = h_sum / len;
+      for (int64_t k = 0; k < len; ++k) {
+        op[row * len + k] = static_cast<scalar_t>(math::layer_norm_relevance<acc_t>(xr[k], h[k], h_mean));
+      }
+    }
+  });
+}
+
+Tensor layer_norm_relevance_cpu(const Tensor& grad, const Tensor& x, at::IntArrayRef normalized_shape,
+                                const OptTensor& weight, const OptTensor& bias, double eps, double epsilon) {
+  impl::check_layer_norm_relevance(grad, x, normalized_shape, weight, bias, eps, epsilon);
+  const Tensor xc = x.contiguous(), g = grad.contiguous();
+  Tensor out = at::empty(xc.sizes(), xc.options());
+  if (out.numel() == 0) return out;
+  const auto acc = at::toOpMathType(x.scalar_type());
+  auto affine = [&](const OptTensor& t) {
+    return (t.has_value() && t->defined()) ? t->to(acc).contiguous() : Tensor();
+  };
+  const Tensor w = affine(weight), b = affine(bias);
+  int64_t len = 1;
+  for (auto s : normalized_shape) len *= s;
+  LRPCPP_DISPATCH_FLOATING(x.scalar_type(), "lrpcpp_layer_norm_relevance_cpu", [&] {
+    layer_norm_relevance_loop<scalar_t>(g, xc, w, b, out, xc.numel() / len, len, eps, epsilon);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lrpcpp, CPU, m) {
+  m.impl("rms_norm_identity", &impl::rms_norm_identity);
+  m.impl("layer_norm", &impl::layer_norm);
+  m.impl("layer_norm_relevance", &layer_norm_relevance_cpu);
+  m.impl("layer_norm_identity", &impl::layer_norm_identity);
+  m.impl("normalize_identity", &impl::normalize_identity);
+}
+
+}  // namespace lrpcpp

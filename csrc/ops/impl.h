@@ -1,0 +1,78 @@
+// Backend-independent pieces of the ops, shared by the per-backend files:
+// - forwards that are torch's own ATen calls (registered for CPU, CUDA and
+//   Meta alike, so the forward is bitwise torch's);
+// - relevance ops that compose ATen products with lrpcpp primitives;
+// - the argument checks every backend runs before its kernel.
+#pragma once
+
+#include "../lrpcpp.h"
+#include "common.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+// A typed handle to a registered lrpcpp op, found once.
+#define LRPCPP_DISPATCH(name)                                                 \
+  static auto op = c10::Dispatcher::singleton()                               \
+                       .findSchemaOrThrow("lrpcpp::" #name, "")               \
+                       .typed<decltype(::lrpcpp::name)>()
+
+namespace lrpcpp::impl {
+
+// linear family
+void check_stab_div(const Tensor& relevance, const Tensor& z, double epsilon, std::optional<at::ScalarType> dtype);
+at::ScalarType stab_div_dtype(const Tensor& z, std::optional<at::ScalarType> dtype);
+Tensor linear_epsilon(const Tensor& x, const Tensor& weight, const OptTensor& bias, double epsilon);
+Tensor linear_epsilon_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& output,
+                                double epsilon);
+Tensor conv2d_epsilon(const Tensor& x, const Tensor& weight, const OptTensor& bias, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, double epsilon);
+Tensor conv2d_epsilon_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& output,
+                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                int64_t groups, double epsilon);
+
+// binary family
+void check_add2_relevance(const Tensor& grad, const Tensor& a, const Tensor& b, double epsilon);
+Tensor add2(const Tensor& a, const Tensor& b, double epsilon);
+Tensor mul2(const Tensor& a, const Tensor& b);
+TensorPair mul2_relevance(const Tensor& grad, const Tensor& a, const Tensor& b, std::array<bool, 2> output_mask);
+Tensor matmul(const Tensor& a, const Tensor& b, double epsilon);
+TensorPair matmul_relevance(const Tensor& grad, const Tensor& a, const Tensor& b, const Tensor& output,
+                            double epsilon, std::array<bool, 2> output_mask);
+
+// softmax
+Tensor softmax(const Tensor& x, int64_t dim, double temperature, std::optional<at::ScalarType> dtype);
+// returns the wrapped dim
+int64_t check_softmax_relevance(const Tensor& grad, const Tensor& x, const Tensor& output, int64_t dim,
+                                double temperature);
+
+// norms
+Tensor rms_norm_identity(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
+                         std::optional<double> eps);
+Tensor layer_norm(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight, const OptTensor& bias,
+                  double eps, double epsilon);
+void check_layer_norm_relevance(const Tensor& grad, const Tensor& x, at::IntArrayRef normalized_shape,
+                                const OptTensor& weight, const OptTensor& bias, double eps, double epsilon);
+Tensor layer_norm_identity(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
+                           const OptTensor& bias, double eps);
+Tensor normalize_identity(const Tensor& x, double p, int64_t dim, double eps);
+
+// mean
+Tensor mean(const Tensor& x, at::OptionalIntArrayRef dim, bool keepdim, double epsilon);
+void check_mean_relevance(const Tensor& grad, const Tensor& x, at::OptionalIntArrayRef dim, bool keepdim,
+                          double epsilon);
+
+// identity rule
+Tensor silu_identity(const Tensor& x);
+Tensor gelu_identity(const Tensor& x, c10::string_view approximate);
+Tensor tanh_identity(const Tensor& x);
+Tensor relu_identity(const Tensor& x);
+Tensor sigmoid_identity(const Tensor& x);
+Tensor identity_relevance(const Tensor& grad, at::ScalarType dtype);
+Tensor stop_relevance(const Tensor& x);
+
+}  // namespace lrpcpp::impl
+
+namespace lrpcpp::impl {
+// sorted, wrapped dimensions a mean reduces (all of them for None or [])
+std::vector<int64_t> mean_reduce_dims(const Tensor& x, at::OptionalIntArrayRef dim, const char* op);
+}  // namespace lrpcpp::impl

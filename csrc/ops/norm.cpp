@@ -1,0 +1,132 @@
+// Normalisation layers.
+//   rms_norm_identity, layer_norm_identity, normalize_identity: R_x = R (Prop. 3.4)
+//   layer_norm (epsilon rule, sigma treated as a constant):
+//     Rn = R / stab(y);  h = (w / sigma) Rn;  R_x = x (h - mean(h))
+#include "impl.h"
+
+#include <cfloat>
+
+namespace lrpcpp {
+
+Tensor rms_norm_identity(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
+                         std::optional<double> eps) {
+  LRPCPP_DISPATCH(rms_norm_identity);
+  return op.call(x, normalized_shape, weight, eps);
+}
+
+Tensor layer_norm(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight, const OptTensor& bias,
+                  double eps, double epsilon) {
+  LRPCPP_DISPATCH(layer_norm);
+  return op.call(x, normalized_shape, weight, bias, eps, epsilon);
+}
+
+Tensor layer_norm_relevance(const Tensor& grad, const Tensor& x, at::IntArrayRef normalized_shape,
+                            const OptTensor& weight, const OptTensor& bias, double eps, double epsilon) {
+  LRPCPP_DISPATCH(layer_norm_relevance);
+  return op.call(grad, x, normalized_shape, weight, bias, eps, epsilon);
+}
+
+Tensor layer_norm_identity(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
+                           const OptTensor& bias, double eps) {
+  LRPCPP_DISPATCH(layer_norm_identity);
+  return op.call(x, normalized_shape, weight, bias, eps);
+}
+
+Tensor normalize_identity(const Tensor& x, double p, int64_t dim, double eps) {
+  LRPCPP_DISPATCH(normalize_identity);
+  return op.call(x, p, dim, eps);
+}
+
+namespace impl {
+using namespace detail;
+
+namespace {
+
+void check_affine(const OptTensor& t, const Tensor& x, at::IntArrayRef normalized_shape, const char* op,
+                  const char* arg) {
+  if (!t.has_value() || !t->defined()) return;
+  check_floating(*t, op, arg);
+  check_same_device(*t, x, op, arg, "x");
+  TORCH_SYM_CHECK(c10::sym_equals(t->sym_sizes(), c10::fromIntArrayRefSlow(normalized_shape)), op, ": expected ",
+                  arg, " to have shape normalized_shape = ", normalized_shape, ", got ", shape_str(*t));
+}
+
+void check_norm(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight, const OptTensor& bias,
+                std::optional<double> eps, const char* op) {
+  check_floating(x, op, "x");
+  const auto n = static_cast<int64_t>(normalized_shape.size());
+  TORCH_CHECK(n >= 1, op, ": expected normalized_shape to have at least one dimension, got []");
+  TORCH_CHECK(x.dim() >= n, op, ": expected x ", shape_str(x), " to end with normalized_shape ", normalized_shape);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_SYM_CHECK(x.sym_size(x.dim() - n + i).sym_eq(normalized_shape[i]), op, ": expected x ", shape_str(x),
+                    " to end with normalized_shape ", normalized_shape);
+  }
+  check_affine(weight, x, normalized_shape, op, "weight");
+  check_affine(bias, x, normalized_shape, op, "bias");
+  if (eps.has_value()) {
+    TORCH_CHECK(*eps >= 0.0 && std::isfinite(*eps), op, ": expected eps to be a finite number >= 0, got ", *eps);
+  }
+}
+
+// torch.finfo(dtype).eps, the default of torch.nn.functional.rms_norm
+double machine_eps(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kDouble: return DBL_EPSILON;
+    case at::kHalf: return 0.0009765625;   // 2^-10
+    case at::kBFloat16: return 0.0078125;  // 2^-7
+    default: return FLT_EPSILON;
+  }
+}
+
+}  // namespace
+
+Tensor rms_norm_identity(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
+                         std::optional<double> eps) {
+  check_norm(x, normalized_shape, weight, std::nullopt, eps, "lrpcpp.rms_norm_identity");
+  // fp32 (or fp64) arithmetic, cast back to x's dtype before the weight, as LLaMA-style models do
+  const auto acc = at::toOpMathType(x.scalar_type());
+  std::vector<int64_t> dims;
+  for (int64_t i = x.dim() - static_cast<int64_t>(normalized_shape.size()); i < x.dim(); ++i) dims.push_back(i);
+  Tensor xf = x.to(acc);
+  Tensor rstd = at::rsqrt(at::mean(xf * xf, dims, /*keepdim=*/true).add_(eps.value_or(machine_eps(x.scalar_type()))));
+  Tensor y = (xf * rstd).to(x.scalar_type());
+  return (weight.has_value() && weight->defined()) ? y * *weight : y;
+}
+
+Tensor layer_norm(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight, const OptTensor& bias,
+                  double eps, double epsilon) {
+  const char* op = "lrpcpp.layer_norm";
+  check_norm(x, normalized_shape, weight, bias, eps, op);
+  check_epsilon(epsilon, op);
+  return at::layer_norm(x, normalized_shape, weight, bias, eps);
+}
+
+void check_layer_norm_relevance(const Tensor& grad, const Tensor& x, at::IntArrayRef normalized_shape,
+                                const OptTensor& weight, const OptTensor& bias, double eps, double epsilon) {
+  const char* op = "lrpcpp.layer_norm_relevance";
+  check_norm(x, normalized_shape, weight, bias, eps, op);
+  check_epsilon(epsilon, op);
+  check_like(grad, x, op, "grad", "x");
+  check_same_shape(grad, x, op, "grad", "x");
+}
+
+Tensor layer_norm_identity(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
+                           const OptTensor& bias, double eps) {
+  check_norm(x, normalized_shape, weight, bias, eps, "lrpcpp.layer_norm_identity");
+  return at::layer_norm(x, normalized_shape, weight, bias, eps);
+}
+
+Tensor normalize_identity(const Tensor& x, double p, int64_t dim, double eps) {
+  const char* op = "lrpcpp.normalize_identity";
+  check_floating(x, op, "x");
+  const int64_t nd = std::max<int64_t>(x.dim(), 1);
+  TORCH_CHECK_INDEX(dim >= -nd && dim < nd, op, ": expected dim in [", -nd, ", ", nd - 1, "] for x of shape ",
+                    shape_str(x), ", got ", dim);
+  TORCH_CHECK(eps >= 0.0, op, ": expected eps >= 0, got ", eps);
+  // the same ATen calls as torch.nn.functional.normalize
+  Tensor denom = at::norm(x, p, {dim}, /*keepdim=*/true).clamp_min(eps).expand_as(x);
+  return x / denom;
+}
+
+}  // namespace impl
+}  // namespace lrpcpp

@@ -1,0 +1,262 @@
+"""Drop-in replacements for ``torch.nn.functional`` that carry LRP relevance.
+
+Every function returns what its torch counterpart returns. Its backward pass
+carries relevance instead of a gradient (explicit semantics, RULES.md section 1):
+seed it with the value to explain and read the relevance of an input from
+``x.grad``::
+
+    import lrpcpp.functional as lf
+
+    x.requires_grad_()
+    y = lf.linear_epsilon(x, W, b)
+    y.backward(y)
+    relevance = x.grad
+
+The native wrappers are typed and TorchScript-compatible. The generic rules at
+the end (:func:`identity`, :func:`epsilon`, :func:`uniform_epsilon`,
+:func:`uniform`) wrap arbitrary Python callables and therefore stay in Python.
+"""
+
+from typing import Callable, List, Optional
+
+import torch
+from torch import Tensor
+from torch._jit_internal import BroadcastingList2
+
+__all__ = [
+    "linear_epsilon",
+    "conv2d_epsilon",
+    "add2",
+    "mul2",
+    "matmul",
+    "softmax",
+    "rms_norm_identity",
+    "layer_norm",
+    "layer_norm_identity",
+    "normalize_identity",
+    "mean",
+    "silu",
+    "gelu",
+    "tanh",
+    "relu",
+    "sigmoid",
+    "stop_relevance",
+    "stab_div",
+    "identity",
+    "epsilon",
+    "uniform_epsilon",
+    "uniform",
+]
+
+
+# ----------------------------------------------------------------------------- epsilon rule
+def linear_epsilon(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, epsilon: float = 1e-6) -> Tensor:
+    """``F.linear`` with the epsilon rule: ``R_x = x * ((R / stab(y)) @ W)`` (AttnLRP Eq. 8)."""
+    return torch.ops.lrpcpp.linear_epsilon(x, weight, bias, epsilon)
+
+
+def conv2d_epsilon(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: BroadcastingList2[int] = 1,
+    padding: BroadcastingList2[int] = 0,
+    dilation: BroadcastingList2[int] = 1,
+    groups: int = 1,
+    epsilon: float = 1e-6,
+) -> Tensor:
+    """``F.conv2d`` (numeric padding) with the epsilon rule, as :func:`linear_epsilon` over the convolution."""
+    return torch.ops.lrpcpp.conv2d_epsilon(x, weight, bias, stride, padding, dilation, groups, epsilon)
+
+
+def stab_div(
+    relevance: Tensor, z: Tensor, epsilon: float, scale: float = 1.0, dtype: Optional[torch.dtype] = None
+) -> Tensor:
+    """``relevance / stab(scale * z)`` with the sign-aware stabiliser (no relevance flows through it)."""
+    return torch.ops.lrpcpp.stab_div(relevance, z, epsilon, scale, dtype)
+
+
+# ----------------------------------------------------------------------------- two operands
+def add2(a: Tensor, b: Tensor, epsilon: float = 1e-8) -> Tensor:
+    """``a + b``; each summand takes relevance in proportion to its value (epsilon rule)."""
+    return torch.ops.lrpcpp.add2(a, b, epsilon)
+
+
+def mul2(a: Tensor, b: Tensor) -> Tensor:
+    """``a * b``; relevance split evenly between the operands that require grad (uniform rule)."""
+    return torch.ops.lrpcpp.mul2(a, b)
+
+
+def matmul(a: Tensor, b: Tensor, epsilon: float = 1e-8) -> Tensor:
+    """``a @ b`` (at least 2-D, batched, broadcasting); epsilon rule, then an even split (AttnLRP Prop. 3.3)."""
+    return torch.ops.lrpcpp.matmul(a, b, epsilon)
+
+
+# ----------------------------------------------------------------------------- softmax
+def softmax(x: Tensor, dim: int, temperature: float = 1.0, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``F.softmax(x / temperature, dim, dtype=dtype)``; Deep Taylor rule with bias (AttnLRP Prop. 3.1)."""
+    return torch.ops.lrpcpp.softmax(x, dim, temperature, dtype)
+
+
+# ----------------------------------------------------------------------------- normalisation
+def rms_norm_identity(
+    x: Tensor, normalized_shape: List[int], weight: Optional[Tensor] = None, eps: Optional[float] = None
+) -> Tensor:
+    """RMSNorm (``F.rms_norm``; fp32 arithmetic, cast back before the weight); identity rule (Prop. 3.4)."""
+    return torch.ops.lrpcpp.rms_norm_identity(x, normalized_shape, weight, eps)
+
+
+def layer_norm(
+    x: Tensor,
+    normalized_shape: List[int],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    epsilon: float = 1e-6,
+) -> Tensor:
+    """``F.layer_norm`` with the epsilon rule, the standard deviation treated as a constant."""
+    return torch.ops.lrpcpp.layer_norm(x, normalized_shape, weight, bias, eps, epsilon)
+
+
+def layer_norm_identity(
+    x: Tensor,
+    normalized_shape: List[int],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``F.layer_norm`` with the identity rule (Prop. 3.4)."""
+    return torch.ops.lrpcpp.layer_norm_identity(x, normalized_shape, weight, bias, eps)
+
+
+def normalize_identity(x: Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12) -> Tensor:
+    """``F.normalize`` with the identity rule."""
+    return torch.ops.lrpcpp.normalize_identity(x, p, dim, eps)
+
+
+# ----------------------------------------------------------------------------- reductions
+def mean(x: Tensor, dim: Optional[List[int]] = None, keepdim: bool = False, epsilon: float = 1e-6) -> Tensor:
+    """``torch.mean(x, dim, keepdim)`` with the epsilon rule ``R_x = x * R / stab(sum_dim x)``."""
+    return torch.ops.lrpcpp.mean(x, dim, keepdim, epsilon)
+
+
+# ----------------------------------------------------------------------------- identity rule
+def silu(x: Tensor) -> Tensor:
+    """``F.silu``; identity rule."""
+    return torch.ops.lrpcpp.silu_identity(x)
+
+
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    """``F.gelu`` (``approximate`` 'none' or 'tanh'); identity rule."""
+    return torch.ops.lrpcpp.gelu_identity(x, approximate)
+
+
+def tanh(x: Tensor) -> Tensor:
+    """``torch.tanh``; identity rule."""
+    return torch.ops.lrpcpp.tanh_identity(x)
+
+
+def relu(x: Tensor) -> Tensor:
+    """``F.relu`` (never in place); identity rule."""
+    return torch.ops.lrpcpp.relu_identity(x)
+
+
+def sigmoid(x: Tensor) -> Tensor:
+    """``torch.sigmoid``; identity rule."""
+    return torch.ops.lrpcpp.sigmoid_identity(x)
+
+
+def stop_relevance(x: Tensor) -> Tensor:
+    """A copy of ``x`` through which no relevance flows back (the CP-LRP cut)."""
+    return torch.ops.lrpcpp.stop_relevance(x)
+
+
+# ----------------------------------------------------------------------------- generic rules
+# These wrap any callable ``fn`` of tensors (LXT's "super-functions"); they are
+# Python-level because they must run arbitrary code, and are not scriptable.
+
+
+def _stab(z: Tensor, eps: float) -> Tensor:
+    # sign-aware: stab(z) = z + eps * sign(z), sign(0) = +1
+    return z + eps * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+
+
+def _tensor_positions(args: tuple) -> List[int]:
+    return [i for i, a in enumerate(args) if isinstance(a, Tensor)]
+
+
+class _GenericRule(torch.autograd.Function):
+    """Runs ``fn(*args)`` and, backward, applies one of the generic rules to its tensor inputs."""
+
+    @staticmethod
+    def forward(ctx, rule: str, eps: float, fn: Callable, positions: List[int], *args):
+        ctx.rule, ctx.eps, ctx.fn, ctx.positions = rule, eps, fn, positions
+        ctx.save_for_backward(*[args[i] for i in positions])
+        ctx.args = args
+        with torch.no_grad():
+            out = fn(*args)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"lrpcpp.functional.{rule}: fn must return one tensor, got {type(out).__name__}")
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        inputs = ctx.saved_tensors
+        n = len(inputs)
+        rel: List[Optional[Tensor]]
+        if ctx.rule in ("identity", "uniform"):
+            share = 1.0 if ctx.rule == "identity" else 1.0 / n
+            rel = []
+            for x in inputs:
+                if grad.shape != x.shape:
+                    raise RuntimeError(
+                        f"lrpcpp.functional.{ctx.rule}: the output {tuple(grad.shape)} and each tensor input "
+                        f"{tuple(x.shape)} must have the same shape"
+                    )
+                rel.append((grad * share).to(x.dtype))
+        else:
+            with torch.enable_grad():
+                leaves = [x.detach().requires_grad_() for x in inputs]
+                args = list(ctx.args)
+                for i, leaf in zip(ctx.positions, leaves):
+                    args[i] = leaf
+                out = ctx.fn(*args)
+                rn = grad / _stab(out.detach(), ctx.eps)
+                vjps = torch.autograd.grad(out, leaves, rn, allow_unused=True)
+            share = 1.0 / n if ctx.rule == "uniform_epsilon" else 1.0
+            rel = [
+                None if v is None else (x * v * share).to(x.dtype) for x, v in zip(inputs, vjps)
+            ]
+        full: List[Optional[Tensor]] = [None] * len(ctx.args)
+        for i, r in zip(ctx.positions, rel):
+            full[i] = r
+        return (None, None, None, None, *full)
+
+
+def _apply_rule(rule: str, eps: float, fn: Callable, args: tuple) -> Tensor:
+    if eps < 0:
+        raise ValueError(f"lrpcpp.functional.{rule}: expected epsilon >= 0, got {eps}")
+    positions = _tensor_positions(args)
+    if not positions:
+        raise TypeError(f"lrpcpp.functional.{rule}: expected at least one tensor argument")
+    return _GenericRule.apply(rule, eps, fn, positions, *args)
+
+
+def identity(fn: Callable, *args) -> Tensor:
+    """``fn(*args)`` with the identity rule: every tensor input gets ``R`` (shapes must match)."""
+    return _apply_rule("identity", 0.0, fn, args)
+
+
+def epsilon(fn: Callable, *args, epsilon: float = 1e-6) -> Tensor:
+    """``fn(*args)`` with the epsilon rule ``R_x = x * VJP_fn[R / stab(fn(x))]`` (exact when fn is linear)."""
+    return _apply_rule("epsilon", epsilon, fn, args)
+
+
+def uniform_epsilon(fn: Callable, *args, epsilon: float = 1e-6) -> Tensor:
+    """The epsilon rule divided by the number of tensor inputs."""
+    return _apply_rule("uniform_epsilon", epsilon, fn, args)
+
+
+def uniform(fn: Callable, *args) -> Tensor:
+    """``fn(*args)``; each of the ``n`` tensor inputs gets ``R / n`` (shapes must match)."""
+    return _apply_rule("uniform", 0.0, fn, args)
