@@ -22,18 +22,18 @@ def sum_to(t, shape):
     return t.sum(dim=dims, keepdim=True) if dims else t
 
 
-def linear_epsilon(x, w, b, R, eps):
-    # z_ij = x_i w_ji; R_i = sum_j z_ij / stab(y_j) R_j   (Eq. 8)
-    y = x @ w.T + (b if b is not None else 0)
+def linear_epsilon(x, w, b, R, eps, y=None):
+    # z_ij = x_i w_ji; R_i = sum_j z_ij / stab(y_j) R_j   (Eq. 8); y: the op's own output when given
+    y = x @ w.T + (b if b is not None else 0) if y is None else y
     z = x.unsqueeze(-2) * w  # [..., out, in]
     return (z * (R / stab(y, eps)).unsqueeze(-1)).sum(-2)
 
 
-def conv2d_epsilon(x, w, b, R, stride, padding, dilation, eps):
+def conv2d_epsilon(x, w, b, R, stride, padding, dilation, eps, y=None):
     """Matrix form through unfold (groups = 1): each output pixel is a linear map of one patch."""
     n, c, h, wd = x.shape
     kh, kw = w.shape[-2:]
-    y = F.conv2d(x, w, b, stride, padding, dilation)
+    y = F.conv2d(x, w, b, stride, padding, dilation) if y is None else y
     cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [n, c*kh*kw, L]
     wm = w.reshape(w.shape[0], -1)  # [out, c*kh*kw]
     rn = (R / stab(y, eps)).reshape(n, w.shape[0], -1)  # [n, out, L]
@@ -53,10 +53,10 @@ def mul2(a, b, R, a_relevant=True, b_relevant=True):
             sum_to(R * share, b.shape) if b_relevant else None)
 
 
-def matmul(a, b, R, eps, a_relevant=True, b_relevant=True):
+def matmul(a, b, R, eps, a_relevant=True, b_relevant=True, o=None):
     # O_ij = sum_k a_ik b_kj: each term a_ik b_kj, split in two when both operands take relevance
     both = a_relevant and b_relevant
-    o = a @ b
+    o = a @ b if o is None else o
     rn = R / stab((2.0 if both else 1.0) * o, eps)
     shape = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     ae = a.expand(*shape, *a.shape[-2:])

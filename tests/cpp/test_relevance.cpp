@@ -1,0 +1,92 @@
+// Relevance through the dispatcher from C++, with no Python: the C++ API of
+// liblrpcpp, its autograd backward, and its argument checks.
+#include <lrpcpp.h>
+#include <torch/torch.h>
+
+#include <functional>
+#include <iostream>
+#include <string>
+#include <vector>
+
+namespace {
+
+int passed = 0, failed = 0;
+
+void check(bool ok, const std::string& name) {
+  (ok ? passed : failed)++;
+  std::cout << (ok ? "PASS " : "FAIL ") << name << std::endl;
+}
+
+bool close(const at::Tensor& a, const at::Tensor& b, double tol = 1e-10) {
+  return at::allclose(a, b, tol, tol);
+}
+
+at::Tensor stab(const at::Tensor& z, double eps) {
+  return z + eps * at::where(z >= 0, at::ones_like(z), -at::ones_like(z));
+}
+
+void linear_epsilon_rule() {
+  auto opts = at::TensorOptions().dtype(at::kDouble);
+  auto x = torch::randn({3, 5}, opts).requires_grad_();
+  auto w = torch::randn({4, 5}, opts);
+  auto b = torch::randn({4}, opts);
+  auto y = lrpcpp::linear_epsilon(x, w, b, 1e-6);
+  check(close(y, at::linear(x.detach(), w, b)), "linear_epsilon forward equals at::linear");
+  auto r = torch::randn_like(y);
+  y.backward(r);
+  // R_x = x * ((R / stab(y)) W), written out with plain ATen
+  auto expected = x.detach() * at::matmul(r / stab(y.detach(), 1e-6), w);
+  check(close(x.grad(), expected), "linear_epsilon relevance matches the formula");
+}
+
+void conservation() {
+  auto opts = at::TensorOptions().dtype(at::kDouble);
+  auto x = torch::randn({2, 6}, opts).requires_grad_();
+  auto w = torch::randn({3, 6}, opts);
+  auto y = lrpcpp::linear_epsilon(x, w, std::nullopt, 1e-12);
+  auto z = lrpcpp::add2(y, lrpcpp::silu_identity(y), 1e-12);
+  z.backward(z);
+  check(std::abs(x.grad().sum().item<double>() - z.sum().item<double>()) < 1e-8,
+        "linear + add2 + silu conserve relevance");
+}
+
+void softmax_rule() {
+  auto opts = at::TensorOptions().dtype(at::kDouble);
+  auto x = torch::randn({2, 7}, opts).requires_grad_();
+  auto s = lrpcpp::softmax(x, -1, 1.0, std::nullopt);
+  auto r = torch::randn_like(s);
+  s.backward(r);
+  auto sd = s.detach();
+  auto expected = x.detach() * (r - sd * r.sum(-1, true));
+  check(close(x.grad(), expected), "softmax Deep Taylor relevance matches the formula");
+}
+
+void relevance_op_is_registered() {
+  auto handle = c10::Dispatcher::singleton().findSchema({"lrpcpp::softmax_relevance", ""});
+  check(handle.has_value(), "lrpcpp::softmax_relevance is a registered op");
+}
+
+void bad_input_errors() {
+  auto x = torch::randn({2, 5});
+  auto w = torch::randn({3, 4});
+  bool raised = false;
+  try {
+    lrpcpp::linear_epsilon(x, w, std::nullopt, 1e-6);
+  } catch (const c10::Error& e) {
+    raised = std::string(e.what()).find("expected the last dimension of x") != std::string::npos;
+  }
+  check(raised, "shape mismatch raises a clear error");
+}
+
+}  // namespace
+
+int main() {
+  torch::manual_seed(0);
+  linear_epsilon_rule();
+  conservation();
+  softmax_rule();
+  relevance_op_is_registered();
+  bad_input_errors();
+  std::cout << passed << " passed, " << failed << " failed" << std::endl;
+  return failed == 0 ? 0 : 1;
+}

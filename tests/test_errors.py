@@ -1,0 +1,125 @@
+"""Bad input gets a clear error naming the op, the argument and what was expected; empty tensors
+work; zero pre-activations give no NaN; double backward raises."""
+
+import pytest
+import torch
+
+import lrpcpp.functional as lf
+
+f64 = torch.float64
+
+
+def x_(*shape, dtype=f64, grad=True):
+    return torch.randn(*shape, dtype=f64).to(dtype).requires_grad_(grad)
+
+
+BAD_CALLS = [
+    # (call, exception, message pattern)
+    (lambda: lf.linear_epsilon(x_(2, 5), x_(3, 4)), RuntimeError,
+     r"linear_epsilon: expected the last dimension of x \[2, 5\] to equal in_features = weight.shape\[1\] = 4"),
+    (lambda: lf.linear_epsilon(x_(2, 5), x_(3, 5, 1)), RuntimeError, r"expected weight to be 2-D"),
+    (lambda: lf.linear_epsilon(x_(2, 5), x_(3, 5), x_(4)), RuntimeError, r"expected bias to have 3 elements"),
+    (lambda: lf.linear_epsilon(x_(2, 5), x_(3, 5, dtype=torch.float32)), RuntimeError,
+     r"expected weight to have the dtype of x \(Double\), got Float"),
+    (lambda: lf.linear_epsilon(torch.ones(2, 5, dtype=torch.long), torch.ones(3, 5, dtype=torch.long)),
+     RuntimeError, r"linear_epsilon: expected x to be a floating-point tensor .* got Long"),
+    (lambda: lf.linear_epsilon(x_(2, 5), x_(3, 5), epsilon=-1.0), RuntimeError,
+     r"expected epsilon to be a finite number >= 0, got -1"),
+    (lambda: lf.linear_epsilon(x_(2, 5), torch.empty(3, 5, dtype=f64, device="meta")), RuntimeError,
+     r"expected weight to be on the same device as x \(cpu\), got meta"),
+    (lambda: lf.conv2d_epsilon(x_(1, 3, 5), x_(2, 3, 3, 3)), RuntimeError, r"expected x to be 4-D"),
+    (lambda: lf.conv2d_epsilon(x_(1, 4, 5, 5), x_(2, 3, 3, 3)), RuntimeError, r"expected x to have 3 channels"),
+    (lambda: lf.add2(x_(2, 3), x_(4, 3)), RuntimeError, r"add2: expected a \[2, 3\] and b \[4, 3\] to be broadcastable"),
+    (lambda: lf.add2(x_(2, 3), x_(2, 3), epsilon=-0.1), RuntimeError, r"add2: expected epsilon"),
+    (lambda: lf.mul2(x_(2, 3), x_(2, 3, dtype=torch.float32)), RuntimeError, r"mul2: expected b to have the dtype of a"),
+    (lambda: lf.matmul(x_(2, 3), x_(4, 5)), RuntimeError, r"matmul: expected a.shape\[-1\] to equal b.shape\[-2\]"),
+    (lambda: lf.matmul(x_(3), x_(3, 5)), RuntimeError, r"matmul: expected a \[..., n, k\] and b \[..., k, m\] to have at least 2"),
+    (lambda: lf.matmul(x_(2, 2, 3), x_(3, 3, 4)), RuntimeError, r"batch dimensions .* broadcastable"),
+    (lambda: lf.softmax(x_(2, 3), 2), IndexError, r"softmax: expected dim in \[-2, 1\] .* got 2"),
+    (lambda: lf.softmax(x_(2, 3), -3), IndexError, r"softmax: expected dim in \[-2, 1\]"),
+    (lambda: lf.softmax(x_(2, 3), 1, temperature=0.0), RuntimeError, r"expected temperature to be a finite number > 0"),
+    (lambda: lf.softmax(torch.ones(2, 3, dtype=torch.int32), 1), RuntimeError, r"expected x to be a floating-point"),
+    (lambda: lf.layer_norm(x_(2, 3), [4]), RuntimeError, r"layer_norm: expected x \[2, 3\] to end with normalized_shape \[4\]"),
+    (lambda: lf.layer_norm(x_(2, 3), [3], x_(4)), RuntimeError, r"expected weight to have shape normalized_shape = \[3\]"),
+    (lambda: lf.layer_norm(x_(2, 3), [3], epsilon=-1.0), RuntimeError, r"layer_norm: expected epsilon"),
+    (lambda: lf.rms_norm_identity(x_(2, 3), []), RuntimeError, r"expected normalized_shape to have at least one"),
+    (lambda: lf.rms_norm_identity(x_(2, 3), [3], None, -1.0), RuntimeError, r"expected eps to be a finite number >= 0"),
+    (lambda: lf.mean(x_(2, 3), [2]), IndexError, r"mean: expected every dim in \[-2, 1\]"),
+    (lambda: lf.mean(x_(2, 3), [1, -1]), RuntimeError, r"mean: dim -1 appears more than once"),
+    (lambda: lf.normalize_identity(x_(2, 3), 2.0, 5), IndexError, r"normalize_identity: expected dim in"),
+    (lambda: lf.gelu(x_(2, 3), "fast"), RuntimeError, r"expected approximate to be 'none' or 'tanh', got 'fast'"),
+    (lambda: lf.relu(torch.ones(3, dtype=torch.long)), RuntimeError, r"relu_identity: expected x to be a floating"),
+    (lambda: lf.stab_div(x_(2, 3), x_(3, 2), 1e-6), RuntimeError, r"stab_div: expected relevance to have the shape of z"),
+    (lambda: lf.stab_div(x_(2, 3), x_(2, 3), 1e-6, dtype=torch.float16), RuntimeError,
+     r"expected dtype to be z's dtype \(Double\) or float32"),
+]
+
+
+@pytest.mark.parametrize("call,exc,pattern", BAD_CALLS, ids=[str(i) for i in range(len(BAD_CALLS))])
+def test_bad_input_raises_a_clear_error(call, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+def test_relevance_op_checks_grad_shape():
+    x, w = x_(2, 5), x_(3, 5)
+    y = torch.ops.lrpcpp.linear_epsilon(x, w, None, 1e-6)
+    with pytest.raises(RuntimeError, match=r"linear_epsilon_relevance: expected grad to have the shape of output"):
+        torch.ops.lrpcpp.linear_epsilon_relevance(torch.ones(2, 4, dtype=f64), x, w, y.detach(), 1e-6)
+    with pytest.raises(RuntimeError, match=r"softmax_relevance: expected output to have the shape of x"):
+        torch.ops.lrpcpp.softmax_relevance(torch.ones(2, 4, dtype=f64), x.detach(), torch.ones(2, 4, dtype=f64), 1, 1.0)
+
+
+@pytest.mark.parametrize("build", [
+    lambda x: lf.linear_epsilon(x, x_(3, 4, grad=False)),
+    lambda x: lf.softmax(x, -1),
+    lambda x: lf.layer_norm(x, [4]),
+    lambda x: lf.add2(x, x),
+    lambda x: lf.matmul(x, x.transpose(-1, -2)),
+    lambda x: lf.mean(x, [-1]),
+])
+def test_double_backward_raises(build):
+    x = x_(2, 4)
+    y = build(x)
+    (g,) = torch.autograd.grad(y, x, y, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"derivative for lrpcpp::\w+ is not implemented"):
+        g.sum().backward()
+
+
+@pytest.mark.parametrize("build", [
+    lambda x: lf.linear_epsilon(x, x_(3, 4, grad=False)),
+    lambda x: lf.softmax(x, -1),
+    lambda x: lf.layer_norm(x, [4]),
+    lambda x: lf.add2(x, x),
+    lambda x: lf.mul2(x, x),
+    lambda x: lf.matmul(x, x_(4, 2, grad=False)),
+    lambda x: lf.mean(x, [0]),
+    lambda x: lf.silu(x),
+    lambda x: lf.rms_norm_identity(x, [4]),
+    lambda x: lf.stop_relevance(x),
+], ids=["linear", "softmax", "layer_norm", "add2", "mul2", "matmul", "mean", "silu", "rms_norm", "stop"])
+def test_empty_tensors(build):
+    x = x_(0, 4)
+    y = build(x)
+    y.backward(y)
+    assert x.grad.shape == x.shape
+
+
+def test_zero_preactivations_give_no_nan():
+    x = torch.zeros(3, 4, dtype=torch.float32, requires_grad=True)
+    y = lf.linear_epsilon(x, torch.randn(5, 4))
+    y.backward(torch.ones_like(y))  # R / stab(0) = R / eps, finite
+    assert torch.isfinite(x.grad).all()
+    a = torch.zeros(4, requires_grad=True)
+    b = torch.zeros(4, requires_grad=True)
+    lf.add2(a, b).backward(torch.ones(4))
+    assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
+    m = torch.zeros(2, 3, requires_grad=True)
+    lf.mean(m, [1]).backward(torch.ones(2))
+    assert torch.isfinite(m.grad).all()
+    ln = torch.ones(2, 4, requires_grad=True)  # constant rows: y = bias exactly
+    lf.layer_norm(ln, [4]).backward(torch.ones(2, 4))
+    assert torch.isfinite(ln.grad).all()
+    mm = torch.zeros(2, 3, requires_grad=True)
+    lf.matmul(mm, torch.zeros(3, 2, requires_grad=True)).backward(torch.ones(2, 2))
+    assert torch.isfinite(mm.grad).all()

@@ -1,0 +1,87 @@
+"""torch.library.opcheck on every lrpcpp op (schema, autograd registration, fake/Meta kernel,
+AOTAutograd with static and dynamic shapes), with and without requires_grad."""
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import lrpcpp  # noqa: F401
+
+ops = torch.ops.lrpcpp
+f64 = torch.float64
+
+
+def t(*shape, grad=False, offset=0.0):
+    return (torch.randn(*shape, dtype=f64) + offset).requires_grad_(grad)
+
+
+# op name -> function(requires_grad) -> args; `grad` marks the tensors that may carry relevance
+SAMPLES = {
+    "linear_epsilon": lambda g: (t(2, 3, 5, grad=g), t(4, 5), t(4), 1e-6),
+    "linear_epsilon_relevance": lambda g: (t(2, 3, 4, grad=g), t(2, 3, 5, grad=g), t(4, 5), t(2, 3, 4), 1e-6),
+    "conv2d_epsilon": lambda g: (t(1, 2, 5, 5, grad=g), t(3, 2, 3, 3), t(3), [1, 1], [1, 1], [1, 1], 1, 1e-6),
+    "conv2d_epsilon_relevance": lambda g: (t(1, 3, 5, 5, grad=g), t(1, 2, 5, 5, grad=g), t(3, 2, 3, 3),
+                                           t(1, 3, 5, 5), [1, 1], [1, 1], [1, 1], 1, 1e-6),
+    "stab_div": lambda g: (t(3, 4, grad=g), t(3, 4, grad=g), 1e-6, 2.0, None),
+    "add2": lambda g: (t(3, 4, grad=g), t(4, grad=g), 1e-8),
+    "add2_relevance": lambda g: (t(3, 4, grad=g), t(3, 4, grad=g), t(4), 1e-8, [True, True]),
+    "mul2": lambda g: (t(3, 4, grad=g), t(3, 4, grad=g)),
+    "mul2_relevance": lambda g: (t(3, 4, grad=g), t(3, 4), t(1, 4), [True, False]),
+    "matmul": lambda g: (t(2, 3, 4, grad=g), t(4, 5, grad=g), 1e-8),
+    "matmul_relevance": lambda g: (t(2, 3, 5, grad=g), t(2, 3, 4, grad=g), t(4, 5), t(2, 3, 5), 1e-8,
+                                   [True, True]),
+    "softmax": lambda g: (t(3, 4, 5, grad=g), 1, 2.0, None),
+    "softmax_relevance": lambda g: (t(3, 5, grad=g), t(3, 5, grad=g), torch.softmax(t(3, 5), -1), -1, 1.0),
+    "rms_norm_identity": lambda g: (t(2, 3, 6, grad=g), [6], t(6), 1e-6),
+    "layer_norm": lambda g: (t(2, 3, 6, grad=g), [6], t(6), t(6), 1e-5, 1e-6),
+    "layer_norm_relevance": lambda g: (t(2, 3, 6, grad=g), t(2, 3, 6, grad=g), [6], t(6), t(6), 1e-5, 1e-6),
+    "layer_norm_identity": lambda g: (t(2, 3, 6, grad=g), [3, 6], None, None, 1e-5),
+    "normalize_identity": lambda g: (t(4, 6, grad=g), 2.0, 1, 1e-12),
+    "mean": lambda g: (t(3, 4, 5, grad=g, offset=0.5), [1], False, 1e-6),
+    "mean_relevance": lambda g: (t(3, 5, grad=g), t(3, 4, 5, grad=g, offset=0.5), [1], False, 1e-6),
+    "silu_identity": lambda g: (t(3, 4, grad=g),),
+    "gelu_identity": lambda g: (t(3, 4, grad=g), "tanh"),
+    "tanh_identity": lambda g: (t(3, 4, grad=g),),
+    "relu_identity": lambda g: (t(3, 4, grad=g),),
+    "sigmoid_identity": lambda g: (t(3, 4, grad=g),),
+    "identity_relevance": lambda g: (t(3, 4, grad=g), torch.float32),
+    "stop_relevance": lambda g: (t(3, 4, grad=g),),
+    "cuda_version": lambda g: (),
+}
+
+RELEVANCE_OPS = {name for name in SAMPLES if name.endswith("_relevance") and name != "stop_relevance"} | {
+    "stab_div"}
+
+
+def test_every_registered_op_has_a_sample():
+    registered = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("lrpcpp::")}
+    assert registered == set(SAMPLES)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "grad"])
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_opcheck(name, requires_grad):
+    op = getattr(ops, name).default
+    args = SAMPLES[name](requires_grad)
+    if requires_grad and name in RELEVANCE_OPS:
+        # A relevance op has no derivative (relevance is not a gradient): every check but the
+        # AOTAutograd backward applies, and a backward through it must raise, naming the op.
+        opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+        out = op(*args)
+        first = out[0] if isinstance(out, tuple) else out
+        with pytest.raises(RuntimeError, match=f"derivative for lrpcpp::{name} is not implemented"):
+            first.sum().backward()
+    else:
+        opcheck(op, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["linear_epsilon", "softmax", "layer_norm", "add2", "matmul", "mean"])
+def test_opcheck_low_precision(name, dtype):
+    args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) else a for a in SAMPLES[name](False))
+    args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and i == 0 else a for i, a in enumerate(args))
+    opcheck(getattr(ops, name).default, args, atol=1e-2, rtol=1e-2)
+
+
+def test_cuda_version_matches_the_build():
+    assert (ops.cuda_version() > 0) == lrpcpp._build_info.WITH_CUDA

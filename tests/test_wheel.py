@@ -1,0 +1,44 @@
+"""The wheel: built from setup.py against this environment's torch, it pins that torch and
+works when installed on its own (no source tree on the path)."""
+
+import glob
+import os
+import subprocess
+import sys
+import zipfile
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_wheel_records_torch_and_installs(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps",
+                    "-w", str(tmp_path), ROOT], check=True, cwd=ROOT)
+    (wheel,) = glob.glob(str(tmp_path / "lrpcpp-*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        metadata = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+        build_info = z.read("lrpcpp/_build_info.py").decode()
+    assert any(n.startswith("lrpcpp/_C") and n.endswith(".so") for n in names)
+    torch_version = torch.__version__.split("+")[0]
+    assert f"Requires-Dist: torch=={torch_version}" in metadata
+    assert f'TORCH_VERSION = "{torch.__version__}"' in build_info
+
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), wheel],
+                   check=True)
+    code = (
+        "import torch, lrpcpp, lrpcpp.functional as lf\n"
+        "assert lrpcpp.__file__.startswith(%r), lrpcpp.__file__\n"
+        "x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)\n"
+        "y = lf.linear_epsilon(x, torch.randn(2, 4, dtype=torch.float64), None, 1e-12)\n"
+        "y.backward(y)\n"
+        "assert abs(float(x.grad.sum() - y.sum())) < 1e-9\n"
+        "print('ok')\n" % str(site)
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(site)
+    out = subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=str(tmp_path),
+                         capture_output=True, text=True)
+    assert out.stdout.strip() == "ok"
