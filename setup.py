@@ -58,6 +58,12 @@ def extension():
     write_build_info(cuda)
     debug = os.environ.get("DEBUG", "0") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3", "-g0"]
+    link = []
+    if torch.backends.openmp.is_available():
+        # at::parallel_for in the kernels is inline code: it runs in parallel only when the
+        # extension itself is compiled with OpenMP (it shares torch's libgomp at run time)
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     sources = rel("csrc/*.cpp") + rel("csrc/ops/*.cpp")
     for backend in ("cpu", "meta", "autograd"):
         sources += rel(f"csrc/ops/{backend}/*.cpp")
@@ -68,6 +74,7 @@ def extension():
         depends=depends,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": cxx},
+        extra_link_args=link,
     )
     if not cuda:
         return CppExtension(**kwargs)

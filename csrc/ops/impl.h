@@ -57,9 +57,10 @@ Tensor layer_norm_identity(const Tensor& x, at::IntArrayRef normalized_shape, co
 Tensor normalize_identity(const Tensor& x, double p, int64_t dim, double eps);
 
 // mean
+std::vector<int64_t> mean_reduce_dims(const Tensor& x, at::OptionalIntArrayRef dim, const char* op);
 Tensor mean(const Tensor& x, at::OptionalIntArrayRef dim, bool keepdim, double epsilon);
-void check_mean_relevance(const Tensor& grad, const Tensor& x, at::OptionalIntArrayRef dim, bool keepdim,
-                          double epsilon);
+Tensor mean_relevance(const Tensor& grad, const Tensor& x, at::OptionalIntArrayRef dim, bool keepdim,
+                      double epsilon);
 
 // identity rule
 Tensor silu_identity(const Tensor& x);
@@ -70,9 +71,4 @@ Tensor sigmoid_identity(const Tensor& x);
 Tensor identity_relevance(const Tensor& grad, at::ScalarType dtype);
 Tensor stop_relevance(const Tensor& x);
 
-}  // namespace lrpcpp::impl
-
-namespace lrpcpp::impl {
-// sorted, wrapped dimensions a mean reduces (all of them for None or [])
-std::vector<int64_t> mean_reduce_dims(const Tensor& x, at::OptionalIntArrayRef dim, const char* op);
 }  // namespace lrpcpp::impl

@@ -1,4 +1,5 @@
-// Mean over dimensions, epsilon rule: R_x = x R / stab(sum_dim x).
+// Mean over dimensions, epsilon rule: R_x = x R / stab(sum_dim x), composed of
+// ATen's sum and product and the stab_div primitive.
 #include "impl.h"
 
 namespace lrpcpp {
@@ -45,6 +46,8 @@ Tensor mean(const Tensor& x, at::OptionalIntArrayRef dim, bool keepdim, double e
   return at::mean(x, dim, keepdim);
 }
 
+namespace {
+
 void check_mean_relevance(const Tensor& grad, const Tensor& x, at::OptionalIntArrayRef dim, bool keepdim,
                           double epsilon) {
   const char* op = "lrpcpp.mean_relevance";
@@ -62,6 +65,22 @@ void check_mean_relevance(const Tensor& grad, const Tensor& x, at::OptionalIntAr
   }
   TORCH_SYM_CHECK(c10::sym_equals(grad.sym_sizes(), expected), op, ": expected grad to have the shape of the mean ",
                   c10::SymIntArrayRef(expected), ", got ", shape_str(grad));
+}
+
+}  // namespace
+
+Tensor mean_relevance(const Tensor& grad, const Tensor& x, at::OptionalIntArrayRef dim, bool keepdim,
+                      double epsilon) {
+  check_mean_relevance(grad, x, dim, keepdim, epsilon);
+  const auto dims = mean_reduce_dims(x, dim, "lrpcpp.mean_relevance");
+  const auto acc = at::toOpMathType(x.scalar_type());
+  Tensor r = grad.to(acc);
+  if (!keepdim) {
+    for (int64_t d : dims) r = r.unsqueeze(d);  // ascending, so each index is already final
+  }
+  // R / stab(sum_dim x) on the reduced shape (sums in fp32/fp64), then spread over x
+  Tensor q = lrpcpp::stab_div(r, at::sum(x, dims, /*keepdim=*/true, acc), epsilon, 1.0, std::nullopt);
+  return at::mul(x, q).to(x.scalar_type());
 }
 
 }  // namespace impl

@@ -13,9 +13,12 @@ namespace lrpcpp::math {
 
 // Sign-aware stabiliser: stab(z) = z + eps * sign(z), with sign(0) = +1, so the
 // magnitude only grows and a zero denominator becomes eps (never 0 or -0).
+// Written as arithmetic on the comparison (no select, no branch), so loops
+// over it compile to vector code.
 template <typename T>
 C10_HOST_DEVICE inline T stab(T z, T eps) {
-  return z >= T(0) ? z + eps : z - eps;
+  const T sign = T(2) * static_cast<T>(z >= T(0)) - T(1);
+  return z + eps * sign;
 }
 
 // R / stab(scale * z): the normalised relevance of the epsilon rule.

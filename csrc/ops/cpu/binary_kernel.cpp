@@ -28,14 +28,13 @@ TensorPair add2_relevance_cpu(const Tensor& grad, const Tensor& a, const Tensor&
       using acc_t = at::opmath_type<scalar_t>;
       const acc_t e = static_cast<acc_t>(epsilon);
       iter.for_each([&](char** data, const int64_t* strides, int64_t n) {
-        for (int64_t i = 0; i < n; ++i) {
-          const acc_t r = cpu::elem<scalar_t>(data, strides, 2, i);
-          const acc_t va = cpu::elem<scalar_t>(data, strides, 3, i);
-          const acc_t vb = cpu::elem<scalar_t>(data, strides, 4, i);
-          const acc_t y = va + vb;
-          cpu::elem<scalar_t>(data, strides, 0, i) = static_cast<scalar_t>(math::add_share(va, r, y, e));
-          cpu::elem<scalar_t>(data, strides, 1, i) = static_cast<scalar_t>(math::add_share(vb, r, y, e));
-        }
+        cpu::typed_loop<scalar_t, scalar_t, const scalar_t, const scalar_t, const scalar_t>(
+            data, strides, n,
+            [e](scalar_t& ra_i, scalar_t& rb_i, const scalar_t& r_i, const scalar_t& a_i, const scalar_t& b_i) {
+              const acc_t r = r_i, va = a_i, vb = b_i, y = va + vb;
+              ra_i = static_cast<scalar_t>(math::add_share(va, r, y, e));
+              rb_i = static_cast<scalar_t>(math::add_share(vb, r, y, e));
+            });
       });
     });
   }

@@ -17,6 +17,7 @@ void stab_div_loop(const Tensor& r, const Tensor& z, Tensor& out, double epsilon
   out_t* op = out.mutable_data_ptr<out_t>();
   const acc_t e = static_cast<acc_t>(epsilon), s = static_cast<acc_t>(scale);
   at::parallel_for(0, out.numel(), cpu::kGrain, [&](int64_t begin, int64_t end) {
+#pragma omp simd
     for (int64_t i = begin; i < end; ++i) {
       op[i] = static_cast<out_t>(math::stab_div<acc_t>(rp[i], zp[i], e, s));
     }

@@ -1,5 +1,6 @@
-// Small helpers for the CPU kernels: typed element access inside a
-// TensorIterator loop, and the accumulation type of a storage type.
+// Small helpers for the CPU kernels: a typed element loop for TensorIterator
+// (a vectorisable pointer loop when every operand is contiguous), and the
+// grain sizes of at::parallel_for.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,20 +9,38 @@
 #include <ATen/Parallel.h>
 #include <ATen/TensorIterator.h>
 
+#include <utility>
+
 namespace lrpcpp::cpu {
 
 // Elements per task for at::parallel_for on element-wise work.
 constexpr int64_t kGrain = 32768;
 
-// Operand k, element i of a TensorIterator 1-D loop, as a T.
-template <typename T>
-inline T& elem(char** data, const int64_t* strides, int k, int64_t i) {
-  return *reinterpret_cast<T*>(data[k] + i * strides[k]);
-}
-
 // Rows per task when each row holds `row_len` elements.
 inline int64_t row_grain(int64_t row_len) {
   return std::max<int64_t>(1, kGrain / std::max<int64_t>(row_len, 1));
+}
+
+namespace detail {
+template <typename... Ts, typename F, size_t... Is>
+void typed_loop_impl(char** data, const int64_t* strides, int64_t n, const F& f, std::index_sequence<Is...>) {
+  bool contiguous = true;
+  ((contiguous = contiguous && strides[Is] == static_cast<int64_t>(sizeof(Ts))), ...);
+  if (contiguous) {
+    auto ptrs = std::make_tuple(reinterpret_cast<Ts*>(data[Is])...);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) f(std::get<Is>(ptrs)[i]...);
+  } else {
+    for (int64_t i = 0; i < n; ++i) f(*reinterpret_cast<Ts*>(data[Is] + i * strides[Is])...);
+  }
+}
+}  // namespace detail
+
+// Body of a TensorIterator 1-D loop: f(operand0, operand1, ...) on each element,
+// the operands typed Ts... in the iterator's order (outputs first).
+template <typename... Ts, typename F>
+void typed_loop(char** data, const int64_t* strides, int64_t n, const F& f) {
+  detail::typed_loop_impl<Ts...>(data, strides, n, f, std::index_sequence_for<Ts...>{});
 }
 
 }  // namespace lrpcpp::cpu

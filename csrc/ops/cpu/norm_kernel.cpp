@@ -19,8 +19,8 @@ void layer_norm_relevance_loop(const Tensor& grad, const Tensor& x, const Tensor
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* gp = grad.const_data_ptr<scalar_t>();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  const acc_t* wp = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
-  const acc_t* bp = b.defined() ? b.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* wp = w.const_data_ptr<acc_t>();
+  const acc_t* bp = b.const_data_ptr<acc_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   const acc_t e = static_cast<acc_t>(epsilon);
   at::parallel_for(0, rows, cpu::row_grain(len), [&](int64_t begin, int64_t end) {
@@ -29,24 +29,29 @@ void layer_norm_relevance_loop(const Tensor& grad, const Tensor& x, const Tensor
       const scalar_t* xr = xp + row * len;
       const scalar_t* gr = gp + row * len;
       acc_t mean = 0;
+#pragma omp simd reduction(+ : mean)
       for (int64_t k = 0; k < len; ++k) mean += static_cast<acc_t>(xr[k]);
       mean /= len;
       acc_t var = 0;
+#pragma omp simd reduction(+ : var)
       for (int64_t k = 0; k < len; ++k) {
         const acc_t d = static_cast<acc_t>(xr[k]) - mean;
         var += d * d;
       }
       const acc_t rstd = acc_t(1) / std::sqrt(var / len + static_cast<acc_t>(eps));
-      acc_t h_sum = 0;
+      acc_t* hp = h.data();
+#pragma omp simd
       for (int64_t k = 0; k < len; ++k) {
-        const acc_t wk = wp ? wp[k] : acc_t(1);
-        const acc_t y = (static_cast<acc_t>(xr[k]) - mean) * rstd * wk + (bp ? bp[k] : acc_t(0));
-        h[k] = math::layer_norm_h<acc_t>(gr[k], y, wk * rstd, e);
-        h_sum += h[k];
+        const acc_t y = (static_cast<acc_t>(xr[k]) - mean) * rstd * wp[k] + bp[k];
+        hp[k] = math::layer_norm_h<acc_t>(gr[k], y, wp[k] * rstd, e);
       }
+      acc_t h_sum = 0;
+#pragma omp simd reduction(+ : h_sum)
+      for (int64_t k = 0; k < len; ++k) h_sum += hp[k];
       const acc_t h_mean = h_sum / len;
+#pragma omp simd
       for (int64_t k = 0; k < len; ++k) {
-        op[row * len + k] = static_cast<scalar_t>(math::layer_norm_relevance<acc_t>(xr[k], h[k], h_mean));
+        op[row * len + k] = static_cast<scalar_t>(math::layer_norm_relevance<acc_t>(xr[k], hp[k], h_mean));
       }
     }
   });
@@ -59,12 +64,14 @@ Tensor layer_norm_relevance_cpu(const Tensor& grad, const Tensor& x, at::IntArra
   Tensor out = at::empty(xc.sizes(), xc.options());
   if (out.numel() == 0) return out;
   const auto acc = at::toOpMathType(x.scalar_type());
-  auto affine = [&](const OptTensor& t) {
-    return (t.has_value() && t->defined()) ? t->to(acc).contiguous() : Tensor();
-  };
-  const Tensor w = affine(weight), b = affine(bias);
   int64_t len = 1;
   for (auto s : normalized_shape) len *= s;
+  // weight and bias as flat fp32/fp64 rows (ones and zeros when absent): one branch-free loop
+  auto affine = [&](const OptTensor& t, double fill) {
+    return (t.has_value() && t->defined()) ? t->to(acc).contiguous().view(-1)
+                                           : at::full({len}, fill, x.options().dtype(acc));
+  };
+  const Tensor w = affine(weight, 1.0), b = affine(bias, 0.0);
   LRPCPP_DISPATCH_FLOATING(x.scalar_type(), "lrpcpp_layer_norm_relevance_cpu", [&] {
     layer_norm_relevance_loop<scalar_t>(g, xc, w, b, out, xc.numel() / len, len, eps, epsilon);
   });

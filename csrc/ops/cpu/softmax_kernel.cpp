@@ -19,6 +19,26 @@ void softmax_relevance_loop(const Tensor& grad, const Tensor& x, const Tensor& s
   const scalar_t* sp = s.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+  if (inner == 1) {
+    // rows are contiguous: vectorised row sum and update
+    at::parallel_for(0, outer, cpu::row_grain(len), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const scalar_t* g = gp + row * len;
+        const scalar_t* xr = xp + row * len;
+        const scalar_t* sr = sp + row * len;
+        scalar_t* o = op + row * len;
+        acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t k = 0; k < len; ++k) sum += static_cast<acc_t>(g[k]);
+#pragma omp simd
+        for (int64_t k = 0; k < len; ++k) {
+          o[k] = static_cast<scalar_t>(
+              math::softmax_relevance<acc_t>(math::softmax_input<acc_t>(xr[k], inv_t), g[k], sr[k], sum));
+        }
+      }
+    });
+    return;
+  }
   // one task = one (outer, inner) column of `len` elements, `inner` apart
   at::parallel_for(0, outer * inner, cpu::row_grain(len), [&](int64_t begin, int64_t end) {
     for (int64_t col = begin; col < end; ++col) {

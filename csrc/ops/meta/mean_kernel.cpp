@@ -1,22 +1,14 @@
-// Meta kernels of the mean rule.
+// Meta kernels of the mean rule: torch's mean forward, and the relevance
+// composed of ATen reductions and the stab_div primitive.
 #include <torch/library.h>
 
 #include "../impl.h"
 
 namespace lrpcpp {
-namespace {
-
-Tensor mean_relevance_meta(const Tensor& grad, const Tensor& x, at::OptionalIntArrayRef dim, bool keepdim,
-                           double epsilon) {
-  impl::check_mean_relevance(grad, x, dim, keepdim, epsilon);
-  return at::empty_like(x, at::MemoryFormat::Contiguous);
-}
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(lrpcpp, Meta, m) {
   m.impl("mean", &impl::mean);
-  m.impl("mean_relevance", &mean_relevance_meta);
+  m.impl("mean_relevance", &impl::mean_relevance);
 }
 
 }  // namespace lrpcpp
