@@ -9,13 +9,21 @@ export PYTHONPATH := $(CURDIR)/python
 export MAX_JOBS ?= 2
 CMAKE_BUILD := build/cmake
 
-.PHONY: run test build cpp-test docs wheel bench clean
+# the CUDA build check: a second environment with torch's CUDA build, and a copy of the sources
+CUDA_VENV := .venv-cuda
+CUDA_PY := $(CURDIR)/$(CUDA_VENV)/bin/python
+CUDA_DEPS := $(CUDA_VENV)/.deps-installed
+CUDA_DIR := build-cuda
+export CUDA_HOME ?= /usr/local/cuda
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+
+.PHONY: run test build cpp-test docs wheel bench cuda-check cuda-wheel-test clean
 
 run: build
 	$(PY) examples/explain_block.py
 
-test: build cpp-test docs
-	$(PY) -m pytest -q tests
+test: build cpp-test docs cuda-check
+	$(PY) -m pytest -q -rs tests
 
 $(DEPS): requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,5 +51,28 @@ wheel: build
 bench: build
 	$(PY) benchmarks/bench_cpu.py
 
+$(CUDA_DEPS): requirements-cuda.txt
+	test -x $(CUDA_PY) || $(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_PY) -m pip install -q --disable-pip-version-check -r requirements-cuda.txt
+	touch $@
+
+# Builds the wheel with the CUDA kernels (nvcc, no GPU needed), installs it into .venv-cuda and runs
+# the test suite against the installed package. Sources are copied with their timestamps, so only
+# what changed is compiled again.
+cuda-check:
+	@if [ -x "$(CUDA_HOME)/bin/nvcc" ]; then $(MAKE) --no-print-directory cuda-wheel-test; \
+	else echo "no nvcc at $(CUDA_HOME)/bin/nvcc: the CUDA build check is not run (set CUDA_HOME)"; fi
+
+cuda-wheel-test: $(CUDA_DEPS)
+	@rm -rf $(CUDA_DIR)/src/csrc $(CUDA_DIR)/src/python
+	@mkdir -p $(CUDA_DIR)/src $(CUDA_DIR)/dist
+	@git ls-files -co --exclude-standard | tar --ignore-failed-read -cf - -T - 2>/dev/null | tar -xf - -C $(CUDA_DIR)/src
+	@rm -f $(CUDA_DIR)/dist/*.whl
+	@echo "building the CUDA wheel for sm $(TORCH_CUDA_ARCH_LIST) (compiler log: $(CUDA_DIR)/wheel.log)"
+	@cd $(CUDA_DIR)/src && LRPCPP_CUDA=1 $(CUDA_PY) -m pip wheel -v --no-build-isolation --no-deps \
+		-w ../dist . >../wheel.log 2>&1 || { tail -n 60 ../wheel.log; exit 1; }
+	$(CUDA_PY) -m pip install -q --disable-pip-version-check --no-deps --force-reinstall $(CUDA_DIR)/dist/lrpcpp-*.whl
+	LRPCPP_TEST_INSTALLED=1 PYTHONPATH= $(CUDA_PY) -m pytest -q -rs tests --deselect tests/test_wheel.py
+
 clean:
-	rm -rf build dist python/lrpcpp/_C*.so python/lrpcpp/_build_info.py
+	rm -rf build $(CUDA_DIR) dist python/lrpcpp/_C*.so python/lrpcpp/_build_info.py

@@ -67,7 +67,7 @@ def extension():
     sources = rel("csrc/*.cpp") + rel("csrc/ops/*.cpp")
     for backend in ("cpu", "meta", "autograd"):
         sources += rel(f"csrc/ops/{backend}/*.cpp")
-    depends = rel("csrc/*.h") + rel("csrc/ops/*.h") + rel("csrc/ops/*/*.h")
+    depends = rel("csrc/*.h") + rel("csrc/ops/*.h") + rel("csrc/ops/*/*.h") + rel("csrc/ops/*/*.cuh")
     kwargs = dict(
         name="lrpcpp._C",
         sources=sources,

@@ -5,7 +5,19 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "python"))
+# LRPCPP_TEST_INSTALLED=1 tests the installed package (a wheel) instead of the in-place build
+INSTALLED = os.environ.get("LRPCPP_TEST_INSTALLED") == "1"
+if not INSTALLED:
+    sys.path.insert(0, os.path.join(ROOT, "python"))
+
+
+def subprocess_env():
+    """Environment for a fresh Python process that imports the same lrpcpp as these tests."""
+    env = dict(os.environ)
+    if not INSTALLED:
+        env["PYTHONPATH"] = os.path.join(ROOT, "python")
+    return env
+
 
 import lrpcpp  # noqa: E402,F401  (loads torch.ops.lrpcpp)
 

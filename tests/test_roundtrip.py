@@ -1,7 +1,6 @@
 """TorchScript (script and trace, saved and loaded in a fresh process), torch.compile(fullgraph=True)
 and torch.export give the same relevance as eager."""
 
-import os
 import subprocess
 import sys
 
@@ -9,8 +8,7 @@ import pytest
 import torch
 
 from block import Head, relevance
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import subprocess_env
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +40,7 @@ def test_torchscript_in_a_fresh_process(model_and_input, how, tmp_path):
         "y = m(x); y.backward(y)\n"
         f"torch.save(x.grad, {str(out)!r})\n"
     )
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=str(tmp_path))
+    subprocess.run([sys.executable, "-c", code], check=True, env=subprocess_env(), cwd=str(tmp_path))
     torch.testing.assert_close(torch.load(out), expected, rtol=1e-6, atol=1e-7)
 
 

@@ -1,0 +1,14 @@
+// CUDA registrations of the mean rule: torch's mean forward, and the relevance
+// composed of ATen reductions and the stab_div primitive.
+#include <torch/library.h>
+
+#include "../impl.h"
+
+namespace lrpcpp {
+
+TORCH_LIBRARY_IMPL(lrpcpp, CUDA, m) {
+  m.impl("mean", &impl::mean);
+  m.impl("mean_relevance", &impl::mean_relevance);
+}
+
+}  // namespace lrpcpp
