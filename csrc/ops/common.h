@@ -5,9 +5,14 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
 #include <string>
+
+// fp64, fp32, fp16, bf16: the dtypes every lrpcpp kernel takes.
+#define LRPCPP_DISPATCH_FLOATING(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 namespace lrpcpp::detail {
 

@@ -4,7 +4,6 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/TensorIterator.h>
@@ -44,7 +43,3 @@ void typed_loop(char** data, const int64_t* strides, int64_t n, const F& f) {
 }
 
 }  // namespace lrpcpp::cpu
-
-// fp64, fp32, fp16, bf16: the dtypes every lrpcpp kernel takes.
-#define LRPCPP_DISPATCH_FLOATING(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)

@@ -10,7 +10,7 @@
 
 #include <cstdint>
 
-#include "../cpu/loops.h"  // LRPCPP_DISPATCH_FLOATING
+#include "../common.h"
 
 namespace lrpcpp::cuda {
 
