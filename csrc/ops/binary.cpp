@@ -143,5 +143,13 @@ TensorPair matmul_relevance(const Tensor& grad, const Tensor& a, const Tensor& b
   return {ra, rb};
 }
 
+void register_binary_composites(torch::Library& m) {
+  m.impl("add2", &add2);
+  m.impl("mul2", &mul2);
+  m.impl("mul2_relevance", &mul2_relevance);
+  m.impl("matmul", &matmul);
+  m.impl("matmul_relevance", &matmul_relevance);
+}
+
 }  // namespace impl
 }  // namespace lrpcpp

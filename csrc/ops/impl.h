@@ -9,6 +9,7 @@
 #include "common.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
 
 // A typed handle to a registered lrpcpp op, found once.
 #define LRPCPP_DISPATCH(name)                                                 \
@@ -54,6 +55,10 @@ void check_layer_norm_relevance(const Tensor& grad, const Tensor& x, at::IntArra
                                 const OptTensor& weight, const OptTensor& bias, double eps, double epsilon);
 Tensor layer_norm_identity(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
                            const OptTensor& bias, double eps);
+// weight and bias as flat rows in x's accumulation type (fp32/fp64), ones and zeros where absent,
+// so the relevance kernels run one branch-free loop
+TensorPair layer_norm_affine_rows(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
+                                  const OptTensor& bias);
 Tensor normalize_identity(const Tensor& x, double p, int64_t dim, double eps);
 
 // mean
@@ -71,4 +76,15 @@ Tensor sigmoid_identity(const Tensor& x);
 Tensor identity_relevance(const Tensor& grad, at::ScalarType dtype);
 Tensor stop_relevance(const Tensor& x);
 
+}  // namespace lrpcpp::impl
+
+namespace lrpcpp::impl {
+// Register, for the backend of `m`, a family's backend-independent kernels (torch's own forwards
+// and the relevance compositions); each backend file adds its own kernels next to this call.
+void register_linear_composites(torch::Library& m);
+void register_binary_composites(torch::Library& m);
+void register_softmax_composites(torch::Library& m);
+void register_norm_composites(torch::Library& m);
+void register_mean_composites(torch::Library& m);
+void register_identity_composites(torch::Library& m);
 }  // namespace lrpcpp::impl

@@ -83,5 +83,10 @@ Tensor mean_relevance(const Tensor& grad, const Tensor& x, at::OptionalIntArrayR
   return at::mul(x, q).to(x.scalar_type());
 }
 
+void register_mean_composites(torch::Library& m) {
+  m.impl("mean", &mean);
+  m.impl("mean_relevance", &mean_relevance);
+}
+
 }  // namespace impl
 }  // namespace lrpcpp

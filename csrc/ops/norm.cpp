@@ -128,5 +128,23 @@ Tensor normalize_identity(const Tensor& x, double p, int64_t dim, double eps) {
   return x / denom;
 }
 
+TensorPair layer_norm_affine_rows(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
+                                  const OptTensor& bias) {
+  const auto acc = at::toOpMathType(x.scalar_type());
+  const int64_t len = c10::multiply_integers(normalized_shape);
+  auto row = [&](const OptTensor& t, double fill) {
+    return (t.has_value() && t->defined()) ? t->to(acc).contiguous().view(-1)
+                                           : at::full({len}, fill, x.options().dtype(acc));
+  };
+  return {row(weight, 1.0), row(bias, 0.0)};
+}
+
+void register_norm_composites(torch::Library& m) {
+  m.impl("rms_norm_identity", &rms_norm_identity);
+  m.impl("layer_norm", &layer_norm);
+  m.impl("layer_norm_identity", &layer_norm_identity);
+  m.impl("normalize_identity", &normalize_identity);
+}
+
 }  // namespace impl
 }  // namespace lrpcpp

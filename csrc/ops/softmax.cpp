@@ -53,5 +53,9 @@ int64_t check_softmax_relevance(const Tensor& grad, const Tensor& x, const Tenso
   return wrapped;
 }
 
+void register_softmax_composites(torch::Library& m) {
+  m.impl("softmax", &softmax);
+}
+
 }  // namespace impl
 }  // namespace lrpcpp

@@ -44,10 +44,7 @@ Tensor stab_div_cpu(const Tensor& relevance, const Tensor& z, double epsilon, do
 
 TORCH_LIBRARY_IMPL(lrpcpp, CPU, m) {
   m.impl("stab_div", &stab_div_cpu);
-  m.impl("linear_epsilon", &impl::linear_epsilon);
-  m.impl("linear_epsilon_relevance", &impl::linear_epsilon_relevance);
-  m.impl("conv2d_epsilon", &impl::conv2d_epsilon);
-  m.impl("conv2d_epsilon_relevance", &impl::conv2d_epsilon_relevance);
+  impl::register_linear_composites(m);
 }
 
 }  // namespace lrpcpp

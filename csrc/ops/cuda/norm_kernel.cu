@@ -49,14 +49,9 @@ Tensor layer_norm_relevance_cuda(const Tensor& grad, const Tensor& x, at::IntArr
   const Tensor xc = x.contiguous(), g = grad.contiguous();
   Tensor out = at::empty(xc.sizes(), xc.options());
   if (out.numel() == 0) return out;
-  const auto acc = at::toOpMathType(x.scalar_type());
-  int64_t len = 1;
-  for (auto s : normalized_shape) len *= s;
-  auto affine = [&](const OptTensor& t, double fill) {
-    return (t.has_value() && t->defined()) ? t->to(acc).contiguous().view(-1)
-                                           : at::full({len}, fill, x.options().dtype(acc));
-  };
-  const Tensor w = affine(weight, 1.0), b = affine(bias, 0.0);
+  const int64_t len = c10::multiply_integers(normalized_shape);
+  Tensor w, b;
+  std::tie(w, b) = impl::layer_norm_affine_rows(x, normalized_shape, weight, bias);
   const int64_t rows = xc.numel() / len;
   TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max(), "lrpcpp.layer_norm_relevance: too many rows (", rows,
               ") for one CUDA launch");
@@ -74,11 +69,8 @@ Tensor layer_norm_relevance_cuda(const Tensor& grad, const Tensor& x, at::IntArr
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrpcpp, CUDA, m) {
-  m.impl("rms_norm_identity", &impl::rms_norm_identity);
-  m.impl("layer_norm", &impl::layer_norm);
+  impl::register_norm_composites(m);
   m.impl("layer_norm_relevance", &layer_norm_relevance_cuda);
-  m.impl("layer_norm_identity", &impl::layer_norm_identity);
-  m.impl("normalize_identity", &impl::normalize_identity);
 }
 
 }  // namespace lrpcpp

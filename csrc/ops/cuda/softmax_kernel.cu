@@ -55,7 +55,7 @@ Tensor softmax_relevance_cuda(const Tensor& grad, const Tensor& x, const Tensor&
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrpcpp, CUDA, m) {
-  m.impl("softmax", &impl::softmax);
+  impl::register_softmax_composites(m);
   m.impl("softmax_relevance", &softmax_relevance_cuda);
 }
 

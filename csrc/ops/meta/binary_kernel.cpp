@@ -16,12 +16,8 @@ TensorPair add2_relevance_meta(const Tensor& grad, const Tensor& a, const Tensor
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrpcpp, Meta, m) {
-  m.impl("add2", &impl::add2);
+  impl::register_binary_composites(m);
   m.impl("add2_relevance", &add2_relevance_meta);
-  m.impl("mul2", &impl::mul2);
-  m.impl("mul2_relevance", &impl::mul2_relevance);
-  m.impl("matmul", &impl::matmul);
-  m.impl("matmul_relevance", &impl::matmul_relevance);
 }
 
 }  // namespace lrpcpp

@@ -16,10 +16,7 @@ Tensor stab_div_meta(const Tensor& relevance, const Tensor& z, double epsilon, d
 
 TORCH_LIBRARY_IMPL(lrpcpp, Meta, m) {
   m.impl("stab_div", &stab_div_meta);
-  m.impl("linear_epsilon", &impl::linear_epsilon);
-  m.impl("linear_epsilon_relevance", &impl::linear_epsilon_relevance);
-  m.impl("conv2d_epsilon", &impl::conv2d_epsilon);
-  m.impl("conv2d_epsilon_relevance", &impl::conv2d_epsilon_relevance);
+  impl::register_linear_composites(m);
 }
 
 }  // namespace lrpcpp

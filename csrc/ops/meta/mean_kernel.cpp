@@ -7,8 +7,7 @@
 namespace lrpcpp {
 
 TORCH_LIBRARY_IMPL(lrpcpp, Meta, m) {
-  m.impl("mean", &impl::mean);
-  m.impl("mean_relevance", &impl::mean_relevance);
+  impl::register_mean_composites(m);
 }
 
 }  // namespace lrpcpp

@@ -15,11 +15,8 @@ Tensor layer_norm_relevance_meta(const Tensor& grad, const Tensor& x, at::IntArr
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrpcpp, Meta, m) {
-  m.impl("rms_norm_identity", &impl::rms_norm_identity);
-  m.impl("layer_norm", &impl::layer_norm);
+  impl::register_norm_composites(m);
   m.impl("layer_norm_relevance", &layer_norm_relevance_meta);
-  m.impl("layer_norm_identity", &impl::layer_norm_identity);
-  m.impl("normalize_identity", &impl::normalize_identity);
 }
 
 }  // namespace lrpcpp
