@@ -39,17 +39,17 @@ def cuda_time(fn, reps=20, warmup=3):
     return sorted(times)[len(times) // 2]
 
 
-def kernels(n_elems, row):
+def kernels(n_elems, row, device="cuda"):
     """(name, fn, bytes moved) for each element-wise / row-wise relevance kernel."""
     out = []
     for dtype in (torch.bfloat16, torch.float32):
         size = torch.finfo(dtype).bits // 8
-        r = torch.randn(n_elems, device="cuda", dtype=dtype)
-        z = torch.randn(n_elems, device="cuda", dtype=dtype)
-        a = torch.randn(n_elems, device="cuda", dtype=dtype)
+        r = torch.randn(n_elems, device=device, dtype=dtype)
+        z = torch.randn(n_elems, device=device, dtype=dtype)
+        a = torch.randn(n_elems, device=device, dtype=dtype)
         rows = r.view(-1, row)
         s = torch.softmax(z.view(-1, row).float(), -1).to(dtype)
-        w = torch.randn(row, device="cuda", dtype=dtype)
+        w = torch.randn(row, device=device, dtype=dtype)
         tag = str(dtype).replace("torch.", "")
         out += [
             (f"stab_div {tag}", lambda r=r, z=z: ops.stab_div(r, z, 1e-6, 1.0, None), 3 * n_elems * size),
@@ -65,12 +65,13 @@ def kernels(n_elems, row):
     return out
 
 
-def block_ratio(dtype):
-    bench_cpu.B, bench_cpu.S, bench_cpu.H = 4, 2048, 2048
-    bench_cpu.NH, bench_cpu.HD, bench_cpu.INTER = 16, 128, 5632
+def block_ratio(dtype, device="cuda", shape=(4, 2048, 2048, 16, 128, 5632)):
+    """Milliseconds of (plain gradient, relevance) of the block; shape = batch, seq, hidden, heads,
+    head dim, MLP width (bench_cpu's block functions read these module globals)."""
+    bench_cpu.B, bench_cpu.S, bench_cpu.H, bench_cpu.NH, bench_cpu.HD, bench_cpu.INTER = shape
     p, x = bench_cpu.block_params()
-    p = {k: v.to("cuda", dtype) for k, v in p.items()}
-    x = x.to("cuda", dtype).requires_grad_()
+    p = {k: v.to(device, dtype) for k, v in p.items()}
+    x = x.to(device, dtype).requires_grad_()
     times = {}
     for name, block in bench_cpu.BLOCKS.items():
         y = block(x, p)
