@@ -62,7 +62,6 @@ TensorPair layer_norm_affine_rows(const Tensor& x, at::IntArrayRef normalized_sh
 Tensor normalize_identity(const Tensor& x, double p, int64_t dim, double eps);
 
 // mean
-std::vector<int64_t> mean_reduce_dims(const Tensor& x, at::OptionalIntArrayRef dim, const char* op);
 Tensor mean(const Tensor& x, at::OptionalIntArrayRef dim, bool keepdim, double epsilon);
 Tensor mean_relevance(const Tensor& grad, const Tensor& x, at::OptionalIntArrayRef dim, bool keepdim,
                       double epsilon);
@@ -76,9 +75,6 @@ Tensor sigmoid_identity(const Tensor& x);
 Tensor identity_relevance(const Tensor& grad, at::ScalarType dtype);
 Tensor stop_relevance(const Tensor& x);
 
-}  // namespace lrpcpp::impl
-
-namespace lrpcpp::impl {
 // Register, for the backend of `m`, a family's backend-independent kernels (torch's own forwards
 // and the relevance compositions); each backend file adds its own kernels next to this call.
 void register_linear_composites(torch::Library& m);

@@ -18,6 +18,9 @@ Tensor mean_relevance(const Tensor& grad, const Tensor& x, at::OptionalIntArrayR
 namespace impl {
 using namespace detail;
 
+namespace {
+
+// sorted, wrapped dimensions a mean reduces (all of them for None or [])
 std::vector<int64_t> mean_reduce_dims(const Tensor& x, at::OptionalIntArrayRef dim, const char* op) {
   std::vector<int64_t> dims;
   const int64_t nd = x.dim();
@@ -38,6 +41,8 @@ std::vector<int64_t> mean_reduce_dims(const Tensor& x, at::OptionalIntArrayRef d
   return dims;
 }
 
+}  // namespace
+
 Tensor mean(const Tensor& x, at::OptionalIntArrayRef dim, bool keepdim, double epsilon) {
   const char* op = "lrpcpp.mean";
   check_floating(x, op, "x");
@@ -48,8 +53,9 @@ Tensor mean(const Tensor& x, at::OptionalIntArrayRef dim, bool keepdim, double e
 
 namespace {
 
-void check_mean_relevance(const Tensor& grad, const Tensor& x, at::OptionalIntArrayRef dim, bool keepdim,
-                          double epsilon) {
+// returns the dims the mean reduces
+std::vector<int64_t> check_mean_relevance(const Tensor& grad, const Tensor& x, at::OptionalIntArrayRef dim,
+                                          bool keepdim, double epsilon) {
   const char* op = "lrpcpp.mean_relevance";
   check_floating(x, op, "x");
   check_like(grad, x, op, "grad", "x");
@@ -65,14 +71,14 @@ void check_mean_relevance(const Tensor& grad, const Tensor& x, at::OptionalIntAr
   }
   TORCH_SYM_CHECK(c10::sym_equals(grad.sym_sizes(), expected), op, ": expected grad to have the shape of the mean ",
                   c10::SymIntArrayRef(expected), ", got ", shape_str(grad));
+  return dims;
 }
 
 }  // namespace
 
 Tensor mean_relevance(const Tensor& grad, const Tensor& x, at::OptionalIntArrayRef dim, bool keepdim,
                       double epsilon) {
-  check_mean_relevance(grad, x, dim, keepdim, epsilon);
-  const auto dims = mean_reduce_dims(x, dim, "lrpcpp.mean_relevance");
+  const auto dims = check_mean_relevance(grad, x, dim, keepdim, epsilon);
   const auto acc = at::toOpMathType(x.scalar_type());
   Tensor r = grad.to(acc);
   if (!keepdim) {

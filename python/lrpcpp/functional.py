@@ -176,11 +176,6 @@ def stop_relevance(x: Tensor) -> Tensor:
 # Python-level because they must run arbitrary code, and are not scriptable.
 
 
-def _stab(z: Tensor, eps: float) -> Tensor:
-    # sign-aware: stab(z) = z + eps * sign(z), sign(0) = +1
-    return z + eps * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
-
-
 def _tensor_positions(args: tuple) -> List[int]:
     return [i for i, a in enumerate(args) if isinstance(a, Tensor)]
 
@@ -192,7 +187,7 @@ class _GenericRule(torch.autograd.Function):
     def forward(ctx, rule: str, eps: float, fn: Callable, positions: List[int], *args):
         ctx.rule, ctx.eps, ctx.fn, ctx.positions = rule, eps, fn, positions
         ctx.save_for_backward(*[args[i] for i in positions])
-        ctx.args = args
+        ctx.args = tuple(None if i in positions else a for i, a in enumerate(args))  # tensors are saved
         with torch.no_grad():
             out = fn(*args)
         if not isinstance(out, Tensor):
@@ -221,7 +216,7 @@ class _GenericRule(torch.autograd.Function):
                 for i, leaf in zip(ctx.positions, leaves):
                     args[i] = leaf
                 out = ctx.fn(*args)
-                rn = grad / _stab(out.detach(), ctx.eps)
+                rn = stab_div(grad, out.detach(), ctx.eps)
                 vjps = torch.autograd.grad(out, leaves, rn, allow_unused=True)
             share = 1.0 / n if ctx.rule == "uniform_epsilon" else 1.0
             rel = [
