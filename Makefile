@@ -21,13 +21,15 @@ export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
 run: build
 	$(PY) examples/explain_block.py
+	$(PY) examples/explain_sentence_similarity.py
 
 test: build cpp-test docs cuda-check
 	$(PY) -m pytest -q -rs tests
 
-$(DEPS): requirements-dev.txt
+$(DEPS): requirements-dev.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	touch $@
 
 # the extension, compiled in place into python/lrpcpp (ninja rebuilds only changed files)
@@ -51,9 +53,10 @@ wheel: build
 bench: build
 	$(PY) benchmarks/bench_cpu.py
 
-$(CUDA_DEPS): requirements-cuda.txt
+$(CUDA_DEPS): requirements-cuda.txt requirements-nodeps.txt
 	test -x $(CUDA_PY) || $(PYTHON) -m venv $(CUDA_VENV)
 	$(CUDA_PY) -m pip install -q --disable-pip-version-check -r requirements-cuda.txt
+	$(CUDA_PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	touch $@
 
 # Builds the wheel with the CUDA kernels (nvcc, no GPU needed), installs it into .venv-cuda and runs

@@ -74,6 +74,17 @@ TORCH_LIBRARY(lrpcpp, m) {
   m.def("sigmoid_identity(Tensor x) -> Tensor");
   m.def("identity_relevance(Tensor grad, ScalarType dtype) -> Tensor");
   m.def("stop_relevance(Tensor x) -> Tensor");
+
+  // gradient-times-input semantics (RULES.md section 2): autograd carries g = R / x
+  m.def("gi_identity(Tensor x, Tensor y, float epsilon=1e-10) -> Tensor");
+  m.def("gi_identity_forward(Tensor x, Tensor y, float epsilon) -> (Tensor, Tensor)");
+  m.def("gi_grad_scale(Tensor x, Tensor scale) -> Tensor");
+  m.def("gi_scale_backward(Tensor grad, Tensor factor, ScalarType dtype) -> Tensor");
+  m.def(
+      "gi_layer_norm(Tensor x, int[] normalized_shape, Tensor? weight=None, Tensor? bias=None, float eps=1e-5) "
+      "-> Tensor");
+  m.def(
+      "gi_layer_norm_backward(Tensor grad, Tensor x, int[] normalized_shape, Tensor? weight, float eps) -> Tensor");
 }
 
 }  // namespace lrpcpp

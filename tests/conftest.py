@@ -38,3 +38,21 @@ def assert_relevance_close(actual, expected, dtype, scale=None):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def recording_backend(seen: list):
+    """A torch.compile backend (AOTAutograd, no code generation) that appends the target of every
+    call in the compiled backward graph to ``seen``."""
+
+    def backend(gm, example_inputs):
+        from functorch.compile import make_boxed_func
+        from torch._functorch.aot_autograd import aot_module_simplified
+
+        def bw(g, _):
+            seen.extend(str(n.target) for n in g.graph.nodes if n.op == "call_function")
+            return make_boxed_func(g)
+
+        return aot_module_simplified(gm, example_inputs, fw_compiler=lambda g, _: make_boxed_func(g),
+                                     bw_compiler=bw)
+
+    return backend

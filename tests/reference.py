@@ -103,3 +103,30 @@ def rms_norm_hf(x, w, eps):
     xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     return y * w if w is not None else y
+
+
+# ----------------------------------------------------------------------------- gradient-times-input
+# RULES.md section 2: autograd carries g = R / x. These return the gradient g_x of an input from
+# the gradient g arriving at the op's output; the relevance is then x * g_x.
+
+
+def gi_identity(x, y, g, eps, max_factor=None):
+    """Identity rule for y = f(x) element-wise: g_x = g * y / stab(x); the factor y / stab(x)
+    clamped to [-max_factor, max_factor] when given (the storage type's finite range)."""
+    factor = y / stab(x, eps)
+    if max_factor is not None:
+        factor = factor.clamp(-max_factor, max_factor)
+    return g * factor
+
+
+def gi_grad_scale(g, scale):
+    return g * scale
+
+
+def gi_layer_norm(x, normalized_shape, w, g, eps):
+    """sigma detached: g_x = rstd * (h - mean(h)), h = g * w, the mean over the normalised dims."""
+    dims = tuple(range(x.dim() - len(normalized_shape), x.dim()))
+    mu = x.mean(dims, keepdim=True)
+    rstd = 1.0 / torch.sqrt(((x - mu) ** 2).mean(dims, keepdim=True) + eps)
+    h = g * (w if w is not None else 1.0)
+    return rstd * (h - h.mean(dims, keepdim=True))

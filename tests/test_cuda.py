@@ -6,8 +6,10 @@ import torch
 from torch.library import opcheck
 
 import lrpcpp  # noqa: F401  (registers the ops)
+import reference as ref
 from block import Head, relevance
-from conftest import TOL
+from conftest import DTYPES, TOL
+from test_gradient_input import gi_block, gi_inputs, input_gradient
 from test_opcheck import RELEVANCE_OPS, SAMPLES
 
 if not torch.cuda.is_available():
@@ -41,14 +43,16 @@ def run(name, args):
 @pytest.mark.parametrize("name", OPS)
 def test_cuda_matches_cpu_float64(name, dtype):
     torch.manual_seed(0)
-    args = SAMPLES[name](name not in RELEVANCE_OPS)
+    # the reference sees the same inputs, rounded to dtype, so that only the arithmetic is compared
+    args = to(SAMPLES[name](name not in RELEVANCE_OPS), "cpu", dtype)
     expected = run(name, to(args, "cpu", torch.float64))
     got = run(name, to(args, "cuda", dtype))
     assert len(got) == len(expected)
     for g, e in zip(got, expected):
         assert g.device.type == "cuda"
-        scale = max(float(e.abs().max()), 1.0) if e.numel() else 1.0
-        torch.testing.assert_close(g.double().cpu(), e, rtol=TOL[dtype], atol=TOL[dtype] * scale)
+        scale = max(float(e.detach().abs().max()), 1.0) if e.numel() else 1.0
+        # ops with a dtype argument return that dtype in both runs: compare the values in float64
+        torch.testing.assert_close(g.double().cpu(), e.double(), rtol=TOL[dtype], atol=TOL[dtype] * scale)
 
 
 @pytest.mark.parametrize("name", OPS)
@@ -72,3 +76,100 @@ def test_compile_on_cuda(dtype):
     compiled = torch.compile(model, fullgraph=True)
     expected = relevance(model, x)
     torch.testing.assert_close(relevance(compiled, x), expected, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+# ----------------------------------------------------------------------------- gradient-times-input
+def close_to(got, expected, dtype):
+    scale = max(float(expected.abs().max()), 1.0) if expected.numel() else 1.0
+    torch.testing.assert_close(got.double().cpu(), expected, rtol=TOL[dtype], atol=TOL[dtype] * scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("grad_shape,factor_shape", [((2, 3, 12), ()), ((2, 3, 12), (12,)), ((5, 7), (7,)),
+                                                     ((2, 3, 12), (1, 3, 12)), ((2, 3, 12), (3, 1)),
+                                                     ((2, 3, 12), (2, 3, 12)), ((4, 1), (1,))],
+                         ids=str)
+def test_gi_scale_backward_on_cuda(dtype, grad_shape, factor_shape):
+    """Factors that repeat along grad (read in place), and other broadcasts (expanded first)."""
+    grad = torch.randn(grad_shape, dtype=torch.float64).to(dtype).double()
+    factor = torch.randn(factor_shape, dtype=torch.float64).to(dtype).double()
+    out = torch.ops.lrpcpp.gi_scale_backward(grad.to("cuda", dtype), factor.to("cuda", dtype), dtype)
+    assert out.dtype == dtype and out.shape == grad.shape
+    close_to(out, grad * factor, dtype)
+    wide = torch.ops.lrpcpp.gi_scale_backward(grad.to("cuda", dtype), factor.to("cuda", dtype), torch.float32)
+    assert wide.dtype == torch.float32
+    close_to(wide, grad * factor, torch.float32)
+
+
+def test_gi_scale_backward_expanded_grad_and_mixed_dtypes_on_cuda():
+    grad = torch.ones(1, device="cuda", dtype=torch.bfloat16).expand(4, 6)  # the gradient of a sum
+    scale = torch.full((6,), 1.0 / 3.0, device="cuda")
+    out = torch.ops.lrpcpp.gi_scale_backward(grad, scale, torch.bfloat16)
+    assert torch.equal(out, (grad.float() * scale).to(torch.bfloat16))
+
+
+def test_gi_identity_fp16_factor_is_finite_on_cuda():
+    x = torch.tensor([0.0, 1.0, 0.0, float("nan")], device="cuda", dtype=torch.float16, requires_grad=True)
+    y = torch.sigmoid(x.detach())
+    y[2] = -y[2]
+    out = torch.ops.lrpcpp.gi_identity(x, y, 1e-10)
+    torch.testing.assert_close(out, y, rtol=0, atol=0, equal_nan=True)
+    out.backward(torch.ones_like(out))
+    assert x.grad[0] == 65504 and x.grad[2] == -65504 and torch.isfinite(x.grad[:3]).all()
+    assert torch.isnan(x.grad[3])
+
+
+@pytest.mark.parametrize("x_dtype,y_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16)],
+                         ids=str)
+def test_gi_identity_mixed_dtypes_on_cuda(x_dtype, y_dtype):
+    x0 = torch.randn(5, 33, dtype=torch.float64)
+    x = x0.to("cuda", x_dtype).requires_grad_()
+    y = torch.nn.functional.silu(x.detach().to(y_dtype))
+    g = torch.randn(5, 33, dtype=torch.float64)
+    out = torch.ops.lrpcpp.gi_identity(x, y, 1e-10)
+    assert out.dtype == y_dtype and torch.equal(out, y)
+    out.backward(g.to("cuda", y_dtype))
+    assert x.grad.dtype == x_dtype
+    expected = ref.gi_identity(x.detach().double().cpu(), y.double().cpu(), g.to(y_dtype).double(), 1e-10)
+    tol = max(TOL[x_dtype], TOL[y_dtype])
+    torch.testing.assert_close(x.grad.double().cpu(), expected, rtol=tol, atol=tol * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,ns", [((3, 2500), [2500]), ((2, 3, 4, 5), [4, 5]), ((7, 33), [33])], ids=str)
+def test_gi_layer_norm_backward_on_cuda(dtype, shape, ns):
+    x = torch.randn(shape, dtype=torch.float64).to(dtype).double()
+    g = torch.randn(shape, dtype=torch.float64).to(dtype).double()
+    w = torch.randn(ns, dtype=torch.float64).to(dtype).double()
+    out = torch.ops.lrpcpp.gi_layer_norm_backward(g.to("cuda", dtype), x.to("cuda", dtype), ns,
+                                                   w.to("cuda", dtype), 1e-5)
+    assert out.dtype == dtype
+    close_to(out, ref.gi_layer_norm(x, ns, w, g, 1e-5), dtype)
+
+
+def test_gi_compile_on_cuda():
+    x, w, scale = (t.cuda() for t in gi_inputs())
+    expected = input_gradient(gi_block, x, w, scale)
+    torch._dynamo.reset()
+    got = input_gradient(torch.compile(gi_block, fullgraph=True), x, w, scale)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert", "gpt2", "mixtral"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_attribute_on_cuda_matches_cpu(family, dtype):
+    pytest.importorskip("transformers", reason="whole-model tests need transformers (requirements-dev.txt)")
+    from models import build, inputs
+
+    model = build(family, dtype=torch.float32)
+    kw = inputs(family, dtype=torch.float32)
+    expected = lrpcpp.attribute(model, **kw)
+    model = model.to("cuda", dtype)
+    got = lrpcpp.attribute(model, target=expected.target.cuda(), **{
+        k: v.to("cuda", dtype) if v.is_floating_point() else v.cuda() for k, v in kw.items()})
+    assert torch.isfinite(got.relevance).all()
+    a, b = got.token_relevance.double().cpu().flatten(), expected.token_relevance.double().flatten()
+    if dtype == torch.float32:
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()))
+    else:
+        assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.9

@@ -15,6 +15,11 @@ def t(*shape, grad=False, offset=0.0):
     return (torch.randn(*shape, dtype=f64) + offset).requires_grad_(grad)
 
 
+def with_silu(x):
+    """x and y = silu(x), the arguments of the gradient-times-input identity rule."""
+    return x, torch.nn.functional.silu(x.detach())
+
+
 # op name -> function(requires_grad) -> args; `grad` marks the tensors that may carry relevance
 SAMPLES = {
     "linear_epsilon": lambda g: (t(2, 3, 5, grad=g), t(4, 5), t(4), 1e-6),
@@ -46,11 +51,19 @@ SAMPLES = {
     "sigmoid_identity": lambda g: (t(3, 4, grad=g),),
     "identity_relevance": lambda g: (t(3, 4, grad=g), torch.float32),
     "stop_relevance": lambda g: (t(3, 4, grad=g),),
+    "gi_identity": lambda g: (*with_silu(t(3, 4, grad=g)), 1e-10),
+    "gi_identity_forward": lambda g: (*with_silu(t(3, 4, grad=g)), 1e-10),
+    "gi_grad_scale": lambda g: (t(2, 3, 6, grad=g), t(6)),
+    "gi_scale_backward": lambda g: (t(2, 3, 6, grad=g), t(6, grad=g), torch.float32),
+    "gi_layer_norm": lambda g: (t(2, 3, 6, grad=g), [6], t(6), t(6), 1e-5),
+    "gi_layer_norm_backward": lambda g: (t(2, 3, 6, grad=g), t(2, 3, 6, grad=g), [6], t(6), 1e-5),
     "cuda_version": lambda g: (),
 }
 
+# ops without a derivative: the relevance ops, and the primitives and gradient-times-input
+# backward ops that the backwards call
 RELEVANCE_OPS = {name for name in SAMPLES if name.endswith("_relevance") and name != "stop_relevance"} | {
-    "stab_div"}
+    "stab_div", "gi_identity_forward", "gi_scale_backward", "gi_layer_norm_backward"}
 
 
 def test_every_registered_op_has_a_sample():
@@ -76,7 +89,8 @@ def test_opcheck(name, requires_grad):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("name", ["linear_epsilon", "softmax", "layer_norm", "add2", "matmul", "mean"])
+@pytest.mark.parametrize("name", ["linear_epsilon", "softmax", "layer_norm", "add2", "matmul", "mean",
+                                  "gi_identity", "gi_grad_scale", "gi_layer_norm"])
 def test_opcheck_low_precision(name, dtype):
     args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) else a for a in SAMPLES[name](False))
     args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and i == 0 else a for i, a in enumerate(args))

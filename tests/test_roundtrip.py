@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from block import Head, relevance
-from conftest import subprocess_env
+from conftest import recording_backend, subprocess_env
 
 
 @pytest.fixture(scope="module")
@@ -63,17 +63,7 @@ def test_compile_dynamic_shapes(model_and_input):
 def test_compiled_backward_graph_calls_the_relevance_ops(model_and_input):
     model, x, _ = model_and_input
     seen = []
-
-    def backend(gm, example_inputs):
-        from functorch.compile import make_boxed_func
-        from torch._functorch.aot_autograd import aot_module_simplified
-
-        def bw(g, _):
-            seen.extend(str(n.target) for n in g.graph.nodes if n.op == "call_function")
-            return make_boxed_func(g)
-
-        return aot_module_simplified(gm, example_inputs, fw_compiler=lambda g, _: make_boxed_func(g),
-                                     bw_compiler=bw)
+    backend = recording_backend(seen)
 
     torch._dynamo.reset()
     relevance(torch.compile(model, backend=backend, fullgraph=True), x)

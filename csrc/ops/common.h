@@ -9,6 +9,7 @@
 #include <ATen/OpMathType.h>
 
 #include <string>
+#include <type_traits>
 
 // fp64, fp32, fp16, bf16: the dtypes every lrpcpp kernel takes.
 #define LRPCPP_DISPATCH_FLOATING(TYPE, NAME, ...) \
@@ -39,5 +40,10 @@ at::ScalarType compute_dtype(at::ScalarType dtype);
 
 // x * g, returned in x's dtype; g is a fresh temporary and is reused in place.
 at::Tensor times_input(at::Tensor g, const at::Tensor& x);
+
+// The accumulation type of a kernel over two storage types: double if either one's is, else float.
+template <typename A, typename B>
+using opmath_pair_t = std::conditional_t<
+    std::is_same_v<at::opmath_type<A>, double> || std::is_same_v<at::opmath_type<B>, double>, double, float>;
 
 }  // namespace lrpcpp::detail

@@ -47,6 +47,9 @@ int64_t check_softmax_relevance(const Tensor& grad, const Tensor& x, const Tenso
                                 double temperature);
 
 // norms
+// x ends with normalized_shape; weight and bias (when given) have that shape, on x's device; eps >= 0
+void check_norm(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight, const OptTensor& bias,
+                std::optional<double> eps, const char* op);
 Tensor rms_norm_identity(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
                          std::optional<double> eps);
 Tensor layer_norm(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight, const OptTensor& bias,
@@ -59,6 +62,8 @@ Tensor layer_norm_identity(const Tensor& x, at::IntArrayRef normalized_shape, co
 // so the relevance kernels run one branch-free loop
 TensorPair layer_norm_affine_rows(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
                                   const OptTensor& bias);
+// one such row: `t` flattened in x's accumulation type, or `fill` repeated where t is absent
+Tensor layer_norm_affine_row(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& t, double fill);
 Tensor normalize_identity(const Tensor& x, double p, int64_t dim, double eps);
 
 // mean
@@ -75,6 +80,16 @@ Tensor sigmoid_identity(const Tensor& x);
 Tensor identity_relevance(const Tensor& grad, at::ScalarType dtype);
 Tensor stop_relevance(const Tensor& x);
 
+// gradient-times-input family
+void check_gi_identity(const Tensor& x, const Tensor& y, double epsilon, const char* op);
+void check_gi_scale_backward(const Tensor& grad, const Tensor& factor, at::ScalarType dtype);
+void check_gi_layer_norm_backward(const Tensor& grad, const Tensor& x, at::IntArrayRef normalized_shape,
+                                  const OptTensor& weight, double eps);
+Tensor gi_identity(const Tensor& x, const Tensor& y, double epsilon);
+Tensor gi_grad_scale(const Tensor& x, const Tensor& scale);
+Tensor gi_layer_norm(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
+                     const OptTensor& bias, double eps);
+
 // Register, for the backend of `m`, a family's backend-independent kernels (torch's own forwards
 // and the relevance compositions); each backend file adds its own kernels next to this call.
 void register_linear_composites(torch::Library& m);
@@ -83,4 +98,5 @@ void register_softmax_composites(torch::Library& m);
 void register_norm_composites(torch::Library& m);
 void register_mean_composites(torch::Library& m);
 void register_identity_composites(torch::Library& m);
+void register_gradient_input_composites(torch::Library& m);
 }  // namespace lrpcpp::impl

@@ -51,6 +51,8 @@ void check_affine(const OptTensor& t, const Tensor& x, at::IntArrayRef normalize
                   arg, " to have shape normalized_shape = ", normalized_shape, ", got ", shape_str(*t));
 }
 
+}  // namespace
+
 void check_norm(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight, const OptTensor& bias,
                 std::optional<double> eps, const char* op) {
   check_floating(x, op, "x");
@@ -67,6 +69,8 @@ void check_norm(const Tensor& x, at::IntArrayRef normalized_shape, const OptTens
     TORCH_CHECK(*eps >= 0.0 && std::isfinite(*eps), op, ": expected eps to be a finite number >= 0, got ", *eps);
   }
 }
+
+namespace {
 
 // torch.finfo(dtype).eps, the default of torch.nn.functional.rms_norm
 double machine_eps(at::ScalarType dtype) {
@@ -128,15 +132,17 @@ Tensor normalize_identity(const Tensor& x, double p, int64_t dim, double eps) {
   return x / denom;
 }
 
+Tensor layer_norm_affine_row(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& t, double fill) {
+  const auto acc = at::toOpMathType(x.scalar_type());
+  return (t.has_value() && t->defined())
+             ? t->to(acc).contiguous().view(-1)
+             : at::full({c10::multiply_integers(normalized_shape)}, fill, x.options().dtype(acc));
+}
+
 TensorPair layer_norm_affine_rows(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
                                   const OptTensor& bias) {
-  const auto acc = at::toOpMathType(x.scalar_type());
-  const int64_t len = c10::multiply_integers(normalized_shape);
-  auto row = [&](const OptTensor& t, double fill) {
-    return (t.has_value() && t->defined()) ? t->to(acc).contiguous().view(-1)
-                                           : at::full({len}, fill, x.options().dtype(acc));
-  };
-  return {row(weight, 1.0), row(bias, 0.0)};
+  return {layer_norm_affine_row(x, normalized_shape, weight, 1.0),
+          layer_norm_affine_row(x, normalized_shape, bias, 0.0)};
 }
 
 void register_norm_composites(torch::Library& m) {

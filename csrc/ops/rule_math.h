@@ -64,4 +64,19 @@ C10_HOST_DEVICE inline T mean_share(T x, T r, T sum, T eps) {
   return x * (r / stab(sum, eps));
 }
 
+// Gradient-times-input identity rule, g_x = g_y * y / stab(x): the factor y / stab(x), clamped to
+// [-hi, hi] (hi: the largest finite value of the storage type, so a float16 factor never becomes inf).
+// NaN compares false both ways and stays NaN.
+template <typename T>
+C10_HOST_DEVICE inline T gi_identity_factor(T x, T y, T eps, T hi) {
+  const T f = y / stab(x, eps);
+  return f > hi ? hi : (f < -hi ? -hi : f);
+}
+
+// Gradient-times-input layer norm, sigma detached: g_x = rstd * (h - mean(h)) with h = g * w.
+template <typename T>
+C10_HOST_DEVICE inline T gi_layer_norm_grad(T h, T mean_h, T rstd) {
+  return rstd * (h - mean_h);
+}
+
 }  // namespace lrpcpp::math

@@ -39,7 +39,26 @@ def _load_library() -> None:
 
 _load_library()
 
-from . import functional, modules  # noqa: E402
+from . import _vmap, functional, modules, targets  # noqa: E402,F401
 from ._build_info import VERSION as __version__  # noqa: E402
+from .attribute import Attribution, attribute  # noqa: E402
+from .composite import Composite  # noqa: E402
+from .explicit import ExplicitRules  # noqa: E402
+from .families import Family, UnsupportedModelError, register_family  # noqa: E402
+from .patching import PatchHandle, patch  # noqa: E402
 
-__all__ = ["functional", "modules", "__version__"]
+__all__ = [
+    "functional",
+    "modules",
+    "targets",
+    "attribute",
+    "Attribution",
+    "Composite",
+    "ExplicitRules",
+    "patch",
+    "PatchHandle",
+    "register_family",
+    "Family",
+    "UnsupportedModelError",
+    "__version__",
+]

@@ -12,6 +12,10 @@ seed it with the value to explain and read the relevance of an input from
     y.backward(y)
     relevance = x.grad
 
+The ``gi_*`` functions are the exception: they serve the gradient-times-input
+semantics (RULES.md section 2), where the backward carries ``R / x``, seeded
+with 1, and the relevance of an input is ``x * x.grad``.
+
 The native wrappers are typed and TorchScript-compatible. The generic rules at
 the end (:func:`identity`, :func:`epsilon`, :func:`uniform_epsilon`,
 :func:`uniform`) wrap arbitrary Python callables and therefore stay in Python.
@@ -41,6 +45,9 @@ __all__ = [
     "relu",
     "sigmoid",
     "stop_relevance",
+    "gi_identity",
+    "gi_grad_scale",
+    "gi_layer_norm",
     "stab_div",
     "identity",
     "epsilon",
@@ -169,6 +176,48 @@ def sigmoid(x: Tensor) -> Tensor:
 def stop_relevance(x: Tensor) -> Tensor:
     """A copy of ``x`` through which no relevance flows back (the CP-LRP cut)."""
     return torch.ops.lrpcpp.stop_relevance(x)
+
+
+# ----------------------------------------------------------------------------- gradient-times-input
+# RULES.md section 2: here autograd carries the ordinary gradient g = R / x. Seed the
+# backward with 1 (``logit.backward()``); the relevance of any x is ``x * x.grad``.
+
+
+def gi_identity(x: Tensor, y: Tensor, epsilon: float = 1e-10) -> Tensor:
+    """A copy of ``y = f(x)``, any element-wise scaling of ``x`` computed by the caller (an activation,
+    an RMSNorm, ``F.normalize`` with the norm held constant), with the identity rule in
+    gradient-times-input form: ``g_x = g_y * y / stab(x)``, so that ``x * g_x = y * g_y``.
+
+    ``x`` and ``y`` must have the same shape and device (their dtypes may differ); ``y`` takes no
+    gradient, so compute it without one (under ``torch.no_grad()`` or from ``x.detach()``). The factor
+    ``y / stab(x)`` is computed in float32 for float16/bfloat16, stored in ``x``'s dtype and clamped to
+    its finite range (a float16 factor never becomes ``inf``).
+    """
+    return torch.ops.lrpcpp.gi_identity(x, y, epsilon)
+
+
+def gi_grad_scale(x: Tensor, scale: Tensor) -> Tensor:
+    """A copy of ``x`` whose gradient is scaled: ``g_x = g * scale``.
+
+    ``scale`` broadcasts to ``x`` (a 0-dim tensor, or a vector over the last dimension such as
+    ``[0.25] * q + [0.25] * k + [0.5] * v`` for a fused qkv projection); a zero detaches. It
+    takes no gradient itself.
+    """
+    return torch.ops.lrpcpp.gi_grad_scale(x, scale)
+
+
+def gi_layer_norm(
+    x: Tensor,
+    normalized_shape: List[int],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``F.layer_norm`` (bitwise) whose backward treats the standard deviation as a constant:
+    ``g_x = rstd * (h - mean(h))`` with ``h = g * weight`` and the mean over the normalised
+    dimensions. The weight and bias take no gradient.
+    """
+    return torch.ops.lrpcpp.gi_layer_norm(x, normalized_shape, weight, bias, eps)
 
 
 # ----------------------------------------------------------------------------- generic rules

@@ -61,6 +61,26 @@ void softmax_rule() {
   check(close(x.grad(), expected), "softmax Deep Taylor relevance matches the formula");
 }
 
+void gradient_times_input() {
+  // autograd carries g = R / x: seeded with g, x * x.grad is the identity rule's R = y * g
+  auto opts = at::TensorOptions().dtype(at::kDouble);
+  auto x = torch::randn({3, 6}, opts).requires_grad_();
+  auto y = at::silu(x.detach());
+  auto out = lrpcpp::gi_identity(x, y, 0.0);
+  check(at::equal(out, y), "gi_identity forward is a copy of y");
+  auto g = torch::randn_like(y);
+  out.backward(g);
+  check(close(x.detach() * x.grad(), y * g), "gi_identity: x * x.grad equals y * g");
+
+  auto x2 = torch::randn({3, 6}, opts).requires_grad_();
+  auto ln = lrpcpp::gi_layer_norm(x2, {6}, std::nullopt, std::nullopt, 1e-5);
+  check(at::equal(ln, at::layer_norm(x2.detach(), {6})), "gi_layer_norm forward equals at::layer_norm");
+  ln.backward(g);
+  auto xd = x2.detach();
+  auto rstd = at::rsqrt(xd.var(-1, /*unbiased=*/false, /*keepdim=*/true) + 1e-5);
+  check(close(x2.grad(), rstd * (g - g.mean(-1, true))), "gi_layer_norm gradient with sigma detached");
+}
+
 void relevance_op_is_registered() {
   auto handle = c10::Dispatcher::singleton().findSchema({"lrpcpp::softmax_relevance", ""});
   check(handle.has_value(), "lrpcpp::softmax_relevance is a registered op");
@@ -85,6 +105,7 @@ int main() {
   linear_epsilon_rule();
   conservation();
   softmax_rule();
+  gradient_times_input();
   relevance_op_is_registered();
   bad_input_errors();
   std::cout << passed << " passed, " << failed << " failed" << std::endl;

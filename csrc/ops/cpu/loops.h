@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/TensorIterator.h>
 
+#include <cmath>
 #include <utility>
 
 namespace lrpcpp::cpu {
@@ -18,6 +19,27 @@ constexpr int64_t kGrain = 32768;
 // Rows per task when each row holds `row_len` elements.
 inline int64_t row_grain(int64_t row_len) {
   return std::max<int64_t>(1, kGrain / std::max<int64_t>(row_len, 1));
+}
+
+// Mean and 1 / sqrt(biased variance + eps) of one row of a layer norm's input.
+template <typename acc_t>
+struct RowStats {
+  acc_t mean, rstd;
+};
+
+template <typename acc_t, typename scalar_t>
+RowStats<acc_t> row_stats(const scalar_t* xr, int64_t len, double eps) {
+  acc_t mean = 0;
+#pragma omp simd reduction(+ : mean)
+  for (int64_t k = 0; k < len; ++k) mean += static_cast<acc_t>(xr[k]);
+  mean /= len;
+  acc_t var = 0;
+#pragma omp simd reduction(+ : var)
+  for (int64_t k = 0; k < len; ++k) {
+    const acc_t d = static_cast<acc_t>(xr[k]) - mean;
+    var += d * d;
+  }
+  return {mean, acc_t(1) / std::sqrt(var / len + static_cast<acc_t>(eps))};
 }
 
 namespace detail {

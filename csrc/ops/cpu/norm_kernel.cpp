@@ -7,7 +7,6 @@
 #include "../rule_math.h"
 #include "loops.h"
 
-#include <cmath>
 #include <vector>
 
 namespace lrpcpp {
@@ -28,17 +27,8 @@ void layer_norm_relevance_loop(const Tensor& grad, const Tensor& x, const Tensor
     for (int64_t row = begin; row < end; ++row) {
       const scalar_t* xr = xp + row * len;
       const scalar_t* gr = gp + row * len;
-      acc_t mean = 0;
-#pragma omp simd reduction(+ : mean)
-      for (int64_t k = 0; k < len; ++k) mean += static_cast<acc_t>(xr[k]);
-      mean /= len;
-      acc_t var = 0;
-#pragma omp simd reduction(+ : var)
-      for (int64_t k = 0; k < len; ++k) {
-        const acc_t d = static_cast<acc_t>(xr[k]) - mean;
-        var += d * d;
-      }
-      const acc_t rstd = acc_t(1) / std::sqrt(var / len + static_cast<acc_t>(eps));
+      const auto stats = cpu::row_stats<acc_t>(xr, len, eps);
+      const acc_t mean = stats.mean, rstd = stats.rstd;
       acc_t* hp = h.data();
 #pragma omp simd
       for (int64_t k = 0; k < len; ++k) {

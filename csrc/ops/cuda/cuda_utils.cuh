@@ -94,6 +94,26 @@ __device__ T block_sum(T v, T* scratch) {
   return scratch[0];
 }
 
+// Mean and 1 / sqrt(biased variance + eps) of the row `xr` of a layer norm's input, one block per
+// row; every thread gets both.
+template <typename acc_t>
+struct RowStats {
+  acc_t mean, rstd;
+};
+
+template <typename acc_t, typename scalar_t>
+__device__ RowStats<acc_t> block_row_stats(const scalar_t* xr, int64_t len, acc_t eps, acc_t* scratch) {
+  acc_t partial = 0;
+  for (int64_t k = threadIdx.x; k < len; k += blockDim.x) partial += static_cast<acc_t>(xr[k]);
+  const acc_t mean = block_sum(partial, scratch) / len;
+  partial = 0;
+  for (int64_t k = threadIdx.x; k < len; k += blockDim.x) {
+    const acc_t d = static_cast<acc_t>(xr[k]) - mean;
+    partial += d * d;
+  }
+  return {mean, rsqrt(block_sum(partial, scratch) / len + eps)};
+}
+
 // Threads per block for a row of `len` elements: a multiple of 32, at most 1024.
 inline int row_threads(int64_t len) {
   int t = 32;

@@ -21,20 +21,13 @@ __global__ void layer_norm_relevance_kernel(const scalar_t* __restrict__ grad, c
   const int64_t base = static_cast<int64_t>(blockIdx.x) * len;
   const scalar_t* xr = x + base;
   const scalar_t* gr = grad + base;
-  acc_t partial = 0;
-  for (int64_t k = threadIdx.x; k < len; k += blockDim.x) partial += static_cast<acc_t>(xr[k]);
-  const acc_t mean = cuda::block_sum(partial, scratch) / len;
-  partial = 0;
-  for (int64_t k = threadIdx.x; k < len; k += blockDim.x) {
-    const acc_t d = static_cast<acc_t>(xr[k]) - mean;
-    partial += d * d;
-  }
-  const acc_t rstd = rsqrt(cuda::block_sum(partial, scratch) / len + eps);
+  const auto stats = cuda::block_row_stats<acc_t>(xr, len, eps, scratch);
+  const acc_t mean = stats.mean, rstd = stats.rstd;
   auto h = [&](int64_t k) {
     const acc_t y = (static_cast<acc_t>(xr[k]) - mean) * rstd * w[k] + b[k];
     return math::layer_norm_h<acc_t>(gr[k], y, w[k] * rstd, epsilon);
   };
-  partial = 0;
+  acc_t partial = 0;
   for (int64_t k = threadIdx.x; k < len; k += blockDim.x) partial += h(k);
   const acc_t h_mean = cuda::block_sum(partial, scratch) / len;
   for (int64_t k = threadIdx.x; k < len; k += blockDim.x) {

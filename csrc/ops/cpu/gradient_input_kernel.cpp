@@ -1,0 +1,151 @@
+// CPU kernels of the gradient-times-input ops: gi_identity's fused forward (the
+// copy of y and the factor y / stab(x) in one pass), the shared backward
+// g * factor (broadcasting through TensorIterator), and the layer-norm backward
+// with sigma detached, one row of the normalised dimensions at a time.
+#include <torch/library.h>
+
+#include "../impl.h"
+#include "../rule_math.h"
+#include "loops.h"
+
+#include <limits>
+
+namespace lrpcpp {
+namespace {
+
+TensorPair gi_identity_forward_cpu(const Tensor& x, const Tensor& y, double epsilon) {
+  impl::check_gi_identity(x, y, epsilon, "lrpcpp.gi_identity_forward");
+  Tensor out = at::empty(y.sizes(), y.options());
+  Tensor factor = at::empty(x.sizes(), x.options());
+  if (out.numel() == 0) return {out, factor};
+  auto iter = at::TensorIteratorConfig()
+                  .check_all_same_dtype(false)
+                  .add_output(out)
+                  .add_output(factor)
+                  .add_const_input(x)
+                  .add_const_input(y)
+                  .build();
+  LRPCPP_DISPATCH_FLOATING(x.scalar_type(), "lrpcpp_gi_identity_forward_cpu", [&] {
+    using x_t = scalar_t;
+    LRPCPP_DISPATCH_FLOATING(y.scalar_type(), "lrpcpp_gi_identity_forward_cpu", [&] {
+      using y_t = scalar_t;
+      using acc_t = detail::opmath_pair_t<x_t, y_t>;
+      const acc_t e = static_cast<acc_t>(epsilon);
+      const acc_t hi = static_cast<acc_t>(std::numeric_limits<x_t>::max());
+      iter.for_each([&](char** data, const int64_t* strides, int64_t n) {
+        cpu::typed_loop<y_t, x_t, const x_t, const y_t>(
+            data, strides, n, [e, hi](y_t& out_i, x_t& factor_i, const x_t& x_i, const y_t& y_i) {
+              out_i = y_i;
+              factor_i = static_cast<x_t>(
+                  math::gi_identity_factor<acc_t>(static_cast<acc_t>(x_i), static_cast<acc_t>(y_i), e, hi));
+            });
+      });
+    });
+  });
+  return {out, factor};
+}
+
+template <typename scalar_t, typename out_t>
+void gi_scale_loop(at::TensorIterator& iter) {
+  using acc_t = at::opmath_type<scalar_t>;
+  iter.for_each([](char** data, const int64_t* strides, int64_t n) {
+    cpu::typed_loop<out_t, const scalar_t, const scalar_t>(
+        data, strides, n, [](out_t& out_i, const scalar_t& g_i, const scalar_t& f_i) {
+          out_i = static_cast<out_t>(static_cast<acc_t>(g_i) * static_cast<acc_t>(f_i));
+        });
+  });
+}
+
+// a one-element factor (a 0-dim scale) as a constant: the loop stays contiguous, hence vectorised
+template <typename scalar_t, typename out_t>
+void gi_scale_by_constant_loop(at::TensorIterator& iter, at::opmath_type<scalar_t> f) {
+  using acc_t = at::opmath_type<scalar_t>;
+  iter.for_each([f](char** data, const int64_t* strides, int64_t n) {
+    cpu::typed_loop<out_t, const scalar_t>(data, strides, n, [f](out_t& out_i, const scalar_t& g_i) {
+      out_i = static_cast<out_t>(static_cast<acc_t>(g_i) * f);
+    });
+  });
+}
+
+Tensor gi_scale_backward_cpu(const Tensor& grad, const Tensor& factor, at::ScalarType dtype) {
+  impl::check_gi_scale_backward(grad, factor, dtype);
+  // both operands in their common dtype (a 0-dim factor is not demoted, unlike torch's type promotion);
+  // the product, in fp32 for fp16/bf16, is stored in that dtype when it is the one asked for, else in fp32
+  const auto common = at::promote_types(grad.scalar_type(), factor.scalar_type());
+  const auto stored = dtype == common ? common : at::toOpMathType(common);
+  const Tensor g = grad.to(common), f = factor.to(common);
+  Tensor out = at::empty(grad.sizes(), grad.options().dtype(stored));
+  if (out.numel() == 0) return out.to(dtype);
+  const bool constant = f.numel() == 1;
+  at::TensorIteratorConfig config;
+  config.check_all_same_dtype(false).add_output(out).add_const_input(g);
+  if (!constant) config.add_const_input(f);
+  auto iter = config.build();
+  LRPCPP_DISPATCH_FLOATING(common, "lrpcpp_gi_scale_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (constant) {
+      const acc_t value = static_cast<acc_t>(*f.const_data_ptr<scalar_t>());
+      if (stored == common) {
+        gi_scale_by_constant_loop<scalar_t, scalar_t>(iter, value);
+      } else {
+        gi_scale_by_constant_loop<scalar_t, acc_t>(iter, value);
+      }
+    } else if (stored == common) {
+      gi_scale_loop<scalar_t, scalar_t>(iter);
+    } else {
+      gi_scale_loop<scalar_t, acc_t>(iter);
+    }
+  });
+  return out.to(dtype);
+}
+
+template <typename scalar_t>
+void gi_layer_norm_backward_loop(const Tensor& grad, const Tensor& x, const Tensor& w, Tensor& out, int64_t rows,
+                                 int64_t len, double eps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const acc_t* wp = w.const_data_ptr<acc_t>();
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, rows, cpu::row_grain(len), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const scalar_t* xr = xp + row * len;
+      const scalar_t* gr = gp + row * len;
+      const acc_t rstd = cpu::row_stats<acc_t>(xr, len, eps).rstd;
+      acc_t h_sum = 0;
+#pragma omp simd reduction(+ : h_sum)
+      for (int64_t k = 0; k < len; ++k) h_sum += static_cast<acc_t>(gr[k]) * wp[k];
+      const acc_t h_mean = h_sum / len;
+#pragma omp simd
+      for (int64_t k = 0; k < len; ++k) {
+        op[row * len + k] =
+            static_cast<scalar_t>(math::gi_layer_norm_grad<acc_t>(static_cast<acc_t>(gr[k]) * wp[k], h_mean, rstd));
+      }
+    }
+  });
+}
+
+Tensor gi_layer_norm_backward_cpu(const Tensor& grad, const Tensor& x, at::IntArrayRef normalized_shape,
+                                  const OptTensor& weight, double eps) {
+  impl::check_gi_layer_norm_backward(grad, x, normalized_shape, weight, eps);
+  const Tensor xc = x.contiguous(), g = grad.contiguous();
+  Tensor out = at::empty(xc.sizes(), xc.options());
+  if (out.numel() == 0) return out;
+  const int64_t len = c10::multiply_integers(normalized_shape);
+  const Tensor w = impl::layer_norm_affine_row(x, normalized_shape, weight, 1.0);
+  LRPCPP_DISPATCH_FLOATING(x.scalar_type(), "lrpcpp_gi_layer_norm_backward_cpu", [&] {
+    gi_layer_norm_backward_loop<scalar_t>(g, xc, w, out, xc.numel() / len, len, eps);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lrpcpp, CPU, m) {
+  impl::register_gradient_input_composites(m);
+  m.impl("gi_identity_forward", &gi_identity_forward_cpu);
+  m.impl("gi_scale_backward", &gi_scale_backward_cpu);
+  m.impl("gi_layer_norm_backward", &gi_layer_norm_backward_cpu);
+}
+
+}  // namespace lrpcpp

@@ -1,0 +1,203 @@
+// CUDA kernels of the gradient-times-input ops: gi_identity's fused forward
+// (the copy of y and the factor y / stab(x), one vectorised pass), the shared
+// backward g * factor (a factor that repeats along grad, such as a 0-dim scale
+// or a vector over the last dimension, is read in place rather than expanded),
+// and the layer-norm backward with sigma detached, one block per row.
+#include <torch/library.h>
+
+#include <limits>
+
+#include "../impl.h"
+#include "../rule_math.h"
+#include "cuda_utils.cuh"
+
+namespace lrpcpp {
+namespace {
+
+template <typename x_t, typename y_t>
+struct GiIdentityForwardOp {
+  using acc_t = detail::opmath_pair_t<x_t, y_t>;
+  const x_t* x;
+  const y_t* y;
+  y_t* out;
+  x_t* factor;
+  acc_t epsilon, hi;
+
+  template <int N>
+  __device__ void apply(int64_t i) const {
+    const auto xv = cuda::load<N>(x + i);
+    const auto yv = cuda::load<N>(y + i);
+    cuda::Pack<x_t, N> fv;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      fv.v[k] = static_cast<x_t>(
+          math::gi_identity_factor<acc_t>(static_cast<acc_t>(xv.v[k]), static_cast<acc_t>(yv.v[k]), epsilon, hi));
+    }
+    cuda::store<N>(out + i, yv);
+    cuda::store<N>(factor + i, fv);
+  }
+};
+
+TensorPair gi_identity_forward_cuda(const Tensor& x, const Tensor& y, double epsilon) {
+  impl::check_gi_identity(x, y, epsilon, "lrpcpp.gi_identity_forward");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Tensor xc = x.contiguous(), yc = y.contiguous();
+  Tensor out = at::empty(yc.sizes(), yc.options());
+  Tensor factor = at::empty(xc.sizes(), xc.options());
+  if (out.numel() == 0) return {out, factor};
+  LRPCPP_DISPATCH_FLOATING(x.scalar_type(), "lrpcpp_gi_identity_forward_cuda", [&] {
+    using x_t = scalar_t;
+    LRPCPP_DISPATCH_FLOATING(y.scalar_type(), "lrpcpp_gi_identity_forward_cuda", [&] {
+      using y_t = scalar_t;
+      using Op = GiIdentityForwardOp<x_t, y_t>;
+      using acc_t = typename Op::acc_t;
+      constexpr int N = cuda::pack_size<x_t>() < cuda::pack_size<y_t>() ? cuda::pack_size<x_t>()
+                                                                        : cuda::pack_size<y_t>();
+      const Op op{xc.const_data_ptr<x_t>(), yc.const_data_ptr<y_t>(), out.mutable_data_ptr<y_t>(),
+                  factor.mutable_data_ptr<x_t>(), static_cast<acc_t>(epsilon),
+                  static_cast<acc_t>(std::numeric_limits<x_t>::max())};
+      const bool vec = cuda::aligned(op.x, N * sizeof(x_t)) && cuda::aligned(op.factor, N * sizeof(x_t)) &&
+                       cuda::aligned(op.y, N * sizeof(y_t)) && cuda::aligned(op.out, N * sizeof(y_t));
+      cuda::launch_elementwise<N>(out.numel(), vec, op);
+    });
+  });
+  return {out, factor};
+}
+
+// out = grad * factor; with kRepeat the factor holds `period` values that repeat along grad.
+template <typename scalar_t, typename out_t, bool kRepeat>
+struct GiScaleOp {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* grad;
+  const scalar_t* factor;
+  out_t* out;
+  int64_t period;
+
+  template <int N>
+  __device__ void apply(int64_t i) const {
+    const auto gv = cuda::load<N>(grad + i);
+    cuda::Pack<scalar_t, N> fv;
+    if constexpr (kRepeat) {
+      int64_t j = i % period;  // one division per pack
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        fv.v[k] = factor[j];
+        j = j + 1 == period ? 0 : j + 1;
+      }
+    } else {
+      fv = cuda::load<N>(factor + i);
+    }
+    cuda::Pack<out_t, N> ov;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      ov.v[k] = static_cast<out_t>(static_cast<acc_t>(gv.v[k]) * static_cast<acc_t>(fv.v[k]));
+    }
+    cuda::store<N>(out + i, ov);
+  }
+};
+
+// The number of values after which a contiguous `factor` repeats along a contiguous `grad` when
+// factor's shape is a run of 1s followed by grad's trailing sizes ([], [D] or [1, T, D] for grad
+// [B, T, D]); -1 when it broadcasts in any other way.
+int64_t repeat_period(const Tensor& grad, const Tensor& factor) {
+  const int64_t nf = factor.dim(), ng = grad.dim();
+  int64_t lead = 0;
+  while (lead < nf && factor.size(lead) == 1) ++lead;
+  for (int64_t i = lead; i < nf; ++i) {
+    if (factor.size(i) != grad.size(ng - nf + i)) return -1;
+  }
+  return factor.numel();
+}
+
+template <typename scalar_t, typename out_t>
+void launch_gi_scale(const Tensor& g, const Tensor& f, Tensor& out, int64_t period) {
+  constexpr int N = cuda::pack_size<scalar_t>() < cuda::pack_size<out_t>() ? cuda::pack_size<scalar_t>()
+                                                                          : cuda::pack_size<out_t>();
+  const scalar_t* gp = g.const_data_ptr<scalar_t>();
+  const scalar_t* fp = f.const_data_ptr<scalar_t>();
+  out_t* op = out.mutable_data_ptr<out_t>();
+  const bool vec = cuda::aligned(gp, N * sizeof(scalar_t)) && cuda::aligned(op, N * sizeof(out_t));
+  if (period == out.numel()) {
+    cuda::launch_elementwise<N>(out.numel(), vec && cuda::aligned(fp, N * sizeof(scalar_t)),
+                                GiScaleOp<scalar_t, out_t, false>{gp, fp, op, period});
+  } else {
+    cuda::launch_elementwise<N>(out.numel(), vec, GiScaleOp<scalar_t, out_t, true>{gp, fp, op, period});
+  }
+}
+
+Tensor gi_scale_backward_cuda(const Tensor& grad, const Tensor& factor, at::ScalarType dtype) {
+  impl::check_gi_scale_backward(grad, factor, dtype);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  // both operands in their common dtype (a 0-dim factor is not demoted, unlike torch's type promotion);
+  // the product, in fp32 for fp16/bf16, is stored in that dtype when it is the one asked for, else in fp32
+  const auto common = at::promote_types(grad.scalar_type(), factor.scalar_type());
+  const auto stored = dtype == common ? common : at::toOpMathType(common);
+  const Tensor g = grad.to(common).contiguous();
+  Tensor out = at::empty(g.sizes(), g.options().dtype(stored));
+  if (out.numel() == 0) return out.to(dtype);
+  int64_t period = repeat_period(g, factor);
+  const Tensor f = period > 0 ? factor.to(common).contiguous() : factor.to(common).expand(g.sizes()).contiguous();
+  if (period < 0) period = f.numel();
+  LRPCPP_DISPATCH_FLOATING(common, "lrpcpp_gi_scale_backward_cuda", [&] {
+    if (stored == common) {
+      launch_gi_scale<scalar_t, scalar_t>(g, f, out, period);
+    } else {
+      launch_gi_scale<scalar_t, at::opmath_type<scalar_t>>(g, f, out, period);
+    }
+  });
+  return out.to(dtype);
+}
+
+template <typename scalar_t>
+__global__ void gi_layer_norm_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
+                                              const at::opmath_type<scalar_t>* __restrict__ w,
+                                              scalar_t* __restrict__ out, int64_t len,
+                                              at::opmath_type<scalar_t> eps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t scratch[32];
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * len;
+  const scalar_t* xr = x + base;
+  const scalar_t* gr = grad + base;
+  const acc_t rstd = cuda::block_row_stats<acc_t>(xr, len, eps, scratch).rstd;
+  acc_t partial = 0;
+  for (int64_t k = threadIdx.x; k < len; k += blockDim.x) partial += static_cast<acc_t>(gr[k]) * w[k];
+  const acc_t h_mean = cuda::block_sum(partial, scratch) / len;
+  for (int64_t k = threadIdx.x; k < len; k += blockDim.x) {
+    out[base + k] =
+        static_cast<scalar_t>(math::gi_layer_norm_grad<acc_t>(static_cast<acc_t>(gr[k]) * w[k], h_mean, rstd));
+  }
+}
+
+Tensor gi_layer_norm_backward_cuda(const Tensor& grad, const Tensor& x, at::IntArrayRef normalized_shape,
+                                   const OptTensor& weight, double eps) {
+  impl::check_gi_layer_norm_backward(grad, x, normalized_shape, weight, eps);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Tensor xc = x.contiguous(), g = grad.contiguous();
+  Tensor out = at::empty(xc.sizes(), xc.options());
+  if (out.numel() == 0) return out;
+  const int64_t len = c10::multiply_integers(normalized_shape);
+  const Tensor w = impl::layer_norm_affine_row(x, normalized_shape, weight, 1.0);
+  const int64_t rows = xc.numel() / len;
+  TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max(), "lrpcpp.gi_layer_norm_backward: too many rows (", rows,
+              ") for one CUDA launch");
+  LRPCPP_DISPATCH_FLOATING(x.scalar_type(), "lrpcpp_gi_layer_norm_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    gi_layer_norm_backward_kernel<scalar_t>
+        <<<static_cast<unsigned>(rows), cuda::row_threads(len), 0, cuda::stream()>>>(
+            g.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(),
+            out.mutable_data_ptr<scalar_t>(), len, static_cast<acc_t>(eps));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lrpcpp, CUDA, m) {
+  impl::register_gradient_input_composites(m);
+  m.impl("gi_identity_forward", &gi_identity_forward_cuda);
+  m.impl("gi_scale_backward", &gi_scale_backward_cuda);
+  m.impl("gi_layer_norm_backward", &gi_layer_norm_backward_cuda);
+}
+
+}  // namespace lrpcpp

@@ -1,0 +1,120 @@
+// Gradient-times-input semantics (RULES.md section 2): autograd carries g = R / x,
+// seeded with 1, and the relevance of any x is x * x.grad. Only the layers whose
+// ordinary gradient is not already the rule need an op of their own:
+//   gi_identity(x, y):       y = f(x) element-wise (identity rule); g_x = g_y * y / stab(x)
+//   gi_grad_scale(x, scale): a copy of x;  g_x = g * scale (uniform shares, or 0 to detach)
+//   gi_layer_norm:           at::layer_norm; sigma detached: g_x = rstd * (h - mean(h)), h = g * w
+// gi_identity's forward is the fused gi_identity_forward (the copy of y and the factor
+// y / stab(x) in one pass); gi_identity and gi_grad_scale share the backward op
+// gi_scale_backward, g * factor.
+#include "impl.h"
+
+namespace lrpcpp {
+
+Tensor gi_identity(const Tensor& x, const Tensor& y, double epsilon) {
+  LRPCPP_DISPATCH(gi_identity);
+  return op.call(x, y, epsilon);
+}
+
+TensorPair gi_identity_forward(const Tensor& x, const Tensor& y, double epsilon) {
+  LRPCPP_DISPATCH(gi_identity_forward);
+  return op.call(x, y, epsilon);
+}
+
+Tensor gi_grad_scale(const Tensor& x, const Tensor& scale) {
+  LRPCPP_DISPATCH(gi_grad_scale);
+  return op.call(x, scale);
+}
+
+Tensor gi_scale_backward(const Tensor& grad, const Tensor& factor, at::ScalarType dtype) {
+  LRPCPP_DISPATCH(gi_scale_backward);
+  return op.call(grad, factor, dtype);
+}
+
+Tensor gi_layer_norm(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
+                     const OptTensor& bias, double eps) {
+  LRPCPP_DISPATCH(gi_layer_norm);
+  return op.call(x, normalized_shape, weight, bias, eps);
+}
+
+Tensor gi_layer_norm_backward(const Tensor& grad, const Tensor& x, at::IntArrayRef normalized_shape,
+                              const OptTensor& weight, double eps) {
+  LRPCPP_DISPATCH(gi_layer_norm_backward);
+  return op.call(grad, x, normalized_shape, weight, eps);
+}
+
+namespace impl {
+using namespace detail;
+
+namespace {
+
+// `t` broadcasts to `ref`'s shape (the broadcast shape of the two is ref's own).
+void check_broadcastable_to(const Tensor& t, const Tensor& ref, const char* op, const char* arg,
+                            const char* ref_arg) {
+  const auto nt = t.dim(), nr = ref.dim();
+  TORCH_CHECK(nt <= nr, op, ": expected ", arg, " ", shape_str(t), " to be broadcastable to ", ref_arg, " ",
+              shape_str(ref), ", but it has more dimensions");
+  for (int64_t i = 1; i <= nt; ++i) {
+    const auto& st = t.sym_size(nt - i);
+    TORCH_SYM_CHECK(st.sym_eq(1).sym_or(st.sym_eq(ref.sym_size(nr - i))), op, ": expected ", arg, " ",
+                    shape_str(t), " to be broadcastable to ", ref_arg, " ", shape_str(ref),
+                    ", but they differ at dimension ", -i);
+  }
+}
+
+}  // namespace
+
+void check_gi_identity(const Tensor& x, const Tensor& y, double epsilon, const char* op) {
+  check_floating(x, op, "x");
+  check_floating(y, op, "y");
+  check_same_device(y, x, op, "y", "x");
+  TORCH_SYM_CHECK(c10::sym_equals(x.sym_sizes(), y.sym_sizes()), op, ": expected x ", shape_str(x), " and y ",
+                  shape_str(y), " to have the same shape");
+  check_epsilon(epsilon, op);
+}
+
+void check_gi_scale_backward(const Tensor& grad, const Tensor& factor, at::ScalarType dtype) {
+  const char* op = "lrpcpp.gi_scale_backward";
+  check_floating(grad, op, "grad");
+  check_floating(factor, op, "factor");
+  check_same_device(factor, grad, op, "factor", "grad");
+  check_broadcastable_to(factor, grad, op, "factor", "grad");
+  TORCH_CHECK(at::isFloatingType(dtype), op, ": expected dtype to be a floating-point type, got ", dtype);
+}
+
+void check_gi_layer_norm_backward(const Tensor& grad, const Tensor& x, at::IntArrayRef normalized_shape,
+                                  const OptTensor& weight, double eps) {
+  const char* op = "lrpcpp.gi_layer_norm_backward";
+  check_norm(x, normalized_shape, weight, std::nullopt, eps, op);
+  check_like(grad, x, op, "grad", "x");
+  check_same_shape(grad, x, op, "grad", "x");
+}
+
+Tensor gi_identity(const Tensor& x, const Tensor& y, double epsilon) {
+  check_gi_identity(x, y, epsilon, "lrpcpp.gi_identity");
+  return y.clone(at::MemoryFormat::Contiguous);
+}
+
+Tensor gi_grad_scale(const Tensor& x, const Tensor& scale) {
+  const char* op = "lrpcpp.gi_grad_scale";
+  check_floating(x, op, "x");
+  check_floating(scale, op, "scale");
+  check_same_device(scale, x, op, "scale", "x");
+  check_broadcastable_to(scale, x, op, "scale", "x");
+  return x.clone(at::MemoryFormat::Contiguous);
+}
+
+Tensor gi_layer_norm(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
+                     const OptTensor& bias, double eps) {
+  check_norm(x, normalized_shape, weight, bias, eps, "lrpcpp.gi_layer_norm");
+  return at::layer_norm(x, normalized_shape, weight, bias, eps);
+}
+
+void register_gradient_input_composites(torch::Library& m) {
+  m.impl("gi_identity", &gi_identity);
+  m.impl("gi_grad_scale", &gi_grad_scale);
+  m.impl("gi_layer_norm", &gi_layer_norm);
+}
+
+}  // namespace impl
+}  // namespace lrpcpp

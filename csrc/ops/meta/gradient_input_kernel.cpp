@@ -1,0 +1,34 @@
+// Meta kernels of the gradient-times-input ops.
+#include <torch/library.h>
+
+#include "../impl.h"
+
+namespace lrpcpp {
+namespace {
+
+TensorPair gi_identity_forward_meta(const Tensor& x, const Tensor& y, double epsilon) {
+  impl::check_gi_identity(x, y, epsilon, "lrpcpp.gi_identity_forward");
+  return {at::empty_like(y, at::MemoryFormat::Contiguous), at::empty_like(x, at::MemoryFormat::Contiguous)};
+}
+
+Tensor gi_scale_backward_meta(const Tensor& grad, const Tensor& factor, at::ScalarType dtype) {
+  impl::check_gi_scale_backward(grad, factor, dtype);
+  return at::empty_symint(grad.sym_sizes(), grad.options().dtype(dtype));
+}
+
+Tensor gi_layer_norm_backward_meta(const Tensor& grad, const Tensor& x, at::IntArrayRef normalized_shape,
+                                   const OptTensor& weight, double eps) {
+  impl::check_gi_layer_norm_backward(grad, x, normalized_shape, weight, eps);
+  return at::empty_like(x, at::MemoryFormat::Contiguous);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lrpcpp, Meta, m) {
+  impl::register_gradient_input_composites(m);
+  m.impl("gi_identity_forward", &gi_identity_forward_meta);
+  m.impl("gi_scale_backward", &gi_scale_backward_meta);
+  m.impl("gi_layer_norm_backward", &gi_layer_norm_backward_meta);
+}
+
+}  // namespace lrpcpp

@@ -1,0 +1,141 @@
+"""Model families: which modules of an architecture are attention, gated MLPs, mixtures of experts
+and normalisations, described as data.
+
+Whole-model patching (:mod:`lrpcpp.patching`) needs to know, for each architecture, where the products
+of two relevance-carrying tensors are (attention and gated MLPs) and which normalisation modules
+scale their input element-wise. Everything else is found by type: ``nn.LayerNorm``, ``nn.Linear``,
+element-wise activation modules and ``nn.MultiheadAttention`` need no entry, so plain ``torch.nn``
+models work without one.
+
+A new Hugging Face family is one call::
+
+    lrpcpp.register_family(
+        "mymodel",
+        model_types=("mymodel",),             # config.model_type values
+        attention=("MyAttention",),           # class names; q/k/v projections are child modules
+        gated_mlp=("MyMLP",),                 # act(gate(x)) * up(x); the activation is a child module
+        norms=("MyRMSNorm",),                 # element-wise scaling norms (RMSNorm and variants)
+    )
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+from torch import nn
+
+__all__ = ["Family", "register_family", "family_of", "FAMILIES", "UnsupportedModelError"]
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture has no family entry, so its relevance map would be silently wrong."""
+
+
+def _equal_thirds(module: nn.Module) -> Tuple[int, int, int]:
+    return (module.split_size, module.split_size, module.split_size)
+
+
+def _grouped_query(module: nn.Module) -> Tuple[int, int, int]:
+    q = module.config.num_attention_heads * module.head_dim
+    kv = module.num_key_value_heads * module.head_dim
+    return (q, kv, kv)
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where an architecture keeps the parts that need more than their ordinary gradient.
+
+    attention: class names of attention modules. Their query, key and value projections are the
+        child modules named by ``q``, ``k`` and ``v``; a fused projection is named by ``qkv`` with
+        ``qkv_split(module) -> (q, k, v)`` output sizes.
+    gated_mlp: class names of MLPs computing ``act(gate(x)) * up(x)``; ``gate_act`` names the
+        activation child applied to the gate.
+    moe: class names of sparse mixture-of-experts blocks with a ``router`` child returning
+        ``(logits, top-k weights, top-k indices)`` and an ``experts`` child whose activation child
+        is ``expert_act``.
+    norms: class names of normalisations that scale their input element-wise (RMSNorm and its
+        variants, e.g. Gemma's ``1 + weight``). Any class whose name ends in ``RMSNorm`` counts too.
+    """
+
+    name: str
+    model_types: Tuple[str, ...]
+    attention: Tuple[str, ...] = ()
+    q: str = "q_proj"
+    k: str = "k_proj"
+    v: str = "v_proj"
+    qkv: Optional[str] = None
+    qkv_split: Optional[Callable[[nn.Module], Tuple[int, int, int]]] = None
+    gated_mlp: Tuple[str, ...] = ()
+    gate_act: str = "act_fn"
+    moe: Tuple[str, ...] = ()
+    router: str = "gate"
+    experts: str = "experts"
+    expert_act: str = "act_fn"
+    norms: Tuple[str, ...] = field(default=())
+
+
+FAMILIES: Dict[str, Family] = {}
+
+
+def register_family(name: str, **fields) -> Family:
+    """Adds (or replaces) the family ``name``; see :class:`Family` for the fields."""
+    family = Family(name=name, **fields)
+    FAMILIES[name] = family
+    return family
+
+
+def _llama_like(name: str, prefix: str, model_types: Tuple[str, ...], **extra) -> None:
+    register_family(
+        name,
+        model_types=model_types,
+        attention=(f"{prefix}Attention",),
+        gated_mlp=(f"{prefix}MLP",),
+        norms=(f"{prefix}RMSNorm",),
+        **extra,
+    )
+
+
+_llama_like("llama", "Llama", ("llama",))
+_llama_like("mistral", "Mistral", ("mistral",))
+_llama_like("qwen2", "Qwen2", ("qwen2",))
+_llama_like("qwen3", "Qwen3", ("qwen3",))
+_llama_like("gemma", "Gemma", ("gemma",))
+_llama_like("gemma2", "Gemma2", ("gemma2",))
+_llama_like("gemma3", "Gemma3", ("gemma3_text",))
+_llama_like("mixtral", "Mixtral", ("mixtral",), moe=("MixtralSparseMoeBlock",))
+_llama_like("qwen3_moe", "Qwen3Moe", ("qwen3_moe",), moe=("Qwen3MoeSparseMoeBlock",))
+register_family(
+    "phi3",
+    model_types=("phi3",),
+    attention=("Phi3Attention",),
+    qkv="qkv_proj",
+    qkv_split=_grouped_query,
+    gated_mlp=("Phi3MLP",),
+    gate_act="activation_fn",
+    norms=("Phi3RMSNorm",),
+)
+register_family("gpt2", model_types=("gpt2",), attention=("GPT2Attention",), qkv="c_attn", qkv_split=_equal_thirds)
+register_family("bert", model_types=("bert",), attention=("BertSelfAttention",), q="query", k="key", v="value")
+register_family("vit", model_types=("vit",), attention=("ViTAttention",))
+
+
+def _supported() -> str:
+    return ", ".join(sorted(FAMILIES))
+
+
+def family_of(model: nn.Module) -> Optional[Family]:
+    """The family of a Hugging Face model (by ``config.model_type``); ``None`` for a plain torch model.
+
+    Raises :class:`UnsupportedModelError` for a Hugging Face model of an unknown architecture.
+    """
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        return None
+    for family in FAMILIES.values():
+        if model_type in family.model_types:
+            return family
+    raise UnsupportedModelError(
+        f"lrpcpp has no family entry for model_type '{model_type}' ({type(model).__name__}); supported "
+        f"families: {_supported()}. Describe it with lrpcpp.register_family(name, model_types=('{model_type}',), "
+        "attention=(...), gated_mlp=(...), norms=(...)) — see the 'Whole models' docs page"
+    )

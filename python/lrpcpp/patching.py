@@ -1,0 +1,431 @@
+"""Scoped, reversible patching of a model instance for relevance propagation.
+
+``lrpcpp.patch(model)`` changes one model instance so that its own forward pass computes
+relevance in the backward pass, without editing the model's source:
+
+* ``mode="gradient"`` (default; RULES.md section 2): autograd carries ``R / x``. Seed the explained
+  value with 1 (``logit.backward()``) and read relevance as ``x * x.grad``. Linear layers, additions,
+  masking and the attention kernel (eager, SDPA or flash) keep their own gradient; element-wise
+  activations and RMSNorms get :func:`lrpcpp.functional.gi_identity`, LayerNorms
+  :func:`lrpcpp.functional.gi_layer_norm` (standard deviation held constant), and the products of
+  two relevance-carrying tensors get their gradient scaled by :func:`lrpcpp.functional.gi_grad_scale`.
+* ``mode="explicit"`` (RULES.md section 1): the backward pass carries relevance itself, through
+  the explicit lrpcpp ops; the model's forward runs inside :class:`lrpcpp.ExplicitRules`. Seed with the
+  explained value; relevance is ``x.grad``.
+
+``method`` picks the treatment of the products: ``"attnlrp"`` splits them uniformly (query and key
+take a quarter of the attention relevance each, value half; gate and up projection of a gated MLP
+half each), ``"cp-lrp"`` holds the attention weights and the gate constant (value and up projection
+take everything).
+
+Everything the patch changes is a hook or an instance-level ``forward`` of a module of *this*
+model; :meth:`PatchHandle.remove` (or leaving the ``with`` block) restores exactly that. Classes,
+functions and registries shared with other models are never touched.
+"""
+
+import contextlib
+import types
+import weakref
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
+
+from . import families as _families
+
+__all__ = ["patch", "PatchHandle", "METHODS", "MODES"]
+
+METHODS = ("attnlrp", "cp-lrp")
+MODES = ("gradient", "explicit")
+
+# models patched right now; a model can carry one patch at a time
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, PatchHandle]" = weakref.WeakKeyDictionary()
+
+# element-wise activation modules of torch.nn (the identity rule applies to each of them)
+_TORCH_ACTIVATIONS = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.ELU, nn.CELU, nn.SELU,
+    nn.LeakyReLU, nn.Softplus, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Tanhshrink, nn.Identity,
+)
+
+
+def is_activation(module: nn.Module) -> bool:
+    """An element-wise activation module: torch.nn's, or any of Hugging Face's ``transformers.activations``."""
+    return isinstance(module, _TORCH_ACTIVATIONS) or type(module).__module__ == "transformers.activations"
+
+
+def is_elementwise_norm(module: nn.Module, family: Optional[_families.Family]) -> bool:
+    name = type(module).__name__
+    return name.endswith("RMSNorm") or (family is not None and name in family.norms)
+
+
+# ----------------------------------------------------------------------------- the two semantics
+Segments = Sequence[Tuple[int, float]]  # (size along the last dim, gradient share)
+
+
+class _Rules:
+    """What a patched module does, per semantics. ``share`` is the fraction of the relevance of a
+    product that flows into one operand (0 holds the operand constant)."""
+
+    def __init__(self, epsilon: float):
+        self.epsilon = epsilon
+        self._scales: Dict[Tuple[Tuple[Tuple[int, float], ...], torch.device], Tensor] = {}
+
+    def elementwise(self, module: nn.Module, x: Tensor, forward: Callable[[Tensor], Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def layer_norm(self, module: nn.LayerNorm, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def share(self, t: Tensor, share: float) -> Tensor:
+        if share == 0.0:
+            return t.detach()
+        return self._scale(t, ((t.shape[-1], share),)) if share != 1.0 else t
+
+    def share_segments(self, t: Tensor, segments: Segments) -> Tensor:
+        """Different shares for consecutive slices of the last dim (a fused q/k/v projection)."""
+        if len({s for _, s in segments}) == 1:
+            return self.share(t, segments[0][1])
+        return self._scale(t, tuple(segments))
+
+    def _scale(self, t: Tensor, segments: Tuple[Tuple[int, float], ...]) -> Tensor:
+        raise NotImplementedError
+
+    def context(self):
+        return contextlib.nullcontext()
+
+
+class _GradientRules(_Rules):
+    """Gradient-times-input (RULES.md section 2)."""
+
+    def elementwise(self, module, x, forward):
+        with torch.no_grad():
+            y = forward(x.clone() if getattr(module, "inplace", False) else x)
+        return torch.ops.lrpcpp.gi_identity(x, y, self.epsilon)
+
+    def layer_norm(self, module, x):
+        return torch.ops.lrpcpp.gi_layer_norm(x, list(module.normalized_shape), module.weight, module.bias, module.eps)
+
+    def _scale(self, t, segments):
+        key = (segments, t.device)
+        scale = self._scales.get(key)
+        if scale is None:
+            scale = torch.cat([torch.full((n,), s, dtype=torch.float32) for n, s in segments]).to(t.device)
+            self._scales[key] = scale
+        return torch.ops.lrpcpp.gi_grad_scale(t, scale)
+
+
+class _ExplicitRules(_Rules):
+    """Explicit relevance (RULES.md section 1): the products split relevance in their own ops, so a
+    share only matters when it is 0 (CP-LRP's constant operands)."""
+
+    def __init__(self, epsilon: float):
+        super().__init__(epsilon)
+        from . import explicit
+
+        self._explicit = explicit
+        self._held = _HeldColumns()
+
+    def elementwise(self, module, x, forward):
+        def plain(t: Tensor) -> Tensor:
+            with self._explicit.ExplicitRules.suspended():
+                return forward(t.clone() if getattr(module, "inplace", False) else t)
+
+        return self._explicit.identity_rule(plain, x)
+
+    def layer_norm(self, module, x):
+        from . import functional as lf
+
+        return lf.layer_norm(x, list(module.normalized_shape), module.weight, module.bias, module.eps, self.epsilon)
+
+    def _scale(self, t, segments):
+        parts, spans, start = [], [], 0
+        for n, s in segments:
+            part = t[..., start:start + n]
+            if s == 0.0:
+                part = part.detach()
+                if spans and spans[-1][1] == start:
+                    spans[-1] = (spans[-1][0], start + n)
+                else:
+                    spans.append((start, start + n))
+            parts.append(part)
+            start += n
+        out = torch.cat(parts, dim=-1)
+        if spans:
+            self._held.held[out] = spans
+        return out
+
+    def context(self):
+        stack = contextlib.ExitStack()
+        stack.enter_context(self._explicit.ExplicitRules(epsilon=self.epsilon))
+        stack.enter_context(self._held)
+        return stack
+
+
+class _HeldColumns(TorchFunctionMode):
+    """Constant columns of a fused projection's output, in explicit semantics.
+
+    With CP-LRP the query and key are constants. A fused projection (GPT-2's ``c_attn``, Phi-3's
+    ``qkv_proj``) returns them in one tensor with the value, which requires grad as a whole, so the
+    model's own slicing would hand the explicit attention rules a query and key that seem to carry
+    relevance. Slices that lie within the held columns are returned detached instead.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> [(start, stop)) of the last dim
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        base = args[0] if args and isinstance(args[0], Tensor) else None
+        if base is None or base.dim() < 2 or base not in self.held:
+            return out
+        spans = self.held[base]
+
+        def constant_if_held(t):
+            if not isinstance(t, Tensor) or t.dim() == 0 or t.stride(-1) != base.stride(-1):
+                return t
+            if t.untyped_storage().data_ptr() != base.untyped_storage().data_ptr():
+                return t
+            start = (t.storage_offset() - base.storage_offset()) % base.stride(-2)
+            stop = start + t.shape[-1]
+            return t.detach() if any(a <= start and stop <= b for a, b in spans) else t
+
+        if isinstance(out, (tuple, list)):
+            return type(out)(constant_if_held(t) for t in out)
+        return constant_if_held(out)
+
+
+# ----------------------------------------------------------------------------- the patch
+class PatchHandle:
+    """The changes made to one model; :meth:`remove` undoes them. Also a context manager."""
+
+    def __init__(self, model: nn.Module, method: str, mode: str, rules: _Rules):
+        self.model, self.method, self.mode, self.rules = model, method, mode, rules
+        self._undo: List[Callable[[], None]] = []
+        self.patched: Dict[str, str] = {}  # module name -> what was done to it
+
+    # --- bookkeeping
+    def _set_forward(self, name: str, module: nn.Module, forward: Callable, what: str) -> None:
+        had = "forward" in module.__dict__
+        previous = module.__dict__.get("forward")
+        module.forward = forward
+
+        def undo() -> None:
+            if had:
+                module.forward = previous
+            else:
+                del module.forward
+
+        self._undo.append(undo)
+        self.patched[name] = what
+
+    def _hook(self, name: str, handle, what: str) -> None:
+        self._undo.append(handle.remove)
+        self.patched[name] = what
+
+    def remove(self) -> None:
+        """Restores every module exactly as it was (idempotent)."""
+        while self._undo:
+            self._undo.pop()()
+        if _ACTIVE.get(self.model) is self:
+            del _ACTIVE[self.model]
+
+    def __enter__(self) -> "PatchHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"PatchHandle({type(self.model).__name__}, method={self.method!r}, mode={self.mode!r}, {len(self.patched)} modules)"
+
+
+def _first_tensor_arg(args: tuple, kwargs: dict, transform: Callable[[Tensor], Tensor], names: Sequence[str]):
+    if args:
+        return (transform(args[0]),) + tuple(args[1:]), kwargs
+    for key in names:
+        if key in kwargs:
+            kwargs = dict(kwargs)
+            kwargs[key] = transform(kwargs[key])
+            return args, kwargs
+    return args, kwargs
+
+
+def patch(model: nn.Module, method: str = "attnlrp", mode: str = "gradient", epsilon: Optional[float] = None) -> PatchHandle:
+    """Patches ``model`` (this instance only) for relevance; returns a handle with ``.remove()``.
+
+    ``epsilon`` is the stabiliser of the rules (default 1e-10 in gradient mode, where it only guards
+    divisions by the input of an activation, and 1e-6 in explicit mode). Raises
+    :class:`lrpcpp.UnsupportedModelError` for a Hugging Face architecture without a family entry,
+    and ``RuntimeError`` if the model is already patched.
+    """
+    if method not in METHODS:
+        raise ValueError(f"lrpcpp.patch: method must be one of {METHODS}, got {method!r}")
+    if mode not in MODES:
+        raise ValueError(f"lrpcpp.patch: mode must be one of {MODES}, got {mode!r}")
+    if model in _ACTIVE:
+        raise RuntimeError(
+            f"lrpcpp.patch: this {type(model).__name__} is already patched ({_ACTIVE[model]!r}); remove that patch first"
+        )
+    if epsilon is None:
+        epsilon = 1e-10 if mode == "gradient" else 1e-6
+    if epsilon < 0:
+        raise ValueError(f"lrpcpp.patch: epsilon must be >= 0, got {epsilon}")
+    family = _families.family_of(model)
+    rules: _Rules = _GradientRules(epsilon) if mode == "gradient" else _ExplicitRules(epsilon)
+    handle = PatchHandle(model, method, mode, rules)
+    try:
+        _apply(handle, family)
+    except BaseException:
+        handle.remove()
+        raise
+    _ACTIVE[model] = handle
+    return handle
+
+
+def _apply(handle: PatchHandle, family: Optional[_families.Family]) -> None:
+    model, rules = handle.model, handle.rules
+    uniform = handle.method == "attnlrp"
+    q_share, v_share = (0.25, 0.5) if uniform else (0.0, 1.0)
+    modules = dict(model.named_modules())
+    names = {id(m): n for n, m in modules.items()}
+    held_constant: set = set()  # activations whose input is held constant (CP-LRP gates)
+    matched_attention: set = set()
+
+    def child(module: nn.Module, attr: str, what: str) -> nn.Module:
+        sub = getattr(module, attr, None)
+        if not isinstance(sub, nn.Module):
+            raise _families.UnsupportedModelError(
+                f"lrpcpp.patch: {type(module).__name__} ({names[id(module)]}) has no child module '{attr}' "
+                f"({what}); the family entry '{family.name if family else '?'}' does not match this model version"
+            )
+        return sub
+
+    def output_share(name: str, module: nn.Module, segments: Segments) -> None:
+        handle._hook(name, module.register_forward_hook(
+            lambda m, args, out: rules.share_segments(out, segments)), f"output share {list(segments)}")
+
+    def input_share(name: str, module: nn.Module, share: float) -> None:
+        if share == 1.0:
+            return
+
+        def pre(m, args, kwargs):
+            return _first_tensor_arg(args, kwargs, lambda t: rules.share(t, share), ("hidden_states", "x", "input"))
+
+        handle._hook(name, module.register_forward_pre_hook(pre, with_kwargs=True), f"input share {share}")
+
+    # 1. products of two relevance-carrying tensors, from the family's description
+    if family is not None:
+        for name, module in modules.items():
+            cls = type(module).__name__
+            if cls in family.attention:
+                matched_attention.add(id(module))
+                if family.qkv is not None:
+                    q, k, v = family.qkv_split(module)
+                    proj = child(module, family.qkv, "fused query/key/value projection")
+                    output_share(names[id(proj)], proj, ((q, q_share), (k, q_share), (v, v_share)))
+                else:
+                    for attr, share in ((family.q, q_share), (family.k, q_share), (family.v, v_share)):
+                        proj = child(module, attr, "attention projection")
+                        output_share(names[id(proj)], proj, ((proj.out_features, share),))
+            elif cls in family.gated_mlp:
+                input_share(name, module, 0.5 if uniform else 1.0)
+                if not uniform:
+                    held_constant.add(id(child(module, family.gate_act, "gate activation")))
+            elif cls in family.moe:
+                _patch_moe(handle, family, module, names, child, input_share, uniform, held_constant)
+        found = {type(m).__name__ for m in modules.values()}
+        missing = [c for c in family.attention if c not in found]
+        if family.attention and len(missing) == len(family.attention):
+            raise _families.UnsupportedModelError(
+                f"lrpcpp.patch: the '{family.name}' family expects attention modules {family.attention} but "
+                f"{type(model).__name__} has none; update its entry with lrpcpp.register_family"
+            )
+
+    # 2. modules handled by type, whatever the family
+    for name, module in modules.items():
+        if isinstance(module, nn.MultiheadAttention):
+            matched_attention.add(id(module))
+            _patch_mha(handle, name, module, q_share, v_share)
+        elif isinstance(module, nn.LayerNorm):
+            handle._set_forward(name, module, (lambda m: lambda x: rules.layer_norm(m, x))(module), "layer norm")
+        elif is_elementwise_norm(module, family) or is_activation(module):
+            if isinstance(module, nn.Identity):
+                continue
+            forward = types.MethodType(type(module).forward, module)
+            if id(module) in held_constant:
+                new = (lambda f: lambda x: _held_constant(f, x))(forward)
+                what = "held constant (CP-LRP gate)"
+            else:
+                new = (lambda m, f: lambda x: rules.elementwise(m, x, f))(module, forward)
+                what = "identity rule"
+            handle._set_forward(name, module, new, what)
+
+    # 3. an attention module nobody described would get a silently wrong map
+    unknown = []
+    for name, module in modules.items():
+        cls = type(module).__name__
+        if not cls.endswith("Attention") or id(module) in matched_attention:
+            continue
+        if any(id(sub) in matched_attention for sub in module.modules()):
+            continue
+        unknown.append(f"{name or '<root>'} ({cls})")
+    if unknown:
+        raise _families.UnsupportedModelError(
+            f"lrpcpp.patch: no rule for the attention module(s) {', '.join(unknown[:3])}; supported families: "
+            f"{', '.join(sorted(_families.FAMILIES))}. Describe the architecture with lrpcpp.register_family(...)"
+        )
+
+    # 4. explicit semantics: the model's forward runs inside the explicit function mapping
+    if handle.mode == "explicit":
+        forward = model.__dict__.get("forward") or types.MethodType(type(model).forward, model)
+
+        def explicit_forward(*args, **kwargs):
+            with rules.context():
+                return forward(*args, **kwargs)
+
+        handle._set_forward("", model, explicit_forward, "explicit rules")
+
+
+def _held_constant(forward: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    with torch.no_grad():
+        return forward(x)
+
+
+def _patch_mha(handle: PatchHandle, name: str, module: nn.MultiheadAttention, q_share: float, v_share: float) -> None:
+    rules = handle.rules
+
+    def pre(m, args, kwargs):
+        args, kwargs = list(args), dict(kwargs)
+        for i, (key, share) in enumerate((("query", q_share), ("key", q_share), ("value", v_share))):
+            if i < len(args):
+                args[i] = rules.share(args[i], share)
+            elif key in kwargs:
+                kwargs[key] = rules.share(kwargs[key], share)
+        return tuple(args), kwargs
+
+    handle._hook(name, module.register_forward_pre_hook(pre, with_kwargs=True), "attention input shares")
+
+
+def _patch_moe(handle, family, module, names, child, input_share, uniform, held_constant) -> None:
+    """Each expert's output times its routing weight is a product (half to each); the gate of each
+    expert's gated MLP is a product again (AttnLRP) or held constant (CP-LRP). The top-k weights are
+    renormalised by their sum, which is held constant."""
+    rules = handle.rules
+    router = child(module, family.router, "router")
+    experts = child(module, family.experts, "experts")
+    input_share(names[id(experts)], experts, 0.25 if uniform else 0.5)
+    if not uniform:
+        held_constant.add(id(child(experts, family.expert_act, "expert activation")))
+    renormalise = getattr(router, "norm_topk_prob", True)
+
+    def routed(m, args, out):
+        logits, weights, indices = out
+        top = torch.softmax(logits, dim=-1, dtype=torch.float32).gather(-1, indices)
+        if renormalise:
+            top = top / top.sum(dim=-1, keepdim=True).detach()
+        return (logits, rules.share(top.to(weights.dtype), 0.5), indices)
+
+    handle._hook(names[id(router)], router.register_forward_hook(routed), "routing weights share 0.5")
