@@ -75,6 +75,97 @@ TORCH_LIBRARY(lrpcpp, m) {
   m.def("identity_relevance(Tensor grad, ScalarType dtype) -> Tensor");
   m.def("stop_relevance(Tensor x) -> Tensor");
 
+  // rules for vision and convolution layers (RULES.md section 3). Each forward returns exactly
+  // F.linear / F.conv2d; the weight transforms (|W|, W+, W^2) may be passed in, computed once by the
+  // caller, else they are computed per call. gi=True: the backward returns the gradient-times-input
+  // form g_x (x * g_x is the rule's relevance of x), taking the gradient g_y with R_y = y * g_y.
+  m.def(
+      "linear_gamma(Tensor x, Tensor weight, Tensor? bias=None, float gamma=0.25, float epsilon=1e-6, "
+      "Tensor? weight_abs=None, bool gi=False) -> Tensor");
+  m.def(
+      "linear_gamma_relevance(Tensor grad, Tensor x, Tensor weight, Tensor? bias, Tensor? weight_abs, "
+      "Tensor output, float gamma, float epsilon, bool gi) -> Tensor");
+  m.def(
+      "linear_alpha_beta(Tensor x, Tensor weight, Tensor? bias=None, float alpha=2.0, float beta=1.0, "
+      "float epsilon=1e-6, Tensor? weight_pos=None, Tensor? weight_neg=None, bool gi=False) -> Tensor");
+  m.def(
+      "linear_alpha_beta_relevance(Tensor grad, Tensor x, Tensor weight, Tensor? weight_pos, Tensor? weight_neg, "
+      "Tensor output, float alpha, float beta, float epsilon, bool gi) -> Tensor");
+  m.def(
+      "linear_z_plus(Tensor x, Tensor weight, Tensor? bias=None, float epsilon=1e-6, Tensor? weight_pos=None, "
+      "bool gi=False) -> Tensor");
+  m.def(
+      "linear_z_plus_relevance(Tensor grad, Tensor x, Tensor weight, Tensor? weight_pos, Tensor output, "
+      "float epsilon, bool gi) -> Tensor");
+  m.def(
+      "linear_z_box(Tensor x, Tensor weight, Tensor? bias, Tensor lower, Tensor upper, float epsilon=1e-6, "
+      "Tensor? weight_abs=None, bool gi=False) -> Tensor");
+  m.def(
+      "linear_z_box_relevance(Tensor grad, Tensor x, Tensor weight, Tensor lower, Tensor upper, "
+      "Tensor? weight_abs, Tensor output, float epsilon, bool gi) -> Tensor");
+  m.def("linear_flat(Tensor x, Tensor weight, Tensor? bias=None, float epsilon=1e-6, bool gi=False) -> Tensor");
+  m.def(
+      "linear_flat_relevance(Tensor grad, Tensor x, Tensor weight, Tensor output, float epsilon, bool gi) "
+      "-> Tensor");
+  m.def(
+      "linear_w_square(Tensor x, Tensor weight, Tensor? bias=None, float epsilon=1e-6, Tensor? weight_sq=None, "
+      "bool gi=False) -> Tensor");
+  m.def(
+      "linear_w_square_relevance(Tensor grad, Tensor x, Tensor weight, Tensor? weight_sq, Tensor output, "
+      "float epsilon, bool gi) -> Tensor");
+  m.def(
+      "conv2d_gamma(Tensor x, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
+      "int[2] dilation=1, int groups=1, float gamma=0.25, float epsilon=1e-6, Tensor? weight_abs=None, "
+      "bool gi=False) -> Tensor");
+  m.def(
+      "conv2d_gamma_relevance(Tensor grad, Tensor x, Tensor weight, Tensor? bias, Tensor? weight_abs, "
+      "Tensor output, int[2] stride, int[2] padding, int[2] dilation, int groups, float gamma, float epsilon, "
+      "bool gi) -> Tensor");
+  m.def(
+      "conv2d_alpha_beta(Tensor x, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
+      "int[2] dilation=1, int groups=1, float alpha=2.0, float beta=1.0, float epsilon=1e-6, "
+      "Tensor? weight_pos=None, Tensor? weight_neg=None, bool gi=False) -> Tensor");
+  m.def(
+      "conv2d_alpha_beta_relevance(Tensor grad, Tensor x, Tensor weight, Tensor? weight_pos, Tensor? weight_neg, "
+      "Tensor output, int[2] stride, int[2] padding, int[2] dilation, int groups, float alpha, float beta, "
+      "float epsilon, bool gi) -> Tensor");
+  m.def(
+      "conv2d_z_plus(Tensor x, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
+      "int[2] dilation=1, int groups=1, float epsilon=1e-6, Tensor? weight_pos=None, bool gi=False) -> Tensor");
+  m.def(
+      "conv2d_z_plus_relevance(Tensor grad, Tensor x, Tensor weight, Tensor? weight_pos, Tensor output, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, float epsilon, bool gi) -> Tensor");
+  m.def(
+      "conv2d_z_box(Tensor x, Tensor weight, Tensor? bias, Tensor lower, Tensor upper, int[2] stride=1, "
+      "int[2] padding=0, int[2] dilation=1, int groups=1, float epsilon=1e-6, Tensor? weight_abs=None, "
+      "bool gi=False) -> Tensor");
+  m.def(
+      "conv2d_z_box_relevance(Tensor grad, Tensor x, Tensor weight, Tensor lower, Tensor upper, "
+      "Tensor? weight_abs, Tensor output, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+      "float epsilon, bool gi) -> Tensor");
+  m.def(
+      "conv2d_flat(Tensor x, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
+      "int[2] dilation=1, int groups=1, float epsilon=1e-6, bool gi=False) -> Tensor");
+  m.def(
+      "conv2d_flat_relevance(Tensor grad, Tensor x, Tensor weight, Tensor output, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, float epsilon, bool gi) -> Tensor");
+  m.def(
+      "conv2d_w_square(Tensor x, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
+      "int[2] dilation=1, int groups=1, float epsilon=1e-6, Tensor? weight_sq=None, bool gi=False) -> Tensor");
+  m.def(
+      "conv2d_w_square_relevance(Tensor grad, Tensor x, Tensor weight, Tensor? weight_sq, Tensor output, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, float epsilon, bool gi) -> Tensor");
+  // their per-element primitives: the two normalised relevances of the gamma rule (bias along
+  // dimension bias_dim of the output) and of the alpha-beta rule (from the sums of the positive and
+  // of the negative terms), and x * a + |x| * b (gi: a + sign(x) * b)
+  m.def(
+      "gamma_stab_div(Tensor grad, Tensor output, Tensor abs_product, Tensor? bias, int bias_dim, float gamma, "
+      "float epsilon, bool gi) -> (Tensor, Tensor)");
+  m.def(
+      "alpha_beta_stab_div(Tensor grad, Tensor output, Tensor pos_sum, Tensor neg_sum, float alpha, float beta, "
+      "float epsilon, bool gi) -> (Tensor, Tensor)");
+  m.def("split_times_input(Tensor x, Tensor a, Tensor b, bool gi=False) -> Tensor");
+
   // gradient-times-input semantics (RULES.md section 2): autograd carries g = R / x
   m.def("gi_identity(Tensor x, Tensor y, float epsilon=1e-10) -> Tensor");
   m.def("gi_identity_forward(Tensor x, Tensor y, float epsilon) -> (Tensor, Tensor)");

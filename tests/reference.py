@@ -130,3 +130,78 @@ def gi_layer_norm(x, normalized_shape, w, g, eps):
     rstd = 1.0 / torch.sqrt(((x - mu) ** 2).mean(dims, keepdim=True) + eps)
     h = g * (w if w is not None else 1.0)
     return rstd * (h - h.mean(dims, keepdim=True))
+
+
+# ----------------------------------------------------------------------------- vision rules
+# RULES.md section 3, written out term by term: for z_j = sum_i x_i w_ij + b_j each rule names a
+# numerator n_ij per input and output, and R_i = sum_j n_ij / stab(sum_i n_ij) R_j. `mask` marks the
+# real inputs of each output (0 where a convolution's zero padding stands); x, lower and upper are
+# [..., in], w is [out, in].
+
+
+def _pos(v):
+    return v.clamp(min=0)
+
+
+def _neg(v):
+    return v.clamp(max=0)
+
+
+def _share(num, den, R, eps):
+    # num [..., out, in], den [..., out], R [..., out] -> [..., in]
+    return (num * (R / stab(den, eps)).unsqueeze(-1)).sum(-2)
+
+
+def vision_rule(rule, x, w, b, R, eps, mask=None, gamma=0.25, alpha=2.0, beta=1.0, lower=None, upper=None):
+    """The relevance of x by one rule of RULES.md section 3 (float64, straight from the formula)."""
+    xi = x.unsqueeze(-2)  # [..., 1, in]
+    mask = torch.ones_like(x).unsqueeze(-2) if mask is None else mask.unsqueeze(-2)
+    if rule == "gamma":
+        # z_j >= 0: x+ (W + g W+) + x- (W + g W-); z_j < 0: x+ (W + g W-) + x- (W + g W+);
+        # the bias is the weight of a constant input +1: b + g b+ (positive outputs), b + g b- (negative)
+        z = x @ w.T + (b if b is not None else 0)
+        up, down = w + gamma * _pos(w), w + gamma * _neg(w)
+        num_p = _pos(xi) * up + _neg(xi) * down
+        num_n = _pos(xi) * down + _neg(xi) * up
+        bias_p = 0 if b is None else b + gamma * _pos(b)
+        bias_n = 0 if b is None else b + gamma * _neg(b)
+        pos = (z >= 0).unsqueeze(-1)
+        num = torch.where(pos, num_p, num_n)
+        den = torch.where(z >= 0, num_p.sum(-1) + bias_p, num_n.sum(-1) + bias_n)
+        return _share(num, den, R, eps)
+    if rule == "alpha_beta":
+        terms = xi * w
+        tp, tn = _pos(terms), _neg(terms)
+        return alpha * _share(tp, tp.sum(-1), R, eps) - beta * _share(tn, tn.sum(-1), R, eps)
+    if rule == "z_plus":
+        num = xi * _pos(w)
+    elif rule == "z_box":
+        num = xi * w - lower.unsqueeze(-2) * _pos(w) - upper.unsqueeze(-2) * _neg(w)
+    elif rule == "flat":
+        num = torch.ones_like(xi * w) * mask
+    elif rule == "w_square":
+        num = (w * w) * mask
+    else:
+        raise ValueError(rule)
+    return _share(num, num.sum(-1), R, eps)
+
+
+def conv2d_vision_rule(rule, x, w, b, R, stride, padding, dilation, eps, lower=None, upper=None, **params):
+    """vision_rule over a convolution (groups = 1): each output pixel is a linear map of one patch;
+    the patches' relevance is folded back (summing overlaps). Padding is no input: its numerators
+    are 0 (zero x and bounds, and a zero mask for the input-free rules)."""
+    n, c, h, wd = x.shape
+    kh, kw = w.shape[-2:]
+
+    def patches(t):  # [n, c, h, w] -> [n, L, c*kh*kw]
+        t = t.expand(n, c, h, wd) if t.dim() == 4 else t.expand(x.shape)
+        return F.unfold(t, (kh, kw), dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
+
+    cols = patches(x)
+    mask = patches(torch.ones_like(x))
+    lo = patches(torch.as_tensor(lower, dtype=x.dtype).expand(x.shape)) if lower is not None else None
+    hi = patches(torch.as_tensor(upper, dtype=x.dtype).expand(x.shape)) if upper is not None else None
+    wm = w.reshape(w.shape[0], -1)
+    r = R.reshape(n, w.shape[0], -1).transpose(1, 2)  # [n, L, out]
+    rel = vision_rule(rule, cols, wm, b, r, eps, mask=mask, lower=lo, upper=hi, **params)  # [n, L, c*kh*kw]
+    return F.fold(rel.transpose(1, 2), (h, wd), (kh, kw), dilation=dilation, padding=padding, stride=stride)

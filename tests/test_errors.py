@@ -165,3 +165,90 @@ def test_zero_preactivations_give_no_nan():
     mm = torch.zeros(2, 3, requires_grad=True)
     lf.matmul(mm, torch.zeros(3, 2, requires_grad=True)).backward(torch.ones(2, 2))
     assert torch.isfinite(mm.grad).all()
+
+
+# ----------------------------------------------------------------------------- vision rules
+VISION_BAD_CALLS = [
+    (lambda: lf.linear_gamma(x_(2, 5), x_(3, 5), gamma=-0.5), RuntimeError,
+     r"linear_gamma: expected gamma to be a finite number >= 0, got -0.5"),
+    (lambda: lf.linear_gamma(x_(2, 5), x_(3, 5), None, 0.25, 1e-6, x_(3, 4)), RuntimeError,
+     r"linear_gamma: expected weight_abs to have the shape of weight \[3, 5\], got \[3, 4\]"),
+    (lambda: lf.linear_gamma(x_(2, 5), x_(3, 5), None, 0.25, 1e-6, x_(3, 5, dtype=torch.float32)), RuntimeError,
+     r"linear_gamma: expected weight_abs to have the dtype of weight \(Double\), got Float"),
+    (lambda: lf.linear_alpha_beta(x_(2, 5), x_(3, 5), alpha=2.0, beta=2.0), RuntimeError,
+     r"linear_alpha_beta: expected alpha - beta = 1 .* got alpha=2, beta=2"),
+    (lambda: lf.conv2d_alpha_beta(x_(1, 2, 4, 4), x_(3, 2, 3, 3), alpha=0.5, beta=-0.5), RuntimeError,
+     r"conv2d_alpha_beta: expected finite alpha and beta with beta >= 0"),
+    (lambda: lf.linear_z_box(x_(2, 5), x_(3, 5), None, x_(4), x_(5)), RuntimeError,
+     r"linear_z_box: expected lower \[4\] to be broadcastable to x \[2, 5\], but they differ at dimension -1"),
+    (lambda: lf.conv2d_z_box(x_(1, 2, 4, 4), x_(3, 2, 3, 3), None, x_(1, 1, 2, 1, 1), x_(1)), RuntimeError,
+     r"conv2d_z_box: expected lower \[1, 1, 2, 1, 1\] to be broadcastable to x \[1, 2, 4, 4\], but it has more"),
+    (lambda: lf.linear_z_box(x_(2, 5), x_(3, 5), None, x_(5), torch.ones(5, dtype=torch.long)), RuntimeError,
+     r"linear_z_box: expected upper to be a floating-point tensor"),
+    (lambda: lf.conv2d_gamma(x_(1, 4, 5, 5), x_(2, 3, 3, 3)), RuntimeError,
+     r"conv2d_gamma: expected x to have 3 channels \(weight.shape\[1\] \* groups\), got 4"),
+    (lambda: lf.conv2d_w_square(x_(1, 3, 5, 5), x_(2, 3, 3, 3), epsilon=-1.0), RuntimeError,
+     r"conv2d_w_square: expected epsilon to be a finite number >= 0"),
+    (lambda: lf.linear_flat(x_(2, 5), x_(3, 4)), RuntimeError,
+     r"linear_flat: expected the last dimension of x \[2, 5\] to equal in_features = weight.shape\[1\] = 4"),
+    (lambda: torch.ops.lrpcpp.linear_z_plus_relevance(x_(2, 4), x_(2, 5), x_(3, 5), None, x_(2, 3), 1e-6, False),
+     RuntimeError, r"linear_z_plus_relevance: expected grad to have the shape of output \[2, 3\], got \[2, 4\]"),
+    (lambda: torch.ops.lrpcpp.conv2d_gamma_relevance(x_(1, 2, 3, 3), x_(1, 3, 5, 5), x_(2, 3, 3, 3), None, None,
+                                                     x_(1, 2, 3, 3), [1, 1], [0, 0], [1, 1], 1, -1.0, 1e-6, False),
+     RuntimeError, r"conv2d_gamma_relevance: expected gamma to be a finite number >= 0"),
+    (lambda: torch.ops.lrpcpp.gamma_stab_div(x_(2, 3), x_(2, 3), x_(2, 3), x_(3), 2, 0.25, 1e-6, False),
+     IndexError, r"gamma_stab_div: expected bias_dim in \[-2, 1\], got 2"),
+    (lambda: torch.ops.lrpcpp.gamma_stab_div(x_(2, 3), x_(2, 3), x_(2, 3), x_(2), -1, 0.25, 1e-6, False),
+     RuntimeError, r"gamma_stab_div: expected bias to have 3 elements \(output.shape\[1\]\), got 2"),
+    (lambda: torch.ops.lrpcpp.alpha_beta_stab_div(x_(2, 3), x_(2, 3), x_(2, 3), x_(3, 2), 2.0, 1.0, 1e-6, False),
+     RuntimeError, r"alpha_beta_stab_div: expected neg_sum to have the shape of output \[2, 3\], got \[3, 2\]"),
+    (lambda: torch.ops.lrpcpp.split_times_input(x_(2, 3), x_(2, 3), x_(2, 3, dtype=torch.float32), False),
+     RuntimeError, r"split_times_input: expected b to have the dtype of x \(Double\), got Float"),
+]
+
+
+@pytest.mark.parametrize("call,exc,pattern", VISION_BAD_CALLS, ids=[str(i) for i in range(len(VISION_BAD_CALLS))])
+def test_vision_rules_bad_input_raises_a_clear_error(call, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+@pytest.mark.parametrize("build", [
+    lambda x: lf.linear_gamma(x, x_(3, 4, grad=False)),
+    lambda x: lf.linear_alpha_beta(x, x_(3, 4, grad=False)),
+    lambda x: lf.linear_z_box(x, x_(3, 4, grad=False), None, torch.tensor(-9.0, dtype=f64),
+                              torch.tensor(9.0, dtype=f64)),
+    lambda x: lf.linear_w_square(x, x_(3, 4, grad=False), gi=True),
+], ids=["gamma", "alpha_beta", "z_box", "w_square"])
+def test_vision_rules_double_backward_raises(build):
+    x = x_(2, 4)
+    y = build(x)
+    (g,) = torch.autograd.grad(y, x, y, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"derivative for lrpcpp::\w+ is not implemented"):
+        g.sum().backward()
+
+
+@pytest.mark.parametrize("build", [
+    lambda x: lf.linear_gamma(x, x_(3, 4, grad=False)),
+    lambda x: lf.linear_alpha_beta(x, x_(3, 4, grad=False)),
+    lambda x: lf.linear_z_plus(x, x_(3, 4, grad=False)),
+    lambda x: lf.linear_flat(x, x_(3, 4, grad=False), gi=True),
+    lambda x: lf.conv2d_gamma(x.reshape(0, 1, 2, 2), x_(3, 1, 1, 1, grad=False)),
+], ids=["gamma", "alpha_beta", "z_plus", "flat", "conv2d_gamma"])
+def test_vision_rules_empty_tensors(build):
+    x = x_(0, 4)
+    y = build(x)
+    y.backward(y)
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("rule", ["gamma", "alpha_beta", "z_plus", "z_box", "flat", "w_square"])
+def test_vision_rules_zero_input_gives_no_nan(rule):
+    x = torch.zeros(3, 4, dtype=torch.float32, requires_grad=True)
+    w = torch.randn(5, 4)
+    lo, hi = torch.tensor(-1.0), torch.tensor(1.0)
+    y = {"gamma": lambda: lf.linear_gamma(x, w), "alpha_beta": lambda: lf.linear_alpha_beta(x, w),
+         "z_plus": lambda: lf.linear_z_plus(x, w), "z_box": lambda: lf.linear_z_box(x, w, None, lo, hi),
+         "flat": lambda: lf.linear_flat(x, w), "w_square": lambda: lf.linear_w_square(x, w)}[rule]()
+    y.backward(torch.ones_like(y))
+    assert torch.isfinite(x.grad).all()

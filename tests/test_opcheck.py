@@ -58,12 +58,62 @@ SAMPLES = {
     "gi_layer_norm": lambda g: (t(2, 3, 6, grad=g), [6], t(6), t(6), 1e-5),
     "gi_layer_norm_backward": lambda g: (t(2, 3, 6, grad=g), t(2, 3, 6, grad=g), [6], t(6), 1e-5),
     "cuda_version": lambda g: (),
+    # rules for vision and convolution layers (RULES.md section 3); the optional weight transforms
+    # are passed in some samples and left out in others, gi=True in some
+    "linear_gamma": lambda g: (t(2, 3, 5, grad=g), t(4, 5), t(4), 0.25, 1e-6, t(4, 5).abs(), False),
+    "linear_gamma_relevance": lambda g: (t(2, 3, 4, grad=g), t(2, 3, 5, grad=g), t(4, 5), t(4), None, t(2, 3, 4),
+                                         0.25, 1e-6, True),
+    "linear_alpha_beta": lambda g: (t(3, 5, grad=g), t(4, 5), t(4), 2.0, 1.0, 1e-6, None, None, True),
+    "linear_alpha_beta_relevance": lambda g: (t(3, 4, grad=g), t(3, 5, grad=g), t(4, 5), t(4, 5).clamp(min=0),
+                                              t(4, 5).clamp(max=0), t(3, 4), 2.0, 1.0, 1e-6, False),
+    "linear_z_plus": lambda g: (t(3, 5, grad=g, offset=2.0), t(4, 5), None, 1e-6, None, False),
+    "linear_z_plus_relevance": lambda g: (t(3, 4, grad=g), t(3, 5, grad=g, offset=2.0), t(4, 5), None, t(3, 4), 1e-6,
+                                          True),
+    "linear_z_box": lambda g: (t(3, 5, grad=g), t(4, 5), t(4), t(5) - 4.0, t(5) + 4.0, 1e-6, None, True),
+    "linear_z_box_relevance": lambda g: (t(3, 4, grad=g), t(3, 5, grad=g), t(4, 5), t(1) - 4.0, t(5) + 4.0, None,
+                                         t(3, 4), 1e-6, False),
+    "linear_flat": lambda g: (t(3, 5, grad=g), t(4, 5), t(4), 1e-6, False),
+    "linear_flat_relevance": lambda g: (t(3, 4, grad=g), t(3, 5, grad=g), t(4, 5), t(3, 4), 1e-6, True),
+    "linear_w_square": lambda g: (t(3, 5, grad=g), t(4, 5), t(4), 1e-6, None, True),
+    "linear_w_square_relevance": lambda g: (t(3, 4, grad=g), t(3, 5, grad=g), t(4, 5), t(4, 5) ** 2, t(3, 4), 1e-6,
+                                            False),
+    "conv2d_gamma": lambda g: (t(1, 2, 5, 5, grad=g), t(3, 2, 3, 3), t(3), [1, 1], [1, 1], [1, 1], 1, 0.25, 1e-6,
+                               None, True),
+    "conv2d_gamma_relevance": lambda g: (t(1, 3, 5, 5, grad=g), t(1, 2, 5, 5, grad=g), t(3, 2, 3, 3), t(3),
+                                         t(3, 2, 3, 3).abs(), t(1, 3, 5, 5), [1, 1], [1, 1], [1, 1], 1, 0.25, 1e-6,
+                                         False),
+    "conv2d_alpha_beta": lambda g: (t(1, 2, 5, 5, grad=g), t(3, 2, 3, 3), None, [2, 2], [1, 1], [1, 1], 1, 1.5, 0.5,
+                                    1e-6, None, None, False),
+    "conv2d_alpha_beta_relevance": lambda g: (t(1, 3, 5, 5, grad=g), t(1, 2, 5, 5, grad=g), t(3, 2, 3, 3), None, None,
+                                              t(1, 3, 5, 5), [1, 1], [1, 1], [1, 1], 1, 2.0, 1.0, 1e-6, True),
+    "conv2d_z_plus": lambda g: (t(1, 4, 5, 5, grad=g, offset=2.0), t(4, 2, 3, 3), t(4), [1, 1], [0, 0], [1, 1], 2,
+                                1e-6, None, True),
+    "conv2d_z_plus_relevance": lambda g: (t(1, 3, 3, 3, grad=g), t(1, 2, 5, 5, grad=g, offset=2.0), t(3, 2, 3, 3),
+                                          t(3, 2, 3, 3).clamp(min=0), t(1, 3, 3, 3), [1, 1], [0, 0], [1, 1], 1, 1e-6,
+                                          False),
+    "conv2d_z_box": lambda g: (t(1, 2, 5, 5, grad=g), t(3, 2, 3, 3), t(3), t(2, 1, 1) - 4.0, t(2, 1, 1) + 4.0,
+                               [1, 1], [1, 1], [1, 1], 1, 1e-6, None, False),
+    "conv2d_z_box_relevance": lambda g: (t(1, 3, 5, 5, grad=g), t(1, 2, 5, 5, grad=g), t(3, 2, 3, 3), t(1) - 4.0,
+                                         t(1) + 4.0, None, t(1, 3, 5, 5), [1, 1], [1, 1], [1, 1], 1, 1e-6, True),
+    "conv2d_flat": lambda g: (t(1, 2, 5, 5, grad=g), t(3, 2, 3, 3), t(3), [1, 1], [1, 1], [2, 2], 1, 1e-6, True),
+    "conv2d_flat_relevance": lambda g: (t(1, 3, 5, 5, grad=g), t(1, 2, 5, 5, grad=g), t(3, 2, 3, 3), t(1, 3, 5, 5),
+                                        [1, 1], [1, 1], [1, 1], 1, 1e-6, False),
+    "conv2d_w_square": lambda g: (t(1, 2, 5, 5, grad=g), t(3, 2, 3, 3), t(3), [1, 1], [1, 1], [1, 1], 1, 1e-6,
+                                  t(3, 2, 3, 3) ** 2, False),
+    "conv2d_w_square_relevance": lambda g: (t(1, 3, 5, 5, grad=g), t(1, 2, 5, 5, grad=g), t(3, 2, 3, 3), None,
+                                            t(1, 3, 5, 5), [1, 1], [1, 1], [1, 1], 1, 1e-6, True),
+    "gamma_stab_div": lambda g: (t(2, 3, 4, 4, grad=g), t(2, 3, 4, 4, grad=g), t(2, 3, 4, 4).abs(), t(3), 1, 0.25,
+                                 1e-6, False),
+    "alpha_beta_stab_div": lambda g: (t(3, 4, grad=g), t(3, 4, grad=g), t(3, 4).abs(), -t(3, 4).abs(), 2.0, 1.0, 1e-6,
+                                      True),
+    "split_times_input": lambda g: (t(3, 4, grad=g), t(3, 4, grad=g), t(3, 4, grad=g), False),
 }
 
 # ops without a derivative: the relevance ops, and the primitives and gradient-times-input
 # backward ops that the backwards call
 RELEVANCE_OPS = {name for name in SAMPLES if name.endswith("_relevance") and name != "stop_relevance"} | {
-    "stab_div", "gi_identity_forward", "gi_scale_backward", "gi_layer_norm_backward"}
+    "stab_div", "gi_identity_forward", "gi_scale_backward", "gi_layer_norm_backward",
+    "gamma_stab_div", "alpha_beta_stab_div", "split_times_input"}
 
 
 def test_every_registered_op_has_a_sample():

@@ -31,6 +31,15 @@ Tensor conv2d_epsilon_relevance(const Tensor& grad, const Tensor& x, const Tenso
                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                 int64_t groups, double epsilon);
 
+// argument checks of the affine maps, shared with the vision family
+void check_bias(const OptTensor& bias, const Tensor& x, const Tensor& weight, const char* op);
+void check_linear(const Tensor& x, const Tensor& weight, const OptTensor& bias, double epsilon, const char* op);
+void check_conv2d(const Tensor& x, const Tensor& weight, const OptTensor& bias, at::IntArrayRef stride,
+                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, double epsilon,
+                  const char* op);
+// grad and output of a relevance op: same shape, dtype and device
+void check_grad_output(const Tensor& grad, const Tensor& output, const Tensor& x, const char* op);
+
 // binary family
 void check_add2_relevance(const Tensor& grad, const Tensor& a, const Tensor& b, double epsilon);
 Tensor add2(const Tensor& a, const Tensor& b, double epsilon);
@@ -90,6 +99,18 @@ Tensor gi_grad_scale(const Tensor& x, const Tensor& scale);
 Tensor gi_layer_norm(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
                      const OptTensor& bias, double eps);
 
+// vision family (rules of RULES.md section 3)
+// checks of gamma_stab_div / alpha_beta_stab_div; returns bias_dim wrapped into [0, output.dim())
+int64_t check_factor_inputs(const Tensor& grad, const Tensor& output, const Tensor& abs_product,
+                            const OptTensor& bias, int64_t bias_dim, double epsilon, const char* op);
+void check_gamma(double gamma, const char* op);
+void check_alpha_beta(double alpha, double beta, const char* op);
+void check_alpha_beta_inputs(const Tensor& grad, const Tensor& output, const Tensor& pos_sum,
+                             const Tensor& neg_sum, double alpha, double beta, double epsilon);
+void check_split_times_input(const Tensor& x, const Tensor& a, const Tensor& b);
+// product of output's sizes after dimension d (the run of elements sharing one bias value)
+int64_t inner_size(const Tensor& output, int64_t d);
+
 // Register, for the backend of `m`, a family's backend-independent kernels (torch's own forwards
 // and the relevance compositions); each backend file adds its own kernels next to this call.
 void register_linear_composites(torch::Library& m);
@@ -99,4 +120,5 @@ void register_norm_composites(torch::Library& m);
 void register_mean_composites(torch::Library& m);
 void register_identity_composites(torch::Library& m);
 void register_gradient_input_composites(torch::Library& m);
+void register_vision_composites(torch::Library& m);
 }  // namespace lrpcpp::impl

@@ -40,8 +40,6 @@ Tensor conv2d_epsilon_relevance(const Tensor& grad, const Tensor& x, const Tenso
 namespace impl {
 using namespace detail;
 
-namespace {
-
 void check_bias(const OptTensor& bias, const Tensor& x, const Tensor& weight, const char* op) {
   if (!bias.has_value() || !bias->defined()) return;
   check_like(*bias, x, op, "bias", "x");
@@ -90,8 +88,6 @@ void check_grad_output(const Tensor& grad, const Tensor& output, const Tensor& x
   check_like(grad, output, op, "grad", "output");
   check_same_shape(grad, output, op, "grad", "output");
 }
-
-}  // namespace
 
 at::ScalarType stab_div_dtype(const Tensor& z, std::optional<at::ScalarType> dtype) {
   return dtype.value_or(z.scalar_type());

@@ -79,4 +79,52 @@ C10_HOST_DEVICE inline T gi_layer_norm_grad(T h, T mean_h, T rstd) {
   return rstd * (h - mean_h);
 }
 
+// ----------------------------------------------------------------------------- vision rules
+// RULES.md section 3, for z_j = sum_i x_i w_ij + b_j. Both the gamma and the alpha-beta rule split
+// each term x_i w_ij by the signs of x_i and w_ij; with v+ = max(v, 0), v- = min(v, 0) and
+// p_j = sum_i |x_i| |w_ij|, the two sums of signed terms are
+//   A_j = sum_i (x_i w_ij)+ = (xW_j + p_j) / 2 >= 0,   B_j = sum_i (x_i w_ij)- = (xW_j - p_j) / 2 <= 0.
+// The gamma rule's relevance takes the form R_x = x (s_w W^T) + |x| (s_abs |W|^T), two products
+// with the per-output factors s_w, s_abs computed here. `z` is the layer's output (with bias), `p`
+// the product |x| |W|, `b` the output's bias (0 when there is none), `r` the relevance arriving at
+// the output.
+
+// Gamma rule: outputs with z >= 0 divide by stab(z + gamma (A + b+)), outputs with z < 0 by
+// stab(z + gamma (B + b-)) (the bias is the weight of a constant input +1, so it counts among the
+// x+ terms). The stabiliser takes the sign of the branch, which is the sign of the denominator.
+template <typename T>
+C10_HOST_DEVICE inline void gamma_factors(T r, T z, T p, T b, T gamma, T eps, T& s_w, T& s_abs) {
+  const bool pos = z >= T(0);
+  const T zb = z - b;
+  const T bias_part = pos ? (b > T(0) ? b : T(0)) : (b < T(0) ? b : T(0));
+  const T sum_part = pos ? (zb + p) * T(0.5) : (zb - p) * T(0.5);
+  const T d = z + gamma * (sum_part + bias_part) + (pos ? eps : -eps);
+  const T s = r / d;
+  s_w = (T(1) + T(0.5) * gamma) * s;
+  s_abs = T(0.5) * gamma * (pos ? s : -s);
+}
+
+// Alpha-beta rule: the normalised shares of the positive and the negative terms of one output,
+// alpha r / stab(A) and -beta r / stab(B), from A = sum_i (x_i w_ij)+ >= 0 >= B = sum_i (x_i w_ij)-
+// (computed as sums of same-signed products, so that an exactly zero sum stays zero).
+template <typename T>
+C10_HOST_DEVICE inline void alpha_beta_factors(T r, T a, T n, T alpha, T beta, T eps, T& s_pos, T& s_neg) {
+  a = a > T(0) ? a : T(0);  // exact arithmetic gives A >= 0 >= B; rounding may not
+  n = n < T(0) ? n : T(0);
+  s_pos = alpha * (r / stab(a, eps));
+  s_neg = -beta * (r / stab(n, eps));
+}
+
+// The input side of the gamma rule: x a + |x| b (relevance), or, in gradient-times-input
+// form, a + sign(x) b, the same relevance divided by x exactly (sign(0) = +1; x = 0 has none).
+template <typename T>
+C10_HOST_DEVICE inline T split_times_input(T x, T a, T b) {
+  return x * a + (x >= T(0) ? x : -x) * b;
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T split_gradient(T x, T a, T b) {
+  return a + (x >= T(0) ? b : -b);
+}
+
 }  // namespace lrpcpp::math

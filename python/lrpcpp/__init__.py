@@ -46,6 +46,8 @@ from .composite import Composite  # noqa: E402
 from .explicit import ExplicitRules  # noqa: E402
 from .families import Family, UnsupportedModelError, register_family  # noqa: E402
 from .patching import PatchHandle, patch  # noqa: E402
+from . import presets, viz  # noqa: E402
+from .presets import PRESETS, Preset, register_preset  # noqa: E402
 
 __all__ = [
     "functional",
@@ -60,5 +62,10 @@ __all__ = [
     "register_family",
     "Family",
     "UnsupportedModelError",
+    "presets",
+    "viz",
+    "Preset",
+    "PRESETS",
+    "register_preset",
     "__version__",
 ]

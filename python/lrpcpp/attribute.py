@@ -1,5 +1,6 @@
 """One-call attribution of a whole model: ``lrpcpp.attribute(model, input_ids=ids)``."""
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -42,6 +43,16 @@ def _layers(model: nn.Module) -> Dict[str, nn.Module]:
                 for i, layer in enumerate(module):
                     found[f"{name}.{i}" if name else str(i)] = layer
     return found
+
+
+def _call(model: nn.Module, key: str, leaf: Tensor, model_kwargs: dict):
+    """model(pixel_values=...) for Hugging Face models; a torch.nn or torchvision model whose forward
+    has no ``pixel_values`` parameter gets the pixels as its first positional argument."""
+    if key == "pixel_values":
+        params = inspect.signature(type(model).forward).parameters
+        if "pixel_values" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return model(leaf, **model_kwargs)
+    return model(**{key: leaf}, **model_kwargs)
 
 
 def _logits(out) -> Tensor:
@@ -106,10 +117,12 @@ def attribute(
     inputs_embeds: Optional[Tensor] = None,
     pixel_values: Optional[Tensor] = None,
     target: Target = None,
-    method: str = "attnlrp",
+    method: Optional[str] = None,
     mode: str = "gradient",
     latent: bool = False,
     epsilon: Optional[float] = None,
+    preset=None,
+    rules=None,
     **model_kwargs,
 ) -> Attribution:
     """Explains ``model``'s output with AttnLRP (or CP-LRP) in one forward and one backward pass.
@@ -120,7 +133,24 @@ def attribute(
     (K relevance maps from one backward pass), or a callable ``f(model_output) -> tensor`` (for example
     a similarity of two embeddings). The model runs in eval mode (restored afterwards) and is
     patched for the duration of the call only.
+
+    ``preset``: a registered preset name (``"vit"``, ``"epsilon_gamma_box"``, ...; see
+    :mod:`lrpcpp.presets`) or an :class:`lrpcpp.Preset`, putting a rule on every linear and
+    convolution layer; the keyword arguments that preset takes (``gamma_linear=0.05``, ``low=...``)
+    go to it, the others to the model. ``rules``: per-layer overrides, ``{module name or type: rule}``.
+    ``method=None`` is the preset's method, else ``"attnlrp"``.
     """
+    if preset is not None:
+        from . import presets as _presets
+
+        if isinstance(preset, str):
+            names = _presets.preset_arguments(preset)
+            preset_args = {k: model_kwargs.pop(k) for k in list(model_kwargs) if k in names}
+            preset = _presets.get_preset(preset, rules, **preset_args)
+        else:
+            preset = _presets.get_preset(preset, rules)
+    elif rules is not None:
+        raise ValueError("lrpcpp.attribute: rules= overrides the layer rules of a preset; give preset= as well")
     given = [n for n, v in (("input_ids", input_ids), ("inputs_embeds", inputs_embeds),
                             ("pixel_values", pixel_values)) if v is not None]
     if len(given) != 1:
@@ -147,13 +177,13 @@ def attribute(
     captured: Dict[str, Tensor] = {}
     hooks = []
     try:
-        with patch(model, method=method, mode=mode, epsilon=epsilon) as handle:
+        with patch(model, method=method, mode=mode, epsilon=epsilon, preset=preset) as handle:
             if latent:
                 for name, layer in _layers(model).items():
                     hooks.append(layer.register_forward_hook(
                         (lambda n: lambda m, a, out: captured.__setitem__(n, out[0] if isinstance(out, tuple) else out))(name)))
             with torch.enable_grad(), handle.rules.context():
-                out = model(**{key: leaf}, **model_kwargs)
+                out = _call(model, key, leaf, model_kwargs)
                 explained, ids = _select(out, target, attention_mask)
             for h in hooks:
                 h.remove()

@@ -152,13 +152,18 @@ class Composite:
       ``None`` leaves that module as it is. Every name must exist in the registered model.
     * ``functions``: run the model instance's ``forward`` inside ``ExplicitRules(epsilon)``.
     * ``epsilon``: the stabiliser of the epsilon rules, in the drop-ins and in the function rules.
+    * ``preset``: a preset name or :class:`lrpcpp.Preset` (:mod:`lrpcpp.presets`): its rules replace
+      the linear and convolution layers (by type, input layer and name, resolved for each registered
+      model; ``name_map`` still takes priority), and batch norms are merged into the convolution
+      before them (replaced by :class:`lrpcpp.presets.MergedBatchNorm`). Attention keeps the
+      composite's own explicit treatment; ``nn.MultiheadAttention`` projections are not replaced.
 
     A replaced module's children are not visited: its replacement is responsible for them. The
     registered model itself is never replaced, only its submodules.
     """
 
     def __init__(self, module_map: Optional[Mapping[type, Factory]] = None, functions: bool = True,
-                 epsilon: float = 1e-6, name_map: Optional[Mapping[str, Factory]] = None) -> None:
+                 epsilon: float = 1e-6, name_map: Optional[Mapping[str, Factory]] = None, preset=None) -> None:
         if not epsilon >= 0:
             raise ValueError(f"lrpcpp.Composite: expected epsilon >= 0, got {epsilon}")
         self.module_map: Dict[type, Factory] = dict(DEFAULT_MODULE_MAP if module_map is None else module_map)
@@ -167,6 +172,11 @@ class Composite:
         self.epsilon = float(epsilon)
         self.rules = ExplicitRules(epsilon=self.epsilon)
         self._handles: List[CompositeHandle] = []
+        self.preset = None
+        if preset is not None:
+            from . import presets as _presets
+
+            self.preset = _presets.get_preset(preset)
 
     def __repr__(self) -> str:
         return (f"Composite({len(self.module_map)} module types, {len(self.name_map)} names, "
@@ -176,7 +186,12 @@ class Composite:
     def _plan(self, model: nn.Module) -> Tuple[List[_Link], Dict[str, Tuple[nn.Module, nn.Module]]]:
         """Every (parent, key, original, replacement) link to change, built before anything changes."""
         all_names = {n for n, _ in model.named_modules(remove_duplicate=False) if n}
-        unknown = sorted(set(self.name_map) - all_names)
+        name_map = self.name_map
+        if self.preset is not None:
+            from . import presets as _presets
+
+            name_map = {**_presets.composite_name_map(self.preset, model), **self.name_map}
+        unknown = sorted(set(name_map) - all_names)
         if unknown:
             raise KeyError(
                 f"lrpcpp.Composite: name_map names no submodule of this {type(model).__name__}: {unknown}"
@@ -194,7 +209,7 @@ class Composite:
                     continue
                 name = f"{prefix}.{key}" if prefix else key
                 reached.add(name)
-                factory = self.name_map[name] if name in self.name_map else self.module_map.get(type(child))
+                factory = name_map[name] if name in name_map else self.module_map.get(type(child))
                 if factory is not None:
                     new = built.get(id(child))
                     if new is None:
@@ -206,7 +221,7 @@ class Composite:
                     todo.append((name, child))
                 else:  # a module shared with an earlier parent: visited there
                     reached.update(f"{name}.{n}" for n, _ in child.named_modules(remove_duplicate=False) if n)
-        inside = sorted(set(self.name_map) - reached)
+        inside = sorted(set(name_map) - reached)
         if inside:
             raise ValueError(
                 "lrpcpp.Composite: name_map names modules inside a module that is replaced as a whole: "

@@ -12,11 +12,12 @@ shares ``m``'s parameters and buffers (no copy)::
 All modules are TorchScript-compatible.
 """
 
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import functional as lf
 
@@ -32,6 +33,20 @@ __all__ = [
     "TanhIdentity",
     "ReLUIdentity",
     "SigmoidIdentity",
+    "LinearGamma",
+    "LinearAlphaBeta",
+    "LinearZPlus",
+    "LinearZBox",
+    "LinearFlat",
+    "LinearWSquare",
+    "Conv2dGamma",
+    "Conv2dAlphaBeta",
+    "Conv2dZPlus",
+    "Conv2dZBox",
+    "Conv2dFlat",
+    "Conv2dWSquare",
+    "weight_transform",
+    "clear_weight_transforms",
 ]
 
 
@@ -238,3 +253,343 @@ class SigmoidIdentity(_FromModule, nn.Sigmoid):
 
     def forward(self, x: Tensor) -> Tensor:
         return lf.sigmoid(x)
+
+
+# ----------------------------------------------------------------------------- vision rules
+# RULES.md section 3. The rules multiply by transforms of the weight (|W|, max(W, 0), min(W, 0), W**2);
+# weight_transform computes it once per weight and hands out the same tensor while the weight is
+# unchanged, so that neither a module nor a patched model rebuilds it per call.
+
+_TRANSFORM_FUNCTIONS: Dict[str, Callable[[Tensor], Tensor]] = {
+    "abs": torch.abs,
+    "pos": lambda w: w.clamp_min(0),
+    "neg": lambda w: w.clamp_max(0),
+    "sq": lambda w: w * w,
+}
+
+# weight tensor -> {kind: (key of the weight's state, transform)}; entries die with their weight
+_TRANSFORMS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _weight_state(weight: Tensor) -> Tuple[Any, ...]:
+    return (weight._version, weight.data_ptr(), weight.device, weight.dtype, tuple(weight.shape),
+            tuple(weight.stride()))
+
+
+def weight_transform(weight: Tensor, kind: str) -> Tensor:
+    """``|W|`` (``kind="abs"``), ``max(W, 0)`` (``"pos"``), ``min(W, 0)`` (``"neg"``) or ``W**2``
+    (``"sq"``) of ``weight``,
+    computed once and returned again, as the same tensor, while ``weight`` is the same tensor object
+    with the same version counter (no in-place update since), storage, device, dtype and layout.
+    The transform takes no gradient. Entries are dropped with their weight, or by
+    :func:`clear_weight_transforms`.
+    """
+    fn = _TRANSFORM_FUNCTIONS.get(kind)
+    if fn is None:
+        raise ValueError(f"lrpcpp.modules.weight_transform: kind must be one of {sorted(_TRANSFORM_FUNCTIONS)}, "
+                         f"got {kind!r}")
+    state = _weight_state(weight)
+    entries = _TRANSFORMS.get(weight)
+    if entries is None:
+        entries = {}
+        _TRANSFORMS[weight] = entries
+    hit = entries.get(kind)
+    if hit is not None and hit[0] == state:
+        return hit[1]
+    with torch.no_grad():
+        value = fn(weight.detach())
+    entries[kind] = (state, value)
+    return value
+
+
+def clear_weight_transforms() -> None:
+    """Drops every cached weight transform (they are rebuilt on the next use)."""
+    _TRANSFORMS.clear()
+
+
+def _check_rule_options(cls_name: str, options: Dict[str, Any]) -> None:
+    if "epsilon" in options:
+        _check_epsilon(cls_name, options["epsilon"])
+    if "gamma" in options and not options["gamma"] >= 0:
+        raise ValueError(f"{cls_name}: expected gamma >= 0, got {options['gamma']}")
+    if "alpha" in options:
+        alpha, beta = options["alpha"], options["beta"]
+        if not (beta >= 0 and abs(alpha - beta - 1.0) <= 1e-9):
+            raise ValueError(f"{cls_name}: expected alpha - beta = 1 and beta >= 0, got alpha={alpha}, beta={beta}")
+
+
+class _VisionRule(_FromModule):
+    """Common part of the vision-rule modules: rule options, the cached weight transform, repr."""
+
+    _transform_kind = ""  # "abs", "pos", "sq" or "" (none)
+
+    def _set_rule_options(self, options: Dict[str, Any]) -> None:
+        unknown = set(options) - set(self._rule_defaults)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unknown options {sorted(unknown)}; "
+                            f"it takes {sorted(self._rule_defaults)}")
+        for name, default in self._rule_defaults.items():
+            setattr(self, name, options.get(name, default))
+
+    def _lrp_setup(self) -> None:
+        _check_rule_options(type(self).__name__, {k: getattr(self, k) for k in self._rule_defaults})
+
+    @torch.jit.unused
+    def _weight_transform(self) -> Optional[Tensor]:
+        """The rule's weight transform, from the cache (None when the rule needs none)."""
+        return weight_transform(self.weight, self._transform_kind) if self._transform_kind else None
+
+    @torch.jit.unused
+    def _pos_neg(self) -> Tuple[Tensor, Tensor]:
+        """max(W, 0) and min(W, 0), from the cache (the alpha-beta rule)."""
+        return weight_transform(self.weight, "pos"), weight_transform(self.weight, "neg")
+
+    def extra_repr(self) -> str:
+        options = ", ".join(f"{k}={getattr(self, k)}" for k in self._rule_defaults if k not in ("lower", "upper"))
+        return f"{super().extra_repr()}, {options}"
+
+
+class _LinearRule(_VisionRule, nn.Linear):
+    _replaces = nn.Linear
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
+                 **rule_options: Any) -> None:
+        nn.Linear.__init__(self, in_features, out_features, bias, device, dtype)
+        self._set_rule_options(rule_options)
+        self._lrp_setup()
+
+
+class _Conv2dRule(_VisionRule, nn.Conv2d):
+    _replaces = nn.Conv2d
+    _lrp_pre_pad: List[int]
+    _lrp_padding: List[int]
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None,
+                 **rule_options: Any) -> None:
+        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                           padding_mode, device, dtype)
+        self._set_rule_options(rule_options)
+        self._lrp_setup()
+
+    def _lrp_setup(self) -> None:
+        super()._lrp_setup()
+        # as Conv2dEpsilon: string padding or a non-zero padding_mode pads explicitly first
+        if isinstance(self.padding, str) or self.padding_mode != "zeros":
+            self._lrp_pre_pad = [int(p) for p in self._reversed_padding_repeated_twice]
+            self._lrp_padding = [0, 0]
+        else:
+            self._lrp_pre_pad = []
+            self._lrp_padding = [int(p) for p in self.padding]
+
+    def _padded(self, x: Tensor) -> Tensor:
+        if len(self._lrp_pre_pad) > 0:
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, self._lrp_pre_pad, mode=mode)
+        return x
+
+
+class _Bounded:
+    """z-box: the bounds as (non-persistent) buffers in the weight's dtype and on its device."""
+
+    def _lrp_setup(self) -> None:
+        super()._lrp_setup()  # type: ignore[misc]
+        weight = self.weight  # type: ignore[attr-defined]
+        for name in ("lower", "upper"):
+            value = getattr(self, name)
+            if value is None:
+                raise ValueError(f"{type(self).__name__}: the z-box rule needs both bounds, lower and upper")
+            tensor = torch.as_tensor(value, dtype=weight.dtype, device=weight.device).detach().clone()
+            self.__dict__.pop(name, None)
+            self._buffers.pop(name, None)  # type: ignore[attr-defined]
+            self.register_buffer(name, tensor, persistent=False)  # type: ignore[attr-defined]
+        if bool((self.lower > self.upper).any()):  # type: ignore[attr-defined]
+            raise ValueError(f"{type(self).__name__}: expected lower <= upper")
+
+
+class LinearGamma(_LinearRule):
+    """``nn.Linear`` with the gamma rule (:func:`lrpcpp.functional.linear_gamma`); options ``gamma``,
+    ``epsilon``, ``gi``. ``|W|`` comes from :func:`weight_transform`."""
+
+    _rule_defaults = {"gamma": 0.25, "epsilon": 1e-6, "gi": False}
+    _transform_kind = "abs"
+    gamma: float
+    epsilon: float
+    gi: bool
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = None if torch.jit.is_scripting() else self._weight_transform()
+        return lf.linear_gamma(x, self.weight, self.bias, self.gamma, self.epsilon, t, self.gi)
+
+
+class LinearAlphaBeta(_LinearRule):
+    """``nn.Linear`` with the alpha-beta rule; options ``alpha``, ``beta`` (alpha - beta = 1),
+    ``epsilon``, ``gi``."""
+
+    _rule_defaults = {"alpha": 2.0, "beta": 1.0, "epsilon": 1e-6, "gi": False}
+    alpha: float
+    beta: float
+    epsilon: float
+    gi: bool
+
+    def forward(self, x: Tensor) -> Tensor:
+        pos: Optional[Tensor] = None
+        neg: Optional[Tensor] = None
+        if not torch.jit.is_scripting():
+            pos, neg = self._pos_neg()
+        return lf.linear_alpha_beta(x, self.weight, self.bias, self.alpha, self.beta, self.epsilon, pos, neg, self.gi)
+
+
+class LinearZPlus(_LinearRule):
+    """``nn.Linear`` with the z-plus rule; options ``epsilon``, ``gi``."""
+
+    _rule_defaults = {"epsilon": 1e-6, "gi": False}
+    _transform_kind = "pos"
+    epsilon: float
+    gi: bool
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = None if torch.jit.is_scripting() else self._weight_transform()
+        return lf.linear_z_plus(x, self.weight, self.bias, self.epsilon, t, self.gi)
+
+
+class LinearZBox(_Bounded, _LinearRule):
+    """``nn.Linear`` with the z-box rule for inputs within ``[lower, upper]`` (numbers or tensors
+    broadcastable to the input); options ``lower``, ``upper``, ``epsilon``, ``gi``."""
+
+    _rule_defaults = {"lower": None, "upper": None, "epsilon": 1e-6, "gi": False}
+    _transform_kind = "abs"
+    epsilon: float
+    gi: bool
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = None if torch.jit.is_scripting() else self._weight_transform()
+        return lf.linear_z_box(x, self.weight, self.bias, self.lower, self.upper, self.epsilon, t, self.gi)
+
+
+class LinearFlat(_LinearRule):
+    """``nn.Linear`` with the flat rule; options ``epsilon``, ``gi``."""
+
+    _rule_defaults = {"epsilon": 1e-6, "gi": False}
+    epsilon: float
+    gi: bool
+
+    def forward(self, x: Tensor) -> Tensor:
+        return lf.linear_flat(x, self.weight, self.bias, self.epsilon, self.gi)
+
+
+class LinearWSquare(_LinearRule):
+    """``nn.Linear`` with the w-square rule; options ``epsilon``, ``gi``."""
+
+    _rule_defaults = {"epsilon": 1e-6, "gi": False}
+    _transform_kind = "sq"
+    epsilon: float
+    gi: bool
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = None if torch.jit.is_scripting() else self._weight_transform()
+        return lf.linear_w_square(x, self.weight, self.bias, self.epsilon, t, self.gi)
+
+
+class Conv2dGamma(_Conv2dRule):
+    """``nn.Conv2d`` with the gamma rule (:func:`lrpcpp.functional.conv2d_gamma`); options ``gamma``,
+    ``epsilon``, ``gi``. String padding and non-zero padding modes pad explicitly first."""
+
+    _rule_defaults = {"gamma": 0.25, "epsilon": 1e-6, "gi": False}
+    _transform_kind = "abs"
+    gamma: float
+    _lrp_pre_pad: List[int]
+    _lrp_padding: List[int]
+    epsilon: float
+    gi: bool
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = None if torch.jit.is_scripting() else self._weight_transform()
+        return lf.conv2d_gamma(self._padded(x), self.weight, self.bias, self.stride, self._lrp_padding, self.dilation,
+                               self.groups, self.gamma, self.epsilon, t, self.gi)
+
+
+class Conv2dAlphaBeta(_Conv2dRule):
+    """``nn.Conv2d`` with the alpha-beta rule; options ``alpha``, ``beta``, ``epsilon``, ``gi``."""
+
+    _rule_defaults = {"alpha": 2.0, "beta": 1.0, "epsilon": 1e-6, "gi": False}
+    alpha: float
+    beta: float
+    _lrp_pre_pad: List[int]
+    _lrp_padding: List[int]
+    epsilon: float
+    gi: bool
+
+    def forward(self, x: Tensor) -> Tensor:
+        pos: Optional[Tensor] = None
+        neg: Optional[Tensor] = None
+        if not torch.jit.is_scripting():
+            pos, neg = self._pos_neg()
+        return lf.conv2d_alpha_beta(self._padded(x), self.weight, self.bias, self.stride, self._lrp_padding,
+                                    self.dilation, self.groups, self.alpha, self.beta, self.epsilon, pos, neg,
+                                    self.gi)
+
+
+class Conv2dZPlus(_Conv2dRule):
+    """``nn.Conv2d`` with the z-plus rule; options ``epsilon``, ``gi``."""
+
+    _rule_defaults = {"epsilon": 1e-6, "gi": False}
+    _transform_kind = "pos"
+    _lrp_pre_pad: List[int]
+    _lrp_padding: List[int]
+    epsilon: float
+    gi: bool
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = None if torch.jit.is_scripting() else self._weight_transform()
+        return lf.conv2d_z_plus(self._padded(x), self.weight, self.bias, self.stride, self._lrp_padding,
+                                self.dilation, self.groups, self.epsilon, t, self.gi)
+
+
+class Conv2dZBox(_Bounded, _Conv2dRule):
+    """``nn.Conv2d`` with the z-box rule for inputs within ``[lower, upper]`` (numbers, or tensors
+    broadcastable to the input such as per-channel ``[C, 1, 1]`` bounds); options ``lower``,
+    ``upper``, ``epsilon``, ``gi``. Zero padding is not an input and takes no relevance; other
+    padding modes pad explicitly first, and their padded values are inputs like any other."""
+
+    _rule_defaults = {"lower": None, "upper": None, "epsilon": 1e-6, "gi": False}
+    _transform_kind = "abs"
+    _lrp_pre_pad: List[int]
+    _lrp_padding: List[int]
+    epsilon: float
+    gi: bool
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = None if torch.jit.is_scripting() else self._weight_transform()
+        return lf.conv2d_z_box(self._padded(x), self.weight, self.bias, self.lower, self.upper, self.stride,
+                               self._lrp_padding, self.dilation, self.groups, self.epsilon, t, self.gi)
+
+
+class Conv2dFlat(_Conv2dRule):
+    """``nn.Conv2d`` with the flat rule; options ``epsilon``, ``gi``."""
+
+    _rule_defaults = {"epsilon": 1e-6, "gi": False}
+    _lrp_pre_pad: List[int]
+    _lrp_padding: List[int]
+    epsilon: float
+    gi: bool
+
+    def forward(self, x: Tensor) -> Tensor:
+        return lf.conv2d_flat(self._padded(x), self.weight, self.bias, self.stride, self._lrp_padding, self.dilation,
+                              self.groups, self.epsilon, self.gi)
+
+
+class Conv2dWSquare(_Conv2dRule):
+    """``nn.Conv2d`` with the w-square rule; options ``epsilon``, ``gi``."""
+
+    _rule_defaults = {"epsilon": 1e-6, "gi": False}
+    _transform_kind = "sq"
+    _lrp_pre_pad: List[int]
+    _lrp_padding: List[int]
+    epsilon: float
+    gi: bool
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = None if torch.jit.is_scripting() else self._weight_transform()
+        return lf.conv2d_w_square(self._padded(x), self.weight, self.bias, self.stride, self._lrp_padding,
+                                  self.dilation, self.groups, self.epsilon, t, self.gi)

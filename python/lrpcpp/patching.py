@@ -205,6 +205,8 @@ class PatchHandle:
         self.model, self.method, self.mode, self.rules = model, method, mode, rules
         self._undo: List[Callable[[], None]] = []
         self.patched: Dict[str, str] = {}  # module name -> what was done to it
+        self.layer_rules: Dict[str, object] = {}  # layer name -> its lrpcpp.presets rule (with a preset)
+        self.merged_batch_norms: Dict[str, str] = {}  # convolution name -> the batch norm merged into it
 
     # --- bookkeeping
     def _set_forward(self, name: str, module: nn.Module, forward: Callable, what: str) -> None:
@@ -253,14 +255,27 @@ def _first_tensor_arg(args: tuple, kwargs: dict, transform: Callable[[Tensor], T
     return args, kwargs
 
 
-def patch(model: nn.Module, method: str = "attnlrp", mode: str = "gradient", epsilon: Optional[float] = None) -> PatchHandle:
+def patch(model: nn.Module, method: Optional[str] = None, mode: str = "gradient", epsilon: Optional[float] = None,
+          preset=None) -> PatchHandle:
     """Patches ``model`` (this instance only) for relevance; returns a handle with ``.remove()``.
 
     ``epsilon`` is the stabiliser of the rules (default 1e-10 in gradient mode, where it only guards
     divisions by the input of an activation, and 1e-6 in explicit mode). Raises
     :class:`lrpcpp.UnsupportedModelError` for a Hugging Face architecture without a family entry,
     and ``RuntimeError`` if the model is already patched.
+
+    ``preset`` (a name registered with :func:`lrpcpp.register_preset`, or an :class:`lrpcpp.Preset`)
+    also puts a rule on each linear and convolution layer (:mod:`lrpcpp.presets`), recorded in
+    ``handle.layer_rules``; ``method`` then defaults to the preset's. ``method=None`` is ``"attnlrp"``.
     """
+    if preset is not None:
+        from . import presets as _presets
+
+        preset = _presets.get_preset(preset)
+        if method is None:
+            method = preset.method
+    if method is None:
+        method = "attnlrp"
     if method not in METHODS:
         raise ValueError(f"lrpcpp.patch: method must be one of {METHODS}, got {method!r}")
     if mode not in MODES:
@@ -277,6 +292,8 @@ def patch(model: nn.Module, method: str = "attnlrp", mode: str = "gradient", eps
     rules: _Rules = _GradientRules(epsilon) if mode == "gradient" else _ExplicitRules(epsilon)
     handle = PatchHandle(model, method, mode, rules)
     try:
+        if preset is not None:
+            _presets.apply(handle, preset)
         _apply(handle, family)
     except BaseException:
         handle.remove()

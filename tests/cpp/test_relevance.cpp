@@ -98,6 +98,47 @@ void bad_input_errors() {
   check(raised, "shape mismatch raises a clear error");
 }
 
+// The gamma rule on a linear layer (RULES.md section 3), term by term: outputs with z >= 0 take the
+// numerators x+ (W + g W+) + x- (W + g W-), the others x+ (W + g W-) + x- (W + g W+); the bias is the
+// weight of a constant input +1. And its gradient-times-input form: x * g_x is the same relevance.
+void gamma_rule() {
+  auto opts = at::TensorOptions().dtype(at::kDouble);
+  auto x = torch::randn({3, 5}, opts);
+  auto w = torch::randn({4, 5}, opts);
+  auto b = torch::randn({4}, opts);
+  const double g = 0.3;
+  auto xe = x.clone().requires_grad_();
+  auto y = lrpcpp::linear_gamma(xe, w, b, g, 1e-9, at::abs(w), false);
+  check(close(y, at::linear(x, w, b)), "linear_gamma forward equals at::linear");
+  auto r = torch::randn_like(y);
+  y.backward(r);
+  auto xp = x.clamp_min(0).unsqueeze(1), xn = x.clamp_max(0).unsqueeze(1);  // [3, 1, 5]
+  auto up = w + g * w.clamp_min(0), down = w + g * w.clamp_max(0);             // [4, 5]
+  auto num_p = xp * up + xn * down, num_n = xp * down + xn * up;               // [3, 4, 5]
+  auto z = at::linear(x, w, b);
+  auto pos = (z >= 0);
+  auto num = at::where(pos.unsqueeze(-1), num_p, num_n);
+  auto den = at::where(pos, num_p.sum(-1) + b + g * b.clamp_min(0), num_n.sum(-1) + b + g * b.clamp_max(0));
+  auto expected = (num * (r / stab(den, 1e-9)).unsqueeze(-1)).sum(1);
+  check(close(xe.grad(), expected), "linear_gamma relevance matches the formula");
+  auto xg = x.clone().requires_grad_();
+  auto yg = lrpcpp::linear_gamma(xg, w, b, g, 1e-9, std::nullopt, true);
+  yg.backward(r / yg.detach());
+  check(close(xg.grad() * x, expected), "linear_gamma gradient-times-input form");
+}
+
+// z-box on a first convolution conserves relevance with the bounds of the input.
+void z_box_conserves() {
+  auto opts = at::TensorOptions().dtype(at::kDouble);
+  auto x = torch::rand({2, 3, 8, 8}, opts).requires_grad_();
+  auto lo = torch::zeros({3, 1, 1}, opts), hi = torch::ones({3, 1, 1}, opts);
+  auto y = lrpcpp::conv2d_z_box(x, torch::randn({4, 3, 3, 3}, opts), torch::randn({4}, opts), lo, hi, {1, 1},
+                                {1, 1}, {1, 1}, 1, 1e-12, std::nullopt, false);
+  y.backward(y.detach().abs());
+  check(std::abs(x.grad().sum().item<double>() - y.abs().sum().item<double>()) < 1e-8,
+        "conv2d_z_box conserves relevance");
+}
+
 }  // namespace
 
 int main() {
@@ -108,6 +149,8 @@ int main() {
   gradient_times_input();
   relevance_op_is_registered();
   bad_input_errors();
+  gamma_rule();
+  z_box_conserves();
   std::cout << passed << " passed, " << failed << " failed" << std::endl;
   return failed == 0 ? 0 : 1;
 }

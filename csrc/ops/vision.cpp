@@ -1,0 +1,730 @@
+// LRP rules for vision and convolution layers (RULES.md section 3) on linear layers and 2-D
+// convolutions: gamma, alpha-beta, z-plus, z-box, flat and w-square.
+//   forward:   y = x W^T + b, or the convolution (torch's own kernel, bitwise)
+//   relevance: composed from ATen products and the per-element primitives of this family.
+//
+// Every rule is written with W and transforms of it (|W|, max(W, 0), min(W, 0) or W^2), which the
+// caller may compute once and pass in. With p = |x| |W|, the sums of the positive and negative
+// terms x_i w_ij of an output are A = (xW + p) / 2 and B = (xW - p) / 2, and
+//   gamma:              R_x = x (s_w W^T) + |x| (s_abs |W|^T)     (s_w, s_abs: gamma_stab_div)
+//   alpha-beta:         R_x = x+ u + x- v, from W+ and W- (see alpha_beta_relevance)
+//   z-plus:             R_x = x (s W+^T),                 s = R / stab(x W+)
+//   z-box(l, h):        R_x = (x - m)(s W^T) - d (s |W|^T), s = R / stab((x - m) W - d |W|),
+//                       m = (l + h) / 2, d = (l - h) / 2 (so x w - l w+ - h w- = (x - m) w - d |w|)
+//   flat, w-square:     R_x = s V^T (V = 1 or W^2),       s = R / stab(1 V)
+// where s V^T is the transposed map (s @ V for a linear layer, the input-gradient of the
+// convolution for a conv layer). One product |x| |W| then serves both signed sums.
+//
+// gi = true (gradient-times-input form): the incoming gradient g is turned into the relevance
+// R = g * y, and the result is the gradient g_x = R_x / x: for the rules whose relevance is a
+// multiple of x or |x| (gamma, alpha-beta, z-plus) the division is exact (x -> 1, |x| -> sign(x));
+// for the others (z-box, flat, w-square) it is R_x / stab(x). float16 and bfloat16 inputs are computed
+// in float32 (rule_dtype).
+#include "impl.h"
+
+namespace lrpcpp {
+
+// ----------------------------------------------------------------------------- dispatcher entries
+Tensor linear_gamma(const Tensor& x, const Tensor& weight, const OptTensor& bias, double gamma, double epsilon,
+                    const OptTensor& weight_abs, bool gi) {
+  LRPCPP_DISPATCH(linear_gamma);
+  return op.call(x, weight, bias, gamma, epsilon, weight_abs, gi);
+}
+
+Tensor linear_gamma_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                              const OptTensor& weight_abs, const Tensor& output, double gamma, double epsilon,
+                              bool gi) {
+  LRPCPP_DISPATCH(linear_gamma_relevance);
+  return op.call(grad, x, weight, bias, weight_abs, output, gamma, epsilon, gi);
+}
+
+Tensor linear_alpha_beta(const Tensor& x, const Tensor& weight, const OptTensor& bias, double alpha, double beta,
+                         double epsilon, const OptTensor& weight_pos, const OptTensor& weight_neg, bool gi) {
+  LRPCPP_DISPATCH(linear_alpha_beta);
+  return op.call(x, weight, bias, alpha, beta, epsilon, weight_pos, weight_neg, gi);
+}
+
+Tensor linear_alpha_beta_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                                   const OptTensor& weight_pos, const OptTensor& weight_neg, const Tensor& output,
+                                   double alpha, double beta, double epsilon, bool gi) {
+  LRPCPP_DISPATCH(linear_alpha_beta_relevance);
+  return op.call(grad, x, weight, weight_pos, weight_neg, output, alpha, beta, epsilon, gi);
+}
+
+Tensor linear_z_plus(const Tensor& x, const Tensor& weight, const OptTensor& bias, double epsilon,
+                     const OptTensor& weight_pos, bool gi) {
+  LRPCPP_DISPATCH(linear_z_plus);
+  return op.call(x, weight, bias, epsilon, weight_pos, gi);
+}
+
+Tensor linear_z_plus_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                               const OptTensor& weight_pos, const Tensor& output, double epsilon, bool gi) {
+  LRPCPP_DISPATCH(linear_z_plus_relevance);
+  return op.call(grad, x, weight, weight_pos, output, epsilon, gi);
+}
+
+Tensor linear_z_box(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& lower,
+                    const Tensor& upper, double epsilon, const OptTensor& weight_abs, bool gi) {
+  LRPCPP_DISPATCH(linear_z_box);
+  return op.call(x, weight, bias, lower, upper, epsilon, weight_abs, gi);
+}
+
+Tensor linear_z_box_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& lower,
+                              const Tensor& upper, const OptTensor& weight_abs, const Tensor& output,
+                              double epsilon, bool gi) {
+  LRPCPP_DISPATCH(linear_z_box_relevance);
+  return op.call(grad, x, weight, lower, upper, weight_abs, output, epsilon, gi);
+}
+
+Tensor linear_flat(const Tensor& x, const Tensor& weight, const OptTensor& bias, double epsilon, bool gi) {
+  LRPCPP_DISPATCH(linear_flat);
+  return op.call(x, weight, bias, epsilon, gi);
+}
+
+Tensor linear_flat_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& output,
+                             double epsilon, bool gi) {
+  LRPCPP_DISPATCH(linear_flat_relevance);
+  return op.call(grad, x, weight, output, epsilon, gi);
+}
+
+Tensor linear_w_square(const Tensor& x, const Tensor& weight, const OptTensor& bias, double epsilon,
+                       const OptTensor& weight_sq, bool gi) {
+  LRPCPP_DISPATCH(linear_w_square);
+  return op.call(x, weight, bias, epsilon, weight_sq, gi);
+}
+
+Tensor linear_w_square_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                                 const OptTensor& weight_sq, const Tensor& output, double epsilon, bool gi) {
+  LRPCPP_DISPATCH(linear_w_square_relevance);
+  return op.call(grad, x, weight, weight_sq, output, epsilon, gi);
+}
+
+Tensor conv2d_gamma(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride, IntRef padding,
+                    IntRef dilation, int64_t groups, double gamma, double epsilon, const OptTensor& weight_abs,
+                    bool gi) {
+  LRPCPP_DISPATCH(conv2d_gamma);
+  return op.call(x, weight, bias, stride, padding, dilation, groups, gamma, epsilon, weight_abs, gi);
+}
+
+Tensor conv2d_gamma_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                              const OptTensor& weight_abs, const Tensor& output, IntRef stride, IntRef padding,
+                              IntRef dilation, int64_t groups, double gamma, double epsilon, bool gi) {
+  LRPCPP_DISPATCH(conv2d_gamma_relevance);
+  return op.call(grad, x, weight, bias, weight_abs, output, stride, padding, dilation, groups, gamma, epsilon, gi);
+}
+
+Tensor conv2d_alpha_beta(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride,
+                         IntRef padding, IntRef dilation, int64_t groups, double alpha, double beta, double epsilon,
+                         const OptTensor& weight_pos, const OptTensor& weight_neg, bool gi) {
+  LRPCPP_DISPATCH(conv2d_alpha_beta);
+  return op.call(x, weight, bias, stride, padding, dilation, groups, alpha, beta, epsilon, weight_pos, weight_neg,
+                 gi);
+}
+
+Tensor conv2d_alpha_beta_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                                   const OptTensor& weight_pos, const OptTensor& weight_neg, const Tensor& output,
+                                   IntRef stride, IntRef padding, IntRef dilation, int64_t groups, double alpha,
+                                   double beta, double epsilon, bool gi) {
+  LRPCPP_DISPATCH(conv2d_alpha_beta_relevance);
+  return op.call(grad, x, weight, weight_pos, weight_neg, output, stride, padding, dilation, groups, alpha, beta,
+                 epsilon, gi);
+}
+
+Tensor conv2d_z_plus(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride, IntRef padding,
+                     IntRef dilation, int64_t groups, double epsilon, const OptTensor& weight_pos, bool gi) {
+  LRPCPP_DISPATCH(conv2d_z_plus);
+  return op.call(x, weight, bias, stride, padding, dilation, groups, epsilon, weight_pos, gi);
+}
+
+Tensor conv2d_z_plus_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                               const OptTensor& weight_pos, const Tensor& output, IntRef stride, IntRef padding,
+                               IntRef dilation, int64_t groups, double epsilon, bool gi) {
+  LRPCPP_DISPATCH(conv2d_z_plus_relevance);
+  return op.call(grad, x, weight, weight_pos, output, stride, padding, dilation, groups, epsilon, gi);
+}
+
+Tensor conv2d_z_box(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& lower,
+                    const Tensor& upper, IntRef stride, IntRef padding, IntRef dilation, int64_t groups,
+                    double epsilon, const OptTensor& weight_abs, bool gi) {
+  LRPCPP_DISPATCH(conv2d_z_box);
+  return op.call(x, weight, bias, lower, upper, stride, padding, dilation, groups, epsilon, weight_abs, gi);
+}
+
+Tensor conv2d_z_box_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& lower,
+                              const Tensor& upper, const OptTensor& weight_abs, const Tensor& output,
+                              IntRef stride, IntRef padding, IntRef dilation, int64_t groups, double epsilon,
+                              bool gi) {
+  LRPCPP_DISPATCH(conv2d_z_box_relevance);
+  return op.call(grad, x, weight, lower, upper, weight_abs, output, stride, padding, dilation, groups, epsilon, gi);
+}
+
+Tensor conv2d_flat(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride, IntRef padding,
+                   IntRef dilation, int64_t groups, double epsilon, bool gi) {
+  LRPCPP_DISPATCH(conv2d_flat);
+  return op.call(x, weight, bias, stride, padding, dilation, groups, epsilon, gi);
+}
+
+Tensor conv2d_flat_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& output,
+                             IntRef stride, IntRef padding, IntRef dilation, int64_t groups, double epsilon,
+                             bool gi) {
+  LRPCPP_DISPATCH(conv2d_flat_relevance);
+  return op.call(grad, x, weight, output, stride, padding, dilation, groups, epsilon, gi);
+}
+
+Tensor conv2d_w_square(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride,
+                       IntRef padding, IntRef dilation, int64_t groups, double epsilon, const OptTensor& weight_sq,
+                       bool gi) {
+  LRPCPP_DISPATCH(conv2d_w_square);
+  return op.call(x, weight, bias, stride, padding, dilation, groups, epsilon, weight_sq, gi);
+}
+
+Tensor conv2d_w_square_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                                 const OptTensor& weight_sq, const Tensor& output, IntRef stride, IntRef padding,
+                                 IntRef dilation, int64_t groups, double epsilon, bool gi) {
+  LRPCPP_DISPATCH(conv2d_w_square_relevance);
+  return op.call(grad, x, weight, weight_sq, output, stride, padding, dilation, groups, epsilon, gi);
+}
+
+TensorPair gamma_stab_div(const Tensor& grad, const Tensor& output, const Tensor& abs_product, const OptTensor& bias,
+                          int64_t bias_dim, double gamma, double epsilon, bool gi) {
+  LRPCPP_DISPATCH(gamma_stab_div);
+  return op.call(grad, output, abs_product, bias, bias_dim, gamma, epsilon, gi);
+}
+
+TensorPair alpha_beta_stab_div(const Tensor& grad, const Tensor& output, const Tensor& pos_sum,
+                               const Tensor& neg_sum, double alpha, double beta, double epsilon, bool gi) {
+  LRPCPP_DISPATCH(alpha_beta_stab_div);
+  return op.call(grad, output, pos_sum, neg_sum, alpha, beta, epsilon, gi);
+}
+
+Tensor split_times_input(const Tensor& x, const Tensor& a, const Tensor& b, bool gi) {
+  LRPCPP_DISPATCH(split_times_input);
+  return op.call(x, a, b, gi);
+}
+
+namespace impl {
+using namespace detail;
+
+// ----------------------------------------------------------------------------- checks
+void check_gamma(double gamma, const char* op) {
+  TORCH_CHECK(gamma >= 0.0 && std::isfinite(gamma), op, ": expected gamma to be a finite number >= 0, got ", gamma);
+}
+
+void check_alpha_beta(double alpha, double beta, const char* op) {
+  TORCH_CHECK(std::isfinite(alpha) && std::isfinite(beta) && beta >= 0.0, op,
+              ": expected finite alpha and beta with beta >= 0, got alpha=", alpha, ", beta=", beta);
+  TORCH_CHECK(std::abs(alpha - beta - 1.0) <= 1e-9, op,
+              ": expected alpha - beta = 1 (RULES.md section 3; z-plus is alpha=1, beta=0), got alpha=", alpha,
+              ", beta=", beta);
+}
+
+int64_t inner_size(const Tensor& output, int64_t d) {
+  int64_t n = 1;
+  for (int64_t i = d + 1; i < output.dim(); ++i) n *= output.size(i);
+  return n;
+}
+
+int64_t check_factor_inputs(const Tensor& grad, const Tensor& output, const Tensor& abs_product,
+                            const OptTensor& bias, int64_t bias_dim, double epsilon, const char* op) {
+  check_floating(output, op, "output");
+  check_like(grad, output, op, "grad", "output");
+  check_same_shape(grad, output, op, "grad", "output");
+  check_like(abs_product, output, op, "abs_product", "output");
+  check_same_shape(abs_product, output, op, "abs_product", "output");
+  const int64_t n = output.dim();
+  TORCH_CHECK(n >= 1, op, ": expected output to have at least 1 dimension, got a 0-D tensor");
+  TORCH_CHECK_INDEX(bias_dim >= -n && bias_dim < n, op, ": expected bias_dim in [", -n, ", ", n - 1, "], got ",
+                    bias_dim);
+  const int64_t d = bias_dim < 0 ? bias_dim + n : bias_dim;
+  if (bias.has_value() && bias->defined()) {
+    check_like(*bias, output, op, "bias", "output");
+    TORCH_CHECK(bias->dim() == 1, op, ": expected bias to be 1-D, got shape ", shape_str(*bias));
+    TORCH_SYM_CHECK(bias->sym_size(0).sym_eq(output.sym_size(d)), op, ": expected bias to have ",
+                    output.sym_size(d), " elements (output.shape[", d, "]), got ", bias->sym_size(0));
+  }
+  check_epsilon(epsilon, op);
+  return d;
+}
+
+void check_alpha_beta_inputs(const Tensor& grad, const Tensor& output, const Tensor& pos_sum,
+                             const Tensor& neg_sum, double alpha, double beta, double epsilon) {
+  const char* op = "lrpcpp.alpha_beta_stab_div";
+  check_floating(output, op, "output");
+  for (const auto& [t, arg] : {std::pair<const Tensor*, const char*>{&grad, "grad"}, {&pos_sum, "pos_sum"},
+                               {&neg_sum, "neg_sum"}}) {
+    check_like(*t, output, op, arg, "output");
+    check_same_shape(*t, output, op, arg, "output");
+  }
+  check_alpha_beta(alpha, beta, op);
+  check_epsilon(epsilon, op);
+}
+
+void check_split_times_input(const Tensor& x, const Tensor& a, const Tensor& b) {
+  const char* op = "lrpcpp.split_times_input";
+  check_floating(x, op, "x");
+  check_like(a, x, op, "a", "x");
+  check_like(b, x, op, "b", "x");
+  check_same_shape(a, x, op, "a", "x");
+  check_same_shape(b, x, op, "b", "x");
+}
+
+namespace {
+
+// A weight transform passed in by the caller: the weight's shape, dtype and device.
+void check_transform(const OptTensor& t, const Tensor& weight, const char* op, const char* arg) {
+  if (!t.has_value() || !t->defined()) return;
+  check_like(*t, weight, op, arg, "weight");
+  check_same_shape(*t, weight, op, arg, "weight");
+}
+
+// lower and upper bounds of z-box: floating, on x's device, broadcastable to x.
+void check_bounds(const Tensor& lower, const Tensor& upper, const Tensor& x, const char* op) {
+  const auto check = [&](const Tensor& t, const char* arg) {
+    check_floating(t, op, arg);
+    check_same_device(t, x, op, arg, "x");
+    const auto nt = t.dim(), nx = x.dim();
+    TORCH_CHECK(nt <= nx, op, ": expected ", arg, " ", shape_str(t), " to be broadcastable to x ", shape_str(x),
+                ", but it has more dimensions");
+    for (int64_t i = 1; i <= nt; ++i) {
+      const auto& st = t.sym_size(nt - i);
+      TORCH_SYM_CHECK(st.sym_eq(1).sym_or(st.sym_eq(x.sym_size(nx - i))), op, ": expected ", arg, " ",
+                      shape_str(t), " to be broadcastable to x ", shape_str(x), ", but they differ at dimension ",
+                      -i);
+    }
+  };
+  check(lower, "lower");
+  check(upper, "upper");
+}
+
+void check_linear_output(const Tensor& grad, const Tensor& output, const Tensor& x, const Tensor& weight,
+                         const char* op) {
+  check_grad_output(grad, output, x, op);
+  TORCH_CHECK(output.dim() == x.dim(), op, ": expected output to have the ", x.dim(), " dimensions of x, got shape ",
+              shape_str(output));
+  TORCH_SYM_CHECK(output.sym_size(-1).sym_eq(weight.sym_size(0)), op,
+                  ": expected the last dimension of output to equal out_features = weight.shape[0] = ",
+                  weight.sym_size(0), ", got shape ", shape_str(output));
+}
+
+void check_conv_output(const Tensor& grad, const Tensor& output, const Tensor& x, const Tensor& weight,
+                       const char* op) {
+  check_grad_output(grad, output, x, op);
+  TORCH_CHECK(output.dim() == 4, op, ": expected output to be 4-D, got shape ", shape_str(output));
+  TORCH_SYM_CHECK(output.sym_size(1).sym_eq(weight.sym_size(0)), op, ": expected output to have ",
+                  weight.sym_size(0), " channels (weight.shape[0]), got shape ", shape_str(output));
+}
+
+// ----------------------------------------------------------------------------- the two maps
+// The affine map of a layer without its bias, applied to any input, and its transpose.
+struct LinearMap {
+  static constexpr int64_t bias_dim = -1;
+  Tensor apply(const Tensor& x, const Tensor& w) const { return at::linear(x, w); }
+  Tensor transpose(const Tensor& s, const Tensor& w, const Tensor& /*x*/) const { return at::matmul(s, w); }
+};
+
+struct ConvMap {
+  static constexpr int64_t bias_dim = 1;
+  IntRef stride, padding, dilation;
+  int64_t groups;
+  Tensor apply(const Tensor& x, const Tensor& w) const {
+    return at::conv2d(x, w, std::nullopt, stride, padding, dilation, groups);
+  }
+  // the input-gradient of the convolution at s: a transposed convolution with x's shape
+  Tensor transpose(const Tensor& s, const Tensor& w, const Tensor& x) const {
+    const std::array<int64_t, 2> no_output_padding{0, 0};
+    return std::get<0>(at::convolution_backward(s, x, w, std::nullopt, stride, padding, dilation,
+                                                /*transposed=*/false, no_output_padding, groups,
+                                                {true, false, false}));
+  }
+};
+
+// The dtype of a rule's products and per-element steps: float32 for float16 and bfloat16 (the
+// signed sums (xW +- |x||W|) / 2 cancel, and a bfloat16 product cannot resolve a small one), else
+// the input's own.
+at::ScalarType rule_dtype(at::ScalarType dtype) {
+  return (dtype == at::kHalf || dtype == at::kBFloat16) ? at::kFloat : dtype;
+}
+
+Tensor in_dtype(const OptTensor& t, at::ScalarType cd) {
+  return (t.has_value() && t->defined()) ? t->to(cd) : Tensor();
+}
+
+// the relevance arriving at the output in the compute dtype: grad, or grad * output in gi form
+Tensor incoming(const Tensor& grad, const Tensor& output, bool gi, at::ScalarType cd) {
+  return gi ? grad.to(cd) * output.to(cd) : grad.to(cd);
+}
+
+// the result in x's dtype: the relevance, or in gi form the relevance divided by stab(x)
+Tensor finish(const Tensor& r, const Tensor& xc, const Tensor& x, double epsilon, bool gi) {
+  Tensor out = gi ? lrpcpp::stab_div(r, xc, epsilon, 1.0, std::nullopt) : r;
+  return out.to(x.scalar_type());
+}
+
+template <typename Map>
+Tensor gamma_relevance(const Map& m, const Tensor& grad, const Tensor& x, const Tensor& weight,
+                       const OptTensor& bias, const OptTensor& weight_abs, const Tensor& output, double gamma,
+                       double epsilon, bool gi) {
+  const auto cd = rule_dtype(x.scalar_type());
+  const Tensor xc = x.to(cd), w = weight.to(cd);
+  const Tensor v = weight_abs.has_value() && weight_abs->defined() ? weight_abs->to(cd) : w.abs();
+  const Tensor p = m.apply(xc.abs(), v);
+  auto [s_w, s_abs] = lrpcpp::gamma_stab_div(grad.to(cd), output.to(cd), p, in_dtype(bias, cd), Map::bias_dim,
+                                             gamma, epsilon, gi);
+  return lrpcpp::split_times_input(xc, m.transpose(s_w, w, xc), m.transpose(s_abs, v, xc), gi)
+      .to(x.scalar_type());
+}
+
+// The alpha-beta rule in sign-split form, R_x = x+ u + x- v with
+//   u = (alpha R / stab(A)) W+^T - (beta R / stab(B)) W-^T,  v = (alpha R / stab(A)) W-^T - (beta R / stab(B)) W+^T,
+// A = x+ W+ + x- W-, B = x+ W- + x- W+ (sums of same-signed terms). Where a sum is 0 all its terms
+// are, and the large share R / eps multiplies only exact zeros (a form with x W and |x| |W| would
+// subtract two large numbers instead). A non-negative input (after a ReLU) needs A, B and u only.
+template <typename Map>
+Tensor alpha_beta_relevance(const Map& m, const Tensor& grad, const Tensor& x, const Tensor& weight,
+                            const OptTensor& weight_pos, const OptTensor& weight_neg, const Tensor& output,
+                            double alpha, double beta, double epsilon, bool gi) {
+  const auto cd = rule_dtype(x.scalar_type());
+  const Tensor xc = x.to(cd), w = weight.to(cd);
+  const Tensor wp = weight_pos.has_value() && weight_pos->defined() ? weight_pos->to(cd) : w.clamp_min(0);
+  const Tensor wn = weight_neg.has_value() && weight_neg->defined() ? weight_neg->to(cd) : w.clamp_max(0);
+  // shape propagation (meta tensors) takes the general path, which has the same shapes
+  const bool mixed = xc.is_meta() || (xc < 0).any().item<bool>();
+  Tensor a, b;
+  if (mixed) {
+    const Tensor xp = xc.clamp_min(0), xn = xc.clamp_max(0);
+    a = m.apply(xp, wp).add_(m.apply(xn, wn));
+    b = m.apply(xp, wn).add_(m.apply(xn, wp));
+  } else {
+    a = m.apply(xc, wp);
+    b = m.apply(xc, wn);
+  }
+  auto [s_pos, s_neg] = lrpcpp::alpha_beta_stab_div(grad.to(cd), output.to(cd), a, b, alpha, beta, epsilon, gi);
+  Tensor u = m.transpose(s_pos, wp, xc).add_(m.transpose(s_neg, wn, xc));
+  if (mixed) {
+    const Tensor v = m.transpose(s_pos, wn, xc).add_(m.transpose(s_neg, wp, xc));
+    u = at::where(xc >= 0, u, v);
+  }
+  // R_x = x * u; its gradient form R_x / x is u itself
+  return gi ? u.to(x.scalar_type()) : times_input(u, x);
+}
+
+template <typename Map>
+Tensor z_plus_relevance(const Map& m, const Tensor& grad, const Tensor& x, const Tensor& weight,
+                        const OptTensor& weight_pos, const Tensor& output, double epsilon, bool gi) {
+  const auto cd = rule_dtype(x.scalar_type());
+  const Tensor xc = x.to(cd);
+  const Tensor v = weight_pos.has_value() && weight_pos->defined() ? weight_pos->to(cd) : weight.to(cd).clamp_min(0);
+  const Tensor s = lrpcpp::stab_div(incoming(grad, output, gi, cd), m.apply(xc, v), epsilon, 1.0, std::nullopt);
+  Tensor a = m.transpose(s, v, xc);
+  // R_x = x * a; its gradient form R_x / x is a itself
+  return gi ? a.to(x.scalar_type()) : times_input(a, x);
+}
+
+template <typename Map>
+Tensor z_box_relevance(const Map& m, const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& lower,
+                       const Tensor& upper, const OptTensor& weight_abs, const Tensor& output, double epsilon,
+                       bool gi) {
+  const auto cd = rule_dtype(x.scalar_type());
+  const Tensor xc = x.to(cd), w = weight.to(cd);
+  const Tensor v = weight_abs.has_value() && weight_abs->defined() ? weight_abs->to(cd) : w.abs();
+  const Tensor lo = lower.to(cd), hi = upper.to(cd);
+  // x w - l w+ - h w- = (x - m) w - d |w|, m = (l + h) / 2, d = (l - h) / 2
+  const Tensor xm = xc - (lo + hi) * 0.5;
+  const Tensor d = ((lo - hi) * 0.5).expand_symint(xc.sym_sizes()).contiguous();
+  const Tensor s = lrpcpp::stab_div(incoming(grad, output, gi, cd), m.apply(xm, w) - m.apply(d, v), epsilon, 1.0,
+                                    std::nullopt);
+  Tensor r = xm * m.transpose(s, w, xc);
+  r.sub_(d * m.transpose(s, v, xc));
+  return finish(r, xc, x, epsilon, gi);
+}
+
+// flat (v = ones) and w-square (v = W^2): R_x = (R / stab(1 V)) V^T, independent of x's values
+template <typename Map>
+Tensor input_free_relevance(const Map& m, const Tensor& grad, const Tensor& x, const Tensor& v,
+                            const Tensor& output, double epsilon, bool gi) {
+  const auto cd = rule_dtype(x.scalar_type());
+  const Tensor xc = x.to(cd);
+  const Tensor ones = at::ones_like(xc);
+  const Tensor s = lrpcpp::stab_div(incoming(grad, output, gi, cd), m.apply(ones, v), epsilon, 1.0, std::nullopt);
+  return finish(m.transpose(s, v, ones), xc, x, epsilon, gi);
+}
+
+Tensor square_weight(const Tensor& weight, const OptTensor& weight_sq, at::ScalarType cd) {
+  if (weight_sq.has_value() && weight_sq->defined()) return weight_sq->to(cd);
+  const Tensor w = weight.to(cd);
+  return w * w;
+}
+
+}  // namespace
+
+// ----------------------------------------------------------------------------- linear layers
+Tensor linear_gamma(const Tensor& x, const Tensor& weight, const OptTensor& bias, double gamma, double epsilon,
+                    const OptTensor& weight_abs, bool /*gi*/) {
+  const char* op = "lrpcpp.linear_gamma";
+  check_linear(x, weight, bias, epsilon, op);
+  check_gamma(gamma, op);
+  check_transform(weight_abs, weight, op, "weight_abs");
+  return at::linear(x, weight, bias);
+}
+
+Tensor linear_gamma_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                              const OptTensor& weight_abs, const Tensor& output, double gamma, double epsilon,
+                              bool gi) {
+  const char* op = "lrpcpp.linear_gamma_relevance";
+  check_linear(x, weight, bias, epsilon, op);
+  check_gamma(gamma, op);
+  check_transform(weight_abs, weight, op, "weight_abs");
+  check_linear_output(grad, output, x, weight, op);
+  return gamma_relevance(LinearMap{}, grad, x, weight, bias, weight_abs, output, gamma, epsilon, gi);
+}
+
+Tensor linear_alpha_beta(const Tensor& x, const Tensor& weight, const OptTensor& bias, double alpha, double beta,
+                         double epsilon, const OptTensor& weight_pos, const OptTensor& weight_neg, bool /*gi*/) {
+  const char* op = "lrpcpp.linear_alpha_beta";
+  check_linear(x, weight, bias, epsilon, op);
+  check_alpha_beta(alpha, beta, op);
+  check_transform(weight_pos, weight, op, "weight_pos");
+  check_transform(weight_neg, weight, op, "weight_neg");
+  return at::linear(x, weight, bias);
+}
+
+Tensor linear_alpha_beta_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                                   const OptTensor& weight_pos, const OptTensor& weight_neg, const Tensor& output,
+                                   double alpha, double beta, double epsilon, bool gi) {
+  const char* op = "lrpcpp.linear_alpha_beta_relevance";
+  check_linear(x, weight, std::nullopt, epsilon, op);
+  check_alpha_beta(alpha, beta, op);
+  check_transform(weight_pos, weight, op, "weight_pos");
+  check_transform(weight_neg, weight, op, "weight_neg");
+  check_linear_output(grad, output, x, weight, op);
+  return alpha_beta_relevance(LinearMap{}, grad, x, weight, weight_pos, weight_neg, output, alpha, beta, epsilon,
+                              gi);
+}
+
+Tensor linear_z_plus(const Tensor& x, const Tensor& weight, const OptTensor& bias, double epsilon,
+                     const OptTensor& weight_pos, bool /*gi*/) {
+  const char* op = "lrpcpp.linear_z_plus";
+  check_linear(x, weight, bias, epsilon, op);
+  check_transform(weight_pos, weight, op, "weight_pos");
+  return at::linear(x, weight, bias);
+}
+
+Tensor linear_z_plus_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                               const OptTensor& weight_pos, const Tensor& output, double epsilon, bool gi) {
+  const char* op = "lrpcpp.linear_z_plus_relevance";
+  check_linear(x, weight, std::nullopt, epsilon, op);
+  check_transform(weight_pos, weight, op, "weight_pos");
+  check_linear_output(grad, output, x, weight, op);
+  return z_plus_relevance(LinearMap{}, grad, x, weight, weight_pos, output, epsilon, gi);
+}
+
+Tensor linear_z_box(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& lower,
+                    const Tensor& upper, double epsilon, const OptTensor& weight_abs, bool /*gi*/) {
+  const char* op = "lrpcpp.linear_z_box";
+  check_linear(x, weight, bias, epsilon, op);
+  check_bounds(lower, upper, x, op);
+  check_transform(weight_abs, weight, op, "weight_abs");
+  return at::linear(x, weight, bias);
+}
+
+Tensor linear_z_box_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& lower,
+                              const Tensor& upper, const OptTensor& weight_abs, const Tensor& output,
+                              double epsilon, bool gi) {
+  const char* op = "lrpcpp.linear_z_box_relevance";
+  check_linear(x, weight, std::nullopt, epsilon, op);
+  check_bounds(lower, upper, x, op);
+  check_transform(weight_abs, weight, op, "weight_abs");
+  check_linear_output(grad, output, x, weight, op);
+  return z_box_relevance(LinearMap{}, grad, x, weight, lower, upper, weight_abs, output, epsilon, gi);
+}
+
+Tensor linear_flat(const Tensor& x, const Tensor& weight, const OptTensor& bias, double epsilon, bool /*gi*/) {
+  check_linear(x, weight, bias, epsilon, "lrpcpp.linear_flat");
+  return at::linear(x, weight, bias);
+}
+
+Tensor linear_flat_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& output,
+                             double epsilon, bool gi) {
+  const char* op = "lrpcpp.linear_flat_relevance";
+  check_linear(x, weight, std::nullopt, epsilon, op);
+  check_linear_output(grad, output, x, weight, op);
+  const auto cd = rule_dtype(x.scalar_type());
+  return input_free_relevance(LinearMap{}, grad, x, at::ones_like(weight, weight.options().dtype(cd)), output,
+                              epsilon, gi);
+}
+
+Tensor linear_w_square(const Tensor& x, const Tensor& weight, const OptTensor& bias, double epsilon,
+                       const OptTensor& weight_sq, bool /*gi*/) {
+  const char* op = "lrpcpp.linear_w_square";
+  check_linear(x, weight, bias, epsilon, op);
+  check_transform(weight_sq, weight, op, "weight_sq");
+  return at::linear(x, weight, bias);
+}
+
+Tensor linear_w_square_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                                 const OptTensor& weight_sq, const Tensor& output, double epsilon, bool gi) {
+  const char* op = "lrpcpp.linear_w_square_relevance";
+  check_linear(x, weight, std::nullopt, epsilon, op);
+  check_transform(weight_sq, weight, op, "weight_sq");
+  check_linear_output(grad, output, x, weight, op);
+  const auto cd = rule_dtype(x.scalar_type());
+  return input_free_relevance(LinearMap{}, grad, x, square_weight(weight, weight_sq, cd), output, epsilon, gi);
+}
+
+// ----------------------------------------------------------------------------- convolutions
+Tensor conv2d_gamma(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride, IntRef padding,
+                    IntRef dilation, int64_t groups, double gamma, double epsilon, const OptTensor& weight_abs,
+                    bool /*gi*/) {
+  const char* op = "lrpcpp.conv2d_gamma";
+  check_conv2d(x, weight, bias, stride, padding, dilation, groups, epsilon, op);
+  check_gamma(gamma, op);
+  check_transform(weight_abs, weight, op, "weight_abs");
+  return at::conv2d(x, weight, bias, stride, padding, dilation, groups);
+}
+
+Tensor conv2d_gamma_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                              const OptTensor& weight_abs, const Tensor& output, IntRef stride, IntRef padding,
+                              IntRef dilation, int64_t groups, double gamma, double epsilon, bool gi) {
+  const char* op = "lrpcpp.conv2d_gamma_relevance";
+  check_conv2d(x, weight, bias, stride, padding, dilation, groups, epsilon, op);
+  check_gamma(gamma, op);
+  check_transform(weight_abs, weight, op, "weight_abs");
+  check_conv_output(grad, output, x, weight, op);
+  return gamma_relevance(ConvMap{stride, padding, dilation, groups}, grad, x, weight, bias, weight_abs, output, gamma,
+                         epsilon, gi);
+}
+
+Tensor conv2d_alpha_beta(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride,
+                         IntRef padding, IntRef dilation, int64_t groups, double alpha, double beta, double epsilon,
+                         const OptTensor& weight_pos, const OptTensor& weight_neg, bool /*gi*/) {
+  const char* op = "lrpcpp.conv2d_alpha_beta";
+  check_conv2d(x, weight, bias, stride, padding, dilation, groups, epsilon, op);
+  check_alpha_beta(alpha, beta, op);
+  check_transform(weight_pos, weight, op, "weight_pos");
+  check_transform(weight_neg, weight, op, "weight_neg");
+  return at::conv2d(x, weight, bias, stride, padding, dilation, groups);
+}
+
+Tensor conv2d_alpha_beta_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                                   const OptTensor& weight_pos, const OptTensor& weight_neg, const Tensor& output,
+                                   IntRef stride, IntRef padding, IntRef dilation, int64_t groups, double alpha,
+                                   double beta, double epsilon, bool gi) {
+  const char* op = "lrpcpp.conv2d_alpha_beta_relevance";
+  check_conv2d(x, weight, std::nullopt, stride, padding, dilation, groups, epsilon, op);
+  check_alpha_beta(alpha, beta, op);
+  check_transform(weight_pos, weight, op, "weight_pos");
+  check_transform(weight_neg, weight, op, "weight_neg");
+  check_conv_output(grad, output, x, weight, op);
+  return alpha_beta_relevance(ConvMap{stride, padding, dilation, groups}, grad, x, weight, weight_pos, weight_neg,
+                              output, alpha, beta, epsilon, gi);
+}
+
+Tensor conv2d_z_plus(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride, IntRef padding,
+                     IntRef dilation, int64_t groups, double epsilon, const OptTensor& weight_pos, bool /*gi*/) {
+  const char* op = "lrpcpp.conv2d_z_plus";
+  check_conv2d(x, weight, bias, stride, padding, dilation, groups, epsilon, op);
+  check_transform(weight_pos, weight, op, "weight_pos");
+  return at::conv2d(x, weight, bias, stride, padding, dilation, groups);
+}
+
+Tensor conv2d_z_plus_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                               const OptTensor& weight_pos, const Tensor& output, IntRef stride, IntRef padding,
+                               IntRef dilation, int64_t groups, double epsilon, bool gi) {
+  const char* op = "lrpcpp.conv2d_z_plus_relevance";
+  check_conv2d(x, weight, std::nullopt, stride, padding, dilation, groups, epsilon, op);
+  check_transform(weight_pos, weight, op, "weight_pos");
+  check_conv_output(grad, output, x, weight, op);
+  return z_plus_relevance(ConvMap{stride, padding, dilation, groups}, grad, x, weight, weight_pos, output, epsilon,
+                          gi);
+}
+
+Tensor conv2d_z_box(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& lower,
+                    const Tensor& upper, IntRef stride, IntRef padding, IntRef dilation, int64_t groups,
+                    double epsilon, const OptTensor& weight_abs, bool /*gi*/) {
+  const char* op = "lrpcpp.conv2d_z_box";
+  check_conv2d(x, weight, bias, stride, padding, dilation, groups, epsilon, op);
+  check_bounds(lower, upper, x, op);
+  check_transform(weight_abs, weight, op, "weight_abs");
+  return at::conv2d(x, weight, bias, stride, padding, dilation, groups);
+}
+
+Tensor conv2d_z_box_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& lower,
+                              const Tensor& upper, const OptTensor& weight_abs, const Tensor& output,
+                              IntRef stride, IntRef padding, IntRef dilation, int64_t groups, double epsilon,
+                              bool gi) {
+  const char* op = "lrpcpp.conv2d_z_box_relevance";
+  check_conv2d(x, weight, std::nullopt, stride, padding, dilation, groups, epsilon, op);
+  check_bounds(lower, upper, x, op);
+  check_transform(weight_abs, weight, op, "weight_abs");
+  check_conv_output(grad, output, x, weight, op);
+  return z_box_relevance(ConvMap{stride, padding, dilation, groups}, grad, x, weight, lower, upper, weight_abs,
+                         output, epsilon, gi);
+}
+
+Tensor conv2d_flat(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride, IntRef padding,
+                   IntRef dilation, int64_t groups, double epsilon, bool /*gi*/) {
+  check_conv2d(x, weight, bias, stride, padding, dilation, groups, epsilon, "lrpcpp.conv2d_flat");
+  return at::conv2d(x, weight, bias, stride, padding, dilation, groups);
+}
+
+Tensor conv2d_flat_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& output,
+                             IntRef stride, IntRef padding, IntRef dilation, int64_t groups, double epsilon,
+                             bool gi) {
+  const char* op = "lrpcpp.conv2d_flat_relevance";
+  check_conv2d(x, weight, std::nullopt, stride, padding, dilation, groups, epsilon, op);
+  check_conv_output(grad, output, x, weight, op);
+  const auto cd = rule_dtype(x.scalar_type());
+  return input_free_relevance(ConvMap{stride, padding, dilation, groups}, grad, x,
+                              at::ones_like(weight, weight.options().dtype(cd)), output, epsilon, gi);
+}
+
+Tensor conv2d_w_square(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride,
+                       IntRef padding, IntRef dilation, int64_t groups, double epsilon, const OptTensor& weight_sq,
+                       bool /*gi*/) {
+  const char* op = "lrpcpp.conv2d_w_square";
+  check_conv2d(x, weight, bias, stride, padding, dilation, groups, epsilon, op);
+  check_transform(weight_sq, weight, op, "weight_sq");
+  return at::conv2d(x, weight, bias, stride, padding, dilation, groups);
+}
+
+Tensor conv2d_w_square_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                                 const OptTensor& weight_sq, const Tensor& output, IntRef stride, IntRef padding,
+                                 IntRef dilation, int64_t groups, double epsilon, bool gi) {
+  const char* op = "lrpcpp.conv2d_w_square_relevance";
+  check_conv2d(x, weight, std::nullopt, stride, padding, dilation, groups, epsilon, op);
+  check_transform(weight_sq, weight, op, "weight_sq");
+  check_conv_output(grad, output, x, weight, op);
+  const auto cd = rule_dtype(x.scalar_type());
+  return input_free_relevance(ConvMap{stride, padding, dilation, groups}, grad, x,
+                              square_weight(weight, weight_sq, cd), output, epsilon, gi);
+}
+
+void register_vision_composites(torch::Library& m) {
+  m.impl("linear_gamma", &linear_gamma);
+  m.impl("linear_gamma_relevance", &linear_gamma_relevance);
+  m.impl("linear_alpha_beta", &linear_alpha_beta);
+  m.impl("linear_alpha_beta_relevance", &linear_alpha_beta_relevance);
+  m.impl("linear_z_plus", &linear_z_plus);
+  m.impl("linear_z_plus_relevance", &linear_z_plus_relevance);
+  m.impl("linear_z_box", &linear_z_box);
+  m.impl("linear_z_box_relevance", &linear_z_box_relevance);
+  m.impl("linear_flat", &linear_flat);
+  m.impl("linear_flat_relevance", &linear_flat_relevance);
+  m.impl("linear_w_square", &linear_w_square);
+  m.impl("linear_w_square_relevance", &linear_w_square_relevance);
+  m.impl("conv2d_gamma", &conv2d_gamma);
+  m.impl("conv2d_gamma_relevance", &conv2d_gamma_relevance);
+  m.impl("conv2d_alpha_beta", &conv2d_alpha_beta);
+  m.impl("conv2d_alpha_beta_relevance", &conv2d_alpha_beta_relevance);
+  m.impl("conv2d_z_plus", &conv2d_z_plus);
+  m.impl("conv2d_z_plus_relevance", &conv2d_z_plus_relevance);
+  m.impl("conv2d_z_box", &conv2d_z_box);
+  m.impl("conv2d_z_box_relevance", &conv2d_z_box_relevance);
+  m.impl("conv2d_flat", &conv2d_flat);
+  m.impl("conv2d_flat_relevance", &conv2d_flat_relevance);
+  m.impl("conv2d_w_square", &conv2d_w_square);
+  m.impl("conv2d_w_square_relevance", &conv2d_w_square_relevance);
+}
+
+}  // namespace impl
+}  // namespace lrpcpp

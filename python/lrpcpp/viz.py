@@ -1,0 +1,189 @@
+"""Relevance heatmaps as images.
+
+A relevance map of an image (``[H, W]``, ``[C, H, W]`` or ``[1, C, H, W]``; channels are summed) is
+normalised symmetrically, so that 0 stays the middle of the colour map and the largest absolute value
+reaches an end of it, coloured with a diverging colour map and written as a PNG, optionally blended
+over the input image::
+
+    import lrpcpp
+    import lrpcpp.viz
+
+    attr = lrpcpp.attribute(model, pixel_values=x, preset="vit")
+    lrpcpp.viz.heatmap(attr.relevance[0], "heatmap.png")                         # red-white-blue
+    lrpcpp.viz.heatmap(attr.relevance[0], "overlay.png", image=pixels[0], alpha=0.5)
+
+Only numpy is needed: the PNG encoder is the standard library's ``zlib``, and the built-in colour
+maps are :data:`COLORMAPS`; any other name is looked up in matplotlib, when it is installed.
+"""
+
+import struct
+import zlib
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+__all__ = ["heatmap", "normalize", "colorize", "overlay", "write_png", "to_2d", "COLORMAPS"]
+
+Color = Tuple[float, float, float]
+
+#: Built-in colour maps: ``(position in [-1, 1], RGB in [0, 1])`` anchors, interpolated linearly.
+#: ``bwr``: blue, white, red (negative, zero, positive relevance); ``seismic``: the same through
+#: darker ends; ``coldnhot``: light blue, blue, black, red, yellow (zero is black, for overlays on
+#: bright images); ``gray``: black to white over [-1, 1].
+COLORMAPS: Dict[str, Sequence[Tuple[float, Color]]] = {
+    "bwr": ((-1.0, (0.0, 0.0, 1.0)), (0.0, (1.0, 1.0, 1.0)), (1.0, (1.0, 0.0, 0.0))),
+    "seismic": ((-1.0, (0.0, 0.0, 0.3)), (-0.5, (0.0, 0.0, 1.0)), (0.0, (1.0, 1.0, 1.0)), (0.5, (1.0, 0.0, 0.0)),
+                (1.0, (0.5, 0.0, 0.0))),
+    "coldnhot": ((-1.0, (0.0, 1.0, 1.0)), (-0.5, (0.0, 0.0, 1.0)), (0.0, (0.0, 0.0, 0.0)), (0.5, (1.0, 0.0, 0.0)),
+                 (1.0, (1.0, 1.0, 0.0))),
+    "gray": ((-1.0, (0.0, 0.0, 0.0)), (1.0, (1.0, 1.0, 1.0))),
+}
+
+
+def _numpy(a: Any) -> np.ndarray:
+    if hasattr(a, "detach"):  # a torch tensor, on any device and of any floating dtype
+        a = a.detach().float().cpu().numpy()
+    return np.asarray(a)
+
+
+def to_2d(relevance: Any) -> np.ndarray:
+    """``relevance`` as one ``[H, W]`` float64 map: ``[H, W]`` as it is, ``[C, H, W]`` and
+    ``[1, C, H, W]`` summed over the channels (the relevance of a pixel is that of its channels)."""
+    r = _numpy(relevance).astype(np.float64)
+    if r.ndim == 4:
+        if r.shape[0] != 1:
+            raise ValueError(f"lrpcpp.viz: one image at a time; got a batch of {r.shape[0]} (pass relevance[i])")
+        r = r[0]
+    if r.ndim == 3:
+        r = r.sum(axis=0)
+    if r.ndim != 2:
+        raise ValueError(f"lrpcpp.viz: expected a relevance map [H, W], [C, H, W] or [1, C, H, W], got shape "
+                         f"{tuple(r.shape)}")
+    return r
+
+
+def normalize(relevance: Any, symmetric: bool = True, percentile: Optional[float] = None) -> np.ndarray:
+    """The map scaled into [-1, 1]. ``symmetric`` (default): divided by its largest absolute value
+    (or by that ``percentile`` of the absolute values, clipping what lies beyond), so that 0 maps to
+    0 and the sign is kept. Otherwise min-max scaled onto [-1, 1]. A map of zeros stays zeros."""
+    r = to_2d(relevance)
+    if not np.all(np.isfinite(r)):
+        raise ValueError("lrpcpp.viz: the relevance map holds inf or nan")
+    if symmetric:
+        scale = np.percentile(np.abs(r), percentile) if percentile is not None else np.abs(r).max()
+        return np.clip(r / scale, -1.0, 1.0) if scale > 0 else np.zeros_like(r)
+    lo, hi = r.min(), r.max()
+    return (r - lo) / (hi - lo) * 2.0 - 1.0 if hi > lo else np.zeros_like(r)
+
+
+def _anchors(cmap: str) -> Optional[Sequence[Tuple[float, Color]]]:
+    return COLORMAPS.get(cmap)
+
+
+def colorize(normalized: np.ndarray, cmap: str = "bwr") -> np.ndarray:
+    """``[H, W]`` values in [-1, 1] as ``[H, W, 3]`` uint8 RGB through the colour map ``cmap``: one of
+    :data:`COLORMAPS`, or a matplotlib colour map name (``"RdBu_r"``, ``"coolwarm"``, ...) when
+    matplotlib is installed."""
+    v = np.clip(np.asarray(normalized, dtype=np.float64), -1.0, 1.0)
+    anchors = _anchors(cmap)
+    if anchors is not None:
+        xs = np.array([a for a, _ in anchors])
+        rgb = np.stack([np.interp(v, xs, np.array([c[k] for _, c in anchors])) for k in range(3)], axis=-1)
+    else:
+        try:
+            from matplotlib import colormaps
+        except ImportError as e:
+            raise ValueError(f"lrpcpp.viz: unknown colour map {cmap!r}; built in: {sorted(COLORMAPS)} "
+                             "(other names need matplotlib)") from e
+        if cmap not in colormaps:
+            raise ValueError(f"lrpcpp.viz: unknown colour map {cmap!r}; built in: {sorted(COLORMAPS)}")
+        rgb = colormaps[cmap]((v + 1.0) / 2.0)[..., :3]
+    return np.round(rgb * 255.0).astype(np.uint8)
+
+
+def _image_rgb(image: Any) -> np.ndarray:
+    """An input image as ``[H, W, 3]`` float in [0, 1]: ``[3, H, W]`` or ``[H, W, 3]`` (or gray
+    ``[H, W]`` / ``[1, H, W]``); uint8 is divided by 255, floats outside [0, 1] (a normalised model
+    input) are min-max scaled."""
+    a = _numpy(image)
+    if a.ndim == 4 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
+        a = np.moveaxis(a, 0, -1)
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3 or a.shape[-1] not in (1, 3):
+        raise ValueError(f"lrpcpp.viz: expected an image [3, H, W], [H, W, 3] or [H, W], got shape {tuple(a.shape)}")
+    if a.shape[-1] == 1:
+        a = np.repeat(a, 3, axis=-1)
+    if a.dtype == np.uint8:
+        return a.astype(np.float64) / 255.0
+    a = a.astype(np.float64)
+    lo, hi = a.min(), a.max()
+    if lo < 0.0 or hi > 1.0:
+        a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+    return a
+
+
+def _resize_nearest(a: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    h, w = a.shape[:2]
+    rows = np.minimum((np.arange(size[0]) * h) // size[0], h - 1)
+    cols = np.minimum((np.arange(size[1]) * w) // size[1], w - 1)
+    return a[rows][:, cols]
+
+
+def overlay(heat: np.ndarray, image: Any, alpha: float = 0.5) -> np.ndarray:
+    """``alpha * heat + (1 - alpha) * image`` as uint8 RGB; the heatmap is resized (nearest
+    neighbour) to the image when their sizes differ."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"lrpcpp.viz: alpha must lie in [0, 1], got {alpha}")
+    base = _image_rgb(image)
+    h = heat.astype(np.float64) / 255.0
+    if h.shape[:2] != base.shape[:2]:
+        h = _resize_nearest(h, base.shape[:2])
+    return np.round((alpha * h + (1.0 - alpha) * base) * 255.0).astype(np.uint8)
+
+
+def write_png(path: str, rgb: np.ndarray) -> None:
+    """Writes ``[H, W, 3]`` (or ``[H, W]`` gray) uint8 as an 8-bit PNG."""
+    a = np.ascontiguousarray(rgb, dtype=np.uint8)
+    if a.ndim == 2:
+        color_type, a3 = 0, a
+    elif a.ndim == 3 and a.shape[-1] == 3:
+        color_type, a3 = 2, a
+    else:
+        raise ValueError(f"lrpcpp.viz: expected [H, W, 3] or [H, W] uint8, got shape {tuple(a.shape)}")
+    height, width = a.shape[:2]
+    raw = b"".join(b"\x00" + a3[row].tobytes() for row in range(height))  # filter type 0 per row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6))
+                + chunk(b"IEND", b""))
+
+
+def heatmap(relevance: Any, path: Optional[str] = None, cmap: str = "bwr", image: Any = None, alpha: float = 0.5,
+            symmetric: bool = True, percentile: Optional[float] = None,
+            size: Optional[Union[int, Tuple[int, int]]] = None) -> np.ndarray:
+    """The relevance map as a ``[H, W, 3]`` uint8 RGB heatmap, also written to ``path`` as a PNG when
+    given.
+
+    * ``relevance``: ``[H, W]``, ``[C, H, W]`` or ``[1, C, H, W]`` (tensor or array; channels summed).
+    * ``cmap``: ``"bwr"`` (red-white-blue: positive red, negative blue), ``"seismic"``, ``"coldnhot"``,
+      ``"gray"``, or a matplotlib name.
+    * ``symmetric`` / ``percentile``: see :func:`normalize`.
+    * ``image``: the input image to blend under the heatmap (see :func:`overlay`), with ``alpha``
+      the heatmap's weight.
+    * ``size``: ``(height, width)`` or one int for both: resize the result (nearest neighbour).
+    """
+    rgb = colorize(normalize(relevance, symmetric, percentile), cmap)
+    if image is not None:
+        rgb = overlay(rgb, image, alpha)
+    if size is not None:
+        rgb = _resize_nearest(rgb, (size, size) if isinstance(size, int) else tuple(size))
+    if path is not None:
+        write_png(path, rgb)
+    return rgb

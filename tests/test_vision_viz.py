@@ -1,0 +1,103 @@
+"""lrpcpp.viz: symmetric normalisation, the colour maps, the overlay and the PNG files it writes."""
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from lrpcpp import viz
+
+
+def read_png(path):
+    """(width, height, colour type, pixels) of an 8-bit PNG whose rows all use filter 0."""
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF
+        chunks[kind] = chunks.get(kind, b"") + body
+        pos += 12 + length
+    width, height, depth, color_type = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert depth == 8 and b"IEND" in chunks
+    channels = 3 if color_type == 2 else 1
+    raw = zlib.decompress(chunks[b"IDAT"])
+    stride = 1 + width * channels
+    rows = [raw[i * stride:(i + 1) * stride] for i in range(height)]
+    assert all(r[0] == 0 for r in rows)
+    pixels = np.frombuffer(b"".join(r[1:] for r in rows), dtype=np.uint8).reshape(height, width, channels)
+    return width, height, color_type, pixels
+
+
+def test_symmetric_normalisation_keeps_zero_and_sign():
+    r = torch.tensor([[[-2.0, 0.0], [1.0, 4.0]]])  # [C=1, H, W]
+    n = viz.normalize(r)
+    np.testing.assert_allclose(n, [[-0.5, 0.0], [0.25, 1.0]])
+    np.testing.assert_allclose(viz.normalize(np.zeros((3, 2, 2))), np.zeros((2, 2)))
+    clipped = viz.normalize(np.array([[1.0, 2.0], [3.0, 100.0]]), percentile=75)
+    assert clipped.max() == 1.0 and clipped[0, 0] == pytest.approx(1.0 / np.percentile([1, 2, 3, 100], 75))
+    np.testing.assert_allclose(viz.normalize(np.array([[1.0, 3.0]]), symmetric=False), [[-1.0, 1.0]])
+
+
+def test_channels_are_summed_and_batches_refused():
+    r = torch.randn(1, 3, 4, 5)
+    np.testing.assert_allclose(viz.to_2d(r), r[0].double().sum(0).numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="one image at a time"):
+        viz.to_2d(torch.randn(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="inf or nan"):
+        viz.normalize(np.array([[np.nan, 1.0]]))
+
+
+def test_red_white_blue():
+    rgb = viz.colorize(np.array([[-1.0, 0.0, 1.0, 0.5]]), "bwr")
+    assert rgb[0, 0].tolist() == [0, 0, 255]  # negative: blue
+    assert rgb[0, 1].tolist() == [255, 255, 255]  # zero: white
+    assert rgb[0, 2].tolist() == [255, 0, 0]  # positive: red
+    assert rgb[0, 3].tolist() == [255, 128, 128]  # halfway to red
+    assert viz.colorize(np.zeros((1, 1)), "coldnhot")[0, 0].tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="unknown colour map"):
+        viz.colorize(np.zeros((1, 1)), "no-such-map")
+
+
+def test_heatmap_png_round_trip(tmp_path):
+    r = torch.zeros(3, 6, 8)
+    r[0, 1, 2] = 5.0
+    r[1, 4, 6] = -2.5
+    path = tmp_path / "heat.png"
+    rgb = viz.heatmap(r, str(path))
+    width, height, color_type, pixels = read_png(path)
+    assert (width, height, color_type) == (8, 6, 2)
+    assert np.array_equal(pixels, rgb)
+    assert pixels[1, 2].tolist() == [255, 0, 0] and pixels[4, 6].tolist() == [128, 128, 255]
+    assert pixels[0, 0].tolist() == [255, 255, 255]
+    pil = pytest.importorskip("PIL.Image", reason="the cross-check with another PNG decoder needs Pillow")
+    assert np.array_equal(np.asarray(pil.open(path).convert("RGB")), rgb)
+
+
+def test_overlay_on_the_input_image(tmp_path):
+    r = np.zeros((4, 4))
+    r[0, 0] = 1.0
+    image = torch.full((3, 8, 8), 0.2)  # [3, H, W] in [0, 1], twice the heatmap's size
+    rgb = viz.heatmap(r, str(tmp_path / "o.png"), image=image, alpha=0.25)
+    assert rgb.shape == (8, 8, 3)
+    expected_red = np.round((0.25 * np.array([1.0, 0.0, 0.0]) + 0.75 * 0.2) * 255)
+    assert rgb[1, 1].tolist() == expected_red.tolist()  # nearest-neighbour upscaled corner
+    expected_white = np.round((0.25 * 1.0 + 0.75 * 0.2) * 255)
+    assert rgb[7, 7].tolist() == [expected_white] * 3
+    # a normalised model input (outside [0, 1]) is min-max scaled; uint8 images are divided by 255
+    normalised = np.stack([np.linspace(-2, 2, 64).reshape(8, 8)] * 3, axis=-1)
+    assert viz.overlay(viz.colorize(viz.normalize(np.zeros((8, 8)))), normalised, 0.0)[7, 7].tolist() == [255] * 3
+    assert viz.overlay(np.zeros((2, 2, 3), np.uint8), np.full((2, 2, 3), 51, np.uint8), 0.0)[0, 0].tolist() == [51] * 3
+    with pytest.raises(ValueError, match="alpha must lie in"):
+        viz.overlay(rgb, image, 1.5)
+
+
+def test_size_and_gray_png(tmp_path):
+    rgb = viz.heatmap(np.eye(3), size=6, cmap="gray")
+    assert rgb.shape == (6, 6, 3)
+    viz.write_png(str(tmp_path / "g.png"), rgb[..., 0])
+    assert read_png(tmp_path / "g.png")[2] == 0
