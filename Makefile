@@ -17,14 +17,23 @@ CUDA_DIR := build-cuda
 export CUDA_HOME ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
-.PHONY: run test build cpp-test docs wheel bench cuda-check cuda-wheel-test clean
+.PHONY: run test build cpp-test docs wheel bench cuda-check cuda-wheel-test clean test-tools
 
 run: build
 	$(PY) examples/explain_block.py
-	$(PY) examples/explain_sentence_similarity.py
+	$(PY) -m lrpcpp explain
 
-test: build cpp-test docs cuda-check
+test: build cpp-test docs cuda-check test-tools
 	$(PY) -m pytest -q -rs tests
+
+# What the tests of the lrpcpp command need from Debian, installed once: headless Chromium (the
+# HTML heatmap is rendered in it) and pdflatex (the LaTeX heatmap is compiled). Needs root; without
+# it, those tests are skipped and say why.
+test-tools:
+	@if [ -x /usr/bin/chromium ] && command -v pdflatex >/dev/null; then :; \
+	elif [ "$$(id -u)" != 0 ]; then echo "not root: chromium and pdflatex are not installed (their tests are skipped)"; \
+	else echo "installing chromium and pdflatex (apt-get)"; apt-get update -q >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium texlive-latex-base >/dev/null; fi
 
 $(DEPS): requirements-dev.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

