@@ -160,14 +160,14 @@ def test_default_run_explains_the_real_similarity_of_the_builtin_pair(default_ru
 
 def test_help_lists_the_commands_and_options():
     proc = ok(run_cli("--help"))
-    assert "explain" in proc.stdout and "evaluate" in proc.stdout
+    assert "explain" in proc.stdout and "evaluate" in proc.stdout and "export" in proc.stdout
     proc = ok(run_cli("explain", "--help"))
     for option in ("--compare", "--model", "--target", "--generate", "--image", "--method", "--latent", "--html",
                    "--png", "--latex", "--json", "--file", "--out"):
         assert option in proc.stdout
     from lrpcpp.cli import COMMANDS
 
-    assert set(COMMANDS) >= {"explain", "evaluate"}
+    assert set(COMMANDS) >= {"explain", "evaluate", "export"}
 
 
 def test_colour_in_the_terminal_marks_signs():
@@ -498,6 +498,10 @@ BAD = {
     "unknown option": (["explain", "--colour", "red"], "unrecognized arguments"),
     "unknown method": (["explain", "--method", "lime"], "invalid choice"),
     "missing texts file": (["explain", "--file", "{missing}"], "no such file"),
+    "export with no model": (["export", "{tmp}/model.pt"], "required: --model"),
+    "export of an image classifier": (["export", "--model", "{vit}", "{tmp}/model.pt"], "an image classifier"),
+    "export into a missing directory": (["export", "--model", "{llama}", "{missing}/model.pt"], "no such directory"),
+    "export of an empty text": (["export", "--model", "{llama}", "{tmp}/model.pt", "--text", " "], "empty"),
 }
 
 
@@ -512,6 +516,29 @@ def test_bad_input_is_one_line_and_exit_status_2(case, dirs, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lrpcpp: error: "), proc.stderr
     assert message in lines[0]
+
+
+# ----------------------------------------------------------------------------- export
+@pytest.mark.parametrize("name, auto, output", [("llama", "AutoModelForCausalLM", "model.pt"),
+                                                ("bert", "AutoModelForSequenceClassification", "model.pt2")])
+def test_export_saves_a_model_whose_backward_gives_the_relevance(name, auto, output, dirs, tmp_path):
+    path = tmp_path / output
+    proc = ok(run_cli("export", "--model", dirs[name], str(path), "--method", "cp-lrp", "--text", "the cat sat"))
+    assert str(path) in proc.stdout and "checked" in proc.stdout
+    assert ("torch.export program" if output.endswith(".pt2") else "TorchScript archive") in proc.stdout
+
+    from lrpcpp import deploy
+
+    model, tokenizer = _load(dirs[name], getattr(transformers, auto))
+    enc = tokenizer(["the dog ran very fast", "a red car"], padding=True, return_tensors="pt")
+    embeds = model.get_input_embeddings()(enc.input_ids).detach()
+    deployed = torch.export.load(str(path)).module() if output.endswith(".pt2") else torch.jit.load(str(path))
+    got = deploy.attribute_deployed(deployed, embeds, enc.attention_mask)
+    expected = lrpcpp.attribute(model, inputs_embeds=embeds, attention_mask=enc.attention_mask, method="cp-lrp")
+    assert torch.equal(got.target, expected.target)
+    _close(got.token_relevance.tolist(), expected.token_relevance)
+    if output.endswith(".pt"):
+        assert deploy.archive_info(path)["method"] == "cp-lrp"
 
 
 # ----------------------------------------------------------------------------- evaluate

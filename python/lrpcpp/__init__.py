@@ -48,11 +48,13 @@ from .families import Family, UnsupportedModelError, register_family  # noqa: E4
 from .patching import PatchHandle, patch  # noqa: E402
 from . import presets, viz  # noqa: E402
 from .presets import PRESETS, Preset, register_preset  # noqa: E402
+from . import deploy  # noqa: E402,F401  (after .attribute and .patching, which it uses)
 
 __all__ = [
     "functional",
     "modules",
     "targets",
+    "deploy",
     "attribute",
     "Attribution",
     "Composite",

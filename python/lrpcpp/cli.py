@@ -7,6 +7,7 @@ explanations are.
     lrpcpp explain --model DIR --image cat.png --png cat.png  # a ViT classifier, per pixel
     lrpcpp explain --file texts.txt --out results.jsonl
     lrpcpp evaluate --file texts.txt
+    lrpcpp export --model DIR model.pt                # an archive whose backward gives the relevance
 
 Exit status: 0 on success, 2 for bad input (one line ``lrpcpp: error: ...`` on stderr, no
 traceback), 1 for an unexpected failure (``LRPCPP_DEBUG=1`` shows its traceback), 130 when
@@ -392,12 +393,76 @@ def run_evaluate(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- export
+EXPORT_EXAMPLE = "The quick brown fox jumps over the lazy dog."
+EXPORT_TASKS = ("causal-lm", "classifier")
+
+
+def _add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("output", metavar="FILE", help="where to save: NAME.pt2 for a torch.export program, any other "
+                   "name for a TorchScript archive (loadable from C++ too)")
+    p.add_argument("--model", metavar="DIR", required=True,
+                   help="a local Hugging Face causal LM or sequence classifier directory")
+    p.add_argument("--method", choices=("attnlrp", "cp-lrp"), default="attnlrp", help="the LRP variant (default attnlrp)")
+    p.add_argument("--text", metavar="TEXT", default=EXPORT_EXAMPLE,
+                   help="the example input: traced with, and checked against lrpcpp.attribute (default: a pangram)")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the check that the saved model gives the relevance of lrpcpp.attribute")
+    p.add_argument("--device", default=None, help="torch device (default: cpu)")
+    p.add_argument("--timings", action="store_true", help="print the wall time of each phase to stderr")
+
+
+def run_export(args) -> int:
+    import warnings
+
+    from .loading import encode
+
+    timer = _Timer(args._start)
+    _check_output_path(args.output, "FILE")
+    loaded = _load(args, timer)
+    if loaded.task not in EXPORT_TASKS:
+        kind = "an image classifier" if loaded.task == "image-classifier" else "a base model (no logits)"
+        raise InputError(f"export takes a causal LM or a sequence classifier; the model in {args.model} is {kind}")
+    enc, _ = encode(loaded, [args.text], _note)
+    from . import deploy
+
+    program = args.output.endswith(".pt2")
+    export = deploy.export_program if program else deploy.export_archive
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        export(loaded.model, args.output, input_ids=enc.input_ids.to(loaded.model.device),
+               attention_mask=enc.attention_mask.to(loaded.model.device), method=args.method,
+               check=not args.no_check)
+    for w in caught:
+        if str(w.message).startswith("lrpcpp.deploy"):
+            _note(str(w.message))
+    timer.mark("export")
+    size = os.path.getsize(args.output) / 2**20
+    tokens = int(enc.attention_mask.sum())
+    form = "torch.export program" if program else "TorchScript archive"
+    print(f"exported {loaded.name} ({type(loaded.model).__name__}, {args.method}) as a {form}: "
+          f"{args.output} ({size:.1f} MiB)")
+    if not args.no_check:
+        print(f"checked: its backward gives the relevance of lrpcpp.attribute on the example ({tokens} tokens)")
+    print("inputs: inputs_embeds [batch, seq, hidden] and attention_mask [batch, seq]; output: the logits")
+    if program:
+        print("python: import lrpcpp, torch; m = torch.export.load(FILE).module(); "
+              "lrpcpp.deploy.attribute_deployed(m, inputs_embeds, attention_mask)")
+    else:
+        print("python: import lrpcpp, torch; m = torch.jit.load(FILE); "
+              "lrpcpp.deploy.attribute_deployed(m, m.embed(input_ids), attention_mask)")
+        print("C++:    lrpcpp_explain FILE INPUTS.pt   (examples/cpp; link liblrpcpp)")
+    _timings(args, timer)
+    return 0
+
+
 # ----------------------------------------------------------------------------- the command table
 # name -> (one-line help, add the arguments, run). New subcommands go here.
 COMMANDS: Dict[str, tuple] = {
     "explain": ("explain a model's output: which tokens or pixels made it", _add_explain, run_explain),
     "evaluate": ("perturbation faithfulness: area between the MoRF and LeRF curves", _add_evaluate, run_evaluate),
-    # "export": deployment of a patched model (lrpcpp.deploy), added with the deployment feature.
+    "export": ("save a model that explains itself: a TorchScript archive or a torch.export program",
+               _add_export, run_export),
 }
 
 

@@ -100,8 +100,8 @@ class _GradientRules(_Rules):
     """Gradient-times-input (RULES.md section 2)."""
 
     def elementwise(self, module, x, forward):
-        with torch.no_grad():
-            y = forward(x.clone() if getattr(module, "inplace", False) else x)
+        with torch.no_grad():  # detached too, for torch.jit.trace (see _held_constant)
+            y = forward(x.clone() if getattr(module, "inplace", False) else x).detach()
         return torch.ops.lrpcpp.gi_identity(x, y, self.epsilon)
 
     def layer_norm(self, module, x):
@@ -407,8 +407,9 @@ def _apply(handle: PatchHandle, family: Optional[_families.Family]) -> None:
 
 
 def _held_constant(forward: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    # the input detached as well: torch.jit.trace records the ops but not the grad mode they ran in
     with torch.no_grad():
-        return forward(x)
+        return forward(x.detach())
 
 
 def _patch_mha(handle: PatchHandle, name: str, module: nn.MultiheadAttention, q_share: float, v_share: float) -> None:

@@ -1,0 +1,538 @@
+"""Deploying explainable models: TorchScript archives, ``torch.export`` programs and ``torch.compile``.
+
+A model patched by :func:`lrpcpp.patch` in gradient-times-input mode computes relevance in its
+ordinary backward pass, through native ``lrpcpp::`` operators whose backward is C++. Traced or
+exported in that state, it keeps those operators, so the saved model explains itself wherever the
+lrpcpp library is loaded: in Python after ``import lrpcpp``, in C++ by linking ``liblrpcpp``; no
+patching code runs there.
+
+* :func:`export_archive`: a Hugging Face model (or any model that takes ``inputs_embeds``) to a
+  TorchScript archive with the signature ``(inputs_embeds, attention_mask) -> logits``.
+* :func:`export_program`: the same model as a ``torch.export`` program saved as ``.pt2``, with a
+  dynamic batch and sequence length.
+* :func:`attribute_deployed`: relevance through any such module (loaded archive, exported program,
+  or a compiled wrapper), computed as :func:`lrpcpp.attribute` computes it.
+* :func:`compile_attribute`: :func:`lrpcpp.attribute` with the patched model compiled by
+  ``torch.compile(fullgraph=True)``, reusing the compiled graphs from call to call.
+"""
+
+import inspect
+import json
+import os
+import warnings
+import zipfile
+from typing import Any, Callable, Dict, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .attribute import Attribution, Target, _batched_backward, _last_positions, _logits, _select
+from .patching import METHODS, patch
+
+__all__ = [
+    "ExplainableModel",
+    "export_archive",
+    "export_program",
+    "archive_info",
+    "attribute_deployed",
+    "compile_attribute",
+    "CompiledAttribute",
+    "ExplainableArchive",
+    "LrpcppRequired",
+    "ARCHIVE_INFO_FILE",
+    "MISSING_OPERATORS_MESSAGE",
+]
+
+#: name of the JSON record that :func:`export_archive` stores in the archive (an "extra file")
+ARCHIVE_INFO_FILE = "lrpcpp.json"
+
+#: what loading an archive says when the lrpcpp operators are not registered
+MISSING_OPERATORS_MESSAGE = (
+    "This archive calls lrpcpp operators, which are registered by the lrpcpp library: "
+    "run `import lrpcpp` before torch.jit.load (in C++, link liblrpcpp, CMake target lrpcpp::lrpcpp)"
+)
+
+# relative tolerance of the check that an exported model reproduces lrpcpp.attribute
+_CHECK_RTOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+class ExplainableModel(nn.Module):
+    """``(inputs_embeds, attention_mask) -> logits`` of ``model``: the signature of every exported form.
+
+    ``model`` is called as ``model(inputs_embeds=..., attention_mask=...)`` (with ``use_cache=False``
+    where it takes that argument) and its ``.logits`` returned: ``[batch, seq, vocab]`` for a
+    language model, ``[batch, classes]`` for a classifier. A model that returns a tensor is taken
+    to return the logits themselves.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+            params = {}
+        self._use_cache = "use_cache" in params
+
+    def forward(self, inputs_embeds: Tensor, attention_mask: Tensor) -> Tensor:
+        extra = {"use_cache": False} if self._use_cache else {}
+        return _logits(self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **extra))
+
+
+class LrpcppRequired(nn.Module):
+    """The first part of an archive that ``torch.jit.load`` compiles.
+
+    It is never called. Loading compiles the archive's code, and an operator that is not registered
+    fails that compilation with TorchScript's "Unknown builtin op" error, which quotes the lines
+    around the call. This module holds the first such call, next to the line that says what to do,
+    so the error reads as :data:`MISSING_OPERATORS_MESSAGE`.
+    """
+
+    __constants__ = ["message"]
+
+    def __init__(self):
+        super().__init__()
+        self.message = MISSING_OPERATORS_MESSAGE
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.ops.lrpcpp.gi_grad_scale(x, x)
+        if y.dim() < 0:
+            raise RuntimeError(self.message)
+        return y
+
+
+class _NoEmbedding(nn.Module):
+    def forward(self, input_ids: Tensor) -> Tensor:
+        raise RuntimeError("this archive holds no input embeddings: the model had none; pass inputs_embeds")
+
+
+class ExplainableArchive(nn.Module):
+    """The module saved by :func:`export_archive`: ``forward(inputs_embeds, attention_mask) -> logits``
+    runs the traced :class:`ExplainableModel`; ``embed(input_ids) -> inputs_embeds`` the model's
+    input embeddings. :class:`LrpcppRequired` comes first (submodules are compiled in the order they
+    were set)."""
+
+    def __init__(self, required: nn.Module, model: nn.Module, embedding: nn.Module):
+        super().__init__()
+        self.lrpcpp_required = required
+        self.model = model
+        self.embedding = embedding
+
+    def forward(self, inputs_embeds: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.model(inputs_embeds, attention_mask)
+
+    @torch.jit.export
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.embedding(input_ids)
+
+
+# ----------------------------------------------------------------------------- inputs
+def _example(model: nn.Module, input_ids: Optional[Tensor], inputs_embeds: Optional[Tensor],
+             attention_mask: Optional[Tensor], caller: str):
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError(f"{caller}: give exactly one of input_ids and inputs_embeds (the example input)")
+    if input_ids is not None:
+        embedding = _input_embeddings(model)
+        if embedding is None:
+            raise ValueError(f"{caller}: {type(model).__name__} has no input embeddings; pass inputs_embeds")
+        with torch.no_grad():
+            inputs_embeds = embedding(input_ids)
+    inputs_embeds = inputs_embeds.detach()
+    if inputs_embeds.dim() != 3 or not inputs_embeds.is_floating_point():
+        raise ValueError(f"{caller}: the example embeddings must be a floating-point [batch, seq, hidden] tensor, "
+                         f"got {inputs_embeds.dtype} of shape {tuple(inputs_embeds.shape)}")
+    if attention_mask is None:
+        attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+    if tuple(attention_mask.shape) != tuple(inputs_embeds.shape[:2]):
+        raise ValueError(f"{caller}: attention_mask must be [batch, seq] = {tuple(inputs_embeds.shape[:2])}, "
+                         f"got {tuple(attention_mask.shape)}")
+    return inputs_embeds, attention_mask
+
+
+def _input_embeddings(model: nn.Module) -> Optional[nn.Module]:
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        embedding = get() if callable(get) else None
+    except NotImplementedError:
+        embedding = None
+    return embedding if isinstance(embedding, nn.Module) else None
+
+
+def _check_method(method: str, caller: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"{caller}: method must be one of {METHODS}, got {method!r}")
+
+
+class _Frozen:
+    """Parameters that do not require grad while a model is traced, exported and saved (the
+    deployed backward then computes no weight gradients); the flags are restored afterwards."""
+
+    def __init__(self, model: nn.Module):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def __enter__(self):
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        for p in self.params:
+            p.requires_grad_(True)
+
+
+class _Eval:
+    def __init__(self, model: nn.Module):
+        self.model, self.training = model, model.training
+
+    def __enter__(self):
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.training)
+
+
+def _info(model: nn.Module, embeds: Tensor, logits: Tensor, method: str, epsilon: Optional[float], form: str):
+    from . import __version__
+
+    config = getattr(model, "config", None)
+    language_model = logits.dim() == 3
+    return {
+        "format": form,
+        "format_version": 1,
+        "lrpcpp": __version__,
+        "torch": torch.__version__,
+        "method": method,
+        "mode": "gradient",
+        "epsilon": 1e-10 if epsilon is None else epsilon,
+        "architecture": type(model).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "dtype": str(embeds.dtype).replace("torch.", ""),
+        "hidden_size": int(embeds.shape[-1]),
+        "example_shape": [int(embeds.shape[0]), int(embeds.shape[1])],
+        "inputs": ["inputs_embeds [batch, seq, hidden]", "attention_mask [batch, seq]"],
+        "output": "next-token logits [batch, seq, vocab]" if language_model else "class logits [batch, classes]",
+        "relevance": "seed the explained logit with 1; relevance = inputs_embeds * inputs_embeds.grad",
+    }
+
+
+# ----------------------------------------------------------------------------- relevance
+def attribute_deployed(module: Callable[[Tensor, Tensor], Tensor], inputs_embeds: Tensor,
+                       attention_mask: Optional[Tensor] = None, target: Target = None) -> Attribution:
+    """Relevance of ``inputs_embeds`` through a deployed model: one forward and one backward pass.
+
+    ``module`` maps ``(inputs_embeds, attention_mask)`` to logits: an archive loaded with
+    ``torch.jit.load``, ``torch.export.load(path).module()``, or ``ExplainableModel(model)`` of a
+    patched (and possibly compiled) model. ``target`` and the result are as in
+    :func:`lrpcpp.attribute` (a callable target receives the logits): the explained logit is seeded
+    with 1 and the relevance is ``inputs_embeds * inputs_embeds.grad``.
+    """
+    leaf = inputs_embeds.detach().requires_grad_()
+    if attention_mask is None:
+        attention_mask = torch.ones(leaf.shape[:2], dtype=torch.long, device=leaf.device)
+    with torch.enable_grad():
+        logits = module(leaf, attention_mask)
+        explained, ids = _select(logits, target, attention_mask)
+    many = isinstance(target, (list, tuple))
+    if many:
+        (grad,) = _batched_backward(explained, [leaf], explicit=False)
+    else:
+        (grad,) = torch.autograd.grad(explained, [leaf], torch.ones_like(explained), allow_unused=True)
+    if grad is None:  # the logits do not depend on the embeddings
+        grad = torch.zeros(((len(target),) if many else ()) + tuple(leaf.shape), dtype=leaf.dtype, device=leaf.device)
+    relevance = (grad * leaf.detach()).detach()
+    return Attribution(relevance=relevance, token_relevance=relevance.sum(dim=-1), output=explained.detach(),
+                       target=ids)
+
+
+def _check(deployed, model: nn.Module, embeds: Tensor, mask: Tensor, method: str, epsilon: Optional[float],
+           what: str) -> None:
+    """The deployed model must give lrpcpp.attribute's relevance on the example; on a shorter
+    sequence it should too (a trace that fixed the length only warns)."""
+    from .attribute import attribute
+
+    cases = [(embeds, mask, True)]
+    if embeds.shape[1] > 1:
+        cases.append((embeds[:, :-1], mask[:, :-1], False))
+    for x, m, required in cases:
+        expected = attribute(model, inputs_embeds=x, attention_mask=m, method=method, epsilon=epsilon)
+        try:
+            got = attribute_deployed(deployed, x, m, target=expected.target).relevance
+            scale = float(expected.relevance.abs().max()) or 1.0
+            error = float((got - expected.relevance).abs().max()) / scale
+        except Exception:  # noqa: BLE001 - a failure on the shorter input is reported as a warning below
+            if required:
+                raise
+            error = float("inf")
+        tol = _CHECK_RTOL.get(x.dtype, 1e-2)
+        if error <= tol:
+            continue
+        if required:
+            raise RuntimeError(f"lrpcpp.deploy: the {what} does not reproduce lrpcpp.attribute on the example "
+                               f"input (relative error {error:.2e} > {tol:.0e}); the model's forward may contain "
+                               "code that tracing cannot record")
+        warnings.warn(f"lrpcpp.deploy: the {what} does not reproduce lrpcpp.attribute on a shorter sequence "
+                      f"({x.shape[1]} instead of {embeds.shape[1]} tokens): it may be specialised to the example "
+                      "length; give it inputs of that length", stacklevel=3)
+
+
+# ----------------------------------------------------------------------------- TorchScript
+def export_archive(
+    model: nn.Module,
+    path: Union[str, os.PathLike],
+    input_ids: Optional[Tensor] = None,
+    attention_mask: Optional[Tensor] = None,
+    inputs_embeds: Optional[Tensor] = None,
+    *,
+    method: str = "attnlrp",
+    epsilon: Optional[float] = None,
+    check: bool = True,
+) -> Dict[str, Any]:
+    """Saves ``model`` as an explainable TorchScript archive at ``path``; returns what it records.
+
+    The model is patched (``method="attnlrp"`` or ``"cp-lrp"``, gradient-times-input mode), wrapped
+    in :class:`ExplainableModel` and traced with the example input, then saved with its parameters
+    frozen (``requires_grad=False``). Give the example as ``input_ids`` (looked up in the model's
+    input embeddings) or ``inputs_embeds``, with an optional ``attention_mask``; any sequence length
+    will do, and padding in the example is fine.
+
+    The archive's ``forward(inputs_embeds, attention_mask)`` returns the logits; its backward from
+    one logit, seeded with 1, gives the relevance ``inputs_embeds * inputs_embeds.grad`` (see
+    :func:`attribute_deployed`). Its method ``embed(input_ids)`` looks token ids up in the model's
+    input embeddings. It calls ``lrpcpp::`` operators: load it after ``import lrpcpp``, or
+    from C++ linked with ``liblrpcpp``. The model is left as it was (unpatched, same training mode,
+    same ``requires_grad`` flags).
+
+    ``check=True`` loads the saved archive and compares its relevance with :func:`lrpcpp.attribute`
+    on the example (an error if they differ) and on the example shortened by one token (a warning:
+    the trace may have fixed the length). The returned dict (also stored in the archive, see
+    :func:`archive_info`) names the method, the model, the dtype, the example shape and the output.
+    """
+    caller = "lrpcpp.deploy.export_archive"
+    _check_method(method, caller)
+    embeds, mask = _example(model, input_ids, inputs_embeds, attention_mask, caller)
+    path = os.fspath(path)
+    with _Eval(model), _Frozen(model), patch(model, method=method, mode="gradient", epsilon=epsilon):
+        wrapper = ExplainableModel(model)
+        with torch.no_grad():
+            logits = wrapper(embeds, mask)
+        with warnings.catch_warnings():
+            # tracing reads every attribute of every module, deprecated properties included
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            traced = torch.jit.trace(wrapper, (embeds, mask), check_trace=False)
+            embedding = _input_embeddings(model)
+            if embedding is None:
+                embedding = torch.jit.script(_NoEmbedding())
+            else:
+                ids = input_ids if input_ids is not None else torch.zeros(embeds.shape[:2], dtype=torch.long,
+                                                                          device=embeds.device)
+                embedding = torch.jit.trace(embedding, (ids,), check_trace=False)
+        archive = torch.jit.script(ExplainableArchive(torch.jit.script(LrpcppRequired()), traced, embedding))
+        info = _info(model, embeds, logits, method, epsilon, "lrpcpp TorchScript archive")
+        info["embed"] = "embed(input_ids) -> inputs_embeds" if _input_embeddings(model) is not None else None
+        torch.jit.save(archive, path, _extra_files={ARCHIVE_INFO_FILE: json.dumps(info, indent=1)})
+    if check:
+        _check(torch.jit.load(path, map_location=embeds.device), model, embeds, mask, method, epsilon, "archive")
+    return info
+
+
+def archive_info(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """What :func:`export_archive` recorded in the archive at ``path`` (read without loading it)."""
+    with zipfile.ZipFile(os.fspath(path)) as archive:
+        names = [n for n in archive.namelist() if n.endswith("/extra/" + ARCHIVE_INFO_FILE)]
+        if not names:
+            raise ValueError(f"lrpcpp.deploy.archive_info: {os.fspath(path)} holds no {ARCHIVE_INFO_FILE}; "
+                             "it was not written by lrpcpp.deploy.export_archive")
+        return json.loads(archive.read(names[0]))
+
+
+# ----------------------------------------------------------------------------- torch.export
+def export_program(
+    model: nn.Module,
+    path: Optional[Union[str, os.PathLike]] = None,
+    input_ids: Optional[Tensor] = None,
+    attention_mask: Optional[Tensor] = None,
+    inputs_embeds: Optional[Tensor] = None,
+    *,
+    method: str = "attnlrp",
+    epsilon: Optional[float] = None,
+    dynamic: bool = True,
+    check: bool = True,
+) -> "torch.export.ExportedProgram":
+    """Exports the patched ``model`` with ``torch.export``; saves the program as ``.pt2`` at ``path``.
+
+    The exported module is :class:`ExplainableModel` (``(inputs_embeds, attention_mask) -> logits``)
+    of the model patched with ``method`` in gradient-times-input mode; its graph holds the
+    ``lrpcpp::`` operators, whose backward computes relevance. ``dynamic=True`` leaves the batch
+    size and the sequence length free (``torch.export.Dim.AUTO``; an example of one item is
+    exported as two copies of it, since ``torch.export`` fixes sizes of 1). Load it with
+    ``torch.export.load(path).module()`` after ``import lrpcpp`` and explain with
+    :func:`attribute_deployed`. ``check=True`` compares that with :func:`lrpcpp.attribute` on the
+    example (using the saved file when ``path`` is given). The model is left as it was.
+    """
+    caller = "lrpcpp.deploy.export_program"
+    _check_method(method, caller)
+    embeds, mask = _example(model, input_ids, inputs_embeds, attention_mask, caller)
+    shapes, traced = None, (embeds, mask)
+    if dynamic:
+        free = {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}
+        shapes = {"inputs_embeds": free, "attention_mask": free}
+        if embeds.shape[0] == 1:
+            # torch.export takes a size of 1 in the example for a constant: two copies keep the batch free
+            traced = (embeds.expand(2, -1, -1), mask.expand(2, -1))
+    with _Eval(model), _Frozen(model), patch(model, method=method, mode="gradient", epsilon=epsilon):
+        program = torch.export.export(ExplainableModel(model), traced, dynamic_shapes=shapes)
+        if path is not None:
+            torch.export.save(program, os.fspath(path))
+    if check:
+        deployed = torch.export.load(os.fspath(path)) if path is not None else program
+        _check(deployed.module(), model, embeds, mask, method, epsilon, "exported program")
+    return program
+
+
+# ----------------------------------------------------------------------------- torch.compile
+class CompiledAttribute:
+    """:func:`lrpcpp.attribute` through the patched model compiled with ``torch.compile(fullgraph=True)``.
+
+    Made by :func:`compile_attribute`. The model stays patched, in eval mode and with its parameters
+    frozen (``requires_grad=False``) until :meth:`remove` or the end of a ``with`` block; each call
+    runs the compiled forward, picks the explained values as :func:`lrpcpp.attribute` does, and runs
+    the compiled backward. Graphs are
+    compiled on the first call and reused by later calls with the same shapes (a new shape compiles
+    once more, with dynamic shapes unless ``dynamic=False``).
+    """
+
+    def __init__(self, model: nn.Module, method: str = "attnlrp", epsilon: Optional[float] = None,
+                 all_logits: bool = False, **compile_kwargs):
+        _check_method(method, "lrpcpp.deploy.compile_attribute")
+        self.model, self.method = model, method
+        try:
+            takes = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):  # pragma: no cover
+            takes = {}
+        # a language model that can compute the logits of chosen positions only (Hugging Face's
+        # logits_to_keep): the explained position's are all that the relevance depends on
+        self._only_explained = not all_logits and "logits_to_keep" in takes
+        self._training = model.training
+        model.eval()
+        try:
+            self.handle = patch(model, method=method, mode="gradient", epsilon=epsilon)
+        except BaseException:
+            model.train(self._training)
+            raise
+        # AOTAutograd compiles one backward for every input that requires grad: with the parameters
+        # frozen it computes the relevance only, not weight gradients as well
+        self._frozen = _Frozen(model)
+        self._frozen.__enter__()
+        self._removed, self._warm = False, False
+        compile_kwargs.setdefault("fullgraph", True)
+        self.compiled = torch.compile(model, **compile_kwargs)
+
+    def __call__(
+        self,
+        input_ids: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        inputs_embeds: Optional[Tensor] = None,
+        pixel_values: Optional[Tensor] = None,
+        target: Target = None,
+        **model_kwargs,
+    ) -> Attribution:
+        """The arguments and the result of :func:`lrpcpp.attribute` (no ``latent``, ``method`` or ``mode``)."""
+        if self._removed:
+            raise RuntimeError("lrpcpp.deploy.CompiledAttribute: the patch was removed; make a new one")
+        if isinstance(target, (list, tuple)):
+            # one forward and backward per target: a compiled backward cannot be batched with vmap
+            # (is_grads_batched) nor, with inductor's donated buffers, run twice on one graph
+            if not target or not all(isinstance(t, int) for t in target):
+                raise TypeError("lrpcpp.deploy.CompiledAttribute: a list target must hold ints")
+            each = [self(input_ids, attention_mask, inputs_embeds, pixel_values, t, **model_kwargs) for t in target]
+            return Attribution(relevance=torch.stack([a.relevance for a in each]),
+                               token_relevance=torch.stack([a.token_relevance for a in each]),
+                               output=torch.stack([a.output for a in each], dim=-1),
+                               target=torch.stack([a.target for a in each], dim=-1))
+        given = [n for n, v in (("input_ids", input_ids), ("inputs_embeds", inputs_embeds),
+                                ("pixel_values", pixel_values)) if v is not None]
+        if len(given) != 1:
+            raise ValueError("lrpcpp.deploy.CompiledAttribute: give exactly one of input_ids, inputs_embeds, "
+                             f"pixel_values (got {given})")
+        if pixel_values is not None:
+            key, leaf = "pixel_values", pixel_values
+        elif input_ids is not None:
+            key = "inputs_embeds"
+            with torch.no_grad():
+                leaf = self.model.get_input_embeddings()(input_ids)
+        else:
+            key, leaf = "inputs_embeds", inputs_embeds
+        leaf = leaf.detach().requires_grad_()
+        if attention_mask is not None:
+            model_kwargs["attention_mask"] = attention_mask
+        batch, seq = leaf.shape[:2] if key == "inputs_embeds" else (0, 0)
+        # the positions of all items for every item, batch x batch logits (fewer than batch x seq);
+        # a per-item index ([batch, 1]) would fix the sequence length of the compiled graph
+        only_explained = (self._only_explained and key == "inputs_embeds" and not callable(target)
+                          and "logits_to_keep" not in model_kwargs and batch <= seq)
+        if only_explained:
+            positions = _last_positions(attention_mask, batch, seq, leaf.device) % seq  # -1: a row all padding
+            model_kwargs["logits_to_keep"] = positions
+        if not self._warm:
+            # The patch builds its constant gradient-scale tensors on first use. Built in a plain
+            # forward, they exist before the first compilation, whose guards then hold from the
+            # second call on (built inside it, they would make the second call compile again).
+            with torch.no_grad():
+                self.model(**{key: leaf}, **model_kwargs)
+            self._warm = True
+        with torch.enable_grad():
+            out = self.compiled(**{key: leaf}, **model_kwargs)
+            if only_explained:  # [batch, batch, vocab]: item i's next-token logits are at [i, i]
+                rows = torch.arange(batch, device=leaf.device)
+                explained, ids = _select(_logits(out)[rows, rows], target, None)
+            else:
+                explained, ids = _select(out, target, attention_mask)
+        (grad,) = torch.autograd.grad(explained, [leaf], torch.ones_like(explained), allow_unused=True)
+        if grad is None:
+            grad = torch.zeros_like(leaf)
+        relevance = (grad * leaf.detach()).detach()
+        return Attribution(relevance=relevance, token_relevance=relevance.sum(dim=-3 if key == "pixel_values" else -1),
+                           output=explained.detach(), target=ids)
+
+    def remove(self) -> None:
+        """Unpatches the model and restores its training mode (idempotent)."""
+        if not self._removed:
+            self.handle.remove()
+            self._frozen.__exit__()
+            self.model.train(self._training)
+            self._removed = True
+
+    def __enter__(self) -> "CompiledAttribute":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"CompiledAttribute({type(self.model).__name__}, method={self.method!r})"
+
+
+def compile_attribute(model: nn.Module, method: str = "attnlrp", *, epsilon: Optional[float] = None,
+                      all_logits: bool = False, **compile_kwargs) -> CompiledAttribute:
+    """:func:`lrpcpp.attribute` with the model compiled: patches ``model`` and compiles it with
+    ``torch.compile(model, fullgraph=True, **compile_kwargs)`` (``backend``, ``dynamic``, ``mode``,
+    ``options``: as ``torch.compile``; the default backend is inductor).
+
+    A language model that takes ``logits_to_keep`` (Hugging Face's causal LMs) computes only the
+    logits at the explained position, which are all the relevance depends on: the projection onto
+    the vocabulary, often the largest matrix product of the model, then runs for one position per
+    item in the forward and the backward. ``all_logits=True`` computes them all, as
+    :func:`lrpcpp.attribute` does; the relevance is the same either way.
+
+    .. code-block:: python
+
+       with lrpcpp.deploy.compile_attribute(model) as explain:
+           attr = explain(input_ids=ids, attention_mask=mask)   # compiles (once per shape)
+           attr = explain(input_ids=other_ids, attention_mask=other_mask)
+
+    Gradient-times-input mode only. ``torch.autograd.grad`` cannot run inside a ``fullgraph``
+    region, so the forward (with its ``lrpcpp`` operators) and, through AOTAutograd, the backward
+    are compiled, while the choice of the explained logit and the call of the backward stay in
+    Python.
+    """
+    return CompiledAttribute(model, method=method, epsilon=epsilon, all_logits=all_logits, **compile_kwargs)
