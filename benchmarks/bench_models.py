@@ -791,9 +791,9 @@ def reading(res, mem, prof):
     diffs = [(k, mem_inc(mem, k, "attribute"), mem_inc(mem, k, "attribute-frozen")) for k in single]
     diffs = [(k, a, f) for k, a, f in diffs if a is not None and f is not None]
     if diffs:
-        out.append("- Memory, params as loaded vs frozen: `lrpcpp.attribute` leaves the parameters' `requires_grad` "
-                   "as it finds them, so on a model as loaded autograd records the graph of the weight gradients "
-                   "(never requested) and keeps every linear layer's input alive for them: "
+        out.append("- Memory, params as loaded vs frozen: in gradient mode `lrpcpp.attribute` freezes the "
+                   "parameters for the call (and restores their `requires_grad` after), so autograd keeps no layer "
+                   "inputs for weight gradients either way: "
                    + "; ".join(f"{short(res, k)} +{fmt_mib(a)} vs +{fmt_mib(f)} MiB" for k, a, f in diffs) + ".")
     rows = [(k, *(mem_inc(mem, k, v) for v in ("plain", "plain-keep", "patched-plain", "attribute-frozen")))
             for k in single]

@@ -242,6 +242,34 @@ def test_attribute_restores_training_mode():
     assert model.training
 
 
+@pytest.mark.parametrize("mode", ["gradient", "explicit"])
+def test_attribute_freezes_parameters_for_the_call_in_gradient_mode(mode):
+    model = build("llama")
+    model.lm_head.weight.requires_grad_(False)  # a mix of flags, each restored as it was
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    seen = []
+
+    def target(out):
+        seen.append(any(p.requires_grad for p in model.parameters()))
+        return out.logits[:, -1, 3]
+
+    got = lrpcpp.attribute(model, target=target, mode=mode, **inputs("llama"))
+    assert seen == [mode == "explicit"]
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    if mode == "gradient":  # the relevance is that of a model frozen by its owner
+        frozen = build("llama").requires_grad_(False)
+        torch.testing.assert_close(lrpcpp.attribute(frozen, target=target, **inputs("llama")).relevance,
+                                   got.relevance, rtol=0, atol=0)
+
+    def failing(out):
+        raise RuntimeError("target failed")
+
+    with pytest.raises(RuntimeError, match="target failed"):
+        lrpcpp.attribute(model, target=failing, mode=mode, **inputs("llama"))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
 @pytest.mark.parametrize("family", ALL)
 @pytest.mark.parametrize("method", ["attnlrp", "cp-lrp"])
 def test_explicit_and_gradient_modes_agree(family, method):

@@ -132,7 +132,8 @@ def attribute(
     logit after the last unmasked position), an int, a tensor of one id per item, a list of K ids
     (K relevance maps from one backward pass), or a callable ``f(model_output) -> tensor`` (for example
     a similarity of two embeddings). The model runs in eval mode (restored afterwards) and is
-    patched for the duration of the call only.
+    patched for the duration of the call only; in gradient mode its parameters are also frozen for
+    the call (``requires_grad`` restored afterwards), since no weight gradient is computed.
 
     ``preset``: a registered preset name (``"vit"``, ``"epsilon_gamma_box"``, ...; see
     :mod:`lrpcpp.presets`) or an :class:`lrpcpp.Preset`, putting a rule on every linear and
@@ -174,9 +175,15 @@ def attribute(
 
     was_training = model.training
     model.eval()
+    # Gradient mode asks autograd for the inputs' gradient only: with the parameters frozen for the
+    # call, it keeps no layer inputs alive for weight gradients. (Explicit mode's rules tell a
+    # parameter from a constant by requires_grad, so there they stay as they are.)
+    frozen = [] if mode == "explicit" else [p for p in model.parameters() if p.requires_grad]
     captured: Dict[str, Tensor] = {}
     hooks = []
     try:
+        for p in frozen:
+            p.requires_grad_(False)
         with patch(model, method=method, mode=mode, epsilon=epsilon, preset=preset) as handle:
             if latent:
                 for name, layer in _layers(model).items():
@@ -185,6 +192,7 @@ def attribute(
             with torch.enable_grad(), handle.rules.context():
                 out = _call(model, key, leaf, model_kwargs)
                 explained, ids = _select(out, target, attention_mask)
+                del out  # the whole output (a language model's [batch, seq, vocab] logits) is not needed any more
             for h in hooks:
                 h.remove()
             hooks = []
@@ -197,6 +205,8 @@ def attribute(
     finally:
         for h in hooks:
             h.remove()
+        for p in frozen:
+            p.requires_grad_(True)
         model.train(was_training)
 
     def relevance_of(x: Tensor, g: Optional[Tensor]) -> Tensor:
