@@ -112,13 +112,11 @@ def machine():
         fields[key.strip()] = value.strip()
     import torch
 
-    commit = _sh("git rev-parse --short HEAD") or "unknown"
-    dirty = " (with uncommitted changes)" if _sh("git status --porcelain --untracked-files=no") else ""
     return {
         "cpu": f"{fields.get('Model name', platform.processor())}, {fields.get('CPU(s)', os.cpu_count())} logical cores",
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "commit": commit + dirty,
+        "commit": results_file.commit(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
 

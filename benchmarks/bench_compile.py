@@ -141,15 +141,7 @@ def machine():
         model = next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
     except (OSError, StopIteration):
         pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=_ROOT).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=_ROOT).stdout.strip()
-        commit += " (with uncommitted changes)" if dirty else ""
-    except OSError:
-        commit = "?"
-    return model, commit
+    return model, results_file.commit()
 
 
 def run(args):

@@ -245,15 +245,6 @@ def machine() -> str:
         return "unknown CPU"
 
 
-def commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT).stdout
-        return sha.strip() + (" (with uncommitted changes)" if dirty.strip() else "")
-    except OSError:
-        return "unknown"
-
-
 def mib(n: float) -> str:
     return f"{n / 2 ** 20:.0f} MiB"
 
@@ -261,7 +252,7 @@ def mib(n: float) -> str:
 def report(results: dict, args) -> str:
     load = open("/proc/loadavg").read().split()[:3]
     lines = [SECTION, "",
-             f"Machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads; commit {commit()}; "
+             f"Machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads; commit {results_file.commit()}; "
              f"load average before the run {', '.join(load)} (`uptime`; other builds may have been running).",
              f"`benchmarks/bench_vision.py`{' --quick' if args.quick else ''}: one image, top class, every parameter "
              f"frozen; time: median of {args.reps} interleaved repetitions after {args.warmup} warm-up calls; memory: "
@@ -300,7 +291,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny models, one repetition")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--mem-runs", type=int, default=1)
+    parser.add_argument("--mem-runs", type=int, default=3)
     parser.add_argument("--only", nargs="*", choices=["vit", "resnet"], default=["vit", "resnet"])
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--write", action="store_true", help="also write the section into benchmarks/RESULTS.md")

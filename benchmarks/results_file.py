@@ -1,6 +1,7 @@
 """benchmarks/RESULTS.md, one section per benchmark script."""
 
 import os
+import subprocess
 
 PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
@@ -21,3 +22,23 @@ def write_section(section: str, text: str, path: str = PATH) -> str:
     with open(path, "w") as f:
         f.write(new)
     return path
+
+
+def commit() -> str:
+    """HEAD's short hash, and the tracked files that differ from it (other than RESULTS.md, which the
+    benchmarks write themselves): what a recorded figure was measured on."""
+    root = os.path.dirname(os.path.dirname(PATH))
+
+    def git(*args):
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, check=True).stdout
+
+    try:
+        sha = git("rev-parse", "--short", "HEAD").strip()
+        changed = [ln[3:] for ln in git("status", "--porcelain", "--untracked-files=no").splitlines()
+                   if ln[3:] != "benchmarks/RESULTS.md"]
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown commit"
+    if not changed:
+        return sha
+    shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+    return f"{sha} with uncommitted changes ({shown})"
