@@ -27,6 +27,7 @@ import sys
 import time
 
 import results_file  # benchmarks/results_file.py
+from machine import cpu_model  # benchmarks/machine.py
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(_HERE)
@@ -97,23 +98,11 @@ def help_run():
     return time.perf_counter() - start
 
 
-def _sh(cmd):
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, shell=True, cwd=ROOT).stdout.strip()
-    except OSError:
-        return ""
-
-
 def machine():
-    lscpu = _sh("lscpu")
-    fields = {}
-    for line in lscpu.splitlines():
-        key, _, value = line.partition(":")
-        fields[key.strip()] = value.strip()
     import torch
 
     return {
-        "cpu": f"{fields.get('Model name', platform.processor())}, {fields.get('CPU(s)', os.cpu_count())} logical cores",
+        "cpu": f"{cpu_model()}, {os.cpu_count()} logical cores",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "commit": results_file.commit(),

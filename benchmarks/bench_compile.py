@@ -42,12 +42,12 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import results_file  # benchmarks/results_file.py
+from machine import cpu_model  # benchmarks/machine.py
 
 if "--warm-cache" not in sys.argv:
     # a cache of its own, empty: the compile times are those of a first compilation (set before
@@ -135,13 +135,7 @@ def busy_jiffies():
 
 
 def machine():
-    model = platform.processor()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
-    except (OSError, StopIteration):
-        pass
-    return model, results_file.commit()
+    return cpu_model(), results_file.commit()
 
 
 def run(args):

@@ -58,6 +58,8 @@ import subprocess
 import sys
 import time
 
+from machine import cpu_model, proc_status_kb  # benchmarks/machine.py
+
 import torch
 import torch.nn.functional as F
 
@@ -84,25 +86,6 @@ SERIAL_SPEEDUP = 1.3  # a relevance kernel that gains less than this from more t
 
 
 # ----------------------------------------------------------------------------- helpers
-def proc_status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return None
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def machine_lines(threads):
     try:
         cap = torch.backends.cpu.get_cpu_capability()

@@ -77,6 +77,7 @@ import sys
 import time
 
 import results_file  # benchmarks/results_file.py
+from machine import cpu_model, proc_status_kb  # benchmarks/machine.py
 
 import torch
 
@@ -116,25 +117,6 @@ QUICK = dict(
 # ----------------------------------------------------------------------------- helpers
 def progress(msg):
     print(msg, file=sys.stderr, flush=True)
-
-
-def proc_status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return None
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def physical_cores():

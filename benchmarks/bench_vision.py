@@ -32,6 +32,7 @@ import sys
 import time
 
 import results_file  # benchmarks/results_file.py
+from machine import cpu_model  # benchmarks/machine.py
 
 import torch
 from torch import nn
@@ -236,13 +237,7 @@ def _other_share(before, cpu_before, wall_before) -> float:
 
 # ----------------------------------------------------------------------------- report
 def machine() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(l.split(":", 1)[1].strip() for l in lscpu.splitlines() if l.startswith("Model name"))
-        cpus = next(l.split(":", 1)[1].strip() for l in lscpu.splitlines() if l.startswith("CPU(s)"))
-        return f"{model}, {cpus} CPUs"
-    except (OSError, StopIteration):
-        return "unknown CPU"
+    return f"{cpu_model()}, {os.cpu_count()} CPUs"
 
 
 def mib(n: float) -> str:
