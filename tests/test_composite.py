@@ -10,7 +10,7 @@ from torch import nn
 import lrpcpp.functional as lf
 import lrpcpp.modules as lm
 from lrpcpp.composite import DEFAULT_MODULE_MAP, Composite, CompositeHandle, identity_module
-from lrpcpp.explicit import ExplicitRules
+from lrpcpp.explicit import ExplicitRules, UnruledOperationWarning
 
 f64 = torch.float64
 
@@ -289,8 +289,9 @@ def test_unknown_functions_inside_still_work():
     model = Odd()
     x = torch.randn(2, 4)
     want = model(x)
-    with Composite().context(model):
+    with Composite().context(model), pytest.warns(UnruledOperationWarning) as record:
         y, rx = relevance(model, x)
+    assert {str(w.message).split()[1] for w in record} == {"Tensor.exp", "torch.cumsum", "Tensor.logsumexp"}
     torch.testing.assert_close(y, want)
     assert torch.isfinite(rx).all()
 

@@ -6,6 +6,7 @@ or against the float64 formula in reference.py; forward values against plain tor
 
 import math
 import threading
+import warnings
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 import lrpcpp.functional as lf
 import reference as ref
 from conftest import TOL, assert_relevance_close
-from lrpcpp.explicit import RULES, ExplicitRules, identity_rule, run_plain
+from lrpcpp.explicit import RULES, ExplicitRules, UnruledOperationWarning, identity_rule, run_plain
 
 f64 = torch.float64
 EPS = 1e-12  # the stabiliser where a test compares with a formula that has none
@@ -697,14 +698,18 @@ def test_the_mode_is_scoped():
     assert type(seen["y"].grad_fn).__name__ == "MmBackward0"
 
 
-def test_unknown_functions_keep_their_gradient():
+def test_unknown_functions_keep_their_gradient_with_a_warning():
     x = torch.randn(3, 4, dtype=f64)
-    y, (rx,) = explain(lambda x_: torch.cumsum(x_.exp(), -1), x, seed=torch.ones(3, 4, dtype=f64))
+    with pytest.warns(UnruledOperationWarning) as record:
+        y, (rx,) = explain(lambda x_: torch.cumsum(x_.exp(), -1), x, seed=torch.ones(3, 4, dtype=f64))
+    assert {str(w.message).split()[1] for w in record} == {"Tensor.exp", "torch.cumsum"}
     xx = x.clone().requires_grad_()
     torch.cumsum(xx.exp(), -1).backward(torch.ones(3, 4, dtype=f64))
     assert torch.equal(rx, xx.grad)
-    # views, reshapes, cat, where: exact
-    y, (rx,) = explain(lambda x_: torch.cat([x_.T.reshape(-1), torch.where(x_ > 0, x_, 0.0)[0]]), x)
+    # views, reshapes, cat, where: exact, and without a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnruledOperationWarning)
+        y, (rx,) = explain(lambda x_: torch.cat([x_.T.reshape(-1), torch.where(x_ > 0, x_, 0.0)[0]]), x)
     want = x.clone()  # the transposed copy returns each value to its element
     want[0] += torch.where(x[0] > 0, x[0], 0.0)  # row 0 of the selection
     torch.testing.assert_close(rx, want)

@@ -7,7 +7,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .patching import patch
+from .patching import ModelState, patch
 
 __all__ = ["attribute", "Attribution"]
 
@@ -131,9 +131,10 @@ def attribute(
     ``inputs_embeds`` or ``pixel_values``. ``target``: ``None`` (the top class, or the top next-token
     logit after the last unmasked position), an int, a tensor of one id per item, a list of K ids
     (K relevance maps from one backward pass), or a callable ``f(model_output) -> tensor`` (for example
-    a similarity of two embeddings). The model runs in eval mode (restored afterwards) and is
-    patched for the duration of the call only; in gradient mode its parameters are also frozen for
-    the call (``requires_grad`` restored afterwards), since no weight gradient is computed.
+    a similarity of two embeddings). The model runs in eval mode and is patched for the duration
+    of the call only; in gradient mode its parameters are also frozen for the call, since no weight
+    gradient is computed. Afterwards every submodule's own ``training`` flag and every parameter's
+    ``requires_grad`` are as they were, also when the call raises.
 
     ``preset``: a registered preset name (``"vit"``, ``"epsilon_gamma_box"``, ...; see
     :mod:`lrpcpp.presets`) or an :class:`lrpcpp.Preset`, putting a rule on every linear and
@@ -173,18 +174,14 @@ def attribute(
     if attention_mask is not None:
         model_kwargs["attention_mask"] = attention_mask
 
-    was_training = model.training
-    model.eval()
     # Gradient mode asks autograd for the inputs' gradient only: with the parameters frozen for the
     # call, it keeps no layer inputs alive for weight gradients. (Explicit mode's rules tell a
     # parameter from a constant by requires_grad, so there they stay as they are.)
-    frozen = [] if mode == "explicit" else [p for p in model.parameters() if p.requires_grad]
     captured: Dict[str, Tensor] = {}
     hooks = []
     try:
-        for p in frozen:
-            p.requires_grad_(False)
-        with patch(model, method=method, mode=mode, epsilon=epsilon, preset=preset) as handle:
+        with ModelState(model, freeze=not explicit), \
+                patch(model, method=method, mode=mode, epsilon=epsilon, preset=preset) as handle:
             if latent:
                 for name, layer in _layers(model).items():
                     hooks.append(layer.register_forward_hook(
@@ -205,9 +202,6 @@ def attribute(
     finally:
         for h in hooks:
             h.remove()
-        for p in frozen:
-            p.requires_grad_(True)
-        model.train(was_training)
 
     def relevance_of(x: Tensor, g: Optional[Tensor]) -> Tensor:
         if g is None:

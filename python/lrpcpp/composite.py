@@ -19,7 +19,6 @@ class, no torch function, no other model.
 
 import contextlib
 import functools
-import weakref
 from types import MappingProxyType
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
@@ -27,6 +26,7 @@ from torch import nn
 
 from . import modules as lm
 from .explicit import ExplicitRules, identity_rule
+from .patching import ModelState, _claim, _release
 
 __all__ = ["Composite", "CompositeHandle", "DEFAULT_MODULE_MAP", "identity_module"]
 
@@ -50,9 +50,6 @@ DEFAULT_MODULE_MAP: Mapping[type, Factory] = MappingProxyType({
 
 # (parent, key in parent._modules, original module, replacement)
 _Link = Tuple[nn.Module, str, nn.Module, nn.Module]
-
-# model instance -> the handle of the composite registered on it
-_REGISTERED: "weakref.WeakKeyDictionary[nn.Module, CompositeHandle]" = weakref.WeakKeyDictionary()
 
 
 def identity_module(module: nn.Module) -> nn.Module:
@@ -96,6 +93,8 @@ class CompositeHandle:
     """What one :meth:`Composite.register` changed on one model; :meth:`remove` undoes it.
     Also a context manager."""
 
+    kind = "registered with a Composite"
+
     def __init__(self, composite: "Composite", model: nn.Module) -> None:
         self.composite = composite
         self.model = model
@@ -103,6 +102,7 @@ class CompositeHandle:
         self.replaced: Dict[str, Tuple[nn.Module, nn.Module]] = {}
         self._links: List[Tuple[nn.Module, str, nn.Module]] = []  # (parent, key, original)
         self._forward: Optional[Tuple[bool, Any]] = None  # (had an instance forward, that forward)
+        self._state = ModelState(model)  # eval mode while registered
         self._active = False
 
     @property
@@ -111,7 +111,7 @@ class CompositeHandle:
         return self._active
 
     def remove(self) -> None:
-        """Restore the original module objects and ``forward`` (idempotent)."""
+        """Restore the original module objects, ``forward`` and training flags (idempotent)."""
         if not self._active:
             return
         for parent, key, original in reversed(self._links):
@@ -124,9 +124,9 @@ class CompositeHandle:
             else:
                 self.model.__dict__.pop("forward", None)
             self._forward = None
+        self._state.__exit__()
         self._active = False
-        if _REGISTERED.get(self.model) is self:
-            del _REGISTERED[self.model]
+        _release(self)
         if self in self.composite._handles:
             self.composite._handles.remove(self)
 
@@ -233,18 +233,18 @@ class Composite:
     def register(self, model: nn.Module) -> CompositeHandle:
         """Apply the composite to ``model`` (this instance only); returns the handle to remove it.
 
-        Raises ``RuntimeError`` if ``model`` is already registered with a composite.
+        The model runs in eval mode while registered (dropout off, batch norms on their running
+        statistics); :meth:`CompositeHandle.remove` puts back every submodule's own training flag.
+        Raises ``RuntimeError`` if ``model``, one of its submodules or a model it is part of is
+        already registered with a composite (or patched by :func:`lrpcpp.patch`).
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"lrpcpp.Composite.register expects an nn.Module, got {type(model).__name__}")
-        if model in _REGISTERED:
-            raise RuntimeError(
-                f"lrpcpp.Composite: this {type(model).__name__} is already registered "
-                f"({_REGISTERED[model]!r}); call .remove() on that handle first"
-            )
         links, replaced = self._plan(model)
         handle = CompositeHandle(self, model)
         handle.replaced = replaced
+        _claim(model, handle, "lrpcpp.Composite", also=[new for _, _, _, new in links])
+        handle._state.__enter__()
         for parent, key, original, new in links:
             parent._modules[key] = new
             handle._links.append((parent, key, original))
@@ -253,7 +253,6 @@ class Composite:
             handle._forward = (had, model.__dict__.get("forward"))
             model.__dict__["forward"] = self._wrap(model.forward)
         handle._active = True
-        _REGISTERED[model] = handle
         self._handles.append(handle)
         return handle
 

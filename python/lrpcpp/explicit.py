@@ -36,6 +36,7 @@ import inspect
 import math
 import threading
 import types
+import warnings
 from types import MappingProxyType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -47,7 +48,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import functional as lf
 
-__all__ = ["ExplicitRules", "RULES", "identity_rule", "run_plain"]
+__all__ = ["ExplicitRules", "RULES", "PASS_THROUGH", "UnruledOperationWarning", "identity_rule", "run_plain"]
 
 _REDUCED = (torch.float16, torch.bfloat16)
 
@@ -662,6 +663,7 @@ RULES: Mapping[Callable, Callable] = MappingProxyType({
     F.linear: _linear,
     torch.addmm: _affine_mm, _T.addmm: _affine_mm, torch.baddbmm: _affine_mm, _T.baddbmm: _affine_mm,
     F.conv1d: _conv, F.conv2d: _conv2d, F.conv3d: _conv,
+    F.conv_transpose1d: _conv, F.conv_transpose2d: _conv, F.conv_transpose3d: _conv,
     F.avg_pool1d: _linear_map, F.avg_pool2d: _linear_map, F.avg_pool3d: _linear_map,
     F.adaptive_avg_pool1d: _linear_map, F.adaptive_avg_pool2d: _linear_map, F.adaptive_avg_pool3d: _linear_map,
     F.batch_norm: _batch_norm,
@@ -692,6 +694,85 @@ RULES: Mapping[Callable, Callable] = MappingProxyType({
 })
 
 
+# Dropout is off (RULES.md section 4), whatever the training flag: the input is returned unchanged,
+# so the forward value is the eval-mode one and the relevance passes through as it is.
+_DROPOUT = frozenset({
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+    torch.dropout, torch.dropout_, torch.feature_dropout, torch.feature_dropout_, torch.alpha_dropout,
+    torch.alpha_dropout_, torch.feature_alpha_dropout, torch.feature_alpha_dropout_,
+})
+
+_PASS_TENSOR_METHODS = (
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose", "t",
+    "permute", "movedim", "moveaxis", "swapaxes", "swapdims", "expand", "expand_as", "broadcast_to", "contiguous",
+    "clone", "to", "type", "type_as", "float", "double", "half", "bfloat16", "__getitem__", "select", "narrow",
+    "index_select", "gather", "take_along_dim", "masked_fill", "masked_fill_", "where", "split", "split_with_sizes",
+    "tensor_split", "chunk", "unbind", "repeat", "repeat_interleave", "tile", "roll", "flip", "tril", "triu",
+    "diagonal", "copy_", "requires_grad_", "topk",
+)
+_PASS_TORCH_FUNCTIONS = (
+    "reshape", "flatten", "squeeze", "unsqueeze", "transpose", "t", "permute", "movedim", "moveaxis", "swapaxes",
+    "swapdims", "broadcast_to", "clone", "select", "narrow", "index_select", "gather", "take_along_dim",
+    "masked_fill", "where", "split", "split_with_sizes", "tensor_split", "chunk", "unbind", "repeat_interleave",
+    "tile", "roll", "flip", "tril", "triu", "diagonal", "cat", "concat", "concatenate", "stack", "hstack", "vstack",
+    "topk", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d",
+)
+_PASS_NN_FUNCTIONS = ("pad", "max_pool2d_with_indices", "max_pool3d_with_indices", "adaptive_max_pool2d",
+                      "adaptive_max_pool3d")
+
+#: The torch functions whose ordinary gradient passes relevance on exactly, so that they need no
+#: rule: views and reshapes, dtype casts and copies, indexing, slicing, gathering, masking and
+#: ``torch.where`` selection, concatenation and splitting, expansion and repetition (the copies'
+#: relevance is summed back), padding, and max pooling and ``topk`` (the selected elements take all
+#: of it). A call with a relevance-carrying argument and a relevance-carrying result that has
+#: neither a rule in :data:`RULES` nor an entry here keeps its gradient, with an
+#: :class:`UnruledOperationWarning` that names it.
+PASS_THROUGH = frozenset(
+    [getattr(Tensor, n) for n in _PASS_TENSOR_METHODS]
+    + [f for n in _PASS_TORCH_FUNCTIONS for f in (getattr(torch, n), getattr(torch._C._VariableFunctions, n, None))
+       if f is not None]
+    + [getattr(torch._C._nn, n) for n in _PASS_NN_FUNCTIONS]
+    + [getattr(Tensor, n).__get__ for n in ("T", "mT", "H", "mH")]
+)
+
+
+class UnruledOperationWarning(UserWarning):
+    """A torch function in :class:`ExplicitRules` passed relevance on as its plain gradient: it has
+    no explicit rule (for these arguments) and is not one of :data:`PASS_THROUGH`. Turn it into
+    an error with ``warnings.simplefilter("error", UnruledOperationWarning)``."""
+
+
+def _op_name(func: Callable) -> str:
+    owner = getattr(func, "__self__", None)
+    if isinstance(func, types.MethodWrapperType) and hasattr(owner, "__objclass__"):
+        return f"Tensor.{owner.__name__}"  # an attribute such as Tensor.T
+    if isinstance(func, torch._ops.OpOverloadPacket):
+        return f"torch.ops.{func._qualified_op_name.replace('::', '.')}"
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    for prefix, spelled in (("TensorBase.", "Tensor."), ("_VariableFunctionsClass.", "torch.")):
+        if name.startswith(prefix):
+            return spelled + name[len(prefix):]
+    module = getattr(func, "__module__", None)
+    return f"{module}.{name}" if module and "." not in name else name
+
+
+def _has_rule(func: Callable) -> bool:
+    """An lrpcpp operator (called directly, or by a drop-in module) is a rule itself."""
+    if isinstance(func, torch._ops.OpOverloadPacket):
+        return func._qualified_op_name.startswith("lrpcpp::")
+    if isinstance(func, torch._ops.OpOverload):
+        return func.name().startswith("lrpcpp::")
+    return func in PASS_THROUGH
+
+
+def _carries_relevance(out: Any) -> bool:
+    if isinstance(out, Tensor):
+        return out.requires_grad
+    if isinstance(out, (list, tuple)):
+        return any(_carries_relevance(o) for o in out)
+    return False
+
+
 # ----------------------------------------------------------------------------- the mode
 class ExplicitRules(TorchFunctionMode):
     """A torch function mode that runs torch calls through the explicit LRP rules (see :data:`RULES`).
@@ -720,6 +801,8 @@ class ExplicitRules(TorchFunctionMode):
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in _DROPOUT:
+            return args[0] if args else kwargs["input"]
         grad = torch.is_grad_enabled()
         carriers = grad and _any_carrier(args, kwargs)
         if carriers:
@@ -763,4 +846,13 @@ class ExplicitRules(TorchFunctionMode):
                     return redispatch_function(func, types_, args, kwargs)
             finally:
                 _IN_BODY.funcs.discard(func)
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if not _has_rule(func) and _carries_relevance(out):
+            name = _op_name(func)
+            warnings.warn(
+                f"lrpcpp.ExplicitRules: {name} has no explicit LRP rule (for these arguments); its "
+                f"relevance-carrying input got the plain gradient of {name}, which is in general not a "
+                "relevance rule. Give that step a rule (lrpcpp.explicit.identity_rule, "
+                "lrpcpp.functional.epsilon, ...) or run it without the rules (lrpcpp.explicit.run_plain)",
+                UnruledOperationWarning, stacklevel=3)
+        return out

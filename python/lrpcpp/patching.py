@@ -35,13 +35,66 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import families as _families
 
-__all__ = ["patch", "PatchHandle", "METHODS", "MODES"]
+__all__ = ["patch", "PatchHandle", "METHODS", "MODES", "ModelState"]
 
 METHODS = ("attnlrp", "cp-lrp")
 MODES = ("gradient", "explicit")
 
-# models patched right now; a model can carry one patch at a time
-_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, PatchHandle]" = weakref.WeakKeyDictionary()
+# every module of a model that is patched, or registered with a Composite, right now -> that
+# handle. A module takes part in one of them at a time: a patch of a model and a patch of one of
+# its submodules would each save the other's changes as the original to restore.
+_OWNERS: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
+
+
+def _claim(model: nn.Module, owner, caller: str, also: Sequence[nn.Module] = ()) -> None:
+    """Records ``owner`` (a handle with ``model`` and ``kind``) for every module of ``model`` (and of
+    the modules ``also``); raises ``RuntimeError`` naming the module if one of them is already
+    patched or registered, before recording anything."""
+    modules = list(model.named_modules())
+    modules += [(f"<replacement {type(m).__name__}>", m) for extra in also for m in extra.modules()]
+    for name, module in modules:
+        other = _OWNERS.get(module)
+        if other is None:
+            continue
+        what = f"this {type(model).__name__}" if not name else f"its submodule '{name}' ({type(module).__name__})"
+        part = "" if other.model is module else f" as part of a {type(other.model).__name__}"
+        raise RuntimeError(f"{caller}: {what} is already {other.kind}{part} ({other!r}); remove that first "
+                           "(a module takes part in one patch or composite at a time)")
+    for _, module in modules:
+        _OWNERS[module] = owner
+
+
+def _release(owner) -> None:
+    for module in [m for m, o in list(_OWNERS.items()) if o is owner]:
+        del _OWNERS[module]
+
+
+class ModelState:
+    """A context manager that puts ``model`` in eval mode and, with ``freeze``, its parameters to
+    ``requires_grad=False`` for the block; on leaving it (also by an exception) every sub-module's
+    own ``training`` flag and every parameter's ``requires_grad`` are put back as they were."""
+
+    def __init__(self, model: nn.Module, freeze: bool = False):
+        self.model, self.freeze = model, freeze
+        self._saved: Optional[Tuple[list, list]] = None
+
+    def __enter__(self) -> "ModelState":
+        self._saved = ([(m, m.training) for m in self.model.modules()],
+                       [(p, p.requires_grad) for p in self.model.parameters()])
+        self.model.eval()
+        if self.freeze:
+            for p, _ in self._saved[1]:
+                p.requires_grad_(False)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._saved is not None:
+            modules, params = self._saved
+            self._saved = None
+            for m, training in modules:
+                m.training = training
+            for p, requires_grad in params:
+                p.requires_grad_(requires_grad)
 
 # element-wise activation modules of torch.nn (the identity rule applies to each of them)
 _TORCH_ACTIVATIONS = (
@@ -201,6 +254,8 @@ class _HeldColumns(TorchFunctionMode):
 class PatchHandle:
     """The changes made to one model; :meth:`remove` undoes them. Also a context manager."""
 
+    kind = "patched"
+
     def __init__(self, model: nn.Module, method: str, mode: str, rules: _Rules):
         self.model, self.method, self.mode, self.rules = model, method, mode, rules
         self._undo: List[Callable[[], None]] = []
@@ -231,8 +286,7 @@ class PatchHandle:
         """Restores every module exactly as it was (idempotent)."""
         while self._undo:
             self._undo.pop()()
-        if _ACTIVE.get(self.model) is self:
-            del _ACTIVE[self.model]
+        _release(self)
 
     def __enter__(self) -> "PatchHandle":
         return self
@@ -262,7 +316,8 @@ def patch(model: nn.Module, method: Optional[str] = None, mode: str = "gradient"
     ``epsilon`` is the stabiliser of the rules (default 1e-10 in gradient mode, where it only guards
     divisions by the input of an activation, and 1e-6 in explicit mode). Raises
     :class:`lrpcpp.UnsupportedModelError` for a Hugging Face architecture without a family entry,
-    and ``RuntimeError`` if the model is already patched.
+    and ``RuntimeError`` if the model, one of its submodules or a model it is part of is already
+    patched (or registered with a :class:`lrpcpp.Composite`).
 
     ``preset`` (a name registered with :func:`lrpcpp.register_preset`, or an :class:`lrpcpp.Preset`)
     also puts a rule on each linear and convolution layer (:mod:`lrpcpp.presets`), recorded in
@@ -280,10 +335,6 @@ def patch(model: nn.Module, method: Optional[str] = None, mode: str = "gradient"
         raise ValueError(f"lrpcpp.patch: method must be one of {METHODS}, got {method!r}")
     if mode not in MODES:
         raise ValueError(f"lrpcpp.patch: mode must be one of {MODES}, got {mode!r}")
-    if model in _ACTIVE:
-        raise RuntimeError(
-            f"lrpcpp.patch: this {type(model).__name__} is already patched ({_ACTIVE[model]!r}); remove that patch first"
-        )
     if epsilon is None:
         epsilon = 1e-10 if mode == "gradient" else 1e-6
     if epsilon < 0:
@@ -291,6 +342,7 @@ def patch(model: nn.Module, method: Optional[str] = None, mode: str = "gradient"
     family = _families.family_of(model)
     rules: _Rules = _GradientRules(epsilon) if mode == "gradient" else _ExplicitRules(epsilon)
     handle = PatchHandle(model, method, mode, rules)
+    _claim(model, handle, "lrpcpp.patch")
     try:
         if preset is not None:
             _presets.apply(handle, preset)
@@ -298,7 +350,6 @@ def patch(model: nn.Module, method: Optional[str] = None, mode: str = "gradient"
     except BaseException:
         handle.remove()
         raise
-    _ACTIVE[model] = handle
     return handle
 
 
