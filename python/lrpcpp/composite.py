@@ -244,10 +244,10 @@ class Composite:
         handle = CompositeHandle(self, model)
         handle.replaced = replaced
         _claim(model, handle, "lrpcpp.Composite", also=[new for _, _, _, new in links])
-        handle._state.__enter__()
         for parent, key, original, new in links:
             parent._modules[key] = new
             handle._links.append((parent, key, original))
+        handle._state.__enter__()  # the replacements included
         if self.functions:
             had = "forward" in model.__dict__
             handle._forward = (had, model.__dict__.get("forward"))

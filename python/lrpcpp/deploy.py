@@ -16,6 +16,7 @@ patching code runs there.
   ``torch.compile(fullgraph=True)``, reusing the compiled graphs from call to call.
 """
 
+import contextlib
 import inspect
 import json
 import os
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .attribute import Attribution, Target, _batched_backward, _last_positions, _logits, _select
-from .patching import METHODS, patch
+from .patching import METHODS, ModelState, patch
 
 __all__ = [
     "ExplainableModel",
@@ -163,33 +164,6 @@ def _check_method(method: str, caller: str) -> None:
         raise ValueError(f"{caller}: method must be one of {METHODS}, got {method!r}")
 
 
-class _Frozen:
-    """Parameters that do not require grad while a model is traced, exported and saved (the
-    deployed backward then computes no weight gradients); the flags are restored afterwards."""
-
-    def __init__(self, model: nn.Module):
-        self.params = [p for p in model.parameters() if p.requires_grad]
-
-    def __enter__(self):
-        for p in self.params:
-            p.requires_grad_(False)
-
-    def __exit__(self, *exc):
-        for p in self.params:
-            p.requires_grad_(True)
-
-
-class _Eval:
-    def __init__(self, model: nn.Module):
-        self.model, self.training = model, model.training
-
-    def __enter__(self):
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        self.model.train(self.training)
-
-
 def _info(model: nn.Module, embeds: Tensor, logits: Tensor, method: str, epsilon: Optional[float], form: str):
     from . import __version__
 
@@ -310,7 +284,7 @@ def export_archive(
     _check_method(method, caller)
     embeds, mask = _example(model, input_ids, inputs_embeds, attention_mask, caller)
     path = os.fspath(path)
-    with _Eval(model), _Frozen(model), patch(model, method=method, mode="gradient", epsilon=epsilon):
+    with ModelState(model, freeze=True), patch(model, method=method, mode="gradient", epsilon=epsilon):
         wrapper = ExplainableModel(model)
         with torch.no_grad():
             logits = wrapper(embeds, mask)
@@ -363,8 +337,8 @@ def export_program(
     The exported module is :class:`ExplainableModel` (``(inputs_embeds, attention_mask) -> logits``)
     of the model patched with ``method`` in gradient-times-input mode; its graph holds the
     ``lrpcpp::`` operators, whose backward computes relevance. ``dynamic=True`` leaves the batch
-    size and the sequence length free (``torch.export.Dim.AUTO``; an example of one item is
-    exported as two copies of it, since ``torch.export`` fixes sizes of 1). Load it with
+    size and the sequence length free (``torch.export.Dim.AUTO``; an example of one item, or of one
+    token, is exported as two copies of it, since ``torch.export`` fixes sizes of 1). Load it with
     ``torch.export.load(path).module()`` after ``import lrpcpp`` and explain with
     :func:`attribute_deployed`. ``check=True`` compares that with :func:`lrpcpp.attribute` on the
     example (using the saved file when ``path`` is given). The model is left as it was.
@@ -376,10 +350,11 @@ def export_program(
     if dynamic:
         free = {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}
         shapes = {"inputs_embeds": free, "attention_mask": free}
-        if embeds.shape[0] == 1:
-            # torch.export takes a size of 1 in the example for a constant: two copies keep the batch free
-            traced = (embeds.expand(2, -1, -1), mask.expand(2, -1))
-    with _Eval(model), _Frozen(model), patch(model, method=method, mode="gradient", epsilon=epsilon):
+        # torch.export takes a size of 1 in the example for a constant: two copies of the item (the
+        # token) keep the batch size (the sequence length) free
+        batch, seq = (2 if n == 1 else n for n in embeds.shape[:2])
+        traced = (embeds.expand(batch, seq, -1), mask.expand(batch, seq))
+    with ModelState(model, freeze=True), patch(model, method=method, mode="gradient", epsilon=epsilon):
         program = torch.export.export(ExplainableModel(model), traced, dynamic_shapes=shapes)
         if path is not None:
             torch.export.save(program, os.fspath(path))
@@ -394,7 +369,8 @@ class CompiledAttribute:
     """:func:`lrpcpp.attribute` through the patched model compiled with ``torch.compile(fullgraph=True)``.
 
     Made by :func:`compile_attribute`. The model stays patched, in eval mode and with its parameters
-    frozen (``requires_grad=False``) until :meth:`remove` or the end of a ``with`` block; each call
+    frozen (``requires_grad=False``) until :meth:`remove` or the end of a ``with`` block, which put
+    back every submodule's training flag and every parameter's ``requires_grad``; each call
     runs the compiled forward, picks the explained values as :func:`lrpcpp.attribute` does, and runs
     the compiled backward. Graphs are
     compiled on the first call and reused by later calls with the same shapes (a new shape compiles
@@ -412,20 +388,24 @@ class CompiledAttribute:
         # a language model that can compute the logits of chosen positions only (Hugging Face's
         # logits_to_keep): the explained position's are all that the relevance depends on
         self._only_explained = not all_logits and "logits_to_keep" in takes
-        self._training = model.training
-        model.eval()
-        try:
-            self.handle = patch(model, method=method, mode="gradient", epsilon=epsilon)
-        except BaseException:
-            model.train(self._training)
-            raise
         # AOTAutograd compiles one backward for every input that requires grad: with the parameters
         # frozen it computes the relevance only, not weight gradients as well
-        self._frozen = _Frozen(model)
-        self._frozen.__enter__()
         self._removed, self._warm = False, False
         compile_kwargs.setdefault("fullgraph", True)
-        self.compiled = torch.compile(model, **compile_kwargs)
+        with contextlib.ExitStack() as undo:  # on an error, everything done so far is undone
+            undo.enter_context(ModelState(model, freeze=True))
+            self.handle = undo.enter_context(patch(model, method=method, mode="gradient", epsilon=epsilon))
+            had = set(model.__dict__)
+            try:
+                self.compiled = torch.compile(model, **compile_kwargs)
+            except Exception as error:
+                raise RuntimeError(f"lrpcpp.deploy.compile_attribute: torch.compile rejected the options "
+                                   f"{compile_kwargs}: {error}") from error
+            finally:
+                # torch.compile marks the module it wraps with attributes of its own (_is_torch_compile)
+                added = set(model.__dict__) - had
+                undo.callback(lambda: [model.__dict__.pop(k, None) for k in added])
+            self._undo = undo.pop_all()  # success: the model stays patched until remove()
 
     def __call__(
         self,
@@ -495,11 +475,10 @@ class CompiledAttribute:
                            output=explained.detach(), target=ids)
 
     def remove(self) -> None:
-        """Unpatches the model and restores its training mode (idempotent)."""
+        """Unpatches the model and restores every submodule's training flag and every parameter's
+        ``requires_grad`` (idempotent)."""
         if not self._removed:
-            self.handle.remove()
-            self._frozen.__exit__()
-            self.model.train(self._training)
+            self._undo.close()
             self._removed = True
 
     def __enter__(self) -> "CompiledAttribute":
