@@ -20,11 +20,13 @@ projection of a detached input): weights and biases take part in the computation
 (parameters get no relevance). Relevance starts at a leaf the caller creates, such as
 ``inputs_embeds.detach().requires_grad_()``. Calls in which
 no argument carries relevance (mask and position construction, anything under ``torch.no_grad``)
-run untouched, and so does every function that has no entry in :data:`RULES`; those keep their
-ordinary gradient, which is the exact relevance rule for views, reshapes, transposes,
-concatenation, slicing, expansion, ``torch.where`` selection, dtype casts and dropout in eval
-mode. A Python-level torch function without an entry (``F.multi_head_attention_forward``, for
-example) runs with the rules still active, so the calls it makes are mapped in turn.
+run untouched. The functions of :data:`PASS_THROUGH` keep their ordinary gradient, which is the
+exact relevance rule for them (views, reshapes, transposes, concatenation, slicing, expansion,
+``torch.where`` selection, dtype casts, ...); any other function without an entry in
+:data:`RULES` keeps its gradient with an :class:`UnruledOperationWarning` that names it. Dropout
+is off, whatever the training flag. A Python-level torch function without an entry
+(``F.multi_head_attention_forward``, for example) runs with the rules still active, so the calls
+it makes are mapped in turn.
 
 The mode is active only inside its ``with`` block, in the thread that entered it; nothing in
 torch is changed.
