@@ -45,15 +45,8 @@ class Net(nn.Module):
 
 
 def _value(v):
-    """Containers by their entries (torch.export puts back equal copies of the list, tuple and dict
-    attributes of every module), everything else by identity."""
-    if isinstance(v, (list, tuple)):
-        return tuple(_value(x) for x in v)
-    if isinstance(v, dict):
-        return tuple((k, _value(x)) for k, x in v.items())
-    if isinstance(v, (str, int, float, bool, type(None))):
-        return v
-    return id(v)
+    """Dict attributes (hooks, children, parameters, ...) entry by entry, everything else by identity."""
+    return tuple((k, id(x)) for k, x in v.items()) if isinstance(v, dict) else id(v)
 
 
 def state(model):

@@ -355,7 +355,15 @@ def export_program(
         batch, seq = (2 if n == 1 else n for n in embeds.shape[:2])
         traced = (embeds.expand(batch, seq, -1), mask.expand(batch, seq))
     with ModelState(model, freeze=True), patch(model, method=method, mode="gradient", epsilon=epsilon):
-        program = torch.export.export(ExplainableModel(model), traced, dynamic_shapes=shapes)
+        containers = [(m, {k: v for k, v in m.__dict__.items() if isinstance(v, (list, tuple, dict))})
+                      for m in model.modules()]
+        try:
+            program = torch.export.export(ExplainableModel(model), traced, dynamic_shapes=shapes)
+        finally:
+            # torch.export sets every list, tuple and dict attribute of every module to a copy of
+            # itself: the originals go back, so that the model holds the objects it held before
+            for m, saved in containers:
+                m.__dict__.update(saved)
         if path is not None:
             torch.export.save(program, os.fspath(path))
     if check:
