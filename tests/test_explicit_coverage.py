@@ -43,7 +43,8 @@ CONV_TRANSPOSE = {
 def test_conv_transpose_takes_the_epsilon_rule(dims):
     conv, xs, ws, kw = CONV_TRANSPOSE[dims]
     torch.manual_seed(0)
-    x, w, b = torch.randn(xs, dtype=f64), torch.randn(ws, dtype=f64), torch.randn(ws[1] * kw.get("groups", 1), dtype=f64)
+    x, w = torch.randn(xs, dtype=f64), torch.randn(ws, dtype=f64)
+    b = torch.randn(ws[1] * kw.get("groups", 1), dtype=f64)
     assert RULES[conv] is not None
     for bias in (None, b):
         leaf = x.clone().requires_grad_()
@@ -115,7 +116,8 @@ def test_the_pass_through_ops_and_dropout_do_not_warn():
         parts = [t.view(6, 4), t.reshape(-1), t.transpose(0, 1), t.permute(2, 0, 1), t[0].T, t.mT, t[..., 1:],
                  t.flatten(1), t.unsqueeze(0).squeeze(0), t.expand(2, 2, 3, 4), t.contiguous(), t.to(torch.float32),
                  t.float(), torch.cat([t, t]), torch.stack([t, t]), *t.split(2, -1), *t.chunk(2, 0),
-                 t.masked_fill(t > 0, 0.0), torch.where(t > 0, t, 0.0), t.gather(-1, torch.zeros(2, 3, 1, dtype=torch.long)),
+                 t.masked_fill(t > 0, 0.0), torch.where(t > 0, t, 0.0),
+                 t.gather(-1, torch.zeros(2, 3, 1, dtype=torch.long)),
                  F.pad(t, (1, 1)), F.max_pool1d(t, 2), t.topk(2, -1).values, t.repeat_interleave(2, 0),
                  t.clone(), t.roll(1, -1), t.flip(-1), t.tril(), F.dropout(t, 0.5, training=True)]
         return sum(p.sum() for p in parts)
