@@ -24,6 +24,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from ._files import atomic_write
 from .explain import METHOD_NAMES, _similarity_target
 from .loading import TASKS, InputError, Loaded, Warn, encode
 
@@ -351,5 +352,8 @@ def curves_png(result: EvalResult, path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        with atomic_write(path, binary=True) as f:
+            fig.savefig(f, format="png")
+    finally:
+        plt.close(fig)

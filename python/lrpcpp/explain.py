@@ -116,7 +116,8 @@ def _marker_style(tokenizer) -> bool:
 
 
 def _visible(text: str) -> str:
-    return text.replace("\n", "↵").replace("\t", "⇥").replace("\r", "")
+    # newlines and tabs as arrows; other control characters stay, for the views to show escaped
+    return text.replace("\n", "↵").replace("\t", "⇥")
 
 
 def display_tokens(tokenizer, tokens: Sequence[str]) -> Tuple[List[str], List[bool]]:
