@@ -125,6 +125,10 @@ def display_tokens(tokenizer, tokens: Sequence[str]) -> Tuple[List[str], List[bo
     marker = _marker_style(tokenizer)
     words, space = [], []
     for tok in tokens:
+        if tok is None:  # an id past the tokenizer's vocabulary (a model's padded embedding table)
+            words.append("[no token]")
+            space.append(True)
+            continue
         if marker:
             try:
                 text = tokenizer.convert_tokens_to_string([tok])
