@@ -419,3 +419,18 @@ def test_latex_compiles_for_any_unicode_input(ctrl_model, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert (tmp_path / "e.pdf").read_bytes().startswith(b"%PDF")
     assert "Missing character" not in (tmp_path / "e.log").read_text(errors="replace")
+
+
+def test_file_lines_end_at_newlines_only(dirs, tmp_path):
+    """A text holding U+2028, a form feed or U+0085 stays one input (numbered as in an editor), and its
+    JSON line holds no raw line separator that a reader splitting at every line break would cut."""
+    texts = tmp_path / "t.txt"
+    texts.write_text("one\u2028two\x0cthree\u0085four\r\nsecond line\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    assert cli.main(["explain", "--model", dirs["llama"], "--file", str(texts), "--out", str(out),
+                     "--threads", "1"]) == 0
+    text = out.read_text(encoding="utf-8")
+    records = [json.loads(line) for line in text.split("\n") if line]
+    assert [r["line"] for r in records] == [1, 2]
+    assert records[0]["texts"] == ["one\u2028two\x0cthree\u0085four"]
+    assert len(text.splitlines()) == 2

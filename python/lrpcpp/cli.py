@@ -404,6 +404,11 @@ def _resume(path: str, items, options: dict) -> Tuple[int, int]:
     return len(complete), keep
 
 
+# the line breaks of str.splitlines that json.dumps leaves raw, escaped: readers that split text at every
+# line break still see one record a line
+_JSON_LINE_BREAKS = {ord(c): f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"}
+
+
 def _explain_file(args, loaded, timer: _Timer, color: bool, items, done: Tuple[int, int]) -> int:
     """Every input of ``--file``. With ``--out``, each result is one JSON line, written whole and
     flushed as soon as it is computed; a rerun keeps the lines an interrupted run wrote and goes on
@@ -432,7 +437,8 @@ def _explain_file(args, loaded, timer: _Timer, color: bool, items, done: Tuple[i
                 raise InputError(f"{args.file}:{number}: {e}") from None
             record = dict(to_json(explanations), line=number, options=options)
             if out is not None:
-                line = memoryview((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+                text_line = json.dumps(record, ensure_ascii=False).translate(_JSON_LINE_BREAKS)
+                line = memoryview((text_line + "\n").encode("utf-8"))
                 with _writing("--out", args.out):
                     while line:  # the whole line, straight to the file
                         line = line[out.write(line):]

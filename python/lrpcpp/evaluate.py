@@ -117,7 +117,9 @@ def read_items(path: str, compare: Optional[str], task: str) -> List[Tuple[int, 
     where a line has none). Other models read the first text only."""
     try:
         with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+            # lines end at "\n" (or "\r\n") alone: str.splitlines would also cut a text at U+2028,
+            # form feeds and other separators, and number the inputs wrongly
+            lines = [line.removesuffix("\r") for line in f.read().split("\n")]
     except FileNotFoundError:
         raise InputError(f"no such file: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
