@@ -218,3 +218,28 @@ def test_a_padded_decoder_batch_equals_each_row_alone(family, side):
         torch.testing.assert_close(batch.output[i:i + 1], single.output, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(batch.relevance[i:i + 1, real[i]], single.relevance, rtol=1e-7, atol=1e-10)
     assert torch.all(batch.relevance[1][mask[1] == 0] == 0)
+
+
+def _llama_classifier():
+    import transformers as tfm
+    from models import _DECODER
+
+    torch.manual_seed(0)
+    config = tfm.LlamaConfig(**dict(_DECODER, num_labels=3))
+    config._attn_implementation = "sdpa"
+    return tfm.LlamaForSequenceClassification(config).double().eval()
+
+
+def test_a_decoder_classifier_explains_a_left_padded_batch_and_refuses_right_padding():
+    model = _llama_classifier()
+    ids = inputs("llama", batch=2, seq=7)["input_ids"]
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    batch = lrpcpp.attribute(model, input_ids=ids, attention_mask=mask, target=1)
+    single = lrpcpp.attribute(model, input_ids=ids[1:, 3:], target=1)
+    torch.testing.assert_close(batch.output[1:], single.output, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(batch.relevance[1:, 3:], single.relevance, rtol=1e-7, atol=1e-10)
+    right = torch.ones_like(ids)
+    right[1, 4:] = 0  # the classifier would read a pad's logits
+    with pytest.raises(ValueError, match=r"row\(s\) \[1\] end in padding.*pad the batch on the left"):
+        lrpcpp.attribute(model, input_ids=ids, attention_mask=right, target=1)

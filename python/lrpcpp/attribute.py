@@ -9,6 +9,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from .families import family_of
 from .patching import patch
 
 __all__ = ["attribute", "Attribution"]
@@ -191,16 +192,27 @@ def _check_embeddings(model: nn.Module) -> Callable[[Tensor], Tensor]:
     return get()
 
 
-def _position_ids(model: nn.Module, attention_mask: Tensor) -> Optional[Tensor]:
+def _position_ids(model: nn.Module, causal: bool, attention_mask: Tensor) -> Optional[Tensor]:
     """Positions counted over the unmasked tokens (``cumsum - 1``, 0 on left padding), as
     Hugging Face's ``generate`` gives them, for a causal decoder whose forward takes ``position_ids``:
     a left-padded row then has the positions it has alone."""
-    from .families import family_of
-
-    family = family_of(model)
-    if family is None or not family.causal or not _forward_takes(model, "position_ids"):
+    if not causal or not _forward_takes(model, "position_ids"):
         return None
     return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def _check_pooled_padding(model: nn.Module, logits: Tensor, attention_mask: Tensor) -> None:
+    """A causal decoder's sequence classifier (``LlamaForSequenceClassification``, ...) given
+    ``inputs_embeds`` cannot find the padding and pools the last position: right padding would
+    explain a pad's logits."""
+    if logits.dim() != 2:
+        return
+    rows = (attention_mask[:, -1] == 0).nonzero().flatten().tolist()
+    if rows:
+        raise ValueError(
+            f"lrpcpp.attribute: this {type(model).__name__} classifies from the last position, and attention_mask "
+            f"row(s) {rows} end in padding (the model cannot find it in inputs_embeds); pad the batch on the left "
+            "(tokenizer.padding_side = 'left')")
 
 
 def attribute(
@@ -278,13 +290,15 @@ def attribute(
     leaf = (leaf.clone() if leaf.is_inference() else leaf).detach().requires_grad_()
     explicit = mode == "explicit"
     many = isinstance(target, (list, tuple))
+    family = family_of(model)
+    causal = family is not None and family.causal
     if attention_mask is not None:
         if key == "inputs_embeds" and tuple(attention_mask.shape) != tuple(leaf.shape[:2]):
             raise ValueError(f"lrpcpp.attribute: attention_mask must have the shape [batch, seq] = "
                              f"{list(leaf.shape[:2])} of the tokens, got {list(attention_mask.shape)}")
         model_inputs["attention_mask"] = attention_mask
         if key == "inputs_embeds" and "position_ids" not in model_inputs:
-            positions = _position_ids(model, attention_mask)
+            positions = _position_ids(model, causal, attention_mask)
             if positions is not None:
                 model_inputs["position_ids"] = positions
 
@@ -306,6 +320,8 @@ def attribute(
                         (lambda n: lambda m, a, out: captured.__setitem__(n, out[0] if isinstance(out, tuple) else out))(name)))
             with torch.enable_grad(), handle.rules.context():
                 out = _call(model, key, leaf, model_inputs)
+                if causal and attention_mask is not None and key == "inputs_embeds" and not callable(target):
+                    _check_pooled_padding(model, _logits(out), attention_mask)
                 explained, ids = _select(out, target, attention_mask, leaf.shape[0])
                 del out  # the whole output (a language model's [batch, seq, vocab] logits) is not needed any more
             for h in hooks:
