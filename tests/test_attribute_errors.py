@@ -89,7 +89,8 @@ def test_preset_checks_its_option_names_now_and_lists_the_valid_ones():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(gamma_linear=0.05), r"gamma_linear= is an option of the preset\(s\) vit.*lrpcpp\.preset\('vit', gamma_linear"),
+    (dict(gamma_linear=0.05),
+     r"gamma_linear= is an option of the preset\(s\) vit.*lrpcpp\.preset\('vit', gamma_linear"),
     (dict(gama_linear=0.5), r"gama_linear= looks like gamma_linear=, which is an option"),
     (dict(low=0.0), r"low= is an option of the preset\(s\) epsilon_gamma_box"),
 ])

@@ -388,8 +388,8 @@ def test_composite_with_a_preset_matches_the_explicit_patch():
         picked = out.gather(1, out.argmax(1, keepdim=True))[:, 0]
         picked.backward(picked.detach())  # explicit semantics: seed each item with its own logit
     assert torch.equal(model(x), before)
-    patched = lrpcpp.attribute(model, pixel_values=x, preset=lrpcpp.preset("epsilon_gamma_box", low=vm.LOW, high=vm.HIGH),
-                               mode="explicit")
+    patched = lrpcpp.attribute(model, pixel_values=x, mode="explicit",
+                               preset=lrpcpp.preset("epsilon_gamma_box", low=vm.LOW, high=vm.HIGH))
     torch.testing.assert_close(leaf.grad, patched.relevance, rtol=1e-8, atol=1e-10)
 
 

@@ -168,7 +168,7 @@ def _check_model_inputs(model: nn.Module, model_inputs: dict) -> None:
     for key in model_inputs:
         if key in named:
             continue
-        close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.8)
+        close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.85)
         if close:
             option = close[0]
             like = "is" if key == option else f"looks like {option}=, which is"
@@ -204,8 +204,8 @@ def _position_ids(model: nn.Module, causal: bool, attention_mask: Tensor) -> Opt
 def _check_pooled_padding(model: nn.Module, logits: Tensor, attention_mask: Tensor) -> None:
     """A causal decoder's sequence classifier (``LlamaForSequenceClassification``, ...) given
     ``inputs_embeds`` cannot find the padding and pools the last position: right padding would
-    explain a pad's logits."""
-    if logits.dim() != 2:
+    explain a pad's logits. (A wrapper module pools as it likes.)"""
+    if logits.dim() != 2 or getattr(model, "config", None) is None:
         return
     rows = (attention_mask[:, -1] == 0).nonzero().flatten().tolist()
     if rows:

@@ -38,7 +38,8 @@ from . import modules as lm
 
 __all__ = [
     "Rule", "Epsilon", "Gamma", "AlphaBeta", "ZPlus", "ZBox", "Flat", "WSquare", "Pass",
-    "Preset", "PRESETS", "register_preset", "preset", "get_preset", "preset_arguments", "preset_options", "conv_bn_pairs", "merged_conv_bn",
+    "Preset", "PRESETS", "register_preset", "preset", "get_preset", "preset_arguments", "preset_options",
+    "conv_bn_pairs", "merged_conv_bn",
     "MergedBatchNorm",
 ]
 
