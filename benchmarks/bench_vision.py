@@ -93,7 +93,7 @@ class ResNet50Shaped(nn.Module):
 
 
 def build(name: str, quick: bool):
-    """(model, pixels, attribute keyword arguments)."""
+    """(model, pixels, (preset name, preset options))."""
     torch.manual_seed(0)
     size = 32 if quick else 224
     if name == "vit":
@@ -104,7 +104,7 @@ def build(name: str, quick: bool):
         config = tfm.ViTConfig(num_labels=1000, **kwargs)
         config._attn_implementation = "sdpa"
         model = tfm.ViTForImageClassification(config).eval()
-        preset = dict(preset="vit", gamma_linear=0.05, gamma_conv=0.25)
+        preset = ("vit", dict(gamma_linear=0.05, gamma_conv=0.25))
     else:
         model = ResNet50Shaped(blocks=(1, 1, 1, 1), base=8) if quick else ResNet50Shaped()
         g = torch.Generator().manual_seed(0)
@@ -116,7 +116,7 @@ def build(name: str, quick: bool):
                     m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
                     m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
         model.eval()
-        preset = dict(preset="epsilon_gamma_box", low=(0 - MEAN) / STD, high=(1 - MEAN) / STD)
+        preset = ("epsilon_gamma_box", dict(low=(0 - MEAN) / STD, high=(1 - MEAN) / STD))
     model.requires_grad_(False)
     g = torch.Generator().manual_seed(1)
     pixels = (torch.rand(1, 3, size, size, generator=g) - MEAN) / STD
@@ -139,7 +139,8 @@ def plain(model, pixels, preset):
 def lrp(model, pixels, preset):
     import lrpcpp
 
-    attr = lrpcpp.attribute(model, pixel_values=pixels, **preset)
+    name, options = preset
+    attr = lrpcpp.attribute(model, pixel_values=pixels, preset=lrpcpp.preset(name, **options))
     return attr.relevance, attr.output
 
 

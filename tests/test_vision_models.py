@@ -114,7 +114,7 @@ def test_presets_are_registered_by_their_literature_names():
         P.get_preset("nope")
     with pytest.raises(TypeError, match="needs the input bounds low and high"):
         P.get_preset("epsilon_gamma_box")
-    with pytest.raises(TypeError, match="got unknown \\['gamma_lin'\\]"):
+    with pytest.raises(TypeError, match="'vit' has no option gamma_lin; its options are gamma_linear, gamma_conv"):
         P.get_preset("vit", gamma_lin=0.1)
 
 
@@ -215,13 +215,13 @@ def test_attribute_with_the_vit_preset_on_hf_vit():
     model = build("vit")
     kw = inputs("vit")
     plain = model(**kw).logits
-    a = lrpcpp.attribute(model, preset="vit", gamma_linear=0.05, gamma_conv=0.25, **kw)
-    b = lrpcpp.attribute(model, preset="vit", gamma_linear=0.05, gamma_conv=0.25, **kw)
+    a = lrpcpp.attribute(model, preset=lrpcpp.preset("vit", gamma_linear=0.05, gamma_conv=0.25), **kw)
+    b = lrpcpp.attribute(model, preset=lrpcpp.preset("vit", gamma_linear=0.05, gamma_conv=0.25), **kw)
     assert torch.isfinite(a.relevance).all() and a.relevance.abs().sum() > 0
     assert torch.equal(a.relevance, b.relevance)
     torch.testing.assert_close(a.output, plain.gather(1, plain.argmax(1, keepdim=True))[:, 0], rtol=0, atol=0)
     # gamma = 0 is the epsilon rule, which in gradient mode is CP-LRP's plain gradient as epsilon -> 0
-    zero = lrpcpp.attribute(model, preset="vit", gamma_linear=0.0, gamma_conv=0.0, epsilon=None, **kw)
+    zero = lrpcpp.attribute(model, preset=lrpcpp.preset("vit", gamma_linear=0.0, gamma_conv=0.0), **kw)
     cp = lrpcpp.attribute(model, method="cp-lrp", **kw)
     scale = float(cp.relevance.abs().max())
     zero_tight = lrpcpp.attribute(model, preset=P.get_preset("vit", gamma_linear=0.0, gamma_conv=0.0, epsilon=1e-13),
@@ -234,18 +234,21 @@ def test_attribute_with_the_vit_preset_on_hf_vit():
     torch.testing.assert_close(e.relevance, a.relevance, rtol=1e-5, atol=1e-6 * float(a.relevance.abs().max()))
 
 
-def test_attribute_splits_preset_and_model_arguments():
+def test_attribute_takes_preset_options_apart_from_the_model_inputs():
     model = vm.resnet()
     x = vm.images()
-    got = lrpcpp.attribute(model, pixel_values=x, preset="epsilon_gamma_box", low=vm.LOW, high=vm.HIGH, gamma=0.1)
+    got = lrpcpp.attribute(model, pixel_values=x,
+                           preset=lrpcpp.preset("epsilon_gamma_box", low=vm.LOW, high=vm.HIGH, gamma=0.1))
     with lrpcpp.patch(model, preset=P.get_preset("epsilon_gamma_box", low=vm.LOW, high=vm.HIGH, gamma=0.1)) as h:
         assert h.layer_rules["layer1.0.conv1"] == P.Gamma(0.1)
     assert torch.isfinite(got.relevance).all()
     assert got.token_relevance.shape == (2, 16, 16)
     with pytest.raises(ValueError, match="give preset= as well"):
         lrpcpp.attribute(model, pixel_values=x, rules={"fc": None})
-    with pytest.raises(TypeError):  # not a preset argument: passed to the model, which takes no such keyword
+    with pytest.raises(TypeError, match=r"gamma_linear= is an option of the preset\(s\) vit"):  # never to the model
         lrpcpp.attribute(model, pixel_values=x, preset="epsilon_plus", gamma_linear=0.1)
+    with pytest.raises(TypeError, match="'epsilon_plus' has no option gamma_linear; its options are epsilon"):
+        lrpcpp.preset("epsilon_plus", gamma_linear=0.1)
 
 
 def test_gradient_and_explicit_modes_agree_on_a_resnet():
@@ -306,7 +309,7 @@ def test_batch_norm_merge_keeps_the_forward_and_restores_the_model_bitwise():
         assert len(handle.merged_batch_norms) == 10
         merged = model(x)
     torch.testing.assert_close(merged, before, rtol=1e-12, atol=1e-12)  # one convolution instead of two ops
-    lrpcpp.attribute(model, pixel_values=x, preset="epsilon_gamma_box", low=vm.LOW, high=vm.HIGH)
+    lrpcpp.attribute(model, pixel_values=x, preset=lrpcpp.preset("epsilon_gamma_box", low=vm.LOW, high=vm.HIGH))
     after = state(model)
     assert set(after) == set(before_state)
     for k in before_state:
@@ -385,8 +388,8 @@ def test_composite_with_a_preset_matches_the_explicit_patch():
         picked = out.gather(1, out.argmax(1, keepdim=True))[:, 0]
         picked.backward(picked.detach())  # explicit semantics: seed each item with its own logit
     assert torch.equal(model(x), before)
-    patched = lrpcpp.attribute(model, pixel_values=x, preset="epsilon_gamma_box", low=vm.LOW, high=vm.HIGH,
-                               mode="explicit")
+    patched = lrpcpp.attribute(model, pixel_values=x, mode="explicit",
+                               preset=lrpcpp.preset("epsilon_gamma_box", low=vm.LOW, high=vm.HIGH))
     torch.testing.assert_close(leaf.grad, patched.relevance, rtol=1e-8, atol=1e-10)
 
 
@@ -412,7 +415,7 @@ def test_torchvision_resnet_and_vit():
                          min_checked=len(names))
     assert set(rules) == set(names) and isinstance(rules["conv1"], P.ZBox)
     assert torch.equal(resnet(x), before)
-    a = lrpcpp.attribute(resnet, pixel_values=x, preset="epsilon_gamma_box", low=vm.LOW, high=vm.HIGH)
+    a = lrpcpp.attribute(resnet, pixel_values=x, preset=lrpcpp.preset("epsilon_gamma_box", low=vm.LOW, high=vm.HIGH))
     assert torch.isfinite(a.relevance).all() and a.relevance.abs().sum() > 0
 
     vit = vm.randomise(VisionTransformer(32, 8, 2, 2, 16, 32, num_classes=5)).double()
@@ -422,7 +425,7 @@ def test_torchvision_resnet_and_vit():
     assert rules["encoder.layers.encoder_layer_0.self_attention.in_proj"] == P.Gamma(0.05)
     with lrpcpp.patch(vit, preset="vit"):
         torch.testing.assert_close(vit(x), before, rtol=1e-10, atol=1e-10)
-    a = lrpcpp.attribute(vit, pixel_values=x, preset="vit", gamma_linear=0.05, gamma_conv=0.25)
+    a = lrpcpp.attribute(vit, pixel_values=x, preset=lrpcpp.preset("vit", gamma_linear=0.05, gamma_conv=0.25))
     assert torch.isfinite(a.relevance).all() and a.relevance.abs().sum() > 0
 
 

@@ -47,7 +47,7 @@ from .explicit import ExplicitRules  # noqa: E402
 from .families import Family, UnsupportedModelError, register_family  # noqa: E402
 from .patching import PatchHandle, patch  # noqa: E402
 from . import presets, viz  # noqa: E402
-from .presets import PRESETS, Preset, register_preset  # noqa: E402
+from .presets import PRESETS, Preset, preset, register_preset  # noqa: E402
 from . import deploy  # noqa: E402,F401  (after .attribute and .patching, which it uses)
 
 __all__ = [
@@ -67,6 +67,7 @@ __all__ = [
     "presets",
     "viz",
     "Preset",
+    "preset",
     "PRESETS",
     "register_preset",
     "__version__",

@@ -1,12 +1,15 @@
 """One-call attribution of a whole model: ``lrpcpp.attribute(model, input_ids=ids)``."""
 
+import difflib
 import inspect
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
+from .families import family_of
 from .patching import ModelState, patch
 
 __all__ = ["attribute", "Attribution"]
@@ -71,15 +74,65 @@ def _last_positions(attention_mask: Optional[Tensor], batch: int, seq: int, devi
     if attention_mask is None:
         return torch.full((batch,), seq - 1, dtype=torch.long, device=device)
     positions = torch.arange(seq, device=attention_mask.device).expand(batch, seq)
-    return torch.where(attention_mask.bool(), positions, -1).amax(dim=1).to(device)
+    last = torch.where(attention_mask.bool(), positions, -1).amax(dim=1)
+    empty = (last < 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"lrpcpp: attention_mask row(s) {empty} are all zeros: such a row has no token whose "
+                         "next-token logit could be explained; leave it out of the batch")
+    return last.to(device)
 
 
-def _select(out, target: Target, attention_mask: Optional[Tensor]):
-    """(explained values [batch] or [batch, K], target ids or None)."""
+_TARGETS = ("None (the top class or next token), an int id, an integer tensor of one id per batch item, "
+            "a list of int ids (one relevance map each) or a callable f(model output) -> tensor")
+
+
+def _is_id(t) -> bool:
+    return isinstance(t, numbers.Integral) and not isinstance(t, bool)
+
+
+def _target_ids(target: Target, logits: Tensor) -> Tensor:
+    """The ids to explain, [batch] or [batch, K], checked against the logits' [batch, classes]."""
+    batch, classes = logits.shape
+    if target is None:
+        ids = logits.detach().argmax(dim=-1)
+    elif _is_id(target):
+        ids = torch.full((batch,), int(target), dtype=torch.long, device=logits.device)
+    elif isinstance(target, Tensor):
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise TypeError(f"lrpcpp.attribute: target must hold integer class or token ids, got a {target.dtype} "
+                            f"tensor; target may be {_TARGETS}")
+        if target.dim() > 1 or target.numel() not in (1, batch):
+            raise ValueError(f"lrpcpp.attribute: a target tensor holds one id, or one id per batch item (shape "
+                             f"[{batch}]), got shape {tuple(target.shape)}")
+        ids = target.to(device=logits.device, dtype=torch.long).reshape(-1).expand(batch)
+    elif isinstance(target, (list, tuple)):
+        if not target or not all(_is_id(t) for t in target):
+            raise TypeError(f"lrpcpp.attribute: a list target must be a non-empty list of int ids, got {target!r}")
+        ids = torch.tensor([int(t) for t in target], dtype=torch.long, device=logits.device).expand(batch, len(target))
+    else:
+        raise TypeError(f"lrpcpp.attribute: target must be {_TARGETS}, got {type(target).__name__}")
+    bad = sorted({int(i) for i in ids[(ids < 0) | (ids >= classes)].tolist()})
+    if bad:
+        raise ValueError(f"lrpcpp.attribute: target ids must lie in [0, {classes}) (the number of classes or the "
+                         f"vocabulary size), got {bad}")
+    return ids
+
+
+def _select(out, target: Target, attention_mask: Optional[Tensor], batch: Optional[int] = None):
+    """(explained values [batch] or [batch, K], target ids or None). ``batch``: the number of
+    inputs, which a callable target's value is checked against."""
     if callable(target) and not isinstance(target, Tensor):
         value = target(out)
-        if not isinstance(value, Tensor) or value.dim() > 1:
-            raise ValueError("lrpcpp.attribute: a callable target must return a 0-D or 1-D tensor")
+        if not isinstance(value, Tensor):
+            raise TypeError(f"lrpcpp.attribute: a callable target must return a tensor, got {type(value).__name__}")
+        if value.dim() > 1 or (value.dim() == 1 and batch is not None and value.shape[0] != batch):
+            raise ValueError(f"lrpcpp.attribute: a callable target must return one value per batch item (shape "
+                             f"[{'batch' if batch is None else batch}]) or one value for the whole batch (0-D), got "
+                             f"shape {tuple(value.shape)}")
+        if not value.requires_grad:
+            raise ValueError("lrpcpp.attribute: the callable target returned a tensor that does not depend on the "
+                             "model output (detached, or computed under torch.no_grad()); compute it from the output "
+                             "with differentiable torch operations")
         return value.reshape(-1), None
     logits = _logits(out)
     if logits.dim() == 3:  # a language model: explain the next token after the last real position
@@ -88,26 +141,78 @@ def _select(out, target: Target, attention_mask: Optional[Tensor]):
     elif logits.dim() != 2:
         raise ValueError(f"lrpcpp.attribute: expected logits of shape [batch, classes] or [batch, seq, vocab], "
                          f"got {tuple(logits.shape)}")
-    batch, classes = logits.shape
-    if target is None:
-        ids = logits.detach().argmax(dim=-1)
-    elif isinstance(target, int):
-        ids = torch.full((batch,), target, dtype=torch.long, device=logits.device)
-    elif isinstance(target, Tensor):
-        ids = target.to(device=logits.device, dtype=torch.long).reshape(-1)
-        if ids.numel() == 1:
-            ids = ids.expand(batch)
-        if ids.shape != (batch,):
-            raise ValueError(f"lrpcpp.attribute: target tensor must hold one id per batch item ({batch}), "
-                             f"got shape {tuple(target.shape)}")
-    elif isinstance(target, (list, tuple)) and target and all(isinstance(t, int) for t in target):
-        ids = torch.tensor(list(target), dtype=torch.long, device=logits.device).expand(batch, len(target))
-    else:
-        raise TypeError("lrpcpp.attribute: target must be None, an int, a tensor of ids, a list of ints or a callable")
-    if int(ids.min()) < 0 or int(ids.max()) >= classes:
-        raise ValueError(f"lrpcpp.attribute: target ids must lie in [0, {classes}), got {ids.tolist()}")
+    ids = _target_ids(target, logits)
     picked = logits.gather(-1, ids if ids.dim() == 2 else ids[:, None])
     return (picked if ids.dim() == 2 else picked[:, 0]), ids
+
+
+def _forward_takes(model: nn.Module, name: str) -> bool:
+    """Whether ``model``'s forward takes the keyword argument ``name`` (by name or as ``**kwargs``)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a builtin forward
+        return True
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _check_model_inputs(model: nn.Module, model_inputs: dict) -> None:
+    """Preset options go in ``preset=lrpcpp.preset(name, ...)``, never to the model: a model input
+    named (or almost named) like one, which the model's forward does not name, is refused."""
+    from . import presets as _presets
+
+    options = _presets.preset_options()
+    try:
+        named = set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):  # pragma: no cover
+        named = set()
+    for key in model_inputs:
+        if key in named:
+            continue
+        close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.85)
+        if close:
+            option = close[0]
+            like = "is" if key == option else f"looks like {option}=, which is"
+            raise TypeError(
+                f"lrpcpp.attribute: {key}= {like} an option of the preset(s) {', '.join(options[option])}, "
+                f"not an input of the model; the keyword arguments of lrpcpp.attribute go to the model only. Give "
+                f"preset options as preset=lrpcpp.preset(name, {option}=...), e.g. "
+                f"lrpcpp.preset({options[option][0]!r}, {option}=...)")
+
+
+def _check_embeddings(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    get = getattr(model, "get_input_embeddings", None)
+    if not callable(get):
+        inner = [n for n, m in model.named_modules() if n and callable(getattr(m, "get_input_embeddings", None))]
+        hint = f" (here: model.{inner[0]})" if inner else ""
+        raise TypeError(
+            f"lrpcpp.attribute: input_ids needs model.get_input_embeddings() to embed the tokens, and this "
+            f"{type(model).__name__} has no get_input_embeddings; pass inputs_embeds= (the token embeddings, "
+            f"e.g. inner.get_input_embeddings()(input_ids)) to a forward that takes them, or pass the inner "
+            f"Hugging Face model itself{hint}")
+    return get()
+
+
+def _position_ids(model: nn.Module, causal: bool, attention_mask: Tensor) -> Optional[Tensor]:
+    """Positions counted over the unmasked tokens (``cumsum - 1``, 0 on left padding), as
+    Hugging Face's ``generate`` gives them, for a causal decoder whose forward takes ``position_ids``:
+    a left-padded row then has the positions it has alone."""
+    if not causal or not _forward_takes(model, "position_ids"):
+        return None
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def _check_pooled_padding(model: nn.Module, logits: Tensor, attention_mask: Tensor) -> None:
+    """A causal decoder's sequence classifier (``LlamaForSequenceClassification``, ...) given
+    ``inputs_embeds`` cannot find the padding and pools the last position: right padding would
+    explain a pad's logits. (A wrapper module pools as it likes.)"""
+    if logits.dim() != 2 or getattr(model, "config", None) is None:
+        return
+    rows = (attention_mask[:, -1] == 0).nonzero().flatten().tolist()
+    if rows:
+        raise ValueError(
+            f"lrpcpp.attribute: this {type(model).__name__} classifies from the last position, and attention_mask "
+            f"row(s) {rows} end in padding (the model cannot find it in inputs_embeds); pad the batch on the left "
+            "(tokenizer.padding_side = 'left')")
 
 
 def attribute(
@@ -123,36 +228,47 @@ def attribute(
     epsilon: Optional[float] = None,
     preset=None,
     rules=None,
-    **model_kwargs,
+    **model_inputs,
 ) -> Attribution:
     """Explains ``model``'s output with AttnLRP (or CP-LRP) in one forward and one backward pass.
 
     Give exactly one of ``input_ids`` (embedded with the model's own input embeddings),
     ``inputs_embeds`` or ``pixel_values``. ``target``: ``None`` (the top class, or the top next-token
-    logit after the last unmasked position), an int, a tensor of one id per item, a list of K ids
-    (K relevance maps from one backward pass), or a callable ``f(model_output) -> tensor`` (for example
-    a similarity of two embeddings). The model runs in eval mode and is patched for the duration
-    of the call only; in gradient mode its parameters are also frozen for the call, since no weight
-    gradient is computed. Afterwards every submodule's own ``training`` flag and every parameter's
-    ``requires_grad`` are as they were, also when the call raises.
+    logit after the last unmasked position), an int, an integer tensor of one id per item, a list of K
+    ids (K relevance maps from one backward pass), or a callable ``f(model_output) -> tensor`` of one
+    value per item or one 0-D value for the whole batch (for example a similarity of two
+    embeddings), computed from the output with differentiable operations. The model runs in eval
+    mode and is patched for the duration of the call only; in gradient mode its parameters are also
+    frozen for the call, since no weight gradient is computed. Afterwards every submodule's own
+    ``training`` flag and every parameter's ``requires_grad`` are as they were, also when the call
+    raises. It works under ``torch.no_grad()`` (gradients are enabled for the call) and is refused
+    under ``torch.inference_mode()``.
 
     ``preset``: a registered preset name (``"vit"``, ``"epsilon_gamma_box"``, ...; see
-    :mod:`lrpcpp.presets`) or an :class:`lrpcpp.Preset`, putting a rule on every linear and
-    convolution layer; the keyword arguments that preset takes (``gamma_linear=0.05``, ``low=...``)
-    go to it, the others to the model. ``rules``: per-layer overrides, ``{module name or type: rule}``.
-    ``method=None`` is the preset's method, else ``"attnlrp"``.
+    :mod:`lrpcpp.presets`) or an :class:`lrpcpp.Preset`, such as ``lrpcpp.preset("vit",
+    gamma_linear=0.05)`` for a preset with options, putting a rule on every linear and convolution
+    layer. ``rules``: per-layer overrides, ``{module name or type: rule}``. ``method=None`` is the
+    preset's method, else ``"attnlrp"``. The other keyword arguments (``model_inputs``) go to the
+    model; one named like a preset option is an error.
+
+    With ``attention_mask``, a causal decoder (GPT-2 and the LLaMA-style families) gets
+    ``position_ids`` counted over the unmasked tokens, unless given: each row of a left- or
+    right-padded batch then has the relevance it has alone.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"lrpcpp.attribute: model must be a torch.nn.Module (a Hugging Face or torch model), got "
+                        f"{type(model).__name__}; to explain a function, call it in the forward of an nn.Module")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("lrpcpp.attribute: cannot run under torch.inference_mode(), which records no graph "
+                           "for the backward pass; call it outside the inference_mode block (torch.no_grad() is "
+                           "fine)")
     if preset is not None:
         from . import presets as _presets
 
-        if isinstance(preset, str):
-            names = _presets.preset_arguments(preset)
-            preset_args = {k: model_kwargs.pop(k) for k in list(model_kwargs) if k in names}
-            preset = _presets.get_preset(preset, rules, **preset_args)
-        else:
-            preset = _presets.get_preset(preset, rules)
+        preset = _presets.get_preset(preset, rules)
     elif rules is not None:
         raise ValueError("lrpcpp.attribute: rules= overrides the layer rules of a preset; give preset= as well")
+    _check_model_inputs(model, model_inputs)
     given = [n for n, v in (("input_ids", input_ids), ("inputs_embeds", inputs_embeds),
                             ("pixel_values", pixel_values)) if v is not None]
     if len(given) != 1:
@@ -162,17 +278,30 @@ def attribute(
     else:
         key = "inputs_embeds"
         if input_ids is not None:
+            embeddings = _check_embeddings(model)
             with torch.no_grad():
-                leaf = model.get_input_embeddings()(input_ids)
+                leaf = embeddings(input_ids)
         else:
             leaf = inputs_embeds
+    if not isinstance(leaf, Tensor):
+        raise TypeError(f"lrpcpp.attribute: {given[0]} must be a tensor, got {type(leaf).__name__}")
     if not leaf.is_floating_point():
         raise TypeError(f"lrpcpp.attribute: {given[0]} must be floating point (embeddings or pixels), got {leaf.dtype}")
-    leaf = leaf.detach().requires_grad_()
+    # an inference tensor (made under torch.inference_mode()) cannot require grad: a normal copy can
+    leaf = (leaf.clone() if leaf.is_inference() else leaf).detach().requires_grad_()
     explicit = mode == "explicit"
     many = isinstance(target, (list, tuple))
+    family = family_of(model)
+    causal = family is not None and family.causal
     if attention_mask is not None:
-        model_kwargs["attention_mask"] = attention_mask
+        if key == "inputs_embeds" and tuple(attention_mask.shape) != tuple(leaf.shape[:2]):
+            raise ValueError(f"lrpcpp.attribute: attention_mask must have the shape [batch, seq] = "
+                             f"{list(leaf.shape[:2])} of the tokens, got {list(attention_mask.shape)}")
+        model_inputs["attention_mask"] = attention_mask
+        if key == "inputs_embeds" and "position_ids" not in model_inputs:
+            positions = _position_ids(model, causal, attention_mask)
+            if positions is not None:
+                model_inputs["position_ids"] = positions
 
     # Gradient mode asks autograd for the inputs' gradient only: with the parameters frozen for the
     # call, it keeps no layer inputs alive for weight gradients. (Explicit mode's rules tell a
@@ -187,8 +316,10 @@ def attribute(
                     hooks.append(layer.register_forward_hook(
                         (lambda n: lambda m, a, out: captured.__setitem__(n, out[0] if isinstance(out, tuple) else out))(name)))
             with torch.enable_grad(), handle.rules.context():
-                out = _call(model, key, leaf, model_kwargs)
-                explained, ids = _select(out, target, attention_mask)
+                out = _call(model, key, leaf, model_inputs)
+                if causal and attention_mask is not None and key == "inputs_embeds" and not callable(target):
+                    _check_pooled_padding(model, _logits(out), attention_mask)
+                explained, ids = _select(out, target, attention_mask, leaf.shape[0])
                 del out  # the whole output (a language model's [batch, seq, vocab] logits) is not needed any more
             for h in hooks:
                 h.remove()

@@ -4,7 +4,7 @@ explanations are.
     lrpcpp explain                                    # the built-in pair, all-MiniLM-L6-v2
     lrpcpp explain "A man is playing a guitar." --compare "Someone plays music."
     lrpcpp explain --model DIR "The capital of France is"     # any local Hugging Face model
-    lrpcpp explain --model DIR --image cat.png --png cat.png  # a ViT classifier, per pixel
+    lrpcpp explain --model DIR --image cat.png --png cat-heatmap.png  # a ViT classifier, per pixel
     lrpcpp explain --file texts.txt --out results.jsonl
     lrpcpp evaluate --file texts.txt
     lrpcpp export --model DIR model.pt                # an archive whose backward gives the relevance
@@ -15,12 +15,14 @@ interrupted. Heavy imports (transformers, matplotlib) happen only in the command
 """
 
 import argparse
+import contextlib
 import gc
 import json
 import os
 import sys
+import tempfile
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import __version__
 from .loading import DEFAULT_MODEL_NAME, DEFAULT_PAIR, InputError
@@ -109,14 +111,66 @@ def _width() -> int:
     return max(40, min(columns, 160)) if columns > 0 else 100
 
 
-def _check_output_path(path: Optional[str], flag: str) -> None:
-    if path is None:
-        return
+def _check_writable(flag: str, path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise InputError(f"{flag} {path}: no such directory {directory}")
     if os.path.isdir(path):
         raise InputError(f"{flag} {path} is a directory")
+    if not os.path.isdir(directory):
+        if os.path.exists(directory):
+            raise InputError(f"{flag} {path}: {directory} is a file, not a directory")
+        raise InputError(f"{flag} {path}: no such directory {directory}")
+    try:  # the files are written next to their destination first (lrpcpp._files): try that now
+        fd, probe = tempfile.mkstemp(prefix=".lrpcpp-probe-", dir=os.path.dirname(os.path.realpath(path)))
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(f"{flag} {path}: cannot write in {directory}: {e.strerror or e}") from None
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file: the same real path (through symbolic links), or, where both
+    exist, the same file on disk (hard links, case-insensitive file systems)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _model_files(model: Optional[str]) -> List[Tuple[str, str]]:
+    """The files of a model directory, as inputs that no output may replace."""
+    if model is None or not os.path.isdir(model):
+        return []
+    return [("the model file", os.path.join(model, name)) for name in sorted(os.listdir(model))]
+
+
+def _check_paths(outputs: Sequence[Tuple[str, Optional[str]]], inputs: Sequence[Tuple[str, Optional[str]]]) -> None:
+    """Refuses, before anything is loaded, an output that cannot be written, that would replace an
+    input, or that another output of the same run names too. ``outputs`` and ``inputs`` are (what the
+    user calls it, path) pairs; ``None`` paths are absent."""
+    given = [(label, path) for label, path in inputs if path is not None]
+    written: List[Tuple[str, str]] = []
+    for flag, path in outputs:
+        if path is None:
+            continue
+        _check_writable(flag, path)
+        for label, other in given:
+            if _same_file(path, other):
+                raise InputError(f"{flag} {path} would overwrite {label} {other}: choose another file name")
+        for label, other in written:
+            if _same_file(path, other):
+                raise InputError(f"{flag} {path} and {label} {other} are the same file: choose another name for one")
+        written.append((flag, path))
+
+
+@contextlib.contextmanager
+def _writing(flag: str, path: str):
+    """A file that cannot be written after all (disk full, permissions changed): one line naming it."""
+    try:
+        yield
+    except OSError as e:
+        raise InputError(f"cannot write {flag} {path}: {e.strerror or e}") from None
 
 
 def _device(name: Optional[str]) -> str:
@@ -178,13 +232,13 @@ def _load(args, timer: _Timer, need_tokenizer: bool = True):
     return loaded
 
 
-def _progress(items, desc: str):
-    """A progress bar on stderr (tqdm)."""
+def _progress(items, desc: str, **kwargs):
+    """A progress bar on stderr (tqdm; ``initial`` and ``total`` for a run that goes on)."""
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm comes with transformers
         return items
-    return tqdm(items, desc=desc, unit="input", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(items, desc=desc, unit="input", file=sys.stderr, dynamic_ncols=True, **kwargs)
 
 
 def run_explain(args) -> int:
@@ -208,14 +262,21 @@ def run_explain(args) -> int:
         raise InputError("the text is empty")
     if args.compare is not None and not args.compare.strip():
         raise InputError("the --compare text is empty")
-    for flag in ("out", "html", "png", "latex", "json"):
-        _check_output_path(getattr(args, flag), "--" + flag)
     if args.image is not None and args.latex:
         raise InputError("--latex writes a \\colorbox per token: it is for texts, not images")
     if args.image is not None and not os.path.isfile(args.image):
         raise InputError(f"no such image file: {args.image}")
     if args.file is not None and not os.path.isfile(args.file):
         raise InputError(f"no such file: {args.file}")
+    outputs = [("--out", args.out), ("--json", args.json), ("--html", args.html), ("--latex", args.latex),
+               ("--png", args.png)]
+    if args.png and args.image is not None:
+        outputs.append(("--png (its overlay)", render.overlay_path(args.png)))
+    if args.png and args.latent:
+        outputs.append(("--png (its per-layer plot)", render.layers_path(args.png)))
+    _check_paths(outputs, [("the input --image", args.image), ("the input --file", args.file)]
+                 + _model_files(args.model))
+    task = "similarity"  # the built-in model
     if args.model is not None:  # what the model takes, from its config alone (no heavy import yet)
         from .loading import read_config, task_of
 
@@ -233,6 +294,13 @@ def run_explain(args) -> int:
             raise InputError("give a text to explain (or --file TEXTS, or --image FILE)")
         text, compare = DEFAULT_PAIR if compare is None else (DEFAULT_PAIR[0], compare)
     color = _use_color(args.color)
+    items, done = None, (0, 0)
+    if args.file is not None:
+        from .evaluate import read_items
+
+        items = read_items(args.file, args.compare, task)
+        if args.out is not None:
+            done = _resume(args.out, items, _file_options(args))
 
     loaded = _load(args, timer, need_tokenizer=args.image is None)
 
@@ -241,18 +309,16 @@ def run_explain(args) -> int:
         size, patch = getattr(cfg, "image_size", 224), getattr(cfg, "patch_size", 16)
         size, patch = (size if isinstance(size, int) else size[0]), (patch if isinstance(patch, int) else patch[0])
         tokens = (size // max(patch, 1)) ** 2 + 1
-    elif args.file is not None:
-        from .evaluate import read_items
-
-        tokens = _count_tokens(loaded, [t for _, a, b in read_items(args.file, args.compare, loaded.task) for t in (a, b)])
+    elif items is not None:
+        tokens = _count_tokens(loaded, [t for _, a, b in items for t in (a, b)])
     else:
         tokens = _count_tokens(loaded, [text]) + _count_tokens(loaded, [compare])
         if args.generate:
             tokens = args.generate * (tokens + args.generate)
     _set_threads(args, loaded, tokens)
 
-    if args.file is not None:
-        return _explain_file(args, loaded, timer, color)
+    if items is not None:
+        return _explain_file(args, loaded, timer, color, items, done)
 
     if args.image is not None:
         explanations = explain_image(loaded, args.image, target=args.target, method=args.method, latent=args.latent)
@@ -262,31 +328,29 @@ def run_explain(args) -> int:
     timer.mark("attribution")
 
     sys.stdout.write(render.terminal(explanations, color=color, width=_width()))
-    written = []
+    # each file is written whole or not at all (a temporary file, then a rename: lrpcpp._files)
+    files = []  # (flag, path, write it)
     if args.json:
-        render.write_text(args.json, json.dumps(to_json(explanations), indent=1, ensure_ascii=False) + "\n")
-        written.append(args.json)
+        text = json.dumps(to_json(explanations), indent=1, ensure_ascii=False) + "\n"
+        files.append(("--json", args.json, lambda path, text=text: render.write_text(path, text)))
     if args.html:
-        render.write_text(args.html, render.html_page(explanations))
-        written.append(args.html)
+        files.append(("--html", args.html, lambda path: render.write_text(path, render.html_page(explanations))))
     if args.latex:
-        render.write_text(args.latex, render.latex_document(explanations))
-        written.append(args.latex)
+        files.append(("--latex", args.latex, lambda path: render.write_text(path, render.latex_document(explanations))))
     if args.png:
         if explanations[0].image is not None:
             heat, overlay = render.image_pngs(explanations[0])
-            with open(args.png, "wb") as f:
-                f.write(heat)
-            with open(render.overlay_path(args.png), "wb") as f:
-                f.write(overlay)
-            written += [args.png, render.overlay_path(args.png)]
+            files.append(("--png", args.png, lambda path: render.write_bytes(path, heat)))
+            files.append(("--png", render.overlay_path(args.png), lambda path: render.write_bytes(path, overlay)))
         else:
-            render.text_png(explanations, args.png)
-            written.append(args.png)
+            files.append(("--png", args.png, lambda path: render.text_png(explanations, path)))
         if args.latent:
-            path = render.layers_path(args.png)
-            render.latent_png(explanations[-1], path)
-            written.append(path)
+            files.append(("--png", render.layers_path(args.png), lambda path: render.latent_png(explanations[-1], path)))
+    written = []
+    for flag, path, write in files:
+        with _writing(flag, path):
+            write(path)
+        written.append(path)
     if written:
         print("wrote " + ", ".join(written))
     timer.mark("output")
@@ -294,24 +358,90 @@ def run_explain(args) -> int:
     return 0
 
 
-def _explain_file(args, loaded, timer: _Timer, color: bool) -> int:
+def _file_options(args) -> dict:
+    """What a line of ``--out`` records besides its input: the options that change its result."""
+    model = os.path.realpath(args.model) if args.model is not None else DEFAULT_MODEL_NAME
+    return {"model": model, "method": args.method, "target": args.target, "generate": args.generate,
+            "latent": args.latent}
+
+
+def _resume(path: str, items, options: dict) -> Tuple[int, int]:
+    """What an earlier run left in ``--out``: (inputs done, bytes to keep). Its k-th complete line
+    must be the result of the k-th input of ``--file`` (the same line number and texts) with the same
+    options; a last line cut short (no newline) is dropped. Any other content is refused, never
+    overwritten."""
+    if not os.path.exists(path):
+        return 0, 0
+    again = f"remove --out {path} to start again, or choose another --out"
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise InputError(f"cannot read --out {path}: {e.strerror or e}") from None
+    *complete, partial = data.split(b"\n")
+    keep = 0
+    for k, raw in enumerate(complete):
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or "options" not in record or "line" not in record:
+            raise InputError(f"--out {path} exists and is not a results file of 'lrpcpp explain --file' (its line "
+                             f"{k + 1}): {again}")
+        if record["options"] != options:
+            changed = ", ".join(f"{key} {record['options'].get(key)!r} there, {value!r} now"
+                                for key, value in options.items() if record["options"].get(key) != value)
+            raise InputError(f"--out {path} holds results made with other options ({changed}): {again}")
+        if k >= len(items):
+            raise InputError(f"--out {path} holds more results than --file has inputs: the file changed; {again}")
+        number, text, compare = items[k]
+        if record["line"] != number or record.get("texts") != [text] + ([compare] if compare is not None else []):
+            raise InputError(f"--out {path}: its line {k + 1} explains line {record['line']} of another version "
+                             f"of --file (input {k + 1} is now line {number}, {text!r}): {again}")
+        keep += len(raw) + 1
+    if partial and not complete and not partial.startswith(b'{"model": '):
+        raise InputError(f"--out {path} exists and is not a results file of 'lrpcpp explain --file': {again}")
+    return len(complete), keep
+
+
+# the line breaks of str.splitlines that json.dumps leaves raw, escaped: readers that split text at every
+# line break still see one record a line
+_JSON_LINE_BREAKS = {ord(c): f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"}
+
+
+def _explain_file(args, loaded, timer: _Timer, color: bool, items, done: Tuple[int, int]) -> int:
+    """Every input of ``--file``. With ``--out``, each result is one JSON line, written whole and
+    flushed as soon as it is computed; a rerun keeps the lines an interrupted run wrote and goes on
+    after them (see :func:`_resume`)."""
     from . import render
-    from .evaluate import read_items
     from .explain import explain_text, to_json
 
-    items = read_items(args.file, args.compare, loaded.task)
-    out = open(args.out, "w", encoding="utf-8") if args.out else None
+    count, keep = done
+    out = None
+    if args.out:
+        if count:
+            _note(f"--out {args.out} has the results of the first {count} of {len(items)} inputs already: "
+                  + ("nothing left to do" if count == len(items) else "going on after them"))
+        with _writing("--out", args.out):
+            out = open(args.out, "r+b" if os.path.exists(args.out) else "wb", buffering=0)
+            out.truncate(keep)  # a last line cut short by an interruption
+            out.seek(keep)
+    options = _file_options(args)
     try:
-        for number, text, compare in _progress(items, "explaining"):
+        for number, text, compare in _progress(items[count:], "explaining", initial=count, total=len(items)):
             try:
                 explanations = explain_text(loaded, text, compare=compare, target=args.target, method=args.method,
                                             latent=args.latent, generate=args.generate,
                                             warn=lambda m, n=number: _note(f"{args.file}:{n}: {m}"))
             except InputError as e:
                 raise InputError(f"{args.file}:{number}: {e}") from None
-            record = dict(to_json(explanations), line=number)
+            record = dict(to_json(explanations), line=number, options=options)
             if out is not None:
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                text_line = json.dumps(record, ensure_ascii=False).translate(_JSON_LINE_BREAKS)
+                line = memoryview((text_line + "\n").encode("utf-8"))
+                with _writing("--out", args.out):
+                    while line:  # the whole line, straight to the file
+                        line = line[out.write(line):]
             else:
                 sys.stdout.write(f"--- line {number}\n" + render.terminal(explanations, color=color, width=_width()))
     finally:
@@ -319,7 +449,8 @@ def _explain_file(args, loaded, timer: _Timer, color: bool) -> int:
             out.close()
     timer.mark("attribution")
     if args.out:
-        print(f"wrote {len(items)} explanations to {args.out}")
+        print(f"wrote {len(items) - count} explanations to {args.out}"
+              + (f" (after the {count} of an earlier run)" if count else ""))
     _timings(args, timer)
     return 0
 
@@ -365,8 +496,8 @@ def run_evaluate(args) -> int:
     for m in methods:
         if m not in METHODS:
             raise InputError(f"unknown method {m!r} in --methods: choose from {', '.join(METHODS)}")
-    _check_output_path(args.png, "--png")
-    _check_output_path(args.json, "--json")
+    _check_paths([("--png", args.png), ("--json", args.json)],
+                 [("the input --file", path)] + _model_files(args.model))
     loaded = _load(args, timer)
     if loaded.task == "image-classifier":
         raise InputError("evaluate perturbs tokens: it needs a text model, not an image classifier")
@@ -380,11 +511,13 @@ def run_evaluate(args) -> int:
                       progress=lambda it: _progress(it, "evaluating"))
     timer.mark("evaluation")
     if args.png:
-        curves_png(result, args.png)
+        with _writing("--png", args.png):
+            curves_png(result, args.png)
     if args.json:
         from . import render
 
-        render.write_text(args.json, json.dumps(result.to_dict(), indent=1) + "\n")
+        with _writing("--json", args.json):
+            render.write_text(args.json, json.dumps(result.to_dict(), indent=1) + "\n")
     sys.stdout.write(report(result, args.png))
     if args.json:
         print(f"wrote {args.json}")
@@ -418,7 +551,7 @@ def run_export(args) -> int:
     from .loading import encode
 
     timer = _Timer(args._start)
-    _check_output_path(args.output, "FILE")
+    _check_paths([("FILE", args.output)], _model_files(args.model))
     loaded = _load(args, timer)
     if loaded.task not in EXPORT_TASKS:
         kind = "an image classifier" if loaded.task == "image-classifier" else "a base model (no logits)"
@@ -428,9 +561,12 @@ def run_export(args) -> int:
 
     program = args.output.endswith(".pt2")
     export = deploy.export_program if program else deploy.export_archive
-    with warnings.catch_warnings(record=True) as caught:
+    from ._files import atomic_path
+
+    with warnings.catch_warnings(record=True) as caught, _writing("FILE", args.output), \
+            atomic_path(args.output) as tmp:  # written whole or not at all
         warnings.simplefilter("always", UserWarning)
-        export(loaded.model, args.output, input_ids=enc.input_ids.to(loaded.model.device),
+        export(loaded.model, tmp, input_ids=enc.input_ids.to(loaded.model.device),
                attention_mask=enc.attention_mask.to(loaded.model.device), method=args.method,
                check=not args.no_check)
     for w in caught:

@@ -204,7 +204,7 @@ def attribute_deployed(module: Callable[[Tensor, Tensor], Tensor], inputs_embeds
         attention_mask = torch.ones(leaf.shape[:2], dtype=torch.long, device=leaf.device)
     with torch.enable_grad():
         logits = module(leaf, attention_mask)
-        explained, ids = _select(logits, target, attention_mask)
+        explained, ids = _select(logits, target, attention_mask, leaf.shape[0])
     many = isinstance(target, (list, tuple))
     if many:
         (grad,) = _batched_backward(explained, [leaf], explicit=False)
@@ -474,7 +474,7 @@ class CompiledAttribute:
                 rows = torch.arange(batch, device=leaf.device)
                 explained, ids = _select(_logits(out)[rows, rows], target, None)
             else:
-                explained, ids = _select(out, target, attention_mask)
+                explained, ids = _select(out, target, attention_mask, leaf.shape[0])
         (grad,) = torch.autograd.grad(explained, [leaf], torch.ones_like(explained), allow_unused=True)
         if grad is None:
             grad = torch.zeros_like(leaf)

@@ -24,6 +24,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from ._files import atomic_write
 from .explain import METHOD_NAMES, _similarity_target
 from .loading import TASKS, InputError, Loaded, Warn, encode
 
@@ -116,7 +117,9 @@ def read_items(path: str, compare: Optional[str], task: str) -> List[Tuple[int, 
     where a line has none). Other models read the first text only."""
     try:
         with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+            # lines end at "\n" (or "\r\n") alone: str.splitlines would also cut a text at U+2028,
+            # form feeds and other separators, and number the inputs wrongly
+            lines = [line.removesuffix("\r") for line in f.read().split("\n")]
     except FileNotFoundError:
         raise InputError(f"no such file: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -351,5 +354,8 @@ def curves_png(result: EvalResult, path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        with atomic_write(path, binary=True) as f:
+            fig.savefig(f, format="png")
+    finally:
+        plt.close(fig)

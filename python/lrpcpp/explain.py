@@ -116,7 +116,8 @@ def _marker_style(tokenizer) -> bool:
 
 
 def _visible(text: str) -> str:
-    return text.replace("\n", "↵").replace("\t", "⇥").replace("\r", "")
+    # newlines and tabs as arrows; other control characters stay, for the views to show escaped
+    return text.replace("\n", "↵").replace("\t", "⇥")
 
 
 def display_tokens(tokenizer, tokens: Sequence[str]) -> Tuple[List[str], List[bool]]:
@@ -124,6 +125,10 @@ def display_tokens(tokenizer, tokens: Sequence[str]) -> Tuple[List[str], List[bo
     marker = _marker_style(tokenizer)
     words, space = [], []
     for tok in tokens:
+        if tok is None:  # an id past the tokenizer's vocabulary (a model's padded embedding table)
+            words.append("[no token]")
+            space.append(True)
+            continue
         if marker:
             try:
                 text = tokenizer.convert_tokens_to_string([tok])

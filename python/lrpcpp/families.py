@@ -54,6 +54,9 @@ class Family:
         is ``expert_act``.
     norms: class names of normalisations that scale their input element-wise (RMSNorm and its
         variants, e.g. Gemma's ``1 + weight``). Any class whose name ends in ``RMSNorm`` counts too.
+    causal: a causal decoder whose forward takes ``position_ids``: :func:`lrpcpp.attribute` passes
+        positions counted over the unmasked tokens of ``attention_mask`` (so a left-padded row has the
+        positions it has alone) unless the caller gives them.
     """
 
     name: str
@@ -71,6 +74,7 @@ class Family:
     experts: str = "experts"
     expert_act: str = "act_fn"
     norms: Tuple[str, ...] = field(default=())
+    causal: bool = False
 
 
 FAMILIES: Dict[str, Family] = {}
@@ -90,6 +94,7 @@ def _llama_like(name: str, prefix: str, model_types: Tuple[str, ...], **extra) -
         attention=(f"{prefix}Attention",),
         gated_mlp=(f"{prefix}MLP",),
         norms=(f"{prefix}RMSNorm",),
+        causal=True,
         **extra,
     )
 
@@ -112,8 +117,10 @@ register_family(
     gated_mlp=("Phi3MLP",),
     gate_act="activation_fn",
     norms=("Phi3RMSNorm",),
+    causal=True,
 )
-register_family("gpt2", model_types=("gpt2",), attention=("GPT2Attention",), qkv="c_attn", qkv_split=_equal_thirds)
+register_family("gpt2", model_types=("gpt2",), attention=("GPT2Attention",), qkv="c_attn", qkv_split=_equal_thirds,
+                causal=True)
 register_family("bert", model_types=("bert",), attention=("BertSelfAttention",), q="query", k="key", v="value")
 register_family("vit", model_types=("vit",), attention=("ViTAttention",))
 
@@ -122,15 +129,31 @@ def _supported() -> str:
     return ", ".join(sorted(FAMILIES))
 
 
-def family_of(model: nn.Module) -> Optional[Family]:
-    """The family of a Hugging Face model (by ``config.model_type``); ``None`` for a plain torch model.
+def _model_type(module: nn.Module) -> Optional[str]:
+    return getattr(getattr(module, "config", None), "model_type", None)
 
-    Raises :class:`UnsupportedModelError` for a Hugging Face model of an unknown architecture.
+
+def family_of(model: nn.Module) -> Optional[Family]:
+    """The family of a Hugging Face model (by ``config.model_type``); for a torch module holding
+    Hugging Face models (a wrapper), the family of those; ``None`` for a plain torch model.
+
+    Raises :class:`UnsupportedModelError` for a Hugging Face model of an unknown architecture, and
+    for a module holding models of several architectures.
     """
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
+    model_type = _model_type(model)
     if model_type is None:
-        return None
+        inner: Dict[str, str] = {}
+        for name, module in model.named_modules():
+            t = _model_type(module)
+            if t is not None:
+                inner.setdefault(t, name)
+        if not inner:
+            return None
+        if len(inner) > 1:
+            raise UnsupportedModelError(
+                f"lrpcpp: this {type(model).__name__} holds Hugging Face models of several architectures "
+                f"({', '.join(f'{n}: {t}' for t, n in inner.items())}); explain each model on its own")
+        (model_type,) = inner
     for family in FAMILIES.values():
         if model_type in family.model_types:
             return family

@@ -8,6 +8,7 @@ that ``lrpcpp --help`` and bad-input errors stay fast.
 
 import json
 import os
+import pickle
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -20,6 +21,8 @@ __all__ = [
     "load_default",
     "load_directory",
     "read_config",
+    "weight_files",
+    "check_safetensors",
     "task_of",
     "encode",
     "max_length",
@@ -94,7 +97,49 @@ def read_config(path: str) -> dict:
         raise InputError(f"cannot read {config_file}: {e}") from None
     if not isinstance(config, dict) or "model_type" not in config:
         raise InputError(f"{config_file} is not a Hugging Face model config (it has no model_type)")
+    for section in [config] + [v for v in config.values() if isinstance(v, dict)]:  # also text_config etc.
+        for key, value in section.items():
+            if key in SIZE_KEYS and _bad_size(value):
+                raise InputError(f"{config_file}: {key} must be a positive whole number, not {value!r}")
     return config
+
+
+# sizes in a model config that must be positive whole numbers
+SIZE_KEYS = frozenset({"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "n_embd",
+                       "n_layer", "n_head", "n_positions", "ffn_dim", "image_size", "patch_size", "num_channels",
+                       "num_labels"})
+
+
+def _bad_size(value) -> bool:
+    if isinstance(value, (list, tuple)):  # e.g. image_size [height, width]
+        return not value or any(v is None or _bad_size(v) for v in value)
+    return value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1)
+
+
+def weight_files(path: str) -> List[str]:
+    """The weight files of a model directory (safetensors, or PyTorch's pickles)."""
+    names = sorted(os.listdir(path))
+    found = [n for n in names if n.endswith(".safetensors")]
+    return found or [n for n in names if n.endswith(".bin") and n.startswith("pytorch_model")]
+
+
+def check_safetensors(file: str) -> None:
+    """Checks that a safetensors file is whole: its header parses, and the file holds every byte the
+    header promises (a file cut short by an interrupted copy or download fails here, naming it)."""
+    size = os.path.getsize(file)
+    try:
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise ValueError(f"its header needs {n} bytes, the file has {max(size - 8, 0)} after the first 8")
+            header = json.loads(f.read(n))
+        ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise InputError(f"the weights file {file} is damaged: {e}") from None
+    need = 8 + n + max(ends, default=0)
+    if size < need:
+        raise InputError(f"the weights file {file} is cut short: it has {size} bytes, its header describes {need}")
 
 
 def task_of(config: dict) -> str:
@@ -179,6 +224,10 @@ def load_directory(path: str, device: str = "cpu", need_tokenizer: bool = True,
     classifier or a base encoder (sentence embeddings), by the architecture its config names."""
     config_dict = read_config(path)
     task = task_of(config_dict)
+    weights = weight_files(path)
+    for name in weights:
+        if name.endswith(".safetensors"):
+            check_safetensors(os.path.join(path, name))
     quiet_offline()
     import transformers
 
@@ -191,10 +240,22 @@ def load_directory(path: str, device: str = "cpu", need_tokenizer: bool = True,
         "image-classifier": transformers.AutoModelForImageClassification,
         "similarity": transformers.AutoModel,
     }[task]
+    from safetensors import SafetensorError
+
+    files = f" ({', '.join(weights)})" if weights else ""
     try:
-        model = auto.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError, EnvironmentError) as e:
-        raise InputError(f"cannot load the model in {path}: {_first_line(e)}") from None
+        # mismatched shapes are loaded, then refused below with the first of them named
+        model, info = auto.from_pretrained(path, local_files_only=True, output_loading_info=True,
+                                           ignore_mismatched_sizes=True)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError,
+            SafetensorError) as e:
+        raise InputError(f"cannot load the model in {path}{files}: {_first_line(e)}") from None
+    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda m: m[0])
+    if mismatched:
+        key, stored, expected = mismatched[0][:3]
+        raise InputError(f"the weights in {path}{files} do not fit its config.json: {key} has shape "
+                         f"{list(stored)} there, the config makes it {list(expected)} "
+                         f"({len(mismatched)} mismatched tensors)")
     model = _prepare(model, device)
     name = path.rstrip("/") or path
     loaded = Loaded(model=model, task=task, name=name, config=model.config, extra={"path": path})

@@ -3,12 +3,14 @@
 A :class:`Preset` says which rule each ``nn.Linear`` and ``nn.Conv2d`` of a model takes: by
 module type, for the first such layer of the model (the input layer), and by qualified module
 name, in increasing priority. It also names the treatment of attention (``method``) and whether
-batch norms are merged into the convolutions before them. Presets are registered by name::
+batch norms are merged into the convolutions before them. Presets are registered by name, and
+:func:`preset` builds one with its options (checked against the options it takes); the keyword
+arguments of :func:`lrpcpp.attribute` itself go to the model only::
 
-    lrpcpp.attribute(model, pixel_values=x, preset="vit", gamma_linear=0.05, gamma_conv=0.25)
-    lrpcpp.attribute(model, pixel_values=x, preset="epsilon_gamma_box", low=low, high=high,
+    lrpcpp.attribute(model, pixel_values=x, preset=lrpcpp.preset("vit", gamma_linear=0.05, gamma_conv=0.25))
+    lrpcpp.attribute(model, pixel_values=x, preset=lrpcpp.preset("epsilon_gamma_box", low=low, high=high),
                      rules={"fc": lrpcpp.presets.Gamma(0.1), nn.Conv2d: lrpcpp.presets.ZPlus()})
-    lrpcpp.Composite(preset="epsilon_plus")
+    lrpcpp.Composite(preset="epsilon_plus")  # a name alone: the preset with its default options
 
     @lrpcpp.register_preset("my_preset")
     def my_preset(gamma: float = 0.1) -> lrpcpp.Preset:
@@ -36,7 +38,8 @@ from . import modules as lm
 
 __all__ = [
     "Rule", "Epsilon", "Gamma", "AlphaBeta", "ZPlus", "ZBox", "Flat", "WSquare", "Pass",
-    "Preset", "PRESETS", "register_preset", "get_preset", "preset_arguments", "conv_bn_pairs", "merged_conv_bn",
+    "Preset", "PRESETS", "register_preset", "preset", "get_preset", "preset_arguments", "preset_options",
+    "conv_bn_pairs", "merged_conv_bn",
     "MergedBatchNorm",
 ]
 
@@ -233,9 +236,10 @@ class Pass(Rule):
 RuleKey = Union[str, type]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Preset:
     """Which rule each linear and convolution layer takes, and how the rest of the model is treated.
+    Frozen: :meth:`with_rules` and :func:`dataclasses.replace` make changed copies.
 
     * ``types``: ``{module type: rule}``; a layer takes the rule of the most specific listed type
       it is an instance of (``nn.Linear``, ``nn.Conv2d``).
@@ -335,7 +339,18 @@ def preset_arguments(name: str) -> Tuple[str, ...]:
     return tuple(inspect.signature(_factory(name)).parameters)
 
 
+def preset_options() -> Dict[str, Tuple[str, ...]]:
+    """Every option name of the registered presets, with the presets that take it."""
+    out: Dict[str, Tuple[str, ...]] = {}
+    for name in sorted(PRESETS):
+        for option in preset_arguments(name):
+            out[option] = out.get(option, ()) + (name,)
+    return out
+
+
 def _factory(name: str) -> Callable[..., Preset]:
+    if not isinstance(name, str):
+        raise TypeError(f"lrpcpp: preset must be a registered preset name or an lrpcpp.Preset, got {name!r}")
     fn = PRESETS.get(name)
     if fn is None:
         raise ValueError(f"lrpcpp: unknown preset {name!r}; registered presets: {', '.join(sorted(PRESETS))}")
@@ -348,19 +363,32 @@ def get_preset(preset: Union[str, Preset], rules: Optional[Mapping[RuleKey, Opti
     with the per-layer overrides ``rules`` applied."""
     if isinstance(preset, Preset):
         if arguments:
-            raise TypeError(f"lrpcpp: arguments {sorted(arguments)} are for a named preset, not a Preset object")
+            raise TypeError(f"lrpcpp: options {sorted(arguments)} are for a named preset, not a Preset object")
         return preset.with_rules(rules)
     fn = _factory(preset)
     accepted = preset_arguments(preset)
     unknown = sorted(set(arguments) - set(accepted))
     if unknown:
-        raise TypeError(f"lrpcpp: preset {preset!r} takes the arguments {list(accepted)}, got unknown {unknown}")
+        raise TypeError(f"lrpcpp: preset {preset!r} has no option {', '.join(unknown)}; its options are "
+                        f"{', '.join(accepted) or '(none)'}")
     built = fn(**arguments)
     if not isinstance(built, Preset):
         raise TypeError(f"lrpcpp: preset {preset!r} returned {type(built).__name__}, not an lrpcpp.Preset")
     if built.name == "custom":
         built = dataclasses.replace(built, name=preset)
     return built.with_rules(rules)
+
+
+def preset(name: str, **options: Any) -> Preset:
+    """The registered preset ``name`` built with ``options``, for the ``preset=`` argument of
+    :func:`lrpcpp.attribute`, :func:`lrpcpp.patch` and :class:`lrpcpp.Composite`::
+
+        lrpcpp.preset("vit", gamma_linear=0.05)
+
+    The options are checked now: an option the preset does not take is a ``TypeError`` that lists
+    the ones it takes (:func:`preset_arguments`). A preset name given to ``preset=`` directly is the
+    preset with its default options."""
+    return get_preset(name, **options)
 
 
 @register_preset("vit")

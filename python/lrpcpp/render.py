@@ -9,14 +9,17 @@ the numbers, so it stays legible without colour.
 """
 
 import base64
+import dataclasses
 import html
 import io
 import math
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["colour", "scale_of", "terminal", "html_page", "latex_document", "text_png", "image_pngs",
-           "latent_png", "write_text"]
+from ._files import atomic_write
+
+__all__ = ["colour", "scale_of", "visible", "terminal", "html_page", "latex_document", "text_png", "image_pngs",
+           "latent_png", "write_text", "write_bytes"]
 
 MAX_SATURATION = 0.8  # the strongest colour keeps black text readable
 
@@ -44,6 +47,38 @@ def _segments(e) -> List[List[int]]:
     for i, s in enumerate(e.segment):
         out.setdefault(s, []).append(i)
     return [out[k] for k in sorted(out)]
+
+
+# the bidirectional controls (embeddings, overrides, isolates and marks), and the line and paragraph separators
+_LAYOUT_CONTROLS = frozenset([0x061C, 0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A)])
+
+
+def visible(text: str) -> str:
+    """``text`` with every character that acts instead of showing written as an escape: C0 and C1
+    control characters and DEL (``\\x1b``, ``\\x0d``), the bidirectional controls and the line
+    and paragraph separators (``\\u202e``). Input text can then neither drive a terminal (colours,
+    cursor moves, titles) nor reorder or hide what is shown around it."""
+    out = []
+    for ch in text:
+        o = ord(ch)
+        if o < 0x20 or 0x7F <= o < 0xA0 or o in _LAYOUT_CONTROLS:
+            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _shown(explanations: Sequence) -> list:
+    """Copies of the explanations whose text fields (tokens shown, texts, model, target, image file)
+    have passed through :func:`visible`: what every view renders."""
+
+    def text(value):
+        return visible(value) if isinstance(value, str) else value
+
+    return [dataclasses.replace(e, words=[visible(w) for w in e.words], texts=[visible(t) for t in e.texts],
+                                model=text(e.model), target=text(e.target), image_file=text(e.image_file),
+                                latent=e.latent and {visible(k): v for k, v in e.latent.items()})
+            for e in explanations]
 
 
 def _header(e, steps: int = 1) -> List[str]:
@@ -174,7 +209,9 @@ def _image_grid(e, color: bool, width: int) -> List[str]:
 
 
 def terminal(explanations: Sequence, color: bool = False, width: int = 100) -> str:
-    """The heatmap as terminal text. With ``color``, tokens get a 24-bit background colour."""
+    """The heatmap as terminal text. With ``color``, tokens get a 24-bit background colour. Control
+    characters of the input are shown escaped (:func:`visible`)."""
+    explanations = _shown(explanations)
     e0 = explanations[0]
     lines = _header(e0, len(explanations))
     lines.append("relevance: red (+) raises the explained value, blue (-) lowers it")
@@ -259,7 +296,9 @@ def _png_data_uri(png: bytes) -> str:
 
 
 def html_page(explanations: Sequence) -> str:
-    """One self-contained page (inline CSS, images as data URIs, no scripts, no network)."""
+    """One self-contained page (inline CSS, images as data URIs, no scripts, no network); every text
+    is HTML-escaped, control characters shown escaped (:func:`visible`)."""
+    explanations = _shown(explanations)
     e0 = explanations[0]
     esc = html.escape
     title = f"lrpcpp: {e0.method_name} explanation of {e0.model}"
@@ -318,24 +357,31 @@ _LATEX_SPECIAL = {
 }
 
 
+# Latin-1 characters that pdflatex's default fonts (OT1) cannot set: guillemets, eth and thorn
+_LATEX_UNSET = frozenset("\u00ab\u00bb\u00d0\u00de\u00f0\u00fe")
+
+
 def latex_escape(text: str) -> str:
-    """Text safe for pdflatex: its special characters escaped, characters outside Latin-1 as ``?``."""
+    """Text that pdflatex sets with its default fonts, whatever ``text`` holds: the LaTeX special
+    characters escaped; printable ASCII and the Latin-1 letters and signs as they are; every other
+    character (control characters, other scripts, emoji, combining marks) as its code point,
+    ``\\texttt{U+XXXX}``."""
     out = []
     for ch in text:
+        o = ord(ch)
         if ch in _LATEX_SPECIAL:
             out.append(_LATEX_SPECIAL[ch])
-        elif ord(ch) < 32:
-            out.append(" ")
-        elif ord(ch) > 255:
-            out.append("?")
-        else:
+        elif 0x20 <= o < 0x7F or (0xA0 <= o <= 0xFF and ch not in _LATEX_UNSET):
             out.append(ch)
+        else:
+            out.append(f"\\texttt{{U+{o:04X}}}")
     return "".join(out)
 
 
 def latex_document(explanations: Sequence) -> str:
     """A standalone LaTeX document: a ``\\colorbox`` per token (compiles with pdflatex; packages
-    ``inputenc`` and ``color`` only)."""
+    ``inputenc`` and ``color`` only; see :func:`latex_escape`)."""
+    explanations = _shown(explanations)
     e0 = explanations[0]
     if e0.image is not None:
         raise ValueError("a LaTeX heatmap is made of tokens; explain a text")
@@ -390,6 +436,7 @@ def _pyplot():
 
 def text_png(explanations: Sequence, path: str, width_px: int = 1000) -> None:
     """The tokens as coloured boxes, wrapped into lines, with the header above (matplotlib)."""
+    explanations = _shown(explanations)
     plt = _pyplot()
     from matplotlib.font_manager import FontProperties
 
@@ -448,8 +495,11 @@ def text_png(explanations: Sequence, path: str, width_px: int = 1000) -> None:
         if rgb is not None:
             kwargs["bbox"] = dict(boxstyle="square,pad=0.12", facecolor=tuple(c / 255 for c in rgb), edgecolor="none")
         fig.text(x / width_px, 1 - yy / height, s, **kwargs)
-    fig.savefig(path, dpi=dpi, facecolor="white")
-    plt.close(fig)
+    try:
+        with atomic_write(path, binary=True) as f:
+            fig.savefig(f, format="png", dpi=dpi, facecolor="white")
+    finally:
+        plt.close(fig)
 
 
 def _heat_rgb(rel):
@@ -507,6 +557,7 @@ def latent_png(e, path: str) -> None:
     """The per-layer relevance plot: layers x tokens (text) or each layer's total (images)."""
     import numpy as np
 
+    e = _shown([e])[0]
     plt = _pyplot()
     names = list(e.latent)
     if e.image is not None or not e.words:
@@ -529,12 +580,20 @@ def latent_png(e, path: str) -> None:
                      fontsize=9)
     fig.suptitle(f"{e.model} · {e.method_name}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        with atomic_write(path, binary=True) as f:
+            fig.savefig(f, format="png")
+    finally:
+        plt.close(fig)
 
 
 def write_text(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    """Writes ``text`` (UTF-8) to ``path`` in one step: a reader finds the old file or the whole new one."""
+    with atomic_write(path) as f:
         f.write(text)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Writes ``data`` to ``path`` in one step (see :func:`write_text`)."""
+    with atomic_write(path, binary=True) as f:
+        f.write(data)

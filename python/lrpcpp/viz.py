@@ -22,6 +22,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ._files import atomic_write
+
 __all__ = ["heatmap", "normalize", "colorize", "overlay", "write_png", "to_2d", "COLORMAPS"]
 
 Color = Tuple[float, float, float]
@@ -160,7 +162,7 @@ def write_png(path: str, rgb: np.ndarray) -> None:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
-    with open(path, "wb") as f:
+    with atomic_write(path, binary=True) as f:  # a failed write leaves no cut-off PNG
         f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6))
                 + chunk(b"IEND", b""))
 
