@@ -624,10 +624,18 @@ def test_sdpa_gqa():
         assert_relevance_close(got, exp, f64)
 
 
-def test_sdpa_with_dropout_is_refused():
+def test_sdpa_dropout_is_off():
+    """As F.dropout in explicit mode: dropout_p is ignored, the eval-mode forward and its relevance."""
     q, k, v = qkv()
-    with ExplicitRules(), pytest.raises(ValueError, match="dropout_p"):
-        F.scaled_dot_product_attention(q.requires_grad_(), k, v, dropout_p=0.1)
+    results = []
+    for p in (0.0, 0.5):
+        q_ = q.clone().requires_grad_()
+        with ExplicitRules():
+            y = F.scaled_dot_product_attention(q_, k, v, dropout_p=p)
+        y.backward(y)
+        results.append((y.detach(), q_.grad))
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+    torch.testing.assert_close(results[0][0], F.scaled_dot_product_attention(q, k, v))
 
 
 # ----------------------------------------------------------------------------- mixture of experts

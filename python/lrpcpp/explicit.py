@@ -569,12 +569,8 @@ def _sdpa(rules, func, query, key, value, attn_mask=None, dropout_p=0.0, is_caus
           enable_gqa=False):
     """``F.scaled_dot_product_attention`` decomposed into explicit ops: ``lf.matmul(q, kᵀ)``, the
     mask added (a float mask through add2, as a bias), ``lf.softmax`` whose temperature ``1/scale``
-    does the scaling, and ``lf.matmul(p, v)``."""
-    if dropout_p > 0.0:
-        raise ValueError(
-            "lrpcpp.ExplicitRules: scaled_dot_product_attention with dropout_p > 0 has no relevance rule; "
-            "explain a model in eval mode"
-        )
+    does the scaling, and ``lf.matmul(p, v)``. ``dropout_p`` is ignored: dropout is off, as for
+    ``F.dropout`` (the attention weights of the eval-mode forward)."""
     if is_causal and attn_mask is not None:
         return NotImplemented  # torch reports the error
     if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
