@@ -359,6 +359,21 @@ def test_compile_attribute_with_inductor_gives_the_relevance_of_attribute():
     torch._dynamo.reset()
 
 
+def test_compile_attribute_counts_positions_over_the_unmasked_tokens_as_attribute_does():
+    # a left-padded decoder batch: position_ids from the attention mask, as lrpcpp.attribute passes them
+    model, reference = build("gpt2", dtype=torch.float32), build("gpt2", dtype=torch.float32)  # same weights
+    ids = inputs("gpt2", seq=7)["input_ids"]
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    expected = lrpcpp.attribute(reference, input_ids=ids, attention_mask=mask)
+    torch._dynamo.reset()
+    with deploy.compile_attribute(model, backend=recording_backend([])) as explain:
+        got = explain(input_ids=ids, attention_mask=mask)
+    torch._dynamo.reset()
+    assert torch.equal(got.target, expected.target)
+    assert_same_relevance(got.relevance, expected.relevance)
+
+
 def test_compile_attribute_with_all_logits_or_only_the_explained_ones():
     # a causal LM computes only the logits at the explained position unless all_logits=True
     model, reference = build("mistral", dtype=torch.float32), build("mistral", dtype=torch.float32)

@@ -27,7 +27,8 @@ from typing import Any, Callable, Dict, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .attribute import Attribution, Target, _batched_backward, _last_positions, _logits, _select
+from .attribute import Attribution, Target, _batched_backward, _last_positions, _logits, _position_ids, _select
+from .families import family_of
 from .patching import METHODS, ModelState, patch
 
 __all__ = [
@@ -396,6 +397,8 @@ class CompiledAttribute:
         # a language model that can compute the logits of chosen positions only (Hugging Face's
         # logits_to_keep): the explained position's are all that the relevance depends on
         self._only_explained = not all_logits and "logits_to_keep" in takes
+        family = family_of(model)
+        self._causal = family is not None and family.causal
         # AOTAutograd compiles one backward for every input that requires grad: with the parameters
         # frozen it computes the relevance only, not weight gradients as well
         self._removed, self._warm = False, False
@@ -453,6 +456,10 @@ class CompiledAttribute:
         leaf = leaf.detach().requires_grad_()
         if attention_mask is not None:
             model_kwargs["attention_mask"] = attention_mask
+            if key == "inputs_embeds" and "position_ids" not in model_kwargs:
+                positions = _position_ids(self.model, self._causal, attention_mask)  # as lrpcpp.attribute
+                if positions is not None:
+                    model_kwargs["position_ids"] = positions
         batch, seq = leaf.shape[:2] if key == "inputs_embeds" else (0, 0)
         # the positions of all items for every item, batch x batch logits (fewer than batch x seq);
         # a per-item index ([batch, 1]) would fix the sequence length of the compiled graph
