@@ -299,6 +299,25 @@ def test_exported_program_saved_as_pt2_gives_the_relevance_of_attribute(family, 
         assert_same_relevance(deploy.attribute_deployed(loaded, x, m).relevance, expected.relevance)
 
 
+@pytest.mark.parametrize("form", ["archive", "program"])
+def test_exported_forms_count_positions_over_the_unmasked_tokens_as_attribute_does(form, tmp_path):
+    # a left-padded decoder batch: position_ids from the attention mask, as lrpcpp.attribute passes them
+    model = build("gpt2", dtype=torch.float32)
+    embeds, mask = example(model, "gpt2")
+    if form == "archive":
+        deploy.export_archive(model, tmp_path / "m.pt", inputs_embeds=embeds, attention_mask=mask, check=False)
+        loaded = torch.jit.load(str(tmp_path / "m.pt"))
+    else:
+        deploy.export_program(model, tmp_path / "m.pt2", inputs_embeds=embeds, attention_mask=mask, check=False)
+        loaded = torch.export.load(str(tmp_path / "m.pt2")).module()
+    x, m = text_input(model, "gpt2", pad=0)
+    m[1, :3] = 0
+    expected = lrpcpp.attribute(model, inputs_embeds=x, attention_mask=m)
+    got = deploy.attribute_deployed(loaded, x, m)
+    assert torch.equal(got.target, expected.target)
+    assert_same_relevance(got.relevance, expected.relevance)
+
+
 # ----------------------------------------------------------------------------- torch.compile
 def _compiled_relevance(family, method, backend):
     model = build(family, dtype=torch.float32)

@@ -62,9 +62,10 @@ class ExplainableModel(nn.Module):
     """``(inputs_embeds, attention_mask) -> logits`` of ``model``: the signature of every exported form.
 
     ``model`` is called as ``model(inputs_embeds=..., attention_mask=...)`` (with ``use_cache=False``
-    where it takes that argument) and its ``.logits`` returned: ``[batch, seq, vocab]`` for a
-    language model, ``[batch, classes]`` for a classifier. A model that returns a tensor is taken
-    to return the logits themselves.
+    where it takes that argument, and for a causal decoder ``position_ids`` counted over the unmasked
+    tokens, as :func:`lrpcpp.attribute` passes them) and its ``.logits`` returned: ``[batch, seq,
+    vocab]`` for a language model, ``[batch, classes]`` for a classifier. A model that returns a tensor
+    is taken to return the logits themselves.
     """
 
     def __init__(self, model: nn.Module):
@@ -75,9 +76,14 @@ class ExplainableModel(nn.Module):
         except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
             params = {}
         self._use_cache = "use_cache" in params
+        family = family_of(model)
+        self._causal = family is not None and family.causal
 
     def forward(self, inputs_embeds: Tensor, attention_mask: Tensor) -> Tensor:
         extra = {"use_cache": False} if self._use_cache else {}
+        positions = _position_ids(self.model, self._causal, attention_mask)
+        if positions is not None:  # a left-padded row has the positions it has alone
+            extra["position_ids"] = positions
         return _logits(self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **extra))
 
 
@@ -397,8 +403,7 @@ class CompiledAttribute:
         # a language model that can compute the logits of chosen positions only (Hugging Face's
         # logits_to_keep): the explained position's are all that the relevance depends on
         self._only_explained = not all_logits and "logits_to_keep" in takes
-        family = family_of(model)
-        self._causal = family is not None and family.causal
+        self._causal = ExplainableModel(model)._causal
         # AOTAutograd compiles one backward for every input that requires grad: with the parameters
         # frozen it computes the relevance only, not weight gradients as well
         self._removed, self._warm = False, False
