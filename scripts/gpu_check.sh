@@ -60,13 +60,23 @@ HAVE_TORCH=1 HAVE_PYTEST=1
 [[ " ${missing[*]} " == *" pytest "* ]] && HAVE_PYTEST=0
 NVCC=$CUDA_HOME/bin/nvcc
 [ -x "$NVCC" ] || NVCC=$(command -v nvcc || true)
-have_ninja() { command -v ninja >/dev/null || $PY -c "import ninja" 2>/dev/null; }
+# torch runs the `ninja` program: on PATH, or the one of the ninja Python package
+have_ninja() {
+  command -v ninja >/dev/null && return
+  local bin
+  bin=$($PY -c "import ninja; print(ninja.BIN_DIR)" 2>/dev/null) && [ -x "$bin/ninja" ] && export PATH="$bin:$PATH"
+}
 if [ -z "$NVCC" ]; then
   log "   nvcc missing (not at $CUDA_HOME/bin/nvcc nor on PATH)"
 elif ! have_ninja; then
-  log "   ninja missing: pip install ninja"
-  timeout 60 $PY -m pip install -q ninja >"$OUT/pip-ninja.log" 2>&1 || log "   pip install ninja failed (see pip-ninja.log)"
-  have_ninja || log "   ninja still missing: the build runs without it, one file at a time"
+  if [ "$DRY" = 1 ]; then
+    log "   ninja missing (a real run would pip-install it)"
+  else
+    log "   ninja missing: pip install ninja"
+    timeout 60 $PY -m pip install -q --retries 0 --timeout 10 ninja >"$OUT/pip-ninja.log" 2>&1 ||
+      log "   pip install ninja failed (no network? see pip-ninja.log)"
+    have_ninja || log "   ninja still missing: torch builds without it, one file at a time (slow)"
+  fi
 fi
 if [ "$HAVE_TORCH" = 1 ]; then
   log "   $($PY -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda, "| GPU:",

@@ -164,7 +164,8 @@ Tensor gi_scale_backward_cuda(const Tensor& grad, const Tensor& factor, at::Scal
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(cuda::kMaxRowThreads) gi_layer_norm_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
+__launch_bounds__(cuda::kMaxRowThreads)
+__global__ void gi_layer_norm_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
                                               const at::opmath_type<scalar_t>* __restrict__ w,
                                               scalar_t* __restrict__ out, int64_t len,
                                               at::opmath_type<scalar_t> eps) {
