@@ -13,7 +13,7 @@
 #   5. the rest of the test suite, only with the time that is left, without what builds or packages
 #      (the CMake C++ example, the wheel), the benchmark scripts and this script's own test
 # Everything streams to $OUT (default build/gpu-check) as it happens: summary.md (one line per step),
-# <step>.log (pytest -v, one line per test, line-buffered), <step>.xml (JUnit), bench.md. A step that is
+# <step>.log (pytest -v, one line per test, unbuffered), <step>.xml (JUnit), bench.md. A step that is
 # killed at its limit still leaves the log of every test that finished and the one that was running.
 # Exit status: 0 only when every step passed and at least one CUDA test ran (not all skipped).
 #
@@ -114,7 +114,7 @@ pytest_step() {
   local name=$1 lim=$2; shift 2
   if [ "$lim" -lt 20 ]; then fail "$name: no time left (${lim} s)"; return; fi
   # SIGINT first: pytest stops, prints what failed and writes the JUnit file; SIGKILL 20 s later
-  timeout -s INT -k 20 "$lim" stdbuf -oL -eL $PY -m pytest -v -rfEs -p no:cacheprovider --durations=10 \
+  timeout -s INT -k 20 "$lim" $PY -m pytest -v -rfEs -p no:cacheprovider --durations=10 \
     --junitxml="$OUT/$name.xml" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
   grep -E "^(FAILED|ERROR)" "$OUT/$name.log" | head -n 20 | tee -a "$OUT/summary.md"
@@ -130,7 +130,7 @@ if ! selected test_cuda; then
   fail "test_cuda.py not run: no verdict on the CUDA kernels"
 elif [ "$BUILT" = 1 ] && [ "$HAVE_PYTEST" = 1 ]; then
   # GPU_CHECK_K: a pytest -k expression that selects part of test_cuda.py (a rerun of some cases)
-  pytest_step test_cuda "$(limit "${GPU_CHECK_TEST_CUDA_S:-150}")" tests/test_cuda.py ${GPU_CHECK_K:+-k "$GPU_CHECK_K"}
+  pytest_step test_cuda "$(limit "${GPU_CHECK_TEST_CUDA_S:-200}")" tests/test_cuda.py ${GPU_CHECK_K:+-k "$GPU_CHECK_K"}
   # the verdict: how many cases on $DEVICE ran (passed or failed, not skipped)
   counts=$($PY - "$OUT/test_cuda.xml" "$DEVICE" <<'EOF'
 import re, sys, xml.etree.ElementTree as ET
