@@ -5,9 +5,13 @@
 #   1. prerequisites: python's torch, setuptools, pytest, expecttest, numpy; nvcc and ninja (ninja is
 #      pip-installed when it is the only thing missing); each missing piece is named in the log
 #   2. build: LRPCPP_CUDA=1 setup.py build_ext --inplace against this torch, for this GPU's arch only,
-#      MAX_JOBS=nproc. Measured on a 2-core machine (nvcc 13, torch 2.14, MAX_JOBS=2, sm 8.0 and 9.0):
-#      see BUILD_ESTIMATE below; on 16 cores and one arch every file compiles at once, so the build takes
-#      about as long as its slowest .cu file for one arch.
+#      MAX_JOBS=nproc. Measured on a 2-core machine shared with other builds (load 3-10; nvcc 13.0,
+#      torch 2.14.1, MAX_JOBS=2, sm 8.0 and 9.0): about 28 minutes for the 42 files, 3,360 s of compile
+#      jobs (100-210 s per .cu file, 100-175 s per .cpp file); a .cu file alone for sm 9.0 only: 100-230 s
+#      under that load. Here: 16 cores and one arch, so the 42 jobs run in three waves of 16 on unloaded
+#      cores (at least twice as fast), the .cu files for one arch (about 60% of two): roughly
+#      3,360 s x 0.8 / 2 / 16 = 85 s of work per core, and not less than the slowest file (~100 s):
+#      an estimated 2-3 minutes; the limit (GPU_CHECK_BUILD_S) is 300 s.
 #   3. tests/test_cuda.py (every CUDA kernel case; the CPU cases too)
 #   4. benchmarks/bench_gpu.py, each row appended to bench.md as it is measured
 #   5. the rest of the test suite, only with the time that is left, without what builds or packages
