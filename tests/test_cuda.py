@@ -14,6 +14,7 @@ import torch
 from torch.library import opcheck
 
 import lrpcpp  # noqa: F401  (registers the ops)
+import lrpcpp.functional as lf
 import reference as ref
 from block import Head, relevance
 from conftest import DTYPES, TOL
@@ -329,7 +330,7 @@ def test_softmax_every_dim_masks_and_temperatures(device, dtype, mask, temperatu
     if mask != "none":
         x = x.masked_fill(masked, float("-inf") if mask == "-inf" else torch.finfo(dtype).min)
     x = x.to(device).requires_grad_()
-    s = lf_softmax(x, dim, temperature)
+    s = lf.softmax(x, dim, temperature)
     R = torch.randn(s.shape, dtype=torch.float64).to(dtype)
     s.backward(R.to(device))
     got = x.grad
@@ -338,12 +339,6 @@ def test_softmax_every_dim_masks_and_temperatures(device, dtype, mask, temperatu
         assert (got.cpu()[masked] == 0).all()
     expected = ref.softmax(x.detach().double().cpu(), R.double(), dim, temperature, s=s.detach().double().cpu())
     close_to(got, expected, dtype)
-
-
-def lf_softmax(x, dim, temperature):
-    import lrpcpp.functional as lf
-
-    return lf.softmax(x, dim, temperature)
 
 
 @on_devices
