@@ -114,10 +114,10 @@ __device__ RowStats<acc_t> block_row_stats(const scalar_t* xr, int64_t len, acc_
   return {mean, rsqrt(block_sum(partial, scratch) / len + eps)};
 }
 
-// Threads per block of the row kernels (one block per row). They are declared with
+// Threads per block of the row kernels (one block per row), at most. They are declared with
 // __launch_bounds__(kMaxRowThreads), so that the compiler keeps their registers within what a block
-// of that many threads may use (64K per block): without it a 1024-thread launch can fail with "too
-// many resources requested for launch" (float64 kernels use the most registers).
+// of that many threads may use (64 per thread): a kernel that grew past that would otherwise fail at
+// launch with "too many resources requested for launch", on long rows only.
 constexpr int kMaxRowThreads = 1024;
 
 // Threads per block for a row of `len` elements: a power of 2 from 32 (one warp) to kMaxRowThreads.
