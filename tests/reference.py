@@ -68,9 +68,12 @@ def matmul(a, b, R, eps, a_relevant=True, b_relevant=True, o=None):
     return ra, rb
 
 
-def softmax(x, R, dim, temperature=1.0):
-    s = torch.softmax(x / temperature, dim)
-    xp = torch.where(x == float("-inf"), torch.zeros_like(x), x / temperature)
+def softmax(x, R, dim, temperature=1.0, s=None):
+    """`s`: the op's own output when given (a weight that rounds to 0 in a low-precision dtype masks
+    the logit, as the rule does), else the float64 softmax."""
+    s = torch.softmax(x / temperature, dim) if s is None else s
+    # masked logits take x' = 0: -inf, and finite mask values whose softmax weight is exactly 0
+    xp = torch.where((x == float("-inf")) | (s == 0), torch.zeros_like(x), x / temperature)
     return xp * (R - s * R.sum(dim, keepdim=True))
 
 

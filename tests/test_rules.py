@@ -177,6 +177,25 @@ def test_softmax_temperature_and_mask(dtype, temperature):
     assert_relevance_close(x.grad, ref.softmax(d64(x), d64(R), -1, temperature), dtype)
 
 
+@params
+@pytest.mark.parametrize("temperature", [0.25, 1.0, 3.0])
+def test_softmax_finite_mask(dtype, temperature):
+    """A finite mask value (the dtype's lowest, as many models add) acts as -inf: its softmax weight is
+    0, so its relevance is 0, also where x / T overflows and where R is not 0."""
+    x0 = torch.randn(2, 4, 6, dtype=torch.float64) * 2
+    mask = torch.rand(2, 4, 6) < 0.3
+    mask[..., 0] = False  # every row keeps one unmasked entry
+    x = x0.to(dtype).masked_fill(mask, torch.finfo(dtype).min).requires_grad_()
+    s = lf.softmax(x, -1, temperature)
+    assert (s.detach()[mask] == 0).all()
+    R = torch.randn_like(s)
+    s.backward(R)
+    assert torch.isfinite(x.grad).all()
+    assert (x.grad[mask] == 0).all()
+    # the op's own output: a weight that rounds to 0 in float16 masks its logit too
+    assert_relevance_close(x.grad, ref.softmax(d64(x), d64(R), -1, temperature, s=d64(s)), dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_softmax_dtype_argument(dtype):
     x = make((3, 7), dtype)

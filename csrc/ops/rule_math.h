@@ -33,11 +33,13 @@ C10_HOST_DEVICE inline T add_share(T v, T r, T y, T eps) {
   return v * (r / stab(y, eps));
 }
 
-// Input of the Deep Taylor softmax rule: x / T, with -inf (masked) set to 0.
+// Input of the Deep Taylor softmax rule: x' = x / T, set to 0 for a masked logit, so that it carries
+// no relevance. Masked means x = -inf, or a softmax weight s of exactly 0: a finite mask value such as
+// the dtype's lowest contributes nothing to the output either, and x / T would overflow to -inf for
+// T < 1 (then x' (R - s sum R) is -inf or NaN).
 template <typename T>
-C10_HOST_DEVICE inline T softmax_input(T x, T inv_temperature) {
-  // -inf marks masked logits: they carry no relevance.
-  return x == -std::numeric_limits<T>::infinity() ? T(0) : x * inv_temperature;
+C10_HOST_DEVICE inline T softmax_input(T x, T s, T inv_temperature) {
+  return (x == -std::numeric_limits<T>::infinity() || s == T(0)) ? T(0) : x * inv_temperature;
 }
 
 // Deep Taylor softmax rule with bias for one element: x' (r - s * sum_dim r).

@@ -1,5 +1,5 @@
 // Softmax with the Deep Taylor rule with bias (AttnLRP, Prop. 3.1):
-//   s = softmax(x / T, dim);  x' = x / T with -inf set to 0;
+//   s = softmax(x / T, dim);  x' = x / T, set to 0 where masked (x = -inf or s = 0);
 //   R_x = x' (R - s * sum_dim R)
 #include "impl.h"
 

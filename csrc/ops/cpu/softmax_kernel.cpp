@@ -33,7 +33,7 @@ void softmax_relevance_loop(const Tensor& grad, const Tensor& x, const Tensor& s
 #pragma omp simd
         for (int64_t k = 0; k < len; ++k) {
           o[k] = static_cast<scalar_t>(
-              math::softmax_relevance<acc_t>(math::softmax_input<acc_t>(xr[k], inv_t), g[k], sr[k], sum));
+              math::softmax_relevance<acc_t>(math::softmax_input<acc_t>(xr[k], sr[k], inv_t), g[k], sr[k], sum));
         }
       }
     });
@@ -48,7 +48,7 @@ void softmax_relevance_loop(const Tensor& grad, const Tensor& x, const Tensor& s
       for (int64_t k = 0; k < len; ++k) {
         const int64_t i = base + k * inner;
         op[i] = static_cast<scalar_t>(
-            math::softmax_relevance<acc_t>(math::softmax_input<acc_t>(xp[i], inv_t), gp[i], sp[i], sum));
+            math::softmax_relevance<acc_t>(math::softmax_input<acc_t>(xp[i], sp[i], inv_t), gp[i], sp[i], sum));
       }
     }
   });

@@ -114,10 +114,16 @@ __device__ RowStats<acc_t> block_row_stats(const scalar_t* xr, int64_t len, acc_
   return {mean, rsqrt(block_sum(partial, scratch) / len + eps)};
 }
 
-// Threads per block for a row of `len` elements: a multiple of 32, at most 1024.
+// Threads per block of the row kernels (one block per row), at most. They are declared with
+// __launch_bounds__(kMaxRowThreads), so that the compiler keeps their registers within what a block
+// of that many threads may use (64 per thread): a kernel that grew past that would otherwise fail at
+// launch with "too many resources requested for launch", on long rows only.
+constexpr int kMaxRowThreads = 1024;
+
+// Threads per block for a row of `len` elements: a power of 2 from 32 (one warp) to kMaxRowThreads.
 inline int row_threads(int64_t len) {
   int t = 32;
-  while (t < 1024 && t < len) t *= 2;
+  while (t < kMaxRowThreads && t < len) t *= 2;
   return t;
 }
 

@@ -64,19 +64,19 @@ TensorPair gi_identity_forward_cuda(const Tensor& x, const Tensor& y, double eps
   return {out, factor};
 }
 
-// out = grad * factor; with kRepeat the factor holds `period` values that repeat along grad.
-template <typename scalar_t, typename out_t, bool kRepeat>
+// out = grad * factor, in acc_t; with kRepeat the factor holds `period` values that repeat along grad.
+template <typename grad_t, typename factor_t, typename out_t, bool kRepeat>
 struct GiScaleOp {
-  using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* grad;
-  const scalar_t* factor;
+  using acc_t = detail::opmath_pair_t<grad_t, factor_t>;
+  const grad_t* grad;
+  const factor_t* factor;
   out_t* out;
   int64_t period;
 
   template <int N>
   __device__ void apply(int64_t i) const {
     const auto gv = cuda::load<N>(grad + i);
-    cuda::Pack<scalar_t, N> fv;
+    cuda::Pack<factor_t, N> fv;
     if constexpr (kRepeat) {
       int64_t j = i % period;  // one division per pack
 #pragma unroll
@@ -109,19 +109,19 @@ int64_t repeat_period(const Tensor& grad, const Tensor& factor) {
   return factor.numel();
 }
 
-template <typename scalar_t, typename out_t>
+template <typename grad_t, typename factor_t, typename out_t>
 void launch_gi_scale(const Tensor& g, const Tensor& f, Tensor& out, int64_t period) {
-  constexpr int N = cuda::pack_size<scalar_t>() < cuda::pack_size<out_t>() ? cuda::pack_size<scalar_t>()
-                                                                          : cuda::pack_size<out_t>();
-  const scalar_t* gp = g.const_data_ptr<scalar_t>();
-  const scalar_t* fp = f.const_data_ptr<scalar_t>();
+  constexpr int ng = cuda::pack_size<grad_t>(), nf = cuda::pack_size<factor_t>(), no = cuda::pack_size<out_t>();
+  constexpr int N = ng < nf ? (ng < no ? ng : no) : (nf < no ? nf : no);
+  const grad_t* gp = g.const_data_ptr<grad_t>();
+  const factor_t* fp = f.const_data_ptr<factor_t>();
   out_t* op = out.mutable_data_ptr<out_t>();
-  const bool vec = cuda::aligned(gp, N * sizeof(scalar_t)) && cuda::aligned(op, N * sizeof(out_t));
+  const bool vec = cuda::aligned(gp, N * sizeof(grad_t)) && cuda::aligned(op, N * sizeof(out_t));
   if (period == out.numel()) {
-    cuda::launch_elementwise<N>(out.numel(), vec && cuda::aligned(fp, N * sizeof(scalar_t)),
-                                GiScaleOp<scalar_t, out_t, false>{gp, fp, op, period});
+    cuda::launch_elementwise<N>(out.numel(), vec && cuda::aligned(fp, N * sizeof(factor_t)),
+                                GiScaleOp<grad_t, factor_t, out_t, false>{gp, fp, op, period});
   } else {
-    cuda::launch_elementwise<N>(out.numel(), vec, GiScaleOp<scalar_t, out_t, true>{gp, fp, op, period});
+    cuda::launch_elementwise<N>(out.numel(), vec, GiScaleOp<grad_t, factor_t, out_t, true>{gp, fp, op, period});
   }
 }
 
@@ -132,23 +132,39 @@ Tensor gi_scale_backward_cuda(const Tensor& grad, const Tensor& factor, at::Scal
   // the product, in fp32 for fp16/bf16, is stored in that dtype when it is the one asked for, else in fp32
   const auto common = at::promote_types(grad.scalar_type(), factor.scalar_type());
   const auto stored = dtype == common ? common : at::toOpMathType(common);
-  const Tensor g = grad.to(common).contiguous();
-  Tensor out = at::empty(g.sizes(), g.options().dtype(stored));
+  // a float16/bfloat16 gradient with a float32 factor (mixed precision) is read as it is and the
+  // product written in the dtype asked for, float32 or the gradient's own: one pass, with the values
+  // of the general path (the float32 product, rounded once)
+  const bool direct = grad.scalar_type() != common && common == at::kFloat &&
+                      (dtype == at::kFloat || dtype == grad.scalar_type());
+  const Tensor g = direct ? grad.contiguous() : grad.to(common).contiguous();
+  Tensor out = at::empty(g.sizes(), g.options().dtype(direct ? dtype : stored));
   if (out.numel() == 0) return out.to(dtype);
   int64_t period = repeat_period(g, factor);
   const Tensor f = period > 0 ? factor.to(common).contiguous() : factor.to(common).expand(g.sizes()).contiguous();
   if (period < 0) period = f.numel();
+  if (direct) {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(grad.scalar_type(), "lrpcpp_gi_scale_backward_cuda", [&] {
+      if (dtype == at::kFloat) {
+        launch_gi_scale<scalar_t, float, float>(g, f, out, period);
+      } else {
+        launch_gi_scale<scalar_t, float, scalar_t>(g, f, out, period);
+      }
+    });
+    return out;
+  }
   LRPCPP_DISPATCH_FLOATING(common, "lrpcpp_gi_scale_backward_cuda", [&] {
     if (stored == common) {
-      launch_gi_scale<scalar_t, scalar_t>(g, f, out, period);
+      launch_gi_scale<scalar_t, scalar_t, scalar_t>(g, f, out, period);
     } else {
-      launch_gi_scale<scalar_t, at::opmath_type<scalar_t>>(g, f, out, period);
+      launch_gi_scale<scalar_t, scalar_t, at::opmath_type<scalar_t>>(g, f, out, period);
     }
   });
   return out.to(dtype);
 }
 
 template <typename scalar_t>
+__launch_bounds__(cuda::kMaxRowThreads)
 __global__ void gi_layer_norm_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
                                               const at::opmath_type<scalar_t>* __restrict__ w,
                                               scalar_t* __restrict__ out, int64_t len,

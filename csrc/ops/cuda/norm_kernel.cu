@@ -11,6 +11,7 @@ namespace lrpcpp {
 namespace {
 
 template <typename scalar_t>
+__launch_bounds__(cuda::kMaxRowThreads)
 __global__ void layer_norm_relevance_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
                                             const at::opmath_type<scalar_t>* __restrict__ w,
                                             const at::opmath_type<scalar_t>* __restrict__ b,

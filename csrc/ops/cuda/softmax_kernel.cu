@@ -10,6 +10,7 @@ namespace lrpcpp {
 namespace {
 
 template <typename scalar_t>
+__launch_bounds__(cuda::kMaxRowThreads)
 __global__ void softmax_relevance_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
                                          const scalar_t* __restrict__ s, scalar_t* __restrict__ out, int64_t len,
                                          at::opmath_type<scalar_t> inv_temperature) {
@@ -22,7 +23,7 @@ __global__ void softmax_relevance_kernel(const scalar_t* __restrict__ grad, cons
   for (int64_t k = threadIdx.x; k < len; k += blockDim.x) {
     const int64_t i = base + k;
     out[i] = static_cast<scalar_t>(
-        math::softmax_relevance<acc_t>(math::softmax_input<acc_t>(x[i], inv_temperature), grad[i], s[i], sum));
+        math::softmax_relevance<acc_t>(math::softmax_input<acc_t>(x[i], s[i], inv_temperature), grad[i], s[i], sum));
   }
 }
 

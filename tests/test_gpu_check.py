@@ -1,0 +1,49 @@
+"""scripts/gpu_check.sh in its dry run, the way a CPU machine can check it: every step runs, its
+outputs appear in $OUT, and the verdict counts the cases of test_cuda.py that ran on the device
+under test (the CPU ones in a dry run; with the CUDA ones required on a machine that has none, the
+verdict must fail)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import INSTALLED, ROOT, subprocess_env
+
+SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
+
+pytestmark = pytest.mark.skipif(INSTALLED, reason="gpu_check.sh checks the in-place build, not an installed wheel")
+
+
+def dry_run(out, **env):
+    e = subprocess_env()
+    e.update(OUT=str(out), GPU_CHECK_DRY_RUN="1", PYTHON=sys.executable, MAX_JOBS="1", **env)
+    return subprocess.run(["bash", SCRIPT], env=e, capture_output=True, text=True, timeout=240, cwd=ROOT)
+
+
+def test_dry_run_runs_every_step_and_writes_its_outputs(tmp_path):
+    # a part of test_cuda.py's CPU cases keeps this test short; the step and its verdict are the same
+    p = dry_run(tmp_path, GPU_CHECK_K="empty or mixed or strided or unaligned and float32 and stab_div")
+    assert p.returncode == 0, p.stdout + p.stderr
+    for name in ("summary.md", "build.log", "test_cuda.log", "test_cuda.xml", "bench.md", "bench.log", "rest.log"):
+        assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0, name
+    summary = (tmp_path / "summary.md").read_text()
+    for step in ("1. prerequisites", "2. build", "3. tests/test_cuda.py", "4. benchmarks/bench_gpu.py", "5. the rest"):
+        assert f"== {step}" in summary
+    assert "FAILED" not in summary and summary.rstrip().endswith("PASS")
+    passed = int(summary.split("cpu cases: ")[1].split(" passed")[0])
+    assert passed >= 10  # the CPU parametrisations of test_cuda.py ran
+    bench = (tmp_path / "bench.md").read_text()
+    assert "| stab_div float32 |" in bench and "| ratio (goal <= 1.15) |" in bench
+    assert " passed" in (tmp_path / "test_cuda.log").read_text()  # pytest -v: one line per test
+    assert "tests collected" in (tmp_path / "rest.log").read_text()
+
+
+def test_no_cuda_case_run_fails_the_verdict(tmp_path):
+    """On a machine without CUDA every CUDA case is skipped: the check must not pass."""
+    p = dry_run(tmp_path, GPU_CHECK_DEVICE="cuda", GPU_CHECK_K="empty", GPU_CHECK_STEPS="build test_cuda")
+    assert p.returncode != 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "cuda cases: 0 passed, 0 failed" in summary
+    assert "no cuda test of test_cuda.py ran" in summary and summary.rstrip().endswith("FAIL")
