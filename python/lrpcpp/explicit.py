@@ -595,12 +595,10 @@ def _sdpa(rules, func, query, key, value, attn_mask=None, dropout_p=0.0, is_caus
             scores = _sum2(rules, scores, bias)
     fully_masked = None
     if attn_mask is not None:
-        # rows with no position left: torch's attention returns zeros there; keep them finite
+        # rows with no position left: torch's attention returns zeros there; keep them finite (masked
+        # whether or not any row is: no device-to-host sync to find out)
         fully_masked = torch.isneginf(scores).all(-1, keepdim=True)
-        if bool(fully_masked.any()):
-            scores = scores.masked_fill(fully_masked, 0.0)
-        else:
-            fully_masked = None
+        scores = scores.masked_fill(fully_masked, 0.0)
     p = lf.softmax(scores, -1, 1.0 / scale, torch.float32 if scores.dtype in _REDUCED else None)
     if fully_masked is not None:
         p = p.masked_fill(fully_masked, 0.0)
