@@ -159,7 +159,9 @@ def run_case(name, device, dtype):
     with torch.autocast(device, dtype=dtype):
         y = call(*leaves)
         expected_dtype = torch_eq(*[t.detach() for t in inputs]).dtype
-        R = y.detach().clone()  # the output as the relevance to explain, in its own dtype
+        # the relevance to explain, in the output's dtype: random in float32, the output itself in
+        # bfloat16 / float16 (whose range a random R over a small denominator may exceed)
+        R = torch.randn_like(y) if y.dtype == torch.float32 else y.detach().clone()
         y.backward(R)  # the backward inside the autocast region too
     assert y.dtype == expected_dtype, (y.dtype, expected_dtype)
     # the inputs as the op receives them: cast to the autocast dtype by the matmul-like ops

@@ -133,6 +133,13 @@ Tensor normalize_identity(const Tensor& x, double p, int64_t dim, double eps) {
   TORCH_CHECK_INDEX(dim >= -nd && dim < nd, op, ": expected dim in [", -nd, ", ", nd - 1, "] for x of shape ",
                     shape_str(x), ", got ", dim);
   TORCH_CHECK(eps >= 0.0 && std::isfinite(eps), op, ": expected eps to be a finite number >= 0, got ", eps);
+  TORCH_CHECK(!std::isnan(p), op, ": expected p to be a number, got nan");
+  if (x.dim() > 0 && !(p >= 0.0 && std::isfinite(p))) {
+    // a negative or infinite norm has no value over no elements
+    const int64_t d = dim < 0 ? dim + x.dim() : dim;
+    TORCH_CHECK(x.sym_size(d) != 0, op, ": expected dim ", dim, " of x ", shape_str(x),
+                " to be non-empty for the p = ", p, " norm");
+  }
   // the same ATen calls as torch.nn.functional.normalize
   Tensor denom = at::norm(x, p, {dim}, /*keepdim=*/true).clamp_min(eps).expand_as(x);
   return x / denom;
