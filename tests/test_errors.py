@@ -124,6 +124,21 @@ BAD_CALLS = [
      r"stab_div: expected scale to be a finite number, got inf"),
     (lambda: lf.normalize_identity(x_(2, 3), 2.0, 1, float("inf")), RuntimeError,
      r"normalize_identity: expected eps to be a finite number >= 0, got inf"),
+    (lambda: lf.normalize_identity(x_(0, 3), -1.0, 1), RuntimeError,
+     r"normalize_identity: expected x \[0, 3\] to be non-empty for the p = -1 norm"),
+    (lambda: lf.layer_norm(x_(2, 3, dtype=torch.bfloat16), [3], x_(3, dtype=torch.float32), x_(3, dtype=torch.bfloat16)),
+     RuntimeError, r"layer_norm: expected bias to have the dtype of weight \(Float\), got BFloat16"),
+    # a relevance op's output must have the shape its forward gives
+    (lambda: torch.ops.lrpcpp.linear_epsilon_relevance(x_(1, 3), x_(2, 5), x_(3, 5), x_(1, 3), 1e-6), RuntimeError,
+     r"linear_epsilon_relevance: expected output to have the shape \[2, 3\] of the forward, got \[1, 3\]"),
+    (lambda: torch.ops.lrpcpp.linear_flat_relevance(x_(0, 1), x_(1, 1), x_(1, 1), x_(0, 1), 1e-6, False), RuntimeError,
+     r"linear_flat_relevance: expected output to have the shape \[1, 1\] of the forward, got \[0, 1\]"),
+    (lambda: torch.ops.lrpcpp.conv2d_gamma_relevance(x_(1, 2, 2, 2), x_(1, 3, 5, 5), x_(2, 3, 3, 3), None, None,
+                                                     x_(1, 2, 2, 2), [1, 1], [0, 0], [1, 1], 1, 0.25, 1e-6, False),
+     RuntimeError, r"conv2d_gamma_relevance: expected output to have the shape \[1, 2, 3, 3\] of the forward, "
+                   r"got \[1, 2, 2, 2\]"),
+    (lambda: torch.ops.lrpcpp.matmul_relevance(x_(3, 4), x_(2, 3), x_(3, 4), x_(3, 4), 1e-8, [True, True]),
+     RuntimeError, r"matmul_relevance: expected output to have the shape \[2, 4\] of a @ b, got \[3, 4\]"),
 ]
 
 

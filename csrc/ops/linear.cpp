@@ -4,6 +4,7 @@
 // The per-element step is the stab_div primitive (CPU/CUDA/Meta kernels); the
 // product with W goes through ATen (matmul / convolution_backward).
 #include "impl.h"
+#include "output_shape.h"
 
 namespace lrpcpp {
 
@@ -129,11 +130,7 @@ Tensor linear_epsilon_relevance(const Tensor& grad, const Tensor& x, const Tenso
   const char* op = "lrpcpp.linear_epsilon_relevance";
   check_linear(x, weight, std::nullopt, epsilon, op);
   check_grad_output(grad, output, x, op);
-  TORCH_CHECK(output.dim() == x.dim(), op, ": expected output to have the ", x.dim(), " dimensions of x, got shape ",
-              shape_str(output));
-  TORCH_SYM_CHECK(output.sym_size(-1).sym_eq(weight.sym_size(0)), op,
-                  ": expected the last dimension of output to equal out_features = weight.shape[0] = ",
-                  weight.sym_size(0), ", got shape ", shape_str(output));
+  check_linear_output_shape(output, x, weight, op);
   const auto cd = compute_dtype(x.scalar_type());
   Tensor rn = lrpcpp::stab_div(grad, output, epsilon, 1.0, cd);
   return times_input(at::matmul(rn, weight.to(cd)), x);
@@ -151,7 +148,7 @@ Tensor conv2d_epsilon_relevance(const Tensor& grad, const Tensor& x, const Tenso
   const char* op = "lrpcpp.conv2d_epsilon_relevance";
   check_conv2d(x, weight, std::nullopt, stride, padding, dilation, groups, epsilon, op);
   check_grad_output(grad, output, x, op);
-  TORCH_CHECK(output.dim() == 4, op, ": expected output to be 4-D, got shape ", shape_str(output));
+  check_conv2d_output_shape(output, x, weight, stride, padding, dilation, op);
   const auto cd = compute_dtype(x.scalar_type());
   Tensor rn = lrpcpp::stab_div(grad, output, epsilon, 1.0, cd);
   const std::array<int64_t, 2> no_output_padding{0, 0};

@@ -70,6 +70,9 @@ void check_norm(const Tensor& x, at::IntArrayRef normalized_shape, const OptTens
   }
   check_affine(weight, x, normalized_shape, op, "weight", same_dtype);
   check_affine(bias, x, normalized_shape, op, "bias", same_dtype);
+  if (same_dtype && weight.has_value() && weight->defined() && bias.has_value() && bias->defined()) {
+    check_same_dtype(*bias, *weight, op, "bias", "weight");
+  }
   if (eps.has_value()) {
     TORCH_CHECK(*eps >= 0.0 && std::isfinite(*eps), op, ": expected eps to be a finite number >= 0, got ", *eps);
   }
@@ -134,12 +137,10 @@ Tensor normalize_identity(const Tensor& x, double p, int64_t dim, double eps) {
                     shape_str(x), ", got ", dim);
   TORCH_CHECK(eps >= 0.0 && std::isfinite(eps), op, ": expected eps to be a finite number >= 0, got ", eps);
   TORCH_CHECK(!std::isnan(p), op, ": expected p to be a number, got nan");
-  if (x.dim() > 0 && !(p >= 0.0 && std::isfinite(p))) {
-    // a negative or infinite norm has no value over no elements
-    const int64_t d = dim < 0 ? dim + x.dim() : dim;
-    TORCH_CHECK(x.sym_size(d) != 0, op, ": expected dim ", dim, " of x ", shape_str(x),
-                " to be non-empty for the p = ", p, " norm");
-  }
+  // a negative or infinite norm has no value over no elements (torch's shape propagation refuses
+  // any empty x, its CPU kernel only an empty dim: refused alike on every backend)
+  TORCH_CHECK((p >= 0.0 && std::isfinite(p)) || x.sym_numel() != 0, op, ": expected x ", shape_str(x),
+              " to be non-empty for the p = ", p, " norm");
   // the same ATen calls as torch.nn.functional.normalize
   Tensor denom = at::norm(x, p, {dim}, /*keepdim=*/true).clamp_min(eps).expand_as(x);
   return x / denom;

@@ -21,6 +21,7 @@
 // for the others (z-box, flat, w-square) it is R_x / stab(x). float16 and bfloat16 inputs are computed
 // in float32 (rule_dtype).
 #include "impl.h"
+#include "output_shape.h"
 
 namespace lrpcpp {
 
@@ -299,19 +300,13 @@ void check_bounds(const Tensor& lower, const Tensor& upper, const Tensor& x, con
 void check_linear_output(const Tensor& grad, const Tensor& output, const Tensor& x, const Tensor& weight,
                          const char* op) {
   check_grad_output(grad, output, x, op);
-  TORCH_CHECK(output.dim() == x.dim(), op, ": expected output to have the ", x.dim(), " dimensions of x, got shape ",
-              shape_str(output));
-  TORCH_SYM_CHECK(output.sym_size(-1).sym_eq(weight.sym_size(0)), op,
-                  ": expected the last dimension of output to equal out_features = weight.shape[0] = ",
-                  weight.sym_size(0), ", got shape ", shape_str(output));
+  check_linear_output_shape(output, x, weight, op);
 }
 
 void check_conv_output(const Tensor& grad, const Tensor& output, const Tensor& x, const Tensor& weight,
-                       const char* op) {
+                       IntRef stride, IntRef padding, IntRef dilation, const char* op) {
   check_grad_output(grad, output, x, op);
-  TORCH_CHECK(output.dim() == 4, op, ": expected output to be 4-D, got shape ", shape_str(output));
-  TORCH_SYM_CHECK(output.sym_size(1).sym_eq(weight.sym_size(0)), op, ": expected output to have ",
-                  weight.sym_size(0), " channels (weight.shape[0]), got shape ", shape_str(output));
+  check_conv2d_output_shape(output, x, weight, stride, padding, dilation, op);
 }
 
 // ----------------------------------------------------------------------------- the two maps
@@ -586,7 +581,7 @@ Tensor conv2d_gamma_relevance(const Tensor& grad, const Tensor& x, const Tensor&
   check_conv2d(x, weight, bias, stride, padding, dilation, groups, epsilon, op);
   check_gamma(gamma, op);
   check_transform(weight_abs, weight, op, "weight_abs");
-  check_conv_output(grad, output, x, weight, op);
+  check_conv_output(grad, output, x, weight, stride, padding, dilation, op);
   return gamma_relevance(ConvMap{stride, padding, dilation, groups}, grad, x, weight, bias, weight_abs, output, gamma,
                          epsilon, gi);
 }
@@ -611,7 +606,7 @@ Tensor conv2d_alpha_beta_relevance(const Tensor& grad, const Tensor& x, const Te
   check_alpha_beta(alpha, beta, op);
   check_transform(weight_pos, weight, op, "weight_pos");
   check_transform(weight_neg, weight, op, "weight_neg");
-  check_conv_output(grad, output, x, weight, op);
+  check_conv_output(grad, output, x, weight, stride, padding, dilation, op);
   return alpha_beta_relevance(ConvMap{stride, padding, dilation, groups}, grad, x, weight, weight_pos, weight_neg,
                               output, alpha, beta, epsilon, gi);
 }
@@ -630,7 +625,7 @@ Tensor conv2d_z_plus_relevance(const Tensor& grad, const Tensor& x, const Tensor
   const char* op = "lrpcpp.conv2d_z_plus_relevance";
   check_conv2d(x, weight, std::nullopt, stride, padding, dilation, groups, epsilon, op);
   check_transform(weight_pos, weight, op, "weight_pos");
-  check_conv_output(grad, output, x, weight, op);
+  check_conv_output(grad, output, x, weight, stride, padding, dilation, op);
   return z_plus_relevance(ConvMap{stride, padding, dilation, groups}, grad, x, weight, weight_pos, output, epsilon,
                           gi);
 }
@@ -653,7 +648,7 @@ Tensor conv2d_z_box_relevance(const Tensor& grad, const Tensor& x, const Tensor&
   check_conv2d(x, weight, std::nullopt, stride, padding, dilation, groups, epsilon, op);
   check_bounds(lower, upper, x, op);
   check_transform(weight_abs, weight, op, "weight_abs");
-  check_conv_output(grad, output, x, weight, op);
+  check_conv_output(grad, output, x, weight, stride, padding, dilation, op);
   return z_box_relevance(ConvMap{stride, padding, dilation, groups}, grad, x, weight, lower, upper, weight_abs,
                          output, epsilon, gi);
 }
@@ -669,7 +664,7 @@ Tensor conv2d_flat_relevance(const Tensor& grad, const Tensor& x, const Tensor& 
                              bool gi) {
   const char* op = "lrpcpp.conv2d_flat_relevance";
   check_conv2d(x, weight, std::nullopt, stride, padding, dilation, groups, epsilon, op);
-  check_conv_output(grad, output, x, weight, op);
+  check_conv_output(grad, output, x, weight, stride, padding, dilation, op);
   const auto cd = rule_dtype(x.scalar_type());
   return input_free_relevance(ConvMap{stride, padding, dilation, groups}, grad, x,
                               at::ones_like(weight, weight.options().dtype(cd)), output, epsilon, gi);
@@ -690,7 +685,7 @@ Tensor conv2d_w_square_relevance(const Tensor& grad, const Tensor& x, const Tens
   const char* op = "lrpcpp.conv2d_w_square_relevance";
   check_conv2d(x, weight, std::nullopt, stride, padding, dilation, groups, epsilon, op);
   check_transform(weight_sq, weight, op, "weight_sq");
-  check_conv_output(grad, output, x, weight, op);
+  check_conv_output(grad, output, x, weight, stride, padding, dilation, op);
   const auto cd = rule_dtype(x.scalar_type());
   return input_free_relevance(ConvMap{stride, padding, dilation, groups}, grad, x,
                               square_weight(weight, weight_sq, cd), output, epsilon, gi);
