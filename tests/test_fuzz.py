@@ -1,8 +1,10 @@
 """Property-based fuzzing of every operator the library registers (found through torch.ops, so new
 ops are picked up): arguments drawn from their schema types, with shapes that include 0-size dims,
 all dtypes, meta tensors, non-contiguous strides and the values 0, +-inf, NaN and denormals. Each
-call either returns, with finite outputs where its inputs are finite, or raises an error whose
-message names the op; never a crash. Derandomized, so a run is reproducible."""
+call either returns or raises an error whose message names the op; never a crash. A call that
+returns with finite float32 / float64 inputs and moderate scalars (epsilon and temperature in
+[1e-6, 2], so that no finite value may overflow) gives finite outputs. Derandomized, so a run is
+reproducible."""
 
 import math
 
