@@ -47,7 +47,8 @@ void check_affine(const OptTensor& t, const Tensor& x, at::IntArrayRef normalize
   if (!t.has_value() || !t->defined()) return;
   check_floating(*t, op, arg);
   // x's dtype, or float32 with a float16 / bfloat16 x (ATen's mixed-precision layer norm)
-  const bool mixed = t->scalar_type() == at::kFloat && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16);
+  const bool mixed =
+      t->scalar_type() == at::kFloat && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16);
   TORCH_CHECK(!same_dtype || mixed || t->scalar_type() == x.scalar_type(), op, ": expected ", arg,
               " to have the dtype of x (", x.scalar_type(), "), or float32 when x is float16 or bfloat16, got ",
               t->scalar_type());
