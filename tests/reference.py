@@ -172,13 +172,14 @@ def vision_rule(rule, x, w, b, R, eps, mask=None, gamma=0.25, alpha=2.0, beta=1.
         num = torch.where(pos, num_p, num_n)
         den = torch.where(z >= 0, num_p.sum(-1) + bias_p, num_n.sum(-1) + bias_n)
         return _share(num, den, R, eps)
+    if rule == "z_plus":  # z-plus is alpha = 1, beta = 0
+        rule, alpha, beta = "alpha_beta", 1.0, 0.0
     if rule == "alpha_beta":
         terms = xi * w
         tp, tn = _pos(terms), _neg(terms)
-        return alpha * _share(tp, tp.sum(-1), R, eps) - beta * _share(tn, tn.sum(-1), R, eps)
-    if rule == "z_plus":
-        num = xi * _pos(w)
-    elif rule == "z_box":
+        rel = alpha * _share(tp, tp.sum(-1), R, eps)
+        return rel - beta * _share(tn, tn.sum(-1), R, eps) if beta else rel
+    if rule == "z_box":
         num = xi * w - lower.unsqueeze(-2) * _pos(w) - upper.unsqueeze(-2) * _neg(w)
     elif rule == "flat":
         num = torch.ones_like(xi * w) * mask

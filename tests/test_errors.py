@@ -76,7 +76,7 @@ BAD_CALLS = [
     (lambda: torch.ops.lrpcpp.gi_scale_backward(x_(2, 3), x_(4), f64), RuntimeError,
      r"gi_scale_backward: expected factor \[4\] to be broadcastable to grad \[2, 3\]"),
     (lambda: torch.ops.lrpcpp.gi_scale_backward(x_(2, 3), x_(3), torch.long), RuntimeError,
-     r"gi_scale_backward: expected dtype to be a floating-point type, got Long"),
+     r"gi_scale_backward: expected dtype to be a floating-point type .*, got Long"),
     (lambda: lf.gi_layer_norm(x_(2, 3), [4]), RuntimeError,
      r"gi_layer_norm: expected x \[2, 3\] to end with normalized_shape \[4\]"),
     (lambda: lf.gi_layer_norm(x_(2, 3), [3], x_(4)), RuntimeError,
@@ -91,6 +91,54 @@ BAD_CALLS = [
      r"gi_layer_norm_backward: expected grad to have the shape of x \[2, 3\], got \[2, 4\]"),
     (lambda: torch.ops.lrpcpp.gi_layer_norm_backward(x_(2, 3, dtype=torch.float32), x_(2, 3), [3], None, 1e-5),
      RuntimeError, r"gi_layer_norm_backward: expected grad to have the dtype of x \(Double\), got Float"),
+    # checks that come before ATen's own (whose messages do not name the op)
+    (lambda: lf.conv2d_epsilon(x_(1, 3, 2, 2), x_(2, 3, 3, 3)), RuntimeError,
+     r"conv2d_epsilon: expected the kernel \[2, 3, 3, 3\] .* to fit into the padded input \[1, 3, 2, 2\] \+ padding "
+     r"\[0, 0\], but kernel extent 3 > padded input size 2 at dimension 2"),
+    (lambda: lf.conv2d_epsilon(x_(1, 3, 2, 5), x_(2, 3, 1, 3), dilation=3), RuntimeError,
+     r"conv2d_epsilon: expected the kernel .* but kernel extent 7 > padded input size 5 at dimension 3"),
+    (lambda: lf.conv2d_gamma(x_(1, 4, 5, 5), x_(3, 2, 3, 3), groups=2), RuntimeError,
+     r"conv2d_gamma: expected out_channels = weight.shape\[0\] = 3 to be divisible by groups = 2"),
+    (lambda: torch.ops.lrpcpp.conv2d_epsilon(x_(1, 3, 5, 5), x_(2, 3, 3, 3), None, [1, 1, 1], [0, 0], [1, 1], 1, 1e-6),
+     RuntimeError, r"conv2d_epsilon: expected stride, padding and dilation to have 2 values each"),
+    (lambda: lf.layer_norm(x_(2, 3), [3], x_(3, dtype=torch.float32)), RuntimeError,
+     r"layer_norm: expected weight to have the dtype of x \(Double\), or float32 when x is float16 or bfloat16, "
+     r"got Float"),
+    (lambda: lf.layer_norm_identity(x_(2, 3, dtype=torch.float32), [3], None, x_(3)), RuntimeError,
+     r"layer_norm_identity: expected bias to have the dtype of x \(Float\).* got Double"),
+    (lambda: lf.gi_layer_norm(x_(2, 3, dtype=torch.float16), [3], x_(3, dtype=torch.bfloat16)), RuntimeError,
+     r"gi_layer_norm: expected weight to have the dtype of x \(Half\).* got BFloat16"),
+    (lambda: lf.linear_epsilon(x_(2, 5).to(torch.float8_e4m3fn), x_(3, 5).to(torch.float8_e4m3fn)), RuntimeError,
+     r"linear_epsilon: expected x to be a floating-point tensor \(float64, float32, float16 or bfloat16\), "
+     r"got Float8_e4m3fn"),
+    (lambda: lf.silu(x_(4).to(torch.float8_e5m2)), RuntimeError,
+     r"silu_identity: expected x to be a floating-point tensor .* got Float8_e5m2"),
+    (lambda: lf.softmax(x_(2, 3), 1, dtype=torch.float8_e4m3fn), RuntimeError,
+     r"softmax: expected dtype to be a floating-point type \(float64, float32, float16 or bfloat16\), "
+     r"got Float8_e4m3fn"),
+    (lambda: torch.ops.lrpcpp.identity_relevance(x_(2, 3), torch.float8_e4m3fn), RuntimeError,
+     r"identity_relevance: expected dtype to be a floating-point type .* got Float8_e4m3fn"),
+    (lambda: lf.stab_div(x_(2, 3), x_(2, 3), 1e-6, float("nan")), RuntimeError,
+     r"stab_div: expected scale to be a finite number, got nan"),
+    (lambda: lf.stab_div(x_(2, 3), x_(2, 3), 1e-6, float("inf")), RuntimeError,
+     r"stab_div: expected scale to be a finite number, got inf"),
+    (lambda: lf.normalize_identity(x_(2, 3), 2.0, 1, float("inf")), RuntimeError,
+     r"normalize_identity: expected eps to be a finite number >= 0, got inf"),
+    (lambda: lf.normalize_identity(x_(0, 3), -1.0, 1), RuntimeError,
+     r"normalize_identity: expected x \[0, 3\] to be non-empty for the p = -1 norm"),
+    (lambda: lf.layer_norm(x_(2, 3, dtype=torch.bfloat16), [3], x_(3, dtype=torch.float32), x_(3, dtype=torch.bfloat16)),
+     RuntimeError, r"layer_norm: expected bias to have the dtype of weight \(Float\), got BFloat16"),
+    # a relevance op's output must have the shape its forward gives
+    (lambda: torch.ops.lrpcpp.linear_epsilon_relevance(x_(1, 3), x_(2, 5), x_(3, 5), x_(1, 3), 1e-6), RuntimeError,
+     r"linear_epsilon_relevance: expected output to have the shape \[2, 3\] of the forward, got \[1, 3\]"),
+    (lambda: torch.ops.lrpcpp.linear_flat_relevance(x_(0, 1), x_(1, 1), x_(1, 1), x_(0, 1), 1e-6, False), RuntimeError,
+     r"linear_flat_relevance: expected output to have the shape \[1, 1\] of the forward, got \[0, 1\]"),
+    (lambda: torch.ops.lrpcpp.conv2d_gamma_relevance(x_(1, 2, 2, 2), x_(1, 3, 5, 5), x_(2, 3, 3, 3), None, None,
+                                                     x_(1, 2, 2, 2), [1, 1], [0, 0], [1, 1], 1, 0.25, 1e-6, False),
+     RuntimeError, r"conv2d_gamma_relevance: expected output to have the shape \[1, 2, 3, 3\] of the forward, "
+                   r"got \[1, 2, 2, 2\]"),
+    (lambda: torch.ops.lrpcpp.matmul_relevance(x_(3, 4), x_(2, 3), x_(3, 4), x_(3, 4), 1e-8, [True, True]),
+     RuntimeError, r"matmul_relevance: expected output to have the shape \[2, 4\] of a @ b, got \[3, 4\]"),
 ]
 
 
@@ -129,9 +177,42 @@ def test_relevance_op_checks_grad_shape():
 def test_double_backward_raises(build):
     x = x_(2, 4)
     y = build(x)
-    (g,) = torch.autograd.grad(y, x, y, create_graph=True)
-    with pytest.raises(RuntimeError, match=r"derivative for lrpcpp::\w+ is not implemented"):
+    # the relevance op's missing derivative on the second backward, or the refusal of create_graph
+    with pytest.raises(RuntimeError, match=r"derivative for lrpcpp::\w+ is not implemented|double backward"):
+        (g,) = torch.autograd.grad(y, x, y, create_graph=True)
         g.sum().backward()
+
+
+# Rules whose backward does not depend on x (identity: R_x = R; the gradient-times-input scalings
+# g * factor with the factor saved without a graph): with a constant seed, create_graph=True would
+# return a relevance with no graph, and a second backward would silently miss its part.
+NO_GRAPH_BACKWARD = {
+    "silu_identity": lambda x: lf.silu(x),
+    "gelu_identity": lambda x: lf.gelu(x, "tanh"),
+    "tanh_identity": lambda x: lf.tanh(x),
+    "relu_identity": lambda x: lf.relu(x),
+    "sigmoid_identity": lambda x: lf.sigmoid(x),
+    "rms_norm_identity": lambda x: lf.rms_norm_identity(x, [4], x_(4, grad=False)),
+    "layer_norm_identity": lambda x: lf.layer_norm_identity(x, [4]),
+    "normalize_identity": lambda x: lf.normalize_identity(x, 2.0, -1),
+    "stop_relevance": lambda x: lf.stop_relevance(x),
+    "gi_identity": lambda x: lf.gi_identity(x, torch.tanh(x)),
+    "gi_grad_scale": lambda x: lf.gi_grad_scale(x, torch.tensor(0.5, dtype=f64)),
+}
+
+
+@pytest.mark.parametrize("op", sorted(NO_GRAPH_BACKWARD))
+@pytest.mark.parametrize("seed", ["constant", "carried"])
+def test_create_graph_through_a_rule_without_graph_raises(op, seed):
+    x = x_(2, 4)
+    y = NO_GRAPH_BACKWARD[op](x)
+    grad_out = torch.ones_like(y) if seed == "constant" else y
+    with pytest.raises(RuntimeError, match=rf"lrpcpp\.{op}: double backward is not supported.*create_graph=True"):
+        torch.autograd.grad(y, x, grad_out, create_graph=True)
+    # without create_graph the same backward works
+    y = NO_GRAPH_BACKWARD[op](x)
+    (g,) = torch.autograd.grad(y, x, grad_out.detach())
+    assert g.shape == x.shape and not g.requires_grad
 
 
 @pytest.mark.parametrize("build", [

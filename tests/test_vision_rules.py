@@ -66,10 +66,8 @@ def conv_op(rule, x, w, b, stride, padding, dilation, groups=1, lo=None, hi=None
 
 
 def input_for(rule, shape, dtype, contiguous=True):
-    """z-plus is meant for non-negative inputs (after a ReLU), the others take any sign."""
+    """Inputs of both signs (z-plus included: it is alpha-beta with alpha = 1, beta = 0)."""
     base = torch.randn(*shape[:-1], shape[-1] * (1 if contiguous else 2), dtype=f64)
-    if rule == "z_plus":
-        base = base.abs()
     t = base.to(dtype)
     if not contiguous:
         t = t[..., ::2]
@@ -186,16 +184,71 @@ def test_alpha1_beta0_equals_z_plus_on_non_negative_inputs(layer):
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-9, atol=1e-12)
 
 
-def test_z_plus_differs_from_alpha1_beta0_on_negative_inputs():
-    # the identity above needs x >= 0: z-plus keeps x_i w_ij+ of a negative x_i, alpha-beta does not
-    x = torch.randn(4, 9, dtype=f64)
-    w = torch.randn(6, 9, dtype=f64)
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, yb = lf.linear_alpha_beta(xa, w, None, 1.0, 0.0), lf.linear_z_plus(xb, w)
-    R = torch.randn_like(ya)
-    ya.backward(R)
-    yb.backward(R)
-    assert not torch.allclose(xa.grad, xb.grad)
+def z_plus_before(x, w, R, eps):
+    """The z-plus rule as lrpcpp computed it before it became alpha-beta(1, 0): numerator x_i w_ij+,
+    which on inputs of both signs cancels in the denominator."""
+    return (x.unsqueeze(-2) * w.clamp(min=0) * (R / ref.stab(x @ w.clamp(min=0).T, eps)).unsqueeze(-1)).sum(-2)
+
+
+@pytest.mark.parametrize("gi", [False, True], ids=["explicit", "gradient"])
+@pytest.mark.parametrize("layer", ["linear", "conv2d"])
+def test_z_plus_on_signed_inputs_is_alpha1_beta0(layer, gi):
+    # x = [1, -0.999] against a positive weight row: x W+ cancels to 0.001 and x W+ / stab(x W+) made
+    # relevances of +-1000 R; the positive terms (x w)+ share R instead, so it stays bounded
+    if layer == "conv2d":
+        x = torch.tensor([1.0, -0.999], dtype=f64).reshape(1, 2, 1, 1).repeat(1, 1, 3, 3)
+        w = torch.ones(1, 2, 1, 1, dtype=f64)
+        x = torch.cat([x, torch.randn(2, 2, 3, 3, dtype=f64)])
+        w = torch.cat([w, torch.randn(3, 2, 1, 1, dtype=f64)])
+        op = lambda x_: lf.conv2d_z_plus(x_, w, None, 1, 0, 1, 1, EPS, None, gi)  # noqa: E731
+    else:
+        x = torch.cat([torch.tensor([[1.0, -0.999]], dtype=f64), torch.randn(5, 2, dtype=f64)])
+        w = torch.cat([torch.ones(1, 2, dtype=f64), torch.randn(3, 2, dtype=f64)])
+        op = lambda x_: lf.linear_z_plus(x_, w, None, EPS, None, gi)  # noqa: E731
+    xa = x.clone().requires_grad_()
+    y = op(xa)
+    R = torch.rand_like(y) + 0.5
+    y.backward(R / y.detach() if gi else R)  # gradient form: g_y = R / y
+    got = xa.grad * x if gi else xa.grad
+    if layer == "conv2d":
+        expected = ref.conv2d_vision_rule("alpha_beta", x, w, None, R, 1, 0, 1, EPS, alpha=1.0, beta=0.0)
+    else:
+        expected = ref.vision_rule("alpha_beta", x, w, None, R, EPS, alpha=1.0, beta=0.0)
+    assert_relevance_close(got, expected, f64)
+    assert got.abs().max() <= R.sum()  # bounded: each output hands out at most its own R
+    # on non-negative inputs z-plus is what it was: x (R / stab(x W+)) W+^T
+    xp = x.abs().requires_grad_()
+    yp = op(xp)
+    yp.backward(R / yp.detach() if gi else R)
+    got_p = xp.grad * xp.detach() if gi else xp.grad
+    if layer == "linear":
+        torch.testing.assert_close(got_p, z_plus_before(xp.detach(), w, R, EPS), rtol=1e-9, atol=1e-12)
+    expected_p = (ref.conv2d_vision_rule("alpha_beta", xp.detach(), w, None, R, 1, 0, 1, EPS, alpha=1.0, beta=0.0)
+                  if layer == "conv2d" else ref.vision_rule("alpha_beta", xp.detach(), w, None, R, EPS, alpha=1.0,
+                                                            beta=0.0))
+    assert_relevance_close(got_p, expected_p, f64)
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv2d"])
+@pytest.mark.parametrize("rule", ["alpha_beta", "z_plus"])
+def test_alpha_beta_relevance_takes_no_host_sync(rule, layer):
+    # no branch on the values of x: the relevance op calls no aten::item / _local_scalar_dense (a
+    # device-to-host sync on CUDA, which breaks CUDA-graph capture), on non-negative and on signed x
+    w = torch.randn(4, 3, 3, 3, dtype=f64) if layer == "conv2d" else torch.randn(6, 9, dtype=f64)
+    x = torch.rand(2, 3, 6, 6, dtype=f64) if layer == "conv2d" else torch.rand(4, 9, dtype=f64)
+    for signed in (False, True):
+        xs = (x - 0.5 if signed else x.clone()).requires_grad_()
+        y = conv_op(rule, xs, w, None, 1, 1, 1) if layer == "conv2d" else linear_op(rule, xs, w, None)
+        R = torch.randn_like(y)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            y.backward(R)
+        names = {e.name for e in prof.events()}
+        assert any("relevance" in n for n in names), names
+        assert not names & {"aten::item", "aten::_local_scalar_dense", "aten::is_nonzero"}, names
+        kw = {k: v for k, v in PARAMS.get(rule, {}).items()}
+        expected = (ref.conv2d_vision_rule(rule, d64(xs), w, None, R, 1, 1, 1, EPS, **kw) if layer == "conv2d"
+                    else ref.vision_rule(rule, d64(xs), w, None, R, EPS, **kw))
+        assert_relevance_close(xs.grad, expected, f64)
 
 
 # ----------------------------------------------------------------------------- conservation

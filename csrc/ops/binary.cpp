@@ -132,6 +132,11 @@ TensorPair matmul_relevance(const Tensor& grad, const Tensor& a, const Tensor& b
   check_like(output, a, op, "output", "a");
   check_like(grad, output, op, "grad", "output");
   check_same_shape(grad, output, op, "grad", "output");
+  auto expected = at::infer_size_symdimvector(a.sym_sizes().slice(0, a.dim() - 2), b.sym_sizes().slice(0, b.dim() - 2));
+  expected.push_back(a.sym_size(-2));
+  expected.push_back(b.sym_size(-1));
+  TORCH_SYM_CHECK(c10::sym_equals(output.sym_sizes(), expected), op, ": expected output to have the shape ",
+                  c10::SymIntArrayRef(expected), " of a @ b, got ", shape_str(output));
   Tensor ra, rb;
   if (!output_mask[0] && !output_mask[1]) return {ra, rb};
   const auto cd = compute_dtype(a.scalar_type());

@@ -10,10 +10,21 @@ std::string shape_str(const at::Tensor& t) {
   return s.str();
 }
 
+namespace {
+bool is_kernel_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16;
+}
+}  // namespace
+
 void check_floating(const at::Tensor& t, const char* op, const char* arg) {
   TORCH_CHECK(t.defined(), op, ": expected ", arg, " to be a tensor, got an undefined tensor");
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": expected ", arg,
+  TORCH_CHECK(is_kernel_dtype(t.scalar_type()), op, ": expected ", arg,
               " to be a floating-point tensor (float64, float32, float16 or bfloat16), got ", t.scalar_type());
+}
+
+void check_floating_dtype(at::ScalarType dtype, const char* op, const char* arg) {
+  TORCH_CHECK(is_kernel_dtype(dtype), op, ": expected ", arg,
+              " to be a floating-point type (float64, float32, float16 or bfloat16), got ", dtype);
 }
 
 void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg,
@@ -43,6 +54,10 @@ void check_like(const at::Tensor& t, const at::Tensor& ref, const char* op, cons
 void check_epsilon(double epsilon, const char* op, const char* arg) {
   TORCH_CHECK(epsilon >= 0.0 && std::isfinite(epsilon), op, ": expected ", arg,
               " to be a finite number >= 0, got ", epsilon);
+}
+
+void check_finite(double value, const char* op, const char* arg) {
+  TORCH_CHECK(std::isfinite(value), op, ": expected ", arg, " to be a finite number, got ", value);
 }
 
 at::ScalarType compute_dtype(at::ScalarType dtype) {

@@ -18,7 +18,10 @@
 namespace lrpcpp::detail {
 
 // Tensor arguments: names appear in the message as `op: expected <arg> ...`.
+// float64, float32, float16 or bfloat16 (not float8 nor complex: no lrpcpp kernel takes them).
 void check_floating(const at::Tensor& t, const char* op, const char* arg);
+// a dtype argument (the dtype of a result): one of the same four
+void check_floating_dtype(at::ScalarType dtype, const char* op, const char* arg);
 void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg,
                        const char* ref_arg);
 void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg,
@@ -28,6 +31,7 @@ void check_same_shape(const at::Tensor& t, const at::Tensor& ref, const char* op
 // floating, same device and same dtype as `ref` in one call (the common case).
 void check_like(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg, const char* ref_arg);
 void check_epsilon(double epsilon, const char* op, const char* arg = "epsilon");
+void check_finite(double value, const char* op, const char* arg);
 
 // "[2, 3, 4]" for messages.
 std::string shape_str(const at::Tensor& t);

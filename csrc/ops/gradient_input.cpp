@@ -79,7 +79,7 @@ void check_gi_scale_backward(const Tensor& grad, const Tensor& factor, at::Scala
   check_floating(factor, op, "factor");
   check_same_device(factor, grad, op, "factor", "grad");
   check_broadcastable_to(factor, grad, op, "factor", "grad");
-  TORCH_CHECK(at::isFloatingType(dtype), op, ": expected dtype to be a floating-point type, got ", dtype);
+  check_floating_dtype(dtype, op, "dtype");
 }
 
 void check_gi_layer_norm_backward(const Tensor& grad, const Tensor& x, at::IntArrayRef normalized_shape,

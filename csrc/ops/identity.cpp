@@ -71,8 +71,7 @@ Tensor sigmoid_identity(const Tensor& x) {
 
 Tensor identity_relevance(const Tensor& grad, at::ScalarType dtype) {
   check_floating(grad, "lrpcpp.identity_relevance", "grad");
-  TORCH_CHECK(at::isFloatingType(dtype), "lrpcpp.identity_relevance: expected dtype to be a floating-point type, got ",
-              dtype);
+  check_floating_dtype(dtype, "lrpcpp.identity_relevance", "dtype");
   return grad.to(dtype, /*non_blocking=*/false, /*copy=*/true);
 }
 

@@ -20,7 +20,8 @@
 namespace lrpcpp::impl {
 
 // linear family
-void check_stab_div(const Tensor& relevance, const Tensor& z, double epsilon, std::optional<at::ScalarType> dtype);
+void check_stab_div(const Tensor& relevance, const Tensor& z, double epsilon, double scale,
+                    std::optional<at::ScalarType> dtype);
 at::ScalarType stab_div_dtype(const Tensor& z, std::optional<at::ScalarType> dtype);
 Tensor linear_epsilon(const Tensor& x, const Tensor& weight, const OptTensor& bias, double epsilon);
 Tensor linear_epsilon_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& output,
@@ -56,9 +57,10 @@ int64_t check_softmax_relevance(const Tensor& grad, const Tensor& x, const Tenso
                                 double temperature);
 
 // norms
-// x ends with normalized_shape; weight and bias (when given) have that shape, on x's device; eps >= 0
+// x ends with normalized_shape; weight and bias (when given) have that shape, on x's device (and,
+// with same_dtype, x's dtype or float32 for a float16 / bfloat16 x); eps >= 0
 void check_norm(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight, const OptTensor& bias,
-                std::optional<double> eps, const char* op);
+                std::optional<double> eps, const char* op, bool same_dtype = true);
 Tensor rms_norm_identity(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
                          std::optional<double> eps);
 Tensor layer_norm(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight, const OptTensor& bias,

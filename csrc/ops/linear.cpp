@@ -4,6 +4,7 @@
 // The per-element step is the stab_div primitive (CPU/CUDA/Meta kernels); the
 // product with W goes through ATen (matmul / convolution_backward).
 #include "impl.h"
+#include "output_shape.h"
 
 namespace lrpcpp {
 
@@ -71,12 +72,25 @@ void check_conv2d(const Tensor& x, const Tensor& weight, const OptTensor& bias, 
               ": expected weight to be 4-D [out_channels, in_channels / groups, kH, kW], got shape ",
               shape_str(weight));
   TORCH_CHECK(groups >= 1, op, ": expected groups >= 1, got ", groups);
+  TORCH_SYM_CHECK((weight.sym_size(0) % groups).sym_eq(0), op, ": expected out_channels = weight.shape[0] = ",
+                  weight.sym_size(0), " to be divisible by groups = ", groups);
   TORCH_SYM_CHECK(x.sym_size(1).sym_eq(weight.sym_size(1) * groups), op, ": expected x to have ",
                   weight.sym_size(1) * groups, " channels (weight.shape[1] * groups), got ", x.sym_size(1));
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+              ": expected stride, padding and dilation to have 2 values each (or 1), got stride=", stride,
+              ", padding=", padding, ", dilation=", dilation);
   for (size_t i = 0; i < 2; ++i) {
     TORCH_CHECK(stride[i] >= 1, op, ": expected stride >= 1, got ", stride);
     TORCH_CHECK(padding[i] >= 0, op, ": expected padding >= 0, got ", padding);
     TORCH_CHECK(dilation[i] >= 1, op, ": expected dilation >= 1, got ", dilation);
+  }
+  // the (dilated) kernel must fit into the padded input: at least one output pixel per dimension
+  for (int64_t i = 0; i < 2; ++i) {
+    const auto padded = x.sym_size(2 + i) + 2 * padding[i];
+    const auto extent = (weight.sym_size(2 + i) - 1) * dilation[i] + 1;
+    TORCH_SYM_CHECK(extent.sym_le(padded), op, ": expected the kernel ", shape_str(weight),
+                    " (dilated by ", dilation, ") to fit into the padded input ", shape_str(x), " + padding ",
+                    padding, ", but kernel extent ", extent, " > padded input size ", padded, " at dimension ", 2 + i);
   }
   check_bias(bias, x, weight, op);
   check_epsilon(epsilon, op);
@@ -93,12 +107,14 @@ at::ScalarType stab_div_dtype(const Tensor& z, std::optional<at::ScalarType> dty
   return dtype.value_or(z.scalar_type());
 }
 
-void check_stab_div(const Tensor& relevance, const Tensor& z, double epsilon, std::optional<at::ScalarType> dtype) {
+void check_stab_div(const Tensor& relevance, const Tensor& z, double epsilon, double scale,
+                    std::optional<at::ScalarType> dtype) {
   const char* op = "lrpcpp.stab_div";
   check_floating(z, op, "z");
   check_like(relevance, z, op, "relevance", "z");
   check_same_shape(relevance, z, op, "relevance", "z");
   check_epsilon(epsilon, op);
+  check_finite(scale, op, "scale");
   auto out = stab_div_dtype(z, dtype);
   TORCH_CHECK(out == z.scalar_type() || out == at::kFloat, op, ": expected dtype to be z's dtype (",
               z.scalar_type(), ") or float32, got ", out);
@@ -114,11 +130,7 @@ Tensor linear_epsilon_relevance(const Tensor& grad, const Tensor& x, const Tenso
   const char* op = "lrpcpp.linear_epsilon_relevance";
   check_linear(x, weight, std::nullopt, epsilon, op);
   check_grad_output(grad, output, x, op);
-  TORCH_CHECK(output.dim() == x.dim(), op, ": expected output to have the ", x.dim(), " dimensions of x, got shape ",
-              shape_str(output));
-  TORCH_SYM_CHECK(output.sym_size(-1).sym_eq(weight.sym_size(0)), op,
-                  ": expected the last dimension of output to equal out_features = weight.shape[0] = ",
-                  weight.sym_size(0), ", got shape ", shape_str(output));
+  check_linear_output_shape(output, x, weight, op);
   const auto cd = compute_dtype(x.scalar_type());
   Tensor rn = lrpcpp::stab_div(grad, output, epsilon, 1.0, cd);
   return times_input(at::matmul(rn, weight.to(cd)), x);
@@ -136,7 +148,7 @@ Tensor conv2d_epsilon_relevance(const Tensor& grad, const Tensor& x, const Tenso
   const char* op = "lrpcpp.conv2d_epsilon_relevance";
   check_conv2d(x, weight, std::nullopt, stride, padding, dilation, groups, epsilon, op);
   check_grad_output(grad, output, x, op);
-  TORCH_CHECK(output.dim() == 4, op, ": expected output to be 4-D, got shape ", shape_str(output));
+  check_conv2d_output_shape(output, x, weight, stride, padding, dilation, op);
   const auto cd = compute_dtype(x.scalar_type());
   Tensor rn = lrpcpp::stab_div(grad, output, epsilon, 1.0, cd);
   const std::array<int64_t, 2> no_output_padding{0, 0};

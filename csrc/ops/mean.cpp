@@ -29,12 +29,14 @@ std::vector<int64_t> mean_reduce_dims(const Tensor& x, at::OptionalIntArrayRef d
     return dims;
   }
   const int64_t bound = std::max<int64_t>(nd, 1);
+  std::vector<int64_t> seen;  // wrapped dims (a 0-D x takes dim 0 or -1, and reduces nothing)
   for (int64_t d : *dim) {
     TORCH_CHECK_INDEX(d >= -bound && d < bound, op, ": expected every dim in [", -bound, ", ", bound - 1,
                       "] for x of shape ", shape_str(x), ", got ", d);
-    const int64_t w = nd == 0 ? 0 : (d < 0 ? d + nd : d);
-    TORCH_CHECK(std::find(dims.begin(), dims.end(), w) == dims.end(), op, ": dim ", d, " appears more than once in ",
+    const int64_t w = d < 0 ? d + bound : d;
+    TORCH_CHECK(std::find(seen.begin(), seen.end(), w) == seen.end(), op, ": dim ", d, " appears more than once in ",
                 *dim);
+    seen.push_back(w);
     if (nd > 0) dims.push_back(w);
   }
   std::sort(dims.begin(), dims.end());

@@ -43,9 +43,15 @@ using namespace detail;
 namespace {
 
 void check_affine(const OptTensor& t, const Tensor& x, at::IntArrayRef normalized_shape, const char* op,
-                  const char* arg) {
+                  const char* arg, bool same_dtype) {
   if (!t.has_value() || !t->defined()) return;
   check_floating(*t, op, arg);
+  // x's dtype, or float32 with a float16 / bfloat16 x (ATen's mixed-precision layer norm)
+  const bool mixed =
+      t->scalar_type() == at::kFloat && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16);
+  TORCH_CHECK(!same_dtype || mixed || t->scalar_type() == x.scalar_type(), op, ": expected ", arg,
+              " to have the dtype of x (", x.scalar_type(), "), or float32 when x is float16 or bfloat16, got ",
+              t->scalar_type());
   check_same_device(*t, x, op, arg, "x");
   TORCH_SYM_CHECK(c10::sym_equals(t->sym_sizes(), c10::fromIntArrayRefSlow(normalized_shape)), op, ": expected ",
                   arg, " to have shape normalized_shape = ", normalized_shape, ", got ", shape_str(*t));
@@ -54,7 +60,7 @@ void check_affine(const OptTensor& t, const Tensor& x, at::IntArrayRef normalize
 }  // namespace
 
 void check_norm(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight, const OptTensor& bias,
-                std::optional<double> eps, const char* op) {
+                std::optional<double> eps, const char* op, bool same_dtype) {
   check_floating(x, op, "x");
   const auto n = static_cast<int64_t>(normalized_shape.size());
   TORCH_CHECK(n >= 1, op, ": expected normalized_shape to have at least one dimension, got []");
@@ -63,8 +69,11 @@ void check_norm(const Tensor& x, at::IntArrayRef normalized_shape, const OptTens
     TORCH_SYM_CHECK(x.sym_size(x.dim() - n + i).sym_eq(normalized_shape[i]), op, ": expected x ", shape_str(x),
                     " to end with normalized_shape ", normalized_shape);
   }
-  check_affine(weight, x, normalized_shape, op, "weight");
-  check_affine(bias, x, normalized_shape, op, "bias");
+  check_affine(weight, x, normalized_shape, op, "weight", same_dtype);
+  check_affine(bias, x, normalized_shape, op, "bias", same_dtype);
+  if (same_dtype && weight.has_value() && weight->defined() && bias.has_value() && bias->defined()) {
+    check_same_dtype(*bias, *weight, op, "bias", "weight");
+  }
   if (eps.has_value()) {
     TORCH_CHECK(*eps >= 0.0 && std::isfinite(*eps), op, ": expected eps to be a finite number >= 0, got ", *eps);
   }
@@ -86,7 +95,8 @@ double machine_eps(at::ScalarType dtype) {
 
 Tensor rms_norm_identity(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
                          std::optional<double> eps) {
-  check_norm(x, normalized_shape, weight, std::nullopt, eps, "lrpcpp.rms_norm_identity");
+  // a weight of another dtype is allowed (the output is promoted, as torch's rms_norm)
+  check_norm(x, normalized_shape, weight, std::nullopt, eps, "lrpcpp.rms_norm_identity", /*same_dtype=*/false);
   // fp32 (or fp64) arithmetic, cast back to x's dtype before the weight, as LLaMA-style models do
   const auto acc = at::toOpMathType(x.scalar_type());
   std::vector<int64_t> dims;
@@ -126,7 +136,12 @@ Tensor normalize_identity(const Tensor& x, double p, int64_t dim, double eps) {
   const int64_t nd = std::max<int64_t>(x.dim(), 1);
   TORCH_CHECK_INDEX(dim >= -nd && dim < nd, op, ": expected dim in [", -nd, ", ", nd - 1, "] for x of shape ",
                     shape_str(x), ", got ", dim);
-  TORCH_CHECK(eps >= 0.0, op, ": expected eps >= 0, got ", eps);
+  TORCH_CHECK(eps >= 0.0 && std::isfinite(eps), op, ": expected eps to be a finite number >= 0, got ", eps);
+  TORCH_CHECK(!std::isnan(p), op, ": expected p to be a number, got nan");
+  // a negative or infinite norm has no value over no elements (torch's shape propagation refuses
+  // any empty x, its CPU kernel only an empty dim: refused alike on every backend)
+  TORCH_CHECK((p >= 0.0 && std::isfinite(p)) || x.sym_numel() != 0, op, ": expected x ", shape_str(x),
+              " to be non-empty for the p = ", p, " norm");
   // the same ATen calls as torch.nn.functional.normalize
   Tensor denom = at::norm(x, p, {dim}, /*keepdim=*/true).clamp_min(eps).expand_as(x);
   return x / denom;

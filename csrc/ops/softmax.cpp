@@ -36,8 +36,7 @@ int64_t check_softmax_args(const Tensor& x, int64_t dim, double temperature, con
 Tensor softmax(const Tensor& x, int64_t dim, double temperature, std::optional<at::ScalarType> dtype) {
   const char* op = "lrpcpp.softmax";
   check_softmax_args(x, dim, temperature, op);
-  TORCH_CHECK(!dtype.has_value() || at::isFloatingType(*dtype), op,
-              ": expected dtype to be a floating-point type, got ", *dtype);
+  if (dtype.has_value()) check_floating_dtype(*dtype, op, "dtype");
   return at::softmax(temperature == 1.0 ? x : at::div(x, temperature), dim, dtype);
 }
 

@@ -8,7 +8,7 @@
 // terms x_i w_ij of an output are A = (xW + p) / 2 and B = (xW - p) / 2, and
 //   gamma:              R_x = x (s_w W^T) + |x| (s_abs |W|^T)     (s_w, s_abs: gamma_stab_div)
 //   alpha-beta:         R_x = x+ u + x- v, from W+ and W- (see alpha_beta_relevance)
-//   z-plus:             R_x = x (s W+^T),                 s = R / stab(x W+)
+//   z-plus:             alpha-beta with alpha = 1, beta = 0 (x (s W+^T), s = R / stab(x W+), for x >= 0)
 //   z-box(l, h):        R_x = (x - m)(s W^T) - d (s |W|^T), s = R / stab((x - m) W - d |W|),
 //                       m = (l + h) / 2, d = (l - h) / 2 (so x w - l w+ - h w- = (x - m) w - d |w|)
 //   flat, w-square:     R_x = s V^T (V = 1 or W^2),       s = R / stab(1 V)
@@ -21,6 +21,7 @@
 // for the others (z-box, flat, w-square) it is R_x / stab(x). float16 and bfloat16 inputs are computed
 // in float32 (rule_dtype).
 #include "impl.h"
+#include "output_shape.h"
 
 namespace lrpcpp {
 
@@ -299,19 +300,13 @@ void check_bounds(const Tensor& lower, const Tensor& upper, const Tensor& x, con
 void check_linear_output(const Tensor& grad, const Tensor& output, const Tensor& x, const Tensor& weight,
                          const char* op) {
   check_grad_output(grad, output, x, op);
-  TORCH_CHECK(output.dim() == x.dim(), op, ": expected output to have the ", x.dim(), " dimensions of x, got shape ",
-              shape_str(output));
-  TORCH_SYM_CHECK(output.sym_size(-1).sym_eq(weight.sym_size(0)), op,
-                  ": expected the last dimension of output to equal out_features = weight.shape[0] = ",
-                  weight.sym_size(0), ", got shape ", shape_str(output));
+  check_linear_output_shape(output, x, weight, op);
 }
 
 void check_conv_output(const Tensor& grad, const Tensor& output, const Tensor& x, const Tensor& weight,
-                       const char* op) {
+                       IntRef stride, IntRef padding, IntRef dilation, const char* op) {
   check_grad_output(grad, output, x, op);
-  TORCH_CHECK(output.dim() == 4, op, ": expected output to be 4-D, got shape ", shape_str(output));
-  TORCH_SYM_CHECK(output.sym_size(1).sym_eq(weight.sym_size(0)), op, ": expected output to have ",
-                  weight.sym_size(0), " channels (weight.shape[0]), got shape ", shape_str(output));
+  check_conv2d_output_shape(output, x, weight, stride, padding, dilation, op);
 }
 
 // ----------------------------------------------------------------------------- the two maps
@@ -378,7 +373,9 @@ Tensor gamma_relevance(const Map& m, const Tensor& grad, const Tensor& x, const 
 //   u = (alpha R / stab(A)) W+^T - (beta R / stab(B)) W-^T,  v = (alpha R / stab(A)) W-^T - (beta R / stab(B)) W+^T,
 // A = x+ W+ + x- W-, B = x+ W- + x- W+ (sums of same-signed terms). Where a sum is 0 all its terms
 // are, and the large share R / eps multiplies only exact zeros (a form with x W and |x| |W| would
-// subtract two large numbers instead). A non-negative input (after a ReLU) needs A, B and u only.
+// subtract two large numbers instead). Both signs are always computed (for x >= 0, x- = 0 adds exact
+// zeros): no branch on the values of x, so no device-to-host sync (CUDA graphs, torch.compile).
+// beta = 0 (z-plus) needs neither B nor the beta share: R_x = x+ (s W+^T) + x- (s W-^T), s = alpha R / stab(A).
 template <typename Map>
 Tensor alpha_beta_relevance(const Map& m, const Tensor& grad, const Tensor& x, const Tensor& weight,
                             const OptTensor& weight_pos, const OptTensor& weight_neg, const Tensor& output,
@@ -387,37 +384,32 @@ Tensor alpha_beta_relevance(const Map& m, const Tensor& grad, const Tensor& x, c
   const Tensor xc = x.to(cd), w = weight.to(cd);
   const Tensor wp = weight_pos.has_value() && weight_pos->defined() ? weight_pos->to(cd) : w.clamp_min(0);
   const Tensor wn = weight_neg.has_value() && weight_neg->defined() ? weight_neg->to(cd) : w.clamp_max(0);
-  // shape propagation (meta tensors) takes the general path, which has the same shapes
-  const bool mixed = xc.is_meta() || (xc < 0).any().item<bool>();
-  Tensor a, b;
-  if (mixed) {
-    const Tensor xp = xc.clamp_min(0), xn = xc.clamp_max(0);
-    a = m.apply(xp, wp).add_(m.apply(xn, wn));
-    b = m.apply(xp, wn).add_(m.apply(xn, wp));
+  const Tensor xp = xc.clamp_min(0), xn = xc.clamp_max(0);
+  const Tensor a = m.apply(xp, wp).add_(m.apply(xn, wn));
+  Tensor u, v;
+  if (beta == 0.0) {
+    Tensor s = lrpcpp::stab_div(incoming(grad, output, gi, cd), a, epsilon, 1.0, std::nullopt);
+    if (alpha != 1.0) s.mul_(alpha);
+    u = m.transpose(s, wp, xc);
+    v = m.transpose(s, wn, xc);
   } else {
-    a = m.apply(xc, wp);
-    b = m.apply(xc, wn);
+    const Tensor b = m.apply(xp, wn).add_(m.apply(xn, wp));
+    auto [s_pos, s_neg] = lrpcpp::alpha_beta_stab_div(grad.to(cd), output.to(cd), a, b, alpha, beta, epsilon, gi);
+    u = m.transpose(s_pos, wp, xc).add_(m.transpose(s_neg, wn, xc));
+    v = m.transpose(s_pos, wn, xc).add_(m.transpose(s_neg, wp, xc));
   }
-  auto [s_pos, s_neg] = lrpcpp::alpha_beta_stab_div(grad.to(cd), output.to(cd), a, b, alpha, beta, epsilon, gi);
-  Tensor u = m.transpose(s_pos, wp, xc).add_(m.transpose(s_neg, wn, xc));
-  if (mixed) {
-    const Tensor v = m.transpose(s_pos, wn, xc).add_(m.transpose(s_neg, wp, xc));
-    u = at::where(xc >= 0, u, v);
-  }
+  u = at::where(xc >= 0, u, v);
   // R_x = x * u; its gradient form R_x / x is u itself
   return gi ? u.to(x.scalar_type()) : times_input(u, x);
 }
 
+// z-plus is alpha-beta with alpha = 1, beta = 0 (RULES.md section 3): on an input of both signs the
+// positive terms (x_i w_ij)+ = x+ w+ + x- w- share the relevance, so it stays bounded (x W+ alone would
+// cancel between the signs of x); for x >= 0 it is x (R / stab(x W+)) W+^T.
 template <typename Map>
 Tensor z_plus_relevance(const Map& m, const Tensor& grad, const Tensor& x, const Tensor& weight,
                         const OptTensor& weight_pos, const Tensor& output, double epsilon, bool gi) {
-  const auto cd = rule_dtype(x.scalar_type());
-  const Tensor xc = x.to(cd);
-  const Tensor v = weight_pos.has_value() && weight_pos->defined() ? weight_pos->to(cd) : weight.to(cd).clamp_min(0);
-  const Tensor s = lrpcpp::stab_div(incoming(grad, output, gi, cd), m.apply(xc, v), epsilon, 1.0, std::nullopt);
-  Tensor a = m.transpose(s, v, xc);
-  // R_x = x * a; its gradient form R_x / x is a itself
-  return gi ? a.to(x.scalar_type()) : times_input(a, x);
+  return alpha_beta_relevance(m, grad, x, weight, weight_pos, std::nullopt, output, 1.0, 0.0, epsilon, gi);
 }
 
 template <typename Map>
@@ -589,7 +581,7 @@ Tensor conv2d_gamma_relevance(const Tensor& grad, const Tensor& x, const Tensor&
   check_conv2d(x, weight, bias, stride, padding, dilation, groups, epsilon, op);
   check_gamma(gamma, op);
   check_transform(weight_abs, weight, op, "weight_abs");
-  check_conv_output(grad, output, x, weight, op);
+  check_conv_output(grad, output, x, weight, stride, padding, dilation, op);
   return gamma_relevance(ConvMap{stride, padding, dilation, groups}, grad, x, weight, bias, weight_abs, output, gamma,
                          epsilon, gi);
 }
@@ -614,7 +606,7 @@ Tensor conv2d_alpha_beta_relevance(const Tensor& grad, const Tensor& x, const Te
   check_alpha_beta(alpha, beta, op);
   check_transform(weight_pos, weight, op, "weight_pos");
   check_transform(weight_neg, weight, op, "weight_neg");
-  check_conv_output(grad, output, x, weight, op);
+  check_conv_output(grad, output, x, weight, stride, padding, dilation, op);
   return alpha_beta_relevance(ConvMap{stride, padding, dilation, groups}, grad, x, weight, weight_pos, weight_neg,
                               output, alpha, beta, epsilon, gi);
 }
@@ -633,7 +625,7 @@ Tensor conv2d_z_plus_relevance(const Tensor& grad, const Tensor& x, const Tensor
   const char* op = "lrpcpp.conv2d_z_plus_relevance";
   check_conv2d(x, weight, std::nullopt, stride, padding, dilation, groups, epsilon, op);
   check_transform(weight_pos, weight, op, "weight_pos");
-  check_conv_output(grad, output, x, weight, op);
+  check_conv_output(grad, output, x, weight, stride, padding, dilation, op);
   return z_plus_relevance(ConvMap{stride, padding, dilation, groups}, grad, x, weight, weight_pos, output, epsilon,
                           gi);
 }
@@ -656,7 +648,7 @@ Tensor conv2d_z_box_relevance(const Tensor& grad, const Tensor& x, const Tensor&
   check_conv2d(x, weight, std::nullopt, stride, padding, dilation, groups, epsilon, op);
   check_bounds(lower, upper, x, op);
   check_transform(weight_abs, weight, op, "weight_abs");
-  check_conv_output(grad, output, x, weight, op);
+  check_conv_output(grad, output, x, weight, stride, padding, dilation, op);
   return z_box_relevance(ConvMap{stride, padding, dilation, groups}, grad, x, weight, lower, upper, weight_abs,
                          output, epsilon, gi);
 }
@@ -672,7 +664,7 @@ Tensor conv2d_flat_relevance(const Tensor& grad, const Tensor& x, const Tensor& 
                              bool gi) {
   const char* op = "lrpcpp.conv2d_flat_relevance";
   check_conv2d(x, weight, std::nullopt, stride, padding, dilation, groups, epsilon, op);
-  check_conv_output(grad, output, x, weight, op);
+  check_conv_output(grad, output, x, weight, stride, padding, dilation, op);
   const auto cd = rule_dtype(x.scalar_type());
   return input_free_relevance(ConvMap{stride, padding, dilation, groups}, grad, x,
                               at::ones_like(weight, weight.options().dtype(cd)), output, epsilon, gi);
@@ -693,7 +685,7 @@ Tensor conv2d_w_square_relevance(const Tensor& grad, const Tensor& x, const Tens
   const char* op = "lrpcpp.conv2d_w_square_relevance";
   check_conv2d(x, weight, std::nullopt, stride, padding, dilation, groups, epsilon, op);
   check_transform(weight_sq, weight, op, "weight_sq");
-  check_conv_output(grad, output, x, weight, op);
+  check_conv_output(grad, output, x, weight, stride, padding, dilation, op);
   const auto cd = rule_dtype(x.scalar_type());
   return input_free_relevance(ConvMap{stride, padding, dilation, groups}, grad, x,
                               square_weight(weight, weight_sq, cd), output, epsilon, gi);

@@ -261,8 +261,9 @@ def linear_alpha_beta(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, 
 
 def linear_z_plus(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, epsilon: float = 1e-6,
                   weight_pos: Optional[Tensor] = None, gi: bool = False) -> Tensor:
-    """``F.linear`` with the z-plus rule: numerators ``x_i w_ij+`` (for non-negative inputs, the
-    alpha-beta rule with alpha = 1, beta = 0). The bias takes no part."""
+    """``F.linear`` with the z-plus rule, the alpha-beta rule with alpha = 1, beta = 0: the positive
+    terms ``(x_i w_ij)+`` share ``R_j``, so inputs of both signs stay bounded; for non-negative inputs
+    the numerators are ``x_i w_ij+``. The bias takes no part. ``weight_pos`` is ``max(W, 0)``."""
     return torch.ops.lrpcpp.linear_z_plus(x, weight, bias, epsilon, weight_pos, gi)
 
 

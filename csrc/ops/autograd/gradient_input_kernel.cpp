@@ -1,7 +1,9 @@
 // Autograd of the gradient-times-input ops. Their backwards return ordinary
 // gradients g = R / x of the rule (not relevance), through the registered ops
 // gi_scale_backward and gi_layer_norm_backward; y, scale, weight and bias take
-// no gradient.
+// no gradient. gi_identity's and gi_grad_scale's backward g * factor has no graph to x (the factor
+// is saved without one), so they refuse create_graph=True (check_no_double_backward); gi_layer_norm's
+// backward op takes x and raises on a second backward like the relevance ops.
 #include "common.h"
 
 namespace lrpcpp::autograd {
@@ -19,6 +21,7 @@ class GiIdentityFunction : public torch::autograd::Function<GiIdentityFunction> 
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    check_no_double_backward("lrpcpp.gi_identity");
     const auto s = ctx->get_saved_variables();
     Tensor gx;
     if (ctx->needs_input_grad(0)) {
@@ -38,6 +41,7 @@ class GiGradScaleFunction : public torch::autograd::Function<GiGradScaleFunction
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    check_no_double_backward("lrpcpp.gi_grad_scale");
     const auto s = ctx->get_saved_variables();
     Tensor gx;
     if (ctx->needs_input_grad(0)) {

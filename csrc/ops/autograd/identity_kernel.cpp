@@ -14,29 +14,30 @@ class StopRelevanceFunction : public torch::autograd::Function<StopRelevanceFunc
   }
 
   static variable_list backward(AutogradContext* /*ctx*/, variable_list grads) {
+    check_no_double_backward("lrpcpp.stop_relevance");
     // the cut: no relevance flows back (zeros, so x.grad reads as R_x = 0)
     return {at::zeros_like(grads[0])};
   }
 };
 
 Tensor silu_autograd(const Tensor& x) {
-  return identity_rule(x, [&] { return lrpcpp::silu_identity(x); });
+  return identity_rule(x, "lrpcpp.silu_identity", [&] { return lrpcpp::silu_identity(x); });
 }
 
 Tensor gelu_autograd(const Tensor& x, c10::string_view approximate) {
-  return identity_rule(x, [&] { return lrpcpp::gelu_identity(x, approximate); });
+  return identity_rule(x, "lrpcpp.gelu_identity", [&] { return lrpcpp::gelu_identity(x, approximate); });
 }
 
 Tensor tanh_autograd(const Tensor& x) {
-  return identity_rule(x, [&] { return lrpcpp::tanh_identity(x); });
+  return identity_rule(x, "lrpcpp.tanh_identity", [&] { return lrpcpp::tanh_identity(x); });
 }
 
 Tensor relu_autograd(const Tensor& x) {
-  return identity_rule(x, [&] { return lrpcpp::relu_identity(x); });
+  return identity_rule(x, "lrpcpp.relu_identity", [&] { return lrpcpp::relu_identity(x); });
 }
 
 Tensor sigmoid_autograd(const Tensor& x) {
-  return identity_rule(x, [&] { return lrpcpp::sigmoid_identity(x); });
+  return identity_rule(x, "lrpcpp.sigmoid_identity", [&] { return lrpcpp::sigmoid_identity(x); });
 }
 
 Tensor stop_relevance_autograd(const Tensor& x) {

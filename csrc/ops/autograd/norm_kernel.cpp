@@ -37,16 +37,18 @@ Tensor layer_norm_autograd(const Tensor& x, at::IntArrayRef normalized_shape, co
 
 Tensor rms_norm_identity_autograd(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
                                   std::optional<double> eps) {
-  return identity_rule(x, [&] { return lrpcpp::rms_norm_identity(x, normalized_shape, weight, eps); });
+  return identity_rule(x, "lrpcpp.rms_norm_identity",
+                       [&] { return lrpcpp::rms_norm_identity(x, normalized_shape, weight, eps); });
 }
 
 Tensor layer_norm_identity_autograd(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
                                     const OptTensor& bias, double eps) {
-  return identity_rule(x, [&] { return lrpcpp::layer_norm_identity(x, normalized_shape, weight, bias, eps); });
+  return identity_rule(x, "lrpcpp.layer_norm_identity",
+                       [&] { return lrpcpp::layer_norm_identity(x, normalized_shape, weight, bias, eps); });
 }
 
 Tensor normalize_identity_autograd(const Tensor& x, double p, int64_t dim, double eps) {
-  return identity_rule(x, [&] { return lrpcpp::normalize_identity(x, p, dim, eps); });
+  return identity_rule(x, "lrpcpp.normalize_identity", [&] { return lrpcpp::normalize_identity(x, p, dim, eps); });
 }
 
 }  // namespace

@@ -26,7 +26,7 @@ void stab_div_loop(const Tensor& r, const Tensor& z, Tensor& out, double epsilon
 
 Tensor stab_div_cpu(const Tensor& relevance, const Tensor& z, double epsilon, double scale,
                     std::optional<at::ScalarType> dtype) {
-  impl::check_stab_div(relevance, z, epsilon, dtype);
+  impl::check_stab_div(relevance, z, epsilon, scale, dtype);
   Tensor out = at::empty(z.sizes(), z.options().dtype(impl::stab_div_dtype(z, dtype)));
   if (out.numel() == 0) return out;
   const Tensor r = relevance.contiguous(), zc = z.contiguous();

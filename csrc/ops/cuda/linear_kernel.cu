@@ -32,7 +32,7 @@ struct StabDivOp {
 
 Tensor stab_div_cuda(const Tensor& relevance, const Tensor& z, double epsilon, double scale,
                      std::optional<at::ScalarType> dtype) {
-  impl::check_stab_div(relevance, z, epsilon, dtype);
+  impl::check_stab_div(relevance, z, epsilon, scale, dtype);
   const c10::cuda::CUDAGuard guard(z.device());
   Tensor out = at::empty(z.sizes(), z.options().dtype(impl::stab_div_dtype(z, dtype)));
   if (out.numel() == 0) return out;

@@ -8,7 +8,7 @@ namespace {
 
 Tensor stab_div_meta(const Tensor& relevance, const Tensor& z, double epsilon, double scale,
                      std::optional<at::ScalarType> dtype) {
-  impl::check_stab_div(relevance, z, epsilon, dtype);
+  impl::check_stab_div(relevance, z, epsilon, scale, dtype);
   return at::empty_symint(z.sym_sizes(), z.options().dtype(impl::stab_div_dtype(z, dtype)));
 }
 
