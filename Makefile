@@ -17,7 +17,7 @@ CUDA_DIR := build-cuda
 export CUDA_HOME ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
-.PHONY: run test build cpp-test docs wheel bench cuda-check cuda-wheel-test clean test-tools
+.PHONY: run test test-fast build cpp-test docs wheel bench cuda-check cuda-wheel-test clean test-tools
 
 run: build
 	$(PY) examples/explain_block.py
@@ -25,6 +25,11 @@ run: build
 
 test: build cpp-test docs cuda-check test-tools
 	$(PY) -m pytest -q -rs tests
+
+# the edit loop: the in-place build and the tests not marked slow (no C++/CUDA/docs builds, no
+# command-line runs, subprocesses or compilation; a few minutes)
+test-fast: build
+	$(PY) -m pytest -q -rs -m "not slow" tests
 
 # What the tests of the lrpcpp command need from Debian, installed once: headless Chromium (the
 # HTML heatmap is rendered in it) and pdflatex (the LaTeX heatmap is compiled). Needs root; without

@@ -35,6 +35,18 @@ def assert_relevance_close(actual, expected, dtype, scale=None):
     torch.testing.assert_close(actual.double(), expected, rtol=tol, atol=tol * max(scale, 1e-30))
 
 
+# the test files that build, start processes, run the command line or compile: about 80% of the suite's
+# time; `make test-fast` (pytest -m "not slow") leaves them out for the edit loop, `make test` runs all
+SLOW_FILES = {"test_deploy.py", "test_cli.py", "test_cli_files.py", "test_wheel.py", "test_gpu_check.py",
+              "test_benchmarks.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
