@@ -47,3 +47,16 @@ def test_no_cuda_case_run_fails_the_verdict(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "cuda cases: 0 passed, 0 failed" in summary
     assert "no cuda test of test_cuda.py ran" in summary and summary.rstrip().endswith("FAIL")
+
+
+def test_the_rest_of_the_suite_may_reach_its_time_limit_without_failing(tmp_path):
+    """The rest of the suite runs with the time that is left: reaching the limit is reported, not
+    a failure (only the unselected test_cuda.py step fails this verdict here)."""
+    e = subprocess_env()
+    e.update(OUT=str(tmp_path), GPU_CHECK_STEPS="rest", GPU_CHECK_BUDGET="72", PYTHON=sys.executable, MAX_JOBS="1")
+    subprocess.run(["bash", SCRIPT], env=e, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    summary = (tmp_path / "summary.md").read_text()
+    rest = summary.split("== 5. the rest")[1]
+    assert "stopped at its time limit" in rest and "as planned" in rest, summary
+    assert "FAILED" not in rest, summary
+    assert " PASSED" in (tmp_path / "rest.log").read_text()  # it ran tests, not only collected them
