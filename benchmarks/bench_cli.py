@@ -54,7 +54,7 @@ def one_run(extra=()):
     if proc.returncode != 0:
         raise SystemExit(f"lrpcpp explain failed ({proc.returncode}):\n{proc.stderr}")
     line = next(ln for ln in proc.stderr.splitlines() if ln.startswith("lrpcpp: timings: "))
-    t = json.loads(line[len("lrpcpp: timings: "):])
+    t = json.loads(line[len("lrpcpp: timings: ") :])
     phases = {
         "start + import lrpcpp": t["main_start"] - spawn,
         "import transformers": t["import"],

@@ -64,14 +64,28 @@ try:
 except ImportError:  # run from a checkout without PYTHONPATH=python
     sys.path.insert(0, os.path.join(_ROOT, "python"))
     import lrpcpp
-import lrpcpp.deploy
+import lrpcpp.deploy  # noqa: E402  (after the path fallback above)
 
 SECTION = "## Compiled attribution (CPU)"
 SIZES = {
-    "full": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
-                 num_key_value_heads=8, vocab_size=32000, max_position_embeddings=2048),
-    "quick": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=4, vocab_size=1000, max_position_embeddings=128),
+    "full": dict(
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+    ),
+    "quick": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=1000,
+        max_position_embeddings=128,
+    ),
 }
 
 
@@ -160,6 +174,7 @@ def run(args):
         def run():
             a = f(input_ids=ids)
             return a.relevance, a.output
+
         return run
 
     variants = {
@@ -185,7 +200,7 @@ def run(args):
     names = list(variants)
     busy0, own0 = busy_jiffies()
     for r in range(args.reps):
-        for name in (names if r % 2 == 0 else names[::-1]):
+        for name in names if r % 2 == 0 else names[::-1]:
             t = time.perf_counter()
             variants[name]()
             times[name].append(time.perf_counter() - t)
@@ -201,26 +216,49 @@ def run(args):
         eager_attribute()
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
-    heavy = sum(e.self_cpu_time_total for e in events
-                if e.key in ("aten::mm", "aten::addmm", "aten::bmm") or "scaled_dot_product" in e.key)
-    lm_head = sum(e.self_cpu_time_total for e in prof.events()
-                  if e.name == "aten::mm" and e.input_shapes and any(sizes["vocab_size"] in sh for sh in e.input_shapes))
+    heavy = sum(
+        e.self_cpu_time_total
+        for e in events
+        if e.key in ("aten::mm", "aten::addmm", "aten::bmm") or "scaled_dot_product" in e.key
+    )
+    lm_head = sum(
+        e.self_cpu_time_total
+        for e in prof.events()
+        if e.name == "aten::mm" and e.input_shapes and any(sizes["vocab_size"] in sh for sh in e.input_shapes)
+    )
     explain.remove()
     explain_all.remove()
     explained_only.handle.remove()
 
     ref, ref_out = results["eager attribute"]
     got, got_out = results["compiled attribute"]
-    rel_diff = max(float((results[k][0] - ref).abs().max() / ref.abs().max())
-                   for k in ("compiled attribute", "compiled attribute, all logits", "eager, explained logits only"))
-    plain_diff = float((results["plain gradient, compiled"][0] - results["plain gradient, eager"][0]).abs().max()
-                       / results["plain gradient, eager"][0].abs().max())
-    return dict(sizes=sizes, seq=seq, times={k: statistics.median(v) for k, v in times.items()}, compile_s=compile_s,
-                rel_diff=rel_diff, plain_diff=plain_diff, logit_diff=float((got_out - ref_out).abs().max()),
-                finite=bool(torch.isfinite(got).all()), others=others, load=(load_before, load_after),
-                gemm_share=heavy / max(total, 1), lm_head_share=lm_head / max(total, 1),
-                threads=torch.get_num_threads(), reps=args.reps, warmup=args.warmup, warm_cache=args.warm_cache,
-                flags="".join(" " + a for a in sys.argv[1:] if a != "--write"))
+    rel_diff = max(
+        float((results[k][0] - ref).abs().max() / ref.abs().max())
+        for k in ("compiled attribute", "compiled attribute, all logits", "eager, explained logits only")
+    )
+    plain_diff = float(
+        (results["plain gradient, compiled"][0] - results["plain gradient, eager"][0]).abs().max()
+        / results["plain gradient, eager"][0].abs().max()
+    )
+    return dict(
+        sizes=sizes,
+        seq=seq,
+        times={k: statistics.median(v) for k, v in times.items()},
+        compile_s=compile_s,
+        rel_diff=rel_diff,
+        plain_diff=plain_diff,
+        logit_diff=float((got_out - ref_out).abs().max()),
+        finite=bool(torch.isfinite(got).all()),
+        others=others,
+        load=(load_before, load_after),
+        gemm_share=heavy / max(total, 1),
+        lm_head_share=lm_head / max(total, 1),
+        threads=torch.get_num_threads(),
+        reps=args.reps,
+        warmup=args.warmup,
+        warm_cache=args.warm_cache,
+        flags="".join(" " + a for a in sys.argv[1:] if a != "--write"),
+    )
 
 
 def report(res, quick):
@@ -231,60 +269,81 @@ def report(res, quick):
     ratio = t["compiled attribute"] / eager
     L = [SECTION, ""]
     L.append(f"- CPU: {cpu}, {os.cpu_count()} logical cores; torch.get_num_threads() = {res['threads']}")
-    L.append(f"- torch {torch.__version__}, lrpcpp {lrpcpp.__version__}, Python {platform.python_version()}, "
-             f"commit {commit}")
+    L.append(
+        f"- torch {torch.__version__}, lrpcpp {lrpcpp.__version__}, Python {platform.python_version()}, commit {commit}"
+    )
     L.append(f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
-    L.append(f"- Load average (1, 5, 15 min) before: {', '.join(f'{v:.2f}' for v in res['load'][0])}; after: "
-             f"{', '.join(f'{v:.2f}' for v in res['load'][1])}. CPU time used by other processes during the "
-             f"timed rounds: {res['others'] * 100:.0f}%")
+    L.append(
+        f"- Load average (1, 5, 15 min) before: {', '.join(f'{v:.2f}' for v in res['load'][0])}; after: "
+        f"{', '.join(f'{v:.2f}' for v in res['load'][1])}. CPU time used by other processes during the "
+        f"timed rounds: {res['others'] * 100:.0f}%"
+    )
     if quick:
         L.append("- **--quick**: tiny model, not a measurement")
     L.append("")
     cache = "inductor's usual on-disk cache" if res["warm_cache"] else "an empty inductor cache"
-    L.append(f"Produced by `benchmarks/bench_compile.py{res['flags']}` (see `benchmarks/README.md`). "
-             f"LlamaForCausalLM, random weights, float32, SDPA: {s['num_hidden_layers']} layers, hidden "
-             f"{s['hidden_size']}, MLP {s['intermediate_size']}, {s['num_attention_heads']} heads, vocabulary "
-             f"{s['vocab_size']}; batch 1, sequence {res['seq']}; the top next-token logit. Median of {res['reps']} "
-             f"rounds after {res['warmup']} warm-up calls; each round runs every variant once, alternating the order. "
-             f"Compile times with {cache}.")
+    L.append(
+        f"Produced by `benchmarks/bench_compile.py{res['flags']}` (see `benchmarks/README.md`). "
+        f"LlamaForCausalLM, random weights, float32, SDPA: {s['num_hidden_layers']} layers, hidden "
+        f"{s['hidden_size']}, MLP {s['intermediate_size']}, {s['num_attention_heads']} heads, vocabulary "
+        f"{s['vocab_size']}; batch 1, sequence {res['seq']}; the top next-token logit. Median of {res['reps']} "
+        f"rounds after {res['warmup']} warm-up calls; each round runs every variant once, alternating the order. "
+        f"Compile times with {cache}."
+    )
     L.append("")
     L.append("Goal: compiled attribution at most 0.8x eager attribution.")
     L.append("")
     L.append("| variant | time (ms) | / eager attribute | first call, compiling (s) |")
     L.append("|---|---:|---:|---:|")
-    for name in ("eager attribute", "compiled attribute", "compiled attribute, all logits",
-                 "eager, explained logits only", "plain gradient, eager", "plain gradient, compiled"):
+    for name in (
+        "eager attribute",
+        "compiled attribute",
+        "compiled attribute, all logits",
+        "eager, explained logits only",
+        "plain gradient, eager",
+        "plain gradient, compiled",
+    ):
         first = f"{c[name]:.1f}" if name in c else "—"
         L.append(f"| {name} | {t[name] * 1e3:.1f} | {t[name] / eager:.2f} | {first} |")
     L.append("")
     met = "met" if ratio <= 0.8 else "**not met**"
-    L.append("Compile times: the first compiled variant also pays inductor's one-off start-up (worker pool, "
-             "headers); the later ones reuse what the earlier ones compiled in this run.")
+    L.append(
+        "Compile times: the first compiled variant also pays inductor's one-off start-up (worker pool, "
+        "headers); the later ones reuse what the earlier ones compiled in this run."
+    )
     L.append("")
-    L.append(f"Compiled / eager attribution: **{ratio:.2f}x** (goal <= 0.8x: {met}). Of that, compiling alone "
-             f"(all logits): {t['compiled attribute, all logits'] / eager:.2f}x; computing only the explained "
-             f"logits alone (eager): {t['eager, explained logits only'] / eager:.2f}x. Compiled / eager plain "
-             f"gradient: {t['plain gradient, compiled'] / t['plain gradient, eager']:.2f}x.")
+    L.append(
+        f"Compiled / eager attribution: **{ratio:.2f}x** (goal <= 0.8x: {met}). Of that, compiling alone "
+        f"(all logits): {t['compiled attribute, all logits'] / eager:.2f}x; computing only the explained "
+        f"logits alone (eager): {t['eager, explained logits only'] / eager:.2f}x. Compiled / eager plain "
+        f"gradient: {t['plain gradient, compiled'] / t['plain gradient, eager']:.2f}x."
+    )
     L.append("")
-    L.append(f"Where the eager attribution's CPU time goes (torch.profiler, one call): matrix products and "
-             f"attention kernels {res['gemm_share'] * 100:.0f}%, of which the projection onto the vocabulary "
-             f"(forward and backward) {res['lm_head_share'] * 100:.0f}%; everything else "
-             f"{(1 - res['gemm_share']) * 100:.0f}%. Compiling fuses only that rest: the matrix products and the "
-             "attention run the same library kernels compiled or not. Computing the logits of the explained "
-             "position only removes most of the vocabulary projection.")
+    L.append(
+        f"Where the eager attribution's CPU time goes (torch.profiler, one call): matrix products and "
+        f"attention kernels {res['gemm_share'] * 100:.0f}%, of which the projection onto the vocabulary "
+        f"(forward and backward) {res['lm_head_share'] * 100:.0f}%; everything else "
+        f"{(1 - res['gemm_share']) * 100:.0f}%. Compiling fuses only that rest: the matrix products and the "
+        "attention run the same library kernels compiled or not. Computing the logits of the explained "
+        "position only removes most of the vocabulary projection."
+    )
     L.append("")
     saved = eager - t["compiled attribute"]
     if saved > 0:
-        L.append(f"Compiling took {c['compiled attribute']:.0f} s on the first call and saves {saved * 1e3:.0f} ms per "
-                 f"call after it: it pays for itself after about {c['compiled attribute'] / saved:.0f} calls with "
-                 "inputs of this shape (a new shape compiles again, once, with dynamic shapes).")
+        L.append(
+            f"Compiling took {c['compiled attribute']:.0f} s on the first call and saves {saved * 1e3:.0f} ms per "
+            f"call after it: it pays for itself after about {c['compiled attribute'] / saved:.0f} calls with "
+            "inputs of this shape (a new shape compiles again, once, with dynamic shapes)."
+        )
     else:
         L.append(f"Compiling took {c['compiled attribute']:.0f} s and saves no time per call on this machine.")
     L.append("")
-    L.append(f"Checks: the other attributions against the eager one, largest difference / largest value = "
-             f"{res['rel_diff']:.1e} "
-             f"(plain gradient: {res['plain_diff']:.1e}); explained logit differs by {res['logit_diff']:.1e}; "
-             f"relevance finite: {'yes' if res['finite'] else '**no**'}.")
+    L.append(
+        f"Checks: the other attributions against the eager one, largest difference / largest value = "
+        f"{res['rel_diff']:.1e} "
+        f"(plain gradient: {res['plain_diff']:.1e}); explained logit differs by {res['logit_diff']:.1e}; "
+        f"relevance finite: {'yes' if res['finite'] else '**no**'}."
+    )
     return "\n".join(L) + "\n"
 
 
@@ -299,8 +358,11 @@ def main():
     ap.add_argument("--reps", type=int, default=None, help="timed rounds (default 7; 2 with --quick)")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up calls per variant after compiling (default 2)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
-    ap.add_argument("--warm-cache", action="store_true",
-                    help="use inductor's usual on-disk cache (default: an empty one, so compile times are cold)")
+    ap.add_argument(
+        "--warm-cache",
+        action="store_true",
+        help="use inductor's usual on-disk cache (default: an empty one, so compile times are cold)",
+    )
     ap.add_argument("--write", action="store_true", help=f"also write the section '{SECTION}' of benchmarks/RESULTS.md")
     args = ap.parse_args()
     if args.reps is None:

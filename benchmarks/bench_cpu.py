@@ -58,10 +58,9 @@ import subprocess
 import sys
 import time
 
-from machine import cpu_model, proc_status_kb  # benchmarks/machine.py
-
 import torch
 import torch.nn.functional as F
+from machine import cpu_model, proc_status_kb  # benchmarks/machine.py
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
@@ -70,7 +69,7 @@ try:
 except ImportError:  # run from a checkout without PYTHONPATH=python
     sys.path.insert(0, os.path.join(_ROOT, "python"))
     import lrpcpp  # noqa: F401
-import lrpcpp.functional as lf
+import lrpcpp.functional as lf  # noqa: E402  (after the path fallback above)
 
 # transformer sizes
 B, S, H = 2, 512, 1024
@@ -92,14 +91,18 @@ def machine_lines(threads):
     except Exception:  # older torch
         cap = "unknown"
     version = getattr(sys.modules.get("lrpcpp._build_info"), "VERSION", "?")
-    return [
-        f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores, ATen CPU capability {cap}",
-        f"- Threads: torch.set_num_threads({threads})",
-        f"- torch {torch.__version__}, lrpcpp {version}, Python {platform.python_version()}, "
-        f"{platform.system()} {platform.release()}",
-    ] + build_lines() + [
-        f"- Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
-    ]
+    return (
+        [
+            f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores, ATen CPU capability {cap}",
+            f"- Threads: torch.set_num_threads({threads})",
+            f"- torch {torch.__version__}, lrpcpp {version}, Python {platform.python_version()}, "
+            f"{platform.system()} {platform.release()}",
+        ]
+        + build_lines()
+        + [
+            f"- Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
+        ]
+    )
 
 
 def build_lines():
@@ -112,8 +115,10 @@ def build_lines():
         mtime = os.path.getmtime(os.path.join(pkg, libs[0]))
         built = f", compiled library dated {datetime.datetime.fromtimestamp(mtime).astimezone():%Y-%m-%d %H:%M %Z}"
     try:
+
         def git(*a):
             return subprocess.run(["git", "-C", _ROOT, *a], capture_output=True, text=True, check=True).stdout.strip()
+
         commit = git("rev-parse", "--short", "HEAD")
         dirty = bool(git("status", "--porcelain", "--", "csrc", "setup.py"))
         lines.append(f"- Build: commit {commit}{' with local changes under csrc/ or setup.py' if dirty else ''}{built}")
@@ -252,26 +257,74 @@ def make_cases():
     act = f"[{B},{S},{H}]"
     E = ELEMENTWISE_GOAL
     return [
-        ("softmax (dim=-1)", f"[{B},{NH},{S},{S}]", [scores],
-         lambda s: lf.softmax(s, -1), lambda s: torch.softmax(s, -1), E, ""),
-        ("layer_norm (weight, bias)", act, [x],
-         lambda t: lf.layer_norm(t, [H], w_norm, b_norm), lambda t: F.layer_norm(t, [H], w_norm, b_norm), E, ""),
-        ("rms_norm_identity vs F.rms_norm", act, [x],
-         lambda t: lf.rms_norm_identity(t, [H], w_norm, RMS_EPS), lambda t: F.rms_norm(t, [H], w_norm, RMS_EPS), E,
-         ""),
-        ("rms_norm_identity vs LLaMA formula", act, [x],
-         lambda t: lf.rms_norm_identity(t, [H], w_norm, RMS_EPS), lambda t: rms_formula(t, w_norm), E, ""),
+        (
+            "softmax (dim=-1)",
+            f"[{B},{NH},{S},{S}]",
+            [scores],
+            lambda s: lf.softmax(s, -1),
+            lambda s: torch.softmax(s, -1),
+            E,
+            "",
+        ),
+        (
+            "layer_norm (weight, bias)",
+            act,
+            [x],
+            lambda t: lf.layer_norm(t, [H], w_norm, b_norm),
+            lambda t: F.layer_norm(t, [H], w_norm, b_norm),
+            E,
+            "",
+        ),
+        (
+            "rms_norm_identity vs F.rms_norm",
+            act,
+            [x],
+            lambda t: lf.rms_norm_identity(t, [H], w_norm, RMS_EPS),
+            lambda t: F.rms_norm(t, [H], w_norm, RMS_EPS),
+            E,
+            "",
+        ),
+        (
+            "rms_norm_identity vs LLaMA formula",
+            act,
+            [x],
+            lambda t: lf.rms_norm_identity(t, [H], w_norm, RMS_EPS),
+            lambda t: rms_formula(t, w_norm),
+            E,
+            "",
+        ),
         ("silu", act, [x], lf.silu, F.silu, E, ""),
         ("gelu (erf)", act, [x], lf.gelu, F.gelu, E, ""),
-        ("add2 vs a + b", act, [a, b], lf.add2, lambda p, q: p + q, E,
-         "torch's add backward hands the seed on to both inputs without running a kernel, so any real "
-         "relevance computation shows as a large ratio; compare the absolute time instead"),
+        (
+            "add2 vs a + b",
+            act,
+            [a, b],
+            lf.add2,
+            lambda p, q: p + q,
+            E,
+            "torch's add backward hands the seed on to both inputs without running a kernel, so any real "
+            "relevance computation shows as a large ratio; compare the absolute time instead",
+        ),
         ("mul2 vs a * b", act, [a, b], lf.mul2, lambda p, q: p * q, E, ""),
-        ("mean (dim=-1)", act, [x], lambda t: lf.mean(t, [-1]), lambda t: t.mean(-1), E,
-         "the relevance reads x as well as R (the row sums, then x * R / stab(sum) per element); the gradient "
-         "only spreads R / n"),
-        ("linear_epsilon vs F.linear", f"{act} x [{FFN},{H}]", [x],
-         lambda t: lf.linear_epsilon(t, w_lin), lambda t: F.linear(t, w_lin), None, ""),
+        (
+            "mean (dim=-1)",
+            act,
+            [x],
+            lambda t: lf.mean(t, [-1]),
+            lambda t: t.mean(-1),
+            E,
+            "the relevance reads x as well as R (the row sums, then x * R / stab(sum) per element); the gradient "
+            "only spreads R / n",
+        ),
+        (
+            "linear_epsilon vs F.linear",
+            f"{act} x [{FFN},{H}]",
+            [x],
+            lambda t: lf.linear_epsilon(t, w_lin),
+            lambda t: F.linear(t, w_lin),
+            None,
+            "",
+        ),
         ("matmul", f"[{B},{NH},{S},{HD}] @ [{B},{NH},{HD},{S}]", [qa, kb], lf.matmul, torch.matmul, None, ""),
     ]
 
@@ -288,10 +341,24 @@ def bench_ops(reps, warmup):
         del rel
         t_pt, t_lf = interleaved_times([run_pt, run_lf], reps, warmup)
         ratio = t_lf / t_pt
-        results.append(dict(name=name, shape=shape, plain_ms=t_pt * 1e3, rel_ms=t_lf * 1e3, ratio=ratio, goal=goal,
-                            met=None if goal is None else ratio <= goal, fwd_err=fwd_err, finite=finite, note=note))
-        progress(f"  {name:36s} plain {t_pt * 1e3:8.2f} ms   relevance {t_lf * 1e3:8.2f} ms   ratio {ratio:6.2f}"
-                 f"   max|fwd diff| {fwd_err:.1e}")
+        results.append(
+            dict(
+                name=name,
+                shape=shape,
+                plain_ms=t_pt * 1e3,
+                rel_ms=t_lf * 1e3,
+                ratio=ratio,
+                goal=goal,
+                met=None if goal is None else ratio <= goal,
+                fwd_err=fwd_err,
+                finite=finite,
+                note=note,
+            )
+        )
+        progress(
+            f"  {name:36s} plain {t_pt * 1e3:8.2f} ms   relevance {t_lf * 1e3:8.2f} ms   ratio {ratio:6.2f}"
+            f"   max|fwd diff| {fwd_err:.1e}"
+        )
         del y_lf, y_pt, run_lf, run_pt
     return results
 
@@ -299,7 +366,7 @@ def bench_ops(reps, warmup):
 def diagnose_ops(results, threads, reps):
     """Profiles (and times on one thread) the ops whose ratio exceeds the element-wise goal."""
     slow = {r["name"] for r in results if r["ratio"] > ELEMENTWISE_GOAL}
-    for name, shape, inputs, f_lf, f_torch, goal, note in make_cases():
+    for name, _shape, inputs, f_lf, f_torch, _goal, _note in make_cases():
         if name not in slow:
             continue
         row = next(r for r in results if r["name"] == name)
@@ -325,8 +392,9 @@ def diagnose_stab_div(threads, reps):
     zpos = z.abs()
     sd = torch.ops.lrpcpp.stab_div
     out = {}
-    t = interleaved_times([lambda: sd(r, z, 1e-6, 1.0, None), lambda: sd(r, zpos, 1e-6, 1.0, None),
-                           lambda: torch.div(r, z)], reps, 2)
+    t = interleaved_times(
+        [lambda: sd(r, z, 1e-6, 1.0, None), lambda: sd(r, zpos, 1e-6, 1.0, None), lambda: torch.div(r, z)], reps, 2
+    )
     out["random_ms"], out["positive_ms"], out["torch_div_ms"] = (v * 1e3 for v in t)
     if threads > 1:
         torch.set_num_threads(1)
@@ -344,9 +412,15 @@ def block_params(seed=0):
         return torch.randn(o, i, generator=g).mul_(1.0 / math.sqrt(i))
 
     p = dict(
-        ln1=1.0 + 0.1 * torch.randn(H, generator=g), ln2=1.0 + 0.1 * torch.randn(H, generator=g),
-        q=w(H, H), k=w(H, H), v=w(H, H), o=w(H, H),
-        gate=w(INTER, H), up=w(INTER, H), down=w(H, INTER),
+        ln1=1.0 + 0.1 * torch.randn(H, generator=g),
+        ln2=1.0 + 0.1 * torch.randn(H, generator=g),
+        q=w(H, H),
+        k=w(H, H),
+        v=w(H, H),
+        o=w(H, H),
+        gate=w(INTER, H),
+        up=w(INTER, H),
+        down=w(H, INTER),
     )
     pos = torch.arange(S, dtype=torch.float32)
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, HD, 2, dtype=torch.float32) / HD))
@@ -360,7 +434,7 @@ def block_params(seed=0):
 
 def rope(t, p):
     # rotary embedding with plain torch ops (linear in t), the same code in both blocks
-    t1, t2 = t[..., : HD // 2], t[..., HD // 2:]
+    t1, t2 = t[..., : HD // 2], t[..., HD // 2 :]
     return t * p["cos"] + torch.cat([-t2, t1], dim=-1) * p["sin"]
 
 
@@ -463,8 +537,11 @@ def bench_block(reps, warmup):
         y_pt0 = block_torch(x, p)
         y_lf0 = block_lf(x, p)
     fwd_err = (y_lf0 - y_pt0).abs().max().item()
-    res = dict(fwd_err=fwd_err, fwd_rel=fwd_err / y_pt0.abs().max().item(),
-               fwd_ok=torch.allclose(y_lf0, y_pt0, rtol=1e-4, atol=1e-4))
+    res = dict(
+        fwd_err=fwd_err,
+        fwd_rel=fwd_err / y_pt0.abs().max().item(),
+        fwd_ok=torch.allclose(y_lf0, y_pt0, rtol=1e-4, atol=1e-4),
+    )
     seed = y_pt0.clone()  # explain the block's output
     del y_lf0
     consts = list(p.values())
@@ -502,9 +579,14 @@ def render(ops, block, mem, sd, threads, reps, block_reps, foreign):
     L = ["# lrpcpp CPU benchmark: relevance pass vs plain input gradient", ""]
     L += machine_lines(threads)
     share = "unknown" if foreign is None else f"{100 * foreign:.0f}%"
-    L.append(f"- CPU time used by other processes during the timings: {share}"
-             + (" — **the machine was busy; these numbers are noisy, rerun on an idle machine**"
-                if foreign is not None and foreign > NOISY_SHARE else ""))
+    L.append(
+        f"- CPU time used by other processes during the timings: {share}"
+        + (
+            " — **the machine was busy; these numbers are noisy, rerun on an idle machine**"
+            if foreign is not None and foreign > NOISY_SHARE
+            else ""
+        )
+    )
     L += [
         "",
         "Produced by `benchmarks/bench_cpu.py --write` (see `benchmarks/README.md`); float32 throughout.",
@@ -525,8 +607,10 @@ def render(ops, block, mem, sd, threads, reps, block_reps, foreign):
     ]
     for r in ops:
         goal = "" if r["goal"] is None else f" (<= {r['goal']})"
-        L.append(f"| {r['name']} | {r['shape']} | {r['plain_ms']:.2f} | {r['rel_ms']:.2f} | {r['ratio']:.2f} | "
-                 f"{yes_no(r['met'])}{goal} | {r['fwd_err']:.1e} |")
+        L.append(
+            f"| {r['name']} | {r['shape']} | {r['plain_ms']:.2f} | {r['rel_ms']:.2f} | {r['ratio']:.2f} | "
+            f"{yes_no(r['met'])}{goal} | {r['fwd_err']:.1e} |"
+        )
     bad = [r["name"] for r in ops if not r["finite"]]
     L += ["", "Relevance finite for every op: " + ("yes." if not bad else "**no**: " + ", ".join(bad))]
     L += [f"- {r['name']}: {r['note']}." for r in ops if r["note"]]
@@ -540,11 +624,13 @@ def render(ops, block, mem, sd, threads, reps, block_reps, foreign):
         f"## LLaMA-style block (batch {B}, sequence {S}, hidden {H}, {NH} heads x {HD}, MLP {INTER}, SiLU gating)",
         "",
         "lrpcpp block: rms_norm_identity -> q/k/v linear_epsilon -> RoPE (plain torch ops) -> "
-        + ("lf.matmul(q, k^T) * scale + causal -inf mask -> lf.softmax"
-           if SCALE_AS_MUL else
-           "lf.matmul(q, k^T) + causal -inf mask -> lf.softmax(temperature=sqrt(64)) (the 1/sqrt(d) scaling "
-           "as softmax's temperature, inside the Deep Taylor rule: a plain `* scale` would pass the gradient and "
-           "shrink the relevance reaching q and k by sqrt(d); `--scale-as-mul` times that variant)")
+        + (
+            "lf.matmul(q, k^T) * scale + causal -inf mask -> lf.softmax"
+            if SCALE_AS_MUL
+            else "lf.matmul(q, k^T) + causal -inf mask -> lf.softmax(temperature=sqrt(64)) (the 1/sqrt(d) scaling "
+            "as softmax's temperature, inside the Deep Taylor rule: a plain `* scale` would pass the gradient and "
+            "shrink the relevance reaching q and k by sqrt(d); `--scale-as-mul` times that variant)"
+        )
         + " -> lf.matmul(attn, v) -> o linear_epsilon -> lf.add2 residual -> rms_norm_identity -> gate/up "
         "linear_epsilon -> lf.mul2(lf.silu(gate), up) -> down linear_epsilon -> lf.add2 residual. "
         "torch block: the same with F.linear, torch.matmul, `* scale`, torch.softmax, `+`, `*`, F.silu and the "
@@ -565,14 +651,17 @@ def render(ops, block, mem, sd, threads, reps, block_reps, foreign):
         "|---|---:|---:|:---:|---:|---:|---:|---:|---:|",
     ]
     for label, key, ms, fwd, saved in (
-            ("torch (input gradient)", "torch", block["plain_ms"], block["fwd_pt_ms"], block["saved_pt_mib"]),
-            ("lrpcpp (relevance)", "lrpcpp", block["rel_ms"], block["fwd_lf_ms"], block["saved_lf_mib"])):
+        ("torch (input gradient)", "torch", block["plain_ms"], block["fwd_pt_ms"], block["saved_pt_mib"]),
+        ("lrpcpp (relevance)", "lrpcpp", block["rel_ms"], block["fwd_lf_ms"], block["saved_lf_mib"]),
+    ):
         m = mem[key]
         is_rel = key == "lrpcpp"
         ratio = f"{block['ratio']:.2f}" if is_rel else "1.00"
         met = f"{yes_no(block['ratio'] <= BLOCK_GOAL)} (<= {BLOCK_GOAL})" if is_rel else ""
-        L.append(f"| {label} | {ms:.1f} | {ratio} | {met} | {fwd:.1f} | {saved:.0f} | {m['before_kb'] / 1024:.0f} | "
-                 f"{m['peak_kb'] / 1024:.0f} | {(m['peak_kb'] - m['before_kb']) / 1024:.0f} |")
+        L.append(
+            f"| {label} | {ms:.1f} | {ratio} | {met} | {fwd:.1f} | {saved:.0f} | {m['before_kb'] / 1024:.0f} | "
+            f"{m['peak_kb'] / 1024:.0f} | {(m['peak_kb'] - m['before_kb']) / 1024:.0f} |"
+        )
     inc = {k: v["peak_kb"] - v["before_kb"] for k, v in mem.items()}
     L += [
         "",
@@ -588,28 +677,49 @@ def render(ops, block, mem, sd, threads, reps, block_reps, foreign):
     L += ["", "## Where the time goes", ""]
     slow = [r for r in ops if "prof_rel" in r]
     if slow:
-        L += [f"Ops whose ratio exceeds {ELEMENTWISE_GOAL}, profiled with torch.profiler (top ops by self CPU time "
-              "per backward call), and timed again on one thread (speed-up = 1-thread time / "
-              f"{threads}-thread time):", ""]
+        L += [
+            f"Ops whose ratio exceeds {ELEMENTWISE_GOAL}, profiled with torch.profiler (top ops by self CPU time "
+            "per backward call), and timed again on one thread (speed-up = 1-thread time / "
+            f"{threads}-thread time):",
+            "",
+        ]
         for r in slow:
             scaling = ""
             if "rel_1t_ms" in r:
-                scaling = (f" Speed-up from {threads} threads: relevance {r['rel_1t_ms'] / r['rel_ms']:.2f}x, "
-                           f"plain {r['plain_1t_ms'] / r['plain_ms']:.2f}x.")
-            L.append(f"- **{r['name']}** ({r['ratio']:.2f}x). Relevance: {fmt_profile(r['prof_rel'])}. "
-                     f"Plain: {fmt_profile(r['prof_plain'])}.{scaling}")
+                scaling = (
+                    f" Speed-up from {threads} threads: relevance {r['rel_1t_ms'] / r['rel_ms']:.2f}x, "
+                    f"plain {r['plain_1t_ms'] / r['plain_ms']:.2f}x."
+                )
+            L.append(
+                f"- **{r['name']}** ({r['ratio']:.2f}x). Relevance: {fmt_profile(r['prof_rel'])}. "
+                f"Plain: {fmt_profile(r['prof_plain'])}.{scaling}"
+            )
     if "prof_rel" in block:
-        L += ["", "Block backward (top ops by self CPU time per call):", "",
-              f"- relevance: {fmt_profile(block['prof_rel'])}",
-              f"- plain: {fmt_profile(block['prof_plain'])}"]
+        L += [
+            "",
+            "Block backward (top ops by self CPU time per call):",
+            "",
+            f"- relevance: {fmt_profile(block['prof_rel'])}",
+            f"- plain: {fmt_profile(block['prof_plain'])}",
+        ]
     if sd:
-        L += ["", f"`lrpcpp::stab_div` (R / stab(z), the first step of every epsilon-rule relevance) on "
-              f"[{B},{S},{FFN}]: {sd['random_ms']:.2f} ms with z of random sign, {sd['positive_ms']:.2f} ms with "
-              f"z >= 0; torch's `r / z`: {sd['torch_div_ms']:.2f} ms."
-              + (f" On one thread: stab_div {sd['random_1t_ms']:.2f} ms, `r / z` {sd['torch_div_1t_ms']:.2f} ms."
-                 if "random_1t_ms" in sd else "")]
-    L += ["", "Reading (the measured numbers above; the causes named are those of the CPU kernels in the measured "
-          "build's sources):", ""]
+        L += [
+            "",
+            f"`lrpcpp::stab_div` (R / stab(z), the first step of every epsilon-rule relevance) on "
+            f"[{B},{S},{FFN}]: {sd['random_ms']:.2f} ms with z of random sign, {sd['positive_ms']:.2f} ms with "
+            f"z >= 0; torch's `r / z`: {sd['torch_div_ms']:.2f} ms."
+            + (
+                f" On one thread: stab_div {sd['random_1t_ms']:.2f} ms, `r / z` {sd['torch_div_1t_ms']:.2f} ms."
+                if "random_1t_ms" in sd
+                else ""
+            ),
+        ]
+    L += [
+        "",
+        "Reading (the measured numbers above; the causes named are those of the CPU kernels in the measured "
+        "build's sources):",
+        "",
+    ]
     L += findings(ops, block, sd, threads)
     return "\n".join(L) + "\n"
 
@@ -623,8 +733,11 @@ def findings(ops, block, sd, threads):
         r = by.get(name, {})
         return r["rel_1t_ms"] / r["rel_ms"] if "rel_1t_ms" in r else None
 
-    serial = [n for n in ("softmax (dim=-1)", "layer_norm (weight, bias)")
-              if speedup(n) is not None and speedup(n) < SERIAL_SPEEDUP]
+    serial = [
+        n
+        for n in ("softmax (dim=-1)", "layer_norm (weight, bias)")
+        if speedup(n) is not None and speedup(n) < SERIAL_SPEEDUP
+    ]
     if sd and "random_1t_ms" in sd and sd["random_1t_ms"] / sd["random_ms"] < SERIAL_SPEEDUP:
         serial.append("stab_div")
     if threads > 1 and serial:
@@ -632,45 +745,61 @@ def findings(ops, block, sd, threads):
             f"- No speed-up from {threads} threads for the hand-written CPU loops ({', '.join(serial)}): they use "
             "`at::parallel_for`, whose OpenMP body is only compiled in when the extension itself is built with "
             "`-fopenmp` (ATen/Parallel-inl.h falls back to one serial call without `INTRA_OP_PARALLEL`). The "
-            "TensorIterator-based kernels (add2, mean) do run in parallel, since that loop lives in libtorch.")
+            "TensorIterator-based kernels (add2, mean) do run in parallel, since that loop lives in libtorch."
+        )
     if sd and sd["random_ms"] > 2.0 * sd["positive_ms"]:
         out.append(
             f"- stab_div costs {sd['random_ms'] / sd['positive_ms']:.1f}x more when the sign of z is random (as for "
             "real pre-activations) than when it is constant: the sign-aware stabiliser `z >= 0 ? z + eps : z - eps` "
             "is a data-dependent branch in a scalar loop, and mispredicts about every other element. A branch-free "
             "form (e.g. `z + copysign(eps, z)` with sign(0) handled, or an `at::vec` blend) would also let the "
-            "division vectorise, as torch's `r / z` does.")
-    for name, what in (("linear_epsilon vs F.linear", "the GEMM is shared with the gradient"),
-                       ("matmul", "both batched GEMMs are shared with the gradient")):
+            "division vectorise, as torch's `r / z` does."
+        )
+    for name, what in (
+        ("linear_epsilon vs F.linear", "the GEMM is shared with the gradient"),
+        ("matmul", "both batched GEMMs are shared with the gradient"),
+    ):
         r = by.get(name)
         if r and "prof_rel" in r:
             sdrow = [x for x in r["prof_rel"] if x[0] == "lrpcpp::stab_div"]
             if sdrow:
-                out.append(f"- {name}: {what}; the extra time is mostly `lrpcpp::stab_div` "
-                           f"({sdrow[0][1]:.1f} ms, {sdrow[0][2]:.0f}% of the relevance backward) over the "
-                           "op's output.")
+                out.append(
+                    f"- {name}: {what}; the extra time is mostly `lrpcpp::stab_div` "
+                    f"({sdrow[0][1]:.1f} ms, {sdrow[0][2]:.0f}% of the relevance backward) over the "
+                    "op's output."
+                )
     r = by.get("softmax (dim=-1)")
     if r and "prof_rel" in r:
-        out.append("- softmax: the rule R_x = x' (R - s sum R) reads three tensors (x, R, s) and writes one, where "
-                   "torch's `_softmax_backward_data` reads two (grad, s): 4/3 of the memory traffic, a floor of "
-                   "about 1.33x for this memory-bound size. Both passes per row are vectorised (`omp simd`).")
+        out.append(
+            "- softmax: the rule R_x = x' (R - s sum R) reads three tensors (x, R, s) and writes one, where "
+            "torch's `_softmax_backward_data` reads two (grad, s): 4/3 of the memory traffic, a floor of "
+            "about 1.33x for this memory-bound size. Both passes per row are vectorised (`omp simd`)."
+        )
     r = by.get("layer_norm (weight, bias)")
     if r and "prof_rel" in r:
-        out.append("- layer_norm: `lrpcpp::layer_norm_relevance` recomputes each row's mean and variance from x "
-                   "(the forward op keeps no statistics) and makes four vectorised passes per row; torch's "
-                   "`native_layer_norm_backward` reuses the saved mean and rstd.")
+        out.append(
+            "- layer_norm: `lrpcpp::layer_norm_relevance` recomputes each row's mean and variance from x "
+            "(the forward op keeps no statistics) and makes four vectorised passes per row; torch's "
+            "`native_layer_norm_backward` reuses the saved mean and rstd."
+        )
     r = by.get("mean (dim=-1)")
     if r and "prof_rel" in r and r["ratio"] > ELEMENTWISE_GOAL:
-        out.append("- mean: the relevance is the row sums of x, R / stab(sum) on the reduced shape, and one "
-                   "broadcast product with x; the gradient only spreads R / n, without reading x.")
+        out.append(
+            "- mean: the relevance is the row sums of x, R / stab(sum) on the reduced shape, and one "
+            "broadcast product with x; the gradient only spreads R / n, without reading x."
+        )
     r = by.get("add2 vs a + b")
     if r and "prof_rel" in r:
-        out.append(f"- add2: {r['rel_ms']:.2f} ms is one vectorised pass that reads R, a and b and writes two "
-                   "relevances; the gradient of `a + b` costs nothing, so no ratio goal can be met here.")
+        out.append(
+            f"- add2: {r['rel_ms']:.2f} ms is one vectorised pass that reads R, a and b and writes two "
+            "relevances; the gradient of `a + b` costs nothing, so no ratio goal can be met here."
+        )
     if block.get("prof_rel"):
         top = block["prof_rel"][0]
-        out.append(f"- Block: the largest self time in the relevance backward is `{top[0]}` "
-                   f"({top[1]:.1f} ms per call, {top[2]:.0f}%).")
+        out.append(
+            f"- Block: the largest self time in the relevance backward is `{top[0]}` "
+            f"({top[1]:.1f} ms per call, {top[2]:.0f}%)."
+        )
     return out or ["- Every op meets its goal."]
 
 
@@ -682,8 +811,11 @@ def main():
     ap.add_argument("--reps", type=int, default=15, help="timed repetitions per op (default 15)")
     ap.add_argument("--block-reps", type=int, default=7, help="timed repetitions of the block (default 7)")
     ap.add_argument("--no-diagnose", action="store_true", help="skip the profiler and one-thread diagnostics")
-    ap.add_argument("--scale-as-mul", action="store_true",
-                    help="lrpcpp block: scale the scores with a plain `* scale` instead of softmax's temperature")
+    ap.add_argument(
+        "--scale-as-mul",
+        action="store_true",
+        help="lrpcpp block: scale the scores with a plain `* scale` instead of softmax's temperature",
+    )
     ap.add_argument("--mem-child", choices=sorted(BLOCKS), help=argparse.SUPPRESS)
     args = ap.parse_args()
     SCALE_AS_MUL = args.scale_as_mul
@@ -699,9 +831,11 @@ def main():
     progress("LLaMA-style block ...")
     block = bench_block(args.block_reps, warmup=1)
     foreign = monitor.foreign_share()
-    progress(f"  block: plain {block['plain_ms']:.1f} ms, relevance {block['rel_ms']:.1f} ms, "
-             f"ratio {block['ratio']:.2f}; forward check max|diff| {block['fwd_err']:.2e} "
-             f"({'pass' if block['fwd_ok'] else 'FAIL'})")
+    progress(
+        f"  block: plain {block['plain_ms']:.1f} ms, relevance {block['rel_ms']:.1f} ms, "
+        f"ratio {block['ratio']:.2f}; forward check max|diff| {block['fwd_err']:.2e} "
+        f"({'pass' if block['fwd_ok'] else 'FAIL'})"
+    )
     if foreign is not None:
         progress(f"  other processes used {100 * foreign:.0f}% of the CPU time during the timings")
     sd = None

@@ -73,13 +73,21 @@ def kernels(n_elems, row, device="cuda"):
         tag = str(dtype).replace("torch.", "")
         out += [
             (f"stab_div {tag}", lambda r=r, z=z: ops.stab_div(r, z, 1e-6, 1.0, None), 3 * n_elems * size),
-            (f"add2_relevance {tag}", lambda r=r, a=a, z=z: ops.add2_relevance(r, a, z, 1e-8, [True, True]),
-             5 * n_elems * size),
-            (f"softmax_relevance {tag} (rows of {row})",
-             lambda rows=rows, z=z, s=s: ops.softmax_relevance(rows, z.view(-1, row), s, -1, 1.0), 4 * n_elems * size),
-            (f"layer_norm_relevance {tag} (rows of {row})",
-             lambda rows=rows, z=z, w=w: ops.layer_norm_relevance(rows, z.view(-1, row), [row], w, w, 1e-5, 1e-6),
-             3 * n_elems * size),
+            (
+                f"add2_relevance {tag}",
+                lambda r=r, a=a, z=z: ops.add2_relevance(r, a, z, 1e-8, [True, True]),
+                5 * n_elems * size,
+            ),
+            (
+                f"softmax_relevance {tag} (rows of {row})",
+                lambda rows=rows, z=z, s=s: ops.softmax_relevance(rows, z.view(-1, row), s, -1, 1.0),
+                4 * n_elems * size,
+            ),
+            (
+                f"layer_norm_relevance {tag} (rows of {row})",
+                lambda rows=rows, z=z, w=w: ops.layer_norm_relevance(rows, z.view(-1, row), [row], w, w, 1e-5, 1e-6),
+                3 * n_elems * size,
+            ),
             (f"identity_relevance {tag}", lambda r=r, d=dtype: ops.identity_relevance(r, d), 2 * n_elems * size),
         ]
     return out
@@ -95,8 +103,7 @@ def block_ratio(dtype, device="cuda", shape=(4, 2048, 2048, 16, 128, 5632), time
     times = {}
     for name, block in bench_cpu.BLOCKS.items():
         y = block(x, p)
-        seed = y.detach()
-        times[name] = timer(lambda: torch.autograd.grad(y, x, seed, retain_graph=True), reps=5)
+        times[name] = timer(lambda y=y: torch.autograd.grad(y, x, y.detach(), retain_graph=True), reps=5)
         del y
     return times["torch"], times["lrpcpp"]
 
@@ -121,8 +128,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="also append each row to this file as it is measured")
     parser.add_argument("--elements", type=int, default=1 << 27, help="elements per tensor (default 2^27)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="every row on the CPU at a tiny size, timed by the wall clock (checks the script)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="every row on the CPU at a tiny size, timed by the wall clock (checks the script)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     table = Table(args.out)
@@ -139,23 +149,35 @@ def main():
         table.add(f"GPU: {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}", "")
     src = torch.empty(n * 4, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    copy_gbs = 2 * src.numel() / timer(lambda: dst.copy_(src)) / 1e6
+    copy_gbs = 2 * src.numel() / timer(lambda src=src, dst=dst: dst.copy_(src)) / 1e6
     del src, dst
-    table.add(f"device-to-device copy: {copy_gbs:.0f} GB/s (bytes read + written)", "",
-              "| kernel | ms | GB/s | % of copy | goal >= 70% |", "|---|---:|---:|---:|:---:|")
+    table.add(
+        f"device-to-device copy: {copy_gbs:.0f} GB/s (bytes read + written)",
+        "",
+        "| kernel | ms | GB/s | % of copy | goal >= 70% |",
+        "|---|---:|---:|---:|:---:|",
+    )
     for name, fn, nbytes in kernels(n, row, device):
         ms = timer(fn)
         gbs = nbytes / ms / 1e6
-        table.add(f"| {name} | {ms:.3f} | {gbs:.0f} | {100 * gbs / copy_gbs:.0f}% | "
-                  f"{'yes' if gbs >= 0.7 * copy_gbs else 'no'} |")
+        table.add(
+            f"| {name} | {ms:.3f} | {gbs:.0f} | {100 * gbs / copy_gbs:.0f}% | "
+            f"{'yes' if gbs >= 0.7 * copy_gbs else 'no'} |"
+        )
         if device == "cuda":
             torch.cuda.empty_cache()
     b, s_, h = block_shape[:3]
-    table.add("", f"| LLaMA-style block, {str(block_dtype).replace('torch.', '')}, batch {b}, seq {s_}, "
-              f"hidden {h} | ms |", "|---|---:|")
+    table.add(
+        "",
+        f"| LLaMA-style block, {str(block_dtype).replace('torch.', '')}, batch {b}, seq {s_}, hidden {h} | ms |",
+        "|---|---:|",
+    )
     plain, rel = block_ratio(block_dtype, device, block_shape, timer)
-    table.add(f"| plain autograd gradient | {plain:.2f} |", f"| lrpcpp relevance | {rel:.2f} |",
-              f"| ratio (goal <= 1.15) | {rel / plain:.2f} |")
+    table.add(
+        f"| plain autograd gradient | {plain:.2f} |",
+        f"| lrpcpp relevance | {rel:.2f} |",
+        f"| ratio (goal <= 1.15) | {rel / plain:.2f} |",
+    )
 
 
 if __name__ == "__main__":

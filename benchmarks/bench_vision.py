@@ -32,9 +32,8 @@ import sys
 import time
 
 import results_file  # benchmarks/results_file.py
-from machine import cpu_model  # benchmarks/machine.py
-
 import torch
+from machine import cpu_model  # benchmarks/machine.py
 from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -76,7 +75,7 @@ class ResNet50Shaped(nn.Module):
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         layers, cin = [], base
         for i, n in enumerate(blocks):
-            width = base * 2 ** i
+            width = base * 2**i
             stage = []
             for j in range(n):
                 stage.append(Bottleneck(cin, width, 2 if (j == 0 and i > 0) else 1))
@@ -99,8 +98,18 @@ def build(name: str, quick: bool):
     if name == "vit":
         import transformers as tfm
 
-        kwargs = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      image_size=32, patch_size=8) if quick else {}
+        kwargs = (
+            dict(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=32,
+                patch_size=8,
+            )
+            if quick
+            else {}
+        )
         config = tfm.ViTConfig(num_labels=1000, **kwargs)
         config._attn_implementation = "sdpa"
         model = tfm.ViTForImageClassification(config).eval()
@@ -186,12 +195,18 @@ def child(model_name: str, variant: str, quick: bool) -> dict:
 def measure_memory(model_name: str, variant: str, quick: bool, runs: int) -> dict:
     results = []
     for _ in range(runs):
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", model_name, variant]
-                             + (["--quick"] if quick else []), capture_output=True, text=True, check=True,
-                             env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python")))
+        out = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--child", model_name, variant]
+            + (["--quick"] if quick else []),
+            capture_output=True,
+            text=True,
+            check=True,
+            env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python")),
+        )
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    return {k: statistics.median(r[k] for r in results) if k != "exact" else all(r[k] for r in results)
-            for k in results[0]}
+    return {
+        k: statistics.median(r[k] for r in results) if k != "exact" else all(r[k] for r in results) for k in results[0]
+    }
 
 
 # ----------------------------------------------------------------------------- time (this process)
@@ -202,8 +217,10 @@ def measure_time(model_name: str, quick: bool, reps: int, warmup: int) -> dict:
     rel_lrp, out_lrp = outputs["lrpcpp preset"]
     # bitwise for the ViT; with batch norms merged into the convolutions, equal up to rounding
     diff = float(((out_lrp - out_plain).abs() / out_plain.abs().clamp_min(1e-30)).max())
-    checks = {"explained logit bitwise equal" if diff == 0 else f"explained logit within {diff:.1e} (relative)":
-              diff < 1e-4, "relevance finite": bool(torch.isfinite(rel_lrp).all())}
+    checks = {
+        "explained logit bitwise equal" if diff == 0 else f"explained logit within {diff:.1e} (relative)": diff < 1e-4,
+        "relevance finite": bool(torch.isfinite(rel_lrp).all()),
+    }
     for _ in range(warmup):
         for fn in VARIANTS.values():
             fn(model, pixels, preset)
@@ -212,7 +229,7 @@ def measure_time(model_name: str, quick: bool, reps: int, warmup: int) -> dict:
     cpu_before, wall_before = time.process_time(), time.perf_counter()
     load_before = _cpu_busy()
     for i in range(reps):
-        for name in (names if i % 2 == 0 else names[::-1]):
+        for name in names if i % 2 == 0 else names[::-1]:
             t0 = time.perf_counter()
             VARIANTS[name](model, pixels, preset)
             times[name].append(time.perf_counter() - t0)
@@ -242,20 +259,25 @@ def machine() -> str:
 
 
 def mib(n: float) -> str:
-    return f"{n / 2 ** 20:.0f} MiB"
+    return f"{n / 2**20:.0f} MiB"
 
 
 def report(results: dict, args) -> str:
     load = open("/proc/loadavg").read().split()[:3]
-    lines = [SECTION, "",
-             f"Machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads; commit {results_file.commit()}; "
-             f"load average before the run {', '.join(load)} (`uptime`; other builds may have been running).",
-             f"`benchmarks/bench_vision.py`{' --quick' if args.quick else ''}: one image, top class, every parameter "
-             f"frozen; time: median of {args.reps} interleaved repetitions after {args.warmup} warm-up calls; memory: "
-             f"fresh process per variant, median of {args.mem_runs}.", "",
-             "| model | preset | plain gradient | lrpcpp | time ratio (goal) | peak RSS plain / lrpcpp | "
-             "peak increase plain / lrpcpp | memory ratio: peak / increase (goal) | cached transforms |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        SECTION,
+        "",
+        f"Machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"commit {results_file.commit()}; "
+        f"load average before the run {', '.join(load)} (`uptime`; other builds may have been running).",
+        f"`benchmarks/bench_vision.py`{' --quick' if args.quick else ''}: one image, top class, every parameter "
+        f"frozen; time: median of {args.reps} interleaved repetitions after {args.warmup} warm-up calls; memory: "
+        f"fresh process per variant, median of {args.mem_runs}.",
+        "",
+        "| model | preset | plain gradient | lrpcpp | time ratio (goal) | peak RSS plain / lrpcpp | "
+        "peak increase plain / lrpcpp | memory ratio: peak / increase (goal) | cached transforms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in results.items():
         t = r["time"]["times"]
         tp, tl = t["plain gradient"], t["lrpcpp preset"]
@@ -264,17 +286,22 @@ def report(results: dict, args) -> str:
         if "memory" in r:
             mp, ml = r["memory"]["plain gradient"], r["memory"]["lrpcpp preset"]
             goal_m = "1.5" if name == "ViT-B/16" else "report"
-            row += [f"{mib(mp['peak'])} / {mib(ml['peak'])}", f"{mib(mp['increase'])} / {mib(ml['increase'])}",
-                    f"{ml['peak'] / mp['peak']:.2f}x / {ml['increase'] / max(mp['increase'], 1):.2f}x ({goal_m})",
-                    mib(ml["cache"])]
+            row += [
+                f"{mib(mp['peak'])} / {mib(ml['peak'])}",
+                f"{mib(mp['increase'])} / {mib(ml['increase'])}",
+                f"{ml['peak'] / mp['peak']:.2f}x / {ml['increase'] / max(mp['increase'], 1):.2f}x ({goal_m})",
+                mib(ml["cache"]),
+            ]
         else:
             row += ["-", "-", "-", "-"]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     for name, r in results.items():
         checks = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in r["time"]["checks"].items())
-        lines.append(f"- {name}: {checks}; other processes used {r['time']['other_cpu'] * 100:.0f} % of the CPU "
-                     "time while it was timed.")
+        lines.append(
+            f"- {name}: {checks}; other processes used {r['time']['other_cpu'] * 100:.0f} % of the CPU "
+            "time while it was timed."
+        )
     return "\n".join(lines) + "\n"
 
 

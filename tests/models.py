@@ -4,9 +4,18 @@ import torch
 import transformers as tfm
 
 VOCAB = 64
-_DECODER = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0,
-                bos_token_id=1, eos_token_id=2)
+_DECODER = dict(
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 _MOE = dict(num_experts_per_tok=2)
 
 # family -> (config class, model class, config arguments)
@@ -15,24 +24,56 @@ FAMILIES = {
     "mistral": (tfm.MistralConfig, tfm.MistralForCausalLM, _DECODER),
     "qwen2": (tfm.Qwen2Config, tfm.Qwen2ForCausalLM, _DECODER),
     "qwen3": (tfm.Qwen3Config, tfm.Qwen3ForCausalLM, dict(_DECODER, head_dim=8)),
-    "qwen3_moe": (tfm.Qwen3MoeConfig, tfm.Qwen3MoeForCausalLM,
-                  dict(_DECODER, head_dim=8, moe_intermediate_size=24, num_experts=4, **_MOE)),
+    "qwen3_moe": (
+        tfm.Qwen3MoeConfig,
+        tfm.Qwen3MoeForCausalLM,
+        dict(_DECODER, head_dim=8, moe_intermediate_size=24, num_experts=4, **_MOE),
+    ),
     "gemma": (tfm.GemmaConfig, tfm.GemmaForCausalLM, dict(_DECODER, head_dim=8)),
     # tanh soft-capping is neither in AttnLRP nor CP-LRP: these models are explained without it
-    "gemma2": (tfm.Gemma2Config, tfm.Gemma2ForCausalLM,
-               dict(_DECODER, head_dim=8, final_logit_softcapping=None, attn_logit_softcapping=None)),
-    "gemma3": (tfm.Gemma3TextConfig, tfm.Gemma3ForCausalLM,
-               dict(_DECODER, head_dim=8, final_logit_softcapping=None, attn_logit_softcapping=None)),
+    "gemma2": (
+        tfm.Gemma2Config,
+        tfm.Gemma2ForCausalLM,
+        dict(_DECODER, head_dim=8, final_logit_softcapping=None, attn_logit_softcapping=None),
+    ),
+    "gemma3": (
+        tfm.Gemma3TextConfig,
+        tfm.Gemma3ForCausalLM,
+        dict(_DECODER, head_dim=8, final_logit_softcapping=None, attn_logit_softcapping=None),
+    ),
     "phi3": (tfm.Phi3Config, tfm.Phi3ForCausalLM, _DECODER),
     "mixtral": (tfm.MixtralConfig, tfm.MixtralForCausalLM, dict(_DECODER, num_local_experts=4, **_MOE)),
-    "gpt2": (tfm.GPT2Config, tfm.GPT2LMHeadModel,
-             dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=1, eos_token_id=2)),
-    "bert": (tfm.BertConfig, tfm.BertForSequenceClassification,
-             dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
-                  num_labels=3, pad_token_id=0)),
-    "vit": (tfm.ViTConfig, tfm.ViTForImageClassification,
-            dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=16,
-                 patch_size=4, num_labels=3)),
+    "gpt2": (
+        tfm.GPT2Config,
+        tfm.GPT2LMHeadModel,
+        dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=1, eos_token_id=2),
+    ),
+    "bert": (
+        tfm.BertConfig,
+        tfm.BertForSequenceClassification,
+        dict(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=VOCAB,
+            num_labels=3,
+            pad_token_id=0,
+        ),
+    ),
+    "vit": (
+        tfm.ViTConfig,
+        tfm.ViTForImageClassification,
+        dict(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=16,
+            patch_size=4,
+            num_labels=3,
+        ),
+    ),
 }
 MOE = {"mixtral", "qwen3_moe"}
 VISION = {"vit"}
@@ -49,7 +90,7 @@ def build(family: str, dtype=torch.float64, attn: str = "sdpa", seed: int = 0, *
     config._attn_implementation = attn
     model = model_cls(config).to(dtype).eval()
     with torch.no_grad():  # larger weights than the default init, so that outputs are far from zero
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.3)
     return model
@@ -69,7 +110,10 @@ def bias_free(model):
     with torch.no_grad():
         for name, p in model.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
-            if leaf == "bias" or leaf in ("cls_token", "position_embeddings") or any(
-                    k in name for k in ("position_embeddings", "token_type_embeddings", "wpe")):
+            if (
+                leaf == "bias"
+                or leaf in ("cls_token", "position_embeddings")
+                or any(k in name for k in ("position_embeddings", "token_type_embeddings", "wpe"))
+            ):
                 p.zero_()
     return model

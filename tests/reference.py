@@ -49,8 +49,7 @@ def add2(a, b, R, eps):
 
 def mul2(a, b, R, a_relevant=True, b_relevant=True):
     share = 0.5 if (a_relevant and b_relevant) else 1.0
-    return (sum_to(R * share, a.shape) if a_relevant else None,
-            sum_to(R * share, b.shape) if b_relevant else None)
+    return (sum_to(R * share, a.shape) if a_relevant else None, sum_to(R * share, b.shape) if b_relevant else None)
 
 
 def matmul(a, b, R, eps, a_relevant=True, b_relevant=True, o=None):

@@ -3,14 +3,13 @@ accepts (preset options, wrappers, padded batches) it explains as documented."""
 
 import dataclasses
 
+import lrpcpp
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
-import lrpcpp
 from lrpcpp import presets as P
 from models import build, inputs
+from torch import nn
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +52,20 @@ def test_integer_targets_of_every_accepted_kind_agree(gpt2):
 
 
 # ----------------------------------------------------------------------------- callable targets
-@pytest.mark.parametrize("make,error,match", [
-    (lambda out: out.logits[:, -1, 3].detach(), ValueError, "does not depend on the model output"),
-    (lambda out: torch.zeros(2), ValueError, "does not depend on the model output"),
-    (lambda out: out.logits[:, -1, :2], ValueError, r"one value per batch item \(shape \[2\]\).*got shape \(2, 2\)"),
-    (lambda out: out.logits[:, -2:, 3].flatten(), ValueError, r"shape \[2\].*got shape \(4,\)"),
-    (lambda out: out.logits[0, -1, 3].tolist(), TypeError, "callable target must return a tensor, got float"),
-])
+@pytest.mark.parametrize(
+    "make,error,match",
+    [
+        (lambda out: out.logits[:, -1, 3].detach(), ValueError, "does not depend on the model output"),
+        (lambda out: torch.zeros(2), ValueError, "does not depend on the model output"),
+        (
+            lambda out: out.logits[:, -1, :2],
+            ValueError,
+            r"one value per batch item \(shape \[2\]\).*got shape \(2, 2\)",
+        ),
+        (lambda out: out.logits[:, -2:, 3].flatten(), ValueError, r"shape \[2\].*got shape \(4,\)"),
+        (lambda out: out.logits[0, -1, 3].tolist(), TypeError, "callable target must return a tensor, got float"),
+    ],
+)
 def test_a_callable_target_must_return_a_value_per_row_that_depends_on_the_output(gpt2, make, error, match):
     with pytest.raises(error, match=match):
         lrpcpp.attribute(gpt2, target=make, **inputs("gpt2"))
@@ -75,8 +81,11 @@ def test_a_callable_target_may_return_one_value_for_the_whole_batch(gpt2):
 
 # ----------------------------------------------------------------------------- presets
 def test_preset_checks_its_option_names_now_and_lists_the_valid_ones():
-    with pytest.raises(TypeError, match=r"'vit' has no option gama_linear; its options are gamma_linear, gamma_conv, "
-                                        r"epsilon"):
+    with pytest.raises(
+        TypeError,
+        match=r"'vit' has no option gama_linear; its options are gamma_linear, gamma_conv, "
+        r"epsilon",
+    ):
         lrpcpp.preset("vit", gama_linear=0.5)
     with pytest.raises(ValueError, match="unknown preset 'vitt'"):
         lrpcpp.preset("vitt")
@@ -88,12 +97,17 @@ def test_preset_checks_its_option_names_now_and_lists_the_valid_ones():
         built.method = "attnlrp"
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(gamma_linear=0.05),
-     r"gamma_linear= is an option of the preset\(s\) vit.*lrpcpp\.preset\('vit', gamma_linear"),
-    (dict(gama_linear=0.5), r"gama_linear= looks like gamma_linear=, which is an option"),
-    (dict(low=0.0), r"low= is an option of the preset\(s\) epsilon_gamma_box"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (
+            dict(gamma_linear=0.05),
+            r"gamma_linear= is an option of the preset\(s\) vit.*lrpcpp\.preset\('vit', gamma_linear",
+        ),
+        (dict(gama_linear=0.5), r"gama_linear= looks like gamma_linear=, which is an option"),
+        (dict(low=0.0), r"low= is an option of the preset\(s\) epsilon_gamma_box"),
+    ],
+)
 def test_a_preset_option_among_the_model_inputs_is_refused(kwargs, match):
     model = build("vit")
     with pytest.raises(TypeError, match=match):
@@ -145,8 +159,11 @@ class Wrapper(nn.Module):
 
 
 def test_a_wrapped_model_without_embeddings_says_what_to_pass(gpt2):
-    with pytest.raises(TypeError, match=r"input_ids needs model\.get_input_embeddings\(\).*Wrapper has no "
-                                        r"get_input_embeddings; pass inputs_embeds=.*\(here: model\.inner\)"):
+    with pytest.raises(
+        TypeError,
+        match=r"input_ids needs model\.get_input_embeddings\(\).*Wrapper has no "
+        r"get_input_embeddings; pass inputs_embeds=.*\(here: model\.inner\)",
+    ):
         lrpcpp.attribute(Wrapper(gpt2), **inputs("gpt2"))
 
 
@@ -157,8 +174,9 @@ def test_a_wrapped_model_given_embeddings_is_explained_as_the_model_itself(gpt2)
     mask[1, :2] = 0
     got = lrpcpp.attribute(Wrapper(gpt2), inputs_embeds=emb, attention_mask=mask, target=7)
     # the wrapper's forward takes no position_ids: its positions are the inner model's defaults
-    ref = lrpcpp.attribute(gpt2, inputs_embeds=emb, attention_mask=mask, target=7,
-                           position_ids=torch.arange(ids.shape[1]).expand_as(ids))
+    ref = lrpcpp.attribute(
+        gpt2, inputs_embeds=emb, attention_mask=mask, target=7, position_ids=torch.arange(ids.shape[1]).expand_as(ids)
+    )
     torch.testing.assert_close(got.relevance, ref.relevance, rtol=1e-12, atol=1e-12)
 
 
@@ -214,10 +232,10 @@ def test_a_padded_decoder_batch_equals_each_row_alone(family, side):
     mask[1, real[1]] = 1
     batch = lrpcpp.attribute(model, input_ids=ids, attention_mask=mask)
     for i in range(2):
-        single = lrpcpp.attribute(model, input_ids=ids[i:i + 1, real[i]])
+        single = lrpcpp.attribute(model, input_ids=ids[i : i + 1, real[i]])
         assert single.relevance.shape[1] == lengths[i]
-        torch.testing.assert_close(batch.output[i:i + 1], single.output, rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(batch.relevance[i:i + 1, real[i]], single.relevance, rtol=1e-7, atol=1e-10)
+        torch.testing.assert_close(batch.output[i : i + 1], single.output, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(batch.relevance[i : i + 1, real[i]], single.relevance, rtol=1e-7, atol=1e-10)
     assert torch.all(batch.relevance[1][mask[1] == 0] == 0)
 
 

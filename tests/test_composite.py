@@ -2,15 +2,14 @@
 
 import math
 
+import lrpcpp.functional as lf
+import lrpcpp.modules as lm
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-import lrpcpp.functional as lf
-import lrpcpp.modules as lm
 from lrpcpp.composite import DEFAULT_MODULE_MAP, Composite, CompositeHandle, identity_module
 from lrpcpp.explicit import ExplicitRules, UnruledOperationWarning
+from torch import nn
 
 f64 = torch.float64
 
@@ -37,8 +36,10 @@ def snapshot(model):
         "modules": [(n, m) for n, m in model.named_modules(remove_duplicate=False)],
         "state": {k: (v, v.detach().clone()) for k, v in model.state_dict(keep_vars=True).items()},
         "dicts": {n: dict(m.__dict__) for n, m in model.named_modules()},
-        "hooks": {n: [len(getattr(m, h)) for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")]
-                  for n, m in model.named_modules()},
+        "hooks": {
+            n: [len(getattr(m, h)) for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")]
+            for n, m in model.named_modules()
+        },
     }
 
 
@@ -252,8 +253,7 @@ class NewGELU(nn.Module):
 
 def test_identity_module_for_norms_and_formula_activations():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6, bias=False), HFStyleRMSNorm(6), NewGELU(),
-                          nn.Linear(6, 1, bias=False))
+    model = nn.Sequential(nn.Linear(4, 6, bias=False), HFStyleRMSNorm(6), NewGELU(), nn.Linear(6, 1, bias=False))
     x = torch.randn(3, 4)
     want = model(x)
     before = snapshot(model)
@@ -303,8 +303,7 @@ def test_conservation_of_a_bias_free_model_with_constant_attention():
             self.qk = nn.Linear(d, 2 * d, bias=False)
             self.v, self.o = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
             self.norm = nn.LayerNorm(d, bias=False)
-            self.mlp = nn.Sequential(nn.Linear(d, 2 * d, bias=False), nn.GELU(),
-                                     nn.Linear(2 * d, d, bias=False))
+            self.mlp = nn.Sequential(nn.Linear(d, 2 * d, bias=False), nn.GELU(), nn.Linear(2 * d, d, bias=False))
             self.softmax = nn.Softmax(-1)
             self.out = nn.Linear(d, 1, bias=False)
 
@@ -330,16 +329,25 @@ def hf_model(name):
     if name == "gpt2":
         from transformers.activations import NewGELUActivation
 
-        config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=16,
-                                         bos_token_id=0, eos_token_id=0)
+        config = transformers.GPT2Config(
+            vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=16, bos_token_id=0, eos_token_id=0
+        )
         model = transformers.GPT2LMHeadModel(config)
         extra = {NewGELUActivation: identity_module}
     else:
         from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-        config = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, bos_token_id=0,
-                                          eos_token_id=0, pad_token_id=0)
+        config = transformers.LlamaConfig(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
         model = transformers.LlamaForCausalLM(config)
         extra = {LlamaRMSNorm: identity_module}
     return model.double().eval(), {**DEFAULT_MODULE_MAP, **extra}

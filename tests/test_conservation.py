@@ -1,10 +1,9 @@
 """Conservation: sum of input relevance equals the relevance that arrived, where the rule conserves
 (RULES.md section 1, last column); the softmax bias term where it does not."""
 
+import lrpcpp.functional as lf
 import pytest
 import torch
-
-import lrpcpp.functional as lf
 
 
 def leaf(*shape, offset=0.0):
@@ -92,10 +91,19 @@ def test_mean_conserves(dim):
     close(total(x), R.sum())
 
 
-@pytest.mark.parametrize("op", [lf.silu, lf.gelu, lf.tanh, lf.relu, lf.sigmoid,
-                                lambda x: lf.rms_norm_identity(x, [6]),
-                                lambda x: lf.layer_norm_identity(x, [6]),
-                                lambda x: lf.normalize_identity(x, 2.0, -1)])
+@pytest.mark.parametrize(
+    "op",
+    [
+        lf.silu,
+        lf.gelu,
+        lf.tanh,
+        lf.relu,
+        lf.sigmoid,
+        lambda x: lf.rms_norm_identity(x, [6]),
+        lambda x: lf.layer_norm_identity(x, [6]),
+        lambda x: lf.normalize_identity(x, 2.0, -1),
+    ],
+)
 def test_identity_rule_conserves(op):
     x = leaf(4, 6)
     y = op(x)

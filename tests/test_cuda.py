@@ -9,21 +9,22 @@ TF32 is turned off for cuDNN convolutions in this module (torch enables it by de
 compare the rules' arithmetic with a float64 reference at float32 tolerance, and TF32's 10-bit
 mantissa would need a conv-only tolerance ~50x looser, hiding real float32 errors in the kernels."""
 
-import pytest
-import torch
-from torch.library import opcheck
-
 import lrpcpp  # noqa: F401  (registers the ops)
 import lrpcpp.functional as lf
+import pytest
 import reference as ref
+import torch
 from block import Head, relevance
 from conftest import DTYPES, TOL
 from test_gradient_input import gi_block, gi_inputs, input_gradient
 from test_opcheck import RELEVANCE_OPS, SAMPLES
+from torch.library import opcheck
 
 if not torch.cuda.is_available():
-    NO_CUDA = ("no CUDA device is visible (torch.cuda.is_available() is False); the CPU tests cover the "
-               "shared per-element math")
+    NO_CUDA = (
+        "no CUDA device is visible (torch.cuda.is_available() is False); the CPU tests cover the "
+        "shared per-element math"
+    )
 elif torch.ops.lrpcpp.cuda_version() <= 0:
     NO_CUDA = "lrpcpp was built without CUDA kernels (LRPCPP_CUDA=0 or no nvcc at build time)"
 else:
@@ -47,8 +48,12 @@ OPS = sorted(n for n in SAMPLES if n != "cuda_version")
 
 
 def to(args, device, dtype):
-    return tuple(a.detach().to(device=device, dtype=dtype).requires_grad_(a.requires_grad)
-                 if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    return tuple(
+        a.detach().to(device=device, dtype=dtype).requires_grad_(a.requires_grad)
+        if isinstance(a, torch.Tensor) and a.is_floating_point()
+        else a
+        for a in args
+    )
 
 
 def run(name, args):
@@ -114,10 +119,19 @@ def close_to(got, expected, dtype):
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("grad_shape,factor_shape", [((2, 3, 12), ()), ((2, 3, 12), (12,)), ((5, 7), (7,)),
-                                                     ((2, 3, 12), (1, 3, 12)), ((2, 3, 12), (3, 1)),
-                                                     ((2, 3, 12), (2, 3, 12)), ((4, 1), (1,))],
-                         ids=str)
+@pytest.mark.parametrize(
+    "grad_shape,factor_shape",
+    [
+        ((2, 3, 12), ()),
+        ((2, 3, 12), (12,)),
+        ((5, 7), (7,)),
+        ((2, 3, 12), (1, 3, 12)),
+        ((2, 3, 12), (3, 1)),
+        ((2, 3, 12), (2, 3, 12)),
+        ((4, 1), (1,)),
+    ],
+    ids=str,
+)
 def test_gi_scale_backward_on_cuda(dtype, grad_shape, factor_shape):
     """Factors that repeat along grad (read in place), and other broadcasts (expanded first)."""
     grad = torch.randn(grad_shape, dtype=torch.float64).to(dtype).double()
@@ -151,8 +165,7 @@ def test_gi_identity_fp16_factor_is_finite_on_cuda():
 
 
 @needs_cuda
-@pytest.mark.parametrize("x_dtype,y_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16)],
-                         ids=str)
+@pytest.mark.parametrize("x_dtype,y_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16)], ids=str)
 def test_gi_identity_mixed_dtypes_on_cuda(x_dtype, y_dtype):
     x0 = torch.randn(5, 33, dtype=torch.float64)
     x = x0.to("cuda", x_dtype).requires_grad_()
@@ -174,8 +187,9 @@ def test_gi_layer_norm_backward_on_cuda(dtype, shape, ns):
     x = torch.randn(shape, dtype=torch.float64).to(dtype).double()
     g = torch.randn(shape, dtype=torch.float64).to(dtype).double()
     w = torch.randn(ns, dtype=torch.float64).to(dtype).double()
-    out = torch.ops.lrpcpp.gi_layer_norm_backward(g.to("cuda", dtype), x.to("cuda", dtype), ns,
-                                                   w.to("cuda", dtype), 1e-5)
+    out = torch.ops.lrpcpp.gi_layer_norm_backward(
+        g.to("cuda", dtype), x.to("cuda", dtype), ns, w.to("cuda", dtype), 1e-5
+    )
     assert out.dtype == dtype
     close_to(out, ref.gi_layer_norm(x, ns, w, g, 1e-5), dtype)
 
@@ -200,8 +214,11 @@ def test_attribute_on_cuda_matches_cpu(family, dtype):
     kw = inputs(family, dtype=torch.float32)
     expected = lrpcpp.attribute(model, **kw)
     model = model.to("cuda", dtype)
-    got = lrpcpp.attribute(model, target=expected.target.cuda(), **{
-        k: v.to("cuda", dtype) if v.is_floating_point() else v.cuda() for k, v in kw.items()})
+    got = lrpcpp.attribute(
+        model,
+        target=expected.target.cuda(),
+        **{k: v.to("cuda", dtype) if v.is_floating_point() else v.cuda() for k, v in kw.items()},
+    )
     assert torch.isfinite(got.relevance).all()
     a, b = got.token_relevance.double().cpu().flatten(), expected.token_relevance.double().flatten()
     if dtype == torch.float32:
@@ -228,8 +245,14 @@ def _elementwise(name, ts):
     raise KeyError(name)
 
 
-ELEMENTWISE = {"stab_div": 2, "stab_div float32 out": 2, "add2_relevance": 3, "gi_identity_forward": 2,
-               "gi_scale_backward": 2, "gamma_stab_div": 3}
+ELEMENTWISE = {
+    "stab_div": 2,
+    "stab_div float32 out": 2,
+    "add2_relevance": 3,
+    "gi_identity_forward": 2,
+    "gi_scale_backward": 2,
+    "gamma_stab_div": 3,
+}
 
 
 def _flat(out):
@@ -296,8 +319,10 @@ ROW_OPS = ["softmax_relevance", "layer_norm_relevance", "gi_layer_norm_backward"
 
 @on_devices
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("name,length", [(n, k) for n in ROW_OPS for k in [1, 2, 31, 32, 33, 1023, 1024, 1025, 5000]
-                                         if k > 1 or n == "softmax_relevance"])  # a norm over 1 value: variance 0
+@pytest.mark.parametrize(
+    "name,length",
+    [(n, k) for n in ROW_OPS for k in [1, 2, 31, 32, 33, 1023, 1024, 1025, 5000] if k > 1 or n == "softmax_relevance"],
+)  # a norm over 1 value: variance 0
 def test_row_lengths_across_warp_counts(device, dtype, length, name):
     """One block per row: rows shorter than a warp, around a warp, around the 1024-thread block, and
     longer than the block (each thread loops)."""
@@ -352,8 +377,11 @@ def test_strided_broadcast_and_stride0_inputs(device):
     row = torch.randn(20, device=device).expand(6, 20)  # stride 0 along dim 0
     assert torch.equal(ops.stab_div(row, z, 1e-6, 1.0, None), ops.stab_div(dense(row), dense(z), 1e-6, 1.0, None))
     # add2: b broadcast (its relevance summed back to its shape)
-    g, a, b = torch.randn(6, 20, device=device), torch.randn(6, 20, device=device).t().contiguous().t(), \
-        torch.randn(20, device=device)
+    g, a, b = (
+        torch.randn(6, 20, device=device),
+        torch.randn(6, 20, device=device).t().contiguous().t(),
+        torch.randn(20, device=device),
+    )
     ra, rb = ops.add2_relevance(g, a, b, 1e-8, [True, True])
     ea, eb = ref.add2(a.double().cpu(), b.double().cpu(), g.double().cpu(), 1e-8)
     close_to(ra, ea, torch.float32)
@@ -363,18 +391,24 @@ def test_strided_broadcast_and_stride0_inputs(device):
     x = torch.randn(20, 6, device=device).t()
     s = torch.softmax(x, -1)
     gs = torch.randn(20, 6, device=device).t()
-    assert torch.equal(ops.softmax_relevance(gs, x, s, -1, 2.0),
-                       ops.softmax_relevance(dense(gs), dense(x), dense(s), -1, 2.0))
+    assert torch.equal(
+        ops.softmax_relevance(gs, x, s, -1, 2.0), ops.softmax_relevance(dense(gs), dense(x), dense(s), -1, 2.0)
+    )
     w = torch.randn(20, device=device)
-    assert torch.equal(ops.layer_norm_relevance(gs, x, [20], w, None, 1e-5, 1e-6),
-                       ops.layer_norm_relevance(dense(gs), dense(x), [20], w, None, 1e-5, 1e-6))
-    assert torch.equal(ops.gi_layer_norm_backward(gs, x, [20], w, 1e-5),
-                       ops.gi_layer_norm_backward(dense(gs), dense(x), [20], w, 1e-5))
+    assert torch.equal(
+        ops.layer_norm_relevance(gs, x, [20], w, None, 1e-5, 1e-6),
+        ops.layer_norm_relevance(dense(gs), dense(x), [20], w, None, 1e-5, 1e-6),
+    )
+    assert torch.equal(
+        ops.gi_layer_norm_backward(gs, x, [20], w, 1e-5), ops.gi_layer_norm_backward(dense(gs), dense(x), [20], w, 1e-5)
+    )
     # gi_scale_backward: an expanded (stride-0) gradient, and factors that repeat or broadcast
     grad = torch.randn(1, 20, device=device).expand(6, 20)
     for factor in (torch.randn(20, device=device), torch.randn(6, 1, device=device), torch.tensor(0.5, device=device)):
-        assert torch.equal(ops.gi_scale_backward(grad, factor, torch.float32),
-                           ops.gi_scale_backward(dense(grad), dense(factor.expand(6, 20)), torch.float32))
+        assert torch.equal(
+            ops.gi_scale_backward(grad, factor, torch.float32),
+            ops.gi_scale_backward(dense(grad), dense(factor.expand(6, 20)), torch.float32),
+        )
 
 
 @on_devices
@@ -416,8 +450,7 @@ def test_mixed_dtypes(device):
     s = torch.ops.lrpcpp.softmax(x, -1, 1.0, torch.float32)
     s.backward(torch.ones_like(s))
     assert x.grad.dtype == torch.bfloat16
-    close_to(x.grad, ref.softmax(x.detach().double().cpu(), torch.ones(5, 33, dtype=torch.float64), -1),
-             torch.bfloat16)
+    close_to(x.grad, ref.softmax(x.detach().double().cpu(), torch.ones(5, 33, dtype=torch.float64), -1), torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------- CUDA only: syncs, graphs, streams
@@ -445,12 +478,14 @@ def test_no_host_sync_in_relevance_backward(name):
 
 def _graph_ops(t):
     """Relevance kernels of every family on the static inputs t."""
-    return [ops.stab_div(t["r"], t["z"], 1e-6, 1.0, None),
-            *ops.add2_relevance(t["r"], t["z"], t["a"], 1e-8, [True, True]),
-            ops.softmax_relevance(t["r"], t["z"], t["s"], -1, 2.0),
-            ops.layer_norm_relevance(t["r"], t["z"], [64], t["w"], None, 1e-5, 1e-6),
-            ops.gi_scale_backward(t["r"], t["w"], torch.float32),
-            ops.gi_layer_norm_backward(t["r"], t["z"], [64], t["w"], 1e-5)]
+    return [
+        ops.stab_div(t["r"], t["z"], 1e-6, 1.0, None),
+        *ops.add2_relevance(t["r"], t["z"], t["a"], 1e-8, [True, True]),
+        ops.softmax_relevance(t["r"], t["z"], t["s"], -1, 2.0),
+        ops.layer_norm_relevance(t["r"], t["z"], [64], t["w"], None, 1e-5, 1e-6),
+        ops.gi_scale_backward(t["r"], t["w"], torch.float32),
+        ops.gi_layer_norm_backward(t["r"], t["z"], [64], t["w"], 1e-5),
+    ]
 
 
 @needs_cuda
@@ -461,8 +496,13 @@ def test_cuda_graph_capture_and_replay():
 
     def fresh():
         z = torch.randn(16, 64, device="cuda")
-        return {"r": torch.randn(16, 64, device="cuda"), "z": z, "a": torch.randn(16, 64, device="cuda"),
-                "s": torch.softmax(z / 2.0, -1), "w": torch.randn(64, device="cuda")}
+        return {
+            "r": torch.randn(16, 64, device="cuda"),
+            "z": z,
+            "a": torch.randn(16, 64, device="cuda"),
+            "s": torch.softmax(z / 2.0, -1),
+            "w": torch.randn(64, device="cuda"),
+        }
 
     static = fresh()
     side = torch.cuda.Stream()
@@ -516,5 +556,6 @@ def test_ops_on_a_second_device():
         out = ops.layer_norm_relevance(x, x, [64], w, None, 1e-5, 1e-6)
         ra, _ = ops.add2_relevance(x, x, x, 1e-8, [True, True])
     assert out.device == x.device and ra.device == x.device
-    close_to(out, ref.layer_norm(x.double().cpu(), [64], w.double().cpu(), None, 1e-5, x.double().cpu(), 1e-6),
-             torch.float32)
+    close_to(
+        out, ref.layer_norm(x.double().cpu(), [64], w.double().cpu(), None, 1e-5, x.double().cpu(), 1e-6), torch.float32
+    )

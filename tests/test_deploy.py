@@ -13,11 +13,10 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-import torch
-
 import lrpcpp
 import lrpcpp.deploy as deploy
+import pytest
+import torch
 
 pytest.importorskip("transformers", reason="whole-model tests need transformers (requirements-dev.txt)")
 from conftest import INSTALLED, ROOT, recording_backend, subprocess_env  # noqa: E402
@@ -40,7 +39,7 @@ def text_input(model, family, seq=7, seed=5, pad=2):
     ids = inputs(family, batch=2, seq=seq, seed=seed)["input_ids"]
     mask = torch.ones_like(ids)
     if pad:
-        mask[1, seq - pad:] = 0
+        mask[1, seq - pad :] = 0
     with torch.no_grad():
         return model.get_input_embeddings()(ids).detach(), mask
 
@@ -51,8 +50,11 @@ def example(model, family):
 
 
 def hooks_and_flags(model):
-    return ([(len(m._forward_hooks), len(m._forward_pre_hooks), "forward" in m.__dict__) for m in model.modules()],
-            [p.requires_grad for p in model.parameters()], model.training)
+    return (
+        [(len(m._forward_hooks), len(m._forward_pre_hooks), "forward" in m.__dict__) for m in model.modules()],
+        [p.requires_grad for p in model.parameters()],
+        model.training,
+    )
 
 
 # ----------------------------------------------------------------------------- TorchScript archives
@@ -70,8 +72,9 @@ def test_archive_gives_the_relevance_of_attribute(family, method, tmp_path):
     for _ in range(3):
         got = deploy.attribute_deployed(archive, x, mask)
         assert torch.equal(got.target, expected.target)
-        torch.testing.assert_close(got.output, expected.output, rtol=RTOL,
-                                   atol=RTOL * float(expected.output.abs().max()))
+        torch.testing.assert_close(
+            got.output, expected.output, rtol=RTOL, atol=RTOL * float(expected.output.abs().max())
+        )
         assert_same_relevance(got.relevance, expected.relevance)
     assert torch.all(got.relevance[1, -2:] == 0)  # padding
 
@@ -110,8 +113,9 @@ def test_archive_explains_several_targets_in_one_pass(tmp_path):
     many = deploy.attribute_deployed(archive, x, mask, target=[3, 9])
     assert many.relevance.shape == (2,) + tuple(x.shape)
     for k, t in enumerate([3, 9]):
-        assert_same_relevance(many.relevance[k], lrpcpp.attribute(model, inputs_embeds=x, attention_mask=mask,
-                                                                  target=t).relevance)
+        assert_same_relevance(
+            many.relevance[k], lrpcpp.attribute(model, inputs_embeds=x, attention_mask=mask, target=t).relevance
+        )
 
 
 class FixedLengthModel(torch.nn.Module):
@@ -141,8 +145,10 @@ def test_export_archive_warns_when_the_trace_fixed_the_length(tmp_path):
     # the archive still explains inputs of the example's length
     archive = torch.jit.load(str(tmp_path / "fixed.pt"))
     x = model.embed(torch.randint(0, 10, (2, 5))).detach()
-    assert_same_relevance(deploy.attribute_deployed(archive, x).relevance,
-                          lrpcpp.attribute(model, inputs_embeds=x, attention_mask=torch.ones(2, 5)).relevance)
+    assert_same_relevance(
+        deploy.attribute_deployed(archive, x).relevance,
+        lrpcpp.attribute(model, inputs_embeds=x, attention_mask=torch.ones(2, 5)).relevance,
+    )
 
 
 def test_export_archive_checks_its_arguments(tmp_path):
@@ -171,16 +177,23 @@ def test_archive_in_a_fresh_process_needs_import_lrpcpp(tmp_path):
     load = f"import torch\nm = torch.jit.load({str(archive)!r})\n"
 
     # without the import: the loader's error says what to do
-    proc = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, env=subprocess_env(),
-                          cwd=str(tmp_path), timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", load],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=str(tmp_path),
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert "lrpcpp::gi_grad_scale" in proc.stderr and "run `import lrpcpp` before torch.jit.load" in proc.stderr
     assert deploy.MISSING_OPERATORS_MESSAGE in proc.stderr
 
     # with it: the archive and the .pt2 program explain in a process that never saw the model
     code = (
-        "import torch, lrpcpp\nfrom lrpcpp.deploy import attribute_deployed\n" + load +
-        f"p = torch.export.load({str(program)!r}).module()\n"
+        "import torch, lrpcpp\nfrom lrpcpp.deploy import attribute_deployed\n"
+        + load
+        + f"p = torch.export.load({str(program)!r}).module()\n"
         f"d = torch.load({str(data)!r})\n"
         "r = {k: attribute_deployed(f, d['inputs_embeds'], d['attention_mask']).relevance\n"
         "     for k, f in (('ts', m), ('pt2', p))}\n"
@@ -229,8 +242,9 @@ def explain_program():
             why = " ".join(errors[-1].split()) if errors else proc.stderr.strip()[-300:]
             pytest.skip(f"CMake cannot build against the installed torch {torch.__version__}: {why}")
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    proc = subprocess.run([cmake, "--build", build_dir, "--target", "lrpcpp_explain", "-j", "2"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [cmake, "--build", build_dir, "--target", "lrpcpp_explain", "-j", "2"], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return os.path.join(build_dir, "examples", "cpp", "lrpcpp_explain")
 
@@ -248,8 +262,9 @@ def run_explain_program(program, archive, data, *flags):
     return items, torch.tensor(relevance, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("family, given, flags", [("llama", "inputs_embeds", ()),
-                                                   ("bert", "input_ids", ("--target", "2"))])
+@pytest.mark.parametrize(
+    "family, given, flags", [("llama", "inputs_embeds", ()), ("bert", "input_ids", ("--target", "2"))]
+)
 def test_cpp_example_gives_the_relevance_of_attribute(explain_program, family, given, flags, tmp_path):
     model = build(family, dtype=torch.float32)
     embeds, mask = example(model, family)
@@ -275,8 +290,9 @@ def test_cpp_example_gives_the_relevance_of_attribute(explain_program, family, g
 def test_cpp_example_reports_bad_arguments(explain_program, tmp_path):
     proc = subprocess.run([explain_program, str(tmp_path / "missing.pt")], capture_output=True, text=True)
     assert proc.returncode == 2 and "usage: lrpcpp_explain" in proc.stderr
-    proc = subprocess.run([explain_program, str(tmp_path / "missing.pt"), str(tmp_path / "x.pt")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [explain_program, str(tmp_path / "missing.pt"), str(tmp_path / "x.pt")], capture_output=True, text=True
+    )
     assert proc.returncode == 1 and "lrpcpp_explain:" in proc.stderr
 
 
@@ -287,8 +303,12 @@ def test_exported_program_saved_as_pt2_gives_the_relevance_of_attribute(family, 
     embeds, mask = example(model, family)
     path = tmp_path / f"{family}.pt2"
     program = deploy.export_program(model, path, inputs_embeds=embeds, attention_mask=mask, check=False)
-    ops = {str(n.target) for g in program.graph_module.modules() if isinstance(g, torch.fx.GraphModule)
-           for n in g.graph.nodes}
+    ops = {
+        str(n.target)
+        for g in program.graph_module.modules()
+        if isinstance(g, torch.fx.GraphModule)
+        for n in g.graph.nodes
+    }
     assert "lrpcpp.gi_identity.default" in ops and "lrpcpp.gi_grad_scale.default" in ops
     if family in LAYER_NORM:
         assert "lrpcpp.gi_layer_norm.default" in ops
@@ -403,10 +423,15 @@ def test_compile_attribute_with_all_logits_or_only_the_explained_ones():
     for all_logits in (False, True):
         logits_shapes = []
 
-        def backend(gm, example_inputs):  # records the shapes of the compiled forward's outputs
+        def backend(
+            gm, example_inputs, logits_shapes=logits_shapes
+        ):  # records the shapes of the compiled forward's outputs
             (output,) = [n for n in gm.graph.nodes if n.op == "output"]
-            logits_shapes.extend(tuple(v.meta["example_value"].shape) for v in output.args[0]
-                                 if isinstance(v, torch.fx.Node) and "example_value" in v.meta)
+            logits_shapes.extend(
+                tuple(v.meta["example_value"].shape)
+                for v in output.args[0]
+                if isinstance(v, torch.fx.Node) and "example_value" in v.meta
+            )
             return recording_backend([])(gm, example_inputs)
 
         torch._dynamo.reset()

@@ -8,15 +8,14 @@ import math
 import threading
 import warnings
 
+import lrpcpp.functional as lf
 import pytest
+import reference as ref
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-import lrpcpp.functional as lf
-import reference as ref
 from conftest import TOL, assert_relevance_close
 from lrpcpp.explicit import RULES, ExplicitRules, UnruledOperationWarning, identity_rule, run_plain
+from torch import nn
 
 f64 = torch.float64
 EPS = 1e-12  # the stabiliser where a test compares with a formula that has none
@@ -52,14 +51,45 @@ def is_lrpcpp(t):
 # ----------------------------------------------------------------------------- the table
 def test_the_table_maps_every_listed_spelling():
     spellings = [
-        torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm,
-        F.softmax, torch.softmax, torch.Tensor.softmax,
-        torch.add, torch.sub, torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__sub__,
-        torch.Tensor.__rsub__, torch.Tensor.__iadd__, torch.Tensor.add, torch.mul, torch.Tensor.__mul__,
-        torch.div, torch.Tensor.__truediv__, torch.neg, F.linear, torch.addmm, F.layer_norm, F.silu,
-        F.gelu, torch.tanh, torch.Tensor.tanh, F.relu, torch.sigmoid, torch.sum, torch.Tensor.sum,
-        torch.mean, torch.Tensor.mean, F.scaled_dot_product_attention, torch.Tensor.index_add,
-        torch.Tensor.index_add_, torch.index_add, torch.Tensor.scatter_add, torch.Tensor.scatter_add_,
+        torch.matmul,
+        torch.Tensor.matmul,
+        torch.Tensor.__matmul__,
+        torch.bmm,
+        F.softmax,
+        torch.softmax,
+        torch.Tensor.softmax,
+        torch.add,
+        torch.sub,
+        torch.Tensor.__add__,
+        torch.Tensor.__radd__,
+        torch.Tensor.__sub__,
+        torch.Tensor.__rsub__,
+        torch.Tensor.__iadd__,
+        torch.Tensor.add,
+        torch.mul,
+        torch.Tensor.__mul__,
+        torch.div,
+        torch.Tensor.__truediv__,
+        torch.neg,
+        F.linear,
+        torch.addmm,
+        F.layer_norm,
+        F.silu,
+        F.gelu,
+        torch.tanh,
+        torch.Tensor.tanh,
+        F.relu,
+        torch.sigmoid,
+        torch.sum,
+        torch.Tensor.sum,
+        torch.mean,
+        torch.Tensor.mean,
+        F.scaled_dot_product_attention,
+        torch.Tensor.index_add,
+        torch.Tensor.index_add_,
+        torch.index_add,
+        torch.Tensor.scatter_add,
+        torch.Tensor.scatter_add_,
     ]
     missing = [getattr(f, "__qualname__", repr(f)) for f in spellings if f not in RULES]
     assert not missing
@@ -314,7 +344,7 @@ def test_rope_is_the_epsilon_rule_over_its_linear_map():
     cos, sin = emb.cos(), emb.sin()
 
     def rotate_half(x):
-        x1, x2 = x[..., : d // 2], x[..., d // 2:]
+        x1, x2 = x[..., : d // 2], x[..., d // 2 :]
         return torch.cat((-x2, x1), dim=-1)
 
     def rope(x):
@@ -506,8 +536,11 @@ def direct_attention(q, k, v, mask=None, bool_mask=None, scale=None):
 
 def qkv(b=2, h=2, t=5, d=4, hk=None):
     hk = h if hk is None else hk
-    return (torch.randn(b, h, t, d, dtype=f64), torch.randn(b, hk, t, d, dtype=f64),
-            torch.randn(b, hk, t, d, dtype=f64))
+    return (
+        torch.randn(b, h, t, d, dtype=f64),
+        torch.randn(b, hk, t, d, dtype=f64),
+        torch.randn(b, hk, t, d, dtype=f64),
+    )
 
 
 def position_bias(t=5):
@@ -522,8 +555,12 @@ def additive_mask(t=5):
 @pytest.mark.parametrize("masking", ["none", "float", "bias", "bool"])
 def test_eager_attention_matches_the_direct_ops(masking):
     q, k, v = qkv()
-    kwargs = {"none": {}, "float": {"mask": additive_mask()}, "bias": {"mask": position_bias()},
-              "bool": {"bool_mask": torch.ones(5, 5, dtype=torch.bool).tril()}}[masking]
+    kwargs = {
+        "none": {},
+        "float": {"mask": additive_mask()},
+        "bias": {"mask": position_bias()},
+        "bool": {"bool_mask": torch.ones(5, 5, dtype=torch.bool).tril()},
+    }[masking]
     R = torch.randn(2, 2, 5, 4, dtype=f64)
     y, rel = explain(lambda *t: eager_attention(*t, **kwargs), q, k, v, seed=R)
     torch.testing.assert_close(y, eager_attention(q, k, v, **kwargs))
@@ -608,6 +645,7 @@ def test_sdpa_float32_forward():
 def test_sdpa_gqa():
     q, k, v = qkv(h=4, hk=2)
     R = torch.randn(2, 4, 5, 4, dtype=f64)
+
     def gqa(*t):
         return F.scaled_dot_product_attention(*t, is_causal=True, enable_gqa=True)
 
@@ -759,7 +797,7 @@ def test_python_level_functions_are_mapped_inside():
         return F.linear(o, wo)
 
     for need_weights in (False, True):
-        y, (rx,) = explain(lambda x_: mha(x_, x_, x_, need_weights=need_weights)[0], x)
+        y, (rx,) = explain(lambda x_: mha(x_, x_, x_, need_weights=need_weights)[0], x)  # noqa: B023  (called at once)
         torch.testing.assert_close(y, mha(x, x, x)[0])
         _, (want,) = explain(by_hand, x)
         assert_relevance_close(rx, want, f64)

@@ -5,13 +5,12 @@ gradient. The transposed convolutions take the epsilon rule of a linear map (RUL
 import warnings
 
 import pytest
+import reference as ref
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-import reference as ref
 from conftest import assert_relevance_close
 from lrpcpp.explicit import PASS_THROUGH, RULES, ExplicitRules, UnruledOperationWarning
+from torch import nn
 
 f64 = torch.float64
 EPS = 1e-9
@@ -73,8 +72,13 @@ def test_conv_transpose_without_bias_conserves(dims):
 
 def test_a_module_with_conv_transpose_is_explained_without_a_warning():
     torch.manual_seed(2)
-    model = nn.Sequential(nn.ConvTranspose2d(3, 4, 3, stride=2, bias=False), nn.ReLU(), nn.MaxPool2d(2),
-                          nn.Flatten(), nn.Linear(4 * 3 * 3, 2, bias=False)).double()
+    model = nn.Sequential(
+        nn.ConvTranspose2d(3, 4, 3, stride=2, bias=False),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * 3 * 3, 2, bias=False),
+    ).double()
     x = torch.randn(2, 3, 3, 3, dtype=f64).requires_grad_()
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnruledOperationWarning)
@@ -84,13 +88,16 @@ def test_a_module_with_conv_transpose_is_explained_without_a_warning():
     torch.testing.assert_close(x.grad.flatten(1).sum(1), y.detach().sum(1), rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("name, fn", [
-    ("Tensor.exp", lambda x: x.exp()),
-    ("torch.cumsum", lambda x: torch.cumsum(x, -1)),
-    ("Tensor.pow", lambda x: x.pow(2)),
-    ("torch._C._nn.upsample_linear1d", lambda x: F.interpolate(x[None], scale_factor=2.0, mode="linear")[0]),
-    ("Tensor.amax", lambda x: x.amax(-1)),
-])
+@pytest.mark.parametrize(
+    "name, fn",
+    [
+        ("Tensor.exp", lambda x: x.exp()),
+        ("torch.cumsum", lambda x: torch.cumsum(x, -1)),
+        ("Tensor.pow", lambda x: x.pow(2)),
+        ("torch._C._nn.upsample_linear1d", lambda x: F.interpolate(x[None], scale_factor=2.0, mode="linear")[0]),
+        ("Tensor.amax", lambda x: x.amax(-1)),
+    ],
+)
 def test_an_op_without_a_rule_is_named_in_a_warning(name, fn):
     x = torch.randn(3, 4, dtype=f64).requires_grad_()
     with pytest.warns(UnruledOperationWarning, match=rf"{name} has no explicit LRP rule.*plain gradient"):
@@ -113,13 +120,37 @@ def test_the_pass_through_ops_and_dropout_do_not_warn():
     x = torch.randn(2, 3, 4, dtype=f64).requires_grad_()
 
     def ops(t):
-        parts = [t.view(6, 4), t.reshape(-1), t.transpose(0, 1), t.permute(2, 0, 1), t[0].T, t.mT, t[..., 1:],
-                 t.flatten(1), t.unsqueeze(0).squeeze(0), t.expand(2, 2, 3, 4), t.contiguous(), t.to(torch.float32),
-                 t.float(), torch.cat([t, t]), torch.stack([t, t]), *t.split(2, -1), *t.chunk(2, 0),
-                 t.masked_fill(t > 0, 0.0), torch.where(t > 0, t, 0.0),
-                 t.gather(-1, torch.zeros(2, 3, 1, dtype=torch.long)),
-                 F.pad(t, (1, 1)), F.max_pool1d(t, 2), t.topk(2, -1).values, t.repeat_interleave(2, 0),
-                 t.clone(), t.roll(1, -1), t.flip(-1), t.tril(), F.dropout(t, 0.5, training=True)]
+        parts = [
+            t.view(6, 4),
+            t.reshape(-1),
+            t.transpose(0, 1),
+            t.permute(2, 0, 1),
+            t[0].T,
+            t.mT,
+            t[..., 1:],
+            t.flatten(1),
+            t.unsqueeze(0).squeeze(0),
+            t.expand(2, 2, 3, 4),
+            t.contiguous(),
+            t.to(torch.float32),
+            t.float(),
+            torch.cat([t, t]),
+            torch.stack([t, t]),
+            *t.split(2, -1),
+            *t.chunk(2, 0),
+            t.masked_fill(t > 0, 0.0),
+            torch.where(t > 0, t, 0.0),
+            t.gather(-1, torch.zeros(2, 3, 1, dtype=torch.long)),
+            F.pad(t, (1, 1)),
+            F.max_pool1d(t, 2),
+            t.topk(2, -1).values,
+            t.repeat_interleave(2, 0),
+            t.clone(),
+            t.roll(1, -1),
+            t.flip(-1),
+            t.tril(),
+            F.dropout(t, 0.5, training=True),
+        ]
         return sum(p.sum() for p in parts)
 
     with warnings.catch_warnings():

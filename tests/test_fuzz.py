@@ -8,17 +8,18 @@ reproducible."""
 
 import math
 
+import lrpcpp  # noqa: F401  (loads torch.ops.lrpcpp)
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import lrpcpp  # noqa: F401  (loads torch.ops.lrpcpp)
-
 SKIP = {"cuda_version"}  # takes no argument
 # every schema the dispatcher holds in the lrpcpp namespace
-OPS = sorted({n.split("::", 1)[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names()
-              if n.startswith("lrpcpp::")} - SKIP)
+OPS = sorted(
+    {n.split("::", 1)[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names() if n.startswith("lrpcpp::")}
+    - SKIP
+)
 
 KERNEL_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 OTHER_DTYPES = [torch.int64, torch.bool, torch.float8_e4m3fn, torch.complex64]
@@ -141,8 +142,13 @@ def check_call(name, args, checked):
 
 @pytest.mark.parametrize("name", OPS)
 def test_fuzz_op(name):
-    @settings(max_examples=40, deadline=None, derandomize=True, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=40,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(call_args(name))
     def run(case):
         args, checked = case

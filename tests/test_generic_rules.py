@@ -1,11 +1,10 @@
 """The Python-level generic rules (identity, epsilon, uniform_epsilon, uniform) that wrap any function."""
 
+import lrpcpp.functional as lf
 import pytest
+import reference as ref
 import torch
 import torch.nn.functional as F
-
-import lrpcpp.functional as lf
-import reference as ref
 
 f64 = torch.float64
 

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import INSTALLED, ROOT, subprocess_env
 
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")

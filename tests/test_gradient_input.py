@@ -3,12 +3,11 @@ reference.py. Here autograd carries g = R / x, seeded with 1, and relevance is x
 case seeds the op's output with a gradient g and compares x.grad with the reference gradient,
 and x * x.grad with the relevance the explicit rule gives."""
 
+import lrpcpp.functional as lf
 import pytest
+import reference as ref
 import torch
 import torch.nn.functional as F
-
-import lrpcpp.functional as lf
-import reference as ref
 from conftest import DTYPES, TOL, assert_relevance_close, recording_backend
 from test_rules import d64, make
 
@@ -97,8 +96,9 @@ def test_gi_identity_factor_is_clamped_to_finite(dtype):
     torch.testing.assert_close(x.grad, factor, rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("x_dtype,y_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16),
-                                             (torch.float16, f64)], ids=str)
+@pytest.mark.parametrize(
+    "x_dtype,y_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16), (torch.float16, f64)], ids=str
+)
 def test_gi_identity_mixed_dtypes(x_dtype, y_dtype):
     x = make((3, 16), x_dtype)
     y = F.silu(x.detach().to(y_dtype))
@@ -193,9 +193,13 @@ def test_gi_grad_scale_scale_takes_no_gradient():
 @params
 def test_gi_scale_backward_broadcasts_and_casts(dtype):
     grad = torch.randn(2, 3, 8, dtype=f64).to(dtype)
-    for factor in (torch.tensor(3.0, dtype=dtype), torch.randn(8, dtype=f64).to(dtype),
-                   torch.randn(3, 1, dtype=f64).to(dtype), torch.randn(2, 3, 8, dtype=f64).to(dtype),
-                   torch.randn(2, 3, 16, dtype=f64).to(dtype)[..., ::2]):
+    for factor in (
+        torch.tensor(3.0, dtype=dtype),
+        torch.randn(8, dtype=f64).to(dtype),
+        torch.randn(3, 1, dtype=f64).to(dtype),
+        torch.randn(2, 3, 8, dtype=f64).to(dtype),
+        torch.randn(2, 3, 16, dtype=f64).to(dtype)[..., ::2],
+    ):
         out = ops.gi_scale_backward(grad, factor, dtype)
         assert out.dtype == dtype and out.shape == grad.shape
         assert_relevance_close(out, d64(grad) * d64(factor), dtype)
@@ -313,15 +317,18 @@ def test_compile_fullgraph_backward_calls_gi_scale_backward():
 def test_torchscript():
     x, w, scale = gi_inputs()
     scripted = torch.jit.script(gi_block_scriptable)
-    torch.testing.assert_close(input_gradient(scripted, x, w, scale),
-                               input_gradient(gi_block_scriptable, x, w, scale))
+    torch.testing.assert_close(input_gradient(scripted, x, w, scale), input_gradient(gi_block_scriptable, x, w, scale))
 
 
-@pytest.mark.parametrize("build", [
-    lambda x: lf.gi_identity(x, torch.tanh(x.detach())),
-    lambda x: lf.gi_grad_scale(x, torch.tensor(0.5, dtype=f64)),
-    lambda x: lf.gi_layer_norm(x, [4]),
-], ids=["gi_identity", "gi_grad_scale", "gi_layer_norm"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda x: lf.gi_identity(x, torch.tanh(x.detach())),
+        lambda x: lf.gi_grad_scale(x, torch.tensor(0.5, dtype=f64)),
+        lambda x: lf.gi_layer_norm(x, [4]),
+    ],
+    ids=["gi_identity", "gi_grad_scale", "gi_layer_norm"],
+)
 def test_empty_tensors(build):
     x = torch.randn(0, 4, dtype=f64, requires_grad=True)
     y = build(x)

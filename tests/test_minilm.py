@@ -3,10 +3,9 @@ cosine similarity of two mean-pooled sentence embeddings."""
 
 import copy
 
+import lrpcpp
 import pytest
 import torch
-
-import lrpcpp
 from lrpcpp.targets import cosine_similarity, mean_pooling
 from models import bias_free
 
@@ -39,8 +38,9 @@ def test_explains_the_real_similarity(minilm):
         hidden = model(**enc).last_hidden_state
         emb = mean_pooling(hidden, enc.attention_mask)
         expected = torch.nn.functional.cosine_similarity(emb[0], emb[1], dim=0)
-    attr = lrpcpp.attribute(model, input_ids=enc.input_ids, attention_mask=enc.attention_mask,
-                            target=_similarity_target(enc.attention_mask))
+    attr = lrpcpp.attribute(
+        model, input_ids=enc.input_ids, attention_mask=enc.attention_mask, target=_similarity_target(enc.attention_mask)
+    )
     torch.testing.assert_close(attr.output, expected.reshape(1), rtol=1e-5, atol=1e-6)
     assert 0.3 < float(expected) < 1.0  # the sentences are related: a sanity check on the real weights
     assert torch.isfinite(attr.relevance).all()
@@ -53,8 +53,13 @@ def test_both_sentences_share_the_relevance_evenly_in_a_bias_free_copy(minilm):
     model, tokenizer = minilm
     model = bias_free(copy.deepcopy(model).double())
     enc = tokenizer(PAIR, padding=True, return_tensors="pt")
-    attr = lrpcpp.attribute(model, input_ids=enc.input_ids, attention_mask=enc.attention_mask,
-                            target=_similarity_target(enc.attention_mask), method="cp-lrp")
+    attr = lrpcpp.attribute(
+        model,
+        input_ids=enc.input_ids,
+        attention_mask=enc.attention_mask,
+        target=_similarity_target(enc.attention_mask),
+        method="cp-lrp",
+    )
     per_sentence = attr.token_relevance.sum(dim=1)
     # CP-LRP on a bias-free network: the cosine (bilinear with the norms held constant) is conserved,
     # half of it in each sentence

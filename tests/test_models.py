@@ -6,11 +6,10 @@ item must get the relevance of the item alone, eager and SDPA attention the same
 batched targets the same maps as K single calls.
 """
 
+import lrpcpp
 import pytest
 import torch
 from torch import nn
-
-import lrpcpp
 
 pytest.importorskip("transformers", reason="whole-model tests need transformers (requirements-dev.txt)")
 from models import FAMILIES, MOE, VISION, bias_free, build, inputs
@@ -99,9 +98,9 @@ def test_padded_batch_equals_single_items(family):
     mask[1, 4:] = 0  # item 1 is 4 tokens long, right-padded
     batch = lrpcpp.attribute(model, input_ids=ids, attention_mask=mask)
     for i, length in ((0, 7), (1, 4)):
-        single = lrpcpp.attribute(model, input_ids=ids[i:i + 1, :length])
-        torch.testing.assert_close(batch.output[i:i + 1], single.output, rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(batch.relevance[i:i + 1, :length], single.relevance, rtol=1e-7, atol=1e-10)
+        single = lrpcpp.attribute(model, input_ids=ids[i : i + 1, :length])
+        torch.testing.assert_close(batch.output[i : i + 1], single.output, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(batch.relevance[i : i + 1, :length], single.relevance, rtol=1e-7, atol=1e-10)
     assert torch.all(batch.relevance[1, 4:] == 0)
 
 
@@ -133,8 +132,11 @@ def test_bf16_matches_fp32(family):
     model = build(family, dtype=torch.float32)
     kw = inputs(family, dtype=torch.float32)
     ref = lrpcpp.attribute(model, **kw)
-    low = lrpcpp.attribute(model.to(torch.bfloat16), target=ref.target,
-                           **{k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in kw.items()})
+    low = lrpcpp.attribute(
+        model.to(torch.bfloat16),
+        target=ref.target,
+        **{k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in kw.items()},
+    )
     assert low.relevance.dtype == torch.bfloat16 and torch.isfinite(low.relevance).all()
     a, b = ref.token_relevance.flatten().double(), low.token_relevance.flatten().double()
     assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.9
@@ -144,7 +146,7 @@ def test_latent_relevance_per_layer():
     model = bias_free(build("llama"))
     attr = lrpcpp.attribute(model, method="cp-lrp", latent=True, **inputs("llama"))
     assert list(attr.latent) == ["model.layers.0", "model.layers.1"]
-    for name, rel in attr.latent.items():
+    for rel in attr.latent.values():
         assert rel.shape == attr.relevance.shape
         # CP-LRP conserves layer by layer on a bias-free model
         torch.testing.assert_close(rel.flatten(1).sum(1), attr.output, rtol=1e-4, atol=0)
@@ -203,8 +205,13 @@ def test_register_family_makes_a_new_architecture_work():
     model.config.model_type = "llama_clone"
     with pytest.raises(lrpcpp.UnsupportedModelError):
         lrpcpp.patch(model)
-    lrpcpp.register_family("llama_clone", model_types=("llama_clone",), attention=("LlamaAttention",),
-                           gated_mlp=("LlamaMLP",), norms=("LlamaRMSNorm",))
+    lrpcpp.register_family(
+        "llama_clone",
+        model_types=("llama_clone",),
+        attention=("LlamaAttention",),
+        gated_mlp=("LlamaMLP",),
+        norms=("LlamaRMSNorm",),
+    )
     try:
         ref = lrpcpp.attribute(build("llama"), **inputs("llama")).relevance
         torch.testing.assert_close(lrpcpp.attribute(model, **inputs("llama")).relevance, ref)
@@ -215,7 +222,9 @@ def test_register_family_makes_a_new_architecture_work():
 def test_plain_torch_transformer_conserves_with_cp_lrp():
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True, bias=False, activation=nn.GELU())
-    model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Flatten(), nn.Linear(16 * 5, 3, bias=False)).double()
+    model = nn.Sequential(
+        nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Flatten(), nn.Linear(16 * 5, 3, bias=False)
+    ).double()
     x = torch.randn(2, 5, 16, dtype=torch.float64)
     with lrpcpp.patch(model, method="cp-lrp") as handle:
         assert any("attention" in w for w in handle.patched.values())
@@ -225,7 +234,9 @@ def test_plain_torch_transformer_conserves_with_cp_lrp():
     torch.testing.assert_close((leaf * g).flatten(1).sum(1), out.detach(), rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("bad", [dict(), dict(input_ids=torch.zeros(1, 2, dtype=torch.long), inputs_embeds=torch.zeros(1, 2, 32))])
+@pytest.mark.parametrize(
+    "bad", [dict(), dict(input_ids=torch.zeros(1, 2, dtype=torch.long), inputs_embeds=torch.zeros(1, 2, 32))]
+)
 def test_attribute_needs_exactly_one_input(bad):
     with pytest.raises(ValueError, match="exactly one"):
         lrpcpp.attribute(build("llama"), **bad)
@@ -259,8 +270,9 @@ def test_attribute_freezes_parameters_for_the_call_in_gradient_mode(mode):
     assert all(p.grad is None for p in model.parameters())
     if mode == "gradient":  # the relevance is that of a model frozen by its owner
         frozen = build("llama").requires_grad_(False)
-        torch.testing.assert_close(lrpcpp.attribute(frozen, target=target, **inputs("llama")).relevance,
-                                   got.relevance, rtol=0, atol=0)
+        torch.testing.assert_close(
+            lrpcpp.attribute(frozen, target=target, **inputs("llama")).relevance, got.relevance, rtol=0, atol=0
+        )
 
     def failing(out):
         raise RuntimeError("target failed")

@@ -1,12 +1,11 @@
 """The nn.Module drop-ins: same constructor, same forward as torch's module, from_module shares
 parameters, relevance equals the functional's, and each one scripts."""
 
+import lrpcpp.functional as lf
+import lrpcpp.modules as lm
 import pytest
 import torch
 from torch import nn
-
-import lrpcpp.functional as lf
-import lrpcpp.modules as lm
 
 # (torch module, lrpcpp class, input shape)
 PAIRS = [
@@ -28,8 +27,25 @@ PAIRS = [
     (lambda: nn.ReLU(), lm.ReLUIdentity, (3, 6)),
     (lambda: nn.Sigmoid(), lm.SigmoidIdentity, (3, 6)),
 ]
-IDS = ["linear", "linear-nobias", "conv", "conv-same", "conv-reflect", "softmax", "softmax-dim1", "rmsnorm",
-       "layernorm-eps", "layernorm-2d", "layernorm-id", "silu", "gelu", "gelu-tanh", "tanh", "relu", "sigmoid"]
+IDS = [
+    "linear",
+    "linear-nobias",
+    "conv",
+    "conv-same",
+    "conv-reflect",
+    "softmax",
+    "softmax-dim1",
+    "rmsnorm",
+    "layernorm-eps",
+    "layernorm-2d",
+    "layernorm-id",
+    "silu",
+    "gelu",
+    "gelu-tanh",
+    "tanh",
+    "relu",
+    "sigmoid",
+]
 
 
 def randomize(module):

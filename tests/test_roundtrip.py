@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-
 from block import Head, relevance
 from conftest import recording_backend, subprocess_env
 
@@ -67,8 +66,16 @@ def test_compiled_backward_graph_calls_the_relevance_ops(model_and_input):
 
     torch._dynamo.reset()
     relevance(torch.compile(model, backend=backend, fullgraph=True), x)
-    for op in ("linear_epsilon_relevance", "softmax_relevance", "matmul_relevance", "add2_relevance",
-               "mul2_relevance", "layer_norm_relevance", "identity_relevance", "mean_relevance"):
+    for op in (
+        "linear_epsilon_relevance",
+        "softmax_relevance",
+        "matmul_relevance",
+        "add2_relevance",
+        "mul2_relevance",
+        "layer_norm_relevance",
+        "identity_relevance",
+        "mean_relevance",
+    ):
         assert any(f"lrpcpp.{op}" in s for s in seen), op
 
 

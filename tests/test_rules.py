@@ -6,12 +6,11 @@ float64 on the same (upcast) inputs. Rules that divide by an output use the
 op's own output, as the rule does.
 """
 
+import lrpcpp.functional as lf
 import pytest
+import reference as ref
 import torch
 import torch.nn.functional as F
-
-import lrpcpp.functional as lf
-import reference as ref
 from conftest import DTYPES, assert_relevance_close
 
 
@@ -85,15 +84,25 @@ def test_conv2d_epsilon_groups_against_per_group_reference():
     R = torch.randn_like(y)
     y.backward(R)
     for g in range(2):  # a grouped convolution is two independent convolutions
-        expected = ref.conv2d_epsilon(d64(x)[:, 2 * g:2 * g + 2], w[3 * g:3 * g + 3], None, R[:, 3 * g:3 * g + 3],
-                                      1, 1, 1, 1e-6, y=d64(y)[:, 3 * g:3 * g + 3])
-        assert_relevance_close(x.grad[:, 2 * g:2 * g + 2], expected, torch.float64)
+        expected = ref.conv2d_epsilon(
+            d64(x)[:, 2 * g : 2 * g + 2],
+            w[3 * g : 3 * g + 3],
+            None,
+            R[:, 3 * g : 3 * g + 3],
+            1,
+            1,
+            1,
+            1e-6,
+            y=d64(y)[:, 3 * g : 3 * g + 3],
+        )
+        assert_relevance_close(x.grad[:, 2 * g : 2 * g + 2], expected, torch.float64)
 
 
 @params
 @layouts
-@pytest.mark.parametrize("shapes", [((2, 3, 4), (2, 3, 4)), ((2, 3, 4), (4,)), ((2, 1, 4), (1, 3, 1))],
-                         ids=["same", "bcast-b", "bcast-both"])
+@pytest.mark.parametrize(
+    "shapes", [((2, 3, 4), (2, 3, 4)), ((2, 3, 4), (4,)), ((2, 1, 4), (1, 3, 1))], ids=["same", "bcast-b", "bcast-both"]
+)
 def test_add2(dtype, contiguous, shapes):
     a = make(shapes[0], dtype, contiguous)
     b = make(shapes[1], dtype)
@@ -131,8 +140,11 @@ def test_mul2(dtype, contiguous, b_relevant, shapes):
 @params
 @layouts
 @pytest.mark.parametrize("relevant", [(True, True), (True, False), (False, True)], ids=["both", "a", "b"])
-@pytest.mark.parametrize("shapes", [((5, 6), (6, 4)), ((2, 3, 5, 6), (2, 3, 6, 4)), ((2, 3, 5, 6), (6, 4)),
-                                    ((3, 1, 5, 6), (2, 6, 4))], ids=["2d", "batched", "bcast-b", "bcast-both"])
+@pytest.mark.parametrize(
+    "shapes",
+    [((5, 6), (6, 4)), ((2, 3, 5, 6), (2, 3, 6, 4)), ((2, 3, 5, 6), (6, 4)), ((3, 1, 5, 6), (2, 6, 4))],
+    ids=["2d", "batched", "bcast-b", "bcast-both"],
+)
 def test_matmul(dtype, contiguous, relevant, shapes):
     a = make(shapes[0], dtype, contiguous).requires_grad_(relevant[0])
     b = make(shapes[1], dtype).requires_grad_(relevant[1])
@@ -219,8 +231,9 @@ def test_layer_norm_epsilon(dtype, contiguous, affine):
     assert torch.equal(y, F.layer_norm(x.detach(), [16], w, b, 1e-5))
     R = seed(y, random=True)
     y.backward(R)
-    expected = ref.layer_norm(d64(x), [16], None if w is None else d64(w), None if b is None else d64(b), 1e-5,
-                              d64(R), 1e-6)
+    expected = ref.layer_norm(
+        d64(x), [16], None if w is None else d64(w), None if b is None else d64(b), 1e-5, d64(R), 1e-6
+    )
     assert_relevance_close(x.grad, expected, dtype)
 
 
@@ -259,8 +272,11 @@ IDENTITY_OPS = [
 
 @params
 @layouts
-@pytest.mark.parametrize("ops", IDENTITY_OPS, ids=["silu", "gelu", "gelu-tanh", "tanh", "relu", "sigmoid",
-                                                   "layer_norm_identity", "normalize_identity"])
+@pytest.mark.parametrize(
+    "ops",
+    IDENTITY_OPS,
+    ids=["silu", "gelu", "gelu-tanh", "tanh", "relu", "sigmoid", "layer_norm_identity", "normalize_identity"],
+)
 def test_identity_rule(dtype, contiguous, ops):
     ours, theirs = ops
     x = make((3, 8), dtype, contiguous)

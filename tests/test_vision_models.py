@@ -3,16 +3,15 @@ float64 formula, from the relevance that arrives at the layer's output), batch-n
 recipe through lrpcpp.attribute, per-layer overrides, Composite, and torchvision models (when
 torchvision is installed)."""
 
-import pytest
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 import lrpcpp
 import lrpcpp.modules as lm
+import pytest
 import reference as ref
+import torch
+import torch.nn.functional as F
 import vision_models as vm
 from lrpcpp import presets as P
+from torch import nn
 
 f64 = torch.float64
 
@@ -30,8 +29,20 @@ def layer_reference(rule, module, x, R, weight, bias, gi):
         lo = hi = None
         if isinstance(rule, P.ZBox):
             lo, hi = torch.as_tensor(rule.low, dtype=f64), torch.as_tensor(rule.high, dtype=f64)
-        return ref.conv2d_vision_rule(rule.name, x, weight, bias, R, module.stride, module.padding,
-                                      module.dilation, rule.epsilon, lower=lo, upper=hi, **params)
+        return ref.conv2d_vision_rule(
+            rule.name,
+            x,
+            weight,
+            bias,
+            R,
+            module.stride,
+            module.padding,
+            module.dilation,
+            rule.epsilon,
+            lower=lo,
+            upper=hi,
+            **params,
+        )
     lo = hi = None
     if isinstance(rule, P.ZBox):
         lo = torch.as_tensor(rule.low, dtype=f64).expand(x.shape)
@@ -46,7 +57,7 @@ def check_layers(model, leaf_kwargs, preset, mode="gradient", min_checked=1, **p
     seen = {}
     with lrpcpp.patch(model, preset=preset, mode=mode, **patch_kwargs) as handle:
         hooks = []
-        for name, rule in handle.layer_rules.items():
+        for name in handle.layer_rules:
             module = modules.get(name)
             if module is None or not isinstance(module, (nn.Linear, nn.Conv2d)) or name.endswith("out_proj"):
                 continue  # nn.MultiheadAttention's projections are not called as modules
@@ -88,8 +99,9 @@ def check_layers(model, leaf_kwargs, preset, mode="gradient", min_checked=1, **p
             weight, bias = P.merged_conv_bn(module, modules[merged[name]])
         R = y.grad * rec["y_value"] if gi else y.grad
         got = x.grad * x.detach() if gi else x.grad
-        expected = layer_reference(rules[name], module, x.detach(), R.double(), weight.double(),
-                                   None if bias is None else bias.double(), gi)
+        expected = layer_reference(
+            rules[name], module, x.detach(), R.double(), weight.double(), None if bias is None else bias.double(), gi
+        )
         if gi and isinstance(rules[name], (P.ZBox, P.Flat, P.WSquare)):
             expected = expected * x.detach() / ref.stab(x.detach(), rules[name].epsilon)  # gradient form R / stab(x)
         scale = float(expected.abs().max())
@@ -100,14 +112,19 @@ def check_layers(model, leaf_kwargs, preset, mode="gradient", min_checked=1, **p
 
 
 def linear_and_conv_names(model):
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
-            and not n.endswith("out_proj")]
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and not n.endswith("out_proj")]
 
 
 # ----------------------------------------------------------------------------- registry
 def test_presets_are_registered_by_their_literature_names():
-    for name in ("vit", "epsilon_gamma_box", "epsilon_plus", "epsilon_alpha2_beta1", "epsilon_plus_flat",
-                 "epsilon_alpha2_beta1_flat"):
+    for name in (
+        "vit",
+        "epsilon_gamma_box",
+        "epsilon_plus",
+        "epsilon_alpha2_beta1",
+        "epsilon_plus_flat",
+        "epsilon_alpha2_beta1_flat",
+    ):
         assert name in lrpcpp.PRESETS
     assert P.preset_arguments("vit") == ("gamma_linear", "gamma_conv", "epsilon")
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
@@ -135,8 +152,13 @@ def test_register_a_new_preset():
 @pytest.mark.parametrize("mode", ["gradient", "explicit"])
 def test_epsilon_gamma_box_on_a_resnet_layer_by_layer(mode):
     model = vm.resnet()
-    rules = check_layers(model, {"x": vm.images()}, P.get_preset("epsilon_gamma_box", low=vm.LOW, high=vm.HIGH),
-                         mode=mode, min_checked=len(linear_and_conv_names(model)))
+    rules = check_layers(
+        model,
+        {"x": vm.images()},
+        P.get_preset("epsilon_gamma_box", low=vm.LOW, high=vm.HIGH),
+        mode=mode,
+        min_checked=len(linear_and_conv_names(model)),
+    )
     assert isinstance(rules["conv1"], P.ZBox)  # the input layer
     assert isinstance(rules["fc"], P.Epsilon)
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n != "conv1"]
@@ -144,8 +166,9 @@ def test_epsilon_gamma_box_on_a_resnet_layer_by_layer(mode):
     assert set(rules) == set(linear_and_conv_names(model))
 
 
-@pytest.mark.parametrize("preset,conv_rule", [("epsilon_plus", P.ZPlus()),
-                                              ("epsilon_alpha2_beta1", P.AlphaBeta(2.0, 1.0))])
+@pytest.mark.parametrize(
+    "preset,conv_rule", [("epsilon_plus", P.ZPlus()), ("epsilon_alpha2_beta1", P.AlphaBeta(2.0, 1.0))]
+)
 def test_cnn_presets_layer_by_layer(preset, conv_rule):
     model = vm.resnet()
     rules = check_layers(model, {"x": vm.images()}, preset, min_checked=len(linear_and_conv_names(model)))
@@ -224,8 +247,9 @@ def test_attribute_with_the_vit_preset_on_hf_vit():
     zero = lrpcpp.attribute(model, preset=lrpcpp.preset("vit", gamma_linear=0.0, gamma_conv=0.0), **kw)
     cp = lrpcpp.attribute(model, method="cp-lrp", **kw)
     scale = float(cp.relevance.abs().max())
-    zero_tight = lrpcpp.attribute(model, preset=P.get_preset("vit", gamma_linear=0.0, gamma_conv=0.0, epsilon=1e-13),
-                                  **kw)
+    zero_tight = lrpcpp.attribute(
+        model, preset=P.get_preset("vit", gamma_linear=0.0, gamma_conv=0.0, epsilon=1e-13), **kw
+    )
     torch.testing.assert_close(zero_tight.relevance, cp.relevance, rtol=1e-7, atol=1e-9 * scale)
     assert (zero.relevance - cp.relevance).abs().max() < 1e-3 * scale
     assert (a.relevance - cp.relevance).abs().max() > 1e-2 * scale  # gamma changes the map
@@ -237,8 +261,9 @@ def test_attribute_with_the_vit_preset_on_hf_vit():
 def test_attribute_takes_preset_options_apart_from_the_model_inputs():
     model = vm.resnet()
     x = vm.images()
-    got = lrpcpp.attribute(model, pixel_values=x,
-                           preset=lrpcpp.preset("epsilon_gamma_box", low=vm.LOW, high=vm.HIGH, gamma=0.1))
+    got = lrpcpp.attribute(
+        model, pixel_values=x, preset=lrpcpp.preset("epsilon_gamma_box", low=vm.LOW, high=vm.HIGH, gamma=0.1)
+    )
     with lrpcpp.patch(model, preset=P.get_preset("epsilon_gamma_box", low=vm.LOW, high=vm.HIGH, gamma=0.1)) as h:
         assert h.layer_rules["layer1.0.conv1"] == P.Gamma(0.1)
     assert torch.isfinite(got.relevance).all()
@@ -275,8 +300,12 @@ def test_method_comes_from_the_preset_unless_given():
 # ----------------------------------------------------------------------------- overrides
 def test_overrides_by_name_and_by_type():
     model = vm.resnet()
-    preset = P.get_preset("epsilon_gamma_box", rules={"fc": P.Gamma(0.5), "layer2.0.conv2": None,
-                                                      nn.Conv2d: P.ZPlus()}, low=vm.LOW, high=vm.HIGH)
+    preset = P.get_preset(
+        "epsilon_gamma_box",
+        rules={"fc": P.Gamma(0.5), "layer2.0.conv2": None, nn.Conv2d: P.ZPlus()},
+        low=vm.LOW,
+        high=vm.HIGH,
+    )
     rules = check_layers(model, {"x": vm.images()}, preset, min_checked=10)
     assert rules["fc"] == P.Gamma(0.5)
     assert "layer2.0.conv2" not in rules  # None: left as it is
@@ -300,11 +329,18 @@ def test_batch_norm_merge_keeps_the_forward_and_restores_the_model_bitwise():
     versions = {n: p._version for n, p in params.items()}
     before_state = state(model)
     before = model(x)
-    assert P.conv_bn_pairs(model) == [("conv1", "bn1"), ("layer1.0.conv1", "layer1.0.bn1"),
-                                      ("layer1.0.conv2", "layer1.0.bn2"), ("layer1.1.conv1", "layer1.1.bn1"),
-                                      ("layer1.1.conv2", "layer1.1.bn2"), ("layer2.0.conv1", "layer2.0.bn1"),
-                                      ("layer2.0.conv2", "layer2.0.bn2"), ("layer2.0.downsample.0", "layer2.0.downsample.1"),
-                                      ("layer2.1.conv1", "layer2.1.bn1"), ("layer2.1.conv2", "layer2.1.bn2")]
+    assert P.conv_bn_pairs(model) == [
+        ("conv1", "bn1"),
+        ("layer1.0.conv1", "layer1.0.bn1"),
+        ("layer1.0.conv2", "layer1.0.bn2"),
+        ("layer1.1.conv1", "layer1.1.bn1"),
+        ("layer1.1.conv2", "layer1.1.bn2"),
+        ("layer2.0.conv1", "layer2.0.bn1"),
+        ("layer2.0.conv2", "layer2.0.bn2"),
+        ("layer2.0.downsample.0", "layer2.0.downsample.1"),
+        ("layer2.1.conv1", "layer2.1.bn1"),
+        ("layer2.1.conv2", "layer2.1.bn2"),
+    ]
     with lrpcpp.patch(model, preset="epsilon_plus") as handle:
         assert len(handle.merged_batch_norms) == 10
         merged = model(x)
@@ -350,8 +386,9 @@ def test_batch_norm_in_training_mode_is_not_merged():
         model(x)
         h.remove()
     model.eval()
-    expected = F.batch_norm(F.conv2d(x, model.conv1.weight, None, 2, 2), None, None, model.bn1.weight,
-                            model.bn1.bias, training=True)
+    expected = F.batch_norm(
+        F.conv2d(x, model.conv1.weight, None, 2, 2), None, None, model.bn1.weight, model.bn1.bias, training=True
+    )
     torch.testing.assert_close(bn_out[0], expected)
 
 
@@ -388,8 +425,9 @@ def test_composite_with_a_preset_matches_the_explicit_patch():
         picked = out.gather(1, out.argmax(1, keepdim=True))[:, 0]
         picked.backward(picked.detach())  # explicit semantics: seed each item with its own logit
     assert torch.equal(model(x), before)
-    patched = lrpcpp.attribute(model, pixel_values=x, mode="explicit",
-                               preset=lrpcpp.preset("epsilon_gamma_box", low=vm.LOW, high=vm.HIGH))
+    patched = lrpcpp.attribute(
+        model, pixel_values=x, mode="explicit", preset=lrpcpp.preset("epsilon_gamma_box", low=vm.LOW, high=vm.HIGH)
+    )
     torch.testing.assert_close(leaf.grad, patched.relevance, rtol=1e-8, atol=1e-10)
 
 
@@ -403,16 +441,19 @@ def test_composite_accepts_a_preset_name_and_keeps_its_own_maps_first():
 
 # ----------------------------------------------------------------------------- torchvision
 def test_torchvision_resnet_and_vit():
-    tv = pytest.importorskip("torchvision", reason="torchvision does not install beside torch 2.13.0 CPU; "
-                                                   "make cuda-check runs this test in .venv-cuda")
+    tv = pytest.importorskip(
+        "torchvision",
+        reason="torchvision does not install beside torch 2.13.0 CPU; make cuda-check runs this test in .venv-cuda",
+    )
     from torchvision.models.vision_transformer import VisionTransformer
 
     resnet = vm.randomise(tv.models.resnet18(weights=None, num_classes=5)).double()
     x = vm.images(size=32)
     before = resnet(x)
     names = linear_and_conv_names(resnet)
-    rules = check_layers(resnet, {"x": x}, P.get_preset("epsilon_gamma_box", low=vm.LOW, high=vm.HIGH),
-                         min_checked=len(names))
+    rules = check_layers(
+        resnet, {"x": x}, P.get_preset("epsilon_gamma_box", low=vm.LOW, high=vm.HIGH), min_checked=len(names)
+    )
     assert set(rules) == set(names) and isinstance(rules["conv1"], P.ZBox)
     assert torch.equal(resnet(x), before)
     a = lrpcpp.attribute(resnet, pixel_values=x, preset=lrpcpp.preset("epsilon_gamma_box", low=vm.LOW, high=vm.HIGH))

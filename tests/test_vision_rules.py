@@ -2,16 +2,15 @@
 and 2-D convolutions, against their float64 transcription in reference.py; the identities between
 them; conservation; the gradient-times-input form; the cached weight transforms; the modules."""
 
-import pytest
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 import lrpcpp  # noqa: F401  (loads the ops)
 import lrpcpp.functional as lf
 import lrpcpp.modules as lm
+import pytest
 import reference as ref
+import torch
+import torch.nn.functional as F
 from conftest import DTYPES, assert_relevance_close
+from torch import nn
 
 f64 = torch.float64
 RULES = ["gamma", "alpha_beta", "z_plus", "z_box", "flat", "w_square"]
@@ -47,8 +46,7 @@ def linear_op(rule, x, w, b, lo=None, hi=None, eps=EPS, transform=None, gi=False
     return lf.linear_w_square(x, w, b, eps, transform, gi)
 
 
-def conv_op(rule, x, w, b, stride, padding, dilation, groups=1, lo=None, hi=None, eps=EPS, transform=None,
-            gi=False):
+def conv_op(rule, x, w, b, stride, padding, dilation, groups=1, lo=None, hi=None, eps=EPS, transform=None, gi=False):
     p = PARAMS.get(rule, {})
     geo = (stride, padding, dilation, groups)
     if rule == "gamma":
@@ -97,8 +95,17 @@ def test_linear_rule_matches_reference(rule, bias, contiguous, dtype):
     assert torch.equal(y, F.linear(x.detach(), w, b))  # torch's own forward, bitwise
     R = seed(y)
     y.backward(R)
-    expected = ref.vision_rule(rule, d64(x), d64(w), None if b is None else d64(b), d64(R), EPS,
-                               lower=d64(lo).expand(x.shape), upper=d64(hi).expand(x.shape), **PARAMS.get(rule, {}))
+    expected = ref.vision_rule(
+        rule,
+        d64(x),
+        d64(w),
+        None if b is None else d64(b),
+        d64(R),
+        EPS,
+        lower=d64(lo).expand(x.shape),
+        upper=d64(hi).expand(x.shape),
+        **PARAMS.get(rule, {}),
+    )
     assert x.grad.dtype == dtype and x.grad.shape == x.shape
     assert_relevance_close(x.grad, expected, dtype)
 
@@ -115,8 +122,20 @@ def test_conv2d_rule_matches_reference(rule, stride, padding, dilation, dtype):
     assert torch.equal(y, F.conv2d(x.detach(), w, b, stride, padding, dilation))
     R = seed(y)
     y.backward(R)
-    expected = ref.conv2d_vision_rule(rule, d64(x), d64(w), d64(b), d64(R), stride, padding, dilation, EPS,
-                                      lower=d64(lo), upper=d64(hi), **PARAMS.get(rule, {}))
+    expected = ref.conv2d_vision_rule(
+        rule,
+        d64(x),
+        d64(w),
+        d64(b),
+        d64(R),
+        stride,
+        padding,
+        dilation,
+        EPS,
+        lower=d64(lo),
+        upper=d64(hi),
+        **PARAMS.get(rule, {}),
+    )
     assert_relevance_close(x.grad, expected, dtype)
 
 
@@ -131,8 +150,20 @@ def test_conv2d_rule_groups_against_per_group_reference(rule):
     y.backward(R)
     for g in range(2):  # a grouped convolution is two independent convolutions
         ins, outs = slice(2 * g, 2 * g + 2), slice(3 * g, 3 * g + 3)
-        expected = ref.conv2d_vision_rule(rule, d64(x)[:, ins], w[outs], b[outs], R[:, outs], 1, 1, 1, EPS,
-                                          lower=lo[ins], upper=hi[ins], **PARAMS.get(rule, {}))
+        expected = ref.conv2d_vision_rule(
+            rule,
+            d64(x)[:, ins],
+            w[outs],
+            b[outs],
+            R[:, outs],
+            1,
+            1,
+            1,
+            EPS,
+            lower=lo[ins],
+            upper=hi[ins],
+            **PARAMS.get(rule, {}),
+        )
         assert_relevance_close(x.grad[:, ins], expected, f64)
 
 
@@ -223,9 +254,11 @@ def test_z_plus_on_signed_inputs_is_alpha1_beta0(layer, gi):
     got_p = xp.grad * xp.detach() if gi else xp.grad
     if layer == "linear":
         torch.testing.assert_close(got_p, z_plus_before(xp.detach(), w, R, EPS), rtol=1e-9, atol=1e-12)
-    expected_p = (ref.conv2d_vision_rule("alpha_beta", xp.detach(), w, None, R, 1, 0, 1, EPS, alpha=1.0, beta=0.0)
-                  if layer == "conv2d" else ref.vision_rule("alpha_beta", xp.detach(), w, None, R, EPS, alpha=1.0,
-                                                            beta=0.0))
+    expected_p = (
+        ref.conv2d_vision_rule("alpha_beta", xp.detach(), w, None, R, 1, 0, 1, EPS, alpha=1.0, beta=0.0)
+        if layer == "conv2d"
+        else ref.vision_rule("alpha_beta", xp.detach(), w, None, R, EPS, alpha=1.0, beta=0.0)
+    )
     assert_relevance_close(got_p, expected_p, f64)
 
 
@@ -246,8 +279,11 @@ def test_alpha_beta_relevance_takes_no_host_sync(rule, layer):
         assert any("relevance" in n for n in names), names
         assert not names & {"aten::item", "aten::_local_scalar_dense", "aten::is_nonzero"}, names
         kw = {k: v for k, v in PARAMS.get(rule, {}).items()}
-        expected = (ref.conv2d_vision_rule(rule, d64(xs), w, None, R, 1, 1, 1, EPS, **kw) if layer == "conv2d"
-                    else ref.vision_rule(rule, d64(xs), w, None, R, EPS, **kw))
+        expected = (
+            ref.conv2d_vision_rule(rule, d64(xs), w, None, R, 1, 1, 1, EPS, **kw)
+            if layer == "conv2d"
+            else ref.vision_rule(rule, d64(xs), w, None, R, EPS, **kw)
+        )
         assert_relevance_close(xs.grad, expected, f64)
 
 
@@ -264,8 +300,11 @@ def conserved(rule, layer, eps=1e-12):
         x = x.abs()
     x.requires_grad_()
     lo, hi = bounds(x)
-    y = conv_op(rule, x, w, b, 1, 1, 1, lo=lo, hi=hi, eps=eps) if layer == "conv2d" else \
-        linear_op(rule, x, w, b, lo, hi, eps=eps)
+    y = (
+        conv_op(rule, x, w, b, 1, 1, 1, lo=lo, hi=hi, eps=eps)
+        if layer == "conv2d"
+        else linear_op(rule, x, w, b, lo, hi, eps=eps)
+    )
     R = torch.rand_like(y) + 0.1
     y.backward(R)
     return x.grad.sum(), R.sum()
@@ -290,8 +329,9 @@ def test_z_box_on_the_first_layer_conserves_with_per_channel_bounds(layer):
         pixels = torch.rand(2, 3, 10, 10, dtype=f64)
         x = ((pixels - mean[:, None, None]) / std[:, None, None]).requires_grad_()
         lo, hi = ((0 - mean) / std)[:, None, None], ((1 - mean) / std)[:, None, None]
-        y = lf.conv2d_z_box(x, torch.randn(5, 3, 3, 3, dtype=f64), torch.randn(5, dtype=f64), lo, hi, 2, 1,
-                                epsilon=1e-12)
+        y = lf.conv2d_z_box(
+            x, torch.randn(5, 3, 3, 3, dtype=f64), torch.randn(5, dtype=f64), lo, hi, 2, 1, epsilon=1e-12
+        )
     else:
         pixels = torch.rand(4, 3, dtype=f64)
         x = ((pixels - mean) / std).requires_grad_()
@@ -319,8 +359,11 @@ def test_gi_form_times_input_is_the_relevance(rule, layer):
     b = torch.randn(w.shape[0], dtype=f64)
     lo, hi = bounds(x)
     xe, xg = x.clone().requires_grad_(), x.clone().requires_grad_()
-    run = (lambda t, gi: conv_op(rule, t, w, b, 1, 1, 1, lo=lo, hi=hi, gi=gi)) if layer == "conv2d" else \
-        (lambda t, gi: linear_op(rule, t, w, b, lo, hi, gi=gi))
+    run = (
+        (lambda t, gi: conv_op(rule, t, w, b, 1, 1, 1, lo=lo, hi=hi, gi=gi))
+        if layer == "conv2d"
+        else (lambda t, gi: linear_op(rule, t, w, b, lo, hi, gi=gi))
+    )
     ye, yg = run(xe, False), run(xg, True)
     g = torch.randn_like(yg)
     ye.backward(yg.detach() * g)
@@ -331,8 +374,9 @@ def test_gi_form_times_input_is_the_relevance(rule, layer):
 
 
 # ----------------------------------------------------------------------------- weight transforms
-@pytest.mark.parametrize("rule,kind", [("gamma", "abs"), ("alpha_beta", "pos+neg"), ("z_plus", "pos"),
-                                       ("z_box", "abs"), ("w_square", "sq")])
+@pytest.mark.parametrize(
+    "rule,kind", [("gamma", "abs"), ("alpha_beta", "pos+neg"), ("z_plus", "pos"), ("z_box", "abs"), ("w_square", "sq")]
+)
 def test_passing_the_weight_transform_gives_the_same_relevance(rule, kind):
     x = input_for(rule, (2, 3, 6, 6), f64)
     w = torch.randn(4, 3, 3, 3, dtype=f64)
@@ -386,12 +430,18 @@ def test_modules_use_the_cached_transform_across_calls(monkeypatch):
 
 # ----------------------------------------------------------------------------- modules
 MODULES = [
-    (lm.LinearGamma, dict(gamma=0.2), "gamma"), (lm.LinearAlphaBeta, dict(alpha=1.5, beta=0.5), "alpha_beta"),
-    (lm.LinearZPlus, {}, "z_plus"), (lm.LinearZBox, dict(lower=-4.0, upper=4.0), "z_box"),
-    (lm.LinearFlat, {}, "flat"), (lm.LinearWSquare, {}, "w_square"),
-    (lm.Conv2dGamma, dict(gamma=0.2), "gamma"), (lm.Conv2dAlphaBeta, dict(alpha=1.5, beta=0.5), "alpha_beta"),
-    (lm.Conv2dZPlus, {}, "z_plus"), (lm.Conv2dZBox, dict(lower=-4.0, upper=4.0), "z_box"),
-    (lm.Conv2dFlat, {}, "flat"), (lm.Conv2dWSquare, {}, "w_square"),
+    (lm.LinearGamma, dict(gamma=0.2), "gamma"),
+    (lm.LinearAlphaBeta, dict(alpha=1.5, beta=0.5), "alpha_beta"),
+    (lm.LinearZPlus, {}, "z_plus"),
+    (lm.LinearZBox, dict(lower=-4.0, upper=4.0), "z_box"),
+    (lm.LinearFlat, {}, "flat"),
+    (lm.LinearWSquare, {}, "w_square"),
+    (lm.Conv2dGamma, dict(gamma=0.2), "gamma"),
+    (lm.Conv2dAlphaBeta, dict(alpha=1.5, beta=0.5), "alpha_beta"),
+    (lm.Conv2dZPlus, {}, "z_plus"),
+    (lm.Conv2dZBox, dict(lower=-4.0, upper=4.0), "z_box"),
+    (lm.Conv2dFlat, {}, "flat"),
+    (lm.Conv2dWSquare, {}, "w_square"),
 ]
 
 

@@ -6,7 +6,6 @@ import zlib
 import numpy as np
 import pytest
 import torch
-
 from lrpcpp import viz
 
 
@@ -16,9 +15,9 @@ def read_png(path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     pos, chunks = 8, {}
     while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
         assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF
         chunks[kind] = chunks.get(kind, b"") + body
         pos += 12 + length
@@ -27,7 +26,7 @@ def read_png(path):
     channels = 3 if color_type == 2 else 1
     raw = zlib.decompress(chunks[b"IDAT"])
     stride = 1 + width * channels
-    rows = [raw[i * stride:(i + 1) * stride] for i in range(height)]
+    rows = [raw[i * stride : (i + 1) * stride] for i in range(height)]
     assert all(r[0] == 0 for r in rows)
     pixels = np.frombuffer(b"".join(r[1:] for r in rows), dtype=np.uint8).reshape(height, width, channels)
     return width, height, color_type, pixels

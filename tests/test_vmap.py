@@ -1,9 +1,8 @@
 """Batching rules of the gradient-times-input backward ops (used for K targets in one pass)."""
 
+import lrpcpp  # noqa: F401
 import pytest
 import torch
-
-import lrpcpp  # noqa: F401
 
 ops = torch.ops.lrpcpp
 
@@ -30,6 +29,7 @@ def test_layer_norm_backward_batched_equals_loop(in_dims):
     xs = torch.randn(4, 2, 3, 6, dtype=torch.float64) if in_dims[1] == 0 else x
     batched = grads.movedim(0, in_dims[0])
     out = torch.vmap(lambda g, xx: ops.gi_layer_norm_backward(g, xx, [6], w, 1e-5), in_dims=in_dims)(batched, xs)
-    expected = torch.stack([
-        ops.gi_layer_norm_backward(g, xs[i] if in_dims[1] == 0 else x, [6], w, 1e-5) for i, g in enumerate(grads)])
+    expected = torch.stack(
+        [ops.gi_layer_norm_backward(g, xs[i] if in_dims[1] == 0 else x, [6], w, 1e-5) for i, g in enumerate(grads)]
+    )
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)

@@ -13,8 +13,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_wheel_records_torch_and_installs(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps",
-                    "-w", str(tmp_path), ROOT], check=True, cwd=ROOT)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w", str(tmp_path), ROOT],
+        check=True,
+        cwd=ROOT,
+    )
     (wheel,) = glob.glob(str(tmp_path / "lrpcpp-*.whl"))
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
@@ -31,8 +34,9 @@ def test_wheel_records_torch_and_installs(tmp_path):
     assert f'TORCH_VERSION = "{torch.__version__}"' in build_info
 
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), wheel],
-                   check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), wheel], check=True
+    )
     code = (
         "import torch, lrpcpp, lrpcpp.functional as lf\n"
         "assert lrpcpp.__file__.startswith(%r), lrpcpp.__file__\n"
@@ -44,10 +48,12 @@ def test_wheel_records_torch_and_installs(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(site)
-    out = subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=str(tmp_path),
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, env=env, cwd=str(tmp_path), capture_output=True, text=True
+    )
     assert out.stdout.strip() == "ok"
     script = site / "bin" / "lrpcpp"
-    out = subprocess.run([str(script), "evaluate", "--help"], check=True, env=env, cwd=str(tmp_path),
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [str(script), "evaluate", "--help"], check=True, env=env, cwd=str(tmp_path), capture_output=True, text=True
+    )
     assert "--file" in out.stdout

@@ -66,8 +66,9 @@ class EncoderBlock(nn.Module):
 
 
 class TinyViT(nn.Module):
-    def __init__(self, image: int = 16, patch: int = 4, dim: int = 16, heads: int = 2, layers: int = 2,
-                 classes: int = 5):
+    def __init__(
+        self, image: int = 16, patch: int = 4, dim: int = 16, heads: int = 2, layers: int = 2, classes: int = 5
+    ):
         super().__init__()
         self.conv_proj = nn.Conv2d(3, dim, patch, patch)
         self.class_token = nn.Parameter(torch.zeros(1, 1, dim))

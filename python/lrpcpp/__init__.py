@@ -39,16 +39,14 @@ def _load_library() -> None:
 
 _load_library()
 
-from . import _vmap, functional, modules, targets  # noqa: E402,F401
+from . import _vmap, deploy, functional, modules, presets, targets, viz  # noqa: E402,F401
 from ._build_info import VERSION as __version__  # noqa: E402
 from .attribute import Attribution, attribute  # noqa: E402
 from .composite import Composite  # noqa: E402
 from .explicit import ExplicitRules  # noqa: E402
 from .families import Family, UnsupportedModelError, register_family  # noqa: E402
 from .patching import PatchHandle, patch  # noqa: E402
-from . import presets, viz  # noqa: E402
 from .presets import PRESETS, Preset, preset, register_preset  # noqa: E402
-from . import deploy  # noqa: E402,F401  (after .attribute and .patching, which it uses)
 
 __all__ = [
     "functional",

@@ -77,13 +77,17 @@ def _last_positions(attention_mask: Optional[Tensor], batch: int, seq: int, devi
     last = torch.where(attention_mask.bool(), positions, -1).amax(dim=1)
     empty = (last < 0).nonzero().flatten().tolist()
     if empty:
-        raise ValueError(f"lrpcpp: attention_mask row(s) {empty} are all zeros: such a row has no token whose "
-                         "next-token logit could be explained; leave it out of the batch")
+        raise ValueError(
+            f"lrpcpp: attention_mask row(s) {empty} are all zeros: such a row has no token whose "
+            "next-token logit could be explained; leave it out of the batch"
+        )
     return last.to(device)
 
 
-_TARGETS = ("None (the top class or next token), an int id, an integer tensor of one id per batch item, "
-            "a list of int ids (one relevance map each) or a callable f(model output) -> tensor")
+_TARGETS = (
+    "None (the top class or next token), an int id, an integer tensor of one id per batch item, "
+    "a list of int ids (one relevance map each) or a callable f(model output) -> tensor"
+)
 
 
 def _is_id(t) -> bool:
@@ -99,11 +103,15 @@ def _target_ids(target: Target, logits: Tensor) -> Tensor:
         ids = torch.full((batch,), int(target), dtype=torch.long, device=logits.device)
     elif isinstance(target, Tensor):
         if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-            raise TypeError(f"lrpcpp.attribute: target must hold integer class or token ids, got a {target.dtype} "
-                            f"tensor; target may be {_TARGETS}")
+            raise TypeError(
+                f"lrpcpp.attribute: target must hold integer class or token ids, got a {target.dtype} "
+                f"tensor; target may be {_TARGETS}"
+            )
         if target.dim() > 1 or target.numel() not in (1, batch):
-            raise ValueError(f"lrpcpp.attribute: a target tensor holds one id, or one id per batch item (shape "
-                             f"[{batch}]), got shape {tuple(target.shape)}")
+            raise ValueError(
+                f"lrpcpp.attribute: a target tensor holds one id, or one id per batch item (shape "
+                f"[{batch}]), got shape {tuple(target.shape)}"
+            )
         ids = target.to(device=logits.device, dtype=torch.long).reshape(-1).expand(batch)
     elif isinstance(target, (list, tuple)):
         if not target or not all(_is_id(t) for t in target):
@@ -113,8 +121,10 @@ def _target_ids(target: Target, logits: Tensor) -> Tensor:
         raise TypeError(f"lrpcpp.attribute: target must be {_TARGETS}, got {type(target).__name__}")
     bad = sorted({int(i) for i in ids[(ids < 0) | (ids >= classes)].tolist()})
     if bad:
-        raise ValueError(f"lrpcpp.attribute: target ids must lie in [0, {classes}) (the number of classes or the "
-                         f"vocabulary size), got {bad}")
+        raise ValueError(
+            f"lrpcpp.attribute: target ids must lie in [0, {classes}) (the number of classes or the "
+            f"vocabulary size), got {bad}"
+        )
     return ids
 
 
@@ -126,21 +136,27 @@ def _select(out, target: Target, attention_mask: Optional[Tensor], batch: Option
         if not isinstance(value, Tensor):
             raise TypeError(f"lrpcpp.attribute: a callable target must return a tensor, got {type(value).__name__}")
         if value.dim() > 1 or (value.dim() == 1 and batch is not None and value.shape[0] != batch):
-            raise ValueError(f"lrpcpp.attribute: a callable target must return one value per batch item (shape "
-                             f"[{'batch' if batch is None else batch}]) or one value for the whole batch (0-D), got "
-                             f"shape {tuple(value.shape)}")
+            raise ValueError(
+                f"lrpcpp.attribute: a callable target must return one value per batch item (shape "
+                f"[{'batch' if batch is None else batch}]) or one value for the whole batch (0-D), got "
+                f"shape {tuple(value.shape)}"
+            )
         if not value.requires_grad:
-            raise ValueError("lrpcpp.attribute: the callable target returned a tensor that does not depend on the "
-                             "model output (detached, or computed under torch.no_grad()); compute it from the output "
-                             "with differentiable torch operations")
+            raise ValueError(
+                "lrpcpp.attribute: the callable target returned a tensor that does not depend on the "
+                "model output (detached, or computed under torch.no_grad()); compute it from the output "
+                "with differentiable torch operations"
+            )
         return value.reshape(-1), None
     logits = _logits(out)
     if logits.dim() == 3:  # a language model: explain the next token after the last real position
         rows = torch.arange(logits.shape[0], device=logits.device)
         logits = logits[rows, _last_positions(attention_mask, logits.shape[0], logits.shape[1], logits.device)]
     elif logits.dim() != 2:
-        raise ValueError(f"lrpcpp.attribute: expected logits of shape [batch, classes] or [batch, seq, vocab], "
-                         f"got {tuple(logits.shape)}")
+        raise ValueError(
+            f"lrpcpp.attribute: expected logits of shape [batch, classes] or [batch, seq, vocab], "
+            f"got {tuple(logits.shape)}"
+        )
     ids = _target_ids(target, logits)
     picked = logits.gather(-1, ids if ids.dim() == 2 else ids[:, None])
     return (picked if ids.dim() == 2 else picked[:, 0]), ids
@@ -176,7 +192,8 @@ def _check_model_inputs(model: nn.Module, model_inputs: dict) -> None:
                 f"lrpcpp.attribute: {key}= {like} an option of the preset(s) {', '.join(options[option])}, "
                 f"not an input of the model; the keyword arguments of lrpcpp.attribute go to the model only. Give "
                 f"preset options as preset=lrpcpp.preset(name, {option}=...), e.g. "
-                f"lrpcpp.preset({options[option][0]!r}, {option}=...)")
+                f"lrpcpp.preset({options[option][0]!r}, {option}=...)"
+            )
 
 
 def _check_embeddings(model: nn.Module) -> Callable[[Tensor], Tensor]:
@@ -188,7 +205,8 @@ def _check_embeddings(model: nn.Module) -> Callable[[Tensor], Tensor]:
             f"lrpcpp.attribute: input_ids needs model.get_input_embeddings() to embed the tokens, and this "
             f"{type(model).__name__} has no get_input_embeddings; pass inputs_embeds= (the token embeddings, "
             f"e.g. inner.get_input_embeddings()(input_ids)) to a forward that takes them, or pass the inner "
-            f"Hugging Face model itself{hint}")
+            f"Hugging Face model itself{hint}"
+        )
     return get()
 
 
@@ -212,7 +230,8 @@ def _check_pooled_padding(model: nn.Module, logits: Tensor, attention_mask: Tens
         raise ValueError(
             f"lrpcpp.attribute: this {type(model).__name__} classifies from the last position, and attention_mask "
             f"row(s) {rows} end in padding (the model cannot find it in inputs_embeds); pad the batch on the left "
-            "(tokenizer.padding_side = 'left')")
+            "(tokenizer.padding_side = 'left')"
+        )
 
 
 def attribute(
@@ -256,12 +275,16 @@ def attribute(
     right-padded batch then has the relevance it has alone.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"lrpcpp.attribute: model must be a torch.nn.Module (a Hugging Face or torch model), got "
-                        f"{type(model).__name__}; to explain a function, call it in the forward of an nn.Module")
+        raise TypeError(
+            f"lrpcpp.attribute: model must be a torch.nn.Module (a Hugging Face or torch model), got "
+            f"{type(model).__name__}; to explain a function, call it in the forward of an nn.Module"
+        )
     if torch.is_inference_mode_enabled():
-        raise RuntimeError("lrpcpp.attribute: cannot run under torch.inference_mode(), which records no graph "
-                           "for the backward pass; call it outside the inference_mode block (torch.no_grad() is "
-                           "fine)")
+        raise RuntimeError(
+            "lrpcpp.attribute: cannot run under torch.inference_mode(), which records no graph "
+            "for the backward pass; call it outside the inference_mode block (torch.no_grad() is "
+            "fine)"
+        )
     if preset is not None:
         from . import presets as _presets
 
@@ -269,8 +292,11 @@ def attribute(
     elif rules is not None:
         raise ValueError("lrpcpp.attribute: rules= overrides the layer rules of a preset; give preset= as well")
     _check_model_inputs(model, model_inputs)
-    given = [n for n, v in (("input_ids", input_ids), ("inputs_embeds", inputs_embeds),
-                            ("pixel_values", pixel_values)) if v is not None]
+    given = [
+        n
+        for n, v in (("input_ids", input_ids), ("inputs_embeds", inputs_embeds), ("pixel_values", pixel_values))
+        if v is not None
+    ]
     if len(given) != 1:
         raise ValueError(f"lrpcpp.attribute: give exactly one of input_ids, inputs_embeds, pixel_values (got {given})")
     if pixel_values is not None:
@@ -295,8 +321,10 @@ def attribute(
     causal = family is not None and family.causal
     if attention_mask is not None:
         if key == "inputs_embeds" and tuple(attention_mask.shape) != tuple(leaf.shape[:2]):
-            raise ValueError(f"lrpcpp.attribute: attention_mask must have the shape [batch, seq] = "
-                             f"{list(leaf.shape[:2])} of the tokens, got {list(attention_mask.shape)}")
+            raise ValueError(
+                f"lrpcpp.attribute: attention_mask must have the shape [batch, seq] = "
+                f"{list(leaf.shape[:2])} of the tokens, got {list(attention_mask.shape)}"
+            )
         model_inputs["attention_mask"] = attention_mask
         if key == "inputs_embeds" and "position_ids" not in model_inputs:
             positions = _position_ids(model, causal, attention_mask)
@@ -309,12 +337,21 @@ def attribute(
     captured: Dict[str, Tensor] = {}
     hooks = []
     try:
-        with ModelState(model, freeze=not explicit), \
-                patch(model, method=method, mode=mode, epsilon=epsilon, preset=preset) as handle:
+        with (
+            ModelState(model, freeze=not explicit),
+            patch(model, method=method, mode=mode, epsilon=epsilon, preset=preset) as handle,
+        ):
             if latent:
                 for name, layer in _layers(model).items():
-                    hooks.append(layer.register_forward_hook(
-                        (lambda n: lambda m, a, out: captured.__setitem__(n, out[0] if isinstance(out, tuple) else out))(name)))
+                    hooks.append(
+                        layer.register_forward_hook(
+                            (
+                                lambda n: (
+                                    lambda m, a, out: captured.__setitem__(n, out[0] if isinstance(out, tuple) else out)
+                                )
+                            )(name)
+                        )
+                    )
             with torch.enable_grad(), handle.rules.context():
                 out = _call(model, key, leaf, model_inputs)
                 if causal and attention_mask is not None and key == "inputs_embeds" and not callable(target):
@@ -367,5 +404,9 @@ def _batched_backward(explained: Tensor, inputs: List[Tensor], explicit: bool):
         seed = torch.zeros_like(explained)
         seed[:, i] = explained.detach()[:, i]
         per_target.append(torch.autograd.grad(explained, inputs, seed, allow_unused=True, retain_graph=i < k - 1))
-    return tuple(None if all(g[j] is None for g in per_target) else torch.stack(
-        [g[j] if g[j] is not None else torch.zeros_like(inputs[j]) for g in per_target]) for j in range(len(inputs)))
+    return tuple(
+        None
+        if all(g[j] is None for g in per_target)
+        else torch.stack([g[j] if g[j] is not None else torch.zeros_like(inputs[j]) for g in per_target])
+        for j in range(len(inputs))
+    )

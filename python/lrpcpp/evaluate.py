@@ -69,9 +69,14 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         return {
-            "model": self.model, "task": self.task, "explains": TASKS[self.task],
-            "replacement": self.replacement, "inputs": len(self.texts), "skipped": self.skipped,
-            "grid": GRID, "methods": self.summary(),
+            "model": self.model,
+            "task": self.task,
+            "explains": TASKS[self.task],
+            "replacement": self.replacement,
+            "inputs": len(self.texts),
+            "skipped": self.skipped,
+            "grid": GRID,
+            "methods": self.summary(),
             "per_input": {m: {"abc": self.abc[m], "morf": self.morf[m], "lerf": self.lerf[m]} for m in self.abc},
             "texts": self.texts,
         }
@@ -135,8 +140,9 @@ def read_items(path: str, compare: Optional[str], task: str) -> List[Tuple[int, 
         if task == "similarity":
             second = second or compare
             if second is None:
-                raise InputError(f"{path}:{number}: a similarity needs two texts: separate them by a tab, "
-                                 "or give --compare TEXT")
+                raise InputError(
+                    f"{path}:{number}: a similarity needs two texts: separate them by a tab, or give --compare TEXT"
+                )
         else:
             second = None
         items.append((number, first.strip(), second))
@@ -163,18 +169,22 @@ def _values_fn(loaded: Loaded, enc, target_id: Optional[int]):
     from .targets import mean_pooling
 
     if loaded.task == "similarity":
+
         def fn(out, mask, fixed):
             emb = mean_pooling(out.last_hidden_state, mask)
             return F.cosine_similarity(emb, fixed.expand_as(emb), dim=-1)
     elif loaded.task == "causal-lm":
+
         def fn(out, mask, fixed):
             import torch
 
             last = mask.shape[1] - 1 - torch.flip(mask, dims=[1]).argmax(dim=1)
             return out.logits[torch.arange(out.logits.shape[0]), last, target_id]
     else:
+
         def fn(out, mask, fixed):
             return out.logits[:, target_id]
+
     return fn
 
 
@@ -187,7 +197,9 @@ def _fixed_embedding(loaded: Loaded, enc):
     with torch.no_grad():
         ids, mask = enc.input_ids[1:2], enc.attention_mask[1:2]
         n = int(mask.sum())
-        out = loaded.model(input_ids=ids[:, :n].to(loaded.model.device), attention_mask=mask[:, :n].to(loaded.model.device))
+        out = loaded.model(
+            input_ids=ids[:, :n].to(loaded.model.device), attention_mask=mask[:, :n].to(loaded.model.device)
+        )
         return mean_pooling(out.last_hidden_state, mask[:, :n].to(loaded.model.device))
 
 
@@ -217,9 +229,15 @@ def _gradient_x_input(loaded: Loaded, enc, ids, mask, target_id):
     return (grad * emb).sum(dim=-1)[0, : int(enc.attention_mask[0].sum())].detach()
 
 
-def evaluate(loaded: Loaded, items: Sequence[Tuple[int, str, Optional[str]]], methods: Sequence[str] = METHODS,
-             seed: int = 0, warn: Warn = lambda msg: None, progress: Optional[Callable] = None,
-             batch_size: int = 64) -> EvalResult:
+def evaluate(
+    loaded: Loaded,
+    items: Sequence[Tuple[int, str, Optional[str]]],
+    methods: Sequence[str] = METHODS,
+    seed: int = 0,
+    warn: Warn = lambda msg: None,
+    progress: Optional[Callable] = None,
+    batch_size: int = 64,
+) -> EvalResult:
     """Perturbation curves and areas between them for every input of ``items`` (from
     :func:`read_items`); see the module's docstring for the procedure."""
     import torch
@@ -257,8 +275,13 @@ def evaluate(loaded: Loaded, items: Sequence[Tuple[int, str, Optional[str]]], me
             if m in ("attnlrp", "cp-lrp"):
                 if loaded.task == "similarity":
                     full_mask = enc.attention_mask.to(device)
-                    attr = lrpcpp.attribute(model, input_ids=enc.input_ids.to(device), attention_mask=full_mask,
-                                            target=_similarity_target(full_mask), method=m)
+                    attr = lrpcpp.attribute(
+                        model,
+                        input_ids=enc.input_ids.to(device),
+                        attention_mask=full_mask,
+                        target=_similarity_target(full_mask),
+                        method=m,
+                    )
                 else:
                     attr = lrpcpp.attribute(model, input_ids=ids, attention_mask=mask, target=target_id, method=m)
                     target_id = int(attr.target[0])
@@ -289,12 +312,12 @@ def evaluate(loaded: Loaded, items: Sequence[Tuple[int, str, Optional[str]]], me
         values = []
         with torch.no_grad():
             for start in range(0, len(rows), batch_size):
-                batch = torch.stack(rows[start:start + batch_size])
+                batch = torch.stack(rows[start : start + batch_size])
                 bmask = mask.expand(batch.shape[0], -1)
                 out = model(input_ids=batch, attention_mask=bmask)
                 values += fn(out, bmask, fixed).float().cpu().tolist()
         curves: Dict[Tuple[str, str], List[float]] = {}
-        for (m, kind, k), v in zip(index, values):
+        for (m, kind, _k), v in zip(index, values):
             curves.setdefault((m, kind), []).append(v)
         for m in methods:
             morf, lerf = curves[(m, "morf")], curves[(m, "lerf")]
@@ -313,15 +336,17 @@ def report(result: EvalResult, png: Optional[str] = None) -> str:
     n = len(result.texts)
     lines = [
         f"perturbation faithfulness of {result.model}: {n} input{'s' if n != 1 else ''}",
-        f"explained: {TASKS[result.task]}" + ("; the first text is perturbed, the second held fixed"
-                                              if result.task == "similarity" else ""),
+        f"explained: {TASKS[result.task]}"
+        + ("; the first text is perturbed, the second held fixed" if result.task == "similarity" else ""),
         f"removing a token: replacing it by {result.replacement}, one token per step, special tokens kept",
         "",
         f"{'method':<18} {'ABC':>8} {'± s.e.':>8} {'MoRF area':>10} {'LeRF area':>10}",
     ]
     for m, s in summary.items():
-        lines.append(f"{LABELS[m]:<18} {s['abc_mean']:>8.4f} {s['abc_sem']:>8.4f} {s['morf_area']:>10.4f} "
-                     f"{s['lerf_area']:>10.4f}")
+        lines.append(
+            f"{LABELS[m]:<18} {s['abc_mean']:>8.4f} {s['abc_sem']:>8.4f} {s['morf_area']:>10.4f} "
+            f"{s['lerf_area']:>10.4f}"
+        )
     lines += [
         "",
         "ABC: area between the LeRF and MoRF curves over the fraction of tokens removed (larger is more",

@@ -10,8 +10,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .loading import TASKS, InputError, Loaded, Warn, encode
 
-__all__ = ["Explanation", "explain_text", "explain_image", "display_tokens", "to_json",
-           "resolve_token", "resolve_label"]
+__all__ = [
+    "Explanation",
+    "explain_text",
+    "explain_image",
+    "display_tokens",
+    "to_json",
+    "resolve_token",
+    "resolve_label",
+]
 
 METHOD_NAMES = {"attnlrp": "AttnLRP", "cp-lrp": "CP-LRP"}
 
@@ -61,8 +68,13 @@ class Explanation:
         return METHOD_NAMES.get(self.method, self.method)
 
     def to_dict(self) -> dict:
-        d = {"model": self.model, "method": self.method, "task": self.task, "explains": self.what,
-             "output": self.output}
+        d = {
+            "model": self.model,
+            "method": self.method,
+            "task": self.task,
+            "explains": self.what,
+            "output": self.output,
+        }
         if self.target is not None:
             d["target"] = self.target
             d["target_id"] = self.target_id
@@ -92,7 +104,10 @@ def to_json(explanations: Sequence[Explanation]) -> dict:
         return explanations[0].to_dict()
     first = explanations[0]
     return {
-        "model": first.model, "method": first.method, "task": "generation", "texts": first.texts,
+        "model": first.model,
+        "method": first.method,
+        "task": "generation",
+        "texts": first.texts,
         "generated": [e.target for e in explanations],
         "generated_ids": [e.target_id for e in explanations],
         "steps": [e.to_dict() for e in explanations],
@@ -227,9 +242,17 @@ def _latent_tokens(attr):
     return {name: rel.sum(dim=-1) for name, rel in attr.latent.items()}
 
 
-def explain_text(loaded: Loaded, text: str, *, compare: Optional[str] = None, target: Optional[str] = None,
-                 method: str = "attnlrp", latent: bool = False, generate: int = 0,
-                 warn: Warn = lambda msg: None) -> List[Explanation]:
+def explain_text(
+    loaded: Loaded,
+    text: str,
+    *,
+    compare: Optional[str] = None,
+    target: Optional[str] = None,
+    method: str = "attnlrp",
+    latent: bool = False,
+    generate: int = 0,
+    warn: Warn = lambda msg: None,
+) -> List[Explanation]:
     """Explains one text (or, with ``compare``, the similarity of two) with ``loaded``'s model.
 
     * ``similarity`` models need ``compare``: every token of both texts gets a relevance for the
@@ -246,8 +269,10 @@ def explain_text(loaded: Loaded, text: str, *, compare: Optional[str] = None, ta
         raise InputError("the text is empty")
     if loaded.task == "similarity":
         if compare is None:
-            raise InputError(f"{loaded.name} is a sentence-embedding model: it explains the similarity of "
-                             "two texts; add --compare TEXT")
+            raise InputError(
+                f"{loaded.name} is a sentence-embedding model: it explains the similarity of "
+                "two texts; add --compare TEXT"
+            )
         if target is not None:
             raise InputError("--target does not apply to a similarity (it has one explained value)")
         if generate:
@@ -270,19 +295,34 @@ def explain_text(loaded: Loaded, text: str, *, compare: Optional[str] = None, ta
     else:
         target_id = resolve_label(loaded.config, target)
     device = loaded.model.device
-    attr = lrpcpp.attribute(loaded.model, input_ids=enc.input_ids.to(device),
-                            attention_mask=enc.attention_mask.to(device), target=target_id, method=method,
-                            latent=latent)
+    attr = lrpcpp.attribute(
+        loaded.model,
+        input_ids=enc.input_ids.to(device),
+        attention_mask=enc.attention_mask.to(device),
+        target=target_id,
+        method=method,
+        latent=latent,
+    )
     chosen = int(attr.target[0])
-    rows = _token_rows(loaded, enc, [0], attr.token_relevance.float().cpu(),
-                       _cpu(_latent_tokens(attr)))
+    rows = _token_rows(loaded, enc, [0], attr.token_relevance.float().cpu(), _cpu(_latent_tokens(attr)))
     if loaded.task == "causal-lm":
         label = display_tokens(loaded.tokenizer, loaded.tokenizer.convert_ids_to_tokens([chosen]))[0][0]
     else:
         label = _label(loaded.config, chosen)
-    return [Explanation(model=loaded.name, method=method, task=loaded.task, output=float(attr.output[0]),
-                        texts=[text], target=label, target_id=chosen, truncated=truncated[0],
-                        generated=[False] * len(rows["tokens"]), **rows)]
+    return [
+        Explanation(
+            model=loaded.name,
+            method=method,
+            task=loaded.task,
+            output=float(attr.output[0]),
+            texts=[text],
+            target=label,
+            target_id=chosen,
+            truncated=truncated[0],
+            generated=[False] * len(rows["tokens"]),
+            **rows,
+        )
+    ]
 
 
 def _cpu(latent):
@@ -299,12 +339,25 @@ def _explain_similarity(loaded, text, compare, method, latent, warn) -> Explanat
     enc, truncated = encode(loaded, [text, compare], warn)
     device = loaded.model.device
     mask = enc.attention_mask.to(device)
-    attr = lrpcpp.attribute(loaded.model, input_ids=enc.input_ids.to(device), attention_mask=mask,
-                            target=_similarity_target(mask), method=method, latent=latent)
+    attr = lrpcpp.attribute(
+        loaded.model,
+        input_ids=enc.input_ids.to(device),
+        attention_mask=mask,
+        target=_similarity_target(mask),
+        method=method,
+        latent=latent,
+    )
     rows = _token_rows(loaded, enc, [0, 1], attr.token_relevance.float().cpu(), _cpu(_latent_tokens(attr)))
-    return Explanation(model=loaded.name, method=method, task="similarity", output=float(attr.output.reshape(-1)[0]),
-                       texts=[text, compare], truncated=any(truncated),
-                       generated=[False] * len(rows["tokens"]), **rows)
+    return Explanation(
+        model=loaded.name,
+        method=method,
+        task="similarity",
+        output=float(attr.output.reshape(-1)[0]),
+        texts=[text, compare],
+        truncated=any(truncated),
+        generated=[False] * len(rows["tokens"]),
+        **rows,
+    )
 
 
 def _explain_generation(loaded, text, n, method, latent, warn) -> List[Explanation]:
@@ -340,8 +393,14 @@ def _explain_generation(loaded, text, n, method, latent, warn) -> List[Explanati
     for i in range(k):
         batch[i, : len(prompt) + i] = ids[: len(prompt) + i]
         mask[i, : len(prompt) + i] = 1
-    attr = lrpcpp.attribute(model, input_ids=batch, attention_mask=mask,
-                            target=torch.tensor(generated, device=device), method=method, latent=latent)
+    attr = lrpcpp.attribute(
+        model,
+        input_ids=batch,
+        attention_mask=mask,
+        target=torch.tensor(generated, device=device),
+        method=method,
+        latent=latent,
+    )
 
     class _Enc:  # the rows of the batch, in the shape _token_rows reads
         input_ids = batch.cpu()
@@ -354,10 +413,21 @@ def _explain_generation(loaded, text, n, method, latent, warn) -> List[Explanati
     for i in range(k):
         rows = _token_rows(loaded, _Enc, [i], relevance, lat)
         n_tokens = len(rows["tokens"])
-        out.append(Explanation(
-            model=loaded.name, method=method, task="causal-lm", output=float(attr.output[i]), texts=[text],
-            target=words[i], target_id=generated[i], truncated=truncated[0], step=i,
-            generated=[j >= len(prompt) for j in range(n_tokens)], **rows))
+        out.append(
+            Explanation(
+                model=loaded.name,
+                method=method,
+                task="causal-lm",
+                output=float(attr.output[i]),
+                texts=[text],
+                target=words[i],
+                target_id=generated[i],
+                truncated=truncated[0],
+                step=i,
+                generated=[j >= len(prompt) for j in range(n_tokens)],
+                **rows,
+            )
+        )
     return out
 
 
@@ -376,11 +446,14 @@ def read_image(path: str):
         with Image.open(path) as im:
             return im.convert("RGB")
     except Exception as e:  # noqa: BLE001 - PIL raises many types for unreadable files
-        raise InputError(f"cannot read the image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise InputError(
+            f"cannot read the image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
 
 
-def explain_image(loaded: Loaded, path: str, *, target: Optional[str] = None, method: str = "attnlrp",
-                  latent: bool = False) -> List[Explanation]:
+def explain_image(
+    loaded: Loaded, path: str, *, target: Optional[str] = None, method: str = "attnlrp", latent: bool = False
+) -> List[Explanation]:
     """Explains an image classifier's class (the predicted one, or ``target``) per pixel."""
     import numpy as np
     import torch
@@ -396,8 +469,10 @@ def explain_image(loaded: Loaded, path: str, *, target: Optional[str] = None, me
         raise InputError(f"the model cannot take the image {path}: {str(e).splitlines()[0]}") from None
     channels = getattr(loaded.config, "num_channels", 3)
     if pixels.dim() != 4 or pixels.shape[1] != channels:
-        raise InputError(f"the model cannot take the image {path}: it needs {channels} channels, "
-                         f"the processor gave {tuple(pixels.shape)}")
+        raise InputError(
+            f"the model cannot take the image {path}: it needs {channels} channels, "
+            f"the processor gave {tuple(pixels.shape)}"
+        )
     target_id = resolve_label(loaded.config, target) if target is not None else None
     device = loaded.model.device
     pixels = pixels.to(device=device, dtype=loaded.model.dtype)
@@ -415,7 +490,17 @@ def explain_image(loaded: Loaded, path: str, *, target: Optional[str] = None, me
     lat = None
     if latent:
         lat = {name: rel.sum(dim=-1)[0].float().cpu().tolist() for name, rel in attr.latent.items()}
-    return [Explanation(model=loaded.name, method=method, task="image-classifier", output=float(attr.output[0]),
-                        target=_label(loaded.config, chosen), target_id=chosen, image=shown,
-                        pixel_relevance=attr.token_relevance[0].float().cpu().numpy(), latent=lat,
-                        image_file=path)]
+    return [
+        Explanation(
+            model=loaded.name,
+            method=method,
+            task="image-classifier",
+            output=float(attr.output[0]),
+            target=_label(loaded.config, chosen),
+            target_id=chosen,
+            image=shown,
+            pixel_relevance=attr.token_relevance[0].float().cpu().numpy(),
+            latent=lat,
+            image_file=path,
+        )
+    ]

@@ -115,12 +115,7 @@ _FROM_PARAMETERS = WeakIdKeyDictionary()
 def _carries(x: Any) -> bool:
     """A tensor that carries relevance: requires grad, and is neither a parameter nor computed from
     parameters alone (inside the mode)."""
-    return (
-        isinstance(x, Tensor)
-        and x.requires_grad
-        and not isinstance(x, nn.Parameter)
-        and x not in _FROM_PARAMETERS
-    )
+    return isinstance(x, Tensor) and x.requires_grad and not isinstance(x, nn.Parameter) and x not in _FROM_PARAMETERS
 
 
 def _requires_grad(args: Sequence, kwargs: Mapping) -> bool:
@@ -254,8 +249,14 @@ def identity_rule(fn: Callable, *args, **kwargs) -> Tensor:
     return _pass_to(receiver, lambda: out)
 
 
-def _epsilon_rule(rules: "ExplicitRules", func: Callable, args: Sequence, kwargs: Mapping,
-                  slots: Sequence[Union[int, str]], uniform: bool = False) -> Tensor:
+def _epsilon_rule(
+    rules: "ExplicitRules",
+    func: Callable,
+    args: Sequence,
+    kwargs: Mapping,
+    slots: Sequence[Union[int, str]],
+    uniform: bool = False,
+) -> Tensor:
     """``func(*args, **kwargs)`` with the epsilon rule over the arguments at ``slots`` that carry
     relevance (every other argument is a constant): ``R_x = x * VJP[R / stab(out)]``, divided by
     the number of those arguments when ``uniform`` (a product of several relevance carriers).
@@ -415,19 +416,14 @@ def _linear(rules, func, input, weight, bias=None):
 
 
 def _conv(rules, func, input, weight, bias=None, *args, **kwargs):
-    return _epsilon_rule(rules, func, (input, weight, bias, *args), kwargs, [0, 1],
-                         uniform=_carries(input) and _carries(weight))
+    return _epsilon_rule(
+        rules, func, (input, weight, bias, *args), kwargs, [0, 1], uniform=_carries(input) and _carries(weight)
+    )
 
 
 def _conv2d(rules, func, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    if (
-        _carries(input)
-        and not _carries(weight)
-        and not isinstance(padding, str)
-        and input.dim() == 4
-    ):
-        return lf.conv2d_epsilon(input, _const(weight), _const(bias), stride, padding, dilation, groups,
-                                 rules.epsilon)
+    if _carries(input) and not _carries(weight) and not isinstance(padding, str) and input.dim() == 4:
+        return lf.conv2d_epsilon(input, _const(weight), _const(bias), stride, padding, dilation, groups, rules.epsilon)
     return _conv(rules, func, input, weight, bias, stride, padding, dilation, groups)
 
 
@@ -436,12 +432,12 @@ def _linear_map(rules, func, input, *args, **kwargs):
     return _epsilon_rule(rules, func, (input, *args), kwargs, [0])
 
 
-def _batch_norm(rules, func, input, running_mean, running_var, weight=None, bias=None, training=False,
-                momentum=0.1, eps=1e-5):
+def _batch_norm(
+    rules, func, input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
+):
     if training or running_mean is None or running_var is None:
         return NotImplemented  # batch statistics: not an affine map of the input
-    return _epsilon_rule(rules, func, (input, running_mean, running_var, weight, bias, False, momentum, eps),
-                         {}, [0])
+    return _epsilon_rule(rules, func, (input, running_mean, running_var, weight, bias, False, momentum, eps), {}, [0])
 
 
 def _softmax_dim(ndim: int) -> int:
@@ -565,8 +561,7 @@ def _mask_over_scale(mask: Tensor, scale: float) -> Tensor:
     return torch.where(torch.isfinite(mask), (mask / scale).clamp(info.min, info.max), mask)
 
 
-def _sdpa(rules, func, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-          enable_gqa=False):
+def _sdpa(rules, func, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """``F.scaled_dot_product_attention`` decomposed into explicit ops: ``lf.matmul(q, kᵀ)``, the
     mask added (a float mask through add2, as a bias), ``lf.softmax`` whose temperature ``1/scale``
     does the scaling, and ``lf.matmul(p, v)``. ``dropout_p`` is ignored: dropout is off, as for
@@ -627,94 +622,271 @@ _T = Tensor
 #: The mapping from torch functions to their explicit rules: ``{function: handler}``. Every
 #: spelling of an operation (``torch.add``, ``Tensor.add``, ``Tensor.__add__``, ...) has its own
 #: entry. A function that is not a key keeps its ordinary gradient.
-RULES: Mapping[Callable, Callable] = MappingProxyType({
-    # matrix products -> lf.matmul: epsilon rule, then an even split when both operands carry
-    # relevance (AttnLRP Prop. 3.3); a constant operand leaves all of it to the other
-    torch.matmul: _matmul, _T.matmul: _matmul, _T.__matmul__: _matmul, _T.__rmatmul__: _rmatmul,
-    torch.bmm: _mm, _T.bmm: _mm, torch.mm: _mm, _T.mm: _mm,
-    torch.einsum: _einsum,
-    # addition and subtraction -> lf.add2 (epsilon rule; a constant summand, a number or a tensor
-    # without grad such as an attention mask, is a bias that absorbs its share); b in a - b takes
-    # the share of -b
-    torch.add: _add, _T.add: _add, _T.__add__: _add, _T.__radd__: _add,
-    torch.sub: _sub, torch.subtract: _sub, _T.sub: _sub, _T.subtract: _sub, _T.__sub__: _sub,
-    torch.rsub: _rsub, _T.__rsub__: _rsub,
-    _T.add_: _inplace(_add, _T.add), _T.__iadd__: _inplace(_add, _T.add),
-    _T.sub_: _inplace(_sub, _T.sub), _T.subtract_: _inplace(_sub, _T.sub), _T.__isub__: _inplace(_sub, _T.sub),
-    # multiplication -> lf.mul2 (uniform) when both factors carry relevance; by a constant: the
-    # identity rule with torch's own product (RoPE cos/sin, attention scaling, embedding scaling)
-    torch.mul: _mul, torch.multiply: _mul, _T.mul: _mul, _T.multiply: _mul, _T.__mul__: _mul,
-    _T.__rmul__: _mul,
-    _T.mul_: _inplace(_mul, _T.mul), _T.multiply_: _inplace(_mul, _T.mul), _T.__imul__: _inplace(_mul, _T.mul),
-    # division: the identity rule to the numerator (the denominator is held constant)
-    torch.div: _div, torch.divide: _div, torch.true_divide: _div, _T.div: _div, _T.divide: _div,
-    _T.true_divide: _div, _T.__truediv__: _div, _T.__div__: _div, _T.__rdiv__: _rdiv, _T.__rtruediv__: _rdiv,
-    _T.div_: _inplace(_div, _T.div), _T.divide_: _inplace(_div, _T.div),
-    _T.true_divide_: _inplace(_div, _T.div),
-    _T.__itruediv__: _inplace(_div, _T.div), _T.__idiv__: _inplace(_div, _T.div),
-    # negation: the identity rule
-    torch.neg: _neg, torch.negative: _neg, _T.neg: _neg, _T.negative: _neg, _T.__neg__: _neg,
-    _T.neg_: _inplace(_neg, _T.neg), _T.negative_: _inplace(_neg, _T.neg),
-    # affine maps -> epsilon rule (AttnLRP Eq. 8); the bias absorbs its share
-    F.linear: _linear,
-    torch.addmm: _affine_mm, _T.addmm: _affine_mm, torch.baddbmm: _affine_mm, _T.baddbmm: _affine_mm,
-    F.conv1d: _conv, F.conv2d: _conv2d, F.conv3d: _conv,
-    F.conv_transpose1d: _conv, F.conv_transpose2d: _conv, F.conv_transpose3d: _conv,
-    F.avg_pool1d: _linear_map, F.avg_pool2d: _linear_map, F.avg_pool3d: _linear_map,
-    F.adaptive_avg_pool1d: _linear_map, F.adaptive_avg_pool2d: _linear_map, F.adaptive_avg_pool3d: _linear_map,
-    F.batch_norm: _batch_norm,
-    # sums and means -> epsilon rule R_x = x * R / stab(sum x)
-    torch.sum: _sum, _T.sum: _sum, torch.mean: _mean, _T.mean: _mean,
-    torch.index_add: _sum_of_parts, _T.index_add: _sum_of_parts,
-    _T.index_add_: _inplace(_sum_of_parts, _T.index_add),
-    torch.scatter_add: _sum_of_parts, _T.scatter_add: _sum_of_parts,
-    _T.scatter_add_: _inplace(_sum_of_parts, _T.scatter_add),
-    # softmax -> lf.softmax (Deep Taylor with bias, AttnLRP Prop. 3.1)
-    F.softmax: _softmax_fn, torch.softmax: _softmax, _T.softmax: _softmax,
-    F.scaled_dot_product_attention: _sdpa,
-    # normalisation: layer norm -> epsilon rule with the standard deviation held constant;
-    # RMSNorm and F.normalize -> identity rule (Prop. 3.4)
-    F.layer_norm: _layer_norm, torch.layer_norm: _layer_norm,
-    F.rms_norm: _rms_norm, torch.rms_norm: _rms_norm,
-    F.normalize: _normalize,
-    # element-wise activations -> identity rule (Eq. 9)
-    F.silu: _silu, F.gelu: _gelu,
-    F.relu: _relu, torch.relu: _relu, _T.relu: _relu,
-    torch.tanh: _tanh, _T.tanh: _tanh, torch.sigmoid: _sigmoid, _T.sigmoid: _sigmoid,
-    F.relu_: _inplace(_relu, torch.relu), torch.relu_: _inplace(_relu, torch.relu),
-    _T.relu_: _inplace(_relu, torch.relu), _T.tanh_: _inplace(_tanh, torch.tanh),
-    _T.sigmoid_: _inplace(_sigmoid, torch.sigmoid),
-    F.elu: _activation, F.celu: _activation, F.selu: _activation, F.leaky_relu: _activation,
-    F.relu6: _activation, F.hardtanh: _activation, F.hardswish: _activation, F.hardsigmoid: _activation,
-    F.softplus: _activation, F.mish: _activation,
-})
+RULES: Mapping[Callable, Callable] = MappingProxyType(
+    {
+        # matrix products -> lf.matmul: epsilon rule, then an even split when both operands carry
+        # relevance (AttnLRP Prop. 3.3); a constant operand leaves all of it to the other
+        torch.matmul: _matmul,
+        _T.matmul: _matmul,
+        _T.__matmul__: _matmul,
+        _T.__rmatmul__: _rmatmul,
+        torch.bmm: _mm,
+        _T.bmm: _mm,
+        torch.mm: _mm,
+        _T.mm: _mm,
+        torch.einsum: _einsum,
+        # addition and subtraction -> lf.add2 (epsilon rule; a constant summand, a number or a tensor
+        # without grad such as an attention mask, is a bias that absorbs its share); b in a - b takes
+        # the share of -b
+        torch.add: _add,
+        _T.add: _add,
+        _T.__add__: _add,
+        _T.__radd__: _add,
+        torch.sub: _sub,
+        torch.subtract: _sub,
+        _T.sub: _sub,
+        _T.subtract: _sub,
+        _T.__sub__: _sub,
+        torch.rsub: _rsub,
+        _T.__rsub__: _rsub,
+        _T.add_: _inplace(_add, _T.add),
+        _T.__iadd__: _inplace(_add, _T.add),
+        _T.sub_: _inplace(_sub, _T.sub),
+        _T.subtract_: _inplace(_sub, _T.sub),
+        _T.__isub__: _inplace(_sub, _T.sub),
+        # multiplication -> lf.mul2 (uniform) when both factors carry relevance; by a constant: the
+        # identity rule with torch's own product (RoPE cos/sin, attention scaling, embedding scaling)
+        torch.mul: _mul,
+        torch.multiply: _mul,
+        _T.mul: _mul,
+        _T.multiply: _mul,
+        _T.__mul__: _mul,
+        _T.__rmul__: _mul,
+        _T.mul_: _inplace(_mul, _T.mul),
+        _T.multiply_: _inplace(_mul, _T.mul),
+        _T.__imul__: _inplace(_mul, _T.mul),
+        # division: the identity rule to the numerator (the denominator is held constant)
+        torch.div: _div,
+        torch.divide: _div,
+        torch.true_divide: _div,
+        _T.div: _div,
+        _T.divide: _div,
+        _T.true_divide: _div,
+        _T.__truediv__: _div,
+        _T.__div__: _div,
+        _T.__rdiv__: _rdiv,
+        _T.__rtruediv__: _rdiv,
+        _T.div_: _inplace(_div, _T.div),
+        _T.divide_: _inplace(_div, _T.div),
+        _T.true_divide_: _inplace(_div, _T.div),
+        _T.__itruediv__: _inplace(_div, _T.div),
+        _T.__idiv__: _inplace(_div, _T.div),
+        # negation: the identity rule
+        torch.neg: _neg,
+        torch.negative: _neg,
+        _T.neg: _neg,
+        _T.negative: _neg,
+        _T.__neg__: _neg,
+        _T.neg_: _inplace(_neg, _T.neg),
+        _T.negative_: _inplace(_neg, _T.neg),
+        # affine maps -> epsilon rule (AttnLRP Eq. 8); the bias absorbs its share
+        F.linear: _linear,
+        torch.addmm: _affine_mm,
+        _T.addmm: _affine_mm,
+        torch.baddbmm: _affine_mm,
+        _T.baddbmm: _affine_mm,
+        F.conv1d: _conv,
+        F.conv2d: _conv2d,
+        F.conv3d: _conv,
+        F.conv_transpose1d: _conv,
+        F.conv_transpose2d: _conv,
+        F.conv_transpose3d: _conv,
+        F.avg_pool1d: _linear_map,
+        F.avg_pool2d: _linear_map,
+        F.avg_pool3d: _linear_map,
+        F.adaptive_avg_pool1d: _linear_map,
+        F.adaptive_avg_pool2d: _linear_map,
+        F.adaptive_avg_pool3d: _linear_map,
+        F.batch_norm: _batch_norm,
+        # sums and means -> epsilon rule R_x = x * R / stab(sum x)
+        torch.sum: _sum,
+        _T.sum: _sum,
+        torch.mean: _mean,
+        _T.mean: _mean,
+        torch.index_add: _sum_of_parts,
+        _T.index_add: _sum_of_parts,
+        _T.index_add_: _inplace(_sum_of_parts, _T.index_add),
+        torch.scatter_add: _sum_of_parts,
+        _T.scatter_add: _sum_of_parts,
+        _T.scatter_add_: _inplace(_sum_of_parts, _T.scatter_add),
+        # softmax -> lf.softmax (Deep Taylor with bias, AttnLRP Prop. 3.1)
+        F.softmax: _softmax_fn,
+        torch.softmax: _softmax,
+        _T.softmax: _softmax,
+        F.scaled_dot_product_attention: _sdpa,
+        # normalisation: layer norm -> epsilon rule with the standard deviation held constant;
+        # RMSNorm and F.normalize -> identity rule (Prop. 3.4)
+        F.layer_norm: _layer_norm,
+        torch.layer_norm: _layer_norm,
+        F.rms_norm: _rms_norm,
+        torch.rms_norm: _rms_norm,
+        F.normalize: _normalize,
+        # element-wise activations -> identity rule (Eq. 9)
+        F.silu: _silu,
+        F.gelu: _gelu,
+        F.relu: _relu,
+        torch.relu: _relu,
+        _T.relu: _relu,
+        torch.tanh: _tanh,
+        _T.tanh: _tanh,
+        torch.sigmoid: _sigmoid,
+        _T.sigmoid: _sigmoid,
+        F.relu_: _inplace(_relu, torch.relu),
+        torch.relu_: _inplace(_relu, torch.relu),
+        _T.relu_: _inplace(_relu, torch.relu),
+        _T.tanh_: _inplace(_tanh, torch.tanh),
+        _T.sigmoid_: _inplace(_sigmoid, torch.sigmoid),
+        F.elu: _activation,
+        F.celu: _activation,
+        F.selu: _activation,
+        F.leaky_relu: _activation,
+        F.relu6: _activation,
+        F.hardtanh: _activation,
+        F.hardswish: _activation,
+        F.hardsigmoid: _activation,
+        F.softplus: _activation,
+        F.mish: _activation,
+    }
+)
 
 
 # Dropout is off (RULES.md section 4), whatever the training flag: the input is returned unchanged,
 # so the forward value is the eval-mode one and the relevance passes through as it is.
-_DROPOUT = frozenset({
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
-    torch.dropout, torch.dropout_, torch.feature_dropout, torch.feature_dropout_, torch.alpha_dropout,
-    torch.alpha_dropout_, torch.feature_alpha_dropout, torch.feature_alpha_dropout_,
-})
+_DROPOUT = frozenset(
+    {
+        F.dropout,
+        F.dropout1d,
+        F.dropout2d,
+        F.dropout3d,
+        F.alpha_dropout,
+        F.feature_alpha_dropout,
+        torch.dropout,
+        torch.dropout_,
+        torch.feature_dropout,
+        torch.feature_dropout_,
+        torch.alpha_dropout,
+        torch.alpha_dropout_,
+        torch.feature_alpha_dropout,
+        torch.feature_alpha_dropout_,
+    }
+)
 
 _PASS_TENSOR_METHODS = (
-    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose", "t",
-    "permute", "movedim", "moveaxis", "swapaxes", "swapdims", "expand", "expand_as", "broadcast_to", "contiguous",
-    "clone", "to", "type", "type_as", "float", "double", "half", "bfloat16", "__getitem__", "select", "narrow",
-    "index_select", "gather", "take_along_dim", "masked_fill", "masked_fill_", "where", "split", "split_with_sizes",
-    "tensor_split", "chunk", "unbind", "repeat", "repeat_interleave", "tile", "roll", "flip", "tril", "triu",
-    "diagonal", "copy_", "requires_grad_", "topk",
+    "view",
+    "view_as",
+    "reshape",
+    "reshape_as",
+    "flatten",
+    "unflatten",
+    "squeeze",
+    "unsqueeze",
+    "transpose",
+    "t",
+    "permute",
+    "movedim",
+    "moveaxis",
+    "swapaxes",
+    "swapdims",
+    "expand",
+    "expand_as",
+    "broadcast_to",
+    "contiguous",
+    "clone",
+    "to",
+    "type",
+    "type_as",
+    "float",
+    "double",
+    "half",
+    "bfloat16",
+    "__getitem__",
+    "select",
+    "narrow",
+    "index_select",
+    "gather",
+    "take_along_dim",
+    "masked_fill",
+    "masked_fill_",
+    "where",
+    "split",
+    "split_with_sizes",
+    "tensor_split",
+    "chunk",
+    "unbind",
+    "repeat",
+    "repeat_interleave",
+    "tile",
+    "roll",
+    "flip",
+    "tril",
+    "triu",
+    "diagonal",
+    "copy_",
+    "requires_grad_",
+    "topk",
 )
 _PASS_TORCH_FUNCTIONS = (
-    "reshape", "flatten", "squeeze", "unsqueeze", "transpose", "t", "permute", "movedim", "moveaxis", "swapaxes",
-    "swapdims", "broadcast_to", "clone", "select", "narrow", "index_select", "gather", "take_along_dim",
-    "masked_fill", "where", "split", "split_with_sizes", "tensor_split", "chunk", "unbind", "repeat_interleave",
-    "tile", "roll", "flip", "tril", "triu", "diagonal", "cat", "concat", "concatenate", "stack", "hstack", "vstack",
-    "topk", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d",
+    "reshape",
+    "flatten",
+    "squeeze",
+    "unsqueeze",
+    "transpose",
+    "t",
+    "permute",
+    "movedim",
+    "moveaxis",
+    "swapaxes",
+    "swapdims",
+    "broadcast_to",
+    "clone",
+    "select",
+    "narrow",
+    "index_select",
+    "gather",
+    "take_along_dim",
+    "masked_fill",
+    "where",
+    "split",
+    "split_with_sizes",
+    "tensor_split",
+    "chunk",
+    "unbind",
+    "repeat_interleave",
+    "tile",
+    "roll",
+    "flip",
+    "tril",
+    "triu",
+    "diagonal",
+    "cat",
+    "concat",
+    "concatenate",
+    "stack",
+    "hstack",
+    "vstack",
+    "topk",
+    "max_pool1d",
+    "max_pool2d",
+    "max_pool3d",
+    "adaptive_max_pool1d",
 )
-_PASS_NN_FUNCTIONS = ("pad", "max_pool2d_with_indices", "max_pool3d_with_indices", "adaptive_max_pool2d",
-                      "adaptive_max_pool3d")
+_PASS_NN_FUNCTIONS = (
+    "pad",
+    "max_pool2d_with_indices",
+    "max_pool3d_with_indices",
+    "adaptive_max_pool2d",
+    "adaptive_max_pool3d",
+)
 
 #: The torch functions whose ordinary gradient passes relevance on exactly, so that they need no
 #: rule: views and reshapes, dtype casts and copies, indexing, slicing, gathering, masking and
@@ -725,8 +897,12 @@ _PASS_NN_FUNCTIONS = ("pad", "max_pool2d_with_indices", "max_pool3d_with_indices
 #: :class:`UnruledOperationWarning` that names it.
 PASS_THROUGH = frozenset(
     [getattr(Tensor, n) for n in _PASS_TENSOR_METHODS]
-    + [f for n in _PASS_TORCH_FUNCTIONS for f in (getattr(torch, n), getattr(torch._C._VariableFunctions, n, None))
-       if f is not None]
+    + [
+        f
+        for n in _PASS_TORCH_FUNCTIONS
+        for f in (getattr(torch, n), getattr(torch._C._VariableFunctions, n, None))
+        if f is not None
+    ]
     + [getattr(torch._C._nn, n) for n in _PASS_NN_FUNCTIONS]
     + [getattr(Tensor, n).__get__ for n in ("T", "mT", "H", "mH")]
 )
@@ -747,7 +923,7 @@ def _op_name(func: Callable) -> str:
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
     for prefix, spelled in (("TensorBase.", "Tensor."), ("_VariableFunctionsClass.", "torch.")):
         if name.startswith(prefix):
-            return spelled + name[len(prefix):]
+            return spelled + name[len(prefix) :]
     module = getattr(func, "__module__", None)
     return f"{module}.{name}" if module and "." not in name else name
 
@@ -850,5 +1026,7 @@ class ExplicitRules(TorchFunctionMode):
                 f"relevance-carrying input got the plain gradient of {name}, which is in general not a "
                 "relevance rule. Give that step a rule (lrpcpp.explicit.identity_rule, "
                 "lrpcpp.functional.epsilon, ...) or run it without the rules (lrpcpp.explicit.run_plain)",
-                UnruledOperationWarning, stacklevel=3)
+                UnruledOperationWarning,
+                stacklevel=3,
+            )
         return out

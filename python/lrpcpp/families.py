@@ -119,8 +119,9 @@ register_family(
     norms=("Phi3RMSNorm",),
     causal=True,
 )
-register_family("gpt2", model_types=("gpt2",), attention=("GPT2Attention",), qkv="c_attn", qkv_split=_equal_thirds,
-                causal=True)
+register_family(
+    "gpt2", model_types=("gpt2",), attention=("GPT2Attention",), qkv="c_attn", qkv_split=_equal_thirds, causal=True
+)
 register_family("bert", model_types=("bert",), attention=("BertSelfAttention",), q="query", k="key", v="value")
 register_family("vit", model_types=("vit",), attention=("ViTAttention",))
 
@@ -152,7 +153,8 @@ def family_of(model: nn.Module) -> Optional[Family]:
         if len(inner) > 1:
             raise UnsupportedModelError(
                 f"lrpcpp: this {type(model).__name__} holds Hugging Face models of several architectures "
-                f"({', '.join(f'{n}: {t}' for t, n in inner.items())}); explain each model on its own")
+                f"({', '.join(f'{n}: {t}' for t, n in inner.items())}); explain each model on its own"
+            )
         (model_type,) = inner
     for family in FAMILIES.values():
         if model_type in family.model_types:

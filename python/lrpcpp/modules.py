@@ -94,8 +94,9 @@ class LinearEpsilon(_FromModule, nn.Linear):
     _rule_defaults = {"epsilon": 1e-6}
     epsilon: float
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
-                 epsilon: float = 1e-6) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, epsilon: float = 1e-6
+    ) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
         _check_epsilon(type(self).__name__, epsilon)
         self.epsilon = epsilon
@@ -116,11 +117,24 @@ class Conv2dEpsilon(_FromModule, nn.Conv2d):
     _lrp_pre_pad: List[int]
     _lrp_padding: List[int]
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None,
-                 epsilon: float = 1e-6) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                         padding_mode, device, dtype)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        epsilon: float = 1e-6,
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
+        )
         _check_epsilon(type(self).__name__, epsilon)
         self.epsilon = epsilon
         self._lrp_setup()
@@ -138,8 +152,9 @@ class Conv2dEpsilon(_FromModule, nn.Conv2d):
         if len(self._lrp_pre_pad) > 0:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, self._lrp_pre_pad, mode=mode)
-        return lf.conv2d_epsilon(x, self.weight, self.bias, self.stride, self._lrp_padding, self.dilation,
-                                 self.groups, self.epsilon)
+        return lf.conv2d_epsilon(
+            x, self.weight, self.bias, self.stride, self._lrp_padding, self.dilation, self.groups, self.epsilon
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, epsilon={self.epsilon}"
@@ -188,8 +203,16 @@ class LayerNormEpsilon(_FromModule, nn.LayerNorm):
     _rule_defaults = {"epsilon": 1e-6}
     epsilon: float
 
-    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
-                 device=None, dtype=None, epsilon: float = 1e-6) -> None:
+    def __init__(
+        self,
+        normalized_shape,
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        epsilon: float = 1e-6,
+    ) -> None:
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
         _check_epsilon(type(self).__name__, epsilon)
         self.epsilon = epsilon
@@ -272,8 +295,14 @@ _TRANSFORMS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _weight_state(weight: Tensor) -> Tuple[Any, ...]:
-    return (weight._version, weight.data_ptr(), weight.device, weight.dtype, tuple(weight.shape),
-            tuple(weight.stride()))
+    return (
+        weight._version,
+        weight.data_ptr(),
+        weight.device,
+        weight.dtype,
+        tuple(weight.shape),
+        tuple(weight.stride()),
+    )
 
 
 def weight_transform(weight: Tensor, kind: str) -> Tensor:
@@ -286,8 +315,9 @@ def weight_transform(weight: Tensor, kind: str) -> Tensor:
     """
     fn = _TRANSFORM_FUNCTIONS.get(kind)
     if fn is None:
-        raise ValueError(f"lrpcpp.modules.weight_transform: kind must be one of {sorted(_TRANSFORM_FUNCTIONS)}, "
-                         f"got {kind!r}")
+        raise ValueError(
+            f"lrpcpp.modules.weight_transform: kind must be one of {sorted(_TRANSFORM_FUNCTIONS)}, got {kind!r}"
+        )
     state = _weight_state(weight)
     entries = _TRANSFORMS.get(weight)
     if entries is None:
@@ -326,8 +356,9 @@ class _VisionRule(_FromModule):
     def _set_rule_options(self, options: Dict[str, Any]) -> None:
         unknown = set(options) - set(self._rule_defaults)
         if unknown:
-            raise TypeError(f"{type(self).__name__} got unknown options {sorted(unknown)}; "
-                            f"it takes {sorted(self._rule_defaults)}")
+            raise TypeError(
+                f"{type(self).__name__} got unknown options {sorted(unknown)}; it takes {sorted(self._rule_defaults)}"
+            )
         for name, default in self._rule_defaults.items():
             setattr(self, name, options.get(name, default))
 
@@ -352,8 +383,9 @@ class _VisionRule(_FromModule):
 class _LinearRule(_VisionRule, nn.Linear):
     _replaces = nn.Linear
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
-                 **rule_options: Any) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, **rule_options: Any
+    ) -> None:
         nn.Linear.__init__(self, in_features, out_features, bias, device, dtype)
         self._set_rule_options(rule_options)
         self._lrp_setup()
@@ -364,11 +396,35 @@ class _Conv2dRule(_VisionRule, nn.Conv2d):
     _lrp_pre_pad: List[int]
     _lrp_padding: List[int]
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None,
-                 **rule_options: Any) -> None:
-        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                           padding_mode, device, dtype)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        **rule_options: Any,
+    ) -> None:
+        nn.Conv2d.__init__(
+            self,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device,
+            dtype,
+        )
         self._set_rule_options(rule_options)
         self._lrp_setup()
 
@@ -505,8 +561,19 @@ class Conv2dGamma(_Conv2dRule):
 
     def forward(self, x: Tensor) -> Tensor:
         t = None if torch.jit.is_scripting() else self._weight_transform()
-        return lf.conv2d_gamma(self._padded(x), self.weight, self.bias, self.stride, self._lrp_padding, self.dilation,
-                               self.groups, self.gamma, self.epsilon, t, self.gi)
+        return lf.conv2d_gamma(
+            self._padded(x),
+            self.weight,
+            self.bias,
+            self.stride,
+            self._lrp_padding,
+            self.dilation,
+            self.groups,
+            self.gamma,
+            self.epsilon,
+            t,
+            self.gi,
+        )
 
 
 class Conv2dAlphaBeta(_Conv2dRule):
@@ -525,9 +592,21 @@ class Conv2dAlphaBeta(_Conv2dRule):
         neg: Optional[Tensor] = None
         if not torch.jit.is_scripting():
             pos, neg = self._pos_neg()
-        return lf.conv2d_alpha_beta(self._padded(x), self.weight, self.bias, self.stride, self._lrp_padding,
-                                    self.dilation, self.groups, self.alpha, self.beta, self.epsilon, pos, neg,
-                                    self.gi)
+        return lf.conv2d_alpha_beta(
+            self._padded(x),
+            self.weight,
+            self.bias,
+            self.stride,
+            self._lrp_padding,
+            self.dilation,
+            self.groups,
+            self.alpha,
+            self.beta,
+            self.epsilon,
+            pos,
+            neg,
+            self.gi,
+        )
 
 
 class Conv2dZPlus(_Conv2dRule):
@@ -542,8 +621,18 @@ class Conv2dZPlus(_Conv2dRule):
 
     def forward(self, x: Tensor) -> Tensor:
         t = None if torch.jit.is_scripting() else self._weight_transform()
-        return lf.conv2d_z_plus(self._padded(x), self.weight, self.bias, self.stride, self._lrp_padding,
-                                self.dilation, self.groups, self.epsilon, t, self.gi)
+        return lf.conv2d_z_plus(
+            self._padded(x),
+            self.weight,
+            self.bias,
+            self.stride,
+            self._lrp_padding,
+            self.dilation,
+            self.groups,
+            self.epsilon,
+            t,
+            self.gi,
+        )
 
 
 class Conv2dZBox(_Bounded, _Conv2dRule):
@@ -561,8 +650,20 @@ class Conv2dZBox(_Bounded, _Conv2dRule):
 
     def forward(self, x: Tensor) -> Tensor:
         t = None if torch.jit.is_scripting() else self._weight_transform()
-        return lf.conv2d_z_box(self._padded(x), self.weight, self.bias, self.lower, self.upper, self.stride,
-                               self._lrp_padding, self.dilation, self.groups, self.epsilon, t, self.gi)
+        return lf.conv2d_z_box(
+            self._padded(x),
+            self.weight,
+            self.bias,
+            self.lower,
+            self.upper,
+            self.stride,
+            self._lrp_padding,
+            self.dilation,
+            self.groups,
+            self.epsilon,
+            t,
+            self.gi,
+        )
 
 
 class Conv2dFlat(_Conv2dRule):
@@ -575,8 +676,17 @@ class Conv2dFlat(_Conv2dRule):
     gi: bool
 
     def forward(self, x: Tensor) -> Tensor:
-        return lf.conv2d_flat(self._padded(x), self.weight, self.bias, self.stride, self._lrp_padding, self.dilation,
-                              self.groups, self.epsilon, self.gi)
+        return lf.conv2d_flat(
+            self._padded(x),
+            self.weight,
+            self.bias,
+            self.stride,
+            self._lrp_padding,
+            self.dilation,
+            self.groups,
+            self.epsilon,
+            self.gi,
+        )
 
 
 class Conv2dWSquare(_Conv2dRule):
@@ -591,5 +701,15 @@ class Conv2dWSquare(_Conv2dRule):
 
     def forward(self, x: Tensor) -> Tensor:
         t = None if torch.jit.is_scripting() else self._weight_transform()
-        return lf.conv2d_w_square(self._padded(x), self.weight, self.bias, self.stride, self._lrp_padding,
-                                  self.dilation, self.groups, self.epsilon, t, self.gi)
+        return lf.conv2d_w_square(
+            self._padded(x),
+            self.weight,
+            self.bias,
+            self.stride,
+            self._lrp_padding,
+            self.dilation,
+            self.groups,
+            self.epsilon,
+            t,
+            self.gi,
+        )

@@ -58,8 +58,10 @@ def _claim(model: nn.Module, owner, caller: str, also: Sequence[nn.Module] = ())
             continue
         what = f"this {type(model).__name__}" if not name else f"its submodule '{name}' ({type(module).__name__})"
         part = "" if other.model is module else f" as part of a {type(other.model).__name__}"
-        raise RuntimeError(f"{caller}: {what} is already {other.kind}{part} ({other!r}); remove that first "
-                           "(a module takes part in one patch or composite at a time)")
+        raise RuntimeError(
+            f"{caller}: {what} is already {other.kind}{part} ({other!r}); remove that first "
+            "(a module takes part in one patch or composite at a time)"
+        )
     for _, module in modules:
         _OWNERS[module] = owner
 
@@ -79,8 +81,10 @@ class ModelState:
         self._saved: Optional[Tuple[list, list]] = None
 
     def __enter__(self) -> "ModelState":
-        self._saved = ([(m, m.training) for m in self.model.modules()],
-                       [(p, p.requires_grad) for p in self.model.parameters()])
+        self._saved = (
+            [(m, m.training) for m in self.model.modules()],
+            [(p, p.requires_grad) for p in self.model.parameters()],
+        )
         self.model.eval()
         if self.freeze:
             for p, _ in self._saved[1]:
@@ -96,10 +100,26 @@ class ModelState:
             for p, requires_grad in params:
                 p.requires_grad_(requires_grad)
 
+
 # element-wise activation modules of torch.nn (the identity rule applies to each of them)
 _TORCH_ACTIVATIONS = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.ELU, nn.CELU, nn.SELU,
-    nn.LeakyReLU, nn.Softplus, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Tanhshrink, nn.Identity,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Mish,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.LeakyReLU,
+    nn.Softplus,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.Tanhshrink,
+    nn.Identity,
 )
 
 
@@ -195,7 +215,7 @@ class _ExplicitRules(_Rules):
     def _scale(self, t, segments):
         parts, spans, start = [], [], 0
         for n, s in segments:
-            part = t[..., start:start + n]
+            part = t[..., start : start + n]
             if s == 0.0:
                 part = part.detach()
                 if spans and spans[-1][1] == start:
@@ -295,7 +315,10 @@ class PatchHandle:
         self.remove()
 
     def __repr__(self) -> str:
-        return f"PatchHandle({type(self.model).__name__}, method={self.method!r}, mode={self.mode!r}, {len(self.patched)} modules)"
+        return (
+            f"PatchHandle({type(self.model).__name__}, method={self.method!r}, mode={self.mode!r}, "
+            f"{len(self.patched)} modules)"
+        )
 
 
 def _first_tensor_arg(args: tuple, kwargs: dict, transform: Callable[[Tensor], Tensor], names: Sequence[str]):
@@ -309,8 +332,9 @@ def _first_tensor_arg(args: tuple, kwargs: dict, transform: Callable[[Tensor], T
     return args, kwargs
 
 
-def patch(model: nn.Module, method: Optional[str] = None, mode: str = "gradient", epsilon: Optional[float] = None,
-          preset=None) -> PatchHandle:
+def patch(
+    model: nn.Module, method: Optional[str] = None, mode: str = "gradient", epsilon: Optional[float] = None, preset=None
+) -> PatchHandle:
     """Patches ``model`` (this instance only) for relevance; returns a handle with ``.remove()``.
 
     ``epsilon`` is the stabiliser of the rules (default 1e-10 in gradient mode, where it only guards
@@ -372,8 +396,11 @@ def _apply(handle: PatchHandle, family: Optional[_families.Family]) -> None:
         return sub
 
     def output_share(name: str, module: nn.Module, segments: Segments) -> None:
-        handle._hook(name, module.register_forward_hook(
-            lambda m, args, out: rules.share_segments(out, segments)), f"output share {list(segments)}")
+        handle._hook(
+            name,
+            module.register_forward_hook(lambda m, args, out: rules.share_segments(out, segments)),
+            f"output share {list(segments)}",
+        )
 
     def input_share(name: str, module: nn.Module, share: float) -> None:
         if share == 1.0:

@@ -37,9 +37,24 @@ from . import functional as lf
 from . import modules as lm
 
 __all__ = [
-    "Rule", "Epsilon", "Gamma", "AlphaBeta", "ZPlus", "ZBox", "Flat", "WSquare", "Pass",
-    "Preset", "PRESETS", "register_preset", "preset", "get_preset", "preset_arguments", "preset_options",
-    "conv_bn_pairs", "merged_conv_bn",
+    "Rule",
+    "Epsilon",
+    "Gamma",
+    "AlphaBeta",
+    "ZPlus",
+    "ZBox",
+    "Flat",
+    "WSquare",
+    "Pass",
+    "Preset",
+    "PRESETS",
+    "register_preset",
+    "preset",
+    "get_preset",
+    "preset_arguments",
+    "preset_options",
+    "conv_bn_pairs",
+    "merged_conv_bn",
     "MergedBatchNorm",
 ]
 
@@ -55,12 +70,23 @@ class Rule:
     name = "rule"
     transform = ""  # the weight transform(s) the rule's op takes: "abs", "pos", "sq", "pos+neg" or ""
 
-    def linear(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], transform: Optional[Tensor],
-               gi: bool) -> Tensor:
+    def linear(
+        self, x: Tensor, weight: Tensor, bias: Optional[Tensor], transform: Optional[Tensor], gi: bool
+    ) -> Tensor:
         raise NotImplementedError
 
-    def conv2d(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int,
-               transform: Optional[Tensor], gi: bool) -> Tensor:
+    def conv2d(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        bias: Optional[Tensor],
+        stride,
+        padding,
+        dilation,
+        groups: int,
+        transform: Optional[Tensor],
+        gi: bool,
+    ) -> Tensor:
         raise NotImplementedError
 
     def module(self, layer: nn.Module) -> Optional[nn.Module]:
@@ -102,8 +128,9 @@ class Gamma(Rule):
         return lf.linear_gamma(x, weight, bias, self.gamma, self.epsilon, transform, gi)
 
     def conv2d(self, x, weight, bias, stride, padding, dilation, groups, transform, gi):
-        return lf.conv2d_gamma(x, weight, bias, stride, padding, dilation, groups, self.gamma, self.epsilon,
-                               transform, gi)
+        return lf.conv2d_gamma(
+            x, weight, bias, stride, padding, dilation, groups, self.gamma, self.epsilon, transform, gi
+        )
 
     def module(self, layer):
         cls = lm.LinearGamma if isinstance(layer, nn.Linear) else lm.Conv2dGamma
@@ -126,8 +153,9 @@ class AlphaBeta(Rule):
 
     def conv2d(self, x, weight, bias, stride, padding, dilation, groups, transform, gi):
         pos, neg = transform if transform is not None else (None, None)
-        return lf.conv2d_alpha_beta(x, weight, bias, stride, padding, dilation, groups, self.alpha, self.beta,
-                                    self.epsilon, pos, neg, gi)
+        return lf.conv2d_alpha_beta(
+            x, weight, bias, stride, padding, dilation, groups, self.alpha, self.beta, self.epsilon, pos, neg, gi
+        )
 
     def module(self, layer):
         cls = lm.LinearAlphaBeta if isinstance(layer, nn.Linear) else lm.Conv2dAlphaBeta
@@ -165,8 +193,10 @@ class ZBox(Rule):
     transform = "abs"
 
     def _bounds(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        return (torch.as_tensor(self.low, dtype=x.dtype, device=x.device),
-                torch.as_tensor(self.high, dtype=x.dtype, device=x.device))
+        return (
+            torch.as_tensor(self.low, dtype=x.dtype, device=x.device),
+            torch.as_tensor(self.high, dtype=x.dtype, device=x.device),
+        )
 
     def linear(self, x, weight, bias, transform, gi):
         lo, hi = self._bounds(x)
@@ -174,8 +204,7 @@ class ZBox(Rule):
 
     def conv2d(self, x, weight, bias, stride, padding, dilation, groups, transform, gi):
         lo, hi = self._bounds(x)
-        return lf.conv2d_z_box(x, weight, bias, lo, hi, stride, padding, dilation, groups, self.epsilon, transform,
-                               gi)
+        return lf.conv2d_z_box(x, weight, bias, lo, hi, stride, padding, dilation, groups, self.epsilon, transform, gi)
 
     def module(self, layer):
         cls = lm.LinearZBox if isinstance(layer, nn.Linear) else lm.Conv2dZBox
@@ -357,8 +386,9 @@ def _factory(name: str) -> Callable[..., Preset]:
     return fn
 
 
-def get_preset(preset: Union[str, Preset], rules: Optional[Mapping[RuleKey, Optional[Rule]]] = None,
-               **arguments: Any) -> Preset:
+def get_preset(
+    preset: Union[str, Preset], rules: Optional[Mapping[RuleKey, Optional[Rule]]] = None, **arguments: Any
+) -> Preset:
     """The :class:`Preset` registered as ``preset`` built with ``arguments`` (or ``preset`` itself),
     with the per-layer overrides ``rules`` applied."""
     if isinstance(preset, Preset):
@@ -369,8 +399,10 @@ def get_preset(preset: Union[str, Preset], rules: Optional[Mapping[RuleKey, Opti
     accepted = preset_arguments(preset)
     unknown = sorted(set(arguments) - set(accepted))
     if unknown:
-        raise TypeError(f"lrpcpp: preset {preset!r} has no option {', '.join(unknown)}; its options are "
-                        f"{', '.join(accepted) or '(none)'}")
+        raise TypeError(
+            f"lrpcpp: preset {preset!r} has no option {', '.join(unknown)}; its options are "
+            f"{', '.join(accepted) or '(none)'}"
+        )
     built = fn(**arguments)
     if not isinstance(built, Preset):
         raise TypeError(f"lrpcpp: preset {preset!r} returned {type(built).__name__}, not an lrpcpp.Preset")
@@ -395,20 +427,23 @@ def preset(name: str, **options: Any) -> Preset:
 def vit(gamma_linear: float = 0.05, gamma_conv: float = 0.25, epsilon: float = 1e-6) -> Preset:
     """The AttnLRP recipe for Vision Transformers: CP-LRP in attention (query and key held constant),
     the gamma rule on linear layers (``gamma_linear``) and convolutions (``gamma_conv``)."""
-    return Preset(types={nn.Linear: Gamma(gamma_linear, epsilon), nn.Conv2d: Gamma(gamma_conv, epsilon)},
-                  method="cp-lrp")
+    return Preset(
+        types={nn.Linear: Gamma(gamma_linear, epsilon), nn.Conv2d: Gamma(gamma_conv, epsilon)}, method="cp-lrp"
+    )
 
 
 @register_preset("epsilon_gamma_box")
-def epsilon_gamma_box(low: Optional[Bound] = None, high: Optional[Bound] = None, gamma: float = 0.25,
-                      epsilon: float = 1e-6) -> Preset:
+def epsilon_gamma_box(
+    low: Optional[Bound] = None, high: Optional[Bound] = None, gamma: float = 0.25, epsilon: float = 1e-6
+) -> Preset:
     """z-box on the input layer (pixels within ``[low, high]``: numbers or per-channel tensors),
     the gamma rule on convolutions, epsilon on linear layers."""
     if low is None or high is None:
-        raise TypeError("lrpcpp: preset 'epsilon_gamma_box' needs the input bounds low and high (numbers, or "
-                        "tensors broadcastable to the input, e.g. per channel of shape [3, 1, 1])")
-    return Preset(types={nn.Linear: Epsilon(epsilon), nn.Conv2d: Gamma(gamma, epsilon)},
-                  first=ZBox(low, high, epsilon))
+        raise TypeError(
+            "lrpcpp: preset 'epsilon_gamma_box' needs the input bounds low and high (numbers, or "
+            "tensors broadcastable to the input, e.g. per channel of shape [3, 1, 1])"
+        )
+    return Preset(types={nn.Linear: Epsilon(epsilon), nn.Conv2d: Gamma(gamma, epsilon)}, first=ZBox(low, high, epsilon))
 
 
 @register_preset("epsilon_plus")
@@ -432,13 +467,13 @@ def epsilon_alpha2_beta1(epsilon: float = 1e-6) -> Preset:
 @register_preset("epsilon_alpha2_beta1_flat")
 def epsilon_alpha2_beta1_flat(epsilon: float = 1e-6) -> Preset:
     """As ``epsilon_alpha2_beta1``, with the flat rule on the input layer."""
-    return Preset(types={nn.Linear: Epsilon(epsilon), nn.Conv2d: AlphaBeta(2.0, 1.0, epsilon)},
-                  first=Flat(epsilon))
+    return Preset(types={nn.Linear: Epsilon(epsilon), nn.Conv2d: AlphaBeta(2.0, 1.0, epsilon)}, first=Flat(epsilon))
 
 
 # ----------------------------------------------------------------------------- batch-norm merging
-_PAIRS: "weakref.WeakKeyDictionary[nn.Module, Tuple[Tuple[int, ...], List[Tuple[str, str]]]]" = \
+_PAIRS: "weakref.WeakKeyDictionary[nn.Module, Tuple[Tuple[int, ...], List[Tuple[str, str]]]]" = (
     weakref.WeakKeyDictionary()
+)
 
 
 def conv_bn_pairs(model: nn.Module) -> List[Tuple[str, str]]:
@@ -476,8 +511,13 @@ def _traced_pairs(model: nn.Module, modules: Mapping[str, nn.Module]) -> List[Tu
         if not isinstance(src, torch.fx.Node) or src.op != "call_module":
             continue
         conv = modules.get(src.target)
-        if (isinstance(conv, nn.Conv2d) and len(src.users) == 1 and calls[src.target] == 1
-                and calls[node.target] == 1 and conv.out_channels == modules[node.target].num_features):
+        if (
+            isinstance(conv, nn.Conv2d)
+            and len(src.users) == 1
+            and calls[src.target] == 1
+            and calls[node.target] == 1
+            and conv.out_channels == modules[node.target].num_features
+        ):
             pairs.append((src.target, node.target))
     return pairs
 
@@ -561,10 +601,10 @@ def composite_name_map(preset: Preset, model: nn.Module) -> Dict[str, Callable[[
     modules = dict(model.named_modules())
     # nn.MultiheadAttention reads its projections' weights itself: they keep the composite's treatment
     mha = {n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)}
-    assigned = {n: r for n, r in preset.assign(model).items()
-                if n in modules and n.rpartition(".")[0] not in mha}
+    assigned = {n: r for n, r in preset.assign(model).items() if n in modules and n.rpartition(".")[0] not in mha}
     out: Dict[str, Callable[[nn.Module], nn.Module]] = {
-        name: (lambda r: lambda m: r.module(m))(rule) for name, rule in assigned.items()}
+        name: (lambda r: lambda m: r.module(m))(rule) for name, rule in assigned.items()
+    }
     if preset.merge_batch_norm:
         for conv_name, bn_name in conv_bn_pairs(model):
             bn = modules[bn_name]
@@ -606,8 +646,9 @@ def _linear_forward(module: nn.Linear, rule: Rule, gi: bool) -> Callable[[Tensor
     return forward
 
 
-def _conv_forward(conv: nn.Conv2d, rule: Optional[Rule], gi: bool,
-                  bn: Optional[nn.BatchNorm2d] = None) -> Callable[[Tensor], Tensor]:
+def _conv_forward(
+    conv: nn.Conv2d, rule: Optional[Rule], gi: bool, bn: Optional[nn.BatchNorm2d] = None
+) -> Callable[[Tensor], Tensor]:
     pre_pad, mode, padding = _conv_geometry(conv)
     plain = types.MethodType(type(conv).forward, conv)
 
@@ -623,8 +664,9 @@ def _conv_forward(conv: nn.Conv2d, rule: Optional[Rule], gi: bool,
             x = F.pad(x, pre_pad, mode=mode)
         if rule is None:
             return F.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups)
-        return rule.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups,
-                           _transform(rule, weight), gi)
+        return rule.conv2d(
+            x, weight, bias, conv.stride, padding, conv.dilation, conv.groups, _transform(rule, weight), gi
+        )
 
     return forward
 
@@ -641,11 +683,11 @@ def _bn_forward(bn: nn.BatchNorm2d) -> Callable[[Tensor], Tensor]:
     return forward
 
 
-def _mha_forward(mha: nn.MultiheadAttention, in_rule: Optional[Rule], out_rule: Optional[Rule],
-                 gi: bool) -> Callable:
+def _mha_forward(mha: nn.MultiheadAttention, in_rule: Optional[Rule], out_rule: Optional[Rule], gi: bool) -> Callable:
     """``nn.MultiheadAttention.forward`` (packed input projection) with the rules on its input and
     output projections. The attention itself is ``F.scaled_dot_product_attention`` (or, when the
     weights are requested, the explicit softmax), so the patch's treatment of attention applies."""
+
     def project(rule: Optional[Rule], x: Tensor, rows: slice, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         w = weight[rows]
         b = None if bias is None else bias[rows]
@@ -653,8 +695,16 @@ def _mha_forward(mha: nn.MultiheadAttention, in_rule: Optional[Rule], out_rule: 
             return F.linear(x, w, b)
         return rule.linear(x, w, b, _rows(_transform(rule, weight), rows), gi)
 
-    def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
+    def forward(
+        query,
+        key,
+        value,
+        key_padding_mask=None,
+        need_weights=True,
+        attn_mask=None,
+        average_attn_weights=True,
+        is_causal=False,
+    ):
         batched = query.dim() == 3
         if not batched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
@@ -675,7 +725,7 @@ def _mha_forward(mha: nn.MultiheadAttention, in_rule: Optional[Rule], out_rule: 
         v = v.reshape(src, bsz * h, d).transpose(0, 1).reshape(bsz, h, src, d)
         mask = _additive_mask(attn_mask, key_padding_mask, bsz, h, tgt, src, q.dtype, q.device)
         if need_weights:
-            scores = torch.matmul(q, k.transpose(-2, -1)) / (d ** 0.5)
+            scores = torch.matmul(q, k.transpose(-2, -1)) / (d**0.5)
             if mask is not None:
                 scores = scores + mask
             if is_causal and mask is None:
@@ -729,7 +779,8 @@ def _check_mha(name: str, mha: nn.MultiheadAttention) -> None:
             f"lrpcpp: the layer rules of a preset support nn.MultiheadAttention with one packed input "
             f"projection, no bias_k/bias_v, no add_zero_attn and no dropout; {name} has another configuration "
             f"(override it with rules={{'{name}.in_proj': None, '{name}.out_proj': None}} to keep its projections "
-            "as they are)")
+            "as they are)"
+        )
 
 
 def apply(handle: Any, preset: Preset) -> None:
@@ -755,8 +806,9 @@ def apply(handle: Any, preset: Preset) -> None:
             if in_rule is None and out_rule is None:
                 continue
             _check_mha(name, module)
-            handle._set_forward(name, module, _mha_forward(module, in_rule, out_rule, gi),
-                                f"projections: in {in_rule}, out {out_rule}")
+            handle._set_forward(
+                name, module, _mha_forward(module, in_rule, out_rule, gi), f"projections: in {in_rule}, out {out_rule}"
+            )
             for part, rule in (("in_proj", in_rule), ("out_proj", out_rule)):
                 if rule is not None:
                     handle.layer_rules[f"{name}.{part}"] = rule

@@ -18,8 +18,19 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ._files import atomic_write
 
-__all__ = ["colour", "scale_of", "visible", "terminal", "html_page", "latex_document", "text_png", "image_pngs",
-           "latent_png", "write_text", "write_bytes"]
+__all__ = [
+    "colour",
+    "scale_of",
+    "visible",
+    "terminal",
+    "html_page",
+    "latex_document",
+    "text_png",
+    "image_pngs",
+    "latent_png",
+    "write_text",
+    "write_bytes",
+]
 
 MAX_SATURATION = 0.8  # the strongest colour keeps black text readable
 
@@ -75,10 +86,18 @@ def _shown(explanations: Sequence) -> list:
     def text(value):
         return visible(value) if isinstance(value, str) else value
 
-    return [dataclasses.replace(e, words=[visible(w) for w in e.words], texts=[visible(t) for t in e.texts],
-                                model=text(e.model), target=text(e.target), image_file=text(e.image_file),
-                                latent=e.latent and {visible(k): v for k, v in e.latent.items()})
-            for e in explanations]
+    return [
+        dataclasses.replace(
+            e,
+            words=[visible(w) for w in e.words],
+            texts=[visible(t) for t in e.texts],
+            model=text(e.model),
+            target=text(e.target),
+            image_file=text(e.image_file),
+            latent=e.latent and {visible(k): v for k, v in e.latent.items()},
+        )
+        for e in explanations
+    ]
 
 
 def _header(e, steps: int = 1) -> List[str]:
@@ -86,7 +105,9 @@ def _header(e, steps: int = 1) -> List[str]:
     if e.step is None:
         lines.append(f"explained: {e.what} = {e.output:.4f}")
     else:
-        lines.append(f"explained: each of the {steps} generated tokens (logit of the next token), given the text before it")
+        lines.append(
+            f"explained: each of the {steps} generated tokens (logit of the next token), given the text before it"
+        )
     return lines
 
 
@@ -193,7 +214,7 @@ def _image_grid(e, color: bool, width: int) -> List[str]:
     rows = max(1, min(h, round(cols * h / w)))
     ys = np.linspace(0, h, rows + 1).astype(int)
     xs = np.linspace(0, w, cols + 1).astype(int)
-    pooled = np.array([[rel[ys[i]:ys[i + 1], xs[j]:xs[j + 1]].sum() for j in range(cols)] for i in range(rows)])
+    pooled = np.array([[rel[ys[i] : ys[i + 1], xs[j] : xs[j + 1]].sum() for j in range(cols)] for i in range(rows)])
     scale = scale_of(pooled.ravel())
     out = []
     for i in range(rows):
@@ -230,8 +251,10 @@ def terminal(explanations: Sequence, color: bool = False, width: int = 100) -> s
             idx = list(range(len(e.tokens)))
             scale = scale_of(e.relevance)
             lines.append("")
-            lines.append(f"step {e.step + 1}/{len(explanations)}: {e.target!r} (logit {e.output:.4f});"
-                         " generated tokens are " + ("underlined" if color else "marked _like this_"))
+            lines.append(
+                f"step {e.step + 1}/{len(explanations)}: {e.target!r} (logit {e.output:.4f});"
+                " generated tokens are " + ("underlined" if color else "marked _like this_")
+            )
             lines += _inline(e, idx, scale, color, width)
             lines.append(f"  largest |relevance|: {_top(e, idx)}")
             lines += _latent_lines(e, color, width)
@@ -286,9 +309,11 @@ def _span(e, i: int, scale: float, values: Optional[Sequence[float]] = None) -> 
     if e.generated and e.generated[i]:
         classes.append("generated")
     sep = " " if e.space[i] else ""
-    return (f'{sep}<span class="{" ".join(classes)}" style="background-color: rgb({rgb[0]}, {rgb[1]}, {rgb[2]})" '
-            f'data-index="{i}" data-relevance="{r!r}" title="{html.escape(e.words[i])}: {_fmt(r)}">'
-            f"{html.escape(e.words[i])}</span>")
+    return (
+        f'{sep}<span class="{" ".join(classes)}" style="background-color: rgb({rgb[0]}, {rgb[1]}, {rgb[2]})" '
+        f'data-index="{i}" data-relevance="{r!r}" title="{html.escape(e.words[i])}: {_fmt(r)}">'
+        f"{html.escape(e.words[i])}</span>"
+    )
 
 
 def _png_data_uri(png: bytes) -> str:
@@ -308,21 +333,26 @@ def html_page(explanations: Sequence) -> str:
     if e0.target is not None and e0.step is None:
         kind = {"causal-lm": "Next token", "classifier": "Class", "image-classifier": "Class"}[e0.task]
         body.append(f'<p class="meta">{kind}: <b>{esc(e0.target)}</b></p>')
-    body.append('<div class="legend"><span>negative</span><span class="bar"></span><span>positive</span>'
-                "<span>(red raises the explained value, blue lowers it)</span></div>")
+    body.append(
+        '<div class="legend"><span>negative</span><span class="bar"></span><span>positive</span>'
+        "<span>(red raises the explained value, blue lowers it)</span></div>"
+    )
     if e0.image is not None:
         heat, overlay = image_pngs(e0)
-        body.append(f'<p class="meta">Image: {esc(str(e0.image_file))}; sum of the pixel relevance '
-                    f"{_fmt(float(e0.pixel_relevance.sum()))}</p>")
-        body.append(f'<figure><img alt="relevance heatmap" src="{_png_data_uri(heat)}"><figcaption>relevance'
-                    f'</figcaption></figure><figure><img alt="relevance over the image" '
-                    f'src="{_png_data_uri(overlay)}"><figcaption>over the image</figcaption></figure>')
+        body.append(
+            f'<p class="meta">Image: {esc(str(e0.image_file))}; sum of the pixel relevance '
+            f"{_fmt(float(e0.pixel_relevance.sum()))}</p>"
+        )
+        body.append(
+            f'<figure><img alt="relevance heatmap" src="{_png_data_uri(heat)}"><figcaption>relevance'
+            f'</figcaption></figure><figure><img alt="relevance over the image" '
+            f'src="{_png_data_uri(overlay)}"><figcaption>over the image</figcaption></figure>'
+        )
     else:
         for e in explanations:
             scale = scale_of(e.relevance)
             if e.step is not None:
-                body.append(f'<h2 class="step">Step {e.step + 1}: {esc(repr(e.target))} '
-                            f"(logit {e.output:.4f})</h2>")
+                body.append(f'<h2 class="step">Step {e.step + 1}: {esc(repr(e.target))} (logit {e.output:.4f})</h2>')
             if e.truncated:
                 body.append('<p class="meta">The text was truncated to the model\'s maximum length.</p>')
             for s, idx in enumerate(_segments(e)):
@@ -331,29 +361,52 @@ def html_page(explanations: Sequence) -> str:
                     body.append(f"<h2>{label}</h2>")
                 spans = "".join(_span(e, i, scale) for i in idx)
                 body.append(f'<p class="text" data-segment="{s}">{spans.lstrip()}</p>')
-                rows = "".join(f'<tr><td>{esc(e.words[i])}</td><td class="num">{_fmt(e.relevance[i])}</td></tr>'
-                               for i in idx)
-                body.append(f"<details><summary>relevance of each token (sum {_fmt(sum(e.relevance[i] for i in idx))})"
-                            f"</summary><table><tr><th>token</th><th>relevance</th></tr>{rows}</table></details>")
+                rows = "".join(
+                    f'<tr><td>{esc(e.words[i])}</td><td class="num">{_fmt(e.relevance[i])}</td></tr>' for i in idx
+                )
+                body.append(
+                    f"<details><summary>relevance of each token (sum {_fmt(sum(e.relevance[i] for i in idx))})"
+                    f"</summary><table><tr><th>token</th><th>relevance</th></tr>{rows}</table></details>"
+                )
     if e0.latent and e0.image is None and e0.step is None:
         body.append("<h2>Relevance per layer</h2>")
         for name, values in e0.latent.items():
             scale = scale_of(values)
-            spans = "".join(('<span class="sep"> │ </span>' if i and e0.segment[i] != e0.segment[i - 1] else "")
-                            + _span(e0, i, scale, values) for i in range(len(values)))
-            body.append(f'<p class="meta">{esc(name)} (sum {_fmt(sum(values))})</p>'
-                        f'<p class="text latent">{spans.lstrip()}</p>')
-    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            f"<title>{esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
-            + "\n".join(body) + "\n</body>\n</html>\n")
+            spans = "".join(
+                ('<span class="sep"> │ </span>' if i and e0.segment[i] != e0.segment[i - 1] else "")
+                + _span(e0, i, scale, values)
+                for i in range(len(values))
+            )
+            body.append(
+                f'<p class="meta">{esc(name)} (sum {_fmt(sum(values))})</p><p class="text latent">{spans.lstrip()}</p>'
+            )
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        + "\n".join(body)
+        + "\n</body>\n</html>\n"
+    )
 
 
 # ----------------------------------------------------------------------------- LaTeX
 _LATEX_SPECIAL = {
-    "\\": r"\textbackslash{}", "{": r"\{", "}": r"\}", "#": r"\#", "$": r"\$", "%": r"\%", "&": r"\&",
-    "_": r"\_", "^": r"\textasciicircum{}", "~": r"\textasciitilde{}", "<": r"\textless{}",
-    ">": r"\textgreater{}", "|": r"\textbar{}", "\"": "''", "↵": r"\textbackslash{}n",
-    "⇥": r"\textbackslash{}t", "␣": r"\textvisiblespace{}",
+    "\\": r"\textbackslash{}",
+    "{": r"\{",
+    "}": r"\}",
+    "#": r"\#",
+    "$": r"\$",
+    "%": r"\%",
+    "&": r"\&",
+    "_": r"\_",
+    "^": r"\textasciicircum{}",
+    "~": r"\textasciitilde{}",
+    "<": r"\textless{}",
+    ">": r"\textgreater{}",
+    "|": r"\textbar{}",
+    '"': "''",
+    "↵": r"\textbackslash{}n",
+    "⇥": r"\textbackslash{}t",
+    "␣": r"\textvisiblespace{}",
 }
 
 
@@ -402,7 +455,9 @@ def latex_document(explanations: Sequence) -> str:
     for e in explanations:
         scale = scale_of(e.relevance)
         if e.step is not None:
-            lines.append(r"\subsection*{" + latex_escape(f"Step {e.step + 1}: {e.target!r} (logit {e.output:.4f})") + "}")
+            lines.append(
+                r"\subsection*{" + latex_escape(f"Step {e.step + 1}: {e.target!r} (logit {e.output:.4f})") + "}"
+            )
         elif e.target is not None:
             kind = "Next token" if e.task == "causal-lm" else "Class"
             lines.append(latex_escape(f"{kind}: {e.target}") + r"\par\medskip")
@@ -483,15 +538,21 @@ def text_png(explanations: Sequence, path: str, width_px: int = 1000) -> None:
                     x, y = margin, y + line_h
                     gap = 0
                 x += gap
-                items.append((x, y, e.words[i], colour(e.relevance[i], scale), False,
-                              bool(e.generated and e.generated[i])))
+                items.append(
+                    (x, y, e.words[i], colour(e.relevance[i], scale), False, bool(e.generated and e.generated[i]))
+                )
                 x += w
             y += line_h
     height = y + margin
     fig.set_size_inches(width_px / dpi, height / dpi)
     for x, yy, s, rgb, bold, italic in items:
-        kwargs = dict(fontsize=size, va="top", ha="left", fontweight="bold" if bold else "normal",
-                      fontstyle="italic" if italic else "normal")
+        kwargs = dict(
+            fontsize=size,
+            va="top",
+            ha="left",
+            fontweight="bold" if bold else "normal",
+            fontstyle="italic" if italic else "normal",
+        )
         if rgb is not None:
             kwargs["bbox"] = dict(boxstyle="square,pad=0.12", facecolor=tuple(c / 255 for c in rgb), edgecolor="none")
         fig.text(x / width_px, 1 - yy / height, s, **kwargs)
@@ -576,8 +637,7 @@ def latent_png(e, path: str) -> None:
         ax.imshow(grid / scale, cmap="bwr", vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
         ax.set_yticks(range(len(labels)), labels)
         ax.set_xticks(range(grid.shape[1]), e.words, rotation=60, ha="right", fontsize=8)
-        ax.set_title("relevance per token at each layer's output (each row scaled to its largest |value|)",
-                     fontsize=9)
+        ax.set_title("relevance per token at each layer's output (each row scaled to its largest |value|)", fontsize=9)
     fig.suptitle(f"{e.model} · {e.method_name}", fontsize=10)
     fig.tight_layout()
     try:

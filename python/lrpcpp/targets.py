@@ -7,7 +7,6 @@ operation they use maps to its explicit rule.
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 __all__ = ["mean_pooling", "cosine_similarity"]

@@ -34,10 +34,20 @@ Color = Tuple[float, float, float]
 #: bright images); ``gray``: black to white over [-1, 1].
 COLORMAPS: Dict[str, Sequence[Tuple[float, Color]]] = {
     "bwr": ((-1.0, (0.0, 0.0, 1.0)), (0.0, (1.0, 1.0, 1.0)), (1.0, (1.0, 0.0, 0.0))),
-    "seismic": ((-1.0, (0.0, 0.0, 0.3)), (-0.5, (0.0, 0.0, 1.0)), (0.0, (1.0, 1.0, 1.0)), (0.5, (1.0, 0.0, 0.0)),
-                (1.0, (0.5, 0.0, 0.0))),
-    "coldnhot": ((-1.0, (0.0, 1.0, 1.0)), (-0.5, (0.0, 0.0, 1.0)), (0.0, (0.0, 0.0, 0.0)), (0.5, (1.0, 0.0, 0.0)),
-                 (1.0, (1.0, 1.0, 0.0))),
+    "seismic": (
+        (-1.0, (0.0, 0.0, 0.3)),
+        (-0.5, (0.0, 0.0, 1.0)),
+        (0.0, (1.0, 1.0, 1.0)),
+        (0.5, (1.0, 0.0, 0.0)),
+        (1.0, (0.5, 0.0, 0.0)),
+    ),
+    "coldnhot": (
+        (-1.0, (0.0, 1.0, 1.0)),
+        (-0.5, (0.0, 0.0, 1.0)),
+        (0.0, (0.0, 0.0, 0.0)),
+        (0.5, (1.0, 0.0, 0.0)),
+        (1.0, (1.0, 1.0, 0.0)),
+    ),
     "gray": ((-1.0, (0.0, 0.0, 0.0)), (1.0, (1.0, 1.0, 1.0))),
 }
 
@@ -59,8 +69,9 @@ def to_2d(relevance: Any) -> np.ndarray:
     if r.ndim == 3:
         r = r.sum(axis=0)
     if r.ndim != 2:
-        raise ValueError(f"lrpcpp.viz: expected a relevance map [H, W], [C, H, W] or [1, C, H, W], got shape "
-                         f"{tuple(r.shape)}")
+        raise ValueError(
+            f"lrpcpp.viz: expected a relevance map [H, W], [C, H, W] or [1, C, H, W], got shape {tuple(r.shape)}"
+        )
     return r
 
 
@@ -95,8 +106,9 @@ def colorize(normalized: np.ndarray, cmap: str = "bwr") -> np.ndarray:
         try:
             from matplotlib import colormaps
         except ImportError as e:
-            raise ValueError(f"lrpcpp.viz: unknown colour map {cmap!r}; built in: {sorted(COLORMAPS)} "
-                             "(other names need matplotlib)") from e
+            raise ValueError(
+                f"lrpcpp.viz: unknown colour map {cmap!r}; built in: {sorted(COLORMAPS)} (other names need matplotlib)"
+            ) from e
         if cmap not in colormaps:
             raise ValueError(f"lrpcpp.viz: unknown colour map {cmap!r}; built in: {sorted(COLORMAPS)}")
         rgb = colormaps[cmap]((v + 1.0) / 2.0)[..., :3]
@@ -163,13 +175,21 @@ def write_png(path: str, rgb: np.ndarray) -> None:
 
     header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
     with atomic_write(path, binary=True) as f:  # a failed write leaves no cut-off PNG
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6))
-                + chunk(b"IEND", b""))
+        f.write(
+            b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
+        )
 
 
-def heatmap(relevance: Any, path: Optional[str] = None, cmap: str = "bwr", image: Any = None, alpha: float = 0.5,
-            symmetric: bool = True, percentile: Optional[float] = None,
-            size: Optional[Union[int, Tuple[int, int]]] = None) -> np.ndarray:
+def heatmap(
+    relevance: Any,
+    path: Optional[str] = None,
+    cmap: str = "bwr",
+    image: Any = None,
+    alpha: float = 0.5,
+    symmetric: bool = True,
+    percentile: Optional[float] = None,
+    size: Optional[Union[int, Tuple[int, int]]] = None,
+) -> np.ndarray:
     """The relevance map as a ``[H, W, 3]`` uint8 RGB heatmap, also written to ``path`` as a PNG when
     given.
 
