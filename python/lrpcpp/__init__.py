@@ -41,7 +41,7 @@ _load_library()
 
 from . import _vmap, deploy, functional, modules, presets, targets, viz  # noqa: E402,F401
 from ._build_info import VERSION as __version__  # noqa: E402
-from .attribute import Attribution, attribute  # noqa: E402
+from .attribution import Attribution, attribute  # noqa: E402
 from .composite import Composite  # noqa: E402
 from .explicit import ExplicitRules  # noqa: E402
 from .families import Family, UnsupportedModelError, register_family  # noqa: E402

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .attribute import Attribution, Target, _batched_backward, _last_positions, _logits, _position_ids, _select
+from .attribution import Attribution, Target, _batched_backward, _last_positions, _logits, _position_ids, _select
 from .families import family_of
 from .patching import METHODS, ModelState, patch
 
@@ -248,7 +248,7 @@ def _check(
 ) -> None:
     """The deployed model must give lrpcpp.attribute's relevance on the example; on a shorter
     sequence it should too (a trace that fixed the length only warns)."""
-    from .attribute import attribute
+    from .attribution import attribute
 
     cases = [(embeds, mask, True)]
     if embeds.shape[1] > 1:
