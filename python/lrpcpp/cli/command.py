@@ -18,14 +18,33 @@ import argparse
 import contextlib
 import gc
 import json
+import logging
 import os
 import sys
 import tempfile
 import time
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import __version__
-from .loading import DEFAULT_MODEL_NAME, DEFAULT_PAIR, InputError
+import torch
+
+from .._build_info import VERSION
+from .._files import atomic_path
+from ..deploy import export_archive, export_program
+from ..families import UnsupportedModelError
+from . import render
+from .evaluate import METHODS, curves_png, evaluate, read_items, report
+from .explain import explain_image, explain_text, to_json
+from .loading import (
+    DEFAULT_MODEL_NAME,
+    DEFAULT_PAIR,
+    InputError,
+    encode,
+    load_default,
+    load_directory,
+    read_config,
+    task_of,
+)
 
 __all__ = ["main", "COMMANDS"]
 
@@ -217,8 +236,6 @@ def _writing(flag: str, path: str):
 def _device(name: Optional[str]) -> str:
     if name is None:
         return "cpu"
-    import torch
-
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -235,8 +252,6 @@ def _set_threads(args, loaded, tokens_per_pass: int) -> None:
     """Intra-op threads pay off for large matrix products only; for small passes (about 2 FLOP per
     parameter and token under 4 GFLOP: tens of milliseconds on one core) a second thread saves
     little and, on a busy machine, costs a scheduler time slice at every parallel region."""
-    import torch
-
     if args.threads is not None:
         if args.threads < 1:
             raise InputError("--threads needs a positive number")
@@ -256,8 +271,6 @@ def _count_tokens(loaded, texts) -> int:
 
 
 def _load(args, timer: _Timer, need_tokenizer: bool = True):
-    from .loading import load_default, load_directory, read_config
-
     if args.model is not None:
         read_config(args.model)  # a missing or non-model directory fails here, before any heavy import
     device = _device(args.device)
@@ -275,7 +288,7 @@ def _load(args, timer: _Timer, need_tokenizer: bool = True):
 
 def _progress(items, desc: str, **kwargs):
     """A progress bar on stderr (tqdm; ``initial`` and ``total`` for a run that goes on)."""
-    try:
+    try:  # optional: imported here, so that a missing tqdm only costs the bar
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm comes with transformers
         return items
@@ -283,9 +296,6 @@ def _progress(items, desc: str, **kwargs):
 
 
 def run_explain(args) -> int:
-    from . import render
-    from .explain import explain_image, explain_text, to_json
-
     timer = _Timer(args._start)
     # cheap checks first: they fail before any model is loaded
     if args.image is not None and (args.text is not None or args.file is not None):
@@ -327,8 +337,6 @@ def run_explain(args) -> int:
     )
     task = "similarity"  # the built-in model
     if args.model is not None:  # what the model takes, from its config alone (no heavy import yet)
-        from .loading import read_config, task_of
-
         task = task_of(read_config(args.model))
         if args.image is not None and task != "image-classifier":
             raise InputError(f"the model {args.model} is a {task} model: it cannot take an image")
@@ -347,8 +355,6 @@ def run_explain(args) -> int:
     color = _use_color(args.color)
     items, done = None, (0, 0)
     if args.file is not None:
-        from .evaluate import read_items
-
         items = read_items(args.file, args.compare, task)
         if args.out is not None:
             done = _resume(args.out, items, _file_options(args))
@@ -485,9 +491,6 @@ def _explain_file(args, loaded, timer: _Timer, color: bool, items, done: Tuple[i
     """Every input of ``--file``. With ``--out``, each result is one JSON line, written whole and
     flushed as soon as it is computed; a rerun keeps the lines an interrupted run wrote and goes on
     after them (see :func:`_resume`)."""
-    from . import render
-    from .explain import explain_text, to_json
-
     count, keep = done
     out = None
     if args.out:
@@ -578,12 +581,11 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
 
 def sentences_path() -> str:
     """The English sentence pairs that ship with lrpcpp (package data)."""
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sentences.txt")
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # lrpcpp/, above lrpcpp/cli/
+    return os.path.join(package, "data", "sentences.txt")
 
 
 def run_evaluate(args) -> int:
-    from .evaluate import METHODS, curves_png, evaluate, read_items, report
-
     timer = _Timer(args._start)
     path = args.file or sentences_path()
     if not os.path.isfile(path):
@@ -612,8 +614,6 @@ def run_evaluate(args) -> int:
         with _writing("--png", args.png):
             curves_png(result, args.png)
     if args.json:
-        from . import render
-
         with _writing("--json", args.json):
             render.write_text(args.json, json.dumps(result.to_dict(), indent=1) + "\n")
     sys.stdout.write(report(result, args.png))
@@ -658,10 +658,6 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 
 
 def run_export(args) -> int:
-    import warnings
-
-    from .loading import encode
-
     timer = _Timer(args._start)
     _check_paths([("FILE", args.output)], _model_files(args.model))
     loaded = _load(args, timer)
@@ -669,12 +665,8 @@ def run_export(args) -> int:
         kind = "an image classifier" if loaded.task == "image-classifier" else "a base model (no logits)"
         raise InputError(f"export takes a causal LM or a sequence classifier; the model in {args.model} is {kind}")
     enc, _ = encode(loaded, [args.text], _note)
-    from . import deploy
-
     program = args.output.endswith(".pt2")
-    export = deploy.export_program if program else deploy.export_archive
-    from ._files import atomic_path
-
+    export = export_program if program else export_archive
     with (
         warnings.catch_warnings(record=True) as caught,
         _writing("FILE", args.output),
@@ -737,7 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Explain transformers with Layer-wise Relevance Propagation (AttnLRP, CP-LRP).",
         epilog="Run 'lrpcpp COMMAND --help' for a command's options.",
     )
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("--version", action="version", version=f"{PROG} {VERSION}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (help_text, add, run) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
@@ -767,8 +759,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BrokenPipeError:
         return 0
     except Exception as e:  # noqa: BLE001 - the last resort: one line, the traceback on request
-        from .families import UnsupportedModelError
-
         if isinstance(e, UnsupportedModelError):
             print(f"{PROG}: error: {e}", file=sys.stderr)
             return 2
@@ -798,8 +788,6 @@ def entry() -> None:
         sys.stderr.flush()
     except (BrokenPipeError, ValueError):
         pass
-    import logging
-
     logging.shutdown()
     os._exit(code)
 

