@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -61,6 +61,11 @@ class _Parser(argparse.ArgumentParser):
 
 def _note(message: str) -> None:
     print(f"{PROG}: note: {message}", file=sys.stderr)
+
+
+def _noting(where: str) -> Callable[[str], None]:
+    """A ``warn`` callback: :func:`_note` with ``where`` (a file and line) before the message."""
+    return lambda message: _note(f"{where}: {message}")
 
 
 class _Timer:
@@ -394,10 +399,10 @@ def run_explain(args) -> int:
 
     sys.stdout.write(render.terminal(explanations, color=color, width=_width()))
     # each file is written whole or not at all (a temporary file, then a rename: lrpcpp._files)
-    files = []  # (flag, path, write it)
+    files: List[Tuple[str, str, Callable[[str], None]]] = []  # (flag, path, write it)
     if args.json:
-        text = json.dumps(to_json(explanations), indent=1, ensure_ascii=False) + "\n"
-        files.append(("--json", args.json, lambda path, text=text: render.write_text(path, text)))
+        document = json.dumps(to_json(explanations), indent=1, ensure_ascii=False) + "\n"
+        files.append(("--json", args.json, lambda path: render.write_text(path, document)))
     if args.html:
         files.append(("--html", args.html, lambda path: render.write_text(path, render.html_page(explanations))))
     if args.latex:
@@ -515,7 +520,7 @@ def _explain_file(args, loaded, timer: _Timer, color: bool, items, done: Tuple[i
                     method=args.method,
                     latent=args.latent,
                     generate=args.generate,
-                    warn=lambda m, n=number: _note(f"{args.file}:{n}: {m}"),
+                    warn=_noting(f"{args.file}:{number}"),
                 )
             except InputError as e:
                 raise InputError(f"{args.file}:{number}: {e}") from None

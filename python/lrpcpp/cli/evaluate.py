@@ -134,12 +134,12 @@ def read_items(path: str, compare: Optional[str], task: str) -> List[Tuple[int, 
         raise InputError(f"no such file: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read {path}: {e}") from None
-    items = []
+    items: List[Tuple[int, str, Optional[str]]] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        first, _, second = line.partition("\t")
-        second = second.strip() or None
+        first, _, rest = line.partition("\t")
+        second = rest.strip() or None
         if not first.strip():
             raise InputError(f"{path}:{number}: the text is empty")
         if task == "similarity":
@@ -247,7 +247,11 @@ def evaluate(
     special_ids = set(loaded.tokenizer.all_special_ids)
     iterator = progress(items) if progress is not None else items
     for number, text, compare in iterator:
-        texts = [text, compare] if loaded.task == "similarity" else [text]
+        texts = [text]
+        if loaded.task == "similarity":
+            if compare is None:
+                raise InputError(f"line {number}: a similarity needs two texts (read_items pairs them)")
+            texts.append(compare)
         enc, _ = encode(loaded, texts, warn)
         n_tokens = int(enc.attention_mask[0].sum())
         ids = enc.input_ids[0:1, :n_tokens].to(device)
@@ -273,6 +277,7 @@ def evaluate(
                     )
                 else:
                     attr = attribute(model, input_ids=ids, attention_mask=mask, target=target_id, method=m)
+                    assert attr.target is not None  # a class or token id (or none) gives the ids explained
                     target_id = int(attr.target[0])
                 rankings[m] = attr.token_relevance[0, :n_tokens].float().cpu()
         if loaded.task != "similarity" and target_id is None:

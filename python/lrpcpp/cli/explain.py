@@ -225,8 +225,8 @@ def _token_rows(loaded: Loaded, enc, rows: Sequence[int], relevance, latent_rel)
     """Parallel token lists over the unmasked tokens of ``rows`` of the batch."""
     tokenizer = loaded.tokenizer
     special_ids = set(tokenizer.all_special_ids)
-    out = {"tokens": [], "relevance": [], "segment": [], "special": [], "words": [], "space": []}
-    latent = {name: [] for name in (latent_rel or {})}
+    out: Dict[str, Any] = {"tokens": [], "relevance": [], "segment": [], "special": [], "words": [], "space": []}
+    latent: Dict[str, List[float]] = {name: [] for name in (latent_rel or {})}
     for seg, row in enumerate(rows):
         n = int(enc.attention_mask[row].sum())
         ids = enc.input_ids[row, :n].tolist()
@@ -309,6 +309,7 @@ def explain_text(
         method=method,
         latent=latent,
     )
+    assert attr.target is not None  # a token or class id (or none: the prediction) gives the ids explained
     chosen = int(attr.target[0])
     rows = _token_rows(loaded, enc, [0], attr.token_relevance.float().cpu(), _cpu(_latent_tokens(attr)))
     if loaded.task == "causal-lm":
@@ -470,6 +471,7 @@ def explain_image(
     device = loaded.model.device
     pixels = pixels.to(device=device, dtype=loaded.model.dtype)
     attr = attribute(loaded.model, pixel_values=pixels, target=target_id, method=method, latent=latent)
+    assert attr.target is not None  # a class id (or none: the prediction) gives the ids explained
     chosen = int(attr.target[0])
     # the model's input as an image (undo the normalisation), to lay the heatmap over
     x = pixels[0].float().cpu()
@@ -482,6 +484,7 @@ def explain_image(
     shown = (x.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     lat = None
     if latent:
+        assert attr.latent is not None  # latent=True records every layer
         lat = {name: rel.sum(dim=-1)[0].float().cpu().tolist() for name, rel in attr.latent.items()}
     return [
         Explanation(

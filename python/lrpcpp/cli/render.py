@@ -14,7 +14,7 @@ import html
 import io
 import math
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -40,7 +40,7 @@ __all__ = [
 MAX_SATURATION = 0.8  # the strongest colour keeps black text readable
 
 
-def scale_of(values: Sequence[float]) -> float:
+def scale_of(values: Iterable[float]) -> float:
     """The largest absolute relevance (1 where all are zero)."""
     m = max((abs(float(v)) for v in values), default=0.0)
     return m if m > 0 and math.isfinite(m) else 1.0
@@ -509,8 +509,9 @@ def text_png(explanations: Sequence, path: str, width_px: int = 1000) -> None:
 
     space = text_width("a a") - text_width("aa")
     line_h = size * 2.1
-    items = []  # (x, y, text, rgb or None, bold, italic: a generated token)
-    y = margin
+    # (x, y, text, rgb or None, bold, italic: a generated token)
+    items: List[Tuple[float, float, str, Optional[Tuple[int, int, int]], bool, bool]] = []
+    y: float = margin
     e0 = explanations[0]
     for line in _header(e0, len(explanations)):
         items.append((margin, y, line, None, True, False))
@@ -533,10 +534,10 @@ def text_png(explanations: Sequence, path: str, width_px: int = 1000) -> None:
                 label = "text"
             items.append((margin, y, label, None, True, False))
             y += line_h
-            x = margin
+            x: float = margin
             for i in idx:
                 w = text_width(e.words[i])
-                gap = space if e.space[i] and i != idx[0] else 2
+                gap: float = space if e.space[i] and i != idx[0] else 2
                 if x + gap + w > width_px - margin and x > margin:
                     x, y = margin, y + line_h
                     gap = 0
@@ -548,7 +549,7 @@ def text_png(explanations: Sequence, path: str, width_px: int = 1000) -> None:
             y += line_h
     height = y + margin
     fig.set_size_inches(width_px / dpi, height / dpi)
-    for x, yy, s, rgb, bold, italic in items:
+    for x, y, word, rgb, bold, italic in items:
         kwargs = dict(
             fontsize=size,
             va="top",
@@ -558,7 +559,7 @@ def text_png(explanations: Sequence, path: str, width_px: int = 1000) -> None:
         )
         if rgb is not None:
             kwargs["bbox"] = dict(boxstyle="square,pad=0.12", facecolor=tuple(c / 255 for c in rgb), edgecolor="none")
-        fig.text(x / width_px, 1 - yy / height, s, **kwargs)
+        fig.text(x / width_px, 1 - y / height, word, **kwargs)
     try:
         with atomic_write(path, binary=True) as f:
             fig.savefig(f, format="png", dpi=dpi, facecolor="white")
@@ -595,7 +596,7 @@ def image_pngs(e, min_side: int = 224) -> Tuple[bytes, bytes]:
     for arr in (rgb, over):
         im = Image.fromarray(arr, "RGB")
         if factor > 1:
-            im = im.resize((w * factor, h * factor), Image.NEAREST)
+            im = im.resize((w * factor, h * factor), Image.Resampling.NEAREST)
         buf = io.BytesIO()
         im.save(buf, format="PNG")
         out.append(buf.getvalue())
