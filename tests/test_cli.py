@@ -737,6 +737,16 @@ def test_fill_token_prefers_mask_then_unk_then_pad(minilm):
     assert fill_token(NoMask()) == (3, "<unk>")
 
 
+def test_evaluate_a_similarity_item_without_its_second_text_is_an_input_error(minilm):
+    from lrpcpp.cli.evaluate import evaluate
+    from lrpcpp.cli.loading import InputError, Loaded
+
+    model, tokenizer = minilm
+    loaded = Loaded(model=model, task="similarity", name="minilm", tokenizer=tokenizer, config=model.config)
+    with pytest.raises(InputError, match="line 4: a similarity needs two texts"):
+        evaluate(loaded, [(4, "A man is playing a guitar.", None)], methods=("random",))
+
+
 def test_the_shipped_sentences_are_pairs():
     from lrpcpp.cli.command import sentences_path
 
