@@ -216,7 +216,7 @@ def test_register_family_makes_a_new_architecture_work():
         ref = lrpcpp.attribute(build("llama"), **inputs("llama")).relevance
         torch.testing.assert_close(lrpcpp.attribute(model, **inputs("llama")).relevance, ref)
     finally:
-        del lrpcpp.families.FAMILIES["llama_clone"]
+        del lrpcpp.models.families.FAMILIES["llama_clone"]
 
 
 def test_plain_torch_transformer_conserves_with_cp_lrp():

@@ -1,7 +1,7 @@
 """Model families: which modules of an architecture are attention, gated MLPs, mixtures of experts
 and normalisations, described as data.
 
-Whole-model patching (:mod:`lrpcpp.patching`) needs to know, for each architecture, where the products
+Whole-model patching (:mod:`lrpcpp.models.patching`) needs to know, for each architecture, where the products
 of two relevance-carrying tensors are (attention and gated MLPs) and which normalisation modules
 scale their input element-wise. Everything else is found by type: ``nn.LayerNorm``, ``nn.Linear``,
 element-wise activation modules and ``nn.MultiheadAttention`` need no entry, so plain ``torch.nn``
