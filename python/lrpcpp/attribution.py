@@ -1,4 +1,7 @@
-"""One-call attribution of a whole model: ``lrpcpp.attribute(model, input_ids=ids)``."""
+"""One-call attribution of a whole model, ``lrpcpp.attribute(model, input_ids=ids)``, and the steps
+it is made of, which :mod:`lrpcpp.deploy` (the compiled and the deployed attribution) shares: the
+input chosen and checked, the model's keyword arguments, the model patched and frozen for the call,
+the explained value selected, the backward pass and the relevance read from it."""
 
 import contextlib
 import difflib
