@@ -8,7 +8,7 @@ import difflib
 import inspect
 import numbers
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeGuard, Union
 
 import torch
 from torch import Tensor, nn
@@ -113,7 +113,7 @@ _TARGETS = (
 )
 
 
-def _is_id(t) -> bool:
+def _is_id(t: object) -> TypeGuard[numbers.Integral]:
     return isinstance(t, numbers.Integral) and not isinstance(t, bool)
 
 

@@ -22,6 +22,7 @@ import json
 import os
 import warnings
 import zipfile
+from types import MappingProxyType
 from typing import Any, Callable, Dict, Optional, Union
 
 import torch
@@ -98,12 +99,12 @@ class ExplainableModel(nn.Module):
         try:
             params = inspect.signature(model.forward).parameters
         except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
-            params = {}
+            params = MappingProxyType({})
         self._use_cache = "use_cache" in params
         self._causal = _is_causal_decoder(model)
 
     def forward(self, inputs_embeds: Tensor, attention_mask: Tensor) -> Tensor:
-        extra = {"use_cache": False} if self._use_cache else {}
+        extra: Dict[str, Any] = {"use_cache": False} if self._use_cache else {}
         positions = position_ids(self.model, self._causal, attention_mask)
         if positions is not None:  # a left-padded row has the positions it has alone
             extra["position_ids"] = positions
@@ -167,7 +168,7 @@ def _example(
 ):
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError(f"{caller}: give exactly one of input_ids and inputs_embeds (the example input)")
-    if input_ids is not None:
+    if inputs_embeds is None:
         embedding = _input_embeddings(model)
         if embedding is None:
             raise ValueError(f"{caller}: {type(model).__name__} has no input embeddings; pass inputs_embeds")
@@ -442,7 +443,7 @@ class CompiledAttribute:
         try:
             takes = inspect.signature(model.forward).parameters
         except (TypeError, ValueError):  # pragma: no cover
-            takes = {}
+            takes = MappingProxyType({})
         # a language model that can compute the logits of chosen positions only (Hugging Face's
         # logits_to_keep): the explained position's are all that the relevance depends on
         self._only_explained = not all_logits and "logits_to_keep" in takes
@@ -488,7 +489,7 @@ class CompiledAttribute:
                 relevance=torch.stack([a.relevance for a in each]),
                 token_relevance=torch.stack([a.token_relevance for a in each]),
                 output=torch.stack([a.output for a in each], dim=-1),
-                target=torch.stack([a.target for a in each], dim=-1),
+                target=torch.stack([a.target for a in each if a.target is not None], dim=-1),  # int targets: all set
             )
         caller = "lrpcpp.deploy.CompiledAttribute"
         key, leaf = choose_input(self.model, input_ids, inputs_embeds, pixel_values, caller)

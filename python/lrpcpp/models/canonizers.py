@@ -8,7 +8,7 @@ tensor version), :class:`MergedBatchNorm` stands in for a merged batch norm in a
 """
 
 import weakref
-from typing import Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.fx
@@ -41,28 +41,39 @@ def conv_bn_pairs(model: nn.Module) -> List[Tuple[str, str]]:
     return list(pairs)
 
 
+def _called_module(node: object) -> Optional[str]:
+    """The qualified name of the module an ``fx`` node calls, or None for another node."""
+    if isinstance(node, torch.fx.Node) and node.op == "call_module" and isinstance(node.target, str):
+        return node.target
+    return None
+
+
 def _traced_pairs(model: nn.Module, modules: Mapping[str, nn.Module]) -> List[Tuple[str, str]]:
     graph = torch.fx.Tracer().trace(model)
     calls: Dict[str, int] = {}
     for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+        name = _called_module(node)
+        if name is not None:
+            calls[name] = calls.get(name, 0) + 1
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
+        bn_name = _called_module(node)
+        bn = None if bn_name is None else modules.get(bn_name)
+        if bn_name is None or not isinstance(bn, nn.BatchNorm2d) or not node.args:
             continue
-        src = node.args[0] if node.args else None
-        if not isinstance(src, torch.fx.Node) or src.op != "call_module":
-            continue
-        conv = modules.get(src.target)
+        src = node.args[0]
+        conv_name = _called_module(src)
+        conv = None if conv_name is None else modules.get(conv_name)
         if (
-            isinstance(conv, nn.Conv2d)
+            conv_name is not None
+            and isinstance(src, torch.fx.Node)
+            and isinstance(conv, nn.Conv2d)
             and len(src.users) == 1
-            and calls[src.target] == 1
-            and calls[node.target] == 1
-            and conv.out_channels == modules[node.target].num_features
+            and calls[conv_name] == 1
+            and calls[bn_name] == 1
+            and conv.out_channels == bn.num_features
         ):
-            pairs.append((src.target, node.target))
+            pairs.append((conv_name, bn_name))
     return pairs
 
 
@@ -92,18 +103,23 @@ def merged_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]
     float64 and cast to the weight's dtype; computed once and reused while the convolution's and
     batch norm's tensors are unchanged."""
     sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    state = tuple(None if t is None else (id(t), t._version, t.data_ptr(), t.device, t.dtype) for t in sources)
+    state: Tuple[Any, ...] = tuple(
+        None if t is None else (id(t), t._version, t.data_ptr(), t.device, t.dtype) for t in sources
+    )
     state += (bn.eps,)
     hit = _MERGED.get(conv.weight)
     if hit is not None and hit[0] == state:
         return hit[1], hit[2]
+    running_mean, running_var = bn.running_mean, bn.running_var
+    if running_mean is None or running_var is None:
+        raise ValueError("lrpcpp: merged_conv_bn needs a batch norm with running statistics (track_running_stats=True)")
     with torch.no_grad():
         w = conv.weight.detach()
-        var = bn.running_var.detach().double()
+        var = running_var.detach().double()
         scale = torch.rsqrt(var + bn.eps)
         if bn.weight is not None:
             scale = scale * bn.weight.detach().double()
-        shift = -bn.running_mean.detach().double()
+        shift = -running_mean.detach().double()
         if conv.bias is not None:
             shift = shift + conv.bias.detach().double()
         bias = shift * scale

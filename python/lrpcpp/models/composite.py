@@ -112,8 +112,10 @@ def _build(factory: Factory, module: nn.Module, epsilon: float) -> nn.Module:
             )
         options = {"epsilon": epsilon} if "epsilon" in getattr(factory, "_rule_defaults", {}) else {}
         new = from_module(module, **options)
-    else:
+    elif callable(factory):
         new = factory(module)
+    else:
+        raise TypeError(f"lrpcpp.Composite: no factory for {type(module).__name__}, got {factory!r}")
     if not isinstance(new, nn.Module):
         raise TypeError(
             f"lrpcpp.Composite: the factory for {type(module).__name__} returned {type(new).__name__}, not an nn.Module"

@@ -916,7 +916,7 @@ class UnruledOperationWarning(UserWarning):
 
 def _op_name(func: Callable) -> str:
     owner = getattr(func, "__self__", None)
-    if isinstance(func, types.MethodWrapperType) and hasattr(owner, "__objclass__"):
+    if isinstance(func, types.MethodWrapperType) and owner is not None and hasattr(owner, "__objclass__"):
         return f"Tensor.{owner.__name__}"  # an attribute such as Tensor.T
     if isinstance(func, torch._ops.OpOverloadPacket):
         return f"torch.ops.{func._qualified_op_name.replace('::', '.')}"

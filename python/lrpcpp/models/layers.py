@@ -37,11 +37,12 @@ def _conv_forward(
     plain = types.MethodType(type(conv).forward, conv)
 
     def forward(x: Tensor) -> Tensor:
-        merge = bn is not None and not bn.training
-        if rule is None and not merge:
+        merged = bn if bn is not None and not bn.training else None
+        if rule is None and merged is None:
             return plain(x)
-        if merge:
-            weight, bias = merged_conv_bn(conv, bn)
+        bias: Optional[Tensor]
+        if merged is not None:
+            weight, bias = merged_conv_bn(conv, merged)
         else:
             weight, bias = conv.weight, conv.bias
         if pre_pad:

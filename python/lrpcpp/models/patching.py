@@ -25,7 +25,7 @@ functions and registries shared with other models are never touched.
 
 import contextlib
 import types
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -230,7 +230,7 @@ class PatchHandle:
 
         def undo() -> None:
             if had:
-                module.forward = previous
+                module.__dict__["forward"] = previous
             else:
                 del module.forward
 
@@ -359,13 +359,19 @@ def _apply(handle: PatchHandle, family: Optional[_families.Family]) -> None:
             if cls in family.attention:
                 matched_attention.add(id(module))
                 if family.qkv is not None:
+                    if family.qkv_split is None:
+                        raise _families.UnsupportedModelError(
+                            f"lrpcpp.patch: the family '{family.name}' names a fused projection qkv={family.qkv!r} "
+                            "but no qkv_split(module) -> (q, k, v) sizes"
+                        )
                     q, k, v = family.qkv_split(module)
                     proj = child(module, family.qkv, "fused query/key/value projection")
                     output_share(names[id(proj)], proj, ((q, q_share), (k, q_share), (v, v_share)))
                 else:
                     for attr, share in ((family.q, q_share), (family.k, q_share), (family.v, v_share)):
                         proj = child(module, attr, "attention projection")
-                        output_share(names[id(proj)], proj, ((proj.out_features, share),))
+                        width: Any = proj.out_features  # an int (torch's stub types module attributes as tensors)
+                        output_share(names[id(proj)], proj, ((width, share),))
             elif cls in family.gated_mlp:
                 input_share(name, module, 0.5 if uniform else 1.0)
                 if not uniform:

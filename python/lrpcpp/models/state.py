@@ -3,19 +3,27 @@ parameters (:class:`ModelState`), and the registry of the modules that take part
 composite right now (:func:`claim`, :func:`release`)."""
 
 import weakref
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Protocol, Sequence, Tuple
 
 from torch import nn
 
-__all__ = ["ModelState", "claim", "release"]
+__all__ = ["ModelState", "claim", "release", "Owner"]
+
+
+class Owner(Protocol):
+    """What claims a model: a patch handle or a composite handle."""
+
+    model: nn.Module
+    kind: str  # what the model is while claimed: "patched", "registered with a Composite", ...
+
 
 # every module of a model that is patched, or registered with a Composite, right now -> that
 # handle. A module takes part in one of them at a time: a patch of a model and a patch of one of
 # its submodules would each save the other's changes as the original to restore.
-_OWNERS: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
+_OWNERS: "weakref.WeakKeyDictionary[nn.Module, Owner]" = weakref.WeakKeyDictionary()
 
 
-def claim(model: nn.Module, owner, caller: str, also: Sequence[nn.Module] = ()) -> None:
+def claim(model: nn.Module, owner: Owner, caller: str, also: Sequence[nn.Module] = ()) -> None:
     """Records ``owner`` (a handle with ``model`` and ``kind``) for every module of ``model`` (and of
     the modules ``also``); raises ``RuntimeError`` naming the module if one of them is already
     patched or registered, before recording anything."""
@@ -35,7 +43,7 @@ def claim(model: nn.Module, owner, caller: str, also: Sequence[nn.Module] = ()) 
         _OWNERS[module] = owner
 
 
-def release(owner) -> None:
+def release(owner: Owner) -> None:
     for module in [m for m, o in list(_OWNERS.items()) if o is owner]:
         del _OWNERS[module]
 

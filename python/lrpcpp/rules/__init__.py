@@ -8,7 +8,7 @@ layer, or by module name), or per call with ``rules={name or type: rule}``::
 """
 
 from .alpha_beta import AlphaBeta
-from .base import Bound, Rule, weight_transforms
+from .base import Bound, Rule, Transform, weight_transforms
 from .epsilon import Epsilon
 from .flat import Flat
 from .gamma import Gamma
@@ -28,5 +28,6 @@ __all__ = [
     "WSquare",
     "Pass",
     "Bound",
+    "Transform",
     "weight_transforms",
 ]

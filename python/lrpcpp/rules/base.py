@@ -12,9 +12,11 @@ from torch import Tensor, nn
 
 from .. import modules as lm
 
-__all__ = ["Rule", "Bound", "weight_transforms"]
+__all__ = ["Rule", "Bound", "Transform", "weight_transforms"]
 
 Bound = Union[float, Tensor]
+#: the weight transform(s) a rule's op takes: none, one tensor, or several (alpha-beta: pos, neg)
+Transform = Union[None, Tensor, Tuple[Tensor, ...]]
 
 
 class Rule:
@@ -25,9 +27,7 @@ class Rule:
     name = "rule"
     transform = ""  # the weight transform(s) the rule's op takes: "abs", "pos", "sq", "pos+neg" or ""
 
-    def linear(
-        self, x: Tensor, weight: Tensor, bias: Optional[Tensor], transform: Optional[Tensor], gi: bool
-    ) -> Tensor:
+    def linear(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], transform: Transform, gi: bool) -> Tensor:
         raise NotImplementedError
 
     def conv2d(
@@ -39,17 +39,17 @@ class Rule:
         padding,
         dilation,
         groups: int,
-        transform: Optional[Tensor],
+        transform: Transform,
         gi: bool,
     ) -> Tensor:
         raise NotImplementedError
 
-    def module(self, layer: nn.Module) -> Optional[nn.Module]:
+    def module(self, layer: nn.Module) -> nn.Module:
         """A drop-in for ``layer`` in explicit semantics (for :class:`lrpcpp.Composite`)."""
         raise NotImplementedError
 
 
-def weight_transforms(rule: Rule, weight: Tensor) -> Union[None, Tensor, Tuple[Tensor, ...]]:
+def weight_transforms(rule: Rule, weight: Tensor) -> Transform:
     """The cached weight transform(s) a rule's op takes: None, a tensor, or a tuple of tensors
     (:func:`lrpcpp.modules.weight_transform`, computed once per weight version)."""
     if not rule.transform:
