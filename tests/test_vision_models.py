@@ -377,6 +377,12 @@ def test_merged_convolution_gets_the_rule_of_the_merged_map():
     assert canonizers.merged_conv_bn(conv, bn)[0] is not w  # rebuilt after an update
 
 
+def test_merging_needs_running_statistics():
+    conv, bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)
+    with pytest.raises(ValueError, match="merged_conv_bn needs a batch norm with running statistics"):
+        canonizers.merged_conv_bn(conv, bn)
+
+
 def test_batch_norm_in_training_mode_is_not_merged():
     model = vm.resnet()
     x = vm.images()
