@@ -7,7 +7,7 @@ import lrpcpp
 import numpy as np
 import pytest
 import torch
-from lrpcpp import presets as P
+from lrpcpp import rules as P
 from models import build, inputs
 from torch import nn
 

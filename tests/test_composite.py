@@ -7,8 +7,8 @@ import lrpcpp.modules as lm
 import pytest
 import torch
 import torch.nn.functional as F
-from lrpcpp.composite import DEFAULT_MODULE_MAP, Composite, CompositeHandle, identity_module
-from lrpcpp.explicit import ExplicitRules, UnruledOperationWarning
+from lrpcpp.models.composite import DEFAULT_MODULE_MAP, Composite, CompositeHandle, identity_module
+from lrpcpp.models.explicit import ExplicitRules, UnruledOperationWarning
 from torch import nn
 
 f64 = torch.float64

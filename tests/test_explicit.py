@@ -14,7 +14,7 @@ import reference as ref
 import torch
 import torch.nn.functional as F
 from conftest import TOL, assert_relevance_close
-from lrpcpp.explicit import RULES, ExplicitRules, UnruledOperationWarning, identity_rule, run_plain
+from lrpcpp.models.explicit import RULES, ExplicitRules, UnruledOperationWarning, identity_rule, run_plain
 from torch import nn
 
 f64 = torch.float64

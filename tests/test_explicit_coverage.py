@@ -9,7 +9,7 @@ import reference as ref
 import torch
 import torch.nn.functional as F
 from conftest import assert_relevance_close
-from lrpcpp.explicit import PASS_THROUGH, RULES, ExplicitRules, UnruledOperationWarning
+from lrpcpp.models.explicit import PASS_THROUGH, RULES, ExplicitRules, UnruledOperationWarning
 from torch import nn
 
 f64 = torch.float64

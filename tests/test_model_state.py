@@ -10,8 +10,8 @@ import lrpcpp.deploy as deploy
 import pytest
 import torch
 import torch.nn.functional as F
-from lrpcpp.composite import Composite
-from lrpcpp.explicit import ExplicitRules
+from lrpcpp.models.composite import Composite
+from lrpcpp.models.explicit import ExplicitRules
 from torch import nn
 
 pytest.importorskip("transformers", reason="whole-model tests need transformers (requirements-dev.txt)")

@@ -216,7 +216,25 @@ def test_register_family_makes_a_new_architecture_work():
         ref = lrpcpp.attribute(build("llama"), **inputs("llama")).relevance
         torch.testing.assert_close(lrpcpp.attribute(model, **inputs("llama")).relevance, ref)
     finally:
-        del lrpcpp.families.FAMILIES["llama_clone"]
+        del lrpcpp.models.families.FAMILIES["llama_clone"]
+
+
+def test_family_with_a_fused_projection_needs_its_split():
+    model = build("llama")
+    model.config.model_type = "llama_fused"
+    lrpcpp.register_family(
+        "llama_fused",
+        model_types=("llama_fused",),
+        attention=("LlamaAttention",),
+        qkv="q_proj",
+        norms=("LlamaRMSNorm",),
+    )
+    try:
+        with pytest.raises(lrpcpp.UnsupportedModelError, match="qkv_split"):
+            lrpcpp.patch(model)
+        assert all("forward" not in m.__dict__ for m in model.modules())  # nothing left patched
+    finally:
+        del lrpcpp.models.families.FAMILIES["llama_fused"]
 
 
 def test_plain_torch_transformer_conserves_with_cp_lrp():

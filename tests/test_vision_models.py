@@ -10,7 +10,8 @@ import reference as ref
 import torch
 import torch.nn.functional as F
 import vision_models as vm
-from lrpcpp import presets as P
+from lrpcpp import rules as P
+from lrpcpp.models import canonizers, presets
 from torch import nn
 
 f64 = torch.float64
@@ -96,7 +97,7 @@ def check_layers(model, leaf_kwargs, preset, mode="gradient", min_checked=1, **p
         module = modules[name]
         weight, bias = module.weight.detach(), None if module.bias is None else module.bias.detach()
         if name in merged:
-            weight, bias = P.merged_conv_bn(module, modules[merged[name]])
+            weight, bias = canonizers.merged_conv_bn(module, modules[merged[name]])
         R = y.grad * rec["y_value"] if gi else y.grad
         got = x.grad * x.detach() if gi else x.grad
         expected = layer_reference(
@@ -126,13 +127,13 @@ def test_presets_are_registered_by_their_literature_names():
         "epsilon_alpha2_beta1_flat",
     ):
         assert name in lrpcpp.PRESETS
-    assert P.preset_arguments("vit") == ("gamma_linear", "gamma_conv", "epsilon")
+    assert presets.preset_arguments("vit") == ("gamma_linear", "gamma_conv", "epsilon")
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
-        P.get_preset("nope")
+        presets.get_preset("nope")
     with pytest.raises(TypeError, match="needs the input bounds low and high"):
-        P.get_preset("epsilon_gamma_box")
+        presets.get_preset("epsilon_gamma_box")
     with pytest.raises(TypeError, match="'vit' has no option gamma_lin; its options are gamma_linear, gamma_conv"):
-        P.get_preset("vit", gamma_lin=0.1)
+        presets.get_preset("vit", gamma_lin=0.1)
 
 
 def test_register_a_new_preset():
@@ -141,7 +142,7 @@ def test_register_a_new_preset():
         return lrpcpp.Preset(types={nn.Linear: P.Flat(epsilon), nn.Conv2d: P.Flat(epsilon)})
 
     try:
-        rules = P.get_preset("test_all_flat").assign(vm.resnet())
+        rules = presets.get_preset("test_all_flat").assign(vm.resnet())
         assert set(rules) == set(linear_and_conv_names(vm.resnet()))
         assert all(isinstance(r, P.Flat) for r in rules.values())
     finally:
@@ -155,7 +156,7 @@ def test_epsilon_gamma_box_on_a_resnet_layer_by_layer(mode):
     rules = check_layers(
         model,
         {"x": vm.images()},
-        P.get_preset("epsilon_gamma_box", low=vm.LOW, high=vm.HIGH),
+        presets.get_preset("epsilon_gamma_box", low=vm.LOW, high=vm.HIGH),
         mode=mode,
         min_checked=len(linear_and_conv_names(model)),
     )
@@ -188,7 +189,7 @@ def test_vit_preset_on_hf_vit_layer_by_layer(mode):
     from models import build, inputs
 
     model = build("vit")
-    preset = P.get_preset("vit", gamma_linear=0.05, gamma_conv=0.25)
+    preset = presets.get_preset("vit", gamma_linear=0.05, gamma_conv=0.25)
     # query and key projections are held constant by CP-LRP: their outputs receive no relevance
     rules = check_layers(model, inputs("vit"), preset, mode=mode, min_checked=10)
     names = linear_and_conv_names(model)
@@ -248,7 +249,7 @@ def test_attribute_with_the_vit_preset_on_hf_vit():
     cp = lrpcpp.attribute(model, method="cp-lrp", **kw)
     scale = float(cp.relevance.abs().max())
     zero_tight = lrpcpp.attribute(
-        model, preset=P.get_preset("vit", gamma_linear=0.0, gamma_conv=0.0, epsilon=1e-13), **kw
+        model, preset=presets.get_preset("vit", gamma_linear=0.0, gamma_conv=0.0, epsilon=1e-13), **kw
     )
     torch.testing.assert_close(zero_tight.relevance, cp.relevance, rtol=1e-7, atol=1e-9 * scale)
     assert (zero.relevance - cp.relevance).abs().max() < 1e-3 * scale
@@ -264,7 +265,7 @@ def test_attribute_takes_preset_options_apart_from_the_model_inputs():
     got = lrpcpp.attribute(
         model, pixel_values=x, preset=lrpcpp.preset("epsilon_gamma_box", low=vm.LOW, high=vm.HIGH, gamma=0.1)
     )
-    with lrpcpp.patch(model, preset=P.get_preset("epsilon_gamma_box", low=vm.LOW, high=vm.HIGH, gamma=0.1)) as h:
+    with lrpcpp.patch(model, preset=presets.get_preset("epsilon_gamma_box", low=vm.LOW, high=vm.HIGH, gamma=0.1)) as h:
         assert h.layer_rules["layer1.0.conv1"] == P.Gamma(0.1)
     assert torch.isfinite(got.relevance).all()
     assert got.token_relevance.shape == (2, 16, 16)
@@ -279,7 +280,7 @@ def test_attribute_takes_preset_options_apart_from_the_model_inputs():
 def test_gradient_and_explicit_modes_agree_on_a_resnet():
     model = vm.resnet()
     x = vm.images()
-    preset = P.get_preset("epsilon_alpha2_beta1", epsilon=1e-12)
+    preset = presets.get_preset("epsilon_alpha2_beta1", epsilon=1e-12)
     # the stabilisers of both semantics near 0: the identity rule of the ReLUs in gradient mode divides by
     # stab(x), which a large alpha-beta ratio amplifies
     g = lrpcpp.attribute(model, pixel_values=x, preset=preset, epsilon=1e-15)
@@ -300,7 +301,7 @@ def test_method_comes_from_the_preset_unless_given():
 # ----------------------------------------------------------------------------- overrides
 def test_overrides_by_name_and_by_type():
     model = vm.resnet()
-    preset = P.get_preset(
+    preset = presets.get_preset(
         "epsilon_gamma_box",
         rules={"fc": P.Gamma(0.5), "layer2.0.conv2": None, nn.Conv2d: P.ZPlus()},
         low=vm.LOW,
@@ -312,9 +313,9 @@ def test_overrides_by_name_and_by_type():
     assert isinstance(rules["conv1"], P.ZBox)  # the input layer's rule outranks the type
     assert rules["layer1.0.conv1"] == P.ZPlus()
     with pytest.raises(KeyError, match="name no layer"):
-        P.get_preset("epsilon_plus", rules={"nope": P.Flat()}).assign(model)
-    with pytest.raises(TypeError, match="must be an lrpcpp.presets rule"):
-        P.get_preset("epsilon_plus", rules={"fc": "flat"})
+        presets.get_preset("epsilon_plus", rules={"nope": P.Flat()}).assign(model)
+    with pytest.raises(TypeError, match="must be an lrpcpp.rules rule"):
+        presets.get_preset("epsilon_plus", rules={"fc": "flat"})
 
 
 # ----------------------------------------------------------------------------- batch-norm merging
@@ -329,7 +330,7 @@ def test_batch_norm_merge_keeps_the_forward_and_restores_the_model_bitwise():
     versions = {n: p._version for n, p in params.items()}
     before_state = state(model)
     before = model(x)
-    assert P.conv_bn_pairs(model) == [
+    assert canonizers.conv_bn_pairs(model) == [
         ("conv1", "bn1"),
         ("layer1.0.conv1", "layer1.0.bn1"),
         ("layer1.0.conv2", "layer1.0.bn2"),
@@ -361,7 +362,7 @@ def test_merged_convolution_gets_the_rule_of_the_merged_map():
     conv, bn = nn.Conv2d(3, 4, 3, padding=1).double(), nn.BatchNorm2d(4).double()
     vm.randomise(nn.Sequential(conv, bn))
     model = nn.Sequential(conv, bn, nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3).double()).eval()
-    w, b = P.merged_conv_bn(conv, bn)
+    w, b = canonizers.merged_conv_bn(conv, bn)
     single = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1).double(), nn.ReLU(), nn.Flatten(), model[4]).eval()
     with torch.no_grad():
         single[0].weight.copy_(w)
@@ -370,10 +371,16 @@ def test_merged_convolution_gets_the_rule_of_the_merged_map():
     a = lrpcpp.attribute(model, pixel_values=x, preset="epsilon_alpha2_beta1")
     s = lrpcpp.attribute(single, pixel_values=x, preset="epsilon_alpha2_beta1")
     torch.testing.assert_close(a.relevance, s.relevance, rtol=1e-10, atol=1e-12)
-    assert P.merged_conv_bn(conv, bn)[0] is w  # cached while nothing changed
+    assert canonizers.merged_conv_bn(conv, bn)[0] is w  # cached while nothing changed
     with torch.no_grad():
         bn.running_var.mul_(2.0)
-    assert P.merged_conv_bn(conv, bn)[0] is not w  # rebuilt after an update
+    assert canonizers.merged_conv_bn(conv, bn)[0] is not w  # rebuilt after an update
+
+
+def test_merging_needs_running_statistics():
+    conv, bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)
+    with pytest.raises(ValueError, match="merged_conv_bn needs a batch norm with running statistics"):
+        canonizers.merged_conv_bn(conv, bn)
 
 
 def test_batch_norm_in_training_mode_is_not_merged():
@@ -405,20 +412,20 @@ def test_a_model_fx_cannot_trace_falls_back_to_sequential_pairs():
                 x = x * 2
             return self.bn(self.conv(x))
 
-    assert P.conv_bn_pairs(Dynamic()) == [("body.0", "body.1")]
+    assert canonizers.conv_bn_pairs(Dynamic()) == [("body.0", "body.1")]
 
 
 # ----------------------------------------------------------------------------- Composite
 def test_composite_with_a_preset_matches_the_explicit_patch():
     model = vm.resnet()
     x = vm.images()
-    composite = lrpcpp.Composite(preset=P.get_preset("epsilon_gamma_box", low=vm.LOW, high=vm.HIGH))
+    composite = lrpcpp.Composite(preset=presets.get_preset("epsilon_gamma_box", low=vm.LOW, high=vm.HIGH))
     before = model(x)
     with composite.context(model) as handle:
         assert isinstance(handle.replaced["conv1"][1], lm.Conv2dZBox)
         assert isinstance(handle.replaced["layer1.0.conv1"][1], lm.Conv2dGamma)
         assert isinstance(handle.replaced["fc"][1], lm.LinearEpsilon)
-        assert isinstance(handle.replaced["layer1.0.bn1"][1], P.MergedBatchNorm)  # merged into layer1.0.conv1
+        assert isinstance(handle.replaced["layer1.0.bn1"][1], canonizers.MergedBatchNorm)  # merged into layer1.0.conv1
         leaf = x.detach().requires_grad_()
         out = model(leaf)
         torch.testing.assert_close(out, before, rtol=1e-12, atol=1e-12)
@@ -452,7 +459,7 @@ def test_torchvision_resnet_and_vit():
     before = resnet(x)
     names = linear_and_conv_names(resnet)
     rules = check_layers(
-        resnet, {"x": x}, P.get_preset("epsilon_gamma_box", low=vm.LOW, high=vm.HIGH), min_checked=len(names)
+        resnet, {"x": x}, presets.get_preset("epsilon_gamma_box", low=vm.LOW, high=vm.HIGH), min_checked=len(names)
     )
     assert set(rules) == set(names) and isinstance(rules["conv1"], P.ZBox)
     assert torch.equal(resnet(x), before)

@@ -52,7 +52,7 @@ def atomic_write(path: str, binary: bool = False) -> Iterator[IO]:
     """An open file (text in UTF-8, or ``binary``) whose content replaces ``path`` in one step when
     the block ends normally (see :func:`atomic_path`)."""
     with atomic_path(path) as tmp:
-        with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+        with open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

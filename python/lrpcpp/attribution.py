@@ -1,18 +1,41 @@
-"""One-call attribution of a whole model: ``lrpcpp.attribute(model, input_ids=ids)``."""
+"""One-call attribution of a whole model, ``lrpcpp.attribute(model, input_ids=ids)``, and the steps
+it is made of, which :mod:`lrpcpp.deploy` (the compiled and the deployed attribution) shares: the
+input chosen and checked, the model's keyword arguments, the model patched and frozen for the call,
+the explained value selected, the backward pass and the relevance read from it."""
 
+import contextlib
 import difflib
 import inspect
 import numbers
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeGuard, Union
 
 import torch
 from torch import Tensor, nn
 
-from .families import family_of
-from .patching import ModelState, patch
+from .models.families import family_of
+from .models.patching import PatchHandle, patch
+from .models.presets import Preset, get_preset, preset_options
+from .models.state import ModelState
 
-__all__ = ["attribute", "Attribution"]
+__all__ = [
+    "attribute",
+    "Attribution",
+    "Target",
+    "choose_input",
+    "input_leaf",
+    "input_embeddings",
+    "model_kwargs",
+    "position_ids",
+    "explaining",
+    "logits_of",
+    "last_positions",
+    "select_target",
+    "relevance_backward",
+    "batched_backward",
+    "relevance_of",
+    "attribution_of",
+]
 
 Target = Union[None, int, Tensor, Sequence[int], Callable[[object], Tensor]]
 
@@ -58,7 +81,7 @@ def _call(model: nn.Module, key: str, leaf: Tensor, model_kwargs: dict):
     return model(**{key: leaf}, **model_kwargs)
 
 
-def _logits(out) -> Tensor:
+def logits_of(out) -> Tensor:
     logits = getattr(out, "logits", None)
     if logits is None:
         if isinstance(out, Tensor):
@@ -70,7 +93,7 @@ def _logits(out) -> Tensor:
     return logits
 
 
-def _last_positions(attention_mask: Optional[Tensor], batch: int, seq: int, device) -> Tensor:
+def last_positions(attention_mask: Optional[Tensor], batch: int, seq: int, device) -> Tensor:
     if attention_mask is None:
         return torch.full((batch,), seq - 1, dtype=torch.long, device=device)
     positions = torch.arange(seq, device=attention_mask.device).expand(batch, seq)
@@ -90,7 +113,7 @@ _TARGETS = (
 )
 
 
-def _is_id(t) -> bool:
+def _is_id(t: object) -> TypeGuard[numbers.Integral]:
     return isinstance(t, numbers.Integral) and not isinstance(t, bool)
 
 
@@ -128,7 +151,7 @@ def _target_ids(target: Target, logits: Tensor) -> Tensor:
     return ids
 
 
-def _select(out, target: Target, attention_mask: Optional[Tensor], batch: Optional[int] = None):
+def select_target(out, target: Target, attention_mask: Optional[Tensor], batch: Optional[int] = None):
     """(explained values [batch] or [batch, K], target ids or None). ``batch``: the number of
     inputs, which a callable target's value is checked against."""
     if callable(target) and not isinstance(target, Tensor):
@@ -148,10 +171,10 @@ def _select(out, target: Target, attention_mask: Optional[Tensor], batch: Option
                 "with differentiable torch operations"
             )
         return value.reshape(-1), None
-    logits = _logits(out)
+    logits = logits_of(out)
     if logits.dim() == 3:  # a language model: explain the next token after the last real position
         rows = torch.arange(logits.shape[0], device=logits.device)
-        logits = logits[rows, _last_positions(attention_mask, logits.shape[0], logits.shape[1], logits.device)]
+        logits = logits[rows, last_positions(attention_mask, logits.shape[0], logits.shape[1], logits.device)]
     elif logits.dim() != 2:
         raise ValueError(
             f"lrpcpp.attribute: expected logits of shape [batch, classes] or [batch, seq, vocab], "
@@ -174,9 +197,7 @@ def _forward_takes(model: nn.Module, name: str) -> bool:
 def _check_model_inputs(model: nn.Module, model_inputs: dict) -> None:
     """Preset options go in ``preset=lrpcpp.preset(name, ...)``, never to the model: a model input
     named (or almost named) like one, which the model's forward does not name, is refused."""
-    from . import presets as _presets
-
-    options = _presets.preset_options()
+    options = preset_options()
     try:
         named = set(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):  # pragma: no cover
@@ -196,13 +217,14 @@ def _check_model_inputs(model: nn.Module, model_inputs: dict) -> None:
             )
 
 
-def _check_embeddings(model: nn.Module) -> Callable[[Tensor], Tensor]:
+def input_embeddings(model: nn.Module, caller: str = "lrpcpp.attribute") -> Callable[[Tensor], Tensor]:
+    """The model's input embeddings (``model.get_input_embeddings()``), which embed ``input_ids``."""
     get = getattr(model, "get_input_embeddings", None)
     if not callable(get):
         inner = [n for n, m in model.named_modules() if n and callable(getattr(m, "get_input_embeddings", None))]
         hint = f" (here: model.{inner[0]})" if inner else ""
         raise TypeError(
-            f"lrpcpp.attribute: input_ids needs model.get_input_embeddings() to embed the tokens, and this "
+            f"{caller}: input_ids needs model.get_input_embeddings() to embed the tokens, and this "
             f"{type(model).__name__} has no get_input_embeddings; pass inputs_embeds= (the token embeddings, "
             f"e.g. inner.get_input_embeddings()(input_ids)) to a forward that takes them, or pass the inner "
             f"Hugging Face model itself{hint}"
@@ -210,7 +232,7 @@ def _check_embeddings(model: nn.Module) -> Callable[[Tensor], Tensor]:
     return get()
 
 
-def _position_ids(model: nn.Module, causal: bool, attention_mask: Tensor) -> Optional[Tensor]:
+def position_ids(model: nn.Module, causal: bool, attention_mask: Tensor) -> Optional[Tensor]:
     """Positions counted over the unmasked tokens (``cumsum - 1``, 0 on left padding), as
     Hugging Face's ``generate`` gives them, for a causal decoder whose forward takes ``position_ids``:
     a left-padded row then has the positions it has alone."""
@@ -264,7 +286,7 @@ def attribute(
     under ``torch.inference_mode()``.
 
     ``preset``: a registered preset name (``"vit"``, ``"epsilon_gamma_box"``, ...; see
-    :mod:`lrpcpp.presets`) or an :class:`lrpcpp.Preset`, such as ``lrpcpp.preset("vit",
+    :mod:`lrpcpp.models.presets`) or an :class:`lrpcpp.Preset`, such as ``lrpcpp.preset("vit",
     gamma_linear=0.05)`` for a preset with options, putting a rule on every linear and convolution
     layer. ``rules``: per-layer overrides, ``{module name or type: rule}``. ``method=None`` is the
     preset's method, else ``"attnlrp"``. The other keyword arguments (``model_inputs``) go to the
@@ -286,61 +308,21 @@ def attribute(
             "fine)"
         )
     if preset is not None:
-        from . import presets as _presets
-
-        preset = _presets.get_preset(preset, rules)
+        preset = get_preset(preset, rules)
     elif rules is not None:
         raise ValueError("lrpcpp.attribute: rules= overrides the layer rules of a preset; give preset= as well")
     _check_model_inputs(model, model_inputs)
-    given = [
-        n
-        for n, v in (("input_ids", input_ids), ("inputs_embeds", inputs_embeds), ("pixel_values", pixel_values))
-        if v is not None
-    ]
-    if len(given) != 1:
-        raise ValueError(f"lrpcpp.attribute: give exactly one of input_ids, inputs_embeds, pixel_values (got {given})")
-    if pixel_values is not None:
-        key, leaf = "pixel_values", pixel_values
-    else:
-        key = "inputs_embeds"
-        if input_ids is not None:
-            embeddings = _check_embeddings(model)
-            with torch.no_grad():
-                leaf = embeddings(input_ids)
-        else:
-            leaf = inputs_embeds
-    if not isinstance(leaf, Tensor):
-        raise TypeError(f"lrpcpp.attribute: {given[0]} must be a tensor, got {type(leaf).__name__}")
-    if not leaf.is_floating_point():
-        raise TypeError(f"lrpcpp.attribute: {given[0]} must be floating point (embeddings or pixels), got {leaf.dtype}")
-    # an inference tensor (made under torch.inference_mode()) cannot require grad: a normal copy can
-    leaf = (leaf.clone() if leaf.is_inference() else leaf).detach().requires_grad_()
+    key, leaf = choose_input(model, input_ids, inputs_embeds, pixel_values)
     explicit = mode == "explicit"
     many = isinstance(target, (list, tuple))
     family = family_of(model)
     causal = family is not None and family.causal
-    if attention_mask is not None:
-        if key == "inputs_embeds" and tuple(attention_mask.shape) != tuple(leaf.shape[:2]):
-            raise ValueError(
-                f"lrpcpp.attribute: attention_mask must have the shape [batch, seq] = "
-                f"{list(leaf.shape[:2])} of the tokens, got {list(attention_mask.shape)}"
-            )
-        model_inputs["attention_mask"] = attention_mask
-        if key == "inputs_embeds" and "position_ids" not in model_inputs:
-            positions = _position_ids(model, causal, attention_mask)
-            if positions is not None:
-                model_inputs["position_ids"] = positions
+    model_inputs = model_kwargs(model, key, leaf, attention_mask, causal, model_inputs)
 
-    # Gradient mode asks autograd for the inputs' gradient only: with the parameters frozen for the
-    # call, it keeps no layer inputs alive for weight gradients. (Explicit mode's rules tell a
-    # parameter from a constant by requires_grad, so there they stay as they are.)
     captured: Dict[str, Tensor] = {}
     hooks = []
     try:
-        with (
-            ModelState(model, freeze=not explicit),
-            patch(model, method=method, mode=mode, epsilon=epsilon, preset=preset) as handle,
-        ):
+        with explaining(model, method=method, mode=mode, epsilon=epsilon, preset=preset) as handle:
             if latent:
                 for name, layer in _layers(model).items():
                     hooks.append(
@@ -355,42 +337,155 @@ def attribute(
             with torch.enable_grad(), handle.rules.context():
                 out = _call(model, key, leaf, model_inputs)
                 if causal and attention_mask is not None and key == "inputs_embeds" and not callable(target):
-                    _check_pooled_padding(model, _logits(out), attention_mask)
-                explained, ids = _select(out, target, attention_mask, leaf.shape[0])
+                    _check_pooled_padding(model, logits_of(out), attention_mask)
+                explained, ids = select_target(out, target, attention_mask, leaf.shape[0])
                 del out  # the whole output (a language model's [batch, seq, vocab] logits) is not needed any more
             for h in hooks:
                 h.remove()
             hooks = []
             inputs: List[Tensor] = [leaf] + list(captured.values())
-            if many:
-                grads = _batched_backward(explained, inputs, explicit)
-            else:
-                seed = explained.detach() if explicit else torch.ones_like(explained)
-                grads = torch.autograd.grad(explained, inputs, seed, allow_unused=True)
+            grads = relevance_backward(explained, inputs, explicit, many)
     finally:
         for h in hooks:
             h.remove()
 
-    def relevance_of(x: Tensor, g: Optional[Tensor]) -> Tensor:
-        if g is None:
-            return torch.zeros(((len(target),) if many else ()) + tuple(x.shape), dtype=x.dtype, device=x.device)
-        return g if explicit else g * x.detach()
-
-    relevance = relevance_of(leaf, grads[0])
-    token_dim = -3 if key == "pixel_values" else -1
+    k = len(target) if isinstance(target, (list, tuple)) else None
     latent_map = None
     if latent:
-        latent_map = {name: relevance_of(t, g) for (name, t), g in zip(captured.items(), grads[1:])}
+        latent_map = {
+            name: relevance_of(t, g, explicit, k).detach() for (name, t), g in zip(captured.items(), grads[1:])
+        }
+    return attribution_of(relevance_of(leaf, grads[0], explicit, k), explained, ids, key, latent_map)
+
+
+# ----------------------------------------------------------------------------- the shared steps
+def choose_input(
+    model: Optional[nn.Module],
+    input_ids: Optional[Tensor],
+    inputs_embeds: Optional[Tensor],
+    pixel_values: Optional[Tensor],
+    caller: str = "lrpcpp.attribute",
+) -> Tuple[str, Tensor]:
+    """``(the model's keyword for it, the leaf)``: exactly one of the inputs must be given;
+    ``input_ids`` are embedded with the model's input embeddings (without grad). The leaf is a
+    floating-point tensor detached from its history that requires grad (:func:`input_leaf`)."""
+    given = [
+        n
+        for n, v in (("input_ids", input_ids), ("inputs_embeds", inputs_embeds), ("pixel_values", pixel_values))
+        if v is not None
+    ]
+    if len(given) != 1:
+        raise ValueError(f"{caller}: give exactly one of input_ids, inputs_embeds, pixel_values (got {given})")
+    if pixel_values is not None:
+        return "pixel_values", input_leaf(pixel_values, "pixel_values", caller)
+    if input_ids is not None:
+        if model is None:
+            raise ValueError(f"{caller}: input_ids need the model's input embeddings; pass inputs_embeds")
+        embeddings = input_embeddings(model, caller)
+        with torch.no_grad():
+            return "inputs_embeds", input_leaf(embeddings(input_ids), "input_ids", caller)
+    return "inputs_embeds", input_leaf(inputs_embeds, "inputs_embeds", caller)
+
+
+def input_leaf(x: object, name: str, caller: str = "lrpcpp.attribute") -> Tensor:
+    """``x`` checked (a floating-point tensor) as the leaf whose relevance is computed: detached,
+    requiring grad; an inference tensor (made under ``torch.inference_mode()``), which cannot require
+    grad, is copied first."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{caller}: {name} must be a tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{caller}: {name} must be floating point (embeddings or pixels), got {x.dtype}")
+    return (x.clone() if x.is_inference() else x).detach().requires_grad_()
+
+
+def model_kwargs(
+    model: nn.Module,
+    key: str,
+    leaf: Tensor,
+    attention_mask: Optional[Tensor],
+    causal: bool,
+    model_inputs: Dict[str, Any],
+    caller: str = "lrpcpp.attribute",
+) -> Dict[str, Any]:
+    """The keyword arguments of the model besides its input: ``model_inputs`` with the
+    ``attention_mask`` (checked against the tokens' ``[batch, seq]``) and, for a causal decoder given
+    embeddings, the :func:`position_ids` of the mask unless given."""
+    out = dict(model_inputs)
+    if attention_mask is None:
+        return out
+    if key == "inputs_embeds" and tuple(attention_mask.shape) != tuple(leaf.shape[:2]):
+        raise ValueError(
+            f"{caller}: attention_mask must have the shape [batch, seq] = "
+            f"{list(leaf.shape[:2])} of the tokens, got {list(attention_mask.shape)}"
+        )
+    out["attention_mask"] = attention_mask
+    if key == "inputs_embeds" and "position_ids" not in out:
+        positions = position_ids(model, causal, attention_mask)
+        if positions is not None:
+            out["position_ids"] = positions
+    return out
+
+
+@contextlib.contextmanager
+def explaining(
+    model: nn.Module,
+    method: Optional[str] = None,
+    mode: str = "gradient",
+    epsilon: Optional[float] = None,
+    preset: Union[str, Preset, None] = None,
+) -> Iterator[PatchHandle]:
+    """``model`` in eval mode and patched for the block (:func:`lrpcpp.patch`); in gradient mode its
+    parameters are frozen as well. Gradient mode asks autograd for the inputs' gradient only: with
+    the parameters frozen, it keeps no layer inputs alive for weight gradients. (Explicit mode's
+    rules tell a parameter from a constant by ``requires_grad``, so there they stay as they are.)
+    Everything is put back on leaving the block, also by an exception."""
+    with (
+        ModelState(model, freeze=mode != "explicit"),
+        patch(model, method=method, mode=mode, epsilon=epsilon, preset=preset) as handle,
+    ):
+        yield handle
+
+
+def relevance_backward(
+    explained: Tensor, inputs: List[Tensor], explicit: bool, many: bool
+) -> Tuple[Optional[Tensor], ...]:
+    """The gradients of ``inputs`` from ``explained`` seeded as the semantics asks: with 1 (gradient
+    mode) or with the explained value itself (explicit mode); ``many``: one map per target
+    (:func:`batched_backward`)."""
+    if many:
+        return batched_backward(explained, inputs, explicit)
+    seed = explained.detach() if explicit else torch.ones_like(explained)
+    return torch.autograd.grad(explained, inputs, seed, allow_unused=True)
+
+
+def relevance_of(x: Tensor, grad: Optional[Tensor], explicit: bool, k: Optional[int] = None) -> Tensor:
+    """The relevance of ``x`` from its gradient: the gradient itself (explicit mode) or gradient
+    times input; zeros (with a leading ``[k]`` dim for ``k`` targets) where ``x`` got no gradient."""
+    if grad is None:
+        return torch.zeros(((k,) if k is not None else ()) + tuple(x.shape), dtype=x.dtype, device=x.device)
+    return grad if explicit else grad * x.detach()
+
+
+def attribution_of(
+    relevance: Tensor,
+    explained: Tensor,
+    ids: Optional[Tensor],
+    key: str,
+    latent: Optional[Dict[str, Tensor]] = None,
+) -> Attribution:
+    """The :class:`Attribution` of the input's relevance: summed over the hidden dim of embeddings or
+    the channel dim of pixels (``key``) for the per-token or per-pixel values."""
+    relevance = relevance.detach()
     return Attribution(
-        relevance=relevance.detach(),
-        token_relevance=relevance.detach().sum(dim=token_dim),
+        relevance=relevance,
+        token_relevance=relevance.sum(dim=-3 if key == "pixel_values" else -1),
         output=explained.detach(),
         target=ids,
-        latent=latent_map,
+        latent=latent,
     )
 
 
-def _batched_backward(explained: Tensor, inputs: List[Tensor], explicit: bool):
+def batched_backward(explained: Tensor, inputs: List[Tensor], explicit: bool):
     """K relevance maps. Gradient mode: one backward pass over a [K]-batched seed
     (``is_grads_batched``; the lrpcpp backward ops have batching rules). Explicit mode, whose
     Python-level rules have none: K backward passes through the same graph."""

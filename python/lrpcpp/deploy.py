@@ -22,14 +22,33 @@ import json
 import os
 import warnings
 import zipfile
+from types import MappingProxyType
 from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from .attribution import Attribution, Target, _batched_backward, _last_positions, _logits, _position_ids, _select
-from .families import family_of
-from .patching import METHODS, ModelState, patch
+from ._build_info import VERSION
+from .attribution import (
+    Attribution,
+    Target,
+    attribute,
+    attribution_of,
+    choose_input,
+    explaining,
+    input_leaf,
+    last_positions,
+    logits_of,
+    position_ids,
+    relevance_backward,
+    relevance_of,
+    select_target,
+)
+from .attribution import (
+    model_kwargs as model_kwargs_of,
+)
+from .models.families import family_of
+from .models.patching import METHODS
 
 __all__ = [
     "ExplainableModel",
@@ -80,16 +99,16 @@ class ExplainableModel(nn.Module):
         try:
             params = inspect.signature(model.forward).parameters
         except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
-            params = {}
+            params = MappingProxyType({})
         self._use_cache = "use_cache" in params
         self._causal = _is_causal_decoder(model)
 
     def forward(self, inputs_embeds: Tensor, attention_mask: Tensor) -> Tensor:
-        extra = {"use_cache": False} if self._use_cache else {}
-        positions = _position_ids(self.model, self._causal, attention_mask)
+        extra: Dict[str, Any] = {"use_cache": False} if self._use_cache else {}
+        positions = position_ids(self.model, self._causal, attention_mask)
         if positions is not None:  # a left-padded row has the positions it has alone
             extra["position_ids"] = positions
-        return _logits(self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **extra))
+        return logits_of(self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **extra))
 
 
 class LrpcppRequired(nn.Module):
@@ -149,7 +168,7 @@ def _example(
 ):
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError(f"{caller}: give exactly one of input_ids and inputs_embeds (the example input)")
-    if input_ids is not None:
+    if inputs_embeds is None:
         embedding = _input_embeddings(model)
         if embedding is None:
             raise ValueError(f"{caller}: {type(model).__name__} has no input embeddings; pass inputs_embeds")
@@ -186,14 +205,12 @@ def _check_method(method: str, caller: str) -> None:
 
 
 def _info(model: nn.Module, embeds: Tensor, logits: Tensor, method: str, epsilon: Optional[float], form: str):
-    from . import __version__
-
     config = getattr(model, "config", None)
     language_model = logits.dim() == 3
     return {
         "format": form,
         "format_version": 1,
-        "lrpcpp": __version__,
+        "lrpcpp": VERSION,
         "torch": torch.__version__,
         "method": method,
         "mode": "gradient",
@@ -224,23 +241,15 @@ def attribute_deployed(
     :func:`lrpcpp.attribute` (a callable target receives the logits): the explained logit is seeded
     with 1 and the relevance is ``inputs_embeds * inputs_embeds.grad``.
     """
-    leaf = inputs_embeds.detach().requires_grad_()
+    leaf = input_leaf(inputs_embeds, "inputs_embeds", "lrpcpp.deploy.attribute_deployed")
     if attention_mask is None:
         attention_mask = torch.ones(leaf.shape[:2], dtype=torch.long, device=leaf.device)
     with torch.enable_grad():
         logits = module(leaf, attention_mask)
-        explained, ids = _select(logits, target, attention_mask, leaf.shape[0])
-    many = isinstance(target, (list, tuple))
-    if many:
-        (grad,) = _batched_backward(explained, [leaf], explicit=False)
-    else:
-        (grad,) = torch.autograd.grad(explained, [leaf], torch.ones_like(explained), allow_unused=True)
-    if grad is None:  # the logits do not depend on the embeddings
-        grad = torch.zeros(((len(target),) if many else ()) + tuple(leaf.shape), dtype=leaf.dtype, device=leaf.device)
-    relevance = (grad * leaf.detach()).detach()
-    return Attribution(
-        relevance=relevance, token_relevance=relevance.sum(dim=-1), output=explained.detach(), target=ids
-    )
+        explained, ids = select_target(logits, target, attention_mask, leaf.shape[0])
+    k = len(target) if isinstance(target, (list, tuple)) else None
+    (grad,) = relevance_backward(explained, [leaf], explicit=False, many=k is not None)
+    return attribution_of(relevance_of(leaf, grad, False, k), explained, ids, "inputs_embeds")
 
 
 def _check(
@@ -248,8 +257,6 @@ def _check(
 ) -> None:
     """The deployed model must give lrpcpp.attribute's relevance on the example; on a shorter
     sequence it should too (a trace that fixed the length only warns)."""
-    from .attribution import attribute
-
     cases = [(embeds, mask, True)]
     if embeds.shape[1] > 1:
         cases.append((embeds[:, :-1], mask[:, :-1], False))
@@ -316,7 +323,7 @@ def export_archive(
     _check_method(method, caller)
     embeds, mask = _example(model, input_ids, inputs_embeds, attention_mask, caller)
     path = os.fspath(path)
-    with ModelState(model, freeze=True), patch(model, method=method, mode="gradient", epsilon=epsilon):
+    with explaining(model, method=method, mode="gradient", epsilon=epsilon):
         wrapper = ExplainableModel(model)
         with torch.no_grad():
             logits = wrapper(embeds, mask)
@@ -391,7 +398,7 @@ def export_program(
         # token) keep the batch size (the sequence length) free
         batch, seq = (2 if n == 1 else n for n in embeds.shape[:2])
         traced = (embeds.expand(batch, seq, -1), mask.expand(batch, seq))
-    with ModelState(model, freeze=True), patch(model, method=method, mode="gradient", epsilon=epsilon):
+    with explaining(model, method=method, mode="gradient", epsilon=epsilon):
         containers = [
             (m, {k: v for k, v in m.__dict__.items() if isinstance(v, (list, tuple, dict))}) for m in model.modules()
         ]
@@ -436,7 +443,7 @@ class CompiledAttribute:
         try:
             takes = inspect.signature(model.forward).parameters
         except (TypeError, ValueError):  # pragma: no cover
-            takes = {}
+            takes = MappingProxyType({})
         # a language model that can compute the logits of chosen positions only (Hugging Face's
         # logits_to_keep): the explained position's are all that the relevance depends on
         self._only_explained = not all_logits and "logits_to_keep" in takes
@@ -446,8 +453,7 @@ class CompiledAttribute:
         self._removed, self._warm = False, False
         compile_kwargs.setdefault("fullgraph", True)
         with contextlib.ExitStack() as undo:  # on an error, everything done so far is undone
-            undo.enter_context(ModelState(model, freeze=True))
-            self.handle = undo.enter_context(patch(model, method=method, mode="gradient", epsilon=epsilon))
+            self.handle = undo.enter_context(explaining(model, method=method, mode="gradient", epsilon=epsilon))
             had = set(model.__dict__)
             try:
                 self.compiled = torch.compile(model, **compile_kwargs)
@@ -483,33 +489,11 @@ class CompiledAttribute:
                 relevance=torch.stack([a.relevance for a in each]),
                 token_relevance=torch.stack([a.token_relevance for a in each]),
                 output=torch.stack([a.output for a in each], dim=-1),
-                target=torch.stack([a.target for a in each], dim=-1),
+                target=torch.stack([a.target for a in each if a.target is not None], dim=-1),  # int targets: all set
             )
-        given = [
-            n
-            for n, v in (("input_ids", input_ids), ("inputs_embeds", inputs_embeds), ("pixel_values", pixel_values))
-            if v is not None
-        ]
-        if len(given) != 1:
-            raise ValueError(
-                "lrpcpp.deploy.CompiledAttribute: give exactly one of input_ids, inputs_embeds, "
-                f"pixel_values (got {given})"
-            )
-        if pixel_values is not None:
-            key, leaf = "pixel_values", pixel_values
-        elif input_ids is not None:
-            key = "inputs_embeds"
-            with torch.no_grad():
-                leaf = self.model.get_input_embeddings()(input_ids)
-        else:
-            key, leaf = "inputs_embeds", inputs_embeds
-        leaf = leaf.detach().requires_grad_()
-        if attention_mask is not None:
-            model_kwargs["attention_mask"] = attention_mask
-            if key == "inputs_embeds" and "position_ids" not in model_kwargs:
-                positions = _position_ids(self.model, self._causal, attention_mask)  # as lrpcpp.attribute
-                if positions is not None:
-                    model_kwargs["position_ids"] = positions
+        caller = "lrpcpp.deploy.CompiledAttribute"
+        key, leaf = choose_input(self.model, input_ids, inputs_embeds, pixel_values, caller)
+        model_kwargs = model_kwargs_of(self.model, key, leaf, attention_mask, self._causal, model_kwargs, caller)
         batch, seq = leaf.shape[:2] if key == "inputs_embeds" else (0, 0)
         # the positions of all items for every item, batch x batch logits (fewer than batch x seq);
         # a per-item index ([batch, 1]) would fix the sequence length of the compiled graph
@@ -521,7 +505,7 @@ class CompiledAttribute:
             and batch <= seq
         )
         if only_explained:
-            positions = _last_positions(attention_mask, batch, seq, leaf.device) % seq  # -1: a row all padding
+            positions = last_positions(attention_mask, batch, seq, leaf.device) % seq  # -1: a row all padding
             model_kwargs["logits_to_keep"] = positions
         if not self._warm:
             # The patch builds its constant gradient-scale tensors on first use. Built in a plain
@@ -534,19 +518,11 @@ class CompiledAttribute:
             out = self.compiled(**{key: leaf}, **model_kwargs)
             if only_explained:  # [batch, batch, vocab]: item i's next-token logits are at [i, i]
                 rows = torch.arange(batch, device=leaf.device)
-                explained, ids = _select(_logits(out)[rows, rows], target, None)
+                explained, ids = select_target(logits_of(out)[rows, rows], target, None)
             else:
-                explained, ids = _select(out, target, attention_mask, leaf.shape[0])
-        (grad,) = torch.autograd.grad(explained, [leaf], torch.ones_like(explained), allow_unused=True)
-        if grad is None:
-            grad = torch.zeros_like(leaf)
-        relevance = (grad * leaf.detach()).detach()
-        return Attribution(
-            relevance=relevance,
-            token_relevance=relevance.sum(dim=-3 if key == "pixel_values" else -1),
-            output=explained.detach(),
-            target=ids,
-        )
+                explained, ids = select_target(out, target, attention_mask, leaf.shape[0])
+        (grad,) = relevance_backward(explained, [leaf], explicit=False, many=False)
+        return attribution_of(relevance_of(leaf, grad, False), explained, ids, key)
 
     def remove(self) -> None:
         """Unpatches the model and restores every submodule's training flag and every parameter's

@@ -25,7 +25,7 @@ from typing import Callable, List, Optional
 
 import torch
 from torch import Tensor
-from torch._jit_internal import BroadcastingList2
+from torch._jit_internal import BroadcastingList2  # type: ignore[attr-defined]  # made at run time, absent from the stub
 
 __all__ = [
     "linear_epsilon",

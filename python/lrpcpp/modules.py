@@ -132,8 +132,19 @@ class Conv2dEpsilon(_FromModule, nn.Conv2d):
         dtype=None,
         epsilon: float = 1e-6,
     ) -> None:
+        # torch's stub: the argument padding_mode is a Literal, the attribute a str
         super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,  # type: ignore[arg-type]
+            device,
+            dtype,
         )
         _check_epsilon(type(self).__name__, epsilon)
         self.epsilon = epsilon
@@ -352,6 +363,7 @@ class _VisionRule(_FromModule):
     """Common part of the vision-rule modules: rule options, the cached weight transform, repr."""
 
     _transform_kind = ""  # "abs", "pos", "sq" or "" (none)
+    weight: Tensor  # the layer's (nn.Linear or nn.Conv2d, the other base class)
 
     def _set_rule_options(self, options: Dict[str, Any]) -> None:
         unknown = set(options) - set(self._rule_defaults)
@@ -377,7 +389,7 @@ class _VisionRule(_FromModule):
 
     def extra_repr(self) -> str:
         options = ", ".join(f"{k}={getattr(self, k)}" for k in self._rule_defaults if k not in ("lower", "upper"))
-        return f"{super().extra_repr()}, {options}"
+        return f"{super().extra_repr()}, {options}"  # type: ignore[misc]  # nn.Linear/Conv2d's, later in the MRO
 
 
 class _LinearRule(_VisionRule, nn.Linear):
@@ -421,7 +433,7 @@ class _Conv2dRule(_VisionRule, nn.Conv2d):
             dilation,
             groups,
             bias,
-            padding_mode,
+            padding_mode,  # type: ignore[arg-type]  # torch's stub: the argument is a Literal, the attribute a str
             device,
             dtype,
         )
@@ -447,6 +459,9 @@ class _Conv2dRule(_VisionRule, nn.Conv2d):
 
 class _Bounded:
     """z-box: the bounds as (non-persistent) buffers in the weight's dtype and on its device."""
+
+    lower: Tensor
+    upper: Tensor
 
     def _lrp_setup(self) -> None:
         super()._lrp_setup()  # type: ignore[misc]

@@ -205,7 +205,7 @@ def heatmap(
     if image is not None:
         rgb = overlay(rgb, image, alpha)
     if size is not None:
-        rgb = _resize_nearest(rgb, (size, size) if isinstance(size, int) else tuple(size))
+        rgb = _resize_nearest(rgb, (size, size) if isinstance(size, int) else (size[0], size[1]))
     if path is not None:
         write_png(path, rgb)
     return rgb

@@ -6,7 +6,7 @@ argument is carried out by the explicit-rule op of :mod:`lrpcpp.functional` that
 ``torch.nn`` module, computes the same values as before while its backward pass carries
 relevance::
 
-    from lrpcpp.explicit import ExplicitRules
+    from lrpcpp.models.explicit import ExplicitRules
 
     x = x.detach().requires_grad_()
     with ExplicitRules(epsilon=1e-6):
@@ -48,7 +48,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode, redispatch_function
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import functional as lf
+from .. import functional as lf
 
 __all__ = ["ExplicitRules", "RULES", "PASS_THROUGH", "UnruledOperationWarning", "identity_rule", "run_plain"]
 
@@ -225,14 +225,14 @@ def identity_rule(fn: Callable, *args, **kwargs) -> Tensor:
     with torch.no_grad():
         out = run_plain(fn, *args, **kwargs)
     if not isinstance(out, Tensor):
-        raise TypeError(f"lrpcpp.explicit.identity_rule: fn must return one tensor, got {type(out).__name__}")
+        raise TypeError(f"lrpcpp.models.explicit.identity_rule: fn must return one tensor, got {type(out).__name__}")
     if len(carriers) == 1:
         receiver = carriers[0]
     else:
         same = [c for c in carriers if c.shape == out.shape]
         if len(same) != 1:
             raise ValueError(
-                "lrpcpp.explicit.identity_rule: expected one relevance-carrying argument, or exactly one "
+                "lrpcpp.models.explicit.identity_rule: expected one relevance-carrying argument, or exactly one "
                 f"of them with the output's shape {tuple(out.shape)}; got shapes "
                 f"{[tuple(c.shape) for c in carriers]}"
             )
@@ -243,7 +243,7 @@ def identity_rule(fn: Callable, *args, **kwargs) -> Tensor:
         fits = False
     if not fits:
         raise ValueError(
-            f"lrpcpp.explicit.identity_rule: the output {tuple(out.shape)} must have the shape of the "
+            f"lrpcpp.models.explicit.identity_rule: the output {tuple(out.shape)} must have the shape of the "
             f"relevance-carrying argument {tuple(receiver.shape)} (or be a broadcast of it)"
         )
     return _pass_to(receiver, lambda: out)
@@ -916,7 +916,7 @@ class UnruledOperationWarning(UserWarning):
 
 def _op_name(func: Callable) -> str:
     owner = getattr(func, "__self__", None)
-    if isinstance(func, types.MethodWrapperType) and hasattr(owner, "__objclass__"):
+    if isinstance(func, types.MethodWrapperType) and owner is not None and hasattr(owner, "__objclass__"):
         return f"Tensor.{owner.__name__}"  # an attribute such as Tensor.T
     if isinstance(func, torch._ops.OpOverloadPacket):
         return f"torch.ops.{func._qualified_op_name.replace('::', '.')}"
@@ -1024,8 +1024,8 @@ class ExplicitRules(TorchFunctionMode):
             warnings.warn(
                 f"lrpcpp.ExplicitRules: {name} has no explicit LRP rule (for these arguments); its "
                 f"relevance-carrying input got the plain gradient of {name}, which is in general not a "
-                "relevance rule. Give that step a rule (lrpcpp.explicit.identity_rule, "
-                "lrpcpp.functional.epsilon, ...) or run it without the rules (lrpcpp.explicit.run_plain)",
+                "relevance rule. Give that step a rule (lrpcpp.models.explicit.identity_rule, "
+                "lrpcpp.functional.epsilon, ...) or run it without the rules (lrpcpp.models.explicit.run_plain)",
                 UnruledOperationWarning,
                 stacklevel=3,
             )

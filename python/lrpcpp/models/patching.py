@@ -25,81 +25,24 @@ functions and registries shared with other models are never touched.
 
 import contextlib
 import types
-import weakref
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .. import functional as lf
+from . import explicit
 from . import families as _families
+from .layers import apply_preset
+from .presets import Preset, get_preset
+from .state import claim, release
 
-__all__ = ["patch", "PatchHandle", "METHODS", "MODES", "ModelState"]
+__all__ = ["patch", "PatchHandle", "METHODS", "MODES"]
 
 METHODS = ("attnlrp", "cp-lrp")
 MODES = ("gradient", "explicit")
-
-# every module of a model that is patched, or registered with a Composite, right now -> that
-# handle. A module takes part in one of them at a time: a patch of a model and a patch of one of
-# its submodules would each save the other's changes as the original to restore.
-_OWNERS: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
-
-
-def _claim(model: nn.Module, owner, caller: str, also: Sequence[nn.Module] = ()) -> None:
-    """Records ``owner`` (a handle with ``model`` and ``kind``) for every module of ``model`` (and of
-    the modules ``also``); raises ``RuntimeError`` naming the module if one of them is already
-    patched or registered, before recording anything."""
-    modules = list(model.named_modules())
-    modules += [(f"<replacement {type(m).__name__}>", m) for extra in also for m in extra.modules()]
-    for name, module in modules:
-        other = _OWNERS.get(module)
-        if other is None:
-            continue
-        what = f"this {type(model).__name__}" if not name else f"its submodule '{name}' ({type(module).__name__})"
-        part = "" if other.model is module else f" as part of a {type(other.model).__name__}"
-        raise RuntimeError(
-            f"{caller}: {what} is already {other.kind}{part} ({other!r}); remove that first "
-            "(a module takes part in one patch or composite at a time)"
-        )
-    for _, module in modules:
-        _OWNERS[module] = owner
-
-
-def _release(owner) -> None:
-    for module in [m for m, o in list(_OWNERS.items()) if o is owner]:
-        del _OWNERS[module]
-
-
-class ModelState:
-    """A context manager that puts ``model`` in eval mode and, with ``freeze``, its parameters to
-    ``requires_grad=False`` for the block; on leaving it (also by an exception) every sub-module's
-    own ``training`` flag and every parameter's ``requires_grad`` are put back as they were."""
-
-    def __init__(self, model: nn.Module, freeze: bool = False):
-        self.model, self.freeze = model, freeze
-        self._saved: Optional[Tuple[list, list]] = None
-
-    def __enter__(self) -> "ModelState":
-        self._saved = (
-            [(m, m.training) for m in self.model.modules()],
-            [(p, p.requires_grad) for p in self.model.parameters()],
-        )
-        self.model.eval()
-        if self.freeze:
-            for p, _ in self._saved[1]:
-                p.requires_grad_(False)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._saved is not None:
-            modules, params = self._saved
-            self._saved = None
-            for m, training in modules:
-                m.training = training
-            for p, requires_grad in params:
-                p.requires_grad_(requires_grad)
-
 
 # element-wise activation modules of torch.nn (the identity rule applies to each of them)
 _TORCH_ACTIVATIONS = (
@@ -195,8 +138,6 @@ class _ExplicitRules(_Rules):
 
     def __init__(self, epsilon: float):
         super().__init__(epsilon)
-        from . import explicit
-
         self._explicit = explicit
         self._held = _HeldColumns()
 
@@ -208,8 +149,6 @@ class _ExplicitRules(_Rules):
         return self._explicit.identity_rule(plain, x)
 
     def layer_norm(self, module, x):
-        from . import functional as lf
-
         return lf.layer_norm(x, list(module.normalized_shape), module.weight, module.bias, module.eps, self.epsilon)
 
     def _scale(self, t, segments):
@@ -280,7 +219,7 @@ class PatchHandle:
         self.model, self.method, self.mode, self.rules = model, method, mode, rules
         self._undo: List[Callable[[], None]] = []
         self.patched: Dict[str, str] = {}  # module name -> what was done to it
-        self.layer_rules: Dict[str, object] = {}  # layer name -> its lrpcpp.presets rule (with a preset)
+        self.layer_rules: Dict[str, object] = {}  # layer name -> its lrpcpp.rules rule (with a preset)
         self.merged_batch_norms: Dict[str, str] = {}  # convolution name -> the batch norm merged into it
 
     # --- bookkeeping
@@ -291,7 +230,7 @@ class PatchHandle:
 
         def undo() -> None:
             if had:
-                module.forward = previous
+                module.__dict__["forward"] = previous
             else:
                 del module.forward
 
@@ -306,7 +245,7 @@ class PatchHandle:
         """Restores every module exactly as it was (idempotent)."""
         while self._undo:
             self._undo.pop()()
-        _release(self)
+        release(self)
 
     def __enter__(self) -> "PatchHandle":
         return self
@@ -333,7 +272,11 @@ def _first_tensor_arg(args: tuple, kwargs: dict, transform: Callable[[Tensor], T
 
 
 def patch(
-    model: nn.Module, method: Optional[str] = None, mode: str = "gradient", epsilon: Optional[float] = None, preset=None
+    model: nn.Module,
+    method: Optional[str] = None,
+    mode: str = "gradient",
+    epsilon: Optional[float] = None,
+    preset: Union[str, Preset, None] = None,
 ) -> PatchHandle:
     """Patches ``model`` (this instance only) for relevance; returns a handle with ``.remove()``.
 
@@ -344,13 +287,11 @@ def patch(
     patched (or registered with a :class:`lrpcpp.Composite`).
 
     ``preset`` (a name registered with :func:`lrpcpp.register_preset`, or an :class:`lrpcpp.Preset`)
-    also puts a rule on each linear and convolution layer (:mod:`lrpcpp.presets`), recorded in
+    also puts a rule on each linear and convolution layer (:mod:`lrpcpp.models.presets`), recorded in
     ``handle.layer_rules``; ``method`` then defaults to the preset's. ``method=None`` is ``"attnlrp"``.
     """
     if preset is not None:
-        from . import presets as _presets
-
-        preset = _presets.get_preset(preset)
+        preset = get_preset(preset)
         if method is None:
             method = preset.method
     if method is None:
@@ -366,10 +307,10 @@ def patch(
     family = _families.family_of(model)
     rules: _Rules = _GradientRules(epsilon) if mode == "gradient" else _ExplicitRules(epsilon)
     handle = PatchHandle(model, method, mode, rules)
-    _claim(model, handle, "lrpcpp.patch")
+    claim(model, handle, "lrpcpp.patch")
     try:
         if preset is not None:
-            _presets.apply(handle, preset)
+            apply_preset(handle, preset)
         _apply(handle, family)
     except BaseException:
         handle.remove()
@@ -418,13 +359,19 @@ def _apply(handle: PatchHandle, family: Optional[_families.Family]) -> None:
             if cls in family.attention:
                 matched_attention.add(id(module))
                 if family.qkv is not None:
+                    if family.qkv_split is None:
+                        raise _families.UnsupportedModelError(
+                            f"lrpcpp.patch: the family '{family.name}' names a fused projection qkv={family.qkv!r} "
+                            "but no qkv_split(module) -> (q, k, v) sizes"
+                        )
                     q, k, v = family.qkv_split(module)
                     proj = child(module, family.qkv, "fused query/key/value projection")
                     output_share(names[id(proj)], proj, ((q, q_share), (k, q_share), (v, v_share)))
                 else:
                     for attr, share in ((family.q, q_share), (family.k, q_share), (family.v, v_share)):
                         proj = child(module, attr, "attention projection")
-                        output_share(names[id(proj)], proj, ((proj.out_features, share),))
+                        width: Any = proj.out_features  # an int (torch's stub types module attributes as tensors)
+                        output_share(names[id(proj)], proj, ((width, share),))
             elif cls in family.gated_mlp:
                 input_share(name, module, 0.5 if uniform else 1.0)
                 if not uniform:

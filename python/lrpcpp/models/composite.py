@@ -2,7 +2,7 @@
 
 A :class:`Composite` swaps the layers of one model instance for their lrpcpp drop-ins (sharing
 parameters and buffers, via ``from_module``) and runs that instance's ``forward`` inside
-:class:`lrpcpp.explicit.ExplicitRules`, so the functions its code calls directly (``torch.matmul``,
+:class:`lrpcpp.models.explicit.ExplicitRules`, so the functions its code calls directly (``torch.matmul``,
 ``F.softmax``, residual additions, ...) follow the explicit rules too::
 
     composite = lrpcpp.Composite(epsilon=1e-6)
@@ -24,9 +24,12 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from torch import nn
 
-from . import modules as lm
+from .. import modules as lm
+from ..rules import Rule
+from .canonizers import MergedBatchNorm, conv_bn_pairs, mergeable, merged_conv_bn
 from .explicit import ExplicitRules, identity_rule
-from .patching import ModelState, _claim, _release
+from .presets import Preset, get_preset
+from .state import ModelState, claim, release
 
 __all__ = ["Composite", "CompositeHandle", "DEFAULT_MODULE_MAP", "identity_module"]
 
@@ -58,7 +61,7 @@ def identity_module(module: nn.Module) -> nn.Module:
     """A factory for a module that is one element-wise or normalising step (an RMSNorm class of a
     model library, an activation written as a formula): a shallow copy of ``module``, sharing its
     parameters and buffers, whose forward computes exactly ``module``'s output and passes the
-    relevance unchanged to its relevance-carrying input (:func:`lrpcpp.explicit.identity_rule`)."""
+    relevance unchanged to its relevance-carrying input (:func:`lrpcpp.models.explicit.identity_rule`)."""
     new = module.__class__.__new__(module.__class__)
     new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()})
     forward = module.forward
@@ -71,6 +74,34 @@ def identity_module(module: nn.Module) -> nn.Module:
     return new
 
 
+def _merged_module(rule: Rule, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Module:
+    new = rule.module(conv)
+    weight, bias = merged_conv_bn(conv, bn)
+    new._parameters["weight"] = nn.Parameter(weight, requires_grad=False)
+    new._parameters["bias"] = nn.Parameter(bias, requires_grad=False)
+    return new
+
+
+def composite_name_map(preset: Preset, model: nn.Module) -> Dict[str, Callable[[nn.Module], nn.Module]]:
+    """The ``name_map`` of :class:`lrpcpp.Composite` for ``preset`` on ``model``: a drop-in with the
+    layer's rule for each linear and convolution layer, and, where ``preset.merge_batch_norm``, the
+    batch norm merged into the convolution before it (computed from its running statistics now)."""
+    modules = dict(model.named_modules())
+    # nn.MultiheadAttention reads its projections' weights itself: they keep the composite's treatment
+    mha = {n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)}
+    assigned = {n: r for n, r in preset.assign(model).items() if n in modules and n.rpartition(".")[0] not in mha}
+    out: Dict[str, Callable[[nn.Module], nn.Module]] = {
+        name: (lambda r: lambda m: r.module(m))(rule) for name, rule in assigned.items()
+    }
+    if preset.merge_batch_norm:
+        for conv_name, bn_name in conv_bn_pairs(model):
+            bn = modules[bn_name]
+            if conv_name in assigned and mergeable(bn) and not bn.training:
+                out[conv_name] = (lambda r, b: lambda m: _merged_module(r, m, b))(assigned[conv_name], bn)
+                out[bn_name] = (lambda c: lambda m: MergedBatchNorm(c))(conv_name)
+    return out
+
+
 def _build(factory: Factory, module: nn.Module, epsilon: float) -> nn.Module:
     if isinstance(factory, type):
         from_module = getattr(factory, "from_module", None)
@@ -81,8 +112,10 @@ def _build(factory: Factory, module: nn.Module, epsilon: float) -> nn.Module:
             )
         options = {"epsilon": epsilon} if "epsilon" in getattr(factory, "_rule_defaults", {}) else {}
         new = from_module(module, **options)
-    else:
+    elif callable(factory):
         new = factory(module)
+    else:
+        raise TypeError(f"lrpcpp.Composite: no factory for {type(module).__name__}, got {factory!r}")
     if not isinstance(new, nn.Module):
         raise TypeError(
             f"lrpcpp.Composite: the factory for {type(module).__name__} returned {type(new).__name__}, not an nn.Module"
@@ -127,7 +160,7 @@ class CompositeHandle:
             self._forward = None
         self._state.__exit__()
         self._active = False
-        _release(self)
+        release(self)
         if self in self.composite._handles:
             self.composite._handles.remove(self)
 
@@ -153,10 +186,10 @@ class Composite:
       ``None`` leaves that module as it is. Every name must exist in the registered model.
     * ``functions``: run the model instance's ``forward`` inside ``ExplicitRules(epsilon)``.
     * ``epsilon``: the stabiliser of the epsilon rules, in the drop-ins and in the function rules.
-    * ``preset``: a preset name or :class:`lrpcpp.Preset` (:mod:`lrpcpp.presets`): its rules replace
+    * ``preset``: a preset name or :class:`lrpcpp.Preset` (:mod:`lrpcpp.models.presets`): its rules replace
       the linear and convolution layers (by type, input layer and name, resolved for each registered
       model; ``name_map`` still takes priority), and batch norms are merged into the convolution
-      before them (replaced by :class:`lrpcpp.presets.MergedBatchNorm`). Attention keeps the
+      before them (replaced by :class:`lrpcpp.models.canonizers.MergedBatchNorm`). Attention keeps the
       composite's own explicit treatment; ``nn.MultiheadAttention`` projections are not replaced.
 
     A replaced module's children are not visited: its replacement is responsible for them. The
@@ -169,7 +202,7 @@ class Composite:
         functions: bool = True,
         epsilon: float = 1e-6,
         name_map: Optional[Mapping[str, Factory]] = None,
-        preset=None,
+        preset: Union[str, Preset, None] = None,
     ) -> None:
         if not epsilon >= 0:
             raise ValueError(f"lrpcpp.Composite: expected epsilon >= 0, got {epsilon}")
@@ -179,11 +212,9 @@ class Composite:
         self.epsilon = float(epsilon)
         self.rules = ExplicitRules(epsilon=self.epsilon)
         self._handles: List[CompositeHandle] = []
-        self.preset = None
+        self.preset: Optional[Preset] = None
         if preset is not None:
-            from . import presets as _presets
-
-            self.preset = _presets.get_preset(preset)
+            self.preset = get_preset(preset)
 
     def __repr__(self) -> str:
         return (
@@ -197,9 +228,7 @@ class Composite:
         all_names = {n for n, _ in model.named_modules(remove_duplicate=False) if n}
         name_map = self.name_map
         if self.preset is not None:
-            from . import presets as _presets
-
-            name_map = {**_presets.composite_name_map(self.preset, model), **self.name_map}
+            name_map = {**composite_name_map(self.preset, model), **self.name_map}
         unknown = sorted(set(name_map) - all_names)
         if unknown:
             raise KeyError(f"lrpcpp.Composite: name_map names no submodule of this {type(model).__name__}: {unknown}")
@@ -249,7 +278,7 @@ class Composite:
         links, replaced = self._plan(model)
         handle = CompositeHandle(self, model)
         handle.replaced = replaced
-        _claim(model, handle, "lrpcpp.Composite", also=[new for _, _, _, new in links])
+        claim(model, handle, "lrpcpp.Composite", also=[new for _, _, _, new in links])
         for parent, key, original, new in links:
             parent._modules[key] = new
             handle._links.append((parent, key, original))

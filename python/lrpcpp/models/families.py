@@ -1,7 +1,7 @@
 """Model families: which modules of an architecture are attention, gated MLPs, mixtures of experts
 and normalisations, described as data.
 
-Whole-model patching (:mod:`lrpcpp.patching`) needs to know, for each architecture, where the products
+Whole-model patching (:mod:`lrpcpp.models.patching`) needs to know, for each architecture, where the products
 of two relevance-carrying tensors are (attention and gated MLPs) and which normalisation modules
 scale their input element-wise. Everything else is found by type: ``nn.LayerNorm``, ``nn.Linear``,
 element-wise activation modules and ``nn.MultiheadAttention`` need no entry, so plain ``torch.nn``
@@ -19,7 +19,7 @@ A new Hugging Face family is one call::
 """
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from torch import nn
 
@@ -30,11 +30,13 @@ class UnsupportedModelError(ValueError):
     """The model's architecture has no family entry, so its relevance map would be silently wrong."""
 
 
-def _equal_thirds(module: nn.Module) -> Tuple[int, int, int]:
+# The sizes are plain int attributes of Hugging Face modules (Any here: torch's stub types a module's
+# attributes as tensors or modules).
+def _equal_thirds(module: Any) -> Tuple[int, int, int]:
     return (module.split_size, module.split_size, module.split_size)
 
 
-def _grouped_query(module: nn.Module) -> Tuple[int, int, int]:
+def _grouped_query(module: Any) -> Tuple[int, int, int]:
     q = module.config.num_attention_heads * module.head_dim
     kv = module.num_key_value_heads * module.head_dim
     return (q, kv, kv)

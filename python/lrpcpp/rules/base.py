@@ -1,0 +1,60 @@
+"""The base of the layer rules for linear and convolution layers (RULES.md section 3), and the helper
+that gives a rule's op its cached weight transform(s).
+
+Each rule is a frozen dataclass of its parameters whose ``linear`` and ``conv2d`` compute the layer's
+output through the rule's native op of :mod:`lrpcpp.functional` (``linear_gamma``,
+``conv2d_z_box``, ...), and whose ``module`` builds the matching drop-in of :mod:`lrpcpp.modules`.
+"""
+
+from typing import Optional, Tuple, Union
+
+from torch import Tensor, nn
+
+from .. import modules as lm
+
+__all__ = ["Rule", "Bound", "Transform", "weight_transforms"]
+
+Bound = Union[float, Tensor]
+#: the weight transform(s) a rule's op takes: none, one tensor, or several (alpha-beta: pos, neg)
+Transform = Union[None, Tensor, Tuple[Tensor, ...]]
+
+
+class Rule:
+    """A rule for linear and convolution layers. ``linear`` and ``conv2d`` compute the layer's output
+    (exactly ``F.linear`` / ``F.conv2d``) through the rule's op; ``gi`` selects the
+    gradient-times-input form (``lrpcpp.patch``'s gradient mode) over explicit relevance."""
+
+    name = "rule"
+    transform = ""  # the weight transform(s) the rule's op takes: "abs", "pos", "sq", "pos+neg" or ""
+
+    def linear(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], transform: Transform, gi: bool) -> Tensor:
+        raise NotImplementedError
+
+    def conv2d(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        bias: Optional[Tensor],
+        stride,
+        padding,
+        dilation,
+        groups: int,
+        transform: Transform,
+        gi: bool,
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def module(self, layer: nn.Module) -> nn.Module:
+        """A drop-in for ``layer`` in explicit semantics (for :class:`lrpcpp.Composite`)."""
+        raise NotImplementedError
+
+
+def weight_transforms(rule: Rule, weight: Tensor) -> Transform:
+    """The cached weight transform(s) a rule's op takes: None, a tensor, or a tuple of tensors
+    (:func:`lrpcpp.modules.weight_transform`, computed once per weight version)."""
+    if not rule.transform:
+        return None
+    kinds = rule.transform.split("+")
+    if len(kinds) == 1:
+        return lm.weight_transform(weight, kinds[0])
+    return tuple(lm.weight_transform(weight, k) for k in kinds)

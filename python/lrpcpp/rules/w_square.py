@@ -1,0 +1,30 @@
+"""The w-square rule (RULES.md section 3)."""
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .. import functional as lf
+from .. import modules as lm
+from .base import Rule
+
+__all__ = ["WSquare"]
+
+
+@dataclass(frozen=True)
+class WSquare(Rule):
+    """The w-square rule: numerators ``w_ij**2`` (RULES.md section 3)."""
+
+    epsilon: float = 1e-6
+    name = "w_square"
+    transform = "sq"
+
+    def linear(self, x, weight, bias, transform, gi):
+        return lf.linear_w_square(x, weight, bias, self.epsilon, transform, gi)
+
+    def conv2d(self, x, weight, bias, stride, padding, dilation, groups, transform, gi):
+        return lf.conv2d_w_square(x, weight, bias, stride, padding, dilation, groups, self.epsilon, transform, gi)
+
+    def module(self, layer):
+        cls = lm.LinearWSquare if isinstance(layer, nn.Linear) else lm.Conv2dWSquare
+        return cls.from_module(layer, epsilon=self.epsilon)
