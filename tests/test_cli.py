@@ -224,34 +224,6 @@ def test_importing_the_command_line_leaves_the_heavy_packages_for_the_commands()
     assert ok(proc).stdout.strip() == "[]"
 
 
-def test_the_command_line_imports_public_names_of_library_modules_only():
-    """lrpcpp.cli imports from the library's modules (``from ..attribution import attribute``), never
-    the package root (``import lrpcpp``, ``from .. import x``), and no underscore name of another module."""
-    import ast
-
-    import lrpcpp.cli
-
-    folder = os.path.dirname(lrpcpp.cli.__file__)
-    modules = {name[:-3] for name in os.listdir(folder) if name.endswith(".py")}
-    found = []
-    for name in sorted(modules):
-        with open(os.path.join(folder, name + ".py"), encoding="utf-8") as f:
-            tree = ast.parse(f.read())
-        for node in ast.walk(tree):
-            where = f"lrpcpp/cli/{name}.py:{node.lineno}" if isinstance(node, ast.stmt) else ""
-            if isinstance(node, ast.Import):
-                found += [f"{where} import {a.name}" for a in node.names if a.name.split(".")[0] == "lrpcpp"]
-            elif isinstance(node, ast.ImportFrom):
-                imported = [a.name for a in node.names]
-                if node.level == 0:
-                    if node.module is not None and node.module.split(".")[0] == "lrpcpp":
-                        found.append(f"{where} from {node.module} (absolute)")
-                elif node.module is None and (node.level > 1 or set(imported) - modules):
-                    found.append(f"{where} from {'.' * node.level} import {', '.join(imported)} (a package)")
-                found += [f"{where} imports {n}" for n in imported if n.startswith("_")]
-    assert found == []
-
-
 def test_colour_in_the_terminal_marks_signs():
     proc = ok(run_cli("explain", "--color", "always"))
     # 24-bit backgrounds: red shades (255, g, g) for positive, blue (b, b, 255) for negative tokens

@@ -31,7 +31,7 @@ import torch
 from .._build_info import VERSION
 from .._files import atomic_path
 from ..deploy import export_archive, export_program
-from ..families import UnsupportedModelError
+from ..models.families import UnsupportedModelError
 from . import render
 from .evaluate import METHODS, curves_png, evaluate, read_items, report
 from .explain import explain_image, explain_text, to_json
