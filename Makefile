@@ -17,13 +17,13 @@ CUDA_DIR := build-cuda
 export CUDA_HOME ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
-.PHONY: run test test-fast build cpp-test docs wheel bench cuda-check cuda-wheel-test clean test-tools
+.PHONY: run test test-fast lint build cpp-test docs wheel bench cuda-check cuda-wheel-test clean tools
 
 run: build
 	$(PY) examples/explain_block.py
 	$(PY) -m lrpcpp explain
 
-test: build cpp-test docs cuda-check test-tools
+test: build lint cpp-test docs cuda-check
 	$(PY) -m pytest -q -rs tests
 
 # the edit loop: the in-place build and the tests not marked slow (no C++/CUDA/docs builds, no
@@ -31,10 +31,22 @@ test: build cpp-test docs cuda-check test-tools
 test-fast: build
 	$(PY) -m pytest -q -rs -m "not slow" tests
 
-# What the tests of the lrpcpp command need from Debian, installed once: headless Chromium (the
-# HTML heatmap is rendered in it) and pdflatex (the LaTeX heatmap is compiled). Needs root; without
-# it, those tests are skipped and say why.
-test-tools:
+# the C++ and CUDA sources that clang-format checks
+CPP_SOURCES = $(sort $(wildcard $(addprefix csrc/,*.h *.cpp ops/*.h ops/*.cpp ops/*/*.h ops/*/*.cpp ops/*/*.cu ops/*/*.cuh)) \
+	$(wildcard $(addprefix tests/cpp/,*.h *.cpp */*.h */*.cpp) $(addprefix examples/cpp/,*.h *.cpp)))
+
+# Lint, format and type checks (part of `make test`): ruff, mypy, clang-format, as pinned in
+# requirements-dev.txt. `ruff format .` and `clang-format -i` fix what the format checks report.
+lint: $(DEPS)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/clang-format --dry-run --Werror $(CPP_SOURCES)
+
+# What the tests of the lrpcpp command need from Debian, installed once, before `make test` (.ci/run
+# does): headless Chromium (the HTML heatmap is rendered in it) and pdflatex (the LaTeX heatmap is
+# compiled). Needs root; without it, those tests are skipped and say why.
+tools:
 	@if [ -x /usr/bin/chromium ] && command -v pdflatex >/dev/null; then :; \
 	elif [ "$$(id -u)" != 0 ]; then echo "not root: chromium and pdflatex are not installed (their tests are skipped)"; \
 	else echo "installing chromium and pdflatex (apt-get)"; apt-get update -q >/dev/null && \

@@ -2,7 +2,9 @@
 
 CUDA kernels are compiled when torch is a CUDA build and nvcc exists under
 CUDA_HOME (LRPCPP_CUDA=1 forces them, LRPCPP_CUDA=0 turns them off); DEBUG=1
-builds with -O0 -g. Build against the torch in the current environment:
+builds with -O0 -g. The metadata (name, version, console script, extras) is in
+pyproject.toml; here are only the extension and the torch it pins. Build against the
+torch in the current environment:
 
     pip wheel --no-build-isolation --no-deps -w dist .
 """
@@ -11,11 +13,17 @@ import glob
 import os
 
 import torch
-from setuptools import find_packages, setup
+from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
-VERSION = "0.1.0"
+with open(os.path.join(ROOT, "pyproject.toml"), "rb") as _f:
+    VERSION = tomllib.load(_f)["project"]["version"]
 TORCH_VERSION = torch.__version__.split("+")[0]
 
 
@@ -85,20 +93,8 @@ def extension():
 
 
 setup(
-    name="lrpcpp",
-    version=VERSION,
-    description="Layer-wise Relevance Propagation for transformers as native PyTorch operators",
-    packages=find_packages("python"),
-    package_dir={"": "python"},
-    # the sentences `lrpcpp evaluate` reads by default
-    package_data={"lrpcpp": ["data/*.txt"]},
-    entry_points={"console_scripts": ["lrpcpp = lrpcpp.cli:entry"]},
-    python_requires=">=3.10",
     # the compiled operators are tied to the exact torch they were built against
     install_requires=[f"torch=={TORCH_VERSION}"],
-    # the lrpcpp command: models from Hugging Face directories, PNG output, images
-    extras_require={"cli": ["transformers", "matplotlib", "pillow"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)},
-    zip_safe=False,
 )

@@ -11,6 +11,11 @@ network access.
 import os
 import sys
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(ROOT, "python"))
 
@@ -18,10 +23,9 @@ project = "lrpcpp"
 author = "the lrpcpp authors"
 copyright = "the lrpcpp authors"
 
-try:  # the version recorded by the build; the docs still build from an unbuilt checkout
-    from lrpcpp._build_info import VERSION as release
-except ImportError:  # pragma: no cover
-    release = "0.1.0"
+# the version, stated once in pyproject.toml's [project] table
+with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    release = tomllib.load(f)["project"]["version"]
 version = release
 
 extensions = [

@@ -1,4 +1,7 @@
 import os
+import re
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -35,22 +38,69 @@ def assert_relevance_close(actual, expected, dtype, scale=None):
     torch.testing.assert_close(actual.double(), expected, rtol=tol, atol=tol * max(scale, 1e-30))
 
 
-# the test files that build, start processes, run the command line or compile: about 80% of the suite's
-# time; `make test-fast` (pytest -m "not slow") leaves them out for the edit loop, `make test` runs all
-SLOW_FILES = {
-    "test_deploy.py",
-    "test_cli.py",
-    "test_cli_files.py",
-    "test_wheel.py",
-    "test_gpu_check.py",
-    "test_benchmarks.py",
+# Markers (registered in pyproject.toml): `slow` (builds, subprocesses, command-line runs, compilation:
+# about 80% of the suite's time; `make test-fast`, pytest -m "not slow", leaves them out for the edit loop),
+# `subprocess` (starts a Python or C++ process) and `compile` (torch.compile or torch.export).
+# The test files whose every test has a marker are listed here; in other files the tests are marked
+# one by one with the decorator.
+FILE_MARKERS = {
+    "test_deploy.py": {"slow"},
+    "test_cli.py": {"slow", "subprocess"},
+    "test_cli_files.py": {"slow", "subprocess"},
+    "test_wheel.py": {"slow", "subprocess"},
+    "test_gpu_check.py": {"slow", "subprocess"},
+    "test_benchmarks.py": {"slow", "subprocess"},
 }
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.path.name in SLOW_FILES:
-            item.add_marker(pytest.mark.slow)
+        for name in sorted(FILE_MARKERS.get(item.path.name, ())):
+            item.add_marker(getattr(pytest.mark, name))
+
+
+def _configured_for_this_torch(build_dir):
+    """A build directory that CMake configured, successfully, against this torch."""
+    cache = os.path.join(build_dir, "CMakeCache.txt")
+    generated = any(os.path.exists(os.path.join(build_dir, f)) for f in ("Makefile", "build.ninja"))
+    if not (os.path.exists(cache) and generated):
+        return False
+    with open(cache) as f:
+        found = re.search(r"^Torch_DIR:PATH=(.*)$", f.read(), re.M)
+    want = os.path.join(torch.utils.cmake_prefix_path, "Torch")
+    return bool(found) and os.path.realpath(found.group(1)) == os.path.realpath(want)
+
+
+def cmake_build(*targets):
+    """Brings ``targets`` of the CMake build up to date and returns its directory: build/cmake
+    (``make cpp-test`` configures it), or against another torch than that build's, a build directory
+    of its own. Skips where there is no cmake or C++ compiler, or (testing an installed wheel) where
+    CMake cannot configure against this torch."""
+    cmake = shutil.which("cmake")
+    compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+    if cmake is None or compiler is None:
+        pytest.skip("the C++ build needs cmake and a C++ compiler on PATH")
+    build_dir = os.path.join(ROOT, "build", "cmake")
+    if os.path.exists(os.path.join(build_dir, "CMakeCache.txt")) and not _configured_for_this_torch(build_dir):
+        build_dir = os.path.join(ROOT, "build", f"cmake-torch-{torch.__version__}")
+    if not _configured_for_this_torch(build_dir):
+        configure = [cmake, "-S", ROOT, "-B", build_dir, f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]
+        proc = subprocess.run(configure, capture_output=True, text=True)
+        if proc.returncode != 0 and build_dir != os.path.join(ROOT, "build", "cmake"):
+            shutil.rmtree(build_dir, ignore_errors=True)  # no half-configured directory left behind
+        if proc.returncode != 0 and INSTALLED:
+            # e.g. a CUDA build of torch, whose CMake package needs the CUDA libraries: the C++ build
+            # is checked against the in-place build (make test's first pytest run)
+            errors = re.findall(r"CMake Error[^\n]*\n((?:  [^\n]*\n)+)", proc.stderr)
+            why = " ".join(errors[-1].split()) if errors else proc.stderr.strip()[-300:]
+            pytest.skip(f"CMake cannot build against the installed torch {torch.__version__}: {why}")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs = os.environ.get("MAX_JOBS", "2")
+    proc = subprocess.run(
+        [cmake, "--build", build_dir, "-j", jobs, "--target", *targets], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return build_dir
 
 
 @pytest.fixture(autouse=True)

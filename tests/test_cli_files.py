@@ -501,7 +501,7 @@ def test_latex_compiles_for_any_unicode_input(ctrl_model, tmp_path):
     assert len(boxes) == len(json.loads(js.read_text())["tokens"])
     pdflatex = shutil.which("pdflatex")
     if pdflatex is None:
-        pytest.skip("pdflatex is not installed (make test-tools installs texlive-latex-base)")
+        pytest.skip("pdflatex is not installed (make tools installs texlive-latex-base)")
     proc = subprocess.run(
         [pdflatex, "-no-shell-escape", "-interaction=nonstopmode", "-halt-on-error", "e.tex"],
         cwd=tmp_path,

@@ -99,6 +99,7 @@ def test_cpu_cuda_mix_is_a_clear_error():
         torch.ops.lrpcpp.linear_epsilon(x, torch.randn(3, 4), None, 1e-6)
 
 
+@pytest.mark.compile
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_compile_on_cuda(dtype):
@@ -194,6 +195,7 @@ def test_gi_layer_norm_backward_on_cuda(dtype, shape, ns):
     close_to(out, ref.gi_layer_norm(x, ns, w, g, 1e-5), dtype)
 
 
+@pytest.mark.compile
 @needs_cuda
 def test_gi_compile_on_cuda():
     x, w, scale = (t.cuda() for t in gi_inputs())

@@ -8,8 +8,6 @@ another length, padding).
 """
 
 import os
-import re
-import shutil
 import subprocess
 import sys
 
@@ -19,7 +17,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers", reason="whole-model tests need transformers (requirements-dev.txt)")
-from conftest import INSTALLED, ROOT, recording_backend, subprocess_env  # noqa: E402
+from conftest import cmake_build, recording_backend, subprocess_env  # noqa: E402
 from models import FAMILIES, VISION, build, inputs  # noqa: E402
 
 ALL = sorted(FAMILIES)
@@ -165,6 +163,8 @@ def test_export_archive_checks_its_arguments(tmp_path):
         deploy.archive_info(tmp_path / "plain.pt")
 
 
+@pytest.mark.subprocess
+@pytest.mark.compile
 def test_archive_in_a_fresh_process_needs_import_lrpcpp(tmp_path):
     model = build("gpt2", dtype=torch.float32)
     embeds, mask = example(model, "gpt2")
@@ -207,46 +207,10 @@ def test_archive_in_a_fresh_process_needs_import_lrpcpp(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the C++ example
-def _configured_for_this_torch(build_dir):
-    """A build directory that CMake configured, successfully, against this torch."""
-    cache = os.path.join(build_dir, "CMakeCache.txt")
-    generated = any(os.path.exists(os.path.join(build_dir, f)) for f in ("Makefile", "build.ninja"))
-    if not (os.path.exists(cache) and generated):
-        return False
-    with open(cache) as f:
-        found = re.search(r"^Torch_DIR:PATH=(.*)$", f.read(), re.M)
-    want = os.path.join(torch.utils.cmake_prefix_path, "Torch")
-    return bool(found) and os.path.realpath(found.group(1)) == os.path.realpath(want)
-
-
 @pytest.fixture(scope="module")
 def explain_program():
-    """build/cmake/examples/cpp/lrpcpp_explain, brought up to date (``make cpp-test`` configures
-    build/cmake); against another torch than that build's, a build directory of its own."""
-    cmake = shutil.which("cmake")
-    compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
-    if cmake is None or compiler is None:
-        pytest.skip("the C++ example needs cmake and a C++ compiler on PATH")
-    build_dir = os.path.join(ROOT, "build", "cmake")
-    if os.path.exists(os.path.join(build_dir, "CMakeCache.txt")) and not _configured_for_this_torch(build_dir):
-        build_dir = os.path.join(ROOT, "build", f"cmake-torch-{torch.__version__}")
-    if not _configured_for_this_torch(build_dir):
-        configure = [cmake, "-S", ROOT, "-B", build_dir, f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]
-        proc = subprocess.run(configure, capture_output=True, text=True)
-        if proc.returncode != 0 and build_dir != os.path.join(ROOT, "build", "cmake"):
-            shutil.rmtree(build_dir, ignore_errors=True)  # no half-configured directory left behind
-        if proc.returncode != 0 and INSTALLED:
-            # e.g. a CUDA build of torch, whose CMake package needs the CUDA libraries: the example
-            # is checked against the in-place build (make test's first pytest run)
-            errors = re.findall(r"CMake Error[^\n]*\n((?:  [^\n]*\n)+)", proc.stderr)
-            why = " ".join(errors[-1].split()) if errors else proc.stderr.strip()[-300:]
-            pytest.skip(f"CMake cannot build against the installed torch {torch.__version__}: {why}")
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    proc = subprocess.run(
-        [cmake, "--build", build_dir, "--target", "lrpcpp_explain", "-j", "2"], capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return os.path.join(build_dir, "examples", "cpp", "lrpcpp_explain")
+    """build/cmake/examples/cpp/lrpcpp_explain, brought up to date."""
+    return os.path.join(cmake_build("lrpcpp_explain"), "examples", "cpp", "lrpcpp_explain")
 
 
 def run_explain_program(program, archive, data, *flags):
@@ -262,6 +226,7 @@ def run_explain_program(program, archive, data, *flags):
     return items, torch.tensor(relevance, dtype=torch.float64)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize(
     "family, given, flags", [("llama", "inputs_embeds", ()), ("bert", "input_ids", ("--target", "2"))]
 )
@@ -287,6 +252,7 @@ def test_cpp_example_gives_the_relevance_of_attribute(explain_program, family, g
     assert torch.all(relevance[1, -2:] == 0)
 
 
+@pytest.mark.subprocess
 def test_cpp_example_reports_bad_arguments(explain_program, tmp_path):
     proc = subprocess.run([explain_program, str(tmp_path / "missing.pt")], capture_output=True, text=True)
     assert proc.returncode == 2 and "usage: lrpcpp_explain" in proc.stderr
@@ -297,6 +263,7 @@ def test_cpp_example_reports_bad_arguments(explain_program, tmp_path):
 
 
 # ----------------------------------------------------------------------------- torch.export
+@pytest.mark.compile
 @pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3_moe"])
 def test_exported_program_saved_as_pt2_gives_the_relevance_of_attribute(family, tmp_path):
     model = build(family, dtype=torch.float32)
@@ -319,6 +286,7 @@ def test_exported_program_saved_as_pt2_gives_the_relevance_of_attribute(family, 
         assert_same_relevance(deploy.attribute_deployed(loaded, x, m).relevance, expected.relevance)
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("form", ["archive", "program"])
 def test_exported_forms_count_positions_over_the_unmasked_tokens_as_attribute_does(form, tmp_path):
     # a left-padded decoder batch: position_ids from the attention mask, as lrpcpp.attribute passes them
@@ -363,6 +331,7 @@ def _compiled_relevance(family, method, backend):
     return got, expected
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("family", ALL)
 def test_patched_model_compiles_fullgraph_with_the_relevance_ops(family):
     # fullgraph=True: any graph break is an error
@@ -373,6 +342,7 @@ def test_patched_model_compiles_fullgraph_with_the_relevance_ops(family):
     assert any("lrpcpp.gi_layer_norm_backward" in s for s in seen) == (family in LAYER_NORM)
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("family", ["llama", "phi3", "mixtral", "bert"])
 def test_patched_model_compiles_fullgraph_with_cp_lrp(family):
     seen = []
@@ -381,6 +351,7 @@ def test_patched_model_compiles_fullgraph_with_cp_lrp(family):
     assert any("lrpcpp.gi_scale_backward" in s for s in seen)
 
 
+@pytest.mark.compile
 def test_compile_attribute_with_inductor_gives_the_relevance_of_attribute():
     # the default backend, inductor: generated kernels, so equal up to rounding
     model, reference = build("llama", dtype=torch.float32), build("llama", dtype=torch.float32)  # same weights
@@ -398,6 +369,7 @@ def test_compile_attribute_with_inductor_gives_the_relevance_of_attribute():
     torch._dynamo.reset()
 
 
+@pytest.mark.compile
 def test_compile_attribute_counts_positions_over_the_unmasked_tokens_as_attribute_does():
     # a left-padded decoder batch: position_ids from the attention mask, as lrpcpp.attribute passes them
     model, reference = build("gpt2", dtype=torch.float32), build("gpt2", dtype=torch.float32)  # same weights
@@ -413,6 +385,7 @@ def test_compile_attribute_counts_positions_over_the_unmasked_tokens_as_attribut
     assert_same_relevance(got.relevance, expected.relevance)
 
 
+@pytest.mark.compile
 def test_compile_attribute_with_all_logits_or_only_the_explained_ones():
     # a causal LM computes only the logits at the explained position unless all_logits=True
     model, reference = build("mistral", dtype=torch.float32), build("mistral", dtype=torch.float32)
@@ -443,6 +416,7 @@ def test_compile_attribute_with_all_logits_or_only_the_explained_ones():
     torch._dynamo.reset()
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("family", ["gpt2", "vit"])
 def test_compile_attribute_reuses_its_graphs_and_unpatches(family):
     model, reference = build(family, dtype=torch.float32), build(family, dtype=torch.float32)  # same weights

@@ -298,6 +298,7 @@ def input_gradient(fn, x, w, scale):
     return x.grad
 
 
+@pytest.mark.compile
 def test_compile_fullgraph_backward_calls_gi_scale_backward():
     x, w, scale = gi_inputs()
     expected = input_gradient(gi_block, x, w, scale)

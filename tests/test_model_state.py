@@ -152,6 +152,7 @@ def test_attribute_restores_each_submodule_and_parameter(mode):
     assert_same_state(model, before)
 
 
+@pytest.mark.compile
 def test_export_archive_and_export_program_restore_each_submodule_and_parameter(tmp_path):
     model = build("llama", dtype=torch.float32)
     mixed(model, model.model.layers[1])
@@ -170,6 +171,7 @@ def test_export_archive_and_export_program_restore_each_submodule_and_parameter(
     assert_same_state(model, before)
 
 
+@pytest.mark.compile
 def test_compile_attribute_restores_each_submodule_and_parameter():
     model = build("llama", dtype=torch.float32)
     mixed(model, model.model.layers[0])
@@ -184,6 +186,7 @@ def test_compile_attribute_restores_each_submodule_and_parameter():
     torch.testing.assert_close(got.relevance, expected.relevance, rtol=1e-4, atol=1e-4 * scale)
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize(
     "options", [dict(mode="nonsense"), dict(backend="no_such_backend"), dict(options={"no_such_option": 1})]
 )
@@ -245,6 +248,7 @@ def test_composite_runs_the_model_in_eval_mode_and_restores_the_flags():
 
 
 # ----------------------------------------------------------------------------- export_program
+@pytest.mark.compile
 def test_export_program_of_a_one_token_example_keeps_the_length_free(tmp_path):
     model = build("llama", dtype=torch.float32)
     one = inputs("llama", batch=1, seq=1)["input_ids"]

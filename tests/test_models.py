@@ -327,6 +327,7 @@ def test_explicit_mode_batched_targets_and_latent():
         torch.testing.assert_close(many.latent[name], grad.latent[name], rtol=1e-5, atol=1e-5 * s)
 
 
+@pytest.mark.compile
 def test_patched_model_compiles_fullgraph_with_the_gradient_input_ops():
     from conftest import recording_backend
 

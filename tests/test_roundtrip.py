@@ -23,6 +23,7 @@ def test_eager_relevance_is_finite_and_nonzero(model_and_input):
     assert torch.isfinite(r).all() and r.abs().sum() > 0
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("how", ["script", "trace"])
 def test_torchscript_in_a_fresh_process(model_and_input, how, tmp_path):
     model, x, expected = model_and_input
@@ -43,6 +44,7 @@ def test_torchscript_in_a_fresh_process(model_and_input, how, tmp_path):
     torch.testing.assert_close(torch.load(out), expected, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.compile
 def test_compile_fullgraph(model_and_input):
     model, x, expected = model_and_input
     torch._dynamo.reset()
@@ -50,6 +52,7 @@ def test_compile_fullgraph(model_and_input):
     torch.testing.assert_close(relevance(compiled, x), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.compile
 def test_compile_dynamic_shapes(model_and_input):
     model, _, _ = model_and_input
     torch._dynamo.reset()
@@ -59,6 +62,7 @@ def test_compile_dynamic_shapes(model_and_input):
         torch.testing.assert_close(relevance(compiled, x), relevance(model, x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.compile
 def test_compiled_backward_graph_calls_the_relevance_ops(model_and_input):
     model, x, _ = model_and_input
     seen = []
@@ -79,6 +83,7 @@ def test_compiled_backward_graph_calls_the_relevance_ops(model_and_input):
         assert any(f"lrpcpp.{op}" in s for s in seen), op
 
 
+@pytest.mark.compile
 def test_export_and_saved_program(model_and_input, tmp_path):
     model, x, expected = model_and_input
     program = torch.export.export(model, (x,))

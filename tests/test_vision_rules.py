@@ -507,6 +507,7 @@ def test_modules_script(cls):
 
 
 # ----------------------------------------------------------------------------- compile and export
+@pytest.mark.compile
 def test_compile_fullgraph_and_export_call_the_relevance_op():
     from conftest import recording_backend
 

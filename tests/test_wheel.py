@@ -8,6 +8,7 @@ import sys
 import zipfile
 
 import torch
+from test_packaging import PROJECT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,6 +32,11 @@ def test_wheel_records_torch_and_installs(tmp_path):
     assert "lrpcpp = lrpcpp.cli:entry" in entry_points
     torch_version = torch.__version__.split("+")[0]
     assert f"Requires-Dist: torch=={torch_version}" in metadata
+    # the metadata of pyproject.toml's [project] table, the version stated only there
+    assert f"Version: {PROJECT['version']}\n" in metadata
+    assert "Requires-Python: >=3.10" in metadata
+    assert 'Requires-Dist: transformers; extra == "cli"' in metadata
+    assert f'VERSION = "{PROJECT["version"]}"' in build_info
     assert f'TORCH_VERSION = "{torch.__version__}"' in build_info
 
     site = tmp_path / "site"
