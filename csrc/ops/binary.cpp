@@ -148,13 +148,15 @@ TensorPair matmul_relevance(const Tensor& grad, const Tensor& a, const Tensor& b
   return {ra, rb};
 }
 
-void register_binary_composites(torch::Library& m) {
-  m.impl("add2", &add2);
-  m.impl("mul2", &mul2);
-  m.impl("mul2_relevance", &mul2_relevance);
-  m.impl("matmul", &matmul);
-  m.impl("matmul_relevance", &matmul_relevance);
+}  // namespace impl
+
+// The compositions of dispatcher calls, registered once for every backend (CPU, CUDA, Meta).
+TORCH_LIBRARY_IMPL(lrpcpp, CompositeExplicitAutograd, m) {
+  m.impl("add2", &impl::add2);
+  m.impl("mul2", &impl::mul2);
+  m.impl("mul2_relevance", &impl::mul2_relevance);
+  m.impl("matmul", &impl::matmul);
+  m.impl("matmul_relevance", &impl::matmul_relevance);
 }
 
-}  // namespace impl
 }  // namespace lrpcpp

@@ -110,11 +110,13 @@ Tensor gi_layer_norm(const Tensor& x, at::IntArrayRef normalized_shape, const Op
   return at::layer_norm(x, normalized_shape, weight, bias, eps);
 }
 
-void register_gradient_input_composites(torch::Library& m) {
-  m.impl("gi_identity", &gi_identity);
-  m.impl("gi_grad_scale", &gi_grad_scale);
-  m.impl("gi_layer_norm", &gi_layer_norm);
+}  // namespace impl
+
+// The compositions of dispatcher calls, registered once for every backend (CPU, CUDA, Meta).
+TORCH_LIBRARY_IMPL(lrpcpp, CompositeExplicitAutograd, m) {
+  m.impl("gi_identity", &impl::gi_identity);
+  m.impl("gi_grad_scale", &impl::gi_grad_scale);
+  m.impl("gi_layer_norm", &impl::gi_layer_norm);
 }
 
-}  // namespace impl
 }  // namespace lrpcpp

@@ -1,7 +1,8 @@
 // Backend-independent pieces of the ops, shared by the per-backend files:
-// - forwards that are torch's own ATen calls (registered for CPU, CUDA and
-//   Meta alike, so the forward is bitwise torch's);
-// - relevance ops that compose ATen products with lrpcpp primitives;
+// - forwards that are torch's own ATen calls (registered once, under
+//   CompositeExplicitAutograd, so the forward is bitwise torch's on every backend);
+// - relevance ops that compose ATen products with lrpcpp primitives (registered
+//   the same way, next to their definitions in ops/<op>.cpp);
 // - the argument checks every backend runs before its kernel.
 #pragma once
 
@@ -112,15 +113,4 @@ void check_alpha_beta_inputs(const Tensor& grad, const Tensor& output, const Ten
 void check_split_times_input(const Tensor& x, const Tensor& a, const Tensor& b);
 // product of output's sizes after dimension d (the run of elements sharing one bias value)
 int64_t inner_size(const Tensor& output, int64_t d);
-
-// Register, for the backend of `m`, a family's backend-independent kernels (torch's own forwards
-// and the relevance compositions); each backend file adds its own kernels next to this call.
-void register_linear_composites(torch::Library& m);
-void register_binary_composites(torch::Library& m);
-void register_softmax_composites(torch::Library& m);
-void register_norm_composites(torch::Library& m);
-void register_mean_composites(torch::Library& m);
-void register_identity_composites(torch::Library& m);
-void register_gradient_input_composites(torch::Library& m);
-void register_vision_composites(torch::Library& m);
 }  // namespace lrpcpp::impl

@@ -157,12 +157,14 @@ Tensor conv2d_epsilon_relevance(const Tensor& grad, const Tensor& x, const Tenso
   return times_input(std::get<0>(grads), x);
 }
 
-void register_linear_composites(torch::Library& m) {
-  m.impl("linear_epsilon", &linear_epsilon);
-  m.impl("linear_epsilon_relevance", &linear_epsilon_relevance);
-  m.impl("conv2d_epsilon", &conv2d_epsilon);
-  m.impl("conv2d_epsilon_relevance", &conv2d_epsilon_relevance);
+}  // namespace impl
+
+// The compositions of dispatcher calls, registered once for every backend (CPU, CUDA, Meta).
+TORCH_LIBRARY_IMPL(lrpcpp, CompositeExplicitAutograd, m) {
+  m.impl("linear_epsilon", &impl::linear_epsilon);
+  m.impl("linear_epsilon_relevance", &impl::linear_epsilon_relevance);
+  m.impl("conv2d_epsilon", &impl::conv2d_epsilon);
+  m.impl("conv2d_epsilon_relevance", &impl::conv2d_epsilon_relevance);
 }
 
-}  // namespace impl
 }  // namespace lrpcpp

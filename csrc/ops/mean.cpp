@@ -91,10 +91,12 @@ Tensor mean_relevance(const Tensor& grad, const Tensor& x, at::OptionalIntArrayR
   return at::mul(x, q).to(x.scalar_type());
 }
 
-void register_mean_composites(torch::Library& m) {
-  m.impl("mean", &mean);
-  m.impl("mean_relevance", &mean_relevance);
+}  // namespace impl
+
+// The compositions of dispatcher calls, registered once for every backend (CPU, CUDA, Meta).
+TORCH_LIBRARY_IMPL(lrpcpp, CompositeExplicitAutograd, m) {
+  m.impl("mean", &impl::mean);
+  m.impl("mean_relevance", &impl::mean_relevance);
 }
 
-}  // namespace impl
 }  // namespace lrpcpp

@@ -160,12 +160,14 @@ TensorPair layer_norm_affine_rows(const Tensor& x, at::IntArrayRef normalized_sh
           layer_norm_affine_row(x, normalized_shape, bias, 0.0)};
 }
 
-void register_norm_composites(torch::Library& m) {
-  m.impl("rms_norm_identity", &rms_norm_identity);
-  m.impl("layer_norm", &layer_norm);
-  m.impl("layer_norm_identity", &layer_norm_identity);
-  m.impl("normalize_identity", &normalize_identity);
+}  // namespace impl
+
+// The compositions of dispatcher calls, registered once for every backend (CPU, CUDA, Meta).
+TORCH_LIBRARY_IMPL(lrpcpp, CompositeExplicitAutograd, m) {
+  m.impl("rms_norm_identity", &impl::rms_norm_identity);
+  m.impl("layer_norm", &impl::layer_norm);
+  m.impl("layer_norm_identity", &impl::layer_norm_identity);
+  m.impl("normalize_identity", &impl::normalize_identity);
 }
 
-}  // namespace impl
 }  // namespace lrpcpp

@@ -52,9 +52,11 @@ int64_t check_softmax_relevance(const Tensor& grad, const Tensor& x, const Tenso
   return wrapped;
 }
 
-void register_softmax_composites(torch::Library& m) {
-  m.impl("softmax", &softmax);
+}  // namespace impl
+
+// The compositions of dispatcher calls, registered once for every backend (CPU, CUDA, Meta).
+TORCH_LIBRARY_IMPL(lrpcpp, CompositeExplicitAutograd, m) {
+  m.impl("softmax", &impl::softmax);
 }
 
-}  // namespace impl
 }  // namespace lrpcpp

@@ -691,32 +691,34 @@ Tensor conv2d_w_square_relevance(const Tensor& grad, const Tensor& x, const Tens
                               square_weight(weight, weight_sq, cd), output, epsilon, gi);
 }
 
-void register_vision_composites(torch::Library& m) {
-  m.impl("linear_gamma", &linear_gamma);
-  m.impl("linear_gamma_relevance", &linear_gamma_relevance);
-  m.impl("linear_alpha_beta", &linear_alpha_beta);
-  m.impl("linear_alpha_beta_relevance", &linear_alpha_beta_relevance);
-  m.impl("linear_z_plus", &linear_z_plus);
-  m.impl("linear_z_plus_relevance", &linear_z_plus_relevance);
-  m.impl("linear_z_box", &linear_z_box);
-  m.impl("linear_z_box_relevance", &linear_z_box_relevance);
-  m.impl("linear_flat", &linear_flat);
-  m.impl("linear_flat_relevance", &linear_flat_relevance);
-  m.impl("linear_w_square", &linear_w_square);
-  m.impl("linear_w_square_relevance", &linear_w_square_relevance);
-  m.impl("conv2d_gamma", &conv2d_gamma);
-  m.impl("conv2d_gamma_relevance", &conv2d_gamma_relevance);
-  m.impl("conv2d_alpha_beta", &conv2d_alpha_beta);
-  m.impl("conv2d_alpha_beta_relevance", &conv2d_alpha_beta_relevance);
-  m.impl("conv2d_z_plus", &conv2d_z_plus);
-  m.impl("conv2d_z_plus_relevance", &conv2d_z_plus_relevance);
-  m.impl("conv2d_z_box", &conv2d_z_box);
-  m.impl("conv2d_z_box_relevance", &conv2d_z_box_relevance);
-  m.impl("conv2d_flat", &conv2d_flat);
-  m.impl("conv2d_flat_relevance", &conv2d_flat_relevance);
-  m.impl("conv2d_w_square", &conv2d_w_square);
-  m.impl("conv2d_w_square_relevance", &conv2d_w_square_relevance);
+}  // namespace impl
+
+// The compositions of dispatcher calls, registered once for every backend (CPU, CUDA, Meta).
+TORCH_LIBRARY_IMPL(lrpcpp, CompositeExplicitAutograd, m) {
+  m.impl("linear_gamma", &impl::linear_gamma);
+  m.impl("linear_gamma_relevance", &impl::linear_gamma_relevance);
+  m.impl("linear_alpha_beta", &impl::linear_alpha_beta);
+  m.impl("linear_alpha_beta_relevance", &impl::linear_alpha_beta_relevance);
+  m.impl("linear_z_plus", &impl::linear_z_plus);
+  m.impl("linear_z_plus_relevance", &impl::linear_z_plus_relevance);
+  m.impl("linear_z_box", &impl::linear_z_box);
+  m.impl("linear_z_box_relevance", &impl::linear_z_box_relevance);
+  m.impl("linear_flat", &impl::linear_flat);
+  m.impl("linear_flat_relevance", &impl::linear_flat_relevance);
+  m.impl("linear_w_square", &impl::linear_w_square);
+  m.impl("linear_w_square_relevance", &impl::linear_w_square_relevance);
+  m.impl("conv2d_gamma", &impl::conv2d_gamma);
+  m.impl("conv2d_gamma_relevance", &impl::conv2d_gamma_relevance);
+  m.impl("conv2d_alpha_beta", &impl::conv2d_alpha_beta);
+  m.impl("conv2d_alpha_beta_relevance", &impl::conv2d_alpha_beta_relevance);
+  m.impl("conv2d_z_plus", &impl::conv2d_z_plus);
+  m.impl("conv2d_z_plus_relevance", &impl::conv2d_z_plus_relevance);
+  m.impl("conv2d_z_box", &impl::conv2d_z_box);
+  m.impl("conv2d_z_box_relevance", &impl::conv2d_z_box_relevance);
+  m.impl("conv2d_flat", &impl::conv2d_flat);
+  m.impl("conv2d_flat_relevance", &impl::conv2d_flat_relevance);
+  m.impl("conv2d_w_square", &impl::conv2d_w_square);
+  m.impl("conv2d_w_square_relevance", &impl::conv2d_w_square_relevance);
 }
 
-}  // namespace impl
 }  // namespace lrpcpp

@@ -1,5 +1,5 @@
 // CPU kernels of the binary family: add2's relevance in one pass over R, a
-// and b (broadcasting through TensorIterator), and the registrations.
+// and b (broadcasting through TensorIterator).
 #include <torch/library.h>
 
 #include "../impl.h"
@@ -45,7 +45,6 @@ TensorPair add2_relevance_cpu(const Tensor& grad, const Tensor& a, const Tensor&
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrpcpp, CPU, m) {
-  impl::register_binary_composites(m);
   m.impl("add2_relevance", &add2_relevance_cpu);
 }
 

@@ -142,7 +142,6 @@ Tensor gi_layer_norm_backward_cpu(const Tensor& grad, const Tensor& x, at::IntAr
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrpcpp, CPU, m) {
-  impl::register_gradient_input_composites(m);
   m.impl("gi_identity_forward", &gi_identity_forward_cpu);
   m.impl("gi_scale_backward", &gi_scale_backward_cpu);
   m.impl("gi_layer_norm_backward", &gi_layer_norm_backward_cpu);

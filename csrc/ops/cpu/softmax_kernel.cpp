@@ -77,7 +77,6 @@ Tensor softmax_relevance_cpu(const Tensor& grad, const Tensor& x, const Tensor& 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrpcpp, CPU, m) {
-  impl::register_softmax_composites(m);
   m.impl("softmax_relevance", &softmax_relevance_cpu);
 }
 

@@ -1,6 +1,5 @@
 // CUDA kernels of the binary family: add2's relevance in one vectorised pass
-// over R, a and b (broadcast operands are expanded first), and the
-// registrations of the forwards and relevance compositions.
+// over R, a and b (broadcast operands are expanded first).
 #include <torch/library.h>
 
 #include "../impl.h"
@@ -64,7 +63,6 @@ TensorPair add2_relevance_cuda(const Tensor& grad, const Tensor& a, const Tensor
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrpcpp, CUDA, m) {
-  impl::register_binary_composites(m);
   m.impl("add2_relevance", &add2_relevance_cuda);
 }
 

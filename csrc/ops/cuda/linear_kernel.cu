@@ -1,5 +1,5 @@
-// CUDA kernels of the linear family: the stab_div primitive (one vectorised
-// pass), and the registrations of the forwards and relevance compositions.
+// CUDA kernel of the linear family: the stab_div primitive (one vectorised
+// pass).
 #include <torch/library.h>
 
 #include "../impl.h"
@@ -62,7 +62,6 @@ Tensor stab_div_cuda(const Tensor& relevance, const Tensor& z, double epsilon, d
 
 TORCH_LIBRARY_IMPL(lrpcpp, CUDA, m) {
   m.impl("stab_div", &stab_div_cuda);
-  impl::register_linear_composites(m);
 }
 
 }  // namespace lrpcpp

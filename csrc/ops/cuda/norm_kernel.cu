@@ -63,7 +63,6 @@ Tensor layer_norm_relevance_cuda(const Tensor& grad, const Tensor& x, at::IntArr
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrpcpp, CUDA, m) {
-  impl::register_norm_composites(m);
   m.impl("layer_norm_relevance", &layer_norm_relevance_cuda);
 }
 

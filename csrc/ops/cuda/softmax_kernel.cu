@@ -56,7 +56,6 @@ Tensor softmax_relevance_cuda(const Tensor& grad, const Tensor& x, const Tensor&
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrpcpp, CUDA, m) {
-  impl::register_softmax_composites(m);
   m.impl("softmax_relevance", &softmax_relevance_cuda);
 }
 

@@ -1,6 +1,5 @@
 // CUDA kernels of the vision family: gamma_stab_div (one vectorised pass over grad, output and the
-// |x| |W| product, the bias read per element's channel), alpha_beta_stab_div and split_times_input,
-// and the registrations of the forwards and relevance compositions.
+// |x| |W| product, the bias read per element's channel), alpha_beta_stab_div and split_times_input.
 #include <torch/library.h>
 
 #include "../impl.h"
@@ -211,7 +210,6 @@ Tensor split_times_input_cuda(const Tensor& x, const Tensor& a, const Tensor& b,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrpcpp, CUDA, m) {
-  impl::register_vision_composites(m);
   m.impl("gamma_stab_div", &gamma_stab_div_cuda);
   m.impl("alpha_beta_stab_div", &alpha_beta_stab_div_cuda);
   m.impl("split_times_input", &split_times_input_cuda);
