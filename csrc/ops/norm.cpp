@@ -53,8 +53,8 @@ void check_affine(const OptTensor& t, const Tensor& x, at::IntArrayRef normalize
               " to have the dtype of x (", x.scalar_type(), "), or float32 when x is float16 or bfloat16, got ",
               t->scalar_type());
   check_same_device(*t, x, op, arg, "x");
-  TORCH_SYM_CHECK(c10::sym_equals(t->sym_sizes(), c10::fromIntArrayRefSlow(normalized_shape)), op, ": expected ",
-                  arg, " to have shape normalized_shape = ", normalized_shape, ", got ", shape_str(*t));
+  TORCH_SYM_CHECK(c10::sym_equals(t->sym_sizes(), c10::fromIntArrayRefSlow(normalized_shape)), op, ": expected ", arg,
+                  " to have shape normalized_shape = ", normalized_shape, ", got ", shape_str(*t));
 }
 
 }  // namespace

@@ -10,8 +10,7 @@ Tensor softmax(const Tensor& x, int64_t dim, double temperature, std::optional<a
   return op.call(x, dim, temperature, dtype);
 }
 
-Tensor softmax_relevance(const Tensor& grad, const Tensor& x, const Tensor& output, int64_t dim,
-                         double temperature) {
+Tensor softmax_relevance(const Tensor& grad, const Tensor& x, const Tensor& output, int64_t dim, double temperature) {
   LRPCPP_DISPATCH(softmax_relevance);
   return op.call(grad, x, output, dim, temperature);
 }

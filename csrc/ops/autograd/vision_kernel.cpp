@@ -85,8 +85,8 @@ class VisionFunction<Rule, Tensor(const Tensor&, const Tensor&, Args...)>
     // a braced list is evaluated left to right: the arguments are loaded in order
     const std::tuple<decltype(Kept<std::decay_t<Args>>::load(ctx, saved, slot, ""))...> args{
         Kept<std::decay_t<Args>>::load(ctx, saved, slot, std::to_string(position++))...};
-    out[0] = std::apply(
-        [&](const auto&... a) { return Rule::relevance(grads[0], saved[0], saved[1], saved[2], a...); }, args);
+    out[0] = std::apply([&](const auto&... a) { return Rule::relevance(grads[0], saved[0], saved[1], saved[2], a...); },
+                        args);
     return out;
   }
 
@@ -161,8 +161,7 @@ struct Conv2dAlphaBeta {
   static Tensor relevance(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& y, const OptTensor& /*b*/,
                           IntRef st, IntRef pa, IntRef di, int64_t groups, double alpha, double beta, double epsilon,
                           const OptTensor& w_pos, const OptTensor& w_neg, bool gi) {
-    return lrpcpp::conv2d_alpha_beta_relevance(g, x, w, w_pos, w_neg, y, st, pa, di, groups, alpha, beta, epsilon,
-                                               gi);
+    return lrpcpp::conv2d_alpha_beta_relevance(g, x, w, w_pos, w_neg, y, st, pa, di, groups, alpha, beta, epsilon, gi);
   }
 };
 
@@ -218,9 +217,9 @@ TORCH_LIBRARY_IMPL(lrpcpp, Autograd, m) {
   m.impl("conv2d_w_square", &VisionFunction<Conv2dWSquare>::apply_rule);
   for (const char* name :
        {"linear_gamma_relevance", "linear_alpha_beta_relevance", "linear_z_plus_relevance", "linear_z_box_relevance",
-        "linear_flat_relevance", "linear_w_square_relevance", "conv2d_gamma_relevance",
-        "conv2d_alpha_beta_relevance", "conv2d_z_plus_relevance", "conv2d_z_box_relevance", "conv2d_flat_relevance",
-        "conv2d_w_square_relevance", "gamma_stab_div", "alpha_beta_stab_div", "split_times_input"}) {
+        "linear_flat_relevance", "linear_w_square_relevance", "conv2d_gamma_relevance", "conv2d_alpha_beta_relevance",
+        "conv2d_z_plus_relevance", "conv2d_z_box_relevance", "conv2d_flat_relevance", "conv2d_w_square_relevance",
+        "gamma_stab_div", "alpha_beta_stab_div", "split_times_input"}) {
     m.impl(name, torch::autograd::autogradNotImplementedFallback());
   }
 }

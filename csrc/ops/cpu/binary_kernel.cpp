@@ -38,8 +38,7 @@ TensorPair add2_relevance_cpu(const Tensor& grad, const Tensor& a, const Tensor&
       });
     });
   }
-  return {output_mask[0] ? at::sum_to(ra, a.sizes()) : Tensor(),
-          output_mask[1] ? at::sum_to(rb, b.sizes()) : Tensor()};
+  return {output_mask[0] ? at::sum_to(ra, a.sizes()) : Tensor(), output_mask[1] ? at::sum_to(rb, b.sizes()) : Tensor()};
 }
 
 }  // namespace
