@@ -34,9 +34,8 @@ LRPCPP_API Tensor stab_div(const Tensor& relevance, const Tensor& z, double epsi
 LRPCPP_API Tensor linear_epsilon(const Tensor& x, const Tensor& weight, const OptTensor& bias, double epsilon);
 LRPCPP_API Tensor linear_epsilon_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
                                            const Tensor& output, double epsilon);
-LRPCPP_API Tensor conv2d_epsilon(const Tensor& x, const Tensor& weight, const OptTensor& bias,
-                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                 int64_t groups, double epsilon);
+LRPCPP_API Tensor conv2d_epsilon(const Tensor& x, const Tensor& weight, const OptTensor& bias, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, double epsilon);
 LRPCPP_API Tensor conv2d_epsilon_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
                                            const Tensor& output, at::IntArrayRef stride, at::IntArrayRef padding,
                                            at::IntArrayRef dilation, int64_t groups, double epsilon);
@@ -95,10 +94,10 @@ LRPCPP_API Tensor gi_layer_norm_backward(const Tensor& grad, const Tensor& x, at
 // Rules for vision and convolution layers (RULES.md section 3): gamma, alpha-beta, z-plus, z-box,
 // flat and w-square on linear layers and 2-D convolutions. Each forward returns exactly at::linear /
 // at::conv2d; its backward calls the rule's *_relevance op. weight_abs (|W|), weight_pos (max(W, 0)),
-// weight_neg (min(W, 0)) and weight_sq (W^2) are the weight transforms a rule multiplies by: pass them in, computed once
-// while the weight is unchanged, or leave them empty to have them computed per call. gi = true:
-// the backward returns the gradient-times-input form g_x, with x * g_x the rule's relevance of x,
-// from the incoming gradient g_y with R_y = y * g_y.
+// weight_neg (min(W, 0)) and weight_sq (W^2) are the weight transforms a rule multiplies by: pass them in, computed
+// once while the weight is unchanged, or leave them empty to have them computed per call. gi = true: the backward
+// returns the gradient-times-input form g_x, with x * g_x the rule's relevance of x, from the incoming gradient g_y
+// with R_y = y * g_y.
 using IntRef = at::IntArrayRef;
 LRPCPP_API Tensor linear_gamma(const Tensor& x, const Tensor& weight, const OptTensor& bias, double gamma,
                                double epsilon, const OptTensor& weight_abs, bool gi);
@@ -110,37 +109,33 @@ LRPCPP_API Tensor linear_alpha_beta(const Tensor& x, const Tensor& weight, const
                                     const OptTensor& weight_neg, bool gi);
 LRPCPP_API Tensor linear_alpha_beta_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
                                               const OptTensor& weight_pos, const OptTensor& weight_neg,
-                                              const Tensor& output, double alpha, double beta, double epsilon,
-                                              bool gi);
+                                              const Tensor& output, double alpha, double beta, double epsilon, bool gi);
 LRPCPP_API Tensor linear_z_plus(const Tensor& x, const Tensor& weight, const OptTensor& bias, double epsilon,
                                 const OptTensor& weight_pos, bool gi);
 LRPCPP_API Tensor linear_z_plus_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
-                                          const OptTensor& weight_pos, const Tensor& output, double epsilon,
-                                          bool gi);
+                                          const OptTensor& weight_pos, const Tensor& output, double epsilon, bool gi);
 LRPCPP_API Tensor linear_z_box(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& lower,
                                const Tensor& upper, double epsilon, const OptTensor& weight_abs, bool gi);
-LRPCPP_API Tensor linear_z_box_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
-                                         const Tensor& lower, const Tensor& upper, const OptTensor& weight_abs,
-                                         const Tensor& output, double epsilon, bool gi);
+LRPCPP_API Tensor linear_z_box_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& lower,
+                                         const Tensor& upper, const OptTensor& weight_abs, const Tensor& output,
+                                         double epsilon, bool gi);
 LRPCPP_API Tensor linear_flat(const Tensor& x, const Tensor& weight, const OptTensor& bias, double epsilon, bool gi);
-LRPCPP_API Tensor linear_flat_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
-                                        const Tensor& output, double epsilon, bool gi);
+LRPCPP_API Tensor linear_flat_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& output,
+                                        double epsilon, bool gi);
 LRPCPP_API Tensor linear_w_square(const Tensor& x, const Tensor& weight, const OptTensor& bias, double epsilon,
                                   const OptTensor& weight_sq, bool gi);
 LRPCPP_API Tensor linear_w_square_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
-                                            const OptTensor& weight_sq, const Tensor& output, double epsilon,
-                                            bool gi);
+                                            const OptTensor& weight_sq, const Tensor& output, double epsilon, bool gi);
 LRPCPP_API Tensor conv2d_gamma(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride,
                                IntRef padding, IntRef dilation, int64_t groups, double gamma, double epsilon,
                                const OptTensor& weight_abs, bool gi);
 LRPCPP_API Tensor conv2d_gamma_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
                                          const OptTensor& bias, const OptTensor& weight_abs, const Tensor& output,
-                                         IntRef stride, IntRef padding, IntRef dilation, int64_t groups,
-                                         double gamma, double epsilon, bool gi);
+                                         IntRef stride, IntRef padding, IntRef dilation, int64_t groups, double gamma,
+                                         double epsilon, bool gi);
 LRPCPP_API Tensor conv2d_alpha_beta(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride,
                                     IntRef padding, IntRef dilation, int64_t groups, double alpha, double beta,
-                                    double epsilon, const OptTensor& weight_pos, const OptTensor& weight_neg,
-                                    bool gi);
+                                    double epsilon, const OptTensor& weight_pos, const OptTensor& weight_neg, bool gi);
 LRPCPP_API Tensor conv2d_alpha_beta_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
                                               const OptTensor& weight_pos, const OptTensor& weight_neg,
                                               const Tensor& output, IntRef stride, IntRef padding, IntRef dilation,
@@ -154,33 +149,30 @@ LRPCPP_API Tensor conv2d_z_plus_relevance(const Tensor& grad, const Tensor& x, c
 LRPCPP_API Tensor conv2d_z_box(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& lower,
                                const Tensor& upper, IntRef stride, IntRef padding, IntRef dilation, int64_t groups,
                                double epsilon, const OptTensor& weight_abs, bool gi);
-LRPCPP_API Tensor conv2d_z_box_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
-                                         const Tensor& lower, const Tensor& upper, const OptTensor& weight_abs,
-                                         const Tensor& output, IntRef stride, IntRef padding, IntRef dilation,
-                                         int64_t groups, double epsilon, bool gi);
+LRPCPP_API Tensor conv2d_z_box_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& lower,
+                                         const Tensor& upper, const OptTensor& weight_abs, const Tensor& output,
+                                         IntRef stride, IntRef padding, IntRef dilation, int64_t groups, double epsilon,
+                                         bool gi);
 LRPCPP_API Tensor conv2d_flat(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride,
                               IntRef padding, IntRef dilation, int64_t groups, double epsilon, bool gi);
-LRPCPP_API Tensor conv2d_flat_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
-                                        const Tensor& output, IntRef stride, IntRef padding, IntRef dilation,
-                                        int64_t groups, double epsilon, bool gi);
+LRPCPP_API Tensor conv2d_flat_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& output,
+                                        IntRef stride, IntRef padding, IntRef dilation, int64_t groups, double epsilon,
+                                        bool gi);
 LRPCPP_API Tensor conv2d_w_square(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride,
                                   IntRef padding, IntRef dilation, int64_t groups, double epsilon,
                                   const OptTensor& weight_sq, bool gi);
 LRPCPP_API Tensor conv2d_w_square_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
                                             const OptTensor& weight_sq, const Tensor& output, IntRef stride,
-                                            IntRef padding, IntRef dilation, int64_t groups, double epsilon,
-                                            bool gi);
+                                            IntRef padding, IntRef dilation, int64_t groups, double epsilon, bool gi);
 // The per-element primitives of these rules. gamma_stab_div: the factors (s_w, s_abs) of the gamma
 // rule's R_x = x * (s_w W) + |x| * (s_abs |W|) from the incoming relevance (gi: gradient), the
 // output, the product |x| |W| and the bias along dimension bias_dim of the output.
 // alpha_beta_stab_div: (alpha R / stab(A), -beta R / stab(B)) from the sums A >= 0 and B <= 0 of the
 // positive and of the negative terms x_i w_ij of each output.
 LRPCPP_API TensorPair gamma_stab_div(const Tensor& grad, const Tensor& output, const Tensor& abs_product,
-                                     const OptTensor& bias, int64_t bias_dim, double gamma, double epsilon,
-                                     bool gi);
+                                     const OptTensor& bias, int64_t bias_dim, double gamma, double epsilon, bool gi);
 LRPCPP_API TensorPair alpha_beta_stab_div(const Tensor& grad, const Tensor& output, const Tensor& pos_sum,
-                                          const Tensor& neg_sum, double alpha, double beta, double epsilon,
-                                          bool gi);
+                                          const Tensor& neg_sum, double alpha, double beta, double epsilon, bool gi);
 // x * a + |x| * b; gi: a + sign(x) * b (sign(0) = +1). All three of one shape and dtype.
 LRPCPP_API Tensor split_times_input(const Tensor& x, const Tensor& a, const Tensor& b, bool gi);
 

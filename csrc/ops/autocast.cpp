@@ -26,10 +26,9 @@ namespace {
 using at::autocast::CastPolicy;
 
 // The autocast kernel of op `name` with `policy` on `device`.
-#define LRPCPP_AUTOCAST(device, name, policy)                                                          \
-  m.impl(#name, &at::autocast::WrapFunction<CastPolicy::policy, c10::DeviceType::device,              \
-                                            decltype(::lrpcpp::name), decltype(::lrpcpp::name),         \
-                                            &::lrpcpp::name>::type::call)
+#define LRPCPP_AUTOCAST(device, name, policy)                                                                      \
+  m.impl(#name, &at::autocast::WrapFunction<CastPolicy::policy, c10::DeviceType::device, decltype(::lrpcpp::name), \
+                                            decltype(::lrpcpp::name), &::lrpcpp::name>::type::call)
 
 // No cast: the op as called, with autocast off inside it (one boxed kernel for all such ops).
 template <c10::DeviceType device>
@@ -42,7 +41,7 @@ void without_autocast(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   m.impl(#name, torch::CppFunction::makeFromBoxedFunction<&without_autocast<c10::DeviceType::device>>())
 
 // The policies shared by both devices.
-#define LRPCPP_AUTOCAST_COMMON(device)                          \
+#define LRPCPP_AUTOCAST_COMMON(device)                            \
   LRPCPP_AUTOCAST(device, linear_epsilon, lower_precision_fp);    \
   LRPCPP_AUTOCAST(device, conv2d_epsilon, lower_precision_fp);    \
   LRPCPP_AUTOCAST(device, matmul, lower_precision_fp);            \

@@ -33,8 +33,8 @@ Tensor matmul(const Tensor& a, const Tensor& b, double epsilon) {
   return op.call(a, b, epsilon);
 }
 
-TensorPair matmul_relevance(const Tensor& grad, const Tensor& a, const Tensor& b, const Tensor& output,
-                            double epsilon, std::array<bool, 2> output_mask) {
+TensorPair matmul_relevance(const Tensor& grad, const Tensor& a, const Tensor& b, const Tensor& output, double epsilon,
+                            std::array<bool, 2> output_mask) {
   LRPCPP_DISPATCH(matmul_relevance);
   return op.call(grad, a, b, output, epsilon, output_mask);
 }
@@ -74,15 +74,17 @@ void check_matmul(const Tensor& a, const Tensor& b, double epsilon, const char* 
   check_pair(a, b, op);
   TORCH_CHECK(a.dim() >= 2 && b.dim() >= 2, op,
               ": expected a [..., n, k] and b [..., k, m] to have at least 2 dimensions each (unsqueeze vectors), "
-              "got shapes ", shape_str(a), " and ", shape_str(b));
+              "got shapes ",
+              shape_str(a), " and ", shape_str(b));
   TORCH_SYM_CHECK(a.sym_size(-1).sym_eq(b.sym_size(-2)), op, ": expected a.shape[-1] to equal b.shape[-2], got a ",
                   shape_str(a), " and b ", shape_str(b));
   const auto na = a.dim() - 2, nb = b.dim() - 2;
   for (int64_t i = 1; i <= std::min(na, nb); ++i) {
     const auto& sa = a.sym_size(na - i);
     const auto& sb = b.sym_size(nb - i);
-    TORCH_SYM_CHECK(sa.sym_eq(sb).sym_or(sa.sym_eq(1)).sym_or(sb.sym_eq(1)), op, ": expected the batch dimensions of a ",
-                    shape_str(a), " and b ", shape_str(b), " to be broadcastable");
+    TORCH_SYM_CHECK(sa.sym_eq(sb).sym_or(sa.sym_eq(1)).sym_or(sb.sym_eq(1)), op,
+                    ": expected the batch dimensions of a ", shape_str(a), " and b ", shape_str(b),
+                    " to be broadcastable");
   }
   check_epsilon(epsilon, op);
 }
@@ -125,8 +127,8 @@ Tensor matmul(const Tensor& a, const Tensor& b, double epsilon) {
   return at::matmul(a, b);
 }
 
-TensorPair matmul_relevance(const Tensor& grad, const Tensor& a, const Tensor& b, const Tensor& output,
-                            double epsilon, std::array<bool, 2> output_mask) {
+TensorPair matmul_relevance(const Tensor& grad, const Tensor& a, const Tensor& b, const Tensor& output, double epsilon,
+                            std::array<bool, 2> output_mask) {
   const char* op = "lrpcpp.matmul_relevance";
   check_matmul(a, b, epsilon, op);
   check_like(output, a, op, "output", "a");
@@ -148,13 +150,15 @@ TensorPair matmul_relevance(const Tensor& grad, const Tensor& a, const Tensor& b
   return {ra, rb};
 }
 
-void register_binary_composites(torch::Library& m) {
-  m.impl("add2", &add2);
-  m.impl("mul2", &mul2);
-  m.impl("mul2_relevance", &mul2_relevance);
-  m.impl("matmul", &matmul);
-  m.impl("matmul_relevance", &matmul_relevance);
+}  // namespace impl
+
+// The compositions of dispatcher calls, registered once for every backend (CPU, CUDA, Meta).
+TORCH_LIBRARY_IMPL(lrpcpp, CompositeExplicitAutograd, m) {
+  m.impl("add2", &impl::add2);
+  m.impl("mul2", &impl::mul2);
+  m.impl("mul2_relevance", &impl::mul2_relevance);
+  m.impl("matmul", &impl::matmul);
+  m.impl("matmul_relevance", &impl::matmul_relevance);
 }
 
-}  // namespace impl
 }  // namespace lrpcpp

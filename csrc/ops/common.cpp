@@ -52,8 +52,8 @@ void check_like(const at::Tensor& t, const at::Tensor& ref, const char* op, cons
 }
 
 void check_epsilon(double epsilon, const char* op, const char* arg) {
-  TORCH_CHECK(epsilon >= 0.0 && std::isfinite(epsilon), op, ": expected ", arg,
-              " to be a finite number >= 0, got ", epsilon);
+  TORCH_CHECK(epsilon >= 0.0 && std::isfinite(epsilon), op, ": expected ", arg, " to be a finite number >= 0, got ",
+              epsilon);
 }
 
 void check_finite(double value, const char* op, const char* arg) {

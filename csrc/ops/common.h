@@ -24,10 +24,8 @@ void check_floating(const at::Tensor& t, const char* op, const char* arg);
 void check_floating_dtype(at::ScalarType dtype, const char* op, const char* arg);
 void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg,
                        const char* ref_arg);
-void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg,
-                      const char* ref_arg);
-void check_same_shape(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg,
-                      const char* ref_arg);
+void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg, const char* ref_arg);
+void check_same_shape(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg, const char* ref_arg);
 // floating, same device and same dtype as `ref` in one call (the common case).
 void check_like(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg, const char* ref_arg);
 void check_epsilon(double epsilon, const char* op, const char* arg = "epsilon");
@@ -47,7 +45,8 @@ at::Tensor times_input(at::Tensor g, const at::Tensor& x);
 
 // The accumulation type of a kernel over two storage types: double if either one's is, else float.
 template <typename A, typename B>
-using opmath_pair_t = std::conditional_t<
-    std::is_same_v<at::opmath_type<A>, double> || std::is_same_v<at::opmath_type<B>, double>, double, float>;
+using opmath_pair_t =
+    std::conditional_t<std::is_same_v<at::opmath_type<A>, double> || std::is_same_v<at::opmath_type<B>, double>, double,
+                       float>;
 
 }  // namespace lrpcpp::detail

@@ -31,8 +31,8 @@ Tensor gi_scale_backward(const Tensor& grad, const Tensor& factor, at::ScalarTyp
   return op.call(grad, factor, dtype);
 }
 
-Tensor gi_layer_norm(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
-                     const OptTensor& bias, double eps) {
+Tensor gi_layer_norm(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight, const OptTensor& bias,
+                     double eps) {
   LRPCPP_DISPATCH(gi_layer_norm);
   return op.call(x, normalized_shape, weight, bias, eps);
 }
@@ -49,16 +49,14 @@ using namespace detail;
 namespace {
 
 // `t` broadcasts to `ref`'s shape (the broadcast shape of the two is ref's own).
-void check_broadcastable_to(const Tensor& t, const Tensor& ref, const char* op, const char* arg,
-                            const char* ref_arg) {
+void check_broadcastable_to(const Tensor& t, const Tensor& ref, const char* op, const char* arg, const char* ref_arg) {
   const auto nt = t.dim(), nr = ref.dim();
   TORCH_CHECK(nt <= nr, op, ": expected ", arg, " ", shape_str(t), " to be broadcastable to ", ref_arg, " ",
               shape_str(ref), ", but it has more dimensions");
   for (int64_t i = 1; i <= nt; ++i) {
     const auto& st = t.sym_size(nt - i);
-    TORCH_SYM_CHECK(st.sym_eq(1).sym_or(st.sym_eq(ref.sym_size(nr - i))), op, ": expected ", arg, " ",
-                    shape_str(t), " to be broadcastable to ", ref_arg, " ", shape_str(ref),
-                    ", but they differ at dimension ", -i);
+    TORCH_SYM_CHECK(st.sym_eq(1).sym_or(st.sym_eq(ref.sym_size(nr - i))), op, ": expected ", arg, " ", shape_str(t),
+                    " to be broadcastable to ", ref_arg, " ", shape_str(ref), ", but they differ at dimension ", -i);
   }
 }
 
@@ -104,17 +102,19 @@ Tensor gi_grad_scale(const Tensor& x, const Tensor& scale) {
   return x.clone(at::MemoryFormat::Contiguous);
 }
 
-Tensor gi_layer_norm(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
-                     const OptTensor& bias, double eps) {
+Tensor gi_layer_norm(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight, const OptTensor& bias,
+                     double eps) {
   check_norm(x, normalized_shape, weight, bias, eps, "lrpcpp.gi_layer_norm");
   return at::layer_norm(x, normalized_shape, weight, bias, eps);
 }
 
-void register_gradient_input_composites(torch::Library& m) {
-  m.impl("gi_identity", &gi_identity);
-  m.impl("gi_grad_scale", &gi_grad_scale);
-  m.impl("gi_layer_norm", &gi_layer_norm);
+}  // namespace impl
+
+// The compositions of dispatcher calls, registered once for every backend (CPU, CUDA, Meta).
+TORCH_LIBRARY_IMPL(lrpcpp, CompositeExplicitAutograd, m) {
+  m.impl("gi_identity", &impl::gi_identity);
+  m.impl("gi_grad_scale", &impl::gi_grad_scale);
+  m.impl("gi_layer_norm", &impl::gi_layer_norm);
 }
 
-}  // namespace impl
 }  // namespace lrpcpp

@@ -80,15 +80,17 @@ Tensor stop_relevance(const Tensor& x) {
   return x.clone();
 }
 
-void register_identity_composites(torch::Library& m) {
-  m.impl("silu_identity", &silu_identity);
-  m.impl("gelu_identity", &gelu_identity);
-  m.impl("tanh_identity", &tanh_identity);
-  m.impl("relu_identity", &relu_identity);
-  m.impl("sigmoid_identity", &sigmoid_identity);
-  m.impl("identity_relevance", &identity_relevance);
-  m.impl("stop_relevance", &stop_relevance);
+}  // namespace impl
+
+// The compositions of dispatcher calls, registered once for every backend (CPU, CUDA, Meta).
+TORCH_LIBRARY_IMPL(lrpcpp, CompositeExplicitAutograd, m) {
+  m.impl("silu_identity", &impl::silu_identity);
+  m.impl("gelu_identity", &impl::gelu_identity);
+  m.impl("tanh_identity", &impl::tanh_identity);
+  m.impl("relu_identity", &impl::relu_identity);
+  m.impl("sigmoid_identity", &impl::sigmoid_identity);
+  m.impl("identity_relevance", &impl::identity_relevance);
+  m.impl("stop_relevance", &impl::stop_relevance);
 }
 
-}  // namespace impl
 }  // namespace lrpcpp

@@ -1,7 +1,8 @@
 // Backend-independent pieces of the ops, shared by the per-backend files:
-// - forwards that are torch's own ATen calls (registered for CPU, CUDA and
-//   Meta alike, so the forward is bitwise torch's);
-// - relevance ops that compose ATen products with lrpcpp primitives;
+// - forwards that are torch's own ATen calls (registered once, under
+//   CompositeExplicitAutograd, so the forward is bitwise torch's on every backend);
+// - relevance ops that compose ATen products with lrpcpp primitives (registered
+//   the same way, next to their definitions in ops/<op>.cpp);
 // - the argument checks every backend runs before its kernel.
 #pragma once
 
@@ -12,10 +13,9 @@
 #include <torch/library.h>
 
 // A typed handle to a registered lrpcpp op, found once.
-#define LRPCPP_DISPATCH(name)                                                 \
-  static auto op = c10::Dispatcher::singleton()                               \
-                       .findSchemaOrThrow("lrpcpp::" #name, "")               \
-                       .typed<decltype(::lrpcpp::name)>()
+#define LRPCPP_DISPATCH(name) \
+  static auto op =            \
+      c10::Dispatcher::singleton().findSchemaOrThrow("lrpcpp::" #name, "").typed<decltype(::lrpcpp::name)>()
 
 namespace lrpcpp::impl {
 
@@ -36,8 +36,7 @@ Tensor conv2d_epsilon_relevance(const Tensor& grad, const Tensor& x, const Tenso
 void check_bias(const OptTensor& bias, const Tensor& x, const Tensor& weight, const char* op);
 void check_linear(const Tensor& x, const Tensor& weight, const OptTensor& bias, double epsilon, const char* op);
 void check_conv2d(const Tensor& x, const Tensor& weight, const OptTensor& bias, at::IntArrayRef stride,
-                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, double epsilon,
-                  const char* op);
+                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, double epsilon, const char* op);
 // grad and output of a relevance op: same shape, dtype and device
 void check_grad_output(const Tensor& grad, const Tensor& output, const Tensor& x, const char* op);
 
@@ -47,8 +46,8 @@ Tensor add2(const Tensor& a, const Tensor& b, double epsilon);
 Tensor mul2(const Tensor& a, const Tensor& b);
 TensorPair mul2_relevance(const Tensor& grad, const Tensor& a, const Tensor& b, std::array<bool, 2> output_mask);
 Tensor matmul(const Tensor& a, const Tensor& b, double epsilon);
-TensorPair matmul_relevance(const Tensor& grad, const Tensor& a, const Tensor& b, const Tensor& output,
-                            double epsilon, std::array<bool, 2> output_mask);
+TensorPair matmul_relevance(const Tensor& grad, const Tensor& a, const Tensor& b, const Tensor& output, double epsilon,
+                            std::array<bool, 2> output_mask);
 
 // softmax
 Tensor softmax(const Tensor& x, int64_t dim, double temperature, std::optional<at::ScalarType> dtype);
@@ -79,8 +78,7 @@ Tensor normalize_identity(const Tensor& x, double p, int64_t dim, double eps);
 
 // mean
 Tensor mean(const Tensor& x, at::OptionalIntArrayRef dim, bool keepdim, double epsilon);
-Tensor mean_relevance(const Tensor& grad, const Tensor& x, at::OptionalIntArrayRef dim, bool keepdim,
-                      double epsilon);
+Tensor mean_relevance(const Tensor& grad, const Tensor& x, at::OptionalIntArrayRef dim, bool keepdim, double epsilon);
 
 // identity rule
 Tensor silu_identity(const Tensor& x);
@@ -98,29 +96,18 @@ void check_gi_layer_norm_backward(const Tensor& grad, const Tensor& x, at::IntAr
                                   const OptTensor& weight, double eps);
 Tensor gi_identity(const Tensor& x, const Tensor& y, double epsilon);
 Tensor gi_grad_scale(const Tensor& x, const Tensor& scale);
-Tensor gi_layer_norm(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
-                     const OptTensor& bias, double eps);
+Tensor gi_layer_norm(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight, const OptTensor& bias,
+                     double eps);
 
 // vision family (rules of RULES.md section 3)
 // checks of gamma_stab_div / alpha_beta_stab_div; returns bias_dim wrapped into [0, output.dim())
-int64_t check_factor_inputs(const Tensor& grad, const Tensor& output, const Tensor& abs_product,
-                            const OptTensor& bias, int64_t bias_dim, double epsilon, const char* op);
+int64_t check_factor_inputs(const Tensor& grad, const Tensor& output, const Tensor& abs_product, const OptTensor& bias,
+                            int64_t bias_dim, double epsilon, const char* op);
 void check_gamma(double gamma, const char* op);
 void check_alpha_beta(double alpha, double beta, const char* op);
-void check_alpha_beta_inputs(const Tensor& grad, const Tensor& output, const Tensor& pos_sum,
-                             const Tensor& neg_sum, double alpha, double beta, double epsilon);
+void check_alpha_beta_inputs(const Tensor& grad, const Tensor& output, const Tensor& pos_sum, const Tensor& neg_sum,
+                             double alpha, double beta, double epsilon);
 void check_split_times_input(const Tensor& x, const Tensor& a, const Tensor& b);
 // product of output's sizes after dimension d (the run of elements sharing one bias value)
 int64_t inner_size(const Tensor& output, int64_t d);
-
-// Register, for the backend of `m`, a family's backend-independent kernels (torch's own forwards
-// and the relevance compositions); each backend file adds its own kernels next to this call.
-void register_linear_composites(torch::Library& m);
-void register_binary_composites(torch::Library& m);
-void register_softmax_composites(torch::Library& m);
-void register_norm_composites(torch::Library& m);
-void register_mean_composites(torch::Library& m);
-void register_identity_composites(torch::Library& m);
-void register_gradient_input_composites(torch::Library& m);
-void register_vision_composites(torch::Library& m);
 }  // namespace lrpcpp::impl

@@ -45,8 +45,8 @@ void check_bias(const OptTensor& bias, const Tensor& x, const Tensor& weight, co
   if (!bias.has_value() || !bias->defined()) return;
   check_like(*bias, x, op, "bias", "x");
   TORCH_CHECK(bias->dim() == 1, op, ": expected bias to be 1-D [out_features], got shape ", shape_str(*bias));
-  TORCH_SYM_CHECK(bias->sym_size(0).sym_eq(weight.sym_size(0)), op, ": expected bias to have ",
-                  weight.sym_size(0), " elements (weight.shape[0]), got ", bias->sym_size(0));
+  TORCH_SYM_CHECK(bias->sym_size(0).sym_eq(weight.sym_size(0)), op, ": expected bias to have ", weight.sym_size(0),
+                  " elements (weight.shape[0]), got ", bias->sym_size(0));
 }
 
 void check_linear(const Tensor& x, const Tensor& weight, const OptTensor& bias, double epsilon, const char* op) {
@@ -55,25 +55,24 @@ void check_linear(const Tensor& x, const Tensor& weight, const OptTensor& bias, 
   TORCH_CHECK(weight.dim() == 2, op, ": expected weight to be 2-D [out_features, in_features], got shape ",
               shape_str(weight));
   TORCH_CHECK(x.dim() >= 1, op, ": expected x to have at least 1 dimension [..., in_features], got a 0-D tensor");
-  TORCH_SYM_CHECK(x.sym_size(-1).sym_eq(weight.sym_size(1)), op, ": expected the last dimension of x ",
-                  shape_str(x), " to equal in_features = weight.shape[1] = ", weight.sym_size(1));
+  TORCH_SYM_CHECK(x.sym_size(-1).sym_eq(weight.sym_size(1)), op, ": expected the last dimension of x ", shape_str(x),
+                  " to equal in_features = weight.shape[1] = ", weight.sym_size(1));
   check_bias(bias, x, weight, op);
   check_epsilon(epsilon, op);
 }
 
 void check_conv2d(const Tensor& x, const Tensor& weight, const OptTensor& bias, at::IntArrayRef stride,
-                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, double epsilon,
-                  const char* op) {
+                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, double epsilon, const char* op) {
   check_floating(x, op, "x");
   check_like(weight, x, op, "weight", "x");
-  TORCH_CHECK(x.dim() == 4, op, ": expected x to be 4-D [batch, channels, height, width], got shape ",
-              shape_str(x));
+  TORCH_CHECK(x.dim() == 4, op, ": expected x to be 4-D [batch, channels, height, width], got shape ", shape_str(x));
   TORCH_CHECK(weight.dim() == 4, op,
               ": expected weight to be 4-D [out_channels, in_channels / groups, kH, kW], got shape ",
               shape_str(weight));
   TORCH_CHECK(groups >= 1, op, ": expected groups >= 1, got ", groups);
-  TORCH_SYM_CHECK((weight.sym_size(0) % groups).sym_eq(0), op, ": expected out_channels = weight.shape[0] = ",
-                  weight.sym_size(0), " to be divisible by groups = ", groups);
+  TORCH_SYM_CHECK((weight.sym_size(0) % groups).sym_eq(0), op,
+                  ": expected out_channels = weight.shape[0] = ", weight.sym_size(0),
+                  " to be divisible by groups = ", groups);
   TORCH_SYM_CHECK(x.sym_size(1).sym_eq(weight.sym_size(1) * groups), op, ": expected x to have ",
                   weight.sym_size(1) * groups, " channels (weight.shape[1] * groups), got ", x.sym_size(1));
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
@@ -88,9 +87,9 @@ void check_conv2d(const Tensor& x, const Tensor& weight, const OptTensor& bias, 
   for (int64_t i = 0; i < 2; ++i) {
     const auto padded = x.sym_size(2 + i) + 2 * padding[i];
     const auto extent = (weight.sym_size(2 + i) - 1) * dilation[i] + 1;
-    TORCH_SYM_CHECK(extent.sym_le(padded), op, ": expected the kernel ", shape_str(weight),
-                    " (dilated by ", dilation, ") to fit into the padded input ", shape_str(x), " + padding ",
-                    padding, ", but kernel extent ", extent, " > padded input size ", padded, " at dimension ", 2 + i);
+    TORCH_SYM_CHECK(extent.sym_le(padded), op, ": expected the kernel ", shape_str(weight), " (dilated by ", dilation,
+                    ") to fit into the padded input ", shape_str(x), " + padding ", padding, ", but kernel extent ",
+                    extent, " > padded input size ", padded, " at dimension ", 2 + i);
   }
   check_bias(bias, x, weight, op);
   check_epsilon(epsilon, op);
@@ -116,8 +115,8 @@ void check_stab_div(const Tensor& relevance, const Tensor& z, double epsilon, do
   check_epsilon(epsilon, op);
   check_finite(scale, op, "scale");
   auto out = stab_div_dtype(z, dtype);
-  TORCH_CHECK(out == z.scalar_type() || out == at::kFloat, op, ": expected dtype to be z's dtype (",
-              z.scalar_type(), ") or float32, got ", out);
+  TORCH_CHECK(out == z.scalar_type() || out == at::kFloat, op, ": expected dtype to be z's dtype (", z.scalar_type(),
+              ") or float32, got ", out);
 }
 
 Tensor linear_epsilon(const Tensor& x, const Tensor& weight, const OptTensor& bias, double epsilon) {
@@ -157,12 +156,14 @@ Tensor conv2d_epsilon_relevance(const Tensor& grad, const Tensor& x, const Tenso
   return times_input(std::get<0>(grads), x);
 }
 
-void register_linear_composites(torch::Library& m) {
-  m.impl("linear_epsilon", &linear_epsilon);
-  m.impl("linear_epsilon_relevance", &linear_epsilon_relevance);
-  m.impl("conv2d_epsilon", &conv2d_epsilon);
-  m.impl("conv2d_epsilon_relevance", &conv2d_epsilon_relevance);
+}  // namespace impl
+
+// The compositions of dispatcher calls, registered once for every backend (CPU, CUDA, Meta).
+TORCH_LIBRARY_IMPL(lrpcpp, CompositeExplicitAutograd, m) {
+  m.impl("linear_epsilon", &impl::linear_epsilon);
+  m.impl("linear_epsilon_relevance", &impl::linear_epsilon_relevance);
+  m.impl("conv2d_epsilon", &impl::conv2d_epsilon);
+  m.impl("conv2d_epsilon_relevance", &impl::conv2d_epsilon_relevance);
 }
 
-}  // namespace impl
 }  // namespace lrpcpp

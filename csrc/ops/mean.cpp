@@ -9,8 +9,7 @@ Tensor mean(const Tensor& x, at::OptionalIntArrayRef dim, bool keepdim, double e
   return op.call(x, dim, keepdim, epsilon);
 }
 
-Tensor mean_relevance(const Tensor& grad, const Tensor& x, at::OptionalIntArrayRef dim, bool keepdim,
-                      double epsilon) {
+Tensor mean_relevance(const Tensor& grad, const Tensor& x, at::OptionalIntArrayRef dim, bool keepdim, double epsilon) {
   LRPCPP_DISPATCH(mean_relevance);
   return op.call(grad, x, dim, keepdim, epsilon);
 }
@@ -78,8 +77,7 @@ std::vector<int64_t> check_mean_relevance(const Tensor& grad, const Tensor& x, a
 
 }  // namespace
 
-Tensor mean_relevance(const Tensor& grad, const Tensor& x, at::OptionalIntArrayRef dim, bool keepdim,
-                      double epsilon) {
+Tensor mean_relevance(const Tensor& grad, const Tensor& x, at::OptionalIntArrayRef dim, bool keepdim, double epsilon) {
   const auto dims = check_mean_relevance(grad, x, dim, keepdim, epsilon);
   const auto acc = at::toOpMathType(x.scalar_type());
   Tensor r = grad.to(acc);
@@ -91,10 +89,12 @@ Tensor mean_relevance(const Tensor& grad, const Tensor& x, at::OptionalIntArrayR
   return at::mul(x, q).to(x.scalar_type());
 }
 
-void register_mean_composites(torch::Library& m) {
-  m.impl("mean", &mean);
-  m.impl("mean_relevance", &mean_relevance);
+}  // namespace impl
+
+// The compositions of dispatcher calls, registered once for every backend (CPU, CUDA, Meta).
+TORCH_LIBRARY_IMPL(lrpcpp, CompositeExplicitAutograd, m) {
+  m.impl("mean", &impl::mean);
+  m.impl("mean_relevance", &impl::mean_relevance);
 }
 
-}  // namespace impl
 }  // namespace lrpcpp

@@ -53,8 +53,8 @@ void check_affine(const OptTensor& t, const Tensor& x, at::IntArrayRef normalize
               " to have the dtype of x (", x.scalar_type(), "), or float32 when x is float16 or bfloat16, got ",
               t->scalar_type());
   check_same_device(*t, x, op, arg, "x");
-  TORCH_SYM_CHECK(c10::sym_equals(t->sym_sizes(), c10::fromIntArrayRefSlow(normalized_shape)), op, ": expected ",
-                  arg, " to have shape normalized_shape = ", normalized_shape, ", got ", shape_str(*t));
+  TORCH_SYM_CHECK(c10::sym_equals(t->sym_sizes(), c10::fromIntArrayRefSlow(normalized_shape)), op, ": expected ", arg,
+                  " to have shape normalized_shape = ", normalized_shape, ", got ", shape_str(*t));
 }
 
 }  // namespace
@@ -160,12 +160,14 @@ TensorPair layer_norm_affine_rows(const Tensor& x, at::IntArrayRef normalized_sh
           layer_norm_affine_row(x, normalized_shape, bias, 0.0)};
 }
 
-void register_norm_composites(torch::Library& m) {
-  m.impl("rms_norm_identity", &rms_norm_identity);
-  m.impl("layer_norm", &layer_norm);
-  m.impl("layer_norm_identity", &layer_norm_identity);
-  m.impl("normalize_identity", &normalize_identity);
+}  // namespace impl
+
+// The compositions of dispatcher calls, registered once for every backend (CPU, CUDA, Meta).
+TORCH_LIBRARY_IMPL(lrpcpp, CompositeExplicitAutograd, m) {
+  m.impl("rms_norm_identity", &impl::rms_norm_identity);
+  m.impl("layer_norm", &impl::layer_norm);
+  m.impl("layer_norm_identity", &impl::layer_norm_identity);
+  m.impl("normalize_identity", &impl::normalize_identity);
 }
 
-}  // namespace impl
 }  // namespace lrpcpp

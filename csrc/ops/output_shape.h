@@ -10,8 +10,8 @@
 namespace lrpcpp::impl {
 
 inline void check_output_shape(const at::Tensor& output, c10::SymIntArrayRef expected, const char* op) {
-  TORCH_SYM_CHECK(c10::sym_equals(output.sym_sizes(), expected), op, ": expected output to have the shape ",
-                  expected, " of the forward, got ", detail::shape_str(output));
+  TORCH_SYM_CHECK(c10::sym_equals(output.sym_sizes(), expected), op, ": expected output to have the shape ", expected,
+                  " of the forward, got ", detail::shape_str(output));
 }
 
 inline void check_linear_output_shape(const at::Tensor& output, const at::Tensor& x, const at::Tensor& weight,

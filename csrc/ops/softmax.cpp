@@ -10,8 +10,7 @@ Tensor softmax(const Tensor& x, int64_t dim, double temperature, std::optional<a
   return op.call(x, dim, temperature, dtype);
 }
 
-Tensor softmax_relevance(const Tensor& grad, const Tensor& x, const Tensor& output, int64_t dim,
-                         double temperature) {
+Tensor softmax_relevance(const Tensor& grad, const Tensor& x, const Tensor& output, int64_t dim, double temperature) {
   LRPCPP_DISPATCH(softmax_relevance);
   return op.call(grad, x, output, dim, temperature);
 }
@@ -52,9 +51,11 @@ int64_t check_softmax_relevance(const Tensor& grad, const Tensor& x, const Tenso
   return wrapped;
 }
 
-void register_softmax_composites(torch::Library& m) {
-  m.impl("softmax", &softmax);
+}  // namespace impl
+
+// The compositions of dispatcher calls, registered once for every backend (CPU, CUDA, Meta).
+TORCH_LIBRARY_IMPL(lrpcpp, CompositeExplicitAutograd, m) {
+  m.impl("softmax", &impl::softmax);
 }
 
-}  // namespace impl
 }  // namespace lrpcpp

@@ -58,8 +58,8 @@ Tensor linear_z_plus(const Tensor& x, const Tensor& weight, const OptTensor& bia
   return op.call(x, weight, bias, epsilon, weight_pos, gi);
 }
 
-Tensor linear_z_plus_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
-                               const OptTensor& weight_pos, const Tensor& output, double epsilon, bool gi) {
+Tensor linear_z_plus_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const OptTensor& weight_pos,
+                               const Tensor& output, double epsilon, bool gi) {
   LRPCPP_DISPATCH(linear_z_plus_relevance);
   return op.call(grad, x, weight, weight_pos, output, epsilon, gi);
 }
@@ -71,8 +71,8 @@ Tensor linear_z_box(const Tensor& x, const Tensor& weight, const OptTensor& bias
 }
 
 Tensor linear_z_box_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& lower,
-                              const Tensor& upper, const OptTensor& weight_abs, const Tensor& output,
-                              double epsilon, bool gi) {
+                              const Tensor& upper, const OptTensor& weight_abs, const Tensor& output, double epsilon,
+                              bool gi) {
   LRPCPP_DISPATCH(linear_z_box_relevance);
   return op.call(grad, x, weight, lower, upper, weight_abs, output, epsilon, gi);
 }
@@ -94,8 +94,8 @@ Tensor linear_w_square(const Tensor& x, const Tensor& weight, const OptTensor& b
   return op.call(x, weight, bias, epsilon, weight_sq, gi);
 }
 
-Tensor linear_w_square_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
-                                 const OptTensor& weight_sq, const Tensor& output, double epsilon, bool gi) {
+Tensor linear_w_square_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const OptTensor& weight_sq,
+                                 const Tensor& output, double epsilon, bool gi) {
   LRPCPP_DISPATCH(linear_w_square_relevance);
   return op.call(grad, x, weight, weight_sq, output, epsilon, gi);
 }
@@ -114,12 +114,11 @@ Tensor conv2d_gamma_relevance(const Tensor& grad, const Tensor& x, const Tensor&
   return op.call(grad, x, weight, bias, weight_abs, output, stride, padding, dilation, groups, gamma, epsilon, gi);
 }
 
-Tensor conv2d_alpha_beta(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride,
-                         IntRef padding, IntRef dilation, int64_t groups, double alpha, double beta, double epsilon,
+Tensor conv2d_alpha_beta(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride, IntRef padding,
+                         IntRef dilation, int64_t groups, double alpha, double beta, double epsilon,
                          const OptTensor& weight_pos, const OptTensor& weight_neg, bool gi) {
   LRPCPP_DISPATCH(conv2d_alpha_beta);
-  return op.call(x, weight, bias, stride, padding, dilation, groups, alpha, beta, epsilon, weight_pos, weight_neg,
-                 gi);
+  return op.call(x, weight, bias, stride, padding, dilation, groups, alpha, beta, epsilon, weight_pos, weight_neg, gi);
 }
 
 Tensor conv2d_alpha_beta_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
@@ -137,24 +136,23 @@ Tensor conv2d_z_plus(const Tensor& x, const Tensor& weight, const OptTensor& bia
   return op.call(x, weight, bias, stride, padding, dilation, groups, epsilon, weight_pos, gi);
 }
 
-Tensor conv2d_z_plus_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
-                               const OptTensor& weight_pos, const Tensor& output, IntRef stride, IntRef padding,
-                               IntRef dilation, int64_t groups, double epsilon, bool gi) {
+Tensor conv2d_z_plus_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const OptTensor& weight_pos,
+                               const Tensor& output, IntRef stride, IntRef padding, IntRef dilation, int64_t groups,
+                               double epsilon, bool gi) {
   LRPCPP_DISPATCH(conv2d_z_plus_relevance);
   return op.call(grad, x, weight, weight_pos, output, stride, padding, dilation, groups, epsilon, gi);
 }
 
 Tensor conv2d_z_box(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& lower,
-                    const Tensor& upper, IntRef stride, IntRef padding, IntRef dilation, int64_t groups,
-                    double epsilon, const OptTensor& weight_abs, bool gi) {
+                    const Tensor& upper, IntRef stride, IntRef padding, IntRef dilation, int64_t groups, double epsilon,
+                    const OptTensor& weight_abs, bool gi) {
   LRPCPP_DISPATCH(conv2d_z_box);
   return op.call(x, weight, bias, lower, upper, stride, padding, dilation, groups, epsilon, weight_abs, gi);
 }
 
 Tensor conv2d_z_box_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& lower,
-                              const Tensor& upper, const OptTensor& weight_abs, const Tensor& output,
-                              IntRef stride, IntRef padding, IntRef dilation, int64_t groups, double epsilon,
-                              bool gi) {
+                              const Tensor& upper, const OptTensor& weight_abs, const Tensor& output, IntRef stride,
+                              IntRef padding, IntRef dilation, int64_t groups, double epsilon, bool gi) {
   LRPCPP_DISPATCH(conv2d_z_box_relevance);
   return op.call(grad, x, weight, lower, upper, weight_abs, output, stride, padding, dilation, groups, epsilon, gi);
 }
@@ -166,22 +164,20 @@ Tensor conv2d_flat(const Tensor& x, const Tensor& weight, const OptTensor& bias,
 }
 
 Tensor conv2d_flat_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& output,
-                             IntRef stride, IntRef padding, IntRef dilation, int64_t groups, double epsilon,
-                             bool gi) {
+                             IntRef stride, IntRef padding, IntRef dilation, int64_t groups, double epsilon, bool gi) {
   LRPCPP_DISPATCH(conv2d_flat_relevance);
   return op.call(grad, x, weight, output, stride, padding, dilation, groups, epsilon, gi);
 }
 
-Tensor conv2d_w_square(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride,
-                       IntRef padding, IntRef dilation, int64_t groups, double epsilon, const OptTensor& weight_sq,
-                       bool gi) {
+Tensor conv2d_w_square(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride, IntRef padding,
+                       IntRef dilation, int64_t groups, double epsilon, const OptTensor& weight_sq, bool gi) {
   LRPCPP_DISPATCH(conv2d_w_square);
   return op.call(x, weight, bias, stride, padding, dilation, groups, epsilon, weight_sq, gi);
 }
 
-Tensor conv2d_w_square_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
-                                 const OptTensor& weight_sq, const Tensor& output, IntRef stride, IntRef padding,
-                                 IntRef dilation, int64_t groups, double epsilon, bool gi) {
+Tensor conv2d_w_square_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const OptTensor& weight_sq,
+                                 const Tensor& output, IntRef stride, IntRef padding, IntRef dilation, int64_t groups,
+                                 double epsilon, bool gi) {
   LRPCPP_DISPATCH(conv2d_w_square_relevance);
   return op.call(grad, x, weight, weight_sq, output, stride, padding, dilation, groups, epsilon, gi);
 }
@@ -192,8 +188,8 @@ TensorPair gamma_stab_div(const Tensor& grad, const Tensor& output, const Tensor
   return op.call(grad, output, abs_product, bias, bias_dim, gamma, epsilon, gi);
 }
 
-TensorPair alpha_beta_stab_div(const Tensor& grad, const Tensor& output, const Tensor& pos_sum,
-                               const Tensor& neg_sum, double alpha, double beta, double epsilon, bool gi) {
+TensorPair alpha_beta_stab_div(const Tensor& grad, const Tensor& output, const Tensor& pos_sum, const Tensor& neg_sum,
+                               double alpha, double beta, double epsilon, bool gi) {
   LRPCPP_DISPATCH(alpha_beta_stab_div);
   return op.call(grad, output, pos_sum, neg_sum, alpha, beta, epsilon, gi);
 }
@@ -225,8 +221,8 @@ int64_t inner_size(const Tensor& output, int64_t d) {
   return n;
 }
 
-int64_t check_factor_inputs(const Tensor& grad, const Tensor& output, const Tensor& abs_product,
-                            const OptTensor& bias, int64_t bias_dim, double epsilon, const char* op) {
+int64_t check_factor_inputs(const Tensor& grad, const Tensor& output, const Tensor& abs_product, const OptTensor& bias,
+                            int64_t bias_dim, double epsilon, const char* op) {
   check_floating(output, op, "output");
   check_like(grad, output, op, "grad", "output");
   check_same_shape(grad, output, op, "grad", "output");
@@ -240,19 +236,19 @@ int64_t check_factor_inputs(const Tensor& grad, const Tensor& output, const Tens
   if (bias.has_value() && bias->defined()) {
     check_like(*bias, output, op, "bias", "output");
     TORCH_CHECK(bias->dim() == 1, op, ": expected bias to be 1-D, got shape ", shape_str(*bias));
-    TORCH_SYM_CHECK(bias->sym_size(0).sym_eq(output.sym_size(d)), op, ": expected bias to have ",
-                    output.sym_size(d), " elements (output.shape[", d, "]), got ", bias->sym_size(0));
+    TORCH_SYM_CHECK(bias->sym_size(0).sym_eq(output.sym_size(d)), op, ": expected bias to have ", output.sym_size(d),
+                    " elements (output.shape[", d, "]), got ", bias->sym_size(0));
   }
   check_epsilon(epsilon, op);
   return d;
 }
 
-void check_alpha_beta_inputs(const Tensor& grad, const Tensor& output, const Tensor& pos_sum,
-                             const Tensor& neg_sum, double alpha, double beta, double epsilon) {
+void check_alpha_beta_inputs(const Tensor& grad, const Tensor& output, const Tensor& pos_sum, const Tensor& neg_sum,
+                             double alpha, double beta, double epsilon) {
   const char* op = "lrpcpp.alpha_beta_stab_div";
   check_floating(output, op, "output");
-  for (const auto& [t, arg] : {std::pair<const Tensor*, const char*>{&grad, "grad"}, {&pos_sum, "pos_sum"},
-                               {&neg_sum, "neg_sum"}}) {
+  for (const auto& [t, arg] :
+       {std::pair<const Tensor*, const char*>{&grad, "grad"}, {&pos_sum, "pos_sum"}, {&neg_sum, "neg_sum"}}) {
     check_like(*t, output, op, arg, "output");
     check_same_shape(*t, output, op, arg, "output");
   }
@@ -288,9 +284,8 @@ void check_bounds(const Tensor& lower, const Tensor& upper, const Tensor& x, con
                 ", but it has more dimensions");
     for (int64_t i = 1; i <= nt; ++i) {
       const auto& st = t.sym_size(nt - i);
-      TORCH_SYM_CHECK(st.sym_eq(1).sym_or(st.sym_eq(x.sym_size(nx - i))), op, ": expected ", arg, " ",
-                      shape_str(t), " to be broadcastable to x ", shape_str(x), ", but they differ at dimension ",
-                      -i);
+      TORCH_SYM_CHECK(st.sym_eq(1).sym_or(st.sym_eq(x.sym_size(nx - i))), op, ": expected ", arg, " ", shape_str(t),
+                      " to be broadcastable to x ", shape_str(x), ", but they differ at dimension ", -i);
     }
   };
   check(lower, "lower");
@@ -303,8 +298,8 @@ void check_linear_output(const Tensor& grad, const Tensor& output, const Tensor&
   check_linear_output_shape(output, x, weight, op);
 }
 
-void check_conv_output(const Tensor& grad, const Tensor& output, const Tensor& x, const Tensor& weight,
-                       IntRef stride, IntRef padding, IntRef dilation, const char* op) {
+void check_conv_output(const Tensor& grad, const Tensor& output, const Tensor& x, const Tensor& weight, IntRef stride,
+                       IntRef padding, IntRef dilation, const char* op) {
   check_grad_output(grad, output, x, op);
   check_conv2d_output_shape(output, x, weight, stride, padding, dilation, op);
 }
@@ -313,8 +308,12 @@ void check_conv_output(const Tensor& grad, const Tensor& output, const Tensor& x
 // The affine map of a layer without its bias, applied to any input, and its transpose.
 struct LinearMap {
   static constexpr int64_t bias_dim = -1;
-  Tensor apply(const Tensor& x, const Tensor& w) const { return at::linear(x, w); }
-  Tensor transpose(const Tensor& s, const Tensor& w, const Tensor& /*x*/) const { return at::matmul(s, w); }
+  Tensor apply(const Tensor& x, const Tensor& w) const {
+    return at::linear(x, w);
+  }
+  Tensor transpose(const Tensor& s, const Tensor& w, const Tensor& /*x*/) const {
+    return at::matmul(s, w);
+  }
 };
 
 struct ConvMap {
@@ -328,8 +327,7 @@ struct ConvMap {
   Tensor transpose(const Tensor& s, const Tensor& w, const Tensor& x) const {
     const std::array<int64_t, 2> no_output_padding{0, 0};
     return std::get<0>(at::convolution_backward(s, x, w, std::nullopt, stride, padding, dilation,
-                                                /*transposed=*/false, no_output_padding, groups,
-                                                {true, false, false}));
+                                                /*transposed=*/false, no_output_padding, groups, {true, false, false}));
   }
 };
 
@@ -356,17 +354,15 @@ Tensor finish(const Tensor& r, const Tensor& xc, const Tensor& x, double epsilon
 }
 
 template <typename Map>
-Tensor gamma_relevance(const Map& m, const Tensor& grad, const Tensor& x, const Tensor& weight,
-                       const OptTensor& bias, const OptTensor& weight_abs, const Tensor& output, double gamma,
-                       double epsilon, bool gi) {
+Tensor gamma_relevance(const Map& m, const Tensor& grad, const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                       const OptTensor& weight_abs, const Tensor& output, double gamma, double epsilon, bool gi) {
   const auto cd = rule_dtype(x.scalar_type());
   const Tensor xc = x.to(cd), w = weight.to(cd);
   const Tensor v = weight_abs.has_value() && weight_abs->defined() ? weight_abs->to(cd) : w.abs();
   const Tensor p = m.apply(xc.abs(), v);
-  auto [s_w, s_abs] = lrpcpp::gamma_stab_div(grad.to(cd), output.to(cd), p, in_dtype(bias, cd), Map::bias_dim,
-                                             gamma, epsilon, gi);
-  return lrpcpp::split_times_input(xc, m.transpose(s_w, w, xc), m.transpose(s_abs, v, xc), gi)
-      .to(x.scalar_type());
+  auto [s_w, s_abs] =
+      lrpcpp::gamma_stab_div(grad.to(cd), output.to(cd), p, in_dtype(bias, cd), Map::bias_dim, gamma, epsilon, gi);
+  return lrpcpp::split_times_input(xc, m.transpose(s_w, w, xc), m.transpose(s_abs, v, xc), gi).to(x.scalar_type());
 }
 
 // The alpha-beta rule in sign-split form, R_x = x+ u + x- v with
@@ -423,8 +419,8 @@ Tensor z_box_relevance(const Map& m, const Tensor& grad, const Tensor& x, const 
   // x w - l w+ - h w- = (x - m) w - d |w|, m = (l + h) / 2, d = (l - h) / 2
   const Tensor xm = xc - (lo + hi) * 0.5;
   const Tensor d = ((lo - hi) * 0.5).expand_symint(xc.sym_sizes()).contiguous();
-  const Tensor s = lrpcpp::stab_div(incoming(grad, output, gi, cd), m.apply(xm, w) - m.apply(d, v), epsilon, 1.0,
-                                    std::nullopt);
+  const Tensor s =
+      lrpcpp::stab_div(incoming(grad, output, gi, cd), m.apply(xm, w) - m.apply(d, v), epsilon, 1.0, std::nullopt);
   Tensor r = xm * m.transpose(s, w, xc);
   r.sub_(d * m.transpose(s, v, xc));
   return finish(r, xc, x, epsilon, gi);
@@ -432,8 +428,8 @@ Tensor z_box_relevance(const Map& m, const Tensor& grad, const Tensor& x, const 
 
 // flat (v = ones) and w-square (v = W^2): R_x = (R / stab(1 V)) V^T, independent of x's values
 template <typename Map>
-Tensor input_free_relevance(const Map& m, const Tensor& grad, const Tensor& x, const Tensor& v,
-                            const Tensor& output, double epsilon, bool gi) {
+Tensor input_free_relevance(const Map& m, const Tensor& grad, const Tensor& x, const Tensor& v, const Tensor& output,
+                            double epsilon, bool gi) {
   const auto cd = rule_dtype(x.scalar_type());
   const Tensor xc = x.to(cd);
   const Tensor ones = at::ones_like(xc);
@@ -489,8 +485,7 @@ Tensor linear_alpha_beta_relevance(const Tensor& grad, const Tensor& x, const Te
   check_transform(weight_pos, weight, op, "weight_pos");
   check_transform(weight_neg, weight, op, "weight_neg");
   check_linear_output(grad, output, x, weight, op);
-  return alpha_beta_relevance(LinearMap{}, grad, x, weight, weight_pos, weight_neg, output, alpha, beta, epsilon,
-                              gi);
+  return alpha_beta_relevance(LinearMap{}, grad, x, weight, weight_pos, weight_neg, output, alpha, beta, epsilon, gi);
 }
 
 Tensor linear_z_plus(const Tensor& x, const Tensor& weight, const OptTensor& bias, double epsilon,
@@ -501,8 +496,8 @@ Tensor linear_z_plus(const Tensor& x, const Tensor& weight, const OptTensor& bia
   return at::linear(x, weight, bias);
 }
 
-Tensor linear_z_plus_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
-                               const OptTensor& weight_pos, const Tensor& output, double epsilon, bool gi) {
+Tensor linear_z_plus_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const OptTensor& weight_pos,
+                               const Tensor& output, double epsilon, bool gi) {
   const char* op = "lrpcpp.linear_z_plus_relevance";
   check_linear(x, weight, std::nullopt, epsilon, op);
   check_transform(weight_pos, weight, op, "weight_pos");
@@ -520,8 +515,8 @@ Tensor linear_z_box(const Tensor& x, const Tensor& weight, const OptTensor& bias
 }
 
 Tensor linear_z_box_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& lower,
-                              const Tensor& upper, const OptTensor& weight_abs, const Tensor& output,
-                              double epsilon, bool gi) {
+                              const Tensor& upper, const OptTensor& weight_abs, const Tensor& output, double epsilon,
+                              bool gi) {
   const char* op = "lrpcpp.linear_z_box_relevance";
   check_linear(x, weight, std::nullopt, epsilon, op);
   check_bounds(lower, upper, x, op);
@@ -541,8 +536,8 @@ Tensor linear_flat_relevance(const Tensor& grad, const Tensor& x, const Tensor& 
   check_linear(x, weight, std::nullopt, epsilon, op);
   check_linear_output(grad, output, x, weight, op);
   const auto cd = rule_dtype(x.scalar_type());
-  return input_free_relevance(LinearMap{}, grad, x, at::ones_like(weight, weight.options().dtype(cd)), output,
-                              epsilon, gi);
+  return input_free_relevance(LinearMap{}, grad, x, at::ones_like(weight, weight.options().dtype(cd)), output, epsilon,
+                              gi);
 }
 
 Tensor linear_w_square(const Tensor& x, const Tensor& weight, const OptTensor& bias, double epsilon,
@@ -553,8 +548,8 @@ Tensor linear_w_square(const Tensor& x, const Tensor& weight, const OptTensor& b
   return at::linear(x, weight, bias);
 }
 
-Tensor linear_w_square_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
-                                 const OptTensor& weight_sq, const Tensor& output, double epsilon, bool gi) {
+Tensor linear_w_square_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const OptTensor& weight_sq,
+                                 const Tensor& output, double epsilon, bool gi) {
   const char* op = "lrpcpp.linear_w_square_relevance";
   check_linear(x, weight, std::nullopt, epsilon, op);
   check_transform(weight_sq, weight, op, "weight_sq");
@@ -586,8 +581,8 @@ Tensor conv2d_gamma_relevance(const Tensor& grad, const Tensor& x, const Tensor&
                          epsilon, gi);
 }
 
-Tensor conv2d_alpha_beta(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride,
-                         IntRef padding, IntRef dilation, int64_t groups, double alpha, double beta, double epsilon,
+Tensor conv2d_alpha_beta(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride, IntRef padding,
+                         IntRef dilation, int64_t groups, double alpha, double beta, double epsilon,
                          const OptTensor& weight_pos, const OptTensor& weight_neg, bool /*gi*/) {
   const char* op = "lrpcpp.conv2d_alpha_beta";
   check_conv2d(x, weight, bias, stride, padding, dilation, groups, epsilon, op);
@@ -619,20 +614,19 @@ Tensor conv2d_z_plus(const Tensor& x, const Tensor& weight, const OptTensor& bia
   return at::conv2d(x, weight, bias, stride, padding, dilation, groups);
 }
 
-Tensor conv2d_z_plus_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
-                               const OptTensor& weight_pos, const Tensor& output, IntRef stride, IntRef padding,
-                               IntRef dilation, int64_t groups, double epsilon, bool gi) {
+Tensor conv2d_z_plus_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const OptTensor& weight_pos,
+                               const Tensor& output, IntRef stride, IntRef padding, IntRef dilation, int64_t groups,
+                               double epsilon, bool gi) {
   const char* op = "lrpcpp.conv2d_z_plus_relevance";
   check_conv2d(x, weight, std::nullopt, stride, padding, dilation, groups, epsilon, op);
   check_transform(weight_pos, weight, op, "weight_pos");
   check_conv_output(grad, output, x, weight, stride, padding, dilation, op);
-  return z_plus_relevance(ConvMap{stride, padding, dilation, groups}, grad, x, weight, weight_pos, output, epsilon,
-                          gi);
+  return z_plus_relevance(ConvMap{stride, padding, dilation, groups}, grad, x, weight, weight_pos, output, epsilon, gi);
 }
 
 Tensor conv2d_z_box(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& lower,
-                    const Tensor& upper, IntRef stride, IntRef padding, IntRef dilation, int64_t groups,
-                    double epsilon, const OptTensor& weight_abs, bool /*gi*/) {
+                    const Tensor& upper, IntRef stride, IntRef padding, IntRef dilation, int64_t groups, double epsilon,
+                    const OptTensor& weight_abs, bool /*gi*/) {
   const char* op = "lrpcpp.conv2d_z_box";
   check_conv2d(x, weight, bias, stride, padding, dilation, groups, epsilon, op);
   check_bounds(lower, upper, x, op);
@@ -641,16 +635,15 @@ Tensor conv2d_z_box(const Tensor& x, const Tensor& weight, const OptTensor& bias
 }
 
 Tensor conv2d_z_box_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& lower,
-                              const Tensor& upper, const OptTensor& weight_abs, const Tensor& output,
-                              IntRef stride, IntRef padding, IntRef dilation, int64_t groups, double epsilon,
-                              bool gi) {
+                              const Tensor& upper, const OptTensor& weight_abs, const Tensor& output, IntRef stride,
+                              IntRef padding, IntRef dilation, int64_t groups, double epsilon, bool gi) {
   const char* op = "lrpcpp.conv2d_z_box_relevance";
   check_conv2d(x, weight, std::nullopt, stride, padding, dilation, groups, epsilon, op);
   check_bounds(lower, upper, x, op);
   check_transform(weight_abs, weight, op, "weight_abs");
   check_conv_output(grad, output, x, weight, stride, padding, dilation, op);
-  return z_box_relevance(ConvMap{stride, padding, dilation, groups}, grad, x, weight, lower, upper, weight_abs,
-                         output, epsilon, gi);
+  return z_box_relevance(ConvMap{stride, padding, dilation, groups}, grad, x, weight, lower, upper, weight_abs, output,
+                         epsilon, gi);
 }
 
 Tensor conv2d_flat(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride, IntRef padding,
@@ -660,8 +653,7 @@ Tensor conv2d_flat(const Tensor& x, const Tensor& weight, const OptTensor& bias,
 }
 
 Tensor conv2d_flat_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& output,
-                             IntRef stride, IntRef padding, IntRef dilation, int64_t groups, double epsilon,
-                             bool gi) {
+                             IntRef stride, IntRef padding, IntRef dilation, int64_t groups, double epsilon, bool gi) {
   const char* op = "lrpcpp.conv2d_flat_relevance";
   check_conv2d(x, weight, std::nullopt, stride, padding, dilation, groups, epsilon, op);
   check_conv_output(grad, output, x, weight, stride, padding, dilation, op);
@@ -670,53 +662,54 @@ Tensor conv2d_flat_relevance(const Tensor& grad, const Tensor& x, const Tensor& 
                               at::ones_like(weight, weight.options().dtype(cd)), output, epsilon, gi);
 }
 
-Tensor conv2d_w_square(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride,
-                       IntRef padding, IntRef dilation, int64_t groups, double epsilon, const OptTensor& weight_sq,
-                       bool /*gi*/) {
+Tensor conv2d_w_square(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride, IntRef padding,
+                       IntRef dilation, int64_t groups, double epsilon, const OptTensor& weight_sq, bool /*gi*/) {
   const char* op = "lrpcpp.conv2d_w_square";
   check_conv2d(x, weight, bias, stride, padding, dilation, groups, epsilon, op);
   check_transform(weight_sq, weight, op, "weight_sq");
   return at::conv2d(x, weight, bias, stride, padding, dilation, groups);
 }
 
-Tensor conv2d_w_square_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
-                                 const OptTensor& weight_sq, const Tensor& output, IntRef stride, IntRef padding,
-                                 IntRef dilation, int64_t groups, double epsilon, bool gi) {
+Tensor conv2d_w_square_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const OptTensor& weight_sq,
+                                 const Tensor& output, IntRef stride, IntRef padding, IntRef dilation, int64_t groups,
+                                 double epsilon, bool gi) {
   const char* op = "lrpcpp.conv2d_w_square_relevance";
   check_conv2d(x, weight, std::nullopt, stride, padding, dilation, groups, epsilon, op);
   check_transform(weight_sq, weight, op, "weight_sq");
   check_conv_output(grad, output, x, weight, stride, padding, dilation, op);
   const auto cd = rule_dtype(x.scalar_type());
-  return input_free_relevance(ConvMap{stride, padding, dilation, groups}, grad, x,
-                              square_weight(weight, weight_sq, cd), output, epsilon, gi);
-}
-
-void register_vision_composites(torch::Library& m) {
-  m.impl("linear_gamma", &linear_gamma);
-  m.impl("linear_gamma_relevance", &linear_gamma_relevance);
-  m.impl("linear_alpha_beta", &linear_alpha_beta);
-  m.impl("linear_alpha_beta_relevance", &linear_alpha_beta_relevance);
-  m.impl("linear_z_plus", &linear_z_plus);
-  m.impl("linear_z_plus_relevance", &linear_z_plus_relevance);
-  m.impl("linear_z_box", &linear_z_box);
-  m.impl("linear_z_box_relevance", &linear_z_box_relevance);
-  m.impl("linear_flat", &linear_flat);
-  m.impl("linear_flat_relevance", &linear_flat_relevance);
-  m.impl("linear_w_square", &linear_w_square);
-  m.impl("linear_w_square_relevance", &linear_w_square_relevance);
-  m.impl("conv2d_gamma", &conv2d_gamma);
-  m.impl("conv2d_gamma_relevance", &conv2d_gamma_relevance);
-  m.impl("conv2d_alpha_beta", &conv2d_alpha_beta);
-  m.impl("conv2d_alpha_beta_relevance", &conv2d_alpha_beta_relevance);
-  m.impl("conv2d_z_plus", &conv2d_z_plus);
-  m.impl("conv2d_z_plus_relevance", &conv2d_z_plus_relevance);
-  m.impl("conv2d_z_box", &conv2d_z_box);
-  m.impl("conv2d_z_box_relevance", &conv2d_z_box_relevance);
-  m.impl("conv2d_flat", &conv2d_flat);
-  m.impl("conv2d_flat_relevance", &conv2d_flat_relevance);
-  m.impl("conv2d_w_square", &conv2d_w_square);
-  m.impl("conv2d_w_square_relevance", &conv2d_w_square_relevance);
+  return input_free_relevance(ConvMap{stride, padding, dilation, groups}, grad, x, square_weight(weight, weight_sq, cd),
+                              output, epsilon, gi);
 }
 
 }  // namespace impl
+
+// The compositions of dispatcher calls, registered once for every backend (CPU, CUDA, Meta).
+TORCH_LIBRARY_IMPL(lrpcpp, CompositeExplicitAutograd, m) {
+  m.impl("linear_gamma", &impl::linear_gamma);
+  m.impl("linear_gamma_relevance", &impl::linear_gamma_relevance);
+  m.impl("linear_alpha_beta", &impl::linear_alpha_beta);
+  m.impl("linear_alpha_beta_relevance", &impl::linear_alpha_beta_relevance);
+  m.impl("linear_z_plus", &impl::linear_z_plus);
+  m.impl("linear_z_plus_relevance", &impl::linear_z_plus_relevance);
+  m.impl("linear_z_box", &impl::linear_z_box);
+  m.impl("linear_z_box_relevance", &impl::linear_z_box_relevance);
+  m.impl("linear_flat", &impl::linear_flat);
+  m.impl("linear_flat_relevance", &impl::linear_flat_relevance);
+  m.impl("linear_w_square", &impl::linear_w_square);
+  m.impl("linear_w_square_relevance", &impl::linear_w_square_relevance);
+  m.impl("conv2d_gamma", &impl::conv2d_gamma);
+  m.impl("conv2d_gamma_relevance", &impl::conv2d_gamma_relevance);
+  m.impl("conv2d_alpha_beta", &impl::conv2d_alpha_beta);
+  m.impl("conv2d_alpha_beta_relevance", &impl::conv2d_alpha_beta_relevance);
+  m.impl("conv2d_z_plus", &impl::conv2d_z_plus);
+  m.impl("conv2d_z_plus_relevance", &impl::conv2d_z_plus_relevance);
+  m.impl("conv2d_z_box", &impl::conv2d_z_box);
+  m.impl("conv2d_z_box_relevance", &impl::conv2d_z_box_relevance);
+  m.impl("conv2d_flat", &impl::conv2d_flat);
+  m.impl("conv2d_flat_relevance", &impl::conv2d_flat_relevance);
+  m.impl("conv2d_w_square", &impl::conv2d_w_square);
+  m.impl("conv2d_w_square_relevance", &impl::conv2d_w_square_relevance);
+}
+
 }  // namespace lrpcpp

@@ -98,7 +98,8 @@ std::pair<at::Tensor, at::Tensor> read_inputs(const std::string& path, torch::ji
     embeds = model.get_method("embed")({ids}).toTensor();
   }
   if (!embeds.defined() || embeds.dim() != 3 || !embeds.is_floating_point()) {
-    throw std::runtime_error(path + ": expected 'inputs_embeds', a floating-point [batch, seq, hidden] tensor, "
+    throw std::runtime_error(path +
+                             ": expected 'inputs_embeds', a floating-point [batch, seq, hidden] tensor, "
                              "or 'input_ids' [batch, seq]");
   }
   if (!mask.defined()) mask = torch::ones({embeds.size(0), embeds.size(1)}, torch::kLong);
@@ -155,8 +156,8 @@ int main(int argc, char** argv) {
     std::cout << std::setprecision(9);
     for (int64_t b = 0; b < batch; ++b) {
       std::cout << "item " << b << " target " << ids[b].item<int64_t>() << " position "
-                << (positions.defined() ? positions[b].item<int64_t>() : -1) << " logit "
-                << explained[b].item<double>() << "\nrelevance";
+                << (positions.defined() ? positions[b].item<int64_t>() : -1) << " logit " << explained[b].item<double>()
+                << "\nrelevance";
       for (int64_t t = 0; t < seq; ++t) std::cout << ' ' << relevance[b][t].item<double>();
       std::cout << '\n';
     }

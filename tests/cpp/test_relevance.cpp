@@ -113,8 +113,8 @@ void gamma_rule() {
   auto r = torch::randn_like(y);
   y.backward(r);
   auto xp = x.clamp_min(0).unsqueeze(1), xn = x.clamp_max(0).unsqueeze(1);  // [3, 1, 5]
-  auto up = w + g * w.clamp_min(0), down = w + g * w.clamp_max(0);             // [4, 5]
-  auto num_p = xp * up + xn * down, num_n = xp * down + xn * up;               // [3, 4, 5]
+  auto up = w + g * w.clamp_min(0), down = w + g * w.clamp_max(0);          // [4, 5]
+  auto num_p = xp * up + xn * down, num_n = xp * down + xn * up;            // [3, 4, 5]
   auto z = at::linear(x, w, b);
   auto pos = (z >= 0);
   auto num = at::where(pos.unsqueeze(-1), num_p, num_n);
@@ -132,8 +132,8 @@ void z_box_conserves() {
   auto opts = at::TensorOptions().dtype(at::kDouble);
   auto x = torch::rand({2, 3, 8, 8}, opts).requires_grad_();
   auto lo = torch::zeros({3, 1, 1}, opts), hi = torch::ones({3, 1, 1}, opts);
-  auto y = lrpcpp::conv2d_z_box(x, torch::randn({4, 3, 3, 3}, opts), torch::randn({4}, opts), lo, hi, {1, 1},
-                                {1, 1}, {1, 1}, 1, 1e-12, std::nullopt, false);
+  auto y = lrpcpp::conv2d_z_box(x, torch::randn({4, 3, 3, 3}, opts), torch::randn({4}, opts), lo, hi, {1, 1}, {1, 1},
+                                {1, 1}, 1, 1e-12, std::nullopt, false);
   y.backward(y.detach().abs());
   check(std::abs(x.grad().sum().item<double>() - y.abs().sum().item<double>()) < 1e-8,
         "conv2d_z_box conserves relevance");

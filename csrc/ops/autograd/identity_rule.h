@@ -12,8 +12,7 @@ namespace lrpcpp::autograd {
 
 class IdentityRuleFunction : public torch::autograd::Function<IdentityRuleFunction> {
  public:
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const char* name,
-                        const std::function<Tensor()>& op) {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const char* name, const std::function<Tensor()>& op) {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->saved_data["dtype"] = x.scalar_type();
     ctx->saved_data["op"] = std::string(name);

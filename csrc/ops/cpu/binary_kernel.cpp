@@ -1,5 +1,5 @@
 // CPU kernels of the binary family: add2's relevance in one pass over R, a
-// and b (broadcasting through TensorIterator), and the registrations.
+// and b (broadcasting through TensorIterator).
 #include <torch/library.h>
 
 #include "../impl.h"
@@ -38,14 +38,12 @@ TensorPair add2_relevance_cpu(const Tensor& grad, const Tensor& a, const Tensor&
       });
     });
   }
-  return {output_mask[0] ? at::sum_to(ra, a.sizes()) : Tensor(),
-          output_mask[1] ? at::sum_to(rb, b.sizes()) : Tensor()};
+  return {output_mask[0] ? at::sum_to(ra, a.sizes()) : Tensor(), output_mask[1] ? at::sum_to(rb, b.sizes()) : Tensor()};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrpcpp, CPU, m) {
-  impl::register_binary_composites(m);
   m.impl("add2_relevance", &add2_relevance_cpu);
 }
 

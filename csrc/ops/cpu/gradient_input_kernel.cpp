@@ -133,16 +133,14 @@ Tensor gi_layer_norm_backward_cpu(const Tensor& grad, const Tensor& x, at::IntAr
   if (out.numel() == 0) return out;
   const int64_t len = c10::multiply_integers(normalized_shape);
   const Tensor w = impl::layer_norm_affine_row(x, normalized_shape, weight, 1.0);
-  LRPCPP_DISPATCH_FLOATING(x.scalar_type(), "lrpcpp_gi_layer_norm_backward_cpu", [&] {
-    gi_layer_norm_backward_loop<scalar_t>(g, xc, w, out, xc.numel() / len, len, eps);
-  });
+  LRPCPP_DISPATCH_FLOATING(x.scalar_type(), "lrpcpp_gi_layer_norm_backward_cpu",
+                           [&] { gi_layer_norm_backward_loop<scalar_t>(g, xc, w, out, xc.numel() / len, len, eps); });
   return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrpcpp, CPU, m) {
-  impl::register_gradient_input_composites(m);
   m.impl("gi_identity_forward", &gi_identity_forward_cpu);
   m.impl("gi_scale_backward", &gi_scale_backward_cpu);
   m.impl("gi_layer_norm_backward", &gi_layer_norm_backward_cpu);

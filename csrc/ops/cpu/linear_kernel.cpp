@@ -1,5 +1,4 @@
-// CPU kernels of the linear family: the stab_div primitive, and the
-// registrations of the forwards and of the relevance compositions.
+// CPU kernel of the linear family: the stab_div primitive.
 #include <torch/library.h>
 
 #include "../impl.h"
@@ -44,7 +43,6 @@ Tensor stab_div_cpu(const Tensor& relevance, const Tensor& z, double epsilon, do
 
 TORCH_LIBRARY_IMPL(lrpcpp, CPU, m) {
   m.impl("stab_div", &stab_div_cpu);
-  impl::register_linear_composites(m);
 }
 
 }  // namespace lrpcpp

@@ -65,7 +65,6 @@ Tensor layer_norm_relevance_cpu(const Tensor& grad, const Tensor& x, at::IntArra
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrpcpp, CPU, m) {
-  impl::register_norm_composites(m);
   m.impl("layer_norm_relevance", &layer_norm_relevance_cpu);
 }
 

@@ -67,9 +67,8 @@ Tensor softmax_relevance_cpu(const Tensor& grad, const Tensor& x, const Tensor& 
     for (int64_t i = 0; i < dim; ++i) outer *= sizes[i];
     for (int64_t i = dim + 1; i < xs.dim(); ++i) inner *= sizes[i];
     const int64_t len = xs.dim() == 0 ? 1 : sizes[dim];
-    LRPCPP_DISPATCH_FLOATING(dtype, "lrpcpp_softmax_relevance_cpu", [&] {
-      softmax_relevance_loop<scalar_t>(g, xs, s, out, outer, len, inner, temperature);
-    });
+    LRPCPP_DISPATCH_FLOATING(dtype, "lrpcpp_softmax_relevance_cpu",
+                             [&] { softmax_relevance_loop<scalar_t>(g, xs, s, out, outer, len, inner, temperature); });
   }
   return out.to(x.scalar_type());
 }
@@ -77,7 +76,6 @@ Tensor softmax_relevance_cpu(const Tensor& grad, const Tensor& x, const Tensor& 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrpcpp, CPU, m) {
-  impl::register_softmax_composites(m);
   m.impl("softmax_relevance", &softmax_relevance_cpu);
 }
 

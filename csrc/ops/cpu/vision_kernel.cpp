@@ -1,6 +1,5 @@
 // CPU kernels of the vision family: the per-element primitives gamma_stab_div, alpha_beta_stab_div
-// and split_times_input (one pass each, vectorisable inner loops), and the registrations of the
-// forwards and relevance compositions.
+// and split_times_input (one pass each, vectorisable inner loops).
 #include <torch/library.h>
 
 #include "../impl.h"
@@ -162,7 +161,6 @@ Tensor split_times_input_cpu(const Tensor& x, const Tensor& a, const Tensor& b, 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrpcpp, CPU, m) {
-  impl::register_vision_composites(m);
   m.impl("gamma_stab_div", &gamma_stab_div_cpu);
   m.impl("alpha_beta_stab_div", &alpha_beta_stab_div_cpu);
   m.impl("split_times_input", &split_times_input_cpu);

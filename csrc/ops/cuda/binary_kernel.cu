@@ -1,6 +1,5 @@
 // CUDA kernels of the binary family: add2's relevance in one vectorised pass
-// over R, a and b (broadcast operands are expanded first), and the
-// registrations of the forwards and relevance compositions.
+// over R, a and b (broadcast operands are expanded first).
 #include <torch/library.h>
 
 #include "../impl.h"
@@ -49,22 +48,20 @@ TensorPair add2_relevance_cuda(const Tensor& grad, const Tensor& a, const Tensor
   LRPCPP_DISPATCH_FLOATING(grad.scalar_type(), "lrpcpp_add2_relevance_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int N = cuda::pack_size<scalar_t>();
-    const Add2RelevanceOp<scalar_t> op{g.const_data_ptr<scalar_t>(), ae.const_data_ptr<scalar_t>(),
-                                       be.const_data_ptr<scalar_t>(), ra.mutable_data_ptr<scalar_t>(),
+    const Add2RelevanceOp<scalar_t> op{g.const_data_ptr<scalar_t>(),    ae.const_data_ptr<scalar_t>(),
+                                       be.const_data_ptr<scalar_t>(),   ra.mutable_data_ptr<scalar_t>(),
                                        rb.mutable_data_ptr<scalar_t>(), static_cast<acc_t>(epsilon)};
     constexpr int bytes = N * sizeof(scalar_t);
     const bool vec = cuda::aligned(op.r, bytes) && cuda::aligned(op.a, bytes) && cuda::aligned(op.b, bytes) &&
                      cuda::aligned(op.ra, bytes) && cuda::aligned(op.rb, bytes);
     cuda::launch_elementwise<N>(g.numel(), vec, op);
   });
-  return {output_mask[0] ? at::sum_to(ra, a.sizes()) : Tensor(),
-          output_mask[1] ? at::sum_to(rb, b.sizes()) : Tensor()};
+  return {output_mask[0] ? at::sum_to(ra, a.sizes()) : Tensor(), output_mask[1] ? at::sum_to(rb, b.sizes()) : Tensor()};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrpcpp, CUDA, m) {
-  impl::register_binary_composites(m);
   m.impl("add2_relevance", &add2_relevance_cuda);
 }
 

@@ -51,11 +51,11 @@ TensorPair gi_identity_forward_cuda(const Tensor& x, const Tensor& y, double eps
       using y_t = scalar_t;
       using Op = GiIdentityForwardOp<x_t, y_t>;
       using acc_t = typename Op::acc_t;
-      constexpr int N = cuda::pack_size<x_t>() < cuda::pack_size<y_t>() ? cuda::pack_size<x_t>()
-                                                                        : cuda::pack_size<y_t>();
-      const Op op{xc.const_data_ptr<x_t>(), yc.const_data_ptr<y_t>(), out.mutable_data_ptr<y_t>(),
-                  factor.mutable_data_ptr<x_t>(), static_cast<acc_t>(epsilon),
-                  static_cast<acc_t>(std::numeric_limits<x_t>::max())};
+      constexpr int N =
+          cuda::pack_size<x_t>() < cuda::pack_size<y_t>() ? cuda::pack_size<x_t>() : cuda::pack_size<y_t>();
+      const Op op{xc.const_data_ptr<x_t>(),    yc.const_data_ptr<y_t>(),
+                  out.mutable_data_ptr<y_t>(), factor.mutable_data_ptr<x_t>(),
+                  static_cast<acc_t>(epsilon), static_cast<acc_t>(std::numeric_limits<x_t>::max())};
       const bool vec = cuda::aligned(op.x, N * sizeof(x_t)) && cuda::aligned(op.factor, N * sizeof(x_t)) &&
                        cuda::aligned(op.y, N * sizeof(y_t)) && cuda::aligned(op.out, N * sizeof(y_t));
       cuda::launch_elementwise<N>(out.numel(), vec, op);
@@ -135,8 +135,8 @@ Tensor gi_scale_backward_cuda(const Tensor& grad, const Tensor& factor, at::Scal
   // a float16/bfloat16 gradient with a float32 factor (mixed precision) is read as it is and the
   // product written in the dtype asked for, float32 or the gradient's own: one pass, with the values
   // of the general path (the float32 product, rounded once)
-  const bool direct = grad.scalar_type() != common && common == at::kFloat &&
-                      (dtype == at::kFloat || dtype == grad.scalar_type());
+  const bool direct =
+      grad.scalar_type() != common && common == at::kFloat && (dtype == at::kFloat || dtype == grad.scalar_type());
   const Tensor g = direct ? grad.contiguous() : grad.to(common).contiguous();
   Tensor out = at::empty(g.sizes(), g.options().dtype(direct ? dtype : stored));
   if (out.numel() == 0) return out.to(dtype);
@@ -164,11 +164,10 @@ Tensor gi_scale_backward_cuda(const Tensor& grad, const Tensor& factor, at::Scal
 }
 
 template <typename scalar_t>
-__launch_bounds__(cuda::kMaxRowThreads)
-__global__ void gi_layer_norm_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
-                                              const at::opmath_type<scalar_t>* __restrict__ w,
-                                              scalar_t* __restrict__ out, int64_t len,
-                                              at::opmath_type<scalar_t> eps) {
+__launch_bounds__(cuda::kMaxRowThreads) __global__
+    void gi_layer_norm_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
+                                       const at::opmath_type<scalar_t>* __restrict__ w, scalar_t* __restrict__ out,
+                                       int64_t len, at::opmath_type<scalar_t> eps) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t scratch[32];
   const int64_t base = static_cast<int64_t>(blockIdx.x) * len;
@@ -198,10 +197,9 @@ Tensor gi_layer_norm_backward_cuda(const Tensor& grad, const Tensor& x, at::IntA
               ") for one CUDA launch");
   LRPCPP_DISPATCH_FLOATING(x.scalar_type(), "lrpcpp_gi_layer_norm_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    gi_layer_norm_backward_kernel<scalar_t>
-        <<<static_cast<unsigned>(rows), cuda::row_threads(len), 0, cuda::stream()>>>(
-            g.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(),
-            out.mutable_data_ptr<scalar_t>(), len, static_cast<acc_t>(eps));
+    gi_layer_norm_backward_kernel<scalar_t><<<static_cast<unsigned>(rows), cuda::row_threads(len), 0, cuda::stream()>>>(
+        g.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(),
+        out.mutable_data_ptr<scalar_t>(), len, static_cast<acc_t>(eps));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -210,7 +208,6 @@ Tensor gi_layer_norm_backward_cuda(const Tensor& grad, const Tensor& x, at::IntA
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrpcpp, CUDA, m) {
-  impl::register_gradient_input_composites(m);
   m.impl("gi_identity_forward", &gi_identity_forward_cuda);
   m.impl("gi_scale_backward", &gi_scale_backward_cuda);
   m.impl("gi_layer_norm_backward", &gi_layer_norm_backward_cuda);

@@ -1,5 +1,5 @@
-// CUDA kernels of the linear family: the stab_div primitive (one vectorised
-// pass), and the registrations of the forwards and relevance compositions.
+// CUDA kernel of the linear family: the stab_div primitive (one vectorised
+// pass).
 #include <torch/library.h>
 
 #include "../impl.h"
@@ -42,7 +42,7 @@ Tensor stab_div_cuda(const Tensor& relevance, const Tensor& z, double epsilon, d
     auto run = [&](auto* out_ptr) {
       using out_t = std::remove_pointer_t<decltype(out_ptr)>;
       constexpr int N = cuda::pack_size<scalar_t>() < cuda::pack_size<out_t>() ? cuda::pack_size<scalar_t>()
-                                                                              : cuda::pack_size<out_t>();
+                                                                               : cuda::pack_size<out_t>();
       const StabDivOp<scalar_t, out_t> op{r.const_data_ptr<scalar_t>(), zc.const_data_ptr<scalar_t>(), out_ptr,
                                           static_cast<acc_t>(epsilon), static_cast<acc_t>(scale)};
       const bool vec = cuda::aligned(op.r, N * sizeof(scalar_t)) && cuda::aligned(op.z, N * sizeof(scalar_t)) &&
@@ -62,7 +62,6 @@ Tensor stab_div_cuda(const Tensor& relevance, const Tensor& z, double epsilon, d
 
 TORCH_LIBRARY_IMPL(lrpcpp, CUDA, m) {
   m.impl("stab_div", &stab_div_cuda);
-  impl::register_linear_composites(m);
 }
 
 }  // namespace lrpcpp

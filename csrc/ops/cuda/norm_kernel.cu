@@ -11,12 +11,11 @@ namespace lrpcpp {
 namespace {
 
 template <typename scalar_t>
-__launch_bounds__(cuda::kMaxRowThreads)
-__global__ void layer_norm_relevance_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
-                                            const at::opmath_type<scalar_t>* __restrict__ w,
-                                            const at::opmath_type<scalar_t>* __restrict__ b,
-                                            scalar_t* __restrict__ out, int64_t len,
-                                            at::opmath_type<scalar_t> eps, at::opmath_type<scalar_t> epsilon) {
+__launch_bounds__(cuda::kMaxRowThreads) __global__
+    void layer_norm_relevance_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
+                                     const at::opmath_type<scalar_t>* __restrict__ w,
+                                     const at::opmath_type<scalar_t>* __restrict__ b, scalar_t* __restrict__ out,
+                                     int64_t len, at::opmath_type<scalar_t> eps, at::opmath_type<scalar_t> epsilon) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t scratch[32];
   const int64_t base = static_cast<int64_t>(blockIdx.x) * len;
@@ -63,7 +62,6 @@ Tensor layer_norm_relevance_cuda(const Tensor& grad, const Tensor& x, at::IntArr
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrpcpp, CUDA, m) {
-  impl::register_norm_composites(m);
   m.impl("layer_norm_relevance", &layer_norm_relevance_cuda);
 }
 

@@ -10,10 +10,10 @@ namespace lrpcpp {
 namespace {
 
 template <typename scalar_t>
-__launch_bounds__(cuda::kMaxRowThreads)
-__global__ void softmax_relevance_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
-                                         const scalar_t* __restrict__ s, scalar_t* __restrict__ out, int64_t len,
-                                         at::opmath_type<scalar_t> inv_temperature) {
+__launch_bounds__(cuda::kMaxRowThreads) __global__
+    void softmax_relevance_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
+                                  const scalar_t* __restrict__ s, scalar_t* __restrict__ out, int64_t len,
+                                  at::opmath_type<scalar_t> inv_temperature) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t scratch[32];
   const int64_t base = static_cast<int64_t>(blockIdx.x) * len;
@@ -56,7 +56,6 @@ Tensor softmax_relevance_cuda(const Tensor& grad, const Tensor& x, const Tensor&
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrpcpp, CUDA, m) {
-  impl::register_softmax_composites(m);
   m.impl("softmax_relevance", &softmax_relevance_cuda);
 }
 

@@ -1,6 +1,5 @@
 // CUDA kernels of the vision family: gamma_stab_div (one vectorised pass over grad, output and the
-// |x| |W| product, the bias read per element's channel), alpha_beta_stab_div and split_times_input,
-// and the registrations of the forwards and relevance compositions.
+// |x| |W| product, the bias read per element's channel), alpha_beta_stab_div and split_times_input.
 #include <torch/library.h>
 
 #include "../impl.h"
@@ -52,8 +51,8 @@ struct TwoFactorOp {
 };
 
 template <template <typename> class FactorsT, typename... Params>
-TensorPair two_factor_cuda(const Tensor& grad, const Tensor& output, const Tensor& abs_product,
-                           const OptTensor& bias, int64_t d, bool gi, Params... params) {
+TensorPair two_factor_cuda(const Tensor& grad, const Tensor& output, const Tensor& abs_product, const OptTensor& bias,
+                           int64_t d, bool gi, Params... params) {
   const c10::cuda::CUDAGuard guard(output.device());
   Tensor s_w = at::empty(output.sizes(), output.options());
   Tensor s_abs = at::empty(output.sizes(), output.options());
@@ -68,10 +67,15 @@ TensorPair two_factor_cuda(const Tensor& grad, const Tensor& output, const Tenso
     const FactorsT<acc_t> factors{static_cast<acc_t>(params)...};
     auto run = [&](auto gi_tag) {
       constexpr bool kGi = decltype(gi_tag)::value;
-      const TwoFactorOp<scalar_t, FactorsT<acc_t>, kGi> op{
-          gc.const_data_ptr<scalar_t>(), zc.const_data_ptr<scalar_t>(),   pc.const_data_ptr<scalar_t>(),
-          bc.const_data_ptr<scalar_t>(), s_w.mutable_data_ptr<scalar_t>(), s_abs.mutable_data_ptr<scalar_t>(),
-          channels,                      inner,                           factors};
+      const TwoFactorOp<scalar_t, FactorsT<acc_t>, kGi> op{gc.const_data_ptr<scalar_t>(),
+                                                           zc.const_data_ptr<scalar_t>(),
+                                                           pc.const_data_ptr<scalar_t>(),
+                                                           bc.const_data_ptr<scalar_t>(),
+                                                           s_w.mutable_data_ptr<scalar_t>(),
+                                                           s_abs.mutable_data_ptr<scalar_t>(),
+                                                           channels,
+                                                           inner,
+                                                           factors};
       constexpr int bytes = N * sizeof(scalar_t);
       const bool vec = cuda::aligned(op.g, bytes) && cuda::aligned(op.z, bytes) && cuda::aligned(op.p, bytes) &&
                        cuda::aligned(op.sw, bytes) && cuda::aligned(op.sa, bytes);
@@ -139,11 +143,10 @@ TensorPair alpha_beta_stab_div_cuda(const Tensor& grad, const Tensor& output, co
     constexpr int N = cuda::pack_size<scalar_t>();
     auto run = [&](auto gi_tag) {
       constexpr bool kGi = decltype(gi_tag)::value;
-      const AlphaBetaOp<scalar_t, kGi> op{gc.const_data_ptr<scalar_t>(),  zc.const_data_ptr<scalar_t>(),
-                                          ac.const_data_ptr<scalar_t>(),  nc.const_data_ptr<scalar_t>(),
-                                          s_pos.mutable_data_ptr<scalar_t>(), s_neg.mutable_data_ptr<scalar_t>(),
-                                          static_cast<acc_t>(alpha),      static_cast<acc_t>(beta),
-                                          static_cast<acc_t>(epsilon)};
+      const AlphaBetaOp<scalar_t, kGi> op{
+          gc.const_data_ptr<scalar_t>(), zc.const_data_ptr<scalar_t>(),      ac.const_data_ptr<scalar_t>(),
+          nc.const_data_ptr<scalar_t>(), s_pos.mutable_data_ptr<scalar_t>(), s_neg.mutable_data_ptr<scalar_t>(),
+          static_cast<acc_t>(alpha),     static_cast<acc_t>(beta),           static_cast<acc_t>(epsilon)};
       constexpr int bytes = N * sizeof(scalar_t);
       const bool vec = cuda::aligned(op.g, bytes) && cuda::aligned(op.z, bytes) && cuda::aligned(op.a, bytes) &&
                        cuda::aligned(op.n, bytes) && cuda::aligned(op.sp, bytes) && cuda::aligned(op.sn, bytes);
@@ -211,7 +214,6 @@ Tensor split_times_input_cuda(const Tensor& x, const Tensor& a, const Tensor& b,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrpcpp, CUDA, m) {
-  impl::register_vision_composites(m);
   m.impl("gamma_stab_div", &gamma_stab_div_cuda);
   m.impl("alpha_beta_stab_div", &alpha_beta_stab_div_cuda);
   m.impl("split_times_input", &split_times_input_cuda);

@@ -16,7 +16,6 @@ TensorPair add2_relevance_meta(const Tensor& grad, const Tensor& a, const Tensor
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrpcpp, Meta, m) {
-  impl::register_binary_composites(m);
   m.impl("add2_relevance", &add2_relevance_meta);
 }
 

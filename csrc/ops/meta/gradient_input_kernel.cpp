@@ -25,7 +25,6 @@ Tensor gi_layer_norm_backward_meta(const Tensor& grad, const Tensor& x, at::IntA
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrpcpp, Meta, m) {
-  impl::register_gradient_input_composites(m);
   m.impl("gi_identity_forward", &gi_identity_forward_meta);
   m.impl("gi_scale_backward", &gi_scale_backward_meta);
   m.impl("gi_layer_norm_backward", &gi_layer_norm_backward_meta);

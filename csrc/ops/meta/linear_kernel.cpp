@@ -16,7 +16,6 @@ Tensor stab_div_meta(const Tensor& relevance, const Tensor& z, double epsilon, d
 
 TORCH_LIBRARY_IMPL(lrpcpp, Meta, m) {
   m.impl("stab_div", &stab_div_meta);
-  impl::register_linear_composites(m);
 }
 
 }  // namespace lrpcpp

@@ -15,7 +15,6 @@ Tensor layer_norm_relevance_meta(const Tensor& grad, const Tensor& x, at::IntArr
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrpcpp, Meta, m) {
-  impl::register_norm_composites(m);
   m.impl("layer_norm_relevance", &layer_norm_relevance_meta);
 }
 

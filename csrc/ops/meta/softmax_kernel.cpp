@@ -15,7 +15,6 @@ Tensor softmax_relevance_meta(const Tensor& grad, const Tensor& x, const Tensor&
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrpcpp, Meta, m) {
-  impl::register_softmax_composites(m);
   m.impl("softmax_relevance", &softmax_relevance_meta);
 }
 

@@ -33,7 +33,6 @@ Tensor split_times_input_meta(const Tensor& x, const Tensor& a, const Tensor& b,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrpcpp, Meta, m) {
-  impl::register_vision_composites(m);
   m.impl("gamma_stab_div", &gamma_stab_div_meta);
   m.impl("alpha_beta_stab_div", &alpha_beta_stab_div_meta);
   m.impl("split_times_input", &split_times_input_meta);
