@@ -48,7 +48,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode, redispatch_function
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .. import functional as lf
+from ... import functional as lf
 
 __all__ = ["ExplicitRules", "RULES", "PASS_THROUGH", "UnruledOperationWarning", "identity_rule", "run_plain"]
 
