@@ -32,6 +32,24 @@ The mode is active only inside its ``with`` block, in the thread that entered it
 torch is changed.
 """
 
-from .handlers import PASS_THROUGH, RULES, ExplicitRules, UnruledOperationWarning, identity_rule, run_plain
+from typing import Callable, Mapping
+
+from . import handlers, pass_through
+from .mode import ExplicitRules, UnruledOperationWarning
+from .tracking import identity_rule, run_plain
+
+#: The mapping from torch functions to their explicit rules: ``{function: handler}``. Every
+#: spelling of an operation (``torch.add``, ``Tensor.add``, ``Tensor.__add__``, ...) has its own
+#: entry. A function that is not a key keeps its ordinary gradient.
+RULES: Mapping[Callable, Callable] = handlers.RULES
+
+#: The torch functions whose ordinary gradient passes relevance on exactly, so that they need no
+#: rule: views and reshapes, dtype casts and copies, indexing, slicing, gathering, masking and
+#: ``torch.where`` selection, concatenation and splitting, expansion and repetition (the copies'
+#: relevance is summed back), padding, and max pooling and ``topk`` (the selected elements take all
+#: of it). A call with a relevance-carrying argument and a relevance-carrying result that has
+#: neither a rule in :data:`RULES` nor an entry here keeps its gradient, with an
+#: :class:`UnruledOperationWarning` that names it.
+PASS_THROUGH = pass_through.PASS_THROUGH
 
 __all__ = ["ExplicitRules", "RULES", "PASS_THROUGH", "UnruledOperationWarning", "identity_rule", "run_plain"]

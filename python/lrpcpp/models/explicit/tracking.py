@@ -1,0 +1,240 @@
+"""Which tensors carry relevance, and the rules every handler builds on.
+
+A tensor carries relevance when it requires grad and is neither an ``nn.Parameter`` nor a tensor
+the mode saw being computed from parameters alone (:data:`FROM_PARAMETERS`). This module holds that
+bookkeeping, the suspension of the rule modes (:func:`run_plain`), the identity rule
+(:func:`identity_rule`, :func:`pass_to`) and the epsilon-rule core (:func:`epsilon_rule`).
+"""
+
+import contextlib
+from typing import Any, Callable, List, Mapping, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ... import functional as lf
+
+
+class RuleMode(TorchFunctionMode):
+    """The base of :class:`~lrpcpp.models.explicit.ExplicitRules`: a torch function mode whose
+    calls follow the explicit rules, with the stabiliser ``epsilon`` of its epsilon rules.
+    :func:`run_plain` suspends every such mode."""
+
+    epsilon: float
+
+
+# ----------------------------------------------------------------------------- the mode stack
+def is_rule_mode(mode: Any) -> bool:
+    return isinstance(mode, RuleMode)
+
+
+@contextlib.contextmanager
+def without(select: Callable[[Any], bool]):
+    """Take the torch function modes for which ``select`` is true off this thread's mode stack for
+    the duration of the block; the other modes stay active, in their order."""
+    n = torch._C._len_torch_function_stack()
+    stack = [torch._C._get_function_stack_at(i) for i in range(n)]
+    if not any(select(m) for m in stack):
+        yield
+        return
+    kept = [m for m in stack if not select(m)]
+    for _ in stack:
+        torch._C._pop_torch_function_stack()
+    for m in kept:
+        torch._C._push_on_torch_function_stack(m)
+    try:
+        yield
+    finally:
+        for _ in kept:
+            torch._C._pop_torch_function_stack()
+        for m in stack:
+            torch._C._push_on_torch_function_stack(m)
+
+
+def run_plain(fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with every :class:`ExplicitRules` mode suspended: its torch calls
+    are ordinary torch calls with their ordinary gradients."""
+    with without(is_rule_mode):
+        return fn(*args, **kwargs)
+
+
+def _plain(func: Callable, args: Sequence, kwargs: Mapping):
+    with without(is_rule_mode):
+        return func(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------- tensor helpers
+# Tensors that require grad only because they were computed from parameters (a projection of a
+# detached input, ``1 + weight``, ``weight.T``, an embedding lookup); recorded by the mode as they
+# are created. Like parameters, they carry no relevance.
+FROM_PARAMETERS = WeakIdKeyDictionary()
+
+
+def carries(x: Any) -> bool:
+    """A tensor that carries relevance: requires grad, and is neither a parameter nor computed from
+    parameters alone (inside the mode)."""
+    return isinstance(x, Tensor) and x.requires_grad and not isinstance(x, nn.Parameter) and x not in FROM_PARAMETERS
+
+
+def requires_grad(args: Sequence, kwargs: Mapping) -> bool:
+    for values in (args, kwargs.values()):
+        for a in values:
+            if isinstance(a, Tensor):
+                if a.requires_grad:
+                    return True
+            elif isinstance(a, (list, tuple)):
+                if any(isinstance(b, Tensor) and b.requires_grad for b in a):
+                    return True
+    return False
+
+
+def tensor_args(args: Sequence, kwargs: Mapping) -> List[Tensor]:
+    found: List[Tensor] = []
+    for values in (args, kwargs.values()):
+        for a in values:
+            if isinstance(a, Tensor):
+                found.append(a)
+            elif isinstance(a, (list, tuple)):
+                found.extend(b for b in a if isinstance(b, Tensor))
+    return found
+
+
+def mark_from_parameters(out: Any) -> None:
+    if isinstance(out, Tensor):
+        if out.requires_grad:
+            FROM_PARAMETERS[out] = True
+    elif isinstance(out, (list, tuple)):
+        for o in out:
+            mark_from_parameters(o)
+
+
+def any_carrier(args: Sequence, kwargs: Mapping) -> bool:
+    for values in (args, kwargs.values()):
+        for a in values:
+            if isinstance(a, Tensor):
+                if carries(a):
+                    return True
+            elif isinstance(a, (list, tuple)):
+                if any(carries(b) for b in a):
+                    return True
+    return False
+
+
+def const(x: Any) -> Any:
+    """A tensor that does not carry relevance enters an op as a constant (a parameter is detached)."""
+    if isinstance(x, Tensor) and x.requires_grad and not carries(x):
+        return x.detach()
+    return x
+
+
+def operand(x: Any, dtype: torch.dtype, like: Tensor) -> Tensor:
+    """``x`` (tensor or Python number) as a tensor of ``dtype`` on ``like``'s device."""
+    if not isinstance(x, Tensor):
+        return torch.tensor(x, dtype=dtype, device=like.device)
+    x = const(x)
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    if x.device != like.device:
+        x = x.to(like.device)
+    return x
+
+
+class _PassRelevance(torch.autograd.Function):
+    """Forward: ``compute()``, without grad, so exactly what torch computes. Backward: the relevance
+    of the output goes unchanged to ``receiver`` (summed back over broadcast dimensions, cast to
+    its dtype): the identity rule."""
+
+    @staticmethod
+    def forward(ctx, compute: Callable[[], Tensor], receiver: Tensor) -> Tensor:
+        ctx.shape, ctx.dtype = receiver.shape, receiver.dtype
+        out = compute()
+        if out is receiver or out._is_view():
+            out = out.clone()
+        return out
+
+    @staticmethod
+    def backward(ctx, relevance: Tensor):
+        if relevance.shape != ctx.shape:
+            relevance = relevance.sum_to_size(ctx.shape)
+        return None, relevance.to(ctx.dtype)
+
+
+def pass_to(receiver: Tensor, compute: Callable[[], Tensor]) -> Tensor:
+    return _PassRelevance.apply(compute, receiver)
+
+
+def identity_rule(fn: Callable, *args, **kwargs) -> Tensor:
+    """``fn(*args, **kwargs)``, computed exactly (without grad, with the rules suspended), whose
+    relevance goes unchanged to its relevance-carrying tensor argument (the identity rule, RULES.md
+    section 1; AttnLRP Eq. 9 and Prop. 3.4).
+
+    Meant for whole modules or formulas that are one element-wise or normalising step: an RMSNorm
+    module, an activation written as a formula (GPT-2's ``NewGELU``), ``F.normalize``. Exactly one
+    argument may carry relevance, or else exactly one of those that do must have the output's
+    shape. If the receiving argument was broadcast, the relevance is summed back to its shape.
+    With grad disabled, or no relevance-carrying argument, this is ``fn(*args, **kwargs)``.
+    """
+    carriers: List[Tensor] = []
+    for a in list(args) + list(kwargs.values()):
+        if carries(a) and not any(a is c for c in carriers):
+            carriers.append(a)
+    if not carriers or not torch.is_grad_enabled():
+        return run_plain(fn, *args, **kwargs)
+    with torch.no_grad():
+        out = run_plain(fn, *args, **kwargs)
+    if not isinstance(out, Tensor):
+        raise TypeError(f"lrpcpp.models.explicit.identity_rule: fn must return one tensor, got {type(out).__name__}")
+    if len(carriers) == 1:
+        receiver = carriers[0]
+    else:
+        same = [c for c in carriers if c.shape == out.shape]
+        if len(same) != 1:
+            raise ValueError(
+                "lrpcpp.models.explicit.identity_rule: expected one relevance-carrying argument, or exactly one "
+                f"of them with the output's shape {tuple(out.shape)}; got shapes "
+                f"{[tuple(c.shape) for c in carriers]}"
+            )
+        receiver = same[0]
+    try:
+        fits = torch.broadcast_shapes(receiver.shape, out.shape) == out.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"lrpcpp.models.explicit.identity_rule: the output {tuple(out.shape)} must have the shape of the "
+            f"relevance-carrying argument {tuple(receiver.shape)} (or be a broadcast of it)"
+        )
+    return pass_to(receiver, lambda: out)
+
+
+def epsilon_rule(
+    rules: RuleMode,
+    func: Callable,
+    args: Sequence,
+    kwargs: Mapping,
+    slots: Sequence[Union[int, str]],
+    uniform: bool = False,
+) -> Tensor:
+    """``func(*args, **kwargs)`` with the epsilon rule over the arguments at ``slots`` that carry
+    relevance (every other argument is a constant): ``R_x = x * VJP[R / stab(out)]``, divided by
+    the number of those arguments when ``uniform`` (a product of several relevance carriers).
+    The forward value is exactly torch's."""
+    slots = [s for s in slots if carries(args[s] if isinstance(s, int) else kwargs.get(s))]
+    carriers = [args[s] if isinstance(s, int) else kwargs[s] for s in slots]
+    base_args = [const(a) for a in args]
+    base_kwargs = {k: const(v) for k, v in kwargs.items()}
+
+    def fn(*xs: Tensor) -> Tensor:
+        a, k = list(base_args), dict(base_kwargs)
+        for s, x in zip(slots, xs):
+            if isinstance(s, int):
+                a[s] = x
+            else:
+                k[s] = x
+        return _plain(func, a, k)
+
+    if uniform and len(carriers) > 1:
+        return lf.uniform_epsilon(fn, *carriers, epsilon=rules.epsilon)
+    return lf.epsilon(fn, *carriers, epsilon=rules.epsilon)
