@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor, nn
 
-from .models.families import family_of
+from .models.families import UnsupportedModelError, family_of
 from .models.patching import PatchHandle, patch
 from .models.presets import Preset, get_preset, preset_options
 from .models.state import ModelState
@@ -51,6 +51,8 @@ class Attribution:
     * ``output``: the explained value of each batch item (``[batch]``, or ``[batch, K]``).
     * ``target``: the explained class or token id of each item (``None`` for a callable target).
     * ``latent``: with ``latent=True``, the relevance of every layer's output, by module name.
+    * ``coverage``: at the operation level (``level=``), the calls the rules saw
+      (:class:`lrpcpp.models.operations.Coverage`); ``None`` at the registry level.
     """
 
     relevance: Tensor
@@ -58,6 +60,7 @@ class Attribution:
     output: Tensor
     target: Optional[Tensor]
     latent: Optional[Dict[str, Tensor]] = None
+    coverage: Optional[Any] = None
 
 
 def _layers(model: nn.Module) -> Dict[str, nn.Module]:
@@ -269,6 +272,8 @@ def attribute(
     epsilon: Optional[float] = None,
     preset=None,
     rules=None,
+    level: str = "auto",
+    strict: bool = False,
     **model_inputs,
 ) -> Attribution:
     """Explains ``model``'s output with AttnLRP (or CP-LRP) in one forward and one backward pass.
@@ -295,6 +300,12 @@ def attribute(
     With ``attention_mask``, a causal decoder (GPT-2 and the LLaMA-style families) gets
     ``position_ids`` counted over the unmasked tokens, unless given: each row of a left- or
     right-padded batch then has the relevance it has alone.
+
+    ``level``: ``"auto"`` (default) explains a model the family registry describes with its entry and
+    any other model operation by operation (:mod:`lrpcpp.models.operations`, gradient mode);
+    ``"registry"`` or ``"operations"`` forces one. At the operation level ``strict=True`` makes a
+    call without a known rule an error (else it is named in a warning), and ``coverage`` of the
+    result counts the calls seen.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(
@@ -315,14 +326,17 @@ def attribute(
     key, leaf = choose_input(model, input_ids, inputs_embeds, pixel_values)
     explicit = mode == "explicit"
     many = isinstance(target, (list, tuple))
-    family = family_of(model)
+    try:
+        family = family_of(model)
+    except UnsupportedModelError:
+        family = None  # the operation level, unless level="registry" (then patch raises it)
     causal = family is not None and family.causal
     model_inputs = model_kwargs(model, key, leaf, attention_mask, causal, model_inputs)
 
     captured: Dict[str, Tensor] = {}
     hooks = []
     try:
-        with explaining(model, method=method, mode=mode, epsilon=epsilon, preset=preset) as handle:
+        with explaining(model, method, mode, epsilon, preset, level, strict) as handle:
             if latent:
                 for name, layer in _layers(model).items():
                     hooks.append(
@@ -345,6 +359,7 @@ def attribute(
             hooks = []
             inputs: List[Tensor] = [leaf] + list(captured.values())
             grads = relevance_backward(explained, inputs, explicit, many)
+            coverage = handle.coverage
     finally:
         for h in hooks:
             h.remove()
@@ -355,7 +370,9 @@ def attribute(
         latent_map = {
             name: relevance_of(t, g, explicit, k).detach() for (name, t), g in zip(captured.items(), grads[1:])
         }
-    return attribution_of(relevance_of(leaf, grads[0], explicit, k), explained, ids, key, latent_map)
+    result = attribution_of(relevance_of(leaf, grads[0], explicit, k), explained, ids, key, latent_map)
+    result.coverage = coverage
+    return result
 
 
 # ----------------------------------------------------------------------------- the shared steps
@@ -433,6 +450,8 @@ def explaining(
     mode: str = "gradient",
     epsilon: Optional[float] = None,
     preset: Union[str, Preset, None] = None,
+    level: str = "auto",
+    strict: bool = False,
 ) -> Iterator[PatchHandle]:
     """``model`` in eval mode and patched for the block (:func:`lrpcpp.patch`); in gradient mode its
     parameters are frozen as well. Gradient mode asks autograd for the inputs' gradient only: with
@@ -441,7 +460,7 @@ def explaining(
     Everything is put back on leaving the block, also by an exception."""
     with (
         ModelState(model, freeze=mode != "explicit"),
-        patch(model, method=method, mode=mode, epsilon=epsilon, preset=preset) as handle,
+        patch(model, method=method, mode=mode, epsilon=epsilon, preset=preset, level=level, strict=strict) as handle,
     ):
         yield handle
 

@@ -36,13 +36,15 @@ from .. import functional as lf
 from . import explicit
 from . import families as _families
 from .layers import apply_preset
+from .operations import GradientRules, warn_unruled
 from .presets import Preset, get_preset
 from .state import claim, release
 
-__all__ = ["patch", "PatchHandle", "METHODS", "MODES"]
+__all__ = ["patch", "PatchHandle", "METHODS", "MODES", "LEVELS"]
 
 METHODS = ("attnlrp", "cp-lrp")
 MODES = ("gradient", "explicit")
+LEVELS = ("auto", "registry", "operations")
 
 # element-wise activation modules of torch.nn (the identity rule applies to each of them)
 _TORCH_ACTIVATIONS = (
@@ -132,6 +134,21 @@ class _GradientRules(_Rules):
         return torch.ops.lrpcpp.gi_grad_scale(t, scale)
 
 
+class _OperationRules(_GradientRules):
+    """Gradient mode at the operation level: the model's forward runs in :class:`GradientRules`;
+    activation modules (whose outputs are gates for CP-LRP) and RMSNorms stay module-level units."""
+
+    def __init__(self, epsilon: float, method: str, strict: bool):
+        super().__init__(epsilon)
+        self.mode = GradientRules(method, epsilon, strict)
+
+    def elementwise(self, module, x, forward):
+        out = super().elementwise(module, x, forward)
+        if is_activation(module):
+            self.mode.mark_gate(out)
+        return out
+
+
 class _ExplicitRules(_Rules):
     """Explicit relevance (RULES.md section 1): the products split relevance in their own ops, so a
     share only matters when it is 0 (CP-LRP's constant operands)."""
@@ -217,6 +234,7 @@ class PatchHandle:
 
     def __init__(self, model: nn.Module, method: str, mode: str, rules: _Rules):
         self.model, self.method, self.mode, self.rules = model, method, mode, rules
+        self.level = "operations" if isinstance(rules, _OperationRules) else "registry"
         self._undo: List[Callable[[], None]] = []
         self.patched: Dict[str, str] = {}  # module name -> what was done to it
         self.layer_rules: Dict[str, object] = {}  # layer name -> its lrpcpp.rules rule (with a preset)
@@ -237,6 +255,12 @@ class PatchHandle:
         self._undo.append(undo)
         self.patched[name] = what
 
+    @property
+    def coverage(self):
+        """At the operation level, the :class:`lrpcpp.models.operations.Coverage` of the calls seen so
+        far; ``None`` at the registry level."""
+        return self.rules.mode.coverage() if isinstance(self.rules, _OperationRules) else None
+
     def _hook(self, name: str, handle, what: str) -> None:
         self._undo.append(handle.remove)
         self.patched[name] = what
@@ -256,6 +280,7 @@ class PatchHandle:
     def __repr__(self) -> str:
         return (
             f"PatchHandle({type(self.model).__name__}, method={self.method!r}, mode={self.mode!r}, "
+            f"level={self.level!r}, "
             f"{len(self.patched)} modules)"
         )
 
@@ -277,6 +302,8 @@ def patch(
     mode: str = "gradient",
     epsilon: Optional[float] = None,
     preset: Union[str, Preset, None] = None,
+    level: str = "auto",
+    strict: bool = False,
 ) -> PatchHandle:
     """Patches ``model`` (this instance only) for relevance; returns a handle with ``.remove()``.
 
@@ -289,6 +316,14 @@ def patch(
     ``preset`` (a name registered with :func:`lrpcpp.register_preset`, or an :class:`lrpcpp.Preset`)
     also puts a rule on each linear and convolution layer (:mod:`lrpcpp.models.presets`), recorded in
     ``handle.layer_rules``; ``method`` then defaults to the preset's. ``method=None`` is ``"attnlrp"``.
+
+    ``level`` (gradient mode): ``"registry"`` patches the modules a family entry describes (as
+    above); ``"operations"`` rules each torch call of the forward instead
+    (:mod:`lrpcpp.models.operations`), for any architecture; ``"auto"`` (default) takes the registry
+    when it describes the model and the operation level otherwise (a Hugging Face architecture
+    without a family entry, or an attention module no entry describes). At the operation level,
+    ``strict=True`` makes a call without a known rule an error, and ``handle.coverage`` reports the
+    calls seen.
     """
     if preset is not None:
         preset = get_preset(preset)
@@ -304,14 +339,42 @@ def patch(
         epsilon = 1e-10 if mode == "gradient" else 1e-6
     if epsilon < 0:
         raise ValueError(f"lrpcpp.patch: epsilon must be >= 0, got {epsilon}")
-    family = _families.family_of(model)
-    rules: _Rules = _GradientRules(epsilon) if mode == "gradient" else _ExplicitRules(epsilon)
+    if level not in LEVELS:
+        raise ValueError(f"lrpcpp.patch: level must be one of {LEVELS}, got {level!r}")
+    if level == "operations" and mode != "gradient":
+        raise ValueError(
+            "lrpcpp.patch: level='operations' is for mode='gradient' (explicit mode has lrpcpp.ExplicitRules)"
+        )
+    family = None
+    operations = level == "operations"
+    if not operations:
+        try:
+            family = _families.family_of(model)
+        except _families.UnsupportedModelError:
+            if level == "registry" or mode != "gradient":
+                raise
+            operations = True
+        if level == "auto" and mode == "gradient" and family is None and _undescribed_attention(model, set()):
+            operations = True
+    if operations and preset is not None:
+        raise _families.UnsupportedModelError(
+            "lrpcpp.patch: the layer rules of a preset need the registry level (a family entry, or a model whose "
+            "attention modules the registry knows); this model is explained at the operation level"
+        )
+    rules: _Rules
+    if operations:
+        rules = _OperationRules(epsilon, method, strict)
+    else:
+        rules = _GradientRules(epsilon) if mode == "gradient" else _ExplicitRules(epsilon)
     handle = PatchHandle(model, method, mode, rules)
     claim(model, handle, "lrpcpp.patch")
     try:
         if preset is not None:
             apply_preset(handle, preset)
-        _apply(handle, family)
+        if operations:
+            _apply_operations(handle)
+        else:
+            _apply(handle, family)
     except BaseException:
         handle.remove()
         raise
@@ -406,14 +469,7 @@ def _apply(handle: PatchHandle, family: Optional[_families.Family]) -> None:
             handle._set_forward(name, module, new, what)
 
     # 3. an attention module nobody described would get a silently wrong map
-    unknown = []
-    for name, module in modules.items():
-        cls = type(module).__name__
-        if not cls.endswith("Attention") or id(module) in matched_attention:
-            continue
-        if any(id(sub) in matched_attention for sub in module.modules()):
-            continue
-        unknown.append(f"{name or '<root>'} ({cls})")
+    unknown = _undescribed_attention(model, matched_attention)
     if unknown:
         raise _families.UnsupportedModelError(
             f"lrpcpp.patch: no rule for the attention module(s) {', '.join(unknown[:3])}; supported families: "
@@ -429,6 +485,47 @@ def _apply(handle: PatchHandle, family: Optional[_families.Family]) -> None:
                 return forward(*args, **kwargs)
 
         handle._set_forward("", model, explicit_forward, "explicit rules")
+
+
+def _undescribed_attention(model: nn.Module, matched: set) -> List[str]:
+    """The modules named ``...Attention`` that are neither described (``matched`` ids) nor contain a
+    described one, and are no ``nn.MultiheadAttention``."""
+    modules = dict(model.named_modules())
+    matched = matched | {id(m) for m in modules.values() if isinstance(m, nn.MultiheadAttention)}
+    unknown = []
+    for name, module in modules.items():
+        cls = type(module).__name__
+        if not cls.endswith("Attention") or id(module) in matched:
+            continue
+        if any(id(sub) in matched for sub in module.modules()):
+            continue
+        unknown.append(f"{name or '<root>'} ({cls})")
+    return unknown
+
+
+def _apply_operations(handle: PatchHandle) -> None:
+    """The operation level: activation modules and RMSNorms are identity-rule units (their inner
+    calls run without grad, so the mode does not rule them); the model's forward runs in the mode,
+    with one warning per forward pass that names the calls without a rule."""
+    model, rules = handle.model, handle.rules
+    assert isinstance(rules, _OperationRules)
+    for name, module in model.named_modules():
+        if (is_elementwise_norm(module, None) or is_activation(module)) and not isinstance(module, nn.Identity):
+            forward = types.MethodType(type(module).forward, module)
+            new = (lambda m, f: lambda x: rules.elementwise(m, x, f))(module, forward)
+            handle._set_forward(name, module, new, "identity rule")
+    forward = model.__dict__.get("forward") or types.MethodType(type(model).forward, model)
+
+    def operations_forward(*args, **kwargs):
+        before = rules.mode.unruled_counts()
+        with rules.mode:
+            out = forward(*args, **kwargs)
+        rules.mode.check_functions(out)
+        after = rules.mode.unruled_counts()
+        warn_unruled({n: c - before.get(n, 0) for n, c in after.items() if c > before.get(n, 0)}, type(model).__name__)
+        return out
+
+    handle._set_forward("", model, operations_forward, "operation-level rules")
 
 
 def _held_constant(forward: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:

@@ -2,57 +2,27 @@
 the :class:`UnruledOperationWarning` it gives for a call it has no rule for."""
 
 import contextlib
-import threading
-import types
 import warnings
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
-from torch.overrides import redispatch_function
 
 from .handlers import RULES
 from .pass_through import DROPOUT, PASS_THROUGH
 from .tracking import (
     FROM_PARAMETERS,
     RuleMode,
+    UnruledOperationWarning,
     any_carrier,
     is_rule_mode,
     mark_from_parameters,
+    op_name,
     requires_grad,
+    run_body,
     tensor_args,
     without,
 )
-
-
-class _InBody(threading.local):
-    """The Python-level torch functions whose bodies this thread is running under the rules."""
-
-    def __init__(self) -> None:
-        self.funcs: set = set()
-
-
-_IN_BODY = _InBody()
-
-
-class UnruledOperationWarning(UserWarning):
-    """A torch function in :class:`ExplicitRules` passed relevance on as its plain gradient: it has
-    no explicit rule (for these arguments) and is not one of :data:`PASS_THROUGH`. Turn it into
-    an error with ``warnings.simplefilter("error", UnruledOperationWarning)``."""
-
-
-def _op_name(func: Callable) -> str:
-    owner = getattr(func, "__self__", None)
-    if isinstance(func, types.MethodWrapperType) and owner is not None and hasattr(owner, "__objclass__"):
-        return f"Tensor.{owner.__name__}"  # an attribute such as Tensor.T
-    if isinstance(func, torch._ops.OpOverloadPacket):
-        return f"torch.ops.{func._qualified_op_name.replace('::', '.')}"
-    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
-    for prefix, spelled in (("TensorBase.", "Tensor."), ("_VariableFunctionsClass.", "torch.")):
-        if name.startswith(prefix):
-            return spelled + name[len(prefix) :]
-    module = getattr(func, "__module__", None)
-    return f"{module}.{name}" if module and "." not in name else name
 
 
 def _has_rule(func: Callable) -> bool:
@@ -135,19 +105,13 @@ class ExplicitRules(RuleMode):
                 out = handler(self, func, *args, **kwargs)
             if out is not NotImplemented:
                 return out
-        elif isinstance(func, types.FunctionType) and func not in _IN_BODY.funcs:
-            # a torch function written in Python: run its body with the rules active. A function
-            # whose body reaches torch's function handling under its own name again (a Python
-            # Tensor method calling its C implementation) is not redispatched a second time.
-            _IN_BODY.funcs.add(func)
-            try:
-                with self:
-                    return redispatch_function(func, types_, args, kwargs)
-            finally:
-                _IN_BODY.funcs.discard(func)
+        else:
+            out = run_body(self, func, types_, args, kwargs)
+            if out is not NotImplemented:
+                return out
         out = func(*args, **kwargs)
         if not _has_rule(func) and _carries_relevance(out):
-            name = _op_name(func)
+            name = op_name(func)
             warnings.warn(
                 f"lrpcpp.ExplicitRules: {name} has no explicit LRP rule (for these arguments); its "
                 f"relevance-carrying input got the plain gradient of {name}, which is in general not a "

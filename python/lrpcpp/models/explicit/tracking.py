@@ -7,22 +7,73 @@ bookkeeping, the suspension of the rule modes (:func:`run_plain`), the identity 
 """
 
 import contextlib
+import threading
+import types
 from typing import Any, Callable, List, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, redispatch_function
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ... import functional as lf
 
 
 class RuleMode(TorchFunctionMode):
-    """The base of :class:`~lrpcpp.models.explicit.ExplicitRules`: a torch function mode whose
-    calls follow the explicit rules, with the stabiliser ``epsilon`` of its epsilon rules.
-    :func:`run_plain` suspends every such mode."""
+    """The base of the operation-level rule modes (:class:`~lrpcpp.models.explicit.ExplicitRules`,
+    :class:`~lrpcpp.models.operations.GradientRules`): a torch function mode whose calls follow
+    relevance rules, with the stabiliser ``epsilon`` of its rules. :func:`run_plain` suspends
+    every such mode."""
 
     epsilon: float
+
+
+class UnruledOperationWarning(UserWarning):
+    """A torch function under an operation-level rule mode passed relevance on as its plain
+    gradient: it has no rule (for these arguments) and its gradient is not known to be exact. Turn
+    it into an error with ``warnings.simplefilter("error", UnruledOperationWarning)`` (or, at the
+    operation level of gradient mode, with ``strict=True``)."""
+
+
+def op_name(func: Callable) -> str:
+    """A readable name of a torch function, as the coverage reports and warnings spell it."""
+    owner = getattr(func, "__self__", None)
+    if isinstance(func, types.MethodWrapperType) and owner is not None and hasattr(owner, "__objclass__"):
+        return f"Tensor.{owner.__name__}"  # an attribute such as Tensor.T
+    if isinstance(func, torch._ops.OpOverloadPacket):
+        return f"torch.ops.{func._qualified_op_name.replace('::', '.')}"
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    for prefix, spelled in (("TensorBase.", "Tensor."), ("_VariableFunctionsClass.", "torch.")):
+        if name.startswith(prefix):
+            return spelled + name[len(prefix) :]
+    module = getattr(func, "__module__", None)
+    return f"{module}.{name}" if module and "." not in name else name
+
+
+class _InBody(threading.local):
+    """The Python-level torch functions whose bodies this thread is running under the rules."""
+
+    def __init__(self) -> None:
+        self.funcs: set = set()
+
+
+_IN_BODY = _InBody()
+
+
+def run_body(mode: TorchFunctionMode, func: Callable, types_, args: Sequence, kwargs: Mapping) -> Any:
+    """A torch function written in Python (``F.multi_head_attention_forward``, ...): its body run
+    with ``mode`` active, so that the calls it makes are mapped in turn; ``NotImplemented`` for any
+    other function, and for a function whose body reaches torch's function handling under its own
+    name again (a Python Tensor method calling its C implementation), which is not redispatched a
+    second time."""
+    if not isinstance(func, types.FunctionType) or func in _IN_BODY.funcs:
+        return NotImplemented
+    _IN_BODY.funcs.add(func)
+    try:
+        with mode:
+            return redispatch_function(func, types_, args, kwargs)
+    finally:
+        _IN_BODY.funcs.discard(func)
 
 
 # ----------------------------------------------------------------------------- the mode stack

@@ -1,0 +1,29 @@
+"""Operation-level rules of gradient mode: any model explained without a family entry.
+
+``lrpcpp.patch(model, level="operations")`` (and :func:`lrpcpp.attribute`, which chooses this
+level by itself for a model the registry does not describe) runs the model's forward inside
+:class:`GradientRules`, a ``torch.overrides.TorchFunctionMode``. Every torch call with a
+relevance-carrying argument (a tensor that requires grad and is not computed from parameters
+alone, as in :mod:`lrpcpp.models.explicit`) gets, from what it is and which arguments carry
+relevance, the gradient-mode rule of RULES.md section 2 (:data:`RULES`), or keeps its ordinary
+gradient where that is the rule (:data:`EXACT`); anything else is counted as unruled in the
+:class:`Coverage` report, with one warning per forward pass (or an error with ``strict=True``).
+"""
+
+from typing import Callable, Mapping
+
+from . import handlers
+from .mode import Coverage, GradientRules, UnruledOperationWarning, warn_unruled
+
+#: The torch functions with a gradient-mode rule, ``{function: handler}``: products of two
+#: relevance carriers (``mul``, ``matmul``/``bmm``/``mm``, ``einsum``, ``addmm``/``baddbmm``,
+#: ``F.scaled_dot_product_attention``), normalisers (a carrying divisor, ``rsqrt``, ``reciprocal``,
+#: norms, variances, ``F.normalize``), ``F.layer_norm``, ``F.rms_norm`` and element-wise functions
+#: of one carrier (activations, ``exp``, ``pow``, ``sqrt``, ``square``).
+RULES: Mapping[Callable, Callable] = handlers.RULES
+
+#: The torch functions whose ordinary gradient is the gradient-mode rule: linear maps, additions,
+#: sums and means, softmax, and every function of :data:`lrpcpp.models.explicit.PASS_THROUGH`.
+EXACT = handlers.EXACT
+
+__all__ = ["GradientRules", "Coverage", "RULES", "EXACT", "UnruledOperationWarning", "warn_unruled"]

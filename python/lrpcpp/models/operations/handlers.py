@@ -1,0 +1,234 @@
+"""The per-operation rules of gradient mode (RULES.md section 2) and :data:`RULES`, the table that
+maps each torch function to its handler; :data:`EXACT`, the functions whose ordinary gradient is
+already the gradient-mode rule; :data:`GATES`, the functions whose output a CP-LRP product holds
+constant."""
+
+from types import MappingProxyType
+from typing import Callable, Iterable, List, Mapping, Sequence
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from ..explicit.pass_through import DROPOUT, PASS_THROUGH
+from ..explicit.tracking import RuleMode, carries, const
+
+_T = Tensor
+
+
+def _spellings(names: Iterable[str], *owners) -> List[Callable]:
+    return [getattr(o, n) for n in names for o in owners if getattr(o, n, None) is not None]
+
+
+# ----------------------------------------------------------------------------- handlers
+# A handler is called as handler(mode, func, *args, **kwargs) with the arguments of the torch call,
+# once at least one argument carries relevance, with the rule modes suspended. It returns the
+# result, or NotImplemented to run the call with its ordinary gradient (then it must be in EXACT
+# for the arguments it declines, or it is reported as unruled).
+
+
+def _products(mode: RuleMode, operands: Sequence) -> List:
+    """The operands of a product, each carrier with its share of the gradient (RULES.md section 2):
+    ``attnlrp`` splits it evenly; ``cp-lrp`` holds the gates (softmax and activation outputs)
+    constant and splits it among the others, or evenly when all or none are gates."""
+    carrying = [i for i, o in enumerate(operands) if carries(o)]
+    shares = {i: 1.0 / len(carrying) for i in carrying}
+    if not mode.uniform:
+        gates = [i for i in carrying if mode.is_gate(operands[i])]
+        if 0 < len(gates) < len(carrying):
+            shares = {i: 0.0 if i in gates else 1.0 / (len(carrying) - len(gates)) for i in carrying}
+    return [mode.share(o, shares[i]) if i in shares else const(o) for i, o in enumerate(operands)]
+
+
+def _product(mode, func, input, other, *, out=None):
+    if out is not None or not (carries(input) and carries(other)):
+        return NotImplemented
+    a, b = _products(mode, (input, other))
+    return func(a, b)
+
+
+def _affine_mm(mode, func, input, mat1, mat2, *, beta=1, alpha=1, out=None):
+    if out is not None or not (carries(mat1) and carries(mat2)):
+        return NotImplemented
+    a, b = _products(mode, (mat1, mat2))
+    return func(input, a, b, beta=beta, alpha=alpha)
+
+
+def _einsum(mode, func, equation, *operands):
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    if not isinstance(equation, str) or sum(carries(o) for o in operands) < 2:
+        return NotImplemented
+    return torch.einsum(equation, *_products(mode, operands))
+
+
+def _sdpa(mode, func, query, key, value, *args, **kwargs):
+    """``softmax(q kᵀ s + mask) v`` stays one kernel: the products' shares go to q, k and v as the
+    registry's attention entries give them (AttnLRP: a quarter each to q and k, half to v; CP-LRP:
+    q and k held constant, v takes all)."""
+    qk = [t for t in (query, key) if carries(t)]
+    if not mode.uniform:
+        q_share, v_share = 0.0, 1.0
+    elif carries(value):
+        q_share, v_share = (0.5 / len(qk) if qk else 0.0), (0.5 if qk else 1.0)
+    else:
+        q_share, v_share = 1.0 / max(len(qk), 1), 1.0
+    q, k = (mode.share(t, q_share) if carries(t) else const(t) for t in (query, key))
+    v = mode.share(value, v_share) if carries(value) else const(value)
+    return func(q, k, v, *args, **kwargs)
+
+
+def _div(mode, func, input, other, *args, **kwargs):
+    # a relevance-carrying divisor is a normaliser: held constant
+    if not carries(other):
+        return NotImplemented
+    return func(input, other.detach(), *args, **kwargs)
+
+
+def _rdiv(mode, func, input, other):
+    # Tensor.__rdiv__(self, other) is other / self: self is the divisor
+    return func(input.detach(), other) if carries(input) else NotImplemented
+
+
+def _held_constant(mode, func, *args, **kwargs):
+    """A normaliser (``rsqrt``, ``reciprocal``, a norm, a variance): computed as torch does, its
+    result held constant."""
+    out = func(*args, **kwargs)
+    if isinstance(out, (tuple, list)):
+        return type(out)(o.detach() if isinstance(o, Tensor) else o for o in out)
+    return out.detach()
+
+
+def _identity(inplace: bool = False) -> Callable:
+    """An element-wise function of one relevance carrier: the identity rule, ``g_x = g_y y / stab(x)``
+    (``gi_identity``) with ``y`` computed by torch itself."""
+
+    def handler(mode, func, input, *args, **kwargs):
+        if not carries(input) or any(carries(a) for a in list(args) + list(kwargs.values())):
+            return NotImplemented
+        in_place = inplace or bool(kwargs.get("inplace", False))
+        if "inplace" in kwargs:
+            kwargs = dict(kwargs, inplace=False)
+        with torch.no_grad():
+            y = func(input.clone() if in_place else input, *args, **kwargs)
+        if in_place:
+            return input.copy_(torch.ops.lrpcpp.gi_identity(input.clone(), y, mode.epsilon))
+        return torch.ops.lrpcpp.gi_identity(input, y, mode.epsilon)
+
+    return handler
+
+
+def _layer_norm(mode, func, input, normalized_shape, weight=None, bias=None, eps=1e-5, *args):
+    if not carries(input) or carries(weight) or carries(bias):
+        return NotImplemented
+    shape = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
+    return torch.ops.lrpcpp.gi_layer_norm(input, shape, const(weight), const(bias), eps)
+
+
+def _rms_norm(mode, func, input, *args, **kwargs):
+    # the identity rule over the whole normalisation, as for an RMSNorm module
+    return _identity()(mode, func, input, *args, **kwargs)
+
+
+def _normalize(mode, func, input, p=2.0, dim=1, eps=1e-12, out=None):
+    # x / max(||x||, eps), F.normalize's own formula, with the norm held constant
+    if out is not None or not carries(input):
+        return NotImplemented
+    with torch.no_grad():
+        denom = input.norm(p, dim, keepdim=True).clamp_min(eps).expand_as(input)
+    return input / denom
+
+
+def _pow(mode, func, input, exponent, *args, **kwargs):
+    if not isinstance(input, Tensor) or not isinstance(exponent, (int, float)):
+        return NotImplemented
+    return _identity()(mode, func, input, exponent, *args, **kwargs)
+
+
+def _inplace(handler: Callable, outofplace: Callable) -> Callable:
+    """The in-place form of an out-of-place handler: computed on a copy, written into the target."""
+
+    def run(mode, func, input, *args, **kwargs):
+        if not isinstance(input, Tensor):
+            return NotImplemented
+        result = handler(mode, outofplace, input.clone(), *args, **kwargs)
+        return result if result is NotImplemented else input.copy_(result)
+
+    return run
+
+
+def _table(*groups) -> dict:
+    table: dict = {}
+    for funcs, handler in groups:
+        for f in funcs:
+            table[f] = handler
+    return table
+
+
+_ACTIVATIONS = ("silu", "gelu", "relu", "elu", "celu", "selu", "leaky_relu", "relu6", "hardtanh", "hardswish")
+_ACTIVATIONS += ("hardsigmoid", "softplus", "mish", "tanh", "sigmoid", "logsigmoid", "tanhshrink", "softsign")
+_ELEMENTWISE = ("tanh", "sigmoid", "relu", "exp", "sqrt", "square")
+_MUL = ("mul", "multiply", "__mul__", "__rmul__")
+_MATMUL = ("matmul", "__matmul__", "bmm", "mm")
+_DIV = ("div", "divide", "true_divide", "__truediv__", "__div__")
+_NORMALISERS = ("rsqrt", "reciprocal", "norm", "var", "std", "var_mean", "std_mean")
+
+# Described where it is public, as lrpcpp.models.operations.RULES.
+RULES: Mapping[Callable, Callable] = MappingProxyType(
+    _table(
+        # products of two relevance carriers: the gradient split (attnlrp) or the gate held (cp-lrp)
+        (_spellings(_MUL + _MATMUL, torch, _T), _product),
+        (_spellings(["__rmatmul__"], _T), lambda m, f, a, b: _product(m, f, a, b)),
+        (_spellings(["mul_", "multiply_", "__imul__"], _T), _inplace(_product, _T.mul)),
+        (_spellings(["addmm", "baddbmm"], torch, _T), _affine_mm),
+        ([torch.einsum], _einsum),
+        ([F.scaled_dot_product_attention], _sdpa),
+        # normalisers: a relevance-carrying divisor, rsqrt, reciprocal, norms: held constant
+        (_spellings(_DIV, torch, _T), _div),
+        (_spellings(["div_", "divide_", "true_divide_", "__itruediv__", "__idiv__"], _T), _div),
+        (_spellings(["__rdiv__", "__rtruediv__"], _T), _rdiv),
+        (_spellings(_NORMALISERS, torch, _T), _held_constant),
+        ([torch.linalg.norm, torch.linalg.vector_norm], _held_constant),
+        ([F.normalize], _normalize),
+        ([F.layer_norm, torch.layer_norm], _layer_norm),
+        ([F.rms_norm, torch.rms_norm], _rms_norm),
+        # element-wise functions of one carrier: the identity rule
+        (_spellings(_ACTIVATIONS, F), _identity()),
+        (_spellings(_ELEMENTWISE, torch, _T), _identity()),
+        (_spellings(["pow", "__pow__"], torch, _T), _pow),
+        (_spellings(["relu_", "elu_", "leaky_relu_", "hardtanh_"], F, torch), _identity(inplace=True)),
+        (_spellings(["relu_", "tanh_", "sigmoid_", "exp_", "sqrt_", "square_"], _T), _identity(inplace=True)),
+    )
+)
+
+# Linear maps, additions, reductions by summation, softmax, selection, masking and reshaping: their
+# ordinary gradient is the gradient-mode rule (with a product or a division, when only one factor,
+# or only the numerator, carries relevance). Described where it is public, as
+# lrpcpp.models.operations.EXACT.
+_LINEAR = ("add", "sub", "subtract", "rsub", "neg", "negative", "sum", "mean", "cumsum", "nansum")
+_LINEAR += ("softmax", "log_softmax", "index_add", "scatter_add", "conv1d", "conv2d", "conv3d", "sum_to_size")
+_INPLACE = ("add_", "sub_", "subtract_", "neg_", "__iadd__", "__isub__", "__neg__", "__add__", "__radd__")
+_INPLACE += ("__sub__", "__rsub__", "index_add_", "scatter_add_", "__setitem__", "index_put", "index_put_")
+_INPLACE += ("masked_scatter", "masked_scatter_", "fill_", "zero_")
+_FUNCTIONAL = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+_FUNCTIONAL += ("avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d")
+_FUNCTIONAL += ("adaptive_avg_pool3d", "batch_norm", "softmax", "log_softmax", "interpolate", "embedding")
+EXACT = frozenset(
+    list(PASS_THROUGH)
+    + list(DROPOUT)
+    + _spellings(_LINEAR + _MUL + _MATMUL + _DIV + ("addmm", "baddbmm"), torch, _T)
+    + _spellings(_INPLACE + ("mul_", "multiply_", "__imul__", "div_", "divide_", "__itruediv__"), _T)
+    + _spellings(["__rmatmul__", "__rdiv__", "__rtruediv__"], _T)
+    + _spellings(_FUNCTIONAL, F)
+    + [torch.einsum, F.scaled_dot_product_attention]
+)
+
+# Functions whose output is a gate: CP-LRP holds it constant where it meets another carrier in a
+# product (attention weights; activation outputs, as in a gated MLP's act(gate) * up).
+GATES = frozenset(
+    _spellings(("softmax",), torch, _T, F)
+    + _spellings(_ACTIVATIONS, F)
+    + _spellings(("tanh", "sigmoid", "relu"), torch, _T)
+)
+
+__all__ = ["RULES", "EXACT", "GATES"]

@@ -1,0 +1,212 @@
+"""The torch function mode :class:`GradientRules` (operation-level rules of gradient mode) and the
+:class:`Coverage` report of what it saw."""
+
+import collections
+import warnings
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Callable, Dict, Mapping, Optional
+
+import torch
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ..explicit.tracking import (
+    FROM_PARAMETERS,
+    RuleMode,
+    UnruledOperationWarning,
+    any_carrier,
+    is_rule_mode,
+    mark_from_parameters,
+    op_name,
+    requires_grad,
+    run_body,
+    tensor_args,
+    without,
+)
+from .handlers import EXACT, GATES, RULES
+
+__all__ = ["GradientRules", "Coverage"]
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """What the operation level saw: the calls with a relevance-carrying input, by function name,
+    in three kinds. ``ruled``: given a rule of :data:`~lrpcpp.models.operations.RULES` (or an lrpcpp
+    operator, such as the identity rule of an activation module). ``passed``: their ordinary
+    gradient is the rule (:data:`~lrpcpp.models.operations.EXACT`). ``unruled``: neither (an unknown
+    function, a custom ``torch.autograd.Function``): they kept their plain gradient, which is in
+    general not a relevance rule. Calls returning no relevance-carrying tensor (shape and dtype
+    queries) are not counted."""
+
+    ruled: Mapping[str, int]
+    passed: Mapping[str, int]
+    unruled: Mapping[str, int]
+
+    @property
+    def seen(self) -> int:
+        return sum(self.ruled.values()) + sum(self.passed.values()) + sum(self.unruled.values())
+
+    def __repr__(self) -> str:
+        unruled = ", ".join(f"{n} x{c}" for n, c in sorted(self.unruled.items())) or "none"
+        return (
+            f"Coverage(seen={self.seen}, ruled={sum(self.ruled.values())}, passed={sum(self.passed.values())}, "
+            f"unruled: {unruled})"
+        )
+
+
+def _is_lrpcpp_op(func: Callable) -> bool:
+    if isinstance(func, torch._ops.OpOverloadPacket):
+        return func._qualified_op_name.startswith("lrpcpp::")
+    return isinstance(func, torch._ops.OpOverload) and func.name().startswith("lrpcpp::")
+
+
+def _tensors(out: Any):
+    if isinstance(out, Tensor):
+        yield out
+    elif isinstance(out, (list, tuple)):
+        for o in out:
+            yield from _tensors(o)
+    elif isinstance(out, Mapping):
+        for o in out.values():
+            yield from _tensors(o)
+    elif hasattr(out, "to_tuple"):  # a Hugging Face ModelOutput
+        yield from _tensors(out.to_tuple())
+
+
+class GradientRules(RuleMode):
+    """A torch function mode that puts the gradient-mode rules (RULES.md section 2) on the torch
+    calls of unmodified model code, operation by operation: ``method`` ``"attnlrp"`` (products split
+    evenly) or ``"cp-lrp"`` (gates held constant); ``epsilon`` stabilises the identity rule. With
+    ``strict``, a call without a rule whose gradient is not known to be exact raises
+    ``RuntimeError``; otherwise it is counted (:meth:`coverage`). Activation and RMSNorm modules are
+    patched as units by :func:`lrpcpp.patch`, which runs the model's forward in this mode."""
+
+    def __init__(self, method: str = "attnlrp", epsilon: float = 1e-10, strict: bool = False) -> None:
+        super().__init__()
+        if method not in ("attnlrp", "cp-lrp"):
+            raise ValueError(f"GradientRules: method must be 'attnlrp' or 'cp-lrp', got {method!r}")
+        if not epsilon >= 0:
+            raise ValueError(f"GradientRules: expected epsilon >= 0, got {epsilon}")
+        self.method, self.uniform, self.epsilon, self.strict = method, method == "attnlrp", float(epsilon), strict
+        self._counts: Dict[str, collections.Counter] = {
+            k: collections.Counter() for k in ("ruled", "passed", "unruled")
+        }
+        self._gates = WeakIdKeyDictionary()
+        self._functions = WeakIdKeyDictionary()  # grad_fn of a custom autograd.Function -> already counted
+        self._scales: Dict[Any, Tensor] = {}
+
+    def __repr__(self) -> str:
+        return f"GradientRules(method={self.method!r}, epsilon={self.epsilon}, strict={self.strict})"
+
+    # --- what the handlers use
+    def share(self, t: Tensor, share: float) -> Tensor:
+        """``t`` with its gradient scaled by ``share`` (``gi_grad_scale``; 0 detaches)."""
+        if share == 0.0:
+            return t.detach()
+        if share == 1.0:
+            return t
+        key = (share, t.device)
+        if key not in self._scales:
+            self._scales[key] = torch.tensor(share, dtype=torch.float32, device=t.device)
+        return torch.ops.lrpcpp.gi_grad_scale(t, self._scales[key])
+
+    def is_gate(self, t: Any) -> bool:
+        return isinstance(t, Tensor) and t in self._gates
+
+    def mark_gate(self, out: Any) -> None:
+        for t in _tensors(out):
+            if t.requires_grad:
+                self._gates[t] = True
+
+    # --- the report
+    def coverage(self) -> Coverage:
+        return Coverage(**{k: MappingProxyType(dict(c)) for k, c in self._counts.items()})
+
+    def unruled_counts(self) -> Dict[str, int]:
+        return dict(self._counts["unruled"])
+
+    def _unruled(self, name: str) -> None:
+        if self.strict:
+            raise RuntimeError(
+                f"lrpcpp (operation level, strict=True): {name} has no gradient-mode rule and its gradient is not "
+                "known to be exact on the relevance-carrying path; give that step a rule (an lrpcpp operator, "
+                "or a module the patch treats), or pass strict=False to count it in the coverage instead"
+            )
+        self._counts["unruled"][name] += 1
+
+    def check_functions(self, values: Any) -> None:
+        """Reports a custom ``torch.autograd.Function`` whose relevance-carrying output is among
+        ``values``: the mode sees its forward's calls only without grad, so it finds the function
+        by the node it left in the graph."""
+        for t in _tensors(values):
+            node = t.grad_fn if t.requires_grad else None
+            if not isinstance(node, torch.autograd.function.BackwardCFunction) or node in self._functions:
+                continue
+            self._functions[node] = True
+            cls = node._forward_cls
+            if not cls.__module__.startswith("lrpcpp"):
+                self._unruled(f"{cls.__module__}.{cls.__qualname__}.apply (a custom autograd.Function)")
+
+    # --- the mode
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        grad = torch.is_grad_enabled()
+        if not (grad and any_carrier(args, kwargs)):
+            from_parameters = grad and requires_grad(args, kwargs)
+            out = func(*args, **kwargs)
+            if from_parameters:
+                mark_from_parameters(out)
+            return out
+        self.check_functions((args, list(kwargs.values())))
+        marked = [(t, t._version) for t in tensor_args(args, kwargs) if t in FROM_PARAMETERS]
+        out = self._with_relevance(func, types_, args, kwargs)
+        for t, version in marked:  # written into in place with relevance-carrying values
+            if t._version != version:
+                FROM_PARAMETERS.pop(t, None)
+        return out
+
+    def _with_relevance(self, func, types_, args, kwargs):
+        handler = RULES.get(func)
+        if handler is not None:
+            with without(is_rule_mode):
+                out = handler(self, func, *args, **kwargs)
+            if out is not NotImplemented:
+                self._counts["ruled"][op_name(func)] += 1
+                if func in GATES:
+                    self.mark_gate(out)
+                return out
+        if func in EXACT or _is_lrpcpp_op(func):
+            out = func(*args, **kwargs)
+            if any(t.requires_grad for t in _tensors(out)):
+                self._counts["ruled" if _is_lrpcpp_op(func) else "passed"][op_name(func)] += 1
+                if func in GATES or any(self.is_gate(t) for t in tensor_args(args, kwargs)):
+                    self.mark_gate(out)  # a gate stays one through casts, views and dropout
+            return out
+        out = run_body(self, func, types_, args, kwargs)
+        if out is NotImplemented:
+            out = func(*args, **kwargs)
+            if any(t.requires_grad for t in _tensors(out)):
+                self._unruled(op_name(func))
+        return out
+
+
+def unruled_message(names: Mapping[str, int], where: str) -> Optional[str]:
+    """The text of the one warning per forward pass that names the unruled functions."""
+    if not names:
+        return None
+    listed = ", ".join(f"{n} (x{c})" for n, c in sorted(names.items()))
+    return (
+        f"lrpcpp: the operation-level rules of {where} have no rule for {listed}: their relevance-carrying "
+        "inputs got the plain gradient, which is in general not a relevance rule, so the relevance may be wrong. "
+        "Describe the architecture with lrpcpp.register_family, or pass strict=True to make this an error"
+    )
+
+
+def warn_unruled(names: Mapping[str, int], where: str) -> None:
+    message = unruled_message(names, where)
+    if message is not None:
+        warnings.warn(message, UnruledOperationWarning, stacklevel=3)
+
+
+__all__ += ["UnruledOperationWarning"]
