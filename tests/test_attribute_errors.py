@@ -187,7 +187,7 @@ def test_a_wrapper_of_two_architectures_is_refused(gpt2):
             self.a, self.b = gpt2, build("llama")
 
     with pytest.raises(lrpcpp.UnsupportedModelError, match=r"several architectures \(a: gpt2, b: llama\)"):
-        lrpcpp.patch(Two())
+        lrpcpp.patch(Two(), level="registry")  # level="auto" explains it at the operation level
 
 
 def test_inference_mode_is_refused_and_no_grad_works(gpt2):

@@ -184,7 +184,7 @@ def test_unknown_architecture_is_an_error():
     model = nn.Linear(3, 3)
     model.config = Config()
     with pytest.raises(lrpcpp.UnsupportedModelError, match="register_family"):
-        lrpcpp.patch(model)
+        lrpcpp.patch(model, level="registry")  # level="auto" explains it at the operation level
 
 
 def test_unknown_attention_module_in_plain_model_is_an_error():
@@ -197,14 +197,14 @@ def test_unknown_attention_module_in_plain_model_is_an_error():
             return torch.softmax(self.proj(x) @ x.transpose(-1, -2), -1) @ x
 
     with pytest.raises(lrpcpp.UnsupportedModelError, match="FancyAttention"):
-        lrpcpp.patch(nn.Sequential(FancyAttention()))
+        lrpcpp.patch(nn.Sequential(FancyAttention()), level="registry")  # "auto": the operation level
 
 
 def test_register_family_makes_a_new_architecture_work():
     model = build("llama")
     model.config.model_type = "llama_clone"
     with pytest.raises(lrpcpp.UnsupportedModelError):
-        lrpcpp.patch(model)
+        lrpcpp.patch(model, level="registry")
     lrpcpp.register_family(
         "llama_clone",
         model_types=("llama_clone",),

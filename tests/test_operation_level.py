@@ -1,0 +1,163 @@
+"""The operation level of gradient mode (lrpcpp.models.operations): the same relevance as the family
+registry where both apply, and any model explained without a family entry."""
+
+import warnings
+
+import lrpcpp
+import pytest
+import torch
+from lrpcpp.models.operations import UnruledOperationWarning
+from models import build, inputs
+from torch import nn
+from torch.nn import functional as F
+
+CHEAP = ["llama", "gpt2", "bert", "vit"]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("method", ["attnlrp", "cp-lrp"])
+@pytest.mark.parametrize("family", CHEAP)
+def test_operation_level_equals_the_registry(family, method, attn):
+    model, kw = build(family, attn=attn), inputs(family)
+    ref = lrpcpp.attribute(model, method=method, level="registry", **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnruledOperationWarning)
+        got = lrpcpp.attribute(model, method=method, level="operations", **kw)
+    torch.testing.assert_close(got.relevance, ref.relevance, rtol=1e-10, atol=1e-12)
+    assert ref.coverage is None
+    assert got.coverage.unruled == {} and got.coverage.seen > 0
+    assert any("scaled_dot_product_attention" in n or "matmul" in n for n in got.coverage.ruled)  # the products
+
+
+@pytest.mark.parametrize("family", CHEAP)
+def test_patched_forward_is_bitwise_the_plain_forward(family):
+    model, kw = build(family), inputs(family)
+    key = "pixel_values" if "pixel_values" in kw else "inputs_embeds"
+    x = kw[key] if key == "pixel_values" else model.get_input_embeddings()(kw["input_ids"]).detach()
+    plain = model(**{key: x}).logits
+    with lrpcpp.patch(model, level="operations") as handle:
+        assert handle.level == "operations"
+        patched = model(**{key: x.clone().requires_grad_()}).logits
+    assert torch.equal(patched, plain)
+
+
+def test_cp_lrp_holds_the_gate_and_the_attention_weights_constant():
+    # float64 transcription of RULES.md section 2 on one gated block with eager attention
+    torch.manual_seed(0)
+    lin = [nn.Linear(4, 4, bias=False).double() for _ in range(5)]
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.gate, self.up = lin
+            self.act = nn.SiLU()
+
+        def forward(self, x):
+            a = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2), -1)
+            h = a @ self.v(x)
+            return (self.act(self.gate(h)) * self.up(h)).sum(-1)
+
+    x = torch.randn(1, 3, 4, dtype=torch.float64)
+    for method in ("attnlrp", "cp-lrp"):
+        leaf = x.clone().requires_grad_()
+        with lrpcpp.patch(Block(), method=method, level="operations") as handle:
+            handle.model(leaf).sum().backward()
+        # reference: the registry's shares, written by hand
+        q, k, v, gate, up = (m.weight for m in lin)
+        ref = x.clone().requires_grad_()
+        share = (lambda t, s: t.detach() + s * (t - t.detach())) if method == "attnlrp" else None
+        qs, ks, vs = q @ ref.mT, k @ ref.mT, v @ ref.mT
+        qs, ks, vs = (t.mT for t in (qs, ks, vs))
+        if method == "attnlrp":
+            qs, ks, vs = share(qs, 0.25), share(ks, 0.25), share(vs, 0.5)
+        else:
+            qs, ks = qs.detach(), ks.detach()
+        h = torch.softmax(qs @ ks.transpose(-1, -2), -1) @ vs
+        g, u = h @ gate.T, h @ up.T
+        act = F.silu(g)
+        if method == "attnlrp":
+            stab = g + 1e-10 * torch.where(g >= 0, 1.0, -1.0)
+            ident = g * (act / stab).detach()  # the identity rule: g_x = g_y * y / stab(x)
+            out = share(ident, 0.5) * share(u, 0.5)
+        else:
+            out = act.detach() * u
+        out.sum().backward()
+        torch.testing.assert_close(leaf.grad, ref.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_unknown_architecture_is_explained_instead_of_refused():
+    model = build("llama")
+    kw = inputs("llama")
+    ref = lrpcpp.attribute(model, **kw).relevance
+    model.config.model_type = "llama_renamed"  # no family entry
+    with pytest.raises(lrpcpp.UnsupportedModelError, match="register_family"):
+        lrpcpp.patch(model, level="registry")
+    got = lrpcpp.attribute(model, **kw)
+    assert got.coverage is not None and got.coverage.unruled == {}
+    torch.testing.assert_close(got.relevance, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_plain_torch_model_with_an_unknown_attention_class():
+    class SelfAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.out = nn.Linear(8, 24).double(), nn.Linear(8, 3).double()
+
+        def forward(self, inputs_embeds):
+            x = inputs_embeds
+            q, k, v = self.qkv(x).view(*x.shape[:2], 3, 2, 4).permute(2, 0, 3, 1, 4)
+            h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+            return self.out(F.layer_norm(h, (8,)) + x).mean(1)
+
+    torch.manual_seed(0)
+    model, x = SelfAttention(), torch.randn(2, 5, 8, dtype=torch.float64)
+    with pytest.raises(lrpcpp.UnsupportedModelError, match="SelfAttention"):
+        lrpcpp.patch(model, level="registry")
+    got = lrpcpp.attribute(model, inputs_embeds=x, target=1)
+    assert got.coverage.unruled == {} and got.coverage.ruled["torch._C._nn.scaled_dot_product_attention"] == 1
+    # reference: the shares and the layer norm's constant standard deviation by hand
+    leaf = x.clone().requires_grad_()
+    share = lambda t, s: t.detach() + s * (t - t.detach())  # noqa: E731
+    q, k, v = model.qkv(leaf).view(2, 5, 3, 2, 4).permute(2, 0, 3, 1, 4)
+    h = F.scaled_dot_product_attention(share(q, 0.25), share(k, 0.25), share(v, 0.5)).transpose(1, 2).flatten(2)
+    mu, sd = h.mean(-1, keepdim=True), torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-5).detach()
+    model.out((h - mu) / sd + leaf).mean(1)[:, 1].sum().backward()
+    torch.testing.assert_close(got.relevance, leaf.grad * x, rtol=1e-9, atol=1e-12)
+
+
+class _Twice(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+
+class _WithCustomFunction(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3).double()
+
+    def forward(self, inputs_embeds):
+        return self.lin(_Twice.apply(inputs_embeds)).sum(1)
+
+
+def test_an_unknown_operation_is_named_in_a_warning_and_strict_raises():
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    model = _WithCustomFunction()
+    with pytest.warns(UnruledOperationWarning, match=r"no rule for .*_Twice\.apply .*strict=True") as record:
+        got = lrpcpp.attribute(model, inputs_embeds=x, level="operations")
+    assert len([r for r in record if issubclass(r.category, UnruledOperationWarning)]) == 1
+    assert got.coverage.unruled == {f"{__name__}._Twice.apply (a custom autograd.Function)": 1}
+    with pytest.raises(RuntimeError, match=r"strict=True.*_Twice\.apply"):
+        lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True)
+    assert all("forward" not in m.__dict__ for m in model.modules())  # the patch is undone
+
+
+def test_level_is_checked():
+    with pytest.raises(ValueError, match="level must be one of"):
+        lrpcpp.patch(nn.Linear(2, 2), level="ops")
+    with pytest.raises(ValueError, match="mode='gradient'"):
+        lrpcpp.patch(nn.Linear(2, 2), mode="explicit", level="operations")
