@@ -402,9 +402,10 @@ def attribute(
     module of ``model`` or its name in ``model.named_modules()``); by default
     ``model.get_input_embeddings()``, or for a model without it the first ``nn.Embedding`` that gets
     ``input_ids`` in the forward (found by calling the model, stopped at that module by a forward
-    pre-hook; see :func:`~lrpcpp.attribution.embedding_module`). The ids are embedded with it and the model is called with
-    the embeddings: as ``inputs_embeds=`` when its forward takes them, else with ``input_ids`` while a
-    forward hook makes the embedding module return the embeddings whose relevance is computed.
+    pre-hook; see :func:`~lrpcpp.attribution.embedding_module`). The ids are embedded with it and the
+    model is called with the embeddings: as ``inputs_embeds=`` when its forward takes them, else with
+    ``input_ids`` while a forward hook makes the embedding module return the embeddings whose
+    relevance is computed.
     ``target``: ``None`` (the top class, or the top next-token logit after the last unmasked position),
     an int, an integer tensor of one id per item, a list of K ids (K relevance maps from one backward
     pass), or a callable ``f(model_output) -> tensor`` of one
