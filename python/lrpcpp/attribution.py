@@ -451,7 +451,9 @@ def attribute(
         given = dict(model_inputs, attention_mask=attention_mask) if attention_mask is not None else model_inputs
         embedder = embedding_module(model, input_ids, embedding, given)
     key, leaf = choose_input(model, input_ids, inputs_embeds, pixel_values, embedding=embedder)
+    # a forward without inputs_embeds gets input_ids, and the embedding module's output is the leaf
     hooked = embedder is not None and not _forward_takes(model, "inputs_embeds")
+    call_key, call_value = ("input_ids", input_ids) if hooked and input_ids is not None else (key, leaf)
     explicit = mode == "explicit"
     many = isinstance(target, (list, tuple))
     family = family_of(model)
@@ -475,11 +477,7 @@ def attribute(
                     )
             with torch.enable_grad(), handle.rules.context():
                 with _embedded(embedder if hooked else None, input_ids, leaf, "lrpcpp.attribute"):
-                    out = (
-                        _call(model, "input_ids", input_ids, model_inputs)
-                        if hooked
-                        else _call(model, key, leaf, model_inputs)
-                    )
+                    out = _call(model, call_key, call_value, model_inputs)
                 if causal and attention_mask is not None and key == "inputs_embeds" and not callable(target):
                     _check_pooled_padding(model, logits_of(out), attention_mask)
                 explained, ids = select_target(out, target, attention_mask, leaf.shape[0])
