@@ -25,6 +25,7 @@ __all__ = [
     "choose_input",
     "input_leaf",
     "input_embeddings",
+    "embedding_module",
     "model_kwargs",
     "position_ids",
     "explaining",
@@ -76,10 +77,11 @@ def _layers(model: nn.Module) -> Dict[str, nn.Module]:
 
 def _call(model: nn.Module, key: str, leaf: Tensor, model_kwargs: dict):
     """model(pixel_values=...) for Hugging Face models; a torch.nn or torchvision model whose forward
-    has no ``pixel_values`` parameter gets the pixels as its first positional argument."""
-    if key == "pixel_values":
+    has no ``pixel_values`` (or ``input_ids``) parameter gets the pixels (ids) as its first positional
+    argument."""
+    if key in ("pixel_values", "input_ids"):
         params = inspect.signature(type(model).forward).parameters
-        if "pixel_values" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        if key not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
             return model(leaf, **model_kwargs)
     return model(**{key: leaf}, **model_kwargs)
 
@@ -235,6 +237,127 @@ def input_embeddings(model: nn.Module, caller: str = "lrpcpp.attribute") -> Call
     return get()
 
 
+class _Found(Exception):
+    """Stops the forward pass that looks for the embedding of ``input_ids``: it has been found."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+
+def _embeds(module: nn.Module, args: tuple, input_ids: Tensor) -> bool:
+    """Whether ``module`` is called with ``input_ids`` (the tensor itself or an equal one)."""
+    x = args[0] if args else None
+    return isinstance(x, Tensor) and (
+        x is input_ids or (x.shape == input_ids.shape and x.dtype == input_ids.dtype and torch.equal(x, input_ids))
+    )
+
+
+def embedding_module(
+    model: nn.Module,
+    input_ids: Tensor,
+    embedding: Union[None, str, nn.Module],
+    model_inputs: Dict[str, Any],
+    caller: str = "lrpcpp.attribute",
+) -> nn.Module:
+    """The module that embeds ``input_ids``: ``embedding`` (a module of ``model`` or its qualified
+    name, as in ``model.named_modules()``); else ``model.get_input_embeddings()`` when it returns a
+    module; else the first ``nn.Embedding`` called with ``input_ids`` in ``model``'s forward, found by
+    calling ``model`` (without grad, in eval mode) with a forward pre-hook on every ``nn.Embedding``
+    that stops the call at the first one that gets ``input_ids``."""
+    names = {m: n for n, m in reversed(list(model.named_modules()))}
+    if isinstance(embedding, str):
+        found = dict(model.named_modules()).get(embedding)
+        if found is None:
+            close = difflib.get_close_matches(embedding, [n for n in names.values() if n], n=3)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise ValueError(
+                f"{caller}: embedding={embedding!r} names no module of this {type(model).__name__} (the names are "
+                f"those of model.named_modules()){hint}"
+            )
+        return found
+    if isinstance(embedding, nn.Module):
+        if embedding not in names:
+            raise ValueError(
+                f"{caller}: embedding= must be a module of the model (one of model.modules()), got a "
+                f"{type(embedding).__name__} that is not part of this {type(model).__name__}"
+            )
+        return embedding
+    if embedding is not None:
+        raise TypeError(
+            f"{caller}: embedding= must be the nn.Module that embeds input_ids or its name in "
+            f"model.named_modules(), got {type(embedding).__name__}"
+        )
+    get = getattr(model, "get_input_embeddings", None)
+    if callable(get):
+        try:
+            found = get()
+        except NotImplementedError:
+            found = None
+        if isinstance(found, nn.Module):
+            return found
+
+    def look(module, args):
+        if _embeds(module, args, input_ids):
+            raise _Found(module)
+
+    failed = ""
+    try:
+        named = set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):  # pragma: no cover - a builtin forward
+        named = set()
+    if "inputs_embeds" in named and not _forward_takes(model, "input_ids"):
+        failed = " (its forward takes inputs_embeds, not input_ids)"
+    else:
+        hooks = [m.register_forward_pre_hook(look) for m in model.modules() if isinstance(m, nn.Embedding)]
+        try:
+            with ModelState(model), torch.no_grad():
+                _call(model, "input_ids", input_ids, model_inputs)
+        except _Found as found:
+            return found.module
+        except Exception as e:  # the forward cannot run on input_ids: no embedding to find
+            failed = f" (calling it with input_ids raised {type(e).__name__}: {e})"
+        finally:
+            for h in hooks:
+                h.remove()
+    inner = [n for n, m in model.named_modules() if n and callable(getattr(m, "get_input_embeddings", None))]
+    hint = f" (here: model.{inner[0]})" if inner else ""
+    raise TypeError(
+        f"{caller}: input_ids needs model.get_input_embeddings() (or an nn.Embedding that the forward calls with "
+        f"input_ids, or embedding=) to embed the tokens; its forward calls no nn.Embedding with input_ids{failed}, "
+        f"and this {type(model).__name__} has no get_input_embeddings; pass inputs_embeds= (the token embeddings, e.g. "
+        f"inner.get_input_embeddings()(input_ids)) to a forward that takes them, embedding= (the module that embeds "
+        f"input_ids, or its name in model.named_modules()), or the inner Hugging Face model itself{hint}"
+    )
+
+
+@contextlib.contextmanager
+def _embedded(module: Optional[nn.Module], input_ids: Optional[Tensor], leaf: Tensor, caller: str) -> Iterator[None]:
+    """For the block, ``module`` called with ``input_ids`` returns ``leaf`` (the embeddings whose
+    relevance is computed); an error if the block never calls it so. ``module=None``: nothing."""
+    if module is None or input_ids is None:
+        yield
+        return
+    calls = []
+
+    def replace(m, args, out):
+        if _embeds(m, args, input_ids):
+            calls.append(m)
+            return leaf
+        return None
+
+    hook = module.register_forward_hook(replace)
+    try:
+        yield
+    finally:
+        hook.remove()
+    if not calls:
+        raise ValueError(
+            f"{caller}: the embedding module ({type(module).__name__}) was not called with input_ids in the "
+            "model's forward, so its relevance cannot be read; pass embedding= the module that embeds input_ids"
+        )
+
+
 def position_ids(model: nn.Module, causal: bool, attention_mask: Tensor) -> Optional[Tensor]:
     """Positions counted over the unmasked tokens (``cumsum - 1``, 0 on left padding), as
     Hugging Face's ``generate`` gives them, for a causal decoder whose forward takes ``position_ids``:
@@ -272,6 +395,7 @@ def attribute(
     epsilon: Optional[float] = None,
     preset=None,
     rules=None,
+    embedding: Union[None, str, nn.Module] = None,
     level: str = "auto",
     strict: bool = False,
     **model_inputs,
@@ -279,9 +403,17 @@ def attribute(
     """Explains ``model``'s output with AttnLRP (or CP-LRP) in one forward and one backward pass.
 
     Give exactly one of ``input_ids`` (embedded with the model's own input embeddings),
-    ``inputs_embeds`` or ``pixel_values``. ``target``: ``None`` (the top class, or the top next-token
-    logit after the last unmasked position), an int, an integer tensor of one id per item, a list of K
-    ids (K relevance maps from one backward pass), or a callable ``f(model_output) -> tensor`` of one
+    ``inputs_embeds`` or ``pixel_values``. ``embedding``: the module that embeds ``input_ids`` (a
+    module of ``model`` or its name in ``model.named_modules()``); by default
+    ``model.get_input_embeddings()``, or for a model without it the first ``nn.Embedding`` that gets
+    ``input_ids`` in the forward (found by calling the model, stopped at that module by a forward
+    pre-hook; see :func:`~lrpcpp.attribution.embedding_module`). The ids are embedded with it and the
+    model is called with the embeddings: as ``inputs_embeds=`` when its forward takes them, else with
+    ``input_ids`` while a forward hook makes the embedding module return the embeddings whose
+    relevance is computed.
+    ``target``: ``None`` (the top class, or the top next-token logit after the last unmasked position),
+    an int, an integer tensor of one id per item, a list of K ids (K relevance maps from one backward
+    pass), or a callable ``f(model_output) -> tensor`` of one
     value per item or one 0-D value for the whole batch (for example a similarity of two
     embeddings), computed from the output with differentiable operations. The model runs in eval
     mode and is patched for the duration of the call only; in gradient mode its parameters are also
@@ -323,7 +455,16 @@ def attribute(
     elif rules is not None:
         raise ValueError("lrpcpp.attribute: rules= overrides the layer rules of a preset; give preset= as well")
     _check_model_inputs(model, model_inputs)
-    key, leaf = choose_input(model, input_ids, inputs_embeds, pixel_values)
+    embedder = None
+    if embedding is not None and input_ids is None:
+        raise ValueError("lrpcpp.attribute: embedding= is the module that embeds input_ids; give it with input_ids")
+    if input_ids is not None and inputs_embeds is None and pixel_values is None:
+        given = dict(model_inputs, attention_mask=attention_mask) if attention_mask is not None else model_inputs
+        embedder = embedding_module(model, input_ids, embedding, given)
+    key, leaf = choose_input(model, input_ids, inputs_embeds, pixel_values, embedding=embedder)
+    # a forward without inputs_embeds gets input_ids, and the embedding module's output is the leaf
+    hooked = embedder is not None and not _forward_takes(model, "inputs_embeds")
+    call_key, call_value = ("input_ids", input_ids) if hooked and input_ids is not None else (key, leaf)
     explicit = mode == "explicit"
     many = isinstance(target, (list, tuple))
     try:
@@ -349,7 +490,8 @@ def attribute(
                         )
                     )
             with torch.enable_grad(), handle.rules.context():
-                out = _call(model, key, leaf, model_inputs)
+                with _embedded(embedder if hooked else None, input_ids, leaf, "lrpcpp.attribute"):
+                    out = _call(model, call_key, call_value, model_inputs)
                 if causal and attention_mask is not None and key == "inputs_embeds" and not callable(target):
                     _check_pooled_padding(model, logits_of(out), attention_mask)
                 explained, ids = select_target(out, target, attention_mask, leaf.shape[0])
@@ -382,10 +524,12 @@ def choose_input(
     inputs_embeds: Optional[Tensor],
     pixel_values: Optional[Tensor],
     caller: str = "lrpcpp.attribute",
+    embedding: Optional[nn.Module] = None,
 ) -> Tuple[str, Tensor]:
     """``(the model's keyword for it, the leaf)``: exactly one of the inputs must be given;
-    ``input_ids`` are embedded with the model's input embeddings (without grad). The leaf is a
-    floating-point tensor detached from its history that requires grad (:func:`input_leaf`)."""
+    ``input_ids`` are embedded with ``embedding``, by default the model's input embeddings (without
+    grad). The leaf is a floating-point tensor detached from its history that requires grad
+    (:func:`input_leaf`)."""
     given = [
         n
         for n, v in (("input_ids", input_ids), ("inputs_embeds", inputs_embeds), ("pixel_values", pixel_values))
@@ -398,7 +542,7 @@ def choose_input(
     if input_ids is not None:
         if model is None:
             raise ValueError(f"{caller}: input_ids need the model's input embeddings; pass inputs_embeds")
-        embeddings = input_embeddings(model, caller)
+        embeddings = input_embeddings(model, caller) if embedding is None else embedding
         with torch.no_grad():
             return "inputs_embeds", input_leaf(embeddings(input_ids), "input_ids", caller)
     return "inputs_embeds", input_leaf(inputs_embeds, "inputs_embeds", caller)

@@ -4,14 +4,14 @@ already the gradient-mode rule; :data:`GATES`, the functions whose output a CP-L
 constant."""
 
 from types import MappingProxyType
-from typing import Callable, Iterable, List, Mapping, Sequence
+from typing import Any, Callable, Iterable, List, Mapping, Protocol, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
 from ..explicit.pass_through import DROPOUT, PASS_THROUGH
-from ..explicit.tracking import RuleMode, carries, const
+from ..explicit.tracking import carries, const
 
 _T = Tensor
 
@@ -27,7 +27,17 @@ def _spellings(names: Iterable[str], *owners) -> List[Callable]:
 # for the arguments it declines, or it is reported as unruled).
 
 
-def _products(mode: RuleMode, operands: Sequence) -> List:
+class _Shares(Protocol):
+    """What the product rules ask of the mode (:class:`~lrpcpp.models.operations.mode.GradientRules`)."""
+
+    uniform: bool
+
+    def is_gate(self, t: Any) -> bool: ...
+
+    def share(self, t: Tensor, share: float) -> Tensor: ...
+
+
+def _products(mode: _Shares, operands: Sequence) -> List:
     """The operands of a product, each carrier with its share of the gradient (RULES.md section 2):
     ``attnlrp`` splits it evenly; ``cp-lrp`` holds the gates (softmax and activation outputs)
     constant and splits it among the others, or evenly when all or none are gates."""
@@ -165,7 +175,18 @@ def _table(*groups) -> dict:
     return table
 
 
-_ACTIVATIONS = ("silu", "gelu", "relu", "elu", "celu", "selu", "leaky_relu", "relu6", "hardtanh", "hardswish")
+_ACTIVATIONS: Tuple[str, ...] = (
+    "silu",
+    "gelu",
+    "relu",
+    "elu",
+    "celu",
+    "selu",
+    "leaky_relu",
+    "relu6",
+    "hardtanh",
+    "hardswish",
+)
 _ACTIVATIONS += ("hardsigmoid", "softplus", "mish", "tanh", "sigmoid", "logsigmoid", "tanhshrink", "softsign")
 _ELEMENTWISE = ("tanh", "sigmoid", "relu", "exp", "sqrt", "square")
 _MUL = ("mul", "multiply", "__mul__", "__rmul__")
@@ -205,12 +226,30 @@ RULES: Mapping[Callable, Callable] = MappingProxyType(
 # ordinary gradient is the gradient-mode rule (with a product or a division, when only one factor,
 # or only the numerator, carries relevance). Described where it is public, as
 # lrpcpp.models.operations.EXACT.
-_LINEAR = ("add", "sub", "subtract", "rsub", "neg", "negative", "sum", "mean", "cumsum", "nansum")
+_LINEAR: Tuple[str, ...] = ("add", "sub", "subtract", "rsub", "neg", "negative", "sum", "mean", "cumsum", "nansum")
 _LINEAR += ("softmax", "log_softmax", "index_add", "scatter_add", "conv1d", "conv2d", "conv3d", "sum_to_size")
-_INPLACE = ("add_", "sub_", "subtract_", "neg_", "__iadd__", "__isub__", "__neg__", "__add__", "__radd__")
+_INPLACE: Tuple[str, ...] = (
+    "add_",
+    "sub_",
+    "subtract_",
+    "neg_",
+    "__iadd__",
+    "__isub__",
+    "__neg__",
+    "__add__",
+    "__radd__",
+)
 _INPLACE += ("__sub__", "__rsub__", "index_add_", "scatter_add_", "__setitem__", "index_put", "index_put_")
 _INPLACE += ("masked_scatter", "masked_scatter_", "fill_", "zero_")
-_FUNCTIONAL = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+_FUNCTIONAL: Tuple[str, ...] = (
+    "linear",
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+)
 _FUNCTIONAL += ("avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d")
 _FUNCTIONAL += ("adaptive_avg_pool3d", "batch_norm", "softmax", "log_softmax", "interpolate", "embedding")
 EXACT = frozenset(

@@ -144,7 +144,7 @@ class GradientRules(RuleMode):
             if not isinstance(node, torch.autograd.function.BackwardCFunction) or node in self._functions:
                 continue
             self._functions[node] = True
-            cls = node._forward_cls
+            cls = node._forward_cls  # type: ignore[attr-defined]  # a custom Function's class, not in torch's stubs
             if not cls.__module__.startswith("lrpcpp"):
                 self._unruled(f"{cls.__module__}.{cls.__qualname__}.apply (a custom autograd.Function)")
 

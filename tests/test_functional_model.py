@@ -1,0 +1,173 @@
+"""Explaining a plain-torch model (functional_model.py) given token ids: the hand-written AttnLRP
+reference of that model checked on its own, lrpcpp.attribute against it, and the ``embedding=``
+argument of lrpcpp.attribute (which module embeds ``input_ids``)."""
+
+import lrpcpp
+import models
+import pytest
+import torch
+from functional_model import CLASSES, bias_free, build, inputs
+from functional_reference import relevance
+from lrpcpp.attribution import embedding_module
+from torch import nn
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build()
+
+
+def autograd_gradient_x_input(model, ids, mask, target):
+    """Autograd's gradient of the target logit times the input embeddings (the model's own forward)."""
+    leaf = model.tok(ids).detach().requires_grad_()
+    hook = model.tok.register_forward_hook(lambda m, args, out: leaf)
+    try:
+        logit = model(ids, mask)[:, target]
+    finally:
+        hook.remove()
+    (grad,) = torch.autograd.grad(logit.sum(), leaf)
+    return grad * leaf.detach(), logit.detach()
+
+
+# ----------------------------------------------------------------------------- the reference itself
+@pytest.mark.parametrize("target", range(CLASSES))
+def test_the_reference_with_plain_gradient_rules_is_autograds_gradient_x_input(model, target):
+    ids, mask = inputs()
+    got, logit = relevance(model, ids, mask, target, rules="gradient")
+    want, want_logit = autograd_gradient_x_input(model, ids, mask, target)
+    torch.testing.assert_close(logit, want_logit, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("target", range(CLASSES))
+def test_the_reference_differs_from_the_gradient_where_the_rules_do(model, target):
+    ids, mask = inputs()
+    attnlrp, _ = relevance(model, ids, mask, target)
+    plain, _ = relevance(model, ids, mask, target, rules="gradient")
+    assert (attnlrp - plain).abs().max() > 1e-3 * plain.abs().max()
+
+
+@pytest.mark.parametrize("target", range(CLASSES))
+def test_the_reference_conserves_relevance_without_biases_under_cp_lrp(target):
+    # CP-LRP keeps the softmax (the one non-conservative rule) out of the relevance flow; every
+    # other rule conserves, so without biases the embeddings hold all of the logit
+    ids, mask = inputs()
+    got, logit = relevance(bias_free(build()), ids, mask, target, rules="cp")
+    torch.testing.assert_close(got.sum(dim=(1, 2)), logit, rtol=1e-9, atol=1e-12)
+    assert torch.all(got[mask == 0] == 0)  # padding takes no relevance
+
+
+def test_the_reference_is_not_conservative_with_biases(model):
+    ids, mask = inputs()
+    got, logit = relevance(model, ids, mask, 0, rules="cp")
+    assert (got.sum(dim=(1, 2)) - logit).abs().max() > 1e-3
+
+
+# ----------------------------------------------------------------------------- lrpcpp against it
+@pytest.mark.xfail(strict=True, reason="needs the operation-level gradient mode")
+@pytest.mark.parametrize("given", [True, False], ids=["embedding=model.tok", "found"])
+@pytest.mark.parametrize("target", range(CLASSES))
+def test_attribute_of_the_functional_model_is_the_reference(model, given, target):
+    ids, mask = inputs()
+    kw = {"embedding": model.tok} if given else {}
+    got = lrpcpp.attribute(model, input_ids=ids, attention_mask=mask, target=target, **kw)
+    want, logit = relevance(model, ids, mask, target)
+    torch.testing.assert_close(got.output, logit, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.relevance, want, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- embedding=
+def test_the_embedding_of_a_plain_model_is_found_as_the_first_embedding_called_with_the_ids(model):
+    ids, mask = inputs()
+    assert embedding_module(model, ids, None, {"attention_mask": mask}) is model.tok
+    model.train()
+    try:
+        embedding_module(model, ids, None, {"attention_mask": mask})
+        assert all(m.training for m in model.modules())  # the search runs in eval mode and puts it back
+    finally:
+        model.eval()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return models.build("llama")
+
+
+class IdsOnly(nn.Module):
+    """A plain wrapper whose forward takes the ids (as its first positional argument ``idx``) and no
+    embeddings, and which has no get_input_embeddings."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.spare = nn.Embedding(models.VOCAB, inner.config.hidden_size).to(torch.float64)
+
+    def forward(self, idx):
+        return self.inner(input_ids=idx).logits
+
+
+@pytest.mark.parametrize("embedding", [None, "embedded_name", "embedded_module"])
+def test_embedding_given_or_not_gives_the_default_on_a_registered_model(llama, embedding):
+    kw = models.inputs("llama")
+    kw["attention_mask"] = torch.ones_like(kw["input_ids"])
+    kw["attention_mask"][1, :2] = 0
+    given = {None: None, "embedded_name": "model.embed_tokens", "embedded_module": llama.model.embed_tokens}
+    want = lrpcpp.attribute(llama, target=5, **kw)
+    got = lrpcpp.attribute(llama, target=5, embedding=given[embedding], **kw)
+    assert torch.equal(got.relevance, want.relevance)
+
+
+@pytest.mark.parametrize("embedding", [None, "inner.model.embed_tokens"])
+def test_a_model_taking_only_ids_gets_the_embeddings_through_a_hook(llama, embedding):
+    ids = models.inputs("llama")["input_ids"]
+    wrapper = IdsOnly(llama)
+    want = lrpcpp.attribute(llama, input_ids=ids, target=5)
+    got = lrpcpp.attribute(wrapper, input_ids=ids, target=5, embedding=embedding)
+    torch.testing.assert_close(got.relevance, want.relevance, rtol=1e-12, atol=1e-12)
+    assert not llama.model.embed_tokens._forward_hooks  # the hook is gone
+
+
+def test_an_embedding_the_forward_does_not_call_is_an_error(llama):
+    wrapper = IdsOnly(llama)
+    with pytest.raises(ValueError, match=r"embedding module \(Embedding\) was not called with input_ids"):
+        lrpcpp.attribute(wrapper, input_ids=models.inputs("llama")["input_ids"], embedding=wrapper.spare)
+    assert not wrapper.spare._forward_hooks
+
+
+@pytest.mark.parametrize(
+    "embedding,error,match",
+    [
+        ("model.embed_token", ValueError, r"embedding='model\.embed_token' names no module .*'model\.embed_tokens'"),
+        (nn.Embedding(4, 32), ValueError, r"embedding= must be a module of the model .*not part of this Llama"),
+        (3, TypeError, r"embedding= must be the nn\.Module that embeds input_ids or its name.*got int"),
+    ],
+)
+def test_a_wrong_embedding_is_refused(llama, embedding, error, match):
+    with pytest.raises(error, match=match):
+        lrpcpp.attribute(llama, embedding=embedding, **models.inputs("llama"))
+
+
+def test_embedding_without_input_ids_is_refused(llama):
+    embeds = torch.randn(1, 3, 32, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"embedding= is the module that embeds input_ids; give it with input_ids"):
+        lrpcpp.attribute(llama, inputs_embeds=embeds, embedding=llama.model.embed_tokens)
+
+
+class OneHot(nn.Module):
+    """Embeds the ids without an nn.Embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(8, 4, dtype=torch.float64))
+
+    def forward(self, input_ids):
+        return (nn.functional.one_hot(input_ids, 8).to(torch.float64) @ self.table).sum(dim=(1, 2))[:, None]
+
+
+def test_a_model_without_an_embedding_says_what_to_pass():
+    with pytest.raises(
+        TypeError,
+        match=r"input_ids needs model\.get_input_embeddings\(\).*calls no nn\.Embedding.*OneHot has no "
+        r"get_input_embeddings.*embedding= \(the",
+    ):
+        lrpcpp.attribute(OneHot(), input_ids=torch.tensor([[1, 2, 3]]))
