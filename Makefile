@@ -17,19 +17,45 @@ CUDA_DIR := build-cuda
 export CUDA_HOME ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
-.PHONY: run test test-fast lint build cpp-test docs wheel bench cuda-check cuda-wheel-test clean tools
+# the transformers 4.x check: a third environment, the same torch with transformers 4.57.6
+TF4_VENV := .venv-tf4
+TF4_PY := $(TF4_VENV)/bin/python
+TF4_DEPS := $(TF4_VENV)/.deps-installed
+# the tests that build Hugging Face models
+TF4_TESTS := tests/test_models.py tests/test_minilm.py tests/test_model_state.py tests/test_attribute_errors.py \
+	tests/test_vision_models.py tests/test_explicit_coverage.py
+
+.PHONY: run test test-fast test-tf4 lint build cpp-test docs wheel bench cuda-check cuda-wheel-test clean tools
 
 run: build
 	$(PY) examples/explain_block.py
 	$(PY) -m lrpcpp explain
 
-test: build lint cpp-test docs cuda-check
+test: build lint cpp-test docs cuda-check test-tf4
 	$(PY) -m pytest -q -rs tests
 
 # the edit loop: the in-place build and the tests not marked slow (no C++/CUDA/docs builds, no
 # command-line runs, subprocesses or compilation; a few minutes)
 test-fast: build
 	$(PY) -m pytest -q -rs -m "not slow" tests
+
+# the whole-model tests under transformers 4.x (requirements-tf4.txt), with the extension built in place
+# for .venv (the same torch, so the same ABI)
+test-tf4: build $(TF4_DEPS)
+	$(TF4_PY) -m pytest -q -rs -m "not slow" $(TF4_TESTS) $(TF4_KNOWN_FAILURES)
+
+# Known limitation, not yet fixed: transformers 4.x builds a padded decoder's attention mask with
+# torch.vmap, which torch.export cannot serialize and torch.jit.trace fails on (lrpcpp.deploy's
+# export_program and export_archive of a LLaMA-style model)
+TF4_KNOWN_FAILURES := \
+	--deselect tests/test_model_state.py::test_export_archive_and_export_program_restore_each_submodule_and_parameter \
+	--deselect tests/test_model_state.py::test_export_program_of_a_one_token_example_keeps_the_length_free
+
+$(TF4_DEPS): requirements-tf4.txt requirements-nodeps.txt
+	test -x $(TF4_PY) || $(PYTHON) -m venv $(TF4_VENV)
+	$(TF4_PY) -m pip install -q --disable-pip-version-check -r requirements-tf4.txt
+	$(TF4_PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
+	touch $@
 
 # the C++ and CUDA sources that clang-format checks
 CPP_SOURCES = $(sort $(wildcard $(addprefix csrc/,*.h *.cpp ops/*.h ops/*.cpp ops/*/*.h ops/*/*.cpp ops/*/*.cu ops/*/*.cuh)) \

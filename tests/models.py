@@ -76,6 +76,11 @@ FAMILIES = {
     ),
 }
 MOE = {"mixtral", "qwen3_moe"}
+# transformers 4.x computes the routing weights inside the mixture-of-experts block's forward, where
+# lrpcpp cannot apply their rule: it refuses those models (tested in test_models.py), so they are no
+# part of the families every whole-model test runs on
+TRANSFORMERS_4 = int(tfm.__version__.split(".")[0]) < 5
+MOE_4X = {f: FAMILIES.pop(f) for f in sorted(MOE)} if TRANSFORMERS_4 else {}
 VISION = {"vit"}
 
 

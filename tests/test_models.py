@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 pytest.importorskip("transformers", reason="whole-model tests need transformers (requirements-dev.txt)")
-from models import FAMILIES, MOE, VISION, bias_free, build, inputs
+from models import FAMILIES, MOE, MOE_4X, VISION, bias_free, build, inputs
 
 ALL = sorted(FAMILIES)
 TEXT = [f for f in ALL if f not in VISION]
@@ -127,7 +127,7 @@ def test_batched_targets_equal_single_calls(family):
         torch.testing.assert_close(many.output[:, k], one.output)
 
 
-@pytest.mark.parametrize("family", ["llama", "bert", "vit", "mixtral"])
+@pytest.mark.parametrize("family", [f for f in ("llama", "bert", "vit", "mixtral") if f in FAMILIES])
 def test_bf16_matches_fp32(family):
     model = build(family, dtype=torch.float32)
     kw = inputs(family, dtype=torch.float32)
@@ -177,6 +177,17 @@ def test_patching_twice_is_an_error_and_nothing_global_changes():
     assert torch.nn.functional.scaled_dot_product_attention is sdpa
 
 
+@pytest.mark.skipif(not MOE_4X, reason="transformers 4.x only: the mixture-of-experts layout lrpcpp refuses")
+@pytest.mark.parametrize("family", sorted(MOE))
+def test_transformers_4_mixture_of_experts_is_refused(family):
+    config_cls, model_cls, kwargs = MOE_4X[family]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**kwargs)).double().eval()
+    with pytest.raises(lrpcpp.UnsupportedModelError, match="need transformers 5"):
+        lrpcpp.attribute(model, **inputs(family))
+    assert all("forward" not in m.__dict__ and not m._forward_hooks for m in model.modules())  # nothing left patched
+
+
 def test_unknown_architecture_is_an_error():
     class Config:
         model_type = "mystery"
@@ -217,6 +228,58 @@ def test_register_family_makes_a_new_architecture_work():
         torch.testing.assert_close(lrpcpp.attribute(model, **inputs("llama")).relevance, ref)
     finally:
         del lrpcpp.models.families.FAMILIES["llama_clone"]
+
+
+def test_family_matches_subclasses_wrappers_and_alternative_child_names():
+    """One entry describes both transformers layouts: 5.x's attention with q_proj/k_proj/v_proj, and
+    4.x's per-kernel subclass (BertSdpaSelfAttention) or inner module (ViTAttention holding
+    ViTSelfAttention) with query/key/value."""
+
+    class SelfAttention(nn.Module):  # the 4.x layout
+        def __init__(self):
+            super().__init__()
+            self.query, self.key, self.value = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.softmax(self.query(x) @ self.key(x).transpose(-1, -2), -1) @ self.value(x)
+
+    class SdpaSelfAttention(SelfAttention):
+        pass
+
+    class WrapperAttention(nn.Module):  # holds the attention (4.x) or is it (5.x)
+        def __init__(self, inner):
+            super().__init__()
+            self.attention = inner
+
+        def forward(self, x):
+            return self.attention(x)
+
+    class Config:
+        model_type = "two_layouts"
+
+    model = nn.Sequential(WrapperAttention(SelfAttention()), SdpaSelfAttention())
+    model.config = Config()
+    lrpcpp.register_family(
+        "two_layouts",
+        model_types=("two_layouts",),
+        attention=("WrapperAttention", "SelfAttention"),
+        q=("q_proj", "query"),
+        k=("k_proj", "key"),
+        v=("v_proj", "value"),
+    )
+    try:
+        with lrpcpp.patch(model) as handle:
+            shares = {n: w for n, w in handle.patched.items() if w.startswith("output share")}
+        assert shares == {
+            f"{a}.{p}": f"output share [(4, {s})]"
+            for a in ("0.attention", "1")
+            for p, s in (("query", 0.25), ("key", 0.25), ("value", 0.5))
+        }
+        model[0].attention = nn.Identity()  # a wrapper with neither layout's children
+        with pytest.raises(lrpcpp.UnsupportedModelError, match="'q_proj' or 'query'"):
+            lrpcpp.patch(model)
+    finally:
+        del lrpcpp.models.families.FAMILIES["two_layouts"]
 
 
 def test_family_with_a_fused_projection_needs_its_split():

@@ -19,11 +19,11 @@ A new Hugging Face family is one call::
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from torch import nn
 
-__all__ = ["Family", "register_family", "family_of", "FAMILIES", "UnsupportedModelError"]
+__all__ = ["Family", "register_family", "family_of", "is_a", "FAMILIES", "UnsupportedModelError"]
 
 
 class UnsupportedModelError(ValueError):
@@ -46,9 +46,15 @@ def _grouped_query(module: Any) -> Tuple[int, int, int]:
 class Family:
     """Where an architecture keeps the parts that need more than their ordinary gradient.
 
-    attention: class names of attention modules. Their query, key and value projections are the
-        child modules named by ``q``, ``k`` and ``v``; a fused projection is named by ``qkv`` with
-        ``qkv_split(module) -> (q, k, v)`` output sizes.
+    A class name in ``attention``, ``gated_mlp`` or ``moe`` matches a module of that class or of a
+    subclass of it (:func:`is_a`).
+
+    attention: class names of attention modules. Their query, key and value
+        projections are the child modules named by ``q``, ``k`` and ``v`` (a name, or a tuple of
+        alternative names of which the module has one: layouts differ between transformers versions);
+        a fused projection is named by ``qkv`` with ``qkv_split(module) -> (q, k, v)`` output sizes. A
+        module of an attention class that holds another one (transformers 4.x's ``ViTAttention`` holds
+        ``ViTSelfAttention``) is only a wrapper: the inner one is the attention.
     gated_mlp: class names of MLPs computing ``act(gate(x)) * up(x)``; ``gate_act`` names the
         activation child applied to the gate.
     moe: class names of sparse mixture-of-experts blocks with a ``router`` child returning
@@ -64,9 +70,9 @@ class Family:
     name: str
     model_types: Tuple[str, ...]
     attention: Tuple[str, ...] = ()
-    q: str = "q_proj"
-    k: str = "k_proj"
-    v: str = "v_proj"
+    q: Union[str, Tuple[str, ...]] = "q_proj"
+    k: Union[str, Tuple[str, ...]] = "k_proj"
+    v: Union[str, Tuple[str, ...]] = "v_proj"
     qkv: Optional[str] = None
     qkv_split: Optional[Callable[[nn.Module], Tuple[int, int, int]]] = None
     gated_mlp: Tuple[str, ...] = ()
@@ -125,7 +131,22 @@ register_family(
     "gpt2", model_types=("gpt2",), attention=("GPT2Attention",), qkv="c_attn", qkv_split=_equal_thirds, causal=True
 )
 register_family("bert", model_types=("bert",), attention=("BertSelfAttention",), q="query", k="key", v="value")
-register_family("vit", model_types=("vit",), attention=("ViTAttention",))
+# transformers 5.x: ViTAttention with q_proj, k_proj, v_proj; 4.x: ViTSelfAttention (inside a ViTAttention
+# wrapper) with query, key, value
+register_family(
+    "vit",
+    model_types=("vit",),
+    attention=("ViTAttention", "ViTSelfAttention"),
+    q=("q_proj", "query"),
+    k=("k_proj", "key"),
+    v=("v_proj", "value"),
+)
+
+
+def is_a(module: nn.Module, class_names: Tuple[str, ...]) -> bool:
+    """Whether ``module``'s class or one of its base classes is named in ``class_names`` (transformers
+    4.x subclasses an attention class per kernel, e.g. ``BertSdpaSelfAttention(BertSelfAttention)``)."""
+    return any(c.__name__ in class_names for c in type(module).__mro__)
 
 
 def _supported() -> str:

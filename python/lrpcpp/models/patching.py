@@ -390,11 +390,14 @@ def _apply(handle: PatchHandle, family: Optional[_families.Family]) -> None:
     held_constant: set = set()  # activations whose input is held constant (CP-LRP gates)
     matched_attention: set = set()
 
-    def child(module: nn.Module, attr: str, what: str) -> nn.Module:
-        sub = getattr(module, attr, None)
-        if not isinstance(sub, nn.Module):
+    def child(module: nn.Module, attr: Union[str, Tuple[str, ...]], what: str) -> nn.Module:
+        """The child named ``attr``, or the first of the alternative names ``attr`` that ``module`` has."""
+        alternatives = (attr,) if isinstance(attr, str) else attr
+        sub = next((getattr(module, a) for a in alternatives if isinstance(getattr(module, a, None), nn.Module)), None)
+        if sub is None:
             raise _families.UnsupportedModelError(
-                f"lrpcpp.patch: {type(module).__name__} ({names[id(module)]}) has no child module '{attr}' "
+                f"lrpcpp.patch: {type(module).__name__} ({names[id(module)]}) has no child module "
+                f"{' or '.join(repr(a) for a in alternatives)} "
                 f"({what}); the family entry '{family.name if family else '?'}' does not match this model version"
             )
         return sub
@@ -418,8 +421,9 @@ def _apply(handle: PatchHandle, family: Optional[_families.Family]) -> None:
     # 1. products of two relevance-carrying tensors, from the family's description
     if family is not None:
         for name, module in modules.items():
-            cls = type(module).__name__
-            if cls in family.attention:
+            if _families.is_a(module, family.attention):
+                if any(_families.is_a(sub, family.attention) for sub in module.modules() if sub is not module):
+                    continue  # a wrapper of the attention module (transformers 4.x's ViTAttention)
                 matched_attention.add(id(module))
                 if family.qkv is not None:
                     if family.qkv_split is None:
@@ -435,15 +439,13 @@ def _apply(handle: PatchHandle, family: Optional[_families.Family]) -> None:
                         proj = child(module, attr, "attention projection")
                         width: Any = proj.out_features  # an int (torch's stub types module attributes as tensors)
                         output_share(names[id(proj)], proj, ((width, share),))
-            elif cls in family.gated_mlp:
+            elif _families.is_a(module, family.gated_mlp):
                 input_share(name, module, 0.5 if uniform else 1.0)
                 if not uniform:
                     held_constant.add(id(child(module, family.gate_act, "gate activation")))
-            elif cls in family.moe:
+            elif _families.is_a(module, family.moe):
                 _patch_moe(handle, family, module, names, child, input_share, uniform, held_constant)
-        found = {type(m).__name__ for m in modules.values()}
-        missing = [c for c in family.attention if c not in found]
-        if family.attention and len(missing) == len(family.attention):
+        if family.attention and not any(_families.is_a(m, family.attention) for m in modules.values()):
             raise _families.UnsupportedModelError(
                 f"lrpcpp.patch: the '{family.name}' family expects attention modules {family.attention} but "
                 f"{type(model).__name__} has none; update its entry with lrpcpp.register_family"
@@ -555,6 +557,12 @@ def _patch_moe(handle, family, module, names, child, input_share, uniform, held_
     renormalised by their sum, which is held constant."""
     rules = handle.rules
     router = child(module, family.router, "router")
+    if isinstance(router, nn.Linear):
+        raise _families.UnsupportedModelError(
+            f"lrpcpp.patch: {type(module).__name__} ({names[id(module)]}) computes its routing weights in its own "
+            f"forward (the transformers 4.x layout, where '{family.router}' is a plain nn.Linear), where their rule "
+            "cannot be applied; the mixture-of-experts families need transformers 5"
+        )
     experts = child(module, family.experts, "experts")
     input_share(names[id(experts)], experts, 0.25 if uniform else 0.5)
     if not uniform:
