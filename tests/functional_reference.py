@@ -71,15 +71,16 @@ def _linear(x, lin):
     return x @ lin.weight.T + lin.bias
 
 
-def relevance(model, input_ids, attention_mask, target, rules="attnlrp"):
+def relevance(model, input_ids, attention_mask, target, rules="attnlrp", identity_eps=IDENTITY_EPS):
     """(relevance of the input embeddings [batch, seq, dim], the explained logits [batch]) of the
-    class ``target`` (an int), under ``rules`` ("attnlrp", "cp" or "gradient")."""
+    class ``target`` (an int), under ``rules`` ("attnlrp", "cp" or "gradient"); ``identity_eps``: the
+    stabiliser of the identity rule."""
     assert rules in ("attnlrp", "cp", "gradient")
     with torch.no_grad():
-        return _relevance(model, input_ids, attention_mask, target, rules)
+        return _relevance(model, input_ids, attention_mask, target, rules, identity_eps)
 
 
-def _relevance(model, input_ids, attention_mask, target, rules):
+def _relevance(model, input_ids, attention_mask, target, rules, identity_eps):
     b, s = input_ids.shape
     heads, hd = model.blocks[0].attn.heads, model.blocks[0].attn.head_dim
     d = heads * hd
@@ -135,7 +136,7 @@ def _relevance(model, input_ids, attention_mask, target, rules):
         if rules == "gradient":
             g_hidden = g_act * 2 * torch.relu(h)
         else:  # identity rule on relu(x)^2
-            g_hidden = g_act * f["act"] / stab(h, IDENTITY_EPS)
+            g_hidden = g_act * f["act"] / stab(h, identity_eps)
         g_xm = g_hidden @ block.mlp.c_fc.weight
         g_x1 = g_x + _rms_back(f["x1"], f["rm"], g_xm, rules)
         # x1 = x + attn_scale * c_proj(A v)
