@@ -18,7 +18,8 @@ from .mode import Coverage, GradientRules, UnruledOperationWarning, warn_unruled
 #: The torch functions with a gradient-mode rule, ``{function: handler}``: products of two
 #: relevance carriers (``mul``, ``matmul``/``bmm``/``mm``, ``einsum``, ``addmm``/``baddbmm``,
 #: ``F.scaled_dot_product_attention``), normalisers (a carrying divisor, ``rsqrt``, ``reciprocal``,
-#: norms, variances, ``F.normalize``), ``F.layer_norm``, ``F.rms_norm`` and element-wise functions
+#: norms, variances, ``F.normalize``), ``F.layer_norm``, ``F.group_norm``, ``F.instance_norm``
+#: (each group's standard deviation held constant), ``F.rms_norm`` and element-wise functions
 #: of one carrier (activations, ``exp``, ``pow``, ``sqrt``, ``square``).
 RULES: Mapping[Callable, Callable] = handlers.RULES
 

@@ -135,6 +135,51 @@ def _layer_norm(mode, func, input, normalized_shape, weight=None, bias=None, eps
     return torch.ops.lrpcpp.gi_layer_norm(input, shape, const(weight), const(bias), eps)
 
 
+def _held_deviation(input, groups, weight, eps, out):
+    """``out``, torch's value of a group (or instance) normalisation, with the gradient of
+    ``(x - mean) / σ ⊙ w``: each group's standard deviation held constant, as ``gi_layer_norm`` does
+    over its normalised dims. The added term is an exact zero, so the value stays torch's."""
+    grouped = input.reshape(input.shape[0], groups, -1)
+    with torch.no_grad():
+        inv = torch.rsqrt(grouped.var(-1, unbiased=False, keepdim=True) + eps)
+    lin = ((grouped - grouped.mean(-1, keepdim=True)) * inv).reshape(input.shape)
+    if weight is not None:
+        lin = lin * weight.reshape(1, -1, *([1] * (input.dim() - 2)))
+    return out + (lin - lin.detach())
+
+
+def _group_norm(mode, func, input, num_groups, weight=None, bias=None, eps=1e-5, *args, **kwargs):
+    # F.group_norm(input, num_groups, weight, bias, eps); torch.group_norm adds cudnn_enabled
+    if not carries(input) or carries(weight) or carries(bias):
+        return NotImplemented
+    with torch.no_grad():
+        out = func(input, num_groups, weight, bias, eps, *args, **kwargs)
+    return _held_deviation(input, num_groups, const(weight), eps, out)
+
+
+def _instance_norm(
+    mode,
+    func,
+    input,
+    running_mean=None,
+    running_var=None,
+    weight=None,
+    bias=None,
+    use_input_stats=True,
+    momentum=0.1,
+    eps=1e-5,
+):
+    # a group norm with one group per channel; with running statistics (use_input_stats=False) an
+    # affine map, whose own gradient is the rule
+    if not carries(input) or carries(weight) or carries(bias):
+        return NotImplemented
+    if not use_input_stats:
+        return func(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+    with torch.no_grad():
+        out = func(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+    return _held_deviation(input, input.shape[1], const(weight), eps, out)
+
+
 def _rms_norm(mode, func, input, *args, **kwargs):
     # the identity rule over the whole normalisation, as for an RMSNorm module
     return _identity()(mode, func, input, *args, **kwargs)
@@ -212,6 +257,8 @@ RULES: Mapping[Callable, Callable] = MappingProxyType(
         ([torch.linalg.norm, torch.linalg.vector_norm], _held_constant),
         ([F.normalize], _normalize),
         ([F.layer_norm, torch.layer_norm], _layer_norm),
+        ([F.group_norm, torch.group_norm], _group_norm),
+        ([F.instance_norm], _instance_norm),
         ([F.rms_norm, torch.rms_norm], _rms_norm),
         # element-wise functions of one carrier: the identity rule
         (_spellings(_ACTIVATIONS, F), _identity()),
