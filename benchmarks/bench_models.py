@@ -358,6 +358,8 @@ SINGLE = [
     ("plain", True, lambda c: c.plain()),
     ("attribute", False, lambda c: c.attribute()),
     ("attribute-frozen", True, lambda c: c.attribute()),
+    # every torch call ruled by the operation-level mode instead of the family registry's patches
+    ("attribute-operations", True, lambda c: c.attribute(level="operations")),
 ]
 # memory only: the plain gradient with the model output held through the backward, and the plain
 # gradient through the patched model (what the rules cost without the rest of attribute's call)
@@ -377,11 +379,17 @@ LABELS = {
     "patched-plain": "plain gradient through the patched model",
     "attribute": "lrpcpp.attribute (params as loaded)",
     "attribute-frozen": "lrpcpp.attribute (params frozen)",
+    "attribute-operations": 'lrpcpp.attribute, `level="operations"` (params frozen)',
     "separate": f"{N_TARGETS} single-target calls (params as loaded)",
     "batched": f"one call, {N_TARGETS} targets (params as loaded)",
     "separate-ltk1": f"{N_TARGETS} single-target calls, `logits_to_keep=1` (params as loaded)",
     "batched-ltk1": f"one call, {N_TARGETS} targets, `logits_to_keep=1` (params as loaded)",
 }
+
+
+def operation_cost_ms(times):
+    """The operation level's time over the registry path's, both with frozen parameters, in ms."""
+    return (times["attribute-operations"] - times["attribute-frozen"]) * 1e3
 
 
 def variants_of(key, memory=False):
@@ -460,7 +468,14 @@ def checks(case):
     _, value = case.plain()
     set_frozen(case.model, False)
     a = case.attribute()
-    return dict(finite=bool(torch.isfinite(a.relevance).all()), output_diff=float((a.output - value).abs().max()))
+    ops = case.attribute(level="operations")
+    scale = max(float(a.relevance.abs().max()), 1e-30)
+    return dict(
+        finite=bool(torch.isfinite(a.relevance).all()),
+        output_diff=float((a.output - value).abs().max()),
+        operations_vs_registry=float((ops.relevance - a.relevance).abs().max()) / scale,
+        unruled=sum(ops.coverage.unruled.values()),
+    )
 
 
 def patch_ms(model, reps=7):
@@ -748,10 +763,19 @@ def render(res, mem, prof, load, args, wall):
             )
     L += [
         "",
+        "The operation level's cost over the registry path (both params frozen; the time of the torch "
+        "function mode that rules every call of the forward): "
+        + "; ".join(f"{short(res, k)} {operation_cost_ms(res[k]['times']):+.1f} ms per call" for k in single)
+        + ".",
+    ]
+    L += [
+        "",
         "Checks: "
         + "; ".join(
             f"{short(res, k)}: explained value |attribute - plain| = {res[k]['check']['output_diff']:.1e}, relevance "
-            f"finite: {'yes' if res[k]['check']['finite'] else '**no**'}"
+            f"finite: {'yes' if res[k]['check']['finite'] else '**no**'}, operation level vs registry: max "
+            f"difference {res[k]['check']['operations_vs_registry']:.1e} of the largest relevance, "
+            f"{res[k]['check']['unruled']} unruled calls"
             for k in single
         )
         + ".",
