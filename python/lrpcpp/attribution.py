@@ -28,6 +28,7 @@ __all__ = [
     "embedding_module",
     "model_kwargs",
     "position_ids",
+    "is_causal_decoder",
     "explaining",
     "logits_of",
     "last_positions",
@@ -358,6 +359,34 @@ def _embedded(module: Optional[nn.Module], input_ids: Optional[Tensor], leaf: Te
         )
 
 
+def is_causal_decoder(model: nn.Module) -> bool:
+    """Whether ``model`` is a causal decoder, whose positions :func:`position_ids` counts over the
+    mask: as its family entry says (``causal`` of :class:`~lrpcpp.models.families.Family`); a
+    Hugging Face model without one (or a module holding one) by its config and classes: not an
+    encoder-decoder, and a decoder by ``config.is_decoder``, or by its attention modules'
+    ``is_causal`` (all causal), or, where they have none, by being a generating model
+    (``GenerationMixin``, the ``...ForCausalLM`` classes)."""
+    try:
+        family = family_of(model)
+    except UnsupportedModelError:
+        family = None
+    if family is not None:
+        return family.causal
+    hf = next((m for m in model.modules() if getattr(m, "config", None) is not None), None)
+    if hf is None or getattr(hf.config, "is_encoder_decoder", False):
+        return False
+    if getattr(hf.config, "is_decoder", False):
+        return True
+    flags = [
+        m.is_causal
+        for m in hf.modules()
+        if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "is_causal", None), bool)
+    ]
+    if flags:
+        return all(flags)
+    return any(c.__name__ == "GenerationMixin" for c in type(hf).__mro__)
+
+
 def position_ids(model: nn.Module, causal: bool, attention_mask: Tensor) -> Optional[Tensor]:
     """Positions counted over the unmasked tokens (``cumsum - 1``, 0 on left padding), as
     Hugging Face's ``generate`` gives them, for a causal decoder whose forward takes ``position_ids``:
@@ -429,7 +458,7 @@ def attribute(
     preset's method, else ``"attnlrp"``. The other keyword arguments (``model_inputs``) go to the
     model; one named like a preset option is an error.
 
-    With ``attention_mask``, a causal decoder (GPT-2 and the LLaMA-style families) gets
+    With ``attention_mask``, a causal decoder (:func:`~lrpcpp.attribution.is_causal_decoder`) gets
     ``position_ids`` counted over the unmasked tokens, unless given: each row of a left- or
     right-padded batch then has the relevance it has alone.
 
@@ -467,11 +496,7 @@ def attribute(
     call_key, call_value = ("input_ids", input_ids) if hooked and input_ids is not None else (key, leaf)
     explicit = mode == "explicit"
     many = isinstance(target, (list, tuple))
-    try:
-        family = family_of(model)
-    except UnsupportedModelError:
-        family = None  # the operation level, unless level="registry" (then patch raises it)
-    causal = family is not None and family.causal
+    causal = is_causal_decoder(model)
     model_inputs = model_kwargs(model, key, leaf, attention_mask, causal, model_inputs)
 
     captured: Dict[str, Tensor] = {}

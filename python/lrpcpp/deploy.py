@@ -37,6 +37,7 @@ from .attribution import (
     choose_input,
     explaining,
     input_leaf,
+    is_causal_decoder,
     last_positions,
     logits_of,
     position_ids,
@@ -47,7 +48,6 @@ from .attribution import (
 from .attribution import (
     model_kwargs as model_kwargs_of,
 )
-from .models.families import family_of
 from .models.patching import METHODS
 
 __all__ = [
@@ -77,12 +77,6 @@ MISSING_OPERATORS_MESSAGE = (
 _CHECK_RTOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
-def _is_causal_decoder(model: nn.Module) -> bool:
-    """Whether ``model`` is of a causal decoder family (its positions are counted over the mask)."""
-    family = family_of(model)
-    return family is not None and family.causal
-
-
 class ExplainableModel(nn.Module):
     """``(inputs_embeds, attention_mask) -> logits`` of ``model``: the signature of every exported form.
 
@@ -101,7 +95,7 @@ class ExplainableModel(nn.Module):
         except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
             params = MappingProxyType({})
         self._use_cache = "use_cache" in params
-        self._causal = _is_causal_decoder(model)
+        self._causal = is_causal_decoder(model)
 
     def forward(self, inputs_embeds: Tensor, attention_mask: Tensor) -> Tensor:
         extra: Dict[str, Any] = {"use_cache": False} if self._use_cache else {}
@@ -447,7 +441,7 @@ class CompiledAttribute:
         # a language model that can compute the logits of chosen positions only (Hugging Face's
         # logits_to_keep): the explained position's are all that the relevance depends on
         self._only_explained = not all_logits and "logits_to_keep" in takes
-        self._causal = _is_causal_decoder(model)
+        self._causal = is_causal_decoder(model)
         # AOTAutograd compiles one backward for every input that requires grad: with the parameters
         # frozen it computes the relevance only, not weight gradients as well
         self._removed, self._warm = False, False
