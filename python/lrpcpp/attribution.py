@@ -55,6 +55,10 @@ class Attribution:
     * ``latent``: with ``latent=True``, the relevance of every layer's output, by module name.
     * ``coverage``: at the operation level (``level=``), the calls the rules saw
       (:class:`lrpcpp.models.operations.Coverage`); ``None`` at the registry level.
+    * ``inputs``: the relevance of every given input by the name it was given under
+      (``{"input_ids": ..., "pixel_values": ...}``), each shaped as ``relevance``; from
+      :func:`attribute` always filled (one entry for one input, its value is ``relevance``), ``None``
+      from the compiled and deployed attribution of :mod:`lrpcpp.deploy`, which explain one input.
     """
 
     relevance: Tensor
@@ -63,6 +67,7 @@ class Attribution:
     target: Optional[Tensor]
     latent: Optional[Dict[str, Tensor]] = None
     coverage: Optional[Any] = None
+    inputs: Optional[Dict[str, Tensor]] = None
 
 
 def _layers(model: nn.Module) -> Dict[str, nn.Module]:
@@ -76,15 +81,17 @@ def _layers(model: nn.Module) -> Dict[str, nn.Module]:
     return found
 
 
-def _call(model: nn.Module, key: str, leaf: Tensor, model_kwargs: dict):
-    """model(pixel_values=...) for Hugging Face models; a torch.nn or torchvision model whose forward
-    has no ``pixel_values`` (or ``input_ids``) parameter gets the pixels (ids) as its first positional
-    argument."""
-    if key in ("pixel_values", "input_ids"):
-        params = inspect.signature(type(model).forward).parameters
-        if key not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            return model(leaf, **model_kwargs)
-    return model(**{key: leaf}, **model_kwargs)
+def _call(model: nn.Module, inputs: Dict[str, Tensor], model_kwargs: dict):
+    """model(pixel_values=..., ...) for Hugging Face models; a torch.nn or torchvision model whose
+    forward has no ``pixel_values`` (or ``input_ids``) parameter gets its one input (the pixels or
+    ids) as its first positional argument."""
+    if len(inputs) == 1:
+        ((key, leaf),) = inputs.items()
+        if key in ("pixel_values", "input_ids"):
+            params = inspect.signature(type(model).forward).parameters
+            if key not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+                return model(leaf, **model_kwargs)
+    return model(**inputs, **model_kwargs)
 
 
 def logits_of(out) -> Tensor:
@@ -200,6 +207,17 @@ def _forward_takes(model: nn.Module, name: str) -> bool:
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
+def _takes_embeds(model: nn.Module) -> bool:
+    """Whether ``model``'s forward takes ``inputs_embeds``: by name, or as ``**kwargs`` of a forward
+    that does not name ``input_ids`` (CLIP's names ``input_ids`` only, and hands ``**kwargs`` on to
+    its image encoder as well)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a builtin forward
+        return True
+    return "inputs_embeds" in params or ("input_ids" not in params and _forward_takes(model, "inputs_embeds"))
+
+
 def _check_model_inputs(model: nn.Module, model_inputs: dict) -> None:
     """Preset options go in ``preset=lrpcpp.preset(name, ...)``, never to the model: a model input
     named (or almost named) like one, which the model's forward does not name, is refused."""
@@ -313,7 +331,7 @@ def embedding_module(
         hooks = [m.register_forward_pre_hook(look) for m in model.modules() if isinstance(m, nn.Embedding)]
         try:
             with ModelState(model), torch.no_grad():
-                _call(model, "input_ids", input_ids, model_inputs)
+                _call(model, {"input_ids": input_ids}, model_inputs)
         except _Found as found:
             return found.module
         except Exception as e:  # the forward cannot run on input_ids: no embedding to find
@@ -427,6 +445,8 @@ def attribute(
     embedding: Union[None, str, nn.Module] = None,
     level: str = "auto",
     strict: bool = False,
+    decoder_input_ids: Optional[Tensor] = None,
+    decoder_inputs_embeds: Optional[Tensor] = None,
     **model_inputs,
 ) -> Attribution:
     """Explains ``model``'s output with AttnLRP (or CP-LRP) in one forward and one backward pass.
@@ -484,20 +504,43 @@ def attribute(
     elif rules is not None:
         raise ValueError("lrpcpp.attribute: rules= overrides the layer rules of a preset; give preset= as well")
     _check_model_inputs(model, model_inputs)
-    embedder = None
+    given = _given_inputs(input_ids, inputs_embeds, pixel_values, decoder_input_ids, decoder_inputs_embeds)
     if embedding is not None and input_ids is None:
         raise ValueError("lrpcpp.attribute: embedding= is the module that embeds input_ids; give it with input_ids")
-    if input_ids is not None and inputs_embeds is None and pixel_values is None:
-        given = dict(model_inputs, attention_mask=attention_mask) if attention_mask is not None else model_inputs
-        embedder = embedding_module(model, input_ids, embedding, given)
-    key, leaf = choose_input(model, input_ids, inputs_embeds, pixel_values, embedding=embedder)
+    embedder = None
+    if input_ids is not None:  # a search for it calls the model with all of its inputs
+        search = {**model_inputs, **{n: v for n, v in given.items() if n != "input_ids"}}
+        if attention_mask is not None:
+            search["attention_mask"] = attention_mask
+        embedder = embedding_module(model, input_ids, embedding, search)
+    # name given -> (the model's keyword for it, the leaf); ids are embedded, the embeddings are the leaf
+    leaves: Dict[str, Tuple[str, Tensor]] = {}
+    for name in given:
+        if name in ("input_ids", "inputs_embeds", "pixel_values"):
+            leaves[name] = choose_input(
+                model,
+                input_ids if name == "input_ids" else None,
+                inputs_embeds if name == "inputs_embeds" else None,
+                pixel_values if name == "pixel_values" else None,
+                embedding=embedder,
+            )
+        else:
+            leaves[name] = _decoder_input(model, decoder_input_ids, decoder_inputs_embeds)
+    first = next(iter(leaves))
+    key, leaf = leaves[first]
     # a forward without inputs_embeds gets input_ids, and the embedding module's output is the leaf
-    hooked = embedder is not None and not _forward_takes(model, "inputs_embeds")
-    call_key, call_value = ("input_ids", input_ids) if hooked and input_ids is not None else (key, leaf)
+    hooked = embedder is not None and not _takes_embeds(model)
+    calls = dict(("input_ids", input_ids) if hooked and k == "inputs_embeds" else (k, t) for k, t in leaves.values())
+    calls_leaf = leaves["input_ids"][1] if hooked else leaf
     explicit = mode == "explicit"
     many = isinstance(target, (list, tuple))
     causal = is_causal_decoder(model)
-    model_inputs = model_kwargs(model, key, leaf, attention_mask, causal, model_inputs)
+    text = leaves.get("input_ids", leaves.get("inputs_embeds", (key, leaf)))
+    model_inputs = model_kwargs(model, *text, attention_mask, causal, model_inputs)
+    decoder = next((t for n, (k, t) in leaves.items() if n.startswith("decoder_")), None)
+    # an encoder-decoder's next token follows the last decoder position of the decoder's mask
+    target_mask = attention_mask if decoder is None else _decoder_mask(model_inputs, decoder)
+    batches = {t.shape[0] for _, t in leaves.values()}
 
     captured: Dict[str, Tensor] = {}
     hooks = []
@@ -515,16 +558,16 @@ def attribute(
                         )
                     )
             with torch.enable_grad(), handle.rules.context():
-                with _embedded(embedder if hooked else None, input_ids, leaf, "lrpcpp.attribute"):
-                    out = _call(model, call_key, call_value, model_inputs)
+                with _embedded(embedder if hooked else None, input_ids, calls_leaf, "lrpcpp.attribute"):
+                    out = _call(model, calls, model_inputs)
                 if causal and attention_mask is not None and key == "inputs_embeds" and not callable(target):
                     _check_pooled_padding(model, logits_of(out), attention_mask)
-                explained, ids = select_target(out, target, attention_mask, leaf.shape[0])
+                explained, ids = select_target(out, target, target_mask, batches.pop() if len(batches) == 1 else None)
                 del out  # the whole output (a language model's [batch, seq, vocab] logits) is not needed any more
             for h in hooks:
                 h.remove()
             hooks = []
-            inputs: List[Tensor] = [leaf] + list(captured.values())
+            inputs: List[Tensor] = [t for _, t in leaves.values()] + list(captured.values())
             grads = relevance_backward(explained, inputs, explicit, many)
             coverage = handle.coverage
     finally:
@@ -535,11 +578,95 @@ def attribute(
     latent_map = None
     if latent:
         latent_map = {
-            name: relevance_of(t, g, explicit, k).detach() for (name, t), g in zip(captured.items(), grads[1:])
+            name: relevance_of(t, g, explicit, k).detach()
+            for (name, t), g in zip(captured.items(), grads[len(leaves) :])
         }
-    result = attribution_of(relevance_of(leaf, grads[0], explicit, k), explained, ids, key, latent_map)
+    relevances = {name: relevance_of(t, g, explicit, k).detach() for (name, (_, t)), g in zip(leaves.items(), grads)}
+    result = attribution_of(relevances[first], explained, ids, key, latent_map)
     result.coverage = coverage
+    result.inputs = relevances
     return result
+
+
+def _given_inputs(
+    input_ids: Optional[Tensor],
+    inputs_embeds: Optional[Tensor],
+    pixel_values: Optional[Tensor],
+    decoder_input_ids: Optional[Tensor],
+    decoder_inputs_embeds: Optional[Tensor],
+) -> Dict[str, Tensor]:
+    """The inputs given to :func:`attribute`, by name, in the order of its parameters: at least one,
+    and never both the ids and the embeddings of one side."""
+    for ids, embeds, names in (
+        (input_ids, inputs_embeds, "input_ids and inputs_embeds"),
+        (decoder_input_ids, decoder_inputs_embeds, "decoder_input_ids and decoder_inputs_embeds"),
+    ):
+        if ids is not None and embeds is not None:
+            raise ValueError(
+                f"lrpcpp.attribute: give exactly one of {names}: they are the same input (the ids are embedded "
+                "with the model's embedding into the embeddings whose relevance is computed)"
+            )
+    given = {
+        "input_ids": input_ids,
+        "inputs_embeds": inputs_embeds,
+        "pixel_values": pixel_values,
+        "decoder_input_ids": decoder_input_ids,
+        "decoder_inputs_embeds": decoder_inputs_embeds,
+    }
+    given = {n: v for n, v in given.items() if v is not None}
+    if not given:
+        raise ValueError(
+            "lrpcpp.attribute: no input to explain; give exactly one of input_ids, inputs_embeds, pixel_values, or "
+            "several inputs of a model that takes them (text and pixels; an encoder-decoder's decoder_input_ids or "
+            "decoder_inputs_embeds)"
+        )
+    return given
+
+
+def _decoder_input(
+    model: nn.Module, decoder_input_ids: Optional[Tensor], decoder_inputs_embeds: Optional[Tensor]
+) -> Tuple[str, Tensor]:
+    """``("decoder_inputs_embeds", the leaf)``: the decoder's input embeddings, or the ids embedded
+    with the decoder's embedding (``model.get_decoder().get_input_embeddings()``, else the shared
+    ``model.get_input_embeddings()`` of an encoder-decoder), for a forward that takes them."""
+    caller = "lrpcpp.attribute"
+    if not _forward_takes(model, "decoder_inputs_embeds"):
+        raise TypeError(
+            f"{caller}: the forward of this {type(model).__name__} takes no decoder_inputs_embeds, so the relevance "
+            "of the decoder input cannot be read; give decoder_input_ids to an encoder-decoder whose forward takes "
+            "decoder_inputs_embeds (a Hugging Face ...ForConditionalGeneration), or pass them as a model input "
+            "through a wrapper module"
+        )
+    if decoder_inputs_embeds is not None:
+        return "decoder_inputs_embeds", input_leaf(decoder_inputs_embeds, "decoder_inputs_embeds", caller)
+    found = None
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    for owner in (decoder, model):
+        get = getattr(owner, "get_input_embeddings", None)
+        found = get() if callable(get) else None
+        if isinstance(found, nn.Module):
+            break
+    if not isinstance(found, nn.Module):
+        raise TypeError(
+            f"{caller}: decoder_input_ids need the decoder's input embeddings (model.get_decoder()."
+            f"get_input_embeddings(), or model.get_input_embeddings()), and this {type(model).__name__} has none; "
+            "pass decoder_inputs_embeds="
+        )
+    with torch.no_grad():
+        return "decoder_inputs_embeds", input_leaf(found(decoder_input_ids), "decoder_input_ids", caller)
+
+
+def _decoder_mask(model_inputs: Dict[str, Any], decoder: Tensor) -> Optional[Tensor]:
+    """The ``decoder_attention_mask`` among the model's inputs, checked against the decoder's
+    ``[batch, seq]``; ``None`` when not given (the last decoder position is explained)."""
+    mask = model_inputs.get("decoder_attention_mask")
+    if mask is not None and tuple(mask.shape) != tuple(decoder.shape[:2]):
+        raise ValueError(
+            f"lrpcpp.attribute: decoder_attention_mask must have the shape [batch, seq] = {list(decoder.shape[:2])} "
+            f"of the decoder input, got {list(mask.shape)}"
+        )
+    return mask
 
 
 # ----------------------------------------------------------------------------- the shared steps
