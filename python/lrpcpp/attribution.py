@@ -207,15 +207,19 @@ def _forward_takes(model: nn.Module, name: str) -> bool:
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
-def _takes_embeds(model: nn.Module) -> bool:
-    """Whether ``model``'s forward takes ``inputs_embeds``: by name, or as ``**kwargs`` of a forward
-    that does not name ``input_ids`` (CLIP's names ``input_ids`` only, and hands ``**kwargs`` on to
-    its image encoder as well)."""
+_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "decoder_input_ids", "decoder_inputs_embeds")
+
+
+def _takes_input(model: nn.Module, name: str) -> bool:
+    """Whether ``model``'s forward takes the input ``name`` (``inputs_embeds``, ...): by name, or as
+    ``**kwargs`` of a forward that names none of the inputs (a wrapper that hands them on). A forward
+    that names some of them but not ``name`` does not take it (CLIP's names ``input_ids`` and
+    ``pixel_values`` and hands ``**kwargs`` on to both of its encoders)."""
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):  # pragma: no cover - a builtin forward
         return True
-    return "inputs_embeds" in params or ("input_ids" not in params and _forward_takes(model, "inputs_embeds"))
+    return name in params or (not any(n in params for n in _INPUTS) and _forward_takes(model, name))
 
 
 def _check_model_inputs(model: nn.Module, model_inputs: dict) -> None:
@@ -529,7 +533,7 @@ def attribute(
     first = next(iter(leaves))
     key, leaf = leaves[first]
     # a forward without inputs_embeds gets input_ids, and the embedding module's output is the leaf
-    hooked = embedder is not None and not _takes_embeds(model)
+    hooked = embedder is not None and not _takes_input(model, "inputs_embeds")
     calls = dict(("input_ids", input_ids) if hooked and k == "inputs_embeds" else (k, t) for k, t in leaves.values())
     calls_leaf = leaves["input_ids"][1] if hooked else leaf
     explicit = mode == "explicit"
@@ -630,7 +634,7 @@ def _decoder_input(
     with the decoder's embedding (``model.get_decoder().get_input_embeddings()``, else the shared
     ``model.get_input_embeddings()`` of an encoder-decoder), for a forward that takes them."""
     caller = "lrpcpp.attribute"
-    if not _forward_takes(model, "decoder_inputs_embeds"):
+    if not _takes_input(model, "decoder_inputs_embeds"):
         raise TypeError(
             f"{caller}: the forward of this {type(model).__name__} takes no decoder_inputs_embeds, so the relevance "
             "of the decoder input cannot be read; give decoder_input_ids to an encoder-decoder whose forward takes "

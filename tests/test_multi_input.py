@@ -1,0 +1,178 @@
+"""Several inputs explained in one call: CLIP's text and pixels, T5's encoder ids and decoder prefix
+(both without a family entry, so explained at the operation level), each a relevance leaf of its own
+in ``Attribution.inputs``."""
+
+import copy
+
+import lrpcpp
+import pytest
+import torch
+import transformers as tfm
+from lrpcpp.attribution import explaining, select_target
+
+f64 = torch.float64
+
+
+def _randomised(model):
+    torch.manual_seed(0)
+    model = model.to(f64).eval()
+    with torch.no_grad():  # larger weights than the default init, so that outputs are far from zero
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.3)
+    return model
+
+
+def clip():
+    layers = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2)
+    text = dict(layers, vocab_size=64, max_position_embeddings=8, bos_token_id=1, eos_token_id=2)
+    vision = dict(layers, image_size=16, patch_size=4)
+    torch.manual_seed(0)
+    return _randomised(tfm.CLIPModel(tfm.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)))
+
+
+def t5():
+    config = tfm.T5Config(
+        d_model=16, d_kv=8, d_ff=24, num_layers=1, num_decoder_layers=1, num_heads=2, vocab_size=40, pad_token_id=0
+    )
+    torch.manual_seed(0)
+    return _randomised(tfm.T5ForConditionalGeneration(config))
+
+
+def _ids(shape, seed, low=3, high=40):
+    return torch.randint(low, high, shape, generator=torch.Generator().manual_seed(seed))
+
+
+PIXELS = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=f64)
+TEXT = _ids((2, 5), 2, high=64)
+
+
+def _second_caption(out):
+    return out.logits_per_image[:, 1]
+
+
+def test_clip_text_and_pixels_both_get_relevance():
+    attr = lrpcpp.attribute(clip(), input_ids=TEXT, pixel_values=PIXELS, target=_second_caption, strict=True)
+    assert list(attr.inputs) == ["input_ids", "pixel_values"]
+    assert attr.inputs["input_ids"].shape == (2, 5, 16) and attr.inputs["pixel_values"].shape == PIXELS.shape
+    for relevance in attr.inputs.values():
+        assert torch.isfinite(relevance).all() and relevance.abs().sum() > 0
+    # relevance and token_relevance are those of the first input, the text
+    assert torch.equal(attr.relevance, attr.inputs["input_ids"])
+    assert torch.equal(attr.token_relevance, attr.relevance.sum(-1))
+
+
+def _bias_free(model):
+    """A copy without the summands that are no input: biases, position and class embeddings."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "position_embedding" in name or "class_embedding" in name:
+                p.zero_()
+    return model
+
+
+def test_clip_cp_lrp_conserves_over_both_inputs():
+    # RULES.md: with the biases zero, linear and layer-norm rules conserve up to their epsilon, and CP-LRP
+    # holds the softmax constant (which does not conserve under AttnLRP's Prop. 3.1). The image-text
+    # product splits its relevance between the two embeddings: only both inputs together hold it all.
+    model = _bias_free(clip())
+    attr = lrpcpp.attribute(model, input_ids=TEXT, pixel_values=PIXELS, target=_second_caption, method="cp-lrp")
+    total = sum(r.sum() for r in attr.inputs.values())
+    torch.testing.assert_close(total, attr.output.sum(), rtol=1e-8, atol=0)
+    for relevance in attr.inputs.values():  # neither input alone
+        assert not torch.isclose(relevance.sum(), attr.output.sum(), rtol=1e-2)
+
+
+def _patched_relevance(model, ids):
+    """The relevance of one input computed from the steps attribute is made of, by hand."""
+    with explaining(model) as handle, torch.enable_grad(), handle.rules.context():
+        leaf = model.get_input_embeddings()(ids).detach().requires_grad_()
+        explained, _ = select_target(model(inputs_embeds=leaf), None, None)
+        (grad,) = torch.autograd.grad(explained, [leaf], torch.ones_like(explained))
+    return grad * leaf.detach()
+
+
+def test_one_input_is_explained_as_before():
+    model = t5().get_encoder()
+    head = torch.nn.Linear(16, 3, bias=False).to(f64)
+
+    class Classifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.head = model, head
+
+        def get_input_embeddings(self):
+            return self.encoder.get_input_embeddings()
+
+        def forward(self, inputs_embeds):
+            return self.head(self.encoder(inputs_embeds=inputs_embeds).last_hidden_state[:, 0])
+
+    classifier, ids = Classifier(), _ids((2, 6), 4)
+    attr = lrpcpp.attribute(classifier, input_ids=ids)
+    assert list(attr.inputs) == ["input_ids"] and torch.equal(attr.inputs["input_ids"], attr.relevance)
+    assert torch.equal(attr.relevance, _patched_relevance(classifier, ids))
+
+
+ENCODER = _ids((2, 6), 5)
+PREFIX = _ids((2, 4), 6)
+
+
+def _decoder_logits(model, mask=None):
+    with torch.no_grad():
+        return model(input_ids=ENCODER, decoder_input_ids=PREFIX, decoder_attention_mask=mask).logits
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [None, torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]), torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])],
+    ids=["unmasked", "right-padded", "left-padded"],
+)
+def test_t5_encoder_and_decoder_prefix(mask):
+    model = t5()
+    attr = lrpcpp.attribute(
+        model, input_ids=ENCODER, decoder_input_ids=PREFIX, decoder_attention_mask=mask, strict=True
+    )
+    assert list(attr.inputs) == ["input_ids", "decoder_input_ids"]
+    assert torch.equal(attr.relevance, attr.inputs["input_ids"]) and attr.inputs["decoder_input_ids"].shape == (
+        2,
+        4,
+        16,
+    )
+    for relevance in attr.inputs.values():
+        assert torch.isfinite(relevance).all() and relevance.abs().sum(-1).gt(0).any(-1).all()
+    # the default target: the top next-token logit after the last unmasked decoder position
+    last = torch.tensor([3, 3]) if mask is None else torch.tensor([3, int(mask[1].nonzero().max())])
+    logits = _decoder_logits(model, mask)[torch.arange(2), last]
+    assert torch.equal(attr.target, logits.argmax(-1))
+    torch.testing.assert_close(attr.output, logits.amax(-1), rtol=1e-12, atol=0)
+    # masked decoder positions get exactly none, unmasked ones some
+    token = attr.inputs["decoder_input_ids"].abs().sum(-1)
+    unmasked = torch.ones(2, 4, dtype=torch.bool) if mask is None else mask.bool()
+    assert torch.equal(token[~unmasked], torch.zeros_like(token[~unmasked]))
+    assert (token[unmasked] > 0).all()
+
+
+def test_t5_decoder_ids_and_embeddings_agree():
+    model = t5()
+    by_ids = lrpcpp.attribute(model, input_ids=ENCODER, decoder_input_ids=PREFIX)
+    embeds = model.get_decoder().get_input_embeddings()(PREFIX).detach()
+    by_embeds = lrpcpp.attribute(model, input_ids=ENCODER, decoder_inputs_embeds=embeds)
+    assert list(by_embeds.inputs) == ["input_ids", "decoder_inputs_embeds"]
+    assert torch.equal(by_ids.inputs["decoder_input_ids"], by_embeds.inputs["decoder_inputs_embeds"])
+    assert torch.equal(by_ids.relevance, by_embeds.relevance)
+
+
+def test_errors():
+    model = t5()
+    embeds = model.get_input_embeddings()(ENCODER).detach()
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        lrpcpp.attribute(model, input_ids=ENCODER, inputs_embeds=embeds, decoder_input_ids=PREFIX)
+    with pytest.raises(ValueError, match="exactly one of decoder_input_ids and decoder_inputs_embeds"):
+        lrpcpp.attribute(model, input_ids=ENCODER, decoder_input_ids=PREFIX, decoder_inputs_embeds=embeds[:, :4])
+    with pytest.raises(ValueError, match="no input to explain"):
+        lrpcpp.attribute(model)
+    with pytest.raises(ValueError, match=r"decoder_attention_mask must have the shape \[batch, seq\] = \[2, 4\]"):
+        lrpcpp.attribute(model, input_ids=ENCODER, decoder_input_ids=PREFIX, decoder_attention_mask=torch.ones(2, 6))
+    with pytest.raises(TypeError, match="takes no decoder_inputs_embeds"):
+        lrpcpp.attribute(clip(), pixel_values=PIXELS, decoder_input_ids=PREFIX)
