@@ -455,16 +455,23 @@ def attribute(
 ) -> Attribution:
     """Explains ``model``'s output with AttnLRP (or CP-LRP) in one forward and one backward pass.
 
-    Give exactly one of ``input_ids`` (embedded with the model's own input embeddings),
-    ``inputs_embeds`` or ``pixel_values``. ``embedding``: the module that embeds ``input_ids`` (a
-    module of ``model`` or its name in ``model.named_modules()``); by default
+    Give one of ``input_ids`` (embedded with the model's own input embeddings),
+    ``inputs_embeds`` or ``pixel_values``, or several inputs of a model that takes them together:
+    text (``input_ids`` or ``inputs_embeds``), ``pixel_values`` and an encoder-decoder's
+    ``decoder_input_ids`` (embedded with ``model.get_decoder().get_input_embeddings()``, else the
+    shared ``model.get_input_embeddings()``, and given as ``decoder_inputs_embeds``, which the
+    forward must take) or ``decoder_inputs_embeds``. Each is a relevance leaf: ``inputs`` of the
+    result holds the relevance of every given input by name; ``relevance`` is that of the first in
+    this order. Ids with the embeddings of the same side are an error. ``embedding``: the module
+    that embeds ``input_ids`` (a module of ``model`` or its name in ``model.named_modules()``); by default
     ``model.get_input_embeddings()``, or for a model without it the first ``nn.Embedding`` that gets
     ``input_ids`` in the forward (found by calling the model, stopped at that module by a forward
     pre-hook; see :func:`~lrpcpp.attribution.embedding_module`). The ids are embedded with it and the
     model is called with the embeddings: as ``inputs_embeds=`` when its forward takes them, else with
     ``input_ids`` while a forward hook makes the embedding module return the embeddings whose
     relevance is computed.
-    ``target``: ``None`` (the top class, or the top next-token logit after the last unmasked position),
+    ``target``: ``None`` (the top class, or the top next-token logit after the last unmasked position;
+    of the decoder, masked by ``decoder_attention_mask``, when a decoder input is given),
     an int, an integer tensor of one id per item, a list of K ids (K relevance maps from one backward
     pass), or a callable ``f(model_output) -> tensor`` of one
     value per item or one 0-D value for the whole batch (for example a similarity of two
