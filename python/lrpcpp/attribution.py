@@ -541,7 +541,12 @@ def attribute(
     key, leaf = leaves[first]
     # a forward without inputs_embeds gets input_ids, and the embedding module's output is the leaf
     hooked = embedder is not None and not _takes_input(model, "inputs_embeds")
-    calls = dict(("input_ids", input_ids) if hooked and k == "inputs_embeds" else (k, t) for k, t in leaves.values())
+    calls: Dict[str, Tensor] = {}  # what the model is called with
+    for keyword, t in leaves.values():
+        if hooked and keyword == "inputs_embeds" and input_ids is not None:
+            calls["input_ids"] = input_ids  # the hooked embedding module returns the leaf t
+        else:
+            calls[keyword] = t
     calls_leaf = leaves["input_ids"][1] if hooked else leaf
     explicit = mode == "explicit"
     many = isinstance(target, (list, tuple))
@@ -617,14 +622,14 @@ def _given_inputs(
                 f"lrpcpp.attribute: give exactly one of {names}: they are the same input (the ids are embedded "
                 "with the model's embedding into the embeddings whose relevance is computed)"
             )
-    given = {
+    candidates = {
         "input_ids": input_ids,
         "inputs_embeds": inputs_embeds,
         "pixel_values": pixel_values,
         "decoder_input_ids": decoder_input_ids,
         "decoder_inputs_embeds": decoder_inputs_embeds,
     }
-    given = {n: v for n, v in given.items() if v is not None}
+    given = {n: v for n, v in candidates.items() if v is not None}
     if not given:
         raise ValueError(
             "lrpcpp.attribute: no input to explain; give exactly one of input_ids, inputs_embeds, pixel_values, or "
