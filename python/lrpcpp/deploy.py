@@ -62,6 +62,7 @@ __all__ = [
     "LrpcppRequired",
     "ARCHIVE_INFO_FILE",
     "MISSING_OPERATORS_MESSAGE",
+    "OPERATION_LEVEL_NOT_COMPILED",
 ]
 
 #: name of the JSON record that :func:`export_archive` stores in the archive (an "extra file")
@@ -71,6 +72,16 @@ ARCHIVE_INFO_FILE = "lrpcpp.json"
 MISSING_OPERATORS_MESSAGE = (
     "This archive calls lrpcpp operators, which are registered by the lrpcpp library: "
     "run `import lrpcpp` before torch.jit.load (in C++, link liblrpcpp, CMake target lrpcpp::lrpcpp)"
+)
+
+#: why :func:`compile_attribute` refuses the operation level
+OPERATION_LEVEL_NOT_COMPILED = (
+    "lrpcpp.deploy.compile_attribute: the operation level (level='operations', or level='auto' on a model "
+    "without a family entry) cannot be compiled with torch.compile(fullgraph=True): its torch function mode "
+    "tells the relevance-carrying tensors by their identity (weak dictionaries keyed by tensors, "
+    "torch.utils.weak.WeakIdKeyDictionary), which dynamo does not trace (a graph break). Explain the model at "
+    "the registry level (describe it with lrpcpp.register_family), or deploy it at the operation level with "
+    "lrpcpp.deploy.export_program or export_archive"
 )
 
 # relative tolerance of the check that an exported model reproduces lrpcpp.attribute
@@ -198,7 +209,9 @@ def _check_method(method: str, caller: str) -> None:
         raise ValueError(f"{caller}: method must be one of {METHODS}, got {method!r}")
 
 
-def _info(model: nn.Module, embeds: Tensor, logits: Tensor, method: str, epsilon: Optional[float], form: str):
+def _info(
+    model: nn.Module, embeds: Tensor, logits: Tensor, method: str, epsilon: Optional[float], form: str, level: str
+):
     config = getattr(model, "config", None)
     language_model = logits.dim() == 3
     return {
@@ -208,6 +221,7 @@ def _info(model: nn.Module, embeds: Tensor, logits: Tensor, method: str, epsilon
         "torch": torch.__version__,
         "method": method,
         "mode": "gradient",
+        "level": level,
         "epsilon": 1e-10 if epsilon is None else epsilon,
         "architecture": type(model).__name__,
         "model_type": getattr(config, "model_type", None),
@@ -247,7 +261,15 @@ def attribute_deployed(
 
 
 def _check(
-    deployed, model: nn.Module, embeds: Tensor, mask: Tensor, method: str, epsilon: Optional[float], what: str
+    deployed,
+    model: nn.Module,
+    embeds: Tensor,
+    mask: Tensor,
+    method: str,
+    epsilon: Optional[float],
+    what: str,
+    level: str = "auto",
+    strict: bool = False,
 ) -> None:
     """The deployed model must give lrpcpp.attribute's relevance on the example; on a shorter
     sequence it should too (a trace that fixed the length only warns)."""
@@ -255,7 +277,9 @@ def _check(
     if embeds.shape[1] > 1:
         cases.append((embeds[:, :-1], mask[:, :-1], False))
     for x, m, required in cases:
-        expected = attribute(model, inputs_embeds=x, attention_mask=m, method=method, epsilon=epsilon)
+        expected = attribute(
+            model, inputs_embeds=x, attention_mask=m, method=method, epsilon=epsilon, level=level, strict=strict
+        )
         try:
             got = attribute_deployed(deployed, x, m, target=expected.target).relevance
             scale = float(expected.relevance.abs().max()) or 1.0
@@ -281,6 +305,15 @@ def _check(
         )
 
 
+def _traced_example(handle, embeds: Tensor) -> Tensor:
+    """The example embeddings as the trace sees them. At the operation level the rules are chosen
+    by which tensors carry relevance (require grad), so the traced example must carry it too; the
+    registry level's patch does not depend on it."""
+    if handle.level == "operations":
+        return embeds.detach().clone().requires_grad_()
+    return embeds
+
+
 # ----------------------------------------------------------------------------- TorchScript
 def export_archive(
     model: nn.Module,
@@ -292,6 +325,8 @@ def export_archive(
     method: str = "attnlrp",
     epsilon: Optional[float] = None,
     check: bool = True,
+    level: str = "auto",
+    strict: bool = False,
 ) -> Dict[str, Any]:
     """Saves ``model`` as an explainable TorchScript archive at ``path``; returns what it records.
 
@@ -312,12 +347,16 @@ def export_archive(
     on the example (an error if they differ) and on the example shortened by one token (a warning:
     the trace may have fixed the length). The returned dict (also stored in the archive, see
     :func:`archive_info`) names the method, the model, the dtype, the example shape and the output.
+
+    ``level`` and ``strict`` are those of :func:`lrpcpp.attribute`. At the operation level the trace
+    records the operations the rules chose for the example: the archive holds them as fixed
+    operators, as it holds the registry level's.
     """
     caller = "lrpcpp.deploy.export_archive"
     _check_method(method, caller)
     embeds, mask = _example(model, input_ids, inputs_embeds, attention_mask, caller)
     path = os.fspath(path)
-    with explaining(model, method=method, mode="gradient", epsilon=epsilon):
+    with explaining(model, method=method, mode="gradient", epsilon=epsilon, level=level, strict=strict) as handle:
         wrapper = ExplainableModel(model)
         with torch.no_grad():
             logits = wrapper(embeds, mask)
@@ -325,7 +364,8 @@ def export_archive(
             # tracing reads every attribute of every module, deprecated properties included
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", FutureWarning)
-            traced = torch.jit.trace(wrapper, (embeds, mask), check_trace=False)
+            with torch.enable_grad():
+                traced = torch.jit.trace(wrapper, (_traced_example(handle, embeds), mask), check_trace=False)
             embedding = _input_embeddings(model)
             if embedding is None:
                 embedding = torch.jit.script(_NoEmbedding())
@@ -337,11 +377,12 @@ def export_archive(
                 )
                 embedding = torch.jit.trace(embedding, (ids,), check_trace=False)
         archive = torch.jit.script(ExplainableArchive(torch.jit.script(LrpcppRequired()), traced, embedding))
-        info = _info(model, embeds, logits, method, epsilon, "lrpcpp TorchScript archive")
+        info = _info(model, embeds, logits, method, epsilon, "lrpcpp TorchScript archive", handle.level)
         info["embed"] = "embed(input_ids) -> inputs_embeds" if _input_embeddings(model) is not None else None
         torch.jit.save(archive, path, _extra_files={ARCHIVE_INFO_FILE: json.dumps(info, indent=1)})
     if check:
-        _check(torch.jit.load(path, map_location=embeds.device), model, embeds, mask, method, epsilon, "archive")
+        archive = torch.jit.load(path, map_location=embeds.device)
+        _check(archive, model, embeds, mask, method, epsilon, "archive", level, strict)
     return info
 
 
@@ -369,6 +410,8 @@ def export_program(
     epsilon: Optional[float] = None,
     dynamic: bool = True,
     check: bool = True,
+    level: str = "auto",
+    strict: bool = False,
 ) -> "torch.export.ExportedProgram":
     """Exports the patched ``model`` with ``torch.export``; saves the program as ``.pt2`` at ``path``.
 
@@ -379,7 +422,8 @@ def export_program(
     token, is exported as two copies of it, since ``torch.export`` fixes sizes of 1). Load it with
     ``torch.export.load(path).module()`` after ``import lrpcpp`` and explain with
     :func:`attribute_deployed`. ``check=True`` compares that with :func:`lrpcpp.attribute` on the
-    example (using the saved file when ``path`` is given). The model is left as it was.
+    example (using the saved file when ``path`` is given). The model is left as it was. ``level``
+    and ``strict`` are those of :func:`lrpcpp.attribute`, as in :func:`export_archive`.
     """
     caller = "lrpcpp.deploy.export_program"
     _check_method(method, caller)
@@ -392,12 +436,14 @@ def export_program(
         # token) keep the batch size (the sequence length) free
         batch, seq = (2 if n == 1 else n for n in embeds.shape[:2])
         traced = (embeds.expand(batch, seq, -1), mask.expand(batch, seq))
-    with explaining(model, method=method, mode="gradient", epsilon=epsilon):
+    with explaining(model, method=method, mode="gradient", epsilon=epsilon, level=level, strict=strict) as handle:
+        traced = (_traced_example(handle, traced[0]), traced[1])
         containers = [
             (m, {k: v for k, v in m.__dict__.items() if isinstance(v, (list, tuple, dict))}) for m in model.modules()
         ]
         try:
-            program = torch.export.export(ExplainableModel(model), traced, dynamic_shapes=shapes)
+            with torch.enable_grad():
+                program = torch.export.export(ExplainableModel(model), traced, dynamic_shapes=shapes)
         finally:
             # torch.export sets every list, tuple and dict attribute of every module to a copy of
             # itself: the originals go back, so that the model holds the objects it held before
@@ -407,7 +453,7 @@ def export_program(
             torch.export.save(program, os.fspath(path))
     if check:
         deployed = torch.export.load(os.fspath(path)) if path is not None else program
-        _check(deployed.module(), model, embeds, mask, method, epsilon, "exported program")
+        _check(deployed.module(), model, embeds, mask, method, epsilon, "exported program", level, strict)
     return program
 
 
@@ -430,6 +476,8 @@ class CompiledAttribute:
         method: str = "attnlrp",
         epsilon: Optional[float] = None,
         all_logits: bool = False,
+        level: str = "auto",
+        strict: bool = False,
         **compile_kwargs,
     ):
         _check_method(method, "lrpcpp.deploy.compile_attribute")
@@ -447,7 +495,11 @@ class CompiledAttribute:
         self._removed, self._warm = False, False
         compile_kwargs.setdefault("fullgraph", True)
         with contextlib.ExitStack() as undo:  # on an error, everything done so far is undone
-            self.handle = undo.enter_context(explaining(model, method=method, mode="gradient", epsilon=epsilon))
+            self.handle = undo.enter_context(
+                explaining(model, method=method, mode="gradient", epsilon=epsilon, level=level, strict=strict)
+            )
+            if self.handle.level == "operations":
+                raise RuntimeError(OPERATION_LEVEL_NOT_COMPILED)
             had = set(model.__dict__)
             try:
                 self.compiled = torch.compile(model, **compile_kwargs)
@@ -541,6 +593,8 @@ def compile_attribute(
     *,
     epsilon: Optional[float] = None,
     all_logits: bool = False,
+    level: str = "auto",
+    strict: bool = False,
     **compile_kwargs,
 ) -> CompiledAttribute:
     """:func:`lrpcpp.attribute` with the model compiled: patches ``model`` and compiles it with
@@ -559,9 +613,15 @@ def compile_attribute(
            attr = explain(input_ids=ids, attention_mask=mask)   # compiles (once per shape)
            attr = explain(input_ids=other_ids, attention_mask=other_mask)
 
+    ``level`` and ``strict`` are those of :func:`lrpcpp.attribute`; the operation level is refused
+    (:data:`OPERATION_LEVEL_NOT_COMPILED`): its rule mode cannot be traced by dynamo without a graph
+    break, while :func:`export_program` and :func:`export_archive` deploy it.
+
     Gradient-times-input mode only. ``torch.autograd.grad`` cannot run inside a ``fullgraph``
     region, so the forward (with its ``lrpcpp`` operators) and, through AOTAutograd, the backward
     are compiled, while the choice of the explained logit and the call of the backward stay in
     Python.
     """
-    return CompiledAttribute(model, method=method, epsilon=epsilon, all_logits=all_logits, **compile_kwargs)
+    return CompiledAttribute(
+        model, method=method, epsilon=epsilon, all_logits=all_logits, level=level, strict=strict, **compile_kwargs
+    )

@@ -34,9 +34,9 @@ torch is changed.
 
 from typing import Callable, Mapping
 
+from ..tracking import identity_rule, run_plain
 from . import handlers, pass_through
 from .mode import ExplicitRules, UnruledOperationWarning
-from .tracking import identity_rule, run_plain
 
 #: The mapping from torch functions to their explicit rules: ``{function: handler}``. Every
 #: spelling of an operation (``torch.add``, ``Tensor.add``, ``Tensor.__add__``, ...) has its own

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from ... import functional as lf
-from .tracking import RuleMode, carries, const, epsilon_rule, operand, pass_to
+from ..tracking import RuleMode, carries, const, epsilon_rule, operand, pass_to
 
 _REDUCED = (torch.float16, torch.bfloat16)
 

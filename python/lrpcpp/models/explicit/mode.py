@@ -8,9 +8,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .handlers import RULES
-from .pass_through import DROPOUT, PASS_THROUGH
-from .tracking import (
+from ..tracking import (
     FROM_PARAMETERS,
     RuleMode,
     UnruledOperationWarning,
@@ -23,6 +21,8 @@ from .tracking import (
     tensor_args,
     without,
 )
+from .handlers import RULES
+from .pass_through import DROPOUT, PASS_THROUGH
 
 
 def _has_rule(func: Callable) -> bool:

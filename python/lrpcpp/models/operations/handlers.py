@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from ..explicit.pass_through import DROPOUT, PASS_THROUGH
-from ..explicit.tracking import carries, const
+from ..tracking import carries, const
 
 _T = Tensor
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..explicit.tracking import (
+from ..tracking import (
     FROM_PARAMETERS,
     RuleMode,
     UnruledOperationWarning,

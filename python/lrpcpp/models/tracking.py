@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode, redispatch_function
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ... import functional as lf
+from .. import functional as lf
 
 
 class RuleMode(TorchFunctionMode):
