@@ -212,6 +212,20 @@ class _PassRelevance(torch.autograd.Function):
         return None, relevance.to(ctx.dtype)
 
 
+def inplace_form(handler: Callable, outofplace: Callable) -> Callable:
+    """The in-place form of an out-of-place rule handler (of either mode's table): computed out of
+    place on a copy of the target, then written into it (``copy_``), so aliases and views see the
+    change as with torch."""
+
+    def run(mode, func, input, *args, **kwargs):
+        if not isinstance(input, Tensor):
+            return NotImplemented
+        result = handler(mode, outofplace, input.clone(), *args, **kwargs)
+        return result if result is NotImplemented else input.copy_(result)
+
+    return run
+
+
 def pass_to(receiver: Tensor, compute: Callable[[], Tensor]) -> Tensor:
     return _PassRelevance.apply(compute, receiver)
 

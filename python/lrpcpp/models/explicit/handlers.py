@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from ... import functional as lf
-from ..tracking import RuleMode, carries, const, epsilon_rule, operand, pass_to
+from ..tracking import RuleMode, carries, const, epsilon_rule, inplace_form, operand, pass_to
 
 _REDUCED = (torch.float16, torch.bfloat16)
 
@@ -339,21 +339,6 @@ def _sdpa(rules, func, query, key, value, attn_mask=None, dropout_p=0.0, is_caus
     return lf.matmul(p, v, rules.epsilon)
 
 
-def _inplace(handler: Callable, outofplace: Callable) -> Callable:
-    """The in-place form of an out-of-place handler: computed out of place on a copy of the target,
-    then written into it (``copy_``), so aliases and views see the change as with torch."""
-
-    def run(rules, func, input, *args, **kwargs):
-        if not isinstance(input, Tensor):
-            return NotImplemented
-        result = handler(rules, outofplace, input.clone(), *args, **kwargs)
-        if result is NotImplemented:
-            return result
-        return input.copy_(result)
-
-    return run
-
-
 _T = Tensor
 
 # The table of rules; described where it is public, as lrpcpp.models.explicit.RULES.
@@ -384,11 +369,11 @@ RULES: Mapping[Callable, Callable] = MappingProxyType(
         _T.__sub__: _sub,
         torch.rsub: _rsub,
         _T.__rsub__: _rsub,
-        _T.add_: _inplace(_add, _T.add),
-        _T.__iadd__: _inplace(_add, _T.add),
-        _T.sub_: _inplace(_sub, _T.sub),
-        _T.subtract_: _inplace(_sub, _T.sub),
-        _T.__isub__: _inplace(_sub, _T.sub),
+        _T.add_: inplace_form(_add, _T.add),
+        _T.__iadd__: inplace_form(_add, _T.add),
+        _T.sub_: inplace_form(_sub, _T.sub),
+        _T.subtract_: inplace_form(_sub, _T.sub),
+        _T.__isub__: inplace_form(_sub, _T.sub),
         # multiplication -> lf.mul2 (uniform) when both factors carry relevance; by a constant: the
         # identity rule with torch's own product (RoPE cos/sin, attention scaling, embedding scaling)
         torch.mul: _mul,
@@ -397,9 +382,9 @@ RULES: Mapping[Callable, Callable] = MappingProxyType(
         _T.multiply: _mul,
         _T.__mul__: _mul,
         _T.__rmul__: _mul,
-        _T.mul_: _inplace(_mul, _T.mul),
-        _T.multiply_: _inplace(_mul, _T.mul),
-        _T.__imul__: _inplace(_mul, _T.mul),
+        _T.mul_: inplace_form(_mul, _T.mul),
+        _T.multiply_: inplace_form(_mul, _T.mul),
+        _T.__imul__: inplace_form(_mul, _T.mul),
         # division: the identity rule to the numerator (the denominator is held constant)
         torch.div: _div,
         torch.divide: _div,
@@ -411,19 +396,19 @@ RULES: Mapping[Callable, Callable] = MappingProxyType(
         _T.__div__: _div,
         _T.__rdiv__: _rdiv,
         _T.__rtruediv__: _rdiv,
-        _T.div_: _inplace(_div, _T.div),
-        _T.divide_: _inplace(_div, _T.div),
-        _T.true_divide_: _inplace(_div, _T.div),
-        _T.__itruediv__: _inplace(_div, _T.div),
-        _T.__idiv__: _inplace(_div, _T.div),
+        _T.div_: inplace_form(_div, _T.div),
+        _T.divide_: inplace_form(_div, _T.div),
+        _T.true_divide_: inplace_form(_div, _T.div),
+        _T.__itruediv__: inplace_form(_div, _T.div),
+        _T.__idiv__: inplace_form(_div, _T.div),
         # negation: the identity rule
         torch.neg: _neg,
         torch.negative: _neg,
         _T.neg: _neg,
         _T.negative: _neg,
         _T.__neg__: _neg,
-        _T.neg_: _inplace(_neg, _T.neg),
-        _T.negative_: _inplace(_neg, _T.neg),
+        _T.neg_: inplace_form(_neg, _T.neg),
+        _T.negative_: inplace_form(_neg, _T.neg),
         # affine maps -> epsilon rule (AttnLRP Eq. 8); the bias absorbs its share
         F.linear: _linear,
         torch.addmm: _affine_mm,
@@ -450,10 +435,10 @@ RULES: Mapping[Callable, Callable] = MappingProxyType(
         _T.mean: _mean,
         torch.index_add: _sum_of_parts,
         _T.index_add: _sum_of_parts,
-        _T.index_add_: _inplace(_sum_of_parts, _T.index_add),
+        _T.index_add_: inplace_form(_sum_of_parts, _T.index_add),
         torch.scatter_add: _sum_of_parts,
         _T.scatter_add: _sum_of_parts,
-        _T.scatter_add_: _inplace(_sum_of_parts, _T.scatter_add),
+        _T.scatter_add_: inplace_form(_sum_of_parts, _T.scatter_add),
         # softmax -> lf.softmax (Deep Taylor with bias, AttnLRP Prop. 3.1)
         F.softmax: _softmax_fn,
         torch.softmax: _softmax,
@@ -476,11 +461,11 @@ RULES: Mapping[Callable, Callable] = MappingProxyType(
         _T.tanh: _tanh,
         torch.sigmoid: _sigmoid,
         _T.sigmoid: _sigmoid,
-        F.relu_: _inplace(_relu, torch.relu),
-        torch.relu_: _inplace(_relu, torch.relu),
-        _T.relu_: _inplace(_relu, torch.relu),
-        _T.tanh_: _inplace(_tanh, torch.tanh),
-        _T.sigmoid_: _inplace(_sigmoid, torch.sigmoid),
+        F.relu_: inplace_form(_relu, torch.relu),
+        torch.relu_: inplace_form(_relu, torch.relu),
+        _T.relu_: inplace_form(_relu, torch.relu),
+        _T.tanh_: inplace_form(_tanh, torch.tanh),
+        _T.sigmoid_: inplace_form(_sigmoid, torch.sigmoid),
         F.elu: _activation,
         F.celu: _activation,
         F.selu: _activation,

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from ..explicit.pass_through import DROPOUT, PASS_THROUGH
-from ..tracking import carries, const
+from ..tracking import carries, const, inplace_form
 
 _T = Tensor
 
@@ -200,18 +200,6 @@ def _pow(mode, func, input, exponent, *args, **kwargs):
     return _identity()(mode, func, input, exponent, *args, **kwargs)
 
 
-def _inplace(handler: Callable, outofplace: Callable) -> Callable:
-    """The in-place form of an out-of-place handler: computed on a copy, written into the target."""
-
-    def run(mode, func, input, *args, **kwargs):
-        if not isinstance(input, Tensor):
-            return NotImplemented
-        result = handler(mode, outofplace, input.clone(), *args, **kwargs)
-        return result if result is NotImplemented else input.copy_(result)
-
-    return run
-
-
 def _table(*groups) -> dict:
     table: dict = {}
     for funcs, handler in groups:
@@ -245,7 +233,7 @@ RULES: Mapping[Callable, Callable] = MappingProxyType(
         # products of two relevance carriers: the gradient split (attnlrp) or the gate held (cp-lrp)
         (_spellings(_MUL + _MATMUL, torch, _T), _product),
         (_spellings(["__rmatmul__"], _T), lambda m, f, a, b: _product(m, f, a, b)),
-        (_spellings(["mul_", "multiply_", "__imul__"], _T), _inplace(_product, _T.mul)),
+        (_spellings(["mul_", "multiply_", "__imul__"], _T), inplace_form(_product, _T.mul)),
         (_spellings(["addmm", "baddbmm"], torch, _T), _affine_mm),
         ([torch.einsum], _einsum),
         ([F.scaled_dot_product_attention], _sdpa),
