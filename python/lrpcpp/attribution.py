@@ -245,12 +245,17 @@ def _check_model_inputs(model: nn.Module, model_inputs: dict) -> None:
             )
 
 
+def _inner_model_hint(model: nn.Module) -> str:
+    """Where an error about a model without input embeddings points: its first submodule that has them."""
+    inner = [n for n, m in model.named_modules() if n and callable(getattr(m, "get_input_embeddings", None))]
+    return f" (here: model.{inner[0]})" if inner else ""
+
+
 def input_embeddings(model: nn.Module, caller: str = "lrpcpp.attribute") -> Callable[[Tensor], Tensor]:
     """The model's input embeddings (``model.get_input_embeddings()``), which embed ``input_ids``."""
     get = getattr(model, "get_input_embeddings", None)
     if not callable(get):
-        inner = [n for n, m in model.named_modules() if n and callable(getattr(m, "get_input_embeddings", None))]
-        hint = f" (here: model.{inner[0]})" if inner else ""
+        hint = _inner_model_hint(model)
         raise TypeError(
             f"{caller}: input_ids needs model.get_input_embeddings() to embed the tokens, and this "
             f"{type(model).__name__} has no get_input_embeddings; pass inputs_embeds= (the token embeddings, "
@@ -343,8 +348,7 @@ def embedding_module(
         finally:
             for h in hooks:
                 h.remove()
-    inner = [n for n, m in model.named_modules() if n and callable(getattr(m, "get_input_embeddings", None))]
-    hint = f" (here: model.{inner[0]})" if inner else ""
+    hint = _inner_model_hint(model)
     raise TypeError(
         f"{caller}: input_ids needs model.get_input_embeddings() (or an nn.Embedding that the forward calls with "
         f"input_ids, or embedding=) to embed the tokens; its forward calls no nn.Embedding with input_ids{failed}, "
