@@ -17,7 +17,7 @@
 #   5. the rest of the test suite, only with the time that is left, without what builds or packages
 #      (the CMake C++ example, the wheel), the benchmark scripts and this script's own test: the tests
 #      not marked slow first, then the slow ones; reaching the time limit here is no failure (a test
-#      that failed before it is)
+#      that failed before it is); GPU_CHECK_REST_S caps the seconds it may take (default: all that is left)
 # Everything streams to $OUT (default build/gpu-check) as it happens: summary.md (one line per step),
 # <step>.log (pytest -v, one line per test, unbuffered), <step>.xml (JUnit), bench.md. A step that is
 # killed at its limit still leaves the log of every test that finished and the one that was running.
@@ -212,8 +212,8 @@ elif [ "$DRY" = 1 ]; then
 elif [ "$(left)" -lt 60 ]; then
   log "   skipped: under 60 s left"
 else
-  SOFT_LIMIT=1 pytest_step rest "$(( $(left) - 10 ))" --maxfail=50 -m "not slow" "${REST[@]}"
-  if [ "$(left)" -ge 60 ]; then
+  SOFT_LIMIT=1 pytest_step rest "$(limit $(( ${GPU_CHECK_REST_S:-$(left)} - 10 )))" --maxfail=50 -m "not slow" "${REST[@]}"
+  if [ "$(left)" -ge 60 ] && [ -z "${GPU_CHECK_REST_S:-}" ]; then
     SOFT_LIMIT=1 pytest_step rest-slow "$(( $(left) - 10 ))" --maxfail=50 -m slow "${REST[@]}"
   fi
 fi
