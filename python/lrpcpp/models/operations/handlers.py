@@ -1,7 +1,7 @@
 """The per-operation rules of gradient mode (RULES.md section 2) and :data:`RULES`, the table that
 maps each torch function to its handler; :data:`EXACT`, the functions whose ordinary gradient is
 already the gradient-mode rule; :data:`GATES`, the functions whose output a CP-LRP product holds
-constant."""
+constant, and :data:`KEEPS_GATE`, those whose output stays a gate."""
 
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, List, Mapping, Protocol, Sequence, Tuple
@@ -305,4 +305,8 @@ GATES = frozenset(
     + _spellings(("tanh", "sigmoid", "relu"), torch, _T)
 )
 
-__all__ = ["RULES", "EXACT", "GATES"]
+# Functions through which a gate stays a gate: casts, views, selections and dropout (not linear maps
+# or sums, whose output mixes the gate with other values, such as a scan over an activation's output).
+KEEPS_GATE = frozenset(list(PASS_THROUGH) + list(DROPOUT))
+
+__all__ = ["RULES", "EXACT", "GATES", "KEEPS_GATE"]
