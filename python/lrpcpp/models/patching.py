@@ -78,6 +78,18 @@ def is_elementwise_norm(module: nn.Module, family: Optional[_families.Family]) -
     return name.endswith("RMSNorm") or (family is not None and name in family.norms)
 
 
+def is_selective_scan(module: nn.Module) -> bool:
+    """A selective state-space mixer (Mamba), by its layout: a linear ``x_proj`` that computes the
+    input-dependent step size and ``B``, ``C`` from the scanned sequence, a linear ``dt_proj`` for the
+    step size, and the parameters ``A_log`` (the state matrix) and ``D`` (the skip connection), as in
+    transformers' ``MambaMixer`` and the ``Mamba`` module of the reference implementation."""
+    return (
+        isinstance(getattr(module, "x_proj", None), nn.Linear)
+        and isinstance(getattr(module, "dt_proj", None), nn.Linear)
+        and all(isinstance(module._parameters.get(p), nn.Parameter) for p in ("A_log", "D"))
+    )
+
+
 # ----------------------------------------------------------------------------- the two semantics
 Segments = Sequence[Tuple[int, float]]  # (size along the last dim, gradient share)
 
@@ -507,8 +519,9 @@ def _undescribed_attention(model: nn.Module, matched: set) -> List[str]:
 
 def _apply_operations(handle: PatchHandle) -> None:
     """The operation level: activation modules and RMSNorms are identity-rule units (their inner
-    calls run without grad, so the mode does not rule them); the model's forward runs in the mode,
-    with one warning per forward pass that names the calls without a rule."""
+    calls run without grad, so the mode does not rule them), selective state-space mixers hold
+    their scan parameters constant (:func:`_patch_selective_scan`); the model's forward runs in the
+    mode, with one warning per forward pass that names the calls without a rule."""
     model, rules = handle.model, handle.rules
     assert isinstance(rules, _OperationRules)
     for name, module in model.named_modules():
@@ -516,6 +529,8 @@ def _apply_operations(handle: PatchHandle) -> None:
             forward = types.MethodType(type(module).forward, module)
             new = (lambda m, f: lambda x: rules.elementwise(m, x, f))(module, forward)
             handle._set_forward(name, module, new, "identity rule")
+        elif is_selective_scan(module):
+            _patch_selective_scan(handle, name, module)
     forward = model.__dict__.get("forward") or types.MethodType(type(model).forward, model)
 
     def operations_forward(*args, **kwargs):
@@ -528,6 +543,21 @@ def _apply_operations(handle: PatchHandle) -> None:
         return out
 
     handle._set_forward("", model, operations_forward, "operation-level rules")
+
+
+def _patch_selective_scan(handle: PatchHandle, name: str, module: nn.Module) -> None:
+    """MambaLRP (Jafari et al., NeurIPS 2024): the step size and ``B``, ``C`` that ``x_proj`` computes
+    from the scanned sequence are held constant, so that the discretised ``exp(Δ A)``, ``Δ B`` and ``C``
+    are constants and relevance flows through the scan ``h_t = exp(Δ_t A) h_(t-1) + Δ_t B_t x_t``,
+    ``y_t = C_t h_t + D x_t``, which is then linear in ``x`` (its own gradient is the rule). A mixer
+    with a torch-only ``slow_forward`` (transformers 4.x) runs it, not the fused kernels that its
+    ``forward`` picks on a GPU when ``mamba_ssm`` and ``causal_conv1d`` are installed."""
+    proj_name = f"{name}.x_proj" if name else "x_proj"
+    hook = module.x_proj.register_forward_hook(lambda m, args, out: out.detach())
+    handle._hook(proj_name, hook, "output held constant (selective scan parameters)")
+    slow = getattr(type(module), "slow_forward", None)
+    if callable(slow):
+        handle._set_forward(name, module, types.MethodType(slow, module), "torch-only slow_forward")
 
 
 def _held_constant(forward: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
