@@ -53,7 +53,14 @@ def test_the_rest_of_the_suite_may_reach_its_time_limit_without_failing(tmp_path
     a failure (only the unselected test_cuda.py step fails this verdict here). GPU_CHECK_REST_S gives
     the step 20 s (30 less the 10 kept back) for its ~2,000 tests, which no machine finishes."""
     e = subprocess_env()
-    e.update(OUT=str(tmp_path), GPU_CHECK_STEPS="rest", GPU_CHECK_BUDGET="200", GPU_CHECK_REST_S="30", PYTHON=sys.executable, MAX_JOBS="1")
+    e.update(
+        OUT=str(tmp_path),
+        GPU_CHECK_STEPS="rest",
+        GPU_CHECK_BUDGET="200",
+        GPU_CHECK_REST_S="30",
+        PYTHON=sys.executable,
+        MAX_JOBS="1",
+    )
     subprocess.run(["bash", SCRIPT], env=e, capture_output=True, text=True, timeout=240, cwd=ROOT)
     summary = (tmp_path / "summary.md").read_text()
     rest = summary.split("== 5. the rest")[1]
