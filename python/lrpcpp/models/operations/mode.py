@@ -24,7 +24,7 @@ from ..tracking import (
     tensor_args,
     without,
 )
-from .handlers import EXACT, GATES, RULES
+from .handlers import EXACT, GATES, ROUTING, RULES
 
 __all__ = ["GradientRules", "Coverage"]
 
@@ -180,8 +180,8 @@ class GradientRules(RuleMode):
             out = func(*args, **kwargs)
             if any(t.requires_grad for t in _tensors(out)):
                 self._counts["ruled" if _is_lrpcpp_op(func) else "passed"][op_name(func)] += 1
-                if func in GATES or any(self.is_gate(t) for t in tensor_args(args, kwargs)):
-                    self.mark_gate(out)  # a gate stays one through casts, views and dropout
+                if func in GATES or (func not in ROUTING and any(self.is_gate(t) for t in tensor_args(args, kwargs))):
+                    self.mark_gate(out)  # a gate stays one through casts, views and dropout, not through top-k
             return out
         out = run_body(self, func, types_, args, kwargs)
         if out is NotImplemented:
