@@ -77,8 +77,9 @@ FAMILIES = {
 }
 MOE = {"mixtral", "qwen3_moe"}
 # transformers 4.x computes the routing weights inside the mixture-of-experts block's forward, where
-# lrpcpp cannot apply their rule: it refuses those models (tested in test_models.py), so they are no
-# part of the families every whole-model test runs on
+# the registry cannot apply their rule: those models are explained at the operation level (tested in
+# test_models.py and test_operation_moe.py), so they are no part of the families every whole-model
+# test runs on
 TRANSFORMERS_4 = int(tfm.__version__.split(".")[0]) < 5
 MOE_4X = {f: FAMILIES.pop(f) for f in sorted(MOE)} if TRANSFORMERS_4 else {}
 VISION = {"vit"}

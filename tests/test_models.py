@@ -177,15 +177,19 @@ def test_patching_twice_is_an_error_and_nothing_global_changes():
     assert torch.nn.functional.scaled_dot_product_attention is sdpa
 
 
-@pytest.mark.skipif(not MOE_4X, reason="transformers 4.x only: the mixture-of-experts layout lrpcpp refuses")
+@pytest.mark.skipif(not MOE_4X, reason="transformers 4.x only: the mixture-of-experts layout the registry cannot patch")
 @pytest.mark.parametrize("family", sorted(MOE))
-def test_transformers_4_mixture_of_experts_is_refused(family):
+def test_transformers_4_mixture_of_experts_is_explained_at_the_operation_level(family):
     config_cls, model_cls, kwargs = MOE_4X[family]
     torch.manual_seed(0)
     model = model_cls(config_cls(**kwargs)).double().eval()
-    with pytest.raises(lrpcpp.UnsupportedModelError, match="need transformers 5"):
-        lrpcpp.attribute(model, **inputs(family))
+    with pytest.raises(lrpcpp.UnsupportedModelError, match="the registry cannot apply their rule"):
+        lrpcpp.attribute(model, level="registry", **inputs(family))
     assert all("forward" not in m.__dict__ and not m._forward_hooks for m in model.modules())  # nothing left patched
+    attr = lrpcpp.attribute(model, **inputs(family))  # level="auto": the operation level
+    assert attr.coverage is not None and attr.coverage.unruled == {}
+    assert torch.isfinite(attr.relevance).all() and attr.relevance.abs().sum() > 0
+    # the numbers: tests/test_operation_moe.py (a block against a float64 reference of the rules)
 
 
 def test_unknown_architecture_is_an_error():

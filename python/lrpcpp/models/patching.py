@@ -333,7 +333,8 @@ def patch(
     above); ``"operations"`` rules each torch call of the forward instead
     (:mod:`lrpcpp.models.operations`), for any architecture; ``"auto"`` (default) takes the registry
     when it describes the model and the operation level otherwise (a Hugging Face architecture
-    without a family entry, or an attention module no entry describes). At the operation level,
+    without a family entry, an attention module no entry describes, or a layout the registry cannot
+    patch: transformers 4.x's mixture-of-experts blocks). At the operation level,
     ``strict=True`` makes a call without a known rule an error, and ``handle.coverage`` reports the
     calls seen.
     """
@@ -367,6 +368,11 @@ def patch(
                 raise
             operations = True
         if level == "auto" and mode == "gradient" and family is None and _undescribed_attention(model, set()):
+            operations = True
+        refusal = _unpatchable(model, family) if family is not None else None
+        if refusal is not None:
+            if level == "registry" or mode != "gradient":
+                raise _families.UnsupportedModelError(refusal)
             operations = True
     if operations and preset is not None:
         raise _families.UnsupportedModelError(
@@ -517,6 +523,21 @@ def _undescribed_attention(model: nn.Module, matched: set) -> List[str]:
     return unknown
 
 
+def _unpatchable(model: nn.Module, family: _families.Family) -> Optional[str]:
+    """Why the registry cannot patch ``model`` although ``family`` describes it, or ``None``: a
+    mixture-of-experts block that computes its routing weights in its own forward (the transformers
+    4.x layout, whose router is a plain ``nn.Linear``) has no module output the routing rule could
+    hook. ``level="auto"`` then explains the model at the operation level, which rules those calls."""
+    for name, module in model.named_modules():
+        if _families.is_a(module, family.moe) and isinstance(getattr(module, family.router, None), nn.Linear):
+            return (
+                f"lrpcpp.patch: {type(module).__name__} ({name}) computes its routing weights in its own forward "
+                f"(the transformers 4.x layout, where '{family.router}' is a plain nn.Linear), where the registry "
+                "cannot apply their rule; the operation level can (level='auto' or 'operations', gradient mode)"
+            )
+    return None
+
+
 def _apply_operations(handle: PatchHandle) -> None:
     """The operation level: activation modules and RMSNorms are identity-rule units (their inner
     calls run without grad, so the mode does not rule them), selective state-space mixers hold
@@ -587,12 +608,6 @@ def _patch_moe(handle, family, module, names, child, input_share, uniform, held_
     renormalised by their sum, which is held constant."""
     rules = handle.rules
     router = child(module, family.router, "router")
-    if isinstance(router, nn.Linear):
-        raise _families.UnsupportedModelError(
-            f"lrpcpp.patch: {type(module).__name__} ({names[id(module)]}) computes its routing weights in its own "
-            f"forward (the transformers 4.x layout, where '{family.router}' is a plain nn.Linear), where their rule "
-            "cannot be applied; the mixture-of-experts families need transformers 5"
-        )
     experts = child(module, family.experts, "experts")
     input_share(names[id(experts)], experts, 0.25 if uniform else 0.5)
     if not uniform:

@@ -57,6 +57,15 @@ def _product(mode, func, input, other, *, out=None):
     return func(a, b)
 
 
+def _grouped_mm(mode, func, mat_a, mat_b, *args, **kwargs):
+    # a mixture of experts' grouped matrix product: linear in a carrier times expert weights (its
+    # ordinary gradient), a product when both operands carry relevance
+    if not (carries(mat_a) and carries(mat_b)):
+        return NotImplemented
+    a, b = _products(mode, (mat_a, mat_b))
+    return func(a, b, *args, **kwargs)
+
+
 def _affine_mm(mode, func, input, mat1, mat2, *, beta=1, alpha=1, out=None):
     if out is not None or not (carries(mat1) and carries(mat2)):
         return NotImplemented
@@ -224,6 +233,7 @@ _ACTIVATIONS += ("hardsigmoid", "softplus", "mish", "tanh", "sigmoid", "logsigmo
 _ELEMENTWISE = ("tanh", "sigmoid", "relu", "exp", "sqrt", "square")
 _MUL = ("mul", "multiply", "__mul__", "__rmul__")
 _MATMUL = ("matmul", "__matmul__", "bmm", "mm")
+_GROUPED_MM = _spellings(["_grouped_mm"], torch) + _spellings(["grouped_mm"], F)
 _DIV = ("div", "divide", "true_divide", "__truediv__", "__div__")
 _NORMALISERS = ("rsqrt", "reciprocal", "norm", "var", "std", "var_mean", "std_mean")
 
@@ -235,6 +245,7 @@ RULES: Mapping[Callable, Callable] = MappingProxyType(
         (_spellings(["__rmatmul__"], _T), lambda m, f, a, b: _product(m, f, a, b)),
         (_spellings(["mul_", "multiply_", "__imul__"], _T), inplace_form(_product, _T.mul)),
         (_spellings(["addmm", "baddbmm"], torch, _T), _affine_mm),
+        (_GROUPED_MM, _grouped_mm),
         ([torch.einsum], _einsum),
         ([F.scaled_dot_product_attention], _sdpa),
         # normalisers: a relevance-carrying divisor, rsqrt, reciprocal, norms: held constant
@@ -295,6 +306,7 @@ EXACT = frozenset(
     + _spellings(["__rmatmul__", "__rdiv__", "__rtruediv__"], _T)
     + _spellings(_FUNCTIONAL, F)
     + [torch.einsum, F.scaled_dot_product_attention]
+    + _GROUPED_MM
 )
 
 # Functions whose output is a gate: CP-LRP holds it constant where it meets another carrier in a
@@ -305,8 +317,14 @@ GATES = frozenset(
     + _spellings(("tanh", "sigmoid", "relu"), torch, _T)
 )
 
-# Functions through which a gate stays a gate: casts, views, selections and dropout (not linear maps
-# or sums, whose output mixes the gate with other values, such as a scan over an activation's output).
-KEEPS_GATE = frozenset(list(PASS_THROUGH) + list(DROPOUT))
+# Functions whose output is no gate, whatever their input: a top-k selection picks a mixture of
+# experts' routes, and the routing weights it returns multiply the experts' outputs in a product
+# that RULES.md section 4 splits uniformly under either method (CP-LRP holds no routing weight).
+ROUTING = frozenset(_spellings(("topk",), torch, _T))
 
-__all__ = ["RULES", "EXACT", "GATES", "KEEPS_GATE"]
+# Functions through which a gate stays a gate: casts, views, selections other than top-k, and dropout
+# (not linear maps or sums, whose output mixes the gate with other values, such as a scan over an
+# activation's output).
+KEEPS_GATE = frozenset(list(PASS_THROUGH) + list(DROPOUT)) - ROUTING
+
+__all__ = ["RULES", "EXACT", "GATES", "KEEPS_GATE", "ROUTING"]
