@@ -175,6 +175,37 @@ def test_torchvision_style_vit_gives_the_registry_relevance(method):
     torch.testing.assert_close(got.relevance, ref.relevance, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("method", ["attnlrp", "cp-lrp"])
+def test_torchvision_vit_gives_the_registry_relevance(method):
+    # torchvision's own VisionTransformer (vit_b_16's layout, a small config): nn.MultiheadAttention
+    # called with need_weights=False, the class token, the encoder's dropout and LayerNorms
+    pytest.importorskip(
+        "torchvision",
+        reason="torchvision does not install beside torch 2.13.0 CPU; make cuda-check runs this test in .venv-cuda",
+    )
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = vision_models.randomise(VisionTransformer(32, 8, 2, 2, 16, 32, num_classes=5)).double()
+    x = vision_models.images(size=32)
+    plain = model(x)
+    ref = lrpcpp.attribute(model, pixel_values=x, method=method, level="registry")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnruledOperationWarning)
+        got = lrpcpp.attribute(model, pixel_values=x, method=method, level="operations")
+    assert ref.coverage is None and got.coverage.unruled == {} and got.coverage.seen > 0
+    assert torch.equal(got.target, ref.target)
+    torch.testing.assert_close(got.relevance, ref.relevance, rtol=1e-10, atol=1e-12)
+    leaf = x.clone().requires_grad_()
+    out = model(leaf)
+    out.gather(1, got.target[:, None]).sum().backward()
+    assert not torch.allclose(got.relevance, leaf * leaf.grad, rtol=1e-3, atol=1e-8), "the rules changed nothing"
+    with lrpcpp.patch(model, method=method, level="operations") as handle:
+        assert handle.level == "operations"
+        assert torch.equal(model(x.clone().requires_grad_()), plain)
+    assert torch.equal(model(x), plain)
+
+
 class _Normed(nn.Module):
     """A convolution, a normalisation of its channels, a classifier."""
 
