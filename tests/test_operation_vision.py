@@ -107,7 +107,9 @@ def _plain_gradient_x_input(model, x, target):
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_auto_picks_the_operation_level_with_every_call_ruled(name):
+def test_auto_picks_the_operation_level_with_every_call_ruled(name, request):
+    if name == "clip":
+        request.getfixturevalue("float64_default")
     model, x = MODELS[name](), _pixels()
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnruledOperationWarning)
@@ -120,7 +122,7 @@ def test_auto_picks_the_operation_level_with_every_call_ruled(name):
     assert not torch.allclose(got.relevance, plain, rtol=1e-3, atol=1e-8), "the rules changed nothing"
 
 
-def test_the_swin_and_convnext_paths_are_exercised():
+def test_the_swin_and_convnext_paths_are_exercised(float64_default):
     x = _pixels()
     passed = lrpcpp.attribute(swin(), pixel_values=x).coverage.passed
     assert passed["torch.roll"] > 0 and passed["torch._C._nn.pad"] > 0  # shifted and padded windows
@@ -131,7 +133,9 @@ def test_the_swin_and_convnext_paths_are_exercised():
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_patched_forward_is_bitwise_the_plain_forward(name):
+def test_patched_forward_is_bitwise_the_plain_forward(name, request):
+    if name == "clip":
+        request.getfixturevalue("float64_default")
     model, x = MODELS[name](), _pixels()
     plain = _logits(model(pixel_values=x))
     with lrpcpp.patch(model, level="operations") as handle:
