@@ -24,7 +24,8 @@ TF4_DEPS := $(TF4_VENV)/.deps-installed
 # the tests that build Hugging Face models
 TF4_TESTS := tests/test_models.py tests/test_minilm.py tests/test_model_state.py tests/test_attribute_errors.py \
 	tests/test_vision_models.py tests/test_explicit_coverage.py tests/test_operation_level.py tests/test_functional_model.py \
-	tests/test_operation_families.py tests/test_operation_mamba.py tests/test_operation_moe.py
+	tests/test_operation_families.py tests/test_operation_mamba.py tests/test_operation_moe.py \
+	tests/test_operation_vision.py tests/test_multi_input.py
 
 .PHONY: run test test-fast test-tf4 lint build cpp-test docs wheel bench cuda-check cuda-wheel-test clean tools
 
@@ -45,12 +46,11 @@ test-fast: build
 test-tf4: build $(TF4_DEPS)
 	$(TF4_PY) -m pytest -q -rs -m "not slow" $(TF4_TESTS) $(TF4_KNOWN_FAILURES)
 
-# Known limitation, not yet fixed: transformers 4.x builds a padded decoder's attention mask with
-# torch.vmap, which torch.export cannot serialize and torch.jit.trace fails on (lrpcpp.deploy's
-# export_program and export_archive of a LLaMA-style model)
+# tests that fail under transformers 4.x for a known reason, each as --deselect FILE::TEST. T5 with a
+# left-padded decoder prefix: transformers 4.x's own forward gives NaN logits there (a decoder position
+# that attends to nothing), with or without lrpcpp
 TF4_KNOWN_FAILURES := \
-	--deselect tests/test_model_state.py::test_export_archive_and_export_program_restore_each_submodule_and_parameter \
-	--deselect tests/test_model_state.py::test_export_program_of_a_one_token_example_keeps_the_length_free
+	--deselect "tests/test_multi_input.py::test_t5_encoder_and_decoder_prefix[left-padded]"
 
 $(TF4_DEPS): requirements-tf4.txt requirements-nodeps.txt
 	test -x $(TF4_PY) || $(PYTHON) -m venv $(TF4_VENV)

@@ -108,6 +108,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def float64_default():
+    """torch's default dtype is float64 for the test. transformers 4.x builds CLIP's causal text mask
+    with ``torch.full(..., torch.finfo(dtype).min)`` in the default dtype, which overflows float32 for
+    a float64 model (the plain forward fails, with or without lrpcpp); transformers 5 does not."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
+
+
 def recording_backend(seen: list):
     """A torch.compile backend (AOTAutograd, no code generation) that appends the target of every
     call in the compiled backward graph to ``seen``."""

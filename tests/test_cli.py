@@ -587,6 +587,11 @@ BAD = {
     "export of an image classifier": (["export", "--model", "{vit}", "{tmp}/model.pt"], "an image classifier"),
     "export into a missing directory": (["export", "--model", "{llama}", "{missing}/model.pt"], "no such directory"),
     "export of an empty text": (["export", "--model", "{llama}", "{tmp}/model.pt", "--text", " "], "empty"),
+    "export at the registry level of a model without family entry": (
+        ["export", "--model", "{opt}", "{tmp}/model.pt", "--level", "registry"],
+        "--level registry: lrpcpp has no family entry for model_type 'opt'",
+    ),
+    "export at an unknown level": (["export", "--model", "{llama}", "{tmp}/model.pt", "--level", "ops"], "--level"),
 }
 
 
@@ -633,6 +638,29 @@ def test_export_saves_a_model_whose_backward_gives_the_relevance(name, auto, out
     _close(got.token_relevance.tolist(), expected.token_relevance)
     if output.endswith(".pt"):
         assert deploy.archive_info(path)["method"] == "cp-lrp"
+
+
+@pytest.mark.parametrize("output", ["model.pt", "model.pt2"])
+def test_export_of_a_model_without_family_entry_is_at_the_operation_level(output, dirs, tmp_path):
+    """OPT has no entry in the family registry: ``--level auto`` (the default) exports it with the
+    operation-level rules, ``--strict`` finds a rule for every call, and the saved model gives the
+    relevance of lrpcpp.attribute at that level."""
+    path = tmp_path / output
+    proc = ok(run_cli("export", "--model", dirs["opt"], str(path), "--strict", "--text", "the cat sat"))
+    assert "checked" in proc.stdout and "lrpcpp: note:" not in proc.stderr
+
+    from lrpcpp import deploy
+
+    model, tokenizer = _load(dirs["opt"], transformers.AutoModelForCausalLM)
+    enc = tokenizer(["the dog ran very fast"], return_tensors="pt")
+    embeds = model.get_input_embeddings()(enc.input_ids).detach()
+    deployed = torch.export.load(str(path)).module() if output.endswith(".pt2") else torch.jit.load(str(path))
+    got = deploy.attribute_deployed(deployed, embeds, enc.attention_mask)
+    expected = lrpcpp.attribute(model, inputs_embeds=embeds, attention_mask=enc.attention_mask, level="operations")
+    assert expected.coverage is not None and torch.equal(got.target, expected.target)
+    _close(got.token_relevance.tolist(), expected.token_relevance)
+    if output.endswith(".pt"):
+        assert deploy.archive_info(path)["level"] == "operations"
 
 
 # ----------------------------------------------------------------------------- evaluate

@@ -4,6 +4,7 @@ functions and Composite put back each submodule's own training flag and each par
 requires_grad, also when they raise. Dropout is off in the explicit rules."""
 
 import itertools
+import warnings
 
 import lrpcpp
 import lrpcpp.deploy as deploy
@@ -169,6 +170,37 @@ def test_export_archive_and_export_program_restore_each_submodule_and_parameter(
     with pytest.raises((OSError, RuntimeError)):
         deploy.export_program(model, tmp_path / "missing" / "llama.pt2", input_ids=ids, check=False)
     assert_same_state(model, before)
+
+
+def test_export_builds_the_masks_of_transformers_4_without_vmap_and_puts_its_functions_back(tmp_path):
+    # transformers 4.x builds a decoder's mask with torch.vmap, which tracing cannot record: for the
+    # trace, lrpcpp.deploy builds the same boolean mask by broadcasting the same index functions
+    mu = pytest.importorskip("transformers.masking_utils")
+    if not hasattr(mu, "sdpa_mask_recent_torch"):
+        pytest.skip("this transformers builds its masks without vmap (transformers 5); make test-tf4 runs this test")
+    before = (mu.sdpa_mask, mu.ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    padding = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    for function in (mu.causal_mask_function, mu.sliding_window_causal_mask_function(3)):
+        for mask, offset in ((padding, 0), (padding, 2), (None, 0)):
+            kw = dict(batch_size=3, cache_position=torch.arange(offset, 6), kv_length=6 - offset, kv_offset=offset)
+            kw.update(mask_function=function, attention_mask=mask, allow_is_causal_skip=False)
+            expected, expected_eager = mu.sdpa_mask(**kw), mu.eager_mask(**kw, dtype=torch.float32)
+            with deploy._masks_without_vmap():
+                got, got_eager = mu.sdpa_mask(**kw), mu.eager_mask(**kw, dtype=torch.float32)
+                assert mu.ALL_MASK_ATTENTION_FUNCTIONS["sdpa"] is mu.sdpa_mask is not before[0]
+            assert got.shape == expected.shape and torch.equal(got, expected)
+            assert torch.equal(got_eager, expected_eager)
+            assert (mu.sdpa_mask, mu.ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]) == before
+    # a left-padded decoder: the saved forms reproduce lrpcpp.attribute (the check), also on another length
+    model = build("llama", dtype=torch.float32)
+    ids = inputs("llama", seq=5)["input_ids"].expand(2, -1)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="lrpcpp.deploy")  # the check: a trace that fixed the length
+        deploy.export_archive(model, tmp_path / "llama.pt", input_ids=ids, attention_mask=mask)
+        deploy.export_program(model, tmp_path / "llama.pt2", input_ids=ids, attention_mask=mask)
+    assert (mu.sdpa_mask, mu.ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]) == before
 
 
 @pytest.mark.compile

@@ -51,7 +51,7 @@ def _second_caption(out):
     return out.logits_per_image[:, 1]
 
 
-def test_clip_text_and_pixels_both_get_relevance():
+def test_clip_text_and_pixels_both_get_relevance(float64_default):
     attr = lrpcpp.attribute(clip(), input_ids=TEXT, pixel_values=PIXELS, target=_second_caption, strict=True)
     assert list(attr.inputs) == ["input_ids", "pixel_values"]
     assert attr.inputs["input_ids"].shape == (2, 5, 16) and attr.inputs["pixel_values"].shape == PIXELS.shape
@@ -72,7 +72,7 @@ def _bias_free(model):
     return model
 
 
-def test_clip_cp_lrp_conserves_over_both_inputs():
+def test_clip_cp_lrp_conserves_over_both_inputs(float64_default):
     # RULES.md: with the biases zero, linear and layer-norm rules conserve up to their epsilon, and CP-LRP
     # holds the softmax constant (which does not conserve under AttnLRP's Prop. 3.1). The image-text
     # product splits its relevance between the two embeddings: only both inputs together hold it all.

@@ -107,7 +107,9 @@ def _plain_gradient_x_input(model, x, target):
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_auto_picks_the_operation_level_with_every_call_ruled(name):
+def test_auto_picks_the_operation_level_with_every_call_ruled(name, request):
+    if name == "clip":
+        request.getfixturevalue("float64_default")
     model, x = MODELS[name](), _pixels()
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnruledOperationWarning)
@@ -120,7 +122,7 @@ def test_auto_picks_the_operation_level_with_every_call_ruled(name):
     assert not torch.allclose(got.relevance, plain, rtol=1e-3, atol=1e-8), "the rules changed nothing"
 
 
-def test_the_swin_and_convnext_paths_are_exercised():
+def test_the_swin_and_convnext_paths_are_exercised(float64_default):
     x = _pixels()
     passed = lrpcpp.attribute(swin(), pixel_values=x).coverage.passed
     assert passed["torch.roll"] > 0 and passed["torch._C._nn.pad"] > 0  # shifted and padded windows
@@ -131,7 +133,9 @@ def test_the_swin_and_convnext_paths_are_exercised():
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_patched_forward_is_bitwise_the_plain_forward(name):
+def test_patched_forward_is_bitwise_the_plain_forward(name, request):
+    if name == "clip":
+        request.getfixturevalue("float64_default")
     model, x = MODELS[name](), _pixels()
     plain = _logits(model(pixel_values=x))
     with lrpcpp.patch(model, level="operations") as handle:
@@ -173,6 +177,37 @@ def test_torchvision_style_vit_gives_the_registry_relevance(method):
         got = lrpcpp.attribute(model, pixel_values=x, method=method, level="operations")
     assert ref.coverage is None and got.coverage.unruled == {}
     torch.testing.assert_close(got.relevance, ref.relevance, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["attnlrp", "cp-lrp"])
+def test_torchvision_vit_gives_the_registry_relevance(method):
+    # torchvision's own VisionTransformer (vit_b_16's layout, a small config): nn.MultiheadAttention
+    # called with need_weights=False, the class token, the encoder's dropout and LayerNorms
+    pytest.importorskip(
+        "torchvision",
+        reason="torchvision does not install beside torch 2.13.0 CPU; make cuda-check runs this test in .venv-cuda",
+    )
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = vision_models.randomise(VisionTransformer(32, 8, 2, 2, 16, 32, num_classes=5)).double()
+    x = vision_models.images(size=32)
+    plain = model(x)
+    ref = lrpcpp.attribute(model, pixel_values=x, method=method, level="registry")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnruledOperationWarning)
+        got = lrpcpp.attribute(model, pixel_values=x, method=method, level="operations")
+    assert ref.coverage is None and got.coverage.unruled == {} and got.coverage.seen > 0
+    assert torch.equal(got.target, ref.target)
+    torch.testing.assert_close(got.relevance, ref.relevance, rtol=1e-10, atol=1e-12)
+    leaf = x.clone().requires_grad_()
+    out = model(leaf)
+    out.gather(1, got.target[:, None]).sum().backward()
+    assert not torch.allclose(got.relevance, leaf * leaf.grad, rtol=1e-3, atol=1e-8), "the rules changed nothing"
+    with lrpcpp.patch(model, method=method, level="operations") as handle:
+        assert handle.level == "operations"
+        assert torch.equal(model(x.clone().requires_grad_()), plain)
+    assert torch.equal(model(x), plain)
 
 
 class _Normed(nn.Module):

@@ -20,6 +20,7 @@ import contextlib
 import inspect
 import json
 import os
+import sys
 import warnings
 import zipfile
 from types import MappingProxyType
@@ -314,6 +315,56 @@ def _traced_example(handle, embeds: Tensor) -> Tensor:
     return embeds
 
 
+@contextlib.contextmanager
+def _masks_without_vmap():
+    """Transformers 4.x builds a decoder's 4D attention mask (``masking_utils.sdpa_mask_recent_torch``,
+    also under its eager mask) with ``torch.vmap`` over the mask's index functions and an indexing
+    transform that ``torch.jit.trace`` cannot record and ``torch.export`` cannot save. For a trace
+    the same index functions are applied by broadcasting instead, as transformers 5 does: the same
+    boolean mask, built from operations that both record. Nothing changes where transformers is not
+    imported or does not build its masks that way."""
+    mu = sys.modules.get("transformers.masking_utils")
+    vmapped = getattr(mu, "sdpa_mask_recent_torch", None)
+    if vmapped is None:
+        yield
+        return
+
+    def broadcast_mask(
+        batch_size, cache_position, kv_length, kv_offset=0, mask_function=None, attention_mask=None, **kwargs
+    ):
+        # sdpa_mask_recent_torch, with the index functions broadcast over [batch, head, query, key]
+        mask_function = mu.causal_mask_function if mask_function is None else mask_function
+        padding = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset, _slice=False)
+        q_length = cache_position.shape[0]
+        local_size = kwargs.get("local_size")
+        if kwargs.get("allow_is_causal_skip", True) and mu._ignore_causal_mask_sdpa(
+            padding, q_length, kv_length, kv_offset, local_size
+        ):
+            return None
+        if padding is not None:
+            mask_function = mu.and_masks(mask_function, mu.padding_mask_function(padding))
+        device = cache_position.device
+        kv = torch.arange(kv_length, device=device) + kv_offset
+        indices = (
+            torch.arange(batch_size, device=device)[:, None, None, None],
+            torch.arange(1, device=device)[None, :, None, None],
+            cache_position[None, None, :, None],
+            kv[None, None, None, :],
+        )
+        return mask_function(*indices).expand(batch_size, -1, q_length, kv_length)
+
+    mapping = mu.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+    saved = (mu.sdpa_mask, mapping.get("sdpa"))
+    if mu.sdpa_mask is vmapped:
+        mu.sdpa_mask = broadcast_mask
+    if mapping.get("sdpa") is vmapped:
+        mapping["sdpa"] = broadcast_mask
+    try:
+        yield
+    finally:
+        mu.sdpa_mask, mapping["sdpa"] = saved
+
+
 # ----------------------------------------------------------------------------- TorchScript
 def export_archive(
     model: nn.Module,
@@ -364,7 +415,7 @@ def export_archive(
             # tracing reads every attribute of every module, deprecated properties included
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", FutureWarning)
-            with torch.enable_grad():
+            with torch.enable_grad(), _masks_without_vmap():
                 traced = torch.jit.trace(wrapper, (_traced_example(handle, embeds), mask), check_trace=False)
             embedding = _input_embeddings(model)
             if embedding is None:
@@ -442,7 +493,7 @@ def export_program(
             (m, {k: v for k, v in m.__dict__.items() if isinstance(v, (list, tuple, dict))}) for m in model.modules()
         ]
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), _masks_without_vmap():
                 program = torch.export.export(ExplainableModel(model), traced, dynamic_shapes=shapes)
         finally:
             # torch.export sets every list, tuple and dict attribute of every module to a copy of

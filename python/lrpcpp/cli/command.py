@@ -32,6 +32,8 @@ from .._build_info import VERSION
 from .._files import atomic_path
 from ..deploy import export_archive, export_program
 from ..models.families import UnsupportedModelError
+from ..models.patching import LEVELS
+from ..models.tracking import UnruledOperationWarning
 from . import render
 from .evaluate import METHODS, curves_png, evaluate, read_items, report
 from .explain import explain_image, explain_text, to_json
@@ -658,6 +660,19 @@ def _add_export(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip the check that the saved model gives the relevance of lrpcpp.attribute",
     )
+    p.add_argument(
+        "--level",
+        choices=LEVELS,
+        default="auto",
+        help="where the rules come from (lrpcpp.attribute's level=): auto (default: the family registry's entry "
+        "when it describes the model, else operation by operation), registry (an entry is required) or operations",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="at the operation level, refuse a model with a call that has no relevance rule "
+        "(else the call is named in a note and gets its plain gradient)",
+    )
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
     p.add_argument("--timings", action="store_true", help="print the wall time of each phase to stderr")
 
@@ -672,22 +687,29 @@ def run_export(args) -> int:
     enc, _ = encode(loaded, [args.text], _note)
     program = args.output.endswith(".pt2")
     export = export_program if program else export_archive
-    with (
-        warnings.catch_warnings(record=True) as caught,
-        _writing("FILE", args.output),
-        atomic_path(args.output) as tmp,
-    ):  # written whole or not at all
-        warnings.simplefilter("always", UserWarning)
-        export(
-            loaded.model,
-            tmp,
-            input_ids=enc.input_ids.to(loaded.model.device),
-            attention_mask=enc.attention_mask.to(loaded.model.device),
-            method=args.method,
-            check=not args.no_check,
-        )
+    try:
+        with (
+            warnings.catch_warnings(record=True) as caught,
+            _writing("FILE", args.output),
+            atomic_path(args.output) as tmp,
+        ):  # written whole or not at all
+            warnings.simplefilter("always", UserWarning)
+            export(
+                loaded.model,
+                tmp,
+                input_ids=enc.input_ids.to(loaded.model.device),
+                attention_mask=enc.attention_mask.to(loaded.model.device),
+                method=args.method,
+                check=not args.no_check,
+                level=args.level,
+                strict=args.strict,
+            )
+    except UnsupportedModelError as e:
+        if args.level != "registry":
+            raise
+        raise InputError(f"--level registry: {e}; --level auto explains it operation by operation") from None
     for w in caught:
-        if str(w.message).startswith("lrpcpp.deploy"):
+        if str(w.message).startswith("lrpcpp.deploy") or issubclass(w.category, UnruledOperationWarning):
             _note(str(w.message))
     timer.mark("export")
     size = os.path.getsize(args.output) / 2**20
