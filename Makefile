@@ -46,11 +46,8 @@ test-fast: build
 test-tf4: build $(TF4_DEPS)
 	$(TF4_PY) -m pytest -q -rs -m "not slow" $(TF4_TESTS) $(TF4_KNOWN_FAILURES)
 
-# tests that fail under transformers 4.x for a known reason, each as --deselect FILE::TEST. T5 with a
-# left-padded decoder prefix: transformers 4.x's own forward gives NaN logits there (a decoder position
-# that attends to nothing), with or without lrpcpp
-TF4_KNOWN_FAILURES := \
-	--deselect "tests/test_multi_input.py::test_t5_encoder_and_decoder_prefix[left-padded]"
+# tests that fail under transformers 4.x for a known reason, each as --deselect FILE::TEST (none today)
+TF4_KNOWN_FAILURES :=
 
 $(TF4_DEPS): requirements-tf4.txt requirements-nodeps.txt
 	test -x $(TF4_PY) || $(PYTHON) -m venv $(TF4_VENV)

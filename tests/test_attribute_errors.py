@@ -214,6 +214,28 @@ def test_an_all_zero_attention_mask_row_is_refused(gpt2):
         lrpcpp.attribute(gpt2, attention_mask=mask, **kw)
 
 
+def test_an_explained_output_that_is_not_finite_is_refused():
+    """A NaN or infinite logit (the model's own forward gives it) is refused, naming the batch item,
+    not explained with NaN relevance."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Embedding(8, 4), nn.Linear(4, 3)
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def forward(self, inputs_embeds):
+            logits = self.head(inputs_embeds.mean(1))
+            return logits / torch.tensor([1.0, 0.0])[: len(logits), None]  # a second row divides by zero
+
+    model, ids = Model(), torch.tensor([[1, 2, 3], [4, 5, 6]])
+    with pytest.raises(ValueError, match=r"explained output of batch item\(s\) \[1\] is not finite"):
+        lrpcpp.attribute(model, input_ids=ids, target=0)
+    assert torch.isfinite(lrpcpp.attribute(model, input_ids=ids[:1], target=0).relevance).all()
+
+
 def test_an_attention_mask_of_the_wrong_shape_is_refused(gpt2):
     kw = inputs("gpt2")
     with pytest.raises(ValueError, match=r"attention_mask must have the shape \[batch, seq\] = \[2, 6\]"):

@@ -130,6 +130,16 @@ def _decoder_logits(model, mask=None):
 )
 def test_t5_encoder_and_decoder_prefix(mask):
     model = t5()
+    if not torch.isfinite(_decoder_logits(model, mask)).all():
+        # transformers 4.x: a left-padded decoder position attends to nothing and its logits are NaN;
+        # the explained logit is finite, but the NaN reaches the relevance through the backward
+        assert tfm.__version__.startswith("4."), "transformers 5 gives finite logits here"
+        with pytest.warns(
+            RuntimeWarning,
+            match=r"input_ids \(batch item\(s\) \[1\]\), decoder_input_ids \(batch item\(s\) \[1\]\) is not",
+        ):
+            lrpcpp.attribute(model, input_ids=ENCODER, decoder_input_ids=PREFIX, decoder_attention_mask=mask)
+        return
     attr = lrpcpp.attribute(
         model, input_ids=ENCODER, decoder_input_ids=PREFIX, decoder_attention_mask=mask, strict=True
     )

@@ -7,6 +7,7 @@ import contextlib
 import difflib
 import inspect
 import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeGuard, Union
 
@@ -584,6 +585,7 @@ def attribute(
                     _check_pooled_padding(model, logits_of(out), attention_mask)
                 explained, ids = select_target(out, target, target_mask, batches.pop() if len(batches) == 1 else None)
                 del out  # the whole output (a language model's [batch, seq, vocab] logits) is not needed any more
+                check_finite(explained)
             for h in hooks:
                 h.remove()
             hooks = []
@@ -602,6 +604,7 @@ def attribute(
             for (name, t), g in zip(captured.items(), grads[len(leaves) :])
         }
     relevances = {name: relevance_of(t, g, explicit, k).detach() for (name, (_, t)), g in zip(leaves.items(), grads)}
+    warn_not_finite(relevances, k is not None)
     result = attribution_of(relevances[first], explained, ids, key, latent_map)
     result.coverage = coverage
     result.inputs = relevances
@@ -779,6 +782,39 @@ def explaining(
         patch(model, method=method, mode=mode, epsilon=epsilon, preset=preset, level=level, strict=strict) as handle,
     ):
         yield handle
+
+
+def check_finite(explained: Tensor, caller: str = "lrpcpp.attribute") -> None:
+    """Refuses an explained value that is NaN or infinite: its relevance would be NaN or infinite
+    too. The model's own forward computed it (rules change no forward value)."""
+    bad = ~torch.isfinite(explained.detach())
+    if bad.any():
+        items = sorted({int(i) for i in bad.nonzero()[:, 0]})
+        raise ValueError(
+            f"{caller}: the explained output of batch item(s) {items} is not finite "
+            f"({explained.detach()[bad].flatten()[:4].tolist()}): the model's own forward gives it (for example "
+            "a row whose attention mask leaves a position nothing to attend to, or an overflow in float16), "
+            "and its relevance would be NaN or infinite"
+        )
+
+
+def warn_not_finite(relevances: Dict[str, Tensor], many: bool, caller: str = "lrpcpp.attribute") -> None:
+    """Warns once, naming the inputs and the batch items, where a finite explained output still gives
+    NaN or infinite relevance: the backward met a non-finite value of the model's forward (such as a
+    padded position that attends to nothing, whose NaN reaches the others as 0 x NaN)."""
+    found = []
+    for name, relevance in relevances.items():
+        bad = ~torch.isfinite(relevance)
+        if bad.any():
+            found.append(f"{name} (batch item(s) {sorted({int(i) for i in bad.nonzero()[:, 1 if many else 0]})})")
+    if found:
+        warnings.warn(
+            f"{caller}: the relevance of {', '.join(found)} is not finite, although the explained output is: the "
+            "model's forward computes a NaN or infinite value on the way (for example at a padded position that its "
+            "attention mask leaves nothing to attend to), and the backward carries it",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def relevance_backward(
