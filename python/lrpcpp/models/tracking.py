@@ -1,20 +1,19 @@
 """Which tensors carry relevance, and the rules every handler builds on.
 
 A tensor carries relevance when it requires grad and is neither an ``nn.Parameter`` nor a tensor
-the mode saw being computed from parameters alone (:data:`FROM_PARAMETERS`). This module holds that
-bookkeeping, the suspension of the rule modes (:func:`run_plain`), the identity rule
+the mode saw being computed from parameters alone (marked by the attribute :data:`FROM_PARAMETERS`).
+This module holds that bookkeeping, the suspension of the rule modes (:func:`run_plain`), the identity rule
 (:func:`identity_rule`, :func:`pass_to`) and the epsilon-rule core (:func:`epsilon_rule`).
 """
 
 import contextlib
 import threading
 import types
-from typing import Any, Callable, List, Mapping, Sequence, Union
+from typing import Any, Callable, List, Mapping, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode, redispatch_function
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import functional as lf
 
@@ -118,15 +117,21 @@ def _plain(func: Callable, args: Sequence, kwargs: Mapping):
 
 # ----------------------------------------------------------------------------- tensor helpers
 # Tensors that require grad only because they were computed from parameters (a projection of a
-# detached input, ``1 + weight``, ``weight.T``, an embedding lookup); recorded by the mode as they
-# are created. Like parameters, they carry no relevance.
-FROM_PARAMETERS = WeakIdKeyDictionary()
+# detached input, ``1 + weight``, ``weight.T``, an embedding lookup); marked by the mode as they are
+# created, with this attribute set on the tensor (an attribute rather than a table keyed by tensors,
+# so that torch.compile traces the mode). Like parameters, they carry no relevance.
+FROM_PARAMETERS = "_lrpcpp_from_parameters"
 
 
 def carries(x: Any) -> bool:
     """A tensor that carries relevance: requires grad, and is neither a parameter nor computed from
     parameters alone (inside the mode)."""
-    return isinstance(x, Tensor) and x.requires_grad and not isinstance(x, nn.Parameter) and x not in FROM_PARAMETERS
+    return (
+        isinstance(x, Tensor)
+        and x.requires_grad
+        and not isinstance(x, nn.Parameter)
+        and not getattr(x, FROM_PARAMETERS, False)
+    )
 
 
 def requires_grad(args: Sequence, kwargs: Mapping) -> bool:
@@ -155,10 +160,24 @@ def tensor_args(args: Sequence, kwargs: Mapping) -> List[Tensor]:
 def mark_from_parameters(out: Any) -> None:
     if isinstance(out, Tensor):
         if out.requires_grad:
-            FROM_PARAMETERS[out] = True
+            setattr(out, FROM_PARAMETERS, True)
     elif isinstance(out, (list, tuple)):
         for o in out:
             mark_from_parameters(o)
+
+
+def marked_arguments(args: Sequence, kwargs: Mapping) -> List[Tuple[Tensor, int]]:
+    """The arguments computed from parameters alone, each with its version counter, for
+    :func:`unmark_written` after the call."""
+    return [(t, t._version) for t in tensor_args(args, kwargs) if getattr(t, FROM_PARAMETERS, False)]
+
+
+def unmark_written(marked: Sequence[Tuple[Tensor, int]]) -> None:
+    """A tensor computed from parameters that a call wrote relevance-carrying values into (in place)
+    carries relevance from then on."""
+    for t, version in marked:
+        if t._version != version:
+            setattr(t, FROM_PARAMETERS, False)
 
 
 def any_carrier(args: Sequence, kwargs: Mapping) -> bool:
