@@ -9,7 +9,7 @@ This module holds that bookkeeping, the suspension of the rule modes (:func:`run
 import contextlib
 import threading
 import types
-from typing import Any, Callable, List, Mapping, Sequence, Tuple, Union
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -166,17 +166,21 @@ def mark_from_parameters(out: Any) -> None:
             mark_from_parameters(o)
 
 
-def marked_arguments(args: Sequence, kwargs: Mapping) -> List[Tuple[Tensor, int]]:
-    """The arguments computed from parameters alone, each with its version counter, for
-    :func:`unmark_written` after the call."""
-    return [(t, t._version) for t in tensor_args(args, kwargs) if getattr(t, FROM_PARAMETERS, False)]
+def marked_arguments(args: Sequence, kwargs: Mapping) -> List[Tuple[Tensor, Optional[int]]]:
+    """The arguments computed from parameters alone, each with its version counter (``None`` in a
+    forward that torch.compile traces, where versions are not known), for :func:`unmark_written`."""
+    compiled = torch.compiler.is_compiling()
+    return [
+        (t, None if compiled else t._version) for t in tensor_args(args, kwargs) if getattr(t, FROM_PARAMETERS, False)
+    ]
 
 
-def unmark_written(marked: Sequence[Tuple[Tensor, int]]) -> None:
+def unmark_written(marked: Sequence[Tuple[Tensor, Optional[int]]], out: Any) -> None:
     """A tensor computed from parameters that a call wrote relevance-carrying values into (in place)
-    carries relevance from then on."""
+    carries relevance from then on. Written: its version counter moved; in a compiled forward, the
+    call returned it (an in-place method, ``out=``) or nothing (``Tensor.__setitem__``)."""
     for t, version in marked:
-        if t._version != version:
+        if (t._version != version) if version is not None else (out is t or out is None):
             setattr(t, FROM_PARAMETERS, False)
 
 

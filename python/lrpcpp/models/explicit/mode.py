@@ -77,7 +77,7 @@ class ExplicitRules(RuleMode):
         if carriers:
             marked = marked_arguments(args, kwargs)
             out = self._with_relevance(func, types_, args, kwargs)
-            unmark_written(marked)
+            unmark_written(marked, out)
             return out
         from_parameters = grad and requires_grad(args, kwargs)
         out = func(*args, **kwargs)

@@ -88,6 +88,8 @@ def _tensors(out: Any):
     elif isinstance(out, Mapping):
         for o in out.values():
             yield from _tensors(o)
+    elif isinstance(out, (int, float, torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return  # a size (symbolic, when torch.compile traces with dynamic shapes)
     elif hasattr(out, "to_tuple"):  # a Hugging Face ModelOutput
         yield from _tensors(out.to_tuple())
 
@@ -187,7 +189,7 @@ class GradientRules(RuleMode):
         self.check_functions((args, list(kwargs.values())))
         marked = marked_arguments(args, kwargs)
         out = self._with_relevance(func, types_, args, kwargs)
-        unmark_written(marked)  # written into in place with relevance-carrying values
+        unmark_written(marked, out)  # written into in place with relevance-carrying values
         return out
 
     def _with_relevance(self, func, types_, args, kwargs):
