@@ -29,8 +29,8 @@ from .handlers import EXACT, GATES, RULES
 
 __all__ = ["GradientRules", "Coverage"]
 
-# plain dicts: torch.compile traces lookups in them (not in a mappingproxy or a frozenset of functions)
 _GATE = "_lrpcpp_gate"  # the attribute that marks a gate (a tensor attribute, which torch.compile traces)
+# plain dicts: torch.compile traces lookups in them (not in a mappingproxy or a frozenset of functions)
 _RULES, _EXACT, _GATES = dict(RULES), dict.fromkeys(EXACT, True), dict.fromkeys(GATES, True)
 
 
