@@ -6,6 +6,7 @@ import warnings
 
 import lrpcpp
 import pytest
+import test_operation_vision as vision
 import torch
 from lrpcpp import deploy
 from lrpcpp.models.operations import UnruledOperationWarning
@@ -132,6 +133,23 @@ def test_compile_attribute_with_inductor_gives_the_relevance_of_the_operation_le
                 assert_same_relevance(got.relevance, want.relevance, rtol=1e-5)
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("name", ["deit", "swin", "convnext"])
+def test_compile_attribute_explains_vision_models_at_the_operation_level(name):
+    # vision families without a family entry ("auto"): pixels in, the eager relevance out
+    model, reference = (vision.MODELS[name]().to(torch.float32) for _ in range(2))  # the same weights
+    x = vision._pixels().to(torch.float32)
+    torch._dynamo.reset()
+    try:
+        with deploy.compile_attribute(model, backend=_counting_backend([])) as explain:
+            got = explain(pixel_values=x, target=1)
+    finally:
+        torch._dynamo.reset()
+    want = lrpcpp.attribute(reference, pixel_values=x, target=1)
+    assert want.coverage is not None  # the operation level
+    assert torch.equal(got.relevance, want.relevance)
 
 
 @pytest.mark.compile
