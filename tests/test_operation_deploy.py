@@ -176,14 +176,18 @@ def test_compile_attribute_names_unruled_operations_once_and_strict_raises():
 
 
 class _FromParameters(nn.Module):
-    # tensors computed from parameters alone (``1 + scale``, ``w * 2``): no relevance carriers
+    # tensors computed from parameters alone (``1 + scale``, ``w * 2``): no relevance carriers, until
+    # relevance-carrying values are written into one in place
     def __init__(self):
         super().__init__()
         self.w = nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
         self.scale = nn.Parameter(torch.randn(3, dtype=torch.float64))
 
     def forward(self, inputs_embeds):
-        return (F.linear(inputs_embeds, self.w * 2) * (1 + self.scale)).sum(1)
+        y = F.linear(inputs_embeds, self.w * 2) * (1 + self.scale)  # one carrier: no product rule
+        held = self.scale * torch.ones_like(y)  # from parameters alone, until ...
+        held.add_(y)  # ... relevance-carrying values are written into it
+        return (held * y).sum(1)  # a product of two carriers: half the gradient each (attnlrp)
 
 
 @pytest.mark.compile
@@ -201,11 +205,15 @@ def test_a_patched_model_compiles_fullgraph_with_parameters_that_require_grad():
     torch._dynamo.reset()
     try:
         with lrpcpp.patch(model, level="operations"):
+            eager = relevance(model)
             got = relevance(torch.compile(model, backend="eager", fullgraph=True))
     finally:
         torch._dynamo.reset()
     # reference: the plain gradient with the parameters held constant (linear in the input)
     w, scale = model.w.detach(), model.scale.detach()
     leaf = x.clone().requires_grad_()
-    (F.linear(leaf, w * 2) * (1 + scale)).sum(1)[:, 1].sum().backward()
+    half = lambda t: t.detach() + 0.5 * (t - t.detach())  # noqa: E731
+    y = F.linear(leaf, w * 2) * (1 + scale)
+    (half(scale + y) * half(y)).sum(1)[:, 1].sum().backward()
     torch.testing.assert_close(got, leaf.grad * x, rtol=1e-12, atol=1e-14)
+    assert torch.equal(got, eager)
