@@ -175,6 +175,34 @@ def test_compile_attribute_names_unruled_operations_once_and_strict_raises():
     assert all("forward" not in m.__dict__ for m in model.modules())  # the patch is undone
 
 
+class _TorchAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attention, self.out = nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, inputs_embeds):
+        h, _ = self.attention(inputs_embeds, inputs_embeds, inputs_embeds, need_weights=False)
+        return self.out(h + inputs_embeds).mean(1)
+
+
+@pytest.mark.compile
+def test_compile_attribute_refuses_a_function_whose_body_the_rules_run():
+    # F.multi_head_attention_forward: eager, the rules treat the calls in its body; dynamo records it
+    # as one call, which would run without them (the plain gradient): refused on the first call
+    torch.manual_seed(0)
+    model, x = _TorchAttention().eval(), torch.randn(2, 5, 8)
+    before = hooks_and_flags(model)
+    torch._dynamo.reset()
+    try:
+        with deploy.compile_attribute(model, level="operations", backend="eager") as explain:
+            with pytest.raises(RuntimeError, match=r"multi_head_attention_forward.*records as one call"):
+                explain(inputs_embeds=x, target=1)
+    finally:
+        torch._dynamo.reset()
+    assert hooks_and_flags(model) == before
+    assert lrpcpp.attribute(model, inputs_embeds=x, target=1, level="operations").coverage.unruled == {}  # eager
+
+
 class _FromParameters(nn.Module):
     # tensors computed from parameters alone (``1 + scale``, ``w * 2``): no relevance carriers, until
     # relevance-carrying values are written into one in place

@@ -49,6 +49,7 @@ from .attribution import (
     model_kwargs as model_kwargs_of,
 )
 from .models.patching import METHODS
+from .models.tracking import bodies_run, op_name
 
 __all__ = [
     "ExplainableModel",
@@ -547,8 +548,15 @@ class CompiledAttribute:
             # operation level builds them only with grad, where an input carries relevance: its plain
             # forward runs with grad, and gives the coverage warning (or strict's error) of an eager
             # forward, which the compiled forward does not count.
-            with torch.set_grad_enabled(self.handle.level == "operations"):
+            with torch.set_grad_enabled(self.handle.level == "operations"), bodies_run() as ran:
                 self.model(**{key: leaf}, **model_kwargs)
+            if ran:
+                raise RuntimeError(
+                    "lrpcpp.deploy.compile_attribute: the operation level gives rules to the calls inside "
+                    f"{', '.join(sorted(op_name(f) for f in ran))}, which torch.compile records as one call that then "
+                    "runs without the rules: the compiled relevance would be wrong. Explain this model with "
+                    "lrpcpp.attribute"
+                )
             self._warm = True
         with torch.enable_grad():
             out = self.compiled(**{key: leaf}, **model_kwargs)
@@ -607,7 +615,10 @@ def compile_attribute(
     mode (:class:`~lrpcpp.models.operations.GradientRules`) is traced into the compiled graph with
     the model's forward; the first call runs one eager forward as well, which gives the warning that
     names the calls without a rule (or, with ``strict``, the error), since the compiled forward
-    counts nothing (:attr:`Attribution.coverage <lrpcpp.Attribution.coverage>` stays ``None``).
+    counts nothing (:attr:`Attribution.coverage <lrpcpp.Attribution.coverage>` stays ``None``). A
+    torch function written in Python whose body the rules run call by call
+    (``F.multi_head_attention_forward``) is recorded by dynamo as one call without the rules: that
+    first call then raises ``RuntimeError`` naming it.
 
     Gradient-times-input mode only. ``torch.autograd.grad`` cannot run inside a ``fullgraph``
     region, so the forward (with its ``lrpcpp`` operators) and, through AOTAutograd, the backward

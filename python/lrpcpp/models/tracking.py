@@ -50,10 +50,12 @@ def op_name(func: Callable) -> str:
 
 
 class _InBody(threading.local):
-    """The Python-level torch functions whose bodies this thread is running under the rules."""
+    """The Python-level torch functions whose bodies this thread is running under the rules
+    (``funcs``), and those it ran within a :func:`bodies_run` block (``ran``)."""
 
     def __init__(self) -> None:
         self.funcs: set = set()
+        self.ran: Optional[set] = None
 
 
 _IN_BODY = _InBody()
@@ -68,11 +70,27 @@ def run_body(mode: TorchFunctionMode, func: Callable, types_, args: Sequence, kw
     if not isinstance(func, types.FunctionType) or func in _IN_BODY.funcs:
         return NotImplemented
     _IN_BODY.funcs.add(func)
+    if _IN_BODY.ran is not None:
+        _IN_BODY.ran.add(func)
     try:
         with mode:
             return redispatch_function(func, types_, args, kwargs)
     finally:
         _IN_BODY.funcs.discard(func)
+
+
+@contextlib.contextmanager
+def bodies_run():
+    """A block that collects (in the set it yields) the functions whose bodies :func:`run_body`
+    ran in it. torch.compile cannot do that: it records such a function (``F.multi_head_attention_forward``)
+    as one call, which then runs without the rules."""
+    outer, _IN_BODY.ran = _IN_BODY.ran, set()
+    try:
+        yield _IN_BODY.ran
+    finally:
+        if outer is not None:
+            outer.update(_IN_BODY.ran)
+        _IN_BODY.ran = outer
 
 
 # ----------------------------------------------------------------------------- the mode stack
