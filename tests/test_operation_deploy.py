@@ -1,14 +1,22 @@
 """Deploying the operation level: torch.export programs and TorchScript archives reproduce
-lrpcpp.attribute(level="operations"); torch.compile is refused with the reason."""
+lrpcpp.attribute(level="operations"), and so does lrpcpp.deploy.compile_attribute, whose
+torch.compile(fullgraph=True) traces the rule mode."""
+
+import warnings
 
 import lrpcpp
 import pytest
+import test_operation_vision as vision
 import torch
 from lrpcpp import deploy
+from lrpcpp.models.operations import UnruledOperationWarning
 from models import build as build_registered
 from models import inputs
 from test_deploy import assert_same_relevance, hooks_and_flags
 from test_operation_families import build as build_unregistered
+from test_operation_level import _WithCustomFunction
+from torch import nn
+from torch.nn import functional as F
 
 # (model, level): OLMo2 has no family entry ("auto" is the operation level); llama has one and is
 # forced to the operation level
@@ -70,29 +78,170 @@ def test_archive_gives_the_relevance_of_the_operation_level(family, level, tmp_p
     assert_same_relevance(got.relevance, expected.relevance, rtol=1e-6)
 
 
-@pytest.mark.parametrize("family,level", CASES)
-def test_compile_attribute_refuses_the_operation_level_and_says_why(family, level):
-    model = _model(family)
-    before = hooks_and_flags(model)
-    with pytest.raises(
-        RuntimeError, match=r"operation level .* cannot be compiled .*WeakIdKeyDictionary.*export_program"
-    ):
-        deploy.compile_attribute(model, level=level, backend="eager")
-    assert hooks_and_flags(model) == before  # nothing left patched
+def _counting_backend(graphs):
+    def backend(gm, example_inputs):  # the graphs as dynamo traced them, run as they are
+        graphs.append(gm)
+        return gm.forward
+
+    return backend
 
 
 @pytest.mark.compile
-def test_the_operation_level_breaks_the_graph_of_dynamo():
-    # the reason of the refusal above: should dynamo learn to trace the rule mode, this fails and
-    # compile_attribute can take the operation level
-    model = _model("olmo2")
-    ids, mask = _example("olmo2")
-    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["attnlrp", "cp-lrp"])
+@pytest.mark.parametrize("family,level", CASES)
+def test_compile_attribute_gives_the_relevance_of_the_operation_level(family, level, method):
+    # fullgraph=True: a graph break is an error. The traced graph run as dynamo recorded it gives
+    # exactly the eager relevance; a second length compiles once more, with dynamic shapes
+    model, reference = _model(family), _model(family)  # the same weights
+    before = hooks_and_flags(model)
+    graphs = []
     torch._dynamo.reset()
     try:
-        with lrpcpp.patch(model, level="operations"), torch.enable_grad():
-            compiled = torch.compile(model, backend="eager", fullgraph=True)
-            with pytest.raises(torch._dynamo.exc.Unsupported, match="WeakIdKeyDictionary"):
-                compiled(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
+        with deploy.compile_attribute(model, method=method, level=level, backend=_counting_backend(graphs)) as explain:
+            for seq in (6, 6, 4, 9):
+                ids, mask = _example(family, seq)
+                got = explain(input_ids=ids, attention_mask=mask)
+                want = lrpcpp.attribute(
+                    reference, method=method, input_ids=ids, attention_mask=mask, level="operations"
+                )
+                assert torch.equal(got.target, want.target)
+                assert torch.equal(got.relevance, want.relevance)
+                assert got.coverage is None  # a compiled forward counts nothing
+            assert len(graphs) == 2
     finally:
         torch._dynamo.reset()
+    assert any("lrpcpp.gi_identity" in str(n.target) for g in graphs for n in g.graph.nodes)  # the rules, traced
+    assert hooks_and_flags(model) == before
+
+
+@pytest.mark.compile
+@pytest.mark.slow
+def test_compile_attribute_with_inductor_gives_the_relevance_of_the_operation_level():
+    # the default backend, inductor: generated kernels, so equal up to rounding (observed: 5e-7 of
+    # the largest relevance)
+    model, reference = _model("olmo2"), _model("olmo2")
+    torch._dynamo.reset()
+    try:
+        with deploy.compile_attribute(model) as explain:  # "auto": OLMo2 has no family entry
+            for seq in (6, 9):
+                ids, mask = _example("olmo2", seq)
+                got = explain(input_ids=ids, attention_mask=mask)
+                want = lrpcpp.attribute(reference, input_ids=ids, attention_mask=mask)
+                assert want.coverage is not None  # the operation level
+                assert torch.equal(got.target, want.target)
+                assert_same_relevance(got.relevance, want.relevance, rtol=1e-5)
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("name", ["deit", "swin", "convnext"])
+def test_compile_attribute_explains_vision_models_at_the_operation_level(name):
+    # vision families without a family entry ("auto"): pixels in, the eager relevance out
+    model, reference = (vision.MODELS[name]().to(torch.float32) for _ in range(2))  # the same weights
+    x = vision._pixels().to(torch.float32)
+    torch._dynamo.reset()
+    try:
+        with deploy.compile_attribute(model, backend=_counting_backend([])) as explain:
+            got = explain(pixel_values=x, target=1)
+    finally:
+        torch._dynamo.reset()
+    want = lrpcpp.attribute(reference, pixel_values=x, target=1)
+    assert want.coverage is not None  # the operation level
+    assert torch.equal(got.relevance, want.relevance)
+
+
+@pytest.mark.compile
+def test_compile_attribute_names_unruled_operations_once_and_strict_raises():
+    # the compiled forward counts nothing; the eager forward of the first call warns (or raises)
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    model = _WithCustomFunction()
+    torch._dynamo.reset()
+    try:
+        with pytest.warns(UnruledOperationWarning, match=r"no rule for .*_Twice\.apply") as record:
+            with deploy.compile_attribute(model, level="operations", backend="eager") as explain:
+                got = [explain(inputs_embeds=x, target=1) for _ in range(2)]
+        assert len([r for r in record if issubclass(r.category, UnruledOperationWarning)]) == 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnruledOperationWarning)
+            want = lrpcpp.attribute(model, inputs_embeds=x, target=1, level="operations")
+        assert all(torch.equal(g.relevance, want.relevance) for g in got)
+        with deploy.compile_attribute(model, level="operations", backend="eager", strict=True) as explain:
+            with pytest.raises(RuntimeError, match=r"strict=True.*_Twice\.apply"):
+                explain(inputs_embeds=x, target=1)
+    finally:
+        torch._dynamo.reset()
+    assert all("forward" not in m.__dict__ for m in model.modules())  # the patch is undone
+
+
+class _TorchAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attention, self.out = nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, inputs_embeds):
+        h, _ = self.attention(inputs_embeds, inputs_embeds, inputs_embeds, need_weights=False)
+        return self.out(h + inputs_embeds).mean(1)
+
+
+@pytest.mark.compile
+def test_compile_attribute_refuses_a_function_whose_body_the_rules_run():
+    # F.multi_head_attention_forward: eager, the rules treat the calls in its body; dynamo records it
+    # as one call, which would run without them (the plain gradient): refused on the first call
+    torch.manual_seed(0)
+    model, x = _TorchAttention().eval(), torch.randn(2, 5, 8)
+    before = hooks_and_flags(model)
+    torch._dynamo.reset()
+    try:
+        with deploy.compile_attribute(model, level="operations", backend="eager") as explain:
+            with pytest.raises(RuntimeError, match=r"multi_head_attention_forward.*records as one call"):
+                explain(inputs_embeds=x, target=1)
+    finally:
+        torch._dynamo.reset()
+    assert hooks_and_flags(model) == before
+    assert lrpcpp.attribute(model, inputs_embeds=x, target=1, level="operations").coverage.unruled == {}  # eager
+
+
+class _FromParameters(nn.Module):
+    # tensors computed from parameters alone (``1 + scale``, ``w * 2``): no relevance carriers, until
+    # relevance-carrying values are written into one in place
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+        self.scale = nn.Parameter(torch.randn(3, dtype=torch.float64))
+
+    def forward(self, inputs_embeds):
+        y = F.linear(inputs_embeds, self.w * 2) * (1 + self.scale)  # one carrier: no product rule
+        held = self.scale * torch.ones_like(y)  # from parameters alone, until ...
+        held.add_(y)  # ... relevance-carrying values are written into it
+        return (held * y).sum(1)  # a product of two carriers: half the gradient each (attnlrp)
+
+
+@pytest.mark.compile
+def test_a_patched_model_compiles_fullgraph_with_parameters_that_require_grad():
+    # torch.compile of the patched model itself: the marks of the tensors computed from parameters
+    # alone are traced; their products with the input are no products of two carriers
+    torch.manual_seed(0)
+    model, x = _FromParameters(), torch.randn(2, 5, 4, dtype=torch.float64)
+
+    def relevance(m):
+        leaf = x.clone().requires_grad_()
+        m(inputs_embeds=leaf)[:, 1].sum().backward()
+        return leaf.grad * x
+
+    torch._dynamo.reset()
+    try:
+        with lrpcpp.patch(model, level="operations"):
+            eager = relevance(model)
+            got = relevance(torch.compile(model, backend="eager", fullgraph=True))
+    finally:
+        torch._dynamo.reset()
+    # reference: the plain gradient with the parameters held constant (linear in the input)
+    w, scale = model.w.detach(), model.scale.detach()
+    leaf = x.clone().requires_grad_()
+    half = lambda t: t.detach() + 0.5 * (t - t.detach())  # noqa: E731
+    y = F.linear(leaf, w * 2) * (1 + scale)
+    (half(scale + y) * half(y)).sum(1)[:, 1].sum().backward()
+    torch.testing.assert_close(got, leaf.grad * x, rtol=1e-12, atol=1e-14)
+    assert torch.equal(got, eager)

@@ -50,6 +50,7 @@ from .attribution import (
     model_kwargs as model_kwargs_of,
 )
 from .models.patching import METHODS
+from .models.tracking import bodies_run, op_name
 
 __all__ = [
     "ExplainableModel",
@@ -63,7 +64,6 @@ __all__ = [
     "LrpcppRequired",
     "ARCHIVE_INFO_FILE",
     "MISSING_OPERATORS_MESSAGE",
-    "OPERATION_LEVEL_NOT_COMPILED",
 ]
 
 #: name of the JSON record that :func:`export_archive` stores in the archive (an "extra file")
@@ -73,16 +73,6 @@ ARCHIVE_INFO_FILE = "lrpcpp.json"
 MISSING_OPERATORS_MESSAGE = (
     "This archive calls lrpcpp operators, which are registered by the lrpcpp library: "
     "run `import lrpcpp` before torch.jit.load (in C++, link liblrpcpp, CMake target lrpcpp::lrpcpp)"
-)
-
-#: why :func:`compile_attribute` refuses the operation level
-OPERATION_LEVEL_NOT_COMPILED = (
-    "lrpcpp.deploy.compile_attribute: the operation level (level='operations', or level='auto' on a model "
-    "without a family entry) cannot be compiled with torch.compile(fullgraph=True): its torch function mode "
-    "tells the relevance-carrying tensors by their identity (weak dictionaries keyed by tensors, "
-    "torch.utils.weak.WeakIdKeyDictionary), which dynamo does not trace (a graph break). Explain the model at "
-    "the registry level (describe it with lrpcpp.register_family), or deploy it at the operation level with "
-    "lrpcpp.deploy.export_program or export_archive"
 )
 
 # relative tolerance of the check that an exported model reproduces lrpcpp.attribute
@@ -549,8 +539,6 @@ class CompiledAttribute:
             self.handle = undo.enter_context(
                 explaining(model, method=method, mode="gradient", epsilon=epsilon, level=level, strict=strict)
             )
-            if self.handle.level == "operations":
-                raise RuntimeError(OPERATION_LEVEL_NOT_COMPILED)
             had = set(model.__dict__)
             try:
                 self.compiled = torch.compile(model, **compile_kwargs)
@@ -607,9 +595,19 @@ class CompiledAttribute:
         if not self._warm:
             # The patch builds its constant gradient-scale tensors on first use. Built in a plain
             # forward, they exist before the first compilation, whose guards then hold from the
-            # second call on (built inside it, they would make the second call compile again).
-            with torch.no_grad():
+            # second call on (built inside it, they would make the second call compile again). The
+            # operation level builds them only with grad, where an input carries relevance: its plain
+            # forward runs with grad, and gives the coverage warning (or strict's error) of an eager
+            # forward, which the compiled forward does not count.
+            with torch.set_grad_enabled(self.handle.level == "operations"), bodies_run() as ran:
                 self.model(**{key: leaf}, **model_kwargs)
+            if ran:
+                raise RuntimeError(
+                    "lrpcpp.deploy.compile_attribute: the operation level gives rules to the calls inside "
+                    f"{', '.join(sorted(op_name(f) for f in ran))}, which torch.compile records as one call that then "
+                    "runs without the rules: the compiled relevance would be wrong. Explain this model with "
+                    "lrpcpp.attribute"
+                )
             self._warm = True
         with torch.enable_grad():
             out = self.compiled(**{key: leaf}, **model_kwargs)
@@ -664,9 +662,14 @@ def compile_attribute(
            attr = explain(input_ids=ids, attention_mask=mask)   # compiles (once per shape)
            attr = explain(input_ids=other_ids, attention_mask=other_mask)
 
-    ``level`` and ``strict`` are those of :func:`lrpcpp.attribute`; the operation level is refused
-    (:data:`OPERATION_LEVEL_NOT_COMPILED`): its rule mode cannot be traced by dynamo without a graph
-    break, while :func:`export_program` and :func:`export_archive` deploy it.
+    ``level`` and ``strict`` are those of :func:`lrpcpp.attribute`. At the operation level the rule
+    mode (:class:`~lrpcpp.models.operations.GradientRules`) is traced into the compiled graph with
+    the model's forward; the first call runs one eager forward as well, which gives the warning that
+    names the calls without a rule (or, with ``strict``, the error), since the compiled forward
+    counts nothing (:attr:`Attribution.coverage <lrpcpp.Attribution.coverage>` stays ``None``). A
+    torch function written in Python whose body the rules run call by call
+    (``F.multi_head_attention_forward``) is recorded by dynamo as one call without the rules: that
+    first call then raises ``RuntimeError`` naming it.
 
     Gradient-times-input mode only. ``torch.autograd.grad`` cannot run inside a ``fullgraph``
     region, so the forward (with its ``lrpcpp`` operators) and, through AOTAutograd, the backward

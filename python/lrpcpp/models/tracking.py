@@ -1,20 +1,19 @@
 """Which tensors carry relevance, and the rules every handler builds on.
 
 A tensor carries relevance when it requires grad and is neither an ``nn.Parameter`` nor a tensor
-the mode saw being computed from parameters alone (:data:`FROM_PARAMETERS`). This module holds that
-bookkeeping, the suspension of the rule modes (:func:`run_plain`), the identity rule
+the mode saw being computed from parameters alone (marked by the attribute :data:`FROM_PARAMETERS`).
+This module holds that bookkeeping, the suspension of the rule modes (:func:`run_plain`), the identity rule
 (:func:`identity_rule`, :func:`pass_to`) and the epsilon-rule core (:func:`epsilon_rule`).
 """
 
 import contextlib
 import threading
 import types
-from typing import Any, Callable, List, Mapping, Sequence, Union
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode, redispatch_function
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import functional as lf
 
@@ -51,10 +50,12 @@ def op_name(func: Callable) -> str:
 
 
 class _InBody(threading.local):
-    """The Python-level torch functions whose bodies this thread is running under the rules."""
+    """The Python-level torch functions whose bodies this thread is running under the rules
+    (``funcs``), and those it ran within a :func:`bodies_run` block (``ran``)."""
 
     def __init__(self) -> None:
         self.funcs: set = set()
+        self.ran: Optional[set] = None
 
 
 _IN_BODY = _InBody()
@@ -69,11 +70,27 @@ def run_body(mode: TorchFunctionMode, func: Callable, types_, args: Sequence, kw
     if not isinstance(func, types.FunctionType) or func in _IN_BODY.funcs:
         return NotImplemented
     _IN_BODY.funcs.add(func)
+    if _IN_BODY.ran is not None:
+        _IN_BODY.ran.add(func)
     try:
         with mode:
             return redispatch_function(func, types_, args, kwargs)
     finally:
         _IN_BODY.funcs.discard(func)
+
+
+@contextlib.contextmanager
+def bodies_run():
+    """A block that collects (in the set it yields) the functions whose bodies :func:`run_body`
+    ran in it. torch.compile cannot do that: it records such a function (``F.multi_head_attention_forward``)
+    as one call, which then runs without the rules."""
+    outer, _IN_BODY.ran = _IN_BODY.ran, set()
+    try:
+        yield _IN_BODY.ran
+    finally:
+        if outer is not None:
+            outer.update(_IN_BODY.ran)
+        _IN_BODY.ran = outer
 
 
 # ----------------------------------------------------------------------------- the mode stack
@@ -118,15 +135,21 @@ def _plain(func: Callable, args: Sequence, kwargs: Mapping):
 
 # ----------------------------------------------------------------------------- tensor helpers
 # Tensors that require grad only because they were computed from parameters (a projection of a
-# detached input, ``1 + weight``, ``weight.T``, an embedding lookup); recorded by the mode as they
-# are created. Like parameters, they carry no relevance.
-FROM_PARAMETERS = WeakIdKeyDictionary()
+# detached input, ``1 + weight``, ``weight.T``, an embedding lookup); marked by the mode as they are
+# created, with this attribute set on the tensor (an attribute rather than a table keyed by tensors,
+# so that torch.compile traces the mode). Like parameters, they carry no relevance.
+FROM_PARAMETERS = "_lrpcpp_from_parameters"
 
 
 def carries(x: Any) -> bool:
     """A tensor that carries relevance: requires grad, and is neither a parameter nor computed from
     parameters alone (inside the mode)."""
-    return isinstance(x, Tensor) and x.requires_grad and not isinstance(x, nn.Parameter) and x not in FROM_PARAMETERS
+    return (
+        isinstance(x, Tensor)
+        and x.requires_grad
+        and not isinstance(x, nn.Parameter)
+        and not getattr(x, FROM_PARAMETERS, False)
+    )
 
 
 def requires_grad(args: Sequence, kwargs: Mapping) -> bool:
@@ -155,10 +178,28 @@ def tensor_args(args: Sequence, kwargs: Mapping) -> List[Tensor]:
 def mark_from_parameters(out: Any) -> None:
     if isinstance(out, Tensor):
         if out.requires_grad:
-            FROM_PARAMETERS[out] = True
+            setattr(out, FROM_PARAMETERS, True)
     elif isinstance(out, (list, tuple)):
         for o in out:
             mark_from_parameters(o)
+
+
+def marked_arguments(args: Sequence, kwargs: Mapping) -> List[Tuple[Tensor, Optional[int]]]:
+    """The arguments computed from parameters alone, each with its version counter (``None`` in a
+    forward that torch.compile traces, where versions are not known), for :func:`unmark_written`."""
+    compiled = torch.compiler.is_compiling()
+    return [
+        (t, None if compiled else t._version) for t in tensor_args(args, kwargs) if getattr(t, FROM_PARAMETERS, False)
+    ]
+
+
+def unmark_written(marked: Sequence[Tuple[Tensor, Optional[int]]], out: Any) -> None:
+    """A tensor computed from parameters that a call wrote relevance-carrying values into (in place)
+    carries relevance from then on. Written: its version counter moved; in a compiled forward, the
+    call returned it (an in-place method, ``out=``) or nothing (``Tensor.__setitem__``)."""
+    for t, version in marked:
+        if (t._version != version) if version is not None else (out is t or out is None):
+            setattr(t, FROM_PARAMETERS, False)
 
 
 def any_carrier(args: Sequence, kwargs: Mapping) -> bool:

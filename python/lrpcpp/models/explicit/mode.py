@@ -9,16 +9,16 @@ import torch
 from torch import Tensor
 
 from ..tracking import (
-    FROM_PARAMETERS,
     RuleMode,
     UnruledOperationWarning,
     any_carrier,
     is_rule_mode,
     mark_from_parameters,
+    marked_arguments,
     op_name,
     requires_grad,
     run_body,
-    tensor_args,
+    unmark_written,
     without,
 )
 from .handlers import RULES
@@ -75,23 +75,14 @@ class ExplicitRules(RuleMode):
         grad = torch.is_grad_enabled()
         carriers = grad and any_carrier(args, kwargs)
         if carriers:
-            if len(FROM_PARAMETERS):
-                return self._updating_marks(func, types_, args, kwargs)
-            return self._with_relevance(func, types_, args, kwargs)
+            marked = marked_arguments(args, kwargs)
+            out = self._with_relevance(func, types_, args, kwargs)
+            unmark_written(marked, out)
+            return out
         from_parameters = grad and requires_grad(args, kwargs)
         out = func(*args, **kwargs)
         if from_parameters:
             mark_from_parameters(out)
-        return out
-
-    def _updating_marks(self, func, types_, args, kwargs):
-        # a tensor computed from parameters that a call writes relevance-carrying values into (in
-        # place) carries relevance from then on
-        marked = [(t, t._version) for t in tensor_args(args, kwargs) if t in FROM_PARAMETERS]
-        out = self._with_relevance(func, types_, args, kwargs)
-        for t, version in marked:
-            if t._version != version:
-                FROM_PARAMETERS.pop(t, None)
         return out
 
     def _with_relevance(self, func, types_, args, kwargs):

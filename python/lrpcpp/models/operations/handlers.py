@@ -297,7 +297,7 @@ _FUNCTIONAL: Tuple[str, ...] = (
     "conv_transpose3d",
 )
 _FUNCTIONAL += ("avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d")
-_FUNCTIONAL += ("adaptive_avg_pool3d", "batch_norm", "softmax", "log_softmax", "interpolate", "embedding")
+_FUNCTIONAL += ("adaptive_avg_pool3d", "batch_norm", "softmax", "log_softmax", "interpolate", "embedding", "pad")
 EXACT = frozenset(
     list(PASS_THROUGH)
     + list(DROPOUT)

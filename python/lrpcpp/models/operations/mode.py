@@ -12,21 +12,27 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..tracking import (
-    FROM_PARAMETERS,
     RuleMode,
     UnruledOperationWarning,
     any_carrier,
     is_rule_mode,
     mark_from_parameters,
+    marked_arguments,
     op_name,
     requires_grad,
     run_body,
     tensor_args,
+    unmark_written,
     without,
 )
 from .handlers import EXACT, GATES, KEEPS_GATE, RULES
 
 __all__ = ["GradientRules", "Coverage"]
+
+_GATE = "_lrpcpp_gate"  # the attribute that marks a gate (a tensor attribute, which torch.compile traces)
+# plain dicts: torch.compile traces lookups in them (not in a mappingproxy or a frozenset of functions)
+_RULES, _EXACT, _GATES = dict(RULES), dict.fromkeys(EXACT, True), dict.fromkeys(GATES, True)
+_KEEPS_GATE = dict.fromkeys(KEEPS_GATE, True)
 
 
 @dataclass(frozen=True)
@@ -55,10 +61,23 @@ class Coverage:
         )
 
 
+def _lrpcpp_ops() -> Dict[Callable, bool]:
+    """Every ``torch.ops.lrpcpp`` operator, as packet and as overload (registered when the package
+    is imported, before this module)."""
+    ops: Dict[Callable, bool] = {}
+    for qualified in torch._C._dispatch_get_all_op_names():
+        namespace, _, name = qualified.partition("::")
+        if namespace == "lrpcpp":
+            packet = getattr(torch.ops.lrpcpp, name.split(".")[0])
+            ops.update(dict.fromkeys([packet] + [getattr(packet, o) for o in packet.overloads()], True))
+    return ops
+
+
+_LRPCPP_OPS = _lrpcpp_ops()
+
+
 def _is_lrpcpp_op(func: Callable) -> bool:
-    if isinstance(func, torch._ops.OpOverloadPacket):
-        return func._qualified_op_name.startswith("lrpcpp::")
-    return isinstance(func, torch._ops.OpOverload) and func.name().startswith("lrpcpp::")
+    return func in _LRPCPP_OPS  # a lookup, not a test of the name: torch.compile traces it
 
 
 def _tensors(out: Any):
@@ -70,6 +89,8 @@ def _tensors(out: Any):
     elif isinstance(out, Mapping):
         for o in out.values():
             yield from _tensors(o)
+    elif isinstance(out, (int, float, torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return  # a size (symbolic, when torch.compile traces with dynamic shapes)
     elif hasattr(out, "to_tuple"):  # a Hugging Face ModelOutput
         yield from _tensors(out.to_tuple())
 
@@ -92,7 +113,6 @@ class GradientRules(RuleMode):
         self._counts: Dict[str, collections.Counter] = {
             k: collections.Counter() for k in ("ruled", "passed", "unruled")
         }
-        self._gates = WeakIdKeyDictionary()
         self._functions = WeakIdKeyDictionary()  # grad_fn of a custom autograd.Function -> already counted
         self._scales: Dict[Any, Tensor] = {}
 
@@ -112,12 +132,12 @@ class GradientRules(RuleMode):
         return torch.ops.lrpcpp.gi_grad_scale(t, self._scales[key])
 
     def is_gate(self, t: Any) -> bool:
-        return isinstance(t, Tensor) and t in self._gates
+        return isinstance(t, Tensor) and getattr(t, _GATE, False)
 
     def mark_gate(self, out: Any) -> None:
         for t in _tensors(out):
             if t.requires_grad:
-                self._gates[t] = True
+                setattr(t, _GATE, True)
 
     # --- the report
     def coverage(self) -> Coverage:
@@ -126,19 +146,28 @@ class GradientRules(RuleMode):
     def unruled_counts(self) -> Dict[str, int]:
         return dict(self._counts["unruled"])
 
-    def _unruled(self, name: str) -> None:
-        if self.strict:
+    def _count(self, kind: str, func: Any) -> None:
+        """Counts a call (a torch function, or the name of a custom autograd.Function) as ``kind``;
+        an unruled one raises with ``strict``. A compiled forward counts nothing: the counts would
+        become constants of its graph (:func:`lrpcpp.deploy.compile_attribute` reports the coverage of
+        an eager forward instead)."""
+        if torch.compiler.is_compiling():
+            return
+        name = func if isinstance(func, str) else op_name(func)
+        if kind == "unruled" and self.strict:
             raise RuntimeError(
                 f"lrpcpp (operation level, strict=True): {name} has no gradient-mode rule and its gradient is not "
                 "known to be exact on the relevance-carrying path; give that step a rule (an lrpcpp operator, "
                 "or a module the patch treats), or pass strict=False to count it in the coverage instead"
             )
-        self._counts["unruled"][name] += 1
+        self._counts[kind][name] += 1
 
     def check_functions(self, values: Any) -> None:
         """Reports a custom ``torch.autograd.Function`` whose relevance-carrying output is among
         ``values``: the mode sees its forward's calls only without grad, so it finds the function
-        by the node it left in the graph."""
+        by the node it left in the graph (in an eager forward: a compiled one has no such nodes)."""
+        if torch.compiler.is_compiling():
+            return
         for t in _tensors(values):
             node = t.grad_fn if t.requires_grad else None
             if not isinstance(node, torch.autograd.function.BackwardCFunction) or node in self._functions:
@@ -146,7 +175,7 @@ class GradientRules(RuleMode):
             self._functions[node] = True
             cls = node._forward_cls  # type: ignore[attr-defined]  # a custom Function's class, not in torch's stubs
             if not cls.__module__.startswith("lrpcpp"):
-                self._unruled(f"{cls.__module__}.{cls.__qualname__}.apply (a custom autograd.Function)")
+                self._count("unruled", f"{cls.__module__}.{cls.__qualname__}.apply (a custom autograd.Function)")
 
     # --- the mode
     def __torch_function__(self, func, types_, args=(), kwargs=None):
@@ -159,35 +188,33 @@ class GradientRules(RuleMode):
                 mark_from_parameters(out)
             return out
         self.check_functions((args, list(kwargs.values())))
-        marked = [(t, t._version) for t in tensor_args(args, kwargs) if t in FROM_PARAMETERS]
+        marked = marked_arguments(args, kwargs)
         out = self._with_relevance(func, types_, args, kwargs)
-        for t, version in marked:  # written into in place with relevance-carrying values
-            if t._version != version:
-                FROM_PARAMETERS.pop(t, None)
+        unmark_written(marked, out)  # written into in place with relevance-carrying values
         return out
 
     def _with_relevance(self, func, types_, args, kwargs):
-        handler = RULES.get(func)
+        handler = _RULES.get(func)
         if handler is not None:
             with without(is_rule_mode):
                 out = handler(self, func, *args, **kwargs)
             if out is not NotImplemented:
-                self._counts["ruled"][op_name(func)] += 1
-                if func in GATES:
+                self._count("ruled", func)
+                if func in _GATES:
                     self.mark_gate(out)
                 return out
-        if func in EXACT or _is_lrpcpp_op(func):
+        if func in _EXACT or _is_lrpcpp_op(func):
             out = func(*args, **kwargs)
             if any(t.requires_grad for t in _tensors(out)):
-                self._counts["ruled" if _is_lrpcpp_op(func) else "passed"][op_name(func)] += 1
-                if func in GATES or (func in KEEPS_GATE and any(self.is_gate(t) for t in tensor_args(args, kwargs))):
+                self._count("ruled" if _is_lrpcpp_op(func) else "passed", func)
+                if func in _GATES or (func in _KEEPS_GATE and any(self.is_gate(t) for t in tensor_args(args, kwargs))):
                     self.mark_gate(out)  # a gate stays one through casts, views and dropout
             return out
         out = run_body(self, func, types_, args, kwargs)
         if out is NotImplemented:
             out = func(*args, **kwargs)
             if any(t.requires_grad for t in _tensors(out)):
-                self._unruled(op_name(func))
+                self._count("unruled", func)
         return out
 
 
