@@ -574,7 +574,8 @@ def _patch_selective_scan(handle: PatchHandle, name: str, module: nn.Module) -> 
     with a torch-only ``slow_forward`` (transformers 4.x) runs it, not the fused kernels that its
     ``forward`` picks on a GPU when ``mamba_ssm`` and ``causal_conv1d`` are installed."""
     proj_name = f"{name}.x_proj" if name else "x_proj"
-    hook = module.x_proj.register_forward_hook(lambda m, args, out: out.detach())
+    x_proj = module.get_submodule("x_proj")
+    hook = x_proj.register_forward_hook(lambda m, args, out: out.detach())
     handle._hook(proj_name, hook, "output held constant (selective scan parameters)")
     slow = getattr(type(module), "slow_forward", None)
     if callable(slow):
