@@ -3,9 +3,10 @@
 
 import collections
 import warnings
+from collections import abc
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -15,11 +16,10 @@ from ..tracking import (
     FROM_PARAMETERS,
     RuleMode,
     UnruledOperationWarning,
-    any_carrier,
+    carries,
     is_rule_mode,
     mark_from_parameters,
     op_name,
-    requires_grad,
     run_body,
     tensor_args,
     without,
@@ -61,17 +61,53 @@ def _is_lrpcpp_op(func: Callable) -> bool:
     return isinstance(func, torch._ops.OpOverload) and func.name().startswith("lrpcpp::")
 
 
+# What the mode does with a torch function, looked up once per function: its handler of RULES (or
+# None), and the coverage kind of a call that keeps its ordinary gradient ("ruled" for an lrpcpp
+# operator, "passed" for EXACT, None: unruled).
+_KINDS: Dict[Callable, Tuple[Optional[Callable], Optional[str]]] = {}
+
+
+def _kind(func: Callable) -> Tuple[Optional[Callable], Optional[str]]:
+    try:
+        return _KINDS[func]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable callable
+        return _classify(func)
+    kind = _KINDS[func] = _classify(func)
+    return kind
+
+
+def _classify(func: Callable) -> Tuple[Optional[Callable], Optional[str]]:
+    plain = "ruled" if _is_lrpcpp_op(func) else "passed" if func in EXACT else None
+    return RULES.get(func), plain
+
+
+def _names(counts: Mapping[Any, int]) -> Dict[str, int]:
+    """Counts by torch function (or by name) as counts by readable name."""
+    named: Dict[str, int] = collections.Counter()
+    for key, n in counts.items():
+        named[key if isinstance(key, str) else op_name(key)] += n
+    return dict(named)
+
+
 def _tensors(out: Any):
     if isinstance(out, Tensor):
         yield out
     elif isinstance(out, (list, tuple)):
         for o in out:
             yield from _tensors(o)
-    elif isinstance(out, Mapping):
+    elif isinstance(out, abc.Mapping):
         for o in out.values():
             yield from _tensors(o)
     elif hasattr(out, "to_tuple"):  # a Hugging Face ModelOutput
         yield from _tensors(out.to_tuple())
+
+
+def _requires_grad(out: Any) -> bool:
+    if isinstance(out, Tensor):
+        return out.requires_grad
+    return any(t.requires_grad for t in _tensors(out))
 
 
 class GradientRules(RuleMode):
@@ -89,6 +125,7 @@ class GradientRules(RuleMode):
         if not epsilon >= 0:
             raise ValueError(f"GradientRules: expected epsilon >= 0, got {epsilon}")
         self.method, self.uniform, self.epsilon, self.strict = method, method == "attnlrp", float(epsilon), strict
+        # calls by torch function (a custom autograd.Function by name), named when read
         self._counts: Dict[str, collections.Counter] = {
             k: collections.Counter() for k in ("ruled", "passed", "unruled")
         }
@@ -115,34 +152,44 @@ class GradientRules(RuleMode):
         return isinstance(t, Tensor) and t in self._gates
 
     def mark_gate(self, out: Any) -> None:
+        if self.uniform:
+            return  # only CP-LRP holds gates constant (handlers.py asks is_gate only then)
         for t in _tensors(out):
             if t.requires_grad:
                 self._gates[t] = True
 
     # --- the report
     def coverage(self) -> Coverage:
-        return Coverage(**{k: MappingProxyType(dict(c)) for k, c in self._counts.items()})
+        return Coverage(**{k: MappingProxyType(_names(c)) for k, c in self._counts.items()})
 
     def unruled_counts(self) -> Dict[str, int]:
-        return dict(self._counts["unruled"])
+        return _names(self._counts["unruled"])
 
-    def _unruled(self, name: str) -> None:
+    def _unruled(self, key: Any) -> None:
+        """Counts a call without a rule; ``key``: the torch function, or the name of what was called."""
         if self.strict:
+            name = key if isinstance(key, str) else op_name(key)
             raise RuntimeError(
                 f"lrpcpp (operation level, strict=True): {name} has no gradient-mode rule and its gradient is not "
                 "known to be exact on the relevance-carrying path; give that step a rule (an lrpcpp operator, "
                 "or a module the patch treats), or pass strict=False to count it in the coverage instead"
             )
-        self._counts["unruled"][name] += 1
+        self._counts["unruled"][key] += 1
 
     def check_functions(self, values: Any) -> None:
         """Reports a custom ``torch.autograd.Function`` whose relevance-carrying output is among
         ``values``: the mode sees its forward's calls only without grad, so it finds the function
         by the node it left in the graph."""
         for t in _tensors(values):
-            node = t.grad_fn if t.requires_grad else None
+            self._check_function(t)
+
+    def _check_function(self, t: Tensor) -> None:
+        # (a tensor computed from parameters alone was the output of a call the mode saw, never
+        # of a custom Function, so the calls check their relevance-carrying arguments only)
+        if t.requires_grad:
+            node = t.grad_fn
             if not isinstance(node, torch.autograd.function.BackwardCFunction) or node in self._functions:
-                continue
+                return
             self._functions[node] = True
             cls = node._forward_cls  # type: ignore[attr-defined]  # a custom Function's class, not in torch's stubs
             if not cls.__module__.startswith("lrpcpp"):
@@ -151,15 +198,20 @@ class GradientRules(RuleMode):
     # --- the mode
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
-        grad = torch.is_grad_enabled()
-        if not (grad and any_carrier(args, kwargs)):
-            from_parameters = grad and requires_grad(args, kwargs)
+        if not torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        grads = [t for t in tensor_args(args, kwargs) if t.requires_grad]
+        if not grads:  # most calls of a model with frozen parameters: shapes, masks, positions
+            return func(*args, **kwargs)
+        carrying = [carries(t) for t in grads]
+        if not any(carrying):
             out = func(*args, **kwargs)
-            if from_parameters:
-                mark_from_parameters(out)
+            mark_from_parameters(out)
             return out
-        self.check_functions((args, list(kwargs.values())))
-        marked = [(t, t._version) for t in tensor_args(args, kwargs) if t in FROM_PARAMETERS]
+        for t, c in zip(grads, carrying):
+            if c:
+                self._check_function(t)
+        marked = [(t, t._version) for t, c in zip(grads, carrying) if not c and t in FROM_PARAMETERS]
         out = self._with_relevance(func, types_, args, kwargs)
         for t, version in marked:  # written into in place with relevance-carrying values
             if t._version != version:
@@ -167,27 +219,27 @@ class GradientRules(RuleMode):
         return out
 
     def _with_relevance(self, func, types_, args, kwargs):
-        handler = RULES.get(func)
+        handler, plain = _kind(func)
         if handler is not None:
             with without(is_rule_mode):
                 out = handler(self, func, *args, **kwargs)
             if out is not NotImplemented:
-                self._counts["ruled"][op_name(func)] += 1
+                self._counts["ruled"][func] += 1
                 if func in GATES:
                     self.mark_gate(out)
                 return out
-        if func in EXACT or _is_lrpcpp_op(func):
+        if plain is not None:
             out = func(*args, **kwargs)
-            if any(t.requires_grad for t in _tensors(out)):
-                self._counts["ruled" if _is_lrpcpp_op(func) else "passed"][op_name(func)] += 1
-                if func in GATES or any(self.is_gate(t) for t in tensor_args(args, kwargs)):
+            if _requires_grad(out):
+                self._counts[plain][func] += 1
+                if not self.uniform and (func in GATES or any(self.is_gate(t) for t in tensor_args(args, kwargs))):
                     self.mark_gate(out)  # a gate stays one through casts, views and dropout
             return out
         out = run_body(self, func, types_, args, kwargs)
         if out is NotImplemented:
             out = func(*args, **kwargs)
-            if any(t.requires_grad for t in _tensors(out)):
-                self._unruled(op_name(func))
+            if _requires_grad(out):
+                self._unruled(func)
         return out
 
 
