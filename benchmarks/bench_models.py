@@ -392,6 +392,12 @@ def operation_cost_ms(times):
     return (times["attribute-operations"] - times["attribute-frozen"]) * 1e3
 
 
+def mode_us_per_call(r):
+    """The operation level's forward time over the registry's, per call of its torch function mode, in us."""
+    f = r["forward_ms"]
+    return (f["operations"] - f["registry"]) * 1e3 / r["mode_calls"][0]
+
+
 def variants_of(key, memory=False):
     if key == "llama-batched":
         return BATCHED
@@ -476,6 +482,61 @@ def checks(case):
         operations_vs_registry=float((ops.relevance - a.relevance).abs().max()) / scale,
         unruled=sum(ops.coverage.unruled.values()),
     )
+
+
+def mode_calls(case):
+    """How many times the operation level's torch function mode is called in one forward (params
+    frozen): every call, and those with a relevance-carrying argument (``coverage.seen``)."""
+    from lrpcpp.models.operations import GradientRules
+
+    calls = [0]
+    original = GradientRules.__torch_function__
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return original(self, *args, **kwargs)
+
+    set_frozen(case.model, True)
+    GradientRules.__torch_function__ = counted
+    try:
+        attr = case.attribute(level="operations")
+    finally:
+        GradientRules.__torch_function__ = original
+        set_frozen(case.model, False)
+    return calls[0], attr.coverage.seen
+
+
+def forward_ms(case, reps, max_foreign, max_rounds):
+    """Median forward time (params frozen, input leaf requiring grad, no backward) of the model patched
+    at the operation level and at the registry level, interleaved, loaded rounds dropped as in
+    ``clean_rounds``: their difference over the mode's calls is the mode's overhead per call (its
+    Python work and the rule ops it places differently)."""
+    model, inputs = case.model, dict(case.inputs)
+    if "pixel_values" in inputs:
+        leaf, key = inputs.pop("pixel_values").detach().requires_grad_(), "pixel_values"
+    else:
+        with torch.no_grad():
+            leaf = model.get_input_embeddings()(inputs.pop("input_ids"))
+        leaf, key = leaf.requires_grad_(), "inputs_embeds"
+
+    def forward(level):
+        with lrpcpp.patch(model, level=level):
+            t0 = time.perf_counter()
+            model(**{key: leaf}, **inputs)
+            return time.perf_counter() - t0
+
+    def run_round(r):
+        return {
+            level: forward(level) for level in (("operations", "registry") if r % 2 else ("registry", "operations"))
+        }
+
+    set_frozen(model, True)
+    try:
+        run_round(0)  # warm-up
+        kept, _, _ = clean_rounds(run_round, reps, max_foreign, max_rounds)
+    finally:
+        set_frozen(model, False)
+    return {level: statistics.median(k[level] for k in kept) * 1e3 for level in ("operations", "registry")}
 
 
 def patch_ms(model, reps=7):
@@ -766,6 +827,19 @@ def render(res, mem, prof, load, args, wall):
         "The operation level's cost over the registry path (both params frozen; the time of the torch "
         "function mode that rules every call of the forward): "
         + "; ".join(f"{short(res, k)} {operation_cost_ms(res[k]['times']):+.1f} ms per call" for k in single)
+        + ".",
+    ]
+    L += [
+        "",
+        "The operation level's torch function mode per forward (params frozen): its calls (those with a "
+        "relevance-carrying argument), the forward time at the operation level and at the registry level "
+        "(no backward; median, interleaved), and their difference per call: "
+        + "; ".join(
+            f"{short(res, k)} {res[k]['mode_calls'][0]} calls ({res[k]['mode_calls'][1]}), "
+            f"{res[k]['forward_ms']['operations']:.1f} vs {res[k]['forward_ms']['registry']:.1f} ms, "
+            f"{mode_us_per_call(res[k]):+.1f} us per call"
+            for k in single
+        )
         + ".",
     ]
     L += [
@@ -1080,6 +1154,10 @@ def main():
         )
         if key != "llama-batched":
             res[key]["patch_ms"] = patch_ms(case.model)
+            res[key]["mode_calls"] = mode_calls(case)
+            res[key]["forward_ms"] = forward_ms(
+                case, max(args.reps, 5), args.max_foreign, args.max_rounds or (args.reps if q else 3 * args.reps)
+            )
             cases[key] = case
         progress(
             "  "

@@ -23,6 +23,7 @@ def test_bench_models_quick():
     out = proc.stdout
     assert "## Whole-model attribution (CPU)" in out
     assert "| model | input | variant | time (ms) | time / plain |" in out
+    assert "The operation level's torch function mode per forward" in out
     for variant in (
         "plain gradient (params frozen)",
         "lrpcpp.attribute (params as loaded)",

@@ -161,3 +161,34 @@ def test_level_is_checked():
         lrpcpp.patch(nn.Linear(2, 2), level="ops")
     with pytest.raises(ValueError, match="mode='gradient'"):
         lrpcpp.patch(nn.Linear(2, 2), mode="explicit", level="operations")
+
+
+def test_a_shared_operand_keeps_its_memory_layout():
+    # the heads of an attention are a transposed view: the share keeps that layout (no copies after it)
+    from lrpcpp.models.operations import GradientRules
+
+    rules = GradientRules()
+    base = torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True)
+    for x in (base.transpose(1, 2), base.permute(3, 0, 2, 1), base, base[..., ::2]):
+        y = rules.share(x, 0.25)
+        assert torch.equal(y, x)
+        if x.is_contiguous() or x.permute(sorted(range(4), key=lambda d: -x.stride(d))).is_contiguous():
+            assert y.stride() == x.stride()
+        g = torch.randn_like(y)
+        (got,) = torch.autograd.grad(y, base, g)
+        (plain,) = torch.autograd.grad(x, base, g)
+        assert torch.equal(got, 0.25 * plain)
+
+
+def test_unruled_torch_functions_are_counted_and_named():
+    class Cumprod(nn.Module):
+        def forward(self, inputs_embeds):
+            return torch.cumprod(torch.cumprod(inputs_embeds, 1), 1).sum(1)
+
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    with pytest.warns(UnruledOperationWarning, match=r"no rule for torch\.cumprod \(x2\)"):
+        got = lrpcpp.attribute(Cumprod(), inputs_embeds=x, level="operations")
+    assert dict(got.coverage.unruled) == {"torch.cumprod": 2}
+    assert dict(got.coverage.passed) == {"Tensor.sum": 1}
+    with pytest.raises(RuntimeError, match=r"strict=True\): torch\.cumprod has no gradient-mode rule"):
+        lrpcpp.attribute(Cumprod(), inputs_embeds=x, level="operations", strict=True)

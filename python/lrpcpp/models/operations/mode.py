@@ -3,9 +3,10 @@
 
 import collections
 import warnings
+from collections import abc
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -14,12 +15,11 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..tracking import (
     RuleMode,
     UnruledOperationWarning,
-    any_carrier,
+    carries,
     is_rule_mode,
     mark_from_parameters,
     marked_arguments,
     op_name,
-    requires_grad,
     run_body,
     tensor_args,
     unmark_written,
@@ -80,19 +80,57 @@ def _is_lrpcpp_op(func: Callable) -> bool:
     return func in _LRPCPP_OPS  # a lookup, not a test of the name: torch.compile traces it
 
 
+# What the mode does with a torch function, looked up once per function: its handler of RULES (or
+# None), and the coverage kind of a call that keeps its ordinary gradient ("ruled" for an lrpcpp
+# operator, "passed" for EXACT, None: unruled).
+_KINDS: Dict[Callable, Tuple[Optional[Callable], Optional[str]]] = {}
+
+
+def _kind(func: Callable) -> Tuple[Optional[Callable], Optional[str]]:
+    kind = _KINDS.get(func)
+    if kind is None:
+        plain = "ruled" if _is_lrpcpp_op(func) else "passed" if func in _EXACT else None
+        kind = _KINDS[func] = (_RULES.get(func), plain)
+    return kind
+
+
+def _names(counts: Mapping[Any, int]) -> Dict[str, int]:
+    """Counts by torch function (or by name) as counts by readable name."""
+    named: Dict[str, int] = collections.Counter()
+    for key, n in counts.items():
+        named[key if isinstance(key, str) else op_name(key)] += n
+    return dict(named)
+
+
 def _tensors(out: Any):
     if isinstance(out, Tensor):
         yield out
     elif isinstance(out, (list, tuple)):
         for o in out:
             yield from _tensors(o)
-    elif isinstance(out, Mapping):
+    elif isinstance(out, abc.Mapping):
         for o in out.values():
             yield from _tensors(o)
     elif isinstance(out, (int, float, torch.SymInt, torch.SymFloat, torch.SymBool)):
         return  # a size (symbolic, when torch.compile traces with dynamic shapes)
     elif hasattr(out, "to_tuple"):  # a Hugging Face ModelOutput
         yield from _tensors(out.to_tuple())
+
+
+def _memory_order(t: Tensor) -> Optional[List[int]]:
+    """The permutation of ``t``'s dims that makes it contiguous, for a permuted contiguous tensor;
+    None when ``t`` is contiguous or not a permutation of a contiguous tensor."""
+    if t.is_contiguous():
+        return None
+    strides = t.stride()
+    order = sorted(range(t.dim()), key=lambda d: -strides[d])
+    return order if t.permute(order).is_contiguous() else None
+
+
+def _requires_grad(out: Any) -> bool:
+    if isinstance(out, Tensor):
+        return out.requires_grad
+    return any(t.requires_grad for t in _tensors(out))
 
 
 class GradientRules(RuleMode):
@@ -110,6 +148,7 @@ class GradientRules(RuleMode):
         if not epsilon >= 0:
             raise ValueError(f"GradientRules: expected epsilon >= 0, got {epsilon}")
         self.method, self.uniform, self.epsilon, self.strict = method, method == "attnlrp", float(epsilon), strict
+        # calls by torch function (a custom autograd.Function by name), named when read
         self._counts: Dict[str, collections.Counter] = {
             k: collections.Counter() for k in ("ruled", "passed", "unruled")
         }
@@ -129,38 +168,47 @@ class GradientRules(RuleMode):
         key = (share, t.device)
         if key not in self._scales:
             self._scales[key] = torch.tensor(share, dtype=torch.float32, device=t.device)
-        return torch.ops.lrpcpp.gi_grad_scale(t, self._scales[key])
+        # gi_grad_scale returns a contiguous copy; a permuted tensor (the heads of an attention,
+        # transposed) is scaled in its memory order and permuted back, so that the ops after it see
+        # the layout the model made (no copies there for a layout the model did not make)
+        order = _memory_order(t)
+        if order is None:
+            return torch.ops.lrpcpp.gi_grad_scale(t, self._scales[key])
+        back = sorted(range(len(order)), key=order.__getitem__)
+        return torch.ops.lrpcpp.gi_grad_scale(t.permute(order), self._scales[key]).permute(back)
 
     def is_gate(self, t: Any) -> bool:
         return isinstance(t, Tensor) and getattr(t, _GATE, False)
 
     def mark_gate(self, out: Any) -> None:
+        if self.uniform:
+            return  # only CP-LRP holds gates constant (handlers.py asks is_gate only then)
         for t in _tensors(out):
             if t.requires_grad:
                 setattr(t, _GATE, True)
 
     # --- the report
     def coverage(self) -> Coverage:
-        return Coverage(**{k: MappingProxyType(dict(c)) for k, c in self._counts.items()})
+        return Coverage(**{k: MappingProxyType(_names(c)) for k, c in self._counts.items()})
 
     def unruled_counts(self) -> Dict[str, int]:
-        return dict(self._counts["unruled"])
+        return _names(self._counts["unruled"])
 
     def _count(self, kind: str, func: Any) -> None:
         """Counts a call (a torch function, or the name of a custom autograd.Function) as ``kind``;
-        an unruled one raises with ``strict``. A compiled forward counts nothing: the counts would
-        become constants of its graph (:func:`lrpcpp.deploy.compile_attribute` reports the coverage of
-        an eager forward instead)."""
+        an unruled one raises with ``strict``. Counted by function, named when read. A compiled
+        forward counts nothing: the counts would become constants of its graph
+        (:func:`lrpcpp.deploy.compile_attribute` reports the coverage of an eager forward instead)."""
         if torch.compiler.is_compiling():
             return
-        name = func if isinstance(func, str) else op_name(func)
         if kind == "unruled" and self.strict:
+            name = func if isinstance(func, str) else op_name(func)
             raise RuntimeError(
                 f"lrpcpp (operation level, strict=True): {name} has no gradient-mode rule and its gradient is not "
                 "known to be exact on the relevance-carrying path; give that step a rule (an lrpcpp operator, "
                 "or a module the patch treats), or pass strict=False to count it in the coverage instead"
             )
-        self._counts[kind][name] += 1
+        self._counts[kind][func] += 1
 
     def check_functions(self, values: Any) -> None:
         """Reports a custom ``torch.autograd.Function`` whose relevance-carrying output is among
@@ -169,9 +217,15 @@ class GradientRules(RuleMode):
         if torch.compiler.is_compiling():
             return
         for t in _tensors(values):
-            node = t.grad_fn if t.requires_grad else None
+            self._check_function(t)
+
+    def _check_function(self, t: Tensor) -> None:
+        # (a tensor computed from parameters alone was the output of a call the mode saw, never
+        # of a custom Function, so the calls check their relevance-carrying arguments only)
+        if t.requires_grad:
+            node = t.grad_fn
             if not isinstance(node, torch.autograd.function.BackwardCFunction) or node in self._functions:
-                continue
+                return
             self._functions[node] = True
             cls = node._forward_cls  # type: ignore[attr-defined]  # a custom Function's class, not in torch's stubs
             if not cls.__module__.startswith("lrpcpp"):
@@ -180,21 +234,27 @@ class GradientRules(RuleMode):
     # --- the mode
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
-        grad = torch.is_grad_enabled()
-        if not (grad and any_carrier(args, kwargs)):
-            from_parameters = grad and requires_grad(args, kwargs)
+        if not torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        grads = [t for t in tensor_args(args, kwargs) if t.requires_grad]
+        if not grads:  # most calls of a model with frozen parameters: shapes, masks, positions
+            return func(*args, **kwargs)
+        carrying = [carries(t) for t in grads]
+        if not any(carrying):
             out = func(*args, **kwargs)
-            if from_parameters:
-                mark_from_parameters(out)
+            mark_from_parameters(out)
             return out
-        self.check_functions((args, list(kwargs.values())))
+        if not torch.compiler.is_compiling():  # a compiled forward leaves no custom Function's node
+            for t, c in zip(grads, carrying):
+                if c:
+                    self._check_function(t)
         marked = marked_arguments(args, kwargs)
         out = self._with_relevance(func, types_, args, kwargs)
         unmark_written(marked, out)  # written into in place with relevance-carrying values
         return out
 
     def _with_relevance(self, func, types_, args, kwargs):
-        handler = _RULES.get(func)
+        handler, plain = _kind(func)
         if handler is not None:
             with without(is_rule_mode):
                 out = handler(self, func, *args, **kwargs)
@@ -203,17 +263,19 @@ class GradientRules(RuleMode):
                 if func in _GATES:
                     self.mark_gate(out)
                 return out
-        if func in _EXACT or _is_lrpcpp_op(func):
+        if plain is not None:
             out = func(*args, **kwargs)
-            if any(t.requires_grad for t in _tensors(out)):
-                self._count("ruled" if _is_lrpcpp_op(func) else "passed", func)
-                if func in _GATES or (func in _KEEPS_GATE and any(self.is_gate(t) for t in tensor_args(args, kwargs))):
+            if _requires_grad(out):
+                self._count(plain, func)
+                if not self.uniform and (
+                    func in _GATES or (func in _KEEPS_GATE and any(self.is_gate(t) for t in tensor_args(args, kwargs)))
+                ):
                     self.mark_gate(out)  # a gate stays one through casts, views and dropout
             return out
         out = run_body(self, func, types_, args, kwargs)
         if out is NotImplemented:
             out = func(*args, **kwargs)
-            if any(t.requires_grad for t in _tensors(out)):
+            if _requires_grad(out):
                 self._count("unruled", func)
         return out
 
