@@ -87,10 +87,15 @@ _KINDS: Dict[Callable, Tuple[Optional[Callable], Optional[str]]] = {}
 
 
 def _kind(func: Callable) -> Tuple[Optional[Callable], Optional[str]]:
-    kind = _KINDS.get(func)
+    """``func``'s handler of RULES (or None) and the coverage kind of a call that keeps its ordinary
+    gradient, cached per function in eager mode (a forward that torch.compile traces reads the rule
+    tables directly: a cache filled while tracing would become a guard of the graph)."""
+    kind = None if torch.compiler.is_compiling() else _KINDS.get(func)
     if kind is None:
         plain = "ruled" if _is_lrpcpp_op(func) else "passed" if func in _EXACT else None
-        kind = _KINDS[func] = (_RULES.get(func), plain)
+        kind = (_RULES.get(func), plain)
+        if not torch.compiler.is_compiling():
+            _KINDS[func] = kind
     return kind
 
 
@@ -119,8 +124,9 @@ def _tensors(out: Any):
 
 def _memory_order(t: Tensor) -> Optional[List[int]]:
     """The permutation of ``t``'s dims that makes it contiguous, for a permuted contiguous tensor;
-    None when ``t`` is contiguous or not a permutation of a contiguous tensor."""
-    if t.is_contiguous():
+    None when ``t`` is contiguous or not a permutation of a contiguous tensor, and in a forward that
+    torch.compile traces (its strides may be symbolic, and the compiler plans the layouts itself)."""
+    if torch.compiler.is_compiling() or t.is_contiguous():
         return None
     strides = t.stride()
     order = sorted(range(t.dim()), key=lambda d: -strides[d])
