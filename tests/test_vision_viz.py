@@ -100,3 +100,46 @@ def test_size_and_gray_png(tmp_path):
     assert rgb.shape == (6, 6, 3)
     viz.write_png(str(tmp_path / "g.png"), rgb[..., 0])
     assert read_png(tmp_path / "g.png")[2] == 0
+
+
+def test_colour_bar_with_the_symmetric_scale(tmp_path):
+    pytest.importorskip("matplotlib", reason="the colour bar is drawn with matplotlib (the cli extra)")
+    r = np.zeros((16, 24))
+    r[2, 3], r[10, 20] = 0.5, -2.0  # the symmetric range is [-2, 2]
+    assert viz.value_range(r) == (-2.0, 2.0)
+    assert viz.value_range(r, symmetric=False) == (-2.0, 0.5)
+    figure = viz.heatmap_figure(r)
+    bar = figure.axes[1]
+    assert [t.get_text() for t in bar.get_yticklabels()] == ["-2", "0", "2"]
+    assert bar.get_ylim() == (-2.0, 2.0)
+    path = tmp_path / "bar.png"
+    rgb = viz.heatmap(r, str(path), colorbar=True)
+    width, height, _, pixels = read_png(path)
+    np.testing.assert_array_equal(pixels, rgb)
+    # the map is drawn 256 px wide (x 256/24) with square pixels, the colour bar to the right of it
+    assert abs(height - 16 * 256 / 24) <= 1 and width > 256 + 60
+    heat = viz.colorize(viz.normalize(r))
+    np.testing.assert_array_equal(pixels[int(10.5 * height / 16), int(20.5 * 256 / 24)], heat[10, 20])
+    np.testing.assert_array_equal(pixels[int(2.5 * height / 16), int(3.5 * 256 / 24)], heat[2, 3])
+    # a column of the colour bar: red (positive) at the top, white in the middle, blue at the bottom
+    bar_column = pixels[:, 256 + 15].astype(int)
+    top, middle, bottom = bar_column[int(0.1 * height)], bar_column[height // 2], bar_column[int(0.9 * height)]
+    assert top[0] > 200 and top[2] < 100 and bottom[2] > 200 and bottom[0] < 100 and middle.min() > 200
+    zero = viz.heatmap_figure(np.zeros((4, 4)))
+    assert [t.get_text() for t in zero.axes[1].get_yticklabels()] == ["-1", "0", "1"]
+
+
+def test_colour_bar_without_matplotlib_says_how_to_install_it(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        viz.heatmap(np.ones((4, 4)), colorbar=True)
+    assert viz.heatmap(np.ones((4, 4))).shape == (4, 4, 3)  # the PNG path needs numpy only

@@ -24,7 +24,17 @@ import numpy as np
 
 from ._files import atomic_write
 
-__all__ = ["heatmap", "normalize", "colorize", "overlay", "write_png", "to_2d", "COLORMAPS"]
+__all__ = [
+    "heatmap",
+    "heatmap_figure",
+    "value_range",
+    "normalize",
+    "colorize",
+    "overlay",
+    "write_png",
+    "to_2d",
+    "COLORMAPS",
+]
 
 Color = Tuple[float, float, float]
 
@@ -75,17 +85,27 @@ def to_2d(relevance: Any) -> np.ndarray:
     return r
 
 
+def value_range(relevance: Any, symmetric: bool = True, percentile: Optional[float] = None) -> Tuple[float, float]:
+    """The relevance values at the two ends of the colour map, as :func:`normalize` maps them:
+    ``(-s, s)`` with ``s`` the largest absolute value (or that ``percentile`` of the absolute values)
+    when ``symmetric``, else ``(min, max)``."""
+    r = to_2d(relevance)
+    if not np.all(np.isfinite(r)):
+        raise ValueError("lrpcpp.viz: the relevance map holds inf or nan")
+    if symmetric:
+        scale = float(np.percentile(np.abs(r), percentile) if percentile is not None else np.abs(r).max())
+        return -scale, scale
+    return float(r.min()), float(r.max())
+
+
 def normalize(relevance: Any, symmetric: bool = True, percentile: Optional[float] = None) -> np.ndarray:
     """The map scaled into [-1, 1]. ``symmetric`` (default): divided by its largest absolute value
     (or by that ``percentile`` of the absolute values, clipping what lies beyond), so that 0 maps to
     0 and the sign is kept. Otherwise min-max scaled onto [-1, 1]. A map of zeros stays zeros."""
     r = to_2d(relevance)
-    if not np.all(np.isfinite(r)):
-        raise ValueError("lrpcpp.viz: the relevance map holds inf or nan")
+    lo, hi = value_range(r, symmetric, percentile)
     if symmetric:
-        scale = np.percentile(np.abs(r), percentile) if percentile is not None else np.abs(r).max()
-        return np.clip(r / scale, -1.0, 1.0) if scale > 0 else np.zeros_like(r)
-    lo, hi = r.min(), r.max()
+        return np.clip(r / hi, -1.0, 1.0) if hi > 0 else np.zeros_like(r)
     return (r - lo) / (hi - lo) * 2.0 - 1.0 if hi > lo else np.zeros_like(r)
 
 
@@ -189,6 +209,7 @@ def heatmap(
     symmetric: bool = True,
     percentile: Optional[float] = None,
     size: Optional[Union[int, Tuple[int, int]]] = None,
+    colorbar: bool = False,
 ) -> np.ndarray:
     """The relevance map as a ``[H, W, 3]`` uint8 RGB heatmap, also written to ``path`` as a PNG when
     given.
@@ -200,12 +221,67 @@ def heatmap(
     * ``image``: the input image to blend under the heatmap (see :func:`overlay`), with ``alpha``
       the heatmap's weight.
     * ``size``: ``(height, width)`` or one int for both: resize the result (nearest neighbour).
+    * ``colorbar``: the heatmap with a colour bar on its right, labelled with the relevance values of
+      its ends and middle (:func:`value_range`), rendered by :func:`heatmap_figure` (needs
+      matplotlib); the result is then that figure's pixels, of its own size.
     """
     rgb = colorize(normalize(relevance, symmetric, percentile), cmap)
     if image is not None:
         rgb = overlay(rgb, image, alpha)
     if size is not None:
         rgb = _resize_nearest(rgb, (size, size) if isinstance(size, int) else (size[0], size[1]))
+    if colorbar:
+        figure = _figure(rgb, value_range(relevance, symmetric, percentile), cmap)
+        figure.canvas.draw()
+        rgb = np.ascontiguousarray(np.asarray(figure.canvas.buffer_rgba())[..., :3])
     if path is not None:
         write_png(path, rgb)
     return rgb
+
+
+def heatmap_figure(
+    relevance: Any,
+    cmap: str = "bwr",
+    image: Any = None,
+    alpha: float = 0.5,
+    symmetric: bool = True,
+    percentile: Optional[float] = None,
+    size: Optional[Union[int, Tuple[int, int]]] = None,
+):
+    """The heatmap of :func:`heatmap` as a matplotlib ``Figure`` with a colour bar whose ticks are the
+    relevance values of the colour map's ends and middle (:func:`value_range`), for notebooks or
+    ``figure.savefig``. Needs matplotlib (``pip install matplotlib``, or ``pip install lrpcpp[cli]``)."""
+    rgb = heatmap(relevance, None, cmap, image, alpha, symmetric, percentile, size)
+    return _figure(rgb, value_range(relevance, symmetric, percentile), cmap)
+
+
+def _figure(rgb: np.ndarray, vrange: Tuple[float, float], cmap: str):
+    """The heatmap ``rgb`` with a colour bar from ``vrange[0]`` to ``vrange[1]`` on its right."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import ListedColormap, Normalize
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError(
+            "lrpcpp.viz: a colour bar is drawn with matplotlib: pip install matplotlib (or pip install "
+            "'lrpcpp[cli]'); heatmap(..., colorbar=False) needs numpy only"
+        ) from e
+    height, width = rgb.shape[:2]
+    zoom = max(1.0, 256.0 / max(height, width))  # a small map is shown larger, its pixels square
+    dpi, bar = 100.0, 1.2  # the colour bar and its labels take `bar` inches on the right
+    w, h = width * zoom / dpi, height * zoom / dpi
+    figure = Figure(figsize=(w + bar, h), dpi=dpi)
+    FigureCanvasAgg(figure)
+    axes = figure.add_axes((0.0, 0.0, w / (w + bar), 1.0))
+    axes.imshow(rgb, interpolation="nearest", aspect="auto")
+    axes.set_axis_off()
+    lo, hi = vrange
+    if not hi > lo:  # a map of zeros: 0 in the middle of the colour map
+        lo, hi = -1.0, 1.0
+    ticks = [lo, (lo + hi) / 2.0, hi]
+    colours = colorize(np.linspace(-1.0, 1.0, 256), cmap) / 255.0
+    cax = figure.add_axes(((w + 0.1) / (w + bar), 0.05, 0.2 / (w + bar), 0.9))
+    bar_ = figure.colorbar(ScalarMappable(Normalize(lo, hi), ListedColormap(colours)), cax=cax, ticks=ticks)
+    bar_.ax.set_yticklabels([f"{v:.3g}" for v in ticks])
+    return figure

@@ -32,6 +32,7 @@ from ..rules import AlphaBeta, Bound, Epsilon, Flat, Gamma, Pass, Rule, ZBox, ZP
 __all__ = [
     "Preset",
     "PRESETS",
+    "PRESET_ALIASES",
     "register_preset",
     "preset",
     "get_preset",
@@ -130,6 +131,17 @@ def _is_mha_part(name: str, modules: Mapping[str, nn.Module]) -> bool:
 PRESETS: Dict[str, Callable[..., Preset]] = {}
 
 
+#: Other names of registered presets: zennit's class names of its composites, ``alias -> preset name``.
+#: A preset registered under an alias itself takes priority over the alias.
+PRESET_ALIASES: Dict[str, str] = {
+    "EpsilonGammaBox": "epsilon_gamma_box",
+    "EpsilonPlus": "epsilon_plus",
+    "EpsilonPlusFlat": "epsilon_plus_flat",
+    "EpsilonAlpha2Beta1": "epsilon_alpha2_beta1",
+    "EpsilonAlpha2Beta1Flat": "epsilon_alpha2_beta1_flat",
+}
+
+
 def register_preset(name: str) -> Callable[[Callable[..., Preset]], Callable[..., Preset]]:
     """Decorator: registers ``fn(**arguments) -> Preset`` under ``name`` (replacing an earlier one)."""
 
@@ -157,17 +169,21 @@ def preset_options() -> Dict[str, Tuple[str, ...]]:
 def _factory(name: str) -> Callable[..., Preset]:
     if not isinstance(name, str):
         raise TypeError(f"lrpcpp: preset must be a registered preset name or an lrpcpp.Preset, got {name!r}")
-    fn = PRESETS.get(name)
+    fn = PRESETS.get(name) or PRESETS.get(PRESET_ALIASES.get(name, ""))
     if fn is None:
-        raise ValueError(f"lrpcpp: unknown preset {name!r}; registered presets: {', '.join(sorted(PRESETS))}")
+        raise ValueError(
+            f"lrpcpp: unknown preset {name!r}; registered presets: {', '.join(sorted(PRESETS))} (also by "
+            f"zennit's names: {', '.join(sorted(PRESET_ALIASES))})"
+        )
     return fn
 
 
 def get_preset(
     preset: Union[str, Preset], rules: Optional[Mapping[RuleKey, Optional[Rule]]] = None, **arguments: Any
 ) -> Preset:
-    """The :class:`Preset` registered as ``preset`` built with ``arguments`` (or ``preset`` itself),
-    with the per-layer overrides ``rules`` applied."""
+    """The :class:`Preset` registered as ``preset`` (or under the alias ``preset``, see
+    :data:`PRESET_ALIASES`) built with ``arguments`` (or ``preset`` itself), with the per-layer
+    overrides ``rules`` applied."""
     if isinstance(preset, Preset):
         if arguments:
             raise TypeError(f"lrpcpp: options {sorted(arguments)} are for a named preset, not a Preset object")
@@ -184,7 +200,7 @@ def get_preset(
     if not isinstance(built, Preset):
         raise TypeError(f"lrpcpp: preset {preset!r} returned {type(built).__name__}, not an lrpcpp.Preset")
     if built.name == "custom":
-        built = dataclasses.replace(built, name=preset)
+        built = dataclasses.replace(built, name=preset if preset in PRESETS else PRESET_ALIASES[preset])
     return built.with_rules(rules)
 
 
