@@ -562,11 +562,11 @@ def _apply(handle: PatchHandle, family: Optional[_families.Family]) -> None:
 
     # 4. explicit semantics: the model's forward runs inside the explicit function mapping
     if handle.mode == "explicit":
-        forward = _original_forward(model)
+        inner = _original_forward(model)
 
         def explicit_forward(*args, **kwargs):
             with rules.context():
-                return forward(*args, **kwargs)
+                return inner(*args, **kwargs)
 
         handle._set_forward("", model, explicit_forward, "explicit rules")
 
@@ -616,12 +616,12 @@ def _apply_operations(handle: PatchHandle) -> None:
             handle._set_forward(name, module, new, "identity rule")
         elif is_selective_scan(module):
             _patch_selective_scan(handle, name, module)
-    forward = _original_forward(model)
+    inner = _original_forward(model)
 
     def operations_forward(*args, **kwargs):
         before = rules.mode.unruled_counts()
         with rules.mode:
-            out = forward(*args, **kwargs)
+            out = inner(*args, **kwargs)
         rules.mode.check_functions(out)
         after = rules.mode.unruled_counts()
         warn_unruled({n: c - before.get(n, 0) for n, c in after.items() if c > before.get(n, 0)}, type(model).__name__)
