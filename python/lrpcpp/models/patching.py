@@ -39,6 +39,7 @@ from .layers import apply_preset
 from .operations import GradientRules, warn_unruled
 from .presets import Preset, get_preset
 from .state import claim, release
+from .tracking import is_rule_mode
 
 __all__ = ["patch", "PatchHandle", "METHODS", "MODES", "LEVELS"]
 
@@ -125,6 +126,26 @@ class _Rules:
     def context(self):
         return contextlib.nullcontext()
 
+    def modes(self) -> contextlib.AbstractContextManager:
+        """The torch function modes the patched model's forward runs in (none at the registry level
+        of gradient mode)."""
+        return contextlib.nullcontext()
+
+    def recomputed(self, function: Callable) -> Callable:
+        """``function`` (a checkpointed layer's forward), run in :meth:`modes` unless a rule mode is
+        active already: the checkpoint's first call runs in the patched forward, the recomputation in
+        the backward pass outside of it."""
+
+        def run(*args, **kwargs):
+            if any(
+                is_rule_mode(torch._C._get_function_stack_at(i)) for i in range(torch._C._len_torch_function_stack())
+            ):
+                return function(*args, **kwargs)
+            with self.modes():
+                return function(*args, **kwargs)
+
+        return run
+
 
 class _GradientRules(_Rules):
     """Gradient-times-input (RULES.md section 2)."""
@@ -159,6 +180,11 @@ class _OperationRules(_GradientRules):
         if is_activation(module):
             self.mode.mark_gate(out)
         return out
+
+    @contextlib.contextmanager
+    def modes(self):
+        with self.mode.uncounted(), self.mode:
+            yield
 
 
 class _ExplicitRules(_Rules):
@@ -202,6 +228,9 @@ class _ExplicitRules(_Rules):
         stack.enter_context(self._explicit.ExplicitRules(epsilon=self.epsilon))
         stack.enter_context(self._held)
         return stack
+
+    def modes(self):
+        return self.context()
 
 
 class _HeldColumns(TorchFunctionMode):
@@ -254,15 +283,16 @@ class PatchHandle:
 
     # --- bookkeeping
     def _set_forward(self, name: str, module: nn.Module, forward: Callable, what: str) -> None:
-        had = "forward" in module.__dict__
-        previous = module.__dict__.get("forward")
-        module.forward = forward
+        slot = _forward_slot(module)
+        had = slot in module.__dict__
+        previous = module.__dict__.get(slot)
+        setattr(module, slot, forward)
 
         def undo() -> None:
             if had:
-                module.__dict__["forward"] = previous
+                module.__dict__[slot] = previous
             else:
-                del module.forward
+                delattr(module, slot)
 
         self._undo.append(undo)
         self.patched[name] = what
@@ -295,6 +325,39 @@ class PatchHandle:
             f"level={self.level!r}, "
             f"{len(self.patched)} modules)"
         )
+
+
+def _forward_slot(module: nn.Module) -> str:
+    """The attribute that holds what a call of ``module`` computes: ``forward``, or, for a module that
+    accelerate has hooked (``dispatch_model``, ``cpu_offload``, ``disk_offload``: its ``forward`` loads
+    the weights, moves the inputs and calls ``_old_forward``), ``_old_forward``, so that the rules run
+    inside accelerate's hook and the hook stays in place."""
+    return "_old_forward" if hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__ else "forward"
+
+
+def _original_forward(module: nn.Module) -> Callable:
+    """What :meth:`PatchHandle._set_forward` replaces: the forward in :func:`_forward_slot`, or the class's."""
+    return module.__dict__.get(_forward_slot(module)) or types.MethodType(type(module).forward, module)
+
+
+def _checkpointing_in_rules(handle: "PatchHandle") -> None:
+    """A Hugging Face layer with activation checkpointing (``model.gradient_checkpointing_enable()``)
+    runs its forward through its ``_gradient_checkpointing_func``, and again, in the backward pass,
+    to recompute what it did not keep. The recomputation runs outside the patched forward, so it
+    runs in the rules' modes here (:meth:`_Rules.recomputed`) and computes what the forward did. It is
+    torch's non-reentrant checkpoint, whatever ``use_reentrant`` the model was given: the reentrant
+    one cannot compute the gradient of chosen inputs (``torch.autograd.grad``), which relevance is."""
+    for name, module in handle.model.named_modules():
+        checkpoint = module.__dict__.get("_gradient_checkpointing_func")
+        if not callable(checkpoint):
+            continue
+
+        def in_rules(function, *args, _checkpoint=checkpoint, **kwargs):
+            return _checkpoint(handle.rules.recomputed(function), *args, **dict(kwargs, use_reentrant=False))
+
+        module._gradient_checkpointing_func = in_rules
+        handle._undo.append((lambda m, f: lambda: setattr(m, "_gradient_checkpointing_func", f))(module, checkpoint))
+        handle.patched.setdefault(name, "activation checkpointing in the rules")
 
 
 def _first_tensor_arg(args: tuple, kwargs: dict, transform: Callable[[Tensor], Tensor], names: Sequence[str]):
@@ -393,6 +456,7 @@ def patch(
             _apply_operations(handle)
         else:
             _apply(handle, family)
+        _checkpointing_in_rules(handle)
     except BaseException:
         handle.remove()
         raise
@@ -498,11 +562,11 @@ def _apply(handle: PatchHandle, family: Optional[_families.Family]) -> None:
 
     # 4. explicit semantics: the model's forward runs inside the explicit function mapping
     if handle.mode == "explicit":
-        forward = model.__dict__.get("forward") or types.MethodType(type(model).forward, model)
+        inner = _original_forward(model)
 
         def explicit_forward(*args, **kwargs):
             with rules.context():
-                return forward(*args, **kwargs)
+                return inner(*args, **kwargs)
 
         handle._set_forward("", model, explicit_forward, "explicit rules")
 
@@ -552,12 +616,12 @@ def _apply_operations(handle: PatchHandle) -> None:
             handle._set_forward(name, module, new, "identity rule")
         elif is_selective_scan(module):
             _patch_selective_scan(handle, name, module)
-    forward = model.__dict__.get("forward") or types.MethodType(type(model).forward, model)
+    inner = _original_forward(model)
 
     def operations_forward(*args, **kwargs):
         before = rules.mode.unruled_counts()
         with rules.mode:
-            out = forward(*args, **kwargs)
+            out = inner(*args, **kwargs)
         rules.mode.check_functions(out)
         after = rules.mode.unruled_counts()
         warn_unruled({n: c - before.get(n, 0) for n, c in after.items() if c > before.get(n, 0)}, type(model).__name__)

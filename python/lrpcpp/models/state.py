@@ -51,21 +51,31 @@ def release(owner: Owner) -> None:
 class ModelState:
     """A context manager that puts ``model`` in eval mode and, with ``freeze``, its parameters to
     ``requires_grad=False`` for the block; on leaving it (also by an exception) every sub-module's
-    own ``training`` flag and every parameter's ``requires_grad`` are put back as they were."""
+    own ``training`` flag and every parameter's ``requires_grad`` are put back as they were. A Hugging
+    Face layer with activation checkpointing enabled keeps its own ``training`` flag on, so that it
+    checkpoints (it does in training mode only); everything in it is in eval mode."""
 
     def __init__(self, model: nn.Module, freeze: bool = False):
         self.model, self.freeze = model, freeze
         self._saved: Optional[Tuple[list, list]] = None
 
     def __enter__(self) -> "ModelState":
+        modules = list(self.model.modules())
+        # a parameter by its module and name: accelerate's offloading hooks replace the parameter
+        # objects in every forward (loading the weights, then leaving meta tensors behind)
         self._saved = (
-            [(m, m.training) for m in self.model.modules()],
-            [(p, p.requires_grad) for p in self.model.parameters()],
+            [(m, m.training) for m in modules],
+            [(m, n, p.requires_grad) for m in modules for n, p in m._parameters.items() if p is not None],
         )
         self.model.eval()
+        for m in modules:
+            # a Hugging Face layer with activation checkpointing enabled checkpoints in training mode
+            # only; its own flag stays on (its submodules, dropout and attention, are in eval mode)
+            if getattr(m, "gradient_checkpointing", False) is True and m.__dict__.get("_gradient_checkpointing_func"):
+                m.training = True
         if self.freeze:
-            for p, _ in self._saved[1]:
-                p.requires_grad_(False)
+            for m, n, _ in self._saved[1]:
+                m._parameters[n].requires_grad_(False)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -74,5 +84,7 @@ class ModelState:
             self._saved = None
             for m, training in modules:
                 m.training = training
-            for p, requires_grad in params:
-                p.requires_grad_(requires_grad)
+            for m, n, requires_grad in params:
+                p = m._parameters.get(n)
+                if p is not None:
+                    p.requires_grad_(requires_grad)

@@ -2,11 +2,12 @@
 :class:`Coverage` report of what it saw."""
 
 import collections
+import contextlib
 import warnings
 from collections import abc
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -199,6 +200,17 @@ class GradientRules(RuleMode):
 
     def unruled_counts(self) -> Dict[str, int]:
         return _names(self._counts["unruled"])
+
+    @contextlib.contextmanager
+    def uncounted(self) -> Iterator[None]:
+        """The calls of the block are ruled but not counted: a checkpointed layer's forward, which the
+        backward pass recomputes, was counted when it ran in the forward pass."""
+        saved = {k: c.copy() for k, c in self._counts.items()}
+        try:
+            yield
+        finally:
+            for k, c in saved.items():
+                self._counts[k] = c
 
     def _count(self, kind: str, func: Any) -> None:
         """Counts a call (a torch function, or the name of a custom autograd.Function) as ``kind``;
