@@ -585,6 +585,18 @@ class CompiledAttribute:
                 target=torch.stack([a.target for a in each if a.target is not None], dim=-1),  # int targets: all set
             )
         caller = "lrpcpp.deploy.CompiledAttribute"
+        several = [
+            n
+            for n, v in [("input_ids", input_ids), ("inputs_embeds", inputs_embeds), ("pixel_values", pixel_values)]
+            + [(n, model_kwargs.get(n)) for n in ("decoder_input_ids", "decoder_inputs_embeds")]
+            if v is not None
+        ]
+        if len(several) > 1:
+            raise ValueError(
+                f"{caller}: explains one input, got {', '.join(several)}: with several, the relevance of each is "
+                "a leaf of its own, which the compiled backward does not return; explain them with "
+                "lrpcpp.attribute (Attribution.inputs has each by name)"
+            )
         key, leaf = choose_input(self.model, input_ids, inputs_embeds, pixel_values, caller)
         model_kwargs = model_kwargs_of(self.model, key, leaf, attention_mask, self._causal, model_kwargs, caller)
         batch, seq = leaf.shape[:2] if key == "inputs_embeds" else (0, 0)
