@@ -24,7 +24,7 @@ TF4_DEPS := $(TF4_VENV)/.deps-installed
 # the tests that build Hugging Face models
 TF4_TESTS := tests/test_models.py tests/test_minilm.py tests/test_model_state.py tests/test_attribute_errors.py \
 	tests/test_vision_models.py tests/test_explicit_coverage.py tests/test_operation_level.py tests/test_functional_model.py \
-	tests/test_operation_families.py tests/test_operation_mamba.py tests/test_operation_moe.py \
+	tests/test_operation_families.py tests/test_operation_mamba.py tests/test_operation_mamba2.py tests/test_operation_moe.py \
 	tests/test_operation_vision.py tests/test_multi_input.py
 
 .PHONY: run test test-fast test-tf4 lint build cpp-test docs wheel bench cuda-check cuda-wheel-test clean tools

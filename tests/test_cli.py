@@ -663,6 +663,66 @@ def test_export_of_a_model_without_family_entry_is_at_the_operation_level(output
         assert deploy.archive_info(path)["level"] == "operations"
 
 
+class _Doubled(torch.autograd.Function):
+    """A custom autograd.Function, which the operation-level rules cannot see into."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 2
+
+
+class _DoubledConfig(transformers.PretrainedConfig):
+    model_type = "lrpcpp-test-doubled"
+
+    def __init__(self, vocab_size=64, hidden_size=8, **kwargs):
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        super().__init__(**kwargs)
+
+
+class _DoubledForCausalLM(transformers.PreTrainedModel):
+    """A causal LM whose forward calls :class:`_Doubled`: an unruled call at the operation level."""
+
+    config_class = _DoubledConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = torch.nn.Embedding(config.vocab_size, config.hidden_size)
+        self.head = torch.nn.Linear(config.hidden_size, config.vocab_size)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        return transformers.modeling_outputs.CausalLMOutput(logits=self.head(_Doubled.apply(x)))
+
+
+@pytest.mark.parametrize("output", ["model.pt", "model.pt2"])
+@pytest.mark.parametrize("check", [True, False])
+def test_export_strict_refuses_an_unruled_call_as_bad_input(output, check, tmp_path, capsys):
+    # run in this process, where the architecture is registered with transformers' auto classes
+    from lrpcpp.cli.command import main
+
+    transformers.AutoConfig.register(_DoubledConfig.model_type, _DoubledConfig, exist_ok=True)
+    transformers.AutoModelForCausalLM.register(_DoubledConfig, _DoubledForCausalLM, exist_ok=True)
+    model_dir = tmp_path / "doubled"
+    _DoubledForCausalLM(_DoubledConfig()).save_pretrained(model_dir)
+    _tokenizer().save_pretrained(model_dir)
+    capsys.readouterr()
+    path = tmp_path / output
+    code = main(["export", "--model", str(model_dir), str(path), "--strict"] + ([] if check else ["--no-check"]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, (code, err)
+    assert err[0].startswith("lrpcpp: error: --strict: _DoubledForCausalLM has a call without a relevance rule")
+    assert "test_cli._Doubled.apply (a custom autograd.Function)" in err[0]
+    assert not path.exists()
+
+
 # ----------------------------------------------------------------------------- evaluate
 def test_evaluate_on_the_real_minilm_attnlrp_beats_the_random_order(tmp_path):
     curves, out = tmp_path / "curves.png", tmp_path / "eval.json"

@@ -186,3 +186,19 @@ def test_errors():
         lrpcpp.attribute(model, input_ids=ENCODER, decoder_input_ids=PREFIX, decoder_attention_mask=torch.ones(2, 6))
     with pytest.raises(TypeError, match="takes no decoder_inputs_embeds"):
         lrpcpp.attribute(clip(), pixel_values=PIXELS, decoder_input_ids=PREFIX)
+
+
+@pytest.mark.parametrize("several", ["clip", "t5"])
+def test_compile_attribute_refuses_several_inputs(several):
+    # the compiled form explains one input: several are refused, naming them, before anything is compiled
+    from lrpcpp import deploy
+
+    model, given = (
+        (clip(), dict(input_ids=TEXT, pixel_values=PIXELS)) if several == "clip" else (t5(), dict(input_ids=ENCODER))
+    )
+    extra = {} if several == "clip" else dict(decoder_input_ids=PREFIX)
+    names = ", ".join(list(given) + list(extra))
+    with deploy.compile_attribute(model, backend="eager") as explain:
+        with pytest.raises(ValueError, match=rf"explains one input, got {names}: .*lrpcpp.attribute"):
+            explain(**given, **extra)
+    assert all("forward" not in m.__dict__ for m in model.modules())

@@ -6,7 +6,7 @@ import warnings
 import lrpcpp
 import pytest
 import torch
-from lrpcpp.models.operations import UnruledOperationWarning
+from lrpcpp.models.operations import UnruledOperationError, UnruledOperationWarning
 from models import build, inputs
 from torch import nn
 from torch.nn import functional as F
@@ -151,8 +151,10 @@ def test_an_unknown_operation_is_named_in_a_warning_and_strict_raises():
         got = lrpcpp.attribute(model, inputs_embeds=x, level="operations")
     assert len([r for r in record if issubclass(r.category, UnruledOperationWarning)]) == 1
     assert got.coverage.unruled == {f"{__name__}._Twice.apply (a custom autograd.Function)": 1}
-    with pytest.raises(RuntimeError, match=r"strict=True.*_Twice\.apply"):
+    with pytest.raises(UnruledOperationError, match=r"strict=True.*_Twice\.apply") as error:
         lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True)
+    assert isinstance(error.value, RuntimeError)
+    assert error.value.names == (f"{__name__}._Twice.apply (a custom autograd.Function)",)
     assert all("forward" not in m.__dict__ for m in model.modules())  # the patch is undone
 
 

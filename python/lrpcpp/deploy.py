@@ -464,7 +464,10 @@ def export_program(
     ``torch.export.load(path).module()`` after ``import lrpcpp`` and explain with
     :func:`attribute_deployed`. ``check=True`` compares that with :func:`lrpcpp.attribute` on the
     example (using the saved file when ``path`` is given). The model is left as it was. ``level``
-    and ``strict`` are those of :func:`lrpcpp.attribute`, as in :func:`export_archive`.
+    and ``strict`` are those of :func:`lrpcpp.attribute`, as in :func:`export_archive`; at the
+    operation level one eager forward of the example, before the export, gives the warning that
+    names the calls without a rule (or, with ``strict``, the error), which the export's trace does
+    not count.
     """
     caller = "lrpcpp.deploy.export_program"
     _check_method(method, caller)
@@ -478,6 +481,11 @@ def export_program(
         batch, seq = (2 if n == 1 else n for n in embeds.shape[:2])
         traced = (embeds.expand(batch, seq, -1), mask.expand(batch, seq))
     with explaining(model, method=method, mode="gradient", epsilon=epsilon, level=level, strict=strict) as handle:
+        if handle.level == "operations":
+            # torch.export's trace counts nothing, as a compiled forward: one eager forward gives the
+            # warning that names the calls without a rule (or, with strict, the error)
+            with torch.enable_grad():
+                ExplainableModel(model)(_traced_example(handle, embeds), mask)
         traced = (_traced_example(handle, traced[0]), traced[1])
         containers = [
             (m, {k: v for k, v in m.__dict__.items() if isinstance(v, (list, tuple, dict))}) for m in model.modules()
@@ -577,6 +585,18 @@ class CompiledAttribute:
                 target=torch.stack([a.target for a in each if a.target is not None], dim=-1),  # int targets: all set
             )
         caller = "lrpcpp.deploy.CompiledAttribute"
+        several = [
+            n
+            for n, v in [("input_ids", input_ids), ("inputs_embeds", inputs_embeds), ("pixel_values", pixel_values)]
+            + [(n, model_kwargs.get(n)) for n in ("decoder_input_ids", "decoder_inputs_embeds")]
+            if v is not None
+        ]
+        if len(several) > 1:
+            raise ValueError(
+                f"{caller}: explains one input, got {', '.join(several)}: with several, the relevance of each is "
+                "a leaf of its own, which the compiled backward does not return; explain them with "
+                "lrpcpp.attribute (Attribution.inputs has each by name)"
+            )
         key, leaf = choose_input(self.model, input_ids, inputs_embeds, pixel_values, caller)
         model_kwargs = model_kwargs_of(self.model, key, leaf, attention_mask, self._causal, model_kwargs, caller)
         batch, seq = leaf.shape[:2] if key == "inputs_embeds" else (0, 0)

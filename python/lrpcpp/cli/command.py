@@ -33,7 +33,7 @@ from .._files import atomic_path
 from ..deploy import export_archive, export_program
 from ..models.families import UnsupportedModelError
 from ..models.patching import LEVELS
-from ..models.tracking import UnruledOperationWarning
+from ..models.tracking import UnruledOperationError, UnruledOperationWarning
 from . import render
 from .evaluate import METHODS, curves_png, evaluate, read_items, report
 from .explain import explain_image, explain_text, to_json
@@ -708,6 +708,11 @@ def run_export(args) -> int:
         if args.level != "registry":
             raise
         raise InputError(f"--level registry: {e}; --level auto explains it operation by operation") from None
+    except UnruledOperationError as e:
+        raise InputError(
+            f"--strict: {type(loaded.model).__name__} has a call without a relevance rule at the operation level: "
+            f"{', '.join(e.names)}; without --strict it is named in a note and passes its plain gradient"
+        ) from None
     for w in caught:
         if str(w.message).startswith("lrpcpp.deploy") or issubclass(w.category, UnruledOperationWarning):
             _note(str(w.message))

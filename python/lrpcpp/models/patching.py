@@ -91,6 +91,21 @@ def is_selective_scan(module: nn.Module) -> bool:
     )
 
 
+def is_chunked_scan(module: nn.Module) -> bool:
+    """A selective state-space mixer of Mamba2's layout: one linear ``in_proj`` that computes the gate,
+    the scanned sequence, ``B``, ``C`` and the step size together, a depthwise ``conv1d`` over the
+    sequence and ``B``, ``C``, a linear ``out_proj``, and the parameters ``A_log`` and ``D`` (one per
+    head) and ``dt_bias``, as in transformers' ``Mamba2Mixer``."""
+    conv = getattr(module, "conv1d", None)
+    return (
+        isinstance(getattr(module, "in_proj", None), nn.Linear)
+        and isinstance(getattr(module, "out_proj", None), nn.Linear)
+        and isinstance(conv, nn.Conv1d)
+        and conv.groups == conv.in_channels
+        and all(isinstance(module._parameters.get(p), nn.Parameter) for p in ("A_log", "D", "dt_bias"))
+    )
+
+
 # ----------------------------------------------------------------------------- the two semantics
 Segments = Sequence[Tuple[int, float]]  # (size along the last dim, gradient share)
 
@@ -265,6 +280,34 @@ class _HeldColumns(TorchFunctionMode):
         if isinstance(out, (tuple, list)):
             return type(out)(constant_if_held(t) for t in out)
         return constant_if_held(out)
+
+
+class _HeldScanParameters(TorchFunctionMode):
+    """The step size and ``B``, ``C`` of a Mamba2 mixer, held constant where its forward splits them
+    off: the last of the sections ``[..., conv_dim, num_heads]`` of ``in_proj``'s output (the step
+    size), and the last two of ``[inner, groups * state, groups * state]`` of the convolution's output
+    (``B``, ``C``). The depthwise convolution keeps each channel to itself, so what is held is
+    computed from held columns of ``in_proj`` alone; the pieces are detached, their values unchanged."""
+
+    def __init__(self, inner: int, conv_dim: int, heads: int) -> None:
+        super().__init__()
+        self.inner, self.conv_dim, self.heads, self.state = inner, conv_dim, heads, (conv_dim - inner) // 2
+
+    def held(self, sections: Any) -> int:
+        """How many of the last pieces of a split into ``sections`` (along the last dim) are held."""
+        sizes = tuple(sections) if isinstance(sections, (list, tuple)) else ()
+        if sizes[-2:] == (self.conv_dim, self.heads):
+            return 1
+        return 2 if sizes == (self.inner, self.state, self.state) else 0
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func not in (torch.split, Tensor.split) or len(args) < 2 or not isinstance(out, (tuple, list)):
+            return out
+        dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+        held = self.held(args[1]) if dim in (-1, args[0].dim() - 1) else 0
+        return type(out)(t.detach() if i >= len(out) - held else t for i, t in enumerate(out))
 
 
 # ----------------------------------------------------------------------------- the patch
@@ -605,8 +648,8 @@ def _unpatchable(model: nn.Module, family: _families.Family) -> Optional[str]:
 def _apply_operations(handle: PatchHandle) -> None:
     """The operation level: activation modules and RMSNorms are identity-rule units (their inner
     calls run without grad, so the mode does not rule them), selective state-space mixers hold
-    their scan parameters constant (:func:`_patch_selective_scan`); the model's forward runs in the
-    mode, with one warning per forward pass that names the calls without a rule."""
+    their scan parameters constant (:func:`_patch_selective_scan`, :func:`_patch_chunked_scan`); the
+    model's forward runs in the mode, with one warning per forward pass that names the calls without a rule."""
     model, rules = handle.model, handle.rules
     assert isinstance(rules, _OperationRules)
     for name, module in model.named_modules():
@@ -616,6 +659,8 @@ def _apply_operations(handle: PatchHandle) -> None:
             handle._set_forward(name, module, new, "identity rule")
         elif is_selective_scan(module):
             _patch_selective_scan(handle, name, module)
+        elif is_chunked_scan(module):
+            _patch_chunked_scan(handle, name, module)
     inner = _original_forward(model)
 
     def operations_forward(*args, **kwargs):
@@ -644,6 +689,25 @@ def _patch_selective_scan(handle: PatchHandle, name: str, module: nn.Module) -> 
     slow = getattr(type(module), "slow_forward", None)
     if callable(slow):
         handle._set_forward(name, module, types.MethodType(slow, module), "torch-only slow_forward")
+
+
+def _patch_chunked_scan(handle: PatchHandle, name: str, module: nn.Module) -> None:
+    """MambaLRP on a Mamba2 mixer (:func:`is_chunked_scan`): its forward runs with the step size and
+    ``B``, ``C`` held constant (:class:`_HeldScanParameters`), which makes the chunked scan a linear map
+    of the scanned sequence, as :func:`_patch_selective_scan` does for Mamba. The gated RMSNorm gets
+    the operation level's rules: the product ``y * silu(z)`` split (or the gate held, with CP-LRP), its
+    normalising factor held constant. A mixer with a torch-only ``torch_forward`` (transformers 4.x)
+    runs it, not the fused kernels."""
+    conv, heads = module.get_submodule("conv1d"), module.get_parameter("A_log").numel()
+    inner = module.get_submodule("out_proj").in_features
+    forward = getattr(type(module), "torch_forward", None)
+    forward = types.MethodType(forward, module) if callable(forward) else module.forward
+
+    def held_forward(*args, **kwargs):
+        with _HeldScanParameters(inner, conv.in_channels, heads):
+            return forward(*args, **kwargs)
+
+    handle._set_forward(name, module, held_forward, "step size and B, C held constant (selective scan parameters)")
 
 
 def _held_constant(forward: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:

@@ -34,6 +34,16 @@ class UnruledOperationWarning(UserWarning):
     operation level of gradient mode, with ``strict=True``)."""
 
 
+class UnruledOperationError(RuntimeError):
+    """With ``strict=True``, a torch function under the operation level of gradient mode had no rule
+    for its relevance-carrying arguments and its gradient is not known to be exact: the error that
+    :class:`UnruledOperationWarning` is otherwise. ``names`` holds the functions' names."""
+
+    def __init__(self, message: str, names: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.names = tuple(names)
+
+
 def op_name(func: Callable) -> str:
     """A readable name of a torch function, as the coverage reports and warnings spell it."""
     owner = getattr(func, "__self__", None)

@@ -13,7 +13,7 @@ gradient where that is the rule (:data:`EXACT`); anything else is counted as unr
 from typing import Callable, Mapping
 
 from . import handlers
-from .mode import Coverage, GradientRules, UnruledOperationWarning, warn_unruled
+from .mode import Coverage, GradientRules, UnruledOperationError, UnruledOperationWarning, warn_unruled
 
 #: The torch functions with a gradient-mode rule, ``{function: handler}``: products of two
 #: relevance carriers (``mul``, ``matmul``/``bmm``/``mm``, ``einsum``, ``addmm``/``baddbmm``,
@@ -27,4 +27,12 @@ RULES: Mapping[Callable, Callable] = handlers.RULES
 #: sums and means, softmax, and every function of :data:`lrpcpp.models.explicit.PASS_THROUGH`.
 EXACT = handlers.EXACT
 
-__all__ = ["GradientRules", "Coverage", "RULES", "EXACT", "UnruledOperationWarning", "warn_unruled"]
+__all__ = [
+    "GradientRules",
+    "Coverage",
+    "RULES",
+    "EXACT",
+    "UnruledOperationError",
+    "UnruledOperationWarning",
+    "warn_unruled",
+]

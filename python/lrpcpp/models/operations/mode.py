@@ -15,6 +15,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..tracking import (
     RuleMode,
+    UnruledOperationError,
     UnruledOperationWarning,
     carries,
     is_rule_mode,
@@ -145,7 +146,8 @@ class GradientRules(RuleMode):
     calls of unmodified model code, operation by operation: ``method`` ``"attnlrp"`` (products split
     evenly) or ``"cp-lrp"`` (gates held constant); ``epsilon`` stabilises the identity rule. With
     ``strict``, a call without a rule whose gradient is not known to be exact raises
-    ``RuntimeError``; otherwise it is counted (:meth:`coverage`). Activation and RMSNorm modules are
+    :class:`~lrpcpp.models.operations.UnruledOperationError` (a ``RuntimeError``); otherwise it is
+    counted (:meth:`coverage`). Activation and RMSNorm modules are
     patched as units by :func:`lrpcpp.patch`, which runs the model's forward in this mode."""
 
     def __init__(self, method: str = "attnlrp", epsilon: float = 1e-10, strict: bool = False) -> None:
@@ -221,10 +223,11 @@ class GradientRules(RuleMode):
             return
         if kind == "unruled" and self.strict:
             name = func if isinstance(func, str) else op_name(func)
-            raise RuntimeError(
+            raise UnruledOperationError(
                 f"lrpcpp (operation level, strict=True): {name} has no gradient-mode rule and its gradient is not "
                 "known to be exact on the relevance-carrying path; give that step a rule (an lrpcpp operator, "
-                "or a module the patch treats), or pass strict=False to count it in the coverage instead"
+                "or a module the patch treats), or pass strict=False to count it in the coverage instead",
+                [name],
             )
         self._counts[kind][func] += 1
 
@@ -316,4 +319,4 @@ def warn_unruled(names: Mapping[str, int], where: str) -> None:
         warnings.warn(message, UnruledOperationWarning, stacklevel=3)
 
 
-__all__ += ["UnruledOperationWarning"]
+__all__ += ["UnruledOperationError", "UnruledOperationWarning"]
