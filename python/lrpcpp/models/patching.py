@@ -291,14 +291,14 @@ class _HeldScanParameters(TorchFunctionMode):
 
     def __init__(self, inner: int, conv_dim: int, heads: int) -> None:
         super().__init__()
-        self.inner, self.conv_dim, self.heads, self.state = inner, conv_dim, heads, (conv_dim - inner) // 2
+        self.inner_size, self.conv_dim, self.heads, self.state = inner, conv_dim, heads, (conv_dim - inner) // 2
 
     def held(self, sections: Any) -> int:
         """How many of the last pieces of a split into ``sections`` (along the last dim) are held."""
         sizes = tuple(sections) if isinstance(sections, (list, tuple)) else ()
         if sizes[-2:] == (self.conv_dim, self.heads):
             return 1
-        return 2 if sizes == (self.inner, self.state, self.state) else 0
+        return 2 if sizes == (self.inner_size, self.state, self.state) else 0
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
