@@ -87,6 +87,7 @@ build: $(DEPS)
 	@mkdir -p build
 	@echo "building lrpcpp (compiler log: build/ext.log)"
 	@$(PY) setup.py build_ext --inplace >build/ext.log 2>&1 || { tail -n 60 build/ext.log; exit 1; }
+	@$(PY) scripts/checkout_path.py  # .venv/bin/python -m lrpcpp works in the checkout
 
 # liblrpcpp and the C++ test program, through CMake, with no Python at run time
 cpp-test: $(DEPS)
