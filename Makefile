@@ -98,8 +98,14 @@ cpp-test: $(DEPS)
 docs: build
 	$(PY) -m sphinx -W --keep-going -q -b html docs build/docs
 
+# the wheel, repaired by auditwheel into a manylinux wheel; torch's libraries (c10, torch_cpu, the
+# OpenMP runtime torch ships) are loaded from torch at run time, never copied into the wheel
+AUDITWHEEL_EXCLUDE := --exclude libc10.so --exclude libtorch_cpu.so --exclude libgomp.so.1
+
 wheel: build
-	$(PY) -m pip wheel -q --no-build-isolation --no-deps -w dist .
+	@rm -rf build/wheel && mkdir -p build/wheel dist
+	$(PY) -m pip wheel -q --no-build-isolation --no-deps -w build/wheel .
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/auditwheel repair -w dist $(AUDITWHEEL_EXCLUDE) build/wheel/lrpcpp-*.whl
 
 bench: build
 	$(PY) benchmarks/bench_cpu.py
