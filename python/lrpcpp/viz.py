@@ -233,7 +233,7 @@ def _token_values(tokens: Sequence[str], relevance: Any) -> Tuple[List[str], Lis
 
 def text_html(tokens: Sequence[str], relevance: Any) -> str:
     """An HTML fragment (inline styles, no scripts): every token on the background colour of its
-    relevance, its value shown on hover, and a colour scale from -max to +max |relevance| below.
+    relevance, its value shown on hover, and a colour scale from ``-max |r|`` to ``+max |r|`` below.
     Tokens are HTML-escaped, their control characters shown as escapes."""
     from .cli import render
 
