@@ -87,6 +87,7 @@ build: $(DEPS)
 	@mkdir -p build
 	@echo "building lrpcpp (compiler log: build/ext.log)"
 	@$(PY) setup.py build_ext --inplace >build/ext.log 2>&1 || { tail -n 60 build/ext.log; exit 1; }
+	@$(PY) scripts/checkout_path.py  # .venv/bin/python -m lrpcpp works in the checkout
 
 # liblrpcpp and the C++ test program, through CMake, with no Python at run time
 cpp-test: $(DEPS)
@@ -97,8 +98,14 @@ cpp-test: $(DEPS)
 docs: build
 	$(PY) -m sphinx -W --keep-going -q -b html docs build/docs
 
+# the wheel, repaired by auditwheel into a manylinux wheel; torch's libraries (c10, torch_cpu, the
+# OpenMP runtime torch ships) are loaded from torch at run time, never copied into the wheel
+AUDITWHEEL_EXCLUDE := --exclude libc10.so --exclude libtorch_cpu.so --exclude libgomp.so.1
+
 wheel: build
-	$(PY) -m pip wheel -q --no-build-isolation --no-deps -w dist .
+	@rm -rf build/wheel && mkdir -p build/wheel dist
+	$(PY) -m pip wheel -q --no-build-isolation --no-deps -w build/wheel .
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/auditwheel repair -w dist $(AUDITWHEEL_EXCLUDE) build/wheel/lrpcpp-*.whl
 
 bench: build
 	$(PY) benchmarks/bench_cpu.py

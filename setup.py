@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(ROOT, "pyproject.toml"), "rb") as _f:
     VERSION = tomllib.load(_f)["project"]["version"]
 TORCH_VERSION = torch.__version__.split("+")[0]
+NUMPY = "numpy>=1.22,<3"
 
 
 def want_cuda() -> bool:
@@ -93,8 +94,9 @@ def extension():
 
 
 setup(
-    # the compiled operators are tied to the exact torch they were built against
-    install_requires=[f"torch=={TORCH_VERSION}"],
+    # the compiled operators are tied to the exact torch they were built against; numpy: lrpcpp.viz
+    # and the command line's views (`import lrpcpp` imports them)
+    install_requires=[f"torch=={TORCH_VERSION}", NUMPY],
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)},
 )

@@ -115,3 +115,50 @@ def test_installed_cmake_package_builds_and_runs_a_consumer(tmp_path):
     proc = subprocess.run([str(consumer / "lrpcpp_consumer")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.split("\n")[:2] == [f"lrpcpp {VERSION}", "ok"]
+
+
+def make_venv(path, *site_dirs):
+    """A fresh virtual environment (no pip, no site-packages of this one) whose path holds ``site_dirs``
+    (a ``.pth`` file); its Python."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
+    python = path / "bin" / "python"
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    with open(os.path.join(purelib, "given.pth"), "w") as f:
+        f.write("".join(f"{d}\n" for d in site_dirs))
+    return python
+
+
+def no_pythonpath():
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_python_m_lrpcpp_works_in_a_checkout_after_make(tmp_path):
+    """`make` runs scripts/checkout_path.py for .venv: then `python -m lrpcpp` finds the package built
+    in place, from any directory and with no PYTHONPATH (an environment like .venv: its packages, not
+    lrpcpp)."""
+    import sysconfig
+
+    python = make_venv(tmp_path / "venv", sysconfig.get_path("purelib"))
+    subprocess.run([str(python), os.path.join(ROOT, "scripts", "checkout_path.py")], check=True)
+    subprocess.run([str(python), os.path.join(ROOT, "scripts", "checkout_path.py")], check=True)  # again: no-op
+    for cwd in (ROOT, str(tmp_path)):
+        proc = subprocess.run(
+            [str(python), "-m", "lrpcpp", "--version"], env=no_pythonpath(), cwd=cwd, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == f"lrpcpp {VERSION}\n"
+    proc = subprocess.run(
+        [str(python), "-c", "import lrpcpp; print(lrpcpp.__file__)"],
+        env=no_pythonpath(),
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.stdout.strip() == os.path.join(ROOT, "python", "lrpcpp", "__init__.py")

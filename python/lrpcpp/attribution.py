@@ -60,6 +60,12 @@ class Attribution:
       (``{"input_ids": ..., "pixel_values": ...}``), each shaped as ``relevance``; from
       :func:`attribute` always filled (one entry for one input, its value is ``relevance``), ``None``
       from the compiled and deployed attribution of :mod:`lrpcpp.deploy`, which explain one input.
+    * ``tokens``: the tokens of each batch item, for the views (``_repr_html_``, :meth:`show`);
+      ``None`` until set (``attr.tokens = [tokenizer.convert_ids_to_tokens(row) for row in ids]``).
+
+    In a notebook an ``Attribution`` shows itself as a heatmap (:meth:`_repr_html_`): the tokens on
+    the colour of their relevance, or the pixel relevance as an image; :meth:`show` prints the
+    terminal view elsewhere.
     """
 
     relevance: Tensor
@@ -69,6 +75,101 @@ class Attribution:
     latent: Optional[Dict[str, Tensor]] = None
     coverage: Optional[Any] = None
     inputs: Optional[Dict[str, Tensor]] = None
+    tokens: Optional[List[List[str]]] = None
+
+    def _views(self, tokens=None, tokenizer=None, input_ids=None) -> List[Tuple[str, Tensor, Optional[List[str]]]]:
+        """(label, relevance, tokens) of every map: one per batch item (and target, with K targets);
+        tokens ``None`` for pixel maps."""
+        if tokenizer is not None:
+            if input_ids is None:
+                raise TypeError("lrpcpp.Attribution: tokenizer= needs input_ids=, the ids that were explained")
+            ids = torch.as_tensor(input_ids)
+            tokens = [tokenizer.convert_ids_to_tokens(row) for row in ids.reshape(-1, ids.shape[-1]).tolist()]
+        elif tokens is None:
+            tokens = self.tokens
+        values = self.token_relevance.detach().float().cpu()
+        image = self.relevance.shape[:-1] != self.token_relevance.shape  # pixels: summed over the channel dim
+        per_item = 2 if image else 1
+        if tokens is not None and tokens and isinstance(tokens[0], str):
+            tokens = [list(tokens)]  # one batch item
+        maps = values.reshape(-1, *values.shape[values.dim() - per_item :])
+        batch = values.shape[-per_item - 1]
+        views: List[Tuple[str, Tensor, Optional[List[str]]]] = []
+        for j, m in enumerate(maps):
+            k, b = divmod(j, batch)
+            label = (f"target {k}, " if values.dim() > per_item + 1 else "") + f"item {b}"
+            if image:
+                views.append((label, m, None))
+                continue
+            if tokens is None:
+                row = [str(i) for i in range(m.shape[0])]  # positions, where no tokens are known
+            elif len(tokens) != batch:
+                raise ValueError(f"lrpcpp.Attribution: tokens for {len(tokens)} items, the batch has {batch}")
+            else:
+                row = list(tokens[b])
+            views.append((label, m, row))
+        return views
+
+    def _repr_html_(self) -> str:
+        """The heatmap as HTML (Jupyter): the tokens coloured by their relevance, each value shown
+        on hover, with a colour scale; pixel relevance as an inline PNG (red-white-blue)."""
+        return _html(self._views())
+
+    def show(self, tokens=None, tokenizer=None, input_ids=None) -> None:
+        """Shows the heatmap: as HTML in a Jupyter notebook, else as the command line's terminal view
+        on stdout (coloured on a terminal unless ``NO_COLOR`` is set). The tokens: ``tokens`` (a list
+        of strings, or one list per batch item), or a ``tokenizer`` with the ``input_ids`` that were
+        explained, else :attr:`tokens`; without any, token positions."""
+        import os
+        import sys
+
+        from . import viz
+
+        views = self._views(tokens, tokenizer, input_ids)
+        shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+        if shell is not None and type(shell).__name__ == "ZMQInteractiveShell":  # a notebook kernel
+            from IPython.display import HTML, display
+
+            display(HTML(_html(views)))
+            return
+        color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+        out = []
+        for label, m, row in views:
+            if len(views) > 1:
+                out.append(f"--- {label}\n")
+            if row is None:
+                from .cli import render
+
+                grid = render._image_grid(_Pixels(m.numpy()), color, 100)
+                out.append("\n".join(grid) + f"\nsum of the pixel relevance: {float(m.sum()):+.4f}\n")
+            else:
+                out.append(viz.text_terminal(row, m, color=color))
+        sys.stdout.write("".join(out))
+
+
+def _html(views) -> str:
+    import base64
+    import math
+
+    from . import viz
+
+    parts = []
+    for label, m, row in views:
+        if row is None:
+            f = max(1, math.ceil(224 / min(m.shape)))  # enlarged (nearest) to at least 224 pixels a side
+            png = base64.b64encode(viz.png_bytes(viz.heatmap(m, size=(m.shape[0] * f, m.shape[1] * f))))
+            body = f'<img alt="relevance heatmap" src="data:image/png;base64,{png.decode("ascii")}">'
+        else:
+            body = viz.text_html(row, m)
+        parts.append(f'<div style="margin: 0.5em 0"><div style="color: #555">{label}</div>{body}</div>')
+    return '<div class="lrpcpp-attribution">' + "".join(parts) + "</div>"
+
+
+class _Pixels:
+    """What the command line's terminal grid reads of an image explanation."""
+
+    def __init__(self, pixel_relevance):
+        self.pixel_relevance = pixel_relevance
 
 
 def _layers(model: nn.Module) -> Dict[str, nn.Module]:

@@ -16,9 +16,10 @@ Only numpy is needed: the PNG encoder is the standard library's ``zlib``, and th
 maps are :data:`COLORMAPS`; any other name is looked up in matplotlib, when it is installed.
 """
 
+import html
 import struct
 import zlib
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -32,6 +33,7 @@ __all__ = [
     "colorize",
     "overlay",
     "write_png",
+    "png_bytes",
     "to_2d",
     "COLORMAPS",
 ]
@@ -180,6 +182,13 @@ def overlay(heat: np.ndarray, image: Any, alpha: float = 0.5) -> np.ndarray:
 
 def write_png(path: str, rgb: np.ndarray) -> None:
     """Writes ``[H, W, 3]`` (or ``[H, W]`` gray) uint8 as an 8-bit PNG."""
+    data = png_bytes(rgb)
+    with atomic_write(path, binary=True) as f:  # a failed write leaves no cut-off PNG
+        f.write(data)
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """``[H, W, 3]`` (or ``[H, W]`` gray) uint8 as the bytes of an 8-bit PNG."""
     a = np.ascontiguousarray(rgb, dtype=np.uint8)
     if a.ndim == 2:
         color_type, a3 = 0, a
@@ -194,10 +203,7 @@ def write_png(path: str, rgb: np.ndarray) -> None:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
-    with atomic_write(path, binary=True) as f:  # a failed write leaves no cut-off PNG
-        f.write(
-            b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
-        )
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
 
 
 def heatmap(
@@ -285,3 +291,70 @@ def _figure(rgb: np.ndarray, vrange: Tuple[float, float], cmap: str):
     bar_ = figure.colorbar(ScalarMappable(Normalize(lo, hi), ListedColormap(colours)), cax=cax, ticks=ticks)
     bar_.ax.set_yticklabels([f"{v:.3g}" for v in ticks])
     return figure
+
+
+# ----------------------------------------------------------------------------- text
+# Tokens coloured by their relevance, on the command line's scale (lrpcpp.cli.render): red for
+# positive, blue for negative, the intensity |relevance| / max |relevance|.
+
+__all__ += ["text_html", "text_terminal"]
+
+
+def _token_values(tokens: Sequence[str], relevance: Any) -> Tuple[List[str], List[float]]:
+    values = [float(v) for v in _numpy(relevance).astype(np.float64).reshape(-1)]
+    tokens = [str(t) for t in tokens]
+    if len(tokens) != len(values):
+        raise ValueError(f"lrpcpp.viz: {len(tokens)} tokens for {len(values)} relevance values (one value per token)")
+    return tokens, values
+
+
+def text_html(tokens: Sequence[str], relevance: Any) -> str:
+    """An HTML fragment (inline styles, no scripts): every token on the background colour of its
+    relevance, its value shown on hover, and a colour scale from ``-max |r|`` to ``+max |r|`` below.
+    Tokens are HTML-escaped, their control characters shown as escapes."""
+    from .cli import render
+
+    tokens, values = _token_values(tokens, relevance)
+    scale = render.scale_of(values)
+    spans = []
+    for token, r in zip(tokens, values):
+        word = html.escape(render.visible(token))
+        red, green, blue = render.colour(r, scale)
+        spans.append(
+            f'<span style="background-color: rgb({red}, {green}, {blue}); color: #000; padding: 0.1em 0.15em; '
+            f'border-radius: 0.2em; white-space: pre" title="{word}: {r:+.4g}" data-relevance="{r!r}">{word}</span>'
+        )
+    low, high = render.colour(-scale, scale), render.colour(scale, scale)
+    bar = f"linear-gradient(to right, rgb{low}, rgb(255, 255, 255), rgb{high})"
+    legend = (
+        '<div style="display: flex; align-items: center; gap: 0.5em; font-size: 0.85em; margin-top: 0.4em">'
+        f'<span>{-scale:+.4g}</span><span style="width: 12em; height: 0.8em; border: 1px solid #ccc; '
+        f'background: {bar}"></span><span>{scale:+.4g}</span>'
+        f"<span>(red raises the explained value, blue lowers it; sum {sum(values):+.4g})</span></div>"
+    )
+    return f'<div class="lrpcpp-text"><div style="line-height: 2">{" ".join(spans)}</div>{legend}</div>'
+
+
+def text_terminal(tokens: Sequence[str], relevance: Any, color: bool = False, width: int = 100) -> str:
+    """The tokens as terminal text (the command line's view): in a line, on a 24-bit background
+    colour with ``color``, then a table of their relevance with bars, and the sum."""
+    from .cli import render
+
+    tokens, values = _token_values(tokens, relevance)
+    e = _Tokens([render.visible(t) for t in tokens], values)
+    idx = list(range(len(tokens)))
+    scale = render.scale_of(values)
+    lines = ["relevance: red (+) raises the explained value, blue (-) lowers it", ""]
+    lines += render._inline(e, idx, scale, color, width) + [""] + render._table(e, idx, scale, color)
+    lines.append(f"sum of the relevance of all tokens: {sum(values):+.4f}")
+    return "\n".join(lines) + "\n"
+
+
+class _Tokens:
+    """What the command line's terminal layout reads of an explanation: the words shown, whether a
+    space precedes each, their relevance."""
+
+    def __init__(self, words: List[str], relevance: List[float]):
+        self.words, self.relevance = words, relevance
+        self.space = [True] * len(words)
+        self.generated: List[bool] = []

@@ -17,6 +17,7 @@ interrupted. Heavy imports (transformers, matplotlib) happen only in the command
 import argparse
 import contextlib
 import gc
+import importlib.util
 import json
 import logging
 import os
@@ -240,6 +241,18 @@ def _writing(flag: str, path: str):
         raise InputError(f"cannot write {flag} {path}: {e.strerror or e}") from None
 
 
+# the optional packages of the command line (the ``cli`` extra of the wheel), by import name
+OPTIONAL = {"transformers": "transformers", "matplotlib": "matplotlib", "PIL": "Pillow"}
+
+
+def _require(needs: Sequence[Tuple[str, str]]) -> None:
+    """Refuses, before any work, what needs an optional package that is not installed: ``needs``
+    holds (what the user asked for, import name) pairs; the first missing one is named."""
+    for what, module in needs:
+        if importlib.util.find_spec(module) is None:
+            raise InputError(f"{what} needs {OPTIONAL[module]} (pip install 'lrpcpp[cli]')")
+
+
 def _device(name: Optional[str]) -> str:
     if name is None:
         return "cpu"
@@ -328,6 +341,14 @@ def run_explain(args) -> int:
         raise InputError(f"no such image file: {args.image}")
     if args.file is not None and not os.path.isfile(args.file):
         raise InputError(f"no such file: {args.file}")
+    needs = [("lrpcpp explain", "transformers")]
+    if args.image is not None:
+        needs.append(("--image", "PIL"))  # read, and drawn as PNG (--png, --html)
+    elif args.png:
+        needs.append(("--png", "matplotlib"))
+    if args.png and args.latent:
+        needs.append(("--png with --latent", "matplotlib"))
+    _require(needs)
     outputs = [
         ("--out", args.out),
         ("--json", args.json),
@@ -603,6 +624,9 @@ def run_evaluate(args) -> int:
     for m in methods:
         if m not in METHODS:
             raise InputError(f"unknown method {m!r} in --methods: choose from {', '.join(METHODS)}")
+    _require(
+        [("lrpcpp evaluate", "transformers")] + ([("the plot of the curves (--png)", "matplotlib")] if args.png else [])
+    )
     _check_paths([("--png", args.png), ("--json", args.json)], [("the input --file", path)] + _model_files(args.model))
     loaded = _load(args, timer)
     if loaded.task == "image-classifier":
@@ -679,6 +703,7 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 
 def run_export(args) -> int:
     timer = _Timer(args._start)
+    _require([("lrpcpp export", "transformers")])
     _check_paths([("FILE", args.output)], _model_files(args.model))
     loaded = _load(args, timer)
     if loaded.task not in EXPORT_TASKS:
