@@ -335,3 +335,54 @@ def test_bad_bias_and_output_name_the_op():
     y = torch.convolution(x, w, None, *geo)
     with pytest.raises(RuntimeError, match="lrpcpp.convolution_flat_relevance: expected output to have the shape"):
         torch.ops.lrpcpp.convolution_flat_relevance(y[..., 1:], x, w, y[..., 1:], *geo, EPS, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize(
+    "layer, shape",
+    [
+        (nn.AvgPool1d(3, 2, 1), (2, 3, 9)),
+        (nn.AvgPool2d((2, 3), (2, 1), (1, 1), count_include_pad=False), (2, 3, 6, 7)),
+        (nn.AvgPool3d(2, 1), (2, 3, 4, 5, 4)),
+        (nn.AdaptiveAvgPool2d(2), (2, 3, 5, 5)),
+        (nn.MaxPool1d(3, 2), (2, 3, 9)),
+        (nn.MaxPool2d(2, padding=1), (2, 3, 6, 5)),
+        (nn.MaxPool3d(2, 1, dilation=(1, 2, 1)), (2, 3, 4, 5, 4)),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else "",
+)
+def test_pooling_equals_zennit(layer, shape, dtype):
+    """Average pooling takes the epsilon rule (zennit's Norm), max pooling passes all relevance to the
+    maximum of each window (zennit keeps the gradient: winner takes all), in lrpcpp.Composite and in
+    lrpcpp.patch's explicit mode, for 1 to 3 dimensions."""
+    torch.manual_seed(0)
+    layer = layer.to(dtype)
+    x = torch.randn(shape, dtype=dtype)
+    grad = torch.randn_like(layer(x))
+    maps = [] if "Max" in type(layer).__name__ else [(type(layer), zennit.rules.Norm(stabilizer=EPS))]
+    with zennit.attribution.Gradient(model=layer, composite=zennit.composites.LayerMapComposite(maps)) as attributor:
+        _, expected = attributor(x, grad)
+    model = nn.Sequential(layer)
+    with lrpcpp.Composite(epsilon=EPS).context(model):
+        xc = x.clone().requires_grad_()
+        model(xc).backward(grad)
+    with lrpcpp.patch(model, mode="explicit", epsilon=EPS):
+        xe = x.clone().requires_grad_()
+        model(xe).backward(grad)
+    torch.testing.assert_close(xc.grad, expected, **TOL[dtype])
+    torch.testing.assert_close(xe.grad, expected, **TOL[dtype])
+
+
+def test_functional_ops_script():
+    """The convolution_<rule> wrappers are TorchScript-compatible: a scripted function gives the eager
+    output and relevance."""
+
+    def forward(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return lf.convolution_alpha_beta(x, w, None, [2], [1], [1], True, [1], 2, 2.0, 1.0)
+
+    w, grad = torch.randn(4, 3, 3, dtype=torch.float64), torch.randn(2, 6, 14, dtype=torch.float64)
+    xs = [torch.randn(2, 4, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) for _ in range(2)]
+    ys = [f(x.requires_grad_(), w) for f, x in zip((forward, torch.jit.script(forward)), xs)]
+    for y in ys:
+        y.backward(grad)
+    assert torch.equal(ys[0], ys[1]) and torch.equal(xs[0].grad, xs[1].grad)
