@@ -386,3 +386,21 @@ def test_functional_ops_script():
     for y in ys:
         y.backward(grad)
     assert torch.equal(ys[0], ys[1]) and torch.equal(xs[0].grad, xs[1].grad)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_gamma_with_bias_equals_the_dense_reference(kind):
+    """The gamma rule is the one rule that counts the bias (as the weight of a constant input 1,
+    RULES.md section 3), which zennit counts otherwise: compared with the float64 transcription of
+    reference.py over the convolution written as a dense matrix (y = x M^T + b per sample)."""
+    import reference as ref
+
+    layer, x = make(kind, torch.float64, bias=True)
+    y = layer(x)
+    n, n_in, n_out = x.shape[0], x[0].numel(), y[0].numel()
+    basis = torch.eye(n_in, dtype=x.dtype).reshape(n_in, *x.shape[1:])
+    dense = torch.convolution(basis, layer.weight.detach(), None, *geometry(layer)).reshape(n_in, n_out).T
+    bias = layer.bias.detach().reshape(-1, *[1] * (y.dim() - 2)).expand(y.shape[1:]).reshape(-1)
+    grad = torch.randn_like(y)
+    expected = ref.vision_rule("gamma", x.reshape(n, n_in), dense, bias, grad.reshape(n, n_out), EPS, gamma=GAMMA)
+    torch.testing.assert_close(rule_relevance(layer, "gamma", x, grad), expected.reshape(x.shape), **TOL[torch.float64])
