@@ -1,5 +1,6 @@
-// LRP rules for vision and convolution layers (RULES.md section 3) on linear layers and 2-D
-// convolutions: gamma, alpha-beta, z-plus, z-box, flat and w-square.
+// LRP rules for vision and convolution layers (RULES.md section 3) on linear layers, 2-D
+// convolutions and any convolution (convolution_<rule>: 1 to 3 spatial dimensions, transposed or not,
+// with at::convolution's arguments; epsilon too): gamma, alpha-beta, z-plus, z-box, flat and w-square.
 //   forward:   y = x W^T + b, or the convolution (torch's own kernel, bitwise)
 //   relevance: composed from ATen products and the per-element primitives of this family.
 //
