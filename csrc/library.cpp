@@ -155,6 +155,53 @@ TORCH_LIBRARY(lrpcpp, m) {
   m.def(
       "conv2d_w_square_relevance(Tensor grad, Tensor x, Tensor weight, Tensor? weight_sq, Tensor output, "
       "int[2] stride, int[2] padding, int[2] dilation, int groups, float epsilon, bool gi) -> Tensor");
+  // the same rules, and epsilon, on any convolution (at::convolution's arguments: 1 to 3 spatial
+  // dimensions, transposed or not); each forward returns exactly at::convolution
+#define CONV_ARGS "int[] stride, int[] padding, int[] dilation, bool transposed, int[] output_padding, int groups"
+  m.def("convolution_epsilon(Tensor x, Tensor weight, Tensor? bias, " CONV_ARGS
+        ", "
+        "float epsilon=1e-6) -> Tensor");
+  m.def("convolution_epsilon_relevance(Tensor grad, Tensor x, Tensor weight, Tensor output, " CONV_ARGS
+        ", "
+        "float epsilon) -> Tensor");
+  m.def("convolution_gamma(Tensor x, Tensor weight, Tensor? bias, " CONV_ARGS
+        ", "
+        "float gamma=0.25, float epsilon=1e-6, Tensor? weight_abs=None, bool gi=False) -> Tensor");
+  m.def(
+      "convolution_gamma_relevance(Tensor grad, Tensor x, Tensor weight, Tensor? bias, Tensor? weight_abs, "
+      "Tensor output, " CONV_ARGS ", float gamma, float epsilon, bool gi) -> Tensor");
+  m.def("convolution_alpha_beta(Tensor x, Tensor weight, Tensor? bias, " CONV_ARGS
+        ", "
+        "float alpha=2.0, float beta=1.0, float epsilon=1e-6, Tensor? weight_pos=None, Tensor? weight_neg=None, "
+        "bool gi=False) -> Tensor");
+  m.def(
+      "convolution_alpha_beta_relevance(Tensor grad, Tensor x, Tensor weight, Tensor? weight_pos, "
+      "Tensor? weight_neg, Tensor output, " CONV_ARGS ", float alpha, float beta, float epsilon, bool gi) -> Tensor");
+  m.def("convolution_z_plus(Tensor x, Tensor weight, Tensor? bias, " CONV_ARGS
+        ", "
+        "float epsilon=1e-6, Tensor? weight_pos=None, bool gi=False) -> Tensor");
+  m.def(
+      "convolution_z_plus_relevance(Tensor grad, Tensor x, Tensor weight, Tensor? weight_pos, Tensor output, "
+      "" CONV_ARGS ", float epsilon, bool gi) -> Tensor");
+  m.def("convolution_z_box(Tensor x, Tensor weight, Tensor? bias, Tensor lower, Tensor upper, " CONV_ARGS
+        ", "
+        "float epsilon=1e-6, Tensor? weight_abs=None, bool gi=False) -> Tensor");
+  m.def(
+      "convolution_z_box_relevance(Tensor grad, Tensor x, Tensor weight, Tensor lower, Tensor upper, "
+      "Tensor? weight_abs, Tensor output, " CONV_ARGS ", float epsilon, bool gi) -> Tensor");
+  m.def("convolution_flat(Tensor x, Tensor weight, Tensor? bias, " CONV_ARGS
+        ", "
+        "float epsilon=1e-6, bool gi=False) -> Tensor");
+  m.def("convolution_flat_relevance(Tensor grad, Tensor x, Tensor weight, Tensor output, " CONV_ARGS
+        ", "
+        "float epsilon, bool gi) -> Tensor");
+  m.def("convolution_w_square(Tensor x, Tensor weight, Tensor? bias, " CONV_ARGS
+        ", "
+        "float epsilon=1e-6, Tensor? weight_sq=None, bool gi=False) -> Tensor");
+  m.def(
+      "convolution_w_square_relevance(Tensor grad, Tensor x, Tensor weight, Tensor? weight_sq, Tensor output, "
+      "" CONV_ARGS ", float epsilon, bool gi) -> Tensor");
+#undef CONV_ARGS
   // their per-element primitives: the two normalised relevances of the gamma rule (bias along
   // dimension bias_dim of the output) and of the alpha-beta rule (from the sums of the positive and
   // of the negative terms), and x * a + |x| * b (gi: a + sign(x) * b)

@@ -164,6 +164,49 @@ LRPCPP_API Tensor conv2d_w_square(const Tensor& x, const Tensor& weight, const O
 LRPCPP_API Tensor conv2d_w_square_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
                                             const OptTensor& weight_sq, const Tensor& output, IntRef stride,
                                             IntRef padding, IntRef dilation, int64_t groups, double epsilon, bool gi);
+// The same rules (and epsilon) on any convolution: 1 to 3 spatial dimensions, transposed or not, with
+// torch's at::convolution arguments (stride, padding, dilation and output_padding with one value per
+// spatial dimension). Each forward returns exactly at::convolution; the relevance maps back through the
+// input-gradient of the convolution.
+#define LRPCPP_CONV_ARGS \
+  IntRef stride, IntRef padding, IntRef dilation, bool transposed, IntRef output_padding, int64_t groups
+LRPCPP_API Tensor convolution_epsilon(const Tensor& x, const Tensor& weight, const OptTensor& bias, LRPCPP_CONV_ARGS,
+                                      double epsilon);
+LRPCPP_API Tensor convolution_epsilon_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                                                const Tensor& output, LRPCPP_CONV_ARGS, double epsilon);
+LRPCPP_API Tensor convolution_gamma(const Tensor& x, const Tensor& weight, const OptTensor& bias, LRPCPP_CONV_ARGS,
+                                    double gamma, double epsilon, const OptTensor& weight_abs, bool gi);
+LRPCPP_API Tensor convolution_gamma_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                                              const OptTensor& bias, const OptTensor& weight_abs, const Tensor& output,
+                                              LRPCPP_CONV_ARGS, double gamma, double epsilon, bool gi);
+LRPCPP_API Tensor convolution_alpha_beta(const Tensor& x, const Tensor& weight, const OptTensor& bias, LRPCPP_CONV_ARGS,
+                                         double alpha, double beta, double epsilon, const OptTensor& weight_pos,
+                                         const OptTensor& weight_neg, bool gi);
+LRPCPP_API Tensor convolution_alpha_beta_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                                                   const OptTensor& weight_pos, const OptTensor& weight_neg,
+                                                   const Tensor& output, LRPCPP_CONV_ARGS, double alpha, double beta,
+                                                   double epsilon, bool gi);
+LRPCPP_API Tensor convolution_z_plus(const Tensor& x, const Tensor& weight, const OptTensor& bias, LRPCPP_CONV_ARGS,
+                                     double epsilon, const OptTensor& weight_pos, bool gi);
+LRPCPP_API Tensor convolution_z_plus_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                                               const OptTensor& weight_pos, const Tensor& output, LRPCPP_CONV_ARGS,
+                                               double epsilon, bool gi);
+LRPCPP_API Tensor convolution_z_box(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& lower,
+                                    const Tensor& upper, LRPCPP_CONV_ARGS, double epsilon, const OptTensor& weight_abs,
+                                    bool gi);
+LRPCPP_API Tensor convolution_z_box_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                                              const Tensor& lower, const Tensor& upper, const OptTensor& weight_abs,
+                                              const Tensor& output, LRPCPP_CONV_ARGS, double epsilon, bool gi);
+LRPCPP_API Tensor convolution_flat(const Tensor& x, const Tensor& weight, const OptTensor& bias, LRPCPP_CONV_ARGS,
+                                   double epsilon, bool gi);
+LRPCPP_API Tensor convolution_flat_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                                             const Tensor& output, LRPCPP_CONV_ARGS, double epsilon, bool gi);
+LRPCPP_API Tensor convolution_w_square(const Tensor& x, const Tensor& weight, const OptTensor& bias, LRPCPP_CONV_ARGS,
+                                       double epsilon, const OptTensor& weight_sq, bool gi);
+LRPCPP_API Tensor convolution_w_square_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                                                 const OptTensor& weight_sq, const Tensor& output, LRPCPP_CONV_ARGS,
+                                                 double epsilon, bool gi);
+#undef LRPCPP_CONV_ARGS
 // The per-element primitives of these rules. gamma_stab_div: the factors (s_w, s_abs) of the gamma
 // rule's R_x = x * (s_w W) + |x| * (s_abs |W|) from the incoming relevance (gi: gradient), the
 // output, the product |x| |W| and the bias along dimension bias_dim of the output.

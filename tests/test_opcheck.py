@@ -300,6 +300,65 @@ SAMPLES = {
     "split_times_input": lambda g: (t(3, 4, grad=g), t(3, 4, grad=g), t(3, 4, grad=g), False),
 }
 
+
+def _convolution_samples():
+    """The convolution_<rule> ops and their relevance ops, on a transposed 1-D convolution with groups
+    and output_padding, or a 3-D one with stride, padding, dilation and groups (alternating)."""
+    # (x shape, weight shape, stride, padding, dilation, transposed, output_padding, groups)
+    geometries = [
+        ((1, 4, 5), (4, 3, 3), [2], [1], [1], True, [1], 2),
+        ((1, 4, 4, 5, 4), (6, 2, 2, 3, 2), [1, 2, 1], [1, 0, 1], [1, 1, 2], False, [0, 0, 0], 2),
+    ]
+    # rule -> (arguments between the geometry and gi, of the forward; of the relevance op)
+    rules = {
+        "epsilon": None,
+        "gamma": ((0.25, 1e-6, None), (0.25, 1e-6)),
+        "alpha_beta": ((2.0, 1.0, 1e-6, None, None), (2.0, 1.0, 1e-6)),
+        "z_plus": ((1e-6, None), (1e-6,)),
+        "z_box": ((1e-6, None), (1e-6,)),
+        "flat": ((1e-6,), (1e-6,)),
+        "w_square": ((1e-6, None), (1e-6,)),
+    }
+    samples = {}
+    for i, (rule, params) in enumerate(rules.items()):
+        xs, ws, *geo = geometries[i % 2]
+        y = torch.convolution(torch.randn(xs, dtype=f64), torch.randn(ws, dtype=f64), None, *geo)
+        ys, channels = tuple(y.shape), y.shape[1]
+
+        def forward(g, rule=rule, params=params, xs=xs, ws=ws, geo=geo, channels=channels):
+            x, w, b = t(*xs, grad=g, offset=0.5), t(*ws), t(channels)
+            if rule == "epsilon":
+                return (x, w, b, *geo, 1e-6)
+            bounds = (t(xs[1], *[1] * (len(xs) - 2), offset=-3.0), t(xs[1], *[1] * (len(xs) - 2), offset=3.0))
+            return (x, w, b, *(bounds if rule == "z_box" else ()), *geo, *params[0], False)
+
+        def relevance(g, rule=rule, params=params, xs=xs, ws=ws, ys=ys, geo=geo, channels=channels):
+            grad, x, w, out = t(*ys, grad=g), t(*xs, grad=g, offset=0.5), t(*ws), t(*ys)
+            if rule == "epsilon":
+                return (grad, x, w, out, *geo, 1e-6)
+            lead = {
+                "gamma": (t(channels), None, out),
+                "alpha_beta": (None, None, out),
+                "z_plus": (None, out),
+                "z_box": (
+                    t(xs[1], *[1] * (len(xs) - 2), offset=-3.0),
+                    t(xs[1], *[1] * (len(xs) - 2), offset=3.0),
+                    None,
+                    out,
+                ),
+                "flat": (out,),
+                "w_square": (None, out),
+            }[rule]
+            return (grad, x, w, *lead, *geo, *params[1], True)
+
+        samples[f"convolution_{rule}"] = forward
+        samples[f"convolution_{rule}_relevance"] = relevance
+    return samples
+
+
+SAMPLES.update(_convolution_samples())
+
+
 # ops without a derivative: the relevance ops, and the primitives and gradient-times-input
 # backward ops that the backwards call
 RELEVANCE_OPS = {name for name in SAMPLES if name.endswith("_relevance") and name != "stop_relevance"} | {

@@ -16,44 +16,14 @@ epsilon-gamma-box is compared on the model as it is. zennit's merge leaves each 
 ``x / sqrt(1 + eps)``, not the identity, so the copies use batch norms with ``eps = 0``.
 """
 
-import sys
-import types
-
 import lrpcpp
 import pytest
 import torch
 import vision_models as vm
 from torch import nn
+from zennit_import import import_zennit
 
-
-def _import_zennit():
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
-        # zennit imports torchvision's ResNet block classes at import time, for its ResNet canonizer
-        # only; torchvision does not install beside this torch. These tests build that canonizer from
-        # zennit's block forward for vision_models.BasicBlock (below), so the classes are never used.
-        resnet = types.ModuleType("torchvision.models.resnet")
-        resnet.BasicBlock = type("BasicBlock", (nn.Module,), {})
-        resnet.Bottleneck = type("Bottleneck", (nn.Module,), {})
-        models = types.ModuleType("torchvision.models")
-        models.resnet = resnet
-        tv = types.ModuleType("torchvision")
-        tv.models = models
-        saved = {k: sys.modules.get(k) for k in ("torchvision", "torchvision.models", "torchvision.models.resnet")}
-        sys.modules.update({"torchvision": tv, "torchvision.models": models, "torchvision.models.resnet": resnet})
-        try:
-            return pytest.importorskip("zennit", reason="zennit==0.5.1 is a test dependency (requirements-nodeps.txt)")
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    sys.modules.pop(k, None)
-                else:
-                    sys.modules[k] = v
-    return pytest.importorskip("zennit", reason="zennit==0.5.1 is a test dependency (requirements-nodeps.txt)")
-
-
-zennit = _import_zennit()
+zennit = import_zennit()
 from zennit import composites as zc  # noqa: E402
 from zennit.canonizers import AttributeCanonizer, SequentialMergeBatchNorm  # noqa: E402
 from zennit.layer import Sum  # noqa: E402

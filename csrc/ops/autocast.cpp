@@ -98,10 +98,28 @@ void without_autocast(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   LRPCPP_NO_CAST(device, gi_scale_backward);                      \
   LRPCPP_NO_CAST(device, gi_layer_norm_backward)
 
+// The convolution ops (any dimension, transposed or not), as conv2d's.
+#define LRPCPP_AUTOCAST_CONVOLUTION(device)                            \
+  LRPCPP_AUTOCAST(device, convolution_epsilon, lower_precision_fp);    \
+  LRPCPP_AUTOCAST(device, convolution_gamma, lower_precision_fp);      \
+  LRPCPP_AUTOCAST(device, convolution_alpha_beta, lower_precision_fp); \
+  LRPCPP_AUTOCAST(device, convolution_z_plus, lower_precision_fp);     \
+  LRPCPP_AUTOCAST(device, convolution_z_box, lower_precision_fp);      \
+  LRPCPP_AUTOCAST(device, convolution_flat, lower_precision_fp);       \
+  LRPCPP_AUTOCAST(device, convolution_w_square, lower_precision_fp);   \
+  LRPCPP_NO_CAST(device, convolution_epsilon_relevance);               \
+  LRPCPP_NO_CAST(device, convolution_gamma_relevance);                 \
+  LRPCPP_NO_CAST(device, convolution_alpha_beta_relevance);            \
+  LRPCPP_NO_CAST(device, convolution_z_plus_relevance);                \
+  LRPCPP_NO_CAST(device, convolution_z_box_relevance);                 \
+  LRPCPP_NO_CAST(device, convolution_flat_relevance);                  \
+  LRPCPP_NO_CAST(device, convolution_w_square_relevance)
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrpcpp, AutocastCPU, m) {
   LRPCPP_AUTOCAST_COMMON(CPU);
+  LRPCPP_AUTOCAST_CONVOLUTION(CPU);
   LRPCPP_NO_CAST(CPU, softmax);
   LRPCPP_NO_CAST(CPU, layer_norm);
   LRPCPP_NO_CAST(CPU, layer_norm_identity);
@@ -111,6 +129,7 @@ TORCH_LIBRARY_IMPL(lrpcpp, AutocastCPU, m) {
 
 TORCH_LIBRARY_IMPL(lrpcpp, AutocastCUDA, m) {
   LRPCPP_AUTOCAST_COMMON(CUDA);
+  LRPCPP_AUTOCAST_CONVOLUTION(CUDA);
   LRPCPP_AUTOCAST(CUDA, softmax, fp32_set_opt_dtype);
   LRPCPP_AUTOCAST(CUDA, layer_norm, fp32);
   LRPCPP_AUTOCAST(CUDA, layer_norm_identity, fp32);

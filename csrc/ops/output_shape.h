@@ -33,4 +33,20 @@ inline void check_conv2d_output_shape(const at::Tensor& output, const at::Tensor
   check_output_shape(output, expected, op);
 }
 
+// [batch, out_channels, *spatial] of at::convolution (transposed or not); a spatial size may come out
+// < 1 where the kernel does not fit, which the caller checks
+inline std::vector<c10::SymInt> convolution_output_sizes(const at::Tensor& x, const at::Tensor& weight,
+                                                         at::IntArrayRef stride, at::IntArrayRef padding,
+                                                         at::IntArrayRef dilation, bool transposed,
+                                                         at::IntArrayRef output_padding, int64_t groups) {
+  std::vector<c10::SymInt> sizes{x.sym_size(0), transposed ? weight.sym_size(1) * groups : weight.sym_size(0)};
+  for (size_t i = 0; i < stride.size(); ++i) {
+    const auto extent = (weight.sym_size(2 + i) - 1) * dilation[i] + 1;
+    const auto& in = x.sym_size(2 + i);
+    sizes.push_back(transposed ? (in - 1) * stride[i] - 2 * padding[i] + extent + output_padding[i]
+                               : (in + 2 * padding[i] - extent) / stride[i] + 1);
+  }
+  return sizes;
+}
+
 }  // namespace lrpcpp::impl

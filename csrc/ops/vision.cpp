@@ -1,5 +1,6 @@
-// LRP rules for vision and convolution layers (RULES.md section 3) on linear layers and 2-D
-// convolutions: gamma, alpha-beta, z-plus, z-box, flat and w-square.
+// LRP rules for vision and convolution layers (RULES.md section 3) on linear layers, 2-D
+// convolutions and any convolution (convolution_<rule>: 1 to 3 spatial dimensions, transposed or not,
+// with at::convolution's arguments; epsilon too): gamma, alpha-beta, z-plus, z-box, flat and w-square.
 //   forward:   y = x W^T + b, or the convolution (torch's own kernel, bitwise)
 //   relevance: composed from ATen products and the per-element primitives of this family.
 //
@@ -182,6 +183,98 @@ Tensor conv2d_w_square_relevance(const Tensor& grad, const Tensor& x, const Tens
   return op.call(grad, x, weight, weight_sq, output, stride, padding, dilation, groups, epsilon, gi);
 }
 
+#define CONV_ARGS IntRef stride, IntRef padding, IntRef dilation, bool transposed, IntRef output_padding, int64_t groups
+#define CONV_VALUES stride, padding, dilation, transposed, output_padding, groups
+
+Tensor convolution_epsilon(const Tensor& x, const Tensor& weight, const OptTensor& bias, CONV_ARGS, double epsilon) {
+  LRPCPP_DISPATCH(convolution_epsilon);
+  return op.call(x, weight, bias, CONV_VALUES, epsilon);
+}
+
+Tensor convolution_epsilon_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& output,
+                                     CONV_ARGS, double epsilon) {
+  LRPCPP_DISPATCH(convolution_epsilon_relevance);
+  return op.call(grad, x, weight, output, CONV_VALUES, epsilon);
+}
+
+Tensor convolution_gamma(const Tensor& x, const Tensor& weight, const OptTensor& bias, CONV_ARGS, double gamma,
+                         double epsilon, const OptTensor& weight_abs, bool gi) {
+  LRPCPP_DISPATCH(convolution_gamma);
+  return op.call(x, weight, bias, CONV_VALUES, gamma, epsilon, weight_abs, gi);
+}
+
+Tensor convolution_gamma_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                                   const OptTensor& weight_abs, const Tensor& output, CONV_ARGS, double gamma,
+                                   double epsilon, bool gi) {
+  LRPCPP_DISPATCH(convolution_gamma_relevance);
+  return op.call(grad, x, weight, bias, weight_abs, output, CONV_VALUES, gamma, epsilon, gi);
+}
+
+Tensor convolution_alpha_beta(const Tensor& x, const Tensor& weight, const OptTensor& bias, CONV_ARGS, double alpha,
+                              double beta, double epsilon, const OptTensor& weight_pos, const OptTensor& weight_neg,
+                              bool gi) {
+  LRPCPP_DISPATCH(convolution_alpha_beta);
+  return op.call(x, weight, bias, CONV_VALUES, alpha, beta, epsilon, weight_pos, weight_neg, gi);
+}
+
+Tensor convolution_alpha_beta_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                                        const OptTensor& weight_pos, const OptTensor& weight_neg, const Tensor& output,
+                                        CONV_ARGS, double alpha, double beta, double epsilon, bool gi) {
+  LRPCPP_DISPATCH(convolution_alpha_beta_relevance);
+  return op.call(grad, x, weight, weight_pos, weight_neg, output, CONV_VALUES, alpha, beta, epsilon, gi);
+}
+
+Tensor convolution_z_plus(const Tensor& x, const Tensor& weight, const OptTensor& bias, CONV_ARGS, double epsilon,
+                          const OptTensor& weight_pos, bool gi) {
+  LRPCPP_DISPATCH(convolution_z_plus);
+  return op.call(x, weight, bias, CONV_VALUES, epsilon, weight_pos, gi);
+}
+
+Tensor convolution_z_plus_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                                    const OptTensor& weight_pos, const Tensor& output, CONV_ARGS, double epsilon,
+                                    bool gi) {
+  LRPCPP_DISPATCH(convolution_z_plus_relevance);
+  return op.call(grad, x, weight, weight_pos, output, CONV_VALUES, epsilon, gi);
+}
+
+Tensor convolution_z_box(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& lower,
+                         const Tensor& upper, CONV_ARGS, double epsilon, const OptTensor& weight_abs, bool gi) {
+  LRPCPP_DISPATCH(convolution_z_box);
+  return op.call(x, weight, bias, lower, upper, CONV_VALUES, epsilon, weight_abs, gi);
+}
+
+Tensor convolution_z_box_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& lower,
+                                   const Tensor& upper, const OptTensor& weight_abs, const Tensor& output, CONV_ARGS,
+                                   double epsilon, bool gi) {
+  LRPCPP_DISPATCH(convolution_z_box_relevance);
+  return op.call(grad, x, weight, lower, upper, weight_abs, output, CONV_VALUES, epsilon, gi);
+}
+
+Tensor convolution_flat(const Tensor& x, const Tensor& weight, const OptTensor& bias, CONV_ARGS, double epsilon,
+                        bool gi) {
+  LRPCPP_DISPATCH(convolution_flat);
+  return op.call(x, weight, bias, CONV_VALUES, epsilon, gi);
+}
+
+Tensor convolution_flat_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& output,
+                                  CONV_ARGS, double epsilon, bool gi) {
+  LRPCPP_DISPATCH(convolution_flat_relevance);
+  return op.call(grad, x, weight, output, CONV_VALUES, epsilon, gi);
+}
+
+Tensor convolution_w_square(const Tensor& x, const Tensor& weight, const OptTensor& bias, CONV_ARGS, double epsilon,
+                            const OptTensor& weight_sq, bool gi) {
+  LRPCPP_DISPATCH(convolution_w_square);
+  return op.call(x, weight, bias, CONV_VALUES, epsilon, weight_sq, gi);
+}
+
+Tensor convolution_w_square_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                                      const OptTensor& weight_sq, const Tensor& output, CONV_ARGS, double epsilon,
+                                      bool gi) {
+  LRPCPP_DISPATCH(convolution_w_square_relevance);
+  return op.call(grad, x, weight, weight_sq, output, CONV_VALUES, epsilon, gi);
+}
+
 TensorPair gamma_stab_div(const Tensor& grad, const Tensor& output, const Tensor& abs_product, const OptTensor& bias,
                           int64_t bias_dim, double gamma, double epsilon, bool gi) {
   LRPCPP_DISPATCH(gamma_stab_div);
@@ -304,6 +397,76 @@ void check_conv_output(const Tensor& grad, const Tensor& output, const Tensor& x
   check_conv2d_output_shape(output, x, weight, stride, padding, dilation, op);
 }
 
+// The arguments of at::convolution: weight [out_channels, in_channels / groups, *kernel] (transposed:
+// [in_channels, out_channels / groups, *kernel]) with 1 to 3 spatial dimensions, x batched with as many,
+// one value per spatial dimension in stride, padding, dilation and output_padding.
+void check_convolution(const Tensor& x, const Tensor& weight, const OptTensor& bias, CONV_ARGS, double epsilon,
+                       const char* op) {
+  check_floating(x, op, "x");
+  check_like(weight, x, op, "weight", "x");
+  const int64_t n = weight.dim() - 2;
+  TORCH_CHECK(n >= 1 && n <= 3, op, ": expected weight to be 3-D to 5-D [",
+              transposed ? "in_channels, out_channels / groups" : "out_channels, in_channels / groups",
+              ", *kernel_size] (1 to 3 spatial dimensions), got shape ", shape_str(weight));
+  TORCH_CHECK(x.dim() == n + 2, op, ": expected x to be ", n + 2, "-D [batch, channels, *spatial] for weight ",
+              shape_str(weight), ", got shape ", shape_str(x));
+  for (const auto& [v, arg] : {std::pair<IntRef, const char*>{stride, "stride"},
+                               {padding, "padding"},
+                               {dilation, "dilation"},
+                               {output_padding, "output_padding"}}) {
+    TORCH_CHECK(static_cast<int64_t>(v.size()) == n, op, ": expected ", arg, " to have ", n,
+                " values (one per spatial dimension), got ", v);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(stride[i] >= 1, op, ": expected stride >= 1, got ", stride);
+    TORCH_CHECK(padding[i] >= 0, op, ": expected padding >= 0, got ", padding);
+    TORCH_CHECK(dilation[i] >= 1, op, ": expected dilation >= 1, got ", dilation);
+    TORCH_CHECK(output_padding[i] >= 0 && (transposed || output_padding[i] == 0), op,
+                ": expected output_padding >= 0 (and 0 for a convolution that is not transposed), got ",
+                output_padding);
+    TORCH_CHECK(!transposed || output_padding[i] < stride[i] || output_padding[i] < dilation[i], op,
+                ": expected output_padding to be smaller than stride or dilation, got output_padding=", output_padding,
+                ", stride=", stride, ", dilation=", dilation);
+  }
+  TORCH_CHECK(groups >= 1, op, ": expected groups >= 1, got ", groups);
+  if (transposed) {
+    TORCH_SYM_CHECK((weight.sym_size(0) % groups).sym_eq(0), op,
+                    ": expected in_channels = weight.shape[0] = ", weight.sym_size(0),
+                    " to be divisible by groups = ", groups);
+    TORCH_SYM_CHECK(x.sym_size(1).sym_eq(weight.sym_size(0)), op, ": expected x to have ", weight.sym_size(0),
+                    " channels (weight.shape[0] of a transposed convolution), got ", x.sym_size(1));
+  } else {
+    TORCH_SYM_CHECK((weight.sym_size(0) % groups).sym_eq(0), op,
+                    ": expected out_channels = weight.shape[0] = ", weight.sym_size(0),
+                    " to be divisible by groups = ", groups);
+    TORCH_SYM_CHECK(x.sym_size(1).sym_eq(weight.sym_size(1) * groups), op, ": expected x to have ",
+                    weight.sym_size(1) * groups, " channels (weight.shape[1] * groups), got ", x.sym_size(1));
+  }
+  // at least one output element per spatial dimension: the (dilated) kernel fits into the padded input,
+  // or the transposed convolution's output is not empty
+  const auto out = convolution_output_sizes(x, weight, CONV_VALUES);
+  for (int64_t i = 0; i < n; ++i) {
+    const auto extent = (weight.sym_size(2 + i) - 1) * dilation[i] + 1;
+    const auto fits = transposed ? out[2 + i].sym_ge(1) : extent.sym_le(x.sym_size(2 + i) + 2 * padding[i]);
+    TORCH_SYM_CHECK(fits, op, ": expected the kernel ", shape_str(weight), " (dilated by ", dilation, ") with stride ",
+                    stride, ", padding ", padding, " and output_padding ", output_padding,
+                    " to give an output of size >= 1 from x ", shape_str(x), " at dimension ", 2 + i);
+  }
+  if (bias.has_value() && bias->defined()) {
+    check_like(*bias, x, op, "bias", "x");
+    TORCH_CHECK(bias->dim() == 1, op, ": expected bias to be 1-D [out_channels], got shape ", shape_str(*bias));
+    TORCH_SYM_CHECK(bias->sym_size(0).sym_eq(out[1]), op, ": expected bias to have ", out[1],
+                    " elements (out_channels), got ", bias->sym_size(0));
+  }
+  check_epsilon(epsilon, op);
+}
+
+void check_convolution_output(const Tensor& grad, const Tensor& output, const Tensor& x, const Tensor& weight,
+                              CONV_ARGS, const char* op) {
+  check_grad_output(grad, output, x, op);
+  check_output_shape(output, convolution_output_sizes(x, weight, CONV_VALUES), op);
+}
+
 // ----------------------------------------------------------------------------- the two maps
 // The affine map of a layer without its bias, applied to any input, and its transpose.
 struct LinearMap {
@@ -319,17 +482,24 @@ struct LinearMap {
 struct ConvMap {
   static constexpr int64_t bias_dim = 1;
   IntRef stride, padding, dilation;
+  bool transposed;
+  IntRef output_padding;
   int64_t groups;
   Tensor apply(const Tensor& x, const Tensor& w) const {
-    return at::conv2d(x, w, std::nullopt, stride, padding, dilation, groups);
+    return at::convolution(x, w, std::nullopt, stride, padding, dilation, transposed, output_padding, groups);
   }
-  // the input-gradient of the convolution at s: a transposed convolution with x's shape
+  // the input-gradient of the convolution at s: the convolution's transpose, with x's shape
   Tensor transpose(const Tensor& s, const Tensor& w, const Tensor& x) const {
-    const std::array<int64_t, 2> no_output_padding{0, 0};
-    return std::get<0>(at::convolution_backward(s, x, w, std::nullopt, stride, padding, dilation,
-                                                /*transposed=*/false, no_output_padding, groups, {true, false, false}));
+    return std::get<0>(at::convolution_backward(s, x, w, std::nullopt, stride, padding, dilation, transposed,
+                                                output_padding, groups, {true, false, false}));
   }
 };
+
+// The map of a 2-D convolution (not transposed).
+constexpr std::array<int64_t, 2> kNoOutputPadding{0, 0};
+ConvMap conv2d_map(IntRef stride, IntRef padding, IntRef dilation, int64_t groups) {
+  return ConvMap{stride, padding, dilation, false, kNoOutputPadding, groups};
+}
 
 // The dtype of a rule's products and per-element steps: float32 for float16 and bfloat16 (the
 // signed sums (xW +- |x||W|) / 2 cancel, and a bfloat16 product cannot resolve a small one), else
@@ -577,8 +747,8 @@ Tensor conv2d_gamma_relevance(const Tensor& grad, const Tensor& x, const Tensor&
   check_gamma(gamma, op);
   check_transform(weight_abs, weight, op, "weight_abs");
   check_conv_output(grad, output, x, weight, stride, padding, dilation, op);
-  return gamma_relevance(ConvMap{stride, padding, dilation, groups}, grad, x, weight, bias, weight_abs, output, gamma,
-                         epsilon, gi);
+  return gamma_relevance(conv2d_map(stride, padding, dilation, groups), grad, x, weight, bias, weight_abs, output,
+                         gamma, epsilon, gi);
 }
 
 Tensor conv2d_alpha_beta(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride, IntRef padding,
@@ -602,7 +772,7 @@ Tensor conv2d_alpha_beta_relevance(const Tensor& grad, const Tensor& x, const Te
   check_transform(weight_pos, weight, op, "weight_pos");
   check_transform(weight_neg, weight, op, "weight_neg");
   check_conv_output(grad, output, x, weight, stride, padding, dilation, op);
-  return alpha_beta_relevance(ConvMap{stride, padding, dilation, groups}, grad, x, weight, weight_pos, weight_neg,
+  return alpha_beta_relevance(conv2d_map(stride, padding, dilation, groups), grad, x, weight, weight_pos, weight_neg,
                               output, alpha, beta, epsilon, gi);
 }
 
@@ -621,7 +791,8 @@ Tensor conv2d_z_plus_relevance(const Tensor& grad, const Tensor& x, const Tensor
   check_conv2d(x, weight, std::nullopt, stride, padding, dilation, groups, epsilon, op);
   check_transform(weight_pos, weight, op, "weight_pos");
   check_conv_output(grad, output, x, weight, stride, padding, dilation, op);
-  return z_plus_relevance(ConvMap{stride, padding, dilation, groups}, grad, x, weight, weight_pos, output, epsilon, gi);
+  return z_plus_relevance(conv2d_map(stride, padding, dilation, groups), grad, x, weight, weight_pos, output, epsilon,
+                          gi);
 }
 
 Tensor conv2d_z_box(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& lower,
@@ -642,8 +813,8 @@ Tensor conv2d_z_box_relevance(const Tensor& grad, const Tensor& x, const Tensor&
   check_bounds(lower, upper, x, op);
   check_transform(weight_abs, weight, op, "weight_abs");
   check_conv_output(grad, output, x, weight, stride, padding, dilation, op);
-  return z_box_relevance(ConvMap{stride, padding, dilation, groups}, grad, x, weight, lower, upper, weight_abs, output,
-                         epsilon, gi);
+  return z_box_relevance(conv2d_map(stride, padding, dilation, groups), grad, x, weight, lower, upper, weight_abs,
+                         output, epsilon, gi);
 }
 
 Tensor conv2d_flat(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride, IntRef padding,
@@ -658,7 +829,7 @@ Tensor conv2d_flat_relevance(const Tensor& grad, const Tensor& x, const Tensor& 
   check_conv2d(x, weight, std::nullopt, stride, padding, dilation, groups, epsilon, op);
   check_conv_output(grad, output, x, weight, stride, padding, dilation, op);
   const auto cd = rule_dtype(x.scalar_type());
-  return input_free_relevance(ConvMap{stride, padding, dilation, groups}, grad, x,
+  return input_free_relevance(conv2d_map(stride, padding, dilation, groups), grad, x,
                               at::ones_like(weight, weight.options().dtype(cd)), output, epsilon, gi);
 }
 
@@ -678,8 +849,143 @@ Tensor conv2d_w_square_relevance(const Tensor& grad, const Tensor& x, const Tens
   check_transform(weight_sq, weight, op, "weight_sq");
   check_conv_output(grad, output, x, weight, stride, padding, dilation, op);
   const auto cd = rule_dtype(x.scalar_type());
-  return input_free_relevance(ConvMap{stride, padding, dilation, groups}, grad, x, square_weight(weight, weight_sq, cd),
-                              output, epsilon, gi);
+  return input_free_relevance(conv2d_map(stride, padding, dilation, groups), grad, x,
+                              square_weight(weight, weight_sq, cd), output, epsilon, gi);
+}
+
+// ----------------------------------------------------------------------------- any convolution
+// The forwards return at::convolution; the relevance ops run the rule templates above on ConvMap.
+Tensor convolution_epsilon(const Tensor& x, const Tensor& weight, const OptTensor& bias, CONV_ARGS, double epsilon) {
+  check_convolution(x, weight, bias, CONV_VALUES, epsilon, "lrpcpp.convolution_epsilon");
+  return at::convolution(x, weight, bias, CONV_VALUES);
+}
+
+// RULES.md section 1 (as conv2d_epsilon_relevance): R_x = x * (R / stab(y)) W^T
+Tensor convolution_epsilon_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& output,
+                                     CONV_ARGS, double epsilon) {
+  const char* op = "lrpcpp.convolution_epsilon_relevance";
+  check_convolution(x, weight, std::nullopt, CONV_VALUES, epsilon, op);
+  check_convolution_output(grad, output, x, weight, CONV_VALUES, op);
+  const auto cd = compute_dtype(x.scalar_type());
+  const Tensor rn = lrpcpp::stab_div(grad, output, epsilon, 1.0, cd);
+  return times_input(ConvMap{CONV_VALUES}.transpose(rn, weight.to(cd), x.to(cd)), x);
+}
+
+Tensor convolution_gamma(const Tensor& x, const Tensor& weight, const OptTensor& bias, CONV_ARGS, double gamma,
+                         double epsilon, const OptTensor& weight_abs, bool /*gi*/) {
+  const char* op = "lrpcpp.convolution_gamma";
+  check_convolution(x, weight, bias, CONV_VALUES, epsilon, op);
+  check_gamma(gamma, op);
+  check_transform(weight_abs, weight, op, "weight_abs");
+  return at::convolution(x, weight, bias, CONV_VALUES);
+}
+
+Tensor convolution_gamma_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                                   const OptTensor& weight_abs, const Tensor& output, CONV_ARGS, double gamma,
+                                   double epsilon, bool gi) {
+  const char* op = "lrpcpp.convolution_gamma_relevance";
+  check_convolution(x, weight, bias, CONV_VALUES, epsilon, op);
+  check_gamma(gamma, op);
+  check_transform(weight_abs, weight, op, "weight_abs");
+  check_convolution_output(grad, output, x, weight, CONV_VALUES, op);
+  return gamma_relevance(ConvMap{CONV_VALUES}, grad, x, weight, bias, weight_abs, output, gamma, epsilon, gi);
+}
+
+Tensor convolution_alpha_beta(const Tensor& x, const Tensor& weight, const OptTensor& bias, CONV_ARGS, double alpha,
+                              double beta, double epsilon, const OptTensor& weight_pos, const OptTensor& weight_neg,
+                              bool /*gi*/) {
+  const char* op = "lrpcpp.convolution_alpha_beta";
+  check_convolution(x, weight, bias, CONV_VALUES, epsilon, op);
+  check_alpha_beta(alpha, beta, op);
+  check_transform(weight_pos, weight, op, "weight_pos");
+  check_transform(weight_neg, weight, op, "weight_neg");
+  return at::convolution(x, weight, bias, CONV_VALUES);
+}
+
+Tensor convolution_alpha_beta_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                                        const OptTensor& weight_pos, const OptTensor& weight_neg, const Tensor& output,
+                                        CONV_ARGS, double alpha, double beta, double epsilon, bool gi) {
+  const char* op = "lrpcpp.convolution_alpha_beta_relevance";
+  check_convolution(x, weight, std::nullopt, CONV_VALUES, epsilon, op);
+  check_alpha_beta(alpha, beta, op);
+  check_transform(weight_pos, weight, op, "weight_pos");
+  check_transform(weight_neg, weight, op, "weight_neg");
+  check_convolution_output(grad, output, x, weight, CONV_VALUES, op);
+  return alpha_beta_relevance(ConvMap{CONV_VALUES}, grad, x, weight, weight_pos, weight_neg, output, alpha, beta,
+                              epsilon, gi);
+}
+
+Tensor convolution_z_plus(const Tensor& x, const Tensor& weight, const OptTensor& bias, CONV_ARGS, double epsilon,
+                          const OptTensor& weight_pos, bool /*gi*/) {
+  const char* op = "lrpcpp.convolution_z_plus";
+  check_convolution(x, weight, bias, CONV_VALUES, epsilon, op);
+  check_transform(weight_pos, weight, op, "weight_pos");
+  return at::convolution(x, weight, bias, CONV_VALUES);
+}
+
+Tensor convolution_z_plus_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                                    const OptTensor& weight_pos, const Tensor& output, CONV_ARGS, double epsilon,
+                                    bool gi) {
+  const char* op = "lrpcpp.convolution_z_plus_relevance";
+  check_convolution(x, weight, std::nullopt, CONV_VALUES, epsilon, op);
+  check_transform(weight_pos, weight, op, "weight_pos");
+  check_convolution_output(grad, output, x, weight, CONV_VALUES, op);
+  return z_plus_relevance(ConvMap{CONV_VALUES}, grad, x, weight, weight_pos, output, epsilon, gi);
+}
+
+Tensor convolution_z_box(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& lower,
+                         const Tensor& upper, CONV_ARGS, double epsilon, const OptTensor& weight_abs, bool /*gi*/) {
+  const char* op = "lrpcpp.convolution_z_box";
+  check_convolution(x, weight, bias, CONV_VALUES, epsilon, op);
+  check_bounds(lower, upper, x, op);
+  check_transform(weight_abs, weight, op, "weight_abs");
+  return at::convolution(x, weight, bias, CONV_VALUES);
+}
+
+Tensor convolution_z_box_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& lower,
+                                   const Tensor& upper, const OptTensor& weight_abs, const Tensor& output, CONV_ARGS,
+                                   double epsilon, bool gi) {
+  const char* op = "lrpcpp.convolution_z_box_relevance";
+  check_convolution(x, weight, std::nullopt, CONV_VALUES, epsilon, op);
+  check_bounds(lower, upper, x, op);
+  check_transform(weight_abs, weight, op, "weight_abs");
+  check_convolution_output(grad, output, x, weight, CONV_VALUES, op);
+  return z_box_relevance(ConvMap{CONV_VALUES}, grad, x, weight, lower, upper, weight_abs, output, epsilon, gi);
+}
+
+Tensor convolution_flat(const Tensor& x, const Tensor& weight, const OptTensor& bias, CONV_ARGS, double epsilon,
+                        bool /*gi*/) {
+  check_convolution(x, weight, bias, CONV_VALUES, epsilon, "lrpcpp.convolution_flat");
+  return at::convolution(x, weight, bias, CONV_VALUES);
+}
+
+Tensor convolution_flat_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& output,
+                                  CONV_ARGS, double epsilon, bool gi) {
+  const char* op = "lrpcpp.convolution_flat_relevance";
+  check_convolution(x, weight, std::nullopt, CONV_VALUES, epsilon, op);
+  check_convolution_output(grad, output, x, weight, CONV_VALUES, op);
+  const auto cd = rule_dtype(x.scalar_type());
+  return input_free_relevance(ConvMap{CONV_VALUES}, grad, x, at::ones_like(weight, weight.options().dtype(cd)), output,
+                              epsilon, gi);
+}
+
+Tensor convolution_w_square(const Tensor& x, const Tensor& weight, const OptTensor& bias, CONV_ARGS, double epsilon,
+                            const OptTensor& weight_sq, bool /*gi*/) {
+  const char* op = "lrpcpp.convolution_w_square";
+  check_convolution(x, weight, bias, CONV_VALUES, epsilon, op);
+  check_transform(weight_sq, weight, op, "weight_sq");
+  return at::convolution(x, weight, bias, CONV_VALUES);
+}
+
+Tensor convolution_w_square_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                                      const OptTensor& weight_sq, const Tensor& output, CONV_ARGS, double epsilon,
+                                      bool gi) {
+  const char* op = "lrpcpp.convolution_w_square_relevance";
+  check_convolution(x, weight, std::nullopt, CONV_VALUES, epsilon, op);
+  check_transform(weight_sq, weight, op, "weight_sq");
+  check_convolution_output(grad, output, x, weight, CONV_VALUES, op);
+  const auto cd = rule_dtype(x.scalar_type());
+  return input_free_relevance(ConvMap{CONV_VALUES}, grad, x, square_weight(weight, weight_sq, cd), output, epsilon, gi);
 }
 
 }  // namespace impl
@@ -710,6 +1016,23 @@ TORCH_LIBRARY_IMPL(lrpcpp, CompositeExplicitAutograd, m) {
   m.impl("conv2d_flat_relevance", &impl::conv2d_flat_relevance);
   m.impl("conv2d_w_square", &impl::conv2d_w_square);
   m.impl("conv2d_w_square_relevance", &impl::conv2d_w_square_relevance);
+  m.impl("convolution_epsilon", &impl::convolution_epsilon);
+  m.impl("convolution_epsilon_relevance", &impl::convolution_epsilon_relevance);
+  m.impl("convolution_gamma", &impl::convolution_gamma);
+  m.impl("convolution_gamma_relevance", &impl::convolution_gamma_relevance);
+  m.impl("convolution_alpha_beta", &impl::convolution_alpha_beta);
+  m.impl("convolution_alpha_beta_relevance", &impl::convolution_alpha_beta_relevance);
+  m.impl("convolution_z_plus", &impl::convolution_z_plus);
+  m.impl("convolution_z_plus_relevance", &impl::convolution_z_plus_relevance);
+  m.impl("convolution_z_box", &impl::convolution_z_box);
+  m.impl("convolution_z_box_relevance", &impl::convolution_z_box_relevance);
+  m.impl("convolution_flat", &impl::convolution_flat);
+  m.impl("convolution_flat_relevance", &impl::convolution_flat_relevance);
+  m.impl("convolution_w_square", &impl::convolution_w_square);
+  m.impl("convolution_w_square_relevance", &impl::convolution_w_square_relevance);
 }
+
+#undef CONV_ARGS
+#undef CONV_VALUES
 
 }  // namespace lrpcpp

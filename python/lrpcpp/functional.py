@@ -61,6 +61,13 @@ __all__ = [
     "conv2d_z_box",
     "conv2d_flat",
     "conv2d_w_square",
+    "convolution_epsilon",
+    "convolution_gamma",
+    "convolution_alpha_beta",
+    "convolution_z_plus",
+    "convolution_z_box",
+    "convolution_flat",
+    "convolution_w_square",
     "identity",
     "epsilon",
     "uniform_epsilon",
@@ -428,6 +435,183 @@ def conv2d_w_square(
 ) -> Tensor:
     """``F.conv2d`` with the w-square rule, as :func:`linear_w_square` over the convolution."""
     return torch.ops.lrpcpp.conv2d_w_square(x, weight, bias, stride, padding, dilation, groups, epsilon, weight_sq, gi)
+
+
+# ----------------------------------------------------------------------------- any convolution
+# ``torch.convolution``'s arguments: 1 to 3 spatial dimensions (weight and x of 3 to 5 dimensions),
+# transposed or not, with stride, padding, dilation and output_padding given per spatial dimension.
+# Each returns exactly ``torch.convolution``; the relevance maps back through its transpose (the
+# input-gradient of the convolution), with the rule of the conv2d function of the same name.
+
+
+def convolution_epsilon(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    transposed: bool,
+    output_padding: List[int],
+    groups: int,
+    epsilon: float = 1e-6,
+) -> Tensor:
+    """``torch.convolution`` with the epsilon rule, as :func:`conv2d_epsilon`."""
+    return torch.ops.lrpcpp.convolution_epsilon(
+        x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, epsilon
+    )
+
+
+def convolution_gamma(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    transposed: bool,
+    output_padding: List[int],
+    groups: int,
+    gamma: float = 0.25,
+    epsilon: float = 1e-6,
+    weight_abs: Optional[Tensor] = None,
+    gi: bool = False,
+) -> Tensor:
+    """``torch.convolution`` with the gamma rule, as :func:`conv2d_gamma`."""
+    return torch.ops.lrpcpp.convolution_gamma(
+        x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, gamma, epsilon, weight_abs, gi
+    )
+
+
+def convolution_alpha_beta(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    transposed: bool,
+    output_padding: List[int],
+    groups: int,
+    alpha: float = 2.0,
+    beta: float = 1.0,
+    epsilon: float = 1e-6,
+    weight_pos: Optional[Tensor] = None,
+    weight_neg: Optional[Tensor] = None,
+    gi: bool = False,
+) -> Tensor:
+    """``torch.convolution`` with the alpha-beta rule, as :func:`conv2d_alpha_beta`."""
+    return torch.ops.lrpcpp.convolution_alpha_beta(
+        x,
+        weight,
+        bias,
+        stride,
+        padding,
+        dilation,
+        transposed,
+        output_padding,
+        groups,
+        alpha,
+        beta,
+        epsilon,
+        weight_pos,
+        weight_neg,
+        gi,
+    )
+
+
+def convolution_z_plus(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    transposed: bool,
+    output_padding: List[int],
+    groups: int,
+    epsilon: float = 1e-6,
+    weight_pos: Optional[Tensor] = None,
+    gi: bool = False,
+) -> Tensor:
+    """``torch.convolution`` with the z-plus rule, as :func:`conv2d_z_plus`."""
+    return torch.ops.lrpcpp.convolution_z_plus(
+        x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, epsilon, weight_pos, gi
+    )
+
+
+def convolution_z_box(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lower: Tensor,
+    upper: Tensor,
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    transposed: bool,
+    output_padding: List[int],
+    groups: int,
+    epsilon: float = 1e-6,
+    weight_abs: Optional[Tensor] = None,
+    gi: bool = False,
+) -> Tensor:
+    """``torch.convolution`` with the z-box rule, as :func:`conv2d_z_box`."""
+    return torch.ops.lrpcpp.convolution_z_box(
+        x,
+        weight,
+        bias,
+        lower,
+        upper,
+        stride,
+        padding,
+        dilation,
+        transposed,
+        output_padding,
+        groups,
+        epsilon,
+        weight_abs,
+        gi,
+    )
+
+
+def convolution_flat(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    transposed: bool,
+    output_padding: List[int],
+    groups: int,
+    epsilon: float = 1e-6,
+    gi: bool = False,
+) -> Tensor:
+    """``torch.convolution`` with the flat rule, as :func:`conv2d_flat`."""
+    return torch.ops.lrpcpp.convolution_flat(
+        x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, epsilon, gi
+    )
+
+
+def convolution_w_square(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    transposed: bool,
+    output_padding: List[int],
+    groups: int,
+    epsilon: float = 1e-6,
+    weight_sq: Optional[Tensor] = None,
+    gi: bool = False,
+) -> Tensor:
+    """``torch.convolution`` with the w-square rule, as :func:`conv2d_w_square`."""
+    return torch.ops.lrpcpp.convolution_w_square(
+        x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, epsilon, weight_sq, gi
+    )
 
 
 # ----------------------------------------------------------------------------- generic rules

@@ -1,6 +1,6 @@
-// Autograd of the vision family: one torch::autograd::Function template, instantiated for each of the
-// twelve forward ops with a small traits struct that names the op and the relevance op its backward
-// calls. Its forward redispatches to the op and keeps every argument of it for the backward;
+// Autograd of the vision family: one torch::autograd::Function template, instantiated for each of its
+// forward ops (and convolution_epsilon) with a small traits struct that names the op and the relevance
+// op its backward calls. Its forward redispatches to the op and keeps every argument of it for the backward;
 // weights, biases, weight transforms and the z-box bounds take no relevance.
 #include <tuple>
 #include <utility>
@@ -200,6 +200,71 @@ struct Conv2dWSquare {
   }
 };
 
+// any convolution: the geometry (stride, padding, dilation, transposed, output_padding, groups) passes through
+#define CONV_ARGS IntRef st, IntRef pa, IntRef di, bool tr, IntRef op, int64_t groups
+#define CONV_VALUES st, pa, di, tr, op, groups
+
+struct ConvolutionEpsilon {
+  static constexpr auto forward = &lrpcpp::convolution_epsilon;
+  static Tensor relevance(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& y, const OptTensor& /*b*/,
+                          CONV_ARGS, double epsilon) {
+    return lrpcpp::convolution_epsilon_relevance(g, x, w, y, CONV_VALUES, epsilon);
+  }
+};
+
+struct ConvolutionGamma {
+  static constexpr auto forward = &lrpcpp::convolution_gamma;
+  static Tensor relevance(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& y, const OptTensor& b,
+                          CONV_ARGS, double gamma, double epsilon, const OptTensor& w_abs, bool gi) {
+    return lrpcpp::convolution_gamma_relevance(g, x, w, b, w_abs, y, CONV_VALUES, gamma, epsilon, gi);
+  }
+};
+
+struct ConvolutionAlphaBeta {
+  static constexpr auto forward = &lrpcpp::convolution_alpha_beta;
+  static Tensor relevance(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& y, const OptTensor& /*b*/,
+                          CONV_ARGS, double alpha, double beta, double epsilon, const OptTensor& w_pos,
+                          const OptTensor& w_neg, bool gi) {
+    return lrpcpp::convolution_alpha_beta_relevance(g, x, w, w_pos, w_neg, y, CONV_VALUES, alpha, beta, epsilon, gi);
+  }
+};
+
+struct ConvolutionZPlus {
+  static constexpr auto forward = &lrpcpp::convolution_z_plus;
+  static Tensor relevance(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& y, const OptTensor& /*b*/,
+                          CONV_ARGS, double epsilon, const OptTensor& w_pos, bool gi) {
+    return lrpcpp::convolution_z_plus_relevance(g, x, w, w_pos, y, CONV_VALUES, epsilon, gi);
+  }
+};
+
+struct ConvolutionZBox {
+  static constexpr auto forward = &lrpcpp::convolution_z_box;
+  static Tensor relevance(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& y, const OptTensor& /*b*/,
+                          const Tensor& lo, const Tensor& hi, CONV_ARGS, double epsilon, const OptTensor& w_abs,
+                          bool gi) {
+    return lrpcpp::convolution_z_box_relevance(g, x, w, lo, hi, w_abs, y, CONV_VALUES, epsilon, gi);
+  }
+};
+
+struct ConvolutionFlat {
+  static constexpr auto forward = &lrpcpp::convolution_flat;
+  static Tensor relevance(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& y, const OptTensor& /*b*/,
+                          CONV_ARGS, double epsilon, bool gi) {
+    return lrpcpp::convolution_flat_relevance(g, x, w, y, CONV_VALUES, epsilon, gi);
+  }
+};
+
+struct ConvolutionWSquare {
+  static constexpr auto forward = &lrpcpp::convolution_w_square;
+  static Tensor relevance(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& y, const OptTensor& /*b*/,
+                          CONV_ARGS, double epsilon, const OptTensor& w_sq, bool gi) {
+    return lrpcpp::convolution_w_square_relevance(g, x, w, w_sq, y, CONV_VALUES, epsilon, gi);
+  }
+};
+
+#undef CONV_ARGS
+#undef CONV_VALUES
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrpcpp, Autograd, m) {
@@ -215,11 +280,35 @@ TORCH_LIBRARY_IMPL(lrpcpp, Autograd, m) {
   m.impl("conv2d_z_box", &VisionFunction<Conv2dZBox>::apply_rule);
   m.impl("conv2d_flat", &VisionFunction<Conv2dFlat>::apply_rule);
   m.impl("conv2d_w_square", &VisionFunction<Conv2dWSquare>::apply_rule);
-  for (const char* name :
-       {"linear_gamma_relevance", "linear_alpha_beta_relevance", "linear_z_plus_relevance", "linear_z_box_relevance",
-        "linear_flat_relevance", "linear_w_square_relevance", "conv2d_gamma_relevance", "conv2d_alpha_beta_relevance",
-        "conv2d_z_plus_relevance", "conv2d_z_box_relevance", "conv2d_flat_relevance", "conv2d_w_square_relevance",
-        "gamma_stab_div", "alpha_beta_stab_div", "split_times_input"}) {
+  m.impl("convolution_epsilon", &VisionFunction<ConvolutionEpsilon>::apply_rule);
+  m.impl("convolution_gamma", &VisionFunction<ConvolutionGamma>::apply_rule);
+  m.impl("convolution_alpha_beta", &VisionFunction<ConvolutionAlphaBeta>::apply_rule);
+  m.impl("convolution_z_plus", &VisionFunction<ConvolutionZPlus>::apply_rule);
+  m.impl("convolution_z_box", &VisionFunction<ConvolutionZBox>::apply_rule);
+  m.impl("convolution_flat", &VisionFunction<ConvolutionFlat>::apply_rule);
+  m.impl("convolution_w_square", &VisionFunction<ConvolutionWSquare>::apply_rule);
+  for (const char* name : {"linear_gamma_relevance",
+                           "linear_alpha_beta_relevance",
+                           "linear_z_plus_relevance",
+                           "linear_z_box_relevance",
+                           "linear_flat_relevance",
+                           "linear_w_square_relevance",
+                           "conv2d_gamma_relevance",
+                           "conv2d_alpha_beta_relevance",
+                           "conv2d_z_plus_relevance",
+                           "conv2d_z_box_relevance",
+                           "conv2d_flat_relevance",
+                           "conv2d_w_square_relevance",
+                           "gamma_stab_div",
+                           "alpha_beta_stab_div",
+                           "split_times_input",
+                           "convolution_epsilon_relevance",
+                           "convolution_gamma_relevance",
+                           "convolution_alpha_beta_relevance",
+                           "convolution_z_plus_relevance",
+                           "convolution_z_box_relevance",
+                           "convolution_flat_relevance",
+                           "convolution_w_square_relevance"}) {
     m.impl(name, torch::autograd::autogradNotImplementedFallback());
   }
 }

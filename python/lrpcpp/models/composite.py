@@ -28,7 +28,8 @@ from .. import modules as lm
 from ..rules import Rule
 from .canonizers import MergedBatchNorm, conv_bn_pairs, mergeable, merged_conv_bn
 from .explicit import ExplicitRules, identity_rule
-from .presets import Preset, get_preset
+from .layers import conv_forward
+from .presets import CONVOLUTIONS, Preset, get_preset
 from .state import ModelState, claim, release
 
 __all__ = ["Composite", "CompositeHandle", "DEFAULT_MODULE_MAP", "identity_module"]
@@ -74,6 +75,18 @@ def identity_module(module: nn.Module) -> nn.Module:
     return new
 
 
+def _rule_module(rule: Rule, module: nn.Module) -> nn.Module:
+    """The drop-in of ``module`` with ``rule``: the rule's module class for ``nn.Linear`` and
+    ``nn.Conv2d``; for the other convolutions (1-D, 3-D, transposed) a shallow copy of the layer,
+    sharing its parameters, whose forward is the rule's ``convolution`` op."""
+    if not isinstance(module, CONVOLUTIONS) or isinstance(module, nn.Conv2d):
+        return rule.module(module)
+    new = module.__class__.__new__(module.__class__)
+    new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()})
+    new.__dict__["forward"] = conv_forward(new, rule, gi=False)
+    return new
+
+
 def _merged_module(rule: Rule, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Module:
     new = rule.module(conv)
     weight, bias = merged_conv_bn(conv, bn)
@@ -91,7 +104,7 @@ def composite_name_map(preset: Preset, model: nn.Module) -> Dict[str, Callable[[
     mha = {n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)}
     assigned = {n: r for n, r in preset.assign(model).items() if n in modules and n.rpartition(".")[0] not in mha}
     out: Dict[str, Callable[[nn.Module], nn.Module]] = {
-        name: (lambda r: lambda m: r.module(m))(rule) for name, rule in assigned.items()
+        name: (lambda r: lambda m: _rule_module(r, m))(rule) for name, rule in assigned.items()
     }
     if preset.merge_batch_norm:
         for conv_name, bn_name in conv_bn_pairs(model):

@@ -10,16 +10,16 @@ from torch.nn import functional as F
 from ..rules import Rule, weight_transforms
 from .attention import check_mha, mha_forward
 from .canonizers import conv_bn_pairs, mergeable, merged_conv_bn
-from .presets import Preset
+from .presets import CONVOLUTIONS, Preset
 
-__all__ = ["apply_preset"]
+__all__ = ["apply_preset", "conv_forward"]
 
 
-def _conv_geometry(conv: nn.Conv2d) -> Tuple[List[int], str, List[int]]:
+def _conv_geometry(conv: nn.modules.conv._ConvNd) -> Tuple[List[int], str, List[int]]:
     """(explicit pre-padding, its mode, the convolution's numeric padding), as Conv2dEpsilon pads."""
     if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-        return [int(p) for p in conv._reversed_padding_repeated_twice], mode, [0, 0]
+        return [int(p) for p in conv._reversed_padding_repeated_twice], mode, [0] * len(conv.kernel_size)
     return [], "constant", [int(p) for p in conv.padding]
 
 
@@ -30,11 +30,14 @@ def _linear_forward(module: nn.Linear, rule: Rule, gi: bool) -> Callable[[Tensor
     return forward
 
 
-def _conv_forward(
-    conv: nn.Conv2d, rule: Optional[Rule], gi: bool, bn: Optional[nn.BatchNorm2d] = None
+def conv_forward(
+    conv: nn.modules.conv._ConvNd, rule: Optional[Rule], gi: bool, bn: Optional[nn.BatchNorm2d] = None
 ) -> Callable[[Tensor], Tensor]:
+    """The forward of any convolution layer (a batch norm is merged only into an ``nn.Conv2d``):
+    ``rule.conv2d`` for an ``nn.Conv2d``, ``rule.convolution`` for the others (1-D, 3-D, transposed)."""
     pre_pad, mode, padding = _conv_geometry(conv)
     plain = types.MethodType(type(conv).forward, conv)
+    transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
 
     def forward(x: Tensor) -> Tensor:
         merged = bn if bn is not None and not bn.training else None
@@ -49,8 +52,22 @@ def _conv_forward(
             x = F.pad(x, pre_pad, mode=mode)
         if rule is None:
             return F.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups)
-        return rule.conv2d(
-            x, weight, bias, conv.stride, padding, conv.dilation, conv.groups, weight_transforms(rule, weight), gi
+        if isinstance(conv, nn.Conv2d):
+            return rule.conv2d(
+                x, weight, bias, conv.stride, padding, conv.dilation, conv.groups, weight_transforms(rule, weight), gi
+            )
+        return rule.convolution(
+            x,
+            weight,
+            bias,
+            list(conv.stride),
+            padding,
+            list(conv.dilation),
+            transposed,
+            list(conv.output_padding),
+            conv.groups,
+            weight_transforms(rule, weight),
+            gi,
         )
 
     return forward
@@ -97,12 +114,12 @@ def apply_preset(handle: Any, preset: Preset) -> None:
             for part, rule in (("in_proj", in_rule), ("out_proj", out_rule)):
                 if rule is not None:
                     handle.layer_rules[f"{name}.{part}"] = rule
-        elif isinstance(module, nn.Conv2d) and (name in assigned or name in merged):
+        elif isinstance(module, CONVOLUTIONS) and (name in assigned or name in merged):
             rule = assigned.get(name)
             what = f"rule {rule}" if rule is not None else "plain"
             if name in merged:
                 what += f", batch norm {handle.merged_batch_norms[name]} merged"
-            handle._set_forward(name, module, _conv_forward(module, rule, gi, merged.get(name)), what)
+            handle._set_forward(name, module, conv_forward(module, rule, gi, merged.get(name)), what)
             if rule is not None:
                 handle.layer_rules[name] = rule
         elif isinstance(module, nn.Linear) and name in assigned:

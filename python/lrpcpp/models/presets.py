@@ -1,6 +1,7 @@
 """Named presets of layer rules for linear and convolution layers (RULES.md section 3).
 
-A :class:`Preset` says which rule each ``nn.Linear`` and ``nn.Conv2d`` of a model takes: by
+A :class:`Preset` says which rule each ``nn.Linear`` and convolution (``nn.Conv1d`` to ``nn.Conv3d``,
+``nn.ConvTranspose1d`` to ``nn.ConvTranspose3d``) of a model takes: by
 module type, for the first such layer of the model (the input layer), and by qualified module
 name, in increasing priority. It also names the treatment of attention (``method``) and whether
 batch norms are merged into the convolutions before them. Presets are registered by name, and
@@ -38,9 +39,26 @@ __all__ = [
     "get_preset",
     "preset_arguments",
     "preset_options",
+    "CONVOLUTIONS",
 ]
 
 RuleKey = Union[str, type]
+
+#: The convolution layers the rules treat (each through its native op: 1-3 spatial dimensions,
+#: transposed or not); a preset's rule for convolutions is listed under each of these types.
+CONVOLUTIONS: Tuple[type, ...] = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+
+
+def _convolutions(rule: Rule) -> Dict[type, Rule]:
+    """``rule`` for every convolution layer type."""
+    return {cls: rule for cls in CONVOLUTIONS}
 
 
 @dataclass(frozen=True)
@@ -49,7 +67,7 @@ class Preset:
     Frozen: :meth:`with_rules` and :func:`dataclasses.replace` make changed copies.
 
     * ``types``: ``{module type: rule}``; a layer takes the rule of the most specific listed type
-      it is an instance of (``nn.Linear``, ``nn.Conv2d``).
+      it is an instance of (``nn.Linear``, ``nn.Conv2d``, any of :data:`CONVOLUTIONS`).
     * ``first``: the rule of the model's first linear or convolution layer in module order (the
       input layer, e.g. z-box for pixels), or ``None``.
     * ``names``: ``{qualified module name: rule}``, the highest priority. For an
@@ -110,7 +128,7 @@ class Preset:
                         out[key] = rule
                 first_seen = True
                 continue
-            if not isinstance(module, (nn.Linear, nn.Conv2d)) or name in inside_mha:
+            if not isinstance(module, (nn.Linear, *CONVOLUTIONS)) or name in inside_mha:
                 continue
             rule = self._by_type(module)
             if not first_seen:
@@ -221,7 +239,7 @@ def vit(gamma_linear: float = 0.05, gamma_conv: float = 0.25, epsilon: float = 1
     """The AttnLRP recipe for Vision Transformers: CP-LRP in attention (query and key held constant),
     the gamma rule on linear layers (``gamma_linear``) and convolutions (``gamma_conv``)."""
     return Preset(
-        types={nn.Linear: Gamma(gamma_linear, epsilon), nn.Conv2d: Gamma(gamma_conv, epsilon)}, method="cp-lrp"
+        types={nn.Linear: Gamma(gamma_linear, epsilon), **_convolutions(Gamma(gamma_conv, epsilon))}, method="cp-lrp"
     )
 
 
@@ -236,28 +254,32 @@ def epsilon_gamma_box(
             "lrpcpp: preset 'epsilon_gamma_box' needs the input bounds low and high (numbers, or "
             "tensors broadcastable to the input, e.g. per channel of shape [3, 1, 1])"
         )
-    return Preset(types={nn.Linear: Epsilon(epsilon), nn.Conv2d: Gamma(gamma, epsilon)}, first=ZBox(low, high, epsilon))
+    return Preset(
+        types={nn.Linear: Epsilon(epsilon), **_convolutions(Gamma(gamma, epsilon))}, first=ZBox(low, high, epsilon)
+    )
 
 
 @register_preset("epsilon_plus")
 def epsilon_plus(epsilon: float = 1e-6) -> Preset:
     """z-plus on convolutions, epsilon on linear layers."""
-    return Preset(types={nn.Linear: Epsilon(epsilon), nn.Conv2d: ZPlus(epsilon)})
+    return Preset(types={nn.Linear: Epsilon(epsilon), **_convolutions(ZPlus(epsilon))})
 
 
 @register_preset("epsilon_plus_flat")
 def epsilon_plus_flat(epsilon: float = 1e-6) -> Preset:
     """As ``epsilon_plus``, with the flat rule on the input layer."""
-    return Preset(types={nn.Linear: Epsilon(epsilon), nn.Conv2d: ZPlus(epsilon)}, first=Flat(epsilon))
+    return Preset(types={nn.Linear: Epsilon(epsilon), **_convolutions(ZPlus(epsilon))}, first=Flat(epsilon))
 
 
 @register_preset("epsilon_alpha2_beta1")
 def epsilon_alpha2_beta1(epsilon: float = 1e-6) -> Preset:
     """alpha-beta with alpha = 2, beta = 1 on convolutions, epsilon on linear layers."""
-    return Preset(types={nn.Linear: Epsilon(epsilon), nn.Conv2d: AlphaBeta(2.0, 1.0, epsilon)})
+    return Preset(types={nn.Linear: Epsilon(epsilon), **_convolutions(AlphaBeta(2.0, 1.0, epsilon))})
 
 
 @register_preset("epsilon_alpha2_beta1_flat")
 def epsilon_alpha2_beta1_flat(epsilon: float = 1e-6) -> Preset:
     """As ``epsilon_alpha2_beta1``, with the flat rule on the input layer."""
-    return Preset(types={nn.Linear: Epsilon(epsilon), nn.Conv2d: AlphaBeta(2.0, 1.0, epsilon)}, first=Flat(epsilon))
+    return Preset(
+        types={nn.Linear: Epsilon(epsilon), **_convolutions(AlphaBeta(2.0, 1.0, epsilon))}, first=Flat(epsilon)
+    )

@@ -31,6 +31,28 @@ class AlphaBeta(Rule):
             x, weight, bias, stride, padding, dilation, groups, self.alpha, self.beta, self.epsilon, pos, neg, gi
         )
 
+    def convolution(
+        self, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, transform, gi
+    ):
+        pos, neg = transform if transform is not None else (None, None)
+        return lf.convolution_alpha_beta(
+            x,
+            weight,
+            bias,
+            stride,
+            padding,
+            dilation,
+            transposed,
+            output_padding,
+            groups,
+            self.alpha,
+            self.beta,
+            self.epsilon,
+            pos,
+            neg,
+            gi,
+        )
+
     def module(self, layer):
         cls = lm.LinearAlphaBeta if isinstance(layer, nn.Linear) else lm.Conv2dAlphaBeta
         return cls.from_module(layer, alpha=self.alpha, beta=self.beta, epsilon=self.epsilon)

@@ -1,12 +1,13 @@
 """The base of the layer rules for linear and convolution layers (RULES.md section 3), and the helper
 that gives a rule's op its cached weight transform(s).
 
-Each rule is a frozen dataclass of its parameters whose ``linear`` and ``conv2d`` compute the layer's
-output through the rule's native op of :mod:`lrpcpp.functional` (``linear_gamma``,
-``conv2d_z_box``, ...), and whose ``module`` builds the matching drop-in of :mod:`lrpcpp.modules`.
+Each rule is a frozen dataclass of its parameters whose ``linear``, ``conv2d`` and ``convolution``
+(any other convolution: 1-D, 3-D, transposed) compute the layer's output through the rule's native
+op of :mod:`lrpcpp.functional` (``linear_gamma``, ``conv2d_z_box``, ``convolution_z_plus``, ...), and
+whose ``module`` builds the matching drop-in of :mod:`lrpcpp.modules`.
 """
 
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 from torch import Tensor, nn
 
@@ -42,6 +43,24 @@ class Rule:
         transform: Transform,
         gi: bool,
     ) -> Tensor:
+        raise NotImplementedError
+
+    def convolution(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        bias: Optional[Tensor],
+        stride: List[int],
+        padding: List[int],
+        dilation: List[int],
+        transposed: bool,
+        output_padding: List[int],
+        groups: int,
+        transform: Transform,
+        gi: bool,
+    ) -> Tensor:
+        """Any convolution (``torch.convolution``'s arguments: 1 to 3 spatial dimensions, transposed or
+        not) through the rule's ``convolution_*`` op."""
         raise NotImplementedError
 
     def module(self, layer: nn.Module) -> nn.Module:

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from torch.nn import functional as F
 
@@ -27,6 +28,15 @@ class Epsilon(Rule):
         if gi:
             return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         return lf.conv2d_epsilon(x, weight, bias, stride, padding, dilation, groups, self.epsilon)
+
+    def convolution(
+        self, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, transform, gi
+    ):
+        if gi:
+            return torch.convolution(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+        return lf.convolution_epsilon(
+            x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, self.epsilon
+        )
 
     def module(self, layer):
         cls = lm.LinearEpsilon if isinstance(layer, nn.Linear) else lm.Conv2dEpsilon

@@ -24,6 +24,13 @@ class Flat(Rule):
     def conv2d(self, x, weight, bias, stride, padding, dilation, groups, transform, gi):
         return lf.conv2d_flat(x, weight, bias, stride, padding, dilation, groups, self.epsilon, gi)
 
+    def convolution(
+        self, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, transform, gi
+    ):
+        return lf.convolution_flat(
+            x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, self.epsilon, gi
+        )
+
     def module(self, layer):
         cls = lm.LinearFlat if isinstance(layer, nn.Linear) else lm.Conv2dFlat
         return cls.from_module(layer, epsilon=self.epsilon)

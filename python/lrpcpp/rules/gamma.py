@@ -28,6 +28,25 @@ class Gamma(Rule):
             x, weight, bias, stride, padding, dilation, groups, self.gamma, self.epsilon, transform, gi
         )
 
+    def convolution(
+        self, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, transform, gi
+    ):
+        return lf.convolution_gamma(
+            x,
+            weight,
+            bias,
+            stride,
+            padding,
+            dilation,
+            transposed,
+            output_padding,
+            groups,
+            self.gamma,
+            self.epsilon,
+            transform,
+            gi,
+        )
+
     def module(self, layer):
         cls = lm.LinearGamma if isinstance(layer, nn.Linear) else lm.Conv2dGamma
         return cls.from_module(layer, gamma=self.gamma, epsilon=self.epsilon)

@@ -25,6 +25,13 @@ class WSquare(Rule):
     def conv2d(self, x, weight, bias, stride, padding, dilation, groups, transform, gi):
         return lf.conv2d_w_square(x, weight, bias, stride, padding, dilation, groups, self.epsilon, transform, gi)
 
+    def convolution(
+        self, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, transform, gi
+    ):
+        return lf.convolution_w_square(
+            x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, self.epsilon, transform, gi
+        )
+
     def module(self, layer):
         cls = lm.LinearWSquare if isinstance(layer, nn.Linear) else lm.Conv2dWSquare
         return cls.from_module(layer, epsilon=self.epsilon)

@@ -38,6 +38,27 @@ class ZBox(Rule):
         lo, hi = self._bounds(x)
         return lf.conv2d_z_box(x, weight, bias, lo, hi, stride, padding, dilation, groups, self.epsilon, transform, gi)
 
+    def convolution(
+        self, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, transform, gi
+    ):
+        lo, hi = self._bounds(x)
+        return lf.convolution_z_box(
+            x,
+            weight,
+            bias,
+            lo,
+            hi,
+            stride,
+            padding,
+            dilation,
+            transposed,
+            output_padding,
+            groups,
+            self.epsilon,
+            transform,
+            gi,
+        )
+
     def module(self, layer):
         cls = lm.LinearZBox if isinstance(layer, nn.Linear) else lm.Conv2dZBox
         return cls.from_module(layer, lower=self.low, upper=self.high, epsilon=self.epsilon)

@@ -25,6 +25,13 @@ class ZPlus(Rule):
     def conv2d(self, x, weight, bias, stride, padding, dilation, groups, transform, gi):
         return lf.conv2d_z_plus(x, weight, bias, stride, padding, dilation, groups, self.epsilon, transform, gi)
 
+    def convolution(
+        self, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, transform, gi
+    ):
+        return lf.convolution_z_plus(
+            x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, self.epsilon, transform, gi
+        )
+
     def module(self, layer):
         cls = lm.LinearZPlus if isinstance(layer, nn.Linear) else lm.Conv2dZPlus
         return cls.from_module(layer, epsilon=self.epsilon)

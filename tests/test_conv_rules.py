@@ -1,0 +1,386 @@
+"""The rules on every convolution kind (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d/2d/3d, and nn.Conv2d
+through the same op) against zennit's rules on the same layer and input: the native
+``convolution_<rule>`` ops, the rules' ``convolution``, lrpcpp.patch with a preset and lrpcpp.Composite;
+conservation on bias-free layers; the gradient-times-input form; the argument checks.
+
+zennit counts the bias in some denominators (gamma, alpha-beta and z-plus add its positive or negative
+part to the sums of the positive or negative terms; flat and w-square replace it by 1 or square it),
+lrpcpp does not (RULES.md section 3). Those rules are compared on bias-free layers; epsilon and z-box,
+where both conventions agree (the epsilon denominator is the output, bias included; zennit's z-box
+bias terms b - b+ - b- cancel), are compared on layers with a bias as well."""
+
+import lrpcpp
+import lrpcpp.functional as lf
+import pytest
+import torch
+from lrpcpp import rules as R
+from lrpcpp.models.presets import CONVOLUTIONS, Preset
+from torch import nn
+from zennit_import import import_zennit
+
+zennit = import_zennit()
+
+EPS = 1e-6
+GAMMA = 0.3
+RULES = ["epsilon", "gamma", "alpha_beta", "z_plus", "z_box", "flat", "w_square"]
+# the rules whose relevance zennit computes as lrpcpp does also with a bias
+BIAS_AGREES = {"epsilon", "z_box"}
+TOL = {torch.float64: dict(atol=1e-12, rtol=1e-12), torch.float32: dict(atol=1e-5, rtol=1e-5)}
+
+
+# kind -> (layer factory(bias), input shape): stride, padding, dilation, groups and output_padding
+# other than their defaults in every dimension that has them
+def _layers():
+    return {
+        "conv1d": (
+            lambda b: nn.Conv1d(4, 6, 3, stride=2, padding=1, dilation=2, groups=2, bias=b),
+            (2, 4, 11),
+        ),
+        "conv2d": (
+            lambda b: nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2, bias=b),
+            (2, 4, 7, 6),
+        ),
+        "conv3d": (
+            lambda b: nn.Conv3d(
+                4, 6, (2, 3, 2), stride=(1, 2, 1), padding=(1, 0, 1), dilation=(1, 1, 2), groups=2, bias=b
+            ),
+            (2, 4, 5, 6, 5),
+        ),
+        "conv_transpose1d": (
+            lambda b: nn.ConvTranspose1d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2, bias=b),
+            (2, 4, 7),
+        ),
+        "conv_transpose2d": (
+            lambda b: nn.ConvTranspose2d(
+                4, 6, (3, 3), stride=(2, 3), padding=(1, 0), output_padding=(1, 2), dilation=(1, 1), groups=2, bias=b
+            ),
+            (2, 4, 5, 4),
+        ),
+        "conv_transpose3d": (
+            lambda b: nn.ConvTranspose3d(
+                4,
+                2,
+                (2, 3, 2),
+                stride=(2, 1, 2),
+                padding=(0, 1, 0),
+                output_padding=(1, 0, 0),
+                dilation=(1, 2, 1),
+                bias=b,
+            ),
+            (2, 4, 3, 4, 3),
+        ),
+    }
+
+
+LAYERS = _layers()
+
+
+def make(kind, dtype, bias, seed=0):
+    torch.manual_seed(seed)
+    factory, shape = LAYERS[kind]
+    layer = factory(bias).to(dtype).eval()
+    x = torch.randn(shape, dtype=dtype)
+    return layer, x
+
+
+def bounds(x):
+    """z-box bounds per channel, around x."""
+    shape = (x.shape[1],) + (1,) * (x.dim() - 2)
+    lo = torch.full(shape, float(x.min()) - 0.5, dtype=x.dtype)
+    hi = torch.full(shape, float(x.max()) + 0.25, dtype=x.dtype)
+    return lo, hi
+
+
+def lrpcpp_rule(rule, x, eps=EPS):
+    if rule == "z_box":
+        return R.ZBox(*bounds(x), eps)
+    return {
+        "epsilon": R.Epsilon(eps),
+        "gamma": R.Gamma(GAMMA, eps),
+        "alpha_beta": R.AlphaBeta(2.0, 1.0, eps),
+        "z_plus": R.ZPlus(eps),
+        "flat": R.Flat(eps),
+        "w_square": R.WSquare(eps),
+    }[rule]
+
+
+def zennit_rule(rule, x):
+    zr = zennit.rules
+    if rule == "z_box":  # zennit's bounds have the batch dimension
+        lo, hi = bounds(x)
+        return zr.ZBox(lo[None], hi[None], stabilizer=EPS)
+    return {
+        "epsilon": lambda: zr.Epsilon(epsilon=EPS),
+        "gamma": lambda: zr.Gamma(gamma=GAMMA, stabilizer=EPS),
+        "alpha_beta": lambda: zr.AlphaBeta(alpha=2.0, beta=1.0, stabilizer=EPS),
+        "z_plus": lambda: zr.ZPlus(stabilizer=EPS),
+        "flat": lambda: zr.Flat(stabilizer=EPS),
+        "w_square": lambda: zr.WSquare(stabilizer=EPS),
+    }[rule]()
+
+
+def geometry(layer):
+    """torch.convolution's arguments of a layer (numeric padding, zeros padding mode)."""
+    transposed = isinstance(layer, nn.modules.conv._ConvTransposeNd)
+    return (
+        list(layer.stride),
+        list(layer.padding),
+        list(layer.dilation),
+        transposed,
+        list(layer.output_padding),
+        layer.groups,
+    )
+
+
+def zennit_relevance(layer, rule, x, grad):
+    """zennit's Gradient attributor with ``rule`` on ``layer`` alone."""
+    composite = zennit.composites.LayerMapComposite([(type(layer), zennit_rule(rule, x))])
+    with zennit.attribution.Gradient(model=layer, composite=composite) as attributor:
+        _, relevance = attributor(x, grad)
+    return relevance
+
+
+def rule_relevance(layer, rule, x, grad, eps=EPS):
+    """lrpcpp's relevance through the rule's ``convolution`` (the native convolution_<rule> op)."""
+    x = x.clone().requires_grad_()
+    r = lrpcpp_rule(rule, x.detach(), eps)
+    y = r.convolution(x, layer.weight, layer.bias, *geometry(layer), None, False)
+    torch.testing.assert_close(y, layer(x), atol=0, rtol=0)  # exactly torch's convolution
+    y.backward(grad)
+    return x.grad
+
+
+def cases(bias):
+    return [
+        pytest.param(kind, rule, id=f"{kind}-{rule}")
+        for kind in LAYERS
+        for rule in RULES
+        if not bias or rule in BIAS_AGREES
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("kind, rule", cases(bias=False))
+def test_rule_equals_zennit_without_bias(kind, rule, dtype):
+    layer, x = make(kind, dtype, bias=False)
+    grad = torch.randn_like(layer(x))
+    expected = zennit_relevance(layer, rule, x, grad)
+    got = rule_relevance(layer, rule, x, grad)
+    assert got.abs().sum() > 0
+    torch.testing.assert_close(got, expected, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("kind, rule", cases(bias=True))
+def test_rule_equals_zennit_with_bias(kind, rule, dtype):
+    layer, x = make(kind, dtype, bias=True)
+    grad = torch.randn_like(layer(x))
+    torch.testing.assert_close(
+        rule_relevance(layer, rule, x, grad), zennit_relevance(layer, rule, x, grad), **TOL[dtype]
+    )
+
+
+def preset_for(rule, x):
+    return Preset(types={cls: lrpcpp_rule(rule, x) for cls in CONVOLUTIONS}, merge_batch_norm=False)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+@pytest.mark.parametrize("rule", ["gamma", "z_plus", "w_square"])
+def test_patch_and_composite_treat_every_convolution(kind, rule):
+    """lrpcpp.patch (explicit and gradient mode) and lrpcpp.Composite with a preset put the rule on
+    each convolution kind: the relevance of a model of one such layer equals zennit's."""
+    layer, x = make(kind, torch.float64, bias=False)
+    model = nn.Sequential(layer)
+    grad = torch.randn_like(layer(x))
+    expected = zennit_relevance(layer, rule, x, grad)
+    preset = preset_for(rule, x)
+    with lrpcpp.patch(model, preset=preset, mode="explicit") as handle:
+        assert handle.layer_rules == {"0": preset.types[type(layer)]}
+        xe = x.clone().requires_grad_()
+        model(xe).backward(grad)
+    torch.testing.assert_close(xe.grad, expected, **TOL[torch.float64])
+    with lrpcpp.patch(model, preset=preset, mode="gradient"):
+        xg = x.clone().requires_grad_()
+        y = model(xg)
+        y.backward(grad / y)  # the gradient form takes R_y / y, and returns R_x / x (w-square: R_x / stab(x))
+    got = xg.grad * (x + EPS * torch.where(x >= 0, 1.0, -1.0).to(x)) if rule == "w_square" else x * xg.grad
+    torch.testing.assert_close(got, expected, atol=1e-9, rtol=1e-9)
+    with lrpcpp.Composite(preset=preset).context(model):
+        xc = x.clone().requires_grad_()
+        model(xc).backward(grad)
+    torch.testing.assert_close(xc.grad, expected, **TOL[torch.float64])
+
+
+def passing(layer, rule, x):
+    """The outputs whose relevance the rule passes on: those some input reaches (output_padding adds
+    outputs that none does), and for z-plus and alpha-beta those with a positive term (and a negative
+    one): where a denominator is a sum of no terms, its relevance has no input to go to."""
+    w = layer.weight.detach()
+
+    def conv(inp, weight):
+        return torch.convolution(inp, weight, None, *geometry(layer))
+
+    mask = conv(torch.ones_like(x), w.abs()) > 0
+    if rule in ("z_plus", "alpha_beta"):
+        xp, xn, wp, wn = x.clamp(min=0), x.clamp(max=0), w.clamp(min=0), w.clamp(max=0)
+        mask &= conv(xp, wp) + conv(xn, wn) > 0
+        if rule == "alpha_beta":
+            mask &= conv(xp, wn) + conv(xn, wp) < 0
+    return mask
+
+
+@pytest.mark.parametrize("kind, rule", cases(bias=False))
+def test_conservation_without_bias(kind, rule):
+    """Every rule passes on the relevance of each sample, from the outputs it can pass on (with
+    epsilon = 1e-12, which absorbs a relative epsilon / |z| of an output's relevance)."""
+    layer, x = make(kind, torch.float64, bias=False)
+    mask = passing(layer, rule, x)
+    assert mask.float().mean() > 0.5
+    grad = (torch.rand_like(layer(x)) + 0.1) * mask
+    got = rule_relevance(layer, rule, x, grad, eps=1e-12)
+    torch.testing.assert_close(got.flatten(1).sum(1), grad.flatten(1).sum(1), atol=0, rtol=1e-8)
+
+
+@pytest.mark.parametrize("kind, rule", [c for c in cases(bias=False) if c.values[1] != "epsilon"])
+def test_gradient_form(kind, rule):
+    """gi=True takes the gradient R_y / y and returns R_x / x: exactly for the rules whose relevance
+    is a multiple of x (gamma, alpha-beta, z-plus), R_x / stab(x) for the others."""
+    layer, x = make(kind, torch.float64, bias=True)
+    grad = torch.randn_like(layer(x))
+    explicit = rule_relevance(layer, rule, x, grad)
+    xg = x.clone().requires_grad_()
+    y = lrpcpp_rule(rule, x).convolution(xg, layer.weight, layer.bias, *geometry(layer), None, True)
+    y.backward(grad / y)
+    if rule in ("gamma", "alpha_beta", "z_plus"):
+        torch.testing.assert_close(x * xg.grad, explicit, atol=1e-10, rtol=1e-10)
+    else:
+        stab = x + EPS * torch.where(x >= 0, 1.0, -1.0).to(x)
+        torch.testing.assert_close(xg.grad, explicit / stab, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_conv2d_ops_equal_the_general_op(rule):
+    """conv2d_<rule> and convolution_<rule> on a 2-D convolution: the same relevance, bitwise."""
+    layer, x = make("conv2d", torch.float64, bias=True)
+    grad = torch.randn_like(layer(x))
+    r = lrpcpp_rule(rule, x)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    r.conv2d(
+        xa, layer.weight, layer.bias, layer.stride, list(layer.padding), layer.dilation, layer.groups, None, False
+    ).backward(grad)
+    r.convolution(xb, layer.weight, layer.bias, *geometry(layer), None, False).backward(grad)
+    assert torch.equal(xa.grad, xb.grad)
+
+
+def test_cached_weight_transforms_are_used():
+    """A weight transform passed in is the one the rule multiplies by (here a wrong one changes R)."""
+    layer, x = make("conv_transpose2d", torch.float64, bias=False)
+    grad = torch.randn_like(layer(x))
+    geo = geometry(layer)
+    outs = []
+    for w_abs in (None, layer.weight.abs(), 2 * layer.weight.abs()):
+        xr = x.clone().requires_grad_()
+        lf.convolution_gamma(xr, layer.weight, None, *geo, GAMMA, EPS, w_abs).backward(grad)
+        outs.append(xr.grad)
+    assert torch.equal(outs[0], outs[1]) and not torch.allclose(outs[0], outs[2])
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((torch.randn(2, 4, 9), torch.randn(6, 2, 3), [1, 1], [0], [1], False, [0], 2), "stride to have 1 values"),
+        ((torch.randn(2, 4, 9), torch.randn(6, 2, 3), [1], [0], [1], False, [1], 2), "output_padding >= 0 \\(and 0"),
+        ((torch.randn(2, 4, 9), torch.randn(6, 2, 3), [2], [0], [1], True, [2], 2), "smaller than stride or dilation"),
+        ((torch.randn(2, 4, 9, 9), torch.randn(6, 2, 3), [1], [0], [1], False, [0], 2), "x to be 3-D"),
+        ((torch.randn(2, 4, 9), torch.randn(6, 4, 3), [1], [0], [1], False, [0], 2), "x to have 8 channels"),
+        ((torch.randn(2, 5, 9), torch.randn(4, 3, 3), [1], [0], [1], True, [0], 2), "x to have 4 channels"),
+        ((torch.randn(2, 4, 2), torch.randn(6, 2, 3), [1], [0], [1], False, [0], 2), "output of size >= 1"),
+        ((torch.randn(2, 4, 9), torch.randn(6, 2), [1], [0], [1], False, [0], 2), "weight to be 3-D to 5-D"),
+        ((torch.randn(2, 4, 9), torch.randn(6, 2, 3), [0], [0], [1], False, [0], 2), "stride >= 1"),
+        ((torch.randn(2, 4, 9), torch.randn(6, 2, 3), [1], [0], [1], False, [0], 0), "groups >= 1"),
+    ],
+)
+def test_bad_arguments_name_the_op(args, match):
+    x, w, *geo = args
+    for op in (lf.convolution_epsilon, lf.convolution_z_plus):
+        with pytest.raises(RuntimeError, match=f"lrpcpp.{op.__name__}: expected .*{match}"):
+            op(x, w, None, *geo)
+
+
+def test_bad_bias_and_output_name_the_op():
+    x, w = torch.randn(2, 4, 9), torch.randn(4, 3, 3)  # transposed: 6 output channels
+    geo = ([1], [0], [1], True, [0], 2)
+    with pytest.raises(RuntimeError, match="lrpcpp.convolution_gamma: expected bias to have 6 elements"):
+        lf.convolution_gamma(x, w, torch.randn(4), *geo)
+    y = torch.convolution(x, w, None, *geo)
+    with pytest.raises(RuntimeError, match="lrpcpp.convolution_flat_relevance: expected output to have the shape"):
+        torch.ops.lrpcpp.convolution_flat_relevance(y[..., 1:], x, w, y[..., 1:], *geo, EPS, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize(
+    "layer, shape",
+    [
+        (nn.AvgPool1d(3, 2, 1), (2, 3, 9)),
+        (nn.AvgPool2d((2, 3), (2, 1), (1, 1), count_include_pad=False), (2, 3, 6, 7)),
+        (nn.AvgPool3d(2, 1), (2, 3, 4, 5, 4)),
+        (nn.AdaptiveAvgPool2d(2), (2, 3, 5, 5)),
+        (nn.MaxPool1d(3, 2), (2, 3, 9)),
+        (nn.MaxPool2d(2, padding=1), (2, 3, 6, 5)),
+        (nn.MaxPool3d(2, 1, dilation=(1, 2, 1)), (2, 3, 4, 5, 4)),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else "",
+)
+def test_pooling_equals_zennit(layer, shape, dtype):
+    """Average pooling takes the epsilon rule (zennit's Norm), max pooling passes all relevance to the
+    maximum of each window (zennit keeps the gradient: winner takes all), in lrpcpp.Composite and in
+    lrpcpp.patch's explicit mode, for 1 to 3 dimensions."""
+    torch.manual_seed(0)
+    layer = layer.to(dtype)
+    x = torch.randn(shape, dtype=dtype)
+    grad = torch.randn_like(layer(x))
+    maps = [] if "Max" in type(layer).__name__ else [(type(layer), zennit.rules.Norm(stabilizer=EPS))]
+    with zennit.attribution.Gradient(model=layer, composite=zennit.composites.LayerMapComposite(maps)) as attributor:
+        _, expected = attributor(x, grad)
+    model = nn.Sequential(layer)
+    with lrpcpp.Composite(epsilon=EPS).context(model):
+        xc = x.clone().requires_grad_()
+        model(xc).backward(grad)
+    with lrpcpp.patch(model, mode="explicit", epsilon=EPS):
+        xe = x.clone().requires_grad_()
+        model(xe).backward(grad)
+    torch.testing.assert_close(xc.grad, expected, **TOL[dtype])
+    torch.testing.assert_close(xe.grad, expected, **TOL[dtype])
+
+
+def test_functional_ops_script():
+    """The convolution_<rule> wrappers are TorchScript-compatible: a scripted function gives the eager
+    output and relevance."""
+
+    def forward(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return lf.convolution_alpha_beta(x, w, None, [2], [1], [1], True, [1], 2, 2.0, 1.0)
+
+    w, grad = torch.randn(4, 3, 3, dtype=torch.float64), torch.randn(2, 6, 14, dtype=torch.float64)
+    xs = [torch.randn(2, 4, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) for _ in range(2)]
+    ys = [f(x.requires_grad_(), w) for f, x in zip((forward, torch.jit.script(forward)), xs)]
+    for y in ys:
+        y.backward(grad)
+    assert torch.equal(ys[0], ys[1]) and torch.equal(xs[0].grad, xs[1].grad)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_gamma_with_bias_equals_the_dense_reference(kind):
+    """The gamma rule is the one rule that counts the bias (as the weight of a constant input 1,
+    RULES.md section 3), which zennit counts otherwise: compared with the float64 transcription of
+    reference.py over the convolution written as a dense matrix (y = x M^T + b per sample)."""
+    import reference as ref
+
+    layer, x = make(kind, torch.float64, bias=True)
+    y = layer(x)
+    n, n_in, n_out = x.shape[0], x[0].numel(), y[0].numel()
+    basis = torch.eye(n_in, dtype=x.dtype).reshape(n_in, *x.shape[1:])
+    dense = torch.convolution(basis, layer.weight.detach(), None, *geometry(layer)).reshape(n_in, n_out).T
+    bias = layer.bias.detach().reshape(-1, *[1] * (y.dim() - 2)).expand(y.shape[1:]).reshape(-1)
+    grad = torch.randn_like(y)
+    expected = ref.vision_rule("gamma", x.reshape(n, n_in), dense, bias, grad.reshape(n, n_out), EPS, gamma=GAMMA)
+    torch.testing.assert_close(rule_relevance(layer, "gamma", x, grad), expected.reshape(x.shape), **TOL[torch.float64])
