@@ -1,0 +1,1 @@
+"""LXT's ``lxt.explicit`` (relevance carried by the backward pass): :mod:`.functional`."""
