@@ -13,7 +13,7 @@ def snippets(text):
 
 def test_interop_page_snippets_run():
     blocks = snippets((ROOT / "docs" / "interop.rst").read_text())
-    assert len(blocks) == 6
+    assert len(blocks) == 7
     namespace: dict = {}
     for i, code in enumerate(blocks):
         exec(compile(code, f"docs/interop.rst snippet {i}", "exec"), namespace)
