@@ -98,7 +98,7 @@ def mergeable(bn: nn.BatchNorm2d) -> bool:
 _MERGED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def merged_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
+def merged_conv_bn(conv: nn.modules.conv._ConvNd, bn: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
     """The weight and bias of ``bn(conv(x))`` as one convolution (eval-mode batch norm), computed in
     float64 and cast to the weight's dtype; computed once and reused while the convolution's and
     batch norm's tensors are unchanged."""

@@ -20,7 +20,7 @@ class, no torch function, no other model.
 import contextlib
 import functools
 from types import MappingProxyType
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union, cast
 
 from torch import nn
 
@@ -83,7 +83,7 @@ def _rule_module(rule: Rule, module: nn.Module) -> nn.Module:
         return rule.module(module)
     new = module.__class__.__new__(module.__class__)
     new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()})
-    new.__dict__["forward"] = conv_forward(new, rule, gi=False)
+    new.__dict__["forward"] = conv_forward(cast(nn.modules.conv._ConvNd, new), rule, gi=False)
     return new
 
 

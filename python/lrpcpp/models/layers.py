@@ -2,7 +2,7 @@
 it) and multi-head attention layers, put on a patched model by :func:`apply_preset`."""
 
 import types
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, cast
 
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -119,7 +119,8 @@ def apply_preset(handle: Any, preset: Preset) -> None:
             what = f"rule {rule}" if rule is not None else "plain"
             if name in merged:
                 what += f", batch norm {handle.merged_batch_norms[name]} merged"
-            handle._set_forward(name, module, conv_forward(module, rule, gi, merged.get(name)), what)
+            forward = conv_forward(cast(nn.modules.conv._ConvNd, module), rule, gi, merged.get(name))
+            handle._set_forward(name, module, forward, what)
             if rule is not None:
                 handle.layer_rules[name] = rule
         elif isinstance(module, nn.Linear) and name in assigned:

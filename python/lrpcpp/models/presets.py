@@ -24,7 +24,7 @@ The rules themselves are the classes of :mod:`lrpcpp.rules`, computed by the nat
 import dataclasses
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union, cast
 
 from torch import nn
 
@@ -130,7 +130,7 @@ class Preset:
                 continue
             if not isinstance(module, (nn.Linear, *CONVOLUTIONS)) or name in inside_mha:
                 continue
-            rule = self._by_type(module)
+            rule = self._by_type(cast(nn.Module, module))
             if not first_seen:
                 first_seen = True
                 rule = self.first or rule
