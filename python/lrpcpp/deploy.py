@@ -33,11 +33,12 @@ from ._build_info import VERSION
 from .attribution import (
     Attribution,
     Target,
+    _embedded,
     attribute,
     attribution_of,
-    choose_input,
     explaining,
     input_leaf,
+    input_leaves,
     is_causal_decoder,
     last_positions,
     logits_of,
@@ -45,6 +46,9 @@ from .attribution import (
     relevance_backward,
     relevance_of,
     select_target,
+)
+from .attribution import (
+    _decoder_mask as decoder_mask,
 )
 from .attribution import (
     model_kwargs as model_kwargs_of,
@@ -542,6 +546,9 @@ class CompiledAttribute:
         # AOTAutograd compiles one backward for every input that requires grad: with the parameters
         # frozen it computes the relevance only, not weight gradients as well
         self._removed, self._warm = False, False
+        self._forward = model.forward  # the model's own, before the patch replaces it
+        self._embeds: Optional[Tensor] = None  # the input_ids leaf of the call, for a substituted embedding
+        self._hooked: set = set()
         compile_kwargs.setdefault("fullgraph", True)
         with contextlib.ExitStack() as undo:  # on an error, everything done so far is undone
             self.handle = undo.enter_context(
@@ -567,43 +574,49 @@ class CompiledAttribute:
         inputs_embeds: Optional[Tensor] = None,
         pixel_values: Optional[Tensor] = None,
         target: Target = None,
+        decoder_input_ids: Optional[Tensor] = None,
+        decoder_inputs_embeds: Optional[Tensor] = None,
         **model_kwargs,
     ) -> Attribution:
-        """The arguments and the result of :func:`lrpcpp.attribute` (no ``latent``, ``method`` or ``mode``)."""
+        """The arguments and the result of :func:`lrpcpp.attribute` (no ``latent``, ``method`` or ``mode``):
+        one input, or several inputs of a model that takes them together, whose relevance
+        ``Attribution.inputs`` holds by name."""
         if self._removed:
             raise RuntimeError("lrpcpp.deploy.CompiledAttribute: the patch was removed; make a new one")
+        given = (input_ids, attention_mask, inputs_embeds, pixel_values)
+        decoder = dict(decoder_input_ids=decoder_input_ids, decoder_inputs_embeds=decoder_inputs_embeds)
         if isinstance(target, (list, tuple)):
             # one forward and backward per target: a compiled backward cannot be batched with vmap
             # (is_grads_batched) nor, with inductor's donated buffers, run twice on one graph
             if not target or not all(isinstance(t, int) for t in target):
                 raise TypeError("lrpcpp.deploy.CompiledAttribute: a list target must hold ints")
-            each = [self(input_ids, attention_mask, inputs_embeds, pixel_values, t, **model_kwargs) for t in target]
-            return Attribution(
+            each = [self(*given, t, **decoder, **model_kwargs) for t in target]
+            result = Attribution(
                 relevance=torch.stack([a.relevance for a in each]),
                 token_relevance=torch.stack([a.token_relevance for a in each]),
                 output=torch.stack([a.output for a in each], dim=-1),
                 target=torch.stack([a.target for a in each if a.target is not None], dim=-1),  # int targets: all set
             )
+            result.inputs = {n: torch.stack([a.inputs[n] for a in each]) for n in each[0].inputs}
+            return result
         caller = "lrpcpp.deploy.CompiledAttribute"
-        several = [
-            n
-            for n, v in [("input_ids", input_ids), ("inputs_embeds", inputs_embeds), ("pixel_values", pixel_values)]
-            + [(n, model_kwargs.get(n)) for n in ("decoder_input_ids", "decoder_inputs_embeds")]
-            if v is not None
-        ]
-        if len(several) > 1:
-            raise ValueError(
-                f"{caller}: explains one input, got {', '.join(several)}: with several, the relevance of each is "
-                "a leaf of its own, which the compiled backward does not return; explain them with "
-                "lrpcpp.attribute (Attribution.inputs has each by name)"
-            )
-        key, leaf = choose_input(self.model, input_ids, inputs_embeds, pixel_values, caller)
-        model_kwargs = model_kwargs_of(self.model, key, leaf, attention_mask, self._causal, model_kwargs, caller)
+        leaves, calls, hooked = input_leaves(
+            self.model, input_ids, inputs_embeds, pixel_values, decoder_input_ids, decoder_inputs_embeds,
+            attention_mask, None, model_kwargs, self._forward,
+        )  # fmt: skip
+        first = next(iter(leaves))
+        key, leaf = leaves[first]
+        text = leaves.get("input_ids", leaves.get("inputs_embeds", (key, leaf)))
+        model_kwargs = model_kwargs_of(self.model, *text, attention_mask, self._causal, model_kwargs, caller)
+        decoder_leaf = next((t for n, (_, t) in leaves.items() if n.startswith("decoder_")), None)
+        # an encoder-decoder's next token follows the last decoder position of the decoder's mask
+        target_mask = attention_mask if decoder_leaf is None else decoder_mask(model_kwargs, decoder_leaf)
         batch, seq = leaf.shape[:2] if key == "inputs_embeds" else (0, 0)
         # the positions of all items for every item, batch x batch logits (fewer than batch x seq);
         # a per-item index ([batch, 1]) would fix the sequence length of the compiled graph
         only_explained = (
             self._only_explained
+            and len(leaves) == 1
             and key == "inputs_embeds"
             and not callable(target)
             and "logits_to_keep" not in model_kwargs
@@ -612,32 +625,59 @@ class CompiledAttribute:
         if only_explained:
             positions = last_positions(attention_mask, batch, seq, leaf.device) % seq  # -1: a row all padding
             model_kwargs["logits_to_keep"] = positions
-        if not self._warm:
-            # The patch builds its constant gradient-scale tensors on first use. Built in a plain
-            # forward, they exist before the first compilation, whose guards then hold from the
-            # second call on (built inside it, they would make the second call compile again). The
-            # operation level builds them only with grad, where an input carries relevance: its plain
-            # forward runs with grad, and gives the coverage warning (or strict's error) of an eager
-            # forward, which the compiled forward does not count.
-            with torch.set_grad_enabled(self.handle.level == "operations"), bodies_run() as ran:
-                self.model(**{key: leaf}, **model_kwargs)
-            if ran:
-                raise RuntimeError(
-                    "lrpcpp.deploy.compile_attribute: the operation level gives rules to the calls inside "
-                    f"{', '.join(sorted(op_name(f) for f in ran))}, which torch.compile records as one call that then "
-                    "runs without the rules: the compiled relevance would be wrong. Explain this model with "
-                    "lrpcpp.attribute"
-                )
-            self._warm = True
-        with torch.enable_grad():
-            out = self.compiled(**{key: leaf}, **model_kwargs)
-            if only_explained:  # [batch, batch, vocab]: item i's next-token logits are at [i, i]
-                rows = torch.arange(batch, device=leaf.device)
-                explained, ids = select_target(logits_of(out)[rows, rows], target, None)
-            else:
-                explained, ids = select_target(out, target, attention_mask, leaf.shape[0])
-        (grad,) = relevance_backward(explained, [leaf], explicit=False, many=False)
-        return attribution_of(relevance_of(leaf, grad, False), explained, ids, key)
+        if hooked is not None:
+            self._substitute(hooked)
+            self._embeds = leaves["input_ids"][1]
+        try:
+            if not self._warm:
+                # The patch builds its constant gradient-scale tensors on first use. Built in a plain
+                # forward, they exist before the first compilation, whose guards then hold from the
+                # second call on (built inside it, they would make the second call compile again). The
+                # operation level builds them only with grad, where an input carries relevance: its plain
+                # forward runs with grad, and gives the coverage warning (or strict's error) of an eager
+                # forward, which the compiled forward does not count.
+                with torch.set_grad_enabled(self.handle.level == "operations"), bodies_run() as ran:
+                    with _embedded(hooked, input_ids, self._embeds, caller):
+                        self.model(**calls, **model_kwargs)
+                if ran:
+                    raise RuntimeError(
+                        "lrpcpp.deploy.compile_attribute: the operation level gives rules to the calls inside "
+                        f"{', '.join(sorted(op_name(f) for f in ran))}, which torch.compile records as one call that "
+                        "then runs without the rules: the compiled relevance would be wrong. Explain this model with "
+                        "lrpcpp.attribute"
+                    )
+                self._warm = True
+            with torch.enable_grad():
+                out = self.compiled(**calls, **model_kwargs)
+                if only_explained:  # [batch, batch, vocab]: item i's next-token logits are at [i, i]
+                    rows = torch.arange(batch, device=leaf.device)
+                    explained, ids = select_target(logits_of(out)[rows, rows], target, None)
+                else:
+                    batches = {t.shape[0] for _, t in leaves.values()}
+                    explained, ids = select_target(
+                        out, target, target_mask, batches.pop() if len(batches) == 1 else None
+                    )
+        finally:
+            self._embeds = None
+        grads = relevance_backward(explained, [t for _, t in leaves.values()], explicit=False, many=False)
+        relevances = {name: relevance_of(t, g, False).detach() for (name, (_, t)), g in zip(leaves.items(), grads)}
+        result = attribution_of(relevances[first], explained, ids, key)
+        result.inputs = relevances
+        return result
+
+    def _substitute(self, module: nn.Module) -> None:
+        """A forward hook, kept while the model stays patched, that makes ``module`` (the one that
+        embeds ``input_ids`` in a forward without ``inputs_embeds``) return the embeddings whose
+        relevance is computed. It is part of the compiled forward: a hook added and removed per call
+        would change what the compiled graph's guards check, and compile again every time."""
+        if module in self._hooked:
+            return
+
+        def substitute(m, args, out):
+            return self._embeds  # None (outside a call) leaves the output as it is
+
+        self._hooked.add(module)
+        self._undo.callback(module.register_forward_hook(substitute).remove)
 
     def remove(self) -> None:
         """Unpatches the model and restores every submodule's training flag and every parameter's
