@@ -289,3 +289,60 @@ def test_compile_attribute_with_inductor_gives_the_relevance_of_each_input():
                 _assert_each_input(got, want, rtol=1e-6)
     finally:
         torch._dynamo.reset()
+
+
+def _deployed_inputs(given, model):
+    """The program's inputs for what attribute is given: the ids as their embeddings."""
+    out = dict(given)
+    if "decoder_input_ids" in out:
+        out["decoder_inputs_embeds"] = model.get_decoder().get_input_embeddings()(out.pop("decoder_input_ids")).detach()
+    if "pixel_values" in out:  # CLIP's forward takes no inputs_embeds: the ids with their embeddings
+        out["inputs_embeds"] = model.text_model.embeddings.token_embedding(out["input_ids"]).detach()
+    else:
+        out["inputs_embeds"] = model.get_input_embeddings()(out.pop("input_ids")).detach()
+    return out
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("several", ["t5", "clip"])
+def test_exported_program_gives_the_relevance_of_each_input(several, tmp_path, float64_default):
+    # the program takes the inputs as a dict and runs on other lengths (dynamic); its relevance of each
+    # input is lrpcpp.attribute's, in attribute's order
+    from lrpcpp import deploy
+
+    if several == "t5":
+        model, target = t5(), None
+        cases = [
+            dict(
+                input_ids=ENCODER, decoder_input_ids=PREFIX, decoder_attention_mask=torch.ones(2, 4, dtype=torch.long)
+            ),
+            dict(
+                input_ids=_ids((2, 9), 15),
+                decoder_input_ids=_ids((2, 3), 16),
+                decoder_attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]),
+            ),
+        ]
+    else:
+        model, target = clip(), _second_caption
+        cases = [
+            dict(input_ids=TEXT, pixel_values=PIXELS),
+            dict(input_ids=_ids((2, 7), 17, high=64), pixel_values=PIXELS),
+        ]
+    path = tmp_path / "model.pt2"
+    deploy.export_program(model, path, **cases[0], target=target)  # check=True: compares on the example
+    assert all("forward" not in m.__dict__ and not m._forward_hooks for m in model.modules())
+    program = torch.export.load(str(path)).module()
+    for given in cases:
+        want = lrpcpp.attribute(model, **given, target=target)
+        got = deploy.attribute_deployed(program, **_deployed_inputs(given, model), target=target)
+        assert len(got.inputs) == 2
+        for have, expected in zip(got.inputs.values(), want.inputs.values()):
+            torch.testing.assert_close(have, expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max()))
+
+
+def test_archive_refuses_several_inputs_and_names_export_program(tmp_path):
+    from lrpcpp import deploy
+
+    with pytest.raises(ValueError, match=r"got input_ids, decoder_input_ids\. .*lrpcpp\.deploy\.export_program"):
+        deploy.export_archive(t5(), tmp_path / "m.pt", input_ids=ENCODER, decoder_input_ids=PREFIX)
+    assert not (tmp_path / "m.pt").exists()
