@@ -337,7 +337,9 @@ def test_exported_program_gives_the_relevance_of_each_input(several, tmp_path, f
         got = deploy.attribute_deployed(program, **_deployed_inputs(given, model), target=target)
         assert len(got.inputs) == 2
         for have, expected in zip(got.inputs.values(), want.inputs.values()):
-            torch.testing.assert_close(have, expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max()))
+            # T5: bitwise; CLIP: the image-text product rounds differently in the exported graph
+            rtol = 0.0 if several == "t5" else 1e-12
+            torch.testing.assert_close(have, expected, rtol=rtol, atol=rtol * float(expected.abs().max()))
 
 
 def test_archive_refuses_several_inputs_and_names_export_program(tmp_path):

@@ -59,8 +59,9 @@ class Attribution:
       (:class:`lrpcpp.models.operations.Coverage`); ``None`` at the registry level.
     * ``inputs``: the relevance of every given input by the name it was given under
       (``{"input_ids": ..., "pixel_values": ...}``), each shaped as ``relevance``; from
-      :func:`attribute` always filled (one entry for one input, its value is ``relevance``), ``None``
-      from the compiled and deployed attribution of :mod:`lrpcpp.deploy`, which explain one input.
+      :func:`attribute` and :func:`lrpcpp.deploy.compile_attribute` always filled (one entry for one
+      input, its value is ``relevance``); from :func:`lrpcpp.deploy.attribute_deployed` filled for a
+      program of several inputs, ``None`` for one.
     * ``tokens``: the tokens of each batch item, for the views (``_repr_html_``, :meth:`show`);
       ``None`` until set (``attr.tokens = [tokenizer.convert_ids_to_tokens(row) for row in ids]``).
 

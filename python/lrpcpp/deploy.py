@@ -9,7 +9,7 @@ patching code runs there.
 * :func:`export_archive`: a Hugging Face model (or any model that takes ``inputs_embeds``) to a
   TorchScript archive with the signature ``(inputs_embeds, attention_mask) -> logits``.
 * :func:`export_program`: the same model as a ``torch.export`` program saved as ``.pt2``, with a
-  dynamic batch and sequence length.
+  dynamic batch and sequence length; a model of several inputs as :class:`ExplainableInputs`.
 * :func:`attribute_deployed`: relevance through any such module (loaded archive, exported program,
   or a compiled wrapper), computed as :func:`lrpcpp.attribute` computes it.
 * :func:`compile_attribute`: :func:`lrpcpp.attribute` with the patched model compiled by
@@ -924,6 +924,12 @@ def compile_attribute(
     torch function written in Python whose body the rules run call by call
     (``F.multi_head_attention_forward``) is recorded by dynamo as one call without the rules: that
     first call then raises ``RuntimeError`` naming it.
+
+    Several inputs of a model that takes them together (CLIP's ``input_ids`` and ``pixel_values``,
+    T5's ``input_ids`` and ``decoder_input_ids``) are explained as :func:`lrpcpp.attribute` explains
+    them: ``Attribution.inputs`` holds the relevance of each by name. A model whose forward takes no
+    ``inputs_embeds`` (CLIP) keeps a forward hook on its token embedding, which returns the
+    embeddings whose relevance is computed, until :meth:`~CompiledAttribute.remove`.
 
     Gradient-times-input mode only. ``torch.autograd.grad`` cannot run inside a ``fullgraph``
     region, so the forward (with its ``lrpcpp`` operators) and, through AOTAutograd, the backward
