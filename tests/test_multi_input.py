@@ -207,6 +207,7 @@ def _assert_each_input(got, want, rtol=0.0):
 
 
 @pytest.mark.compile
+@pytest.mark.slow
 def test_compile_attribute_gives_the_relevance_of_t5s_encoder_and_decoder_inputs():
     # fullgraph=True; the traced graph run as dynamo recorded it gives exactly the eager relevance of each
     # input, on the example and on other lengths of both (one more compilation, with dynamic shapes)
@@ -251,6 +252,7 @@ def given_first():
 
 
 @pytest.mark.compile
+@pytest.mark.slow
 def test_compile_attribute_gives_the_relevance_of_clips_text_and_pixels(float64_default):
     # CLIPModel's forward takes no inputs_embeds: the token embedding returns the text leaf through a
     # forward hook that stays for the compiled graph. The traced graph computes the image-text product

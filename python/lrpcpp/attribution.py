@@ -25,6 +25,8 @@ __all__ = [
     "Target",
     "choose_input",
     "input_leaves",
+    "decoder_mask",
+    "embedded",
     "input_leaf",
     "input_embeddings",
     "embedding_module",
@@ -463,7 +465,7 @@ def embedding_module(
 
 
 @contextlib.contextmanager
-def _embedded(module: Optional[nn.Module], input_ids: Optional[Tensor], leaf: Tensor, caller: str) -> Iterator[None]:
+def embedded(module: Optional[nn.Module], input_ids: Optional[Tensor], leaf: Tensor, caller: str) -> Iterator[None]:
     """For the block, ``module`` called with ``input_ids`` returns ``leaf`` (the embeddings whose
     relevance is computed); an error if the block never calls it so. ``module=None``: nothing."""
     if module is None or input_ids is None:
@@ -643,7 +645,7 @@ def attribute(
     model_inputs = model_kwargs(model, *text, attention_mask, causal, model_inputs)
     decoder = next((t for n, (k, t) in leaves.items() if n.startswith("decoder_")), None)
     # an encoder-decoder's next token follows the last decoder position of the decoder's mask
-    target_mask = attention_mask if decoder is None else _decoder_mask(model_inputs, decoder)
+    target_mask = attention_mask if decoder is None else decoder_mask(model_inputs, decoder)
     batches = {t.shape[0] for _, t in leaves.values()}
 
     captured: Dict[str, Tensor] = {}
@@ -662,7 +664,9 @@ def attribute(
                         )
                     )
             with torch.enable_grad(), handle.rules.context():
-                with _embedded(hooked, input_ids, leaves["input_ids"][1] if hooked else leaf, "lrpcpp.attribute"):
+                with embedded(
+                    hooked, input_ids, leaves["input_ids"][1] if hooked is not None else leaf, "lrpcpp.attribute"
+                ):
                     out = _call(model, calls, model_inputs)
                 if causal and attention_mask is not None and key == "inputs_embeds" and not callable(target):
                     _check_pooled_padding(model, logits_of(out), attention_mask)
@@ -819,7 +823,7 @@ def _decoder_input(
         return "decoder_inputs_embeds", input_leaf(found(decoder_input_ids), "decoder_input_ids", caller)
 
 
-def _decoder_mask(model_inputs: Dict[str, Any], decoder: Tensor) -> Optional[Tensor]:
+def decoder_mask(model_inputs: Dict[str, Any], decoder: Tensor) -> Optional[Tensor]:
     """The ``decoder_attention_mask`` among the model's inputs, checked against the decoder's
     ``[batch, seq]``; ``None`` when not given (the last decoder position is explained)."""
     mask = model_inputs.get("decoder_attention_mask")

@@ -33,9 +33,10 @@ from ._build_info import VERSION
 from .attribution import (
     Attribution,
     Target,
-    _embedded,
     attribute,
     attribution_of,
+    decoder_mask,
+    embedded,
     explaining,
     input_leaf,
     input_leaves,
@@ -46,9 +47,6 @@ from .attribution import (
     relevance_backward,
     relevance_of,
     select_target,
-)
-from .attribution import (
-    _decoder_mask as decoder_mask,
 )
 from .attribution import (
     model_kwargs as model_kwargs_of,
@@ -831,7 +829,7 @@ class CompiledAttribute:
                 # forward runs with grad, and gives the coverage warning (or strict's error) of an eager
                 # forward, which the compiled forward does not count.
                 with torch.set_grad_enabled(self.handle.level == "operations"), bodies_run() as ran:
-                    with _embedded(hooked, input_ids, self._embeds, caller):
+                    with embedded(hooked, input_ids, self._embeds, caller):
                         self.model(**calls, **model_kwargs)
                 if ran:
                     raise RuntimeError(
