@@ -24,6 +24,9 @@ __all__ = [
     "Attribution",
     "Target",
     "choose_input",
+    "input_leaves",
+    "decoder_mask",
+    "embedded",
     "input_leaf",
     "input_embeddings",
     "embedding_module",
@@ -58,8 +61,9 @@ class Attribution:
       (:class:`lrpcpp.models.operations.Coverage`); ``None`` at the registry level.
     * ``inputs``: the relevance of every given input by the name it was given under
       (``{"input_ids": ..., "pixel_values": ...}``), each shaped as ``relevance``; from
-      :func:`attribute` always filled (one entry for one input, its value is ``relevance``), ``None``
-      from the compiled and deployed attribution of :mod:`lrpcpp.deploy`, which explain one input.
+      :func:`attribute` and :func:`lrpcpp.deploy.compile_attribute` always filled (one entry for one
+      input, its value is ``relevance``); from :func:`lrpcpp.deploy.attribute_deployed` filled for a
+      program of several inputs, ``None`` for one.
     * ``tokens``: the tokens of each batch item, for the views (``_repr_html_``, :meth:`show`);
       ``None`` until set (``attr.tokens = [tokenizer.convert_ids_to_tokens(row) for row in ids]``).
 
@@ -312,13 +316,13 @@ def _forward_takes(model: nn.Module, name: str) -> bool:
 _INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "decoder_input_ids", "decoder_inputs_embeds")
 
 
-def _takes_input(model: nn.Module, name: str) -> bool:
+def _takes_input(model: nn.Module, name: str, forward: Optional[Callable] = None) -> bool:
     """Whether ``model``'s forward takes the input ``name`` (``inputs_embeds``, ...): by name, or as
     ``**kwargs`` of a forward that names none of the inputs (a wrapper that hands them on). A forward
     that names some of them but not ``name`` does not take it (CLIP's names ``input_ids`` and
     ``pixel_values`` and hands ``**kwargs`` on to both of its encoders)."""
     try:
-        params = inspect.signature(model.forward).parameters
+        params = inspect.signature(model.forward if forward is None else forward).parameters
     except (TypeError, ValueError):  # pragma: no cover - a builtin forward
         return True
     return name in params or (not any(n in params for n in _INPUTS) and _forward_takes(model, name))
@@ -461,7 +465,7 @@ def embedding_module(
 
 
 @contextlib.contextmanager
-def _embedded(module: Optional[nn.Module], input_ids: Optional[Tensor], leaf: Tensor, caller: str) -> Iterator[None]:
+def embedded(module: Optional[nn.Module], input_ids: Optional[Tensor], leaf: Tensor, caller: str) -> Iterator[None]:
     """For the block, ``module`` called with ``input_ids`` returns ``leaf`` (the embeddings whose
     relevance is computed); an error if the block never calls it so. ``module=None``: nothing."""
     if module is None or input_ids is None:
@@ -621,39 +625,19 @@ def attribute(
     elif rules is not None:
         raise ValueError("lrpcpp.attribute: rules= overrides the layer rules of a preset; give preset= as well")
     _check_model_inputs(model, model_inputs)
-    given = _given_inputs(input_ids, inputs_embeds, pixel_values, decoder_input_ids, decoder_inputs_embeds)
-    if embedding is not None and input_ids is None:
-        raise ValueError("lrpcpp.attribute: embedding= is the module that embeds input_ids; give it with input_ids")
-    embedder = None
-    if input_ids is not None:  # a search for it calls the model with all of its inputs
-        search = {**model_inputs, **{n: v for n, v in given.items() if n != "input_ids"}}
-        if attention_mask is not None:
-            search["attention_mask"] = attention_mask
-        embedder = embedding_module(model, input_ids, embedding, search)
-    # name given -> (the model's keyword for it, the leaf); ids are embedded, the embeddings are the leaf
-    leaves: Dict[str, Tuple[str, Tensor]] = {}
-    for name in given:
-        if name in ("input_ids", "inputs_embeds", "pixel_values"):
-            leaves[name] = choose_input(
-                model,
-                input_ids if name == "input_ids" else None,
-                inputs_embeds if name == "inputs_embeds" else None,
-                pixel_values if name == "pixel_values" else None,
-                embedding=embedder,
-            )
-        else:
-            leaves[name] = _decoder_input(model, decoder_input_ids, decoder_inputs_embeds)
+    leaves, calls, hooked = input_leaves(
+        model,
+        input_ids,
+        inputs_embeds,
+        pixel_values,
+        decoder_input_ids,
+        decoder_inputs_embeds,
+        attention_mask,
+        embedding,
+        model_inputs,
+    )
     first = next(iter(leaves))
     key, leaf = leaves[first]
-    # a forward without inputs_embeds gets input_ids, and the embedding module's output is the leaf
-    hooked = embedder is not None and not _takes_input(model, "inputs_embeds")
-    calls: Dict[str, Tensor] = {}  # what the model is called with
-    for keyword, t in leaves.values():
-        if hooked and keyword == "inputs_embeds" and input_ids is not None:
-            calls["input_ids"] = input_ids  # the hooked embedding module returns the leaf t
-        else:
-            calls[keyword] = t
-    calls_leaf = leaves["input_ids"][1] if hooked else leaf
     explicit = mode == "explicit"
     many = isinstance(target, (list, tuple))
     causal = is_causal_decoder(model)
@@ -661,7 +645,7 @@ def attribute(
     model_inputs = model_kwargs(model, *text, attention_mask, causal, model_inputs)
     decoder = next((t for n, (k, t) in leaves.items() if n.startswith("decoder_")), None)
     # an encoder-decoder's next token follows the last decoder position of the decoder's mask
-    target_mask = attention_mask if decoder is None else _decoder_mask(model_inputs, decoder)
+    target_mask = attention_mask if decoder is None else decoder_mask(model_inputs, decoder)
     batches = {t.shape[0] for _, t in leaves.values()}
 
     captured: Dict[str, Tensor] = {}
@@ -680,7 +664,9 @@ def attribute(
                         )
                     )
             with torch.enable_grad(), handle.rules.context():
-                with _embedded(embedder if hooked else None, input_ids, calls_leaf, "lrpcpp.attribute"):
+                with embedded(
+                    hooked, input_ids, leaves["input_ids"][1] if hooked is not None else leaf, "lrpcpp.attribute"
+                ):
                     out = _call(model, calls, model_inputs)
                 if causal and attention_mask is not None and key == "inputs_embeds" and not callable(target):
                     _check_pooled_padding(model, logits_of(out), attention_mask)
@@ -710,6 +696,59 @@ def attribute(
     result.coverage = coverage
     result.inputs = relevances
     return result
+
+
+def input_leaves(
+    model: nn.Module,
+    input_ids: Optional[Tensor],
+    inputs_embeds: Optional[Tensor],
+    pixel_values: Optional[Tensor],
+    decoder_input_ids: Optional[Tensor],
+    decoder_inputs_embeds: Optional[Tensor],
+    attention_mask: Optional[Tensor],
+    embedding: Union[None, str, nn.Module],
+    model_inputs: Dict[str, Any],
+    forward: Optional[Callable] = None,
+) -> Tuple[Dict[str, Tuple[str, Tensor]], Dict[str, Tensor], Optional[nn.Module]]:
+    """The given inputs as relevance leaves: ``(leaves, calls, hooked)``. ``leaves``: by the name each
+    was given under, in the order of :func:`attribute`'s parameters, ``(the model's keyword for it,
+    the leaf)``; ids are embedded (with :func:`embedding_module`) and the embeddings are the leaf.
+    ``calls``: what the model is called with. ``hooked``: for a forward that takes no
+    ``inputs_embeds``, the module that embeds ``input_ids``, which must return the ``input_ids``
+    leaf while the model is called with the ids themselves (``None`` otherwise). ``forward``: the
+    model's own forward, whose parameters say which inputs it takes (by default ``model.forward``; a
+    patched model's is the patch's)."""
+    given = _given_inputs(input_ids, inputs_embeds, pixel_values, decoder_input_ids, decoder_inputs_embeds)
+    if embedding is not None and input_ids is None:
+        raise ValueError("lrpcpp.attribute: embedding= is the module that embeds input_ids; give it with input_ids")
+    embedder = None
+    if input_ids is not None:  # a search for it calls the model with all of its inputs
+        search = {**model_inputs, **{n: v for n, v in given.items() if n != "input_ids"}}
+        if attention_mask is not None:
+            search["attention_mask"] = attention_mask
+        embedder = embedding_module(model, input_ids, embedding, search)
+    # name given -> (the model's keyword for it, the leaf); ids are embedded, the embeddings are the leaf
+    leaves: Dict[str, Tuple[str, Tensor]] = {}
+    for name in given:
+        if name in ("input_ids", "inputs_embeds", "pixel_values"):
+            leaves[name] = choose_input(
+                model,
+                input_ids if name == "input_ids" else None,
+                inputs_embeds if name == "inputs_embeds" else None,
+                pixel_values if name == "pixel_values" else None,
+                embedding=embedder,
+            )
+        else:
+            leaves[name] = _decoder_input(model, decoder_input_ids, decoder_inputs_embeds, forward)
+    # a forward without inputs_embeds gets input_ids, and the embedding module's output is the leaf
+    hooked = embedder is not None and not _takes_input(model, "inputs_embeds", forward)
+    calls: Dict[str, Tensor] = {}  # what the model is called with
+    for keyword, t in leaves.values():
+        if hooked and keyword == "inputs_embeds" and input_ids is not None:
+            calls["input_ids"] = input_ids  # the hooked embedding module returns the leaf t
+        else:
+            calls[keyword] = t
+    return leaves, calls, embedder if hooked else None
 
 
 def _given_inputs(
@@ -748,13 +787,16 @@ def _given_inputs(
 
 
 def _decoder_input(
-    model: nn.Module, decoder_input_ids: Optional[Tensor], decoder_inputs_embeds: Optional[Tensor]
+    model: nn.Module,
+    decoder_input_ids: Optional[Tensor],
+    decoder_inputs_embeds: Optional[Tensor],
+    forward: Optional[Callable] = None,
 ) -> Tuple[str, Tensor]:
     """``("decoder_inputs_embeds", the leaf)``: the decoder's input embeddings, or the ids embedded
     with the decoder's embedding (``model.get_decoder().get_input_embeddings()``, else the shared
     ``model.get_input_embeddings()`` of an encoder-decoder), for a forward that takes them."""
     caller = "lrpcpp.attribute"
-    if not _takes_input(model, "decoder_inputs_embeds"):
+    if not _takes_input(model, "decoder_inputs_embeds", forward):
         raise TypeError(
             f"{caller}: the forward of this {type(model).__name__} takes no decoder_inputs_embeds, so the relevance "
             "of the decoder input cannot be read; give decoder_input_ids to an encoder-decoder whose forward takes "
@@ -781,7 +823,7 @@ def _decoder_input(
         return "decoder_inputs_embeds", input_leaf(found(decoder_input_ids), "decoder_input_ids", caller)
 
 
-def _decoder_mask(model_inputs: Dict[str, Any], decoder: Tensor) -> Optional[Tensor]:
+def decoder_mask(model_inputs: Dict[str, Any], decoder: Tensor) -> Optional[Tensor]:
     """The ``decoder_attention_mask`` among the model's inputs, checked against the decoder's
     ``[batch, seq]``; ``None`` when not given (the last decoder position is explained)."""
     mask = model_inputs.get("decoder_attention_mask")

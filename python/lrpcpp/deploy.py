@@ -9,7 +9,7 @@ patching code runs there.
 * :func:`export_archive`: a Hugging Face model (or any model that takes ``inputs_embeds``) to a
   TorchScript archive with the signature ``(inputs_embeds, attention_mask) -> logits``.
 * :func:`export_program`: the same model as a ``torch.export`` program saved as ``.pt2``, with a
-  dynamic batch and sequence length.
+  dynamic batch and sequence length; a model of several inputs as :class:`ExplainableInputs`.
 * :func:`attribute_deployed`: relevance through any such module (loaded archive, exported program,
   or a compiled wrapper), computed as :func:`lrpcpp.attribute` computes it.
 * :func:`compile_attribute`: :func:`lrpcpp.attribute` with the patched model compiled by
@@ -35,9 +35,11 @@ from .attribution import (
     Target,
     attribute,
     attribution_of,
-    choose_input,
+    decoder_mask,
+    embedded,
     explaining,
     input_leaf,
+    input_leaves,
     is_causal_decoder,
     last_positions,
     logits_of,
@@ -54,6 +56,7 @@ from .models.tracking import bodies_run, op_name
 
 __all__ = [
     "ExplainableModel",
+    "ExplainableInputs",
     "export_archive",
     "export_program",
     "archive_info",
@@ -105,6 +108,51 @@ class ExplainableModel(nn.Module):
         if positions is not None:  # a left-padded row has the positions it has alone
             extra["position_ids"] = positions
         return logits_of(self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **extra))
+
+
+class ExplainableInputs(nn.Module):
+    """``(inputs) -> output`` of ``model`` for several inputs: the form :func:`export_program` exports
+    when it is given more than one input.
+
+    ``inputs`` is a dict of tensors by the model's keywords: each relevance input (``inputs_embeds``,
+    ``pixel_values``, ``decoder_inputs_embeds``), the masks (``attention_mask``,
+    ``decoder_attention_mask``) and, for a model whose forward takes no ``inputs_embeds`` (CLIP),
+    ``input_ids`` as well, while ``embedding`` (the module that embeds them) returns ``inputs_embeds``
+    in their place. The model's output is returned as it is (a Hugging Face model's ``ModelOutput``),
+    so that :func:`attribute_deployed` picks the explained value from it as :func:`lrpcpp.attribute`
+    does (a callable target gets the whole output).
+    """
+
+    def __init__(self, model: nn.Module, embedding: Optional[nn.Module] = None):
+        super().__init__()
+        self.model = model
+        self.embedding = embedding
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+            params = MappingProxyType({})
+        self._use_cache = "use_cache" in params
+        self._causal = is_causal_decoder(model)
+
+    def forward(self, inputs: Dict[str, Tensor]):
+        kwargs: Dict[str, Any] = dict(inputs)
+        if self._use_cache:
+            kwargs["use_cache"] = False
+        mask = kwargs.get("attention_mask")
+        if mask is not None and "inputs_embeds" in kwargs and "position_ids" not in kwargs:
+            positions = position_ids(self.model, self._causal, mask)
+            if positions is not None:
+                kwargs["position_ids"] = positions
+        if self.embedding is None:
+            return self.model(**kwargs)
+        embeds = kwargs.pop("inputs_embeds")
+        # the embedding's output replaced by inputs_embeds (the ids reach it reshaped, so no test of
+        # which ids it got can be traced; export_program's check compares the relevance instead)
+        hook = self.embedding.register_forward_hook(lambda m, args, out: embeds)
+        try:
+            return self.model(**kwargs)
+        finally:
+            hook.remove()
 
 
 class LrpcppRequired(nn.Module):
@@ -227,10 +275,11 @@ def _info(
 
 # ----------------------------------------------------------------------------- relevance
 def attribute_deployed(
-    module: Callable[[Tensor, Tensor], Tensor],
-    inputs_embeds: Tensor,
+    module: Callable[..., Any],
+    inputs_embeds: Optional[Tensor] = None,
     attention_mask: Optional[Tensor] = None,
     target: Target = None,
+    **inputs: Tensor,
 ) -> Attribution:
     """Relevance of ``inputs_embeds`` through a deployed model: one forward and one backward pass.
 
@@ -239,8 +288,18 @@ def attribute_deployed(
     patched (and possibly compiled) model. ``target`` and the result are as in
     :func:`lrpcpp.attribute` (a callable target receives the logits): the explained logit is seeded
     with 1 and the relevance is ``inputs_embeds * inputs_embeds.grad``.
+
+    A program of several inputs (:class:`ExplainableInputs`, from :func:`export_program`) takes
+    them as keyword arguments, under the names of its example (``inputs_embeds``, ``pixel_values``,
+    ``decoder_inputs_embeds``, ``attention_mask``, ``decoder_attention_mask``, ``input_ids``): each
+    floating-point input is a relevance leaf, and ``Attribution.inputs`` holds the relevance of each
+    by its name, in that order (``relevance`` is the first's). A callable target receives the
+    model's output; the default target of an encoder-decoder follows ``decoder_attention_mask``.
     """
-    leaf = input_leaf(inputs_embeds, "inputs_embeds", "lrpcpp.deploy.attribute_deployed")
+    caller = "lrpcpp.deploy.attribute_deployed"
+    if inputs:
+        return _attribute_inputs(module, inputs_embeds, attention_mask, target, inputs, caller)
+    leaf = input_leaf(inputs_embeds, "inputs_embeds", caller)
     if attention_mask is None:
         attention_mask = torch.ones(leaf.shape[:2], dtype=torch.long, device=leaf.device)
     with torch.enable_grad():
@@ -249,6 +308,38 @@ def attribute_deployed(
     k = len(target) if isinstance(target, (list, tuple)) else None
     (grad,) = relevance_backward(explained, [leaf], explicit=False, many=k is not None)
     return attribution_of(relevance_of(leaf, grad, False, k), explained, ids, "inputs_embeds")
+
+
+# the inputs of a program of several inputs, in the order of Attribution.inputs; the others are masks and ids
+_LEAVES = ("inputs_embeds", "pixel_values", "decoder_inputs_embeds")
+
+
+def _attribute_inputs(module, inputs_embeds, attention_mask, target, inputs, caller) -> Attribution:
+    unknown = sorted(set(inputs) - set(_LEAVES) - {"decoder_attention_mask", "input_ids"})
+    if unknown:
+        raise TypeError(
+            f"{caller}: unexpected input(s) {unknown}; a program of several inputs takes {', '.join(_LEAVES)}, "
+            "attention_mask, decoder_attention_mask and input_ids"
+        )
+    given = dict(inputs, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+    leaves = {n: input_leaf(given[n], n, caller) for n in _LEAVES if given.get(n) is not None}
+    if not leaves:
+        raise ValueError(f"{caller}: no input to explain; give one or more of {', '.join(_LEAVES)}")
+    others = {n: v for n, v in given.items() if n not in leaves and v is not None}
+    many = isinstance(target, (list, tuple))
+    decoder = leaves.get("decoder_inputs_embeds")
+    target_mask = attention_mask if decoder is None else others.get("decoder_attention_mask")
+    batches = {t.shape[0] for t in leaves.values()}
+    with torch.enable_grad():
+        out = module(dict(leaves, **others))
+        explained, ids = select_target(out, target, target_mask, batches.pop() if len(batches) == 1 else None)
+    k = len(target) if many else None
+    grads = relevance_backward(explained, list(leaves.values()), explicit=False, many=many)
+    relevances = {n: relevance_of(t, g, False, k).detach() for (n, t), g in zip(leaves.items(), grads)}
+    first = next(iter(relevances))
+    result = attribution_of(relevances[first], explained, ids, first)
+    result.inputs = relevances
+    return result
 
 
 def _check(
@@ -261,6 +352,7 @@ def _check(
     what: str,
     level: str = "auto",
     strict: bool = False,
+    target: Target = None,
 ) -> None:
     """The deployed model must give lrpcpp.attribute's relevance on the example; on a shorter
     sequence it should too (a trace that fixed the length only warns)."""
@@ -269,10 +361,18 @@ def _check(
         cases.append((embeds[:, :-1], mask[:, :-1], False))
     for x, m, required in cases:
         expected = attribute(
-            model, inputs_embeds=x, attention_mask=m, method=method, epsilon=epsilon, level=level, strict=strict
+            model,
+            inputs_embeds=x,
+            attention_mask=m,
+            target=target,
+            method=method,
+            epsilon=epsilon,
+            level=level,
+            strict=strict,
         )
         try:
-            got = attribute_deployed(deployed, x, m, target=expected.target).relevance
+            explained = expected.target if target is None else target
+            got = attribute_deployed(deployed, x, m, target=explained).relevance
             scale = float(expected.relevance.abs().max()) or 1.0
             error = float((got - expected.relevance).abs().max()) / scale
         except Exception:  # noqa: BLE001 - a failure on the shorter input is reported as a warning below
@@ -368,6 +468,9 @@ def export_archive(
     check: bool = True,
     level: str = "auto",
     strict: bool = False,
+    pixel_values: Optional[Tensor] = None,
+    decoder_input_ids: Optional[Tensor] = None,
+    decoder_inputs_embeds: Optional[Tensor] = None,
 ) -> Dict[str, Any]:
     """Saves ``model`` as an explainable TorchScript archive at ``path``; returns what it records.
 
@@ -392,9 +495,22 @@ def export_archive(
     ``level`` and ``strict`` are those of :func:`lrpcpp.attribute`. At the operation level the trace
     records the operations the rules chose for the example: the archive holds them as fixed
     operators, as it holds the registry level's.
+
+    An archive takes one input: ``pixel_values`` or a decoder input (several inputs) is a
+    ``ValueError`` that points to :func:`export_program`, which exports them.
     """
     caller = "lrpcpp.deploy.export_archive"
     _check_method(method, caller)
+    several = dict(pixel_values=pixel_values, decoder_input_ids=decoder_input_ids)
+    several.update(decoder_inputs_embeds=decoder_inputs_embeds)
+    if any(v is not None for v in several.values()):
+        names = [
+            n for n, v in dict(input_ids=input_ids, inputs_embeds=inputs_embeds, **several).items() if v is not None
+        ]
+        raise ValueError(
+            f"{caller}: an archive takes one input, (inputs_embeds, attention_mask); got {', '.join(names)}. "
+            "Export a model of several inputs with lrpcpp.deploy.export_program, whose program takes them all"
+        )
     embeds, mask = _example(model, input_ids, inputs_embeds, attention_mask, caller)
     path = os.fspath(path)
     with explaining(model, method=method, mode="gradient", epsilon=epsilon, level=level, strict=strict) as handle:
@@ -453,6 +569,11 @@ def export_program(
     check: bool = True,
     level: str = "auto",
     strict: bool = False,
+    pixel_values: Optional[Tensor] = None,
+    decoder_input_ids: Optional[Tensor] = None,
+    decoder_inputs_embeds: Optional[Tensor] = None,
+    decoder_attention_mask: Optional[Tensor] = None,
+    target: Target = None,
 ) -> "torch.export.ExportedProgram":
     """Exports the patched ``model`` with ``torch.export``; saves the program as ``.pt2`` at ``path``.
 
@@ -468,9 +589,25 @@ def export_program(
     operation level one eager forward of the example, before the export, gives the warning that
     names the calls without a rule (or, with ``strict``, the error), which the export's trace does
     not count.
+
+    Several inputs of a model that takes them together (CLIP's ``input_ids`` and ``pixel_values``,
+    T5's ``input_ids`` and ``decoder_input_ids`` or ``decoder_inputs_embeds``, with an optional
+    ``decoder_attention_mask``) export :class:`ExplainableInputs` instead: the program takes a dict
+    of the example's inputs, ids given as their embeddings (``input_ids`` as ``inputs_embeds``,
+    ``decoder_input_ids`` as ``decoder_inputs_embeds``; a model whose forward takes no
+    ``inputs_embeds`` gets ``input_ids`` as well), every size free where ``dynamic`` (one of 1
+    stays fixed). :func:`attribute_deployed` explains it with the same inputs as keywords, and
+    ``Attribution.inputs`` holds the relevance of each. ``check`` compares each with
+    :func:`lrpcpp.attribute` on the example. ``target`` is the explained value of the check, as in
+    :func:`lrpcpp.attribute` (a model that returns no logits, such as CLIP, needs a callable).
     """
     caller = "lrpcpp.deploy.export_program"
     _check_method(method, caller)
+    several = dict(pixel_values=pixel_values, decoder_input_ids=decoder_input_ids)
+    several.update(decoder_inputs_embeds=decoder_inputs_embeds, decoder_attention_mask=decoder_attention_mask)
+    if any(v is not None for v in several.values()):
+        given = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **several)
+        return _export_inputs(model, path, given, method, epsilon, dynamic, check, level, strict, target)
     embeds, mask = _example(model, input_ids, inputs_embeds, attention_mask, caller)
     shapes, traced = None, (embeds, mask)
     if dynamic:
@@ -502,7 +639,58 @@ def export_program(
             torch.export.save(program, os.fspath(path))
     if check:
         deployed = torch.export.load(os.fspath(path)) if path is not None else program
-        _check(deployed.module(), model, embeds, mask, method, epsilon, "exported program", level, strict)
+        _check(deployed.module(), model, embeds, mask, method, epsilon, "exported program", level, strict, target)
+    return program
+
+
+def _export_inputs(model, path, given, method, epsilon, dynamic, check, level, strict, target):
+    """export_program of several inputs: :class:`ExplainableInputs`, checked input by input."""
+    masks = {n: given.pop(n) for n in ("attention_mask", "decoder_attention_mask")}
+    masks = {n: m for n, m in masks.items() if m is not None}
+    leaves, calls, hooked = input_leaves(
+        model, **given, attention_mask=masks.get("attention_mask"), embedding=None, model_inputs=dict(masks)
+    )
+    example = {keyword: t.detach() for keyword, t in leaves.values()}
+    if hooked is not None:
+        example["input_ids"] = calls["input_ids"]
+    example.update(masks)
+    shapes = None
+    if dynamic:
+        shapes = ({n: {d: torch.export.Dim.AUTO for d in range(t.dim())} for n, t in example.items()},)
+    wrapper = ExplainableInputs(model, hooked)  # made before the patch replaces the forward it inspects
+    with explaining(model, method=method, mode="gradient", epsilon=epsilon, level=level, strict=strict) as handle:
+        traced = {n: _traced_example(handle, t) if t.is_floating_point() else t for n, t in example.items()}
+        if handle.level == "operations":  # the coverage warning (or strict's error) of an eager forward
+            with torch.enable_grad():
+                wrapper(traced)
+        containers = [
+            (m, {k: v for k, v in m.__dict__.items() if isinstance(v, (list, tuple, dict))}) for m in model.modules()
+        ]
+        try:
+            with torch.enable_grad(), _masks_without_vmap():
+                program = torch.export.export(wrapper, (traced,), dynamic_shapes=shapes)
+        finally:
+            for m, saved in containers:  # as in export_program
+                m.__dict__.update(saved)
+        if path is not None:
+            torch.export.save(program, os.fspath(path))
+    if check:
+        deployed = (torch.export.load(os.fspath(path)) if path is not None else program).module()
+        named = {n: v for n, v in given.items() if v is not None}
+        expected = attribute(
+            model, **named, **masks, target=target, method=method, epsilon=epsilon, level=level, strict=strict
+        )
+        got = attribute_deployed(deployed, **example, target=expected.target if target is None else target)
+        for (name, want), have in zip(expected.inputs.items(), got.inputs.values()):
+            scale = float(want.abs().max()) or 1.0
+            error = float((have - want).abs().max()) / scale
+            tol = _CHECK_RTOL.get(want.dtype, 1e-2)
+            if not error <= tol:
+                raise RuntimeError(
+                    f"lrpcpp.deploy: the exported program does not reproduce lrpcpp.attribute's relevance of {name} "
+                    f"on the example input (relative error {error:.2e} > {tol:.0e}); the model's forward may contain "
+                    "code that tracing cannot record"
+                )
     return program
 
 
@@ -542,6 +730,9 @@ class CompiledAttribute:
         # AOTAutograd compiles one backward for every input that requires grad: with the parameters
         # frozen it computes the relevance only, not weight gradients as well
         self._removed, self._warm = False, False
+        self._forward = model.forward  # the model's own, before the patch replaces it
+        self._embeds: Optional[Tensor] = None  # the input_ids leaf of the call, for a substituted embedding
+        self._hooked: set = set()
         compile_kwargs.setdefault("fullgraph", True)
         with contextlib.ExitStack() as undo:  # on an error, everything done so far is undone
             self.handle = undo.enter_context(
@@ -567,43 +758,57 @@ class CompiledAttribute:
         inputs_embeds: Optional[Tensor] = None,
         pixel_values: Optional[Tensor] = None,
         target: Target = None,
+        decoder_input_ids: Optional[Tensor] = None,
+        decoder_inputs_embeds: Optional[Tensor] = None,
         **model_kwargs,
     ) -> Attribution:
-        """The arguments and the result of :func:`lrpcpp.attribute` (no ``latent``, ``method`` or ``mode``)."""
+        """The arguments and the result of :func:`lrpcpp.attribute` (no ``latent``, ``method`` or ``mode``):
+        one input, or several inputs of a model that takes them together, whose relevance
+        ``Attribution.inputs`` holds by name."""
         if self._removed:
             raise RuntimeError("lrpcpp.deploy.CompiledAttribute: the patch was removed; make a new one")
+        given = (input_ids, attention_mask, inputs_embeds, pixel_values)
+        decoder = dict(decoder_input_ids=decoder_input_ids, decoder_inputs_embeds=decoder_inputs_embeds)
         if isinstance(target, (list, tuple)):
             # one forward and backward per target: a compiled backward cannot be batched with vmap
             # (is_grads_batched) nor, with inductor's donated buffers, run twice on one graph
             if not target or not all(isinstance(t, int) for t in target):
                 raise TypeError("lrpcpp.deploy.CompiledAttribute: a list target must hold ints")
-            each = [self(input_ids, attention_mask, inputs_embeds, pixel_values, t, **model_kwargs) for t in target]
-            return Attribution(
+            each = [self(*given, t, **decoder, **model_kwargs) for t in target]
+            result = Attribution(
                 relevance=torch.stack([a.relevance for a in each]),
                 token_relevance=torch.stack([a.token_relevance for a in each]),
                 output=torch.stack([a.output for a in each], dim=-1),
                 target=torch.stack([a.target for a in each if a.target is not None], dim=-1),  # int targets: all set
             )
+            result.inputs = {n: torch.stack([a.inputs[n] for a in each]) for n in each[0].inputs}
+            return result
         caller = "lrpcpp.deploy.CompiledAttribute"
-        several = [
-            n
-            for n, v in [("input_ids", input_ids), ("inputs_embeds", inputs_embeds), ("pixel_values", pixel_values)]
-            + [(n, model_kwargs.get(n)) for n in ("decoder_input_ids", "decoder_inputs_embeds")]
-            if v is not None
-        ]
-        if len(several) > 1:
-            raise ValueError(
-                f"{caller}: explains one input, got {', '.join(several)}: with several, the relevance of each is "
-                "a leaf of its own, which the compiled backward does not return; explain them with "
-                "lrpcpp.attribute (Attribution.inputs has each by name)"
-            )
-        key, leaf = choose_input(self.model, input_ids, inputs_embeds, pixel_values, caller)
-        model_kwargs = model_kwargs_of(self.model, key, leaf, attention_mask, self._causal, model_kwargs, caller)
+        leaves, calls, hooked = input_leaves(
+            self.model,
+            input_ids,
+            inputs_embeds,
+            pixel_values,
+            decoder_input_ids,
+            decoder_inputs_embeds,
+            attention_mask,
+            None,
+            model_kwargs,
+            self._forward,
+        )
+        first = next(iter(leaves))
+        key, leaf = leaves[first]
+        text = leaves.get("input_ids", leaves.get("inputs_embeds", (key, leaf)))
+        model_kwargs = model_kwargs_of(self.model, *text, attention_mask, self._causal, model_kwargs, caller)
+        decoder_leaf = next((t for n, (_, t) in leaves.items() if n.startswith("decoder_")), None)
+        # an encoder-decoder's next token follows the last decoder position of the decoder's mask
+        target_mask = attention_mask if decoder_leaf is None else decoder_mask(model_kwargs, decoder_leaf)
         batch, seq = leaf.shape[:2] if key == "inputs_embeds" else (0, 0)
         # the positions of all items for every item, batch x batch logits (fewer than batch x seq);
         # a per-item index ([batch, 1]) would fix the sequence length of the compiled graph
         only_explained = (
             self._only_explained
+            and len(leaves) == 1
             and key == "inputs_embeds"
             and not callable(target)
             and "logits_to_keep" not in model_kwargs
@@ -612,32 +817,59 @@ class CompiledAttribute:
         if only_explained:
             positions = last_positions(attention_mask, batch, seq, leaf.device) % seq  # -1: a row all padding
             model_kwargs["logits_to_keep"] = positions
-        if not self._warm:
-            # The patch builds its constant gradient-scale tensors on first use. Built in a plain
-            # forward, they exist before the first compilation, whose guards then hold from the
-            # second call on (built inside it, they would make the second call compile again). The
-            # operation level builds them only with grad, where an input carries relevance: its plain
-            # forward runs with grad, and gives the coverage warning (or strict's error) of an eager
-            # forward, which the compiled forward does not count.
-            with torch.set_grad_enabled(self.handle.level == "operations"), bodies_run() as ran:
-                self.model(**{key: leaf}, **model_kwargs)
-            if ran:
-                raise RuntimeError(
-                    "lrpcpp.deploy.compile_attribute: the operation level gives rules to the calls inside "
-                    f"{', '.join(sorted(op_name(f) for f in ran))}, which torch.compile records as one call that then "
-                    "runs without the rules: the compiled relevance would be wrong. Explain this model with "
-                    "lrpcpp.attribute"
-                )
-            self._warm = True
-        with torch.enable_grad():
-            out = self.compiled(**{key: leaf}, **model_kwargs)
-            if only_explained:  # [batch, batch, vocab]: item i's next-token logits are at [i, i]
-                rows = torch.arange(batch, device=leaf.device)
-                explained, ids = select_target(logits_of(out)[rows, rows], target, None)
-            else:
-                explained, ids = select_target(out, target, attention_mask, leaf.shape[0])
-        (grad,) = relevance_backward(explained, [leaf], explicit=False, many=False)
-        return attribution_of(relevance_of(leaf, grad, False), explained, ids, key)
+        if hooked is not None:
+            self._substitute(hooked)
+            self._embeds = leaves["input_ids"][1]
+        try:
+            if not self._warm:
+                # The patch builds its constant gradient-scale tensors on first use. Built in a plain
+                # forward, they exist before the first compilation, whose guards then hold from the
+                # second call on (built inside it, they would make the second call compile again). The
+                # operation level builds them only with grad, where an input carries relevance: its plain
+                # forward runs with grad, and gives the coverage warning (or strict's error) of an eager
+                # forward, which the compiled forward does not count.
+                with torch.set_grad_enabled(self.handle.level == "operations"), bodies_run() as ran:
+                    with embedded(hooked, input_ids, self._embeds, caller):
+                        self.model(**calls, **model_kwargs)
+                if ran:
+                    raise RuntimeError(
+                        "lrpcpp.deploy.compile_attribute: the operation level gives rules to the calls inside "
+                        f"{', '.join(sorted(op_name(f) for f in ran))}, which torch.compile records as one call that "
+                        "then runs without the rules: the compiled relevance would be wrong. Explain this model with "
+                        "lrpcpp.attribute"
+                    )
+                self._warm = True
+            with torch.enable_grad():
+                out = self.compiled(**calls, **model_kwargs)
+                if only_explained:  # [batch, batch, vocab]: item i's next-token logits are at [i, i]
+                    rows = torch.arange(batch, device=leaf.device)
+                    explained, ids = select_target(logits_of(out)[rows, rows], target, None)
+                else:
+                    batches = {t.shape[0] for _, t in leaves.values()}
+                    explained, ids = select_target(
+                        out, target, target_mask, batches.pop() if len(batches) == 1 else None
+                    )
+        finally:
+            self._embeds = None
+        grads = relevance_backward(explained, [t for _, t in leaves.values()], explicit=False, many=False)
+        relevances = {name: relevance_of(t, g, False).detach() for (name, (_, t)), g in zip(leaves.items(), grads)}
+        result = attribution_of(relevances[first], explained, ids, key)
+        result.inputs = relevances
+        return result
+
+    def _substitute(self, module: nn.Module) -> None:
+        """A forward hook, kept while the model stays patched, that makes ``module`` (the one that
+        embeds ``input_ids`` in a forward without ``inputs_embeds``) return the embeddings whose
+        relevance is computed. It is part of the compiled forward: a hook added and removed per call
+        would change what the compiled graph's guards check, and compile again every time."""
+        if module in self._hooked:
+            return
+
+        def substitute(m, args, out):
+            return self._embeds  # None (outside a call) leaves the output as it is
+
+        self._hooked.add(module)
+        self._undo.callback(module.register_forward_hook(substitute).remove)
 
     def remove(self) -> None:
         """Unpatches the model and restores every submodule's training flag and every parameter's
@@ -690,6 +922,12 @@ def compile_attribute(
     torch function written in Python whose body the rules run call by call
     (``F.multi_head_attention_forward``) is recorded by dynamo as one call without the rules: that
     first call then raises ``RuntimeError`` naming it.
+
+    Several inputs of a model that takes them together (CLIP's ``input_ids`` and ``pixel_values``,
+    T5's ``input_ids`` and ``decoder_input_ids``) are explained as :func:`lrpcpp.attribute` explains
+    them: ``Attribution.inputs`` holds the relevance of each by name. A model whose forward takes no
+    ``inputs_embeds`` (CLIP) keeps a forward hook on its token embedding, which returns the
+    embeddings whose relevance is computed, until :meth:`~CompiledAttribute.remove`.
 
     Gradient-times-input mode only. ``torch.autograd.grad`` cannot run inside a ``fullgraph``
     region, so the forward (with its ``lrpcpp`` operators) and, through AOTAutograd, the backward
