@@ -3,11 +3,13 @@ through the same op) against zennit's rules on the same layer and input: the nat
 ``convolution_<rule>`` ops, the rules' ``convolution``, lrpcpp.patch with a preset and lrpcpp.Composite;
 conservation on bias-free layers; the gradient-times-input form; the argument checks.
 
-zennit counts the bias in some denominators (gamma, alpha-beta and z-plus add its positive or negative
-part to the sums of the positive or negative terms; flat and w-square replace it by 1 or square it),
-lrpcpp does not (RULES.md section 3). Those rules are compared on bias-free layers; epsilon and z-box,
-where both conventions agree (the epsilon denominator is the output, bias included; zennit's z-box
-bias terms b - b+ - b- cancel), are compared on layers with a bias as well."""
+The bias conventions (docs/vision.rst): zennit counts the bias in the denominators of alpha-beta and
+z-plus (its positive or negative part joins the sum of the positive or negative terms) and of w-square
+(squared), lrpcpp does not; those rules are compared on bias-free layers. Epsilon, gamma, z-box and flat
+agree with a bias as well (epsilon: the denominator is the output, bias included; gamma: both count the
+bias as the weight of a constant input 1, b + gamma b+ on outputs z > 0 and b + gamma b- on z < 0;
+zennit's z-box bias terms b - b+ - b- cancel; flat: zennit zeroes the bias) and are compared on layers
+with a bias too, nn.Linear included."""
 
 import lrpcpp
 import lrpcpp.functional as lf
@@ -24,7 +26,7 @@ EPS = 1e-6
 GAMMA = 0.3
 RULES = ["epsilon", "gamma", "alpha_beta", "z_plus", "z_box", "flat", "w_square"]
 # the rules whose relevance zennit computes as lrpcpp does also with a bias
-BIAS_AGREES = {"epsilon", "z_box"}
+BIAS_AGREES = {"epsilon", "gamma", "z_box", "flat"}
 TOL = {torch.float64: dict(atol=1e-12, rtol=1e-12), torch.float32: dict(atol=1e-5, rtol=1e-5)}
 
 
@@ -178,6 +180,24 @@ def test_rule_equals_zennit_with_bias(kind, rule, dtype):
     torch.testing.assert_close(
         rule_relevance(layer, rule, x, grad), zennit_relevance(layer, rule, x, grad), **TOL[dtype]
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("rule", ["gamma", "flat"])
+def test_linear_rule_with_bias_equals_zennit(rule, dtype):
+    """gamma and flat, whose bias convention is zennit's, on an nn.Linear with a bias (inputs of both
+    signs, outputs of both signs)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(7, 5).to(dtype).eval()
+    with torch.no_grad():
+        layer.bias.mul_(4.0)  # biases of both signs, large enough to flip outputs and to matter
+    x = torch.randn(3, 4, 7, dtype=dtype)
+    grad = torch.randn_like(layer(x))
+    expected = zennit_relevance(layer, rule, x, grad)
+    xr = x.clone().requires_grad_()
+    lrpcpp_rule(rule, x).linear(xr, layer.weight, layer.bias, None, False).backward(grad)
+    assert xr.grad.abs().sum() > 0
+    torch.testing.assert_close(xr.grad, expected, **TOL[dtype])
 
 
 def preset_for(rule, x):
@@ -370,8 +390,8 @@ def test_functional_ops_script():
 
 @pytest.mark.parametrize("kind", sorted(LAYERS))
 def test_gamma_with_bias_equals_the_dense_reference(kind):
-    """The gamma rule is the one rule that counts the bias (as the weight of a constant input 1,
-    RULES.md section 3), which zennit counts otherwise: compared with the float64 transcription of
+    """The gamma rule counts the bias as the weight of a constant input 1 (RULES.md section 3, as
+    zennit does): compared also with the float64 transcription of
     reference.py over the convolution written as a dense matrix (y = x M^T + b per sample)."""
     import reference as ref
 

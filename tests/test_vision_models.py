@@ -13,8 +13,10 @@ import vision_models as vm
 from lrpcpp import rules as P
 from lrpcpp.models import canonizers, presets
 from torch import nn
+from zennit_import import import_zennit
 
 f64 = torch.float64
+zennit = import_zennit()
 
 
 # ----------------------------------------------------------------------------- per-layer check
@@ -127,7 +129,7 @@ def test_presets_are_registered_by_their_literature_names():
         "epsilon_alpha2_beta1_flat",
     ):
         assert name in lrpcpp.PRESETS
-    assert presets.preset_arguments("vit") == ("gamma_linear", "gamma_conv", "epsilon")
+    assert presets.preset_arguments("vit") == ("gamma_linear", "gamma_conv", "epsilon", "attention_projections")
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
         presets.get_preset("nope")
     with pytest.raises(TypeError, match="needs the input bounds low and high"):
@@ -203,7 +205,7 @@ def test_vit_preset_on_a_torch_vit_with_multihead_attention():
     model = vm.vit()
     x = vm.images()
     before = model(x)
-    rules = check_layers(model, {"x": x}, "vit", min_checked=5)
+    rules = check_layers(model, {"x": x}, presets.get_preset("vit", attention_projections="gamma"), min_checked=5)
     for i in range(2):
         assert rules[f"layers.{i}.self_attention.in_proj"] == P.Gamma(0.05)
         assert rules[f"layers.{i}.self_attention.out_proj"] == P.Gamma(0.05)
@@ -211,6 +213,83 @@ def test_vit_preset_on_a_torch_vit_with_multihead_attention():
     with lrpcpp.patch(model, preset="vit"):
         torch.testing.assert_close(model(x), before, rtol=1e-12, atol=1e-12)
     assert torch.equal(model(x), before)
+
+
+class _ZennitRule(torch.autograd.Function):
+    """A zennit rule on one layer in gradient-times-input form, as LXT runs zennit's rules: the layer's
+    relevance R_y = g * y goes through zennit's rule, and the gradient of x is R_x / x."""
+
+    @staticmethod
+    def forward(ctx, x, layer, rule):
+        y = layer(x)
+        ctx.save_for_backward(x, y)
+        ctx.layer, ctx.rule = layer, rule
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y = ctx.saved_tensors
+        composite = zennit.composites.LayerMapComposite([(type(ctx.layer), ctx.rule)])
+        with torch.enable_grad(), zennit.attribution.Gradient(model=ctx.layer, composite=composite) as attributor:
+            _, r = attributor(x.detach(), g * y)
+        return r / ref.stab(x, 1e-10), None, None
+
+
+def lxt_vit_relevance(model, x, gamma_conv=0.25, gamma_linear=0.05):
+    """The relevance of the AttnLRP paper's ViT recipe as LXT computes it on torchvision's ViT (the
+    layout of vm.TinyViT): zennit's Gamma on every nn.Conv2d and nn.Linear module the model calls,
+    CP-LRP in attention (query and key detached; nn.MultiheadAttention reads its projections' weights
+    itself, so they keep the plain gradient), layer norms with sigma detached, GELU by the identity
+    rule, everything else the plain gradient; seeded with 1 at the top logit."""
+
+    def gamma(layer, g, h):
+        return _ZennitRule.apply(h, layer, zennit.rules.Gamma(gamma=g, stabilizer=1e-6))
+
+    def layer_norm(m, h):
+        mu = h.mean(-1, keepdim=True)
+        sd = (h.var(-1, unbiased=False, keepdim=True) + m.eps).sqrt()
+        return (h - mu) / sd.detach() * m.weight + m.bias
+
+    def gelu(h):
+        return h * (F.gelu(h) / h).detach()
+
+    x = x.detach().requires_grad_()
+    h = gamma(model.conv_proj, gamma_conv, x).flatten(2).transpose(1, 2)
+    h = torch.cat([model.class_token.expand(h.shape[0], -1, -1), h], dim=1) + model.pos_embedding
+    for block in model.layers:
+        y = layer_norm(block.ln_1, h)
+        h = h + block.self_attention(y.detach(), y.detach(), y, need_weights=False)[0]
+        up, down = block.mlp[0], block.mlp[2]
+        h = h + gamma(down, gamma_linear, gelu(gamma(up, gamma_linear, layer_norm(block.ln_2, h))))
+    logits = gamma(model.heads, gamma_linear, layer_norm(model.ln, h)[:, 0])
+    logits.gather(1, logits.argmax(1, keepdim=True)).sum().backward()
+    return x * x.grad
+
+
+def lrpcpp_vit_relevance(model, x, preset):
+    x = x.detach().requires_grad_()
+    with lrpcpp.patch(model, preset=preset, mode="gradient"):
+        logits = model(x)
+        logits.gather(1, logits.argmax(1, keepdim=True)).sum().backward()
+    return x * x.grad
+
+
+def test_vit_preset_is_the_paper_recipe_as_lxt_and_zennit_compute_it():
+    """The vit preset's default on a torchvision-style ViT (nn.MultiheadAttention) equals the recipe as
+    LXT ships it (zennit's Gamma, conv 0.25, linear 0.05, CP-LRP); attention_projections="gamma" (the
+    earlier default, gamma on the attention projections too) differs from it."""
+    model = vm.vit().requires_grad_(False)
+    x = vm.images()
+    expected = lxt_vit_relevance(model, x).detach()
+    got = lrpcpp_vit_relevance(model, x, "vit").detach()
+    # up to the stabilisers (zennit's 1e-6 in the gamma denominators, 1e-10 at the inputs)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8 * float(expected.abs().max()))
+    earlier = lrpcpp_vit_relevance(model, x, lrpcpp.preset("vit", attention_projections="gamma")).detach()
+    assert (earlier - expected).abs().max() > 1e-3 * expected.abs().max()
+    with lrpcpp.patch(model, preset="vit") as handle:
+        assert not any(n.endswith("_proj") and "attention" in n for n in handle.layer_rules)
+    with pytest.raises(ValueError, match="attention_projections='gradient' or 'gamma', got 'epsilon'"):
+        lrpcpp.preset("vit", attention_projections="epsilon")
 
 
 def test_multihead_attention_forward_matches_torch_with_masks_and_weights():

@@ -72,7 +72,9 @@ class Preset:
       input layer, e.g. z-box for pixels), or ``None``.
     * ``names``: ``{qualified module name: rule}``, the highest priority. For an
       ``nn.MultiheadAttention`` named ``attn``, ``"attn.in_proj"`` names its input projection and
-      ``"attn.out_proj"`` its output projection.
+      ``"attn.out_proj"`` its output projection. Its projections take the rule listed under
+      ``nn.MultiheadAttention`` in ``types`` if there is one (``Pass()``: they keep the treatment of
+      attention), else that of their own type (``nn.Linear``).
     * ``method``: ``"cp-lrp"`` or ``"attnlrp"`` for attention, ``None`` to leave it to the caller.
     * ``merge_batch_norm``: merge each eval-mode ``BatchNorm2d`` into the convolution before it for
       the duration of the attribution.
@@ -123,7 +125,7 @@ class Preset:
             if isinstance(module, nn.MultiheadAttention):
                 for part in ("in_proj", "out_proj"):
                     key = f"{name}.{part}"
-                    rule = self.names.get(key) or self._by_type(module.out_proj)
+                    rule = self.names.get(key) or self._by_type(module) or self._by_type(module.out_proj)
                     if rule is not None and not isinstance(rule, Pass):
                         out[key] = rule
                 first_seen = True
@@ -235,12 +237,27 @@ def preset(name: str, **options: Any) -> Preset:
 
 
 @register_preset("vit")
-def vit(gamma_linear: float = 0.05, gamma_conv: float = 0.25, epsilon: float = 1e-6) -> Preset:
-    """The AttnLRP recipe for Vision Transformers: CP-LRP in attention (query and key held constant),
-    the gamma rule on linear layers (``gamma_linear``) and convolutions (``gamma_conv``)."""
-    return Preset(
-        types={nn.Linear: Gamma(gamma_linear, epsilon), **_convolutions(Gamma(gamma_conv, epsilon))}, method="cp-lrp"
-    )
+def vit(
+    gamma_linear: float = 0.05, gamma_conv: float = 0.25, epsilon: float = 1e-6, attention_projections: str = "gradient"
+) -> Preset:
+    """The AttnLRP recipe for Vision Transformers as LXT ships it for torchvision's ViT: CP-LRP in
+    attention (query and key held constant), the gamma rule on linear layers (``gamma_linear``) and
+    convolutions (``gamma_conv``), with zennit's bias convention (docs/vision.rst).
+
+    ``attention_projections``: ``"gradient"`` leaves the input and output projections of each
+    ``nn.MultiheadAttention`` to the treatment of attention (the plain linear map, as in LXT, whose
+    zennit rules never reach them: ``nn.MultiheadAttention`` reads their weights itself);
+    ``"gamma"`` puts ``gamma_linear`` on them as well (this preset's earlier default).
+    Linear layers outside ``nn.MultiheadAttention`` (e.g. a Hugging Face ViT's query, key,
+    value and output layers) take ``gamma_linear`` either way."""
+    if attention_projections not in ("gradient", "gamma"):
+        raise ValueError(
+            f"lrpcpp: preset 'vit' takes attention_projections='gradient' or 'gamma', got {attention_projections!r}"
+        )
+    types: Dict[type, Rule] = {nn.Linear: Gamma(gamma_linear, epsilon), **_convolutions(Gamma(gamma_conv, epsilon))}
+    if attention_projections == "gradient":
+        types[nn.MultiheadAttention] = Pass()
+    return Preset(types=types, method="cp-lrp")
 
 
 @register_preset("epsilon_gamma_box")
