@@ -465,10 +465,13 @@ def embedding_module(
 
 
 @contextlib.contextmanager
-def embedded(module: Optional[nn.Module], input_ids: Optional[Tensor], leaf: Tensor, caller: str) -> Iterator[None]:
+def embedded(
+    module: Optional[nn.Module], input_ids: Optional[Tensor], leaf: Optional[Tensor], caller: str
+) -> Iterator[None]:
     """For the block, ``module`` called with ``input_ids`` returns ``leaf`` (the embeddings whose
-    relevance is computed); an error if the block never calls it so. ``module=None``: nothing."""
-    if module is None or input_ids is None:
+    relevance is computed); an error if the block never calls it so. ``module=None`` (or no
+    ``input_ids`` or ``leaf``): nothing."""
+    if module is None or input_ids is None or leaf is None:
         yield
         return
     calls = []

@@ -767,21 +767,32 @@ class CompiledAttribute:
         ``Attribution.inputs`` holds by name."""
         if self._removed:
             raise RuntimeError("lrpcpp.deploy.CompiledAttribute: the patch was removed; make a new one")
-        given = (input_ids, attention_mask, inputs_embeds, pixel_values)
-        decoder = dict(decoder_input_ids=decoder_input_ids, decoder_inputs_embeds=decoder_inputs_embeds)
         if isinstance(target, (list, tuple)):
             # one forward and backward per target: a compiled backward cannot be batched with vmap
             # (is_grads_batched) nor, with inductor's donated buffers, run twice on one graph
             if not target or not all(isinstance(t, int) for t in target):
                 raise TypeError("lrpcpp.deploy.CompiledAttribute: a list target must hold ints")
-            each = [self(*given, t, **decoder, **model_kwargs) for t in target]
+            each = [
+                self(
+                    input_ids,
+                    attention_mask,
+                    inputs_embeds,
+                    pixel_values,
+                    t,
+                    decoder_input_ids=decoder_input_ids,
+                    decoder_inputs_embeds=decoder_inputs_embeds,
+                    **model_kwargs,
+                )
+                for t in target
+            ]
             result = Attribution(
                 relevance=torch.stack([a.relevance for a in each]),
                 token_relevance=torch.stack([a.token_relevance for a in each]),
                 output=torch.stack([a.output for a in each], dim=-1),
                 target=torch.stack([a.target for a in each if a.target is not None], dim=-1),  # int targets: all set
             )
-            result.inputs = {n: torch.stack([a.inputs[n] for a in each]) for n in each[0].inputs}
+            maps = [a.inputs for a in each if a.inputs is not None]  # one call: always set
+            result.inputs = {n: torch.stack([m[n] for m in maps]) for n in maps[0]}
             return result
         caller = "lrpcpp.deploy.CompiledAttribute"
         leaves, calls, hooked = input_leaves(
