@@ -179,13 +179,14 @@ def _read_done(path: str, expected: Sequence[Tuple[int, List[int]]]) -> Tuple[in
     return len(complete), keep
 
 
-def _write_lines(path: str, keep: int, items: Iterable[DatasetItem], progress: Callable[[], None]) -> None:
-    """Appends one JSON line per item to ``path`` after its first ``keep`` bytes, each flushed whole."""
+def _write_lines(path: str, keep: int, texts: Iterable[str], progress: Callable[[], None]) -> None:
+    """Appends the JSON ``texts``, a line each, to ``path`` after its first ``keep`` bytes, each
+    line written whole and at once."""
     with open(path, "r+b" if os.path.exists(path) else "wb", buffering=0) as f:
         f.truncate(keep)
         f.seek(keep)
-        for item in items:
-            line = memoryview((item.to_json() + "\n").encode("utf-8"))
+        for text in texts:
+            line = memoryview((text + "\n").encode("utf-8"))
             while line:
                 line = line[f.write(line) :]
             progress()
@@ -194,7 +195,7 @@ def _write_lines(path: str, keep: int, items: Iterable[DatasetItem], progress: C
 
 def _progress(enabled: bool, total: int, initial: int, desc: str) -> Callable[[], None]:
     """A step callback: a tqdm bar on stderr if tqdm is installed, else one updated stderr line."""
-    if not enabled:
+    if not enabled or initial >= total:
         return lambda: None
     try:
         from tqdm.auto import tqdm
@@ -217,6 +218,16 @@ def _progress(enabled: bool, total: int, initial: int, desc: str) -> Callable[[]
             bar.close()
 
     return update
+
+
+def distributed() -> bool:
+    """Whether this process is one of several: an initialised ``torch.distributed`` process group of
+    more than one rank, or the environment of ``torchrun`` with ``WORLD_SIZE > 1``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _world() -> Tuple[int, int, bool]:
@@ -276,22 +287,44 @@ def attribute_dataset(
 
 
 def _to_file(model, rows, out: str, batch_size, left, pad, progress, kwargs) -> int:
-    out = os.fspath(out)
+    def lines(share, start):
+        return (item.to_json() for item in _windows(model, share, start, batch_size, left, pad, kwargs))
+
+    return write_sharded(os.fspath(out), rows, _read_done, lines, progress)
+
+
+def write_sharded(
+    out: str,
+    keys: Sequence[Any],
+    done_in: Callable[[str, Sequence[Any]], Tuple[int, int]],
+    lines: Callable[[Sequence[Any], int], Iterable[str]],
+    progress: bool = True,
+) -> int:
+    """The file mechanism of :func:`attribute_dataset`, for any JSON-lines results file of one line
+    per item (the command line's ``explain --file --out`` uses it under ``torchrun``): returns the
+    number of items written by this call.
+
+    ``keys``: one per item, in input order; ``done_in(path, keys)``: the complete lines of ``path``
+    that are the results of the first of ``keys`` and their bytes, ``(count, bytes)`` (an error for a
+    file of other content); ``lines(keys, start)``: the JSON text of the results of ``keys[start:]``,
+    in order. In one process ``out`` is appended to after the lines it has; across ``N`` processes
+    (see :func:`attribute_dataset`) rank ``r`` writes the keys ``r, r + N, ...`` of those not yet in
+    ``out`` to its part file ``OUT.rank{r}-of-{N}``, and rank 0 merges the parts into ``out``."""
     rank, world, own_group = _world()
     try:
-        done, keep = _read_done(out, rows)
+        done, keep = done_in(out, keys)
         if world == 1:
-            step = _progress(progress, len(rows), done, "explaining")
-            _write_lines(out, keep, _windows(model, rows, done, batch_size, left, pad, kwargs), step)
-            return len(rows) - done
+            step = _progress(progress, len(keys), done, "explaining")
+            _write_lines(out, keep, lines(keys, done), step)
+            return len(keys) - done
         import torch.distributed as dist
 
-        remaining = rows[done:]
+        remaining = keys[done:]
         share = remaining[rank::world]
         part = f"{out}.rank{rank}-of-{world}"
-        mine, mine_keep = _read_done(part, share)
+        mine, mine_keep = done_in(part, share)
         step = _progress(progress and rank == 0, len(share), mine, f"explaining (rank 0 of {world})")
-        _write_lines(part, mine_keep, _windows(model, share, mine, batch_size, left, pad, kwargs), step)
+        _write_lines(part, mine_keep, lines(share, mine), step)
         dist.barrier()
         if rank == 0:
             _merge(out, keep, [f"{out}.rank{r}-of-{world}" for r in range(world)], len(remaining))
