@@ -76,6 +76,18 @@ def test_padding_side_follows_the_model(monkeypatch):
     assert seen[-1].tolist() == [[1, 1, 0], [1, 1, 1]]  # an encoder: right padding
 
 
+def test_without_out_each_rank_yields_its_own_items(monkeypatch):
+    m, data = build("bert"), items(7)
+    whole = list(lrpcpp.attribute_dataset(m, data, batch_size=2, progress=False))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        mine = list(lrpcpp.attribute_dataset(m, data, batch_size=2, progress=False))
+        assert [r.index for r in mine] == list(range(rank, 7, 2))
+        _assert_same_results([_record(r) for r in mine], [_record(r) for r in whole[rank::2]])
+    assert not torch.distributed.is_initialized()
+
+
 def test_texts_with_a_tokenizer_and_keyword_arguments():
     class Tokenizer:  # what attribute_dataset calls: tokenizer(text)["input_ids"], pad_token_id
         pad_token_id = 0
@@ -145,6 +157,7 @@ def test_a_file_of_other_items_is_refused_and_kept(tmp_path):
         (dict(items=[{"input_ids": [[1, 2], [3, 4]]}]), ValueError, "one row of integer token ids"),
         (dict(items=[{"input_ids": [3]}], batch_size=0), ValueError, "batch_size must be a positive int"),
         (dict(items=[{"input_ids": [3]}], attention_mask=None), TypeError, "come from the items"),
+        (dict(items=[{"input_ids": [3]}], target=torch.tensor([1, 2])), ValueError, "does not follow the items"),
     ],
 )
 def test_bad_input_is_refused(kwargs, error, match):

@@ -220,14 +220,20 @@ def _progress(enabled: bool, total: int, initial: int, desc: str) -> Callable[[]
     return update
 
 
-def distributed() -> bool:
-    """Whether this process is one of several: an initialised ``torch.distributed`` process group of
-    more than one rank, or the environment of ``torchrun`` with ``WORLD_SIZE > 1``."""
+def _rank_world() -> Tuple[int, int]:
+    """(rank, world size): of the initialised ``torch.distributed`` process group, else of the
+    environment of ``torchrun`` (``RANK``, ``WORLD_SIZE``), else ``(0, 1)``."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size() > 1
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def distributed() -> bool:
+    """Whether this process is one of several: an initialised ``torch.distributed`` process group of
+    more than one rank, or the environment of ``torchrun`` with ``WORLD_SIZE > 1``."""
+    return _rank_world()[1] > 1
 
 
 def _world() -> Tuple[int, int, bool]:
@@ -276,12 +282,18 @@ def attribute_dataset(
     taken = {"input_ids", "attention_mask", "inputs_embeds", "pixel_values"} & set(attribute_kwargs)
     if taken:
         raise TypeError(f"{_CALLER}: {', '.join(sorted(taken))} come from the items, not from keyword arguments")
+    target = attribute_kwargs.get("target")
+    if isinstance(target, Tensor) and target.numel() > 1:
+        raise ValueError(
+            f"{_CALLER}: target= is the same for every batch (an id, a list of ids or a callable); a tensor of one "
+            "id per item does not follow the items into their batches"
+        )
     if attribute_kwargs.get("latent"):
         raise ValueError(f"{_CALLER}: latent=True is not supported for datasets; explain single batches with attribute")
     rows = [(k, _ids_of(item, k, tokenizer)) for k, item in enumerate(items)]
     left, pad = is_causal_decoder(model), _pad_id(model, tokenizer)
-    if out is None:
-        rank, world, _ = _world()
+    if out is None:  # the ranks need not talk to each other: no process group is set up
+        rank, world = _rank_world()
         return _windows(model, rows[rank::world], 0, batch_size, left, pad, attribute_kwargs)
     return _to_file(model, rows, out, batch_size, left, pad, progress, attribute_kwargs)
 
