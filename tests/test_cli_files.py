@@ -552,3 +552,9 @@ def test_file_out_under_torchrun_is_the_file_of_one_process(dirs, tmp_path):
     assert (
         proc.returncode != 0 and "under torchrun (more than one process) writes its results with --out" in proc.stderr
     )
+    # the part file of an interrupted run with 2 processes: a run with 1 says so, and leaves it
+    stale = tmp_path / "three.jsonl.rank0-of-2"
+    stale.write_text("")
+    proc = run_cli(*args, "--out", str(tmp_path / "three.jsonl"))
+    assert proc.returncode == 2 and "another number of processes" in proc.stderr, proc.stderr
+    assert stale.exists() and not (tmp_path / "three.jsonl").exists()

@@ -147,6 +147,15 @@ def test_a_file_of_other_items_is_refused_and_kept(tmp_path):
     assert other.read_text() == '{"something": 1}\n'
 
 
+def test_parts_of_another_number_of_processes_are_refused(tmp_path):
+    out = tmp_path / "out.jsonl"
+    part = tmp_path / "out.jsonl.rank1-of-2"
+    part.write_text('{"index": 1, "input_ids": [3]}\n')
+    with pytest.raises(ValueError, match="another number of processes than this one"):
+        lrpcpp.attribute_dataset(build("bert"), [{"input_ids": [3]}, {"input_ids": [3]}], out=str(out), progress=False)
+    assert not out.exists() and part.read_text() == '{"index": 1, "input_ids": [3]}\n'
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [

@@ -23,6 +23,7 @@ How it works:
 
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -322,6 +323,7 @@ def write_sharded(
     in order. In one process ``out`` is appended to after the lines it has; across ``N`` processes
     (see :func:`attribute_dataset`) rank ``r`` writes the keys ``r, r + N, ...`` of those not yet in
     ``out`` to its part file ``OUT.rank{r}-of-{N}``, and rank 0 merges the parts into ``out``."""
+    check_parts(out)
     rank, world, own_group = _world()
     try:
         done, keep = done_in(out, keys)
@@ -347,6 +349,21 @@ def write_sharded(
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def check_parts(out: str, caller: str = _CALLER) -> None:
+    """Refuses (``ValueError``) part files of ``out`` left by an interrupted run of another number of
+    processes than this run's: their items are split otherwise, so this run cannot go on with them."""
+    world = _rank_world()[1]
+    folder, name = os.path.split(os.path.abspath(out))
+    pattern = re.compile(re.escape(name) + r"\.rank(\d+)-of-(\d+)")
+    others = sorted(f for f in os.listdir(folder) if (m := pattern.fullmatch(f)) and int(m.group(2)) != world)
+    if others:
+        raise ValueError(
+            f"{caller}: {', '.join(os.path.join(folder, f) for f in others)}: part file(s) of an interrupted run with "
+            f"another number of processes than this one ({world}); run it again with that number to go on, or remove "
+            "them to start again"
+        )
 
 
 def _merge(out: str, keep: int, parts: List[str], count: int) -> None:

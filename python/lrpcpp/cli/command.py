@@ -31,7 +31,7 @@ import torch
 
 from .._build_info import VERSION
 from .._files import atomic_path
-from ..dataset import distributed, write_sharded
+from ..dataset import check_parts, distributed, write_sharded
 from ..deploy import export_archive, export_program
 from ..models.families import UnsupportedModelError
 from ..models.patching import LEVELS
@@ -563,6 +563,10 @@ def _explain_file_out(args, loaded, timer: _Timer, items, count: int) -> int:
             record = dict(to_json(_explain_line(args, loaded, number, text, compare)), line=number, options=options)
             yield json.dumps(record, ensure_ascii=False).translate(_JSON_LINE_BREAKS)
 
+    try:
+        check_parts(args.out, caller="--out")
+    except ValueError as e:
+        raise InputError(str(e)) from None
     with _writing("--out", args.out):
         written = write_sharded(args.out, items, lambda path, keys: _resume(path, keys, options), lines)
     timer.mark("attribution")
