@@ -528,3 +528,33 @@ def test_file_lines_end_at_newlines_only(dirs, tmp_path):
     assert [r["line"] for r in records] == [1, 2]
     assert records[0]["texts"] == ["one\u2028two\x0cthree\u0085four"]
     assert len(text.splitlines()) == 2
+
+
+@pytest.mark.slow
+def test_file_out_under_torchrun_is_the_file_of_one_process(dirs, tmp_path):
+    """``torchrun --nproc-per-node 2 -m lrpcpp explain --file --out``: the inputs split across the two
+    processes (gloo, CPU), their parts merged by rank 0 into the file one process writes."""
+    texts = tmp_path / "texts.txt"
+    texts.write_text("the cat sat\nthe dog ran fast\n\nit was a good day\nthe cat\na dog sat on the mat\n")
+    args = ["explain", "--model", dirs["llama"], "--file", str(texts)]
+    one = tmp_path / "one.jsonl"
+    ok(run_cli(*args, "--out", str(one)))
+    two = tmp_path / "two.jsonl"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "lrpcpp"]
+    proc = subprocess.run(
+        torchrun + args + ["--out", str(two)], capture_output=True, text=True, env=subprocess_env(), timeout=300
+    )
+    ok(proc)
+    assert two.read_bytes() == one.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.jsonl", "texts.txt", "two.jsonl"]
+    assert proc.stdout.count(f"wrote 5 explanations to {two}") == 1  # rank 0 says so
+    proc = subprocess.run(torchrun + args, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert (
+        proc.returncode != 0 and "under torchrun (more than one process) writes its results with --out" in proc.stderr
+    )
+    # the part file of an interrupted run with 2 processes: a run with 1 says so, and leaves it
+    stale = tmp_path / "three.jsonl.rank0-of-2"
+    stale.write_text("")
+    proc = run_cli(*args, "--out", str(tmp_path / "three.jsonl"))
+    assert proc.returncode == 2 and "another number of processes" in proc.stderr, proc.stderr
+    assert stale.exists() and not (tmp_path / "three.jsonl").exists()

@@ -11,6 +11,7 @@ _load_library()
 from . import _vmap, deploy, functional, models, modules, rules, targets, viz  # noqa: E402,F401
 from ._build_info import VERSION as __version__  # noqa: E402
 from .attribution import Attribution, attribute  # noqa: E402
+from .dataset import DatasetItem, attribute_dataset  # noqa: E402
 from .models.composite import Composite  # noqa: E402
 from .models.explicit import ExplicitRules  # noqa: E402
 from .models.families import Family, UnsupportedModelError, register_family  # noqa: E402
@@ -27,6 +28,8 @@ __all__ = [
     "deploy",
     "attribute",
     "Attribution",
+    "attribute_dataset",
+    "DatasetItem",
     "Composite",
     "ExplicitRules",
     "patch",

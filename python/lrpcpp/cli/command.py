@@ -31,6 +31,7 @@ import torch
 
 from .._build_info import VERSION
 from .._files import atomic_path
+from ..dataset import check_parts, distributed, write_sharded
 from ..deploy import export_archive, export_program
 from ..models.families import UnsupportedModelError
 from ..models.patching import LEVELS
@@ -516,54 +517,64 @@ _JSON_LINE_BREAKS = {ord(c): f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"}
 
 
 def _explain_file(args, loaded, timer: _Timer, color: bool, items, done: Tuple[int, int]) -> int:
-    """Every input of ``--file``. With ``--out``, each result is one JSON line, written whole and
-    flushed as soon as it is computed; a rerun keeps the lines an interrupted run wrote and goes on
-    after them (see :func:`_resume`)."""
-    count, keep = done
-    out = None
+    """Every input of ``--file``. With ``--out``, each result is one JSON line, written whole as soon
+    as it is computed; a rerun keeps the lines an interrupted run wrote and goes on after them (see
+    :func:`_resume`). Under ``torchrun`` the inputs are split across the processes, each writing its
+    part of ``--out``, which rank 0 merges in input order (:func:`lrpcpp.dataset.write_sharded`)."""
     if args.out:
-        if count:
-            _note(
-                f"--out {args.out} has the results of the first {count} of {len(items)} inputs already: "
-                + ("nothing left to do" if count == len(items) else "going on after them")
-            )
-        with _writing("--out", args.out):
-            out = open(args.out, "r+b" if os.path.exists(args.out) else "wb", buffering=0)
-            out.truncate(keep)  # a last line cut short by an interruption
-            out.seek(keep)
-    options = _file_options(args)
-    try:
-        for number, text, compare in _progress(items[count:], "explaining", initial=count, total=len(items)):
-            try:
-                explanations = explain_text(
-                    loaded,
-                    text,
-                    compare=compare,
-                    target=args.target,
-                    method=args.method,
-                    latent=args.latent,
-                    generate=args.generate,
-                    warn=_noting(f"{args.file}:{number}"),
-                )
-            except InputError as e:
-                raise InputError(f"{args.file}:{number}: {e}") from None
-            record = dict(to_json(explanations), line=number, options=options)
-            if out is not None:
-                text_line = json.dumps(record, ensure_ascii=False).translate(_JSON_LINE_BREAKS)
-                line = memoryview((text_line + "\n").encode("utf-8"))
-                with _writing("--out", args.out):
-                    while line:  # the whole line, straight to the file
-                        line = line[out.write(line) :]
-            else:
-                sys.stdout.write(f"--- line {number}\n" + render.terminal(explanations, color=color, width=_width()))
-    finally:
-        if out is not None:
-            out.close()
+        return _explain_file_out(args, loaded, timer, items, done[0])
+    if distributed():
+        raise InputError("--file under torchrun (more than one process) writes its results with --out FILE")
+    for number, text, compare in _progress(items, "explaining", total=len(items)):
+        explanations = _explain_line(args, loaded, number, text, compare)
+        sys.stdout.write(f"--- line {number}\n" + render.terminal(explanations, color=color, width=_width()))
     timer.mark("attribution")
-    if args.out:
+    _timings(args, timer)
+    return 0
+
+
+def _explain_line(args, loaded, number: int, text: str, compare):
+    """The explanations of one input of ``--file`` (line ``number``)."""
+    try:
+        return explain_text(
+            loaded,
+            text,
+            compare=compare,
+            target=args.target,
+            method=args.method,
+            latent=args.latent,
+            generate=args.generate,
+            warn=_noting(f"{args.file}:{number}"),
+        )
+    except InputError as e:
+        raise InputError(f"{args.file}:{number}: {e}") from None
+
+
+def _explain_file_out(args, loaded, timer: _Timer, items, count: int) -> int:
+    options = _file_options(args)
+    if count and not distributed():
+        _note(
+            f"--out {args.out} has the results of the first {count} of {len(items)} inputs already: "
+            + ("nothing left to do" if count == len(items) else "going on after them")
+        )
+
+    def lines(share, start):
+        for number, text, compare in share[start:]:
+            record = dict(to_json(_explain_line(args, loaded, number, text, compare)), line=number, options=options)
+            yield json.dumps(record, ensure_ascii=False).translate(_JSON_LINE_BREAKS)
+
+    try:
+        check_parts(args.out, caller="--out")
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    with _writing("--out", args.out):
+        written = write_sharded(args.out, items, lambda path, keys: _resume(path, keys, options), lines)
+    timer.mark("attribution")
+    if int(os.environ.get("RANK", "0")) == 0:
+        earlier = len(items) - written
         print(
-            f"wrote {len(items) - count} explanations to {args.out}"
-            + (f" (after the {count} of an earlier run)" if count else "")
+            f"wrote {written} explanations to {args.out}"
+            + (f" (after the {earlier} of an earlier run)" if earlier else "")
         )
     _timings(args, timer)
     return 0
