@@ -1029,9 +1029,10 @@ def reading(res, mem, prof):
                 "on top of the logits' gradient."
             )
         line += (
-            " The rules' share is their extra forward tensors: `gi_grad_scale` returns a copy of the q/k/v "
-            "projections and of the gated-MLP input, `gi_identity` a copy of each activation's and RMSNorm's "
-            "output plus its factor."
+            " The rules copy no forward tensor (`gi_grad_scale` and `gi_identity` return views of their "
+            "input); what they keep is `gi_identity`'s factor y / stab(x) per activation and RMSNorm, in "
+            "place of the input the plain gradient of the activation keeps, and the backward's extra "
+            "gradient tensors (`gi_scale_backward`, `gi_layer_norm_backward`)."
         )
         out.append(line)
     if "llama-batched" in res:

@@ -214,9 +214,10 @@ TORCH_LIBRARY(lrpcpp, m) {
   m.def("split_times_input(Tensor x, Tensor a, Tensor b, bool gi=False) -> Tensor");
 
   // gradient-times-input semantics (RULES.md section 2): autograd carries g = R / x
-  m.def("gi_identity(Tensor x, Tensor y, float epsilon=1e-10) -> Tensor");
-  m.def("gi_identity_forward(Tensor x, Tensor y, float epsilon) -> (Tensor, Tensor)");
-  m.def("gi_grad_scale(Tensor x, Tensor scale) -> Tensor");
+  // (gi_identity returns y and gi_grad_scale x itself, as views: no copies)
+  m.def("gi_identity(Tensor x, Tensor(a) y, float epsilon=1e-10) -> Tensor(a)");
+  m.def("gi_identity_factor(Tensor x, Tensor y, float epsilon) -> Tensor");
+  m.def("gi_grad_scale(Tensor(a) x, Tensor scale) -> Tensor(a)");
   m.def("gi_scale_backward(Tensor grad, Tensor factor, ScalarType dtype) -> Tensor");
   m.def(
       "gi_layer_norm(Tensor x, int[] normalized_shape, Tensor? weight=None, Tensor? bias=None, float eps=1e-5) "

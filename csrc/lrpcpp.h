@@ -77,11 +77,11 @@ LRPCPP_API Tensor identity_relevance(const Tensor& grad, at::ScalarType dtype);
 LRPCPP_API Tensor stop_relevance(const Tensor& x);
 
 // Gradient-times-input semantics: autograd carries g = R / x (seed with 1), relevance is x * x.grad.
-// gi_identity: a copy of y = f(x) (computed by the caller); backward g_x = g_y * y / stab(x).
+// gi_identity: y = f(x) (computed by the caller) itself, a view; backward g_x = g_y * y / stab(x).
 LRPCPP_API Tensor gi_identity(const Tensor& x, const Tensor& y, double epsilon);
-// gi_identity's fused forward: (copy of y, factor y / stab(x) in x's dtype, clamped to its finite range).
-LRPCPP_API TensorPair gi_identity_forward(const Tensor& x, const Tensor& y, double epsilon);
-// a copy of x; backward g_x = g * scale (scale broadcastable to x; zeros detach).
+// gi_identity's saved factor y / stab(x), in x's dtype, clamped to its finite range.
+LRPCPP_API Tensor gi_identity_factor(const Tensor& x, const Tensor& y, double epsilon);
+// x itself, a view; backward g_x = g * scale (scale broadcastable to x; zeros detach).
 LRPCPP_API Tensor gi_grad_scale(const Tensor& x, const Tensor& scale);
 // grad * factor at grad's shape, computed in fp32 for fp16/bf16, returned in `dtype`.
 LRPCPP_API Tensor gi_scale_backward(const Tensor& grad, const Tensor& factor, at::ScalarType dtype);

@@ -238,8 +238,8 @@ def _elementwise(name, ts):
         return ops.stab_div(ts[0], ts[1], 1e-6, 1.0, torch.float32)
     if name == "add2_relevance":
         return ops.add2_relevance(ts[0], ts[1], ts[2], 1e-8, [True, True])
-    if name == "gi_identity_forward":
-        return ops.gi_identity_forward(ts[0], ts[1], 1e-10)
+    if name == "gi_identity_factor":
+        return ops.gi_identity_factor(ts[0], ts[1], 1e-10)
     if name == "gi_scale_backward":
         return ops.gi_scale_backward(ts[0], ts[1], ts[0].dtype)
     if name == "gamma_stab_div":
@@ -251,7 +251,7 @@ ELEMENTWISE = {
     "stab_div": 2,
     "stab_div float32 out": 2,
     "add2_relevance": 3,
-    "gi_identity_forward": 2,
+    "gi_identity_factor": 2,
     "gi_scale_backward": 2,
     "gamma_stab_div": 3,
 }
@@ -421,7 +421,7 @@ def test_empty_tensors(device, shape):
     last = shape[-1]
     assert ops.stab_div(e, e, 1e-6, 1.0, None).shape == shape
     assert all(t.shape == shape for t in ops.add2_relevance(e, e, e, 1e-8, [True, True]))
-    assert all(t.shape == shape for t in ops.gi_identity_forward(e, e, 1e-10))
+    assert ops.gi_identity_factor(e, e, 1e-10).shape == shape
     assert ops.gi_scale_backward(e, e, torch.bfloat16).shape == shape
     assert ops.softmax_relevance(e, e, e, -1, 1.0).shape == shape
     assert ops.softmax_relevance(e, e, e, 0, 0.5).shape == shape

@@ -120,9 +120,9 @@ BAD_CALLS = [
         r"gi_identity: expected epsilon to be a finite number >= 0, got -1e-10",
     ),
     (
-        lambda: torch.ops.lrpcpp.gi_identity_forward(x_(2, 3), x_(2, 4), 1e-10),
+        lambda: torch.ops.lrpcpp.gi_identity_factor(x_(2, 3), x_(2, 4), 1e-10),
         RuntimeError,
-        r"gi_identity_forward: expected x \[2, 3\] and y \[2, 4\] to have the same shape",
+        r"gi_identity_factor: expected x \[2, 3\] and y \[2, 4\] to have the same shape",
     ),
     (
         lambda: lf.gi_grad_scale(x_(2, 3), x_(2)),

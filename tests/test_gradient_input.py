@@ -42,7 +42,7 @@ def test_gi_identity_against_reference(dtype, contiguous, f):
     x = make((2, 3, 16), dtype, contiguous)
     y = fn(x.detach())
     out = lf.gi_identity(x, y)
-    assert out.dtype == y.dtype and torch.equal(out, y) and out.data_ptr() != y.data_ptr()
+    assert out.dtype == y.dtype and torch.equal(out, y) and out.data_ptr() == y.data_ptr()  # y itself, no copy
     g = torch.randn_like(out)
     out.backward(g)
     assert x.grad.dtype == dtype
@@ -82,9 +82,8 @@ def test_gi_identity_factor_is_clamped_to_finite(dtype):
     x = torch.tensor([0.0, 0.0, 1.0, 0.0, float("nan")], dtype=dtype, requires_grad=True)
     y = torch.sigmoid(x.detach())
     y[3] = -y[3]  # a negative factor is clamped to the lowest finite value
-    out, factor = ops.gi_identity_forward(x.detach(), y, 1e-10)
-    torch.testing.assert_close(out, y, rtol=0, atol=0, equal_nan=True)
-    assert out.dtype == dtype and factor.dtype == dtype
+    factor = ops.gi_identity_factor(x.detach(), y, 1e-10)
+    assert factor.dtype == dtype
     big = torch.finfo(dtype).max
     expected = ref.gi_identity(d64(x), d64(y), torch.ones(5, dtype=f64), 1e-10, max_factor=big)
     assert torch.isfinite(factor[:4]).all() and torch.isnan(factor[4])
@@ -124,6 +123,7 @@ def test_gi_identity_y_takes_no_gradient_and_only_the_factor_is_saved():
     assert y.grad is None and x.grad is not None
     with torch.no_grad():
         assert not lf.gi_identity(x, y).requires_grad
+    assert not lf.gi_identity(x.detach(), y).requires_grad  # y itself, but detached
     assert not lf.gi_identity(x.detach(), y.detach()).requires_grad
 
 
@@ -149,7 +149,7 @@ def test_gi_grad_scale(dtype, contiguous, kind):
     x = make((2, 3, 12), dtype, contiguous)
     scale = SCALES[kind](dtype)
     out = lf.gi_grad_scale(x, scale)
-    assert torch.equal(out, x.detach()) and out.data_ptr() != x.data_ptr()
+    assert torch.equal(out, x.detach()) and out.data_ptr() == x.data_ptr()  # x itself, no copy
     g = torch.randn_like(out)
     out.backward(g)
     assert x.grad.dtype == dtype and x.grad.shape == x.shape
@@ -187,6 +187,54 @@ def test_gi_grad_scale_scale_takes_no_gradient():
     lf.gi_grad_scale(x, scale).sum().backward()
     assert scale.grad is None
     torch.testing.assert_close(x.grad, scale.detach().expand(3, 4))
+
+
+# ----------------------------------------------------------------------------- no copies
+def assert_is_view_of(out, t):
+    """``out`` is ``t`` itself: the same memory and layout, the same version counter (autograd sees
+    an in-place change of either)."""
+    assert out.data_ptr() == t.data_ptr() and out.stride() == t.stride()
+    before = out._version
+    with torch.no_grad():
+        t.add_(0)
+    assert out._version == before + 1
+
+
+def saving(f):
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = f()
+    return out, saved
+
+
+@layouts
+def test_gi_grad_scale_returns_x_itself_and_keeps_only_the_scale(contiguous):
+    x = make((2, 3, 12), torch.float32, contiguous)
+    scale = qkv_scale(4, torch.float32)
+    out, saved = saving(lambda: lf.gi_grad_scale(x, scale))
+    assert len(saved) == 1 and saved[0] is scale
+    out.backward(torch.ones_like(out))
+    torch.testing.assert_close(x.grad, scale.expand_as(x), rtol=0, atol=0)
+    assert_is_view_of(out, x)
+    with pytest.raises(RuntimeError, match="modified inplace"):  # x changed since: autograd knows
+        out.sum().backward()
+    with pytest.raises(RuntimeError, match="view"):
+        lf.gi_grad_scale(x, scale).mul_(2)
+
+
+@layouts
+def test_gi_identity_returns_y_itself_and_keeps_only_the_factor(contiguous):
+    x = make((2, 3, 12), torch.float32, contiguous)
+    y = torch.tanh(x.detach())
+    out, saved = saving(lambda: lf.gi_identity(x, y))
+    assert_is_view_of(out, y)
+    assert len(saved) == 1 and saved[0].data_ptr() not in (x.data_ptr(), y.data_ptr())
+    with pytest.raises(RuntimeError, match="view"):
+        lf.gi_identity(x, y).mul_(2)
+    with torch.no_grad():
+        out = lf.gi_identity(x, y)
+    assert_is_view_of(out, y)
+    assert_is_view_of(lf.gi_identity(x.detach(), y), y)
 
 
 # ----------------------------------------------------------------------------- gi_scale_backward

@@ -59,7 +59,7 @@ SAMPLES = {
     "identity_relevance": lambda g: (t(3, 4, grad=g), torch.float32),
     "stop_relevance": lambda g: (t(3, 4, grad=g),),
     "gi_identity": lambda g: (*with_silu(t(3, 4, grad=g)), 1e-10),
-    "gi_identity_forward": lambda g: (*with_silu(t(3, 4, grad=g)), 1e-10),
+    "gi_identity_factor": lambda g: (*with_silu(t(3, 4, grad=g)), 1e-10),
     "gi_grad_scale": lambda g: (t(2, 3, 6, grad=g), t(6)),
     "gi_scale_backward": lambda g: (t(2, 3, 6, grad=g), t(6, grad=g), torch.float32),
     "gi_layer_norm": lambda g: (t(2, 3, 6, grad=g), [6], t(6), t(6), 1e-5),
@@ -363,7 +363,7 @@ SAMPLES.update(_convolution_samples())
 # backward ops that the backwards call
 RELEVANCE_OPS = {name for name in SAMPLES if name.endswith("_relevance") and name != "stop_relevance"} | {
     "stab_div",
-    "gi_identity_forward",
+    "gi_identity_factor",
     "gi_scale_backward",
     "gi_layer_norm_backward",
     "gamma_stab_div",

@@ -93,7 +93,7 @@ void without_autocast(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   LRPCPP_NO_CAST(device, alpha_beta_stab_div);                    \
   LRPCPP_NO_CAST(device, split_times_input);                      \
   LRPCPP_NO_CAST(device, gi_identity);                            \
-  LRPCPP_NO_CAST(device, gi_identity_forward);                    \
+  LRPCPP_NO_CAST(device, gi_identity_factor);                     \
   LRPCPP_NO_CAST(device, gi_grad_scale);                          \
   LRPCPP_NO_CAST(device, gi_scale_backward);                      \
   LRPCPP_NO_CAST(device, gi_layer_norm_backward)

@@ -2,11 +2,12 @@
 // seeded with 1, and the relevance of any x is x * x.grad. Only the layers whose
 // ordinary gradient is not already the rule need an op of their own:
 //   gi_identity(x, y):       y = f(x) element-wise (identity rule); g_x = g_y * y / stab(x)
-//   gi_grad_scale(x, scale): a copy of x;  g_x = g * scale (uniform shares, or 0 to detach)
+//   gi_grad_scale(x, scale): x;  g_x = g * scale (uniform shares, or 0 to detach)
 //   gi_layer_norm:           at::layer_norm; sigma detached: g_x = rstd * (h - mean(h)), h = g * w
-// gi_identity's forward is the fused gi_identity_forward (the copy of y and the factor
-// y / stab(x) in one pass); gi_identity and gi_grad_scale share the backward op
-// gi_scale_backward, g * factor.
+// gi_identity and gi_grad_scale copy nothing: they return y and x themselves, as views (their
+// schemas say so), and keep only what their backward reads: gi_identity the factor y / stab(x)
+// (gi_identity_factor, in place of the x a plain gradient of f keeps), gi_grad_scale the scale.
+// Both backwards are the op gi_scale_backward, g * factor.
 #include "impl.h"
 
 namespace lrpcpp {
@@ -16,8 +17,8 @@ Tensor gi_identity(const Tensor& x, const Tensor& y, double epsilon) {
   return op.call(x, y, epsilon);
 }
 
-TensorPair gi_identity_forward(const Tensor& x, const Tensor& y, double epsilon) {
-  LRPCPP_DISPATCH(gi_identity_forward);
+Tensor gi_identity_factor(const Tensor& x, const Tensor& y, double epsilon) {
+  LRPCPP_DISPATCH(gi_identity_factor);
   return op.call(x, y, epsilon);
 }
 
@@ -88,18 +89,22 @@ void check_gi_layer_norm_backward(const Tensor& grad, const Tensor& x, at::IntAr
   check_same_shape(grad, x, op, "grad", "x");
 }
 
-Tensor gi_identity(const Tensor& x, const Tensor& y, double epsilon) {
-  check_gi_identity(x, y, epsilon, "lrpcpp.gi_identity");
-  return y.clone(at::MemoryFormat::Contiguous);
-}
-
-Tensor gi_grad_scale(const Tensor& x, const Tensor& scale) {
+void check_gi_grad_scale(const Tensor& x, const Tensor& scale) {
   const char* op = "lrpcpp.gi_grad_scale";
   check_floating(x, op, "x");
   check_floating(scale, op, "scale");
   check_same_device(scale, x, op, "scale", "x");
   check_broadcastable_to(scale, x, op, "scale", "x");
-  return x.clone(at::MemoryFormat::Contiguous);
+}
+
+Tensor gi_identity(const Tensor& x, const Tensor& y, double epsilon) {
+  check_gi_identity(x, y, epsilon, "lrpcpp.gi_identity");
+  return y.alias();
+}
+
+Tensor gi_grad_scale(const Tensor& x, const Tensor& scale) {
+  check_gi_grad_scale(x, scale);
+  return x.alias();
 }
 
 Tensor gi_layer_norm(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight, const OptTensor& bias,

@@ -91,6 +91,7 @@ Tensor stop_relevance(const Tensor& x);
 
 // gradient-times-input family
 void check_gi_identity(const Tensor& x, const Tensor& y, double epsilon, const char* op);
+void check_gi_grad_scale(const Tensor& x, const Tensor& scale);
 void check_gi_scale_backward(const Tensor& grad, const Tensor& factor, at::ScalarType dtype);
 void check_gi_layer_norm_backward(const Tensor& grad, const Tensor& x, at::IntArrayRef normalized_shape,
                                   const OptTensor& weight, double eps);

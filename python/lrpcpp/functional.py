@@ -203,24 +203,27 @@ def stop_relevance(x: Tensor) -> Tensor:
 
 
 def gi_identity(x: Tensor, y: Tensor, epsilon: float = 1e-10) -> Tensor:
-    """A copy of ``y = f(x)``, any element-wise scaling of ``x`` computed by the caller (an activation,
-    an RMSNorm, ``F.normalize`` with the norm held constant), with the identity rule in
-    gradient-times-input form: ``g_x = g_y * y / stab(x)``, so that ``x * g_x = y * g_y``.
+    """``y = f(x)`` itself (a view of it, no copy), any element-wise scaling of ``x`` computed by the
+    caller (an activation, an RMSNorm, ``F.normalize`` with the norm held constant), with the identity
+    rule in gradient-times-input form: ``g_x = g_y * y / stab(x)``, so that ``x * g_x = y * g_y``.
 
     ``x`` and ``y`` must have the same shape and device (their dtypes may differ); ``y`` takes no
     gradient, so compute it without one (under ``torch.no_grad()`` or from ``x.detach()``). The factor
     ``y / stab(x)`` is computed in float32 for float16/bfloat16, stored in ``x``'s dtype and clamped to
-    its finite range (a float16 factor never becomes ``inf``).
+    its finite range (a float16 factor never becomes ``inf``); it is the only tensor kept for the
+    backward pass. The output cannot be modified in place (it is a view that a custom autograd
+    function returns).
     """
     return torch.ops.lrpcpp.gi_identity(x, y, epsilon)
 
 
 def gi_grad_scale(x: Tensor, scale: Tensor) -> Tensor:
-    """A copy of ``x`` whose gradient is scaled: ``g_x = g * scale``.
+    """``x`` itself (a view of it, no copy) with its gradient scaled: ``g_x = g * scale``.
 
     ``scale`` broadcasts to ``x`` (a 0-dim tensor, or a vector over the last dimension such as
     ``[0.25] * q + [0.25] * k + [0.5] * v`` for a fused qkv projection); a zero detaches. It
-    takes no gradient itself.
+    takes no gradient itself. The output cannot be modified in place (it is a view that a custom
+    autograd function returns).
     """
     return torch.ops.lrpcpp.gi_grad_scale(x, scale)
 

@@ -4,6 +4,9 @@
 // no gradient. gi_identity's and gi_grad_scale's backward g * factor has no graph to x (the factor
 // is saved without one), so they refuse create_graph=True (check_no_double_backward); gi_layer_norm's
 // backward op takes x and raises on a second backward like the relevance ops.
+// gi_identity's and gi_grad_scale's forwards return their input y or x itself: a custom Function
+// returns an input as a view of it with the Function's gradient (no copy; modifying that view in
+// place is refused, as for any view a custom Function returns).
 #include "common.h"
 
 namespace lrpcpp::autograd {
@@ -13,11 +16,10 @@ class GiIdentityFunction : public torch::autograd::Function<GiIdentityFunction> 
  public:
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& y, double epsilon) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    // one pass: the copy of y and the factor y / stab(x); only the factor is kept
-    auto [out, factor] = lrpcpp::gi_identity_forward(x, y, epsilon);
-    ctx->save_for_backward({factor});
+    // only the factor is kept: it takes the place of the x that a plain gradient of f keeps
+    ctx->save_for_backward({lrpcpp::gi_identity_factor(x, y, epsilon)});
     ctx->saved_data["dtype"] = x.scalar_type();
-    return out;
+    return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -34,10 +36,10 @@ class GiIdentityFunction : public torch::autograd::Function<GiIdentityFunction> 
 class GiGradScaleFunction : public torch::autograd::Function<GiGradScaleFunction> {
  public:
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& scale) {
-    at::AutoDispatchBelowADInplaceOrView guard;
+    impl::check_gi_grad_scale(x, scale);
     ctx->save_for_backward({scale});
     ctx->saved_data["dtype"] = x.scalar_type();
-    return lrpcpp::gi_grad_scale(x, scale);
+    return x;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -78,9 +80,8 @@ Tensor gi_identity_autograd(const Tensor& x, const Tensor& y, double epsilon) {
   // checked here too, so that errors name the op that was called rather than its fused forward
   impl::check_gi_identity(x, y, epsilon, "lrpcpp.gi_identity");
   if (!(at::GradMode::is_enabled() && x.requires_grad())) {
-    // nothing will flow back to x: the plain copy, without computing the factor
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return lrpcpp::gi_identity(x, y, epsilon);
+    // nothing will flow back to x: y itself, detached (y takes no gradient), without the factor
+    return y.detach();
   }
   return GiIdentityFunction::apply(x, y, epsilon);
 }
@@ -100,7 +101,7 @@ TORCH_LIBRARY_IMPL(lrpcpp, Autograd, m) {
   m.impl("gi_identity", &gi_identity_autograd);
   m.impl("gi_grad_scale", &gi_grad_scale_autograd);
   m.impl("gi_layer_norm", &gi_layer_norm_autograd);
-  m.impl("gi_identity_forward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("gi_identity_factor", torch::autograd::autogradNotImplementedFallback());
   m.impl("gi_scale_backward", torch::autograd::autogradNotImplementedFallback());
   m.impl("gi_layer_norm_backward", torch::autograd::autogradNotImplementedFallback());
 }

@@ -1,5 +1,5 @@
-// CPU kernels of the gradient-times-input ops: gi_identity's fused forward (the
-// copy of y and the factor y / stab(x) in one pass), the shared backward
+// CPU kernels of the gradient-times-input ops: gi_identity's saved factor
+// y / stab(x), the shared backward
 // g * factor (broadcasting through TensorIterator), and the layer-norm backward
 // with sigma detached, one row of the normalised dimensions at a time.
 #include <torch/library.h>
@@ -13,36 +13,33 @@
 namespace lrpcpp {
 namespace {
 
-TensorPair gi_identity_forward_cpu(const Tensor& x, const Tensor& y, double epsilon) {
-  impl::check_gi_identity(x, y, epsilon, "lrpcpp.gi_identity_forward");
-  Tensor out = at::empty(y.sizes(), y.options());
+Tensor gi_identity_factor_cpu(const Tensor& x, const Tensor& y, double epsilon) {
+  impl::check_gi_identity(x, y, epsilon, "lrpcpp.gi_identity_factor");
   Tensor factor = at::empty(x.sizes(), x.options());
-  if (out.numel() == 0) return {out, factor};
+  if (factor.numel() == 0) return factor;
   auto iter = at::TensorIteratorConfig()
                   .check_all_same_dtype(false)
-                  .add_output(out)
                   .add_output(factor)
                   .add_const_input(x)
                   .add_const_input(y)
                   .build();
-  LRPCPP_DISPATCH_FLOATING(x.scalar_type(), "lrpcpp_gi_identity_forward_cpu", [&] {
+  LRPCPP_DISPATCH_FLOATING(x.scalar_type(), "lrpcpp_gi_identity_factor_cpu", [&] {
     using x_t = scalar_t;
-    LRPCPP_DISPATCH_FLOATING(y.scalar_type(), "lrpcpp_gi_identity_forward_cpu", [&] {
+    LRPCPP_DISPATCH_FLOATING(y.scalar_type(), "lrpcpp_gi_identity_factor_cpu", [&] {
       using y_t = scalar_t;
       using acc_t = detail::opmath_pair_t<x_t, y_t>;
       const acc_t e = static_cast<acc_t>(epsilon);
       const acc_t hi = static_cast<acc_t>(std::numeric_limits<x_t>::max());
       iter.for_each([&](char** data, const int64_t* strides, int64_t n) {
-        cpu::typed_loop<y_t, x_t, const x_t, const y_t>(
-            data, strides, n, [e, hi](y_t& out_i, x_t& factor_i, const x_t& x_i, const y_t& y_i) {
-              out_i = y_i;
+        cpu::typed_loop<x_t, const x_t, const y_t>(
+            data, strides, n, [e, hi](x_t& factor_i, const x_t& x_i, const y_t& y_i) {
               factor_i = static_cast<x_t>(
                   math::gi_identity_factor<acc_t>(static_cast<acc_t>(x_i), static_cast<acc_t>(y_i), e, hi));
             });
       });
     });
   });
-  return {out, factor};
+  return factor;
 }
 
 template <typename scalar_t, typename out_t>
@@ -141,7 +138,7 @@ Tensor gi_layer_norm_backward_cpu(const Tensor& grad, const Tensor& x, at::IntAr
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrpcpp, CPU, m) {
-  m.impl("gi_identity_forward", &gi_identity_forward_cpu);
+  m.impl("gi_identity_factor", &gi_identity_factor_cpu);
   m.impl("gi_scale_backward", &gi_scale_backward_cpu);
   m.impl("gi_layer_norm_backward", &gi_layer_norm_backward_cpu);
 }

@@ -1,5 +1,5 @@
-// CUDA kernels of the gradient-times-input ops: gi_identity's fused forward
-// (the copy of y and the factor y / stab(x), one vectorised pass), the shared
+// CUDA kernels of the gradient-times-input ops: gi_identity's saved factor
+// y / stab(x) (one vectorised pass), the shared
 // backward g * factor (a factor that repeats along grad, such as a 0-dim scale
 // or a vector over the last dimension, is read in place rather than expanded),
 // and the layer-norm backward with sigma detached, one block per row.
@@ -15,11 +15,10 @@ namespace lrpcpp {
 namespace {
 
 template <typename x_t, typename y_t>
-struct GiIdentityForwardOp {
+struct GiIdentityFactorOp {
   using acc_t = detail::opmath_pair_t<x_t, y_t>;
   const x_t* x;
   const y_t* y;
-  y_t* out;
   x_t* factor;
   acc_t epsilon, hi;
 
@@ -33,35 +32,32 @@ struct GiIdentityForwardOp {
       fv.v[k] = static_cast<x_t>(
           math::gi_identity_factor<acc_t>(static_cast<acc_t>(xv.v[k]), static_cast<acc_t>(yv.v[k]), epsilon, hi));
     }
-    cuda::store<N>(out + i, yv);
     cuda::store<N>(factor + i, fv);
   }
 };
 
-TensorPair gi_identity_forward_cuda(const Tensor& x, const Tensor& y, double epsilon) {
-  impl::check_gi_identity(x, y, epsilon, "lrpcpp.gi_identity_forward");
+Tensor gi_identity_factor_cuda(const Tensor& x, const Tensor& y, double epsilon) {
+  impl::check_gi_identity(x, y, epsilon, "lrpcpp.gi_identity_factor");
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor xc = x.contiguous(), yc = y.contiguous();
-  Tensor out = at::empty(yc.sizes(), yc.options());
   Tensor factor = at::empty(xc.sizes(), xc.options());
-  if (out.numel() == 0) return {out, factor};
-  LRPCPP_DISPATCH_FLOATING(x.scalar_type(), "lrpcpp_gi_identity_forward_cuda", [&] {
+  if (factor.numel() == 0) return factor;
+  LRPCPP_DISPATCH_FLOATING(x.scalar_type(), "lrpcpp_gi_identity_factor_cuda", [&] {
     using x_t = scalar_t;
-    LRPCPP_DISPATCH_FLOATING(y.scalar_type(), "lrpcpp_gi_identity_forward_cuda", [&] {
+    LRPCPP_DISPATCH_FLOATING(y.scalar_type(), "lrpcpp_gi_identity_factor_cuda", [&] {
       using y_t = scalar_t;
-      using Op = GiIdentityForwardOp<x_t, y_t>;
+      using Op = GiIdentityFactorOp<x_t, y_t>;
       using acc_t = typename Op::acc_t;
       constexpr int N =
           cuda::pack_size<x_t>() < cuda::pack_size<y_t>() ? cuda::pack_size<x_t>() : cuda::pack_size<y_t>();
-      const Op op{xc.const_data_ptr<x_t>(),    yc.const_data_ptr<y_t>(),
-                  out.mutable_data_ptr<y_t>(), factor.mutable_data_ptr<x_t>(),
+      const Op op{xc.const_data_ptr<x_t>(), yc.const_data_ptr<y_t>(), factor.mutable_data_ptr<x_t>(),
                   static_cast<acc_t>(epsilon), static_cast<acc_t>(std::numeric_limits<x_t>::max())};
       const bool vec = cuda::aligned(op.x, N * sizeof(x_t)) && cuda::aligned(op.factor, N * sizeof(x_t)) &&
-                       cuda::aligned(op.y, N * sizeof(y_t)) && cuda::aligned(op.out, N * sizeof(y_t));
-      cuda::launch_elementwise<N>(out.numel(), vec, op);
+                       cuda::aligned(op.y, N * sizeof(y_t));
+      cuda::launch_elementwise<N>(factor.numel(), vec, op);
     });
   });
-  return {out, factor};
+  return factor;
 }
 
 // out = grad * factor, in acc_t; with kRepeat the factor holds `period` values that repeat along grad.
@@ -208,7 +204,7 @@ Tensor gi_layer_norm_backward_cuda(const Tensor& grad, const Tensor& x, at::IntA
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrpcpp, CUDA, m) {
-  m.impl("gi_identity_forward", &gi_identity_forward_cuda);
+  m.impl("gi_identity_factor", &gi_identity_factor_cuda);
   m.impl("gi_scale_backward", &gi_scale_backward_cuda);
   m.impl("gi_layer_norm_backward", &gi_layer_norm_backward_cuda);
 }

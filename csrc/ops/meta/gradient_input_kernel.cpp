@@ -6,9 +6,9 @@
 namespace lrpcpp {
 namespace {
 
-TensorPair gi_identity_forward_meta(const Tensor& x, const Tensor& y, double epsilon) {
-  impl::check_gi_identity(x, y, epsilon, "lrpcpp.gi_identity_forward");
-  return {at::empty_like(y, at::MemoryFormat::Contiguous), at::empty_like(x, at::MemoryFormat::Contiguous)};
+Tensor gi_identity_factor_meta(const Tensor& x, const Tensor& y, double epsilon) {
+  impl::check_gi_identity(x, y, epsilon, "lrpcpp.gi_identity_factor");
+  return at::empty_like(x, at::MemoryFormat::Contiguous);
 }
 
 Tensor gi_scale_backward_meta(const Tensor& grad, const Tensor& factor, at::ScalarType dtype) {
@@ -25,7 +25,7 @@ Tensor gi_layer_norm_backward_meta(const Tensor& grad, const Tensor& x, at::IntA
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrpcpp, Meta, m) {
-  m.impl("gi_identity_forward", &gi_identity_forward_meta);
+  m.impl("gi_identity_factor", &gi_identity_factor_meta);
   m.impl("gi_scale_backward", &gi_scale_backward_meta);
   m.impl("gi_layer_norm_backward", &gi_layer_norm_backward_meta);
 }

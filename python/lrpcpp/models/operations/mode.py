@@ -7,7 +7,7 @@ import warnings
 from collections import abc
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -124,17 +124,6 @@ def _tensors(out: Any):
         yield from _tensors(out.to_tuple())
 
 
-def _memory_order(t: Tensor) -> Optional[List[int]]:
-    """The permutation of ``t``'s dims that makes it contiguous, for a permuted contiguous tensor;
-    None when ``t`` is contiguous or not a permutation of a contiguous tensor, and in a forward that
-    torch.compile traces (its strides may be symbolic, and the compiler plans the layouts itself)."""
-    if torch.compiler.is_compiling() or t.is_contiguous():
-        return None
-    strides = t.stride()
-    order = sorted(range(t.dim()), key=lambda d: -strides[d])
-    return order if t.permute(order).is_contiguous() else None
-
-
 def _requires_grad(out: Any) -> bool:
     if isinstance(out, Tensor):
         return out.requires_grad
@@ -177,14 +166,8 @@ class GradientRules(RuleMode):
         key = (share, t.device)
         if key not in self._scales:
             self._scales[key] = torch.tensor(share, dtype=torch.float32, device=t.device)
-        # gi_grad_scale returns a contiguous copy; a permuted tensor (the heads of an attention,
-        # transposed) is scaled in its memory order and permuted back, so that the ops after it see
-        # the layout the model made (no copies there for a layout the model did not make)
-        order = _memory_order(t)
-        if order is None:
-            return torch.ops.lrpcpp.gi_grad_scale(t, self._scales[key])
-        back = sorted(range(len(order)), key=order.__getitem__)
-        return torch.ops.lrpcpp.gi_grad_scale(t.permute(order), self._scales[key]).permute(back)
+        # a view of t (no copy): the ops after it see the layout the model made
+        return torch.ops.lrpcpp.gi_grad_scale(t, self._scales[key])
 
     def is_gate(self, t: Any) -> bool:
         return isinstance(t, Tensor) and getattr(t, _GATE, False)
