@@ -24,6 +24,23 @@ def subprocess_env():
 
 import lrpcpp  # noqa: E402,F401  (loads torch.ops.lrpcpp)
 
+
+def _inductor_cache_per_build() -> None:
+    """torch.compile's on-disk cache keys a compiled graph by the graph, not by the library behind an
+    operator: after a rebuild that changes what an lrpcpp composite decomposes into, a cached graph
+    would call the old operators. The tests (and the subprocesses they start) use a cache of their own
+    per build of the extension, unless TORCHINDUCTOR_CACHE_DIR is set."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return
+    here = os.path.dirname(lrpcpp.__file__)
+    libraries = sorted(os.path.join(here, f) for f in os.listdir(here) if f.startswith("_C") and f.endswith(".so"))
+    stats = [os.stat(f) for f in libraries]
+    key = "-".join(f"{st.st_size}-{int(st.st_mtime)}" for st in stats) or "none"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(ROOT, "build", "inductor-cache", key)
+
+
+_inductor_cache_per_build()
+
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 # relative tolerance of a relevance against the float64 reference, per dtype
