@@ -76,7 +76,7 @@ tools:
 	else echo "installing chromium and pdflatex (apt-get)"; apt-get update -q >/dev/null && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium texlive-latex-base >/dev/null; fi
 
-$(DEPS): requirements-dev.txt requirements-nodeps.txt
+$(DEPS): requirements-dev.txt requirements-test.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
@@ -110,7 +110,7 @@ wheel: build
 bench: build
 	$(PY) benchmarks/bench_cpu.py
 
-$(CUDA_DEPS): requirements-cuda.txt requirements-nodeps.txt
+$(CUDA_DEPS): requirements-cuda.txt requirements-test.txt requirements-nodeps.txt
 	test -x $(CUDA_PY) || $(PYTHON) -m venv $(CUDA_VENV)
 	$(CUDA_PY) -m pip install -q --disable-pip-version-check -r requirements-cuda.txt
 	$(CUDA_PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt

@@ -1,5 +1,5 @@
 """lrpcpp.interop.captum.AttnLRP against lrpcpp.attribute and Captum's own InputXGradient run inside
-lrpcpp.patch (captum==0.9.0, requirements-dev.txt): the same relevance, bitwise, in float64."""
+lrpcpp.patch (captum==0.9.0, requirements-test.txt): the same relevance, bitwise, in float64."""
 
 import subprocess
 import sys
