@@ -12,7 +12,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
+if os.environ.get("LRPCPP_TEST_INSTALLED") != "1":  # the in-place build, unless the tests check a wheel
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
 
 import lrpcpp  # noqa: E402
 import lrpcpp.dataset  # noqa: E402

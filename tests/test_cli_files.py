@@ -251,7 +251,9 @@ def test_out_resumes_after_an_interruption(dirs, tmp_path, monkeypatch, capsys):
 
 def test_out_resumes_after_sigint(dirs, tmp_path):
     """The real thing: Ctrl-C (SIGINT) to a running ``lrpcpp explain --file --out``."""
-    texts = _texts(tmp_path / "t.txt", n=80)  # 560 inputs: several seconds
+    # 1,400 inputs: several seconds even where explaining is fast (about 300 inputs/s), so that the
+    # signal reaches the run while it writes, also when this process is slowed down by other load
+    texts = _texts(tmp_path / "t.txt", n=200)
     full, out = tmp_path / "full.jsonl", tmp_path / "out.jsonl"
     args = ["explain", "--model", dirs["llama"], "--file", str(texts), "--threads", "1"]
     ok(run_cli(*args, "--out", str(full)))

@@ -10,6 +10,7 @@ import lrpcpp
 import lrpcpp.dataset
 import pytest
 import torch
+from conftest import subprocess_env
 from dataset_worker import WINDOW_BATCHES, items, model, stop_after
 from models import build
 
@@ -175,7 +176,7 @@ def test_bad_input_is_refused(kwargs, error, match):
 
 
 def _torchrun(out, *extra, timeout=300):
-    env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(HERE), "python"))
+    env = subprocess_env()  # the lrpcpp these tests import: the in-place build or the installed wheel
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", WORKER, str(out)]
     return subprocess.run(cmd + list(extra), capture_output=True, text=True, timeout=timeout, env=env)
 

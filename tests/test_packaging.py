@@ -10,7 +10,7 @@ import sys
 import lrpcpp
 import pytest
 import torch
-from conftest import ROOT, cmake_build
+from conftest import INSTALLED, ROOT, cmake_build
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -139,6 +139,7 @@ def no_pythonpath():
 
 @pytest.mark.slow
 @pytest.mark.subprocess
+@pytest.mark.skipif(INSTALLED, reason="checks the checkout's in-place build, not an installed wheel")
 def test_python_m_lrpcpp_works_in_a_checkout_after_make(tmp_path):
     """`make` runs scripts/checkout_path.py for .venv: then `python -m lrpcpp` finds the package built
     in place, from any directory and with no PYTHONPATH (an environment like .venv: its packages, not

@@ -547,8 +547,12 @@ def test_torchvision_resnet_and_vit():
 
     vit = vm.randomise(VisionTransformer(32, 8, 2, 2, 16, 32, num_classes=5)).double()
     before = vit(x)
-    rules = check_layers(vit, {"x": x}, "vit", min_checked=5)
-    assert rules["conv_proj"] == P.Gamma(0.25)
+    rules = check_layers(vit, {"x": x}, "vit", min_checked=4)
+    assert rules["conv_proj"] == P.Gamma(0.25) and rules["encoder.layers.encoder_layer_0.mlp.0"] == P.Gamma(0.05)
+    # the paper's recipe (the default) leaves the attention projections to their gradient, as LXT does
+    assert "encoder.layers.encoder_layer_0.self_attention.in_proj" not in rules
+    gamma = lrpcpp.preset("vit", attention_projections="gamma")
+    rules = check_layers(vit, {"x": x}, gamma, min_checked=5)
     assert rules["encoder.layers.encoder_layer_0.self_attention.in_proj"] == P.Gamma(0.05)
     with lrpcpp.patch(vit, preset="vit"):
         torch.testing.assert_close(vit(x), before, rtol=1e-10, atol=1e-10)
