@@ -123,3 +123,15 @@ def bias_free(model):
             ):
                 p.zero_()
     return model
+
+
+def attribute_ruled(model, **kw):
+    """``lrpcpp.attribute`` with a call that has no rule (an ``UnruledOperationWarning``) as an error."""
+    import warnings
+
+    import lrpcpp
+    from lrpcpp.models.operations import UnruledOperationWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnruledOperationWarning)
+        return lrpcpp.attribute(model, **kw)

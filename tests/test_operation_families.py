@@ -1,16 +1,13 @@
 """Decoder families without a family entry, explained at the operation level: tiny random float64
 models built from transformers configs (as tests/models.py builds the registered families)."""
 
-import warnings
-
 import lrpcpp
 import pytest
 import torch
 import transformers as tfm
 from lrpcpp import deploy
 from lrpcpp.models.families import FAMILIES
-from lrpcpp.models.operations import UnruledOperationWarning
-from models import _DECODER, VOCAB, bias_free, inputs
+from models import _DECODER, VOCAB, attribute_ruled, bias_free, inputs
 
 _IDS = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
@@ -55,19 +52,13 @@ def build(family: str, seed: int = 0):
     return model
 
 
-def _attribute(model, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UnruledOperationWarning)
-        return lrpcpp.attribute(model, **kw)
-
-
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("family", sorted(UNREGISTERED))
 def test_an_unregistered_decoder_is_explained_at_the_operation_level(family, method):
     model, ids = build(family), inputs("llama")["input_ids"]
     with pytest.raises(lrpcpp.UnsupportedModelError, match="register_family"):
         lrpcpp.patch(model, level="registry")
-    got = _attribute(model, input_ids=ids, method=method)  # level="auto"
+    got = attribute_ruled(model, input_ids=ids, method=method)  # level="auto"
     assert got.coverage is not None and got.coverage.unruled == {}
     assert any("scaled_dot_product_attention" in n for n in got.coverage.ruled)
     assert torch.isfinite(got.relevance).all() and got.relevance.abs().sum() > 0
@@ -105,12 +96,12 @@ def test_cp_lrp_conserves_on_a_bias_free_model(family):
     rtol = 1e-6 if family == "cohere" else 1e-9
     model = bias_free(build(family))
     ids = inputs("llama")["input_ids"]
-    got = _attribute(model, input_ids=ids, method="cp-lrp")
+    got = attribute_ruled(model, input_ids=ids, method="cp-lrp")
     total = got.relevance.sum(dim=(1, 2))
     scale = got.relevance.abs().sum(dim=(1, 2))
     assert torch.all((total - got.output).abs() <= rtol * scale), (total, got.output)
     # AttnLRP's softmax rule does not conserve (its bias term absorbs relevance)
-    lost = _attribute(model, input_ids=ids, method="attnlrp").relevance.sum(dim=(1, 2)) - got.output
+    lost = attribute_ruled(model, input_ids=ids, method="attnlrp").relevance.sum(dim=(1, 2)) - got.output
     assert torch.all(lost.abs() > 1e-3 * scale)
 
 
@@ -130,7 +121,7 @@ ENTRIES = {
 @pytest.mark.parametrize("family", sorted(ENTRIES))
 def test_operation_level_equals_the_registry_given_an_entry(family, method):
     model, ids = build(family), inputs("llama")["input_ids"]
-    got = _attribute(model, input_ids=ids, method=method)
+    got = attribute_ruled(model, input_ids=ids, method=method)
     assert got.coverage is not None
     lrpcpp.register_family(f"test_{family}", model_types=(model.config.model_type,), causal=True, **ENTRIES[family])
     try:
@@ -163,9 +154,9 @@ def test_a_left_padded_batch_row_equals_the_row_alone(family):
     ids = inputs("llama", batch=2, seq=7)["input_ids"]
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
-    batch = _attribute(model, input_ids=ids, attention_mask=mask)
+    batch = attribute_ruled(model, input_ids=ids, attention_mask=mask)
     for i, real in enumerate([slice(0, 7), slice(3, 7)]):
-        single = _attribute(model, input_ids=ids[i : i + 1, real])
+        single = attribute_ruled(model, input_ids=ids[i : i + 1, real])
         torch.testing.assert_close(batch.output[i : i + 1], single.output, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(batch.relevance[i : i + 1, real], single.relevance, rtol=1e-7, atol=1e-10)
     assert torch.all(batch.relevance[1, :3] == 0)

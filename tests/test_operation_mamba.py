@@ -3,14 +3,12 @@ Montavon, Müller, Eberle, NeurIPS 2024, arXiv 2406.07592): SiLU and RMSNorm by 
 the step size and B, C held constant so that the scan is linear in its input, and the gate
 ``y * silu(z)`` split in half (AttnLRP) or held constant (CP-LRP)."""
 
-import warnings
-
 import lrpcpp
 import pytest
 import torch
 import transformers as tfm
 from lrpcpp.models.operations import UnruledOperationWarning
-from models import bias_free
+from models import attribute_ruled, bias_free
 from torch import nn
 from torch.nn import functional as F
 
@@ -49,12 +47,6 @@ def build(seed: int = 0):
 
 def ids(batch: int = 2, seq: int = 6):
     return torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1))
-
-
-def _attribute(model, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UnruledOperationWarning)
-        return lrpcpp.attribute(model, **kw)
 
 
 # ----------------------------------------------------------------------------- the reference
@@ -121,7 +113,7 @@ def test_mamba_relevance_is_the_mambalrp_reference(method):
     model, input_ids = build(), ids()
     with pytest.raises(lrpcpp.UnsupportedModelError, match="register_family"):
         lrpcpp.patch(model, level="registry")
-    got = _attribute(model, input_ids=input_ids, method=method, epsilon=0.0)  # level="auto"
+    got = attribute_ruled(model, input_ids=input_ids, method=method, epsilon=0.0)  # level="auto"
     want, logit = reference(model, input_ids, got.target, method)
     torch.testing.assert_close(got.output, logit, rtol=0, atol=0)
     torch.testing.assert_close(got.relevance, want, rtol=1e-10, atol=1e-14)
@@ -133,15 +125,15 @@ def test_mamba_conserves_without_biases(method):
     # the gate a product: on a bias-free model the relevance of the input sums to the logit (up to
     # the float32 casts in the scan). The conv1d bias absorbs a share otherwise.
     model, input_ids = bias_free(build()), ids()
-    got = _attribute(model, input_ids=input_ids, method=method)
+    got = attribute_ruled(model, input_ids=input_ids, method=method)
     torch.testing.assert_close(got.relevance.sum((1, 2)).float(), got.output, rtol=1e-5, atol=0)
     model = build()
     with torch.no_grad():
         model.backbone.layers[0].mixer.conv1d.bias.zero_()
         model.backbone.layers[1].mixer.conv1d.bias.zero_()
-    got = _attribute(model, input_ids=input_ids, method=method)  # the dt_proj bias is held constant too
+    got = attribute_ruled(model, input_ids=input_ids, method=method)  # the dt_proj bias is held constant too
     torch.testing.assert_close(got.relevance.sum((1, 2)).float(), got.output, rtol=1e-5, atol=0)
-    with_bias = _attribute(build(), input_ids=input_ids, method=method)
+    with_bias = attribute_ruled(build(), input_ids=input_ids, method=method)
     assert not torch.allclose(with_bias.relevance.sum((1, 2)).float(), with_bias.output, rtol=1e-2)
 
 
@@ -150,7 +142,7 @@ def test_mamba_coverage_and_forward_are_unchanged():
     x = model.get_input_embeddings()(input_ids).detach()
     with torch.no_grad():
         plain = model(inputs_embeds=x).logits
-    got = _attribute(model, input_ids=input_ids, strict=True)
+    got = attribute_ruled(model, input_ids=input_ids, strict=True)
     assert got.coverage.unruled == {} and got.coverage.seen > 0
     # the identity rule on 3 RMSNorms and 4 SiLUs (after each mixer's convolution and on its gate: modules in
     # transformers 4.x, F.silu calls in 5.x); one gate product per mixer; nothing else is ruled
@@ -168,7 +160,7 @@ def test_mamba_coverage_and_forward_are_unchanged():
 
 def test_mamba_rule_differs_from_gradient_times_input():
     model, input_ids = build(), ids()
-    got = _attribute(model, input_ids=input_ids)
+    got = attribute_ruled(model, input_ids=input_ids)
     x = model.get_input_embeddings()(input_ids).detach().requires_grad_()
     logits = model(inputs_embeds=x).logits[:, -1]
     logits.gather(1, got.target[:, None]).sum().backward()

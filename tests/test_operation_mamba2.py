@@ -5,15 +5,13 @@ linear in its input; SiLU and RMSNorm by the identity rule; the gated RMSNorm's 
 ``y * silu(z)`` split in half (AttnLRP) or the gate held constant (CP-LRP), its normalising factor
 held constant."""
 
-import warnings
-
 import lrpcpp
 import pytest
 import torch
 import transformers as tfm
 from lrpcpp.models import patching
 from lrpcpp.models.operations import UnruledOperationWarning
-from models import bias_free
+from models import attribute_ruled, bias_free
 from torch.nn import functional as F
 
 VOCAB = 40
@@ -55,12 +53,6 @@ def build(seed: int = 0):
 
 def ids(batch: int = 2, seq: int = 7):
     return torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1))
-
-
-def _attribute(model, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UnruledOperationWarning)
-        return lrpcpp.attribute(model, **kw)
 
 
 # ----------------------------------------------------------------------------- the reference
@@ -133,7 +125,7 @@ def reference(model, input_ids, target, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_mamba2_relevance_is_the_mambalrp_reference(method):
     model, input_ids = build(), ids()
-    got = _attribute(model, input_ids=input_ids, method=method, epsilon=0.0)  # level="auto"
+    got = attribute_ruled(model, input_ids=input_ids, method=method, epsilon=0.0)  # level="auto"
     want, logit = reference(model, input_ids, got.target, method)
     # transformers computes the scan and the norms in float32: the reference, in float64, agrees to that
     torch.testing.assert_close(got.output.double(), logit, rtol=1e-5, atol=1e-6)
@@ -147,9 +139,9 @@ def test_mamba2_conserves_without_biases(method):
     # float32 computations in the scan). The biases (of the convolution, in_proj, out_proj) absorb a
     # share otherwise; the step size's bias is held constant with the step size.
     model, input_ids = bias_free(build()), ids()
-    got = _attribute(model, input_ids=input_ids, method=method)
+    got = attribute_ruled(model, input_ids=input_ids, method=method)
     torch.testing.assert_close(got.relevance.sum((1, 2)).float(), got.output, rtol=1e-5, atol=0)
-    with_bias = _attribute(build(), input_ids=input_ids, method=method)
+    with_bias = attribute_ruled(build(), input_ids=input_ids, method=method)
     assert not torch.allclose(with_bias.relevance.sum((1, 2)).float(), with_bias.output, rtol=1e-2)
 
 
@@ -158,7 +150,7 @@ def test_mamba2_coverage_and_forward_are_unchanged():
     x = model.get_input_embeddings()(input_ids).detach()
     with torch.no_grad():
         plain = model(inputs_embeds=x).logits
-    got = _attribute(model, input_ids=input_ids, strict=True)
+    got = attribute_ruled(model, input_ids=input_ids, strict=True)
     assert got.coverage.unruled == {} and got.coverage.seen > 0
     ruled = dict(got.coverage.ruled)
     # no rule reaches Δ, B or C (the clamp of the step size is not seen with relevance): the identity rule on
@@ -178,7 +170,7 @@ def test_mamba2_rule_differs_from_the_plain_operation_level(monkeypatch):
     # without the held scan parameters (the mixer's forward unpatched), the products of Δ, B and C with the
     # sequence are split and the clamp of Δ is unruled: another relevance
     model, input_ids = build(), ids()
-    got = _attribute(model, input_ids=input_ids)
+    got = attribute_ruled(model, input_ids=input_ids)
     monkeypatch.setattr(patching, "_patch_chunked_scan", lambda *args: None)
     with pytest.warns(UnruledOperationWarning, match=r"torch.clamp \(x2\)"):
         plain = lrpcpp.attribute(model, input_ids=input_ids)

@@ -9,13 +9,10 @@ its routing weights in its own forward, which the registry cannot reach, so ``le
 explains it at the operation level, checked against a float64 transcription of the rules.
 """
 
-import warnings
-
 import lrpcpp
 import pytest
 import torch
-from lrpcpp.models.operations import UnruledOperationWarning
-from models import FAMILIES, MOE, MOE_4X, TRANSFORMERS_4, inputs
+from models import FAMILIES, MOE, MOE_4X, TRANSFORMERS_4, attribute_ruled, inputs
 from torch.nn import functional as F
 
 METHODS = ["attnlrp", "cp-lrp"]
@@ -38,12 +35,6 @@ def build(family: str, dtype=torch.float64, experts: str = "eager", **overrides)
     return model
 
 
-def _attribute(model, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UnruledOperationWarning)
-        return lrpcpp.attribute(model, **kw)
-
-
 # ----------------------------------------------------------------------------- transformers 5.x
 @pytest.mark.skipif(TRANSFORMERS_4, reason="the registry patches the mixture-of-experts blocks of transformers 5 only")
 @pytest.mark.parametrize("method", METHODS)
@@ -51,7 +42,7 @@ def _attribute(model, **kw):
 @pytest.mark.parametrize("family", sorted(MOE))
 def test_operation_level_equals_the_registry(family, experts, method):
     model, kw = build(family, experts=experts), inputs(family)
-    got = _attribute(model, method=method, level="operations", **kw)
+    got = attribute_ruled(model, method=method, level="operations", **kw)
     ref = lrpcpp.attribute(model, method=method, level="registry", **kw)
     assert got.coverage.unruled == {} and ref.coverage is None
     assert got.coverage.ruled["Tensor.mul"] > 0  # the products of routing weights and experts' outputs
@@ -65,7 +56,7 @@ def test_operation_level_equals_the_registry(family, experts, method):
 def test_grouped_experts_kernel_is_ruled(family, method):
     # torch._grouped_mm takes no float64: float32, where both levels run the same kernels
     model, kw = build(family, dtype=torch.float32, experts="grouped_mm"), inputs(family)
-    got = _attribute(model, method=method, level="operations", **kw)
+    got = attribute_ruled(model, method=method, level="operations", **kw)
     ref = lrpcpp.attribute(model, method=method, level="registry", **kw)
     assert got.coverage.unruled == {} and got.coverage.passed["torch._grouped_mm"] > 0
     scale = float(ref.relevance.abs().max())
@@ -105,11 +96,11 @@ def test_patched_forward_is_bitwise_the_plain_forward(family):
 @pytest.mark.parametrize("family", sorted(MOE))
 def test_auto_explains_either_layout(family, method):
     model, kw = build(family), inputs(family)
-    got = _attribute(model, method=method, **kw)  # level="auto"
+    got = attribute_ruled(model, method=method, **kw)  # level="auto"
     assert torch.isfinite(got.relevance).all() and got.relevance.abs().sum() > 0
     if TRANSFORMERS_4:  # the registry cannot patch the 4.x layout: the operation level explains it
         assert got.coverage is not None and got.coverage.unruled == {}
-        ops = _attribute(model, method=method, level="operations", **kw)
+        ops = attribute_ruled(model, method=method, level="operations", **kw)
         assert torch.equal(got.relevance, ops.relevance)
     else:
         assert got.coverage is None
