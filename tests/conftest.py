@@ -1,6 +1,7 @@
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -123,6 +124,23 @@ def cmake_build(*targets):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def _sigint_state():
+    return signal.getsignal(signal.SIGINT), signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+@pytest.fixture(autouse=True)
+def _keeps_ctrl_c():
+    """Every test leaves Ctrl-C as it found it (handler, and whether SIGINT is blocked): processes the
+    later tests start inherit an ignored or blocked SIGINT, and one that must be interrupted then is not."""
+    before = _sigint_state()
+    yield
+    after = _sigint_state()
+    if after != before:
+        signal.signal(signal.SIGINT, before[0])
+        signal.pthread_sigmask(signal.SIG_BLOCK if before[1] else signal.SIG_UNBLOCK, {signal.SIGINT})
+        pytest.fail(f"the test changed SIGINT's handling: {before} -> {after}")
 
 
 @pytest.fixture
