@@ -167,9 +167,18 @@ SHELL_BLOCKS = [b for b in ALL if _executed(b) and b.language in SHELL]
     "page", [pytest.param(p, marks=[pytest.mark.slow] if p in SLOW_PAGES else []) for p in PYTHON_PAGES]
 )
 def test_python_blocks_of_a_page_run_in_order(page, tmp_path, monkeypatch):
+    import lrpcpp
+
     monkeypatch.chdir(tmp_path)
     blocks = [b for b in ALL if b.page == page and _executed(b) and b.language in PYTHON]
-    run_python(blocks, {"__name__": "__snippets__"})
+    # the registries a page may add to (register_family, register_preset) are put back as they were
+    registries = {id(r): (r, dict(r)) for r in (lrpcpp.models.families.FAMILIES, lrpcpp.PRESETS)}
+    try:
+        run_python(blocks, {"__name__": "__snippets__"})
+    finally:
+        for registry, saved in registries.values():
+            registry.clear()
+            registry.update(saved)
 
 
 def _command_dir(tmp_path: pathlib.Path) -> pathlib.Path:
