@@ -44,6 +44,7 @@ class Block:
     language: str
     code: str
     not_executed: Optional[str] = None  # the reason its marker gives
+    first: int = 0  # the page line of its first line of code, 1-based (0: unknown)
 
     @property
     def where(self) -> str:
@@ -60,13 +61,14 @@ def _marker(lines: List[str], i: int, pattern) -> Optional[str]:
 
 
 def _indented_body(lines: List[str], start: int, indent: int):
-    """The lines from ``start`` on that are blank or indented deeper than ``indent``: (text, end)."""
-    while start < len(lines) and re.match(r"^\s+:[\w-]+:", lines[start]):
-        start += 1  # a directive's options
+    """The lines from ``start`` on that are blank or indented deeper than ``indent``: (text, end,
+    index of the first line of text)."""
+    while start < len(lines) and (re.match(r"^\s+:[\w-]+:", lines[start]) or not lines[start].strip()):
+        start += 1  # a directive's options, blank lines
     j = start
     while j < len(lines) and (not lines[j].strip() or len(lines[j]) - len(lines[j].lstrip()) > indent):
         j += 1
-    return textwrap.dedent("\n".join(lines[start:j])).strip("\n") + "\n", j
+    return textwrap.dedent("\n".join(lines[start:j])).strip("\n") + "\n", j, start
 
 
 def rst_blocks(text: str, page: str = "<rst>") -> List[Block]:
@@ -80,10 +82,10 @@ def rst_blocks(text: str, page: str = "<rst>") -> List[Block]:
         directive = re.match(r"^\s*\.\. (?:code-block|code|sourcecode)::\s*(\S*)\s*$", line)
         literal = line.rstrip().endswith("::") and not line.lstrip().startswith("..")
         if directive or literal:
-            code, end = _indented_body(lines, i + 1, indent)
+            code, end, first = _indented_body(lines, i + 1, indent)
             language = (directive.group(1) or "python") if directive else "python"
             if code.strip():
-                blocks.append(Block(page, i + 1, language, code, _marker(lines, i, NOT_EXECUTED)))
+                blocks.append(Block(page, i + 1, language, code, _marker(lines, i, NOT_EXECUTED), first + 1))
             i = end
             continue
         if line.lstrip().startswith(">>> "):
@@ -91,7 +93,7 @@ def rst_blocks(text: str, page: str = "<rst>") -> List[Block]:
             while j < len(lines) and lines[j].strip():
                 j += 1
             code = textwrap.dedent("\n".join(lines[i:j])) + "\n"
-            blocks.append(Block(page, i + 1, "doctest", code, _marker(lines, i, NOT_EXECUTED)))
+            blocks.append(Block(page, i + 1, "doctest", code, _marker(lines, i, NOT_EXECUTED), i + 1))
             i = j
             continue
         i += 1
@@ -109,7 +111,8 @@ def markdown_blocks(text: str, page: str = "<md>") -> List[Block]:
             while j < len(lines) and not lines[j].startswith(fence.group(1)):
                 j += 1
             code = "\n".join(lines[i + 1 : j]) + "\n"
-            blocks.append(Block(page, i + 1, fence.group(2) or "text", code, _marker(lines, i, NOT_EXECUTED_MD)))
+            marker = _marker(lines, i, NOT_EXECUTED_MD)
+            blocks.append(Block(page, i + 1, fence.group(2) or "text", code, marker, i + 2))
             i = j + 1
             continue
         i += 1
@@ -122,15 +125,16 @@ def page_blocks(page: str) -> List[Block]:
 
 
 def run_python(blocks: List[Block], namespace: dict) -> None:
-    """Runs the blocks in order in one namespace; a failure names the page and line of its block."""
+    """Runs the blocks in order in one namespace; a traceback names the page and its line."""
     for block in blocks:
         if block.language in ("pycon", "doctest") or block.code.lstrip().startswith(">>>"):
-            test = doctest.DocTestParser().get_doctest(block.code, namespace, block.where, block.page, block.line)
+            test = doctest.DocTestParser().get_doctest(block.code, namespace, block.where, block.page, block.first - 1)
             runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
             runner.run(test, clear_globs=False)
             assert not runner.failures, f"the doctest block at {block.where} failed"
         else:
-            exec(compile(block.code, block.where, "exec"), namespace)
+            # padded with empty lines, so that the line numbers of a traceback are those of the page
+            exec(compile("\n" * (max(block.first, 1) - 1) + block.code, block.page, "exec"), namespace)
 
 
 def shell_commands(block: Block) -> List[str]:
@@ -265,7 +269,7 @@ def test_a_broken_snippet_fails_and_names_its_line():
     assert blocks[1].code == 'assert x == 3, "x is 2"\n'
     with pytest.raises(AssertionError, match="x is 2") as info:
         run_python(blocks[:2], {})
-    assert any(str(entry.path) == "broken.rst:11" for entry in info.traceback)
+    assert any((str(entry.path), entry.lineno + 1) == ("broken.rst", 14) for entry in info.traceback)
     namespace: dict = {}
     run_python([blocks[0], blocks[2], blocks[3]], namespace)  # the doctest's 3.0 is right
     assert namespace["y"] == 3.0
