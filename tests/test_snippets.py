@@ -33,6 +33,8 @@ SLOW_PAGES = {
     "docs/deploy.rst": "TorchScript tracing, torch.export and torch.compile with inductor",
     "docs/large_models.rst": "accelerate's disk offloading and dataset attribution",
 }
+# pages that run torch.compile or torch.export (the `compile` marker)
+COMPILE_PAGES = {"README.md", "docs/deploy.rst"}
 NOT_EXECUTED = re.compile(r"^\s*\.\. not-executed:\s*(\S.*)$")
 NOT_EXECUTED_MD = re.compile(r"^\s*<!--\s*not-executed:\s*(\S.*?)\s*-->\s*$")
 
@@ -167,9 +169,11 @@ PYTHON_PAGES = [p for p in PAGES if any(_executed(b) and b.language in PYTHON fo
 SHELL_BLOCKS = [b for b in ALL if _executed(b) and b.language in SHELL]
 
 
-@pytest.mark.parametrize(
-    "page", [pytest.param(p, marks=[pytest.mark.slow] if p in SLOW_PAGES else []) for p in PYTHON_PAGES]
-)
+def _marks(page):
+    return [pytest.mark.slow] * (page in SLOW_PAGES) + [pytest.mark.compile] * (page in COMPILE_PAGES)
+
+
+@pytest.mark.parametrize("page", [pytest.param(p, marks=_marks(p)) for p in PYTHON_PAGES])
 def test_python_blocks_of_a_page_run_in_order(page, tmp_path, monkeypatch):
     import lrpcpp
 
