@@ -205,15 +205,18 @@ def _command_dir(tmp_path: pathlib.Path) -> pathlib.Path:
 @pytest.mark.subprocess
 @pytest.mark.parametrize("block", SHELL_BLOCKS, ids=[b.where for b in SHELL_BLOCKS])
 def test_shell_blocks_run(block, tmp_path):
+    run_shell(block, tmp_path)
+
+
+def run_shell(block: Block, cwd: pathlib.Path) -> None:
+    """Runs the commands of a shell block one by one in ``cwd``; one that fails fails the test."""
     from conftest import subprocess_env
 
     env = subprocess_env()
-    env["PATH"] = f"{_command_dir(tmp_path)}{os.pathsep}{env['PATH']}"
+    env["PATH"] = f"{_command_dir(cwd)}{os.pathsep}{env['PATH']}"
     env["NO_COLOR"] = "1"
     for command in shell_commands(block):
-        proc = subprocess.run(
-            ["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-        )
+        proc = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, f"{block.where}: `{command}` exited {proc.returncode}:\n{proc.stderr[-3000:]}"
 
 
@@ -290,3 +293,11 @@ def test_markdown_fences_markers_and_shell_commands():
     ]
     console = Block("p", 1, "console", "$ lrpcpp explain \\\n    --json a.json\noutput line\n$ ls\n")
     assert shell_commands(console) == ["lrpcpp explain \\\n    --json a.json", "ls"]
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_a_failing_shell_command_fails(tmp_path):
+    block = Block("p.rst", 3, "console", "$ python -c 'print(1)'\n1\n$ lrpcpp no-such-command\n")
+    with pytest.raises(AssertionError, match=r"p.rst:3: `lrpcpp no-such-command` exited 2"):
+        run_shell(block, tmp_path)
