@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 
+import chromium
 import lrpcpp
 import pytest
 import torch
@@ -234,14 +235,6 @@ def test_colour_in_the_terminal_marks_signs():
 
 
 # ----------------------------------------------------------------------------- HTML in Chromium
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-_ANNOTATE = """<script>
-for (const el of document.querySelectorAll('.tok')) {
-  el.setAttribute('data-computed', getComputedStyle(el).backgroundColor);
-}
-</script>"""
-
-
 class _Spans(html.parser.HTMLParser):
     """The token spans of the first paragraphs of text (not the per-layer rows), with attributes."""
 
@@ -272,32 +265,8 @@ class _Spans(html.parser.HTMLParser):
 
 
 def _render_in_chromium(page, tmp_path):
-    if CHROMIUM is None:
-        pytest.skip("chromium is not installed (`make test` installs it: apt-get install chromium)")
-    probe = tmp_path / "probe.html"
-    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", _ANNOTATE + "</body>"), encoding="utf-8")
-    profile = tmp_path / "chromium-profile"
-    proc = subprocess.run(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={profile}",
-            "--dump-dom",
-            probe.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
     parser = _Spans()
-    parser.feed(proc.stdout)
+    parser.feed(chromium.render(page.read_text(encoding="utf-8"), tmp_path, ".tok"))
     return parser
 
 
