@@ -2,13 +2,19 @@
 LLaMA model (tests/models.py) sharded with FSDP2 or split with tensor parallelism over a CPU
 ``DeviceMesh`` (gloo) must give the relevance of the same model in one process, at both levels.
 
-    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/distributed_worker.py {fsdp,tp,tp-dtensor}
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/distributed_worker.py CASE
 
-``tp`` is transformers' own plan for LLaMA (query, key, value, gate and up projections column-wise,
-output and down projections row-wise, plain local tensors between them); ``tp-dtensor`` keeps the
-column-wise outputs of the MLP as DTensors, so that the activation and the product of the gated MLP
-(the lrpcpp ops) run on sharded DTensors. Each rank prints its largest relative difference and exits
-with 1 when it is above the tolerance.
+CASE is ``fsdp``, ``tp``, ``tp-dtensor`` or ``rules``. ``fsdp``: ``fully_shard`` per decoder layer
+and on the root. ``tp``: transformers' own plan for LLaMA (query, key, value, gate and up
+projections column-wise, output and down projections row-wise, plain local tensors between them);
+``tp-dtensor`` keeps the column-wise outputs of the MLP as DTensors, so that the activation and the
+product of the gated MLP (the lrpcpp ops) run on sharded DTensors. Each rank prints its largest
+relative difference and exits with 1 when it is above the tolerance.
+
+``rules`` checks the sharding rule of every op of :mod:`lrpcpp.distributed`: the op on DTensors
+(float64; replicated, and sharded along each dim) equals the op on the full tensors, the output
+stays sharded along the dims its rule keeps, and so does the backward pass of the ops with one.
+It prints one line per op, ``ok <op>`` or ``FAIL <op>: <why>``.
 """
 
 import argparse
@@ -60,14 +66,120 @@ def shard_tp(model, mesh, dtensor_mlp: bool = False):
     return model
 
 
+def _say(line: str) -> None:
+    """One line, in one write: the lines of the two ranks do not mix."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _rule_cases():
+    """op name -> (op, its arguments, the indices of the arguments shaped like the first, the dims
+    along which the output stays sharded, whether to check the backward pass too, whether a partial
+    sum of the first argument stays one)."""
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    x, y, w, b = t(2, 4, 6), t(2, 4, 6), t(6), t(6)
+    ops, f64 = torch.ops.lrpcpp, torch.float64
+    cases = {
+        "gi_identity": (ops.gi_identity, [x, y, 1e-10], {0, 1}, (0, 1, 2), True, False),
+        "gi_identity_factor": (ops.gi_identity_factor, [x, y, 1e-10], {0, 1}, (0, 1, 2), False, False),
+        "gi_grad_scale": (ops.gi_grad_scale, [x, t(6)], {0}, (0, 1, 2), True, False),
+        "gi_scale_backward": (ops.gi_scale_backward, [x, y, f64], {0, 1}, (0, 1, 2), False, True),
+        "gi_scale_backward(broadcast)": (ops.gi_scale_backward, [x, t(6), f64], {0}, (0, 1, 2), False, True),
+        "gi_layer_norm": (ops.gi_layer_norm, [x, [6], w, b, 1e-5], {0}, (0, 1), True, False),
+        "gi_layer_norm_backward": (ops.gi_layer_norm_backward, [y, x, [6], w, 1e-5], {0, 1}, (0, 1), False, False),
+        "rms_norm_identity": (ops.rms_norm_identity, [x, [6], w, 1e-6], {0}, (0, 1), True, False),
+        "rms_norm_identity(2 dims)": (ops.rms_norm_identity, [x, [4, 6], None, 1e-6], {0}, (0,), True, False),
+        "layer_norm_identity": (ops.layer_norm_identity, [x, [6], w, b, 1e-5], {0}, (0, 1), True, False),
+        "normalize_identity": (ops.normalize_identity, [x, 2.0, 1, 1e-12], {0}, (0, 2), True, False),
+        "identity_relevance": (ops.identity_relevance, [x, f64], {0}, (0, 1, 2), False, True),
+        "stop_relevance": (ops.stop_relevance, [x], {0}, (0, 1, 2), True, False),
+        "gelu_identity": (ops.gelu_identity, [x, "tanh"], {0}, (0, 1, 2), True, False),
+    }
+    for name in ("silu", "tanh", "relu", "sigmoid"):
+        cases[f"{name}_identity"] = (getattr(ops, f"{name}_identity"), [x], {0}, (0, 1, 2), True, False)
+    return cases, y
+
+
+def _check_rule(op, args, shaped, kept, backward, partial, grad, mesh):
+    """Why the op on DTensors differs from the op on full tensors, or ``None``."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    def close(a, b, what):
+        if not torch.allclose(a, b, rtol=1e-12, atol=1e-12):
+            return f"{what}: largest difference {float((a - b).abs().max()):.3g}"
+        return None
+
+    with torch.inference_mode():
+        expected = op(*args)
+    for placement in [Replicate()] + [Shard(d) for d in range(args[0].dim())]:
+
+        def placed(i, a, requires_grad=False, placement=placement):
+            if not isinstance(a, torch.Tensor):
+                return a
+            d = distribute_tensor(a, mesh, [placement if i in shaped else Replicate()])
+            return d.requires_grad_() if requires_grad else d
+
+        with torch.inference_mode():
+            out = op(*[placed(i, a) for i, a in enumerate(args)])
+        why = close(out.full_tensor(), expected, f"{placement}")
+        if why is None and isinstance(placement, Shard) and placement.dim in kept and out.placements != (placement,):
+            why = f"{placement}: the output is {out.placements}, gathered"
+        if why is None and backward:
+            x = args[0].clone().requires_grad_()
+            op(x, *args[1:]).backward(grad)
+            dx = placed(0, args[0], requires_grad=True)
+            out = op(dx, *[placed(i, a) for i, a in enumerate(args) if i > 0])
+            out.backward(distribute_tensor(grad, mesh, out.placements))
+            why = close(dx.grad.full_tensor(), x.grad, f"{placement}, backward")
+        if why is not None:
+            return why
+    if partial:  # each rank holds a half of the first argument: a partial sum
+        half = DTensor.from_local(args[0] / 2, mesh, [Partial()], run_check=False)
+        with torch.inference_mode():
+            out = op(
+                half,
+                *[distribute_tensor(a, mesh, [Replicate()]) if isinstance(a, torch.Tensor) else a for a in args[1:]],
+            )
+        why = close(out.full_tensor(), expected, "Partial()")
+        if why is None and out.placements != (Partial(),):
+            why = f"Partial(): the output is {out.placements}, reduced"
+        return why
+    return None
+
+
+def check_rules(mesh) -> bool:
+    import lrpcpp.distributed
+
+    lrpcpp.distributed.register()
+    cases, grad = _rule_cases()
+    failed = False
+    for name, case in cases.items():
+        try:
+            why = _check_rule(*case, grad, mesh)
+        except Exception as e:  # noqa: BLE001 - reported as the op's failure
+            why = f"{type(e).__name__}: {e}"
+        if dist.get_rank() == 0:
+            _say(f"ok {name}" if why is None else f"FAIL {name}: {why}")
+        failed |= why is not None
+    return failed
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("case", choices=("fsdp", "tp", "tp-dtensor"))
+    ap.add_argument("case", choices=("fsdp", "tp", "tp-dtensor", "rules"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
+    if args.case == "rules":
+        failed = check_rules(mesh)
+        dist.destroy_process_group()
+        sys.exit(1 if failed else 0)
     model = build("llama", dtype=torch.float32)
     kw = inputs("llama", dtype=torch.float32)
     expected = {level: lrpcpp.attribute(model, level=level, **kw).relevance for level in LEVELS}
@@ -83,7 +195,7 @@ def main():
             got = got.full_tensor()
         scale = float(expected[level].abs().max())
         diff = float((got - expected[level]).abs().max()) / scale
-        print(f"rank {rank} {args.case} {level}: relative difference {diff:.3g}", flush=True)
+        _say(f"rank {rank} {args.case} {level}: relative difference {diff:.3g}")
         failed |= not diff <= RTOL
     dist.barrier()
     dist.destroy_process_group()

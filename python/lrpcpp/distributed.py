@@ -32,12 +32,12 @@ softmax, convolutions) have no rule: on a DTensor they raise DTensor's ``NotImpl
 
 import contextlib
 import sys
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["register", "register_if_loaded", "unsharded", "placed_like"]
+__all__ = ["RULES", "register", "register_if_loaded", "unsharded", "placed_like"]
 
 _registered = False
 
@@ -127,9 +127,27 @@ def _normalize(x, p=2.0, dim=1, eps=1e-12):
     return out
 
 
+# op name -> its rule: a function of the op's arguments (a tensor's stand-in has ``.shape``) listing
+# the acceptable (output placements, input placements), as ``register_sharding`` takes them
+RULES: Dict[str, Callable[..., Any]] = {
+    "gi_identity": _elementwise(2),
+    "gi_identity_factor": _elementwise(2),
+    "gi_grad_scale": _scaled,
+    "gi_scale_backward": lambda grad, factor, dtype: _scaled(grad, factor, dtype, linear=True),
+    "gi_layer_norm": _norm,
+    "gi_layer_norm_backward": _norm_backward,
+    "rms_norm_identity": _rms_norm,
+    "layer_norm_identity": _norm,
+    "normalize_identity": _normalize,
+    "identity_relevance": _relevance,
+    "stop_relevance": _elementwise(1),
+    **{f"{name}_identity": _elementwise(1) for name in ("silu", "gelu", "tanh", "relu", "sigmoid")},
+}
+
+
 def register() -> None:
-    """Registers the DTensor sharding rules of the lrpcpp ops (the table above); once per process.
-    Needs ``torch.distributed`` (a torch built with it)."""
+    """Registers the DTensor sharding rules of the lrpcpp ops (:data:`RULES`, the table above);
+    once per process. Needs ``torch.distributed`` (a torch built with it)."""
     global _registered
     if _registered:
         return
@@ -139,25 +157,8 @@ def register() -> None:
         )
     from torch.distributed.tensor.experimental import register_sharding
 
-    ops = torch.ops.lrpcpp
-    rules = {
-        ops.gi_identity.default: _elementwise(2),
-        ops.gi_identity_factor.default: _elementwise(2),
-        ops.gi_grad_scale.default: _scaled,
-        ops.gi_scale_backward.default: lambda g, f, dtype: _scaled(g, f, dtype, linear=True),
-        ops.gi_layer_norm.default: _norm,
-        ops.gi_layer_norm_backward.default: _norm_backward,
-        ops.rms_norm_identity.default: _rms_norm,
-        ops.layer_norm_identity.default: _norm,
-        ops.normalize_identity.default: _normalize,
-        ops.identity_relevance.default: _relevance,
-        ops.stop_relevance.default: _elementwise(1),
-    }
-    for name in ("silu", "tanh", "relu", "sigmoid"):
-        rules[getattr(ops, f"{name}_identity").default] = _elementwise(1)
-    rules[ops.gelu_identity.default] = _elementwise(1)
-    for op, rule in rules.items():
-        register_sharding(op)(rule)
+    for name, rule in RULES.items():
+        register_sharding(getattr(torch.ops.lrpcpp, name).default)(rule)
     _registered = True
 
 
