@@ -7,8 +7,10 @@ LLaMA model (tests/models.py) sharded with FSDP2 or split with tensor parallelis
 CASE is ``fsdp``, ``tp``, ``tp-dtensor`` or ``rules``. ``fsdp``: ``fully_shard`` per decoder layer
 and on the root. ``tp``: transformers' own plan for LLaMA (query, key, value, gate and up
 projections column-wise, output and down projections row-wise, plain local tensors between them);
-``tp-dtensor`` keeps the column-wise outputs of the MLP as DTensors, so that the activation and the
-product of the gated MLP (the lrpcpp ops) run on sharded DTensors. Each rank prints its largest
+``tp-dtensor`` keeps the column-wise outputs as DTensors, so that the attention (eager: DTensor has
+no CPU rule for SDPA's kernel), the activation and the gated MLP's product, and their lrpcpp ops, run
+on sharded DTensors; the model's own plain tensors (RoPE's cos and sin) are replicated implicitly
+(``implicit_replication``), and there is no key/value cache. Each rank prints its largest
 relative difference and exits with 1 when it is above the tolerance.
 
 ``rules`` checks the sharding rule of every op of :mod:`lrpcpp.distributed`: the op on DTensors
@@ -18,6 +20,7 @@ It prints one line per op, ``ok <op>`` or ``FAIL <op>: <why>``.
 """
 
 import argparse
+import contextlib
 import copy
 import os
 import sys
@@ -25,12 +28,14 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor.experimental import implicit_replication
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 if os.environ.get("LRPCPP_TEST_INSTALLED") != "1":  # the in-place build, unless the tests check a wheel
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
 
 import lrpcpp  # noqa: E402
+import lrpcpp.distributed  # noqa: E402
 from models import build, inputs  # noqa: E402
 
 RTOL = 1e-5
@@ -46,19 +51,19 @@ def shard_fsdp(model, mesh):
     return model
 
 
-def shard_tp(model, mesh, dtensor_mlp: bool = False):
+def shard_tp(model, mesh, dtensors: bool = False):
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     # the attention reads its number of heads from the shape (view(..., -1, head_dim)): each rank
     # holds heads / N query heads and kv_heads / N key/value heads, whose ratio stays the same
-    mlp_in = ColwiseParallel(use_local_output=not dtensor_mlp)
+    colwise = ColwiseParallel(use_local_output=not dtensors)
     plan = {
-        "self_attn.q_proj": ColwiseParallel(),
-        "self_attn.k_proj": ColwiseParallel(),
-        "self_attn.v_proj": ColwiseParallel(),
+        "self_attn.q_proj": colwise,
+        "self_attn.k_proj": colwise,
+        "self_attn.v_proj": colwise,
         "self_attn.o_proj": RowwiseParallel(),
-        "mlp.gate_proj": mlp_in,
-        "mlp.up_proj": mlp_in,
+        "mlp.gate_proj": colwise,
+        "mlp.up_proj": colwise,
         "mlp.down_proj": RowwiseParallel(),
     }
     for layer in model.model.layers:
@@ -151,15 +156,31 @@ def _check_rule(op, args, shaped, kept, backward, partial, grad, mesh):
     return None
 
 
-def check_rules(mesh) -> bool:
-    import lrpcpp.distributed
+def _check_placed_like(mesh):
+    """A plain gradient scale, placed like the DTensor it scales, needs no implicit replication."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
+    g = torch.Generator().manual_seed(1)  # the same values on every rank
+    x, scale = torch.randn(2, 4, 6, generator=g, dtype=torch.float64), torch.rand(6, generator=g, dtype=torch.float64)
+    dx = distribute_tensor(x, mesh, [Shard(2)]).requires_grad_()
+    placed = lrpcpp.distributed.placed_like(scale, dx)
+    if placed.placements != (Replicate(),) or not torch.equal(placed.full_tensor(), scale):
+        return f"placed as {placed.placements}"
+    torch.ops.lrpcpp.gi_grad_scale(dx, placed).backward(distribute_tensor(torch.ones_like(x), mesh, [Shard(2)]))
+    if not torch.equal(dx.grad.full_tensor(), scale.expand(2, 4, 6)):
+        return "wrong gradient"
+    return None
+
+
+def check_rules(mesh) -> bool:
     lrpcpp.distributed.register()
     cases, grad = _rule_cases()
     failed = False
-    for name, case in cases.items():
+    checks = {name: (lambda case=case: _check_rule(*case, grad, mesh)) for name, case in cases.items()}
+    checks["placed_like"] = lambda: _check_placed_like(mesh)
+    for name, check in checks.items():
         try:
-            why = _check_rule(*case, grad, mesh)
+            why = check()
         except Exception as e:  # noqa: BLE001 - reported as the op's failure
             why = f"{type(e).__name__}: {e}"
         if dist.get_rank() == 0:
@@ -180,17 +201,19 @@ def main():
         failed = check_rules(mesh)
         dist.destroy_process_group()
         sys.exit(1 if failed else 0)
-    model = build("llama", dtype=torch.float32)
+    # DTensor has no CPU rule for SDPA's kernel: with DTensor heads, the attention is the eager one
+    model = build("llama", dtype=torch.float32, attn="eager" if args.case == "tp-dtensor" else "sdpa")
     kw = inputs("llama", dtype=torch.float32)
     expected = {level: lrpcpp.attribute(model, level=level, **kw).relevance for level in LEVELS}
     sharded = copy.deepcopy(model)
     if args.case == "fsdp":
         shard_fsdp(sharded, mesh)
     else:
-        shard_tp(sharded, mesh, dtensor_mlp=args.case == "tp-dtensor")
+        shard_tp(sharded, mesh, dtensors=args.case == "tp-dtensor")
     failed = False
     for level in LEVELS:
-        got = lrpcpp.attribute(sharded, level=level, **kw).relevance
+        with implicit_replication() if args.case == "tp-dtensor" else contextlib.nullcontext():
+            got = lrpcpp.attribute(sharded, level=level, use_cache=False, **kw).relevance
         if isinstance(got, torch.distributed.tensor.DTensor):
             got = got.full_tensor()
         scale = float(expected[level].abs().max())
