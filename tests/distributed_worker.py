@@ -1,6 +1,7 @@
 """One rank of a sharded attribution under torchrun, for tests/test_distributed.py: a small float32
 LLaMA model (tests/models.py) sharded with FSDP2 or split with tensor parallelism over a CPU
-``DeviceMesh`` (gloo) must give the relevance of the same model in one process, at both levels.
+``DeviceMesh`` (gloo) must give the relevance of the same model in one process, at both levels
+(and in explicit mode with FSDP2).
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/distributed_worker.py CASE
 
@@ -39,7 +40,9 @@ import lrpcpp.distributed  # noqa: E402
 from models import build, inputs  # noqa: E402
 
 RTOL = 1e-5
-LEVELS = ("registry", "operations")
+# name -> lrpcpp.attribute's arguments: gradient mode at both levels; explicit mode for FSDP2 (whose
+# layers see whole parameters), not for tensor parallelism (its linear rules have no DTensor rule)
+RUNS = {"registry": dict(level="registry"), "operations": dict(level="operations"), "explicit": dict(mode="explicit")}
 
 
 def shard_fsdp(model, mesh):
@@ -204,18 +207,21 @@ def main():
     # DTensor has no CPU rule for SDPA's kernel: with DTensor heads, the attention is the eager one
     model = build("llama", dtype=torch.float32, attn="eager" if args.case == "tp-dtensor" else "sdpa")
     kw = inputs("llama", dtype=torch.float32)
-    expected = {level: lrpcpp.attribute(model, level=level, **kw).relevance for level in LEVELS}
+    runs = {name: RUNS[name] for name in (RUNS if args.case == "fsdp" else ("registry", "operations"))}
+    expected = {name: lrpcpp.attribute(model, **run, **kw).relevance for name, run in runs.items()}
     sharded = copy.deepcopy(model)
     if args.case == "fsdp":
         shard_fsdp(sharded, mesh)
     else:
         shard_tp(sharded, mesh, dtensors=args.case == "tp-dtensor")
     failed = False
-    for level in LEVELS:
+    for level, run in runs.items():
         with implicit_replication() if args.case == "tp-dtensor" else contextlib.nullcontext():
-            got = lrpcpp.attribute(sharded, level=level, use_cache=False, **kw).relevance
-        if isinstance(got, torch.distributed.tensor.DTensor):
-            got = got.full_tensor()
+            got = lrpcpp.attribute(sharded, use_cache=False, **run, **kw).relevance
+        if type(got) is not torch.Tensor:  # the whole relevance on every rank, not a shard of it
+            _say(f"rank {rank} {args.case} {level}: the relevance is a {type(got).__name__}")
+            failed = True
+            continue
         scale = float(expected[level].abs().max())
         diff = float((got - expected[level]).abs().max()) / scale
         _say(f"rank {rank} {args.case} {level}: relative difference {diff:.3g}")

@@ -9,21 +9,17 @@
 * :func:`unsharded`: the parameters of a module of an FSDP2 model, gathered for a call outside the
   model's forward (the embedding of ``input_ids`` that :func:`lrpcpp.attribute` computes).
 
-The rules, per op (``N`` the dims of the input; ``Shard(d)`` allowed for the ``d`` listed, the
-other inputs placed to match, Replicate always allowed):
+The rules, per op (Replicate is always accepted; ``Shard(d)`` along the dims listed, the op's other
+tensors placed to match):
 
-=================================================================  ===========================================
-op                                                                 sharded along
-=================================================================  ===========================================
-``gi_identity``, ``gi_identity_factor``, ``silu_identity``,        any dim (element-wise; ``x`` and ``y`` alike)
-``gelu_identity``, ``tanh_identity``, ``relu_identity``,
-``sigmoid_identity``, ``stop_relevance``, ``identity_relevance``
-``gi_grad_scale``, ``gi_scale_backward``                           any dim; the scale or factor along the same
-                                                                   dim where it is not broadcast, else replicated
-``gi_layer_norm``, ``gi_layer_norm_backward``,                     the dims before the normalised ones; weight
-``rms_norm_identity``, ``layer_norm_identity``                     and bias replicated
-``normalize_identity``                                             any dim but ``dim``
-=================================================================  ===========================================
+* element-wise, sharded along any dim (``x`` and ``y`` alike): ``gi_identity``,
+  ``gi_identity_factor``, ``silu_identity``, ``gelu_identity``, ``tanh_identity``,
+  ``relu_identity``, ``sigmoid_identity``, ``stop_relevance``, ``identity_relevance``;
+* a scale broadcast to the tensor, sharded along any dim (the scale or factor along the same dim
+  where it is not broadcast, else replicated): ``gi_grad_scale``, ``gi_scale_backward``;
+* norms, sharded along the dims before the normalised ones (weight and bias replicated; a tensor
+  sharded along a normalised dim is gathered): ``gi_layer_norm``, ``gi_layer_norm_backward``,
+  ``rms_norm_identity``, ``layer_norm_identity``; ``normalize_identity`` along any dim but ``dim``.
 
 ``gi_scale_backward`` and ``identity_relevance`` are linear in their gradient: a partial sum
 (``Partial()``) stays one. The other lrpcpp ops (the explicit rules of linear layers, products,
