@@ -1,7 +1,7 @@
 """One rank of a sharded attribution under torchrun, for tests/test_distributed.py: a small float32
 LLaMA model (tests/models.py) sharded with FSDP2 or split with tensor parallelism over a CPU
 ``DeviceMesh`` (gloo) must give the relevance of the same model in one process, at both levels
-(and in explicit mode with FSDP2).
+(and in explicit mode, but for ``tp-dtensor``).
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/distributed_worker.py CASE
 
@@ -40,8 +40,8 @@ import lrpcpp.distributed  # noqa: E402
 from models import build, inputs  # noqa: E402
 
 RTOL = 1e-5
-# name -> lrpcpp.attribute's arguments: gradient mode at both levels; explicit mode for FSDP2 (whose
-# layers see whole parameters), not for tensor parallelism (its linear rules have no DTensor rule)
+# name -> lrpcpp.attribute's arguments: gradient mode at both levels, and explicit mode, except with
+# DTensors between the layers (the explicit rules of products and softmax have no DTensor rule)
 RUNS = {"registry": dict(level="registry"), "operations": dict(level="operations"), "explicit": dict(mode="explicit")}
 
 
@@ -83,7 +83,7 @@ def _say(line: str) -> None:
 def _rule_cases():
     """op name -> (op, its arguments, the indices of the arguments shaped like the first, the dims
     along which the output stays sharded, whether to check the backward pass too, whether a partial
-    sum of the first argument stays one)."""
+    sum of the first argument stays one[, the layouts to check instead: (placements, output)])."""
     g = torch.Generator().manual_seed(0)
 
     def t(*shape):
@@ -109,53 +109,97 @@ def _rule_cases():
     }
     for name in ("silu", "tanh", "relu", "sigmoid"):
         cases[f"{name}_identity"] = (getattr(ops, f"{name}_identity"), [x], {0}, (0, 1, 2), True, False)
-    return cases, y
+    if not dist.is_available():
+        return cases
+    # the linear layers: column-wise (the weight's rows), row-wise (its columns; no bias), by batch
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    r, weight, out = Replicate(), t(4, 6), t(2, 4, 4)
+    colwise = ([r, Shard(0), Shard(0), None], Shard(2))
+    rowwise = ([Shard(2), Shard(1), None, None], Partial())
+    batch = ([Shard(0), r, r, None], Shard(0))
+    cases["linear_epsilon"] = (ops.linear_epsilon, [x, weight, t(4), 1e-6], {}, (), True, False, [colwise, batch])
+    cases["linear_epsilon(no bias)"] = (ops.linear_epsilon, [x, weight, None, 1e-6], {}, (), True, False, [rowwise])
+    cases["linear_epsilon_relevance"] = (
+        ops.linear_epsilon_relevance,
+        [out, x, weight, t(2, 4, 4), 1e-6],
+        {},
+        (),
+        False,
+        False,
+        [
+            ([Shard(2), r, Shard(0), Shard(2), None], Partial()),
+            ([r, Shard(2), Shard(1), r, None], Shard(2)),
+            ([Shard(1), Shard(1), r, Shard(1), None], Shard(1)),
+        ],
+    )
+    return cases
 
 
-def _check_rule(op, args, shaped, kept, backward, partial, grad, mesh):
-    """Why the op on DTensors differs from the op on full tensors, or ``None``."""
-    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+def _trial(op, args, placements, expect, backward, mesh):
+    """Why ``op`` on the ``args`` placed as ``placements`` (one per argument) differs from the op on
+    the full tensors, or has an output placed other than ``expect`` (when given), or ``None``."""
+    from torch.distributed.tensor import Replicate, distribute_tensor
 
     def close(a, b, what):
         if not torch.allclose(a, b, rtol=1e-12, atol=1e-12):
             return f"{what}: largest difference {float((a - b).abs().max()):.3g}"
         return None
 
+    def placed(requires_grad=False):
+        out = [a if p is None else distribute_tensor(a, mesh, [p]) for a, p in zip(args, placements)]
+        if requires_grad:
+            out[0].requires_grad_()
+        return out
+
     with torch.inference_mode():
         expected = op(*args)
-    for placement in [Replicate()] + [Shard(d) for d in range(args[0].dim())]:
+        out = op(*placed())
+    why = close(out.full_tensor(), expected, f"{placements}")
+    if why is None and expect is not None and out.placements != (expect,):
+        why = f"{placements}: the output is {out.placements}, not {expect}"
+    if why is None and backward:
+        grad = torch.randn(expected.shape, generator=torch.Generator().manual_seed(2), dtype=expected.dtype)
+        x = args[0].clone().requires_grad_()
+        op(x, *args[1:]).backward(grad)
+        dargs = placed(requires_grad=True)
+        out = op(*dargs)
+        out.backward(distribute_tensor(grad, mesh, [Replicate() if p.is_partial() else p for p in out.placements]))
+        why = close(dargs[0].grad.full_tensor(), x.grad, f"{placements}, backward")
+    return why
 
-        def placed(i, a, requires_grad=False, placement=placement):
-            if not isinstance(a, torch.Tensor):
-                return a
-            d = distribute_tensor(a, mesh, [placement if i in shaped else Replicate()])
-            return d.requires_grad_() if requires_grad else d
 
-        with torch.inference_mode():
-            out = op(*[placed(i, a) for i, a in enumerate(args)])
-        why = close(out.full_tensor(), expected, f"{placement}")
-        if why is None and isinstance(placement, Shard) and placement.dim in kept and out.placements != (placement,):
-            why = f"{placement}: the output is {out.placements}, gathered"
-        if why is None and backward:
-            x = args[0].clone().requires_grad_()
-            op(x, *args[1:]).backward(grad)
-            dx = placed(0, args[0], requires_grad=True)
-            out = op(dx, *[placed(i, a) for i, a in enumerate(args) if i > 0])
-            out.backward(distribute_tensor(grad, mesh, out.placements))
-            why = close(dx.grad.full_tensor(), x.grad, f"{placement}, backward")
+def _check_rule(op, args, shaped, kept, backward, partial, mesh, layouts=None):
+    """Why the op on DTensors differs from the op on full tensors, or ``None``: with the arguments
+    in ``shaped`` replicated or sharded alike along each dim (the output must stay sharded along
+    the dims in ``kept``), or placed as each of ``layouts`` says (``(placements, output placement)``)."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    if layouts is None:
+        layouts = []
+        for placement in [Replicate()] + [Shard(d) for d in range(args[0].dim())]:
+            placements = [
+                (placement if i in shaped else Replicate()) if isinstance(a, torch.Tensor) else None
+                for i, a in enumerate(args)
+            ]
+            expect = placement if isinstance(placement, Shard) and placement.dim in kept else None
+            layouts.append((placements, expect))
+    for placements, expect in layouts:
+        why = _trial(op, args, placements, expect, backward, mesh)
         if why is not None:
             return why
     if partial:  # each rank holds a half of the first argument: a partial sum
         half = DTensor.from_local(args[0] / 2, mesh, [Partial()], run_check=False)
         with torch.inference_mode():
+            expected = op(*args)
             out = op(
                 half,
                 *[distribute_tensor(a, mesh, [Replicate()]) if isinstance(a, torch.Tensor) else a for a in args[1:]],
             )
-        why = close(out.full_tensor(), expected, "Partial()")
-        if why is None and out.placements != (Partial(),):
-            why = f"Partial(): the output is {out.placements}, reduced"
-        return why
+        if not torch.allclose(out.full_tensor(), expected, rtol=1e-12, atol=1e-12):
+            return "Partial(): not equal"
+        if out.placements != (Partial(),):
+            return f"Partial(): the output is {out.placements}, reduced"
     return None
 
 
@@ -177,9 +221,9 @@ def _check_placed_like(mesh):
 
 def check_rules(mesh) -> bool:
     lrpcpp.distributed.register()
-    cases, grad = _rule_cases()
+    cases = _rule_cases()
     failed = False
-    checks = {name: (lambda case=case: _check_rule(*case, grad, mesh)) for name, case in cases.items()}
+    checks = {name: (lambda case=case: _check_rule(*case[:6], mesh, *case[6:])) for name, case in cases.items()}
     checks["placed_like"] = lambda: _check_placed_like(mesh)
     for name, check in checks.items():
         try:
@@ -207,7 +251,7 @@ def main():
     # DTensor has no CPU rule for SDPA's kernel: with DTensor heads, the attention is the eager one
     model = build("llama", dtype=torch.float32, attn="eager" if args.case == "tp-dtensor" else "sdpa")
     kw = inputs("llama", dtype=torch.float32)
-    runs = {name: RUNS[name] for name in (RUNS if args.case == "fsdp" else ("registry", "operations"))}
+    runs = {name: RUNS[name] for name in (("registry", "operations") if args.case == "tp-dtensor" else RUNS)}
     expected = {name: lrpcpp.attribute(model, **run, **kw).relevance for name, run in runs.items()}
     sharded = copy.deepcopy(model)
     if args.case == "fsdp":

@@ -21,9 +21,15 @@ tensors placed to match):
   sharded along a normalised dim is gathered): ``gi_layer_norm``, ``gi_layer_norm_backward``,
   ``rms_norm_identity``, ``layer_norm_identity``; ``normalize_identity`` along any dim but ``dim``.
 
+* the epsilon rule of a linear layer, ``linear_epsilon``: along the output features (the weight's
+  rows and the bias sharded: column-wise parallel), along the input features (``x``'s last dim and
+  the weight's columns, without a bias: row-wise parallel, the output a partial sum) or along a
+  leading dim of ``x``; ``linear_epsilon_relevance`` likewise, its result a partial sum when the
+  output features are sharded (the relevance of ``x`` sums over them).
+
 ``gi_scale_backward`` and ``identity_relevance`` are linear in their gradient: a partial sum
-(``Partial()``) stays one. The other lrpcpp ops (the explicit rules of linear layers, products,
-softmax, convolutions) have no rule: on a DTensor they raise DTensor's ``NotImplementedError``.
+(``Partial()``) stays one. The other lrpcpp ops (the explicit rules of products, softmax, other
+layers) have no rule: on a DTensor they raise DTensor's ``NotImplementedError``.
 """
 
 import contextlib
@@ -123,6 +129,35 @@ def _normalize(x, p=2.0, dim=1, eps=1e-12):
     return out
 
 
+def _linear(x, weight, bias=None, epsilon=None):
+    """``linear_epsilon``: along the output features (the weight's rows, column-wise parallel), along
+    the input features (its columns, row-wise parallel: a partial sum, without a bias only), or
+    along a leading dim of ``x`` (the weight replicated)."""
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    n, b = _dim(x), bias is not None
+    out = [([Replicate()], [Replicate(), Replicate(), Replicate() if b else None, None])]
+    out.append(([Shard(n - 1)], [Replicate(), Shard(0), Shard(0) if b else None, None]))
+    if not b:
+        out.append(([Partial()], [Shard(n - 1), Shard(1), None, None]))
+    out += [([Shard(d)], [Shard(d), Replicate(), Replicate() if b else None, None]) for d in range(n - 1)]
+    return out
+
+
+def _linear_relevance(grad, x, weight, output, epsilon):
+    """``linear_epsilon_relevance`` (``x * ((grad / stab(output)) @ weight)``, linear in ``grad``
+    for a given output): along the output features, a partial sum; along the input features (the
+    whole output), sharded like ``x``; along a leading dim, sharded."""
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    n = _dim(x)
+    out = [([Replicate()], [Replicate()] * 4 + [None])]
+    out.append(([Partial()], [Shard(n - 1), Replicate(), Shard(0), Shard(n - 1), None]))
+    out.append(([Shard(n - 1)], [Replicate(), Shard(n - 1), Shard(1), Replicate(), None]))
+    out += [([Shard(d)], [Shard(d), Shard(d), Replicate(), Shard(d), None]) for d in range(n - 1)]
+    return out
+
+
 # op name -> its rule: a function of the op's arguments (a tensor's stand-in has ``.shape``) listing
 # the acceptable (output placements, input placements), as ``register_sharding`` takes them
 RULES: Dict[str, Callable[..., Any]] = {
@@ -137,6 +172,8 @@ RULES: Dict[str, Callable[..., Any]] = {
     "normalize_identity": _normalize,
     "identity_relevance": _relevance,
     "stop_relevance": _elementwise(1),
+    "linear_epsilon": _linear,
+    "linear_epsilon_relevance": _linear_relevance,
     **{f"{name}_identity": _elementwise(1) for name in ("silu", "gelu", "tanh", "relu", "sigmoid")},
 }
 
