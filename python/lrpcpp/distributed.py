@@ -179,7 +179,7 @@ RULES: Dict[str, Callable[..., Any]] = {
 
 
 def register() -> None:
-    """Registers the DTensor sharding rules of the lrpcpp ops (:data:`RULES`, the table above);
+    """Registers the DTensor sharding rules of the lrpcpp ops (``RULES``, the list above);
     once per process. Needs ``torch.distributed`` (a torch built with it)."""
     global _registered
     if _registered:
