@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor, nn
 
+from .distributed import unsharded
 from .models.families import UnsupportedModelError, family_of
 from .models.patching import PatchHandle, patch
 from .models.presets import Preset, get_preset, preset_options
@@ -822,7 +823,7 @@ def _decoder_input(
             f"get_input_embeddings(), or model.get_input_embeddings()), and this {type(model).__name__} has none; "
             "pass decoder_inputs_embeds="
         )
-    with torch.no_grad():
+    with torch.no_grad(), unsharded(model, found):
         return "decoder_inputs_embeds", input_leaf(found(decoder_input_ids), "decoder_input_ids", caller)
 
 
@@ -864,7 +865,7 @@ def choose_input(
         if model is None:
             raise ValueError(f"{caller}: input_ids need the model's input embeddings; pass inputs_embeds")
         embeddings = input_embeddings(model, caller) if embedding is None else embedding
-        with torch.no_grad():
+        with torch.no_grad(), unsharded(model, embeddings):  # gathered, outside the forward of an FSDP2 model
             return "inputs_embeds", input_leaf(embeddings(input_ids), "input_ids", caller)
     return "inputs_embeds", input_leaf(inputs_embeds, "inputs_embeds", caller)
 

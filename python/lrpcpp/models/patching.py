@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .. import distributed as _distributed
 from .. import functional as lf
 from . import explicit
 from . import families as _families
@@ -179,7 +180,7 @@ class _GradientRules(_Rules):
         if scale is None:
             scale = torch.cat([torch.full((n,), s, dtype=torch.float32) for n, s in segments]).to(t.device)
             self._scales[key] = scale
-        return torch.ops.lrpcpp.gi_grad_scale(t, scale)
+        return torch.ops.lrpcpp.gi_grad_scale(t, _distributed.placed_like(scale, t))
 
 
 class _OperationRules(_GradientRules):
@@ -464,6 +465,7 @@ def patch(
         raise ValueError(
             "lrpcpp.patch: level='operations' is for mode='gradient' (explicit mode has lrpcpp.ExplicitRules)"
         )
+    _distributed.register_if_loaded()  # the sharding rules of the lrpcpp ops, for a model of DTensors
     family = None
     operations = level == "operations"
     if not operations:
