@@ -34,7 +34,7 @@ layers) have no rule: on a DTensor they raise DTensor's ``NotImplementedError``.
 
 import contextlib
 import sys
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -69,8 +69,8 @@ def _scaled(grad, factor, *args, linear: bool = False):
     from torch.distributed.tensor import Partial, Replicate, Shard
 
     n, m = _dim(grad), _dim(factor)
-    rest = [None] * len(args)
-    out = [([Replicate()], [Replicate(), Replicate()] + rest)]
+    rest: List[Any] = [None] * len(args)
+    out: List[Tuple[List[Any], List[Any]]] = [([Replicate()], [Replicate(), Replicate()] + rest)]
     for d in range(n):
         f = d - (n - m)  # the factor's dim that lines up with d (right-aligned broadcast)
         spans = f >= 0 and factor.shape[f] == grad.shape[d] and grad.shape[d] != 1
@@ -86,9 +86,9 @@ def _normalised(x, normalized: Sequence[int], optional: List[Optional[Any]], res
     the normalised ones, the weight and bias replicated (``None`` where not given)."""
     from torch.distributed.tensor import Replicate, Shard
 
-    params = [Replicate() if t is not None else None for t in optional]
-    tail = [None] * rest
-    out = [([Replicate()], [Replicate(), None] + params + tail)]
+    params: List[Any] = [Replicate() if t is not None else None for t in optional]
+    tail: List[Any] = [None] * rest
+    out: List[Tuple[List[Any], List[Any]]] = [([Replicate()], [Replicate(), None] + params + tail)]
     for d in range(_dim(x) - len(normalized)):
         out.append(([Shard(d)], [Shard(d), None] + params + tail))
     return out
@@ -215,11 +215,11 @@ def placed_like(t: Tensor, like: Tensor) -> Tensor:
         return t
     from torch.distributed.tensor import Replicate
 
-    mesh = like.device_mesh
-    return dtensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    mesh = cast(Any, like).device_mesh
+    return cast(Any, dtensor).from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
-def _fsdp_owner(model: nn.Module, module: nn.Module) -> Optional[nn.Module]:
+def _fsdp_owner(model: nn.Module, module: object) -> Optional[nn.Module]:
     """The FSDP2 module of ``model`` that holds ``module``'s parameters (its nearest ancestor made
     by ``fully_shard``, itself included), or ``None``."""
     fsdp = sys.modules.get("torch.distributed.fsdp")
@@ -236,7 +236,7 @@ def _fsdp_owner(model: nn.Module, module: nn.Module) -> Optional[nn.Module]:
 
 
 @contextlib.contextmanager
-def unsharded(model: nn.Module, module: nn.Module) -> Iterator[None]:
+def unsharded(model: nn.Module, module: object) -> Iterator[None]:
     """For the block, ``module`` (a module of ``model``) with its own parameters: when ``model`` is
     sharded with FSDP2, the parameters that its forward would gather are gathered (``unshard``) and
     sharded again afterwards; otherwise nothing."""
