@@ -355,12 +355,16 @@ def test_html_escapes_special_characters_in_tokens(dirs, tmp_path):
 
 
 # ----------------------------------------------------------------------------- LaTeX and PNG
-def test_latex_has_a_colorbox_per_token_and_compiles(default_run, tmp_path):
+def test_latex_is_a_figure_with_a_colorbox_per_token_that_compiles(default_run, tmp_path):
     _, out, data = default_run
     tex = (out / "e.tex").read_text()
-    assert tex.startswith("\\documentclass") and tex.rstrip().endswith("\\end{document}")
-    boxes = re.findall(r"\\tok\{([0-9.]+),([0-9.]+),([0-9.]+)\}\{([^{}]*)\}", tex)
-    assert len(boxes) == len(data["tokens"])
+    # a figure to \input: no preamble, page, float or section of its own; its definitions in a group
+    body = [line for line in tex.splitlines() if not line.startswith("%")]
+    for whole_document in ("\\documentclass", "\\begin{document}", "\\usepackage", "\\begin{figure}", "section"):
+        assert whole_document not in "\n".join(body)
+    assert body[0] == "\\begingroup" and body[-1] == "\\endgroup"
+    boxes = re.findall(r"\\lrpcpptok\{([0-9.]+),([0-9.]+),([0-9.]+)\}\{[01]\}\{([^{}]*)\}", tex)
+    assert len(boxes) == len(data["tokens"]) + 3  # and the colour scale's ends and middle
     for (r, g, b, _), rel in zip(boxes, data["relevance"]):
         rgb = [float(v) for v in (r, g, b)]
         assert all(0 <= v <= 1 for v in rgb)
@@ -368,9 +372,9 @@ def test_latex_has_a_colorbox_per_token_and_compiles(default_run, tmp_path):
             assert rgb[0] == 1 and rgb[1] == rgb[2]
         elif rel < 0:
             assert rgb[2] == 1 and rgb[0] == rgb[1]
-    assert "\\newcommand{\\tok}[2]{\\colorbox[rgb]{#1}" in tex
+    assert "\\def\\lrpcpptok#1#2#3{\\colorbox[rgb]{#1}" in tex
     depth = 0
-    for ch in re.sub(r"\\[{}%]", "", tex.split("\\begin{document}")[1]).split("%")[0]:
+    for ch in "".join(re.sub(r"\\[{}%]", "", line).split("%")[0] for line in body):
         depth += {"{": 1, "}": -1}.get(ch, 0)
         assert depth >= 0
     pdflatex = shutil.which("pdflatex")
@@ -380,15 +384,20 @@ def test_latex_has_a_colorbox_per_token_and_compiles(default_run, tmp_path):
             "checked, the compilation is not"
         )
     shutil.copy(out / "e.tex", tmp_path / "e.tex")
+    # as a user includes it: \input into a document of their own (which may define \tok itself)
+    (tmp_path / "doc.tex").write_text(
+        "\\documentclass{article}\n\\usepackage{color}\n\\newcommand{\\tok}{T}\n\\begin{document}\n"
+        "\\begin{figure}\\input{e.tex}\\caption{heatmap}\\end{figure}\n\\end{document}\n"
+    )
     proc = subprocess.run(
-        [pdflatex, "-no-shell-escape", "-interaction=nonstopmode", "-halt-on-error", "e.tex"],
+        [pdflatex, "-no-shell-escape", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=180,
     )
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert (tmp_path / "e.pdf").read_bytes().startswith(b"%PDF")
+    assert (tmp_path / "doc.pdf").read_bytes().startswith(b"%PDF")
 
 
 def test_latex_escapes_every_special_character(tmp_path):
@@ -412,6 +421,8 @@ def test_text_png_shows_red_tokens(default_run):
 
 
 def test_colour_scale():
+    # the command line's colours are lrpcpp.viz's (one colour pipeline)
+    assert colour is lrpcpp.viz.colour and scale_of is lrpcpp.viz.scale_of
     assert colour(0.0, 1.0) == (255, 255, 255)
     assert colour(1.0, 1.0)[0] == 255 and colour(1.0, 1.0)[1] < 100
     assert colour(-1.0, 1.0)[2] == 255 and colour(-1.0, 1.0)[0] < 100
@@ -775,6 +786,35 @@ def test_area_between_curves_and_mean_curve():
     assert area_between([1, 0.5, 0], [1, 0.5, 0]) == 0
     assert area_between([0, 0], [1, 1]) == -1
     assert mean_curve([[1, 0], [1, 1, 1]])[0] == 1 and mean_curve([[1, 0], [1, 1, 1]])[-1] == 0.5
+
+
+def _eval_result(gradient_lerf):
+    from lrpcpp.cli.evaluate import EvalResult
+
+    r = EvalResult(model="m", task="classifier", replacement="[MASK]", texts=["a b"])
+    for m, lerf in (("attnlrp", [1.0, 1.0, 0.0]), ("gradient", gradient_lerf), ("random", [1.0, 0.5, 0.0])):
+        r.morf[m], r.lerf[m] = [[1.0, 0.5, 0.0]], [lerf]
+        r.abc[m] = [area_between(lerf, [1.0, 0.5, 0.0])]
+    return r
+
+
+def test_evaluate_says_when_gradient_x_input_is_below_random_and_why(tmp_path, monkeypatch):
+    from lrpcpp.cli.evaluate import curves_png, report
+    from matplotlib.figure import Figure
+
+    below = _eval_result([1.0, 0.0, 0.0])  # ABC -0.25 against the random order's 0
+    text = report(below)
+    (note,) = [line for line in text.splitlines() if line.startswith("note:")]
+    assert "gradient x input is below the random order (ABC -0.2500 < 0.0000)" in note and "softmax" in note
+    assert not [line for line in report(_eval_result([1.0, 1.0, 0.0])).splitlines() if line.startswith("note:")]
+    drawn = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (drawn.append(self), real(self, *a, **k))[1])
+    curves_png(below, str(tmp_path / "below.png"))
+    curves_png(_eval_result([1.0, 1.0, 0.0]), str(tmp_path / "above.png"))
+    texts = [" ".join(t.get_text().split()) for t in drawn[0].texts]
+    assert texts == [" ".join(note.split())]  # the same note, wrapped
+    assert drawn[1].texts == []
 
 
 def test_read_items(tmp_path):

@@ -345,10 +345,11 @@ def run_explain(args) -> int:
     needs = [("lrpcpp explain", "transformers")]
     if args.image is not None:
         needs.append(("--image", "PIL"))  # read, and drawn as PNG (--png, --html)
-    elif args.png:
-        needs.append(("--png", "matplotlib"))
-    if args.png and args.latent:
-        needs.append(("--png with --latent", "matplotlib"))
+    for flag in ("--png", "--html", "--latex"):
+        if getattr(args, flag[2:]):
+            needs.append((flag, "matplotlib"))  # every view's colour map (lrpcpp.viz)
+    if args.out is None and _use_color(args.color):
+        needs.append(("a coloured terminal view (--color)", "matplotlib"))
     _require(needs)
     outputs = [
         ("--out", args.out),

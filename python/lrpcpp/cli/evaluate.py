@@ -21,6 +21,7 @@ perturbed and the second is held fixed (its embedding is computed once, unpertur
 
 import math
 import random
+import textwrap
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -33,7 +34,7 @@ from ..targets import mean_pooling
 from .explain import METHOD_NAMES, similarity_target
 from .loading import TASKS, InputError, Loaded, Warn, encode
 
-__all__ = ["METHODS", "EvalResult", "evaluate", "read_items", "fill_token", "area_between", "report"]
+__all__ = ["METHODS", "EvalResult", "evaluate", "read_items", "fill_token", "area_between", "report", "notes"]
 
 # the rankings compared, in the order they are reported
 METHODS = ("attnlrp", "cp-lrp", "gradient", "random")
@@ -324,6 +325,21 @@ def evaluate(
     return result
 
 
+def notes(summary: Dict[str, dict]) -> List[str]:
+    """What a reader of the results should know: that gradient x input ranks tokens worse than a
+    random order (a smaller mean ABC), when it does, and why."""
+    if "gradient" in summary and "random" in summary:
+        gradient, chance = summary["gradient"]["abc_mean"], summary["random"]["abc_mean"]
+        if gradient < chance:
+            return [
+                f"note: gradient x input is below the random order (ABC {gradient:.4f} < {chance:.4f}): the plain "
+                "gradient through softmax attention and layer norms is a local, noisy signal whose sign often "
+                "flips, so its ranking can be worse than chance; the LRP rules (AttnLRP, CP-LRP) propagate "
+                "relevance through those layers instead"
+            ]
+    return []
+
+
 def report(result: EvalResult, png: Optional[str] = None) -> str:
     """The table of areas between the curves, as text."""
     summary = result.summary()
@@ -346,6 +362,7 @@ def report(result: EvalResult, png: Optional[str] = None) -> str:
         "ABC: area between the LeRF and MoRF curves over the fraction of tokens removed (larger is more",
         "faithful; a random order scores about 0). MoRF/LeRF area: area under each curve.",
     ]
+    lines += notes(summary)
     if result.skipped:
         lines.append(f"{result.skipped} input(s) skipped: nothing to remove")
     if png:
@@ -374,6 +391,9 @@ def curves_png(result: EvalResult, path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
+    for note in notes(summary):  # under the axes, wrapped to the figure's width
+        fig.subplots_adjust(bottom=0.3)
+        fig.text(0.02, 0.02, textwrap.fill(note, 120), fontsize=7, va="bottom", ha="left", color="#7b241c")
     try:
         with atomic_write(path, binary=True) as f:
             fig.savefig(f, format="png")
