@@ -7,6 +7,7 @@ here, in this process, with transformers and ``lrpcpp.attribute`` directly.
 """
 
 import html.parser
+import io
 import json
 import os
 import re
@@ -604,6 +605,76 @@ BAD = {
     ),
     "export at an unknown level": (["export", "--model", "{llama}", "{tmp}/model.pt", "--level", "ops"], "--level"),
 }
+
+
+# ----------------------------------------------------------------------------- --model HUB_ID
+def test_hub_ids_and_paths():
+    from lrpcpp.cli.loading import is_hub_id
+
+    assert is_hub_id("sentence-transformers/all-MiniLM-L6-v2") and is_hub_id("gpt2")
+    for path in ("./model", "/models/bert", "a/b/c", "../bert", "models/", "C:\\models"):
+        assert not is_hub_id(path), path
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """The Hugging Face hub, simulated: no connection leaves the test. Returns the calls of the loader."""
+    from lrpcpp.cli import loading
+
+    calls = []
+
+    def no_connection(address, timeout=None):
+        calls.append(("connect", address))
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(loading.socket, "create_connection", no_connection)
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    return calls
+
+
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "unreachable"])
+def test_a_hub_id_offline_is_one_line_saying_how_to_give_a_directory(offline, hub, monkeypatch, capsys):
+    from lrpcpp.cli import command, loading
+
+    if offline != "unreachable":
+        monkeypatch.setenv(offline, "1")
+
+    def cached_only(repo_id, offline):
+        hub.append(("download", repo_id, offline))
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        raise LocalEntryNotFoundError("no copy in the cache")
+
+    monkeypatch.setattr(loading, "_download", cached_only)
+    code = command.main(["explain", "--model", "lrpcpp-tests/no-such-model", "the cat"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and "Traceback" not in err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("lrpcpp: error: --model lrpcpp-tests/no-such-model is no local directory")
+    reason = f"{offline}=1" if offline != "unreachable" else "huggingface.co cannot be reached: Network is unreachable"
+    assert f"the Hugging Face hub is offline ({reason})" in line and "give --model DIR" in line
+    assert hub[-1] == ("download", "lrpcpp-tests/no-such-model", True)  # the cache only: no download
+    assert [c for c in hub if c[0] == "connect"] == (
+        [] if offline != "unreachable" else [("connect", ("huggingface.co", 443))]
+    )
+
+
+def test_a_hub_id_online_is_loaded_from_its_snapshot_and_named_by_its_id(dirs, hub, monkeypatch, tmp_path):
+    from lrpcpp.cli import command, loading
+
+    monkeypatch.setattr(loading.socket, "create_connection", lambda address, timeout=None: io.StringIO())
+    monkeypatch.setattr(loading, "_download", lambda repo_id, offline: hub.append((repo_id, offline)) or dirs["bert"])
+    out = tmp_path / "e.json"
+    assert command.main(["explain", "--model", "org/tiny-bert", "the cat", "--json", str(out)]) == 0
+    assert hub == [("org/tiny-bert", False)]
+    data = json.loads(out.read_text())
+    assert data["model"] == "org/tiny-bert" and data["task"] == "classifier"
+    # a local directory of that name wins over the hub
+    monkeypatch.chdir(tmp_path)
+    os.symlink(dirs["bert"], "tiny-bert")
+    assert command.main(["explain", "--model", "tiny-bert", "the cat", "--json", str(out)]) == 0
+    assert hub == [("org/tiny-bert", False)] and json.loads(out.read_text())["model"] == "tiny-bert"
 
 
 def test_a_model_without_family_entry_is_explained_at_the_operation_level(dirs):

