@@ -52,6 +52,11 @@ def image_file(tmp_path):
         (["explain", "--latex", "out.tex"], ["matplotlib"], hint("--latex", "matplotlib")),
         (["explain", "--color", "always"], ["matplotlib"], hint("a coloured terminal view (--color)", "matplotlib")),
         (["explain"], ["transformers"], hint("lrpcpp explain", "transformers")),
+        (
+            ["explain", "--dataset", "reviews"],
+            ["datasets"],
+            "lrpcpp: error: --dataset needs datasets (pip install datasets)\n",
+        ),
         (["evaluate"], ["matplotlib"], hint("the plot of the curves (--png)", "matplotlib")),
         (["evaluate", "--limit", "1"], ["transformers", "matplotlib"], hint("lrpcpp evaluate", "transformers")),
         (["export", "--model", "DIR", "m.pt"], ["transformers"], hint("lrpcpp export", "transformers")),
