@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import lrpcpp
+import numpy as np
 import pytest
 import torch
 from conftest import subprocess_env
@@ -544,6 +545,11 @@ def test_vit_explains_the_class_per_pixel_with_heatmap_and_overlay(dirs, tmp_pat
     overlay = Image.open(tmp_path / "heat-overlay.png")
     assert heat.size == overlay.size and min(heat.size) >= 224
     assert heat.size != (16, 16) and f"{data['target']}" in proc.stdout
+    # the map (square, as the input) with its colour bar on the right: red at the top, blue at the bottom
+    bar = np.asarray(heat.convert("RGB"))[:, heat.height + 15].astype(int)
+    assert heat.width > heat.height + 60
+    top, bottom = bar[int(0.1 * heat.height)], bar[int(0.9 * heat.height)]
+    assert top[0] > 200 and top[2] < 100 and bottom[2] > 200 and bottom[0] < 100
 
 
 def test_latent_relevance_per_layer(dirs, tmp_path):

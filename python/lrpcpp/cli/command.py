@@ -471,7 +471,7 @@ def run_explain(args) -> int:
         files.append(("--latex", args.latex, lambda path: render.write_text(path, render.latex_document(explanations))))
     if args.png:
         if explanations[0].image is not None:
-            heat, overlay = render.image_pngs(explanations[0])
+            heat, overlay = render.image_pngs(explanations[0], colorbar=True)
             files.append(("--png", args.png, lambda path: render.write_bytes(path, heat)))
             files.append(("--png", render.overlay_path(args.png), lambda path: render.write_bytes(path, overlay)))
         else:

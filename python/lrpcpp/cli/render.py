@@ -24,7 +24,6 @@ from ..viz import (
     GENERATED_NOTE,
     _fmt,
     _inline,
-    _resize_nearest,
     _scale_line,
     _table,
     _wrap,
@@ -483,15 +482,16 @@ def text_png(explanations: Sequence, path: str, width_px: int = 1000) -> None:
         plt.close(fig)
 
 
-def image_pngs(e, min_side: int = 224) -> Tuple[bytes, bytes]:
+def image_pngs(e, min_side: int = 224, colorbar: bool = False) -> Tuple[bytes, bytes]:
     """(heatmap, overlay) PNG bytes of an image explanation (:func:`lrpcpp.viz.heatmap`), enlarged
     (nearest) to at least ``min_side`` pixels. The overlay blends the heatmap half into the model's
-    input image."""
-    heat = _heatmap(e.pixel_relevance)
-    over = _heatmap(e.pixel_relevance, image=np.asarray(e.image, dtype=np.uint8), alpha=0.5)
-    h, w = heat.shape[:2]
+    input image. ``colorbar``: both with the colour bar of their scale on the right."""
+    h, w = np.shape(e.pixel_relevance)
     factor = max(1, math.ceil(min_side / min(h, w)))
-    return tuple(_png_bytes(_resize_nearest(a, (h * factor, w * factor))) for a in (heat, over))
+    size = (h * factor, w * factor)
+    heat = _heatmap(e.pixel_relevance, size=size, colorbar=colorbar)
+    over = _heatmap(e.pixel_relevance, image=np.asarray(e.image, dtype=np.uint8), size=size, colorbar=colorbar)
+    return _png_bytes(heat), _png_bytes(over)
 
 
 def overlay_path(path: str) -> str:
