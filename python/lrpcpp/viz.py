@@ -397,10 +397,6 @@ def visible(text: str) -> str:
     return "".join(out)
 
 
-def _fmt(r: float) -> str:
-    return f"{r:+.4f}" if abs(r) >= 5e-5 or r == 0 else f"{r:+.1e}"
-
-
 def _css(rgb: Sequence[int]) -> str:
     return f"rgb({rgb[0]}, {rgb[1]}, {rgb[2]})"
 
@@ -454,10 +450,6 @@ def text_html(tokens: Sequence[str], relevance: Any) -> str:
 
 
 # ------------------------------------------------------------------ terminal
-_RESET = "\x1b[0m"
-_UNDERLINE = "\x1b[4m"
-
-
 def ansi(rgb: Sequence[int]) -> str:
     """The escape that sets a 24-bit background ``rgb`` and the contrasting foreground
     (:func:`text_color`): readable on light and dark terminals alike."""
@@ -468,115 +460,18 @@ def ansi(rgb: Sequence[int]) -> str:
 __all__ += ["ansi"]
 
 
-def _wrap(pieces: List[Tuple[str, str]], width: int, indent: str) -> List[str]:
-    """Lays out (visible text, rendered text) pieces on lines of at most ``width`` visible columns."""
-    lines, cur, cur_len = [], indent, len(indent)
-    for shown, rendered in pieces:
-        if cur_len + len(shown) > width and cur_len > len(indent):
-            lines.append(cur.rstrip())
-            cur, cur_len = indent, len(indent)
-            rendered, shown = rendered.lstrip(" "), shown.lstrip(" ")
-        cur += rendered
-        cur_len += len(shown)
-    if cur.strip():
-        lines.append(cur)
-    return lines
-
-
-def _inline(e, idx: List[int], scale: float, color: bool, width: int, indent: str = "  ") -> List[str]:
-    pieces = []
-    for i in idx:
-        word = e.words[i]
-        generated = bool(e.generated and e.generated[i])
-        sep = " " if e.space[i] and i != idx[0] else ""
-        if color:
-            style = ansi(colour(e.relevance[i], scale)) + (_UNDERLINE if generated else "")
-            pieces.append((sep + word, sep + style + word + _RESET))
-        else:
-            word = f"_{word}_" if generated else word
-            pieces.append((sep + word, sep + word))
-    return _wrap(pieces, width, indent)
-
-
-def _bar(r: float, scale: float, color: bool, length: int = 20) -> str:
-    n = int(round(length * min(abs(r) / scale, 1.0)))
-    bar = ("+" if r > 0 else "-") * n
-    if color and n:
-        bar = ansi(colour(r, scale)) + bar + _RESET
-    return bar
-
-
-def _table(e, idx: List[int], scale: float, color: bool, limit: int = 80) -> List[str]:
-    shown = idx
-    note = None
-    if len(idx) > limit:
-        shown = sorted(sorted(idx, key=lambda i: -abs(e.relevance[i]))[:20])
-        note = f"  ({len(idx)} tokens: the 20 with the largest |relevance| are listed)"
-    width = min(max((len(e.words[i]) for i in shown), default=5), 24)
-    lines = [f"  {'token':<{width}}  {'relevance':>10}"]
-    for i in shown:
-        word = e.words[i] if len(e.words[i]) <= width else e.words[i][: width - 1] + "…"
-        if color:
-            cell = ansi(colour(e.relevance[i], scale)) + word + _RESET + " " * (width - len(word))
-        else:
-            cell = f"{word:<{width}}"
-        lines.append(f"  {cell}  {_fmt(e.relevance[i]):>10}  {_bar(e.relevance[i], scale, color)}")
-    if note:
-        lines.append(note)
-    return lines
-
-
-def _scale_line(scale: float, color: bool, indent: str = "  ") -> str:
-    """The colour scale of a terminal view: its ends and middle, on their colours with ``color``."""
-    cells = [f" {v:+.4g} " for v in (-scale, 0.0, scale)]
-    if color:
-        cells = [ansi(colour(v, scale)) + c + _RESET for v, c in zip((-scale, 0.0, scale), cells)]
-    return f"{indent}colour scale: {cells[0]} … {cells[1]} … {cells[2]}"
-
-
-def _image_grid(rel: Any, color: bool, width: int) -> List[str]:
-    rel = np.asarray(rel, dtype=np.float64)
-    h, w = rel.shape
-    cols = max(1, min(w, (width - 4) // 2, 48))
-    rows = max(1, min(h, round(cols * h / w)))
-    ys = np.linspace(0, h, rows + 1).astype(int)
-    xs = np.linspace(0, w, cols + 1).astype(int)
-    pooled = np.array([[rel[ys[i] : ys[i + 1], xs[j] : xs[j + 1]].sum() for j in range(cols)] for i in range(rows)])
-    scale = scale_of(pooled.ravel())
-    out = []
-    for i in range(rows):
-        line = "  "
-        for j in range(cols):
-            v = pooled[i, j]
-            a = abs(v) / scale
-            ch = " " if a < 0.1 else ("+*#" if v > 0 else "-~=")[0 if a < 0.35 else 1 if a < 0.7 else 2]
-            line += (ansi(colour(v, scale)) + ch * 2 + _RESET) if color else ch * 2
-        out.append(line)
-    out.append(f"  ({rows} x {cols} cells of summed pixel relevance; + * # positive, - ~ = negative, by size)")
-    out.append(_scale_line(scale, color))
-    return out
-
-
-class _Tokens:
-    """What the terminal layout reads of an explanation: the words shown, whether a space precedes
-    each, their relevance, which were generated."""
-
-    def __init__(self, words: List[str], relevance: List[float]):
-        self.words, self.relevance = words, relevance
-        self.space = [True] * len(words)
-        self.generated: List[bool] = []
-
-
 def text_terminal(tokens: Sequence[str], relevance: Any, color: bool = False, width: int = 100) -> str:
     """The tokens as terminal text (the command line's view): in a line, on a 24-bit background
     colour with ``color``, then a table of their relevance with bars, the colour scale and the sum."""
+    from ._terminal import Tokens, inline, scale_line, table
+
     tokens, values = _token_values(tokens, relevance)
-    e = _Tokens([visible(t) for t in tokens], values)
+    e = Tokens([visible(t) for t in tokens], values)
     idx = list(range(len(tokens)))
     scale = scale_of(values)
     lines = ["relevance: red (+) raises the explained value, blue (-) lowers it", ""]
-    lines += _inline(e, idx, scale, color, width) + [""] + _table(e, idx, scale, color)
-    lines.append(_scale_line(scale, color))
+    lines += inline(e, idx, scale, color, width) + [""] + table(e, idx, scale, color)
+    lines.append(scale_line(scale, color))
     lines.append(f"sum of the relevance of all tokens: {sum(values):+.4f}")
     return "\n".join(lines) + "\n"
 
@@ -585,6 +480,8 @@ def image_terminal(relevance: Any, color: bool = False, width: int = 100) -> str
     """A pixel relevance map (``[H, W]``, ``[C, H, W]`` or ``[1, C, H, W]``) as terminal text: a grid
     of cells of summed relevance, on their colours with ``color`` (else as signs by size), the
     colour scale and the sum."""
+    from ._terminal import image_grid
+
     r = to_2d(relevance)
-    lines = _image_grid(r, color, width)
+    lines = image_grid(r, color, width)
     return "\n".join(lines) + f"\nsum of the pixel relevance: {float(r.sum()):+.4f}\n"

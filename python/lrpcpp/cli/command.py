@@ -154,7 +154,11 @@ def _add_explain(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="write a PNG (text: the coloured tokens; image: the heatmap, and the overlay as NAME-overlay.png)",
     )
-    p.add_argument("--latex", metavar="FILE", help="write a LaTeX document, a \\colorbox per token (pdflatex)")
+    p.add_argument(
+        "--latex",
+        metavar="FILE",
+        help="write a LaTeX figure to \\input into a document: a \\colorbox per token (pdflatex)",
+    )
     p.add_argument("--json", metavar="FILE", help="write tokens, relevance, output, model and method as JSON")
     _add_common(p)
 

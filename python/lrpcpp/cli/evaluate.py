@@ -33,7 +33,7 @@ from .._files import atomic_write
 from ..attribution import attribute
 from ..targets import mean_pooling
 from .explain import METHOD_NAMES, similarity_target
-from .loading import TASKS, InputError, Loaded, Warn, _first_line, encode, hub_offline_reason
+from .loading import TASKS, InputError, Loaded, Warn, encode, hub_offline_reason
 
 __all__ = [
     "METHODS",
@@ -194,6 +194,11 @@ def _load_dataset(name: str, split: str):
         kwargs = {"delimiter": "\t"} if ext == ".tsv" else {}
         return datasets.load_dataset(_DATA_FILES[ext], data_files={split: name}, split=split, **kwargs)
     return datasets.load_dataset(name, split=split)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
 
 
 def read_dataset(

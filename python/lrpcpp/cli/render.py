@@ -1,5 +1,5 @@
 """Heatmaps of :class:`lrpcpp.cli.explain.Explanation` records: a coloured terminal view, a
-self-contained HTML page, a LaTeX document (a ``\\colorbox`` per token), PNG images (matplotlib for
+self-contained HTML page, a LaTeX figure to ``\\input`` (a ``\\colorbox`` per token), PNG images (matplotlib for
 text, Pillow for images) and the per-layer relevance plot.
 
 One colour scale everywhere, :mod:`lrpcpp.viz`'s (:func:`lrpcpp.viz.colour`): red for positive
@@ -20,13 +20,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .._files import atomic_write
+from .._terminal import fmt as _fmt
+from .._terminal import inline as _inline
+from .._terminal import scale_line as _scale_line
+from .._terminal import table as _table
+from .._terminal import wrap as _wrap
 from ..viz import (
     GENERATED_NOTE,
-    _fmt,
-    _inline,
-    _scale_line,
-    _table,
-    _wrap,
     add_colorbar,
     ansi,
     colormap,
@@ -514,7 +514,8 @@ def latent_png(e, path: str) -> None:
     if e.image is not None or not e.words:
         fig, ax = plt.subplots(figsize=(7, 0.4 * len(names) + 1.5), dpi=100)
         totals = [sum(v) for v in e.latent.values()]
-        ax.barh(range(len(names)), totals, color=["#d33" if t > 0 else "#33d" for t in totals])
+        ends = {sign: tuple(c / 255 for c in colour(sign, 1.0)) for sign in (-1.0, 1.0)}  # the colour map's ends
+        ax.barh(range(len(names)), totals, color=[ends[1.0 if t > 0 else -1.0] for t in totals])
         ax.set_yticks(range(len(names)), names)
         ax.invert_yaxis()
         ax.set_xlabel("relevance of the layer's output (sum)")
