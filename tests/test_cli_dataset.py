@@ -13,6 +13,8 @@ datasets = pytest.importorskip("datasets", reason="--dataset reads with datasets
 from lrpcpp.cli import command  # noqa: E402
 from test_cli import dirs  # noqa: E402,F401  (the model directories fixture)
 
+pytestmark = pytest.mark.slow  # whole command-line runs, on the models of test_cli.py's fixture
+
 TEXTS = ["the cat sat", "a big red car", "i liked this film"]
 
 
