@@ -3,11 +3,12 @@ coloured by relevance, an inline PNG for pixels), the terminal view elsewhere (`
 text views of :mod:`lrpcpp.viz` they are made of."""
 
 import base64
+import io
 import re
 import sys
 import types
-import zlib
 
+import numpy as np
 import pytest
 import torch
 from lrpcpp import Attribution, viz
@@ -26,11 +27,21 @@ def attribution(token_relevance, pixels=False):
     return Attribution(relevance=relevance, token_relevance=token_relevance, output=output, target=None)
 
 
+def bwr(v):
+    """matplotlib's ``bwr`` at v in [-1, 1], transcribed in float64: blue (0, 0, 1), white, red (1, 0, 0),
+    linear in between, sampled at 255 points (v rounded to the nearest)."""
+    t = np.rint((v + 1.0) * 127.0) / 254.0
+    rgb = (2 * t, 2 * t, 1.0) if t <= 0.5 else (1.0, 2 - 2 * t, 2 - 2 * t)
+    return np.array(rgb) * 255.0
+
+
 def expected_rgb(r, values):
-    """The colour scale, transcribed: red for positive, blue for negative, saturation 0.8 |r| / max |r|."""
-    a = 0.8 * abs(r) / max(abs(v) for v in values)
-    fade = round(255 * (1 - a))
-    return (255, fade, fade) if r > 0 else (fade, fade, 255) if r < 0 else (255, 255, 255)
+    """The colour scale: bwr at r / max |r|."""
+    return bwr(r / max(abs(v) for v in values))
+
+
+def same_colour(found, expected):
+    np.testing.assert_allclose(np.asarray(found, dtype=np.float64), expected, atol=1.0)
 
 
 VALUES = [0.5, -1.0, 0.25, 0.0, 2.0]
@@ -50,7 +61,7 @@ def test_html_colours_every_token_with_its_value_and_a_scale():
     assert len(found) == len(TOKENS)
     escaped = ["&lt;s&gt;", "a&amp;b", "cat", "&quot;q&quot;", "&lt;/s&gt;"]
     for (red, green, blue, title), word, r in zip(found, escaped, VALUES):
-        assert (int(red), int(green), int(blue)) == expected_rgb(r, VALUES)
+        same_colour((int(red), int(green), int(blue)), expected_rgb(r, VALUES))
         assert title.startswith(word + ": ") and float(title.split(": ")[1]) == pytest.approx(r, rel=1e-3)
         assert f">{word}</span>" in page
     # nothing of a token is left unescaped: its text is never markup
@@ -108,19 +119,32 @@ def test_show_in_a_notebook_displays_the_html(monkeypatch):
     assert kind == "html" and len(spans(text)) == len(TOKENS) and "&lt;s&gt;" in text
 
 
-def png_size(data):
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")  # IHDR width, height
+def test_pixel_relevance_is_an_inline_png_with_its_scale():
+    from PIL import Image
 
-
-def test_pixel_relevance_is_an_inline_png():
     rel = torch.tensor([[[1.0, 0.0, -1.0, 0.5, 0.0]] * 4])  # [1, 4, 5]
     page = attribution(rel, pixels=True)._repr_html_()
     (data,) = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    png = base64.b64decode(data)
-    assert png_size(png) == (5 * 56, 4 * 56)  # enlarged to at least 224 pixels a side
-    # the first pixel row: red, white, blue (the built-in red-white-blue map)
-    idat = png[png.index(b"IDAT") + 4 : png.index(b"IEND") - 8]
-    row = zlib.decompress(idat)[1 : 1 + 3 * 5 * 56]
-    assert tuple(row[0:3]) == (255, 0, 0) and tuple(row[3 * 56 : 3 * 56 + 3]) == (255, 255, 255)
-    assert tuple(row[3 * 112 : 3 * 112 + 3]) == (0, 0, 255)
+    png = Image.open(io.BytesIO(base64.b64decode(data)))
+    assert png.format == "PNG" and png.size == (5 * 56, 4 * 56)  # enlarged to at least 224 pixels a side
+    row = np.asarray(png.convert("RGB"))[0]
+    for column, r in enumerate([1.0, 0.0, -1.0, 0.5, 0.0]):  # red, white, blue, half red, white
+        same_colour(row[column * 56], bwr(r))
+    # the scale's ends: the largest |relevance| of the map (summed over the 3 channels: 1)
+    assert re.search(r'class="lo">-1<', page) and re.search(r'class="hi">\+1<', page)
+
+
+def test_an_image_whose_channels_height_and_width_are_equal_is_shown_as_an_image(capsys):
+    rel = torch.arange(27, dtype=torch.float64).reshape(1, 3, 3, 3) - 13  # [1, C=3, H=3, W=3]
+    attr = Attribution(relevance=rel, token_relevance=rel.sum(-3), output=rel.sum((-3, -2, -1)), target=None)
+    # the shapes cannot tell: relevance.shape[:-1] == token_relevance.shape; the sum can
+    assert attr._views()[0][2] is None
+    attr.inputs = {"pixel_values": rel}  # as lrpcpp.attribute fills it: the input's name decides
+    attr.show()
+    out = capsys.readouterr().out
+    assert "cells of summed pixel relevance" in out and "sum of the pixel relevance: " in out
+    assert out == viz.image_terminal(rel[0])
+    # the same shapes from a text input (embeddings [1, seq=3, 3, hidden=3]: K=1 target): tokens
+    text = Attribution(relevance=rel, token_relevance=rel.sum(-1), output=rel.sum((-2, -1)), target=None)
+    text.inputs = {"input_ids": rel}
+    assert text._views()[0][2] == ["0", "1", "2"]

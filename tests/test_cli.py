@@ -7,6 +7,7 @@ here, in this process, with transformers and ``lrpcpp.attribute`` directly.
 """
 
 import html.parser
+import io
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import sys
 
 import chromium
 import lrpcpp
+import numpy as np
 import pytest
 import torch
 from conftest import subprocess_env
@@ -324,12 +326,16 @@ def test_html_escapes_special_characters_in_tokens(dirs, tmp_path):
 
 
 # ----------------------------------------------------------------------------- LaTeX and PNG
-def test_latex_has_a_colorbox_per_token_and_compiles(default_run, tmp_path):
+def test_latex_is_a_figure_with_a_colorbox_per_token_that_compiles(default_run, tmp_path):
     _, out, data = default_run
     tex = (out / "e.tex").read_text()
-    assert tex.startswith("\\documentclass") and tex.rstrip().endswith("\\end{document}")
-    boxes = re.findall(r"\\tok\{([0-9.]+),([0-9.]+),([0-9.]+)\}\{([^{}]*)\}", tex)
-    assert len(boxes) == len(data["tokens"])
+    # a figure to \input: no preamble, page, float or section of its own; its definitions in a group
+    body = [line for line in tex.splitlines() if not line.startswith("%")]
+    for whole_document in ("\\documentclass", "\\begin{document}", "\\usepackage", "\\begin{figure}", "section"):
+        assert whole_document not in "\n".join(body)
+    assert body[0] == "\\begingroup" and body[-1] == "\\endgroup"
+    boxes = re.findall(r"\\lrpcpptok\{([0-9.]+),([0-9.]+),([0-9.]+)\}\{[01]\}\{([^{}]*)\}", tex)
+    assert len(boxes) == len(data["tokens"]) + 3  # and the colour scale's ends and middle
     for (r, g, b, _), rel in zip(boxes, data["relevance"]):
         rgb = [float(v) for v in (r, g, b)]
         assert all(0 <= v <= 1 for v in rgb)
@@ -337,9 +343,9 @@ def test_latex_has_a_colorbox_per_token_and_compiles(default_run, tmp_path):
             assert rgb[0] == 1 and rgb[1] == rgb[2]
         elif rel < 0:
             assert rgb[2] == 1 and rgb[0] == rgb[1]
-    assert "\\newcommand{\\tok}[2]{\\colorbox[rgb]{#1}" in tex
+    assert "\\def\\lrpcpptok#1#2#3{\\colorbox[rgb]{#1}" in tex
     depth = 0
-    for ch in re.sub(r"\\[{}%]", "", tex.split("\\begin{document}")[1]).split("%")[0]:
+    for ch in "".join(re.sub(r"\\[{}%]", "", line).split("%")[0] for line in body):
         depth += {"{": 1, "}": -1}.get(ch, 0)
         assert depth >= 0
     pdflatex = shutil.which("pdflatex")
@@ -349,15 +355,20 @@ def test_latex_has_a_colorbox_per_token_and_compiles(default_run, tmp_path):
             "checked, the compilation is not"
         )
     shutil.copy(out / "e.tex", tmp_path / "e.tex")
+    # as a user includes it: \input into a document of their own (which may define \tok itself)
+    (tmp_path / "doc.tex").write_text(
+        "\\documentclass{article}\n\\usepackage{color}\n\\newcommand{\\tok}{T}\n\\begin{document}\n"
+        "\\begin{figure}\\input{e.tex}\\caption{heatmap}\\end{figure}\n\\end{document}\n"
+    )
     proc = subprocess.run(
-        [pdflatex, "-no-shell-escape", "-interaction=nonstopmode", "-halt-on-error", "e.tex"],
+        [pdflatex, "-no-shell-escape", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=180,
     )
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert (tmp_path / "e.pdf").read_bytes().startswith(b"%PDF")
+    assert (tmp_path / "doc.pdf").read_bytes().startswith(b"%PDF")
 
 
 def test_latex_escapes_every_special_character(tmp_path):
@@ -381,6 +392,8 @@ def test_text_png_shows_red_tokens(default_run):
 
 
 def test_colour_scale():
+    # the command line's colours are lrpcpp.viz's (one colour pipeline)
+    assert colour is lrpcpp.viz.colour and scale_of is lrpcpp.viz.scale_of
     assert colour(0.0, 1.0) == (255, 255, 255)
     assert colour(1.0, 1.0)[0] == 255 and colour(1.0, 1.0)[1] < 100
     assert colour(-1.0, 1.0)[2] == 255 and colour(-1.0, 1.0)[0] < 100
@@ -501,6 +514,11 @@ def test_vit_explains_the_class_per_pixel_with_heatmap_and_overlay(dirs, tmp_pat
     overlay = Image.open(tmp_path / "heat-overlay.png")
     assert heat.size == overlay.size and min(heat.size) >= 224
     assert heat.size != (16, 16) and f"{data['target']}" in proc.stdout
+    # the map (square, as the input) with its colour bar on the right: red at the top, blue at the bottom
+    bar = np.asarray(heat.convert("RGB"))[:, heat.height + 15].astype(int)
+    assert heat.width > heat.height + 60
+    top, bottom = bar[int(0.1 * heat.height)], bar[int(0.9 * heat.height)]
+    assert top[0] > 200 and top[2] < 100 and bottom[2] > 200 and bottom[0] < 100
 
 
 def test_latent_relevance_per_layer(dirs, tmp_path):
@@ -562,6 +580,76 @@ BAD = {
     ),
     "export at an unknown level": (["export", "--model", "{llama}", "{tmp}/model.pt", "--level", "ops"], "--level"),
 }
+
+
+# ----------------------------------------------------------------------------- --model HUB_ID
+def test_hub_ids_and_paths():
+    from lrpcpp.cli.loading import is_hub_id
+
+    assert is_hub_id("sentence-transformers/all-MiniLM-L6-v2") and is_hub_id("gpt2")
+    for path in ("./model", "/models/bert", "a/b/c", "../bert", "models/", "C:\\models"):
+        assert not is_hub_id(path), path
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """The Hugging Face hub, simulated: no connection leaves the test. Returns the calls of the loader."""
+    from lrpcpp.cli import loading
+
+    calls = []
+
+    def no_connection(address, timeout=None):
+        calls.append(("connect", address))
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(loading.socket, "create_connection", no_connection)
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    return calls
+
+
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "unreachable"])
+def test_a_hub_id_offline_is_one_line_saying_how_to_give_a_directory(offline, hub, monkeypatch, capsys):
+    from lrpcpp.cli import command, loading
+
+    if offline != "unreachable":
+        monkeypatch.setenv(offline, "1")
+
+    def cached_only(repo_id, offline):
+        hub.append(("download", repo_id, offline))
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        raise LocalEntryNotFoundError("no copy in the cache")
+
+    monkeypatch.setattr(loading, "_download", cached_only)
+    code = command.main(["explain", "--model", "lrpcpp-tests/no-such-model", "the cat"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and "Traceback" not in err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("lrpcpp: error: --model lrpcpp-tests/no-such-model is no local directory")
+    reason = f"{offline}=1" if offline != "unreachable" else "huggingface.co cannot be reached: Network is unreachable"
+    assert f"the Hugging Face hub is offline ({reason})" in line and "give --model DIR" in line
+    assert hub[-1] == ("download", "lrpcpp-tests/no-such-model", True)  # the cache only: no download
+    assert [c for c in hub if c[0] == "connect"] == (
+        [] if offline != "unreachable" else [("connect", ("huggingface.co", 443))]
+    )
+
+
+def test_a_hub_id_online_is_loaded_from_its_snapshot_and_named_by_its_id(dirs, hub, monkeypatch, tmp_path):
+    from lrpcpp.cli import command, loading
+
+    monkeypatch.setattr(loading.socket, "create_connection", lambda address, timeout=None: io.StringIO())
+    monkeypatch.setattr(loading, "_download", lambda repo_id, offline: hub.append((repo_id, offline)) or dirs["bert"])
+    out = tmp_path / "e.json"
+    assert command.main(["explain", "--model", "org/tiny-bert", "the cat", "--json", str(out)]) == 0
+    assert hub == [("org/tiny-bert", False)]
+    data = json.loads(out.read_text())
+    assert data["model"] == "org/tiny-bert" and data["task"] == "classifier"
+    # a local directory of that name wins over the hub
+    monkeypatch.chdir(tmp_path)
+    os.symlink(dirs["bert"], "tiny-bert")
+    assert command.main(["explain", "--model", "tiny-bert", "the cat", "--json", str(out)]) == 0
+    assert hub == [("org/tiny-bert", False)] and json.loads(out.read_text())["model"] == "tiny-bert"
 
 
 def test_a_model_without_family_entry_is_explained_at_the_operation_level(dirs):
@@ -744,6 +832,35 @@ def test_area_between_curves_and_mean_curve():
     assert area_between([1, 0.5, 0], [1, 0.5, 0]) == 0
     assert area_between([0, 0], [1, 1]) == -1
     assert mean_curve([[1, 0], [1, 1, 1]])[0] == 1 and mean_curve([[1, 0], [1, 1, 1]])[-1] == 0.5
+
+
+def _eval_result(gradient_lerf):
+    from lrpcpp.cli.evaluate import EvalResult
+
+    r = EvalResult(model="m", task="classifier", replacement="[MASK]", texts=["a b"])
+    for m, lerf in (("attnlrp", [1.0, 1.0, 0.0]), ("gradient", gradient_lerf), ("random", [1.0, 0.5, 0.0])):
+        r.morf[m], r.lerf[m] = [[1.0, 0.5, 0.0]], [lerf]
+        r.abc[m] = [area_between(lerf, [1.0, 0.5, 0.0])]
+    return r
+
+
+def test_evaluate_says_when_gradient_x_input_is_below_random_and_why(tmp_path, monkeypatch):
+    from lrpcpp.cli.evaluate import curves_png, report
+    from matplotlib.figure import Figure
+
+    below = _eval_result([1.0, 0.0, 0.0])  # ABC -0.25 against the random order's 0
+    text = report(below)
+    (note,) = [line for line in text.splitlines() if line.startswith("note:")]
+    assert "gradient x input is below the random order (ABC -0.2500 < 0.0000)" in note and "softmax" in note
+    assert not [line for line in report(_eval_result([1.0, 1.0, 0.0])).splitlines() if line.startswith("note:")]
+    drawn = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (drawn.append(self), real(self, *a, **k))[1])
+    curves_png(below, str(tmp_path / "below.png"))
+    curves_png(_eval_result([1.0, 1.0, 0.0]), str(tmp_path / "above.png"))
+    texts = [" ".join(t.get_text().split()) for t in drawn[0].texts]
+    assert texts == [" ".join(note.split())]  # the same note, wrapped
+    assert drawn[1].texts == []
 
 
 def test_read_items(tmp_path):

@@ -196,7 +196,13 @@ def test_a_failed_png_leaves_no_cut_off_file(dirs, tmp_path, monkeypatch, capsys
     assert json.loads(js.read_text())["tokens"] == ["the", "cat", "sat"]  # written whole before
     assert not leftovers(tmp_path)
     # lrpcpp.viz writes its PNGs the same way
-    monkeypatch.setattr("zlib.compress", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    from PIL import Image
+
+    def interrupted(self, target, **kwargs):
+        target.write(b"\x89PNG\r\n\x1a\n half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", interrupted)
     with pytest.raises(KeyboardInterrupt):
         lrpcpp.viz.heatmap(torch.ones(4, 4), str(png))
     assert png.read_bytes() == b"\x89PNG the previous heatmap" and not leftovers(tmp_path)
@@ -515,21 +521,25 @@ def test_latex_compiles_for_any_unicode_input(ctrl_model, tmp_path):
     for code in ("U+65E5", "U+1F600", "U+05E9", "U+0301", "U+00AB", "U+00F0"):  # CJK, emoji, RTL, combining, «ð
         assert r"\texttt{" + code + "}" in source
     assert "caf\xe9" in source and r"\textbackslash{}x1b" in source
-    boxes = re.findall(r"^\\hspace\{[^}]*\}\\tok\{[0-9.,]+\}\{.*\}% [-+0-9.e]+$", source, re.M)
+    boxes = re.findall(r"^\\hspace\{[^}]*\}\\lrpcpptok\{[0-9.,]+\}\{[01]\}\{.*\}% [-+0-9.e]+$", source, re.M)
     assert len(boxes) == len(json.loads(js.read_text())["tokens"])
     pdflatex = shutil.which("pdflatex")
     if pdflatex is None:
         pytest.skip("pdflatex is not installed (make tools installs texlive-latex-base)")
+    (tmp_path / "doc.tex").write_text(  # the figure \input into a document, as a user includes it
+        "\\documentclass{article}\n\\usepackage[utf8]{inputenc}\n\\usepackage{color}\n"
+        "\\begin{document}\n\\input{e.tex}\n\\end{document}\n"
+    )
     proc = subprocess.run(
-        [pdflatex, "-no-shell-escape", "-interaction=nonstopmode", "-halt-on-error", "e.tex"],
+        [pdflatex, "-no-shell-escape", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=180,
     )
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert (tmp_path / "e.pdf").read_bytes().startswith(b"%PDF")
-    assert "Missing character" not in (tmp_path / "e.log").read_text(errors="replace")
+    assert (tmp_path / "doc.pdf").read_bytes().startswith(b"%PDF")
+    assert "Missing character" not in (tmp_path / "doc.log").read_text(errors="replace")
 
 
 def test_file_lines_end_at_newlines_only(dirs, tmp_path):

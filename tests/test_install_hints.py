@@ -46,9 +46,17 @@ def image_file(tmp_path):
         (
             ["explain", "--latent", "--model", "DIR", "--image", "IMAGE", "--png", "o.png"],
             ["matplotlib"],
-            hint("--png with --latent", "matplotlib"),
+            hint("--png", "matplotlib"),
         ),
+        (["explain", "--html", "out.html"], ["matplotlib"], hint("--html", "matplotlib")),
+        (["explain", "--latex", "out.tex"], ["matplotlib"], hint("--latex", "matplotlib")),
+        (["explain", "--color", "always"], ["matplotlib"], hint("a coloured terminal view (--color)", "matplotlib")),
         (["explain"], ["transformers"], hint("lrpcpp explain", "transformers")),
+        (
+            ["explain", "--dataset", "reviews"],
+            ["datasets"],
+            "lrpcpp: error: --dataset needs datasets (pip install datasets)\n",
+        ),
         (["evaluate"], ["matplotlib"], hint("the plot of the curves (--png)", "matplotlib")),
         (["evaluate", "--limit", "1"], ["transformers", "matplotlib"], hint("lrpcpp evaluate", "transformers")),
         (["export", "--model", "DIR", "m.pt"], ["transformers"], hint("lrpcpp export", "transformers")),

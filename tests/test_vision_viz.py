@@ -1,35 +1,25 @@
 """lrpcpp.viz: symmetric normalisation, the colour maps, the overlay and the PNG files it writes."""
 
-import struct
-import zlib
-
 import numpy as np
 import pytest
 import torch
 from lrpcpp import viz
+from PIL import Image
 
 
 def read_png(path):
-    """(width, height, colour type, pixels) of an 8-bit PNG whose rows all use filter 0."""
-    data = open(path, "rb").read()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, {}
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
-        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF
-        chunks[kind] = chunks.get(kind, b"") + body
-        pos += 12 + length
-    width, height, depth, color_type = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
-    assert depth == 8 and b"IEND" in chunks
-    channels = 3 if color_type == 2 else 1
-    raw = zlib.decompress(chunks[b"IDAT"])
-    stride = 1 + width * channels
-    rows = [raw[i * stride : (i + 1) * stride] for i in range(height)]
-    assert all(r[0] == 0 for r in rows)
-    pixels = np.frombuffer(b"".join(r[1:] for r in rows), dtype=np.uint8).reshape(height, width, channels)
-    return width, height, color_type, pixels
+    """(width, height, mode, pixels) of a PNG file, decoded by Pillow."""
+    image = Image.open(path)
+    assert image.format == "PNG"
+    return image.width, image.height, image.mode, np.asarray(image)
+
+
+def bwr(v):
+    """matplotlib's ``bwr`` at v in [-1, 1], transcribed in float64: blue (0, 0, 1), white, red (1, 0, 0),
+    linear in between, sampled at 255 points (v rounded to the nearest)."""
+    t = np.rint((v + 1.0) * 127.0) / 254.0
+    rgb = (2 * t, 2 * t, 1.0) if t <= 0.5 else (1.0, 2 - 2 * t, 2 - 2 * t)
+    return np.array(rgb) * 255.0
 
 
 def test_symmetric_normalisation_keeps_zero_and_sign():
@@ -56,7 +46,10 @@ def test_red_white_blue():
     assert rgb[0, 0].tolist() == [0, 0, 255]  # negative: blue
     assert rgb[0, 1].tolist() == [255, 255, 255]  # zero: white
     assert rgb[0, 2].tolist() == [255, 0, 0]  # positive: red
-    assert rgb[0, 3].tolist() == [255, 128, 128]  # halfway to red
+    values = np.linspace(-1.0, 1.0, 1001)
+    np.testing.assert_allclose(viz.colorize(values), np.stack([bwr(v) for v in values]), atol=1.0)
+    # symmetric around 0: r and -r get mirrored colours (red and blue swapped)
+    np.testing.assert_array_equal(viz.colorize(values), viz.colorize(-values)[:, ::-1])
     assert viz.colorize(np.zeros((1, 1)), "coldnhot")[0, 0].tolist() == [0, 0, 0]
     with pytest.raises(ValueError, match="unknown colour map"):
         viz.colorize(np.zeros((1, 1)), "no-such-map")
@@ -68,13 +61,11 @@ def test_heatmap_png_round_trip(tmp_path):
     r[1, 4, 6] = -2.5
     path = tmp_path / "heat.png"
     rgb = viz.heatmap(r, str(path))
-    width, height, color_type, pixels = read_png(path)
-    assert (width, height, color_type) == (8, 6, 2)
+    width, height, mode, pixels = read_png(path)
+    assert (width, height, mode) == (8, 6, "RGB")
     assert np.array_equal(pixels, rgb)
-    assert pixels[1, 2].tolist() == [255, 0, 0] and pixels[4, 6].tolist() == [128, 128, 255]
-    assert pixels[0, 0].tolist() == [255, 255, 255]
-    pil = pytest.importorskip("PIL.Image", reason="the cross-check with another PNG decoder needs Pillow")
-    assert np.array_equal(np.asarray(pil.open(path).convert("RGB")), rgb)
+    assert pixels[1, 2].tolist() == [255, 0, 0] and pixels[0, 0].tolist() == [255, 255, 255]
+    np.testing.assert_allclose(pixels[4, 6], bwr(-0.5), atol=1.0)
 
 
 def test_overlay_on_the_input_image(tmp_path):
@@ -83,10 +74,10 @@ def test_overlay_on_the_input_image(tmp_path):
     image = torch.full((3, 8, 8), 0.2)  # [3, H, W] in [0, 1], twice the heatmap's size
     rgb = viz.heatmap(r, str(tmp_path / "o.png"), image=image, alpha=0.25)
     assert rgb.shape == (8, 8, 3)
-    expected_red = np.round((0.25 * np.array([1.0, 0.0, 0.0]) + 0.75 * 0.2) * 255)
-    assert rgb[1, 1].tolist() == expected_red.tolist()  # nearest-neighbour upscaled corner
-    expected_white = np.round((0.25 * 1.0 + 0.75 * 0.2) * 255)
-    assert rgb[7, 7].tolist() == [expected_white] * 3
+    expected_red = (0.25 * np.array([1.0, 0.0, 0.0]) + 0.75 * 0.2) * 255
+    np.testing.assert_allclose(rgb[1, 1], expected_red, atol=1.0)  # nearest-neighbour upscaled corner
+    expected_white = (0.25 * 1.0 + 0.75 * 0.2) * 255
+    np.testing.assert_allclose(rgb[7, 7], [expected_white] * 3, atol=1.0)
     # a normalised model input (outside [0, 1]) is min-max scaled; uint8 images are divided by 255
     normalised = np.stack([np.linspace(-2, 2, 64).reshape(8, 8)] * 3, axis=-1)
     assert viz.overlay(viz.colorize(viz.normalize(np.zeros((8, 8)))), normalised, 0.0)[7, 7].tolist() == [255] * 3
@@ -99,7 +90,7 @@ def test_size_and_gray_png(tmp_path):
     rgb = viz.heatmap(np.eye(3), size=6, cmap="gray")
     assert rgb.shape == (6, 6, 3)
     viz.write_png(str(tmp_path / "g.png"), rgb[..., 0])
-    assert read_png(tmp_path / "g.png")[2] == 0
+    assert read_png(tmp_path / "g.png")[2] == "L"
 
 
 def test_colour_bar_with_the_symmetric_scale(tmp_path):
@@ -129,7 +120,7 @@ def test_colour_bar_with_the_symmetric_scale(tmp_path):
     assert [t.get_text() for t in zero.axes[1].get_yticklabels()] == ["-1", "0", "1"]
 
 
-def test_colour_bar_without_matplotlib_says_how_to_install_it(monkeypatch):
+def test_without_matplotlib_a_heatmap_says_how_to_install_it(monkeypatch):
     import builtins
 
     real_import = builtins.__import__
@@ -140,6 +131,9 @@ def test_colour_bar_without_matplotlib_says_how_to_install_it(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    with pytest.raises(ImportError, match="pip install matplotlib"):
-        viz.heatmap(np.ones((4, 4)), colorbar=True)
-    assert viz.heatmap(np.ones((4, 4))).shape == (4, 4, 3)  # the PNG path needs numpy only
+    viz._colour_table.cache_clear()  # the colour maps already looked up
+    try:
+        with pytest.raises(ImportError, match="pip install matplotlib"):
+            viz.heatmap(np.ones((4, 4)), cmap="seismic")
+    finally:
+        viz._colour_table.cache_clear()

@@ -93,7 +93,7 @@ class Attribution:
         elif tokens is None:
             tokens = self.tokens
         values = self.token_relevance.detach().float().cpu()
-        image = self.relevance.shape[:-1] != self.token_relevance.shape  # pixels: summed over the channel dim
+        image = self._pixels()
         per_item = 2 if image else 1
         if tokens is not None and tokens and isinstance(tokens[0], str):
             tokens = [list(tokens)]  # one batch item
@@ -114,6 +114,20 @@ class Attribution:
                 row = list(tokens[b])
             views.append((label, m, row))
         return views
+
+    def _pixels(self) -> bool:
+        """Whether the maps are of pixels (``relevance`` ``[..., C, H, W]`` summed over the channels)
+        rather than of tokens (``[..., seq, hidden]`` summed over the hidden dim): from the input's
+        name where :attr:`inputs` holds it, else from which sum ``token_relevance`` is."""
+        if self.inputs is not None:
+            return "pixel_values" in self.inputs and not {"input_ids", "inputs_embeds"} & set(self.inputs)
+        r, t = self.relevance.detach(), self.token_relevance.detach()
+        if r.dim() < 4 or r.shape[:-3] + r.shape[-2:] != t.shape:
+            return False
+        if r.shape[:-1] != t.shape:
+            return True
+        # [..., C, H, W] with C == H == W: both sums have the shape of token_relevance
+        return torch.allclose(r.sum(-3).to(t.dtype), t) and not torch.allclose(r.sum(-1).to(t.dtype), t)
 
     def _repr_html_(self) -> str:
         """The heatmap as HTML (Jupyter): the tokens coloured by their relevance, each value shown
@@ -143,10 +157,7 @@ class Attribution:
             if len(views) > 1:
                 out.append(f"--- {label}\n")
             if row is None:
-                from .cli import render
-
-                grid = render._image_grid(_Pixels(m.numpy()), color, 100)
-                out.append("\n".join(grid) + f"\nsum of the pixel relevance: {float(m.sum()):+.4f}\n")
+                out.append(viz.image_terminal(m, color=color))
             else:
                 out.append(viz.text_terminal(row, m, color=color))
         sys.stdout.write("".join(out))
@@ -164,17 +175,11 @@ def _html(views) -> str:
             f = max(1, math.ceil(224 / min(m.shape)))  # enlarged (nearest) to at least 224 pixels a side
             png = base64.b64encode(viz.png_bytes(viz.heatmap(m, size=(m.shape[0] * f, m.shape[1] * f))))
             body = f'<img alt="relevance heatmap" src="data:image/png;base64,{png.decode("ascii")}">'
+            body += viz.html_legend(viz.scale_of(m))
         else:
             body = viz.text_html(row, m)
         parts.append(f'<div style="margin: 0.5em 0"><div style="color: #555">{label}</div>{body}</div>')
     return '<div class="lrpcpp-attribution">' + "".join(parts) + "</div>"
-
-
-class _Pixels:
-    """What the command line's terminal grid reads of an image explanation."""
-
-    def __init__(self, pixel_relevance):
-        self.pixel_relevance = pixel_relevance
 
 
 def _layers(model: nn.Module) -> Dict[str, nn.Module]:

@@ -1,9 +1,13 @@
-"""Relevance heatmaps as images.
+"""Relevance heatmaps: images, texts and the terminal, all coloured one way.
 
-A relevance map of an image (``[H, W]``, ``[C, H, W]`` or ``[1, C, H, W]``; channels are summed) is
-normalised symmetrically, so that 0 stays the middle of the colour map and the largest absolute value
-reaches an end of it, coloured with a diverging colour map and written as a PNG, optionally blended
-over the input image::
+One colour pipeline serves every view. The relevance is divided by its scale, the largest absolute
+value (:func:`scale_of`, :func:`value_range`), so that 0 stays the middle of the colour map and the
+strongest value of either sign reaches an end of it, and looked up in one matplotlib colour map
+(:func:`colormap`; red-white-blue by default: positive red, zero white, negative blue):
+:func:`colorize` for arrays, :func:`colour` for one value. Image heatmaps, the tokens of a text
+(HTML, terminal, PNG, LaTeX) and the colour bars and scales that show the numbers all take their
+colours from there; text on a coloured background gets the contrasting foreground of
+:func:`text_color`. Pillow encodes, resizes and blends the images::
 
     import lrpcpp
     import lrpcpp.viz
@@ -12,13 +16,14 @@ over the input image::
     lrpcpp.viz.heatmap(attr.relevance[0], "heatmap.png")                         # red-white-blue
     lrpcpp.viz.heatmap(attr.relevance[0], "overlay.png", image=pixels[0], alpha=0.5)
 
-Only numpy is needed: the PNG encoder is the standard library's ``zlib``, and the built-in colour
-maps are :data:`COLORMAPS`; any other name is looked up in matplotlib, when it is installed.
+Needs matplotlib and Pillow (``pip install matplotlib``, or ``pip install 'lrpcpp[cli]'``); both
+are imported when a first colour is looked up.
 """
 
+import functools
 import html
-import struct
-import zlib
+import io
+import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -31,6 +36,10 @@ __all__ = [
     "value_range",
     "normalize",
     "colorize",
+    "colormap",
+    "colour",
+    "scale_of",
+    "text_color",
     "overlay",
     "write_png",
     "png_bytes",
@@ -40,19 +49,11 @@ __all__ = [
 
 Color = Tuple[float, float, float]
 
-#: Built-in colour maps: ``(position in [-1, 1], RGB in [0, 1])`` anchors, interpolated linearly.
-#: ``bwr``: blue, white, red (negative, zero, positive relevance); ``seismic``: the same through
-#: darker ends; ``coldnhot``: light blue, blue, black, red, yellow (zero is black, for overlays on
-#: bright images); ``gray``: black to white over [-1, 1].
+#: Colour maps that matplotlib lacks, by name: ``(position in [-1, 1], RGB in [0, 1])`` anchors,
+#: interpolated linearly. ``coldnhot``: light blue, blue, black, red, yellow (zero is black, for
+#: overlays on bright images). Every other name (``"bwr"``, the default, ``"seismic"``,
+#: ``"RdBu_r"``, ``"gray"``, ...) is matplotlib's.
 COLORMAPS: Dict[str, Sequence[Tuple[float, Color]]] = {
-    "bwr": ((-1.0, (0.0, 0.0, 1.0)), (0.0, (1.0, 1.0, 1.0)), (1.0, (1.0, 0.0, 0.0))),
-    "seismic": (
-        (-1.0, (0.0, 0.0, 0.3)),
-        (-0.5, (0.0, 0.0, 1.0)),
-        (0.0, (1.0, 1.0, 1.0)),
-        (0.5, (1.0, 0.0, 0.0)),
-        (1.0, (0.5, 0.0, 0.0)),
-    ),
     "coldnhot": (
         (-1.0, (0.0, 1.0, 1.0)),
         (-0.5, (0.0, 0.0, 1.0)),
@@ -60,14 +61,106 @@ COLORMAPS: Dict[str, Sequence[Tuple[float, Color]]] = {
         (0.5, (1.0, 0.0, 0.0)),
         (1.0, (1.0, 1.0, 0.0)),
     ),
-    "gray": ((-1.0, (0.0, 0.0, 0.0)), (1.0, (1.0, 1.0, 1.0))),
 }
+
+DEFAULT_CMAP = "bwr"
+# the entries of a colour map's table: odd, so that zero has the middle entry to itself and a value
+# and its negative lie symmetric around it
+_STEPS = 255
+_INSTALL = "pip install matplotlib pillow (or pip install 'lrpcpp[cli]')"
+
+
+def _matplotlib_colormap(cmap: str):
+    try:
+        from matplotlib import colormaps
+        from matplotlib.colors import LinearSegmentedColormap
+    except ImportError as e:
+        raise ImportError(f"lrpcpp.viz: the heatmap colours are a matplotlib colour map: {_INSTALL}") from e
+    anchors = COLORMAPS.get(cmap)
+    if anchors is not None:
+        return LinearSegmentedColormap.from_list(cmap, [((p + 1.0) / 2.0, c) for p, c in anchors])
+    if not isinstance(cmap, str) or cmap not in colormaps:
+        raise ValueError(
+            f"lrpcpp.viz: unknown colour map {cmap!r}: a matplotlib colour map name or one of {sorted(COLORMAPS)}"
+        )
+    return colormaps[cmap]
+
+
+@functools.lru_cache(maxsize=None)
+def _colour_table(cmap: str) -> np.ndarray:
+    """``[_STEPS, 3]`` uint8: the colour map sampled at ``_STEPS`` evenly spaced points of [-1, 1]."""
+    sampled = _matplotlib_colormap(cmap).resampled(_STEPS)
+    table = np.round(sampled(np.arange(_STEPS))[:, :3] * 255.0).astype(np.uint8)
+    table.flags.writeable = False
+    return table
+
+
+def colormap(cmap: str = DEFAULT_CMAP):
+    """The colour map of every view as a matplotlib ``ListedColormap`` over [0, 1] (0 for
+    ``-scale``, 0.5 for zero, 1 for ``+scale``): the table :func:`colorize` looks colours up in, for
+    colour bars and ``imshow``."""
+    from matplotlib.colors import ListedColormap
+
+    return ListedColormap(_colour_table(cmap) / 255.0, name=f"lrpcpp-{cmap}")
+
+
+def colorize(normalized: Any, cmap: str = DEFAULT_CMAP) -> np.ndarray:
+    """Values in [-1, 1] (any shape; beyond is clipped) as uint8 RGB (one more dim of 3) through the
+    colour map ``cmap``: the one colour function of every view. -1 is the map's lower end, 0 its
+    middle, 1 its upper end."""
+    v = np.nan_to_num(np.clip(np.asarray(normalized, dtype=np.float64), -1.0, 1.0))
+    index = np.rint((v + 1.0) * ((_STEPS - 1) / 2.0)).astype(np.intp)
+    return _colour_table(cmap)[index]
+
+
+def scale_of(values: Any) -> float:
+    """The scale of a heatmap: the largest absolute relevance (1 where all are zero)."""
+    a = _numpy(values) if hasattr(values, "shape") else np.asarray(list(values), dtype=np.float64)
+    m = float(np.abs(a.astype(np.float64)).max()) if a.size else 0.0
+    return m if m > 0 and math.isfinite(m) else 1.0
+
+
+def colour(r: float, scale: float, cmap: str = DEFAULT_CMAP) -> Tuple[int, int, int]:
+    """The RGB colour of relevance ``r`` on a heatmap of scale ``scale`` (:func:`colorize` of
+    ``r / scale``): red when positive, blue when negative, white at zero."""
+    red, green, blue = colorize(float(r) / scale if scale > 0 else 0.0, cmap).tolist()
+    return red, green, blue
+
+
+def _luminance(rgb: Sequence[int]) -> float:
+    c = np.asarray(rgb, dtype=np.float64) / 255.0
+    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    return float(linear @ np.array([0.2126, 0.7152, 0.0722]))
+
+
+def contrast_ratio(a: Sequence[int], b: Sequence[int]) -> float:
+    """The WCAG contrast ratio of two RGB colours (1 to 21; 4.5 is the minimum for body text)."""
+    la, lb = _luminance(a), _luminance(b)
+    return (max(la, lb) + 0.05) / (min(la, lb) + 0.05)
+
+
+def text_color(background: Sequence[int]) -> Tuple[int, int, int]:
+    """Black or white, whichever contrasts more with ``background``: the text colour of a token on
+    its relevance colour (every colour of a map then reaches a contrast ratio of at least 4.5)."""
+    black, white = (0, 0, 0), (255, 255, 255)
+    return black if contrast_ratio(background, black) >= contrast_ratio(background, white) else white
+
+
+__all__ += ["contrast_ratio"]
 
 
 def _numpy(a: Any) -> np.ndarray:
     if hasattr(a, "detach"):  # a torch tensor, on any device and of any floating dtype
         a = a.detach().float().cpu().numpy()
     return np.asarray(a)
+
+
+def _pil():
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise ImportError(f"lrpcpp.viz: images are encoded, resized and blended with Pillow: {_INSTALL}") from e
+    return Image
 
 
 def to_2d(relevance: Any) -> np.ndarray:
@@ -111,36 +204,10 @@ def normalize(relevance: Any, symmetric: bool = True, percentile: Optional[float
     return (r - lo) / (hi - lo) * 2.0 - 1.0 if hi > lo else np.zeros_like(r)
 
 
-def _anchors(cmap: str) -> Optional[Sequence[Tuple[float, Color]]]:
-    return COLORMAPS.get(cmap)
-
-
-def colorize(normalized: np.ndarray, cmap: str = "bwr") -> np.ndarray:
-    """``[H, W]`` values in [-1, 1] as ``[H, W, 3]`` uint8 RGB through the colour map ``cmap``: one of
-    :data:`COLORMAPS`, or a matplotlib colour map name (``"RdBu_r"``, ``"coolwarm"``, ...) when
-    matplotlib is installed."""
-    v = np.clip(np.asarray(normalized, dtype=np.float64), -1.0, 1.0)
-    anchors = _anchors(cmap)
-    if anchors is not None:
-        xs = np.array([a for a, _ in anchors])
-        rgb = np.stack([np.interp(v, xs, np.array([c[k] for _, c in anchors])) for k in range(3)], axis=-1)
-    else:
-        try:
-            from matplotlib import colormaps
-        except ImportError as e:
-            raise ValueError(
-                f"lrpcpp.viz: unknown colour map {cmap!r}; built in: {sorted(COLORMAPS)} (other names need matplotlib)"
-            ) from e
-        if cmap not in colormaps:
-            raise ValueError(f"lrpcpp.viz: unknown colour map {cmap!r}; built in: {sorted(COLORMAPS)}")
-        rgb = colormaps[cmap]((v + 1.0) / 2.0)[..., :3]
-    return np.round(rgb * 255.0).astype(np.uint8)
-
-
 def _image_rgb(image: Any) -> np.ndarray:
-    """An input image as ``[H, W, 3]`` float in [0, 1]: ``[3, H, W]`` or ``[H, W, 3]`` (or gray
-    ``[H, W]`` / ``[1, H, W]``); uint8 is divided by 255, floats outside [0, 1] (a normalised model
-    input) are min-max scaled."""
+    """An input image as ``[H, W, 3]`` uint8: ``[3, H, W]`` or ``[H, W, 3]`` (or gray ``[H, W]`` /
+    ``[1, H, W]``); uint8 as it is, floats in [0, 1] times 255, floats outside [0, 1] (a normalised
+    model input) min-max scaled."""
     a = _numpy(image)
     if a.ndim == 4 and a.shape[0] == 1:
         a = a[0]
@@ -153,63 +220,61 @@ def _image_rgb(image: Any) -> np.ndarray:
     if a.shape[-1] == 1:
         a = np.repeat(a, 3, axis=-1)
     if a.dtype == np.uint8:
-        return a.astype(np.float64) / 255.0
+        return np.ascontiguousarray(a)
     a = a.astype(np.float64)
     lo, hi = a.min(), a.max()
     if lo < 0.0 or hi > 1.0:
         a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-    return a
+    return np.round(a * 255.0).astype(np.uint8)
 
 
 def _resize_nearest(a: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
-    h, w = a.shape[:2]
-    rows = np.minimum((np.arange(size[0]) * h) // size[0], h - 1)
-    cols = np.minimum((np.arange(size[1]) * w) // size[1], w - 1)
-    return a[rows][:, cols]
+    """uint8 ``[H, W, 3]`` resized to ``size`` = ``(height, width)`` (Pillow, nearest neighbour)."""
+    image = _pil()
+    resized = image.fromarray(np.ascontiguousarray(a, dtype=np.uint8)).resize(
+        (size[1], size[0]), image.Resampling.NEAREST
+    )
+    return np.asarray(resized).copy()
 
 
 def overlay(heat: np.ndarray, image: Any, alpha: float = 0.5) -> np.ndarray:
-    """``alpha * heat + (1 - alpha) * image`` as uint8 RGB; the heatmap is resized (nearest
-    neighbour) to the image when their sizes differ."""
+    """``alpha * heat + (1 - alpha) * image`` as uint8 RGB (Pillow's ``Image.blend``); the heatmap
+    is resized (nearest neighbour) to the image when their sizes differ."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"lrpcpp.viz: alpha must lie in [0, 1], got {alpha}")
+    pil = _pil()
     base = _image_rgb(image)
-    h = heat.astype(np.float64) / 255.0
+    h = np.ascontiguousarray(heat, dtype=np.uint8)
     if h.shape[:2] != base.shape[:2]:
         h = _resize_nearest(h, base.shape[:2])
-    return np.round((alpha * h + (1.0 - alpha) * base) * 255.0).astype(np.uint8)
+    return np.asarray(pil.blend(pil.fromarray(base, "RGB"), pil.fromarray(h, "RGB"), alpha)).copy()
 
 
 def write_png(path: str, rgb: np.ndarray) -> None:
-    """Writes ``[H, W, 3]`` (or ``[H, W]`` gray) uint8 as an 8-bit PNG."""
-    data = png_bytes(rgb)
+    """Writes ``[H, W, 3]`` (or ``[H, W]`` gray) uint8 as an 8-bit PNG (Pillow)."""
+    image = _png_image(rgb)
     with atomic_write(path, binary=True) as f:  # a failed write leaves no cut-off PNG
-        f.write(data)
+        image.save(f, format="PNG")
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:
-    """``[H, W, 3]`` (or ``[H, W]`` gray) uint8 as the bytes of an 8-bit PNG."""
+    """``[H, W, 3]`` (or ``[H, W]`` gray) uint8 as the bytes of an 8-bit PNG (Pillow)."""
+    buffer = io.BytesIO()
+    _png_image(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _png_image(rgb: np.ndarray):
     a = np.ascontiguousarray(rgb, dtype=np.uint8)
-    if a.ndim == 2:
-        color_type, a3 = 0, a
-    elif a.ndim == 3 and a.shape[-1] == 3:
-        color_type, a3 = 2, a
-    else:
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] == 3)):
         raise ValueError(f"lrpcpp.viz: expected [H, W, 3] or [H, W] uint8, got shape {tuple(a.shape)}")
-    height, width = a.shape[:2]
-    raw = b"".join(b"\x00" + a3[row].tobytes() for row in range(height))  # filter type 0 per row
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
+    return _pil().fromarray(a, "L" if a.ndim == 2 else "RGB")
 
 
 def heatmap(
     relevance: Any,
     path: Optional[str] = None,
-    cmap: str = "bwr",
+    cmap: str = DEFAULT_CMAP,
     image: Any = None,
     alpha: float = 0.5,
     symmetric: bool = True,
@@ -221,15 +286,15 @@ def heatmap(
     given.
 
     * ``relevance``: ``[H, W]``, ``[C, H, W]`` or ``[1, C, H, W]`` (tensor or array; channels summed).
-    * ``cmap``: ``"bwr"`` (red-white-blue: positive red, negative blue), ``"seismic"``, ``"coldnhot"``,
-      ``"gray"``, or a matplotlib name.
+    * ``cmap``: a matplotlib colour map name (``"bwr"``, the default: red-white-blue, positive red,
+      negative blue; ``"seismic"``, ``"RdBu_r"``, ...) or one of :data:`COLORMAPS` (``"coldnhot"``).
     * ``symmetric`` / ``percentile``: see :func:`normalize`.
     * ``image``: the input image to blend under the heatmap (see :func:`overlay`), with ``alpha``
       the heatmap's weight.
     * ``size``: ``(height, width)`` or one int for both: resize the result (nearest neighbour).
     * ``colorbar``: the heatmap with a colour bar on its right, labelled with the relevance values of
-      its ends and middle (:func:`value_range`), rendered by :func:`heatmap_figure` (needs
-      matplotlib); the result is then that figure's pixels, of its own size.
+      its ends and middle (:func:`value_range`), rendered by :func:`heatmap_figure`; the result is
+      then that figure's pixels, of its own size.
     """
     rgb = colorize(normalize(relevance, symmetric, percentile), cmap)
     if image is not None:
@@ -247,7 +312,7 @@ def heatmap(
 
 def heatmap_figure(
     relevance: Any,
-    cmap: str = "bwr",
+    cmap: str = DEFAULT_CMAP,
     image: Any = None,
     alpha: float = 0.5,
     symmetric: bool = True,
@@ -256,23 +321,36 @@ def heatmap_figure(
 ):
     """The heatmap of :func:`heatmap` as a matplotlib ``Figure`` with a colour bar whose ticks are the
     relevance values of the colour map's ends and middle (:func:`value_range`), for notebooks or
-    ``figure.savefig``. Needs matplotlib (``pip install matplotlib``, or ``pip install lrpcpp[cli]``)."""
+    ``figure.savefig``."""
     rgb = heatmap(relevance, None, cmap, image, alpha, symmetric, percentile, size)
     return _figure(rgb, value_range(relevance, symmetric, percentile), cmap)
+
+
+def add_colorbar(figure, rect: Sequence[float], vrange: Tuple[float, float], cmap: str = DEFAULT_CMAP, **kwargs):
+    """Draws the colour bar of :func:`colormap` from ``vrange[0]`` to ``vrange[1]`` into a new axes
+    of ``figure`` at ``rect`` (figure fractions), its ticks the ends and the middle, labelled with
+    their values; ``kwargs`` go to ``figure.colorbar`` (``orientation="horizontal"``)."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    lo, hi = vrange
+    if not hi > lo:  # a map of zeros: 0 in the middle of the colour map
+        lo, hi = -1.0, 1.0
+    ticks = [lo, (lo + hi) / 2.0, hi]
+    bar = figure.colorbar(
+        ScalarMappable(Normalize(lo, hi), colormap(cmap)), cax=figure.add_axes(rect), ticks=ticks, **kwargs
+    )
+    bar.set_ticklabels([f"{v:.3g}" for v in ticks])
+    return bar
 
 
 def _figure(rgb: np.ndarray, vrange: Tuple[float, float], cmap: str):
     """The heatmap ``rgb`` with a colour bar from ``vrange[0]`` to ``vrange[1]`` on its right."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.cm import ScalarMappable
-        from matplotlib.colors import ListedColormap, Normalize
         from matplotlib.figure import Figure
     except ImportError as e:
-        raise ImportError(
-            "lrpcpp.viz: a colour bar is drawn with matplotlib: pip install matplotlib (or pip install "
-            "'lrpcpp[cli]'); heatmap(..., colorbar=False) needs numpy only"
-        ) from e
+        raise ImportError(f"lrpcpp.viz: a colour bar is drawn with matplotlib: {_INSTALL}") from e
     height, width = rgb.shape[:2]
     zoom = max(1.0, 256.0 / max(height, width))  # a small map is shown larger, its pixels square
     dpi, bar = 100.0, 1.2  # the colour bar and its labels take `bar` inches on the right
@@ -282,22 +360,68 @@ def _figure(rgb: np.ndarray, vrange: Tuple[float, float], cmap: str):
     axes = figure.add_axes((0.0, 0.0, w / (w + bar), 1.0))
     axes.imshow(rgb, interpolation="nearest", aspect="auto")
     axes.set_axis_off()
-    lo, hi = vrange
-    if not hi > lo:  # a map of zeros: 0 in the middle of the colour map
-        lo, hi = -1.0, 1.0
-    ticks = [lo, (lo + hi) / 2.0, hi]
-    colours = colorize(np.linspace(-1.0, 1.0, 256), cmap) / 255.0
-    cax = figure.add_axes(((w + 0.1) / (w + bar), 0.05, 0.2 / (w + bar), 0.9))
-    bar_ = figure.colorbar(ScalarMappable(Normalize(lo, hi), ListedColormap(colours)), cax=cax, ticks=ticks)
-    bar_.ax.set_yticklabels([f"{v:.3g}" for v in ticks])
+    add_colorbar(figure, ((w + 0.1) / (w + bar), 0.05, 0.2 / (w + bar), 0.9), vrange, cmap)
     return figure
 
 
-# ----------------------------------------------------------------------------- text
-# Tokens coloured by their relevance, on the command line's scale (lrpcpp.cli.render): red for
-# positive, blue for negative, the intensity |relevance| / max |relevance|.
+__all__ += ["add_colorbar"]
 
-__all__ += ["text_html", "text_terminal"]
+
+# ----------------------------------------------------------------------------- text
+# Tokens on the colour of their relevance (:func:`colour`, the scale the largest |relevance| of
+# the text), in the foreground colour that contrasts with it (:func:`text_color`). Generated tokens
+# (a continuation the model wrote) are underlined in every view; plain text, which has no
+# underline, writes them _like this_.
+
+__all__ += ["text_html", "html_legend", "text_terminal", "image_terminal", "visible", "GENERATED_NOTE"]
+
+#: How every view says that generated tokens are underlined.
+GENERATED_NOTE = "generated tokens are underlined"
+
+# the bidirectional controls (embeddings, overrides, isolates and marks), and the line and paragraph separators
+_LAYOUT_CONTROLS = frozenset([0x061C, 0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A)])
+
+
+def visible(text: str) -> str:
+    """``text`` with every character that acts instead of showing written as an escape: C0 and C1
+    control characters and DEL (``\\x1b``, ``\\x0d``), the bidirectional controls and the line
+    and paragraph separators (``\\u202e``). Input text can then neither drive a terminal (colours,
+    cursor moves, titles) nor reorder or hide what is shown around it."""
+    out = []
+    for ch in text:
+        o = ord(ch)
+        if o < 0x20 or 0x7F <= o < 0xA0 or o in _LAYOUT_CONTROLS:
+            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _css(rgb: Sequence[int]) -> str:
+    return f"rgb({rgb[0]}, {rgb[1]}, {rgb[2]})"
+
+
+def html_style(r: float, scale: float) -> str:
+    """The inline CSS of a token of relevance ``r``: its :func:`colour` as background, the
+    :func:`text_color` that contrasts with it as foreground."""
+    rgb = colour(r, scale)
+    return f"background-color: {_css(rgb)}; color: {_css(text_color(rgb))}"
+
+
+def html_legend(scale: float, note: str = "red raises the explained value, blue lowers it") -> str:
+    """An HTML colour scale from ``-scale`` to ``+scale`` (the colours of :func:`colour` at its ends
+    and middle), labelled with those numbers, and ``note``."""
+    stops = ", ".join(_css(colour(v, scale)) for v in np.linspace(-scale, scale, 9))
+    return (
+        '<div class="lrpcpp-scale" style="display: flex; align-items: center; gap: 0.5em; font-size: 0.85em; '
+        'margin: 0.4em 0">'
+        f'<span class="lo">{-scale:+.4g}</span><span style="width: 12em; height: 0.8em; border: 1px solid #ccc; '
+        f'background: linear-gradient(to right, {stops})"></span><span class="hi">{scale:+.4g}</span>'
+        f"<span>({html.escape(note)})</span></div>"
+    )
+
+
+__all__ += ["html_style"]
 
 
 def _token_values(tokens: Sequence[str], relevance: Any) -> Tuple[List[str], List[float]]:
@@ -312,49 +436,52 @@ def text_html(tokens: Sequence[str], relevance: Any) -> str:
     """An HTML fragment (inline styles, no scripts): every token on the background colour of its
     relevance, its value shown on hover, and a colour scale from ``-max |r|`` to ``+max |r|`` below.
     Tokens are HTML-escaped, their control characters shown as escapes."""
-    from .cli import render
-
     tokens, values = _token_values(tokens, relevance)
-    scale = render.scale_of(values)
+    scale = scale_of(values)
     spans = []
     for token, r in zip(tokens, values):
-        word = html.escape(render.visible(token))
-        red, green, blue = render.colour(r, scale)
+        word = html.escape(visible(token))
         spans.append(
-            f'<span style="background-color: rgb({red}, {green}, {blue}); color: #000; padding: 0.1em 0.15em; '
+            f'<span style="{html_style(r, scale)}; padding: 0.1em 0.15em; '
             f'border-radius: 0.2em; white-space: pre" title="{word}: {r:+.4g}" data-relevance="{r!r}">{word}</span>'
         )
-    low, high = render.colour(-scale, scale), render.colour(scale, scale)
-    bar = f"linear-gradient(to right, rgb{low}, rgb(255, 255, 255), rgb{high})"
-    legend = (
-        '<div style="display: flex; align-items: center; gap: 0.5em; font-size: 0.85em; margin-top: 0.4em">'
-        f'<span>{-scale:+.4g}</span><span style="width: 12em; height: 0.8em; border: 1px solid #ccc; '
-        f'background: {bar}"></span><span>{scale:+.4g}</span>'
-        f"<span>(red raises the explained value, blue lowers it; sum {sum(values):+.4g})</span></div>"
-    )
+    legend = html_legend(scale, f"red raises the explained value, blue lowers it; sum {sum(values):+.4g}")
     return f'<div class="lrpcpp-text"><div style="line-height: 2">{" ".join(spans)}</div>{legend}</div>'
+
+
+# ------------------------------------------------------------------ terminal
+def ansi(rgb: Sequence[int]) -> str:
+    """The escape that sets a 24-bit background ``rgb`` and the contrasting foreground
+    (:func:`text_color`): readable on light and dark terminals alike."""
+    fg = text_color(rgb)
+    return f"\x1b[48;2;{rgb[0]};{rgb[1]};{rgb[2]}m\x1b[38;2;{fg[0]};{fg[1]};{fg[2]}m"
+
+
+__all__ += ["ansi"]
 
 
 def text_terminal(tokens: Sequence[str], relevance: Any, color: bool = False, width: int = 100) -> str:
     """The tokens as terminal text (the command line's view): in a line, on a 24-bit background
-    colour with ``color``, then a table of their relevance with bars, and the sum."""
-    from .cli import render
+    colour with ``color``, then a table of their relevance with bars, the colour scale and the sum."""
+    from ._terminal import Tokens, inline, scale_line, table
 
     tokens, values = _token_values(tokens, relevance)
-    e = _Tokens([render.visible(t) for t in tokens], values)
+    e = Tokens([visible(t) for t in tokens], values)
     idx = list(range(len(tokens)))
-    scale = render.scale_of(values)
+    scale = scale_of(values)
     lines = ["relevance: red (+) raises the explained value, blue (-) lowers it", ""]
-    lines += render._inline(e, idx, scale, color, width) + [""] + render._table(e, idx, scale, color)
+    lines += inline(e, idx, scale, color, width) + [""] + table(e, idx, scale, color)
+    lines.append(scale_line(scale, color))
     lines.append(f"sum of the relevance of all tokens: {sum(values):+.4f}")
     return "\n".join(lines) + "\n"
 
 
-class _Tokens:
-    """What the command line's terminal layout reads of an explanation: the words shown, whether a
-    space precedes each, their relevance."""
+def image_terminal(relevance: Any, color: bool = False, width: int = 100) -> str:
+    """A pixel relevance map (``[H, W]``, ``[C, H, W]`` or ``[1, C, H, W]``) as terminal text: a grid
+    of cells of summed relevance, on their colours with ``color`` (else as signs by size), the
+    colour scale and the sum."""
+    from ._terminal import image_grid
 
-    def __init__(self, words: List[str], relevance: List[float]):
-        self.words, self.relevance = words, relevance
-        self.space = [True] * len(words)
-        self.generated: List[bool] = []
+    r = to_2d(relevance)
+    lines = image_grid(r, color, width)
+    return "\n".join(lines) + f"\nsum of the pixel relevance: {float(r.sum()):+.4f}\n"

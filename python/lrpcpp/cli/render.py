@@ -1,27 +1,48 @@
 """Heatmaps of :class:`lrpcpp.cli.explain.Explanation` records: a coloured terminal view, a
-self-contained HTML page, a LaTeX document (a ``\\colorbox`` per token), PNG images (matplotlib for
+self-contained HTML page, a LaTeX figure to ``\\input`` (a ``\\colorbox`` per token), PNG images (matplotlib for
 text, Pillow for images) and the per-layer relevance plot.
 
-One colour scale everywhere: red for positive relevance (the token raises the explained value),
-blue for negative, white for none; the intensity is ``|relevance| / max |relevance|`` over the
-explanation, so the strongest token of either sign is the most saturated. Every view also shows
-the numbers, so it stays legible without colour.
+One colour scale everywhere, :mod:`lrpcpp.viz`'s (:func:`lrpcpp.viz.colour`): red for positive
+relevance (the token raises the explained value), blue for negative, white for none; the scale is
+the largest ``|relevance|`` of the explanation, so the strongest token of either sign reaches an end
+of the colour map. Every view also shows the numbers (the values, and the scale's ends), so it stays
+legible without colour. Generated tokens are underlined in every view (``_like this_`` in plain
+text).
 """
 
 import base64
 import dataclasses
 import html
-import io
 import math
 import os
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .._files import atomic_write
+from .._terminal import fmt as _fmt
+from .._terminal import inline as _inline
+from .._terminal import scale_line as _scale_line
+from .._terminal import table as _table
+from .._terminal import wrap as _wrap
+from ..viz import (
+    GENERATED_NOTE,
+    add_colorbar,
+    ansi,
+    colormap,
+    colour,
+    html_legend,
+    html_style,
+    image_terminal,
+    scale_of,
+    text_color,
+    visible,
+)
+from ..viz import heatmap as _heatmap
+from ..viz import png_bytes as _png_bytes
 
-# matplotlib and Pillow (the command line's extra) are imported where a PNG is drawn: they are
-# optional, and matplotlib is slow to import
+# matplotlib and Pillow (the command line's extra) are imported by lrpcpp.viz when a first colour is
+# looked up or an image encoded: they are optional, and matplotlib is slow to import
 
 __all__ = [
     "colour",
@@ -37,25 +58,6 @@ __all__ = [
     "write_bytes",
 ]
 
-MAX_SATURATION = 0.8  # the strongest colour keeps black text readable
-
-
-def scale_of(values: Iterable[float]) -> float:
-    """The largest absolute relevance (1 where all are zero)."""
-    m = max((abs(float(v)) for v in values), default=0.0)
-    return m if m > 0 and math.isfinite(m) else 1.0
-
-
-def colour(r: float, scale: float) -> Tuple[int, int, int]:
-    """RGB of relevance ``r``: red when positive, blue when negative, white at zero."""
-    a = MAX_SATURATION * min(abs(float(r)) / scale, 1.0) if scale > 0 else 0.0
-    fade = int(round(255 * (1 - a)))
-    return (255, fade, fade) if r > 0 else (fade, fade, 255) if r < 0 else (255, 255, 255)
-
-
-def _fmt(r: float) -> str:
-    return f"{r:+.4f}" if abs(r) >= 5e-5 or r == 0 else f"{r:+.1e}"
-
 
 def _segments(e) -> List[List[int]]:
     """Token indices of each text of an explanation."""
@@ -63,25 +65,6 @@ def _segments(e) -> List[List[int]]:
     for i, s in enumerate(e.segment):
         out.setdefault(s, []).append(i)
     return [out[k] for k in sorted(out)]
-
-
-# the bidirectional controls (embeddings, overrides, isolates and marks), and the line and paragraph separators
-_LAYOUT_CONTROLS = frozenset([0x061C, 0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A)])
-
-
-def visible(text: str) -> str:
-    """``text`` with every character that acts instead of showing written as an escape: C0 and C1
-    control characters and DEL (``\\x1b``, ``\\x0d``), the bidirectional controls and the line
-    and paragraph separators (``\\u202e``). Input text can then neither drive a terminal (colours,
-    cursor moves, titles) nor reorder or hide what is shown around it."""
-    out = []
-    for ch in text:
-        o = ord(ch)
-        if o < 0x20 or 0x7F <= o < 0xA0 or o in _LAYOUT_CONTROLS:
-            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}")
-        else:
-            out.append(ch)
-    return "".join(out)
 
 
 def _shown(explanations: Sequence) -> list:
@@ -117,71 +100,6 @@ def _header(e, steps: int = 1) -> List[str]:
 
 
 # ----------------------------------------------------------------------------- terminal
-_RESET = "\x1b[0m"
-
-
-def _ansi_bg(rgb: Tuple[int, int, int]) -> str:
-    return f"\x1b[48;2;{rgb[0]};{rgb[1]};{rgb[2]}m\x1b[38;2;0;0;0m"
-
-
-def _wrap(pieces: List[Tuple[str, str]], width: int, indent: str) -> List[str]:
-    """Lays out (visible text, rendered text) pieces on lines of at most ``width`` visible columns."""
-    lines, cur, cur_len = [], indent, len(indent)
-    for visible, rendered in pieces:
-        if cur_len + len(visible) > width and cur_len > len(indent):
-            lines.append(cur.rstrip())
-            cur, cur_len = indent, len(indent)
-            rendered, visible = rendered.lstrip(" "), visible.lstrip(" ")
-        cur += rendered
-        cur_len += len(visible)
-    if cur.strip():
-        lines.append(cur)
-    return lines
-
-
-def _inline(e, idx: List[int], scale: float, color: bool, width: int, indent: str = "  ") -> List[str]:
-    pieces = []
-    for i in idx:
-        word = e.words[i]
-        if e.generated and e.generated[i] and not color:
-            word = f"_{word}_"
-        sep = " " if e.space[i] and i != idx[0] else ""
-        if color:
-            style = _ansi_bg(colour(e.relevance[i], scale)) + ("\x1b[4m" if e.generated and e.generated[i] else "")
-            pieces.append((sep + word, sep + style + word + _RESET))
-        else:
-            pieces.append((sep + word, sep + word))
-    return _wrap(pieces, width, indent)
-
-
-def _bar(r: float, scale: float, color: bool, length: int = 20) -> str:
-    n = int(round(length * min(abs(r) / scale, 1.0)))
-    bar = ("+" if r > 0 else "-") * n
-    if color and n:
-        bar = ("\x1b[31m" if r > 0 else "\x1b[34m") + bar + _RESET
-    return bar
-
-
-def _table(e, idx: List[int], scale: float, color: bool, limit: int = 80) -> List[str]:
-    shown = idx
-    note = None
-    if len(idx) > limit:
-        shown = sorted(sorted(idx, key=lambda i: -abs(e.relevance[i]))[:20])
-        note = f"  ({len(idx)} tokens: the 20 with the largest |relevance| are listed)"
-    width = min(max((len(e.words[i]) for i in shown), default=5), 24)
-    lines = [f"  {'token':<{width}}  {'relevance':>10}"]
-    for i in shown:
-        word = e.words[i] if len(e.words[i]) <= width else e.words[i][: width - 1] + "…"
-        if color:
-            cell = _ansi_bg(colour(e.relevance[i], scale)) + word + _RESET + " " * (width - len(word))
-        else:
-            cell = f"{word:<{width}}"
-        lines.append(f"  {cell}  {_fmt(e.relevance[i]):>10}  {_bar(e.relevance[i], scale, color)}")
-    if note:
-        lines.append(note)
-    return lines
-
-
 def _top(e, idx, k=5) -> str:
     best = sorted(idx, key=lambda i: -abs(e.relevance[i]))[:k]
     return ", ".join(f"{e.words[i]} {_fmt(e.relevance[i])}" for i in best)
@@ -205,31 +123,9 @@ def _latent_lines(e, color: bool, width: int) -> List[str]:
             pieces = []
             for i, w in enumerate(e.words):
                 sep = " " if e.space[i] and i else ""
-                pieces.append((sep + w, sep + _ansi_bg(colour(values[i], scale)) + w + _RESET))
+                pieces.append((sep + w, sep + ansi(colour(values[i], scale)) + w + "\x1b[0m"))
             lines += _wrap(pieces, width, "    ")
     return lines
-
-
-def _image_grid(e, color: bool, width: int) -> List[str]:
-    rel = np.asarray(e.pixel_relevance, dtype=np.float64)
-    h, w = rel.shape
-    cols = max(1, min(w, (width - 4) // 2, 48))
-    rows = max(1, min(h, round(cols * h / w)))
-    ys = np.linspace(0, h, rows + 1).astype(int)
-    xs = np.linspace(0, w, cols + 1).astype(int)
-    pooled = np.array([[rel[ys[i] : ys[i + 1], xs[j] : xs[j + 1]].sum() for j in range(cols)] for i in range(rows)])
-    scale = scale_of(pooled.ravel())
-    out = []
-    for i in range(rows):
-        line = "  "
-        for j in range(cols):
-            v = pooled[i, j]
-            a = abs(v) / scale
-            ch = " " if a < 0.1 else ("+*#" if v > 0 else "-~=")[0 if a < 0.35 else 1 if a < 0.7 else 2]
-            line += (_ansi_bg(colour(v, scale)) + ch * 2 + _RESET) if color else ch * 2
-        out.append(line)
-    out.append(f"  ({rows} x {cols} cells of summed pixel relevance; + * # positive, - ~ = negative, by size)")
-    return out
 
 
 def terminal(explanations: Sequence, color: bool = False, width: int = 100) -> str:
@@ -242,9 +138,7 @@ def terminal(explanations: Sequence, color: bool = False, width: int = 100) -> s
     if e0.image is not None:
         lines.insert(2, f"image: {e0.image_file}")
         lines.append("")
-        lines += _image_grid(e0, color, width)
-        total = float(e0.pixel_relevance.sum())
-        lines.append(f"sum of the pixel relevance: {_fmt(total)}")
+        lines += image_terminal(e0.pixel_relevance, color, width).splitlines()
         lines += _latent_lines(e0, color, width)
         return "\n".join(lines) + "\n"
     if e0.step is not None:
@@ -256,9 +150,10 @@ def terminal(explanations: Sequence, color: bool = False, width: int = 100) -> s
             lines.append("")
             lines.append(
                 f"step {e.step + 1}/{len(explanations)}: {e.target!r} (logit {e.output:.4f});"
-                " generated tokens are " + ("underlined" if color else "marked _like this_")
+                f" {GENERATED_NOTE}" + ("" if color else ": _like this_")
             )
             lines += _inline(e, idx, scale, color, width)
+            lines.append(_scale_line(scale, color))
             lines.append(f"  largest |relevance|: {_top(e, idx)}")
             lines += _latent_lines(e, color, width)
         return "\n".join(lines) + "\n"
@@ -274,6 +169,7 @@ def terminal(explanations: Sequence, color: bool = False, width: int = 100) -> s
         lines += _table(e, idx, scale, color)
         if len(e.texts) > 1:
             lines.append(f"  sum over text {s + 1}: {_fmt(sum(e.relevance[i] for i in idx))}")
+    lines.append(_scale_line(scale, color))
     lines.append("")
     lines.append(f"sum of the relevance of all tokens: {_fmt(sum(e.relevance))} (explained value {e.output:.4f})")
     lines += _latent_lines(e, color, width)
@@ -291,9 +187,7 @@ h2 { font-size: 1.05em; margin: 1.4em 0 0.3em; }
 .tok { padding: 0.15em 0.1em; border-radius: 0.25em; white-space: pre; }
 .special { font-size: 0.75em; color: #333; font-family: ui-monospace, monospace; }
 .generated { text-decoration: underline; }
-.legend { display: flex; align-items: center; gap: 0.6em; color: #444; font-size: 0.9em; margin: 0.8em 0; }
-.legend .bar { width: 16em; height: 0.9em; border: 1px solid #ccc;
-               background: linear-gradient(to right, rgb(51,51,255), rgb(255,255,255), rgb(255,51,51)); }
+.lrpcpp-scale { color: #444; }
 table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
 td, th { padding: 0.1em 0.8em; text-align: left; }
 td.num { text-align: right; font-family: ui-monospace, monospace; }
@@ -305,7 +199,6 @@ figure { display: inline-block; margin: 0.5em 1em 0.5em 0; }
 
 def _span(e, i: int, scale: float, values: Optional[Sequence[float]] = None) -> str:
     r = float((values if values is not None else e.relevance)[i])
-    rgb = colour(r, scale)
     classes = ["tok"]
     if e.special and e.special[i]:
         classes.append("special")
@@ -313,7 +206,7 @@ def _span(e, i: int, scale: float, values: Optional[Sequence[float]] = None) -> 
         classes.append("generated")
     sep = " " if e.space[i] else ""
     return (
-        f'{sep}<span class="{" ".join(classes)}" style="background-color: rgb({rgb[0]}, {rgb[1]}, {rgb[2]})" '
+        f'{sep}<span class="{" ".join(classes)}" style="{html_style(r, scale)}" '
         f'data-index="{i}" data-relevance="{r!r}" title="{html.escape(e.words[i])}: {_fmt(r)}">'
         f"{html.escape(e.words[i])}</span>"
     )
@@ -336,10 +229,8 @@ def html_page(explanations: Sequence) -> str:
     if e0.target is not None and e0.step is None:
         kind = {"causal-lm": "Next token", "classifier": "Class", "image-classifier": "Class"}[e0.task]
         body.append(f'<p class="meta">{kind}: <b>{esc(e0.target)}</b></p>')
-    body.append(
-        '<div class="legend"><span>negative</span><span class="bar"></span><span>positive</span>'
-        "<span>(red raises the explained value, blue lowers it)</span></div>"
-    )
+    if e0.step is not None:
+        body.append(f'<p class="meta">{esc(GENERATED_NOTE)}: <span class="generated">like this</span></p>')
     if e0.image is not None:
         heat, overlay = image_pngs(e0)
         body.append(
@@ -351,6 +242,7 @@ def html_page(explanations: Sequence) -> str:
             f'</figcaption></figure><figure><img alt="relevance over the image" '
             f'src="{_png_data_uri(overlay)}"><figcaption>over the image</figcaption></figure>'
         )
+        body.append(html_legend(scale_of(e0.pixel_relevance)))
     else:
         for e in explanations:
             scale = scale_of(e.relevance)
@@ -371,6 +263,7 @@ def html_page(explanations: Sequence) -> str:
                     f"<details><summary>relevance of each token (sum {_fmt(sum(e.relevance[i] for i in idx))})"
                     f"</summary><table><tr><th>token</th><th>relevance</th></tr>{rows}</table></details>"
                 )
+            body.append(html_legend(scale))
     if e0.latent and e0.image is None and e0.step is None:
         body.append("<h2>Relevance per layer</h2>")
         for name, values in e0.latent.items():
@@ -381,7 +274,8 @@ def html_page(explanations: Sequence) -> str:
                 for i in range(len(values))
             )
             body.append(
-                f'<p class="meta">{esc(name)} (sum {_fmt(sum(values))})</p><p class="text latent">{spans.lstrip()}</p>'
+                f'<p class="meta">{esc(name)} (sum {_fmt(sum(values))}; colour scale ±{scale:.4g})</p>'
+                f'<p class="text latent">{spans.lstrip()}</p>'
             )
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
@@ -434,51 +328,60 @@ def latex_escape(text: str) -> str:
     return "".join(out)
 
 
+def _latex_box(r: float, scale: float, word: str) -> str:
+    rgb = colour(r, scale)
+    spec = ",".join(f"{c / 255:.3f}" for c in rgb)
+    return f"\\lrpcpptok{{{spec}}}{{{1 if text_color(rgb)[0] else 0}}}{{{word}}}"
+
+
 def latex_document(explanations: Sequence) -> str:
-    """A standalone LaTeX document: a ``\\colorbox`` per token (compiles with pdflatex; packages
-    ``inputenc`` and ``color`` only; see :func:`latex_escape`)."""
+    """The heatmap as a LaTeX figure to ``\\input`` into a document that loads ``\\usepackage{color}``
+    (or ``xcolor``): no preamble, page, float or section of its own, so it goes wherever the
+    document puts it (in a ``figure`` environment, a ``minipage``, a slide). A ``\\colorbox`` per
+    token, in the text colour that contrasts with it (:func:`lrpcpp.viz.text_color`), its value in
+    a comment; the colour scale with its end values below each text; generated tokens underlined.
+    Everything it defines stays inside a group. See :func:`latex_escape` for the characters."""
     explanations = _shown(explanations)
     e0 = explanations[0]
     if e0.image is not None:
         raise ValueError("a LaTeX heatmap is made of tokens; explain a text")
     lines = [
-        r"\documentclass[11pt]{article}",
-        r"\usepackage[utf8]{inputenc}",
-        r"\usepackage{color}",
-        r"\setlength{\fboxsep}{1.5pt}",
-        r"\setlength{\parindent}{0pt}",
+        "% " + latex_escape(f"lrpcpp: {e0.method_name} explanation of {e0.model}"),
+        r"% a heatmap figure: \input this file in a LaTeX document that loads \usepackage{color} (or xcolor)",
         r"% relevance per token: red raises the explained value, blue lowers it",
-        r"\newcommand{\tok}[2]{\colorbox[rgb]{#1}{\strut #2}}",
-        r"\begin{document}",
-        r"\section*{" + latex_escape(f"{e0.method_name} explanation of {e0.model}") + "}",
+        r"\begingroup",
+        r"\setlength{\fboxsep}{1.5pt}%",
+        r"\def\lrpcpptok#1#2#3{\colorbox[rgb]{#1}{\textcolor[gray]{#2}{\strut #3}}}%",
+        r"\noindent\parbox{\linewidth}{%",
+        r"\textbf{" + latex_escape(f"{e0.method_name} explanation of {e0.model}") + r"}\par",
     ]
     for line in _header(e0, len(explanations))[1:]:
         lines.append(latex_escape(line) + r"\par")
+    if e0.step is not None:
+        lines.append(latex_escape(GENERATED_NOTE) + r": \underline{like this}\par")
     lines.append(r"\medskip")
     for e in explanations:
         scale = scale_of(e.relevance)
         if e.step is not None:
             lines.append(
-                r"\subsection*{" + latex_escape(f"Step {e.step + 1}: {e.target!r} (logit {e.output:.4f})") + "}"
+                r"\textbf{" + latex_escape(f"Step {e.step + 1}: {e.target!r} (logit {e.output:.4f})") + r"}\par"
             )
         elif e.target is not None:
             kind = "Next token" if e.task == "causal-lm" else "Class"
             lines.append(latex_escape(f"{kind}: {e.target}") + r"\par\medskip")
         for s, idx in enumerate(_segments(e)):
             if e.step is None and len(e.texts) > 1:
-                lines.append(r"\subsection*{Text " + str(s + 1) + "}")
-            parts = []
+                lines.append(r"\textbf{Text " + str(s + 1) + r"}\par")
             for i in idx:
-                rgb = colour(e.relevance[i], scale)
-                spec = ",".join(f"{c / 255:.3f}" for c in rgb)
                 sep = r"\hspace{0.3em}" if e.space[i] and i != idx[0] else r"\hspace{0pt}"
                 word = latex_escape(e.words[i])
                 if e.generated and e.generated[i]:
                     word = f"\\underline{{{word}}}"
-                parts.append(f"{sep}\\tok{{{spec}}}{{{word}}}% {_fmt(e.relevance[i])}")
-            lines += parts
+                lines.append(f"{sep}{_latex_box(e.relevance[i], scale, word)}% {_fmt(e.relevance[i])}")
             lines.append(r"\par\medskip")
-    lines.append(r"\end{document}")
+        ends = [_latex_box(v, scale, latex_escape(f"{v:+.4g}")) for v in (-scale, 0.0, scale)]
+        lines.append(r"{\small colour scale: " + r" \dots{} ".join(ends) + r"}\par\medskip")
+    lines += [r"}%", r"\endgroup"]
     return "\n".join(lines) + "\n"
 
 
@@ -493,7 +396,9 @@ def _pyplot():
 
 
 def text_png(explanations: Sequence, path: str, width_px: int = 1000) -> None:
-    """The tokens as coloured boxes, wrapped into lines, with the header above (matplotlib)."""
+    """The tokens as coloured boxes, wrapped into lines, with the header above and the colour bar of
+    each text's scale below it, labelled with its end values (matplotlib); generated tokens
+    underlined."""
     explanations = _shown(explanations)
     plt = _pyplot()
     from matplotlib.font_manager import FontProperties
@@ -509,15 +414,17 @@ def text_png(explanations: Sequence, path: str, width_px: int = 1000) -> None:
 
     space = text_width("a a") - text_width("aa")
     line_h = size * 2.1
-    # (x, y, text, rgb or None, bold, italic: a generated token)
+    # (x, y, text, rgb or None, bold, underlined: a generated token)
     items: List[Tuple[float, float, str, Optional[Tuple[int, int, int]], bool, bool]] = []
+    bars: List[Tuple[float, float]] = []  # (y, scale) of each colour bar
     y: float = margin
     e0 = explanations[0]
     for line in _header(e0, len(explanations)):
         items.append((margin, y, line, None, True, False))
         y += line_h
     if e0.step is not None:
-        items.append((margin, y, "generated tokens in italics", None, False, True))
+        items.append((margin, y, f"{GENERATED_NOTE}:", None, False, False))
+        items.append((margin + text_width(f"{GENERATED_NOTE}:") + space, y, "like this", None, False, True))
         y += line_h
     for e in explanations:
         scale = scale_of(e.relevance)
@@ -547,19 +454,27 @@ def text_png(explanations: Sequence, path: str, width_px: int = 1000) -> None:
                 )
                 x += w
             y += line_h
+        bars.append((y, scale))
+        y += 56
     height = y + margin
     fig.set_size_inches(width_px / dpi, height / dpi)
-    for x, y, word, rgb, bold, italic in items:
-        kwargs = dict(
-            fontsize=size,
-            va="top",
-            ha="left",
-            fontweight="bold" if bold else "normal",
-            fontstyle="italic" if italic else "normal",
-        )
+    from matplotlib.lines import Line2D
+
+    for x, y, word, rgb, bold, underlined in items:
+        kwargs = dict(fontsize=size, va="top", ha="left", fontweight="bold" if bold else "normal")
         if rgb is not None:
             kwargs["bbox"] = dict(boxstyle="square,pad=0.12", facecolor=tuple(c / 255 for c in rgb), edgecolor="none")
+            kwargs["color"] = tuple(c / 255 for c in text_color(rgb))
         fig.text(x / width_px, 1 - y / height, word, **kwargs)
+        if underlined:
+            line_y = 1 - (y + size * 1.3) / height
+            fig.add_artist(
+                Line2D([x / width_px, (x + text_width(word)) / width_px], [line_y, line_y], color="black", zorder=4)
+            )
+    for y, scale in bars:
+        rect = (margin / width_px, 1 - (y + 14) / height, 320 / width_px, 12 / height)
+        add_colorbar(fig, rect, (-scale, scale), orientation="horizontal").ax.tick_params(labelsize=9)
+        fig.text((margin + 330) / width_px, 1 - (y + 1) / height, "colour scale", fontsize=9, va="top", ha="left")
     try:
         with atomic_write(path, binary=True) as f:
             fig.savefig(f, format="png", dpi=dpi, facecolor="white")
@@ -567,40 +482,16 @@ def text_png(explanations: Sequence, path: str, width_px: int = 1000) -> None:
         plt.close(fig)
 
 
-def _heat_rgb(rel):
-    rel = np.asarray(rel, dtype=np.float64)
-    scale = scale_of(rel.ravel())
-    a = MAX_SATURATION * np.clip(np.abs(rel) / scale, 0, 1)
-    fade = np.round(255 * (1 - a))
-    rgb = np.full(rel.shape + (3,), 255.0)
-    pos, neg = rel > 0, rel < 0
-    rgb[pos, 1] = fade[pos]
-    rgb[pos, 2] = fade[pos]
-    rgb[neg, 0] = fade[neg]
-    rgb[neg, 1] = fade[neg]
-    return rgb.astype(np.uint8), a
-
-
-def image_pngs(e, min_side: int = 224) -> Tuple[bytes, bytes]:
-    """(heatmap, overlay) PNG bytes of an image explanation, enlarged (nearest) to at least
-    ``min_side`` pixels. The overlay blends the heatmap into the model's input image by |relevance|."""
-    from PIL import Image
-
-    rgb, a = _heat_rgb(e.pixel_relevance)
-    image = np.asarray(e.image, dtype=np.float64)
-    alpha = (a / MAX_SATURATION)[..., None] if a.max() > 0 else a[..., None]
-    over = (image * (1 - 0.75 * alpha) + rgb.astype(np.float64) * 0.75 * alpha).round().astype(np.uint8)
-    h, w = rgb.shape[:2]
+def image_pngs(e, min_side: int = 224, colorbar: bool = False) -> Tuple[bytes, bytes]:
+    """(heatmap, overlay) PNG bytes of an image explanation (:func:`lrpcpp.viz.heatmap`), enlarged
+    (nearest) to at least ``min_side`` pixels. The overlay blends the heatmap half into the model's
+    input image. ``colorbar``: both with the colour bar of their scale on the right."""
+    h, w = np.shape(e.pixel_relevance)
     factor = max(1, math.ceil(min_side / min(h, w)))
-    out = []
-    for arr in (rgb, over):
-        im = Image.fromarray(arr, "RGB")
-        if factor > 1:
-            im = im.resize((w * factor, h * factor), Image.Resampling.NEAREST)
-        buf = io.BytesIO()
-        im.save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out[0], out[1]
+    size = (h * factor, w * factor)
+    heat = _heatmap(e.pixel_relevance, size=size, colorbar=colorbar)
+    over = _heatmap(e.pixel_relevance, image=np.asarray(e.image, dtype=np.uint8), size=size, colorbar=colorbar)
+    return _png_bytes(heat), _png_bytes(over)
 
 
 def overlay_path(path: str) -> str:
@@ -623,7 +514,8 @@ def latent_png(e, path: str) -> None:
     if e.image is not None or not e.words:
         fig, ax = plt.subplots(figsize=(7, 0.4 * len(names) + 1.5), dpi=100)
         totals = [sum(v) for v in e.latent.values()]
-        ax.barh(range(len(names)), totals, color=["#d33" if t > 0 else "#33d" for t in totals])
+        ends = {sign: tuple(c / 255 for c in colour(sign, 1.0)) for sign in (-1.0, 1.0)}  # the colour map's ends
+        ax.barh(range(len(names)), totals, color=[ends[1.0 if t > 0 else -1.0] for t in totals])
         ax.set_yticks(range(len(names)), names)
         ax.invert_yaxis()
         ax.set_xlabel("relevance of the layer's output (sum)")
@@ -633,7 +525,7 @@ def latent_png(e, path: str) -> None:
         scale = np.abs(grid).max(axis=1, keepdims=True)
         scale[scale == 0] = 1
         fig, ax = plt.subplots(figsize=(max(6, 0.35 * grid.shape[1] + 2.5), 0.45 * len(labels) + 1.8), dpi=100)
-        ax.imshow(grid / scale, cmap="bwr", vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
+        ax.imshow(grid / scale, cmap=colormap(), vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
         ax.set_yticks(range(len(labels)), labels)
         ax.set_xticks(range(grid.shape[1]), e.words, rotation=60, ha="right", fontsize=8)
         ax.set_title("relevance per token at each layer's output (each row scaled to its largest |value|)", fontsize=9)
