@@ -94,10 +94,16 @@ def test_heatmap_image_with_colour_bar(executed):
 
 
 def expected_rgb(r, scale):
-    """The colour scale, transcribed: red for positive, blue for negative, white for zero, with the
-    saturation 0.8 |r| / max |r| of the item."""
-    fade = round(255 * (1 - 0.8 * abs(r) / scale))
-    return (255, fade, fade) if r > 0 else (fade, fade, 255) if r < 0 else (255, 255, 255)
+    """The colour scale, transcribed: matplotlib's ``bwr`` (blue (0, 0, 255) at -max |r|, white at 0,
+    red (255, 0, 0) at +max |r|, linear in between) sampled at 255 points, r rounded to the nearest."""
+    t = round((r / scale + 1.0) * 127.0) / 254.0
+    rgb = (2 * t, 2 * t, 1.0) if t <= 0.5 else (1.0, 2 - 2 * t, 2 - 2 * t)
+    return tuple(round(255 * c) for c in rgb)
+
+
+def close(a, b):
+    """Equal colours up to one step of 8 bits per channel (the table's and the browser's rounding)."""
+    return all(abs(x - y) <= 1 for x, y in zip(a, b))
 
 
 class _Page(html.parser.HTMLParser):
@@ -162,17 +168,20 @@ def test_attribution_html_in_chromium_shows_every_token_colour_and_scale(execute
             m = re.fullmatch(r"rgb\((\d+), (\d+), (\d+)\)", s["data-computed"])
             assert m, s["data-computed"]
             rendered = tuple(int(v) for v in m.groups())
-            assert rendered == expected_rgb(r, scale), (s["text"], r, rendered)  # as the browser shows it
+            assert close(rendered, expected_rgb(r, scale)), (s["text"], r, rendered)  # as the browser shows it
             if r > 0:
-                assert rendered[0] == 255 and rendered[1] == rendered[2] < 255
+                assert rendered[0] == 255 and rendered[1] == rendered[2] <= 255
             elif r < 0:
-                assert rendered[2] == 255 and rendered[0] == rendered[1] < 255
+                assert rendered[2] == 255 and rendered[0] == rendered[1] <= 255
             assert s["title"] == f"{s['text']}: {r:+.4g}"  # the value on hover
         # the numeric scale of this item: -max |r| to +max |r| at the ends of a red-white-blue gradient
         low, high, note = parsed.legend[item][:3]
         assert float(low) == pytest.approx(-scale, rel=1e-3) and float(high) == pytest.approx(scale, rel=1e-3)
         assert f"sum {sum(item_values):+.4g}" in note
         gradient = parsed.gradients[item]
-        ends = f"rgb{expected_rgb(-scale, scale)}, rgb(255, 255, 255), rgb{expected_rgb(scale, scale)}"
-        assert gradient == f"linear-gradient(to right, {ends})"
+        assert gradient.startswith("linear-gradient(to right, ")
+        stops = [tuple(map(int, c)) for c in re.findall(r"rgb\((\d+), (\d+), (\d+)\)", gradient)]
+        assert len(stops) >= 3 and len(stops) % 2 == 1 and stops[len(stops) // 2] == (255, 255, 255)
+        for k, stop in enumerate(stops):  # evenly spaced from -max |r| (blue) to +max |r| (red)
+            assert close(stop, expected_rgb(scale * (2 * k / (len(stops) - 1) - 1), scale)), (k, stop)
     assert len(parsed.legend) == len(parsed.gradients) == 2
