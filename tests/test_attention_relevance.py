@@ -325,3 +325,28 @@ def test_compile_fullgraph_and_export():
     program = torch.export.export(model, (q, k, v))
     for got, want in zip(_relevance(program.module(), q, k, v), expected):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+NO_CUDA = "" if torch.cuda.is_available() and ops.cuda_version() > 0 else "no CUDA device or no CUDA build"
+
+
+@pytest.mark.skipif(bool(NO_CUDA), reason=NO_CUDA or "-")
+@pytest.mark.parametrize("carry", ["qkv", "k", "v"])
+@pytest.mark.parametrize("dtype", [f64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["plain", "causal", "float_mask", "bool_mask", "gqa", "tiles_mask", "batch_dims"])
+def test_cuda_equals_the_reference(name, dtype, carry):
+    q, k, v, kwargs = case_inputs(name, dtype)
+    mask = kwargs.get("attn_mask")
+    if mask is not None:
+        kwargs["attn_mask"] = (mask if mask.dtype == torch.bool else mask.to(dtype)).cuda()
+    out, *got = explain(fused, q.cuda(), k.cuda(), v.cuda(), carry=carry, **kwargs)
+    kwargs.pop("enable_gqa", None)
+    if mask is not None:
+        kwargs["attn_mask"] = mask if mask.dtype == torch.bool else mask.to(dtype).double()
+    want_out, *want = reference(q.double(), k.double(), v.double(), out.double().cpu(), carry=carry, **kwargs)
+    assert_relevance_close(out.cpu(), want_out, dtype)
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None
+        else:
+            assert_relevance_close(g.cpu(), w, dtype)

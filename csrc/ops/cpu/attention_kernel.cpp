@@ -1,8 +1,9 @@
 // CPU kernels of the fused attention (see ops/attention.cpp for the rule). One task per (batch, query
-// head); a task walks its queries in tiles of kTile rows, and a tile's scores against all keys,
-// [kTile, T_k], are the only quadratic buffers: scratch of O(T_k * kTile) per thread, nothing of size
-// T_q * T_k. The matrix products are at::mm on the tiles (single-threaded inside at::parallel_for),
-// the per-element rule is math::attention_score_relevance, in float32 for float16 / bfloat16.
+// head); a task walks its queries in tiles of kTile rows, and a tile's scores against the keys it can
+// attend (all of them, the first i0 + kTile under is_causal), [kTile, T_k] at most, are the only
+// quadratic buffers: scratch of O(T_k * kTile) per thread, nothing of size T_q * T_k. The matrix
+// products are at::mm on the tiles (single-threaded inside at::parallel_for), the per-element rule is
+// math::attention_score_relevance, in float32 for float16 / bfloat16.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -66,6 +67,17 @@ Layout make_layout(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
   return L;
 }
 
+// The keys a query tile [i0, i0 + n) can attend: all, or under is_causal (top-left aligned) the first
+// i0 + n; the others have weight 0 and add nothing to any sum.
+int64_t key_end(const Layout& L, int64_t i0, int64_t n) {
+  return L.kind == MaskKind::causal ? std::min(L.Tk, i0 + n) : L.Tk;
+}
+
+// The first n * cols elements of a scratch buffer, as a contiguous [n, cols] matrix.
+Tensor scratch(const Tensor& buf, int64_t n, int64_t cols) {
+  return buf.view({-1}).narrow(0, 0, n * cols).view({n, cols});
+}
+
 Tensor as_bhte(const Tensor& t, const Layout& L, int64_t heads) {
   return t.contiguous().view({L.B, heads, t.size(-2), t.size(-1)});
 }
@@ -120,31 +132,31 @@ void forward_loop(const Layout& L, const Tensor& q4, const Tensor& k4, const Ten
       const Scores<scalar_t, acc_t> scores(L, bh);
       acc_t* lse = lse3[b][h].mutable_data_ptr<acc_t>();
       for (int64_t i0 = 0; i0 < L.Tq; i0 += kTile) {
-        const int64_t n = std::min(kTile, L.Tq - i0);
-        Tensor p = buf.narrow(0, 0, n);
-        at::mm_out(p, q4[b][h].narrow(0, i0, n).to(acc), kf.t());
+        const int64_t n = std::min(kTile, L.Tq - i0), tk = key_end(L, i0, n);
+        Tensor p = scratch(buf, n, tk);
+        at::mm_out(p, q4[b][h].narrow(0, i0, n).to(acc), kf.narrow(0, 0, tk).t());
         acc_t* pp = p.mutable_data_ptr<acc_t>();
         for (int64_t r = 0; r < n; ++r) {
-          acc_t* row = pp + r * L.Tk;
+          acc_t* row = pp + r * tk;
           acc_t mx = -std::numeric_limits<acc_t>::infinity();
-          for (int64_t j = 0; j < L.Tk; ++j) {
+          for (int64_t j = 0; j < tk; ++j) {
             row[j] = scores(row[j], i0 + r, j) / temperature;
             mx = std::max(mx, row[j]);
           }
           if (mx == -std::numeric_limits<acc_t>::infinity()) {  // no attended position: output 0
-            std::fill(row, row + L.Tk, acc_t(0));
+            std::fill(row, row + tk, acc_t(0));
             lse[i0 + r] = mx;
             continue;
           }
           acc_t sum = 0;
-          for (int64_t j = 0; j < L.Tk; ++j) {
+          for (int64_t j = 0; j < tk; ++j) {
             row[j] = std::exp(row[j] - mx);
             sum += row[j];
           }
-          for (int64_t j = 0; j < L.Tk; ++j) row[j] /= sum;
+          for (int64_t j = 0; j < tk; ++j) row[j] /= sum;
           lse[i0 + r] = mx + std::log(sum);
         }
-        out4[b][h].narrow(0, i0, n).copy_(at::mm(p, vf));
+        out4[b][h].narrow(0, i0, n).copy_(at::mm(p, vf.narrow(0, 0, tk)));
       }
     }
   });
@@ -173,7 +185,8 @@ void relevance_loop(const Layout& L, const Tensor& g4, const Tensor& q4, const T
       const Scores<scalar_t, acc_t> scores(L, bh);
       const acc_t* lse = lse3[b][h].const_data_ptr<acc_t>();
       for (int64_t i0 = 0; i0 < L.Tq; i0 += kTile) {
-        const int64_t n = std::min(kTile, L.Tq - i0);
+        const int64_t n = std::min(kTile, L.Tq - i0), tk = key_end(L, i0, n);
+        const Tensor kt = kf.narrow(0, 0, tk), vt = vf.narrow(0, 0, tk);
         // Rn_O = R / stab(o_scale O)
         Tensor rn = rnbuf.narrow(0, 0, n);
         {
@@ -185,39 +198,39 @@ void relevance_loop(const Layout& L, const Tensor& g4, const Tensor& q4, const T
         }
         // S and P, recomputed from the row's log-sum-exp
         const Tensor qt = q4[b][h].narrow(0, i0, n).to(acc);
-        Tensor s = sbuf.narrow(0, 0, n), p = pbuf.narrow(0, 0, n);
-        at::mm_out(s, qt, kf.t());
+        Tensor s = scratch(sbuf, n, tk), p = scratch(pbuf, n, tk);
+        at::mm_out(s, qt, kt.t());
         const acc_t* sp = s.const_data_ptr<acc_t>();
         acc_t* pp = p.mutable_data_ptr<acc_t>();
         for (int64_t r = 0; r < n; ++r) {
           const acc_t l = lse[i0 + r];
-          for (int64_t j = 0; j < L.Tk; ++j) {
-            const acc_t x = scores(sp[r * L.Tk + j], i0 + r, j);
-            pp[r * L.Tk + j] = l == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : std::exp(x / temp - l);
+          for (int64_t j = 0; j < tk; ++j) {
+            const acc_t x = scores(sp[r * tk + j], i0 + r, j);
+            pp[r * tk + j] = l == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : std::exp(x / temp - l);
           }
         }
-        if (mask[2]) dv[b][h].addmm_(p.t(), rn);
+        if (mask[2]) dv[b][h].narrow(0, 0, tk).addmm_(p.t(), rn);
         if (!qk) continue;
         // R_P = P (Rn_O v^T), its row sums c, then Rn_S element by element
-        Tensor d = dbuf.narrow(0, 0, n);
-        at::mm_out(d, rn, vf.t());
+        Tensor d = scratch(dbuf, n, tk);
+        at::mm_out(d, rn, vt.t());
         acc_t* dp = d.mutable_data_ptr<acc_t>();
         for (int64_t r = 0; r < n; ++r) {
-          acc_t* drow = dp + r * L.Tk;
-          const acc_t* prow = pp + r * L.Tk;
-          const acc_t* srow = sp + r * L.Tk;
+          acc_t* drow = dp + r * tk;
+          const acc_t* prow = pp + r * tk;
+          const acc_t* srow = sp + r * tk;
           acc_t c = 0;
-          for (int64_t j = 0; j < L.Tk; ++j) {
+          for (int64_t j = 0; j < tk; ++j) {
             drow[j] = prow[j] * drow[j];
             c += drow[j];
           }
-          for (int64_t j = 0; j < L.Tk; ++j) {
+          for (int64_t j = 0; j < tk; ++j) {
             drow[j] = math::attention_score_relevance<acc_t>(srow[j], scores(srow[j], i0 + r, j), prow[j], drow[j],
                                                              c, inv_t, eps, s_scale, additive);
           }
         }
-        if (mask[0]) rq4[b][h].narrow(0, i0, n).copy_(at::mm(d, kf).mul_(qt));
-        if (mask[1]) dk[b][h].addmm_(d.t(), qt);
+        if (mask[0]) rq4[b][h].narrow(0, i0, n).copy_(at::mm(d, kt).mul_(qt));
+        if (mask[1]) dk[b][h].narrow(0, 0, tk).addmm_(d.t(), qt);
       }
     }
   });
