@@ -26,6 +26,14 @@ import lrpcpp.functional as lf  # noqa: E402
 import results_file  # noqa: E402  (benchmarks/results_file.py)
 
 SECTION = "## LLaMA-style block with the fused attention (CPU)"
+NOTE = (
+    "Reading: the fused op saves q, k, v, its output and one float per row (the log-sum-exp), as torch's "
+    "SDPA does; the unfused block saves the [T, T] scores, weights and normalised relevances. The saved "
+    "memory the fused block keeps beyond the plain block comes from the rest of the block (the epsilon "
+    "rules of the linear layers, add2 and mul2 keep their operands and outputs), not from the attention. "
+    "The time beyond the plain block is the attention's relevance (a second score product and the "
+    "element-wise rule per score, scalar loops) and the rest of the block's rules."
+)
 
 
 def attention_block(x, p, attend, linear, rms, add, mul, silu):
@@ -121,6 +129,7 @@ def main():
     ]
     for seq in args.seqs:
         lines += measure(seq, args.batch, args.reps) + [""]
+    lines += [NOTE]
     text = "\n".join(lines)
     print(text)
     if args.write:
