@@ -68,6 +68,16 @@ __device__ __forceinline__ acc_t score_input(const Params& p, int64_t moff, acc_
   }
 }
 
+// The keys a block of query rows can attend: all, or under is_causal (top-left aligned) those up to
+// its last row; and the first query row a block of key rows can be attended by.
+__device__ __forceinline__ int64_t key_end(const Params& p) {
+  return p.kind == kCausal ? std::min<int64_t>(p.Tk, (static_cast<int64_t>(blockIdx.x) + 1) * kBlock) : p.Tk;
+}
+
+__device__ __forceinline__ int64_t query_begin(const Params& p) {
+  return p.kind == kCausal ? std::min<int64_t>(p.Tq, static_cast<int64_t>(blockIdx.x) * kBlock) : 0;
+}
+
 template <typename acc_t, typename scalar_t, int D>
 __device__ __forceinline__ void load_row(acc_t (&r)[D], const scalar_t* src, int64_t n) {
 #pragma unroll
@@ -112,13 +122,14 @@ __global__ void __launch_bounds__(kBlock)
   acc_t m = ninf, l = 0;
   const scalar_t* kb = k + kvh * p.Tk * p.E;
   const scalar_t* vb = v + kvh * p.Tk * p.Ev;
-  for (int64_t j0 = 0; j0 < p.Tk; j0 += kBlock) {
+  const int64_t tk = key_end(p);
+  for (int64_t j0 = 0; j0 < tk; j0 += kBlock) {
     __syncthreads();
     load_tile(ks, kb, j0, p.Tk, p.E);
     load_tile(vs, vb, j0, p.Tk, p.Ev);
     __syncthreads();
     if (!active) continue;
-    const int64_t n = std::min<int64_t>(kBlock, p.Tk - j0);
+    const int64_t n = std::min<int64_t>(kBlock, tk - j0);
     for (int64_t jj = 0; jj < n; ++jj) {
       const acc_t x = score_input<scalar_t, acc_t>(p, moff, dot(qr, ks + jj * p.E, p.E), i, j0 + jj);
       if (x == ninf) continue;
@@ -189,14 +200,15 @@ __global__ void __launch_bounds__(kBlock)
   const scalar_t* kb = k + kvh * p.Tk * p.E;
   const scalar_t* vb = v + kvh * p.Tk * p.Ev;
   acc_t c = 0;
+  const int64_t tk = key_end(p);
   for (int pass = 0; pass < (p.mask_q ? 2 : 1); ++pass) {
-    for (int64_t j0 = 0; j0 < p.Tk; j0 += kBlock) {
+    for (int64_t j0 = 0; j0 < tk; j0 += kBlock) {
       __syncthreads();
       load_tile(ks, kb, j0, p.Tk, p.E);
       load_tile(vs, vb, j0, p.Tk, p.Ev);
       __syncthreads();
       if (!active) continue;
-      const int64_t n = std::min<int64_t>(kBlock, p.Tk - j0);
+      const int64_t n = std::min<int64_t>(kBlock, tk - j0);
       for (int64_t jj = 0; jj < n; ++jj) {
         const acc_t s = dot(qr, ks + jj * p.E, p.E);
         const acc_t x = score_input<scalar_t, acc_t>(p, moff, s, i, j0 + jj);
@@ -255,7 +267,7 @@ __global__ void __launch_bounds__(kBlock)
   for (int64_t g = 0; g < p.G; ++g) {
     const int64_t bh = b * p.Hq + hk * p.G + g;
     const int64_t moff = p.kind >= kBool ? mask_offset(p, bh) : 0;
-    for (int64_t i0 = 0; i0 < p.Tq; i0 += kBlock) {
+    for (int64_t i0 = query_begin(p); i0 < p.Tq; i0 += kBlock) {
       const int64_t n = std::min<int64_t>(kBlock, p.Tq - i0);
       __syncthreads();
       load_tile(qs, q + bh * p.Tq * p.E, i0, p.Tq, p.E);
