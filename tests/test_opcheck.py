@@ -438,6 +438,7 @@ def test_opcheck(name, requires_grad):
         "layer_norm",
         "add2",
         "matmul",
+        "scaled_dot_product_attention",
         "mean",
         "gi_identity",
         "gi_grad_scale",
