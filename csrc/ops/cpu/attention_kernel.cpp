@@ -124,6 +124,7 @@ void forward_loop(const Layout& L, const Tensor& q4, const Tensor& k4, const Ten
   using acc_t = at::opmath_type<scalar_t>;
   const auto acc = q4.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const acc_t temperature = static_cast<acc_t>(1.0 / L.scale);
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   at::parallel_for(0, L.B * L.Hq, 1, [&](int64_t begin, int64_t end) {
     Tensor buf = at::empty({std::min(kTile, L.Tq), L.Tk}, acc);
     for (int64_t bh = begin; bh < end; ++bh) {
@@ -136,25 +137,27 @@ void forward_loop(const Layout& L, const Tensor& q4, const Tensor& k4, const Ten
         Tensor p = scratch(buf, n, tk);
         at::mm_out(p, q4[b][h].narrow(0, i0, n).to(acc), kf.narrow(0, 0, tk).t());
         acc_t* pp = p.mutable_data_ptr<acc_t>();
+        // x / T - max per row (-inf where masked, and in a row with no attended position), then one
+        // vectorised exp over the tile, then the row sums
         for (int64_t r = 0; r < n; ++r) {
           acc_t* row = pp + r * tk;
-          acc_t mx = -std::numeric_limits<acc_t>::infinity();
+          acc_t mx = ninf;
           for (int64_t j = 0; j < tk; ++j) {
             row[j] = scores(row[j], i0 + r, j) / temperature;
             mx = std::max(mx, row[j]);
           }
-          if (mx == -std::numeric_limits<acc_t>::infinity()) {  // no attended position: output 0
-            std::fill(row, row + tk, acc_t(0));
-            lse[i0 + r] = mx;
-            continue;
-          }
+          lse[i0 + r] = mx;
+          if (mx == ninf) continue;  // exp(-inf) = 0: output 0
+          for (int64_t j = 0; j < tk; ++j) row[j] -= mx;
+        }
+        p.exp_();
+        for (int64_t r = 0; r < n; ++r) {
+          if (lse[i0 + r] == ninf) continue;
+          acc_t* row = pp + r * tk;
           acc_t sum = 0;
-          for (int64_t j = 0; j < tk; ++j) {
-            row[j] = std::exp(row[j] - mx);
-            sum += row[j];
-          }
+          for (int64_t j = 0; j < tk; ++j) sum += row[j];
           for (int64_t j = 0; j < tk; ++j) row[j] /= sum;
-          lse[i0 + r] = mx + std::log(sum);
+          lse[i0 + r] += std::log(sum);
         }
         out4[b][h].narrow(0, i0, n).copy_(at::mm(p, vf.narrow(0, 0, tk)));
       }
@@ -202,13 +205,14 @@ void relevance_loop(const Layout& L, const Tensor& g4, const Tensor& q4, const T
         at::mm_out(s, qt, kt.t());
         const acc_t* sp = s.const_data_ptr<acc_t>();
         acc_t* pp = p.mutable_data_ptr<acc_t>();
-        for (int64_t r = 0; r < n; ++r) {
+        for (int64_t r = 0; r < n; ++r) {  // P = exp(x / T - lse), 0 in a row with no attended position
           const acc_t l = lse[i0 + r];
           for (int64_t j = 0; j < tk; ++j) {
             const acc_t x = scores(sp[r * tk + j], i0 + r, j);
-            pp[r * tk + j] = l == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : std::exp(x / temp - l);
+            pp[r * tk + j] = l == -std::numeric_limits<acc_t>::infinity() ? l : x / temp - l;
           }
         }
+        p.exp_();
         if (mask[2]) dv[b][h].narrow(0, 0, tk).addmm_(p.t(), rn);
         if (!qk) continue;
         // R_P = P (Rn_O v^T), its row sums c, then Rn_S element by element
@@ -220,13 +224,24 @@ void relevance_loop(const Layout& L, const Tensor& g4, const Tensor& q4, const T
           const acc_t* prow = pp + r * tk;
           const acc_t* srow = sp + r * tk;
           acc_t c = 0;
+#pragma omp simd reduction(+ : c)
           for (int64_t j = 0; j < tk; ++j) {
             drow[j] = prow[j] * drow[j];
             c += drow[j];
           }
+          if (additive) {
+            for (int64_t j = 0; j < tk; ++j) {
+              drow[j] = math::attention_score_relevance<acc_t>(srow[j], scores(srow[j], i0 + r, j), prow[j], drow[j],
+                                                               c, inv_t, eps, s_scale, true);
+            }
+            continue;
+          }
+          // without a float mask the softmax input is S itself where attended; a masked position has
+          // P = 0, which the rule treats as masked whatever its x
+#pragma omp simd
           for (int64_t j = 0; j < tk; ++j) {
-            drow[j] = math::attention_score_relevance<acc_t>(srow[j], scores(srow[j], i0 + r, j), prow[j], drow[j],
-                                                             c, inv_t, eps, s_scale, additive);
+            drow[j] = math::attention_score_relevance<acc_t>(srow[j], srow[j], prow[j], drow[j], c, inv_t, eps,
+                                                             s_scale, false);
           }
         }
         if (mask[0]) rq4[b][h].narrow(0, i0, n).copy_(at::mm(d, kt).mul_(qt));
