@@ -5,7 +5,9 @@
    well past the L2 cache.
 2. The LLaMA-style block of bench_cpu.py at batch 4, sequence 2048, hidden 2048 (16 heads x 128,
    MLP 5632), bf16: the relevance pass against the plain autograd gradient of the same block, same
-   inputs and seed. Goal: ratio <= 1.15.
+   inputs and seed. Goal: ratio <= 1.15. Then the same block with its attention fused
+   (bench_attention.py: lf.scaled_dot_product_attention against F.scaled_dot_product_attention).
+   Goal: ratio <= 1.05.
 
 Each kernel is timed over N back-to-back calls between two CUDA events (no synchronisation between
 the calls, so Python and dispatch overlap the GPU work instead of landing inside the measurement);
@@ -23,6 +25,7 @@ import torch
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
+import bench_attention  # noqa: E402  (the block with the fused attention)
 import bench_cpu  # noqa: E402  (the block definitions; imports lrpcpp)
 
 ops = torch.ops.lrpcpp
@@ -93,15 +96,17 @@ def kernels(n_elems, row, device="cuda"):
     return out
 
 
-def block_ratio(dtype, device="cuda", shape=(4, 2048, 2048, 16, 128, 5632), timer=cuda_time):
+def block_ratio(dtype, device="cuda", shape=(4, 2048, 2048, 16, 128, 5632), timer=cuda_time, blocks=None):
     """Milliseconds of (plain gradient, relevance) of the block; shape = batch, seq, hidden, heads,
-    head dim, MLP width (bench_cpu's block functions read these module globals)."""
+    head dim, MLP width (bench_cpu's block functions read these module globals). ``blocks``: the
+    "torch" and "lrpcpp" block functions (default bench_cpu's; bench_attention's for the fused
+    attention)."""
     bench_cpu.B, bench_cpu.S, bench_cpu.H, bench_cpu.NH, bench_cpu.HD, bench_cpu.INTER = shape
     p, x = bench_cpu.block_params()
     p = {k: v.to(device, dtype) for k, v in p.items()}
     x = x.to(device, dtype).requires_grad_()
     times = {}
-    for name, block in bench_cpu.BLOCKS.items():
+    for name, block in (blocks or bench_cpu.BLOCKS).items():
         y = block(x, p)
         times[name] = timer(lambda y=y: torch.autograd.grad(y, x, y.detach(), retain_graph=True), reps=5)
         del y
@@ -177,6 +182,15 @@ def main():
         f"| plain autograd gradient | {plain:.2f} |",
         f"| lrpcpp relevance | {rel:.2f} |",
         f"| ratio (goal <= 1.15) | {rel / plain:.2f} |",
+    )
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    fused = {"torch": bench_attention.block_sdpa, "lrpcpp": bench_attention.block_fused}
+    plain, rel = block_ratio(block_dtype, device, block_shape, timer, fused)
+    table.add(
+        f"| plain autograd gradient, F.scaled_dot_product_attention | {plain:.2f} |",
+        f"| lrpcpp relevance, fused lf.scaled_dot_product_attention | {rel:.2f} |",
+        f"| ratio, fused attention (goal <= 1.05) | {rel / plain:.2f} |",
     )
 
 

@@ -49,6 +49,20 @@ TORCH_LIBRARY(lrpcpp, m) {
   m.def("softmax(Tensor x, int dim, float temperature=1.0, ScalarType? dtype=None) -> Tensor");
   m.def("softmax_relevance(Tensor grad, Tensor x, Tensor output, int dim, float temperature) -> Tensor");
 
+  // fused scaled dot-product attention: the relevance of matmul -> softmax -> matmul (above), from
+  // the row statistics (log-sum-exp) of the forward instead of the [T_q, T_k] intermediates
+  m.def(
+      "scaled_dot_product_attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, "
+      "bool is_causal=False, float? scale=None, bool enable_gqa=False, str method=\"attnlrp\", "
+      "float epsilon=1e-8) -> Tensor");
+  m.def(
+      "scaled_dot_product_attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, "
+      "bool is_causal=False, float? scale=None, bool enable_gqa=False) -> (Tensor, Tensor)");
+  m.def(
+      "scaled_dot_product_attention_relevance(Tensor grad, Tensor query, Tensor key, Tensor value, "
+      "Tensor? attn_mask, Tensor output, Tensor logsumexp, bool is_causal, float? scale, bool enable_gqa, "
+      "float epsilon, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
   // normalisation layers
   m.def("rms_norm_identity(Tensor x, int[] normalized_shape, Tensor? weight=None, float? eps=None) -> Tensor");
   m.def(

@@ -32,3 +32,26 @@ def test_bench_models_quick():
     ):
         assert variant in out
     assert "relevance finite: **no**" not in out
+
+
+def test_bench_attention_quick():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "bench_attention.py"),
+            "--quick",
+            "--seqs",
+            "32",
+            "--reps",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = proc.stdout
+    assert "## LLaMA-style block with the fused attention (CPU)" in out
+    assert "| lrpcpp block, fused lf.scaled_dot_product_attention (relevance) |" in out

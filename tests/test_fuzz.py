@@ -96,8 +96,8 @@ def call_args(draw, name):
             args.append(draw(st.lists(st.integers(-2, 3), min_size=0, max_size=3)))
         elif kind == "bool":
             args.append(draw(st.booleans()))
-        elif kind == "List[bool]":
-            args.append(draw(st.lists(st.booleans(), min_size=2, max_size=2)))
+        elif kind == "List[bool]":  # a fixed size (bool[2], bool[3]): the schema's
+            args.append(draw(st.lists(st.booleans(), min_size=a.N or 2, max_size=a.N or 2)))
         elif kind == "str":
             args.append(draw(st.sampled_from(["none", "tanh", "fast"])))
         elif kind in ("ScalarType", "Optional[ScalarType]"):

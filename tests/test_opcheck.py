@@ -19,6 +19,12 @@ def with_silu(x):
     return x, torch.nn.functional.silu(x.detach())
 
 
+def _attention_relevance_sample(g):
+    q, k, v = t(2, 2, 4, 3, grad=g), t(2, 1, 5, 3, grad=g), t(2, 1, 5, 2)
+    out, lse = ops.scaled_dot_product_attention_forward(q.detach(), k.detach(), v, None, True, None, True)
+    return (t(2, 2, 4, 2, grad=g), q, k, v, None, out, lse, True, None, True, 1e-8, [True, True, True])
+
+
 # op name -> function(requires_grad) -> args; `grad` marks the tensors that may carry relevance
 SAMPLES = {
     "linear_epsilon": lambda g: (t(2, 3, 5, grad=g), t(4, 5), t(4), 1e-6),
@@ -44,6 +50,28 @@ SAMPLES = {
     "matmul_relevance": lambda g: (t(2, 3, 5, grad=g), t(2, 3, 4, grad=g), t(4, 5), t(2, 3, 5), 1e-8, [True, True]),
     "softmax": lambda g: (t(3, 4, 5, grad=g), 1, 2.0, None),
     "softmax_relevance": lambda g: (t(3, 5, grad=g), t(3, 5, grad=g), torch.softmax(t(3, 5), -1), -1, 1.0),
+    # fused attention: GQA (2 query heads on 1 key head), float / bool masks, causal
+    "scaled_dot_product_attention": lambda g: (
+        t(2, 2, 4, 3, grad=g),
+        t(2, 1, 5, 3, grad=g),
+        t(2, 1, 5, 2, grad=g),
+        t(4, 5),
+        False,
+        0.5,
+        True,
+        "attnlrp",
+        1e-8,
+    ),
+    "scaled_dot_product_attention_forward": lambda g: (
+        t(2, 2, 4, 3, grad=g),
+        t(2, 2, 5, 3, grad=g),
+        t(2, 2, 5, 2, grad=g),
+        torch.rand(2, 1, 4, 5, generator=torch.Generator().manual_seed(0)) > 0.3,
+        False,
+        None,
+        False,
+    ),
+    "scaled_dot_product_attention_relevance": lambda g: _attention_relevance_sample(g),
     "rms_norm_identity": lambda g: (t(2, 3, 6, grad=g), [6], t(6), 1e-6),
     "layer_norm": lambda g: (t(2, 3, 6, grad=g), [6], t(6), t(6), 1e-5, 1e-6),
     "layer_norm_relevance": lambda g: (t(2, 3, 6, grad=g), t(2, 3, 6, grad=g), [6], t(6), t(6), 1e-5, 1e-6),
@@ -369,6 +397,7 @@ RELEVANCE_OPS = {name for name in SAMPLES if name.endswith("_relevance") and nam
     "gamma_stab_div",
     "alpha_beta_stab_div",
     "split_times_input",
+    "scaled_dot_product_attention_forward",
 }
 
 
@@ -409,6 +438,7 @@ def test_opcheck(name, requires_grad):
         "layer_norm",
         "add2",
         "matmul",
+        "scaled_dot_product_attention",
         "mean",
         "gi_identity",
         "gi_grad_scale",

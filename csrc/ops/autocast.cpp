@@ -4,8 +4,9 @@
 // at::autocast::WrapFunction, with at::autocast::cached_cast), excludes the autocast key and
 // redispatches, so the op's autograd, checks and kernels see the tensors it was given in one
 // consistent set of dtypes and no ATen call inside the op is cast again. The policies:
-//   lower_precision_fp  the matmul-like forwards (linear, conv2d, matmul): inputs in the autocast
-//                       dtype, as F.linear / F.conv2d / torch.matmul; they save those for backward;
+//   lower_precision_fp  the matmul-like forwards (linear, conv2d, matmul, attention): inputs in the
+//                       autocast dtype, as F.linear / F.conv2d / torch.matmul / F.scaled_dot_product_attention
+//                       (the attention accumulates in float32); they save those for backward;
 //   promote             add2 and mul2: both operands in the wider dtype, as a + b and a * b are;
 //   fp32 (CUDA)         layer norms and normalize_identity, as F.layer_norm / F.normalize on CUDA;
 //   fp32_set_opt_dtype  softmax on CUDA: output in float32 unless a dtype is given, as torch.softmax;
@@ -59,6 +60,9 @@ void without_autocast(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   LRPCPP_AUTOCAST(device, conv2d_w_square, lower_precision_fp);   \
   LRPCPP_AUTOCAST(device, add2, promote);                         \
   LRPCPP_AUTOCAST(device, mul2, promote);                         \
+  LRPCPP_AUTOCAST(device, scaled_dot_product_attention, lower_precision_fp);         \
+  LRPCPP_AUTOCAST(device, scaled_dot_product_attention_forward, lower_precision_fp); \
+  LRPCPP_NO_CAST(device, scaled_dot_product_attention_relevance);                    \
   LRPCPP_NO_CAST(device, stab_div);                               \
   LRPCPP_NO_CAST(device, linear_epsilon_relevance);               \
   LRPCPP_NO_CAST(device, conv2d_epsilon_relevance);               \

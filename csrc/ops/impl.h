@@ -55,6 +55,16 @@ Tensor softmax(const Tensor& x, int64_t dim, double temperature, std::optional<a
 int64_t check_softmax_relevance(const Tensor& grad, const Tensor& x, const Tensor& output, int64_t dim,
                                 double temperature);
 
+// attention
+void check_attention(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& attn_mask, bool is_causal,
+                     std::optional<double> scale, bool enable_gqa, const char* op);
+void check_attention_relevance(const Tensor& grad, const Tensor& q, const Tensor& k, const Tensor& v,
+                               const OptTensor& attn_mask, const Tensor& output, const Tensor& logsumexp,
+                               bool is_causal, std::optional<double> scale, bool enable_gqa, double epsilon);
+void check_attention_method(c10::string_view method, const char* op);
+// the dtype of the forward's log-sum-exp: float64 for float64, else float32
+at::ScalarType attention_stat_dtype(at::ScalarType dtype);
+
 // norms
 // x ends with normalized_shape; weight and bias (when given) have that shape, on x's device (and,
 // with same_dtype, x's dtype or float32 for a float16 / bfloat16 x); eps >= 0

@@ -48,6 +48,17 @@ C10_HOST_DEVICE inline T softmax_relevance(T x_prime, T r, T s, T row_sum) {
   return x_prime * (r - s * row_sum);
 }
 
+// Fused attention (explicit rules), one score S = q . k: its normalised relevance Rn_S, from the
+// softmax input x (S plus the mask bias, -inf where masked), the weight p, R_P = p (Rn_O . v), the
+// row sum c of R_P and inv_t = scale: the softmax rule, then (with a float mask, bias = true) add2's
+// share of S in x = S + bias, then the epsilon rule of q k^T, R_S / stab(s_scale S).
+template <typename T>
+C10_HOST_DEVICE inline T attention_score_relevance(T s, T x, T p, T r_p, T c, T inv_t, T eps, T s_scale, bool bias) {
+  const T r_x = softmax_relevance(softmax_input(x, p, inv_t), r_p, p, c);
+  const T r_s = bias ? add_share(s, r_x, x, eps) : r_x;
+  return stab_div(r_s, s, eps, s_scale);
+}
+
 // Layer-norm epsilon rule, first half: h = (w / sigma) * r / stab(y).
 template <typename T>
 C10_HOST_DEVICE inline T layer_norm_h(T r, T y, T w_rstd, T eps) {

@@ -34,6 +34,7 @@ __all__ = [
     "mul2",
     "matmul",
     "softmax",
+    "scaled_dot_product_attention",
     "rms_norm_identity",
     "layer_norm",
     "layer_norm_identity",
@@ -122,6 +123,34 @@ def matmul(a: Tensor, b: Tensor, epsilon: float = 1e-8) -> Tensor:
 def softmax(x: Tensor, dim: int, temperature: float = 1.0, dtype: Optional[torch.dtype] = None) -> Tensor:
     """``F.softmax(x / temperature, dim, dtype=dtype)``; Deep Taylor rule with bias (AttnLRP Prop. 3.1)."""
     return torch.ops.lrpcpp.softmax(x, dim, temperature, dtype)
+
+
+# ----------------------------------------------------------------------------- attention
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+    *,
+    method: str = "attnlrp",
+    epsilon: float = 1e-8,
+) -> Tensor:
+    """``F.scaled_dot_product_attention`` (a drop-in, without dropout: ``dropout_p`` must be 0), fused,
+    whose relevance is that of ``matmul(q, kᵀ)`` -> mask -> ``softmax`` -> ``matmul(p, v)`` with the
+    explicit rules; the backward keeps only the row log-sum-exp of the softmax, not the ``[T_q, T_k]``
+    weights. ``method="cp-lrp"`` holds the attention weights constant (only ``value`` takes relevance)."""
+    if dropout_p != 0.0:
+        raise ValueError(
+            f"lrpcpp.functional.scaled_dot_product_attention: dropout is not supported (LRP explains the "
+            f"eval-mode forward), expected dropout_p=0.0, got {dropout_p}"
+        )
+    return torch.ops.lrpcpp.scaled_dot_product_attention(
+        query, key, value, attn_mask, is_causal, scale, enable_gqa, method, epsilon
+    )
 
 
 # ----------------------------------------------------------------------------- normalisation

@@ -298,17 +298,39 @@ def _mask_over_scale(mask: Tensor, scale: float) -> Tensor:
     return torch.where(torch.isfinite(mask), (mask / scale).clamp(info.min, info.max), mask)
 
 
+def _fusable(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], enable_gqa: bool) -> bool:
+    """Whether the fused op computes the decomposition's relevance: a mask that carries none (bool,
+    or a constant in the query's dtype), and q, k, v of one dtype and rank with the same batch
+    dimensions (key and value with a divisor of the query's heads under enable_gqa)."""
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        if carries(attn_mask) or attn_mask.dtype != q.dtype or attn_mask.dim() > q.dim():
+            return False
+    if not (q.dtype == k.dtype == v.dtype and q.dim() == k.dim() == v.dim()):
+        return False
+    if q.dim() < 3:
+        return True
+    hq, hk = q.size(-3), k.size(-3)
+    heads = hq == hk or (enable_gqa and hk > 0 and hq % hk == 0)
+    return heads and q.shape[:-3] == k.shape[:-3] == v.shape[:-3] and k.size(-3) == v.size(-3)
+
+
 def _sdpa(rules, func, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """``F.scaled_dot_product_attention`` decomposed into explicit ops: ``lf.matmul(q, kᵀ)``, the
-    mask added (a float mask through add2, as a bias), ``lf.softmax`` whose temperature ``1/scale``
-    does the scaling, and ``lf.matmul(p, v)``. ``dropout_p`` is ignored: dropout is off, as for
-    ``F.dropout`` (the attention weights of the eval-mode forward)."""
+    """``F.scaled_dot_product_attention`` with the explicit rules of its decomposition:
+    ``lf.matmul(q, kᵀ)``, the mask added (a float mask through add2, as a bias), ``lf.softmax``
+    whose temperature ``1/scale`` does the scaling, and ``lf.matmul(p, v)``. The fused op
+    (``lf.scaled_dot_product_attention``) computes that relevance without keeping the ``[T_q, T_k]``
+    intermediates when the mask carries no relevance; else the decomposition runs, op by op.
+    ``dropout_p`` is ignored: dropout is off, as for ``F.dropout`` (the attention weights of the
+    eval-mode forward)."""
     if is_causal and attn_mask is not None:
         return NotImplemented  # torch reports the error
     if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
         return NotImplemented
     scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else float(scale)
     q, k, v = const(query), const(key), const(value)
+    if _fusable(q, k, v, attn_mask, enable_gqa):
+        mask = None if attn_mask is None else const(attn_mask)
+        return lf.scaled_dot_product_attention(q, k, v, mask, 0.0, is_causal, scale, enable_gqa, epsilon=rules.epsilon)
     if enable_gqa and q.dim() >= 3 and k.size(-3) != q.size(-3):
         k = k.repeat_interleave(q.size(-3) // k.size(-3), dim=-3)
         v = v.repeat_interleave(q.size(-3) // v.size(-3), dim=-3)

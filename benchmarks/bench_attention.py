@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""CPU benchmark of the fused attention op: the LLaMA-style explicit block of ``bench_cpu.py`` with
+its attention as one ``lf.scaled_dot_product_attention`` (relevance, explicit LRP) against the plain
+input gradient of the same block with ``F.scaled_dot_product_attention`` (causal), side by side in
+one process, and the unfused explicit block (``lf.matmul -> lf.softmax -> lf.matmul``) beside them.
+Backward time (median, repetitions interleaved, as in ``bench_cpu.py``) and the activations each
+forward saves for its backward (``saved_tensors_hooks``, weights and input excluded).
+
+Run from the repository root::
+
+    PYTHONPATH=python .venv/bin/python benchmarks/bench_attention.py               # seq 512 and 2048
+    PYTHONPATH=python .venv/bin/python benchmarks/bench_attention.py --write       # also its RESULTS.md section
+    PYTHONPATH=python .venv/bin/python benchmarks/bench_attention.py --seqs 128 --reps 1 --quick
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_cpu as bc  # noqa: E402  (the block, its weights and the timing helpers)
+import lrpcpp.functional as lf  # noqa: E402
+import results_file  # noqa: E402  (benchmarks/results_file.py)
+
+SECTION = "## LLaMA-style block with the fused attention (CPU)"
+NOTE = (
+    "Reading: the fused op saves q, k, v, its output and one float per row (the log-sum-exp), as torch's "
+    "SDPA does; the unfused block saves the [T, T] scores, weights and normalised relevances. The saved "
+    "memory the fused block keeps beyond the plain block comes from the rest of the block (the epsilon "
+    "rules of the linear layers, add2 and mul2 keep their operands and outputs), not from the attention. "
+    "The time beyond the plain block is the attention's relevance (a second score product and the "
+    "element-wise rule per score, scalar loops) and the rest of the block's rules."
+)
+
+
+def attention_block(x, p, attend, linear, rms, add, mul, silu):
+    h = rms(x, p["ln1"])
+    q = bc.rope(bc.heads(linear(h, p["q"])), p)
+    k = bc.rope(bc.heads(linear(h, p["k"])), p)
+    v = bc.heads(linear(h, p["v"]))
+    x = add(x, linear(bc.merge(attend(q, k, v)), p["o"]))
+    h = rms(x, p["ln2"])
+    return add(x, linear(mul(silu(linear(h, p["gate"])), linear(h, p["up"])), p["down"]))
+
+
+def block_fused(x, p):
+    return attention_block(
+        x,
+        p,
+        lambda q, k, v: lf.scaled_dot_product_attention(q, k, v, is_causal=True),
+        lf.linear_epsilon,
+        lambda t, w: lf.rms_norm_identity(t, [bc.H], w, bc.RMS_EPS),
+        lf.add2,
+        lf.mul2,
+        lf.silu,
+    )
+
+
+def block_sdpa(x, p):
+    return attention_block(
+        x,
+        p,
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        F.linear,
+        bc.rms_formula,
+        torch.add,
+        torch.mul,
+        F.silu,
+    )
+
+
+VARIANTS = {
+    "torch block, F.scaled_dot_product_attention (input gradient)": block_sdpa,
+    "lrpcpp block, fused lf.scaled_dot_product_attention (relevance)": block_fused,
+    "lrpcpp block, lf.matmul -> lf.softmax -> lf.matmul (relevance)": bc.block_lf,
+}
+
+
+def measure(seq, batch, reps):
+    bc.B, bc.S = batch, seq
+    p, x = bc.block_params()
+    with torch.no_grad():
+        seed = block_sdpa(x, p)
+        err = (block_fused(x, p) - seed).abs().max().item() / seed.abs().max().item()
+    consts = list(p.values())
+    rows = []
+    runs = []
+    for name, fn in VARIANTS.items():
+        saved = bc.saved_mib(lambda t, fn=fn: fn(t, p), [x], consts)
+        _, run = bc.backward_fn(lambda t, fn=fn: fn(t, p), [x], seed)
+        rows.append([name, saved])
+        runs.append(run)
+    times = bc.interleaved_times(runs, reps, 1)
+    base_t, base_m = times[0], rows[0][1]
+    lines = [
+        f"### batch {batch}, sequence {seq}",
+        "",
+        f"Forward check: max |fused block - torch block| / max |y| = {err:.1e}.",
+        "",
+        "| variant | backward (ms) | time / plain | saved activations (MiB) | memory / plain |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for (name, saved), t in zip(rows, times):
+        lines.append(f"| {name} | {t * 1e3:.1f} | {t / base_t:.2f} | {saved:.0f} | {saved / base_m:.2f} |")
+    return lines
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seqs", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--quick", action="store_true", help="hidden 256, 4 heads (a smoke test)")
+    parser.add_argument("--write", action="store_true", help=f"also write the section '{SECTION}' of RESULTS.md")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        bc.H, bc.NH, bc.INTER = 256, 4, 512
+    lines = [SECTION, ""] + bc.machine_lines(args.threads)
+    lines += [
+        "",
+        f"Hidden {bc.H}, {bc.NH} heads x {bc.HD}, MLP {bc.INTER}, causal; float32; median of {args.reps} "
+        "backward passes per variant (interleaved), seed = the torch block's output.",
+        "",
+    ]
+    for seq in args.seqs:
+        lines += measure(seq, args.batch, args.reps) + [""]
+    lines += [NOTE]
+    text = "\n".join(lines)
+    print(text)
+    if args.write:
+        results_file.write_section(SECTION, text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+// CPU kernels of the fused attention (see ops/attention.cpp for the rule). One task per (batch, query
+// head); a task walks its queries in tiles of kTile rows, and a tile's scores against the keys it can
+// attend (all of them, the first i0 + kTile under is_causal), [kTile, T_k] at most, are the only
+// quadratic buffers: scratch of O(T_k * kTile) per thread, nothing of size T_q * T_k. The matrix
+// products are at::mm on the tiles (single-threaded inside at::parallel_for), the per-element rule is
+// math::attention_score_relevance, in float32 for float16 / bfloat16.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../impl.h"
+#include "../rule_math.h"
+
+namespace lrpcpp {
+namespace {
+
+constexpr int64_t kTile = 64;
+
+enum class MaskKind { none, causal, boolean, additive };
+
+// q, k, v (and output, grad) as contiguous [B, H, T, E] views, and the mask's addressing.
+struct Layout {
+  int64_t B = 1, Hq = 1, Hk = 1, G = 1, Tq = 0, Tk = 0, E = 0, Ev = 0;
+  MaskKind kind = MaskKind::none;
+  Tensor mask;                    // expanded to [..., Hq, Tq, Tk] (stride 0 where broadcast)
+  std::vector<int64_t> mask_off;  // offset of each (b, h) block in `mask`
+  int64_t mask_sq = 0, mask_sk = 0;
+  double scale = 1.0;
+};
+
+Layout make_layout(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& attn_mask, bool is_causal,
+                   std::optional<double> scale) {
+  Layout L;
+  const int64_t nd = q.dim();
+  for (int64_t d = 0; d < nd - 3; ++d) L.B *= q.size(d);
+  if (nd >= 3) {
+    L.Hq = q.size(-3);
+    L.Hk = k.size(-3);
+    L.G = L.Hk > 0 ? L.Hq / L.Hk : 1;
+  }
+  L.Tq = q.size(-2);
+  L.Tk = k.size(-2);
+  L.E = q.size(-1);
+  L.Ev = v.size(-1);
+  L.scale = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(L.E));
+  if (is_causal) L.kind = MaskKind::causal;
+  if (attn_mask.has_value()) {
+    L.kind = attn_mask->scalar_type() == at::kBool ? MaskKind::boolean : MaskKind::additive;
+    std::vector<int64_t> full(q.sizes().begin(), q.sizes().end());
+    full.back() = L.Tk;
+    L.mask = attn_mask->expand(full);
+    L.mask_sq = L.mask.stride(-2);
+    L.mask_sk = L.mask.stride(-1);
+    L.mask_off.assign(L.B * L.Hq, 0);
+    for (int64_t bh = 0; bh < L.B * L.Hq; ++bh) {
+      int64_t rest = bh, off = 0;
+      for (int64_t d = nd - 3; d >= 0; --d) {
+        off += (rest % full[d]) * L.mask.stride(d);
+        rest /= full[d];
+      }
+      L.mask_off[bh] = off;
+    }
+  }
+  return L;
+}
+
+// The keys a query tile [i0, i0 + n) can attend: all, or under is_causal (top-left aligned) the first
+// i0 + n; the others have weight 0 and add nothing to any sum.
+int64_t key_end(const Layout& L, int64_t i0, int64_t n) {
+  return L.kind == MaskKind::causal ? std::min(L.Tk, i0 + n) : L.Tk;
+}
+
+// The first n * cols elements of a scratch buffer, as a contiguous [n, cols] matrix.
+Tensor scratch(const Tensor& buf, int64_t n, int64_t cols) {
+  return buf.view({-1}).narrow(0, 0, n * cols).view({n, cols});
+}
+
+Tensor as_bhte(const Tensor& t, const Layout& L, int64_t heads) {
+  return t.contiguous().view({L.B, heads, t.size(-2), t.size(-1)});
+}
+
+// The softmax input x of score s at row i, column j, as the unfused composition builds it: -inf where
+// masked, s + mask / scale for a float mask (mask / scale clamped to the dtype's finite range).
+template <typename scalar_t, typename acc_t>
+struct Scores {
+  const Layout& L;
+  const scalar_t* fmask = nullptr;
+  const bool* bmask = nullptr;
+  acc_t lo, hi, scale;
+
+  Scores(const Layout& layout, int64_t bh) : L(layout) {
+    lo = static_cast<acc_t>(std::numeric_limits<scalar_t>::lowest());
+    hi = static_cast<acc_t>(std::numeric_limits<scalar_t>::max());
+    scale = static_cast<acc_t>(L.scale);
+    if (L.kind == MaskKind::additive) fmask = L.mask.const_data_ptr<scalar_t>() + L.mask_off[bh];
+    if (L.kind == MaskKind::boolean) bmask = L.mask.const_data_ptr<bool>() + L.mask_off[bh];
+  }
+
+  acc_t operator()(acc_t s, int64_t i, int64_t j) const {
+    constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+    switch (L.kind) {
+      case MaskKind::none:
+        return s;
+      case MaskKind::causal:
+        return j > i ? ninf : s;
+      case MaskKind::boolean:
+        return bmask[i * L.mask_sq + j * L.mask_sk] ? s : ninf;
+      case MaskKind::additive: {
+        const acc_t m = static_cast<acc_t>(fmask[i * L.mask_sq + j * L.mask_sk]);
+        if (!std::isfinite(m)) return s + m;
+        const acc_t b = m / scale;
+        return s + (b < lo ? lo : (b > hi ? hi : b));
+      }
+    }
+    return s;
+  }
+};
+
+template <typename scalar_t>
+void forward_loop(const Layout& L, const Tensor& q4, const Tensor& k4, const Tensor& v4, Tensor& out4, Tensor& lse3) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto acc = q4.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const acc_t temperature = static_cast<acc_t>(1.0 / L.scale);
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  at::parallel_for(0, L.B * L.Hq, 1, [&](int64_t begin, int64_t end) {
+    Tensor buf = at::empty({std::min(kTile, L.Tq), L.Tk}, acc);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / L.Hq, h = bh % L.Hq;
+      const Tensor kf = k4[b][h / L.G].to(acc), vf = v4[b][h / L.G].to(acc);
+      const Scores<scalar_t, acc_t> scores(L, bh);
+      acc_t* lse = lse3[b][h].mutable_data_ptr<acc_t>();
+      for (int64_t i0 = 0; i0 < L.Tq; i0 += kTile) {
+        const int64_t n = std::min(kTile, L.Tq - i0), tk = key_end(L, i0, n);
+        Tensor p = scratch(buf, n, tk);
+        at::mm_out(p, q4[b][h].narrow(0, i0, n).to(acc), kf.narrow(0, 0, tk).t());
+        acc_t* pp = p.mutable_data_ptr<acc_t>();
+        // x / T - max per row (-inf where masked, and in a row with no attended position), then one
+        // vectorised exp over the tile, then the row sums
+        for (int64_t r = 0; r < n; ++r) {
+          acc_t* row = pp + r * tk;
+          acc_t mx = ninf;
+          for (int64_t j = 0; j < tk; ++j) {
+            row[j] = scores(row[j], i0 + r, j) / temperature;
+            mx = std::max(mx, row[j]);
+          }
+          lse[i0 + r] = mx;
+          if (mx == ninf) continue;  // exp(-inf) = 0: output 0
+          for (int64_t j = 0; j < tk; ++j) row[j] -= mx;
+        }
+        p.exp_();
+        for (int64_t r = 0; r < n; ++r) {
+          if (lse[i0 + r] == ninf) continue;
+          acc_t* row = pp + r * tk;
+          acc_t sum = 0;
+          for (int64_t j = 0; j < tk; ++j) sum += row[j];
+          for (int64_t j = 0; j < tk; ++j) row[j] /= sum;
+          lse[i0 + r] += std::log(sum);
+        }
+        out4[b][h].narrow(0, i0, n).copy_(at::mm(p, vf.narrow(0, 0, tk)));
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void relevance_loop(const Layout& L, const Tensor& g4, const Tensor& q4, const Tensor& k4, const Tensor& v4,
+                    const Tensor& o4, const Tensor& lse3, double epsilon, std::array<bool, 3> mask, Tensor& rq4,
+                    Tensor& dk, Tensor& dv) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto acc = q4.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const double temperature = 1.0 / L.scale;
+  const acc_t temp = static_cast<acc_t>(temperature), inv_t = static_cast<acc_t>(1.0 / temperature);
+  const acc_t eps = static_cast<acc_t>(epsilon);
+  const bool qk = mask[0] || mask[1];
+  // the epsilon rule of each product: both operands carry relevance, or only one
+  const acc_t o_scale = (qk && mask[2]) ? 2 : 1, s_scale = (mask[0] && mask[1]) ? 2 : 1;
+  const bool additive = L.kind == MaskKind::additive;
+  at::parallel_for(0, L.B * L.Hq, 1, [&](int64_t begin, int64_t end) {
+    const int64_t rows = std::min(kTile, L.Tq);
+    Tensor sbuf = at::empty({rows, L.Tk}, acc), pbuf = at::empty({rows, L.Tk}, acc);
+    Tensor dbuf = at::empty({rows, L.Tk}, acc), rnbuf = at::empty({rows, L.Ev}, acc);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / L.Hq, h = bh % L.Hq;
+      const Tensor kf = k4[b][h / L.G].to(acc), vf = v4[b][h / L.G].to(acc);
+      const Scores<scalar_t, acc_t> scores(L, bh);
+      const acc_t* lse = lse3[b][h].const_data_ptr<acc_t>();
+      for (int64_t i0 = 0; i0 < L.Tq; i0 += kTile) {
+        const int64_t n = std::min(kTile, L.Tq - i0), tk = key_end(L, i0, n);
+        const Tensor kt = kf.narrow(0, 0, tk), vt = vf.narrow(0, 0, tk);
+        // Rn_O = R / stab(o_scale O)
+        Tensor rn = rnbuf.narrow(0, 0, n);
+        {
+          const Tensor gt = g4[b][h].narrow(0, i0, n).to(acc).contiguous();
+          const Tensor ot = o4[b][h].narrow(0, i0, n).to(acc).contiguous();
+          const acc_t *gp = gt.const_data_ptr<acc_t>(), *op = ot.const_data_ptr<acc_t>();
+          acc_t* rp = rn.mutable_data_ptr<acc_t>();
+          for (int64_t e = 0; e < n * L.Ev; ++e) rp[e] = math::stab_div<acc_t>(gp[e], op[e], eps, o_scale);
+        }
+        // S and P, recomputed from the row's log-sum-exp
+        const Tensor qt = q4[b][h].narrow(0, i0, n).to(acc);
+        Tensor s = scratch(sbuf, n, tk), p = scratch(pbuf, n, tk);
+        at::mm_out(s, qt, kt.t());
+        const acc_t* sp = s.const_data_ptr<acc_t>();
+        acc_t* pp = p.mutable_data_ptr<acc_t>();
+        for (int64_t r = 0; r < n; ++r) {  // P = exp(x / T - lse), 0 in a row with no attended position
+          const acc_t l = lse[i0 + r];
+          for (int64_t j = 0; j < tk; ++j) {
+            const acc_t x = scores(sp[r * tk + j], i0 + r, j);
+            pp[r * tk + j] = l == -std::numeric_limits<acc_t>::infinity() ? l : x / temp - l;
+          }
+        }
+        p.exp_();
+        if (mask[2]) dv[b][h].narrow(0, 0, tk).addmm_(p.t(), rn);
+        if (!qk) continue;
+        // R_P = P (Rn_O v^T), its row sums c, then Rn_S element by element
+        Tensor d = scratch(dbuf, n, tk);
+        at::mm_out(d, rn, vt.t());
+        acc_t* dp = d.mutable_data_ptr<acc_t>();
+        for (int64_t r = 0; r < n; ++r) {
+          acc_t* drow = dp + r * tk;
+          const acc_t* prow = pp + r * tk;
+          const acc_t* srow = sp + r * tk;
+          acc_t c = 0;
+#pragma omp simd reduction(+ : c)
+          for (int64_t j = 0; j < tk; ++j) {
+            drow[j] = prow[j] * drow[j];
+            c += drow[j];
+          }
+          if (additive) {
+            for (int64_t j = 0; j < tk; ++j) {
+              drow[j] = math::attention_score_relevance<acc_t>(srow[j], scores(srow[j], i0 + r, j), prow[j], drow[j],
+                                                               c, inv_t, eps, s_scale, true);
+            }
+            continue;
+          }
+          // without a float mask the softmax input is S itself where attended; a masked position has
+          // P = 0, which the rule treats as masked whatever its x
+#pragma omp simd
+          for (int64_t j = 0; j < tk; ++j) {
+            drow[j] = math::attention_score_relevance<acc_t>(srow[j], srow[j], prow[j], drow[j], c, inv_t, eps,
+                                                             s_scale, false);
+          }
+        }
+        if (mask[0]) rq4[b][h].narrow(0, i0, n).copy_(at::mm(d, kt).mul_(qt));
+        if (mask[1]) dk[b][h].narrow(0, 0, tk).addmm_(d.t(), qt);
+      }
+    }
+  });
+}
+
+// dk / dv summed over the query heads that share a key head, times the key / value itself.
+Tensor grouped_times_input(const Tensor& acc_grad, const Layout& L, const Tensor& x) {
+  Tensor g = acc_grad.view({L.B, L.Hk, L.G, acc_grad.size(2), acc_grad.size(3)}).sum(2);
+  return detail::times_input(g.view(x.sizes()).contiguous(), x);
+}
+
+std::vector<int64_t> output_shape(const Tensor& q, const Tensor& v) {
+  std::vector<int64_t> shape(q.sizes().begin(), q.sizes().end());
+  shape.back() = v.size(-1);
+  return shape;
+}
+
+TensorPair attention_forward_cpu(const Tensor& query, const Tensor& key, const Tensor& value,
+                                 const OptTensor& attn_mask, bool is_causal, std::optional<double> scale,
+                                 bool enable_gqa) {
+  impl::check_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa,
+                        "lrpcpp.scaled_dot_product_attention_forward");
+  const Layout L = make_layout(query, key, value, attn_mask, is_causal, scale);
+  const auto stat = query.options().dtype(impl::attention_stat_dtype(query.scalar_type()));
+  Tensor out = at::empty({L.B, L.Hq, L.Tq, L.Ev}, query.options());
+  Tensor lse = at::empty({L.B, L.Hq, L.Tq}, stat);
+  if (out.numel() > 0 || lse.numel() > 0) {
+    const Tensor q4 = as_bhte(query, L, L.Hq), k4 = as_bhte(key, L, L.Hk), v4 = as_bhte(value, L, L.Hk);
+    LRPCPP_DISPATCH_FLOATING(query.scalar_type(), "lrpcpp_attention_forward_cpu",
+                             [&] { forward_loop<scalar_t>(L, q4, k4, v4, out, lse); });
+  }
+  const auto shape = output_shape(query, value);
+  return {out.view(shape), lse.view(query.sizes().slice(0, query.dim() - 1))};
+}
+
+TensorTriple attention_relevance_cpu(const Tensor& grad, const Tensor& query, const Tensor& key, const Tensor& value,
+                                     const OptTensor& attn_mask, const Tensor& output, const Tensor& logsumexp,
+                                     bool is_causal, std::optional<double> scale, bool enable_gqa, double epsilon,
+                                     std::array<bool, 3> output_mask) {
+  impl::check_attention_relevance(grad, query, key, value, attn_mask, output, logsumexp, is_causal, scale, enable_gqa,
+                                  epsilon);
+  Tensor rq, rk, rv;
+  if (!output_mask[0] && !output_mask[1] && !output_mask[2]) return {rq, rk, rv};
+  const Layout L = make_layout(query, key, value, attn_mask, is_causal, scale);
+  const auto acc = query.options().dtype(impl::attention_stat_dtype(query.scalar_type()));
+  Tensor rq4 = output_mask[0] ? at::zeros({L.B, L.Hq, L.Tq, L.E}, query.options()) : Tensor();
+  Tensor dk = output_mask[1] ? at::zeros({L.B, L.Hq, L.Tk, L.E}, acc) : Tensor();
+  Tensor dv = output_mask[2] ? at::zeros({L.B, L.Hq, L.Tk, L.Ev}, acc) : Tensor();
+  if (query.numel() > 0 && key.numel() > 0 && value.numel() > 0 && output.numel() > 0) {
+    const Tensor q4 = as_bhte(query, L, L.Hq), k4 = as_bhte(key, L, L.Hk), v4 = as_bhte(value, L, L.Hk);
+    const Tensor g4 = as_bhte(grad, L, L.Hq), o4 = as_bhte(output, L, L.Hq);
+    const Tensor lse3 = logsumexp.contiguous().view({L.B, L.Hq, L.Tq});
+    LRPCPP_DISPATCH_FLOATING(query.scalar_type(), "lrpcpp_attention_relevance_cpu", [&] {
+      relevance_loop<scalar_t>(L, g4, q4, k4, v4, o4, lse3, epsilon, output_mask, rq4, dk, dv);
+    });
+  }
+  if (output_mask[0]) rq = rq4.view(query.sizes());
+  if (output_mask[1]) rk = grouped_times_input(dk, L, key);
+  if (output_mask[2]) rv = grouped_times_input(dv, L, value);
+  return {rq, rk, rv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lrpcpp, CPU, m) {
+  m.impl("scaled_dot_product_attention_forward", &attention_forward_cpu);
+  m.impl("scaled_dot_product_attention_relevance", &attention_relevance_cpu);
+}
+
+}  // namespace lrpcpp
