@@ -154,8 +154,14 @@ def _share(num, den, R, eps):
     return (num * (R / stab(den, eps)).unsqueeze(-1)).sum(-2)
 
 
-def vision_rule(rule, x, w, b, R, eps, mask=None, gamma=0.25, alpha=2.0, beta=1.0, lower=None, upper=None):
-    """The relevance of x by one rule of RULES.md section 3 (float64, straight from the formula)."""
+def vision_rule(
+    rule, x, w, b, R, eps, mask=None, gamma=0.25, alpha=2.0, beta=1.0, lower=None, upper=None, bias="ignore"
+):
+    """The relevance of x by one rule of RULES.md section 3 (float64, straight from the formula).
+    ``bias="denominator"`` (alpha-beta, z-plus, w-square): zennit's convention, b+ joins the sum of the
+    positive terms and b- that of the negative ones (w-square: b**2 joins the denominator); "ignore"
+    leaves the bias out."""
+    counted = bias == "denominator" and b is not None
     xi = x.unsqueeze(-2)  # [..., 1, in]
     mask = torch.ones_like(x).unsqueeze(-2) if mask is None else mask.unsqueeze(-2)
     if rule == "gamma":
@@ -176,14 +182,17 @@ def vision_rule(rule, x, w, b, R, eps, mask=None, gamma=0.25, alpha=2.0, beta=1.
     if rule == "alpha_beta":
         terms = xi * w
         tp, tn = _pos(terms), _neg(terms)
-        rel = alpha * _share(tp, tp.sum(-1), R, eps)
-        return rel - beta * _share(tn, tn.sum(-1), R, eps) if beta else rel
+        den_p = tp.sum(-1) + (_pos(b) if counted else 0)
+        den_n = tn.sum(-1) + (_neg(b) if counted else 0)
+        rel = alpha * _share(tp, den_p, R, eps)
+        return rel - beta * _share(tn, den_n, R, eps) if beta else rel
     if rule == "z_box":
         num = xi * w - lower.unsqueeze(-2) * _pos(w) - upper.unsqueeze(-2) * _neg(w)
     elif rule == "flat":
         num = torch.ones_like(xi * w) * mask
     elif rule == "w_square":
         num = (w * w) * mask
+        return _share(num, num.sum(-1) + (b * b if counted else 0), R, eps)
     else:
         raise ValueError(rule)
     return _share(num, num.sum(-1), R, eps)

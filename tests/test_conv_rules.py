@@ -11,6 +11,8 @@ bias as the weight of a constant input 1, b + gamma b+ on outputs z > 0 and b + 
 zennit's z-box bias terms b - b+ - b- cancel; flat: zennit zeroes the bias) and are compared on layers
 with a bias too, nn.Linear included."""
 
+import copy
+
 import lrpcpp
 import lrpcpp.functional as lf
 import pytest
@@ -404,3 +406,237 @@ def test_gamma_with_bias_equals_the_dense_reference(kind):
     grad = torch.randn_like(y)
     expected = ref.vision_rule("gamma", x.reshape(n, n_in), dense, bias, grad.reshape(n, n_out), EPS, gamma=GAMMA)
     torch.testing.assert_close(rule_relevance(layer, "gamma", x, grad), expected.reshape(x.shape), **TOL[torch.float64])
+
+
+# ----------------------------------------------------------------------------- the bias conventions
+BIAS_RULES = ["alpha_beta", "z_plus", "w_square"]
+
+
+def make_biased(kind, dtype):
+    """A layer of ``kind`` (a convolution kind or "linear") with biases of both signs large enough to
+    matter, and its input."""
+    if kind == "linear":
+        torch.manual_seed(0)
+        layer, x = nn.Linear(7, 5).to(dtype).eval(), torch.randn(3, 4, 7, dtype=dtype)
+    else:
+        layer, x = make(kind, dtype, bias=True)
+    with torch.no_grad():
+        layer.bias.mul_(4.0)
+    return layer, x
+
+
+def biased_rule(rule, bias, eps=EPS):
+    return {
+        "alpha_beta": R.AlphaBeta(2.0, 1.0, eps, bias),
+        "z_plus": R.ZPlus(eps, bias),
+        "w_square": R.WSquare(eps, bias),
+    }[rule]
+
+
+def run_rule(r, layer, x, grad, gi=False):
+    """The relevance (gi: the gradient) of x through the rule's op on ``layer`` (linear or any convolution)."""
+    xr = x.clone().requires_grad_()
+    if isinstance(layer, nn.Linear):
+        y = r.linear(xr, layer.weight, layer.bias, None, gi)
+        torch.testing.assert_close(y, layer(x), atol=0, rtol=0)
+    else:
+        y = r.convolution(xr, layer.weight, layer.bias, *geometry(layer), None, gi)
+        torch.testing.assert_close(y, layer(x), atol=0, rtol=0)
+    y.backward(grad / y if gi else grad)
+    return xr.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("bias", ["ignore", "denominator"])
+@pytest.mark.parametrize("rule", BIAS_RULES)
+@pytest.mark.parametrize("kind", [*LAYERS, "linear"])
+def test_bias_conventions_equal_zennit(kind, rule, bias, dtype):
+    """On layers with a bias: bias="denominator" is zennit's rule on the layer as it is; bias="ignore"
+    (the default) is zennit's rule on the same layer with its bias set to 0 (the bias left out)."""
+    layer, x = make_biased(kind, dtype)
+    grad = torch.randn_like(layer(x))
+    reference_layer = layer
+    if bias == "ignore":
+        reference_layer = copy.deepcopy(layer)
+        with torch.no_grad():
+            reference_layer.bias.zero_()
+    expected = zennit_relevance(reference_layer, rule, x, grad)
+    got = run_rule(biased_rule(rule, bias), layer, x, grad)
+    assert got.abs().sum() > 0
+    torch.testing.assert_close(got, expected, **TOL[dtype])
+
+
+def dense(layer, x):
+    """The layer as a dense matrix per sample, y = x M^T + b (flattened), and the flattened bias."""
+    y = layer(x)
+    n_in, n_out = x[0].numel(), y[0].numel()
+    if isinstance(layer, nn.Linear):
+        return layer.weight.detach(), layer.bias.detach()
+    basis = torch.eye(n_in, dtype=x.dtype).reshape(n_in, *x.shape[1:])
+    matrix = torch.convolution(basis, layer.weight.detach(), None, *geometry(layer)).reshape(n_in, n_out).T
+    bias = layer.bias.detach().reshape(-1, *[1] * (y.dim() - 2)).expand(y.shape[1:]).reshape(-1)
+    return matrix, bias
+
+
+@pytest.mark.parametrize("rule", BIAS_RULES)
+@pytest.mark.parametrize("kind", [*LAYERS, "linear"])
+def test_bias_conventions_equal_the_dense_reference(kind, rule):
+    """Both conventions against the float64 transcription of reference.py over the layer written as a
+    dense matrix; they differ on a layer with a bias."""
+    import reference as ref
+
+    layer, x = make_biased(kind, torch.float64)
+    grad = torch.randn_like(layer(x))
+    matrix, b = dense(layer, x)
+    flat_x, flat_r = (x, grad) if kind == "linear" else (x.flatten(1), grad.flatten(1))
+    got = {}
+    for bias in ("ignore", "denominator"):
+        expected = ref.vision_rule(rule, flat_x, matrix, b, flat_r, EPS, alpha=2.0, beta=1.0, bias=bias)
+        got[bias] = run_rule(biased_rule(rule, bias), layer, x, grad)
+        torch.testing.assert_close(got[bias], expected.reshape(x.shape), **TOL[torch.float64])
+    assert not torch.allclose(got["ignore"], got["denominator"], rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", BIAS_RULES)
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_bias_counted_keeps_the_bias_share(kind, rule):
+    """Conservation with bias="denominator": each output passes on its relevance less the bias's share,
+    sum_i R_i = sum_j R_j (alpha A_j / (A_j + b+_j) - beta B_j / (B_j + b-_j)) (z-plus: beta = 0;
+    w-square: S_j / (S_j + b_j^2), S_j = sum_i w_ij^2); on a bias-free layer the option changes nothing
+    (bitwise), and today's conservation holds."""
+    layer, x = make_biased(kind, torch.float64)
+    w, b = layer.weight.detach(), layer.bias.detach().reshape(-1, *[1] * (x.dim() - 2))
+
+    def conv(inp, weight):
+        return torch.convolution(inp, weight, None, *geometry(layer))
+
+    mask = passing(layer, rule, x)
+    grad = (torch.rand_like(layer(x)) + 0.1) * mask
+    got = run_rule(biased_rule(rule, "denominator", eps=1e-12), layer, x, grad)
+    if rule == "w_square":
+        s = conv(torch.ones_like(x), w * w)
+        kept = s / (s + b * b)
+    else:
+        xp, xn, wp, wn = x.clamp(min=0), x.clamp(max=0), w.clamp(min=0), w.clamp(max=0)
+        a = conv(xp, wp) + conv(xn, wn)
+        kept = a / (a + b.clamp(min=0))
+        if rule == "alpha_beta":
+            n = conv(xp, wn) + conv(xn, wp)
+            kept = 2.0 * kept - 1.0 * n / (n + b.clamp(max=0))
+    expected = (grad * torch.where(mask, kept, 0.0)).flatten(1).sum(1)
+    torch.testing.assert_close(got.flatten(1).sum(1), expected, atol=0, rtol=1e-8)
+    bare, _ = make(kind, torch.float64, bias=False)
+    counted, ignored = (run_rule(biased_rule(rule, c), bare, x, grad) for c in ("denominator", "ignore"))
+    assert torch.equal(counted, ignored)
+    torch.testing.assert_close(
+        run_rule(biased_rule(rule, "ignore", eps=1e-12), bare, x, grad * passing(bare, rule, x)).flatten(1).sum(1),
+        (grad * passing(bare, rule, x)).flatten(1).sum(1),
+        atol=0,
+        rtol=1e-8,
+    )
+
+
+@pytest.mark.parametrize("rule", BIAS_RULES)
+def test_bias_counted_in_gradient_form(rule):
+    """gi=True with the bias counted: R_x / x (alpha-beta, z-plus, exact) or R_x / stab(x) (w-square)."""
+    layer, x = make_biased("conv_transpose2d", torch.float64)
+    grad = torch.randn_like(layer(x))
+    explicit = run_rule(biased_rule(rule, "denominator"), layer, x, grad)
+    g = run_rule(biased_rule(rule, "denominator"), layer, x, grad, gi=True)
+    factor = x if rule != "w_square" else x + EPS * torch.where(x >= 0, 1.0, -1.0).to(x)
+    torch.testing.assert_close(g * factor, explicit, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["conv2d", "conv1d", "linear"])
+@pytest.mark.parametrize("rule", BIAS_RULES)
+def test_bias_convention_reaches_patch_composite_and_modules(kind, rule):
+    """A rule with bias="denominator" in a preset: lrpcpp.patch (explicit and gradient mode) and
+    lrpcpp.Composite (through the drop-in modules, LinearZPlus(bias_in_denominator=True), ...) give
+    zennit's relevance on a layer with a bias."""
+    layer, x = make_biased(kind, torch.float64)
+    model = nn.Sequential(layer)
+    grad = torch.randn_like(layer(x))
+    expected = zennit_relevance(layer, rule, x, grad)
+    r = biased_rule(rule, "denominator")
+    preset = Preset(types={nn.Linear: r, **{cls: r for cls in CONVOLUTIONS}}, merge_batch_norm=False)
+    with lrpcpp.patch(model, preset=preset, mode="explicit"):
+        xe = x.clone().requires_grad_()
+        model(xe).backward(grad)
+    torch.testing.assert_close(xe.grad, expected, **TOL[torch.float64])
+    with lrpcpp.patch(model, preset=preset, mode="gradient"):
+        xg = x.clone().requires_grad_()
+        y = model(xg)
+        y.backward(grad / y)
+    factor = x if rule != "w_square" else x + EPS * torch.where(x >= 0, 1.0, -1.0).to(x)
+    torch.testing.assert_close(xg.grad * factor, expected, atol=1e-9, rtol=1e-9)
+    with lrpcpp.Composite(preset=preset).context(model):
+        xc = x.clone().requires_grad_()
+        model(xc).backward(grad)
+    torch.testing.assert_close(xc.grad, expected, **TOL[torch.float64])
+
+
+def test_bias_convention_of_rules_and_presets():
+    """bias= is checked by name, reaches the presets' rules, and defaults to today's ("ignore")."""
+    for cls in (R.AlphaBeta, R.ZPlus, R.WSquare):
+        assert cls().bias == "ignore"
+        with pytest.raises(ValueError, match=f"{cls.__name__}: expected bias to be one of"):
+            cls(bias="zennit")
+    assert lrpcpp.preset("epsilon_plus", bias="denominator").types[nn.Conv3d] == R.ZPlus(1e-6, "denominator")
+    assert lrpcpp.preset("epsilon_alpha2_beta1_flat", bias="denominator").types[nn.Conv2d].bias == "denominator"
+    assert lrpcpp.preset("epsilon_plus_flat").types[nn.Conv2d] == R.ZPlus()
+
+
+# ----------------------------------------------------------------------------- drop-in modules
+@pytest.mark.parametrize("kind", [k for k in sorted(LAYERS) if k != "conv2d"])
+def test_convolution_drop_ins(kind):
+    """lm.Conv1dRule, lm.Conv3dRule and lm.ConvTranspose1d/2d/3dRule: from_module shares the layer's
+    parameters and returns exactly its output; the relevance is the rule's (zennit's on that layer)."""
+    import lrpcpp.modules as lm
+
+    layer, x = make(kind, torch.float64, bias=True)
+    cls = lm.CONVOLUTION_RULE_MODULES[type(layer)]
+    drop = cls.from_module(layer, rule=R.Gamma(GAMMA, EPS))
+    assert isinstance(drop, type(layer)) and drop.weight is layer.weight and drop.bias is layer.bias
+    assert f"rule=Gamma(gamma={GAMMA}" in repr(drop)
+    grad = torch.randn_like(layer(x))
+    xr = x.clone().requires_grad_()
+    y = drop(xr)
+    assert torch.equal(y, layer(x))
+    y.backward(grad)
+    torch.testing.assert_close(xr.grad, zennit_relevance(layer, "gamma", x, grad), **TOL[torch.float64])
+    with pytest.raises(TypeError, match=f"{cls.__name__}: expected rule to be a layer rule"):
+        cls.from_module(layer, rule="gamma")
+    with pytest.raises(TypeError, match="expects a torch.nn.modules"):
+        cls.from_module(nn.Linear(2, 2), rule=R.ZPlus())
+
+
+def test_convolution_drop_in_constructors_and_geometry():
+    """Built like torch's class (rule= as a keyword); string padding and padding modes pad first;
+    a transposed drop-in takes output_size as torch's does."""
+    import lrpcpp.modules as lm
+
+    torch.manual_seed(0)
+    conv = lm.Conv1dRule(4, 6, 3, padding="same", padding_mode="reflect", rule=R.ZPlus())
+    x = torch.randn(2, 4, 9)
+    assert isinstance(conv, nn.Conv1d)
+    assert torch.equal(conv(x), nn.Conv1d.forward(conv, x))
+    conv3 = lm.Conv3dRule(2, 3, 2, stride=2, bias=False, rule=R.Flat(), gi=True)
+    assert conv3.gi and conv3.bias is None
+    up = lm.ConvTranspose2dRule(3, 2, 3, stride=2, padding=1, rule=R.WSquare(bias="denominator"))
+    x2 = torch.randn(1, 3, 4, 5)
+    assert torch.equal(up(x2, output_size=[8, 10]), nn.ConvTranspose2d.forward(up, x2, output_size=[8, 10]))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'gamma'"):
+        lm.ConvTranspose1dRule(3, 2, 3, rule=R.ZPlus(), gamma=0.1)
+    with pytest.raises(TypeError, match="ConvTranspose1dRule: expected rule to be a layer rule"):
+        lm.ConvTranspose1dRule(3, 2, 3)
+
+
+def test_composite_uses_the_convolution_drop_ins():
+    """lrpcpp.Composite replaces a 3-D convolution by lm.Conv3dRule with the preset's rule."""
+    import lrpcpp.modules as lm
+
+    layer, x = make("conv3d", torch.float64, bias=False)
+    model = nn.Sequential(layer)
+    with lrpcpp.Composite(preset=preset_for("z_plus", x)).context(model):
+        assert isinstance(model[0], lm.Conv3dRule) and model[0].rule == R.ZPlus(EPS)
+    assert model[0] is layer

@@ -79,7 +79,7 @@ SAMPLES = {
         1e-6,
         True,
     ),
-    "linear_alpha_beta": lambda g: (t(3, 5, grad=g), t(4, 5), t(4), 2.0, 1.0, 1e-6, None, None, True),
+    "linear_alpha_beta": lambda g: (t(3, 5, grad=g), t(4, 5), t(4), 2.0, 1.0, 1e-6, None, None, True, True),
     "linear_alpha_beta_relevance": lambda g: (
         t(3, 4, grad=g),
         t(3, 5, grad=g),
@@ -91,6 +91,7 @@ SAMPLES = {
         1.0,
         1e-6,
         False,
+        t(4),
     ),
     "linear_z_plus": lambda g: (t(3, 5, grad=g, offset=2.0), t(4, 5), None, 1e-6, None, False),
     "linear_z_plus_relevance": lambda g: (
@@ -101,6 +102,7 @@ SAMPLES = {
         t(3, 4),
         1e-6,
         True,
+        t(4),
     ),
     "linear_z_box": lambda g: (t(3, 5, grad=g), t(4, 5), t(4), t(5) - 4.0, t(5) + 4.0, 1e-6, None, True),
     "linear_z_box_relevance": lambda g: (
@@ -116,7 +118,7 @@ SAMPLES = {
     ),
     "linear_flat": lambda g: (t(3, 5, grad=g), t(4, 5), t(4), 1e-6, False),
     "linear_flat_relevance": lambda g: (t(3, 4, grad=g), t(3, 5, grad=g), t(4, 5), t(3, 4), 1e-6, True),
-    "linear_w_square": lambda g: (t(3, 5, grad=g), t(4, 5), t(4), 1e-6, None, True),
+    "linear_w_square": lambda g: (t(3, 5, grad=g), t(4, 5), t(4), 1e-6, None, True, True),
     "linear_w_square_relevance": lambda g: (
         t(3, 4, grad=g),
         t(3, 5, grad=g),
@@ -125,6 +127,7 @@ SAMPLES = {
         t(3, 4),
         1e-6,
         False,
+        t(4),
     ),
     "conv2d_gamma": lambda g: (
         t(1, 2, 5, 5, grad=g),
@@ -184,6 +187,7 @@ SAMPLES = {
         1.0,
         1e-6,
         True,
+        t(3),
     ),
     "conv2d_z_plus": lambda g: (
         t(1, 4, 5, 5, grad=g, offset=2.0),
@@ -195,6 +199,7 @@ SAMPLES = {
         2,
         1e-6,
         None,
+        True,
         True,
     ),
     "conv2d_z_plus_relevance": lambda g: (
@@ -263,6 +268,7 @@ SAMPLES = {
         1e-6,
         t(3, 2, 3, 3) ** 2,
         False,
+        True,
     ),
     "conv2d_w_square_relevance": lambda g: (
         t(1, 3, 5, 5, grad=g),
@@ -276,6 +282,7 @@ SAMPLES = {
         1,
         1e-6,
         True,
+        t(3),
     ),
     "gamma_stab_div": lambda g: (
         t(2, 3, 4, 4, grad=g),
@@ -299,6 +306,10 @@ SAMPLES = {
     ),
     "split_times_input": lambda g: (t(3, 4, grad=g), t(3, 4, grad=g), t(3, 4, grad=g), False),
 }
+
+
+# the rules that take bias_in_denominator (their relevance ops then take the bias)
+BIAS_RULES = ("alpha_beta", "z_plus", "w_square")
 
 
 def _convolution_samples():
@@ -330,7 +341,8 @@ def _convolution_samples():
             if rule == "epsilon":
                 return (x, w, b, *geo, 1e-6)
             bounds = (t(xs[1], *[1] * (len(xs) - 2), offset=-3.0), t(xs[1], *[1] * (len(xs) - 2), offset=3.0))
-            return (x, w, b, *(bounds if rule == "z_box" else ()), *geo, *params[0], False)
+            counted = (True,) if rule in BIAS_RULES else ()  # bias_in_denominator
+            return (x, w, b, *(bounds if rule == "z_box" else ()), *geo, *params[0], False, *counted)
 
         def relevance(g, rule=rule, params=params, xs=xs, ws=ws, ys=ys, geo=geo, channels=channels):
             grad, x, w, out = t(*ys, grad=g), t(*xs, grad=g, offset=0.5), t(*ws), t(*ys)
@@ -349,7 +361,8 @@ def _convolution_samples():
                 "flat": (out,),
                 "w_square": (None, out),
             }[rule]
-            return (grad, x, w, *lead, *geo, *params[1], True)
+            counted = (t(channels),) if rule in BIAS_RULES else ()  # the bias, counted in the denominators
+            return (grad, x, w, *lead, *geo, *params[1], True, *counted)
 
         samples[f"convolution_{rule}"] = forward
         samples[f"convolution_{rule}_relevance"] = relevance
