@@ -217,3 +217,22 @@ def conv2d_vision_rule(rule, x, w, b, R, stride, padding, dilation, eps, lower=N
     r = R.reshape(n, w.shape[0], -1).transpose(1, 2)  # [n, L, out]
     rel = vision_rule(rule, cols, wm, b, r, eps, mask=mask, lower=lo, upper=hi, **params)  # [n, L, c*kh*kw]
     return F.fold(rel.transpose(1, 2), (h, wd), (kh, kw), dilation=dilation, padding=padding, stride=stride)
+
+
+def linear_map_epsilon(f, x, R, eps):
+    """The epsilon rule over a map f linear in x (a pooling), from its matrix M (the images of the unit
+    tensors): R_x = x * ((R / stab(f(x))) M)."""
+    n_in = x.numel()
+    basis = torch.eye(n_in, dtype=x.dtype).reshape(n_in, *x.shape)
+    matrix = torch.stack([f(b).reshape(-1) for b in basis], 1)  # [out, in]
+    y = (matrix @ x.reshape(-1)).reshape(R.shape)
+    return x * ((R / stab(y, eps)).reshape(1, -1) @ matrix).reshape(x.shape)
+
+
+def winner_takes_all(x, R, indices, n):
+    """Max pooling's rule over n spatial dimensions: each window's relevance R goes to its maximum, the
+    input at ``indices`` (torch's flat index into the spatial plane of each sample and channel)."""
+    lead = x.shape[: x.dim() - n]
+    flat = torch.zeros(*lead, x.shape[x.dim() - n :].numel(), dtype=R.dtype)
+    flat.scatter_add_(-1, indices.reshape(*lead, -1), R.reshape(*lead, -1))
+    return flat.reshape(x.shape)

@@ -640,3 +640,134 @@ def test_composite_uses_the_convolution_drop_ins():
     with lrpcpp.Composite(preset=preset_for("z_plus", x)).context(model):
         assert isinstance(model[0], lm.Conv3dRule) and model[0].rule == R.ZPlus(EPS)
     assert model[0] is layer
+
+
+# ----------------------------------------------------------------------------- pooling ops
+# (layer, input shape): 1 to 3 dimensions, batched or not, with torch's arguments other than their defaults
+POOLS = [
+    (lambda: nn.AvgPool1d(3, 2, 1), (3, 9)),
+    (lambda: nn.AvgPool2d((2, 3), (2, 1), (1, 1), ceil_mode=True, count_include_pad=False), (2, 3, 6, 7)),
+    (lambda: nn.AvgPool3d(2, 1, divisor_override=3), (2, 3, 4, 5, 4)),
+    (lambda: nn.AdaptiveAvgPool1d(4), (2, 3, 9)),
+    (lambda: nn.AdaptiveAvgPool2d((2, None)), (2, 3, 5, 4)),
+    (lambda: nn.AdaptiveAvgPool3d(2), (3, 4, 5, 3)),
+    (lambda: nn.MaxPool1d(3, 2, dilation=2), (2, 3, 11)),
+    (lambda: nn.MaxPool2d(2, padding=1, ceil_mode=True), (3, 6, 5)),
+    (lambda: nn.MaxPool3d(2, (1, 2, 1), dilation=(1, 2, 1)), (2, 3, 4, 5, 4)),
+]
+POOL_IDS = [type(f()).__name__ + str(len(s)) for f, s in POOLS]
+
+
+def pool_op(layer, x, gi=False):
+    """The layer through its native op (what the explicit treatment calls)."""
+    name = type(layer).__name__
+    n = int(name[-2])
+    if name.startswith("Adaptive"):
+        size = layer.output_size if isinstance(layer.output_size, tuple) else (layer.output_size,) * n
+        spatial = x.shape[x.dim() - n :]
+        return lf.adaptive_avg_pool_epsilon(x, [spatial[i] if s is None else s for i, s in enumerate(size)], EPS, gi)
+
+    def ints(v):
+        return [v] * n if isinstance(v, int) else list(v)
+
+    if name.startswith("Avg"):
+        return lf.avg_pool_epsilon(
+            x,
+            ints(layer.kernel_size),
+            ints(layer.stride),
+            ints(layer.padding),
+            layer.ceil_mode,
+            layer.count_include_pad,
+            getattr(layer, "divisor_override", None),
+            EPS,
+            gi,
+        )
+    return lf.max_pool_wta(
+        x, ints(layer.kernel_size), ints(layer.stride), ints(layer.padding), ints(layer.dilation), layer.ceil_mode, gi
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("factory, shape", POOLS, ids=POOL_IDS)
+def test_pooling_ops_equal_the_float64_transcription(factory, shape, dtype):
+    """avg_pool_epsilon and adaptive_avg_pool_epsilon (R_x = x * P^T (R / stab(y))) and max_pool_wta
+    (each window's relevance to its maximum) against float64 transcriptions; the forward is torch's
+    pooling, bitwise; gi=True returns g_x with x * g_x the relevance (max pooling: the plain gradient)."""
+    import reference as ref
+
+    layer = factory()
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=dtype)
+    xr = x.clone().requires_grad_()
+    y = pool_op(layer, xr)
+    assert torch.equal(y, layer(x))
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    x64, r64 = x.double(), grad.double()
+    if "Max" in type(layer).__name__:
+        n = int(type(layer).__name__[-2])
+        layer.return_indices = True
+        _, indices = layer(x)
+        expected = ref.winner_takes_all(x64, r64, indices, n)
+    else:
+        expected = ref.linear_map_epsilon(lambda t: factory()(t), x64, r64, EPS)
+    assert xr.grad.abs().sum() > 0
+    # float32: the epsilon rule divides by outputs near 0, so its rounding error is relative to the largest share
+    tol = dict(rtol=1e-5, atol=1e-5 * float(expected.abs().max())) if dtype == torch.float32 else TOL[dtype]
+    torch.testing.assert_close(xr.grad.double(), expected, **tol)
+    xg = x.clone().requires_grad_()
+    yg = pool_op(layer if "Max" not in type(layer).__name__ else factory(), xg, gi=True)
+    yg.backward(grad / yg)
+    torch.testing.assert_close((x * xg.grad).double(), expected, **tol)
+    if "Max" in type(layer).__name__:
+        xp = x.clone().requires_grad_()
+        factory()(xp).backward(grad / yg)
+        assert torch.equal(xg.grad, xp.grad)
+
+
+class Pools(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.avg, self.max, self.ada = nn.AvgPool2d(2), nn.MaxPool1d(2), nn.AdaptiveAvgPool3d(1)
+
+    def forward(self, x):  # [2, 4, 8, 8]
+        h = self.max(self.avg(x).flatten(2))  # [2, 4, 8]
+        return self.ada(h.reshape(2, 4, 2, 2, 2))
+
+
+@pytest.mark.parametrize("mode", ["explicit", "composite"])
+def test_pooling_runs_the_native_ops(mode):
+    """The explicit treatment (lrpcpp.patch explicit mode, lrpcpp.Composite) computes nn.AvgPool*,
+    nn.AdaptiveAvgPool* and nn.MaxPool* through the native ops: their outputs come from the ops'
+    autograd nodes."""
+    model = Pools()
+    names = []
+    for layer in (model.avg, model.max, model.ada):
+        layer.register_forward_hook(lambda m, i, o: names.append(o.grad_fn.name()))
+    context = lrpcpp.patch(model, mode="explicit") if mode == "explicit" else lrpcpp.Composite().context(model)
+    with context:
+        model(torch.randn(2, 4, 8, 8, requires_grad=True)).sum().backward()
+    assert len(names) == 3 and all("PoolFunction" in n for n in names), names
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda x: lf.avg_pool_epsilon(x, [2, 2, 2, 2]), "avg_pool_epsilon: expected kernel_size to have 1 to 3"),
+        (lambda x: lf.avg_pool_epsilon(x[0, 0], [2, 2, 2]), "avg_pool_epsilon: expected x to be 4-D or 5-D"),
+        (lambda x: lf.avg_pool_epsilon(x[0], [2], divisor_override=2), "avg_pool_epsilon: a 1-D average pooling"),
+        (lambda x: lf.avg_pool_epsilon(x, [2, 2], padding=[2, 2]), "avg_pool_epsilon: expected padding >= 0 and"),
+        (lambda x: lf.max_pool_wta(x, [9, 2]), "max_pool_wta: expected the \\(dilated\\) kernel"),
+        (lambda x: lf.max_pool_wta(x, [2, 2], [1, 1, 1]), "max_pool_wta: expected stride to have 2 values"),
+        (lambda x: lf.adaptive_avg_pool_epsilon(x, [0, 2]), "adaptive_avg_pool_epsilon: expected output_size >= 1"),
+        (
+            lambda x: torch.ops.lrpcpp.avg_pool_epsilon_relevance(
+                x, x, x, [2, 2], [], [0], False, True, None, EPS, False
+            ),
+            "avg_pool_epsilon_relevance: expected output to have the shape",
+        ),
+    ],
+)
+def test_pooling_ops_name_bad_arguments(call, match):
+    with pytest.raises(RuntimeError, match=f"lrpcpp.{match}"):
+        call(torch.randn(2, 3, 8, 8))

@@ -4,6 +4,7 @@ AOTAutograd with static and dynamic shapes), with and without requires_grad."""
 import lrpcpp  # noqa: F401
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.library import opcheck
 
 ops = torch.ops.lrpcpp
@@ -370,6 +371,40 @@ def _convolution_samples():
 
 
 SAMPLES.update(_convolution_samples())
+
+
+def _pooling_samples():
+    """The pooling ops (1 to 3 spatial dimensions, batched or not) and their relevance ops; the output
+    shapes from torch's own pooling."""
+    avg = ((2, 3, 6, 7), [2, 3], [2, 1], [1, 1], True, False, None)
+    avg_y = F.avg_pool2d(torch.zeros(avg[0]), *avg[1:]).shape
+    pool = ((2, 3, 4, 5, 4), [2, 2, 2], [1, 2, 1], [1, 0, 1], [1, 1, 2], True)
+    pool_y = F.max_pool3d(torch.zeros(pool[0]), *pool[1:]).shape
+    return {
+        "avg_pool_epsilon": lambda g: (t(*avg[0], grad=g), *avg[1:], 1e-6, False),
+        "avg_pool_epsilon_relevance": lambda g: (
+            t(*avg_y, grad=g),
+            t(*avg[0], grad=g),
+            t(*avg_y),
+            *avg[1:],
+            1e-6,
+            True,
+        ),
+        "adaptive_avg_pool_epsilon": lambda g: (t(3, 5, grad=g), [3], 1e-6, True),
+        "adaptive_avg_pool_epsilon_relevance": lambda g: (
+            t(2, 3, 2, 3, 2, grad=g),
+            t(2, 3, 4, 5, 4, grad=g),
+            t(2, 3, 2, 3, 2),
+            [2, 3, 2],
+            1e-6,
+            False,
+        ),
+        "max_pool_wta": lambda g: (t(*pool[0], grad=g), *pool[1:], False),
+        "max_pool_wta_relevance": lambda g: (t(*pool_y, grad=g), t(*pool[0], grad=g), t(*pool_y), *pool[1:], True),
+    }
+
+
+SAMPLES.update(_pooling_samples())
 
 
 # ops without a derivative: the relevance ops, and the primitives and gradient-times-input
