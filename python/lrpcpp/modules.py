@@ -12,7 +12,7 @@ shares ``m``'s parameters and buffers (no copy)::
 All modules but the rule-taking convolution drop-ins (Conv1dRule, ...) are TorchScript-compatible.
 """
 
-from typing import Any, Callable, Dict, List, Optional, Tuple, cast
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type, cast
 
 import torch
 from torch import Tensor, nn
@@ -766,7 +766,7 @@ class _ConvolutionRule(_FromModule):
     rule: Any
     gi: bool
 
-    def _init_rule(self, torch_class: type, args: Tuple[Any, ...], kwargs: Dict[str, Any], options: Dict[str, Any]):
+    def _init_rule(self, torch_class: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any], options: Dict[str, Any]):
         torch_class.__init__(self, *args, **kwargs)  # an argument neither torch's nor a rule option: its TypeError
         for name, default in self._rule_defaults.items():
             setattr(self, name, options.get(name, default))
@@ -871,7 +871,7 @@ class ConvTranspose3dRule(_ConvolutionRule, nn.ConvTranspose3d):
 
 
 #: the drop-in class of each convolution kind that takes a rule object (nn.Conv2d has one class per rule)
-CONVOLUTION_RULE_MODULES: Dict[type, type] = {
+CONVOLUTION_RULE_MODULES: Dict[type, Type[_ConvolutionRule]] = {
     nn.Conv1d: Conv1dRule,
     nn.Conv3d: Conv3dRule,
     nn.ConvTranspose1d: ConvTranspose1dRule,
