@@ -8,8 +8,9 @@
   (z-box on the first convolution, gamma 0.25 on the others, batch norms merged);
 * a small 3-D CNN (two nn.Conv3d with ReLU, nn.MaxPool3d, nn.AdaptiveAvgPool3d, nn.Linear) on a
   16 x 64 x 64 clip with ``preset="epsilon_gamma_box"``;
-* a ConvTranspose decoder (three nn.ConvTranspose2d, 64 channels at 8 x 8 to an RGB image at 64 x 64,
-  then the channel means) with ``preset="epsilon_plus"`` (z-plus on the transposed convolutions).
+* a ConvTranspose decoder (three nn.ConvTranspose2d, 256 channels at 16 x 16 to an RGB image at
+  128 x 128, then the channel means) with ``preset="epsilon_plus"`` (z-plus on the transposed
+  convolutions).
 
 Both sides explain the top class of one image, with every parameter frozen
 (``requires_grad_(False)``): the plain side is forward, top logit, ``torch.autograd.grad`` to the
@@ -108,7 +109,7 @@ class CNN3d(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, width: int = 64):
+    def __init__(self, width: int = 256):
         super().__init__()
         self.up1 = nn.ConvTranspose2d(width, width // 2, 4, 2, 1)
         self.up2 = nn.ConvTranspose2d(width // 2, width // 4, 4, 2, 1)
@@ -153,7 +154,8 @@ def build(name: str, quick: bool):
     elif name == "decoder":
         model = (Decoder(width=16) if quick else Decoder()).eval().requires_grad_(False)
         g = torch.Generator().manual_seed(1)
-        return model, torch.randn(1, model.up1.in_channels, 8, 8, generator=g), ("epsilon_plus", {})
+        side = 8 if quick else 16
+        return model, torch.randn(1, model.up1.in_channels, side, side, generator=g), ("epsilon_plus", {})
     else:
         model = ResNet50Shaped(blocks=(1, 1, 1, 1), base=8) if quick else ResNet50Shaped()
         g = torch.Generator().manual_seed(0)
