@@ -82,6 +82,10 @@ PoolGeometry check_pool(const Tensor& x, IntRef kernel_size, IntRef stride, IntR
     for (int64_t i = 0; i < n; ++i) out[i] = v.size() == 1 ? v[0] : v[i];
     return out;
   };
+  for (int64_t d = x.dim() == n + 2 ? 1 : 0; d < x.dim(); ++d) {
+    TORCH_SYM_CHECK(x.sym_size(d).sym_ne(0), op,
+                    ": expected x to have a non-zero size in every dimension but the batch, got shape ", shape_str(x));
+  }
   const std::array<int64_t, 1> one{1};
   PoolGeometry g{n, expand(kernel_size, "kernel_size", kernel_size), expand(stride, "stride", kernel_size),
                  expand(padding, "padding", kernel_size), expand(dilation, "dilation", one)};
@@ -192,6 +196,10 @@ int64_t check_adaptive(const Tensor& x, IntRef output_size, const char* op) {
               output_size);
   TORCH_CHECK(x.dim() == n + 1 || x.dim() == n + 2, op, ": expected x to be ", n + 1, "-D or ", n + 2,
               "-D ([batch,] channels, *spatial) for a ", n, "-D pooling, got shape ", shape_str(x));
+  for (int64_t d = x.dim() == n + 2 ? 1 : 0; d < x.dim(); ++d) {
+    TORCH_SYM_CHECK(x.sym_size(d).sym_ne(0), op,
+                    ": expected x to have a non-zero size in every dimension but the batch, got shape ", shape_str(x));
+  }
   for (const auto s : output_size) TORCH_CHECK(s >= 1, op, ": expected output_size >= 1, got ", output_size);
   return n;
 }
