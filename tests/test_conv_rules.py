@@ -20,6 +20,7 @@ import torch
 from lrpcpp import rules as R
 from lrpcpp.models.presets import CONVOLUTIONS, Preset
 from torch import nn
+from torch.nn import functional as F
 from zennit_import import import_zennit
 
 zennit = import_zennit()
@@ -771,3 +772,13 @@ def test_pooling_runs_the_native_ops(mode):
 def test_pooling_ops_name_bad_arguments(call, match):
     with pytest.raises(RuntimeError, match=f"lrpcpp.{match}"):
         call(torch.randn(2, 3, 8, 8))
+
+
+def test_pooling_op_defaults_are_torchs():
+    """stride None or [] is the kernel size, padding None or [] is 0, dilation None or [] is 1; one value
+    stands for every dimension: the output is torch's."""
+    x = torch.randn(2, 3, 7, 8)
+    expected_avg, expected_max = F.avg_pool2d(x, 3), F.max_pool2d(x, 3)
+    for stride, padding in ((None, None), ([], []), ([3], [0])):
+        assert torch.equal(lf.avg_pool_epsilon(x, [3, 3], stride, padding), expected_avg)
+        assert torch.equal(lf.max_pool_wta(x, [3, 3], stride, padding, [] if stride == [] else None), expected_max)

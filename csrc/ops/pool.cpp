@@ -64,10 +64,10 @@ struct PoolGeometry {
 };
 
 // x: [batch, channels, *spatial] or [channels, *spatial] with n = len(kernel_size) in 1..3 spatial
-// dimensions; each of stride, padding, dilation has n values (or one, or none for stride).
+// dimensions; each of stride, padding, dilation has n values or one (none: stride the kernel size, padding 0,
+// dilation 1); the padding at most half the (dilated) kernel, which fits into the padded input, as torch checks.
 PoolGeometry check_pool(const Tensor& x, IntRef kernel_size, IntRef stride, IntRef padding, IntRef dilation,
                         const char* op) {
-  // padding at most half the (dilated) kernel, and the kernel fits into the padded input, as torch checks
   check_floating(x, op, "x");
   const int64_t n = static_cast<int64_t>(kernel_size.size());
   TORCH_CHECK(n >= 1 && n <= 3, op, ": expected kernel_size to have 1 to 3 values (one per spatial dimension), got ",
@@ -86,9 +86,9 @@ PoolGeometry check_pool(const Tensor& x, IntRef kernel_size, IntRef stride, IntR
     TORCH_SYM_CHECK(x.sym_size(d).sym_ne(0), op,
                     ": expected x to have a non-zero size in every dimension but the batch, got shape ", shape_str(x));
   }
-  const std::array<int64_t, 1> one{1};
+  const std::array<int64_t, 1> zero{0}, one{1};
   PoolGeometry g{n, expand(kernel_size, "kernel_size", kernel_size), expand(stride, "stride", kernel_size),
-                 expand(padding, "padding", kernel_size), expand(dilation, "dilation", one)};
+                 expand(padding, "padding", zero), expand(dilation, "dilation", one)};
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK(g.kernel[i] >= 1, op, ": expected kernel_size >= 1, got ", kernel_size);
     TORCH_CHECK(g.stride[i] >= 1, op, ": expected stride >= 1, got ", stride);
