@@ -5,11 +5,14 @@ conservation on bias-free layers; the gradient-times-input form; the argument ch
 
 The bias conventions (docs/vision.rst): zennit counts the bias in the denominators of alpha-beta and
 z-plus (its positive or negative part joins the sum of the positive or negative terms) and of w-square
-(squared), lrpcpp does not; those rules are compared on bias-free layers. Epsilon, gamma, z-box and flat
+(squared), lrpcpp by default does not (bias="ignore"), and does with bias="denominator"; those rules are
+compared on bias-free layers, and on layers with a bias under both conventions (the bias-share
+conservation, the dense float64 reference, patch / Composite / the drop-ins). Epsilon, gamma, z-box and flat
 agree with a bias as well (epsilon: the denominator is the output, bias included; gamma: both count the
 bias as the weight of a constant input 1, b + gamma b+ on outputs z > 0 and b + gamma b- on z < 0;
 zennit's z-box bias terms b - b+ - b- cancel; flat: zennit zeroes the bias) and are compared on layers
-with a bias too, nn.Linear included."""
+with a bias too, nn.Linear included. Then the convolution drop-ins (lm.Conv1dRule, ...) and the native
+pooling ops (avg_pool_epsilon, adaptive_avg_pool_epsilon, max_pool_wta) against float64 transcriptions."""
 
 import copy
 
