@@ -93,6 +93,9 @@ TORCH_LIBRARY(lrpcpp, m) {
   // F.linear / F.conv2d; the weight transforms (|W|, W+, W^2) may be passed in, computed once by the
   // caller, else they are computed per call. gi=True: the backward returns the gradient-times-input
   // form g_x (x * g_x is the rule's relevance of x), taking the gradient g_y with R_y = y * g_y.
+  // bias_in_denominator=True (alpha-beta, z-plus, w-square): the bias is counted in the denominators as
+  // zennit counts it (b+ in the sum of the positive terms, b- in that of the negative ones; b^2 for
+  // w-square), else it is left out; their relevance ops count a bias they are given.
   m.def(
       "linear_gamma(Tensor x, Tensor weight, Tensor? bias=None, float gamma=0.25, float epsilon=1e-6, "
       "Tensor? weight_abs=None, bool gi=False) -> Tensor");
@@ -101,16 +104,17 @@ TORCH_LIBRARY(lrpcpp, m) {
       "Tensor output, float gamma, float epsilon, bool gi) -> Tensor");
   m.def(
       "linear_alpha_beta(Tensor x, Tensor weight, Tensor? bias=None, float alpha=2.0, float beta=1.0, "
-      "float epsilon=1e-6, Tensor? weight_pos=None, Tensor? weight_neg=None, bool gi=False) -> Tensor");
+      "float epsilon=1e-6, Tensor? weight_pos=None, Tensor? weight_neg=None, bool gi=False, bool "
+      "bias_in_denominator=False) -> Tensor");
   m.def(
       "linear_alpha_beta_relevance(Tensor grad, Tensor x, Tensor weight, Tensor? weight_pos, Tensor? weight_neg, "
-      "Tensor output, float alpha, float beta, float epsilon, bool gi) -> Tensor");
+      "Tensor output, float alpha, float beta, float epsilon, bool gi, Tensor? bias=None) -> Tensor");
   m.def(
       "linear_z_plus(Tensor x, Tensor weight, Tensor? bias=None, float epsilon=1e-6, Tensor? weight_pos=None, "
-      "bool gi=False) -> Tensor");
+      "bool gi=False, bool bias_in_denominator=False) -> Tensor");
   m.def(
       "linear_z_plus_relevance(Tensor grad, Tensor x, Tensor weight, Tensor? weight_pos, Tensor output, "
-      "float epsilon, bool gi) -> Tensor");
+      "float epsilon, bool gi, Tensor? bias=None) -> Tensor");
   m.def(
       "linear_z_box(Tensor x, Tensor weight, Tensor? bias, Tensor lower, Tensor upper, float epsilon=1e-6, "
       "Tensor? weight_abs=None, bool gi=False) -> Tensor");
@@ -123,10 +127,10 @@ TORCH_LIBRARY(lrpcpp, m) {
       "-> Tensor");
   m.def(
       "linear_w_square(Tensor x, Tensor weight, Tensor? bias=None, float epsilon=1e-6, Tensor? weight_sq=None, "
-      "bool gi=False) -> Tensor");
+      "bool gi=False, bool bias_in_denominator=False) -> Tensor");
   m.def(
       "linear_w_square_relevance(Tensor grad, Tensor x, Tensor weight, Tensor? weight_sq, Tensor output, "
-      "float epsilon, bool gi) -> Tensor");
+      "float epsilon, bool gi, Tensor? bias=None) -> Tensor");
   m.def(
       "conv2d_gamma(Tensor x, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
       "int[2] dilation=1, int groups=1, float gamma=0.25, float epsilon=1e-6, Tensor? weight_abs=None, "
@@ -138,17 +142,19 @@ TORCH_LIBRARY(lrpcpp, m) {
   m.def(
       "conv2d_alpha_beta(Tensor x, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
       "int[2] dilation=1, int groups=1, float alpha=2.0, float beta=1.0, float epsilon=1e-6, "
-      "Tensor? weight_pos=None, Tensor? weight_neg=None, bool gi=False) -> Tensor");
+      "Tensor? weight_pos=None, Tensor? weight_neg=None, bool gi=False, bool bias_in_denominator=False) -> Tensor");
   m.def(
       "conv2d_alpha_beta_relevance(Tensor grad, Tensor x, Tensor weight, Tensor? weight_pos, Tensor? weight_neg, "
       "Tensor output, int[2] stride, int[2] padding, int[2] dilation, int groups, float alpha, float beta, "
-      "float epsilon, bool gi) -> Tensor");
+      "float epsilon, bool gi, Tensor? bias=None) -> Tensor");
   m.def(
       "conv2d_z_plus(Tensor x, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
-      "int[2] dilation=1, int groups=1, float epsilon=1e-6, Tensor? weight_pos=None, bool gi=False) -> Tensor");
+      "int[2] dilation=1, int groups=1, float epsilon=1e-6, Tensor? weight_pos=None, bool gi=False, bool "
+      "bias_in_denominator=False) -> Tensor");
   m.def(
       "conv2d_z_plus_relevance(Tensor grad, Tensor x, Tensor weight, Tensor? weight_pos, Tensor output, "
-      "int[2] stride, int[2] padding, int[2] dilation, int groups, float epsilon, bool gi) -> Tensor");
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, float epsilon, bool gi, Tensor? bias=None) -> "
+      "Tensor");
   m.def(
       "conv2d_z_box(Tensor x, Tensor weight, Tensor? bias, Tensor lower, Tensor upper, int[2] stride=1, "
       "int[2] padding=0, int[2] dilation=1, int groups=1, float epsilon=1e-6, Tensor? weight_abs=None, "
@@ -165,10 +171,12 @@ TORCH_LIBRARY(lrpcpp, m) {
       "int[2] padding, int[2] dilation, int groups, float epsilon, bool gi) -> Tensor");
   m.def(
       "conv2d_w_square(Tensor x, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
-      "int[2] dilation=1, int groups=1, float epsilon=1e-6, Tensor? weight_sq=None, bool gi=False) -> Tensor");
+      "int[2] dilation=1, int groups=1, float epsilon=1e-6, Tensor? weight_sq=None, bool gi=False, bool "
+      "bias_in_denominator=False) -> Tensor");
   m.def(
       "conv2d_w_square_relevance(Tensor grad, Tensor x, Tensor weight, Tensor? weight_sq, Tensor output, "
-      "int[2] stride, int[2] padding, int[2] dilation, int groups, float epsilon, bool gi) -> Tensor");
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, float epsilon, bool gi, Tensor? bias=None) -> "
+      "Tensor");
   // the same rules, and epsilon, on any convolution (at::convolution's arguments: 1 to 3 spatial
   // dimensions, transposed or not); each forward returns exactly at::convolution
 #define CONV_ARGS "int[] stride, int[] padding, int[] dilation, bool transposed, int[] output_padding, int groups"
@@ -187,16 +195,17 @@ TORCH_LIBRARY(lrpcpp, m) {
   m.def("convolution_alpha_beta(Tensor x, Tensor weight, Tensor? bias, " CONV_ARGS
         ", "
         "float alpha=2.0, float beta=1.0, float epsilon=1e-6, Tensor? weight_pos=None, Tensor? weight_neg=None, "
-        "bool gi=False) -> Tensor");
+        "bool gi=False, bool bias_in_denominator=False) -> Tensor");
   m.def(
       "convolution_alpha_beta_relevance(Tensor grad, Tensor x, Tensor weight, Tensor? weight_pos, "
-      "Tensor? weight_neg, Tensor output, " CONV_ARGS ", float alpha, float beta, float epsilon, bool gi) -> Tensor");
+      "Tensor? weight_neg, Tensor output, " CONV_ARGS
+      ", float alpha, float beta, float epsilon, bool gi, Tensor? bias=None) -> Tensor");
   m.def("convolution_z_plus(Tensor x, Tensor weight, Tensor? bias, " CONV_ARGS
         ", "
-        "float epsilon=1e-6, Tensor? weight_pos=None, bool gi=False) -> Tensor");
+        "float epsilon=1e-6, Tensor? weight_pos=None, bool gi=False, bool bias_in_denominator=False) -> Tensor");
   m.def(
       "convolution_z_plus_relevance(Tensor grad, Tensor x, Tensor weight, Tensor? weight_pos, Tensor output, "
-      "" CONV_ARGS ", float epsilon, bool gi) -> Tensor");
+      "" CONV_ARGS ", float epsilon, bool gi, Tensor? bias=None) -> Tensor");
   m.def("convolution_z_box(Tensor x, Tensor weight, Tensor? bias, Tensor lower, Tensor upper, " CONV_ARGS
         ", "
         "float epsilon=1e-6, Tensor? weight_abs=None, bool gi=False) -> Tensor");
@@ -211,11 +220,31 @@ TORCH_LIBRARY(lrpcpp, m) {
         "float epsilon, bool gi) -> Tensor");
   m.def("convolution_w_square(Tensor x, Tensor weight, Tensor? bias, " CONV_ARGS
         ", "
-        "float epsilon=1e-6, Tensor? weight_sq=None, bool gi=False) -> Tensor");
+        "float epsilon=1e-6, Tensor? weight_sq=None, bool gi=False, bool bias_in_denominator=False) -> Tensor");
   m.def(
       "convolution_w_square_relevance(Tensor grad, Tensor x, Tensor weight, Tensor? weight_sq, Tensor output, "
-      "" CONV_ARGS ", float epsilon, bool gi) -> Tensor");
+      "" CONV_ARGS ", float epsilon, bool gi, Tensor? bias=None) -> Tensor");
 #undef CONV_ARGS
+  // pooling, 1 to 3 spatial dimensions with torch's arguments (stride [] is the kernel size): average
+  // pooling with the epsilon rule, max pooling winner-takes-all (each window's relevance to its maximum);
+  // each forward returns exactly torch's pooling
+  m.def(
+      "avg_pool_epsilon(Tensor x, int[] kernel_size, int[] stride=[], int[] padding=[0], bool ceil_mode=False, "
+      "bool count_include_pad=True, int? divisor_override=None, float epsilon=1e-6, bool gi=False) -> Tensor");
+  m.def(
+      "avg_pool_epsilon_relevance(Tensor grad, Tensor x, Tensor output, int[] kernel_size, int[] stride, "
+      "int[] padding, bool ceil_mode, bool count_include_pad, int? divisor_override, float epsilon, bool gi) "
+      "-> Tensor");
+  m.def("adaptive_avg_pool_epsilon(Tensor x, int[] output_size, float epsilon=1e-6, bool gi=False) -> Tensor");
+  m.def(
+      "adaptive_avg_pool_epsilon_relevance(Tensor grad, Tensor x, Tensor output, int[] output_size, float epsilon, "
+      "bool gi) -> Tensor");
+  m.def(
+      "max_pool_wta(Tensor x, int[] kernel_size, int[] stride=[], int[] padding=[0], int[] dilation=[1], "
+      "bool ceil_mode=False, bool gi=False) -> Tensor");
+  m.def(
+      "max_pool_wta_relevance(Tensor grad, Tensor x, Tensor output, int[] kernel_size, int[] stride, int[] padding, "
+      "int[] dilation, bool ceil_mode, bool gi) -> Tensor");
   // their per-element primitives: the two normalised relevances of the gamma rule (bias along
   // dimension bias_dim of the output) and of the alpha-beta rule (from the sums of the positive and
   // of the negative terms), and x * a + |x| * b (gi: a + sign(x) * b)

@@ -119,7 +119,9 @@ LRPCPP_API Tensor gi_layer_norm_backward(const Tensor& grad, const Tensor& x, at
 // weight_neg (min(W, 0)) and weight_sq (W^2) are the weight transforms a rule multiplies by: pass them in, computed
 // once while the weight is unchanged, or leave them empty to have them computed per call. gi = true: the backward
 // returns the gradient-times-input form g_x, with x * g_x the rule's relevance of x, from the incoming gradient g_y
-// with R_y = y * g_y.
+// with R_y = y * g_y. bias_in_denominator = true (alpha-beta, z-plus, w-square): the bias is counted in the
+// denominators as zennit counts it (b+ in the positive sum, b- in the negative sum, b^2 for w-square); false leaves
+// it out (RULES.md section 3). Their relevance ops count a bias they are given.
 using IntRef = at::IntArrayRef;
 LRPCPP_API Tensor linear_gamma(const Tensor& x, const Tensor& weight, const OptTensor& bias, double gamma,
                                double epsilon, const OptTensor& weight_abs, bool gi);
@@ -128,14 +130,16 @@ LRPCPP_API Tensor linear_gamma_relevance(const Tensor& grad, const Tensor& x, co
                                          double gamma, double epsilon, bool gi);
 LRPCPP_API Tensor linear_alpha_beta(const Tensor& x, const Tensor& weight, const OptTensor& bias, double alpha,
                                     double beta, double epsilon, const OptTensor& weight_pos,
-                                    const OptTensor& weight_neg, bool gi);
+                                    const OptTensor& weight_neg, bool gi, bool bias_in_denominator = false);
 LRPCPP_API Tensor linear_alpha_beta_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
                                               const OptTensor& weight_pos, const OptTensor& weight_neg,
-                                              const Tensor& output, double alpha, double beta, double epsilon, bool gi);
+                                              const Tensor& output, double alpha, double beta, double epsilon, bool gi,
+                                              const OptTensor& bias = std::nullopt);
 LRPCPP_API Tensor linear_z_plus(const Tensor& x, const Tensor& weight, const OptTensor& bias, double epsilon,
-                                const OptTensor& weight_pos, bool gi);
+                                const OptTensor& weight_pos, bool gi, bool bias_in_denominator = false);
 LRPCPP_API Tensor linear_z_plus_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
-                                          const OptTensor& weight_pos, const Tensor& output, double epsilon, bool gi);
+                                          const OptTensor& weight_pos, const Tensor& output, double epsilon, bool gi,
+                                          const OptTensor& bias = std::nullopt);
 LRPCPP_API Tensor linear_z_box(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& lower,
                                const Tensor& upper, double epsilon, const OptTensor& weight_abs, bool gi);
 LRPCPP_API Tensor linear_z_box_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& lower,
@@ -145,9 +149,10 @@ LRPCPP_API Tensor linear_flat(const Tensor& x, const Tensor& weight, const OptTe
 LRPCPP_API Tensor linear_flat_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& output,
                                         double epsilon, bool gi);
 LRPCPP_API Tensor linear_w_square(const Tensor& x, const Tensor& weight, const OptTensor& bias, double epsilon,
-                                  const OptTensor& weight_sq, bool gi);
+                                  const OptTensor& weight_sq, bool gi, bool bias_in_denominator = false);
 LRPCPP_API Tensor linear_w_square_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
-                                            const OptTensor& weight_sq, const Tensor& output, double epsilon, bool gi);
+                                            const OptTensor& weight_sq, const Tensor& output, double epsilon, bool gi,
+                                            const OptTensor& bias = std::nullopt);
 LRPCPP_API Tensor conv2d_gamma(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride,
                                IntRef padding, IntRef dilation, int64_t groups, double gamma, double epsilon,
                                const OptTensor& weight_abs, bool gi);
@@ -157,17 +162,20 @@ LRPCPP_API Tensor conv2d_gamma_relevance(const Tensor& grad, const Tensor& x, co
                                          double epsilon, bool gi);
 LRPCPP_API Tensor conv2d_alpha_beta(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride,
                                     IntRef padding, IntRef dilation, int64_t groups, double alpha, double beta,
-                                    double epsilon, const OptTensor& weight_pos, const OptTensor& weight_neg, bool gi);
+                                    double epsilon, const OptTensor& weight_pos, const OptTensor& weight_neg, bool gi,
+                                    bool bias_in_denominator = false);
 LRPCPP_API Tensor conv2d_alpha_beta_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
                                               const OptTensor& weight_pos, const OptTensor& weight_neg,
                                               const Tensor& output, IntRef stride, IntRef padding, IntRef dilation,
-                                              int64_t groups, double alpha, double beta, double epsilon, bool gi);
+                                              int64_t groups, double alpha, double beta, double epsilon, bool gi,
+                                              const OptTensor& bias = std::nullopt);
 LRPCPP_API Tensor conv2d_z_plus(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride,
                                 IntRef padding, IntRef dilation, int64_t groups, double epsilon,
-                                const OptTensor& weight_pos, bool gi);
+                                const OptTensor& weight_pos, bool gi, bool bias_in_denominator = false);
 LRPCPP_API Tensor conv2d_z_plus_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
                                           const OptTensor& weight_pos, const Tensor& output, IntRef stride,
-                                          IntRef padding, IntRef dilation, int64_t groups, double epsilon, bool gi);
+                                          IntRef padding, IntRef dilation, int64_t groups, double epsilon, bool gi,
+                                          const OptTensor& bias = std::nullopt);
 LRPCPP_API Tensor conv2d_z_box(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& lower,
                                const Tensor& upper, IntRef stride, IntRef padding, IntRef dilation, int64_t groups,
                                double epsilon, const OptTensor& weight_abs, bool gi);
@@ -182,10 +190,11 @@ LRPCPP_API Tensor conv2d_flat_relevance(const Tensor& grad, const Tensor& x, con
                                         bool gi);
 LRPCPP_API Tensor conv2d_w_square(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride,
                                   IntRef padding, IntRef dilation, int64_t groups, double epsilon,
-                                  const OptTensor& weight_sq, bool gi);
+                                  const OptTensor& weight_sq, bool gi, bool bias_in_denominator = false);
 LRPCPP_API Tensor conv2d_w_square_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
                                             const OptTensor& weight_sq, const Tensor& output, IntRef stride,
-                                            IntRef padding, IntRef dilation, int64_t groups, double epsilon, bool gi);
+                                            IntRef padding, IntRef dilation, int64_t groups, double epsilon, bool gi,
+                                            const OptTensor& bias = std::nullopt);
 // The same rules (and epsilon) on any convolution: 1 to 3 spatial dimensions, transposed or not, with
 // torch's at::convolution arguments (stride, padding, dilation and output_padding with one value per
 // spatial dimension). Each forward returns exactly at::convolution; the relevance maps back through the
@@ -203,16 +212,17 @@ LRPCPP_API Tensor convolution_gamma_relevance(const Tensor& grad, const Tensor& 
                                               LRPCPP_CONV_ARGS, double gamma, double epsilon, bool gi);
 LRPCPP_API Tensor convolution_alpha_beta(const Tensor& x, const Tensor& weight, const OptTensor& bias, LRPCPP_CONV_ARGS,
                                          double alpha, double beta, double epsilon, const OptTensor& weight_pos,
-                                         const OptTensor& weight_neg, bool gi);
+                                         const OptTensor& weight_neg, bool gi, bool bias_in_denominator = false);
 LRPCPP_API Tensor convolution_alpha_beta_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
                                                    const OptTensor& weight_pos, const OptTensor& weight_neg,
                                                    const Tensor& output, LRPCPP_CONV_ARGS, double alpha, double beta,
-                                                   double epsilon, bool gi);
+                                                   double epsilon, bool gi, const OptTensor& bias = std::nullopt);
 LRPCPP_API Tensor convolution_z_plus(const Tensor& x, const Tensor& weight, const OptTensor& bias, LRPCPP_CONV_ARGS,
-                                     double epsilon, const OptTensor& weight_pos, bool gi);
+                                     double epsilon, const OptTensor& weight_pos, bool gi,
+                                     bool bias_in_denominator = false);
 LRPCPP_API Tensor convolution_z_plus_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
                                                const OptTensor& weight_pos, const Tensor& output, LRPCPP_CONV_ARGS,
-                                               double epsilon, bool gi);
+                                               double epsilon, bool gi, const OptTensor& bias = std::nullopt);
 LRPCPP_API Tensor convolution_z_box(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& lower,
                                     const Tensor& upper, LRPCPP_CONV_ARGS, double epsilon, const OptTensor& weight_abs,
                                     bool gi);
@@ -224,11 +234,30 @@ LRPCPP_API Tensor convolution_flat(const Tensor& x, const Tensor& weight, const 
 LRPCPP_API Tensor convolution_flat_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
                                              const Tensor& output, LRPCPP_CONV_ARGS, double epsilon, bool gi);
 LRPCPP_API Tensor convolution_w_square(const Tensor& x, const Tensor& weight, const OptTensor& bias, LRPCPP_CONV_ARGS,
-                                       double epsilon, const OptTensor& weight_sq, bool gi);
+                                       double epsilon, const OptTensor& weight_sq, bool gi,
+                                       bool bias_in_denominator = false);
 LRPCPP_API Tensor convolution_w_square_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
                                                  const OptTensor& weight_sq, const Tensor& output, LRPCPP_CONV_ARGS,
-                                                 double epsilon, bool gi);
+                                                 double epsilon, bool gi, const OptTensor& bias = std::nullopt);
 #undef LRPCPP_CONV_ARGS
+// Pooling with 1 to 3 spatial dimensions and torch's arguments (stride {} is the kernel size): average pooling with
+// the epsilon rule (R_x = x * P^T (R / stab(y)), P^T the pooling's input-gradient), adaptive average pooling the
+// same, max pooling winner-takes-all (R_x = P^T R: each window's relevance to its maximum). Each forward returns
+// exactly torch's pooling; gi = true: the backward takes and returns gradients (x * g_x = R_x, exactly).
+LRPCPP_API Tensor avg_pool_epsilon(const Tensor& x, IntRef kernel_size, IntRef stride, IntRef padding, bool ceil_mode,
+                                   bool count_include_pad, std::optional<int64_t> divisor_override, double epsilon,
+                                   bool gi);
+LRPCPP_API Tensor avg_pool_epsilon_relevance(const Tensor& grad, const Tensor& x, const Tensor& output,
+                                             IntRef kernel_size, IntRef stride, IntRef padding, bool ceil_mode,
+                                             bool count_include_pad, std::optional<int64_t> divisor_override,
+                                             double epsilon, bool gi);
+LRPCPP_API Tensor adaptive_avg_pool_epsilon(const Tensor& x, IntRef output_size, double epsilon, bool gi);
+LRPCPP_API Tensor adaptive_avg_pool_epsilon_relevance(const Tensor& grad, const Tensor& x, const Tensor& output,
+                                                      IntRef output_size, double epsilon, bool gi);
+LRPCPP_API Tensor max_pool_wta(const Tensor& x, IntRef kernel_size, IntRef stride, IntRef padding, IntRef dilation,
+                               bool ceil_mode, bool gi);
+LRPCPP_API Tensor max_pool_wta_relevance(const Tensor& grad, const Tensor& x, const Tensor& output, IntRef kernel_size,
+                                         IntRef stride, IntRef padding, IntRef dilation, bool ceil_mode, bool gi);
 // The per-element primitives of these rules. gamma_stab_div: the factors (s_w, s_abs) of the gamma
 // rule's R_x = x * (s_w W) + |x| * (s_abs |W|) from the incoming relevance (gi: gradient), the
 // output, the product |x| |W| and the bias along dimension bias_dim of the output.

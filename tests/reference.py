@@ -154,8 +154,14 @@ def _share(num, den, R, eps):
     return (num * (R / stab(den, eps)).unsqueeze(-1)).sum(-2)
 
 
-def vision_rule(rule, x, w, b, R, eps, mask=None, gamma=0.25, alpha=2.0, beta=1.0, lower=None, upper=None):
-    """The relevance of x by one rule of RULES.md section 3 (float64, straight from the formula)."""
+def vision_rule(
+    rule, x, w, b, R, eps, mask=None, gamma=0.25, alpha=2.0, beta=1.0, lower=None, upper=None, bias="ignore"
+):
+    """The relevance of x by one rule of RULES.md section 3 (float64, straight from the formula).
+    ``bias="denominator"`` (alpha-beta, z-plus, w-square): zennit's convention, b+ joins the sum of the
+    positive terms and b- that of the negative ones (w-square: b**2 joins the denominator); "ignore"
+    leaves the bias out."""
+    counted = bias == "denominator" and b is not None
     xi = x.unsqueeze(-2)  # [..., 1, in]
     mask = torch.ones_like(x).unsqueeze(-2) if mask is None else mask.unsqueeze(-2)
     if rule == "gamma":
@@ -176,14 +182,17 @@ def vision_rule(rule, x, w, b, R, eps, mask=None, gamma=0.25, alpha=2.0, beta=1.
     if rule == "alpha_beta":
         terms = xi * w
         tp, tn = _pos(terms), _neg(terms)
-        rel = alpha * _share(tp, tp.sum(-1), R, eps)
-        return rel - beta * _share(tn, tn.sum(-1), R, eps) if beta else rel
+        den_p = tp.sum(-1) + (_pos(b) if counted else 0)
+        den_n = tn.sum(-1) + (_neg(b) if counted else 0)
+        rel = alpha * _share(tp, den_p, R, eps)
+        return rel - beta * _share(tn, den_n, R, eps) if beta else rel
     if rule == "z_box":
         num = xi * w - lower.unsqueeze(-2) * _pos(w) - upper.unsqueeze(-2) * _neg(w)
     elif rule == "flat":
         num = torch.ones_like(xi * w) * mask
     elif rule == "w_square":
         num = (w * w) * mask
+        return _share(num, num.sum(-1) + (b * b if counted else 0), R, eps)
     else:
         raise ValueError(rule)
     return _share(num, num.sum(-1), R, eps)
@@ -208,3 +217,22 @@ def conv2d_vision_rule(rule, x, w, b, R, stride, padding, dilation, eps, lower=N
     r = R.reshape(n, w.shape[0], -1).transpose(1, 2)  # [n, L, out]
     rel = vision_rule(rule, cols, wm, b, r, eps, mask=mask, lower=lo, upper=hi, **params)  # [n, L, c*kh*kw]
     return F.fold(rel.transpose(1, 2), (h, wd), (kh, kw), dilation=dilation, padding=padding, stride=stride)
+
+
+def linear_map_epsilon(f, x, R, eps):
+    """The epsilon rule over a map f linear in x (a pooling), from its matrix M (the images of the unit
+    tensors): R_x = x * ((R / stab(f(x))) M)."""
+    n_in = x.numel()
+    basis = torch.eye(n_in, dtype=x.dtype).reshape(n_in, *x.shape)
+    matrix = torch.stack([f(b).reshape(-1) for b in basis], 1)  # [out, in]
+    y = (matrix @ x.reshape(-1)).reshape(R.shape)
+    return x * ((R / stab(y, eps)).reshape(1, -1) @ matrix).reshape(x.shape)
+
+
+def winner_takes_all(x, R, indices, n):
+    """Max pooling's rule over n spatial dimensions: each window's relevance R goes to its maximum, the
+    input at ``indices`` (torch's flat index into the spatial plane of each sample and channel)."""
+    lead = x.shape[: x.dim() - n]
+    flat = torch.zeros(*lead, x.shape[x.dim() - n :].numel(), dtype=R.dtype)
+    flat.scatter_add_(-1, indices.reshape(*lead, -1), R.reshape(*lead, -1))
+    return flat.reshape(x.shape)

@@ -133,6 +133,23 @@ def _cases():
             1,
         ),
         "silu": (lambda d: [rnd(3, 8, device=d)], lf.silu, F.silu, lambda R, x: ref.identity(x, R), False, 1),
+        # pooling keeps its input's dtype under autocast, as torch's
+        "avg_pool_epsilon": (
+            lambda d: [rnd(2, 3, 6, 6, device=d)],
+            lambda x: lf.avg_pool_epsilon(x, [2, 2], None, [1, 1], False, False),
+            lambda x: F.avg_pool2d(x, 2, None, 1, False, False),
+            lambda R, x: ref.linear_map_epsilon(lambda t: F.avg_pool2d(t, 2, None, 1, False, False), x, R, EPS),
+            False,
+            1,
+        ),
+        "max_pool_wta": (
+            lambda d: [rnd(2, 3, 9, device=d)],
+            lambda x: lf.max_pool_wta(x, [3], [2]),
+            lambda x: F.max_pool1d(x, 3, 2),
+            lambda R, x: ref.winner_takes_all(x, R, F.max_pool1d(x, 3, 2, return_indices=True)[1], 1),
+            False,
+            1,
+        ),
     }
     for layer in ("linear", "conv2d"):
         for rule in VISION_RULES:

@@ -5,11 +5,16 @@ conservation on bias-free layers; the gradient-times-input form; the argument ch
 
 The bias conventions (docs/vision.rst): zennit counts the bias in the denominators of alpha-beta and
 z-plus (its positive or negative part joins the sum of the positive or negative terms) and of w-square
-(squared), lrpcpp does not; those rules are compared on bias-free layers. Epsilon, gamma, z-box and flat
+(squared), lrpcpp by default does not (bias="ignore"), and does with bias="denominator"; those rules are
+compared on bias-free layers, and on layers with a bias under both conventions (the bias-share
+conservation, the dense float64 reference, patch / Composite / the drop-ins). Epsilon, gamma, z-box and flat
 agree with a bias as well (epsilon: the denominator is the output, bias included; gamma: both count the
 bias as the weight of a constant input 1, b + gamma b+ on outputs z > 0 and b + gamma b- on z < 0;
 zennit's z-box bias terms b - b+ - b- cancel; flat: zennit zeroes the bias) and are compared on layers
-with a bias too, nn.Linear included."""
+with a bias too, nn.Linear included. Then the convolution drop-ins (lm.Conv1dRule, ...) and the native
+pooling ops (avg_pool_epsilon, adaptive_avg_pool_epsilon, max_pool_wta) against float64 transcriptions."""
+
+import copy
 
 import lrpcpp
 import lrpcpp.functional as lf
@@ -18,6 +23,7 @@ import torch
 from lrpcpp import rules as R
 from lrpcpp.models.presets import CONVOLUTIONS, Preset
 from torch import nn
+from torch.nn import functional as F
 from zennit_import import import_zennit
 
 zennit = import_zennit()
@@ -404,3 +410,378 @@ def test_gamma_with_bias_equals_the_dense_reference(kind):
     grad = torch.randn_like(y)
     expected = ref.vision_rule("gamma", x.reshape(n, n_in), dense, bias, grad.reshape(n, n_out), EPS, gamma=GAMMA)
     torch.testing.assert_close(rule_relevance(layer, "gamma", x, grad), expected.reshape(x.shape), **TOL[torch.float64])
+
+
+# ----------------------------------------------------------------------------- the bias conventions
+BIAS_RULES = ["alpha_beta", "z_plus", "w_square"]
+
+
+def make_biased(kind, dtype):
+    """A layer of ``kind`` (a convolution kind or "linear") with biases of both signs large enough to
+    matter, and its input."""
+    if kind == "linear":
+        torch.manual_seed(0)
+        layer, x = nn.Linear(7, 5).to(dtype).eval(), torch.randn(3, 4, 7, dtype=dtype)
+    else:
+        layer, x = make(kind, dtype, bias=True)
+    with torch.no_grad():
+        layer.bias.mul_(4.0)
+    return layer, x
+
+
+def biased_rule(rule, bias, eps=EPS):
+    return {
+        "alpha_beta": R.AlphaBeta(2.0, 1.0, eps, bias),
+        "z_plus": R.ZPlus(eps, bias),
+        "w_square": R.WSquare(eps, bias),
+    }[rule]
+
+
+def run_rule(r, layer, x, grad, gi=False):
+    """The relevance (gi: the gradient) of x through the rule's op on ``layer`` (linear or any convolution)."""
+    xr = x.clone().requires_grad_()
+    if isinstance(layer, nn.Linear):
+        y = r.linear(xr, layer.weight, layer.bias, None, gi)
+        torch.testing.assert_close(y, layer(x), atol=0, rtol=0)
+    else:
+        y = r.convolution(xr, layer.weight, layer.bias, *geometry(layer), None, gi)
+        torch.testing.assert_close(y, layer(x), atol=0, rtol=0)
+    y.backward(grad / y if gi else grad)
+    return xr.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("bias", ["ignore", "denominator"])
+@pytest.mark.parametrize("rule", BIAS_RULES)
+@pytest.mark.parametrize("kind", [*LAYERS, "linear"])
+def test_bias_conventions_equal_zennit(kind, rule, bias, dtype):
+    """On layers with a bias: bias="denominator" is zennit's rule on the layer as it is; bias="ignore"
+    (the default) is zennit's rule on the same layer with its bias set to 0 (the bias left out)."""
+    layer, x = make_biased(kind, dtype)
+    grad = torch.randn_like(layer(x))
+    reference_layer = layer
+    if bias == "ignore":
+        reference_layer = copy.deepcopy(layer)
+        with torch.no_grad():
+            reference_layer.bias.zero_()
+    expected = zennit_relevance(reference_layer, rule, x, grad)
+    got = run_rule(biased_rule(rule, bias), layer, x, grad)
+    assert got.abs().sum() > 0
+    torch.testing.assert_close(got, expected, **TOL[dtype])
+
+
+def dense(layer, x):
+    """The layer as a dense matrix per sample, y = x M^T + b (flattened), and the flattened bias."""
+    y = layer(x)
+    n_in, n_out = x[0].numel(), y[0].numel()
+    if isinstance(layer, nn.Linear):
+        return layer.weight.detach(), layer.bias.detach()
+    basis = torch.eye(n_in, dtype=x.dtype).reshape(n_in, *x.shape[1:])
+    matrix = torch.convolution(basis, layer.weight.detach(), None, *geometry(layer)).reshape(n_in, n_out).T
+    bias = layer.bias.detach().reshape(-1, *[1] * (y.dim() - 2)).expand(y.shape[1:]).reshape(-1)
+    return matrix, bias
+
+
+@pytest.mark.parametrize("rule", BIAS_RULES)
+@pytest.mark.parametrize("kind", [*LAYERS, "linear"])
+def test_bias_conventions_equal_the_dense_reference(kind, rule):
+    """Both conventions against the float64 transcription of reference.py over the layer written as a
+    dense matrix; they differ on a layer with a bias."""
+    import reference as ref
+
+    layer, x = make_biased(kind, torch.float64)
+    grad = torch.randn_like(layer(x))
+    matrix, b = dense(layer, x)
+    flat_x, flat_r = (x, grad) if kind == "linear" else (x.flatten(1), grad.flatten(1))
+    got = {}
+    for bias in ("ignore", "denominator"):
+        expected = ref.vision_rule(rule, flat_x, matrix, b, flat_r, EPS, alpha=2.0, beta=1.0, bias=bias)
+        got[bias] = run_rule(biased_rule(rule, bias), layer, x, grad)
+        torch.testing.assert_close(got[bias], expected.reshape(x.shape), **TOL[torch.float64])
+    assert not torch.allclose(got["ignore"], got["denominator"], rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", BIAS_RULES)
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_bias_counted_keeps_the_bias_share(kind, rule):
+    """Conservation with bias="denominator": each output passes on its relevance less the bias's share,
+    sum_i R_i = sum_j R_j (alpha A_j / (A_j + b+_j) - beta B_j / (B_j + b-_j)) (z-plus: beta = 0;
+    w-square: S_j / (S_j + b_j^2), S_j = sum_i w_ij^2); on a bias-free layer the option changes nothing
+    (bitwise), and today's conservation holds."""
+    layer, x = make_biased(kind, torch.float64)
+    w, b = layer.weight.detach(), layer.bias.detach().reshape(-1, *[1] * (x.dim() - 2))
+
+    def conv(inp, weight):
+        return torch.convolution(inp, weight, None, *geometry(layer))
+
+    mask = passing(layer, rule, x)
+    grad = (torch.rand_like(layer(x)) + 0.1) * mask
+    got = run_rule(biased_rule(rule, "denominator", eps=1e-12), layer, x, grad)
+    if rule == "w_square":
+        s = conv(torch.ones_like(x), w * w)
+        kept = s / (s + b * b)
+    else:
+        xp, xn, wp, wn = x.clamp(min=0), x.clamp(max=0), w.clamp(min=0), w.clamp(max=0)
+        a = conv(xp, wp) + conv(xn, wn)
+        kept = a / (a + b.clamp(min=0))
+        if rule == "alpha_beta":
+            n = conv(xp, wn) + conv(xn, wp)
+            kept = 2.0 * kept - 1.0 * n / (n + b.clamp(max=0))
+    expected = (grad * torch.where(mask, kept, 0.0)).flatten(1).sum(1)
+    torch.testing.assert_close(got.flatten(1).sum(1), expected, atol=0, rtol=1e-8)
+    bare, _ = make(kind, torch.float64, bias=False)
+    counted, ignored = (run_rule(biased_rule(rule, c), bare, x, grad) for c in ("denominator", "ignore"))
+    assert torch.equal(counted, ignored)
+    torch.testing.assert_close(
+        run_rule(biased_rule(rule, "ignore", eps=1e-12), bare, x, grad * passing(bare, rule, x)).flatten(1).sum(1),
+        (grad * passing(bare, rule, x)).flatten(1).sum(1),
+        atol=0,
+        rtol=1e-8,
+    )
+
+
+@pytest.mark.parametrize("rule", BIAS_RULES)
+def test_bias_counted_in_gradient_form(rule):
+    """gi=True with the bias counted: R_x / x (alpha-beta, z-plus, exact) or R_x / stab(x) (w-square)."""
+    layer, x = make_biased("conv_transpose2d", torch.float64)
+    grad = torch.randn_like(layer(x))
+    explicit = run_rule(biased_rule(rule, "denominator"), layer, x, grad)
+    g = run_rule(biased_rule(rule, "denominator"), layer, x, grad, gi=True)
+    factor = x if rule != "w_square" else x + EPS * torch.where(x >= 0, 1.0, -1.0).to(x)
+    torch.testing.assert_close(g * factor, explicit, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["conv2d", "conv1d", "linear"])
+@pytest.mark.parametrize("rule", BIAS_RULES)
+def test_bias_convention_reaches_patch_composite_and_modules(kind, rule):
+    """A rule with bias="denominator" in a preset: lrpcpp.patch (explicit and gradient mode) and
+    lrpcpp.Composite (through the drop-in modules, LinearZPlus(bias_in_denominator=True), ...) give
+    zennit's relevance on a layer with a bias."""
+    layer, x = make_biased(kind, torch.float64)
+    model = nn.Sequential(layer)
+    grad = torch.randn_like(layer(x))
+    expected = zennit_relevance(layer, rule, x, grad)
+    r = biased_rule(rule, "denominator")
+    preset = Preset(types={nn.Linear: r, **{cls: r for cls in CONVOLUTIONS}}, merge_batch_norm=False)
+    with lrpcpp.patch(model, preset=preset, mode="explicit"):
+        xe = x.clone().requires_grad_()
+        model(xe).backward(grad)
+    torch.testing.assert_close(xe.grad, expected, **TOL[torch.float64])
+    with lrpcpp.patch(model, preset=preset, mode="gradient"):
+        xg = x.clone().requires_grad_()
+        y = model(xg)
+        y.backward(grad / y)
+    factor = x if rule != "w_square" else x + EPS * torch.where(x >= 0, 1.0, -1.0).to(x)
+    torch.testing.assert_close(xg.grad * factor, expected, atol=1e-9, rtol=1e-9)
+    with lrpcpp.Composite(preset=preset).context(model):
+        xc = x.clone().requires_grad_()
+        model(xc).backward(grad)
+    torch.testing.assert_close(xc.grad, expected, **TOL[torch.float64])
+
+
+def test_bias_convention_of_rules_and_presets():
+    """bias= is checked by name, reaches the presets' rules, and defaults to today's ("ignore")."""
+    for cls in (R.AlphaBeta, R.ZPlus, R.WSquare):
+        assert cls().bias == "ignore"
+        with pytest.raises(ValueError, match=f"{cls.__name__}: expected bias to be one of"):
+            cls(bias="zennit")
+    assert lrpcpp.preset("epsilon_plus", bias="denominator").types[nn.Conv3d] == R.ZPlus(1e-6, "denominator")
+    assert lrpcpp.preset("epsilon_alpha2_beta1_flat", bias="denominator").types[nn.Conv2d].bias == "denominator"
+    assert lrpcpp.preset("epsilon_plus_flat").types[nn.Conv2d] == R.ZPlus()
+
+
+# ----------------------------------------------------------------------------- drop-in modules
+@pytest.mark.parametrize("kind", [k for k in sorted(LAYERS) if k != "conv2d"])
+def test_convolution_drop_ins(kind):
+    """lm.Conv1dRule, lm.Conv3dRule and lm.ConvTranspose1d/2d/3dRule: from_module shares the layer's
+    parameters and returns exactly its output; the relevance is the rule's (zennit's on that layer)."""
+    import lrpcpp.modules as lm
+
+    layer, x = make(kind, torch.float64, bias=True)
+    cls = lm.CONVOLUTION_RULE_MODULES[type(layer)]
+    drop = cls.from_module(layer, rule=R.Gamma(GAMMA, EPS))
+    assert isinstance(drop, type(layer)) and drop.weight is layer.weight and drop.bias is layer.bias
+    assert f"rule=Gamma(gamma={GAMMA}" in repr(drop)
+    grad = torch.randn_like(layer(x))
+    xr = x.clone().requires_grad_()
+    y = drop(xr)
+    assert torch.equal(y, layer(x))
+    y.backward(grad)
+    torch.testing.assert_close(xr.grad, zennit_relevance(layer, "gamma", x, grad), **TOL[torch.float64])
+    with pytest.raises(TypeError, match=f"{cls.__name__}: expected rule to be a layer rule"):
+        cls.from_module(layer, rule="gamma")
+    with pytest.raises(TypeError, match="expects a torch.nn.modules"):
+        cls.from_module(nn.Linear(2, 2), rule=R.ZPlus())
+
+
+def test_convolution_drop_in_constructors_and_geometry():
+    """Built like torch's class (rule= as a keyword); string padding and padding modes pad first;
+    a transposed drop-in takes output_size as torch's does."""
+    import lrpcpp.modules as lm
+
+    torch.manual_seed(0)
+    conv = lm.Conv1dRule(4, 6, 3, padding="same", padding_mode="reflect", rule=R.ZPlus())
+    x = torch.randn(2, 4, 9)
+    assert isinstance(conv, nn.Conv1d)
+    assert torch.equal(conv(x), nn.Conv1d.forward(conv, x))
+    conv3 = lm.Conv3dRule(2, 3, 2, stride=2, bias=False, rule=R.Flat(), gi=True)
+    assert conv3.gi and conv3.bias is None
+    up = lm.ConvTranspose2dRule(3, 2, 3, stride=2, padding=1, rule=R.WSquare(bias="denominator"))
+    x2 = torch.randn(1, 3, 4, 5)
+    assert torch.equal(up(x2, output_size=[8, 10]), nn.ConvTranspose2d.forward(up, x2, output_size=[8, 10]))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'gamma'"):
+        lm.ConvTranspose1dRule(3, 2, 3, rule=R.ZPlus(), gamma=0.1)
+    with pytest.raises(TypeError, match="ConvTranspose1dRule: expected rule to be a layer rule"):
+        lm.ConvTranspose1dRule(3, 2, 3)
+
+
+def test_composite_uses_the_convolution_drop_ins():
+    """lrpcpp.Composite replaces a 3-D convolution by lm.Conv3dRule with the preset's rule."""
+    import lrpcpp.modules as lm
+
+    layer, x = make("conv3d", torch.float64, bias=False)
+    model = nn.Sequential(layer)
+    with lrpcpp.Composite(preset=preset_for("z_plus", x)).context(model):
+        assert isinstance(model[0], lm.Conv3dRule) and model[0].rule == R.ZPlus(EPS)
+    assert model[0] is layer
+
+
+# ----------------------------------------------------------------------------- pooling ops
+# (layer, input shape): 1 to 3 dimensions, batched or not, with torch's arguments other than their defaults
+POOLS = [
+    (lambda: nn.AvgPool1d(3, 2, 1), (3, 9)),
+    (lambda: nn.AvgPool2d((2, 3), (2, 1), (1, 1), ceil_mode=True, count_include_pad=False), (2, 3, 6, 7)),
+    (lambda: nn.AvgPool3d(2, 1, divisor_override=3), (2, 3, 4, 5, 4)),
+    (lambda: nn.AdaptiveAvgPool1d(4), (2, 3, 9)),
+    (lambda: nn.AdaptiveAvgPool2d((2, None)), (2, 3, 5, 4)),
+    (lambda: nn.AdaptiveAvgPool3d(2), (3, 4, 5, 3)),
+    (lambda: nn.MaxPool1d(3, 2, dilation=2), (2, 3, 11)),
+    (lambda: nn.MaxPool2d(2, padding=1, ceil_mode=True), (3, 6, 5)),
+    (lambda: nn.MaxPool3d(2, (1, 2, 1), dilation=(1, 2, 1)), (2, 3, 4, 5, 4)),
+]
+POOL_IDS = [type(f()).__name__ + str(len(s)) for f, s in POOLS]
+
+
+def pool_op(layer, x, gi=False):
+    """The layer through its native op (what the explicit treatment calls)."""
+    name = type(layer).__name__
+    n = int(name[-2])
+    if name.startswith("Adaptive"):
+        size = layer.output_size if isinstance(layer.output_size, tuple) else (layer.output_size,) * n
+        spatial = x.shape[x.dim() - n :]
+        return lf.adaptive_avg_pool_epsilon(x, [spatial[i] if s is None else s for i, s in enumerate(size)], EPS, gi)
+
+    def ints(v):
+        return [v] * n if isinstance(v, int) else list(v)
+
+    if name.startswith("Avg"):
+        return lf.avg_pool_epsilon(
+            x,
+            ints(layer.kernel_size),
+            ints(layer.stride),
+            ints(layer.padding),
+            layer.ceil_mode,
+            layer.count_include_pad,
+            getattr(layer, "divisor_override", None),
+            EPS,
+            gi,
+        )
+    return lf.max_pool_wta(
+        x, ints(layer.kernel_size), ints(layer.stride), ints(layer.padding), ints(layer.dilation), layer.ceil_mode, gi
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("factory, shape", POOLS, ids=POOL_IDS)
+def test_pooling_ops_equal_the_float64_transcription(factory, shape, dtype):
+    """avg_pool_epsilon and adaptive_avg_pool_epsilon (R_x = x * P^T (R / stab(y))) and max_pool_wta
+    (each window's relevance to its maximum) against float64 transcriptions; the forward is torch's
+    pooling, bitwise; gi=True returns g_x with x * g_x the relevance (max pooling: the plain gradient)."""
+    import reference as ref
+
+    layer = factory()
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=dtype)
+    xr = x.clone().requires_grad_()
+    y = pool_op(layer, xr)
+    assert torch.equal(y, layer(x))
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    x64, r64 = x.double(), grad.double()
+    if "Max" in type(layer).__name__:
+        n = int(type(layer).__name__[-2])
+        layer.return_indices = True
+        _, indices = layer(x)
+        expected = ref.winner_takes_all(x64, r64, indices, n)
+    else:
+        expected = ref.linear_map_epsilon(lambda t: factory()(t), x64, r64, EPS)
+    assert xr.grad.abs().sum() > 0
+    # float32: the epsilon rule divides by outputs near 0, so its rounding error is relative to the largest share
+    tol = dict(rtol=1e-5, atol=1e-5 * float(expected.abs().max())) if dtype == torch.float32 else TOL[dtype]
+    torch.testing.assert_close(xr.grad.double(), expected, **tol)
+    xg = x.clone().requires_grad_()
+    yg = pool_op(layer if "Max" not in type(layer).__name__ else factory(), xg, gi=True)
+    yg.backward(grad / yg)
+    torch.testing.assert_close((x * xg.grad).double(), expected, **tol)
+    if "Max" in type(layer).__name__:
+        xp = x.clone().requires_grad_()
+        factory()(xp).backward(grad / yg)
+        assert torch.equal(xg.grad, xp.grad)
+
+
+class Pools(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.avg, self.max, self.ada = nn.AvgPool2d(2), nn.MaxPool1d(2), nn.AdaptiveAvgPool3d(1)
+
+    def forward(self, x):  # [2, 4, 8, 8]
+        h = self.max(self.avg(x).flatten(2))  # [2, 4, 8]
+        return self.ada(h.reshape(2, 4, 2, 2, 2))
+
+
+@pytest.mark.parametrize("mode", ["explicit", "composite"])
+def test_pooling_runs_the_native_ops(mode):
+    """The explicit treatment (lrpcpp.patch explicit mode, lrpcpp.Composite) computes nn.AvgPool*,
+    nn.AdaptiveAvgPool* and nn.MaxPool* through the native ops: their outputs come from the ops'
+    autograd nodes."""
+    model = Pools()
+    names = []
+    for layer in (model.avg, model.max, model.ada):
+        layer.register_forward_hook(lambda m, i, o: names.append(o.grad_fn.name()))
+    context = lrpcpp.patch(model, mode="explicit") if mode == "explicit" else lrpcpp.Composite().context(model)
+    with context:
+        model(torch.randn(2, 4, 8, 8, requires_grad=True)).sum().backward()
+    assert len(names) == 3 and all("PoolFunction" in n for n in names), names
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda x: lf.avg_pool_epsilon(x, [2, 2, 2, 2]), "avg_pool_epsilon: expected kernel_size to have 1 to 3"),
+        (lambda x: lf.avg_pool_epsilon(x[0, 0], [2, 2, 2]), "avg_pool_epsilon: expected x to be 4-D or 5-D"),
+        (lambda x: lf.avg_pool_epsilon(x[0], [2], divisor_override=2), "avg_pool_epsilon: a 1-D average pooling"),
+        (lambda x: lf.avg_pool_epsilon(x, [2, 2], padding=[2, 2]), "avg_pool_epsilon: expected padding >= 0 and"),
+        (lambda x: lf.max_pool_wta(x, [9, 2]), "max_pool_wta: expected the \\(dilated\\) kernel"),
+        (lambda x: lf.max_pool_wta(x, [2, 2], [1, 1, 1]), "max_pool_wta: expected stride to have 2 values"),
+        (lambda x: lf.adaptive_avg_pool_epsilon(x, [0, 2]), "adaptive_avg_pool_epsilon: expected output_size >= 1"),
+        (
+            lambda x: torch.ops.lrpcpp.avg_pool_epsilon_relevance(
+                x, x, x, [2, 2], [], [0], False, True, None, EPS, False
+            ),
+            "avg_pool_epsilon_relevance: expected output to have the shape",
+        ),
+    ],
+)
+def test_pooling_ops_name_bad_arguments(call, match):
+    with pytest.raises(RuntimeError, match=f"lrpcpp.{match}"):
+        call(torch.randn(2, 3, 8, 8))
+
+
+def test_pooling_op_defaults_are_torchs():
+    """stride None or [] is the kernel size, padding None or [] is 0, dilation None or [] is 1; one value
+    stands for every dimension: the output is torch's."""
+    x = torch.randn(2, 3, 7, 8)
+    expected_avg, expected_max = F.avg_pool2d(x, 3), F.max_pool2d(x, 3)
+    for stride, padding in ((None, None), ([], []), ([3], [0])):
+        assert torch.equal(lf.avg_pool_epsilon(x, [3, 3], stride, padding), expected_avg)
+        assert torch.equal(lf.max_pool_wta(x, [3, 3], stride, padding, [] if stride == [] else None), expected_max)

@@ -87,7 +87,10 @@ def call_args(draw, name):
             value = draw(st.sampled_from(BAD_FLOATS if bad else FLOATS))
             checked = checked and not bad
             args.append(value)
-        elif kind == "int":
+        elif kind in ("int", "Optional[int]"):
+            if kind.startswith("Optional") and draw(st.booleans()):
+                args.append(None)
+                continue
             args.append(draw(st.integers(-3, 3)))
         elif kind in ("List[int]", "Optional[List[int]]"):
             if kind.startswith("Optional") and draw(st.booleans()):

@@ -4,6 +4,7 @@ AOTAutograd with static and dynamic shapes), with and without requires_grad."""
 import lrpcpp  # noqa: F401
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.library import opcheck
 
 ops = torch.ops.lrpcpp
@@ -107,7 +108,7 @@ SAMPLES = {
         1e-6,
         True,
     ),
-    "linear_alpha_beta": lambda g: (t(3, 5, grad=g), t(4, 5), t(4), 2.0, 1.0, 1e-6, None, None, True),
+    "linear_alpha_beta": lambda g: (t(3, 5, grad=g), t(4, 5), t(4), 2.0, 1.0, 1e-6, None, None, True, True),
     "linear_alpha_beta_relevance": lambda g: (
         t(3, 4, grad=g),
         t(3, 5, grad=g),
@@ -119,6 +120,7 @@ SAMPLES = {
         1.0,
         1e-6,
         False,
+        t(4),
     ),
     "linear_z_plus": lambda g: (t(3, 5, grad=g, offset=2.0), t(4, 5), None, 1e-6, None, False),
     "linear_z_plus_relevance": lambda g: (
@@ -129,6 +131,7 @@ SAMPLES = {
         t(3, 4),
         1e-6,
         True,
+        t(4),
     ),
     "linear_z_box": lambda g: (t(3, 5, grad=g), t(4, 5), t(4), t(5) - 4.0, t(5) + 4.0, 1e-6, None, True),
     "linear_z_box_relevance": lambda g: (
@@ -144,7 +147,7 @@ SAMPLES = {
     ),
     "linear_flat": lambda g: (t(3, 5, grad=g), t(4, 5), t(4), 1e-6, False),
     "linear_flat_relevance": lambda g: (t(3, 4, grad=g), t(3, 5, grad=g), t(4, 5), t(3, 4), 1e-6, True),
-    "linear_w_square": lambda g: (t(3, 5, grad=g), t(4, 5), t(4), 1e-6, None, True),
+    "linear_w_square": lambda g: (t(3, 5, grad=g), t(4, 5), t(4), 1e-6, None, True, True),
     "linear_w_square_relevance": lambda g: (
         t(3, 4, grad=g),
         t(3, 5, grad=g),
@@ -153,6 +156,7 @@ SAMPLES = {
         t(3, 4),
         1e-6,
         False,
+        t(4),
     ),
     "conv2d_gamma": lambda g: (
         t(1, 2, 5, 5, grad=g),
@@ -212,6 +216,7 @@ SAMPLES = {
         1.0,
         1e-6,
         True,
+        t(3),
     ),
     "conv2d_z_plus": lambda g: (
         t(1, 4, 5, 5, grad=g, offset=2.0),
@@ -223,6 +228,7 @@ SAMPLES = {
         2,
         1e-6,
         None,
+        True,
         True,
     ),
     "conv2d_z_plus_relevance": lambda g: (
@@ -291,6 +297,7 @@ SAMPLES = {
         1e-6,
         t(3, 2, 3, 3) ** 2,
         False,
+        True,
     ),
     "conv2d_w_square_relevance": lambda g: (
         t(1, 3, 5, 5, grad=g),
@@ -304,6 +311,7 @@ SAMPLES = {
         1,
         1e-6,
         True,
+        t(3),
     ),
     "gamma_stab_div": lambda g: (
         t(2, 3, 4, 4, grad=g),
@@ -327,6 +335,10 @@ SAMPLES = {
     ),
     "split_times_input": lambda g: (t(3, 4, grad=g), t(3, 4, grad=g), t(3, 4, grad=g), False),
 }
+
+
+# the rules that take bias_in_denominator (their relevance ops then take the bias)
+BIAS_RULES = ("alpha_beta", "z_plus", "w_square")
 
 
 def _convolution_samples():
@@ -358,7 +370,8 @@ def _convolution_samples():
             if rule == "epsilon":
                 return (x, w, b, *geo, 1e-6)
             bounds = (t(xs[1], *[1] * (len(xs) - 2), offset=-3.0), t(xs[1], *[1] * (len(xs) - 2), offset=3.0))
-            return (x, w, b, *(bounds if rule == "z_box" else ()), *geo, *params[0], False)
+            counted = (True,) if rule in BIAS_RULES else ()  # bias_in_denominator
+            return (x, w, b, *(bounds if rule == "z_box" else ()), *geo, *params[0], False, *counted)
 
         def relevance(g, rule=rule, params=params, xs=xs, ws=ws, ys=ys, geo=geo, channels=channels):
             grad, x, w, out = t(*ys, grad=g), t(*xs, grad=g, offset=0.5), t(*ws), t(*ys)
@@ -377,7 +390,8 @@ def _convolution_samples():
                 "flat": (out,),
                 "w_square": (None, out),
             }[rule]
-            return (grad, x, w, *lead, *geo, *params[1], True)
+            counted = (t(channels),) if rule in BIAS_RULES else ()  # the bias, counted in the denominators
+            return (grad, x, w, *lead, *geo, *params[1], True, *counted)
 
         samples[f"convolution_{rule}"] = forward
         samples[f"convolution_{rule}_relevance"] = relevance
@@ -385,6 +399,40 @@ def _convolution_samples():
 
 
 SAMPLES.update(_convolution_samples())
+
+
+def _pooling_samples():
+    """The pooling ops (1 to 3 spatial dimensions, batched or not) and their relevance ops; the output
+    shapes from torch's own pooling."""
+    avg = ((2, 3, 6, 7), [2, 3], [2, 1], [1, 1], True, False, None)
+    avg_y = F.avg_pool2d(torch.zeros(avg[0]), *avg[1:]).shape
+    pool = ((2, 3, 4, 5, 4), [2, 2, 2], [1, 2, 1], [1, 0, 1], [1, 1, 2], True)
+    pool_y = F.max_pool3d(torch.zeros(pool[0]), *pool[1:]).shape
+    return {
+        "avg_pool_epsilon": lambda g: (t(*avg[0], grad=g), *avg[1:], 1e-6, False),
+        "avg_pool_epsilon_relevance": lambda g: (
+            t(*avg_y, grad=g),
+            t(*avg[0], grad=g),
+            t(*avg_y),
+            *avg[1:],
+            1e-6,
+            True,
+        ),
+        "adaptive_avg_pool_epsilon": lambda g: (t(3, 5, grad=g), [3], 1e-6, True),
+        "adaptive_avg_pool_epsilon_relevance": lambda g: (
+            t(2, 3, 2, 3, 2, grad=g),
+            t(2, 3, 4, 5, 4, grad=g),
+            t(2, 3, 2, 3, 2),
+            [2, 3, 2],
+            1e-6,
+            False,
+        ),
+        "max_pool_wta": lambda g: (t(*pool[0], grad=g), *pool[1:], False),
+        "max_pool_wta_relevance": lambda g: (t(*pool_y, grad=g), t(*pool[0], grad=g), t(*pool_y), *pool[1:], True),
+    }
+
+
+SAMPLES.update(_pooling_samples())
 
 
 # ops without a derivative: the relevance ops, and the primitives and gradient-times-input

@@ -102,7 +102,8 @@ void without_autocast(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   LRPCPP_NO_CAST(device, gi_scale_backward);                      \
   LRPCPP_NO_CAST(device, gi_layer_norm_backward)
 
-// The convolution ops (any dimension, transposed or not), as conv2d's.
+// The convolution ops (any dimension, transposed or not), as conv2d's; the pooling ops keep their input's
+// dtype, as torch's autocast leaves pooling alone.
 #define LRPCPP_AUTOCAST_CONVOLUTION(device)                            \
   LRPCPP_AUTOCAST(device, convolution_epsilon, lower_precision_fp);    \
   LRPCPP_AUTOCAST(device, convolution_gamma, lower_precision_fp);      \
@@ -117,7 +118,13 @@ void without_autocast(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   LRPCPP_NO_CAST(device, convolution_z_plus_relevance);                \
   LRPCPP_NO_CAST(device, convolution_z_box_relevance);                 \
   LRPCPP_NO_CAST(device, convolution_flat_relevance);                  \
-  LRPCPP_NO_CAST(device, convolution_w_square_relevance)
+  LRPCPP_NO_CAST(device, convolution_w_square_relevance);              \
+  LRPCPP_NO_CAST(device, avg_pool_epsilon);                            \
+  LRPCPP_NO_CAST(device, avg_pool_epsilon_relevance);                  \
+  LRPCPP_NO_CAST(device, adaptive_avg_pool_epsilon);                   \
+  LRPCPP_NO_CAST(device, adaptive_avg_pool_epsilon_relevance);         \
+  LRPCPP_NO_CAST(device, max_pool_wta);                                \
+  LRPCPP_NO_CAST(device, max_pool_wta_relevance)
 
 }  // namespace
 

@@ -41,28 +41,29 @@ Tensor linear_gamma_relevance(const Tensor& grad, const Tensor& x, const Tensor&
 }
 
 Tensor linear_alpha_beta(const Tensor& x, const Tensor& weight, const OptTensor& bias, double alpha, double beta,
-                         double epsilon, const OptTensor& weight_pos, const OptTensor& weight_neg, bool gi) {
+                         double epsilon, const OptTensor& weight_pos, const OptTensor& weight_neg, bool gi,
+                         bool bias_in_denominator) {
   LRPCPP_DISPATCH(linear_alpha_beta);
-  return op.call(x, weight, bias, alpha, beta, epsilon, weight_pos, weight_neg, gi);
+  return op.call(x, weight, bias, alpha, beta, epsilon, weight_pos, weight_neg, gi, bias_in_denominator);
 }
 
 Tensor linear_alpha_beta_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
                                    const OptTensor& weight_pos, const OptTensor& weight_neg, const Tensor& output,
-                                   double alpha, double beta, double epsilon, bool gi) {
+                                   double alpha, double beta, double epsilon, bool gi, const OptTensor& bias) {
   LRPCPP_DISPATCH(linear_alpha_beta_relevance);
-  return op.call(grad, x, weight, weight_pos, weight_neg, output, alpha, beta, epsilon, gi);
+  return op.call(grad, x, weight, weight_pos, weight_neg, output, alpha, beta, epsilon, gi, bias);
 }
 
 Tensor linear_z_plus(const Tensor& x, const Tensor& weight, const OptTensor& bias, double epsilon,
-                     const OptTensor& weight_pos, bool gi) {
+                     const OptTensor& weight_pos, bool gi, bool bias_in_denominator) {
   LRPCPP_DISPATCH(linear_z_plus);
-  return op.call(x, weight, bias, epsilon, weight_pos, gi);
+  return op.call(x, weight, bias, epsilon, weight_pos, gi, bias_in_denominator);
 }
 
 Tensor linear_z_plus_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const OptTensor& weight_pos,
-                               const Tensor& output, double epsilon, bool gi) {
+                               const Tensor& output, double epsilon, bool gi, const OptTensor& bias) {
   LRPCPP_DISPATCH(linear_z_plus_relevance);
-  return op.call(grad, x, weight, weight_pos, output, epsilon, gi);
+  return op.call(grad, x, weight, weight_pos, output, epsilon, gi, bias);
 }
 
 Tensor linear_z_box(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& lower,
@@ -90,15 +91,15 @@ Tensor linear_flat_relevance(const Tensor& grad, const Tensor& x, const Tensor& 
 }
 
 Tensor linear_w_square(const Tensor& x, const Tensor& weight, const OptTensor& bias, double epsilon,
-                       const OptTensor& weight_sq, bool gi) {
+                       const OptTensor& weight_sq, bool gi, bool bias_in_denominator) {
   LRPCPP_DISPATCH(linear_w_square);
-  return op.call(x, weight, bias, epsilon, weight_sq, gi);
+  return op.call(x, weight, bias, epsilon, weight_sq, gi, bias_in_denominator);
 }
 
 Tensor linear_w_square_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const OptTensor& weight_sq,
-                                 const Tensor& output, double epsilon, bool gi) {
+                                 const Tensor& output, double epsilon, bool gi, const OptTensor& bias) {
   LRPCPP_DISPATCH(linear_w_square_relevance);
-  return op.call(grad, x, weight, weight_sq, output, epsilon, gi);
+  return op.call(grad, x, weight, weight_sq, output, epsilon, gi, bias);
 }
 
 Tensor conv2d_gamma(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride, IntRef padding,
@@ -117,31 +118,33 @@ Tensor conv2d_gamma_relevance(const Tensor& grad, const Tensor& x, const Tensor&
 
 Tensor conv2d_alpha_beta(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride, IntRef padding,
                          IntRef dilation, int64_t groups, double alpha, double beta, double epsilon,
-                         const OptTensor& weight_pos, const OptTensor& weight_neg, bool gi) {
+                         const OptTensor& weight_pos, const OptTensor& weight_neg, bool gi, bool bias_in_denominator) {
   LRPCPP_DISPATCH(conv2d_alpha_beta);
-  return op.call(x, weight, bias, stride, padding, dilation, groups, alpha, beta, epsilon, weight_pos, weight_neg, gi);
+  return op.call(x, weight, bias, stride, padding, dilation, groups, alpha, beta, epsilon, weight_pos, weight_neg, gi,
+                 bias_in_denominator);
 }
 
 Tensor conv2d_alpha_beta_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
                                    const OptTensor& weight_pos, const OptTensor& weight_neg, const Tensor& output,
                                    IntRef stride, IntRef padding, IntRef dilation, int64_t groups, double alpha,
-                                   double beta, double epsilon, bool gi) {
+                                   double beta, double epsilon, bool gi, const OptTensor& bias) {
   LRPCPP_DISPATCH(conv2d_alpha_beta_relevance);
   return op.call(grad, x, weight, weight_pos, weight_neg, output, stride, padding, dilation, groups, alpha, beta,
-                 epsilon, gi);
+                 epsilon, gi, bias);
 }
 
 Tensor conv2d_z_plus(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride, IntRef padding,
-                     IntRef dilation, int64_t groups, double epsilon, const OptTensor& weight_pos, bool gi) {
+                     IntRef dilation, int64_t groups, double epsilon, const OptTensor& weight_pos, bool gi,
+                     bool bias_in_denominator) {
   LRPCPP_DISPATCH(conv2d_z_plus);
-  return op.call(x, weight, bias, stride, padding, dilation, groups, epsilon, weight_pos, gi);
+  return op.call(x, weight, bias, stride, padding, dilation, groups, epsilon, weight_pos, gi, bias_in_denominator);
 }
 
 Tensor conv2d_z_plus_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const OptTensor& weight_pos,
                                const Tensor& output, IntRef stride, IntRef padding, IntRef dilation, int64_t groups,
-                               double epsilon, bool gi) {
+                               double epsilon, bool gi, const OptTensor& bias) {
   LRPCPP_DISPATCH(conv2d_z_plus_relevance);
-  return op.call(grad, x, weight, weight_pos, output, stride, padding, dilation, groups, epsilon, gi);
+  return op.call(grad, x, weight, weight_pos, output, stride, padding, dilation, groups, epsilon, gi, bias);
 }
 
 Tensor conv2d_z_box(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& lower,
@@ -171,16 +174,17 @@ Tensor conv2d_flat_relevance(const Tensor& grad, const Tensor& x, const Tensor& 
 }
 
 Tensor conv2d_w_square(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride, IntRef padding,
-                       IntRef dilation, int64_t groups, double epsilon, const OptTensor& weight_sq, bool gi) {
+                       IntRef dilation, int64_t groups, double epsilon, const OptTensor& weight_sq, bool gi,
+                       bool bias_in_denominator) {
   LRPCPP_DISPATCH(conv2d_w_square);
-  return op.call(x, weight, bias, stride, padding, dilation, groups, epsilon, weight_sq, gi);
+  return op.call(x, weight, bias, stride, padding, dilation, groups, epsilon, weight_sq, gi, bias_in_denominator);
 }
 
 Tensor conv2d_w_square_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const OptTensor& weight_sq,
                                  const Tensor& output, IntRef stride, IntRef padding, IntRef dilation, int64_t groups,
-                                 double epsilon, bool gi) {
+                                 double epsilon, bool gi, const OptTensor& bias) {
   LRPCPP_DISPATCH(conv2d_w_square_relevance);
-  return op.call(grad, x, weight, weight_sq, output, stride, padding, dilation, groups, epsilon, gi);
+  return op.call(grad, x, weight, weight_sq, output, stride, padding, dilation, groups, epsilon, gi, bias);
 }
 
 #define CONV_ARGS IntRef stride, IntRef padding, IntRef dilation, bool transposed, IntRef output_padding, int64_t groups
@@ -212,29 +216,30 @@ Tensor convolution_gamma_relevance(const Tensor& grad, const Tensor& x, const Te
 
 Tensor convolution_alpha_beta(const Tensor& x, const Tensor& weight, const OptTensor& bias, CONV_ARGS, double alpha,
                               double beta, double epsilon, const OptTensor& weight_pos, const OptTensor& weight_neg,
-                              bool gi) {
+                              bool gi, bool bias_in_denominator) {
   LRPCPP_DISPATCH(convolution_alpha_beta);
-  return op.call(x, weight, bias, CONV_VALUES, alpha, beta, epsilon, weight_pos, weight_neg, gi);
+  return op.call(x, weight, bias, CONV_VALUES, alpha, beta, epsilon, weight_pos, weight_neg, gi, bias_in_denominator);
 }
 
 Tensor convolution_alpha_beta_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
                                         const OptTensor& weight_pos, const OptTensor& weight_neg, const Tensor& output,
-                                        CONV_ARGS, double alpha, double beta, double epsilon, bool gi) {
+                                        CONV_ARGS, double alpha, double beta, double epsilon, bool gi,
+                                        const OptTensor& bias) {
   LRPCPP_DISPATCH(convolution_alpha_beta_relevance);
-  return op.call(grad, x, weight, weight_pos, weight_neg, output, CONV_VALUES, alpha, beta, epsilon, gi);
+  return op.call(grad, x, weight, weight_pos, weight_neg, output, CONV_VALUES, alpha, beta, epsilon, gi, bias);
 }
 
 Tensor convolution_z_plus(const Tensor& x, const Tensor& weight, const OptTensor& bias, CONV_ARGS, double epsilon,
-                          const OptTensor& weight_pos, bool gi) {
+                          const OptTensor& weight_pos, bool gi, bool bias_in_denominator) {
   LRPCPP_DISPATCH(convolution_z_plus);
-  return op.call(x, weight, bias, CONV_VALUES, epsilon, weight_pos, gi);
+  return op.call(x, weight, bias, CONV_VALUES, epsilon, weight_pos, gi, bias_in_denominator);
 }
 
 Tensor convolution_z_plus_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
                                     const OptTensor& weight_pos, const Tensor& output, CONV_ARGS, double epsilon,
-                                    bool gi) {
+                                    bool gi, const OptTensor& bias) {
   LRPCPP_DISPATCH(convolution_z_plus_relevance);
-  return op.call(grad, x, weight, weight_pos, output, CONV_VALUES, epsilon, gi);
+  return op.call(grad, x, weight, weight_pos, output, CONV_VALUES, epsilon, gi, bias);
 }
 
 Tensor convolution_z_box(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& lower,
@@ -263,16 +268,16 @@ Tensor convolution_flat_relevance(const Tensor& grad, const Tensor& x, const Ten
 }
 
 Tensor convolution_w_square(const Tensor& x, const Tensor& weight, const OptTensor& bias, CONV_ARGS, double epsilon,
-                            const OptTensor& weight_sq, bool gi) {
+                            const OptTensor& weight_sq, bool gi, bool bias_in_denominator) {
   LRPCPP_DISPATCH(convolution_w_square);
-  return op.call(x, weight, bias, CONV_VALUES, epsilon, weight_sq, gi);
+  return op.call(x, weight, bias, CONV_VALUES, epsilon, weight_sq, gi, bias_in_denominator);
 }
 
 Tensor convolution_w_square_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
                                       const OptTensor& weight_sq, const Tensor& output, CONV_ARGS, double epsilon,
-                                      bool gi) {
+                                      bool gi, const OptTensor& bias) {
   LRPCPP_DISPATCH(convolution_w_square_relevance);
-  return op.call(grad, x, weight, weight_sq, output, CONV_VALUES, epsilon, gi);
+  return op.call(grad, x, weight, weight_sq, output, CONV_VALUES, epsilon, gi, bias);
 }
 
 TensorPair gamma_stab_div(const Tensor& grad, const Tensor& output, const Tensor& abs_product, const OptTensor& bias,
@@ -477,6 +482,10 @@ struct LinearMap {
   Tensor transpose(const Tensor& s, const Tensor& w, const Tensor& /*x*/) const {
     return at::matmul(s, w);
   }
+  // a per-output-feature tensor (the bias) broadcast against the output: along its last dimension
+  Tensor along_outputs(const Tensor& b, const Tensor& /*output*/) const {
+    return b;
+  }
 };
 
 struct ConvMap {
@@ -492,6 +501,12 @@ struct ConvMap {
   Tensor transpose(const Tensor& s, const Tensor& w, const Tensor& x) const {
     return std::get<0>(at::convolution_backward(s, x, w, std::nullopt, stride, padding, dilation, transposed,
                                                 output_padding, groups, {true, false, false}));
+  }
+  // a per-channel tensor (the bias) broadcast against the output [batch, channels, *spatial]
+  Tensor along_outputs(const Tensor& b, const Tensor& output) const {
+    std::vector<int64_t> shape(output.dim() - 1, 1);
+    shape[0] = -1;
+    return b.view(shape);
   }
 };
 
@@ -545,13 +560,15 @@ Tensor gamma_relevance(const Map& m, const Tensor& grad, const Tensor& x, const 
 template <typename Map>
 Tensor alpha_beta_relevance(const Map& m, const Tensor& grad, const Tensor& x, const Tensor& weight,
                             const OptTensor& weight_pos, const OptTensor& weight_neg, const Tensor& output,
-                            double alpha, double beta, double epsilon, bool gi) {
+                            double alpha, double beta, double epsilon, bool gi, const OptTensor& bias) {
   const auto cd = rule_dtype(x.scalar_type());
+  const Tensor bc = in_dtype(bias, cd);  // counted in the denominators when given: b+ in A, b- in B
   const Tensor xc = x.to(cd), w = weight.to(cd);
   const Tensor wp = weight_pos.has_value() && weight_pos->defined() ? weight_pos->to(cd) : w.clamp_min(0);
   const Tensor wn = weight_neg.has_value() && weight_neg->defined() ? weight_neg->to(cd) : w.clamp_max(0);
   const Tensor xp = xc.clamp_min(0), xn = xc.clamp_max(0);
   const Tensor a = m.apply(xp, wp).add_(m.apply(xn, wn));
+  if (bc.defined()) a.add_(m.along_outputs(bc.clamp_min(0), a));
   Tensor u, v;
   if (beta == 0.0) {
     Tensor s = lrpcpp::stab_div(incoming(grad, output, gi, cd), a, epsilon, 1.0, std::nullopt);
@@ -560,6 +577,7 @@ Tensor alpha_beta_relevance(const Map& m, const Tensor& grad, const Tensor& x, c
     v = m.transpose(s, wn, xc);
   } else {
     const Tensor b = m.apply(xp, wn).add_(m.apply(xn, wp));
+    if (bc.defined()) b.add_(m.along_outputs(bc.clamp_max(0), b));
     auto [s_pos, s_neg] = lrpcpp::alpha_beta_stab_div(grad.to(cd), output.to(cd), a, b, alpha, beta, epsilon, gi);
     u = m.transpose(s_pos, wp, xc).add_(m.transpose(s_neg, wn, xc));
     v = m.transpose(s_pos, wn, xc).add_(m.transpose(s_neg, wp, xc));
@@ -574,8 +592,9 @@ Tensor alpha_beta_relevance(const Map& m, const Tensor& grad, const Tensor& x, c
 // cancel between the signs of x); for x >= 0 it is x (R / stab(x W+)) W+^T.
 template <typename Map>
 Tensor z_plus_relevance(const Map& m, const Tensor& grad, const Tensor& x, const Tensor& weight,
-                        const OptTensor& weight_pos, const Tensor& output, double epsilon, bool gi) {
-  return alpha_beta_relevance(m, grad, x, weight, weight_pos, std::nullopt, output, 1.0, 0.0, epsilon, gi);
+                        const OptTensor& weight_pos, const Tensor& output, double epsilon, bool gi,
+                        const OptTensor& bias) {
+  return alpha_beta_relevance(m, grad, x, weight, weight_pos, std::nullopt, output, 1.0, 0.0, epsilon, gi, bias);
 }
 
 template <typename Map>
@@ -596,15 +615,24 @@ Tensor z_box_relevance(const Map& m, const Tensor& grad, const Tensor& x, const 
   return finish(r, xc, x, epsilon, gi);
 }
 
-// flat (v = ones) and w-square (v = W^2): R_x = (R / stab(1 V)) V^T, independent of x's values
+// flat (v = ones) and w-square (v = W^2): R_x = (R / stab(1 V)) V^T, independent of x's values; bias_term
+// (w-square's b^2 where the bias is counted) joins the denominator
 template <typename Map>
 Tensor input_free_relevance(const Map& m, const Tensor& grad, const Tensor& x, const Tensor& v, const Tensor& output,
-                            double epsilon, bool gi) {
+                            double epsilon, bool gi, const Tensor& bias_term = Tensor()) {
   const auto cd = rule_dtype(x.scalar_type());
   const Tensor xc = x.to(cd);
   const Tensor ones = at::ones_like(xc);
-  const Tensor s = lrpcpp::stab_div(incoming(grad, output, gi, cd), m.apply(ones, v), epsilon, 1.0, std::nullopt);
+  Tensor z = m.apply(ones, v);
+  if (bias_term.defined()) z.add_(m.along_outputs(bias_term, z));  // w-square with the bias: b^2
+  const Tensor s = lrpcpp::stab_div(incoming(grad, output, gi, cd), z, epsilon, 1.0, std::nullopt);
   return finish(m.transpose(s, v, ones), xc, x, epsilon, gi);
+}
+
+// b^2 in the compute dtype, or an undefined tensor without a bias
+Tensor square_bias(const OptTensor& bias, at::ScalarType cd) {
+  const Tensor b = in_dtype(bias, cd);
+  return b.defined() ? b * b : b;
 }
 
 Tensor square_weight(const Tensor& weight, const OptTensor& weight_sq, at::ScalarType cd) {
@@ -637,7 +665,8 @@ Tensor linear_gamma_relevance(const Tensor& grad, const Tensor& x, const Tensor&
 }
 
 Tensor linear_alpha_beta(const Tensor& x, const Tensor& weight, const OptTensor& bias, double alpha, double beta,
-                         double epsilon, const OptTensor& weight_pos, const OptTensor& weight_neg, bool /*gi*/) {
+                         double epsilon, const OptTensor& weight_pos, const OptTensor& weight_neg, bool /*gi*/,
+                         bool /*bias_in_denominator*/) {
   const char* op = "lrpcpp.linear_alpha_beta";
   check_linear(x, weight, bias, epsilon, op);
   check_alpha_beta(alpha, beta, op);
@@ -648,18 +677,19 @@ Tensor linear_alpha_beta(const Tensor& x, const Tensor& weight, const OptTensor&
 
 Tensor linear_alpha_beta_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
                                    const OptTensor& weight_pos, const OptTensor& weight_neg, const Tensor& output,
-                                   double alpha, double beta, double epsilon, bool gi) {
+                                   double alpha, double beta, double epsilon, bool gi, const OptTensor& bias) {
   const char* op = "lrpcpp.linear_alpha_beta_relevance";
-  check_linear(x, weight, std::nullopt, epsilon, op);
+  check_linear(x, weight, bias, epsilon, op);
   check_alpha_beta(alpha, beta, op);
   check_transform(weight_pos, weight, op, "weight_pos");
   check_transform(weight_neg, weight, op, "weight_neg");
   check_linear_output(grad, output, x, weight, op);
-  return alpha_beta_relevance(LinearMap{}, grad, x, weight, weight_pos, weight_neg, output, alpha, beta, epsilon, gi);
+  return alpha_beta_relevance(LinearMap{}, grad, x, weight, weight_pos, weight_neg, output, alpha, beta, epsilon, gi,
+                              bias);
 }
 
 Tensor linear_z_plus(const Tensor& x, const Tensor& weight, const OptTensor& bias, double epsilon,
-                     const OptTensor& weight_pos, bool /*gi*/) {
+                     const OptTensor& weight_pos, bool /*gi*/, bool /*bias_in_denominator*/) {
   const char* op = "lrpcpp.linear_z_plus";
   check_linear(x, weight, bias, epsilon, op);
   check_transform(weight_pos, weight, op, "weight_pos");
@@ -667,12 +697,12 @@ Tensor linear_z_plus(const Tensor& x, const Tensor& weight, const OptTensor& bia
 }
 
 Tensor linear_z_plus_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const OptTensor& weight_pos,
-                               const Tensor& output, double epsilon, bool gi) {
+                               const Tensor& output, double epsilon, bool gi, const OptTensor& bias) {
   const char* op = "lrpcpp.linear_z_plus_relevance";
-  check_linear(x, weight, std::nullopt, epsilon, op);
+  check_linear(x, weight, bias, epsilon, op);
   check_transform(weight_pos, weight, op, "weight_pos");
   check_linear_output(grad, output, x, weight, op);
-  return z_plus_relevance(LinearMap{}, grad, x, weight, weight_pos, output, epsilon, gi);
+  return z_plus_relevance(LinearMap{}, grad, x, weight, weight_pos, output, epsilon, gi, bias);
 }
 
 Tensor linear_z_box(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& lower,
@@ -711,7 +741,7 @@ Tensor linear_flat_relevance(const Tensor& grad, const Tensor& x, const Tensor& 
 }
 
 Tensor linear_w_square(const Tensor& x, const Tensor& weight, const OptTensor& bias, double epsilon,
-                       const OptTensor& weight_sq, bool /*gi*/) {
+                       const OptTensor& weight_sq, bool /*gi*/, bool /*bias_in_denominator*/) {
   const char* op = "lrpcpp.linear_w_square";
   check_linear(x, weight, bias, epsilon, op);
   check_transform(weight_sq, weight, op, "weight_sq");
@@ -719,13 +749,14 @@ Tensor linear_w_square(const Tensor& x, const Tensor& weight, const OptTensor& b
 }
 
 Tensor linear_w_square_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const OptTensor& weight_sq,
-                                 const Tensor& output, double epsilon, bool gi) {
+                                 const Tensor& output, double epsilon, bool gi, const OptTensor& bias) {
   const char* op = "lrpcpp.linear_w_square_relevance";
-  check_linear(x, weight, std::nullopt, epsilon, op);
+  check_linear(x, weight, bias, epsilon, op);
   check_transform(weight_sq, weight, op, "weight_sq");
   check_linear_output(grad, output, x, weight, op);
   const auto cd = rule_dtype(x.scalar_type());
-  return input_free_relevance(LinearMap{}, grad, x, square_weight(weight, weight_sq, cd), output, epsilon, gi);
+  return input_free_relevance(LinearMap{}, grad, x, square_weight(weight, weight_sq, cd), output, epsilon, gi,
+                              square_bias(bias, cd));
 }
 
 // ----------------------------------------------------------------------------- convolutions
@@ -753,7 +784,8 @@ Tensor conv2d_gamma_relevance(const Tensor& grad, const Tensor& x, const Tensor&
 
 Tensor conv2d_alpha_beta(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride, IntRef padding,
                          IntRef dilation, int64_t groups, double alpha, double beta, double epsilon,
-                         const OptTensor& weight_pos, const OptTensor& weight_neg, bool /*gi*/) {
+                         const OptTensor& weight_pos, const OptTensor& weight_neg, bool /*gi*/,
+                         bool /*bias_in_denominator*/) {
   const char* op = "lrpcpp.conv2d_alpha_beta";
   check_conv2d(x, weight, bias, stride, padding, dilation, groups, epsilon, op);
   check_alpha_beta(alpha, beta, op);
@@ -765,19 +797,20 @@ Tensor conv2d_alpha_beta(const Tensor& x, const Tensor& weight, const OptTensor&
 Tensor conv2d_alpha_beta_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
                                    const OptTensor& weight_pos, const OptTensor& weight_neg, const Tensor& output,
                                    IntRef stride, IntRef padding, IntRef dilation, int64_t groups, double alpha,
-                                   double beta, double epsilon, bool gi) {
+                                   double beta, double epsilon, bool gi, const OptTensor& bias) {
   const char* op = "lrpcpp.conv2d_alpha_beta_relevance";
-  check_conv2d(x, weight, std::nullopt, stride, padding, dilation, groups, epsilon, op);
+  check_conv2d(x, weight, bias, stride, padding, dilation, groups, epsilon, op);
   check_alpha_beta(alpha, beta, op);
   check_transform(weight_pos, weight, op, "weight_pos");
   check_transform(weight_neg, weight, op, "weight_neg");
   check_conv_output(grad, output, x, weight, stride, padding, dilation, op);
   return alpha_beta_relevance(conv2d_map(stride, padding, dilation, groups), grad, x, weight, weight_pos, weight_neg,
-                              output, alpha, beta, epsilon, gi);
+                              output, alpha, beta, epsilon, gi, bias);
 }
 
 Tensor conv2d_z_plus(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride, IntRef padding,
-                     IntRef dilation, int64_t groups, double epsilon, const OptTensor& weight_pos, bool /*gi*/) {
+                     IntRef dilation, int64_t groups, double epsilon, const OptTensor& weight_pos, bool /*gi*/,
+                     bool /*bias_in_denominator*/) {
   const char* op = "lrpcpp.conv2d_z_plus";
   check_conv2d(x, weight, bias, stride, padding, dilation, groups, epsilon, op);
   check_transform(weight_pos, weight, op, "weight_pos");
@@ -786,13 +819,13 @@ Tensor conv2d_z_plus(const Tensor& x, const Tensor& weight, const OptTensor& bia
 
 Tensor conv2d_z_plus_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const OptTensor& weight_pos,
                                const Tensor& output, IntRef stride, IntRef padding, IntRef dilation, int64_t groups,
-                               double epsilon, bool gi) {
+                               double epsilon, bool gi, const OptTensor& bias) {
   const char* op = "lrpcpp.conv2d_z_plus_relevance";
-  check_conv2d(x, weight, std::nullopt, stride, padding, dilation, groups, epsilon, op);
+  check_conv2d(x, weight, bias, stride, padding, dilation, groups, epsilon, op);
   check_transform(weight_pos, weight, op, "weight_pos");
   check_conv_output(grad, output, x, weight, stride, padding, dilation, op);
   return z_plus_relevance(conv2d_map(stride, padding, dilation, groups), grad, x, weight, weight_pos, output, epsilon,
-                          gi);
+                          gi, bias);
 }
 
 Tensor conv2d_z_box(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& lower,
@@ -834,7 +867,8 @@ Tensor conv2d_flat_relevance(const Tensor& grad, const Tensor& x, const Tensor& 
 }
 
 Tensor conv2d_w_square(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntRef stride, IntRef padding,
-                       IntRef dilation, int64_t groups, double epsilon, const OptTensor& weight_sq, bool /*gi*/) {
+                       IntRef dilation, int64_t groups, double epsilon, const OptTensor& weight_sq, bool /*gi*/,
+                       bool /*bias_in_denominator*/) {
   const char* op = "lrpcpp.conv2d_w_square";
   check_conv2d(x, weight, bias, stride, padding, dilation, groups, epsilon, op);
   check_transform(weight_sq, weight, op, "weight_sq");
@@ -843,14 +877,14 @@ Tensor conv2d_w_square(const Tensor& x, const Tensor& weight, const OptTensor& b
 
 Tensor conv2d_w_square_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight, const OptTensor& weight_sq,
                                  const Tensor& output, IntRef stride, IntRef padding, IntRef dilation, int64_t groups,
-                                 double epsilon, bool gi) {
+                                 double epsilon, bool gi, const OptTensor& bias) {
   const char* op = "lrpcpp.conv2d_w_square_relevance";
-  check_conv2d(x, weight, std::nullopt, stride, padding, dilation, groups, epsilon, op);
+  check_conv2d(x, weight, bias, stride, padding, dilation, groups, epsilon, op);
   check_transform(weight_sq, weight, op, "weight_sq");
   check_conv_output(grad, output, x, weight, stride, padding, dilation, op);
   const auto cd = rule_dtype(x.scalar_type());
   return input_free_relevance(conv2d_map(stride, padding, dilation, groups), grad, x,
-                              square_weight(weight, weight_sq, cd), output, epsilon, gi);
+                              square_weight(weight, weight_sq, cd), output, epsilon, gi, square_bias(bias, cd));
 }
 
 // ----------------------------------------------------------------------------- any convolution
@@ -893,7 +927,7 @@ Tensor convolution_gamma_relevance(const Tensor& grad, const Tensor& x, const Te
 
 Tensor convolution_alpha_beta(const Tensor& x, const Tensor& weight, const OptTensor& bias, CONV_ARGS, double alpha,
                               double beta, double epsilon, const OptTensor& weight_pos, const OptTensor& weight_neg,
-                              bool /*gi*/) {
+                              bool /*gi*/, bool /*bias_in_denominator*/) {
   const char* op = "lrpcpp.convolution_alpha_beta";
   check_convolution(x, weight, bias, CONV_VALUES, epsilon, op);
   check_alpha_beta(alpha, beta, op);
@@ -904,19 +938,20 @@ Tensor convolution_alpha_beta(const Tensor& x, const Tensor& weight, const OptTe
 
 Tensor convolution_alpha_beta_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
                                         const OptTensor& weight_pos, const OptTensor& weight_neg, const Tensor& output,
-                                        CONV_ARGS, double alpha, double beta, double epsilon, bool gi) {
+                                        CONV_ARGS, double alpha, double beta, double epsilon, bool gi,
+                                        const OptTensor& bias) {
   const char* op = "lrpcpp.convolution_alpha_beta_relevance";
-  check_convolution(x, weight, std::nullopt, CONV_VALUES, epsilon, op);
+  check_convolution(x, weight, bias, CONV_VALUES, epsilon, op);
   check_alpha_beta(alpha, beta, op);
   check_transform(weight_pos, weight, op, "weight_pos");
   check_transform(weight_neg, weight, op, "weight_neg");
   check_convolution_output(grad, output, x, weight, CONV_VALUES, op);
   return alpha_beta_relevance(ConvMap{CONV_VALUES}, grad, x, weight, weight_pos, weight_neg, output, alpha, beta,
-                              epsilon, gi);
+                              epsilon, gi, bias);
 }
 
 Tensor convolution_z_plus(const Tensor& x, const Tensor& weight, const OptTensor& bias, CONV_ARGS, double epsilon,
-                          const OptTensor& weight_pos, bool /*gi*/) {
+                          const OptTensor& weight_pos, bool /*gi*/, bool /*bias_in_denominator*/) {
   const char* op = "lrpcpp.convolution_z_plus";
   check_convolution(x, weight, bias, CONV_VALUES, epsilon, op);
   check_transform(weight_pos, weight, op, "weight_pos");
@@ -925,12 +960,12 @@ Tensor convolution_z_plus(const Tensor& x, const Tensor& weight, const OptTensor
 
 Tensor convolution_z_plus_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
                                     const OptTensor& weight_pos, const Tensor& output, CONV_ARGS, double epsilon,
-                                    bool gi) {
+                                    bool gi, const OptTensor& bias) {
   const char* op = "lrpcpp.convolution_z_plus_relevance";
-  check_convolution(x, weight, std::nullopt, CONV_VALUES, epsilon, op);
+  check_convolution(x, weight, bias, CONV_VALUES, epsilon, op);
   check_transform(weight_pos, weight, op, "weight_pos");
   check_convolution_output(grad, output, x, weight, CONV_VALUES, op);
-  return z_plus_relevance(ConvMap{CONV_VALUES}, grad, x, weight, weight_pos, output, epsilon, gi);
+  return z_plus_relevance(ConvMap{CONV_VALUES}, grad, x, weight, weight_pos, output, epsilon, gi, bias);
 }
 
 Tensor convolution_z_box(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& lower,
@@ -970,7 +1005,7 @@ Tensor convolution_flat_relevance(const Tensor& grad, const Tensor& x, const Ten
 }
 
 Tensor convolution_w_square(const Tensor& x, const Tensor& weight, const OptTensor& bias, CONV_ARGS, double epsilon,
-                            const OptTensor& weight_sq, bool /*gi*/) {
+                            const OptTensor& weight_sq, bool /*gi*/, bool /*bias_in_denominator*/) {
   const char* op = "lrpcpp.convolution_w_square";
   check_convolution(x, weight, bias, CONV_VALUES, epsilon, op);
   check_transform(weight_sq, weight, op, "weight_sq");
@@ -979,13 +1014,14 @@ Tensor convolution_w_square(const Tensor& x, const Tensor& weight, const OptTens
 
 Tensor convolution_w_square_relevance(const Tensor& grad, const Tensor& x, const Tensor& weight,
                                       const OptTensor& weight_sq, const Tensor& output, CONV_ARGS, double epsilon,
-                                      bool gi) {
+                                      bool gi, const OptTensor& bias) {
   const char* op = "lrpcpp.convolution_w_square_relevance";
-  check_convolution(x, weight, std::nullopt, CONV_VALUES, epsilon, op);
+  check_convolution(x, weight, bias, CONV_VALUES, epsilon, op);
   check_transform(weight_sq, weight, op, "weight_sq");
   check_convolution_output(grad, output, x, weight, CONV_VALUES, op);
   const auto cd = rule_dtype(x.scalar_type());
-  return input_free_relevance(ConvMap{CONV_VALUES}, grad, x, square_weight(weight, weight_sq, cd), output, epsilon, gi);
+  return input_free_relevance(ConvMap{CONV_VALUES}, grad, x, square_weight(weight, weight_sq, cd), output, epsilon, gi,
+                              square_bias(bias, cd));
 }
 
 }  // namespace impl

@@ -69,6 +69,9 @@ __all__ = [
     "convolution_z_box",
     "convolution_flat",
     "convolution_w_square",
+    "avg_pool_epsilon",
+    "adaptive_avg_pool_epsilon",
+    "max_pool_wta",
     "identity",
     "epsilon",
     "uniform_epsilon",
@@ -306,11 +309,16 @@ def linear_alpha_beta(
     weight_pos: Optional[Tensor] = None,
     weight_neg: Optional[Tensor] = None,
     gi: bool = False,
+    bias_in_denominator: bool = False,
 ) -> Tensor:
     """``F.linear`` with the alpha-beta rule (``alpha - beta = 1``): the positive terms ``(x_i w_ij)+``
-    share ``alpha R_j``, the negative ones ``-beta R_j``. The bias takes no part. ``weight_pos`` and
-    ``weight_neg`` are ``max(W, 0)`` and ``min(W, 0)``."""
-    return torch.ops.lrpcpp.linear_alpha_beta(x, weight, bias, alpha, beta, epsilon, weight_pos, weight_neg, gi)
+    share ``alpha R_j``, the negative ones ``-beta R_j``. The bias takes no part, unless
+    ``bias_in_denominator`` (zennit's convention): then ``b+`` joins the sum of the positive terms and
+    ``b-`` that of the negative ones, and keeps its share. ``weight_pos`` and ``weight_neg`` are
+    ``max(W, 0)`` and ``min(W, 0)``."""
+    return torch.ops.lrpcpp.linear_alpha_beta(
+        x, weight, bias, alpha, beta, epsilon, weight_pos, weight_neg, gi, bias_in_denominator
+    )
 
 
 def linear_z_plus(
@@ -320,11 +328,13 @@ def linear_z_plus(
     epsilon: float = 1e-6,
     weight_pos: Optional[Tensor] = None,
     gi: bool = False,
+    bias_in_denominator: bool = False,
 ) -> Tensor:
     """``F.linear`` with the z-plus rule, the alpha-beta rule with alpha = 1, beta = 0: the positive
     terms ``(x_i w_ij)+`` share ``R_j``, so inputs of both signs stay bounded; for non-negative inputs
-    the numerators are ``x_i w_ij+``. The bias takes no part. ``weight_pos`` is ``max(W, 0)``."""
-    return torch.ops.lrpcpp.linear_z_plus(x, weight, bias, epsilon, weight_pos, gi)
+    the numerators are ``x_i w_ij+``. The bias takes no part, unless ``bias_in_denominator``
+    (zennit's convention): then ``b+`` joins the denominator. ``weight_pos`` is ``max(W, 0)``."""
+    return torch.ops.lrpcpp.linear_z_plus(x, weight, bias, epsilon, weight_pos, gi, bias_in_denominator)
 
 
 def linear_z_box(
@@ -356,9 +366,11 @@ def linear_w_square(
     epsilon: float = 1e-6,
     weight_sq: Optional[Tensor] = None,
     gi: bool = False,
+    bias_in_denominator: bool = False,
 ) -> Tensor:
-    """``F.linear`` with the w-square rule: numerators ``w_ij**2``."""
-    return torch.ops.lrpcpp.linear_w_square(x, weight, bias, epsilon, weight_sq, gi)
+    """``F.linear`` with the w-square rule: numerators ``w_ij**2``; with ``bias_in_denominator``
+    (zennit's convention) ``b_j**2`` joins the denominator."""
+    return torch.ops.lrpcpp.linear_w_square(x, weight, bias, epsilon, weight_sq, gi, bias_in_denominator)
 
 
 def conv2d_gamma(
@@ -394,10 +406,24 @@ def conv2d_alpha_beta(
     weight_pos: Optional[Tensor] = None,
     weight_neg: Optional[Tensor] = None,
     gi: bool = False,
+    bias_in_denominator: bool = False,
 ) -> Tensor:
     """``F.conv2d`` with the alpha-beta rule, as :func:`linear_alpha_beta` over the convolution."""
     return torch.ops.lrpcpp.conv2d_alpha_beta(
-        x, weight, bias, stride, padding, dilation, groups, alpha, beta, epsilon, weight_pos, weight_neg, gi
+        x,
+        weight,
+        bias,
+        stride,
+        padding,
+        dilation,
+        groups,
+        alpha,
+        beta,
+        epsilon,
+        weight_pos,
+        weight_neg,
+        gi,
+        bias_in_denominator,
     )
 
 
@@ -412,9 +438,12 @@ def conv2d_z_plus(
     epsilon: float = 1e-6,
     weight_pos: Optional[Tensor] = None,
     gi: bool = False,
+    bias_in_denominator: bool = False,
 ) -> Tensor:
     """``F.conv2d`` with the z-plus rule, as :func:`linear_z_plus` over the convolution."""
-    return torch.ops.lrpcpp.conv2d_z_plus(x, weight, bias, stride, padding, dilation, groups, epsilon, weight_pos, gi)
+    return torch.ops.lrpcpp.conv2d_z_plus(
+        x, weight, bias, stride, padding, dilation, groups, epsilon, weight_pos, gi, bias_in_denominator
+    )
 
 
 def conv2d_z_box(
@@ -464,9 +493,12 @@ def conv2d_w_square(
     epsilon: float = 1e-6,
     weight_sq: Optional[Tensor] = None,
     gi: bool = False,
+    bias_in_denominator: bool = False,
 ) -> Tensor:
     """``F.conv2d`` with the w-square rule, as :func:`linear_w_square` over the convolution."""
-    return torch.ops.lrpcpp.conv2d_w_square(x, weight, bias, stride, padding, dilation, groups, epsilon, weight_sq, gi)
+    return torch.ops.lrpcpp.conv2d_w_square(
+        x, weight, bias, stride, padding, dilation, groups, epsilon, weight_sq, gi, bias_in_denominator
+    )
 
 
 # ----------------------------------------------------------------------------- any convolution
@@ -531,6 +563,7 @@ def convolution_alpha_beta(
     weight_pos: Optional[Tensor] = None,
     weight_neg: Optional[Tensor] = None,
     gi: bool = False,
+    bias_in_denominator: bool = False,
 ) -> Tensor:
     """``torch.convolution`` with the alpha-beta rule, as :func:`conv2d_alpha_beta`."""
     return torch.ops.lrpcpp.convolution_alpha_beta(
@@ -549,6 +582,7 @@ def convolution_alpha_beta(
         weight_pos,
         weight_neg,
         gi,
+        bias_in_denominator,
     )
 
 
@@ -565,10 +599,23 @@ def convolution_z_plus(
     epsilon: float = 1e-6,
     weight_pos: Optional[Tensor] = None,
     gi: bool = False,
+    bias_in_denominator: bool = False,
 ) -> Tensor:
     """``torch.convolution`` with the z-plus rule, as :func:`conv2d_z_plus`."""
     return torch.ops.lrpcpp.convolution_z_plus(
-        x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, epsilon, weight_pos, gi
+        x,
+        weight,
+        bias,
+        stride,
+        padding,
+        dilation,
+        transposed,
+        output_padding,
+        groups,
+        epsilon,
+        weight_pos,
+        gi,
+        bias_in_denominator,
     )
 
 
@@ -639,10 +686,79 @@ def convolution_w_square(
     epsilon: float = 1e-6,
     weight_sq: Optional[Tensor] = None,
     gi: bool = False,
+    bias_in_denominator: bool = False,
 ) -> Tensor:
     """``torch.convolution`` with the w-square rule, as :func:`conv2d_w_square`."""
     return torch.ops.lrpcpp.convolution_w_square(
-        x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, epsilon, weight_sq, gi
+        x,
+        weight,
+        bias,
+        stride,
+        padding,
+        dilation,
+        transposed,
+        output_padding,
+        groups,
+        epsilon,
+        weight_sq,
+        gi,
+        bias_in_denominator,
+    )
+
+
+def avg_pool_epsilon(
+    x: Tensor,
+    kernel_size: List[int],
+    stride: Optional[List[int]] = None,
+    padding: Optional[List[int]] = None,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+    divisor_override: Optional[int] = None,
+    epsilon: float = 1e-6,
+    gi: bool = False,
+) -> Tensor:
+    """``F.avg_pool1d/2d/3d`` (by the length of ``kernel_size``; ``stride`` ``None`` is the kernel size,
+    ``padding`` ``None`` is 0) with the epsilon rule: ``R_x = x * P^T (R / stab(y))``, ``P^T`` the
+    pooling's input-gradient (zennit's Norm rule)."""
+    return torch.ops.lrpcpp.avg_pool_epsilon(
+        x,
+        kernel_size,
+        [] if stride is None else stride,
+        [0] if padding is None else padding,
+        ceil_mode,
+        count_include_pad,
+        divisor_override,
+        epsilon,
+        gi,
+    )
+
+
+def adaptive_avg_pool_epsilon(x: Tensor, output_size: List[int], epsilon: float = 1e-6, gi: bool = False) -> Tensor:
+    """``F.adaptive_avg_pool1d/2d/3d`` (by the length of ``output_size``) with the epsilon rule, as
+    :func:`avg_pool_epsilon`."""
+    return torch.ops.lrpcpp.adaptive_avg_pool_epsilon(x, output_size, epsilon, gi)
+
+
+def max_pool_wta(
+    x: Tensor,
+    kernel_size: List[int],
+    stride: Optional[List[int]] = None,
+    padding: Optional[List[int]] = None,
+    dilation: Optional[List[int]] = None,
+    ceil_mode: bool = False,
+    gi: bool = False,
+) -> Tensor:
+    """``F.max_pool1d/2d/3d`` (by the length of ``kernel_size``) winner-takes-all: each window's relevance
+    goes to its maximum (torch's choice among ties), as zennit's gradient does. In gradient form the
+    result is the plain gradient (the winner's input is the window's output)."""
+    return torch.ops.lrpcpp.max_pool_wta(
+        x,
+        kernel_size,
+        [] if stride is None else stride,
+        [0] if padding is None else padding,
+        [1] if dilation is None else dilation,
+        ceil_mode,
+        gi,
     )
 
 

@@ -9,10 +9,10 @@ shares ``m``'s parameters and buffers (no copy)::
     layer = lm.LinearEpsilon(10, 20)
     layer = lm.LinearEpsilon.from_module(existing_linear)
 
-All modules are TorchScript-compatible.
+All modules but the rule-taking convolution drop-ins (Conv1dRule, ...) are TorchScript-compatible.
 """
 
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type, cast
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +45,12 @@ __all__ = [
     "Conv2dZBox",
     "Conv2dFlat",
     "Conv2dWSquare",
+    "Conv1dRule",
+    "Conv3dRule",
+    "ConvTranspose1dRule",
+    "ConvTranspose2dRule",
+    "ConvTranspose3dRule",
+    "CONVOLUTION_RULE_MODULES",
     "weight_transform",
     "clear_weight_transforms",
 ]
@@ -495,33 +501,39 @@ class LinearGamma(_LinearRule):
 
 class LinearAlphaBeta(_LinearRule):
     """``nn.Linear`` with the alpha-beta rule; options ``alpha``, ``beta`` (alpha - beta = 1),
-    ``epsilon``, ``gi``."""
+    ``epsilon``, ``gi``,
+    ``bias_in_denominator`` (count the bias in the denominators, zennit's convention)."""
 
-    _rule_defaults = {"alpha": 2.0, "beta": 1.0, "epsilon": 1e-6, "gi": False}
+    _rule_defaults = {"alpha": 2.0, "beta": 1.0, "epsilon": 1e-6, "gi": False, "bias_in_denominator": False}
     alpha: float
     beta: float
     epsilon: float
     gi: bool
+    bias_in_denominator: bool
 
     def forward(self, x: Tensor) -> Tensor:
         pos: Optional[Tensor] = None
         neg: Optional[Tensor] = None
         if not torch.jit.is_scripting():
             pos, neg = self._pos_neg()
-        return lf.linear_alpha_beta(x, self.weight, self.bias, self.alpha, self.beta, self.epsilon, pos, neg, self.gi)
+        return lf.linear_alpha_beta(
+            x, self.weight, self.bias, self.alpha, self.beta, self.epsilon, pos, neg, self.gi, self.bias_in_denominator
+        )
 
 
 class LinearZPlus(_LinearRule):
-    """``nn.Linear`` with the z-plus rule; options ``epsilon``, ``gi``."""
+    """``nn.Linear`` with the z-plus rule; options ``epsilon``, ``gi``,
+    ``bias_in_denominator`` (count the bias in the denominators, zennit's convention)."""
 
-    _rule_defaults = {"epsilon": 1e-6, "gi": False}
+    _rule_defaults = {"epsilon": 1e-6, "gi": False, "bias_in_denominator": False}
     _transform_kind = "pos"
     epsilon: float
     gi: bool
+    bias_in_denominator: bool
 
     def forward(self, x: Tensor) -> Tensor:
         t = None if torch.jit.is_scripting() else self._weight_transform()
-        return lf.linear_z_plus(x, self.weight, self.bias, self.epsilon, t, self.gi)
+        return lf.linear_z_plus(x, self.weight, self.bias, self.epsilon, t, self.gi, self.bias_in_denominator)
 
 
 class LinearZBox(_Bounded, _LinearRule):
@@ -550,16 +562,18 @@ class LinearFlat(_LinearRule):
 
 
 class LinearWSquare(_LinearRule):
-    """``nn.Linear`` with the w-square rule; options ``epsilon``, ``gi``."""
+    """``nn.Linear`` with the w-square rule; options ``epsilon``, ``gi``,
+    ``bias_in_denominator`` (count the bias in the denominators, zennit's convention)."""
 
-    _rule_defaults = {"epsilon": 1e-6, "gi": False}
+    _rule_defaults = {"epsilon": 1e-6, "gi": False, "bias_in_denominator": False}
     _transform_kind = "sq"
     epsilon: float
     gi: bool
+    bias_in_denominator: bool
 
     def forward(self, x: Tensor) -> Tensor:
         t = None if torch.jit.is_scripting() else self._weight_transform()
-        return lf.linear_w_square(x, self.weight, self.bias, self.epsilon, t, self.gi)
+        return lf.linear_w_square(x, self.weight, self.bias, self.epsilon, t, self.gi, self.bias_in_denominator)
 
 
 class Conv2dGamma(_Conv2dRule):
@@ -592,15 +606,17 @@ class Conv2dGamma(_Conv2dRule):
 
 
 class Conv2dAlphaBeta(_Conv2dRule):
-    """``nn.Conv2d`` with the alpha-beta rule; options ``alpha``, ``beta``, ``epsilon``, ``gi``."""
+    """``nn.Conv2d`` with the alpha-beta rule; options ``alpha``, ``beta``, ``epsilon``, ``gi``,
+    ``bias_in_denominator`` (count the bias in the denominators, zennit's convention)."""
 
-    _rule_defaults = {"alpha": 2.0, "beta": 1.0, "epsilon": 1e-6, "gi": False}
+    _rule_defaults = {"alpha": 2.0, "beta": 1.0, "epsilon": 1e-6, "gi": False, "bias_in_denominator": False}
     alpha: float
     beta: float
     _lrp_pre_pad: List[int]
     _lrp_padding: List[int]
     epsilon: float
     gi: bool
+    bias_in_denominator: bool
 
     def forward(self, x: Tensor) -> Tensor:
         pos: Optional[Tensor] = None
@@ -621,18 +637,21 @@ class Conv2dAlphaBeta(_Conv2dRule):
             pos,
             neg,
             self.gi,
+            self.bias_in_denominator,
         )
 
 
 class Conv2dZPlus(_Conv2dRule):
-    """``nn.Conv2d`` with the z-plus rule; options ``epsilon``, ``gi``."""
+    """``nn.Conv2d`` with the z-plus rule; options ``epsilon``, ``gi``,
+    ``bias_in_denominator`` (count the bias in the denominators, zennit's convention)."""
 
-    _rule_defaults = {"epsilon": 1e-6, "gi": False}
+    _rule_defaults = {"epsilon": 1e-6, "gi": False, "bias_in_denominator": False}
     _transform_kind = "pos"
     _lrp_pre_pad: List[int]
     _lrp_padding: List[int]
     epsilon: float
     gi: bool
+    bias_in_denominator: bool
 
     def forward(self, x: Tensor) -> Tensor:
         t = None if torch.jit.is_scripting() else self._weight_transform()
@@ -647,6 +666,7 @@ class Conv2dZPlus(_Conv2dRule):
             self.epsilon,
             t,
             self.gi,
+            self.bias_in_denominator,
         )
 
 
@@ -705,14 +725,16 @@ class Conv2dFlat(_Conv2dRule):
 
 
 class Conv2dWSquare(_Conv2dRule):
-    """``nn.Conv2d`` with the w-square rule; options ``epsilon``, ``gi``."""
+    """``nn.Conv2d`` with the w-square rule; options ``epsilon``, ``gi``,
+    ``bias_in_denominator`` (count the bias in the denominators, zennit's convention)."""
 
-    _rule_defaults = {"epsilon": 1e-6, "gi": False}
+    _rule_defaults = {"epsilon": 1e-6, "gi": False, "bias_in_denominator": False}
     _transform_kind = "sq"
     _lrp_pre_pad: List[int]
     _lrp_padding: List[int]
     epsilon: float
     gi: bool
+    bias_in_denominator: bool
 
     def forward(self, x: Tensor) -> Tensor:
         t = None if torch.jit.is_scripting() else self._weight_transform()
@@ -727,4 +749,132 @@ class Conv2dWSquare(_Conv2dRule):
             self.epsilon,
             t,
             self.gi,
+            self.bias_in_denominator,
         )
+
+
+class _ConvolutionRule(_FromModule):
+    """The drop-in of a convolution other than ``nn.Conv2d`` (``nn.Conv1d``, ``nn.Conv3d``,
+    ``nn.ConvTranspose1d/2d/3d``) with a layer rule of :mod:`lrpcpp.rules` (``rule=Gamma(0.25)``,
+    ``ZPlus()``, ``ZBox(low, high)``, ...): its forward is the rule's ``convolution`` op
+    (:func:`lrpcpp.functional.convolution_gamma`, ...), which returns exactly the layer's output; the
+    weight transforms come from :func:`weight_transform`. Options ``rule`` (required) and ``gi``.
+    String padding and non-zero padding modes pad explicitly first. Not TorchScript-compatible (the
+    rule is a Python object): script the ``lrpcpp.functional.convolution_*`` calls instead."""
+
+    _rule_defaults = {"rule": None, "gi": False}
+    rule: Any
+    gi: bool
+
+    def _init_rule(self, torch_class: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any], options: Dict[str, Any]):
+        torch_class.__init__(self, *args, **kwargs)  # an argument neither torch's nor a rule option: its TypeError
+        for name, default in self._rule_defaults.items():
+            setattr(self, name, options.get(name, default))
+        self._lrp_setup()
+
+    def _lrp_setup(self) -> None:
+        if not callable(getattr(self.rule, "convolution", None)):
+            raise TypeError(
+                f"{type(self).__name__}: expected rule to be a layer rule of lrpcpp.rules (Gamma(0.25), ZPlus(), "
+                f"...), got {self.rule!r}"
+            )
+
+    @torch.jit.unused
+    def forward(self, x: Tensor, output_size: Optional[List[int]] = None) -> Tensor:
+        conv = cast(nn.modules.conv._ConvNd, self)
+        n = len(conv.kernel_size)
+        transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
+        output_padding = [int(p) for p in conv.output_padding]
+        if output_size is not None:
+            if not transposed:
+                raise TypeError(f"{type(self).__name__}.forward takes output_size only for a transposed convolution")
+            output_padding = conv._output_padding(  # type: ignore[operator]
+                x, output_size, list(conv.stride), list(conv.padding), list(conv.kernel_size), n, list(conv.dilation)
+            )
+        padding = [int(p) for p in conv.padding] if not isinstance(conv.padding, str) else [0] * n
+        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+            x = F.pad(x, [int(p) for p in conv._reversed_padding_repeated_twice], mode=mode)
+            padding = [0] * n
+        kinds = self.rule.transform.split("+") if self.rule.transform else []
+        transforms = tuple(weight_transform(conv.weight, k) for k in kinds)
+        return self.rule.convolution(
+            x,
+            conv.weight,
+            conv.bias,
+            list(conv.stride),
+            padding,
+            list(conv.dilation),
+            transposed,
+            output_padding,
+            conv.groups,
+            transforms[0] if len(transforms) == 1 else (transforms or None),
+            self.gi,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rule={self.rule!r}, gi={self.gi}"  # type: ignore[misc]
+
+
+class Conv1dRule(_ConvolutionRule, nn.Conv1d):
+    """``nn.Conv1d`` with a layer rule of :mod:`lrpcpp.rules`: ``Conv1dRule(4, 8, 3, rule=Gamma(0.25))``
+    or ``Conv1dRule.from_module(conv, rule=ZPlus())``; options ``rule`` (required) and ``gi``. The
+    forward is the rule's ``convolution`` op, exactly the layer's output; string padding and non-zero
+    padding modes pad explicitly first. Not TorchScript-compatible (the rule is a Python object)."""
+
+    _replaces = nn.Conv1d
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in self._rule_defaults}
+        self._init_rule(nn.Conv1d, args, kwargs, options)
+
+
+class Conv3dRule(_ConvolutionRule, nn.Conv3d):
+    """``nn.Conv3d`` with a layer rule, as :class:`Conv1dRule`."""
+
+    _replaces = nn.Conv3d
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in self._rule_defaults}
+        self._init_rule(nn.Conv3d, args, kwargs, options)
+
+
+class ConvTranspose1dRule(_ConvolutionRule, nn.ConvTranspose1d):
+    """``nn.ConvTranspose1d`` with a layer rule, as :class:`Conv1dRule`; ``forward(x, output_size)``
+    as torch's."""
+
+    _replaces = nn.ConvTranspose1d
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in self._rule_defaults}
+        self._init_rule(nn.ConvTranspose1d, args, kwargs, options)
+
+
+class ConvTranspose2dRule(_ConvolutionRule, nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` with a layer rule, as :class:`ConvTranspose1dRule`."""
+
+    _replaces = nn.ConvTranspose2d
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in self._rule_defaults}
+        self._init_rule(nn.ConvTranspose2d, args, kwargs, options)
+
+
+class ConvTranspose3dRule(_ConvolutionRule, nn.ConvTranspose3d):
+    """``nn.ConvTranspose3d`` with a layer rule, as :class:`ConvTranspose1dRule`."""
+
+    _replaces = nn.ConvTranspose3d
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in self._rule_defaults}
+        self._init_rule(nn.ConvTranspose3d, args, kwargs, options)
+
+
+#: the drop-in class of each convolution kind that takes a rule object (nn.Conv2d has one class per rule)
+CONVOLUTION_RULE_MODULES: Dict[type, Type[_ConvolutionRule]] = {
+    nn.Conv1d: Conv1dRule,
+    nn.Conv3d: Conv3dRule,
+    nn.ConvTranspose1d: ConvTranspose1dRule,
+    nn.ConvTranspose2d: ConvTranspose2dRule,
+    nn.ConvTranspose3d: ConvTranspose3dRule,
+}

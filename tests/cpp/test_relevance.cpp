@@ -139,6 +139,46 @@ void z_box_conserves() {
         "conv2d_z_box conserves relevance");
 }
 
+void z_plus_bias_in_denominator() {
+  // x >= 0: R_x = x * ((R / stab(x W+ + b+)) W+) with the bias counted (zennit's convention); without it, b+ is
+  // left out
+  auto opts = at::TensorOptions().dtype(at::kDouble);
+  auto x = torch::rand({3, 5}, opts);
+  auto w = torch::randn({4, 5}, opts);
+  auto b = torch::randn({4}, opts);
+  for (bool counted : {true, false}) {
+    auto xr = x.clone().requires_grad_();
+    auto y = lrpcpp::linear_z_plus(xr, w, b, 1e-6, std::nullopt, false, counted);
+    auto r = torch::randn_like(y);
+    y.backward(r);
+    auto wp = w.clamp_min(0);
+    auto den = at::linear(x, wp) + (counted ? b.clamp_min(0) : at::zeros_like(b));
+    check(close(xr.grad(), x * at::matmul(r / stab(den, 1e-6), wp)),
+          counted ? "linear_z_plus with the bias in the denominator" : "linear_z_plus with the bias left out");
+  }
+}
+
+void pooling_rules() {
+  // average pooling: R_x = x * P^T (R / stab(y)); max pooling: R_x = P^T R (the gradient of torch's max pooling)
+  auto opts = at::TensorOptions().dtype(at::kDouble);
+  auto x = torch::randn({2, 3, 6, 7}, opts);
+  auto xa = x.clone().requires_grad_();
+  auto y = lrpcpp::avg_pool_epsilon(xa, {2, 3}, {2, 1}, {1, 1}, false, true, std::nullopt, 1e-6, false);
+  check(at::equal(y, at::avg_pool2d(x, {2, 3}, {2, 1}, {1, 1})), "avg_pool_epsilon forward equals at::avg_pool2d");
+  auto r = torch::randn_like(y);
+  y.backward(r);
+  auto leaf = x.clone().requires_grad_();
+  at::avg_pool2d(leaf, {2, 3}, {2, 1}, {1, 1}).backward(r / stab(y.detach(), 1e-6));
+  check(close(xa.grad(), x * leaf.grad()), "avg_pool_epsilon relevance matches the formula");
+  auto xm = x.clone().requires_grad_();
+  auto m = lrpcpp::max_pool_wta(xm, {3, 3}, {2, 2}, {1, 1}, {1, 1}, true, false);
+  auto rm = torch::randn_like(m);
+  m.backward(rm);
+  auto leaf2 = x.clone().requires_grad_();
+  at::max_pool2d(leaf2, {3, 3}, {2, 2}, {1, 1}, {1, 1}, true).backward(rm);
+  check(at::equal(xm.grad(), leaf2.grad()), "max_pool_wta passes each window's relevance to its maximum");
+}
+
 }  // namespace
 
 int main() {
@@ -151,6 +191,8 @@ int main() {
   bad_input_errors();
   gamma_rule();
   z_box_conserves();
+  z_plus_bias_in_denominator();
+  pooling_rules();
   std::cout << passed << " passed, " << failed << " failed" << std::endl;
   return failed == 0 ? 0 : 1;
 }

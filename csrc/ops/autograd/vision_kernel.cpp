@@ -96,8 +96,44 @@ class VisionFunction<Rule, Tensor(const Tensor&, const Tensor&, Args...)>
   }
 };
 
+// The autograd of a pooling op Rule::forward(x, args...): its backward calls
+// Rule::relevance(grad, x, output, args...).
+template <class Rule, class Signature = std::remove_pointer_t<std::remove_cv_t<decltype(Rule::forward)>>>
+class PoolFunction;
+
+template <class Rule, class... Args>
+class PoolFunction<Rule, Tensor(const Tensor&, Args...)>
+    : public torch::autograd::Function<PoolFunction<Rule, Tensor(const Tensor&, Args...)>> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, Args... args) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    Tensor y = Rule::forward(x, args...);
+    std::vector<Tensor> tensors{x, y};
+    size_t position = 0;
+    (Kept<std::decay_t<Args>>::save(ctx, tensors, std::to_string(position++), args), ...);
+    ctx->save_for_backward(tensors);
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(1 + sizeof...(Args));
+    if (!ctx->needs_input_grad(0)) return out;
+    const auto saved = ctx->get_saved_variables();
+    size_t slot = 2, position = 0;  // x and the output come first
+    const std::tuple<decltype(Kept<std::decay_t<Args>>::load(ctx, saved, slot, ""))...> args{
+        Kept<std::decay_t<Args>>::load(ctx, saved, slot, std::to_string(position++))...};
+    out[0] = std::apply([&](const auto&... a) { return Rule::relevance(grads[0], saved[0], saved[1], a...); }, args);
+    return out;
+  }
+
+  static Tensor apply_rule(const Tensor& x, Args... args) {
+    return PoolFunction::apply(x, args...);
+  }
+};
+
 // The traits of each op: the forward op, and the call of its relevance op from the forward op's
-// arguments and output y.
+// arguments and output y. alpha-beta, z-plus and w-square pass the bias to their relevance op, which
+// counts it in the denominators, only with bias_in_denominator.
 struct LinearGamma {
   static constexpr auto forward = &lrpcpp::linear_gamma;
   static Tensor relevance(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& y, const OptTensor& b,
@@ -108,18 +144,19 @@ struct LinearGamma {
 
 struct LinearAlphaBeta {
   static constexpr auto forward = &lrpcpp::linear_alpha_beta;
-  static Tensor relevance(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& y, const OptTensor& /*b*/,
+  static Tensor relevance(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& y, const OptTensor& b,
                           double alpha, double beta, double epsilon, const OptTensor& w_pos, const OptTensor& w_neg,
-                          bool gi) {
-    return lrpcpp::linear_alpha_beta_relevance(g, x, w, w_pos, w_neg, y, alpha, beta, epsilon, gi);
+                          bool gi, bool in_denominator) {
+    return lrpcpp::linear_alpha_beta_relevance(g, x, w, w_pos, w_neg, y, alpha, beta, epsilon, gi,
+                                               in_denominator ? b : OptTensor());
   }
 };
 
 struct LinearZPlus {
   static constexpr auto forward = &lrpcpp::linear_z_plus;
-  static Tensor relevance(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& y, const OptTensor& /*b*/,
-                          double epsilon, const OptTensor& w_pos, bool gi) {
-    return lrpcpp::linear_z_plus_relevance(g, x, w, w_pos, y, epsilon, gi);
+  static Tensor relevance(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& y, const OptTensor& b,
+                          double epsilon, const OptTensor& w_pos, bool gi, bool in_denominator) {
+    return lrpcpp::linear_z_plus_relevance(g, x, w, w_pos, y, epsilon, gi, in_denominator ? b : OptTensor());
   }
 };
 
@@ -141,9 +178,9 @@ struct LinearFlat {
 
 struct LinearWSquare {
   static constexpr auto forward = &lrpcpp::linear_w_square;
-  static Tensor relevance(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& y, const OptTensor& /*b*/,
-                          double epsilon, const OptTensor& w_sq, bool gi) {
-    return lrpcpp::linear_w_square_relevance(g, x, w, w_sq, y, epsilon, gi);
+  static Tensor relevance(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& y, const OptTensor& b,
+                          double epsilon, const OptTensor& w_sq, bool gi, bool in_denominator) {
+    return lrpcpp::linear_w_square_relevance(g, x, w, w_sq, y, epsilon, gi, in_denominator ? b : OptTensor());
   }
 };
 
@@ -158,19 +195,21 @@ struct Conv2dGamma {
 
 struct Conv2dAlphaBeta {
   static constexpr auto forward = &lrpcpp::conv2d_alpha_beta;
-  static Tensor relevance(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& y, const OptTensor& /*b*/,
+  static Tensor relevance(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& y, const OptTensor& b,
                           IntRef st, IntRef pa, IntRef di, int64_t groups, double alpha, double beta, double epsilon,
-                          const OptTensor& w_pos, const OptTensor& w_neg, bool gi) {
-    return lrpcpp::conv2d_alpha_beta_relevance(g, x, w, w_pos, w_neg, y, st, pa, di, groups, alpha, beta, epsilon, gi);
+                          const OptTensor& w_pos, const OptTensor& w_neg, bool gi, bool in_denominator) {
+    return lrpcpp::conv2d_alpha_beta_relevance(g, x, w, w_pos, w_neg, y, st, pa, di, groups, alpha, beta, epsilon, gi,
+                                               in_denominator ? b : OptTensor());
   }
 };
 
 struct Conv2dZPlus {
   static constexpr auto forward = &lrpcpp::conv2d_z_plus;
-  static Tensor relevance(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& y, const OptTensor& /*b*/,
+  static Tensor relevance(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& y, const OptTensor& b,
                           IntRef st, IntRef pa, IntRef di, int64_t groups, double epsilon, const OptTensor& w_pos,
-                          bool gi) {
-    return lrpcpp::conv2d_z_plus_relevance(g, x, w, w_pos, y, st, pa, di, groups, epsilon, gi);
+                          bool gi, bool in_denominator) {
+    return lrpcpp::conv2d_z_plus_relevance(g, x, w, w_pos, y, st, pa, di, groups, epsilon, gi,
+                                           in_denominator ? b : OptTensor());
   }
 };
 
@@ -193,10 +232,11 @@ struct Conv2dFlat {
 
 struct Conv2dWSquare {
   static constexpr auto forward = &lrpcpp::conv2d_w_square;
-  static Tensor relevance(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& y, const OptTensor& /*b*/,
+  static Tensor relevance(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& y, const OptTensor& b,
                           IntRef st, IntRef pa, IntRef di, int64_t groups, double epsilon, const OptTensor& w_sq,
-                          bool gi) {
-    return lrpcpp::conv2d_w_square_relevance(g, x, w, w_sq, y, st, pa, di, groups, epsilon, gi);
+                          bool gi, bool in_denominator) {
+    return lrpcpp::conv2d_w_square_relevance(g, x, w, w_sq, y, st, pa, di, groups, epsilon, gi,
+                                             in_denominator ? b : OptTensor());
   }
 };
 
@@ -222,18 +262,20 @@ struct ConvolutionGamma {
 
 struct ConvolutionAlphaBeta {
   static constexpr auto forward = &lrpcpp::convolution_alpha_beta;
-  static Tensor relevance(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& y, const OptTensor& /*b*/,
+  static Tensor relevance(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& y, const OptTensor& b,
                           CONV_ARGS, double alpha, double beta, double epsilon, const OptTensor& w_pos,
-                          const OptTensor& w_neg, bool gi) {
-    return lrpcpp::convolution_alpha_beta_relevance(g, x, w, w_pos, w_neg, y, CONV_VALUES, alpha, beta, epsilon, gi);
+                          const OptTensor& w_neg, bool gi, bool in_denominator) {
+    return lrpcpp::convolution_alpha_beta_relevance(g, x, w, w_pos, w_neg, y, CONV_VALUES, alpha, beta, epsilon, gi,
+                                                    in_denominator ? b : OptTensor());
   }
 };
 
 struct ConvolutionZPlus {
   static constexpr auto forward = &lrpcpp::convolution_z_plus;
-  static Tensor relevance(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& y, const OptTensor& /*b*/,
-                          CONV_ARGS, double epsilon, const OptTensor& w_pos, bool gi) {
-    return lrpcpp::convolution_z_plus_relevance(g, x, w, w_pos, y, CONV_VALUES, epsilon, gi);
+  static Tensor relevance(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& y, const OptTensor& b,
+                          CONV_ARGS, double epsilon, const OptTensor& w_pos, bool gi, bool in_denominator) {
+    return lrpcpp::convolution_z_plus_relevance(g, x, w, w_pos, y, CONV_VALUES, epsilon, gi,
+                                                in_denominator ? b : OptTensor());
   }
 };
 
@@ -256,14 +298,41 @@ struct ConvolutionFlat {
 
 struct ConvolutionWSquare {
   static constexpr auto forward = &lrpcpp::convolution_w_square;
-  static Tensor relevance(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& y, const OptTensor& /*b*/,
-                          CONV_ARGS, double epsilon, const OptTensor& w_sq, bool gi) {
-    return lrpcpp::convolution_w_square_relevance(g, x, w, w_sq, y, CONV_VALUES, epsilon, gi);
+  static Tensor relevance(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& y, const OptTensor& b,
+                          CONV_ARGS, double epsilon, const OptTensor& w_sq, bool gi, bool in_denominator) {
+    return lrpcpp::convolution_w_square_relevance(g, x, w, w_sq, y, CONV_VALUES, epsilon, gi,
+                                                  in_denominator ? b : OptTensor());
   }
 };
 
 #undef CONV_ARGS
 #undef CONV_VALUES
+
+struct AvgPoolEpsilon {
+  static constexpr auto forward = &lrpcpp::avg_pool_epsilon;
+  static Tensor relevance(const Tensor& g, const Tensor& x, const Tensor& y, IntRef kernel, IntRef stride,
+                          IntRef padding, bool ceil_mode, bool count_include_pad, std::optional<int64_t> divisor,
+                          double epsilon, bool gi) {
+    return lrpcpp::avg_pool_epsilon_relevance(g, x, y, kernel, stride, padding, ceil_mode, count_include_pad, divisor,
+                                              epsilon, gi);
+  }
+};
+
+struct AdaptiveAvgPoolEpsilon {
+  static constexpr auto forward = &lrpcpp::adaptive_avg_pool_epsilon;
+  static Tensor relevance(const Tensor& g, const Tensor& x, const Tensor& y, IntRef output_size, double epsilon,
+                          bool gi) {
+    return lrpcpp::adaptive_avg_pool_epsilon_relevance(g, x, y, output_size, epsilon, gi);
+  }
+};
+
+struct MaxPoolWta {
+  static constexpr auto forward = &lrpcpp::max_pool_wta;
+  static Tensor relevance(const Tensor& g, const Tensor& x, const Tensor& y, IntRef kernel, IntRef stride,
+                          IntRef padding, IntRef dilation, bool ceil_mode, bool gi) {
+    return lrpcpp::max_pool_wta_relevance(g, x, y, kernel, stride, padding, dilation, ceil_mode, gi);
+  }
+};
 
 }  // namespace
 
@@ -287,6 +356,9 @@ TORCH_LIBRARY_IMPL(lrpcpp, Autograd, m) {
   m.impl("convolution_z_box", &VisionFunction<ConvolutionZBox>::apply_rule);
   m.impl("convolution_flat", &VisionFunction<ConvolutionFlat>::apply_rule);
   m.impl("convolution_w_square", &VisionFunction<ConvolutionWSquare>::apply_rule);
+  m.impl("avg_pool_epsilon", &PoolFunction<AvgPoolEpsilon>::apply_rule);
+  m.impl("adaptive_avg_pool_epsilon", &PoolFunction<AdaptiveAvgPoolEpsilon>::apply_rule);
+  m.impl("max_pool_wta", &PoolFunction<MaxPoolWta>::apply_rule);
   for (const char* name : {"linear_gamma_relevance",
                            "linear_alpha_beta_relevance",
                            "linear_z_plus_relevance",
@@ -308,7 +380,10 @@ TORCH_LIBRARY_IMPL(lrpcpp, Autograd, m) {
                            "convolution_z_plus_relevance",
                            "convolution_z_box_relevance",
                            "convolution_flat_relevance",
-                           "convolution_w_square_relevance"}) {
+                           "convolution_w_square_relevance",
+                           "avg_pool_epsilon_relevance",
+                           "adaptive_avg_pool_epsilon_relevance",
+                           "max_pool_wta_relevance"}) {
     m.impl(name, torch::autograd::autogradNotImplementedFallback());
   }
 }

@@ -20,7 +20,7 @@ class, no torch function, no other model.
 import contextlib
 import functools
 from types import MappingProxyType
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union, cast
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 from torch import nn
 
@@ -28,8 +28,7 @@ from .. import modules as lm
 from ..rules import Rule
 from .canonizers import MergedBatchNorm, conv_bn_pairs, mergeable, merged_conv_bn
 from .explicit import ExplicitRules, identity_rule
-from .layers import conv_forward
-from .presets import CONVOLUTIONS, Preset, get_preset
+from .presets import Preset, get_preset
 from .state import ModelState, claim, release
 
 __all__ = ["Composite", "CompositeHandle", "DEFAULT_MODULE_MAP", "identity_module"]
@@ -77,14 +76,12 @@ def identity_module(module: nn.Module) -> nn.Module:
 
 def _rule_module(rule: Rule, module: nn.Module) -> nn.Module:
     """The drop-in of ``module`` with ``rule``: the rule's module class for ``nn.Linear`` and
-    ``nn.Conv2d``; for the other convolutions (1-D, 3-D, transposed) a shallow copy of the layer,
-    sharing its parameters, whose forward is the rule's ``convolution`` op."""
-    if not isinstance(module, CONVOLUTIONS) or isinstance(module, nn.Conv2d):
-        return rule.module(module)
-    new = module.__class__.__new__(module.__class__)
-    new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()})
-    new.__dict__["forward"] = conv_forward(cast(nn.modules.conv._ConvNd, new), rule, gi=False)
-    return new
+    ``nn.Conv2d``; for the other convolutions (1-D, 3-D, transposed) the drop-in of their kind that
+    takes the rule (:data:`lrpcpp.modules.CONVOLUTION_RULE_MODULES`), sharing the layer's parameters."""
+    for kind, drop_in in lm.CONVOLUTION_RULE_MODULES.items():
+        if isinstance(module, kind):
+            return drop_in.from_module(module, rule=rule)
+    return rule.module(module)
 
 
 def _merged_module(rule: Rule, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Module:

@@ -277,26 +277,28 @@ def epsilon_gamma_box(
 
 
 @register_preset("epsilon_plus")
-def epsilon_plus(epsilon: float = 1e-6) -> Preset:
-    """z-plus on convolutions, epsilon on linear layers."""
-    return Preset(types={nn.Linear: Epsilon(epsilon), **_convolutions(ZPlus(epsilon))})
+def epsilon_plus(epsilon: float = 1e-6, bias: str = "ignore") -> Preset:
+    """z-plus on convolutions, epsilon on linear layers; ``bias="denominator"`` counts the convolutions'
+    biases in z-plus's denominators as zennit does."""
+    return Preset(types={nn.Linear: Epsilon(epsilon), **_convolutions(ZPlus(epsilon, bias))})
 
 
 @register_preset("epsilon_plus_flat")
-def epsilon_plus_flat(epsilon: float = 1e-6) -> Preset:
+def epsilon_plus_flat(epsilon: float = 1e-6, bias: str = "ignore") -> Preset:
     """As ``epsilon_plus``, with the flat rule on the input layer."""
-    return Preset(types={nn.Linear: Epsilon(epsilon), **_convolutions(ZPlus(epsilon))}, first=Flat(epsilon))
+    return Preset(types={nn.Linear: Epsilon(epsilon), **_convolutions(ZPlus(epsilon, bias))}, first=Flat(epsilon))
 
 
 @register_preset("epsilon_alpha2_beta1")
-def epsilon_alpha2_beta1(epsilon: float = 1e-6) -> Preset:
-    """alpha-beta with alpha = 2, beta = 1 on convolutions, epsilon on linear layers."""
-    return Preset(types={nn.Linear: Epsilon(epsilon), **_convolutions(AlphaBeta(2.0, 1.0, epsilon))})
+def epsilon_alpha2_beta1(epsilon: float = 1e-6, bias: str = "ignore") -> Preset:
+    """alpha-beta with alpha = 2, beta = 1 on convolutions, epsilon on linear layers;
+    ``bias="denominator"`` counts the convolutions' biases in alpha-beta's sums as zennit does."""
+    return Preset(types={nn.Linear: Epsilon(epsilon), **_convolutions(AlphaBeta(2.0, 1.0, epsilon, bias))})
 
 
 @register_preset("epsilon_alpha2_beta1_flat")
-def epsilon_alpha2_beta1_flat(epsilon: float = 1e-6) -> Preset:
+def epsilon_alpha2_beta1_flat(epsilon: float = 1e-6, bias: str = "ignore") -> Preset:
     """As ``epsilon_alpha2_beta1``, with the flat rule on the input layer."""
     return Preset(
-        types={nn.Linear: Epsilon(epsilon), **_convolutions(AlphaBeta(2.0, 1.0, epsilon))}, first=Flat(epsilon)
+        types={nn.Linear: Epsilon(epsilon), **_convolutions(AlphaBeta(2.0, 1.0, epsilon, bias))}, first=Flat(epsilon)
     )

@@ -13,11 +13,24 @@ from torch import Tensor, nn
 
 from .. import modules as lm
 
-__all__ = ["Rule", "Bound", "Transform", "weight_transforms"]
+__all__ = ["Rule", "Bound", "Transform", "weight_transforms", "BIAS_CONVENTIONS", "check_bias_convention"]
 
 Bound = Union[float, Tensor]
 #: the weight transform(s) a rule's op takes: none, one tensor, or several (alpha-beta: pos, neg)
 Transform = Union[None, Tensor, Tuple[Tensor, ...]]
+
+
+#: where alpha-beta, z-plus and w-square put a layer's bias: "ignore" leaves it out of the denominators
+#: (lrpcpp's convention, conservative), "denominator" counts it there as zennit does (b+ in the sum of the
+#: positive terms, b- in that of the negative ones; b**2 for w-square)
+BIAS_CONVENTIONS = ("ignore", "denominator")
+
+
+def check_bias_convention(rule: str, bias: str) -> bool:
+    """True when ``bias`` is ``"denominator"``; a ``ValueError`` naming the rule for an unknown value."""
+    if bias not in BIAS_CONVENTIONS:
+        raise ValueError(f"{rule}: expected bias to be one of {BIAS_CONVENTIONS}, got {bias!r}")
+    return bias == "denominator"
 
 
 class Rule:

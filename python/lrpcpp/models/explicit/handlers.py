@@ -169,6 +169,74 @@ def _linear_map(rules, func, input, *args, **kwargs):
     return epsilon_rule(rules, func, (input, *args), kwargs, [0])
 
 
+def _ints(value: Any, n: int) -> list:
+    """A pooling argument (an int or a sequence of ints) as n ints."""
+    return [int(value)] * n if isinstance(value, int) else [int(v) for v in value]
+
+
+def _avg_pool(n: int) -> Callable[..., Any]:
+    """F.avg_pool{n}d: the native epsilon rule of the average pooling (lrpcpp.functional.avg_pool_epsilon)."""
+
+    def handler(
+        rules,
+        func,
+        input,
+        kernel_size,
+        stride=None,
+        padding=0,
+        ceil_mode=False,
+        count_include_pad=True,
+        divisor_override=None,
+    ):
+        if not carries(input):
+            return NotImplemented
+        strides = None if stride is None or (not isinstance(stride, int) and len(stride) == 0) else _ints(stride, n)
+        return lf.avg_pool_epsilon(
+            input,
+            _ints(kernel_size, n),
+            strides,
+            _ints(padding, n),
+            bool(ceil_mode),
+            bool(count_include_pad),
+            divisor_override,
+            rules.epsilon,
+        )
+
+    return handler
+
+
+def _adaptive_avg_pool(n: int) -> Callable[..., Any]:
+    """F.adaptive_avg_pool{n}d: the native epsilon rule (a None size keeps the input's)."""
+
+    def handler(rules, func, input, output_size):
+        if not carries(input):
+            return NotImplemented
+        sizes = [output_size] * n if isinstance(output_size, int) or output_size is None else list(output_size)
+        spatial = input.shape[input.dim() - n :]
+        return lf.adaptive_avg_pool_epsilon(
+            input, [int(spatial[i]) if s is None else int(s) for i, s in enumerate(sizes)], rules.epsilon
+        )
+
+    return handler
+
+
+def _max_pool(n: int) -> Callable[..., Any]:
+    """F.max_pool{n}d: winner takes all (lrpcpp.functional.max_pool_wta); with return_indices the
+    gradient, which is the same rule."""
+
+    def handler(
+        rules, func, input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False
+    ):
+        if not carries(input) or return_indices:
+            return NotImplemented
+        strides = None if stride is None or (not isinstance(stride, int) and len(stride) == 0) else _ints(stride, n)
+        return lf.max_pool_wta(
+            input, _ints(kernel_size, n), strides, _ints(padding, n), _ints(dilation, n), bool(ceil_mode)
+        )
+
+    return handler
+
+
 def _batch_norm(
     rules, func, input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
 ):
@@ -443,12 +511,16 @@ RULES: Mapping[Callable, Callable] = MappingProxyType(
         F.conv_transpose1d: _conv,
         F.conv_transpose2d: _conv,
         F.conv_transpose3d: _conv,
-        F.avg_pool1d: _linear_map,
-        F.avg_pool2d: _linear_map,
-        F.avg_pool3d: _linear_map,
-        F.adaptive_avg_pool1d: _linear_map,
-        F.adaptive_avg_pool2d: _linear_map,
-        F.adaptive_avg_pool3d: _linear_map,
+        # pooling: the native ops, epsilon rule (average) and winner takes all (max), as zennit
+        F.avg_pool1d: _avg_pool(1),
+        F.avg_pool2d: _avg_pool(2),
+        F.avg_pool3d: _avg_pool(3),
+        F.adaptive_avg_pool1d: _adaptive_avg_pool(1),
+        F.adaptive_avg_pool2d: _adaptive_avg_pool(2),
+        F.adaptive_avg_pool3d: _adaptive_avg_pool(3),
+        F.max_pool1d: _max_pool(1),
+        F.max_pool2d: _max_pool(2),
+        F.max_pool3d: _max_pool(3),
         F.batch_norm: _batch_norm,
         # sums and means -> epsilon rule R_x = x * R / stab(sum x)
         torch.sum: _sum,
