@@ -30,7 +30,9 @@ plain side the layers' own ``training`` flag is on (everything in them is in eva
 ``lrpcpp.attribute`` does with such a model.
 
 Time: the whole call, after ``--warmup`` calls of each variant, median of ``--reps`` rounds; a round
-calls the six variants once, the order alternating between rounds, all in one process. The share of
+calls the six variants once, the order alternating between rounds, all in one process. Wall time and
+the CPU time of the process (all its threads, ``time.process_time``) are both measured: on a loaded
+machine the CPU time's ratios move much less than the wall time's. The share of
 CPU time other processes used during the kept rounds (/proc/stat) and the load average are reported;
 rounds above ``--max-foreign`` are dropped and rerun up to ``--max-rounds`` (default: none rerun, a
 round at sequence 4096 takes a minute on a loaded machine).
@@ -147,14 +149,15 @@ def call(method, model, ids):
 
 # ----------------------------------------------------------------------------- time
 def times_and_checks(models, ids, reps, warmup, max_foreign, max_rounds):
-    """Median seconds per variant over interleaved rounds, the kept rounds' foreign CPU share, the
-    rounds run, and the checks on the last results of each variant."""
+    """Median seconds per variant over interleaved rounds, of wall time and of this process's CPU time
+    ({variant: (wall, cpu)}), the kept rounds' foreign CPU share, the rounds run, and the checks on the
+    last results of each variant."""
     last = {}
 
     def timed(key, method, ckpt):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         last[key] = call(method, models[ckpt], ids)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     for _ in range(warmup):
         for v in VARIANTS:
@@ -164,7 +167,7 @@ def times_and_checks(models, ids, reps, warmup, max_foreign, max_rounds):
         return {v[0]: timed(*v) for v in (VARIANTS if r % 2 == 0 else VARIANTS[::-1])}
 
     kept, shares, n = clean_rounds(run_round, reps, max_foreign, max_rounds)
-    medians = {k: statistics.median(r[k] for r in kept) for k, _, _ in VARIANTS}
+    medians = {k: tuple(statistics.median(r[k][i] for r in kept) for i in (0, 1)) for k, _, _ in VARIANTS}
     reg = last["registry"][0]
     scale = max(float(reg.abs().max()), 1e-30)
     check = dict(
@@ -205,7 +208,7 @@ def mem_child(seq, key, quick):
     print(json.dumps(dict(seq=int(seq), key=key, before_kb=before, peak_kb=peak, method=how, lib=LIB_AT_IMPORT)))
 
 
-def measure_memory(seqs, runs, quick):
+def measure_memory(seqs, runs, quick, threads):
     """{(seq, variant): median peak increase in MiB}, one fresh subprocess per measurement."""
     env = dict(os.environ)
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(lrpcpp.__file__)))
@@ -215,6 +218,7 @@ def measure_memory(seqs, runs, quick):
         for _ in range(runs):
             for key, _, _ in VARIANTS:
                 cmd = [sys.executable, os.path.abspath(__file__), "--mem-child", str(seq), key]
+                cmd += ["--threads", str(threads)] if threads else []
                 proc = subprocess.run(cmd + (["--quick"] if quick else []), capture_output=True, text=True, env=env)
                 if proc.returncode != 0:
                     raise RuntimeError(f"memory subprocess seq {seq} / {key} failed:\n{proc.stderr[-3000:]}")
@@ -266,34 +270,48 @@ def render(res, mem, load, args, wall):
         f"the RSS with the model and input loaded, a fresh subprocess per row after one warm-up call (median of "
         f"{args.mem_runs}).",
         "",
-        "| sequence | checkpointing | plain gradient (ms) | attribute (ms) | attribute / plain | operation level (ms) "
-        "| operation level / plain | peak increase: plain (MiB) | attribute (MiB) | attribute / plain | operation "
-        "level (MiB) | operation level / plain |",
-        "|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "Time: the median wall time of a call, and the ratios of wall time and of the CPU time of the process "
+        "(all its threads; less sensitive than wall time to other processes' load).",
+        "",
+        "| sequence | checkpointing | plain gradient (ms) | attribute (ms) | operation level (ms) | attribute / plain "
+        "| operation level / plain | CPU time: attribute / plain | operation level / plain |",
+        "|---:|:---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in seqs:
-        t = res[s]["times"]
-        for ckpt in (False, True):
-            suffix = "-ckpt" if ckpt else ""
-            tp, tr, to = (t[m + suffix] * 1e3 for m in METHODS)
-            mp, mr, mo = (mem.get((s, m + suffix)) for m in METHODS)
+        for suffix in ("", "-ckpt"):
+            (wp, cp), (wr, cr), (wo, co) = (res[s]["times"][m + suffix] for m in METHODS)
             L.append(
-                f"| {s} | {'yes' if ckpt else 'no'} | {tp:.0f} | {tr:.0f} | {tr / tp:.2f} | {to:.0f} | {to / tp:.2f} | "
-                f"{fmt_mib(mp)} | {fmt_mib(mr)} | {fmt_ratio(mr, mp)} | {fmt_mib(mo)} | {fmt_ratio(mo, mp)} |"
+                f"| {s} | {'yes' if suffix else 'no'} | {wp * 1e3:.0f} | {wr * 1e3:.0f} | {wo * 1e3:.0f} | "
+                f"{wr / wp:.2f} | {wo / wp:.2f} | {cr / cp:.2f} | {co / cp:.2f} |"
             )
     L += [
         "",
-        "Checkpointing's effect, with / without checkpointing:",
+        "Memory: the peak RSS increase of a call over the RSS before it.",
         "",
-        "| sequence | time: plain gradient | attribute | operation level | peak increase: plain gradient | "
-        "attribute | operation level |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| sequence | checkpointing | plain gradient (MiB) | attribute (MiB) | operation level (MiB) | attribute / "
+        "plain | operation level / plain |",
+        "|---:|:---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in seqs:
+        for suffix in ("", "-ckpt"):
+            mp, mr, mo = (mem.get((s, m + suffix)) for m in METHODS)
+            L.append(
+                f"| {s} | {'yes' if suffix else 'no'} | {fmt_mib(mp)} | {fmt_mib(mr)} | {fmt_mib(mo)} | "
+                f"{fmt_ratio(mr, mp)} | {fmt_ratio(mo, mp)} |"
+            )
+    L += [
+        "",
+        "Checkpointing's effect: with / without checkpointing.",
+        "",
+        "| sequence | wall time: plain gradient | attribute | operation level | CPU time: plain gradient | attribute "
+        "| operation level | peak increase: plain gradient | attribute | operation level |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in seqs:
         t = res[s]["times"]
         L.append(
             f"| {s} | "
-            + " | ".join(f"{t[m + '-ckpt'] / t[m]:.2f}" for m in METHODS)
+            + " | ".join(f"{t[m + '-ckpt'][i] / t[m][i]:.2f}" for i in (0, 1) for m in METHODS)
             + " | "
             + " | ".join(fmt_ratio(mem.get((s, m + "-ckpt")), mem.get((s, m))) for m in METHODS)
             + " |"
@@ -334,11 +352,14 @@ def main():
     ap.add_argument(
         "--max-rounds", type=int, default=None, help="rerun loaded rounds up to this many rounds (default --reps)"
     )
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     ap.add_argument("--mem-runs", type=int, default=1, help="memory subprocesses per row (default 1)")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     ap.add_argument("--write", action="store_true", help=f"also write the section '{SECTION}' of benchmarks/RESULTS.md")
     ap.add_argument("--mem-child", nargs=2, metavar=("SEQ", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.mem_child:
         mem_child(*args.mem_child, args.quick)
         return
@@ -362,12 +383,18 @@ def main():
         )
         res[seq] = dict(times=times, foreign=foreign, rounds=rounds, check=check)
         progress(
-            "  " + ", ".join(f"{k} {t * 1e3:.0f} ms" for k, t in times.items()) + f"; foreign {100 * foreign:.0f}%"
+            "  "
+            + ", ".join(f"{k} {w * 1e3:.0f} ms ({c * 1e3:.0f} CPU)" for k, (w, c) in times.items())
+            + f"; other processes {100 * foreign:.0f}% of the CPU time"
         )
     del models
     gc.collect()
     # the smoke test measures the memory of the first sequence only
-    mem = {} if args.no_memory else measure_memory(seqs[:1] if args.quick else seqs, args.mem_runs, args.quick)
+    mem = (
+        {}
+        if args.no_memory
+        else measure_memory(seqs[:1] if args.quick else seqs, args.mem_runs, args.quick, args.threads)
+    )
     text = render(res, mem, (load0, os.getloadavg()), args, time.perf_counter() - t_start)
     print(text, end="")
     if args.write:
