@@ -248,7 +248,7 @@ def render(res, mem, load, args, wall):
     c = (QUICK if args.quick else FULL)["config"]
     seqs = list(res)
     L = [SECTION, ""]
-    L += machine_lines()
+    L += [ln.replace("(torch's default, not set)", "(`--threads`)") if args.threads else ln for ln in machine_lines()]
     L.append(
         f"- Load: `uptime` load average (1, 5, 15 min) {', '.join(f'{x:.2f}' for x in load[0])} before the run and "
         f"{', '.join(f'{x:.2f}' for x in load[1])} after it; the share of CPU time other processes used in the "
