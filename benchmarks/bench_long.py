@@ -31,8 +31,9 @@ plain side the layers' own ``training`` flag is on (everything in them is in eva
 
 Time: the whole call, after ``--warmup`` calls of each variant, median of ``--reps`` rounds; a round
 calls the six variants once, the order alternating between rounds, all in one process. Wall time and
-the CPU time of the process (all its threads, ``time.process_time``) are both measured: on a loaded
-machine the CPU time's ratios move much less than the wall time's. The share of
+the CPU time of the process (all its threads, ``time.process_time``) are both measured: with one
+thread (``--threads 1``) the CPU time is the work of the call, which other processes' load moves
+much less than the wall time (with more threads, OpenMP's waiting threads spin). The share of
 CPU time other processes used during the kept rounds (/proc/stat) and the load average are reported;
 rounds above ``--max-foreign`` are dropped and rerun up to ``--max-rounds`` (default: none rerun, a
 round at sequence 4096 takes a minute on a loaded machine).
@@ -271,7 +272,9 @@ def render(res, mem, load, args, wall):
         f"{args.mem_runs}).",
         "",
         "Time: the median wall time of a call, and the ratios of wall time and of the CPU time of the process "
-        "(all its threads; less sensitive than wall time to other processes' load).",
+        "(all its threads). With one thread (`--threads 1`) the CPU time is the work of the call and moves little "
+        "with other processes' load; with more, threads that wait for each other spin, for longer on a loaded "
+        "machine.",
         "",
         "| sequence | checkpointing | plain gradient (ms) | attribute (ms) | operation level (ms) | attribute / plain "
         "| operation level / plain | CPU time: attribute / plain | operation level / plain |",
