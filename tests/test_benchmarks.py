@@ -55,3 +55,52 @@ def test_bench_attention_quick():
     out = proc.stdout
     assert "## LLaMA-style block with the fused attention (CPU)" in out
     assert "| lrpcpp block, fused lf.scaled_dot_product_attention (relevance) |" in out
+
+
+def test_bench_long_quick():
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_long.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "## Long sequences, with and without activation checkpointing (CPU)"
+
+    def table(header, columns):
+        """The body of the table under ``header``: 4 rows (sequences 16 and 32, without and with
+        checkpointing) of ``columns`` cells, nothing more."""
+        at = lines.index(header)
+        assert lines[at + 1].count("|") == columns + 1
+        rows = [ln.split("|")[1:-1] for ln in lines[at + 2 : at + 6]]
+        assert all(len(r) == columns for r in rows) and not lines[at + 6].startswith("|")
+        assert [(r[0].strip(), r[1].strip()) for r in rows] == [
+            ("16", "no"),
+            ("16", "yes"),
+            ("32", "no"),
+            ("32", "yes"),
+        ]
+        return [[x.strip() for x in r[2:]] for r in rows]
+
+    times = table(
+        "| sequence | checkpointing | plain gradient (ms) | attribute (ms) | operation level (ms) | attribute / plain "
+        "| operation level / plain | CPU time: attribute / plain | operation level / plain |",
+        9,
+    )
+    assert all(float(x) >= 0 for r in times for x in r)
+    memory = table(
+        "| sequence | checkpointing | plain gradient (MiB) | attribute (MiB) | operation level (MiB) | attribute / "
+        "plain | operation level / plain |",
+        7,
+    )
+    # the smoke test measures the memory of the first sequence only (the ratios are "—" where the plain
+    # gradient's increase is 0 at this size)
+    assert all(float(x) >= 0 for r in memory[:2] for x in r[:3]) and all(x == "—" for r in memory[2:] for x in r)
+    assert (
+        "relevance with checkpointing bitwise equal to without: attribute yes, attribute, "
+        '`level="operations"` yes; plain gradient with checkpointing bitwise equal to without: yes;' in proc.stdout
+    )
+    assert "relevance finite: yes" in proc.stdout
