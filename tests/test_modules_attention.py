@@ -271,3 +271,32 @@ def test_compile_fullgraph():
         got = relevance(lambda a, b, c, w=need_weights: compiled(a, b, c, need_weights=w, **call)[0], q, k, v)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_in_a_composite():
+    """Opted in through module_map, the layer gives its own relevance; the default Composite (torch's
+    layer under the explicit rules) gives the same up to rounding."""
+    import lrpcpp
+    from lrpcpp.models.composite import DEFAULT_MODULE_MAP
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = make(batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    model = Model().eval()
+    x = torch.randn(N, S, E, dtype=f64)
+    alone = relevance(
+        lambda a, b, c: lm.MultiheadAttention.from_module(model.attn)(a, b, c, need_weights=False)[0], x, x, x
+    )
+    opted_in = lrpcpp.Composite(module_map={**DEFAULT_MODULE_MAP, nn.MultiheadAttention: lm.MultiheadAttention})
+    for composite, exact in ((opted_in, True), (lrpcpp.Composite(), False)):
+        with composite.context(model):
+            got = relevance(lambda a, b, c: model(a), x, x, x)
+        if exact:
+            assert torch.equal(got[0], alone[0])
+        else:
+            torch.testing.assert_close(got[0], alone[0], rtol=1e-10, atol=1e-12)
