@@ -63,6 +63,9 @@ def case_inputs(name, dtype=f64):
         q = k = v = randn(S, N, E)
         call = {"attn_mask": torch.ones(S, S, dtype=torch.bool).tril().logical_not(), "is_causal": True}
         call["key_padding_mask"] = kpm  # the first key stays attended in every row
+    elif name == "bias-kv-zero-attn":
+        opts = {"add_bias_kv": True, "add_zero_attn": True}
+        call = {"attn_mask": randn(L, S), "key_padding_mask": kpm}
     elif name == "unbatched":
         q, k, v = randn(L, E), randn(S, E), randn(S, E)
         call = {"attn_mask": causal.unsqueeze(0).expand(H, L, S).clone(), "key_padding_mask": kpm[1]}
@@ -79,6 +82,7 @@ CASES = [
     "mixed-bool-float",
     "causal",
     "causal-kpm",
+    "bias-kv-zero-attn",
     "unbatched",
 ]
 
@@ -122,6 +126,15 @@ def decomposition(mha, query, key, value, key_padding_mask=None, attn_mask=None,
     for x, w, b, n in zip((query, key, value), ws, bs, (tgt, src, src)):
         heads.append(lf.linear_epsilon(x, w, b, eps).reshape(n, bsz, H, d).permute(1, 2, 0, 3))
     q, k, v = heads
+    extra = 0
+    if mha.bias_k is not None:
+        k = torch.cat([k, mha.bias_k.detach().reshape(1, H, 1, d).expand(bsz, H, 1, d)], dim=2)
+        v = torch.cat([v, mha.bias_v.detach().reshape(1, H, 1, d).expand(bsz, H, 1, d)], dim=2)
+        extra += 1
+    if mha.add_zero_attn:
+        k = torch.cat([k, torch.zeros(bsz, H, 1, d, dtype=f64)], dim=2)
+        v = torch.cat([v, torch.zeros(bsz, H, 1, d, dtype=f64)], dim=2)
+        extra += 1
     if method == "cp-lrp":
         q, k = q.detach(), k.detach()
     scores = lf.matmul(q, k.transpose(-2, -1), eps)
@@ -133,6 +146,8 @@ def decomposition(mha, query, key, value, key_padding_mask=None, attn_mask=None,
         masks.append(attn_mask.reshape(bsz, H, tgt, src) if attn_mask.dim() == 3 else attn_mask)
     if key_padding_mask is not None:
         masks.append(key_padding_mask.reshape(bsz, 1, 1, src))
+    masks = [torch.nn.functional.pad(m, [0, extra]) for m in masks]  # the appended keys are attended
+    src += extra
     if all(m.dtype == torch.bool for m in masks):
         for m in masks:
             scores = scores.masked_fill(m, float("-inf"))
@@ -191,7 +206,7 @@ def test_weights_do_not_change_relevance():
 
 
 def test_from_module_and_constructor():
-    for opts in ({}, {"kdim": 3, "vdim": 6, "bias": False, "batch_first": True}):
+    for opts in ({}, {"kdim": 3, "vdim": 6, "bias": False, "batch_first": True, "add_bias_kv": True}):
         mha = make(**opts)
         ours = lm.MultiheadAttention.from_module(mha, epsilon=1e-4, method="cp-lrp")
         assert isinstance(ours, nn.MultiheadAttention)
@@ -212,11 +227,6 @@ def test_from_module_and_constructor():
 
 
 def test_errors():
-    name = "MultiheadAttention"
-    with pytest.raises(ValueError, match=f"{name}: add_bias_kv and add_zero_attn are not supported"):
-        lm.MultiheadAttention(E, H, add_bias_kv=True)
-    with pytest.raises(ValueError, match="add_bias_kv and add_zero_attn are not supported"):
-        lm.MultiheadAttention.from_module(nn.MultiheadAttention(E, H, add_zero_attn=True))
     with pytest.raises(ValueError, match="expected method 'attnlrp' or 'cp-lrp', got 'lrp'"):
         lm.MultiheadAttention(E, H, method="lrp")
     with pytest.raises(ValueError, match="expected epsilon >= 0"):
@@ -243,7 +253,11 @@ def test_errors():
         layer(x, x[:, 0], x)
 
 
-@pytest.mark.parametrize("opts", [{}, {"kdim": 3, "vdim": 6, "bias": False}], ids=["packed", "separate"])
+@pytest.mark.parametrize(
+    "opts",
+    [{}, {"kdim": 3, "vdim": 6, "bias": False, "add_bias_kv": True, "add_zero_attn": True}],
+    ids=["packed", "separate-bias-kv"],
+)
 def test_script(opts):
     ours = lm.MultiheadAttention.from_module(make(**opts))
     scripted = torch.jit.script(ours)

@@ -749,7 +749,7 @@ class MultiheadAttention(_FromModule, nn.MultiheadAttention):
     ``"cp-lrp"``) and ``epsilon`` (of every epsilon rule in the layer).
     With ``need_weights=True`` (torch's default) the attention weights are computed separately, from
     detached ``q`` and ``k``, and take no relevance; ``need_weights=False`` skips them.
-    ``add_bias_kv``, ``add_zero_attn`` and dropout in training mode are not supported."""
+    Dropout in training mode is not supported."""
 
     _replaces = nn.MultiheadAttention
     _rule_defaults = {"method": "attnlrp", "epsilon": 1e-6}
@@ -784,8 +784,6 @@ class MultiheadAttention(_FromModule, nn.MultiheadAttention):
         _check_epsilon(name, self.epsilon)
         if self.method not in _ATTENTION_METHODS:
             raise ValueError(f"{name}: expected method 'attnlrp' or 'cp-lrp', got {self.method!r}")
-        if self.bias_k is not None or self.bias_v is not None or self.add_zero_attn:
-            raise ValueError(f"{name}: add_bias_kv and add_zero_attn are not supported, expected both False")
 
     def _in_weights(self) -> Tuple[Tensor, Tensor, Tensor]:
         e = self.embed_dim
@@ -866,6 +864,14 @@ class MultiheadAttention(_FromModule, nn.MultiheadAttention):
                 raise TypeError(
                     f"lrpcpp.modules.MultiheadAttention: expected bool or floating-point masks, got {m.dtype}"
                 )
+        # add_bias_kv and add_zero_attn append keys, which every mask attends (False, 0), as in torch
+        extra = 0
+        if self.bias_k is not None:
+            extra += 1
+        if self.add_zero_attn:
+            extra += 1
+        if extra > 0:
+            masks = [F.pad(m, [0, extra]) for m in masks]
         # one mask for the fused op: bool (True: attended) when every mask is, else the float sum
         mask: Optional[Tensor] = None
         if len(masks) > 0:
@@ -883,8 +889,18 @@ class MultiheadAttention(_FromModule, nn.MultiheadAttention):
         wq, wk, wv = self._in_weights()
         bq, bk, bv = self._in_biases()
         q = lf.linear_epsilon(query, wq, bq, self.epsilon).reshape(tgt, bsz, h, d).permute(1, 2, 0, 3)
-        k = lf.linear_epsilon(key, wk, bk, self.epsilon).reshape(src, bsz, h, d).permute(1, 2, 0, 3)
-        v = lf.linear_epsilon(value, wv, bv, self.epsilon).reshape(src, bsz, h, d).permute(1, 2, 0, 3)
+        k = lf.linear_epsilon(key, wk, bk, self.epsilon)
+        v = lf.linear_epsilon(value, wv, bv, self.epsilon)
+        bias_k, bias_v = self.bias_k, self.bias_v
+        if bias_k is not None and bias_v is not None:
+            # the learned key and value: constants of the attention (parameters take no relevance)
+            k = torch.cat([k, bias_k.detach().expand(1, bsz, h * d)])
+            v = torch.cat([v, bias_v.detach().expand(1, bsz, h * d)])
+        k = k.reshape(-1, bsz, h, d).permute(1, 2, 0, 3)
+        v = v.reshape(-1, bsz, h, d).permute(1, 2, 0, 3)
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(bsz, h, 1, d)], dim=2)
+            v = torch.cat([v, v.new_zeros(bsz, h, 1, d)], dim=2)
         # the op of lf.scaled_dot_product_attention, called directly (its keyword-only options do not script)
         out = torch.ops.lrpcpp.scaled_dot_product_attention(
             q, k, v, mask, causal, None, False, self.method, self.epsilon
