@@ -51,6 +51,7 @@ __all__ = [
     "ConvTranspose2dRule",
     "ConvTranspose3dRule",
     "CONVOLUTION_RULE_MODULES",
+    "MultiheadAttention",
     "weight_transform",
     "clear_weight_transforms",
 ]
@@ -878,3 +879,204 @@ CONVOLUTION_RULE_MODULES: Dict[type, Type[_ConvolutionRule]] = {
     nn.ConvTranspose2d: ConvTranspose2dRule,
     nn.ConvTranspose3d: ConvTranspose3dRule,
 }
+
+
+# ----------------------------------------------------------------------------- attention
+_ATTENTION_METHODS = ("attnlrp", "cp-lrp")
+
+
+def _as_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """An ``nn.MultiheadAttention`` mask as the float mask added to the scores (True: -inf, not attended)."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+class MultiheadAttention(_FromModule, nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` with the explicit rules: the input and output projections through
+    :func:`lrpcpp.functional.linear_epsilon`, the attention through the fused
+    :func:`lrpcpp.functional.scaled_dot_product_attention`; options ``method`` (``"attnlrp"`` or
+    ``"cp-lrp"``) and ``epsilon`` (of every epsilon rule in the layer).
+    With ``need_weights=True`` (torch's default) the attention weights are computed separately, from
+    detached ``q`` and ``k``, and take no relevance; ``need_weights=False`` skips them.
+    Dropout in training mode is not supported."""
+
+    _replaces = nn.MultiheadAttention
+    _rule_defaults = {"method": "attnlrp", "epsilon": 1e-6}
+    method: str
+    epsilon: float
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        kdim: Optional[int] = None,
+        vdim: Optional[int] = None,
+        batch_first: bool = False,
+        device=None,
+        dtype=None,
+        method: str = "attnlrp",
+        epsilon: float = 1e-6,
+    ) -> None:
+        super().__init__(
+            embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first, device, dtype
+        )
+        self.method = method
+        self.epsilon = epsilon
+        self._lrp_setup()
+
+    def _lrp_setup(self) -> None:
+        name = type(self).__name__
+        _check_epsilon(name, self.epsilon)
+        if self.method not in _ATTENTION_METHODS:
+            raise ValueError(f"{name}: expected method 'attnlrp' or 'cp-lrp', got {self.method!r}")
+
+    def _in_weights(self) -> Tuple[Tensor, Tensor, Tensor]:
+        e = self.embed_dim
+        w = self.in_proj_weight
+        if w is not None:
+            return w[0:e], w[e : 2 * e], w[2 * e :]
+        wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        assert wq is not None and wk is not None and wv is not None
+        return wq, wk, wv
+
+    def _in_biases(self) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        e = self.embed_dim
+        b = self.in_proj_bias
+        if b is None:
+            return None, None, None
+        return b[0:e], b[e : 2 * e], b[2 * e :]
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Optional[Tensor] = None,
+        need_weights: bool = True,
+        attn_mask: Optional[Tensor] = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        if self.training and self.dropout > 0.0:
+            raise RuntimeError(
+                "lrpcpp.modules.MultiheadAttention: dropout is not supported (LRP explains the eval-mode "
+                "forward); call .eval() or set dropout=0.0"
+            )
+        if not (query.dim() in (2, 3) and key.dim() == query.dim() and value.dim() == query.dim()):
+            raise ValueError(
+                "lrpcpp.modules.MultiheadAttention: expected query, key and value all 3-D (batched) or all "
+                f"2-D (unbatched), got {query.dim()}-D, {key.dim()}-D and {value.dim()}-D"
+            )
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        # [sequence, batch, features] from here on, as in torch
+        tgt, bsz, src = query.size(0), query.size(1), key.size(0)
+        h, d = self.num_heads, self.head_dim
+        if is_causal and attn_mask is None:
+            raise RuntimeError(
+                "lrpcpp.modules.MultiheadAttention: is_causal is a hint that attn_mask is the causal mask; "
+                "expected attn_mask too"
+            )
+        # torch's choice: the hint replaces the mask only without a key padding mask and weights
+        causal = is_causal and key_padding_mask is None and not need_weights
+        if causal:
+            attn_mask = None
+        masks: List[Tensor] = []
+        if attn_mask is not None:
+            if list(attn_mask.shape) == [tgt, src]:
+                masks.append(attn_mask)
+            elif list(attn_mask.shape) == [bsz * h, tgt, src]:
+                masks.append(attn_mask.reshape(bsz, h, tgt, src))
+            else:
+                raise ValueError(
+                    f"lrpcpp.modules.MultiheadAttention: expected attn_mask of shape {[tgt, src]} or "
+                    f"{[bsz * h, tgt, src]}, got {list(attn_mask.shape)}"
+                )
+        if key_padding_mask is not None:
+            if list(key_padding_mask.shape) != [bsz, src]:
+                raise ValueError(
+                    f"lrpcpp.modules.MultiheadAttention: expected key_padding_mask of shape {[bsz, src]}, "
+                    f"got {list(key_padding_mask.shape)}"
+                )
+            masks.append(key_padding_mask.reshape(bsz, 1, 1, src))
+        for m in masks:
+            if m.dtype != torch.bool and not m.is_floating_point():
+                raise TypeError(
+                    f"lrpcpp.modules.MultiheadAttention: expected bool or floating-point masks, got {m.dtype}"
+                )
+        # add_bias_kv and add_zero_attn append keys, which every mask attends (False, 0), as in torch
+        extra = 0
+        if self.bias_k is not None:
+            extra += 1
+        if self.add_zero_attn:
+            extra += 1
+        if extra > 0:
+            masks = [F.pad(m, [0, extra]) for m in masks]
+        # one mask for the fused op: bool (True: attended) when every mask is, else the float sum
+        mask: Optional[Tensor] = None
+        if len(masks) > 0:
+            if all([m.dtype == torch.bool for m in masks]):
+                not_attended = masks[0]
+                for m in masks[1:]:
+                    not_attended = not_attended | m
+                mask = not_attended.logical_not()
+            else:
+                added = _as_additive(masks[0], query.dtype)
+                for m in masks[1:]:
+                    added = added + _as_additive(m, query.dtype)
+                mask = added
+
+        wq, wk, wv = self._in_weights()
+        bq, bk, bv = self._in_biases()
+        q = lf.linear_epsilon(query, wq, bq, self.epsilon).reshape(tgt, bsz, h, d).permute(1, 2, 0, 3)
+        k = lf.linear_epsilon(key, wk, bk, self.epsilon)
+        v = lf.linear_epsilon(value, wv, bv, self.epsilon)
+        bias_k, bias_v = self.bias_k, self.bias_v
+        if bias_k is not None and bias_v is not None:
+            # the learned key and value: constants of the attention (parameters take no relevance)
+            k = torch.cat([k, bias_k.detach().expand(1, bsz, h * d)])
+            v = torch.cat([v, bias_v.detach().expand(1, bsz, h * d)])
+        k = k.reshape(-1, bsz, h, d).permute(1, 2, 0, 3)
+        v = v.reshape(-1, bsz, h, d).permute(1, 2, 0, 3)
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(bsz, h, 1, d)], dim=2)
+            v = torch.cat([v, v.new_zeros(bsz, h, 1, d)], dim=2)
+        # the op of lf.scaled_dot_product_attention, called directly (its keyword-only options do not script)
+        out = torch.ops.lrpcpp.scaled_dot_product_attention(
+            q, k, v, mask, causal, None, False, self.method, self.epsilon
+        )
+        out = out.permute(2, 0, 1, 3).reshape(tgt, bsz, h * d)
+        out = lf.linear_epsilon(out, self.out_proj.weight, self.out_proj.bias, self.epsilon)
+        if not batched:
+            out = out.squeeze(1)
+        elif self.batch_first:
+            out = out.transpose(0, 1)
+
+        weights: Optional[Tensor] = None
+        if need_weights:
+            # torch's attention weights, apart from the relevance path (detached: they take none)
+            scores = torch.matmul(q.detach(), k.detach().transpose(-2, -1)) * (1.0 / float(d) ** 0.5)
+            if mask is not None:
+                if mask.dtype == torch.bool:
+                    scores = scores.masked_fill(mask.logical_not(), float("-inf"))
+                else:
+                    scores = scores + mask
+            weights = torch.softmax(scores, dim=-1)
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+            if not batched:
+                weights = weights.squeeze(0)
+        return out, weights
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, method={self.method!r}, epsilon={self.epsilon}"
