@@ -167,9 +167,10 @@ class GradientRules(RuleMode):
         if key not in self._scales:
             self._scales[key] = torch.tensor(share, dtype=torch.float32, device=t.device)
         # a view of t (no copy): the ops after it see the layout the model made. Scaled with its dims
-        # in memory order (t's heads transposed for attention: the permutation that makes it
-        # contiguous), so that the backward's scaled gradient, written contiguously, has the layout of
-        # t's own gradient and its views need no copy to reach the projection that made t
+        # in memory order (the permutation that makes t contiguous, as for an attention's heads, a
+        # transposed view of their projection): gi_scale_backward writes the scaled gradient
+        # contiguously in its input's dims, so it comes out in t's layout and the views that made t
+        # need no copy to pass it back (when it arrives in another layout, it is reordered as before)
         order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
         if order == list(range(t.dim())):
             return torch.ops.lrpcpp.gi_grad_scale(t, self._scales[key])
