@@ -198,6 +198,25 @@ def test_a_shared_operand_gets_its_gradient_in_its_own_layout():
         assert torch.equal(got, torch.autograd.grad(x, base, 0.5 * g)[0])
 
 
+def test_another_torch_function_mode_sees_the_rules_calls_and_changes_nothing():
+    # with another mode on the stack, the handlers run with the rule modes taken off it and that mode kept
+    from torch.overrides import TorchFunctionMode
+
+    seen = []
+
+    class Recording(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    model, kw = build("llama"), inputs("llama")
+    ref = lrpcpp.attribute(model, level="operations", **kw)
+    with Recording():
+        got = lrpcpp.attribute(model, level="operations", **kw)
+    assert torch.equal(got.relevance, ref.relevance)
+    assert torch.ops.lrpcpp.gi_grad_scale in seen  # a share made by a handler, seen by the other mode
+
+
 def test_unruled_torch_functions_are_counted_and_named():
     class Cumprod(nn.Module):
         def forward(self, inputs_embeds):
