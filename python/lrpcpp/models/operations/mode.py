@@ -170,8 +170,11 @@ class GradientRules(RuleMode):
         # in memory order (the permutation that makes t contiguous, as for an attention's heads, a
         # transposed view of their projection): gi_scale_backward writes the scaled gradient
         # contiguously in its input's dims, so it comes out in t's layout and the views that made t
-        # need no copy to pass it back (when it arrives in another layout, it is reordered as before)
-        order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+        # need no copy to pass it back (when it arrives in another layout, it is reordered as before).
+        # A forward that torch.compile traces keeps the dims' order (it cannot sort symbolic strides)
+        order = list(range(t.dim()))
+        if not torch.compiler.is_compiling():
+            order.sort(key=lambda d: -t.stride(d))
         if order == list(range(t.dim())):
             return torch.ops.lrpcpp.gi_grad_scale(t, self._scales[key])
         shared = torch.ops.lrpcpp.gi_grad_scale(t.permute(order), self._scales[key])
