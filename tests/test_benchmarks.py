@@ -104,3 +104,25 @@ def test_bench_long_quick():
         '`level="operations"` yes; plain gradient with checkpointing bitwise equal to without: yes;' in proc.stdout
     )
     assert "relevance finite: yes" in proc.stdout
+
+
+@pytest.mark.slow
+def test_tensor_memory_quick():
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "tensor_memory.py"), "--quick", "--only", "vit"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ViT")]
+    assert [row.split(" | ")[2] for row in rows] == [
+        "plain gradient",
+        "lrpcpp.attribute",
+        'attribute, `level="operations"`',
+    ]
+    peaks = [float(row.split(" | ")[3]) for row in rows]
+    assert all(p > 0 for p in peaks) and rows[0].split(" | ")[4] == "1.000"
+    assert "vit, registry - plain, live at the peak:" in proc.stdout

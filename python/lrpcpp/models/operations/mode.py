@@ -166,8 +166,19 @@ class GradientRules(RuleMode):
         key = (share, t.device)
         if key not in self._scales:
             self._scales[key] = torch.tensor(share, dtype=torch.float32, device=t.device)
-        # a view of t (no copy): the ops after it see the layout the model made
-        return torch.ops.lrpcpp.gi_grad_scale(t, self._scales[key])
+        # a view of t (no copy): the ops after it see the layout the model made. Scaled with its dims
+        # in memory order (the permutation that makes t contiguous, as for an attention's heads, a
+        # transposed view of their projection): gi_scale_backward writes the scaled gradient
+        # contiguously in its input's dims, so it comes out in t's layout and the views that made t
+        # need no copy to pass it back (when it arrives in another layout, it is reordered as before).
+        # A forward that torch.compile traces keeps the dims' order (it cannot sort symbolic strides)
+        order = list(range(t.dim()))
+        if not torch.compiler.is_compiling():
+            order.sort(key=lambda d: -t.stride(d))
+        if order == list(range(t.dim())):
+            return torch.ops.lrpcpp.gi_grad_scale(t, self._scales[key])
+        shared = torch.ops.lrpcpp.gi_grad_scale(t.permute(order), self._scales[key])
+        return shared.permute(sorted(range(t.dim()), key=order.__getitem__))
 
     def is_gate(self, t: Any) -> bool:
         return isinstance(t, Tensor) and getattr(t, _GATE, False)
@@ -260,8 +271,11 @@ class GradientRules(RuleMode):
     def _with_relevance(self, func, types_, args, kwargs):
         handler, plain = _kind(func)
         if handler is not None:
-            with without(is_rule_mode):
+            if torch._C._len_torch_function_stack() == 0:  # no other mode active (nothing to suspend)
                 out = handler(self, func, *args, **kwargs)
+            else:
+                with without(is_rule_mode):
+                    out = handler(self, func, *args, **kwargs)
             if out is not NotImplemented:
                 self._count("ruled", func)
                 if func in _GATES:
