@@ -174,7 +174,8 @@ class GradientRules(RuleMode):
         # A forward that torch.compile traces keeps the dims' order (it cannot sort symbolic strides)
         order = list(range(t.dim()))
         if not torch.compiler.is_compiling():
-            order.sort(key=lambda d: -t.stride(d))
+            strides = t.stride()
+            order.sort(key=lambda d: -strides[d])
         if order == list(range(t.dim())):
             return torch.ops.lrpcpp.gi_grad_scale(t, self._scales[key])
         shared = torch.ops.lrpcpp.gi_grad_scale(t.permute(order), self._scales[key])
