@@ -119,6 +119,56 @@ struct Scores {
   }
 };
 
+// The attention weights P = exp(x / T - lse) of a tile of scores S (rows i0.., columns 0..tk) into p:
+// S / T - lse over the whole tile (vectorised tensor ops), then -inf where the mask excludes a key or
+// the row attends nothing (lse = -inf), then one vectorised exp. A float mask goes element by element.
+template <typename scalar_t, typename acc_t>
+void weights_from_lse(const Scores<scalar_t, acc_t>& scores, const Tensor& s, Tensor& p, const acc_t* lse, int64_t i0,
+                      acc_t temp) {
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  const Layout& L = scores.L;
+  const int64_t n = s.size(0), tk = s.size(1);
+  const acc_t* sp = s.const_data_ptr<acc_t>();
+  acc_t* pp = p.mutable_data_ptr<acc_t>();
+  if (L.kind == MaskKind::additive) {
+    for (int64_t r = 0; r < n; ++r) {
+      const acc_t l = lse[i0 + r];
+      for (int64_t j = 0; j < tk; ++j) pp[r * tk + j] = l == ninf ? l : scores(sp[r * tk + j], i0 + r, j) / temp - l;
+    }
+  } else {
+    p.copy_(s).div_(temp).sub_(at::from_blob(const_cast<acc_t*>(lse + i0), {n, 1}, s.options()));
+    for (int64_t r = 0; r < n; ++r) {
+      acc_t* row = pp + r * tk;
+      if (lse[i0 + r] == ninf) {
+        std::fill(row, row + tk, ninf);
+      } else if (L.kind == MaskKind::causal) {
+        if (i0 + r + 1 < tk) std::fill(row + i0 + r + 1, row + tk, ninf);
+      } else if (L.kind == MaskKind::boolean) {
+        for (int64_t j = 0; j < tk; ++j) {
+          if (scores(0, i0 + r, j) == ninf) row[j] = ninf;
+        }
+      }
+    }
+  }
+  p.exp_();
+}
+
+// math::attention_score_relevance over a tile without a float mask (the softmax input is S itself, a
+// masked position has P = 0), as vectorised tensor ops in the same order of operations: with R_P in
+// d and its row sums in c, d becomes Rn_S = x' (R_P - P c) / stab(s_scale S), x' = S scale, 0 where
+// P = 0. s and p are overwritten; m is a bool scratch tile.
+template <typename acc_t>
+void score_relevance(Tensor& s, Tensor& p, Tensor& d, const Tensor& c, Tensor m, acc_t inv_t, acc_t eps,
+                     acc_t s_scale) {
+  at::eq_out(m, p, 0);
+  d.sub_(p.mul_(c.unsqueeze(1)));
+  d.mul_(at::mul_out(p, s, inv_t).masked_fill_(m, 0));
+  if (s_scale != 1) s.mul_(s_scale);
+  // stab(z) = z + eps sign(z), sign(0) = +1, eps sign(z) = 2 eps (z >= 0) - eps (exact)
+  s.add_(at::ge_out(p, s, 0).mul_(2 * eps).sub_(eps));
+  d.div_(s);
+}
+
 template <typename scalar_t>
 void forward_loop(const Layout& L, const Tensor& q4, const Tensor& k4, const Tensor& v4, Tensor& out4, Tensor& lse3) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -181,7 +231,8 @@ void relevance_loop(const Layout& L, const Tensor& g4, const Tensor& q4, const T
   at::parallel_for(0, L.B * L.Hq, 1, [&](int64_t begin, int64_t end) {
     const int64_t rows = std::min(kTile, L.Tq);
     Tensor sbuf = at::empty({rows, L.Tk}, acc), pbuf = at::empty({rows, L.Tk}, acc);
-    Tensor dbuf = at::empty({rows, L.Tk}, acc), rnbuf = at::empty({rows, L.Ev}, acc);
+    Tensor dbuf = at::empty({rows, L.Tk}, acc), rnbuf = at::empty({rows, L.Ev}, acc), cbuf = at::empty({rows}, acc);
+    Tensor mbuf = at::empty({rows, L.Tk}, acc.dtype(at::kBool));
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / L.Hq, h = bh % L.Hq;
       const Tensor kf = k4[b][h / L.G].to(acc), vf = v4[b][h / L.G].to(acc);
@@ -205,43 +256,25 @@ void relevance_loop(const Layout& L, const Tensor& g4, const Tensor& q4, const T
         at::mm_out(s, qt, kt.t());
         const acc_t* sp = s.const_data_ptr<acc_t>();
         acc_t* pp = p.mutable_data_ptr<acc_t>();
-        for (int64_t r = 0; r < n; ++r) {  // P = exp(x / T - lse), 0 in a row with no attended position
-          const acc_t l = lse[i0 + r];
-          for (int64_t j = 0; j < tk; ++j) {
-            const acc_t x = scores(sp[r * tk + j], i0 + r, j);
-            pp[r * tk + j] = l == -std::numeric_limits<acc_t>::infinity() ? l : x / temp - l;
-          }
-        }
-        p.exp_();
+        weights_from_lse(scores, s, p, lse, i0, temp);
         if (mask[2]) dv[b][h].narrow(0, 0, tk).addmm_(p.t(), rn);
         if (!qk) continue;
         // R_P = P (Rn_O v^T), its row sums c, then Rn_S element by element
-        Tensor d = scratch(dbuf, n, tk);
+        Tensor d = scratch(dbuf, n, tk), c = cbuf.narrow(0, 0, n);
         at::mm_out(d, rn, vt.t());
-        acc_t* dp = d.mutable_data_ptr<acc_t>();
-        for (int64_t r = 0; r < n; ++r) {
-          acc_t* drow = dp + r * tk;
-          const acc_t* prow = pp + r * tk;
-          const acc_t* srow = sp + r * tk;
-          acc_t c = 0;
-#pragma omp simd reduction(+ : c)
-          for (int64_t j = 0; j < tk; ++j) {
-            drow[j] = prow[j] * drow[j];
-            c += drow[j];
-          }
-          if (additive) {
+        d.mul_(p);
+        at::sum_out(c, d, 1);
+        if (!additive) {
+          score_relevance(s, p, d, c, scratch(mbuf, n, tk), inv_t, eps, s_scale);
+        } else {
+          acc_t* dp = d.mutable_data_ptr<acc_t>();
+          const acc_t* cp = c.const_data_ptr<acc_t>();
+          for (int64_t r = 0; r < n; ++r) {
             for (int64_t j = 0; j < tk; ++j) {
-              drow[j] = math::attention_score_relevance<acc_t>(srow[j], scores(srow[j], i0 + r, j), prow[j], drow[j],
-                                                               c, inv_t, eps, s_scale, true);
+              const acc_t sv = sp[r * tk + j];
+              dp[r * tk + j] = math::attention_score_relevance<acc_t>(sv, scores(sv, i0 + r, j), pp[r * tk + j],
+                                                                      dp[r * tk + j], cp[r], inv_t, eps, s_scale, true);
             }
-            continue;
-          }
-          // without a float mask the softmax input is S itself where attended; a masked position has
-          // P = 0, which the rule treats as masked whatever its x
-#pragma omp simd
-          for (int64_t j = 0; j < tk; ++j) {
-            drow[j] = math::attention_score_relevance<acc_t>(srow[j], srow[j], prow[j], drow[j], c, inv_t, eps,
-                                                             s_scale, false);
           }
         }
         if (mask[0]) rq4[b][h].narrow(0, i0, n).copy_(at::mm(d, kt).mul_(qt));
