@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../impl.h"
@@ -136,7 +137,7 @@ void weights_from_lse(const Scores<scalar_t, acc_t>& scores, const Tensor& s, Te
       for (int64_t j = 0; j < tk; ++j) pp[r * tk + j] = l == ninf ? l : scores(sp[r * tk + j], i0 + r, j) / temp - l;
     }
   } else {
-    p.copy_(s).div_(temp).sub_(at::from_blob(const_cast<acc_t*>(lse + i0), {n, 1}, s.options()));
+    at::div_out(p, s, temp).sub_(at::from_blob(const_cast<acc_t*>(lse + i0), {n, 1}, s.options()));
     for (int64_t r = 0; r < n; ++r) {
       acc_t* row = pp + r * tk;
       if (lse[i0 + r] == ninf) {
@@ -277,7 +278,14 @@ void relevance_loop(const Layout& L, const Tensor& g4, const Tensor& q4, const T
             }
           }
         }
-        if (mask[0]) rq4[b][h].narrow(0, i0, n).copy_(at::mm(d, kt).mul_(qt));
+        if (mask[0]) {
+          Tensor rqt = rq4[b][h].narrow(0, i0, n);
+          if constexpr (std::is_same_v<scalar_t, acc_t>) {
+            at::mm_out(rqt, d, kt).mul_(qt);
+          } else {
+            rqt.copy_(at::mm(d, kt).mul_(qt));
+          }
+        }
         if (mask[1]) dk[b][h].narrow(0, 0, tk).addmm_(d.t(), qt);
       }
     }
