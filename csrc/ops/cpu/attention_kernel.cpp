@@ -156,14 +156,15 @@ void weights_from_lse(const Scores<scalar_t, acc_t>& scores, const Tensor& s, Te
 
 // math::attention_score_relevance over a tile without a float mask (the softmax input is S itself, a
 // masked position has P = 0), as vectorised tensor ops in the same order of operations: with R_P in
-// d and its row sums in c, d becomes Rn_S = x' (R_P - P c) / stab(s_scale S), x' = S scale, 0 where
-// P = 0. s and p are overwritten; m is a bool scratch tile.
+// d and its row sums in c, d becomes Rn_S = x' (R_P - P c) / stab(s_scale S), x' = S scale. The rule
+// sets x' = 0 where P = 0; there R_P - P c = 0 as well (NaN where R_P or c is, as in the rule), so x'
+// only has to be finite: it is clamped to the finite range, which changes nothing where P > 0 (S is
+// finite there). s and p are overwritten.
 template <typename acc_t>
-void score_relevance(Tensor& s, Tensor& p, Tensor& d, const Tensor& c, Tensor m, acc_t inv_t, acc_t eps,
-                     acc_t s_scale) {
-  at::eq_out(m, p, 0);
+void score_relevance(Tensor& s, Tensor& p, Tensor& d, const Tensor& c, acc_t inv_t, acc_t eps, acc_t s_scale) {
   d.sub_(p.mul_(c.unsqueeze(1)));
-  d.mul_(at::mul_out(p, s, inv_t).masked_fill_(m, 0));
+  d.mul_(at::mul_out(p, s, inv_t)
+             .clamp_(std::numeric_limits<acc_t>::lowest(), std::numeric_limits<acc_t>::max()));
   if (s_scale != 1) s.mul_(s_scale);
   // stab(z) = z + eps sign(z), sign(0) = +1, eps sign(z) = 2 eps (z >= 0) - eps (exact)
   s.add_(at::ge_out(p, s, 0).mul_(2 * eps).sub_(eps));
@@ -233,7 +234,6 @@ void relevance_loop(const Layout& L, const Tensor& g4, const Tensor& q4, const T
     const int64_t rows = std::min(kTile, L.Tq);
     Tensor sbuf = at::empty({rows, L.Tk}, acc), pbuf = at::empty({rows, L.Tk}, acc);
     Tensor dbuf = at::empty({rows, L.Tk}, acc), rnbuf = at::empty({rows, L.Ev}, acc), cbuf = at::empty({rows}, acc);
-    Tensor mbuf = at::empty({rows, L.Tk}, acc.dtype(at::kBool));
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / L.Hq, h = bh % L.Hq;
       const Tensor kf = k4[b][h / L.G].to(acc), vf = v4[b][h / L.G].to(acc);
@@ -266,7 +266,7 @@ void relevance_loop(const Layout& L, const Tensor& g4, const Tensor& q4, const T
         d.mul_(p);
         at::sum_out(c, d, 1);
         if (!additive) {
-          score_relevance(s, p, d, c, scratch(mbuf, n, tk), inv_t, eps, s_scale);
+          score_relevance(s, p, d, c, inv_t, eps, s_scale);
         } else {
           acc_t* dp = d.mutable_data_ptr<acc_t>();
           const acc_t* cp = c.const_data_ptr<acc_t>();
