@@ -120,36 +120,46 @@ struct Scores {
   }
 };
 
-// The attention weights P = exp(x / T - lse) of a tile of scores S (rows i0.., columns 0..tk) into p:
-// S / T - lse over the whole tile (vectorised tensor ops), then -inf where the mask excludes a key or
-// the row attends nothing (lse = -inf), then one vectorised exp. A float mask goes element by element.
+// The softmax inputs over the temperature, x / T, of a tile of scores S (rows i0.., columns 0..tk)
+// into x (which may be s): S / T as one vectorised division, then -inf where the mask excludes a key;
+// a float mask goes element by element.
 template <typename scalar_t, typename acc_t>
-void weights_from_lse(const Scores<scalar_t, acc_t>& scores, const Tensor& s, Tensor& p, const acc_t* lse, int64_t i0,
-                      acc_t temp) {
+void scaled_inputs(const Scores<scalar_t, acc_t>& scores, const Tensor& s, Tensor& x, int64_t i0, acc_t temp) {
   constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   const Layout& L = scores.L;
   const int64_t n = s.size(0), tk = s.size(1);
   const acc_t* sp = s.const_data_ptr<acc_t>();
-  acc_t* pp = p.mutable_data_ptr<acc_t>();
+  acc_t* xp = x.mutable_data_ptr<acc_t>();
   if (L.kind == MaskKind::additive) {
     for (int64_t r = 0; r < n; ++r) {
-      const acc_t l = lse[i0 + r];
-      for (int64_t j = 0; j < tk; ++j) pp[r * tk + j] = l == ninf ? l : scores(sp[r * tk + j], i0 + r, j) / temp - l;
+      for (int64_t j = 0; j < tk; ++j) xp[r * tk + j] = scores(sp[r * tk + j], i0 + r, j) / temp;
     }
-  } else {
-    at::div_out(p, s, temp).sub_(at::from_blob(const_cast<acc_t*>(lse + i0), {n, 1}, s.options()));
-    for (int64_t r = 0; r < n; ++r) {
-      acc_t* row = pp + r * tk;
-      if (lse[i0 + r] == ninf) {
-        std::fill(row, row + tk, ninf);
-      } else if (L.kind == MaskKind::causal) {
-        if (i0 + r + 1 < tk) std::fill(row + i0 + r + 1, row + tk, ninf);
-      } else if (L.kind == MaskKind::boolean) {
-        for (int64_t j = 0; j < tk; ++j) {
-          if (scores(0, i0 + r, j) == ninf) row[j] = ninf;
-        }
+    return;
+  }
+  at::div_out(x, s, temp);
+  for (int64_t r = 0; r < n; ++r) {
+    acc_t* row = xp + r * tk;
+    if (L.kind == MaskKind::causal && i0 + r + 1 < tk) std::fill(row + i0 + r + 1, row + tk, ninf);
+    if (L.kind == MaskKind::boolean) {
+      for (int64_t j = 0; j < tk; ++j) {
+        if (scores(0, i0 + r, j) == ninf) row[j] = ninf;
       }
     }
+  }
+}
+
+// The attention weights P = exp(x / T - lse) of a tile of scores S into p, 0 in a row that attends
+// nothing (lse = -inf): vectorised tensor ops over the tile.
+template <typename scalar_t, typename acc_t>
+void weights_from_lse(const Scores<scalar_t, acc_t>& scores, const Tensor& s, Tensor& p, const acc_t* lse, int64_t i0,
+                      acc_t temp) {
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t n = s.size(0), tk = s.size(1);
+  scaled_inputs(scores, s, p, i0, temp);
+  p.sub_(at::from_blob(const_cast<acc_t*>(lse + i0), {n, 1}, s.options()));
+  acc_t* pp = p.mutable_data_ptr<acc_t>();
+  for (int64_t r = 0; r < n; ++r) {
+    if (lse[i0 + r] == ninf) std::fill(pp + r * tk, pp + (r + 1) * tk, ninf);
   }
   p.exp_();
 }
@@ -178,7 +188,8 @@ void forward_loop(const Layout& L, const Tensor& q4, const Tensor& k4, const Ten
   const acc_t temperature = static_cast<acc_t>(1.0 / L.scale);
   constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   at::parallel_for(0, L.B * L.Hq, 1, [&](int64_t begin, int64_t end) {
-    Tensor buf = at::empty({std::min(kTile, L.Tq), L.Tk}, acc);
+    const int64_t rows = std::min(kTile, L.Tq);
+    Tensor buf = at::empty({rows, L.Tk}, acc), mxbuf = at::empty({rows}, acc), sumbuf = at::empty({rows}, acc);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / L.Hq, h = bh % L.Hq;
       const Tensor kf = k4[b][h / L.G].to(acc), vf = v4[b][h / L.G].to(acc);
@@ -186,31 +197,33 @@ void forward_loop(const Layout& L, const Tensor& q4, const Tensor& k4, const Ten
       acc_t* lse = lse3[b][h].mutable_data_ptr<acc_t>();
       for (int64_t i0 = 0; i0 < L.Tq; i0 += kTile) {
         const int64_t n = std::min(kTile, L.Tq - i0), tk = key_end(L, i0, n);
+        if (tk == 0) {  // no keys: nothing attended
+          std::fill(lse + i0, lse + i0 + n, ninf);
+          out4[b][h].narrow(0, i0, n).zero_();
+          continue;
+        }
         Tensor p = scratch(buf, n, tk);
         at::mm_out(p, q4[b][h].narrow(0, i0, n).to(acc), kf.narrow(0, 0, tk).t());
-        acc_t* pp = p.mutable_data_ptr<acc_t>();
-        // x / T - max per row (-inf where masked, and in a row with no attended position), then one
-        // vectorised exp over the tile, then the row sums
+        // softmax over the tile's rows with its log-sum-exp; a row with no attended position (max
+        // -inf) gets weights exp(-inf - 0) = 0, a sum set to 1, output 0 and lse -inf
+        scaled_inputs(scores, p, p, i0, temperature);
+        Tensor mx = mxbuf.narrow(0, 0, n), sum = sumbuf.narrow(0, 0, n);
+        at::amax_out(mx, p, 1);
+        acc_t *mp = mx.mutable_data_ptr<acc_t>(), *sp = sum.mutable_data_ptr<acc_t>();
         for (int64_t r = 0; r < n; ++r) {
-          acc_t* row = pp + r * tk;
-          acc_t mx = ninf;
-          for (int64_t j = 0; j < tk; ++j) {
-            row[j] = scores(row[j], i0 + r, j) / temperature;
-            mx = std::max(mx, row[j]);
+          lse[i0 + r] = mp[r];
+          if (mp[r] == ninf) mp[r] = 0;
+        }
+        p.sub_(mx.unsqueeze(1)).exp_();
+        at::sum_out(sum, p, 1);
+        for (int64_t r = 0; r < n; ++r) {
+          if (lse[i0 + r] == ninf) {
+            sp[r] = 1;
+          } else {
+            lse[i0 + r] += std::log(sp[r]);
           }
-          lse[i0 + r] = mx;
-          if (mx == ninf) continue;  // exp(-inf) = 0: output 0
-          for (int64_t j = 0; j < tk; ++j) row[j] -= mx;
         }
-        p.exp_();
-        for (int64_t r = 0; r < n; ++r) {
-          if (lse[i0 + r] == ninf) continue;
-          acc_t* row = pp + r * tk;
-          acc_t sum = 0;
-          for (int64_t j = 0; j < tk; ++j) sum += row[j];
-          for (int64_t j = 0; j < tk; ++j) row[j] /= sum;
-          lse[i0 + r] += std::log(sum);
-        }
+        p.div_(sum.unsqueeze(1));
         out4[b][h].narrow(0, i0, n).copy_(at::mm(p, vf.narrow(0, 0, tk)));
       }
     }
