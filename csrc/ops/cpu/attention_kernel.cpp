@@ -2,8 +2,10 @@
 // head); a task walks its queries in tiles of kTile rows, and a tile's scores against the keys it can
 // attend (all of them, the first i0 + kTile under is_causal), [kTile, T_k] at most, are the only
 // quadratic buffers: scratch of O(T_k * kTile) per thread, nothing of size T_q * T_k. The matrix
-// products are at::mm on the tiles (single-threaded inside at::parallel_for), the per-element rule is
-// math::attention_score_relevance, in float32 for float16 / bfloat16.
+// products are at::mm on the tiles (single-threaded inside at::parallel_for); the element-wise steps
+// (x / T, the softmax, the weights from the log-sum-exp, the rule of math::attention_score_relevance)
+// are vectorised tensor ops over a whole tile, except with a float mask, where the rule goes element
+// by element through math::attention_score_relevance. All in float32 for float16 / bfloat16.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -215,13 +217,16 @@ void forward_loop(const Layout& L, const Tensor& q4, const Tensor& k4, const Ten
           if (mp[r] == ninf) mp[r] = 0;
         }
         p.sub_(mx.unsqueeze(1)).exp_();
-        at::sum_out(sum, p, 1);
+        const acc_t* pp = p.const_data_ptr<acc_t>();
         for (int64_t r = 0; r < n; ++r) {
           if (lse[i0 + r] == ninf) {
             sp[r] = 1;
-          } else {
-            lse[i0 + r] += std::log(sp[r]);
+            continue;
           }
+          acc_t total = 0;  // in index order: a vectorised sum would change the output in its last bits
+          for (int64_t j = 0; j < tk; ++j) total += pp[r * tk + j];
+          sp[r] = total;
+          lse[i0 + r] += std::log(total);
         }
         p.div_(sum.unsqueeze(1));
         out4[b][h].narrow(0, i0, n).copy_(at::mm(p, vf.narrow(0, 0, tk)));
