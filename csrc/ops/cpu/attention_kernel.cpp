@@ -178,8 +178,9 @@ void score_relevance(Tensor& s, Tensor& p, Tensor& d, const Tensor& c, acc_t inv
   d.mul_(at::mul_out(p, s, inv_t)
              .clamp_(std::numeric_limits<acc_t>::lowest(), std::numeric_limits<acc_t>::max()));
   if (s_scale != 1) s.mul_(s_scale);
-  // stab(z) = z + eps sign(z), sign(0) = +1, eps sign(z) = 2 eps (z >= 0) - eps (exact)
-  s.add_(at::ge_out(p, s, 0).mul_(2 * eps).sub_(eps));
+  // stab(z) = z + eps sign(z), sign(0) = +1: z + copysign(eps, z), which differs only at z = -0, where
+  // x' = 0 makes the numerator 0 and only the sign of that zero can differ
+  s.add_(at::copysign_out(p, at::scalar_tensor(eps, s.options()), s));
   d.div_(s);
 }
 
