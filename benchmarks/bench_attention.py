@@ -32,7 +32,8 @@ NOTE = (
     "memory the fused block keeps beyond the plain block comes from the rest of the block (the epsilon "
     "rules of the linear layers, add2 and mul2 keep their operands and outputs), not from the attention. "
     "The time beyond the plain block is the attention's relevance (a second score product and the "
-    "element-wise rule per score, scalar loops) and the rest of the block's rules."
+    "element-wise rule per score, as vectorised tensor ops over each tile of scores) and the rest of the "
+    "block's rules."
 )
 
 
@@ -121,6 +122,8 @@ def main():
     if args.quick:
         bc.H, bc.NH, bc.INTER = 256, 4, 512
     lines = [SECTION, ""] + bc.machine_lines(args.threads)
+    if hasattr(os, "getloadavg"):  # a shared machine: the load the times were taken under
+        lines.append(f"- Load: 1-minute load average {os.getloadavg()[0]:.1f} at the start")
     lines += [
         "",
         f"Hidden {bc.H}, {bc.NH} heads x {bc.HD}, MLP {bc.INTER}, causal; float32; median of {args.reps} "

@@ -196,6 +196,17 @@ def test_rows_without_attended_positions_give_zero_output_and_relevance():
     assert torch.isneginf(lse[:, :, 1]).all() and torch.isfinite(lse[:, :, [0, 2]]).all()
 
 
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_scores_below_the_float_range_carry_no_relevance(is_causal):
+    # q . k below float32's range is -inf: weight 0, and the softmax rule's x' is 0 there (not -inf * 0)
+    q, k, v = inputs((1,), 1, 1, 6, 6, 4, 4, dtype=torch.float32)
+    q[..., 4, :] = 1e30
+    k[..., 1, :] = -1e30  # attended by query 4
+    k[..., 5, :] = -1e30  # after query 4: masked under is_causal
+    for t in explain(fused, q, k, v, is_causal=is_causal):
+        assert torch.isfinite(t).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_reduced_precision_against_float64(dtype):
     q, k, v, kwargs = case_inputs("causal", dtype)

@@ -2,13 +2,16 @@
 // head); a task walks its queries in tiles of kTile rows, and a tile's scores against the keys it can
 // attend (all of them, the first i0 + kTile under is_causal), [kTile, T_k] at most, are the only
 // quadratic buffers: scratch of O(T_k * kTile) per thread, nothing of size T_q * T_k. The matrix
-// products are at::mm on the tiles (single-threaded inside at::parallel_for), the per-element rule is
-// math::attention_score_relevance, in float32 for float16 / bfloat16.
+// products are at::mm on the tiles (single-threaded inside at::parallel_for); the element-wise steps
+// (x / T, the softmax, the weights from the log-sum-exp, the rule of math::attention_score_relevance)
+// are vectorised tensor ops over a whole tile, except with a float mask, where the rule goes element
+// by element through math::attention_score_relevance. All in float32 for float16 / bfloat16.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../impl.h"
@@ -119,6 +122,68 @@ struct Scores {
   }
 };
 
+// The softmax inputs over the temperature, x / T, of a tile of scores S (rows i0.., columns 0..tk)
+// into x (which may be s): S / T as one vectorised division, then -inf where the mask excludes a key;
+// a float mask goes element by element.
+template <typename scalar_t, typename acc_t>
+void scaled_inputs(const Scores<scalar_t, acc_t>& scores, const Tensor& s, Tensor& x, int64_t i0, acc_t temp) {
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  const Layout& L = scores.L;
+  const int64_t n = s.size(0), tk = s.size(1);
+  const acc_t* sp = s.const_data_ptr<acc_t>();
+  acc_t* xp = x.mutable_data_ptr<acc_t>();
+  if (L.kind == MaskKind::additive) {
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t j = 0; j < tk; ++j) xp[r * tk + j] = scores(sp[r * tk + j], i0 + r, j) / temp;
+    }
+    return;
+  }
+  at::div_out(x, s, temp);
+  for (int64_t r = 0; r < n; ++r) {
+    acc_t* row = xp + r * tk;
+    if (L.kind == MaskKind::causal && i0 + r + 1 < tk) std::fill(row + i0 + r + 1, row + tk, ninf);
+    if (L.kind == MaskKind::boolean) {
+      for (int64_t j = 0; j < tk; ++j) {
+        if (scores(0, i0 + r, j) == ninf) row[j] = ninf;
+      }
+    }
+  }
+}
+
+// The attention weights P = exp(x / T - lse) of a tile of scores S into p, 0 in a row that attends
+// nothing (lse = -inf): vectorised tensor ops over the tile.
+template <typename scalar_t, typename acc_t>
+void weights_from_lse(const Scores<scalar_t, acc_t>& scores, const Tensor& s, Tensor& p, const acc_t* lse, int64_t i0,
+                      acc_t temp) {
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t n = s.size(0), tk = s.size(1);
+  scaled_inputs(scores, s, p, i0, temp);
+  p.sub_(at::from_blob(const_cast<acc_t*>(lse + i0), {n, 1}, s.options()));
+  acc_t* pp = p.mutable_data_ptr<acc_t>();
+  for (int64_t r = 0; r < n; ++r) {
+    if (lse[i0 + r] == ninf) std::fill(pp + r * tk, pp + (r + 1) * tk, ninf);
+  }
+  p.exp_();
+}
+
+// math::attention_score_relevance over a tile without a float mask (the softmax input is S itself, a
+// masked position has P = 0), as vectorised tensor ops in the same order of operations: with R_P in
+// d and its row sums in c, d becomes Rn_S = x' (R_P - P c) / stab(s_scale S), x' = S scale. The rule
+// sets x' = 0 where P = 0; there R_P - P c = 0 as well (NaN where R_P or c is, as in the rule), so x'
+// only has to be finite: it is clamped to the finite range, which changes nothing where P > 0 (S is
+// finite there). s and p are overwritten.
+template <typename acc_t>
+void score_relevance(Tensor& s, Tensor& p, Tensor& d, const Tensor& c, acc_t inv_t, acc_t eps, acc_t s_scale) {
+  d.sub_(p.mul_(c.unsqueeze(1)));
+  d.mul_(at::mul_out(p, s, inv_t)
+             .clamp_(std::numeric_limits<acc_t>::lowest(), std::numeric_limits<acc_t>::max()));
+  if (s_scale != 1) s.mul_(s_scale);
+  // stab(z) = z + eps sign(z), sign(0) = +1: z + copysign(eps, z), which differs only at z = -0, where
+  // x' = 0 makes the numerator 0 and only the sign of that zero can differ
+  s.add_(at::copysign_out(p, at::scalar_tensor(eps, s.options()), s));
+  d.div_(s);
+}
+
 template <typename scalar_t>
 void forward_loop(const Layout& L, const Tensor& q4, const Tensor& k4, const Tensor& v4, Tensor& out4, Tensor& lse3) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -126,7 +191,8 @@ void forward_loop(const Layout& L, const Tensor& q4, const Tensor& k4, const Ten
   const acc_t temperature = static_cast<acc_t>(1.0 / L.scale);
   constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   at::parallel_for(0, L.B * L.Hq, 1, [&](int64_t begin, int64_t end) {
-    Tensor buf = at::empty({std::min(kTile, L.Tq), L.Tk}, acc);
+    const int64_t rows = std::min(kTile, L.Tq);
+    Tensor buf = at::empty({rows, L.Tk}, acc), mxbuf = at::empty({rows}, acc), sumbuf = at::empty({rows}, acc);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / L.Hq, h = bh % L.Hq;
       const Tensor kf = k4[b][h / L.G].to(acc), vf = v4[b][h / L.G].to(acc);
@@ -134,31 +200,36 @@ void forward_loop(const Layout& L, const Tensor& q4, const Tensor& k4, const Ten
       acc_t* lse = lse3[b][h].mutable_data_ptr<acc_t>();
       for (int64_t i0 = 0; i0 < L.Tq; i0 += kTile) {
         const int64_t n = std::min(kTile, L.Tq - i0), tk = key_end(L, i0, n);
+        if (tk == 0) {  // no keys: nothing attended
+          std::fill(lse + i0, lse + i0 + n, ninf);
+          out4[b][h].narrow(0, i0, n).zero_();
+          continue;
+        }
         Tensor p = scratch(buf, n, tk);
         at::mm_out(p, q4[b][h].narrow(0, i0, n).to(acc), kf.narrow(0, 0, tk).t());
-        acc_t* pp = p.mutable_data_ptr<acc_t>();
-        // x / T - max per row (-inf where masked, and in a row with no attended position), then one
-        // vectorised exp over the tile, then the row sums
+        // softmax over the tile's rows with its log-sum-exp; a row with no attended position (max
+        // -inf) gets weights exp(-inf - 0) = 0, a sum set to 1, output 0 and lse -inf
+        scaled_inputs(scores, p, p, i0, temperature);
+        Tensor mx = mxbuf.narrow(0, 0, n), sum = sumbuf.narrow(0, 0, n);
+        at::amax_out(mx, p, 1);
+        acc_t *mp = mx.mutable_data_ptr<acc_t>(), *sp = sum.mutable_data_ptr<acc_t>();
         for (int64_t r = 0; r < n; ++r) {
-          acc_t* row = pp + r * tk;
-          acc_t mx = ninf;
-          for (int64_t j = 0; j < tk; ++j) {
-            row[j] = scores(row[j], i0 + r, j) / temperature;
-            mx = std::max(mx, row[j]);
+          lse[i0 + r] = mp[r];
+          if (mp[r] == ninf) mp[r] = 0;
+        }
+        p.sub_(mx.unsqueeze(1)).exp_();
+        const acc_t* pp = p.const_data_ptr<acc_t>();
+        for (int64_t r = 0; r < n; ++r) {
+          if (lse[i0 + r] == ninf) {
+            sp[r] = 1;
+            continue;
           }
-          lse[i0 + r] = mx;
-          if (mx == ninf) continue;  // exp(-inf) = 0: output 0
-          for (int64_t j = 0; j < tk; ++j) row[j] -= mx;
+          acc_t total = 0;  // in index order: a vectorised sum would change the output in its last bits
+          for (int64_t j = 0; j < tk; ++j) total += pp[r * tk + j];
+          sp[r] = total;
+          lse[i0 + r] += std::log(total);
         }
-        p.exp_();
-        for (int64_t r = 0; r < n; ++r) {
-          if (lse[i0 + r] == ninf) continue;
-          acc_t* row = pp + r * tk;
-          acc_t sum = 0;
-          for (int64_t j = 0; j < tk; ++j) sum += row[j];
-          for (int64_t j = 0; j < tk; ++j) row[j] /= sum;
-          lse[i0 + r] += std::log(sum);
-        }
+        p.div_(sum.unsqueeze(1));
         out4[b][h].narrow(0, i0, n).copy_(at::mm(p, vf.narrow(0, 0, tk)));
       }
     }
@@ -181,7 +252,7 @@ void relevance_loop(const Layout& L, const Tensor& g4, const Tensor& q4, const T
   at::parallel_for(0, L.B * L.Hq, 1, [&](int64_t begin, int64_t end) {
     const int64_t rows = std::min(kTile, L.Tq);
     Tensor sbuf = at::empty({rows, L.Tk}, acc), pbuf = at::empty({rows, L.Tk}, acc);
-    Tensor dbuf = at::empty({rows, L.Tk}, acc), rnbuf = at::empty({rows, L.Ev}, acc);
+    Tensor dbuf = at::empty({rows, L.Tk}, acc), rnbuf = at::empty({rows, L.Ev}, acc), cbuf = at::empty({rows}, acc);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / L.Hq, h = bh % L.Hq;
       const Tensor kf = k4[b][h / L.G].to(acc), vf = v4[b][h / L.G].to(acc);
@@ -205,46 +276,35 @@ void relevance_loop(const Layout& L, const Tensor& g4, const Tensor& q4, const T
         at::mm_out(s, qt, kt.t());
         const acc_t* sp = s.const_data_ptr<acc_t>();
         acc_t* pp = p.mutable_data_ptr<acc_t>();
-        for (int64_t r = 0; r < n; ++r) {  // P = exp(x / T - lse), 0 in a row with no attended position
-          const acc_t l = lse[i0 + r];
-          for (int64_t j = 0; j < tk; ++j) {
-            const acc_t x = scores(sp[r * tk + j], i0 + r, j);
-            pp[r * tk + j] = l == -std::numeric_limits<acc_t>::infinity() ? l : x / temp - l;
-          }
-        }
-        p.exp_();
+        weights_from_lse(scores, s, p, lse, i0, temp);
         if (mask[2]) dv[b][h].narrow(0, 0, tk).addmm_(p.t(), rn);
         if (!qk) continue;
         // R_P = P (Rn_O v^T), its row sums c, then Rn_S element by element
-        Tensor d = scratch(dbuf, n, tk);
+        Tensor d = scratch(dbuf, n, tk), c = cbuf.narrow(0, 0, n);
         at::mm_out(d, rn, vt.t());
-        acc_t* dp = d.mutable_data_ptr<acc_t>();
-        for (int64_t r = 0; r < n; ++r) {
-          acc_t* drow = dp + r * tk;
-          const acc_t* prow = pp + r * tk;
-          const acc_t* srow = sp + r * tk;
-          acc_t c = 0;
-#pragma omp simd reduction(+ : c)
-          for (int64_t j = 0; j < tk; ++j) {
-            drow[j] = prow[j] * drow[j];
-            c += drow[j];
-          }
-          if (additive) {
+        d.mul_(p);
+        at::sum_out(c, d, 1);
+        if (!additive) {
+          score_relevance(s, p, d, c, inv_t, eps, s_scale);
+        } else {
+          acc_t* dp = d.mutable_data_ptr<acc_t>();
+          const acc_t* cp = c.const_data_ptr<acc_t>();
+          for (int64_t r = 0; r < n; ++r) {
             for (int64_t j = 0; j < tk; ++j) {
-              drow[j] = math::attention_score_relevance<acc_t>(srow[j], scores(srow[j], i0 + r, j), prow[j], drow[j],
-                                                               c, inv_t, eps, s_scale, true);
+              const acc_t sv = sp[r * tk + j];
+              dp[r * tk + j] = math::attention_score_relevance<acc_t>(sv, scores(sv, i0 + r, j), pp[r * tk + j],
+                                                                      dp[r * tk + j], cp[r], inv_t, eps, s_scale, true);
             }
-            continue;
-          }
-          // without a float mask the softmax input is S itself where attended; a masked position has
-          // P = 0, which the rule treats as masked whatever its x
-#pragma omp simd
-          for (int64_t j = 0; j < tk; ++j) {
-            drow[j] = math::attention_score_relevance<acc_t>(srow[j], srow[j], prow[j], drow[j], c, inv_t, eps,
-                                                             s_scale, false);
           }
         }
-        if (mask[0]) rq4[b][h].narrow(0, i0, n).copy_(at::mm(d, kt).mul_(qt));
+        if (mask[0]) {
+          Tensor rqt = rq4[b][h].narrow(0, i0, n);
+          if constexpr (std::is_same_v<scalar_t, acc_t>) {
+            at::mm_out(rqt, d, kt).mul_(qt);
+          } else {
+            rqt.copy_(at::mm(d, kt).mul_(qt));
+          }
+        }
         if (mask[1]) dk[b][h].narrow(0, 0, tk).addmm_(d.t(), qt);
       }
     }
