@@ -60,21 +60,21 @@ LRPCPP_API Tensor softmax_relevance(const Tensor& grad, const Tensor& x, const T
 // defaults to 1 / sqrt(E)) whose backward is the explicit relevance of matmul -> softmax -> matmul.
 // method "cp-lrp" holds the attention weights constant (q and k get no relevance).
 LRPCPP_API Tensor scaled_dot_product_attention(const Tensor& query, const Tensor& key, const Tensor& value,
-                                               const OptTensor& attn_mask, bool is_causal,
-                                               std::optional<double> scale, bool enable_gqa,
-                                               c10::string_view method, double epsilon);
+                                               const OptTensor& attn_mask, bool is_causal, std::optional<double> scale,
+                                               bool enable_gqa, c10::string_view method, double epsilon);
 // The output and the log-sum-exp of each softmax row (float32, float64 for a float64 query; -inf for
 // a row with no attended position, whose output is 0).
-LRPCPP_API TensorPair scaled_dot_product_attention_forward(const Tensor& query, const Tensor& key,
-                                                           const Tensor& value, const OptTensor& attn_mask,
-                                                           bool is_causal, std::optional<double> scale,
-                                                           bool enable_gqa);
+LRPCPP_API TensorPair scaled_dot_product_attention_forward(const Tensor& query, const Tensor& key, const Tensor& value,
+                                                           const OptTensor& attn_mask, bool is_causal,
+                                                           std::optional<double> scale, bool enable_gqa);
 // The relevance of query, key and value (those selected by output_mask) from the relevance `grad` of
 // the output, recomputing the scores tile by tile from the saved log-sum-exp.
-LRPCPP_API TensorTriple scaled_dot_product_attention_relevance(
-    const Tensor& grad, const Tensor& query, const Tensor& key, const Tensor& value, const OptTensor& attn_mask,
-    const Tensor& output, const Tensor& logsumexp, bool is_causal, std::optional<double> scale, bool enable_gqa,
-    double epsilon, std::array<bool, 3> output_mask);
+LRPCPP_API TensorTriple scaled_dot_product_attention_relevance(const Tensor& grad, const Tensor& query,
+                                                               const Tensor& key, const Tensor& value,
+                                                               const OptTensor& attn_mask, const Tensor& output,
+                                                               const Tensor& logsumexp, bool is_causal,
+                                                               std::optional<double> scale, bool enable_gqa,
+                                                               double epsilon, std::array<bool, 3> output_mask);
 
 LRPCPP_API Tensor rms_norm_identity(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
                                     std::optional<double> eps);

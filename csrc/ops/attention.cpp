@@ -26,8 +26,8 @@ Tensor scaled_dot_product_attention(const Tensor& query, const Tensor& key, cons
 }
 
 TensorPair scaled_dot_product_attention_forward(const Tensor& query, const Tensor& key, const Tensor& value,
-                                                const OptTensor& attn_mask, bool is_causal,
-                                                std::optional<double> scale, bool enable_gqa) {
+                                                const OptTensor& attn_mask, bool is_causal, std::optional<double> scale,
+                                                bool enable_gqa) {
   LRPCPP_DISPATCH(scaled_dot_product_attention_forward);
   return op.call(query, key, value, attn_mask, is_causal, scale, enable_gqa);
 }
@@ -64,8 +64,8 @@ void check_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Op
                   ": expected query and key to have the same embedding size (last dimension), got shapes ",
                   shape_str(q), " and ", shape_str(k));
   TORCH_SYM_CHECK(k.sym_size(-2).sym_eq(v.sym_size(-2)), op,
-                  ": expected key and value to have the same sequence length (dimension -2), got shapes ",
-                  shape_str(k), " and ", shape_str(v));
+                  ": expected key and value to have the same sequence length (dimension -2), got shapes ", shape_str(k),
+                  " and ", shape_str(v));
   if (nd >= 3) {
     TORCH_SYM_CHECK(k.sym_size(-3).sym_eq(v.sym_size(-3)), op,
                     ": expected key and value to have the same number of heads (dimension -3), got shapes ",
@@ -84,15 +84,14 @@ void check_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Op
     }
   }
   if (scale.has_value()) {
-    TORCH_CHECK(std::isfinite(*scale) && *scale > 0.0, op, ": expected scale to be a finite number > 0, got ",
-                *scale);
+    TORCH_CHECK(std::isfinite(*scale) && *scale > 0.0, op, ": expected scale to be a finite number > 0, got ", *scale);
   }
   if (attn_mask.has_value()) {
     const Tensor& m = *attn_mask;
     TORCH_CHECK(!is_causal, op, ": expected either attn_mask or is_causal=True, got both");
     TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == q.scalar_type(), op,
-                ": expected attn_mask to be a bool tensor (True: attend) or to have query's dtype (",
-                q.scalar_type(), "), got ", m.scalar_type());
+                ": expected attn_mask to be a bool tensor (True: attend) or to have query's dtype (", q.scalar_type(),
+                "), got ", m.scalar_type());
     check_same_device(m, q, op, "attn_mask", "query");
     TORCH_CHECK(m.dim() <= nd, op, ": expected attn_mask to broadcast to [..., H, T_q, T_k] = ", shape_str(q),
                 "[:-1] + [T_k], got shape ", shape_str(m));
@@ -120,9 +119,11 @@ void check_attention_relevance(const Tensor& grad, const Tensor& q, const Tensor
                   c10::SymIntArrayRef(expected), " of the attention's output, got ", shape_str(output));
   check_same_shape(grad, output, op, "grad", "output");
   check_same_device(logsumexp, q, op, "logsumexp", "query");
-  TORCH_CHECK(logsumexp.scalar_type() == attention_stat_dtype(q.scalar_type()), op,
-              ": expected logsumexp to be ", attention_stat_dtype(q.scalar_type()), " (the forward's row statistics "
-              "for a ", q.scalar_type(), " query), got ", logsumexp.scalar_type());
+  TORCH_CHECK(logsumexp.scalar_type() == attention_stat_dtype(q.scalar_type()), op, ": expected logsumexp to be ",
+              attention_stat_dtype(q.scalar_type()),
+              " (the forward's row statistics "
+              "for a ",
+              q.scalar_type(), " query), got ", logsumexp.scalar_type());
   TORCH_SYM_CHECK(c10::sym_equals(logsumexp.sym_sizes(), q.sym_sizes().slice(0, q.dim() - 1)), op,
                   ": expected logsumexp to have the shape ", c10::SymIntArrayRef(q.sym_sizes().slice(0, q.dim() - 1)),
                   " (query's without the last dimension), got ", shape_str(logsumexp));
@@ -133,8 +134,8 @@ at::ScalarType attention_stat_dtype(at::ScalarType dtype) {
 }
 
 void check_attention_method(c10::string_view method, const char* op) {
-  TORCH_CHECK(method == "attnlrp" || method == "cp-lrp", op, ": expected method to be \"attnlrp\" or \"cp-lrp\", got \"",
-              std::string(method), "\"");
+  TORCH_CHECK(method == "attnlrp" || method == "cp-lrp", op,
+              ": expected method to be \"attnlrp\" or \"cp-lrp\", got \"", std::string(method), "\"");
 }
 
 Tensor scaled_dot_product_attention(const Tensor& query, const Tensor& key, const Tensor& value,

@@ -42,64 +42,64 @@ void without_autocast(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   m.impl(#name, torch::CppFunction::makeFromBoxedFunction<&without_autocast<c10::DeviceType::device>>())
 
 // The policies shared by both devices.
-#define LRPCPP_AUTOCAST_COMMON(device)                            \
-  LRPCPP_AUTOCAST(device, linear_epsilon, lower_precision_fp);    \
-  LRPCPP_AUTOCAST(device, conv2d_epsilon, lower_precision_fp);    \
-  LRPCPP_AUTOCAST(device, matmul, lower_precision_fp);            \
-  LRPCPP_AUTOCAST(device, linear_gamma, lower_precision_fp);      \
-  LRPCPP_AUTOCAST(device, linear_alpha_beta, lower_precision_fp); \
-  LRPCPP_AUTOCAST(device, linear_z_plus, lower_precision_fp);     \
-  LRPCPP_AUTOCAST(device, linear_z_box, lower_precision_fp);      \
-  LRPCPP_AUTOCAST(device, linear_flat, lower_precision_fp);       \
-  LRPCPP_AUTOCAST(device, linear_w_square, lower_precision_fp);   \
-  LRPCPP_AUTOCAST(device, conv2d_gamma, lower_precision_fp);      \
-  LRPCPP_AUTOCAST(device, conv2d_alpha_beta, lower_precision_fp); \
-  LRPCPP_AUTOCAST(device, conv2d_z_plus, lower_precision_fp);     \
-  LRPCPP_AUTOCAST(device, conv2d_z_box, lower_precision_fp);      \
-  LRPCPP_AUTOCAST(device, conv2d_flat, lower_precision_fp);       \
-  LRPCPP_AUTOCAST(device, conv2d_w_square, lower_precision_fp);   \
-  LRPCPP_AUTOCAST(device, add2, promote);                         \
-  LRPCPP_AUTOCAST(device, mul2, promote);                         \
+#define LRPCPP_AUTOCAST_COMMON(device)                                               \
+  LRPCPP_AUTOCAST(device, linear_epsilon, lower_precision_fp);                       \
+  LRPCPP_AUTOCAST(device, conv2d_epsilon, lower_precision_fp);                       \
+  LRPCPP_AUTOCAST(device, matmul, lower_precision_fp);                               \
+  LRPCPP_AUTOCAST(device, linear_gamma, lower_precision_fp);                         \
+  LRPCPP_AUTOCAST(device, linear_alpha_beta, lower_precision_fp);                    \
+  LRPCPP_AUTOCAST(device, linear_z_plus, lower_precision_fp);                        \
+  LRPCPP_AUTOCAST(device, linear_z_box, lower_precision_fp);                         \
+  LRPCPP_AUTOCAST(device, linear_flat, lower_precision_fp);                          \
+  LRPCPP_AUTOCAST(device, linear_w_square, lower_precision_fp);                      \
+  LRPCPP_AUTOCAST(device, conv2d_gamma, lower_precision_fp);                         \
+  LRPCPP_AUTOCAST(device, conv2d_alpha_beta, lower_precision_fp);                    \
+  LRPCPP_AUTOCAST(device, conv2d_z_plus, lower_precision_fp);                        \
+  LRPCPP_AUTOCAST(device, conv2d_z_box, lower_precision_fp);                         \
+  LRPCPP_AUTOCAST(device, conv2d_flat, lower_precision_fp);                          \
+  LRPCPP_AUTOCAST(device, conv2d_w_square, lower_precision_fp);                      \
+  LRPCPP_AUTOCAST(device, add2, promote);                                            \
+  LRPCPP_AUTOCAST(device, mul2, promote);                                            \
   LRPCPP_AUTOCAST(device, scaled_dot_product_attention, lower_precision_fp);         \
   LRPCPP_AUTOCAST(device, scaled_dot_product_attention_forward, lower_precision_fp); \
   LRPCPP_NO_CAST(device, scaled_dot_product_attention_relevance);                    \
-  LRPCPP_NO_CAST(device, stab_div);                               \
-  LRPCPP_NO_CAST(device, linear_epsilon_relevance);               \
-  LRPCPP_NO_CAST(device, conv2d_epsilon_relevance);               \
-  LRPCPP_NO_CAST(device, add2_relevance);                         \
-  LRPCPP_NO_CAST(device, mul2_relevance);                         \
-  LRPCPP_NO_CAST(device, matmul_relevance);                       \
-  LRPCPP_NO_CAST(device, softmax_relevance);                      \
-  LRPCPP_NO_CAST(device, rms_norm_identity);                      \
-  LRPCPP_NO_CAST(device, layer_norm_relevance);                   \
-  LRPCPP_NO_CAST(device, mean);                                   \
-  LRPCPP_NO_CAST(device, mean_relevance);                         \
-  LRPCPP_NO_CAST(device, silu_identity);                          \
-  LRPCPP_NO_CAST(device, gelu_identity);                          \
-  LRPCPP_NO_CAST(device, tanh_identity);                          \
-  LRPCPP_NO_CAST(device, relu_identity);                          \
-  LRPCPP_NO_CAST(device, sigmoid_identity);                       \
-  LRPCPP_NO_CAST(device, identity_relevance);                     \
-  LRPCPP_NO_CAST(device, stop_relevance);                         \
-  LRPCPP_NO_CAST(device, linear_gamma_relevance);                 \
-  LRPCPP_NO_CAST(device, linear_alpha_beta_relevance);            \
-  LRPCPP_NO_CAST(device, linear_z_plus_relevance);                \
-  LRPCPP_NO_CAST(device, linear_z_box_relevance);                 \
-  LRPCPP_NO_CAST(device, linear_flat_relevance);                  \
-  LRPCPP_NO_CAST(device, linear_w_square_relevance);              \
-  LRPCPP_NO_CAST(device, conv2d_gamma_relevance);                 \
-  LRPCPP_NO_CAST(device, conv2d_alpha_beta_relevance);            \
-  LRPCPP_NO_CAST(device, conv2d_z_plus_relevance);                \
-  LRPCPP_NO_CAST(device, conv2d_z_box_relevance);                 \
-  LRPCPP_NO_CAST(device, conv2d_flat_relevance);                  \
-  LRPCPP_NO_CAST(device, conv2d_w_square_relevance);              \
-  LRPCPP_NO_CAST(device, gamma_stab_div);                         \
-  LRPCPP_NO_CAST(device, alpha_beta_stab_div);                    \
-  LRPCPP_NO_CAST(device, split_times_input);                      \
-  LRPCPP_NO_CAST(device, gi_identity);                            \
-  LRPCPP_NO_CAST(device, gi_identity_factor);                     \
-  LRPCPP_NO_CAST(device, gi_grad_scale);                          \
-  LRPCPP_NO_CAST(device, gi_scale_backward);                      \
+  LRPCPP_NO_CAST(device, stab_div);                                                  \
+  LRPCPP_NO_CAST(device, linear_epsilon_relevance);                                  \
+  LRPCPP_NO_CAST(device, conv2d_epsilon_relevance);                                  \
+  LRPCPP_NO_CAST(device, add2_relevance);                                            \
+  LRPCPP_NO_CAST(device, mul2_relevance);                                            \
+  LRPCPP_NO_CAST(device, matmul_relevance);                                          \
+  LRPCPP_NO_CAST(device, softmax_relevance);                                         \
+  LRPCPP_NO_CAST(device, rms_norm_identity);                                         \
+  LRPCPP_NO_CAST(device, layer_norm_relevance);                                      \
+  LRPCPP_NO_CAST(device, mean);                                                      \
+  LRPCPP_NO_CAST(device, mean_relevance);                                            \
+  LRPCPP_NO_CAST(device, silu_identity);                                             \
+  LRPCPP_NO_CAST(device, gelu_identity);                                             \
+  LRPCPP_NO_CAST(device, tanh_identity);                                             \
+  LRPCPP_NO_CAST(device, relu_identity);                                             \
+  LRPCPP_NO_CAST(device, sigmoid_identity);                                          \
+  LRPCPP_NO_CAST(device, identity_relevance);                                        \
+  LRPCPP_NO_CAST(device, stop_relevance);                                            \
+  LRPCPP_NO_CAST(device, linear_gamma_relevance);                                    \
+  LRPCPP_NO_CAST(device, linear_alpha_beta_relevance);                               \
+  LRPCPP_NO_CAST(device, linear_z_plus_relevance);                                   \
+  LRPCPP_NO_CAST(device, linear_z_box_relevance);                                    \
+  LRPCPP_NO_CAST(device, linear_flat_relevance);                                     \
+  LRPCPP_NO_CAST(device, linear_w_square_relevance);                                 \
+  LRPCPP_NO_CAST(device, conv2d_gamma_relevance);                                    \
+  LRPCPP_NO_CAST(device, conv2d_alpha_beta_relevance);                               \
+  LRPCPP_NO_CAST(device, conv2d_z_plus_relevance);                                   \
+  LRPCPP_NO_CAST(device, conv2d_z_box_relevance);                                    \
+  LRPCPP_NO_CAST(device, conv2d_flat_relevance);                                     \
+  LRPCPP_NO_CAST(device, conv2d_w_square_relevance);                                 \
+  LRPCPP_NO_CAST(device, gamma_stab_div);                                            \
+  LRPCPP_NO_CAST(device, alpha_beta_stab_div);                                       \
+  LRPCPP_NO_CAST(device, split_times_input);                                         \
+  LRPCPP_NO_CAST(device, gi_identity);                                               \
+  LRPCPP_NO_CAST(device, gi_identity_factor);                                        \
+  LRPCPP_NO_CAST(device, gi_grad_scale);                                             \
+  LRPCPP_NO_CAST(device, gi_scale_backward);                                         \
   LRPCPP_NO_CAST(device, gi_layer_norm_backward)
 
 // The convolution ops (any dimension, transposed or not), as conv2d's; the pooling ops keep their input's

@@ -34,8 +34,8 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     const auto& scale = ctx->saved_data["scale"];
     auto [rq, rk, rv] = lrpcpp::scaled_dot_product_attention_relevance(
         grads[0], s[0], s[1], s[2], optional_tensor(s[3]), s[4], s[5], ctx->saved_data["is_causal"].toBool(),
-        scale.isNone() ? std::nullopt : std::optional<double>(scale.toDouble()),
-        ctx->saved_data["enable_gqa"].toBool(), ctx->saved_data["epsilon"].toDouble(), mask);
+        scale.isNone() ? std::nullopt : std::optional<double>(scale.toDouble()), ctx->saved_data["enable_gqa"].toBool(),
+        ctx->saved_data["epsilon"].toDouble(), mask);
     return {rq, rk, rv, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };

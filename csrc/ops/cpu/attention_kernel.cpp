@@ -105,12 +105,9 @@ struct Scores {
   acc_t operator()(acc_t s, int64_t i, int64_t j) const {
     constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
     switch (L.kind) {
-      case MaskKind::none:
-        return s;
-      case MaskKind::causal:
-        return j > i ? ninf : s;
-      case MaskKind::boolean:
-        return bmask[i * L.mask_sq + j * L.mask_sk] ? s : ninf;
+      case MaskKind::none: return s;
+      case MaskKind::causal: return j > i ? ninf : s;
+      case MaskKind::boolean: return bmask[i * L.mask_sq + j * L.mask_sk] ? s : ninf;
       case MaskKind::additive: {
         const acc_t m = static_cast<acc_t>(fmask[i * L.mask_sq + j * L.mask_sk]);
         if (!std::isfinite(m)) return s + m;
@@ -175,8 +172,7 @@ void weights_from_lse(const Scores<scalar_t, acc_t>& scores, const Tensor& s, Te
 template <typename acc_t>
 void score_relevance(Tensor& s, Tensor& p, Tensor& d, const Tensor& c, acc_t inv_t, acc_t eps, acc_t s_scale) {
   d.sub_(p.mul_(c.unsqueeze(1)));
-  d.mul_(at::mul_out(p, s, inv_t)
-             .clamp_(std::numeric_limits<acc_t>::lowest(), std::numeric_limits<acc_t>::max()));
+  d.mul_(at::mul_out(p, s, inv_t).clamp_(std::numeric_limits<acc_t>::lowest(), std::numeric_limits<acc_t>::max()));
   if (s_scale != 1) s.mul_(s_scale);
   // stab(z) = z + eps sign(z), sign(0) = +1: z + copysign(eps, z), which differs only at z = -0, where
   // x' = 0 makes the numerator 0 and only the sign of that zero can differ

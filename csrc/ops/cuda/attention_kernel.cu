@@ -51,10 +51,8 @@ template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t score_input(const Params& p, int64_t moff, acc_t s, int64_t i, int64_t j) {
   constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   switch (p.kind) {
-    case kCausal:
-      return j > i ? ninf : s;
-    case kBool:
-      return static_cast<const bool*>(p.mask)[moff + i * p.msq + j * p.msk] ? s : ninf;
+    case kCausal: return j > i ? ninf : s;
+    case kBool: return static_cast<const bool*>(p.mask)[moff + i * p.msq + j * p.msk] ? s : ninf;
     case kAdditive: {
       const acc_t m = static_cast<acc_t>(static_cast<const scalar_t*>(p.mask)[moff + i * p.msq + j * p.msk]);
       if (!isfinite(m)) return s + m;
@@ -63,8 +61,7 @@ __device__ __forceinline__ acc_t score_input(const Params& p, int64_t moff, acc_
       const acc_t b = m / static_cast<acc_t>(p.scale);
       return s + (b < lo ? lo : (b > hi ? hi : b));
     }
-    default:
-      return s;
+    default: return s;
   }
 }
 
@@ -159,8 +156,8 @@ __global__ void __launch_bounds__(kBlock)
 
 // Rn_O of one query row, in registers.
 template <typename acc_t, typename scalar_t, int D>
-__device__ __forceinline__ void normalised_relevance(acc_t (&rn)[D], const scalar_t* g, const scalar_t* o,
-                                                     int64_t n, acc_t eps, acc_t o_scale) {
+__device__ __forceinline__ void normalised_relevance(acc_t (&rn)[D], const scalar_t* g, const scalar_t* o, int64_t n,
+                                                     acc_t eps, acc_t o_scale) {
 #pragma unroll
   for (int e = 0; e < D; ++e)
     rn[e] = e < n ? math::stab_div<acc_t>(static_cast<acc_t>(g[e]), static_cast<acc_t>(o[e]), eps, o_scale) : acc_t(0);
