@@ -48,7 +48,9 @@ Layout make_layout(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
   L.Tk = k.size(-2);
   L.E = q.size(-1);
   L.Ev = v.size(-1);
-  L.scale = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(L.E));
+  // no division by zero for an empty head (E = 0: nothing to compute, and a process with floating-point
+  // traps enabled must not stop)
+  L.scale = scale.has_value() ? *scale : (L.E > 0 ? 1.0 / std::sqrt(static_cast<double>(L.E)) : 1.0);
   if (is_causal) L.kind = MaskKind::causal;
   if (attn_mask.has_value()) {
     L.kind = attn_mask->scalar_type() == at::kBool ? MaskKind::boolean : MaskKind::additive;

@@ -319,7 +319,9 @@ Params make_params(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
   p.Tk = k.size(-2);
   p.E = q.size(-1);
   p.Ev = v.size(-1);
-  p.scale = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(p.E));
+  // no division by zero for an empty head (E = 0: nothing to compute, and a process with floating-point
+  // traps enabled must not stop)
+  p.scale = scale.has_value() ? *scale : (p.E > 0 ? 1.0 / std::sqrt(static_cast<double>(p.E)) : 1.0);
   TORCH_CHECK(p.E <= kMaxHead && p.Ev <= kMaxHead, op, ": the CUDA kernel takes head sizes up to ", kMaxHead,
               ", got query [..., ", p.E, "] and value [..., ", p.Ev, "]");
   p.kind = is_causal ? kCausal : kNone;
