@@ -6,13 +6,13 @@ from torch import nn
 
 from .. import functional as lf
 from .. import modules as lm
-from .base import Rule, check_bias_convention
+from .base import BiasConvention, Rule
 
 __all__ = ["AlphaBeta"]
 
 
 @dataclass(frozen=True)
-class AlphaBeta(Rule):
+class AlphaBeta(BiasConvention, Rule):
     """The alpha-beta rule, ``alpha - beta = 1`` (RULES.md section 3). ``bias="ignore"`` leaves the
     layer's bias out of both sums (conservative); ``bias="denominator"`` puts ``b+`` into the sum of the
     positive terms and ``b-`` into that of the negative ones, as zennit does."""
@@ -23,13 +23,6 @@ class AlphaBeta(Rule):
     bias: str = "ignore"
     name = "alpha_beta"
     transform = "pos+neg"
-
-    def __post_init__(self):
-        check_bias_convention("AlphaBeta", self.bias)
-
-    @property
-    def bias_in_denominator(self) -> bool:
-        return self.bias == "denominator"
 
     def linear(self, x, weight, bias, transform, gi):
         pos, neg = transform if transform is not None else (None, None)

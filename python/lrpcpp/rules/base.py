@@ -13,7 +13,15 @@ from torch import Tensor, nn
 
 from .. import modules as lm
 
-__all__ = ["Rule", "Bound", "Transform", "weight_transforms", "BIAS_CONVENTIONS", "check_bias_convention"]
+__all__ = [
+    "Rule",
+    "Bound",
+    "Transform",
+    "weight_transforms",
+    "BIAS_CONVENTIONS",
+    "BiasConvention",
+    "check_bias_convention",
+]
 
 Bound = Union[float, Tensor]
 #: the weight transform(s) a rule's op takes: none, one tensor, or several (alpha-beta: pos, neg)
@@ -31,6 +39,20 @@ def check_bias_convention(rule: str, bias: str) -> bool:
     if bias not in BIAS_CONVENTIONS:
         raise ValueError(f"{rule}: expected bias to be one of {BIAS_CONVENTIONS}, got {bias!r}")
     return bias == "denominator"
+
+
+class BiasConvention:
+    """For a rule with a ``bias`` field (one of :data:`BIAS_CONVENTIONS`): checked when the rule is
+    made, and read by its ops as ``bias_in_denominator``."""
+
+    bias: str
+
+    def __post_init__(self):
+        check_bias_convention(type(self).__name__, self.bias)
+
+    @property
+    def bias_in_denominator(self) -> bool:
+        return self.bias == "denominator"
 
 
 class Rule:

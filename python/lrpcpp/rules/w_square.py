@@ -6,13 +6,13 @@ from torch import nn
 
 from .. import functional as lf
 from .. import modules as lm
-from .base import Rule, check_bias_convention
+from .base import BiasConvention, Rule
 
 __all__ = ["WSquare"]
 
 
 @dataclass(frozen=True)
-class WSquare(Rule):
+class WSquare(BiasConvention, Rule):
     """The w-square rule: numerators ``w_ij**2`` (RULES.md section 3). ``bias="ignore"`` leaves the
     layer's bias out of the denominator (conservative); ``bias="denominator"`` adds ``b**2`` to it, as
     zennit does."""
@@ -21,13 +21,6 @@ class WSquare(Rule):
     bias: str = "ignore"
     name = "w_square"
     transform = "sq"
-
-    def __post_init__(self):
-        check_bias_convention("WSquare", self.bias)
-
-    @property
-    def bias_in_denominator(self) -> bool:
-        return self.bias == "denominator"
 
     def linear(self, x, weight, bias, transform, gi):
         return lf.linear_w_square(x, weight, bias, self.epsilon, transform, gi, self.bias_in_denominator)

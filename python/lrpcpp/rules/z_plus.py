@@ -6,13 +6,13 @@ from torch import nn
 
 from .. import functional as lf
 from .. import modules as lm
-from .base import Rule, check_bias_convention
+from .base import BiasConvention, Rule
 
 __all__ = ["ZPlus"]
 
 
 @dataclass(frozen=True)
-class ZPlus(Rule):
+class ZPlus(BiasConvention, Rule):
     """The z-plus rule: numerators ``x_i w_ij+`` (RULES.md section 3). ``bias="ignore"`` leaves the
     layer's bias out of the denominator (conservative); ``bias="denominator"`` adds ``b+`` to it, as
     zennit does."""
@@ -21,13 +21,6 @@ class ZPlus(Rule):
     bias: str = "ignore"
     name = "z_plus"
     transform = "pos"
-
-    def __post_init__(self):
-        check_bias_convention("ZPlus", self.bias)
-
-    @property
-    def bias_in_denominator(self) -> bool:
-        return self.bias == "denominator"
 
     def linear(self, x, weight, bias, transform, gi):
         return lf.linear_z_plus(x, weight, bias, self.epsilon, transform, gi, self.bias_in_denominator)
