@@ -137,6 +137,21 @@ def test_mul2(dtype, contiguous, b_relevant, shapes):
         assert b.grad is None
 
 
+def test_mul2_saves_no_operands():
+    # the uniform rule reads only the operands' shapes: the forward keeps neither a nor b for the backward
+    a = torch.randn(2, 3, 4, requires_grad=True)
+    b = torch.randn(1, 4, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        y = lf.mul2(a, b)
+    assert saved == []
+    R = torch.randn(2, 3, 4)
+    y.backward(R)
+    ra, rb = ref.mul2(a.detach().double(), b.detach().double(), R.double(), True, True)
+    torch.testing.assert_close(a.grad, ra.float())
+    torch.testing.assert_close(b.grad, rb.float())
+
+
 @params
 @layouts
 @pytest.mark.parametrize("relevant", [(True, True), (True, False), (False, True)], ids=["both", "a", "b"])

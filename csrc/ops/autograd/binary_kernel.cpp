@@ -33,15 +33,23 @@ class Add2Function : public torch::autograd::Function<Add2Function> {
 
 class Mul2Function : public torch::autograd::Function<Mul2Function> {
  public:
+  // The uniform rule reads only the operands' shapes, dtype and device: the forward keeps those, not a
+  // and b, and the backward hands the relevance op a one-element stand-in expanded to each shape.
   static Tensor forward(AutogradContext* ctx, const Tensor& a, const Tensor& b) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({a, b});
+    ctx->saved_data["a_sizes"] = a.sym_sizes();
+    ctx->saved_data["b_sizes"] = b.sym_sizes();
+    ctx->saved_data["dtype"] = a.scalar_type();
+    ctx->saved_data["device"] = a.device();
     return lrpcpp::mul2(a, b);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto s = ctx->get_saved_variables();
-    return pair_grads(lrpcpp::mul2_relevance(grads[0], s[0], s[1], relevance_mask(ctx)), 0);
+    auto& d = ctx->saved_data;
+    const Tensor one = at::zeros({}, at::TensorOptions(d["dtype"].toScalarType()).device(d["device"].toDevice()));
+    return pair_grads(lrpcpp::mul2_relevance(grads[0], one.expand_symint(d["a_sizes"].toSymIntVector()),
+                                             one.expand_symint(d["b_sizes"].toSymIntVector()), relevance_mask(ctx)),
+                      0);
   }
 };
 
