@@ -260,6 +260,9 @@ ERRORS = [
     (lambda q, k, v: fused(q[0, 0, 0], k, v), "same number"),
     (lambda q, k, v: fused(q, k[:, :1], v[:, :1]), "same number of heads.*enable_gqa"),
     (lambda q, k, v: fused(torch.cat([q, q[:, :1]], 1), k, v, enable_gqa=True), "multiple of the number of key"),
+    # no key heads: an error, not a division by zero (0 % 0) while checking
+    (lambda q, k, v: fused(q, k[:, :0], v[:, :0], enable_gqa=True), "multiple of the number of key"),
+    (lambda q, k, v: fused(q[:, :0], k[:, :0], v[:, :0], enable_gqa=True), "multiple of the number of key"),
     (lambda q, k, v: fused(q, k[..., :2], v), "same embedding size"),
     (lambda q, k, v: fused(q, k, v[..., :2, :]), "same sequence length"),
     (lambda q, k, v: fused(q, k.float(), v), "key to have the dtype of query"),

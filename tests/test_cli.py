@@ -652,6 +652,22 @@ def test_a_hub_id_online_is_loaded_from_its_snapshot_and_named_by_its_id(dirs, h
     assert hub == [("org/tiny-bert", False)] and json.loads(out.read_text())["model"] == "tiny-bert"
 
 
+@pytest.mark.parametrize("threads", [[], ["--threads", "1"]])
+def test_the_command_in_process_leaves_the_callers_thread_count(dirs, tmp_path, threads):
+    """A small model runs on one thread (or --threads says how many): for the command, not for a
+    program that calls ``main`` and goes on computing."""
+    from lrpcpp.cli import command
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = tmp_path / "e.json"
+        assert command.main(["explain", "--model", dirs["bert"], "the cat", "--json", str(out)] + threads) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_model_without_family_entry_is_explained_at_the_operation_level(dirs):
     """OPT has no entry in the family registry: its ops get their rules one by one."""
     proc = ok(run_cli("explain", "--model", dirs["opt"], "the cat"))

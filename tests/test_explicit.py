@@ -662,6 +662,23 @@ def test_sdpa_gqa():
         assert_relevance_close(got, exp, f64)
 
 
+@pytest.mark.parametrize("hk", [0, 3])
+def test_sdpa_heads_that_do_not_group_are_torchs_case(hk):
+    """Key heads that do not divide the query heads (none at all included): torch's own answer, its
+    error or its output, never a division by zero in the rules."""
+    q, k, v = qkv(h=4, hk=hk)
+    try:
+        want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    except RuntimeError as e:
+        with pytest.raises(RuntimeError, match="heads"), ExplicitRules():
+            F.scaled_dot_product_attention(q.requires_grad_(), k, v, enable_gqa=True)
+        assert "heads" in str(e)
+        return
+    with ExplicitRules():
+        got = F.scaled_dot_product_attention(q.requires_grad_(), k, v, enable_gqa=True)
+    torch.testing.assert_close(got, want, equal_nan=True)
+
+
 def test_sdpa_dropout_is_off():
     """As F.dropout in explicit mode: dropout_p is ignored, the eval-mode forward and its relevance."""
     q, k, v = qkv()

@@ -11,7 +11,6 @@ import math
 import lrpcpp  # noqa: F401  (loads torch.ops.lrpcpp)
 import pytest
 import torch
-from conftest import INSTALLED
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -144,18 +143,9 @@ def check_call(name, args, checked):
             assert finite(out), f"{name}: non-finite output from finite inputs"
 
 
-# A known, open issue: in the whole in-place suite (CPU torch), after the tests before this file, one of
-# this op's fuzz examples ends the process with SIGFPE; run alone, with this file or with its own tests,
-# every example passes (also under floating-point traps for division by zero, overflow or invalid
-# operations, which stop other ops first). Its fuzz runs in the installed-wheel suite until it is found.
-_OPEN = {
-    "scaled_dot_product_attention_relevance": "known issue, open: SIGFPE in the whole in-place suite only (see above)"
-}
-
-
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=pytest.mark.skipif(not INSTALLED and n in _OPEN, reason=_OPEN.get(n, ""))) for n in OPS],
+    OPS,
 )
 def test_fuzz_op(name):
     @settings(

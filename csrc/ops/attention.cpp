@@ -73,10 +73,15 @@ void check_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Op
     const auto& hq = q.sym_size(-3);
     const auto& hk = k.sym_size(-3);
     if (enable_gqa) {
-      TORCH_SYM_CHECK(hk.sym_gt(0).sym_and((hq % hk).sym_eq(0)), op,
-                      ": expected the number of query heads to be a multiple of the number of key/value heads "
-                      "(enable_gqa=True), got query ",
-                      shape_str(q), " and key ", shape_str(k));
+      // hk > 0 checked first: hq % hk with hk = 0 would be an integer division by zero
+      const auto not_grouped = [&] {
+        return c10::str(op,
+                        ": expected the number of query heads to be a multiple of the number of key/value heads "
+                        "(enable_gqa=True), got query ",
+                        shape_str(q), " and key ", shape_str(k));
+      };
+      TORCH_SYM_CHECK(hk.sym_gt(0), not_grouped());
+      TORCH_SYM_CHECK((hq % hk).sym_eq(0), not_grouped());
     } else {
       TORCH_SYM_CHECK(hq.sym_eq(hk), op,
                       ": expected query and key to have the same number of heads (dimension -3), got query ",

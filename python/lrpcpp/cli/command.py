@@ -873,6 +873,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     args._start = start
     collecting = gc.isenabled()
+    threads = torch.get_num_threads()  # a command may set them (--threads, small models); a caller keeps its own
     gc.disable()  # until the model is loaded (see _load)
     try:
         return args._run(args)
@@ -898,6 +899,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
         return 1
     finally:
+        torch.set_num_threads(threads)
         if collecting:
             gc.enable()
 

@@ -394,12 +394,16 @@ def _sdpa(rules, func, query, key, value, attn_mask=None, dropout_p=0.0, is_caus
         return NotImplemented  # torch reports the error
     if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
         return NotImplemented
-    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else float(scale)
+    if scale is None:  # an empty head (E = 0) has scores 0 at any scale
+        scale = 1.0 / math.sqrt(query.size(-1)) if query.size(-1) > 0 else 1.0
+    scale = float(scale)
     q, k, v = const(query), const(key), const(value)
     if _fusable(q, k, v, attn_mask, enable_gqa):
         mask = None if attn_mask is None else const(attn_mask)
         return lf.scaled_dot_product_attention(q, k, v, mask, 0.0, is_causal, scale, enable_gqa, epsilon=rules.epsilon)
     if enable_gqa and q.dim() >= 3 and k.size(-3) != q.size(-3):
+        if k.size(-3) == 0 or q.size(-3) % k.size(-3):
+            return NotImplemented  # torch reports the error
         k = k.repeat_interleave(q.size(-3) // k.size(-3), dim=-3)
         v = v.repeat_interleave(q.size(-3) // v.size(-3), dim=-3)
     scores = lf.matmul(q, k.transpose(-2, -1), rules.epsilon)
