@@ -46,10 +46,11 @@ class Mul2Function : public torch::autograd::Function<Mul2Function> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto& d = ctx->saved_data;
-    const Tensor one = at::zeros({}, at::TensorOptions(d["dtype"].toScalarType()).device(d["device"].toDevice()));
-    return pair_grads(lrpcpp::mul2_relevance(grads[0], one.expand_symint(d["a_sizes"].toSymIntVector()),
-                                             one.expand_symint(d["b_sizes"].toSymIntVector()), relevance_mask(ctx)),
-                      0);
+    const Tensor stand_in = at::zeros({}, at::TensorOptions(d["dtype"].toScalarType()).device(d["device"].toDevice()));
+    return pair_grads(
+        lrpcpp::mul2_relevance(grads[0], stand_in.expand_symint(d["a_sizes"].toSymIntVector()),
+                               stand_in.expand_symint(d["b_sizes"].toSymIntVector()), relevance_mask(ctx)),
+        0);
   }
 };
 
