@@ -75,6 +75,21 @@ def is_activation(module: nn.Module) -> bool:
     return isinstance(module, _TORCH_ACTIVATIONS) or type(module).__module__ == "transformers.activations"
 
 
+def _out_of_place(module: nn.Module, forward: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``forward(x)`` with ``x`` left unchanged. torch.nn's in-place activations (``nn.ReLU(inplace=True)``)
+    run with their flag off for the call: the same values in a new tensor, with no copy of ``x`` made first
+    (the flag is restored after, also when the call fails); any other in-place module runs on a copy."""
+    if not getattr(module, "inplace", False):
+        return forward(x)
+    if not type(module).__module__.startswith("torch.nn."):
+        return forward(x.clone())
+    module.inplace = False
+    try:
+        return forward(x)
+    finally:
+        module.inplace = True
+
+
 def is_elementwise_norm(module: nn.Module, family: Optional[_families.Family]) -> bool:
     name = type(module).__name__
     return name.endswith("RMSNorm") or (family is not None and name in family.norms)
@@ -168,7 +183,7 @@ class _GradientRules(_Rules):
 
     def elementwise(self, module, x, forward):
         with torch.no_grad():  # detached too, for torch.jit.trace (see _held_constant)
-            y = forward(x.clone() if getattr(module, "inplace", False) else x).detach()
+            y = _out_of_place(module, forward, x).detach()
         return torch.ops.lrpcpp.gi_identity(x, y, self.epsilon)
 
     def layer_norm(self, module, x):
@@ -215,7 +230,7 @@ class _ExplicitRules(_Rules):
     def elementwise(self, module, x, forward):
         def plain(t: Tensor) -> Tensor:
             with self._explicit.ExplicitRules.suspended():
-                return forward(t.clone() if getattr(module, "inplace", False) else t)
+                return _out_of_place(module, forward, t)
 
         return self._explicit.identity_rule(plain, x)
 
