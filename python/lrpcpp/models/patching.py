@@ -25,7 +25,7 @@ functions and registries shared with other models are never touched.
 
 import contextlib
 import types
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -83,11 +83,12 @@ def _out_of_place(module: nn.Module, forward: Callable[[Tensor], Tensor], x: Ten
         return forward(x)
     if not type(module).__module__.startswith("torch.nn."):
         return forward(x.clone())
-    module.inplace = False
+    flagged = cast(Any, module)  # a bool attribute, which nn.Module's __setattr__ stub does not type
+    flagged.inplace = False
     try:
         return forward(x)
     finally:
-        module.inplace = True
+        flagged.inplace = True
 
 
 def is_elementwise_norm(module: nn.Module, family: Optional[_families.Family]) -> bool:
