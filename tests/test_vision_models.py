@@ -367,6 +367,48 @@ def test_gradient_and_explicit_modes_agree_on_a_resnet():
     torch.testing.assert_close(e.relevance, g.relevance, rtol=1e-6, atol=1e-8 * float(g.relevance.abs().max()))
 
 
+class _CountCopies(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.copies = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.copies += func in (torch.ops.aten.clone.default, torch.ops.aten.copy_.default)
+        return func(*args, **(kwargs or {}))
+
+
+class _OwnReLU(nn.ReLU):
+    """An activation with a forward of its own (not torch.nn's): in place, it gets a copy of its input."""
+
+    def forward(self, x):
+        return x.clamp_(min=0) if self.inplace else x.clamp(min=0)
+
+
+@pytest.mark.parametrize("mode", ["gradient", "explicit"])
+def test_in_place_activations_copy_no_input(mode):
+    # torch.nn's in-place activations run out of place: the value of a new tensor, with no copy of x made
+    # first (nn.ReLU(inplace=True) after every convolution of a ResNet); other in-place modules get a copy
+    model = nn.Sequential(
+        nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 4), _OwnReLU(inplace=True), nn.Linear(4, 2)
+    )
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, requires_grad=True)
+    with lrpcpp.patch(model, mode=mode):
+        for layer, copies in ((model[1], 0), (model[3], 1)):
+            h = model[0](x)
+            before = h.detach().clone()
+            with _CountCopies() as counted:
+                y = layer(h)
+            assert counted.copies == copies
+            torch.testing.assert_close(y, before.clamp_min(0), rtol=0, atol=0)
+            torch.testing.assert_close(h, before, rtol=0, atol=0)  # the input is left unchanged
+            assert layer.inplace is True
+            (g,) = torch.autograd.grad(y, h, torch.ones_like(y))
+            # the identity rule: g y / stab(h) in gradient mode, the relevance itself in explicit mode
+            torch.testing.assert_close(g, (before > 0).to(g.dtype) if mode == "gradient" else torch.ones_like(g))
+    assert model[1].inplace is True and model[1].forward.__func__ is nn.ReLU.forward
+
+
 def test_method_comes_from_the_preset_unless_given():
     model = vm.vit()
     with lrpcpp.patch(model, preset="vit") as h:

@@ -287,6 +287,38 @@ def test_alpha_beta_relevance_takes_no_host_sync(rule, layer):
         assert_relevance_close(xs.grad, expected, f64)
 
 
+@pytest.mark.parametrize("gi", [False, True], ids=["explicit", "gradient"])
+@pytest.mark.parametrize("layer", ["linear", "conv2d"])
+def test_gamma_on_non_negative_inputs_takes_no_abs(layer, gi):
+    # x >= 0 everywhere (a layer after a ReLU; zeros included): |x| is x itself, so the rule makes no copy
+    # of it (no aten::abs, the weight's |W| being given), and its gradient form sums the two products in
+    # place (no split_times_input); the relevance is the formula's. Signed x takes the general path.
+    torch.manual_seed(0)
+    w = torch.randn(4, 3, 3, 3, dtype=f64) if layer == "conv2d" else torch.randn(6, 9, dtype=f64)
+    b = torch.randn(w.shape[0], dtype=f64)
+    x = (torch.randn(2, 3, 6, 6, dtype=f64) if layer == "conv2d" else torch.randn(4, 9, dtype=f64)).clamp_min(0)
+    assert (x == 0).any()
+    for signed in (False, True):
+        xs = (x - 0.5 if signed else x.clone()).requires_grad_()
+        y = conv_op("gamma", xs, w, b, 1, 1, 1, transform=w.abs(), gi=gi) if layer == "conv2d" else None
+        y = y if y is not None else linear_op("gamma", xs, w, b, transform=w.abs(), gi=gi)
+        g = torch.randn_like(y)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            y.backward(g)
+        names = {e.name for e in prof.events()}
+        assert ("aten::abs" in names) == signed, names
+        assert ("lrpcpp::split_times_input" in names) == (signed or not gi), names
+        R = y.detach() * g if gi else g  # gradient form: R = y g, and the relevance is x g_x
+        got = xs.grad * xs.detach() if gi else xs.grad
+        kw = PARAMS["gamma"]
+        expected = (
+            ref.conv2d_vision_rule("gamma", d64(xs), w, b, R, 1, 1, 1, EPS, **kw)
+            if layer == "conv2d"
+            else ref.vision_rule("gamma", d64(xs), w, b, R, EPS, **kw)
+        )
+        assert_relevance_close(got, expected, f64)
+
+
 # ----------------------------------------------------------------------------- conservation
 def conserved(rule, layer, eps=1e-12):
     torch.manual_seed(3)

@@ -538,16 +538,44 @@ Tensor finish(const Tensor& r, const Tensor& xc, const Tensor& x, double epsilon
   return out.to(x.scalar_type());
 }
 
+// Whether no element of p[0, n) is negative, in blocks, stopping at the first block with a negative
+// element (so that a signed input costs a few elements); NaN counts as negative.
+template <typename scalar_t>
+bool all_non_negative(const scalar_t* p, int64_t n) {
+  constexpr int64_t kBlock = 4096;
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t end = std::min(n, start + kBlock);
+    int negative = 0;
+#pragma omp simd reduction(| : negative)
+    for (int64_t i = start; i < end; ++i) negative |= !(p[i] >= scalar_t(0));
+    if (negative) return false;
+  }
+  return true;
+}
+
+// Whether every element of x is >= 0 (a layer after a ReLU: |x| is x itself, and the gamma rule needs no
+// copy of it). Read on the CPU only, where it costs no device synchronisation (CUDA graphs need none);
+// other devices take the general path.
+bool non_negative(const Tensor& x) {
+  if (!x.is_cpu() || !x.is_contiguous() || x.numel() == 0) return false;
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lrpcpp_non_negative",
+                                    [&] { return all_non_negative(x.const_data_ptr<scalar_t>(), x.numel()); });
+}
+
 template <typename Map>
 Tensor gamma_relevance(const Map& m, const Tensor& grad, const Tensor& x, const Tensor& weight, const OptTensor& bias,
                        const OptTensor& weight_abs, const Tensor& output, double gamma, double epsilon, bool gi) {
   const auto cd = rule_dtype(x.scalar_type());
   const Tensor xc = x.to(cd), w = weight.to(cd);
   const Tensor v = weight_abs.has_value() && weight_abs->defined() ? weight_abs->to(cd) : w.abs();
-  const Tensor p = m.apply(xc.abs(), v);
+  const bool nonneg = non_negative(xc);
+  const Tensor p = m.apply(nonneg ? xc : xc.abs(), v);
   auto [s_w, s_abs] =
       lrpcpp::gamma_stab_div(grad.to(cd), output.to(cd), p, in_dtype(bias, cd), Map::bias_dim, gamma, epsilon, gi);
-  return lrpcpp::split_times_input(xc, m.transpose(s_w, w, xc), m.transpose(s_abs, v, xc), gi).to(x.scalar_type());
+  Tensor a = m.transpose(s_w, w, xc);
+  const Tensor b = m.transpose(s_abs, v, xc);
+  // gradient form with x >= 0: a + sign(x) b is a + b (sign(0) = +1), summed in place
+  return (nonneg && gi ? a.add_(b) : lrpcpp::split_times_input(xc, a, b, gi)).to(x.scalar_type());
 }
 
 // The alpha-beta rule in sign-split form, R_x = x+ u + x- v with

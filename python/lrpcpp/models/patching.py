@@ -25,7 +25,7 @@ functions and registries shared with other models are never touched.
 
 import contextlib
 import types
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -73,6 +73,22 @@ _TORCH_ACTIVATIONS = (
 def is_activation(module: nn.Module) -> bool:
     """An element-wise activation module: torch.nn's, or any of Hugging Face's ``transformers.activations``."""
     return isinstance(module, _TORCH_ACTIVATIONS) or type(module).__module__ == "transformers.activations"
+
+
+def _out_of_place(module: nn.Module, forward: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``forward(x)`` with ``x`` left unchanged. torch.nn's in-place activations (``nn.ReLU(inplace=True)``)
+    run with their flag off for the call: the same values in a new tensor, with no copy of ``x`` made first
+    (the flag is restored after, also when the call fails); any other in-place module runs on a copy."""
+    if not getattr(module, "inplace", False):
+        return forward(x)
+    if not type(module).__module__.startswith("torch.nn."):
+        return forward(x.clone())
+    flagged = cast(Any, module)  # a bool attribute, which nn.Module's __setattr__ stub does not type
+    flagged.inplace = False
+    try:
+        return forward(x)
+    finally:
+        flagged.inplace = True
 
 
 def is_elementwise_norm(module: nn.Module, family: Optional[_families.Family]) -> bool:
@@ -168,7 +184,7 @@ class _GradientRules(_Rules):
 
     def elementwise(self, module, x, forward):
         with torch.no_grad():  # detached too, for torch.jit.trace (see _held_constant)
-            y = forward(x.clone() if getattr(module, "inplace", False) else x).detach()
+            y = _out_of_place(module, forward, x).detach()
         return torch.ops.lrpcpp.gi_identity(x, y, self.epsilon)
 
     def layer_norm(self, module, x):
@@ -215,7 +231,7 @@ class _ExplicitRules(_Rules):
     def elementwise(self, module, x, forward):
         def plain(t: Tensor) -> Tensor:
             with self._explicit.ExplicitRules.suspended():
-                return forward(t.clone() if getattr(module, "inplace", False) else t)
+                return _out_of_place(module, forward, t)
 
         return self._explicit.identity_rule(plain, x)
 
