@@ -23,8 +23,8 @@ namespace lrpcpp {
 namespace {
 
 constexpr int64_t kTile = 64;
-// keys per tile in the relevance: a [kTile, kKeyTile] tile of scores (64 KiB in float32) stays in cache
-constexpr int64_t kKeyTile = 256;
+// keys per tile in the relevance: its [kTile, kKeyTile] tiles (128 KiB each in float32) stay in cache
+constexpr int64_t kKeyTile = 512;
 
 enum class MaskKind { none, causal, boolean, additive };
 
