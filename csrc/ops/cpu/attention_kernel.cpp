@@ -3,11 +3,12 @@
 // attend (all of them, the first i0 + kTile under is_causal), [kTile, T_k] at most, are the only
 // quadratic buffers of the forward: scratch of O(T_k * kTile) per thread, nothing of size T_q * T_k.
 // The relevance also walks those keys in tiles of kKeyTile, so that its [kTile, kKeyTile] buffers stay
-// in cache at any sequence length (the row sums of R_P it needs come from Rn_O . O, not from the keys). The matrix
-// products are at::mm on the tiles (single-threaded inside at::parallel_for); the element-wise steps
-// (x / T, the softmax, the weights from the log-sum-exp, the rule of math::attention_score_relevance)
-// are vectorised tensor ops over a whole tile, except with a float mask, where the rule goes element
-// by element through math::attention_score_relevance. All in float32 for float16 / bfloat16.
+// in cache at any sequence length (the row sums of R_P it needs come from Rn_O . O, not from the
+// keys). The matrix products are at::mm on the tiles (single-threaded inside at::parallel_for); in the
+// forward the element-wise steps (x / T, the softmax) are vectorised tensor ops over a whole tile; in
+// the relevance, x / T - lse is one loop per row before a vectorised exp, and the rule of
+// math::attention_score_relevance one loop over the tile (element by element through that function
+// with a float mask). All in float32 for float16 / bfloat16.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
