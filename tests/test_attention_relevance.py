@@ -130,6 +130,11 @@ CASES = {
     "batch_dims": (((2, 3), 2, 2, 4, 5, 3, 3), {"attn_mask": torch.randn(3, 1, 4, 5, dtype=f64)}),
     "no_heads": (((), 1, 1, 4, 6, 3, 3), {}),
     "eps": (((1,), 2, 2, 5, 5, 4, 4), {"epsilon": 0.3}),
+    # more keys than one key tile of the CPU relevance kernel (512): partial last tiles, masks at offsets
+    "key_tiles": (((1,), 1, 1, 3, 1100, 3, 3), {}),
+    "key_tiles_causal": (((1,), 1, 1, 600, 600, 2, 2), {"is_causal": True}),
+    "key_tiles_bool_mask": (((1,), 1, 1, 4, 600, 3, 3), {"attn_mask": bool_mask(4, 600)}),
+    "key_tiles_float_mask": (((1,), 2, 2, 4, 600, 3, 3), {"attn_mask": float_mask(2, 4, 600)}),
 }
 
 

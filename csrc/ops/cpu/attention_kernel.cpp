@@ -1,11 +1,14 @@
 // CPU kernels of the fused attention (see ops/attention.cpp for the rule). One task per (batch, query
 // head); a task walks its queries in tiles of kTile rows, and a tile's scores against the keys it can
 // attend (all of them, the first i0 + kTile under is_causal), [kTile, T_k] at most, are the only
-// quadratic buffers: scratch of O(T_k * kTile) per thread, nothing of size T_q * T_k. The matrix
-// products are at::mm on the tiles (single-threaded inside at::parallel_for); the element-wise steps
-// (x / T, the softmax, the weights from the log-sum-exp, the rule of math::attention_score_relevance)
-// are vectorised tensor ops over a whole tile, except with a float mask, where the rule goes element
-// by element through math::attention_score_relevance. All in float32 for float16 / bfloat16.
+// quadratic buffers of the forward: scratch of O(T_k * kTile) per thread, nothing of size T_q * T_k.
+// The relevance also walks those keys in tiles of kKeyTile, so that its [kTile, kKeyTile] buffers stay
+// in cache at any sequence length (the row sums of R_P it needs come from Rn_O . O, not from the
+// keys). The matrix products are at::mm on the tiles (single-threaded inside at::parallel_for); in the
+// forward the element-wise steps (x / T, the softmax) are vectorised tensor ops over a whole tile; in
+// the relevance, x / T - lse is one loop per row before a vectorised exp, and the rule of
+// math::attention_score_relevance one loop over the tile (element by element through that function
+// with a float mask). All in float32 for float16 / bfloat16.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -21,6 +24,8 @@ namespace lrpcpp {
 namespace {
 
 constexpr int64_t kTile = 64;
+// keys per tile in the relevance: its [kTile, kKeyTile] tiles (128 KiB each in float32) stay in cache
+constexpr int64_t kKeyTile = 512;
 
 enum class MaskKind { none, causal, boolean, additive };
 
@@ -149,37 +154,57 @@ void scaled_inputs(const Scores<scalar_t, acc_t>& scores, const Tensor& s, Tenso
   }
 }
 
-// The attention weights P = exp(x / T - lse) of a tile of scores S into p, 0 in a row that attends
-// nothing (lse = -inf): vectorised tensor ops over the tile.
+// The attention weights P = exp(x / T - lse) of a tile of scores S (rows i0.., columns j0..) into p, 0
+// in a row that attends nothing (lse = -inf): x / T - lse in one loop per row (the operations of
+// scaled_inputs, then the subtraction), then one vectorised exp over the tile.
 template <typename scalar_t, typename acc_t>
 void weights_from_lse(const Scores<scalar_t, acc_t>& scores, const Tensor& s, Tensor& p, const acc_t* lse, int64_t i0,
-                      acc_t temp) {
+                      int64_t j0, acc_t temp) {
   constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  const Layout& L = scores.L;
   const int64_t n = s.size(0), tk = s.size(1);
-  scaled_inputs(scores, s, p, i0, temp);
-  p.sub_(at::from_blob(const_cast<acc_t*>(lse + i0), {n, 1}, s.options()));
-  acc_t* pp = p.mutable_data_ptr<acc_t>();
   for (int64_t r = 0; r < n; ++r) {
-    if (lse[i0 + r] == ninf) std::fill(pp + r * tk, pp + (r + 1) * tk, ninf);
+    const acc_t* srow = s.const_data_ptr<acc_t>() + r * tk;
+    acc_t* prow = p.mutable_data_ptr<acc_t>() + r * tk;
+    const acc_t m = lse[i0 + r];
+    int64_t end = tk;  // x = -inf from here on (under is_causal)
+    if (m == ninf) {
+      end = 0;
+    } else if (L.kind == MaskKind::none || L.kind == MaskKind::causal) {
+      if (L.kind == MaskKind::causal) end = std::clamp<int64_t>(i0 + r + 1 - j0, 0, tk);
+      for (int64_t j = 0; j < end; ++j) prow[j] = srow[j] / temp - m;
+    } else {
+      for (int64_t j = 0; j < tk; ++j) prow[j] = scores(srow[j], i0 + r, j0 + j) / temp - m;
+    }
+    std::fill(prow + end, prow + tk, ninf);
   }
   p.exp_();
 }
 
 // math::attention_score_relevance over a tile without a float mask (the softmax input is S itself, a
-// masked position has P = 0), as vectorised tensor ops in the same order of operations: with R_P in
-// d and its row sums in c, d becomes Rn_S = x' (R_P - P c) / stab(s_scale S), x' = S scale. The rule
+// masked position has P = 0), in one loop with the same order of operations: R_P = P (Rn_O v^T) from
+// the product in d and P, then Rn_S = x' (R_P - P c) / stab(s_scale S), x' = S scale, into d. The rule
 // sets x' = 0 where P = 0; there R_P - P c = 0 as well (NaN where R_P or c is, as in the rule), so x'
 // only has to be finite: it is clamped to the finite range, which changes nothing where P > 0 (S is
-// finite there). s and p are overwritten.
+// finite there).
 template <typename acc_t>
-void score_relevance(Tensor& s, Tensor& p, Tensor& d, const Tensor& c, acc_t inv_t, acc_t eps, acc_t s_scale) {
-  d.sub_(p.mul_(c.unsqueeze(1)));
-  d.mul_(at::mul_out(p, s, inv_t).clamp_(std::numeric_limits<acc_t>::lowest(), std::numeric_limits<acc_t>::max()));
-  if (s_scale != 1) s.mul_(s_scale);
-  // stab(z) = z + eps sign(z), sign(0) = +1: z + copysign(eps, z), which differs only at z = -0, where
-  // x' = 0 makes the numerator 0 and only the sign of that zero can differ
-  s.add_(at::copysign_out(p, at::scalar_tensor(eps, s.options()), s));
-  d.div_(s);
+void score_relevance(const Tensor& s, const Tensor& p, Tensor& d, const acc_t* c, acc_t inv_t, acc_t eps,
+                     acc_t s_scale) {
+  constexpr acc_t lo = std::numeric_limits<acc_t>::lowest(), hi = std::numeric_limits<acc_t>::max();
+  const int64_t n = s.size(0), tk = s.size(1);
+  const acc_t *sp = s.const_data_ptr<acc_t>(), *pp = p.const_data_ptr<acc_t>();
+  acc_t* dp = d.mutable_data_ptr<acc_t>();
+  for (int64_t r = 0; r < n; ++r) {
+    const acc_t cr = c[r];
+    for (int64_t e = r * tk; e < (r + 1) * tk; ++e) {
+      const acc_t x = sp[e] * inv_t;
+      const acc_t xc = x < lo ? lo : (x > hi ? hi : x);
+      const acc_t z = s_scale != 1 ? sp[e] * s_scale : sp[e];
+      // stab(z) = z + eps sign(z), sign(0) = +1: z + copysign(eps, z), which differs only at z = -0,
+      // where x' = 0 makes the numerator 0 and only the sign of that zero can differ
+      dp[e] = (dp[e] * pp[e] - pp[e] * cr) * xc / (z + std::copysign(eps, z));
+    }
+  }
 }
 
 template <typename scalar_t>
@@ -248,9 +273,9 @@ void relevance_loop(const Layout& L, const Tensor& g4, const Tensor& q4, const T
   const acc_t o_scale = (qk && mask[2]) ? 2 : 1, s_scale = (mask[0] && mask[1]) ? 2 : 1;
   const bool additive = L.kind == MaskKind::additive;
   at::parallel_for(0, L.B * L.Hq, 1, [&](int64_t begin, int64_t end) {
-    const int64_t rows = std::min(kTile, L.Tq);
-    Tensor sbuf = at::empty({rows, L.Tk}, acc), pbuf = at::empty({rows, L.Tk}, acc);
-    Tensor dbuf = at::empty({rows, L.Tk}, acc), rnbuf = at::empty({rows, L.Ev}, acc), cbuf = at::empty({rows}, acc);
+    const int64_t rows = std::min(kTile, L.Tq), cols = std::min(kKeyTile, L.Tk);
+    Tensor sbuf = at::empty({rows, cols}, acc), pbuf = at::empty({rows, cols}, acc), dbuf = at::empty({rows, cols}, acc);
+    Tensor rnbuf = at::empty({rows, L.Ev}, acc), rqbuf = at::empty({rows, L.E}, acc), cbuf = at::empty({rows}, acc);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / L.Hq, h = bh % L.Hq;
       const Tensor kf = k4[b][h / L.G].to(acc), vf = v4[b][h / L.G].to(acc);
@@ -258,52 +283,70 @@ void relevance_loop(const Layout& L, const Tensor& g4, const Tensor& q4, const T
       const acc_t* lse = lse3[b][h].const_data_ptr<acc_t>();
       for (int64_t i0 = 0; i0 < L.Tq; i0 += kTile) {
         const int64_t n = std::min(kTile, L.Tq - i0), tk = key_end(L, i0, n);
-        const Tensor kt = kf.narrow(0, 0, tk), vt = vf.narrow(0, 0, tk);
-        // Rn_O = R / stab(o_scale O)
-        Tensor rn = rnbuf.narrow(0, 0, n);
+        // Rn_O = R / stab(o_scale O), and c, the row sums of R_P = P (Rn_O v^T): sum_j P_ij (Rn_O v^T)_ij
+        // = Rn_O_i . (P v)_i = Rn_O_i . O_i, so c needs no pass over the keys
+        Tensor rn = rnbuf.narrow(0, 0, n), c = cbuf.narrow(0, 0, n);
         {
           const Tensor gt = g4[b][h].narrow(0, i0, n).to(acc).contiguous();
           const Tensor ot = o4[b][h].narrow(0, i0, n).to(acc).contiguous();
           const acc_t *gp = gt.const_data_ptr<acc_t>(), *op = ot.const_data_ptr<acc_t>();
-          acc_t* rp = rn.mutable_data_ptr<acc_t>();
-          for (int64_t e = 0; e < n * L.Ev; ++e) rp[e] = math::stab_div<acc_t>(gp[e], op[e], eps, o_scale);
-        }
-        // S and P, recomputed from the row's log-sum-exp
-        const Tensor qt = q4[b][h].narrow(0, i0, n).to(acc);
-        Tensor s = scratch(sbuf, n, tk), p = scratch(pbuf, n, tk);
-        at::mm_out(s, qt, kt.t());
-        const acc_t* sp = s.const_data_ptr<acc_t>();
-        acc_t* pp = p.mutable_data_ptr<acc_t>();
-        weights_from_lse(scores, s, p, lse, i0, temp);
-        if (mask[2]) dv[b][h].narrow(0, 0, tk).addmm_(p.t(), rn);
-        if (!qk) continue;
-        // R_P = P (Rn_O v^T), its row sums c, then Rn_S element by element
-        Tensor d = scratch(dbuf, n, tk), c = cbuf.narrow(0, 0, n);
-        at::mm_out(d, rn, vt.t());
-        d.mul_(p);
-        at::sum_out(c, d, 1);
-        if (!additive) {
-          score_relevance(s, p, d, c, inv_t, eps, s_scale);
-        } else {
-          acc_t* dp = d.mutable_data_ptr<acc_t>();
-          const acc_t* cp = c.const_data_ptr<acc_t>();
+          acc_t *rp = rn.mutable_data_ptr<acc_t>(), *cp = c.mutable_data_ptr<acc_t>();
           for (int64_t r = 0; r < n; ++r) {
-            for (int64_t j = 0; j < tk; ++j) {
-              const acc_t sv = sp[r * tk + j];
-              dp[r * tk + j] = math::attention_score_relevance<acc_t>(sv, scores(sv, i0 + r, j), pp[r * tk + j],
-                                                                      dp[r * tk + j], cp[r], inv_t, eps, s_scale, true);
+            acc_t total = 0;
+            for (int64_t e = r * L.Ev; e < (r + 1) * L.Ev; ++e) {
+              rp[e] = math::stab_div<acc_t>(gp[e], op[e], eps, o_scale);
+              total += rp[e] * op[e];
+            }
+            cp[r] = total;
+          }
+        }
+        const Tensor qt = q4[b][h].narrow(0, i0, n).to(acc);
+        Tensor rq = rqbuf.narrow(0, 0, n);  // sum over the keys of Rn_S k
+        for (int64_t j0 = 0; j0 < tk; j0 += kKeyTile) {
+          const int64_t m = std::min(kKeyTile, tk - j0);
+          const Tensor kt = kf.narrow(0, j0, m), vt = vf.narrow(0, j0, m);
+          // S and P, recomputed from the row's log-sum-exp
+          Tensor s = scratch(sbuf, n, m), p = scratch(pbuf, n, m);
+          at::mm_out(s, qt, kt.t());
+          const acc_t* sp = s.const_data_ptr<acc_t>();
+          acc_t* pp = p.mutable_data_ptr<acc_t>();
+          weights_from_lse(scores, s, p, lse, i0, j0, temp);
+          if (mask[2]) dv[b][h].narrow(0, j0, m).addmm_(p.t(), rn);
+          if (!qk) continue;
+          // Rn_O v^T, then R_P = P (Rn_O v^T) and Rn_S element by element
+          Tensor d = scratch(dbuf, n, m);
+          at::mm_out(d, rn, vt.t());
+          if (!additive) {
+            score_relevance(s, p, d, c.const_data_ptr<acc_t>(), inv_t, eps, s_scale);
+          } else {
+            acc_t* dp = d.mutable_data_ptr<acc_t>();
+            const acc_t* cp = c.const_data_ptr<acc_t>();
+            for (int64_t r = 0; r < n; ++r) {
+              for (int64_t j = 0; j < m; ++j) {
+                const acc_t sv = sp[r * m + j];
+                dp[r * m + j] = math::attention_score_relevance<acc_t>(
+                    sv, scores(sv, i0 + r, j0 + j), pp[r * m + j], dp[r * m + j] * pp[r * m + j], cp[r], inv_t, eps,
+                    s_scale, true);
+              }
             }
           }
+          if (mask[0]) {
+            if (j0 == 0) {
+              at::mm_out(rq, d, kt);
+            } else {
+              rq.addmm_(d, kt);
+            }
+          }
+          if (mask[1]) dk[b][h].narrow(0, j0, m).addmm_(d.t(), qt);
         }
-        if (mask[0]) {
+        if (mask[0] && tk > 0) {  // (rq4 starts at 0: a query tile that attends no key keeps it)
           Tensor rqt = rq4[b][h].narrow(0, i0, n);
           if constexpr (std::is_same_v<scalar_t, acc_t>) {
-            at::mm_out(rqt, d, kt).mul_(qt);
+            at::mul_out(rqt, rq, qt);
           } else {
-            rqt.copy_(at::mm(d, kt).mul_(qt));
+            rqt.copy_(rq.mul_(qt));
           }
         }
-        if (mask[1]) dk[b][h].narrow(0, 0, tk).addmm_(d.t(), qt);
       }
     }
   });
