@@ -99,7 +99,11 @@ def test_wheel_metadata_states_what_lrpcpp_needs_and_its_extras(wheel):
     extras = {line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Provides-Extra:")}
     assert extras == {"hf", "vision", "cli"}
     by_extra = {e: {r.name.lower() for r in requires if r.marker and r.marker.evaluate({"extra": e})} for e in extras}
-    assert by_extra == {"hf": {"transformers"}, "vision": {"pillow", "matplotlib"}, "cli": {"transformers", "pillow", "matplotlib"}}
+    assert by_extra == {
+        "hf": {"transformers"},
+        "vision": {"pillow", "matplotlib"},
+        "cli": {"transformers", "pillow", "matplotlib"},
+    }
     for r in requires:  # every requirement has a range: a lower and an upper bound, or one exact version
         ops = {spec.operator for spec in r.specifier}
         assert ops == {"=="} or ops == {">=", "<"}, r

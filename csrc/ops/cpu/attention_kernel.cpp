@@ -274,7 +274,8 @@ void relevance_loop(const Layout& L, const Tensor& g4, const Tensor& q4, const T
   const bool additive = L.kind == MaskKind::additive;
   at::parallel_for(0, L.B * L.Hq, 1, [&](int64_t begin, int64_t end) {
     const int64_t rows = std::min(kTile, L.Tq), cols = std::min(kKeyTile, L.Tk);
-    Tensor sbuf = at::empty({rows, cols}, acc), pbuf = at::empty({rows, cols}, acc), dbuf = at::empty({rows, cols}, acc);
+    Tensor sbuf = at::empty({rows, cols}, acc), pbuf = at::empty({rows, cols}, acc),
+           dbuf = at::empty({rows, cols}, acc);
     Tensor rnbuf = at::empty({rows, L.Ev}, acc), rqbuf = at::empty({rows, L.E}, acc), cbuf = at::empty({rows}, acc);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / L.Hq, h = bh % L.Hq;
@@ -324,9 +325,9 @@ void relevance_loop(const Layout& L, const Tensor& g4, const Tensor& q4, const T
             for (int64_t r = 0; r < n; ++r) {
               for (int64_t j = 0; j < m; ++j) {
                 const acc_t sv = sp[r * m + j];
-                dp[r * m + j] = math::attention_score_relevance<acc_t>(
-                    sv, scores(sv, i0 + r, j0 + j), pp[r * m + j], dp[r * m + j] * pp[r * m + j], cp[r], inv_t, eps,
-                    s_scale, true);
+                dp[r * m + j] = math::attention_score_relevance<acc_t>(sv, scores(sv, i0 + r, j0 + j), pp[r * m + j],
+                                                                       dp[r * m + j] * pp[r * m + j], cp[r], inv_t, eps,
+                                                                       s_scale, true);
               }
             }
           }
