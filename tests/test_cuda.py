@@ -154,6 +154,22 @@ def test_gi_scale_backward_expanded_grad_and_mixed_dtypes_on_cuda():
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gi_scale_backward_keeps_the_gradients_layout_on_cuda(dtype):
+    """A transposed gradient (the layout of F.scaled_dot_product_attention's gradients): the output
+    has its strides and the CPU op's values (both the product rounded once), for factors that repeat
+    along the memory order, that do not, and an fp32 factor (read in place for fp16/bf16)."""
+    grad = torch.randn(2, 5, 3, 4, dtype=torch.float64).to(dtype).transpose(1, 2)
+    factors = (torch.tensor(0.3), torch.randn(4), torch.randn(3, 1, 4), torch.randn(3, 5, 1))
+    for factor in [f.to(dtype) for f in factors] + [factors[1]]:
+        for out_dtype in (dtype, torch.float32):
+            expected = torch.ops.lrpcpp.gi_scale_backward(grad, factor, out_dtype)
+            out = torch.ops.lrpcpp.gi_scale_backward(grad.cuda(), factor.cuda(), out_dtype)
+            assert out.stride() == grad.stride() and out.dtype == expected.dtype
+            assert torch.equal(out.cpu(), expected)
+
+
+@needs_cuda
 def test_gi_identity_fp16_factor_is_finite_on_cuda():
     x = torch.tensor([0.0, 1.0, 0.0, float("nan")], device="cuda", dtype=torch.float16, requires_grad=True)
     y = torch.sigmoid(x.detach())

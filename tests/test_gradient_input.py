@@ -257,6 +257,25 @@ def test_gi_scale_backward_broadcasts_and_casts(dtype):
     assert torch.equal(out, torch.arange(8, dtype=dtype).expand(2, 3, 8))
 
 
+@params
+def test_gi_scale_backward_keeps_the_gradients_layout(dtype):
+    # F.scaled_dot_product_attention's CPU backward returns (batch, heads, seq, dim) gradients laid out
+    # as (batch, seq, heads, dim): the scaled gradient keeps that layout, so the view back to
+    # (batch, seq, heads * dim) copies nothing; its values are the float64 product, rounded once
+    grad = torch.randn(2, 5, 3, 4, dtype=f64).to(dtype).transpose(1, 2)
+    for factor in (
+        torch.tensor(0.3, dtype=dtype),
+        torch.randn(4, dtype=f64).to(dtype),
+        torch.randn(3, 1, 4, dtype=f64).to(dtype),
+    ):
+        for out_dtype in (dtype, torch.float32):
+            out = ops.gi_scale_backward(grad, factor, out_dtype)
+            assert out.stride() == grad.stride()
+            assert torch.equal(out, (d64(grad) * d64(factor)).to(out_dtype))
+            meta = ops.gi_scale_backward(grad.to("meta"), factor.to("meta"), out_dtype)
+            assert meta.stride() == out.stride() and meta.dtype == out.dtype
+
+
 def test_gi_scale_backward_computes_half_types_in_float32():
     # 300 * 300 = 90000 overflows float16, but the result is returned in float32
     grad = torch.full((4,), 300.0, dtype=torch.float16)

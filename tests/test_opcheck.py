@@ -90,7 +90,8 @@ SAMPLES = {
     "gi_identity": lambda g: (*with_silu(t(3, 4, grad=g)), 1e-10),
     "gi_identity_factor": lambda g: (*with_silu(t(3, 4, grad=g)), 1e-10),
     "gi_grad_scale": lambda g: (t(2, 3, 6, grad=g), t(6)),
-    "gi_scale_backward": lambda g: (t(2, 3, 6, grad=g), t(6, grad=g), torch.float32),
+    # a transposed gradient, whose layout the output keeps
+    "gi_scale_backward": lambda g: (t(2, 6, 3, grad=g).transpose(1, 2), t(6, grad=g), torch.float32),
     "gi_layer_norm": lambda g: (t(2, 3, 6, grad=g), [6], t(6), t(6), 1e-5),
     "gi_layer_norm_backward": lambda g: (t(2, 3, 6, grad=g), t(2, 3, 6, grad=g), [6], t(6), 1e-5),
     "cuda_version": lambda g: (),

@@ -81,6 +81,12 @@ void check_gi_scale_backward(const Tensor& grad, const Tensor& factor, at::Scala
   check_floating_dtype(dtype, op, "dtype");
 }
 
+Tensor gi_scale_backward_empty(const Tensor& grad, const at::TensorOptions& options) {
+  if (grad.is_non_overlapping_and_dense())
+    return at::empty_strided_symint(grad.sym_sizes(), grad.sym_strides(), options);
+  return at::empty_symint(grad.sym_sizes(), options);
+}
+
 void check_gi_layer_norm_backward(const Tensor& grad, const Tensor& x, at::IntArrayRef normalized_shape,
                                   const OptTensor& weight, double eps) {
   const char* op = "lrpcpp.gi_layer_norm_backward";

@@ -103,6 +103,9 @@ Tensor stop_relevance(const Tensor& x);
 void check_gi_identity(const Tensor& x, const Tensor& y, double epsilon, const char* op);
 void check_gi_grad_scale(const Tensor& x, const Tensor& scale);
 void check_gi_scale_backward(const Tensor& grad, const Tensor& factor, at::ScalarType dtype);
+// gi_scale_backward's output, in `options`: with grad's strides when grad is dense (a transposed or
+// permuted gradient keeps its memory order), else contiguous; the same on every backend
+Tensor gi_scale_backward_empty(const Tensor& grad, const at::TensorOptions& options);
 void check_gi_layer_norm_backward(const Tensor& grad, const Tensor& x, at::IntArrayRef normalized_shape,
                                   const OptTensor& weight, double eps);
 Tensor gi_identity(const Tensor& x, const Tensor& y, double epsilon);

@@ -1,6 +1,7 @@
 // CPU kernels of the gradient-times-input ops: gi_identity's saved factor
 // y / stab(x), the shared backward
-// g * factor (broadcasting through TensorIterator), and the layer-norm backward
+// g * factor (torch's own mul, or a TensorIterator loop for an fp16/bf16 product kept
+// in fp32; the output keeps a dense grad's strides), and the layer-norm backward
 // with sigma detached, one row of the normalised dimensions at a time.
 #include <torch/library.h>
 
@@ -42,25 +43,25 @@ Tensor gi_identity_factor_cpu(const Tensor& x, const Tensor& y, double epsilon) 
   return factor;
 }
 
-template <typename scalar_t, typename out_t>
-void gi_scale_loop(at::TensorIterator& iter) {
+// fp16/bf16 operands and their product kept in fp32 (the exact product of the two)
+template <typename scalar_t>
+void gi_scale_to_opmath_loop(at::TensorIterator& iter) {
   using acc_t = at::opmath_type<scalar_t>;
   iter.for_each([](char** data, const int64_t* strides, int64_t n) {
-    cpu::typed_loop<out_t, const scalar_t, const scalar_t>(
-        data, strides, n, [](out_t& out_i, const scalar_t& g_i, const scalar_t& f_i) {
-          out_i = static_cast<out_t>(static_cast<acc_t>(g_i) * static_cast<acc_t>(f_i));
-        });
+    cpu::typed_loop<acc_t, const scalar_t, const scalar_t>(data, strides, n,
+                                                           [](acc_t& out_i, const scalar_t& g_i, const scalar_t& f_i) {
+                                                             out_i = static_cast<acc_t>(g_i) * static_cast<acc_t>(f_i);
+                                                           });
   });
 }
 
 // a one-element factor (a 0-dim scale) as a constant: the loop stays contiguous, hence vectorised
-template <typename scalar_t, typename out_t>
-void gi_scale_by_constant_loop(at::TensorIterator& iter, at::opmath_type<scalar_t> f) {
+template <typename scalar_t>
+void gi_scale_to_opmath_by_constant_loop(at::TensorIterator& iter, at::opmath_type<scalar_t> f) {
   using acc_t = at::opmath_type<scalar_t>;
   iter.for_each([f](char** data, const int64_t* strides, int64_t n) {
-    cpu::typed_loop<out_t, const scalar_t>(data, strides, n, [f](out_t& out_i, const scalar_t& g_i) {
-      out_i = static_cast<out_t>(static_cast<acc_t>(g_i) * f);
-    });
+    cpu::typed_loop<acc_t, const scalar_t>(
+        data, strides, n, [f](acc_t& out_i, const scalar_t& g_i) { out_i = static_cast<acc_t>(g_i) * f; });
   });
 }
 
@@ -71,26 +72,24 @@ Tensor gi_scale_backward_cpu(const Tensor& grad, const Tensor& factor, at::Scala
   const auto common = at::promote_types(grad.scalar_type(), factor.scalar_type());
   const auto stored = dtype == common ? common : at::toOpMathType(common);
   const Tensor g = grad.to(common), f = factor.to(common);
-  Tensor out = at::empty(grad.sizes(), grad.options().dtype(stored));
+  Tensor out = impl::gi_scale_backward_empty(grad, grad.options().dtype(stored));
   if (out.numel() == 0) return out.to(dtype);
+  if (stored == common) {
+    // torch's own product (vectorised for the CPU it runs on): for fp16/bf16 too the product of the
+    // two values in fp32, rounded once to the stored dtype, as the fp32 path below keeps it
+    at::mul_out(out, g, f);
+    return out.to(dtype);
+  }
   const bool constant = f.numel() == 1;
   at::TensorIteratorConfig config;
   config.check_all_same_dtype(false).add_output(out).add_const_input(g);
   if (!constant) config.add_const_input(f);
   auto iter = config.build();
-  LRPCPP_DISPATCH_FLOATING(common, "lrpcpp_gi_scale_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(common, "lrpcpp_gi_scale_backward_cpu", [&] {
     if (constant) {
-      const acc_t value = static_cast<acc_t>(*f.const_data_ptr<scalar_t>());
-      if (stored == common) {
-        gi_scale_by_constant_loop<scalar_t, scalar_t>(iter, value);
-      } else {
-        gi_scale_by_constant_loop<scalar_t, acc_t>(iter, value);
-      }
-    } else if (stored == common) {
-      gi_scale_loop<scalar_t, scalar_t>(iter);
+      gi_scale_to_opmath_by_constant_loop<scalar_t>(iter, static_cast<float>(*f.const_data_ptr<scalar_t>()));
     } else {
-      gi_scale_loop<scalar_t, acc_t>(iter);
+      gi_scale_to_opmath_loop<scalar_t>(iter);
     }
   });
   return out.to(dtype);

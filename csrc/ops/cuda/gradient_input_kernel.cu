@@ -1,11 +1,15 @@
 // CUDA kernels of the gradient-times-input ops: gi_identity's saved factor
 // y / stab(x) (one vectorised pass), the shared
 // backward g * factor (a factor that repeats along grad, such as a 0-dim scale
-// or a vector over the last dimension, is read in place rather than expanded),
+// or a vector over the last dimension, is read in place rather than expanded;
+// the output keeps a dense grad's strides, the kernel runs in that memory order),
 // and the layer-norm backward with sigma detached, one block per row.
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
+#include <numeric>
+#include <vector>
 
 #include "../impl.h"
 #include "../rule_math.h"
@@ -105,6 +109,14 @@ int64_t repeat_period(const Tensor& grad, const Tensor& factor) {
   return factor.numel();
 }
 
+// The dims of a dense `t` from the largest stride to the smallest: t.permute() of them is contiguous.
+std::vector<int64_t> memory_order(const Tensor& t) {
+  std::vector<int64_t> order(t.dim());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return t.stride(a) > t.stride(b); });
+  return order;
+}
+
 template <typename grad_t, typename factor_t, typename out_t>
 void launch_gi_scale(const Tensor& g, const Tensor& f, Tensor& out, int64_t period) {
   constexpr int ng = cuda::pack_size<grad_t>(), nf = cuda::pack_size<factor_t>(), no = cuda::pack_size<out_t>();
@@ -133,27 +145,35 @@ Tensor gi_scale_backward_cuda(const Tensor& grad, const Tensor& factor, at::Scal
   // of the general path (the float32 product, rounded once)
   const bool direct =
       grad.scalar_type() != common && common == at::kFloat && (dtype == at::kFloat || dtype == grad.scalar_type());
-  const Tensor g = direct ? grad.contiguous() : grad.to(common).contiguous();
-  Tensor out = at::empty(g.sizes(), g.options().dtype(direct ? dtype : stored));
+  Tensor out = impl::gi_scale_backward_empty(grad, grad.options().dtype(direct ? dtype : stored));
   if (out.numel() == 0) return out.to(dtype);
-  int64_t period = repeat_period(g, factor);
-  const Tensor f = period > 0 ? factor.to(common).contiguous() : factor.to(common).expand(g.sizes()).contiguous();
+  // the kernel runs by flat index over out's memory: out, grad and factor (with grad's number of dims)
+  // are viewed with their dims in out's memory order, in which out is contiguous
+  Tensor factor_nd = factor;
+  while (factor_nd.dim() < out.dim()) factor_nd = factor_nd.unsqueeze(0);
+  const auto order = memory_order(out);
+  Tensor o = out.permute(order);
+  TORCH_INTERNAL_ASSERT(o.is_contiguous());
+  const Tensor g = (direct ? grad : grad.to(common)).permute(order).contiguous();
+  factor_nd = factor_nd.to(common).permute(order);
+  int64_t period = repeat_period(g, factor_nd);
+  const Tensor f = period > 0 ? factor_nd.contiguous() : factor_nd.expand(g.sizes()).contiguous();
   if (period < 0) period = f.numel();
   if (direct) {
     AT_DISPATCH_REDUCED_FLOATING_TYPES(grad.scalar_type(), "lrpcpp_gi_scale_backward_cuda", [&] {
       if (dtype == at::kFloat) {
-        launch_gi_scale<scalar_t, float, float>(g, f, out, period);
+        launch_gi_scale<scalar_t, float, float>(g, f, o, period);
       } else {
-        launch_gi_scale<scalar_t, float, scalar_t>(g, f, out, period);
+        launch_gi_scale<scalar_t, float, scalar_t>(g, f, o, period);
       }
     });
     return out;
   }
   LRPCPP_DISPATCH_FLOATING(common, "lrpcpp_gi_scale_backward_cuda", [&] {
     if (stored == common) {
-      launch_gi_scale<scalar_t, scalar_t, scalar_t>(g, f, out, period);
+      launch_gi_scale<scalar_t, scalar_t, scalar_t>(g, f, o, period);
     } else {
-      launch_gi_scale<scalar_t, scalar_t, at::opmath_type<scalar_t>>(g, f, out, period);
+      launch_gi_scale<scalar_t, scalar_t, at::opmath_type<scalar_t>>(g, f, o, period);
     }
   });
   return out.to(dtype);

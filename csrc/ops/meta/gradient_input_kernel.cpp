@@ -13,7 +13,7 @@ Tensor gi_identity_factor_meta(const Tensor& x, const Tensor& y, double epsilon)
 
 Tensor gi_scale_backward_meta(const Tensor& grad, const Tensor& factor, at::ScalarType dtype) {
   impl::check_gi_scale_backward(grad, factor, dtype);
-  return at::empty_symint(grad.sym_sizes(), grad.options().dtype(dtype));
+  return impl::gi_scale_backward_empty(grad, grad.options().dtype(dtype));
 }
 
 Tensor gi_layer_norm_backward_meta(const Tensor& grad, const Tensor& x, at::IntArrayRef normalized_shape,

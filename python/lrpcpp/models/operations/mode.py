@@ -166,20 +166,12 @@ class GradientRules(RuleMode):
         key = (share, t.device)
         if key not in self._scales:
             self._scales[key] = torch.tensor(share, dtype=torch.float32, device=t.device)
-        # a view of t (no copy): the ops after it see the layout the model made. Scaled with its dims
-        # in memory order (the permutation that makes t contiguous, as for an attention's heads, a
-        # transposed view of their projection): gi_scale_backward writes the scaled gradient
-        # contiguously in its input's dims, so it comes out in t's layout and the views that made t
-        # need no copy to pass it back (when it arrives in another layout, it is reordered as before).
-        # A forward that torch.compile traces keeps the dims' order (it cannot sort symbolic strides)
-        order = list(range(t.dim()))
-        if not torch.compiler.is_compiling():
-            strides = t.stride()
-            order.sort(key=lambda d: -strides[d])
-        if order == list(range(t.dim())):
-            return torch.ops.lrpcpp.gi_grad_scale(t, self._scales[key])
-        shared = torch.ops.lrpcpp.gi_grad_scale(t.permute(order), self._scales[key])
-        return shared.permute(sorted(range(t.dim()), key=order.__getitem__))
+        # a view of t (no copy): the ops after it see the layout the model made; gi_scale_backward keeps
+        # the layout the gradient arrives in, as an element-wise product does (the gradients that
+        # F.scaled_dot_product_attention returns for an attention's heads, a transposed view of their
+        # projection, are in that projection's memory order: the views that made the heads pass them back
+        # without a copy)
+        return torch.ops.lrpcpp.gi_grad_scale(t, self._scales[key])
 
     def is_gate(self, t: Any) -> bool:
         return isinstance(t, Tensor) and getattr(t, _GATE, False)
