@@ -2,9 +2,10 @@
 // head); a task walks its queries in tiles of kTile rows, and a tile's scores against the keys it can
 // attend (all of them, the first i0 + kTile under is_causal), [kTile, T_k] at most, are the only
 // quadratic buffers of the forward: scratch of O(T_k * kTile) per thread, nothing of size T_q * T_k.
-// The relevance also walks those keys in tiles of kKeyTile, so that its [kTile, kKeyTile] buffers stay
-// in cache at any sequence length (the row sums of R_P it needs come from Rn_O . O, not from the
-// keys). The matrix products are at::mm on the tiles (single-threaded inside at::parallel_for); in the
+// The relevance walks the keys in tiles of kKeyTile, the outer loop, and within a key tile the query
+// tiles that attend it, so that its [kTile, kKeyTile] buffers, the key tile's k and v and its sums into
+// dk and dv stay in cache at any sequence length (the row sums of R_P it needs come from Rn_O . O,
+// not from the keys). The matrix products are at::mm on the tiles (single-threaded inside at::parallel_for); in the
 // forward the element-wise steps (x / T, the softmax) are vectorised tensor ops over a whole tile; in
 // the relevance, x / T - lse is one loop per row before a vectorised exp, and the rule of
 // math::attention_score_relevance one loop over the tile (element by element through that function
@@ -276,36 +277,39 @@ void relevance_loop(const Layout& L, const Tensor& g4, const Tensor& q4, const T
     const int64_t rows = std::min(kTile, L.Tq), cols = std::min(kKeyTile, L.Tk);
     Tensor sbuf = at::empty({rows, cols}, acc), pbuf = at::empty({rows, cols}, acc),
            dbuf = at::empty({rows, cols}, acc);
-    Tensor rnbuf = at::empty({rows, L.Ev}, acc), rqbuf = at::empty({rows, L.E}, acc), cbuf = at::empty({rows}, acc);
+    // per task, for every query of a head: Rn_O, c and the sum over the keys of Rn_S k
+    Tensor rnall = at::empty({L.Tq, L.Ev}, acc), call = at::empty({L.Tq}, acc);
+    Tensor rqall = mask[0] ? at::empty({L.Tq, L.E}, acc) : Tensor();
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / L.Hq, h = bh % L.Hq;
-      const Tensor kf = k4[b][h / L.G].to(acc), vf = v4[b][h / L.G].to(acc);
+      const Tensor kf = k4[b][h / L.G].to(acc), vf = v4[b][h / L.G].to(acc), qf = q4[b][h].to(acc);
       const Scores<scalar_t, acc_t> scores(L, bh);
       const acc_t* lse = lse3[b][h].const_data_ptr<acc_t>();
-      for (int64_t i0 = 0; i0 < L.Tq; i0 += kTile) {
-        const int64_t n = std::min(kTile, L.Tq - i0), tk = key_end(L, i0, n);
-        // Rn_O = R / stab(o_scale O), and c, the row sums of R_P = P (Rn_O v^T): sum_j P_ij (Rn_O v^T)_ij
-        // = Rn_O_i . (P v)_i = Rn_O_i . O_i, so c needs no pass over the keys
-        Tensor rn = rnbuf.narrow(0, 0, n), c = cbuf.narrow(0, 0, n);
-        {
-          const Tensor gt = g4[b][h].narrow(0, i0, n).to(acc).contiguous();
-          const Tensor ot = o4[b][h].narrow(0, i0, n).to(acc).contiguous();
-          const acc_t *gp = gt.const_data_ptr<acc_t>(), *op = ot.const_data_ptr<acc_t>();
-          acc_t *rp = rn.mutable_data_ptr<acc_t>(), *cp = c.mutable_data_ptr<acc_t>();
-          for (int64_t r = 0; r < n; ++r) {
-            acc_t total = 0;
-            for (int64_t e = r * L.Ev; e < (r + 1) * L.Ev; ++e) {
-              rp[e] = math::stab_div<acc_t>(gp[e], op[e], eps, o_scale);
-              total += rp[e] * op[e];
-            }
-            cp[r] = total;
+      // Rn_O = R / stab(o_scale O), and c, the row sums of R_P = P (Rn_O v^T): sum_j P_ij (Rn_O v^T)_ij
+      // = Rn_O_i . (P v)_i = Rn_O_i . O_i, so c needs no pass over the keys
+      {
+        const Tensor gt = g4[b][h].to(acc).contiguous(), ot = o4[b][h].to(acc).contiguous();
+        const acc_t *gp = gt.const_data_ptr<acc_t>(), *op = ot.const_data_ptr<acc_t>();
+        acc_t *rp = rnall.mutable_data_ptr<acc_t>(), *cp = call.mutable_data_ptr<acc_t>();
+        for (int64_t r = 0; r < L.Tq; ++r) {
+          acc_t total = 0;
+          for (int64_t e = r * L.Ev; e < (r + 1) * L.Ev; ++e) {
+            rp[e] = math::stab_div<acc_t>(gp[e], op[e], eps, o_scale);
+            total += rp[e] * op[e];
           }
+          cp[r] = total;
         }
-        const Tensor qt = q4[b][h].narrow(0, i0, n).to(acc);
-        Tensor rq = rqbuf.narrow(0, 0, n);  // sum over the keys of Rn_S k
-        for (int64_t j0 = 0; j0 < tk; j0 += kKeyTile) {
+      }
+      // The keys in tiles of kKeyTile, each met by every query tile that attends it before the next
+      // (the key tile's k, v and its sums into dk, dv stay in cache while the queries pass); each sum
+      // still runs over the tiles in index order, as the same products of the same shapes.
+      for (int64_t j0 = 0; j0 < L.Tk; j0 += kKeyTile) {
+        for (int64_t i0 = 0; i0 < L.Tq; i0 += kTile) {
+          const int64_t n = std::min(kTile, L.Tq - i0), tk = key_end(L, i0, n);
+          if (j0 >= tk) continue;
           const int64_t m = std::min(kKeyTile, tk - j0);
-          const Tensor kt = kf.narrow(0, j0, m), vt = vf.narrow(0, j0, m);
+          const Tensor qt = qf.narrow(0, i0, n), kt = kf.narrow(0, j0, m), vt = vf.narrow(0, j0, m);
+          const Tensor rn = rnall.narrow(0, i0, n), c = call.narrow(0, i0, n);
           // S and P, recomputed from the row's log-sum-exp
           Tensor s = scratch(sbuf, n, m), p = scratch(pbuf, n, m);
           at::mm_out(s, qt, kt.t());
@@ -332,6 +336,7 @@ void relevance_loop(const Layout& L, const Tensor& g4, const Tensor& q4, const T
             }
           }
           if (mask[0]) {
+            Tensor rq = rqall.narrow(0, i0, n);
             if (j0 == 0) {
               at::mm_out(rq, d, kt);
             } else {
@@ -340,13 +345,14 @@ void relevance_loop(const Layout& L, const Tensor& g4, const Tensor& q4, const T
           }
           if (mask[1]) dk[b][h].narrow(0, j0, m).addmm_(d.t(), qt);
         }
-        if (mask[0] && tk > 0) {  // (rq4 starts at 0: a query tile that attends no key keeps it)
-          Tensor rqt = rq4[b][h].narrow(0, i0, n);
-          if constexpr (std::is_same_v<scalar_t, acc_t>) {
-            at::mul_out(rqt, rq, qt);
-          } else {
-            rqt.copy_(rq.mul_(qt));
-          }
+      }
+      // every query tile attends a key here (T_k > 0, and the first i0 + n under is_causal)
+      if (mask[0]) {
+        Tensor rqt = rq4[b][h];
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          at::mul_out(rqt, rqall, qf);
+        } else {
+          rqt.copy_(rqall.mul_(qf));
         }
       }
     }
