@@ -115,6 +115,10 @@ def assert_close64(actual, expected):
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10 * max(scale, 1e-30))
 
 
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
 # name -> (shape arguments of `inputs`, keyword arguments of the attention)
 CASES = {
     "plain": (((2,), 3, 3, 7, 9, 5, 4), {}),
@@ -126,8 +130,8 @@ CASES = {
     "gqa_causal_scale": (((1,), 4, 1, 6, 6, 3, 5), {"enable_gqa": True, "is_causal": True, "scale": 0.7}),
     "one_query": (((1,), 2, 2, 1, 1, 3, 2), {}),
     "tiles": (((1,), 1, 1, 65, 70, 3, 3), {"is_causal": True}),
-    "tiles_mask": (((1,), 2, 2, 129, 65, 3, 2), {"attn_mask": torch.rand(129, 65) > 0.3}),
-    "batch_dims": (((2, 3), 2, 2, 4, 5, 3, 3), {"attn_mask": torch.randn(3, 1, 4, 5, dtype=f64)}),
+    "tiles_mask": (((1,), 2, 2, 129, 65, 3, 2), {"attn_mask": torch.rand(129, 65, generator=_gen(3)) > 0.3}),
+    "batch_dims": (((2, 3), 2, 2, 4, 5, 3, 3), {"attn_mask": torch.randn(3, 1, 4, 5, generator=_gen(4), dtype=f64)}),
     "no_heads": (((), 1, 1, 4, 6, 3, 3), {}),
     "eps": (((1,), 2, 2, 5, 5, 4, 4), {"epsilon": 0.3}),
     # more keys than one key tile of the CPU relevance kernel (512): partial last tiles, masks at offsets
