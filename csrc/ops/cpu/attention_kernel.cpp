@@ -127,30 +127,29 @@ struct Scores {
   }
 };
 
-// The softmax inputs over the temperature, x / T, of a tile of scores S (rows i0.., columns 0..tk)
-// into x (which may be s): S / T as one vectorised division, then -inf where the mask excludes a key;
-// a float mask goes element by element.
+// The softmax inputs x / T of a tile (rows i0.., columns j0..), in place in p. With a float mask p holds
+// the scores S: x / T = (S + mask / scale) / T element by element. Otherwise p holds them already (the
+// forward multiplies the query tile by 1 / T before its product with the keys), and the mask sets -inf
+// where it excludes a key.
 template <typename scalar_t, typename acc_t>
-void scaled_inputs(const Scores<scalar_t, acc_t>& scores, const Tensor& s, Tensor& x, int64_t i0, acc_t temp) {
+void softmax_inputs(const Scores<scalar_t, acc_t>& scores, Tensor& p, int64_t i0, int64_t j0, acc_t temp) {
   constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   const Layout& L = scores.L;
-  const int64_t n = s.size(0), tk = s.size(1);
-  const acc_t* sp = s.const_data_ptr<acc_t>();
-  acc_t* xp = x.mutable_data_ptr<acc_t>();
-  if (L.kind == MaskKind::additive) {
-    for (int64_t r = 0; r < n; ++r) {
-      for (int64_t j = 0; j < tk; ++j) xp[r * tk + j] = scores(sp[r * tk + j], i0 + r, j) / temp;
-    }
-    return;
-  }
-  at::div_out(x, s, temp);
+  const int64_t n = p.size(0), tk = p.size(1);
+  acc_t* xp = p.mutable_data_ptr<acc_t>();
   for (int64_t r = 0; r < n; ++r) {
     acc_t* row = xp + r * tk;
-    if (L.kind == MaskKind::causal && i0 + r + 1 < tk) std::fill(row + i0 + r + 1, row + tk, ninf);
-    if (L.kind == MaskKind::boolean) {
-      for (int64_t j = 0; j < tk; ++j) {
-        if (scores(0, i0 + r, j) == ninf) row[j] = ninf;
-      }
+    switch (L.kind) {
+      case MaskKind::none: break;
+      case MaskKind::causal: std::fill(row + std::clamp<int64_t>(i0 + r + 1 - j0, 0, tk), row + tk, ninf); break;
+      case MaskKind::boolean:
+        for (int64_t j = 0; j < tk; ++j) {
+          if (scores(0, i0 + r, j0 + j) == ninf) row[j] = ninf;
+        }
+        break;
+      case MaskKind::additive:
+        for (int64_t j = 0; j < tk; ++j) row[j] = scores(row[j], i0 + r, j0 + j) / temp;
+        break;
     }
   }
 }
@@ -212,11 +211,14 @@ template <typename scalar_t>
 void forward_loop(const Layout& L, const Tensor& q4, const Tensor& k4, const Tensor& v4, Tensor& out4, Tensor& lse3) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto acc = q4.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  const acc_t temperature = static_cast<acc_t>(1.0 / L.scale);
+  const acc_t temperature = static_cast<acc_t>(1.0 / L.scale), inv_t = static_cast<acc_t>(L.scale);
+  const bool additive = L.kind == MaskKind::additive;
   constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   at::parallel_for(0, L.B * L.Hq, 1, [&](int64_t begin, int64_t end) {
-    const int64_t rows = std::min(kTile, L.Tq);
-    Tensor buf = at::empty({rows, L.Tk}, acc), mxbuf = at::empty({rows}, acc), sumbuf = at::empty({rows}, acc);
+    const int64_t rows = std::min(kTile, L.Tq), cols = std::min(kKeyTile, L.Tk);
+    Tensor buf = at::empty({rows, cols}, acc), obuf = at::empty({rows, L.Ev}, acc);
+    Tensor mxbuf = at::empty({rows}, acc), sumbuf = at::empty({rows}, acc), shiftbuf = at::empty({rows}, acc),
+           alphabuf = at::empty({rows}, acc), lbuf = at::empty({rows}, acc);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / L.Hq, h = bh % L.Hq;
       const Tensor kf = k4[b][h / L.G].to(acc), vf = v4[b][h / L.G].to(acc);
@@ -229,32 +231,49 @@ void forward_loop(const Layout& L, const Tensor& q4, const Tensor& k4, const Ten
           out4[b][h].narrow(0, i0, n).zero_();
           continue;
         }
-        Tensor p = scratch(buf, n, tk);
-        at::mm_out(p, q4[b][h].narrow(0, i0, n).to(acc), kf.narrow(0, 0, tk).t());
-        // softmax over the tile's rows with its log-sum-exp; a row with no attended position (max
-        // -inf) gets weights exp(-inf - 0) = 0, a sum set to 1, output 0 and lse -inf
-        scaled_inputs(scores, p, p, i0, temperature);
-        Tensor mx = mxbuf.narrow(0, 0, n), sum = sumbuf.narrow(0, 0, n);
-        at::amax_out(mx, p, 1);
-        acc_t *mp = mx.mutable_data_ptr<acc_t>(), *sp = sum.mutable_data_ptr<acc_t>();
-        for (int64_t r = 0; r < n; ++r) {
-          lse[i0 + r] = mp[r];
-          if (mp[r] == ninf) mp[r] = 0;
+        Tensor qt = q4[b][h].narrow(0, i0, n).to(acc);
+        if (!additive) qt = qt * inv_t;
+        Tensor o = obuf.narrow(0, 0, n), mx = mxbuf.narrow(0, 0, n), sum = sumbuf.narrow(0, 0, n),
+               shift = shiftbuf.narrow(0, 0, n), alpha = alphabuf.narrow(0, 0, n), l = lbuf.narrow(0, 0, n);
+        acc_t *mp = mx.mutable_data_ptr<acc_t>(), *sp = sum.mutable_data_ptr<acc_t>(),
+              *hp = shift.mutable_data_ptr<acc_t>(), *ap = alpha.mutable_data_ptr<acc_t>(),
+              *lp = l.mutable_data_ptr<acc_t>();
+        // the online softmax over the key tiles: per row the running maximum (in lse until the end), the
+        // sum of exp(x / T - maximum) in l, and the output's numerator in o, rescaled by exp(old - new
+        // maximum) when the maximum grows; a row with no attended key so far has maximum -inf, weights
+        // exp(-inf - 0) = 0 and sum 0
+        std::fill(lse + i0, lse + i0 + n, ninf);
+        for (int64_t j0 = 0; j0 < tk; j0 += kKeyTile) {
+          const int64_t m = std::min(kKeyTile, tk - j0);
+          Tensor p = scratch(buf, n, m);
+          at::mm_out(p, qt, kf.narrow(0, j0, m).t());
+          softmax_inputs(scores, p, i0, j0, temperature);
+          at::amax_out(mx, p, 1);
+          for (int64_t r = 0; r < n; ++r) {
+            const acc_t old = lse[i0 + r], now = std::max(old, mp[r]);
+            ap[r] = old == ninf ? 0 : std::exp(old - now);
+            hp[r] = now == ninf ? 0 : now;
+            lse[i0 + r] = now;
+          }
+          p.sub_(shift.unsqueeze(1)).exp_();
+          at::sum_out(sum, p, 1);
+          if (j0 == 0) {
+            l.copy_(sum);
+            at::mm_out(o, p, vf.narrow(0, j0, m));
+          } else {
+            for (int64_t r = 0; r < n; ++r) lp[r] = lp[r] * ap[r] + sp[r];
+            o.mul_(alpha.unsqueeze(1)).addmm_(p, vf.narrow(0, j0, m));
+          }
         }
-        p.sub_(mx.unsqueeze(1)).exp_();
-        const acc_t* pp = p.const_data_ptr<acc_t>();
+        // the output o / l and lse = maximum + log(l); a row that attends nothing: output 0, lse -inf
         for (int64_t r = 0; r < n; ++r) {
           if (lse[i0 + r] == ninf) {
-            sp[r] = 1;
-            continue;
+            lp[r] = 1;
+          } else {
+            lse[i0 + r] += std::log(lp[r]);
           }
-          acc_t total = 0;  // in index order: a vectorised sum would change the output in its last bits
-          for (int64_t j = 0; j < tk; ++j) total += pp[r * tk + j];
-          sp[r] = total;
-          lse[i0 + r] += std::log(total);
         }
-        p.div_(sum.unsqueeze(1));
-        out4[b][h].narrow(0, i0, n).copy_(at::mm(p, vf.narrow(0, 0, tk)));
+        out4[b][h].narrow(0, i0, n).copy_(o.div_(l.unsqueeze(1)));
       }
     }
   });
