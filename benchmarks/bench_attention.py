@@ -92,6 +92,7 @@ def measure(seq, batch, reps, unfused_max_seq):
     consts = list(p.values())
     rows = []
     runs = []
+    forwards = []
     variants = dict(VARIANTS)
     if seq > unfused_max_seq:  # its saved [T, T] scores, weights and relevances would not fit in memory
         variants = {name: fn for name, fn in variants.items() if fn is not bc.block_lf}
@@ -100,18 +101,25 @@ def measure(seq, batch, reps, unfused_max_seq):
         _, run = bc.backward_fn(lambda t, fn=fn: fn(t, p), [x], seed)
         rows.append([name, saved])
         runs.append(run)
+        leaf = x.detach().clone().requires_grad_(True)
+        forwards.append(lambda fn=fn, leaf=leaf: fn(leaf, p))  # the forward that builds the graph
     times = bc.interleaved_times(runs, reps, 1)
-    base_t, base_m = times[0], rows[0][1]
+    fwd = bc.interleaved_times(forwards, reps, 1)
+    base_t, base_m, base_f = times[0], rows[0][1], fwd[0]
     lines = [
         f"### batch {batch}, sequence {seq}",
         "",
         f"Forward check: max |fused block - torch block| / max |y| = {err:.1e}.",
         "",
-        "| variant | backward (ms) | time / plain | saved activations (MiB) | memory / plain |",
-        "|---|---:|---:|---:|---:|",
+        "| variant | backward (ms) | time / plain | forward (ms) | forward / plain | saved activations (MiB) "
+        "| memory / plain |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for (name, saved), t in zip(rows, times):
-        lines.append(f"| {name} | {t * 1e3:.1f} | {t / base_t:.2f} | {saved:.0f} | {saved / base_m:.2f} |")
+    for (name, saved), t, f in zip(rows, times, fwd):
+        lines.append(
+            f"| {name} | {t * 1e3:.1f} | {t / base_t:.2f} | {f * 1e3:.1f} | {f / base_f:.2f} | {saved:.0f} "
+            f"| {saved / base_m:.2f} |"
+        )
     if len(variants) < len(VARIANTS):
         lines += [
             "",
@@ -139,7 +147,8 @@ def main():
     lines += [
         "",
         f"Hidden {bc.H}, {bc.NH} heads x {bc.HD}, MLP {bc.INTER}, causal; float32; median of {args.reps} "
-        "backward passes per variant (interleaved), seed = the torch block's output.",
+        "backward passes per variant (interleaved), seed = the torch block's output; the forward (with the "
+        "graph for the backward) timed the same way.",
         "",
     ]
     for seq in args.seqs:
