@@ -32,11 +32,12 @@ NOTE = (
     "memory the fused block keeps beyond the plain block comes from the rest of the block, not from the "
     "attention: with frozen weights a plain linear layer saves nothing, while an epsilon-rule linear layer "
     "keeps its input and its output (R_x = x * ((R / stab(z)) W)): the normed inputs, q and k before RoPE, "
-    "the merged heads and the gated product (the o and down outputs are the residual add2's operands too: "
-    "one storage each). mul2 keeps nothing (the uniform rule reads no values), add2 only its operands. "
-    "The time beyond the plain block is the attention's relevance (a second score product and the "
-    "element-wise rule per score, over tiles of 64 queries x 512 keys) and the rest of the "
-    "block's rules."
+    "the o and down outputs and the gated product (the o and down outputs are the residual add2's operands "
+    "too, and the merged heads a view of the attention's output, which is laid out [T, H, E] in memory as "
+    "torch's: one storage each). mul2 keeps nothing (the uniform rule reads no values), add2 only its "
+    "operands. The time beyond the plain block is the attention's relevance (a second score product and "
+    "the element-wise rule per score, over tiles of 64 queries x 512 keys, the key tiles outer) and the "
+    "rest of the block's rules."
 )
 
 

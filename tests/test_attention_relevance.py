@@ -16,6 +16,8 @@ from conftest import assert_relevance_close
 f64 = torch.float64
 ops = torch.ops.lrpcpp
 
+NO_CUDA = "" if torch.cuda.is_available() and ops.cuda_version() > 0 else "no CUDA device or no CUDA build"
+
 
 def inputs(lead, hq, hk, tq, tk, e, ev, dtype=f64, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -195,6 +197,20 @@ def test_forward_equals_torch(name, dtype):
     )
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"] + ([] if NO_CUDA else ["cuda"]))
+def test_merging_the_heads_of_the_output_is_a_view(device):
+    # the output is laid out [..., T, H, E] in memory (as torch's SDPA on the CPU), on every backend alike
+    for lead in [(2,), (2, 3), ()]:
+        q, k, v = (t.to(device) for t in inputs(lead, 4, 2, 5, 6, 3, 7, torch.float32))
+        out = fused(q, k, v, enable_gqa=True)
+        merged = out.transpose(-3, -2).reshape(*lead, 5, 4 * 7)
+        assert out.shape == (*lead, 4, 5, 7)
+        assert out.transpose(-3, -2).is_contiguous()
+        assert merged.data_ptr() == out.data_ptr() and merged._base is not None
+    no_heads = fused(*(t.to(device)[0] for t in inputs((), 1, 1, 4, 6, 3, 3, torch.float32)))
+    assert no_heads.shape == (4, 3) and no_heads.is_contiguous()
+
+
 def test_rows_without_attended_positions_give_zero_output_and_relevance():
     q, k, v = inputs((1,), 2, 2, 3, 4, 3, 3)
     mask = torch.ones(3, 4, dtype=torch.bool)
@@ -348,9 +364,6 @@ def test_compile_fullgraph_and_export():
     program = torch.export.export(model, (q, k, v))
     for got, want in zip(_relevance(program.module(), q, k, v), expected):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
-
-
-NO_CUDA = "" if torch.cuda.is_available() and ops.cuda_version() > 0 else "no CUDA device or no CUDA build"
 
 
 @pytest.mark.skipif(bool(NO_CUDA), reason=NO_CUDA or "-")

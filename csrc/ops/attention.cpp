@@ -14,6 +14,9 @@
 // No kernel holds the [T_q, T_k] matrices of all rows at once: a kernel handles one query tile at a
 // time and recomputes its scores from q, k and the saved log-sum-exp, so what the backward keeps is
 // q, k, v, the mask, the output and the row statistics: O(T E), and O(T * tile) of scratch per thread.
+#include <utility>
+#include <vector>
+
 #include "impl.h"
 
 namespace lrpcpp {
@@ -136,6 +139,14 @@ void check_attention_relevance(const Tensor& grad, const Tensor& q, const Tensor
 
 at::ScalarType attention_stat_dtype(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+Tensor empty_attention_output(c10::SymIntArrayRef shape, const at::TensorOptions& options) {
+  const size_t n = shape.size();
+  if (n < 3) return at::empty_symint(shape, options);
+  std::vector<c10::SymInt> memory(shape.begin(), shape.end());
+  std::swap(memory[n - 3], memory[n - 2]);
+  return at::empty_symint(memory, options).transpose(-3, -2);
 }
 
 void check_attention_method(c10::string_view method, const char* op) {

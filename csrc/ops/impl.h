@@ -64,6 +64,10 @@ void check_attention_relevance(const Tensor& grad, const Tensor& q, const Tensor
 void check_attention_method(c10::string_view method, const char* op);
 // the dtype of the forward's log-sum-exp: float64 for float64, else float32
 at::ScalarType attention_stat_dtype(at::ScalarType dtype);
+// The forward's output, of shape [..., H, T_q, E_v], laid out as [..., T_q, H, E_v] in memory (as torch's
+// SDPA lays out its CPU output): merging the heads, transpose(-3, -2) then a reshape, is a view. With
+// fewer than 3 dimensions, contiguous. The same strides on every backend (the Meta kernel's included).
+Tensor empty_attention_output(c10::SymIntArrayRef shape, const at::TensorOptions& options);
 
 // norms
 // x ends with normalized_shape; weight and bias (when given) have that shape, on x's device (and,

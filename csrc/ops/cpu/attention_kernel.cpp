@@ -1,15 +1,17 @@
 // CPU kernels of the fused attention (see ops/attention.cpp for the rule). One task per (batch, query
-// head); a task walks its queries in tiles of kTile rows, and a tile's scores against the keys it can
-// attend (all of them, the first i0 + kTile under is_causal), [kTile, T_k] at most, are the only
-// quadratic buffers of the forward: scratch of O(T_k * kTile) per thread, nothing of size T_q * T_k.
-// The relevance walks the keys in tiles of kKeyTile, the outer loop, and within a key tile the query
-// tiles that attend it, so that its [kTile, kKeyTile] buffers, the key tile's k and v and its sums into
-// dk and dv stay in cache at any sequence length (the row sums of R_P it needs come from Rn_O . O,
-// not from the keys). The matrix products are at::mm on the tiles (single-threaded inside at::parallel_for); in the
-// forward the element-wise steps (x / T, the softmax) are vectorised tensor ops over a whole tile; in
-// the relevance, x / T - lse is one loop per row before a vectorised exp, and the rule of
-// math::attention_score_relevance one loop over the tile (element by element through that function
-// with a float mask). All in float32 for float16 / bfloat16.
+// head); a task walks its queries in tiles of kTile rows and the keys a tile can attend (all of them, the
+// first i0 + kTile under is_causal) in tiles of kKeyTile: [kTile, kKeyTile] scratch buffers per thread at
+// any sequence length, nothing of size T_q * T_k.
+// The forward is the online softmax: per row a running maximum and sum of exp(x / T - maximum), the
+// output's numerator rescaled when the maximum grows; the query tile is multiplied by 1 / T before its
+// product with the keys (a float mask: the scores, then (S + mask / scale) / T element by element).
+// The relevance puts the key tiles in the outer loop and the query tiles that attend a key tile inside,
+// so that the key tile's k and v and its sums into dk and dv stay in cache (the row sums of R_P it needs
+// come from Rn_O . O, not from the keys); each sum still runs over the tiles in index order.
+// The matrix products are at::mm on the tiles (single-threaded inside at::parallel_for); the softmax's
+// steps are vectorised tensor ops over a tile; in the relevance, x / T - lse is one loop per row before a
+// vectorised exp, and the rule of math::attention_score_relevance one loop over the tile (element by
+// element through that function with a float mask). All in float32 for float16 / bfloat16.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -407,15 +409,16 @@ TensorPair attention_forward_cpu(const Tensor& query, const Tensor& key, const T
                         "lrpcpp.scaled_dot_product_attention_forward");
   const Layout L = make_layout(query, key, value, attn_mask, is_causal, scale);
   const auto stat = query.options().dtype(impl::attention_stat_dtype(query.scalar_type()));
-  Tensor out = at::empty({L.B, L.Hq, L.Tq, L.Ev}, query.options());
+  const auto shape = output_shape(query, value);
+  Tensor out = impl::empty_attention_output(c10::fromIntArrayRefSlow(shape), query.options());
   Tensor lse = at::empty({L.B, L.Hq, L.Tq}, stat);
   if (out.numel() > 0 || lse.numel() > 0) {
     const Tensor q4 = as_bhte(query, L, L.Hq), k4 = as_bhte(key, L, L.Hk), v4 = as_bhte(value, L, L.Hk);
+    Tensor out4 = out.view({L.B, L.Hq, L.Tq, L.Ev});  // (in the output's layout)
     LRPCPP_DISPATCH_FLOATING(query.scalar_type(), "lrpcpp_attention_forward_cpu",
-                             [&] { forward_loop<scalar_t>(L, q4, k4, v4, out, lse); });
+                             [&] { forward_loop<scalar_t>(L, q4, k4, v4, out4, lse); });
   }
-  const auto shape = output_shape(query, value);
-  return {out.view(shape), lse.view(query.sizes().slice(0, query.dim() - 1))};
+  return {out, lse.view(query.sizes().slice(0, query.dim() - 1))};
 }
 
 TensorTriple attention_relevance_cpu(const Tensor& grad, const Tensor& query, const Tensor& key, const Tensor& value,

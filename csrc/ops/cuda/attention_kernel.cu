@@ -377,10 +377,12 @@ TensorPair attention_forward_cuda(const Tensor& query, const Tensor& key, const 
   const Params p = make_params(query, key, value, attn_mask, is_causal, scale, op);
   auto shape = query.sizes().vec();
   shape.back() = p.Ev;
-  Tensor out = at::empty(shape, query.options());
+  Tensor out = impl::empty_attention_output(c10::fromIntArrayRefSlow(shape), query.options());
   Tensor lse = at::empty(query.sizes().slice(0, query.dim() - 1),
                          query.options().dtype(impl::attention_stat_dtype(query.scalar_type())));
   if (lse.numel() == 0) return {out, lse};
+  // the kernel writes [..., H, T_q, E_v] densely; copied into the output's layout after it
+  Tensor dense = out.is_contiguous() ? out : at::empty(shape, query.options());
   const Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
   const int64_t heads = lse.numel() / p.Tq;
   LRPCPP_DISPATCH_FLOATING(query.scalar_type(), "lrpcpp_attention_forward_cuda", [&] {
@@ -390,10 +392,11 @@ TensorPair attention_forward_cuda(const Tensor& query, const Tensor& key, const 
       allow_shared_memory(attention_forward_kernel<scalar_t, decltype(d)::value>, smem);
       attention_forward_kernel<scalar_t, decltype(d)::value><<<grid(p.Tq, heads, op), kBlock, smem, cuda::stream()>>>(
           p, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
-          out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<acc_t>());
+          dense.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
+  if (!dense.is_same(out)) out.copy_(dense);
   return {out, lse};
 }
 

@@ -13,7 +13,7 @@ TensorPair attention_forward_meta(const Tensor& query, const Tensor& key, const 
                         "lrpcpp.scaled_dot_product_attention_forward");
   auto shape = query.sym_sizes().vec();
   shape.back() = value.sym_size(-1);
-  Tensor out = at::empty_symint(shape, query.options());
+  Tensor out = impl::empty_attention_output(shape, query.options());
   Tensor lse = at::empty_symint(query.sym_sizes().slice(0, query.dim() - 1),
                                 query.options().dtype(impl::attention_stat_dtype(query.scalar_type())));
   return {out, lse};
