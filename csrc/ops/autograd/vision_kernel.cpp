@@ -82,9 +82,11 @@ class VisionFunction<Rule, Tensor(const Tensor&, const Tensor&, Args...)>
     if (!ctx->needs_input_grad(0)) return out;
     const auto saved = ctx->get_saved_variables();
     size_t slot = 3, position = 0;  // x, weight and the output come first
-    // a braced list is evaluated left to right: the arguments are loaded in order
+    // a braced list is evaluated left to right: the arguments are loaded in order (the counter is
+    // advanced inside a call, which GCC's -Wsequence-point does not mistake for an unsequenced update)
+    const auto next_name = [&position] { return std::to_string(position++); };
     const std::tuple<decltype(Kept<std::decay_t<Args>>::load(ctx, saved, slot, ""))...> args{
-        Kept<std::decay_t<Args>>::load(ctx, saved, slot, std::to_string(position++))...};
+        Kept<std::decay_t<Args>>::load(ctx, saved, slot, next_name())...};
     out[0] = std::apply([&](const auto&... a) { return Rule::relevance(grads[0], saved[0], saved[1], saved[2], a...); },
                         args);
     return out;
@@ -120,8 +122,10 @@ class PoolFunction<Rule, Tensor(const Tensor&, Args...)>
     if (!ctx->needs_input_grad(0)) return out;
     const auto saved = ctx->get_saved_variables();
     size_t slot = 2, position = 0;  // x and the output come first
+    // (in order, as above)
+    const auto next_name = [&position] { return std::to_string(position++); };
     const std::tuple<decltype(Kept<std::decay_t<Args>>::load(ctx, saved, slot, ""))...> args{
-        Kept<std::decay_t<Args>>::load(ctx, saved, slot, std::to_string(position++))...};
+        Kept<std::decay_t<Args>>::load(ctx, saved, slot, next_name())...};
     out[0] = std::apply([&](const auto&... a) { return Rule::relevance(grads[0], saved[0], saved[1], a...); }, args);
     return out;
   }
