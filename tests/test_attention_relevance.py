@@ -211,6 +211,20 @@ def test_merging_the_heads_of_the_output_is_a_view(device):
     assert no_heads.shape == (4, 3) and no_heads.is_contiguous()
 
 
+@pytest.mark.parametrize("dtype", [f64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["causal", "bool_mask", "float_mask"])
+def test_inputs_laid_out_by_position_give_the_same_results(name, dtype):
+    # q, k, v as views of [B, T, H, E] tensors (as a model's heads are): read with their strides, not copied
+    q, k, v, kwargs = case_inputs(name, dtype)
+    if "attn_mask" in kwargs and kwargs["attn_mask"].is_floating_point():
+        kwargs["attn_mask"] = kwargs["attn_mask"].to(dtype)
+    by_position = [t.transpose(-3, -2).contiguous().transpose(-3, -2) for t in (q, k, v)]
+    assert not by_position[0].is_contiguous()
+    tol = {f64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    for a, b in zip(explain(fused, *by_position, **kwargs), explain(fused, q, k, v, **kwargs)):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * float(b.abs().max()))
+
+
 def test_rows_without_attended_positions_give_zero_output_and_relevance():
     q, k, v = inputs((1,), 2, 2, 3, 4, 3, 3)
     mask = torch.ones(3, 4, dtype=torch.bool)

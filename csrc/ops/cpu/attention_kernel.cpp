@@ -18,6 +18,7 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../impl.h"
@@ -101,8 +102,19 @@ Tensor scratch(const Tensor& buf, int64_t n, int64_t cols) {
   return buf.view({-1}).narrow(0, 0, n * cols).view({n, cols});
 }
 
+// A [..., H, T, E] tensor as [B, H, T, E], with its own strides where its rows (E) are dense (e.g. the
+// output and its gradient, laid out [..., T, H, E]), copied otherwise. The kernels copy a head's q, k and
+// v into a dense [T, E] matrix when it is not one (a row stride of H * E, often a power of two, slows the
+// tiles' products), one head at a time.
 Tensor as_bhte(const Tensor& t, const Layout& L, int64_t heads) {
-  return t.contiguous().view({L.B, heads, t.size(-2), t.size(-1)});
+  const Tensor rows = t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
+  return rows.reshape({L.B, heads, t.size(-2), t.size(-1)});
+}
+
+// A head's [T, E] matrix with dense rows (its own strides where they are) and the stride between rows.
+std::pair<Tensor, int64_t> dense_rows(const Tensor& m) {
+  const Tensor d = m.size(1) <= 1 || m.stride(1) == 1 ? m : m.contiguous();
+  return {d, d.stride(0)};
 }
 
 // The softmax input x of score s at row i, column j, as the unfused composition builds it: -inf where
@@ -233,7 +245,7 @@ void forward_loop(const Layout& L, const Tensor& q4, const Tensor& k4, const Ten
            alphabuf = at::empty({rows}, acc), lbuf = at::empty({rows}, acc);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / L.Hq, h = bh % L.Hq;
-      const Tensor kf = k4[b][h / L.G].to(acc), vf = v4[b][h / L.G].to(acc);
+      const Tensor kf = k4[b][h / L.G].to(acc).contiguous(), vf = v4[b][h / L.G].to(acc).contiguous();
       const Scores<scalar_t, acc_t> scores(L, bh);
       acc_t* lse = lse3[b][h].mutable_data_ptr<acc_t>();
       for (int64_t i0 = 0; i0 < L.Tq; i0 += kTile) {
@@ -313,20 +325,24 @@ void relevance_loop(const Layout& L, const Tensor& g4, const Tensor& q4, const T
     Tensor rqall = mask[0] ? at::empty({L.Tq, L.E}, acc) : Tensor();
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / L.Hq, h = bh % L.Hq;
-      const Tensor kf = k4[b][h / L.G].to(acc), vf = v4[b][h / L.G].to(acc), qf = q4[b][h].to(acc);
+      const Tensor kf = k4[b][h / L.G].to(acc).contiguous(), vf = v4[b][h / L.G].to(acc).contiguous(),
+                   qf = q4[b][h].to(acc).contiguous();
       const Scores<scalar_t, acc_t> scores(L, bh);
       const acc_t* lse = lse3[b][h].const_data_ptr<acc_t>();
       // Rn_O = R / stab(o_scale O), and c, the row sums of R_P = P (Rn_O v^T): sum_j P_ij (Rn_O v^T)_ij
       // = Rn_O_i . (P v)_i = Rn_O_i . O_i, so c needs no pass over the keys
       {
-        const Tensor gt = g4[b][h].to(acc).contiguous(), ot = o4[b][h].to(acc).contiguous();
-        const acc_t *gp = gt.const_data_ptr<acc_t>(), *op = ot.const_data_ptr<acc_t>();
+        const std::pair<Tensor, int64_t> gt = dense_rows(g4[b][h].to(acc)), ot = dense_rows(o4[b][h].to(acc));
+        const int64_t gs = gt.second, os = ot.second;
+        const acc_t *gp = gt.first.const_data_ptr<acc_t>(), *op = ot.first.const_data_ptr<acc_t>();
         acc_t *rp = rnall.mutable_data_ptr<acc_t>(), *cp = call.mutable_data_ptr<acc_t>();
         for (int64_t r = 0; r < L.Tq; ++r) {
+          const acc_t *g = gp + r * gs, *o = op + r * os;
+          acc_t* rn = rp + r * L.Ev;
           acc_t total = 0;
-          for (int64_t e = r * L.Ev; e < (r + 1) * L.Ev; ++e) {
-            rp[e] = math::stab_div<acc_t>(gp[e], op[e], eps, o_scale);
-            total += rp[e] * op[e];
+          for (int64_t e = 0; e < L.Ev; ++e) {
+            rn[e] = math::stab_div<acc_t>(g[e], o[e], eps, o_scale);
+            total += rn[e] * o[e];
           }
           cp[r] = total;
         }
