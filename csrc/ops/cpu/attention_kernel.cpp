@@ -28,6 +28,8 @@ namespace lrpcpp {
 namespace {
 
 constexpr int64_t kTile = 64;
+// keys per tile: the [kTile, kKeyTile] tiles (128 KiB each in float32) stay in cache
+constexpr int64_t kKeyTile = 512;
 
 // The element-wise loops over a tile, compiled also for AVX-512 and AVX2 (GCC on x86-64 picks the widest
 // the processor has when the library loads) where the library itself targets the baseline x86-64 (SSE2):
@@ -38,8 +40,6 @@ constexpr int64_t kTile = 64;
 #else
 #define LRPCPP_VECTOR_CLONES
 #endif
-// keys per tile in the relevance: its [kTile, kKeyTile] tiles (128 KiB each in float32) stay in cache
-constexpr int64_t kKeyTile = 512;
 
 enum class MaskKind { none, causal, boolean, additive };
 
@@ -179,8 +179,8 @@ void softmax_inputs(const Scores<scalar_t, acc_t>& scores, Tensor& p, int64_t i0
 }
 
 // The attention weights P = exp(x / T - lse) of a tile of scores S (rows i0.., columns j0..) into p, 0
-// in a row that attends nothing (lse = -inf): x / T - lse in one loop per row (the operations of
-// scaled_inputs, then the subtraction), then one vectorised exp over the tile.
+// in a row that attends nothing (lse = -inf): x / T - lse in one loop per row (x / T as the unfused
+// composition computes it, then the subtraction), then one vectorised exp over the tile.
 template <typename scalar_t, typename acc_t>
 LRPCPP_VECTOR_CLONES void weights_from_lse(const Scores<scalar_t, acc_t>& scores, const Tensor& s, Tensor& p,
                                            const acc_t* lse, int64_t i0, int64_t j0, acc_t temp) {
