@@ -214,7 +214,8 @@ def test_merging_the_heads_of_the_output_is_a_view(device):
 @pytest.mark.parametrize("dtype", [f64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", ["causal", "bool_mask", "float_mask"])
 def test_inputs_laid_out_by_position_give_the_same_results(name, dtype):
-    # q, k, v as views of [B, T, H, E] tensors (as a model's heads are): read with their strides, not copied
+    # q, k, v as views of [B, T, H, E] tensors (as a model's heads are): no copy of the whole tensors, a
+    # dense copy of one head at a time inside the kernels
     q, k, v, kwargs = case_inputs(name, dtype)
     if "attn_mask" in kwargs and kwargs["attn_mask"].is_floating_point():
         kwargs["attn_mask"] = kwargs["attn_mask"].to(dtype)
