@@ -23,6 +23,7 @@
 
 #include "../impl.h"
 #include "../rule_math.h"
+#include "vector_clones.h"
 
 namespace lrpcpp {
 namespace {
@@ -30,16 +31,6 @@ namespace {
 constexpr int64_t kTile = 64;
 // keys per tile: the [kTile, kKeyTile] tiles (128 KiB each in float32) stay in cache
 constexpr int64_t kKeyTile = 512;
-
-// The element-wise loops over a tile, compiled also for AVX-512 and AVX2 (GCC on x86-64 picks the widest
-// the processor has when the library loads) where the library itself targets the baseline x86-64 (SSE2):
-// the same operations per element, with no multiply and add fused into one rounding (fp-contract=off),
-// so the results are the same bits on every processor.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define LRPCPP_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default"), optimize("fp-contract=off")))
-#else
-#define LRPCPP_VECTOR_CLONES
-#endif
 
 enum class MaskKind { none, causal, boolean, additive };
 

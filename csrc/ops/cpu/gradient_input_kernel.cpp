@@ -8,11 +8,23 @@
 #include "../impl.h"
 #include "../rule_math.h"
 #include "loops.h"
+#include "vector_clones.h"
 
 #include <limits>
 
 namespace lrpcpp {
 namespace {
+
+// the factor over n contiguous elements
+template <typename x_t, typename y_t, typename acc_t>
+LRPCPP_VECTOR_CLONES void gi_identity_factor_range(x_t* factor, const x_t* x, const y_t* y, int64_t n, acc_t e,
+                                                   acc_t hi) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    factor[i] =
+        static_cast<x_t>(math::gi_identity_factor<acc_t>(static_cast<acc_t>(x[i]), static_cast<acc_t>(y[i]), e, hi));
+  }
+}
 
 Tensor gi_identity_factor_cpu(const Tensor& x, const Tensor& y, double epsilon) {
   impl::check_gi_identity(x, y, epsilon, "lrpcpp.gi_identity_factor");
@@ -32,6 +44,11 @@ Tensor gi_identity_factor_cpu(const Tensor& x, const Tensor& y, double epsilon) 
       const acc_t e = static_cast<acc_t>(epsilon);
       const acc_t hi = static_cast<acc_t>(std::numeric_limits<x_t>::max());
       iter.for_each([&](char** data, const int64_t* strides, int64_t n) {
+        if (strides[0] == sizeof(x_t) && strides[1] == sizeof(x_t) && strides[2] == sizeof(y_t)) {
+          gi_identity_factor_range(reinterpret_cast<x_t*>(data[0]), reinterpret_cast<const x_t*>(data[1]),
+                                   reinterpret_cast<const y_t*>(data[2]), n, e, hi);
+          return;
+        }
         cpu::typed_loop<x_t, const x_t, const y_t>(
             data, strides, n, [e, hi](x_t& factor_i, const x_t& x_i, const y_t& y_i) {
               factor_i = static_cast<x_t>(

@@ -4,9 +4,19 @@
 #include "../impl.h"
 #include "../rule_math.h"
 #include "loops.h"
+#include "vector_clones.h"
 
 namespace lrpcpp {
 namespace {
+
+template <typename scalar_t, typename out_t, typename acc_t>
+LRPCPP_VECTOR_CLONES void stab_div_range(const scalar_t* rp, const scalar_t* zp, out_t* op, int64_t begin, int64_t end,
+                                         acc_t e, acc_t s) {
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    op[i] = static_cast<out_t>(math::stab_div<acc_t>(rp[i], zp[i], e, s));
+  }
+}
 
 template <typename scalar_t, typename out_t>
 void stab_div_loop(const Tensor& r, const Tensor& z, Tensor& out, double epsilon, double scale) {
@@ -15,12 +25,8 @@ void stab_div_loop(const Tensor& r, const Tensor& z, Tensor& out, double epsilon
   const scalar_t* zp = z.const_data_ptr<scalar_t>();
   out_t* op = out.mutable_data_ptr<out_t>();
   const acc_t e = static_cast<acc_t>(epsilon), s = static_cast<acc_t>(scale);
-  at::parallel_for(0, out.numel(), cpu::kGrain, [&](int64_t begin, int64_t end) {
-#pragma omp simd
-    for (int64_t i = begin; i < end; ++i) {
-      op[i] = static_cast<out_t>(math::stab_div<acc_t>(rp[i], zp[i], e, s));
-    }
-  });
+  at::parallel_for(0, out.numel(), cpu::kGrain,
+                   [&](int64_t begin, int64_t end) { stab_div_range(rp, zp, op, begin, end, e, s); });
 }
 
 Tensor stab_div_cpu(const Tensor& relevance, const Tensor& z, double epsilon, double scale,
