@@ -18,7 +18,6 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
-#include <utility>
 #include <vector>
 
 #include "../impl.h"
@@ -93,19 +92,17 @@ Tensor scratch(const Tensor& buf, int64_t n, int64_t cols) {
   return buf.view({-1}).narrow(0, 0, n * cols).view({n, cols});
 }
 
-// A [..., H, T, E] tensor as [B, H, T, E], with its own strides where its rows (E) are dense (e.g. the
-// output and its gradient, laid out [..., T, H, E]), copied otherwise. The kernels copy a head's q, k and
-// v into a dense [T, E] matrix when it is not one (a row stride of H * E, often a power of two, slows the
-// tiles' products), one head at a time.
-Tensor as_bhte(const Tensor& t, const Layout& L, int64_t heads) {
-  const Tensor rows = t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
-  return rows.reshape({L.B, heads, t.size(-2), t.size(-1)});
+// t itself where its rows (the last dimension) are dense, else a contiguous copy.
+Tensor dense_rows(const Tensor& t) {
+  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
 }
 
-// A head's [T, E] matrix with dense rows (its own strides where they are) and the stride between rows.
-std::pair<Tensor, int64_t> dense_rows(const Tensor& m) {
-  const Tensor d = m.size(1) <= 1 || m.stride(1) == 1 ? m : m.contiguous();
-  return {d, d.stride(0)};
+// A [..., H, T, E] tensor as [B, H, T, E], with its own strides where its rows (E) are dense (e.g. the
+// output and its gradient, laid out [..., T, H, E]). The kernels copy a head's q, k and v into a dense
+// [T, E] matrix when it is not one (a row stride of H * E, often a power of two, slows the tiles'
+// products), one head at a time.
+Tensor as_bhte(const Tensor& t, const Layout& L, int64_t heads) {
+  return dense_rows(t).reshape({L.B, heads, t.size(-2), t.size(-1)});
 }
 
 // The softmax input x of score s at row i, column j, as the unfused composition builds it: -inf where
@@ -323,9 +320,9 @@ void relevance_loop(const Layout& L, const Tensor& g4, const Tensor& q4, const T
       // Rn_O = R / stab(o_scale O), and c, the row sums of R_P = P (Rn_O v^T): sum_j P_ij (Rn_O v^T)_ij
       // = Rn_O_i . (P v)_i = Rn_O_i . O_i, so c needs no pass over the keys
       {
-        const std::pair<Tensor, int64_t> gt = dense_rows(g4[b][h].to(acc)), ot = dense_rows(o4[b][h].to(acc));
-        const int64_t gs = gt.second, os = ot.second;
-        const acc_t *gp = gt.first.const_data_ptr<acc_t>(), *op = ot.first.const_data_ptr<acc_t>();
+        const Tensor gt = dense_rows(g4[b][h].to(acc)), ot = dense_rows(o4[b][h].to(acc));
+        const int64_t gs = gt.stride(0), os = ot.stride(0);
+        const acc_t *gp = gt.const_data_ptr<acc_t>(), *op = ot.const_data_ptr<acc_t>();
         acc_t *rp = rnall.mutable_data_ptr<acc_t>(), *cp = call.mutable_data_ptr<acc_t>();
         for (int64_t r = 0; r < L.Tq; ++r) {
           const acc_t *g = gp + r * gs, *o = op + r * os;
