@@ -36,7 +36,8 @@ NOTE = (
     "too, and the merged heads a view of the attention's output, which is laid out [T, H, E] in memory as "
     "torch's: one storage each). mul2 keeps nothing (the uniform rule reads no values), add2 only its "
     "operands. The time beyond the plain block is the attention's relevance (a second score product and "
-    "the element-wise rule per score, over tiles of 64 queries x 512 keys, the key tiles outer) and the "
+    "the element-wise rule per score, over tiles of 64 queries (128 where a head's keys and values take "
+    "more than 2 MiB, as at 8192 here) x 512 keys, the key tiles outer) and the "
     "rest of the block's rules."
 )
 

@@ -141,6 +141,10 @@ CASES = {
     "key_tiles_causal": (((1,), 1, 1, 600, 600, 2, 2), {"is_causal": True}),
     "key_tiles_bool_mask": (((1,), 1, 1, 4, 600, 3, 3), {"attn_mask": bool_mask(4, 600)}),
     "key_tiles_float_mask": (((1,), 2, 2, 4, 600, 3, 3), {"attn_mask": float_mask(2, 4, 600)}),
+    # a head's keys and values over 2 MiB (float64, 256 dims): the CPU kernels' taller query tiles (256
+    # rows in the forward, 128 in the relevance), crossing query and key tiles
+    "tall_tiles_causal": (((1,), 1, 1, 600, 600, 256, 256), {"is_causal": True}),
+    "tall_tiles_float_mask": (((1,), 1, 1, 300, 600, 256, 256), {"attn_mask": float_mask(1, 300, 600)}),
 }
 
 
@@ -183,7 +187,9 @@ def test_cp_lrp_is_the_composition_with_constant_weights():
 
 
 @pytest.mark.parametrize("dtype", [f64, torch.float32], ids=str)
-@pytest.mark.parametrize("name", ["plain", "causal_rectangular", "bool_mask", "gqa", "tiles_mask", "batch_dims"])
+@pytest.mark.parametrize(
+    "name", ["plain", "causal_rectangular", "bool_mask", "gqa", "tiles_mask", "batch_dims", "tall_tiles_causal"]
+)
 def test_forward_equals_torch(name, dtype):
     q, k, v, kwargs = case_inputs(name, dtype)
     if "attn_mask" in kwargs and kwargs["attn_mask"].is_floating_point():

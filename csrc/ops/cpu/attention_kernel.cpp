@@ -1,7 +1,7 @@
 // CPU kernels of the fused attention (see ops/attention.cpp for the rule). One task per (batch, query
-// head); a task walks its queries in tiles of kTile rows and the keys a tile can attend (all of them, the
-// first i0 + kTile under is_causal) in tiles of kKeyTile: [kTile, kKeyTile] scratch buffers per thread at
-// any sequence length, nothing of size T_q * T_k.
+// head); a task walks its queries in tiles of `query_rows` rows and the keys a tile can attend (all of
+// them, the first i0 + rows under is_causal) in tiles of kKeyTile: [rows, kKeyTile] scratch buffers per
+// thread at any sequence length, nothing of size T_q * T_k.
 // The forward is the online softmax: per row a running maximum and sum of exp(x / T - maximum), the
 // output's numerator rescaled when the maximum grows; the query tile is multiplied by 1 / T before its
 // product with the keys (a float mask: the scores, then (S + mask / scale) / T element by element).
@@ -30,6 +30,8 @@ namespace {
 constexpr int64_t kTile = 64;
 // keys per tile: the [kTile, kKeyTile] tiles (128 KiB each in float32) stay in cache
 constexpr int64_t kKeyTile = 512;
+// the bytes of one head's keys and values above which the tiles are taller (see query_rows)
+constexpr int64_t kTallTileBytes = int64_t{2} << 20;
 
 enum class MaskKind { none, causal, boolean, additive };
 
@@ -85,6 +87,17 @@ Layout make_layout(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
 // i0 + n; the others have weight 0 and add nothing to any sum.
 int64_t key_end(const Layout& L, int64_t i0, int64_t n) {
   return L.kind == MaskKind::causal ? std::min(L.Tk, i0 + n) : L.Tk;
+}
+
+// Query rows per tile: kTile, or `tall` where one head's keys and values take more than kTallTileBytes,
+// more than a core's L2 cache holds. Then the forward reads them from further away for every query
+// tile, and the relevance reads the queries' rows (q, Rn_O, the sums into R_q) for every key tile;
+// taller tiles read them less often (one thread, 64 dims per head, T = 8192: forward 348 -> 291 ms with
+// 256 rows, relevance 668-677 -> 612-653 ms with 128). Shorter sequences keep kTile rows: no gain at
+// T = 4096, and at 1024 taller tiles were slower (under is_causal a tile computes the scores of more
+// masked keys on the diagonal). The relevance's three [rows, kKeyTile] buffers limit it to 128 rows.
+int64_t query_rows(const Layout& L, int64_t tall, int64_t element_size) {
+  return L.Tk * (L.E + L.Ev) * element_size > kTallTileBytes ? tall : kTile;
 }
 
 // The first n * cols elements of a scratch buffer, as a contiguous [n, cols] matrix.
@@ -226,8 +239,9 @@ void forward_loop(const Layout& L, const Tensor& q4, const Tensor& k4, const Ten
   const acc_t temperature = static_cast<acc_t>(1.0 / L.scale), inv_t = static_cast<acc_t>(L.scale);
   const bool additive = L.kind == MaskKind::additive;
   constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t tile = query_rows(L, 256, sizeof(acc_t));
   at::parallel_for(0, L.B * L.Hq, 1, [&](int64_t begin, int64_t end) {
-    const int64_t rows = std::min(kTile, L.Tq), cols = std::min(kKeyTile, L.Tk);
+    const int64_t rows = std::min(tile, L.Tq), cols = std::min(kKeyTile, L.Tk);
     Tensor buf = at::empty({rows, cols}, acc), obuf = at::empty({rows, L.Ev}, acc);
     Tensor mxbuf = at::empty({rows}, acc), sumbuf = at::empty({rows}, acc), shiftbuf = at::empty({rows}, acc),
            alphabuf = at::empty({rows}, acc), lbuf = at::empty({rows}, acc);
@@ -236,8 +250,8 @@ void forward_loop(const Layout& L, const Tensor& q4, const Tensor& k4, const Ten
       const Tensor kf = k4[b][h / L.G].to(acc).contiguous(), vf = v4[b][h / L.G].to(acc).contiguous();
       const Scores<scalar_t, acc_t> scores(L, bh);
       acc_t* lse = lse3[b][h].mutable_data_ptr<acc_t>();
-      for (int64_t i0 = 0; i0 < L.Tq; i0 += kTile) {
-        const int64_t n = std::min(kTile, L.Tq - i0), tk = key_end(L, i0, n);
+      for (int64_t i0 = 0; i0 < L.Tq; i0 += tile) {
+        const int64_t n = std::min(tile, L.Tq - i0), tk = key_end(L, i0, n);
         if (tk == 0) {  // no keys: nothing attended
           std::fill(lse + i0, lse + i0 + n, ninf);
           out4[b][h].narrow(0, i0, n).zero_();
@@ -304,8 +318,9 @@ void relevance_loop(const Layout& L, const Tensor& g4, const Tensor& q4, const T
   // the epsilon rule of each product: both operands carry relevance, or only one
   const acc_t o_scale = (qk && mask[2]) ? 2 : 1, s_scale = (mask[0] && mask[1]) ? 2 : 1;
   const bool additive = L.kind == MaskKind::additive;
+  const int64_t tile = query_rows(L, 128, sizeof(acc_t));
   at::parallel_for(0, L.B * L.Hq, 1, [&](int64_t begin, int64_t end) {
-    const int64_t rows = std::min(kTile, L.Tq), cols = std::min(kKeyTile, L.Tk);
+    const int64_t rows = std::min(tile, L.Tq), cols = std::min(kKeyTile, L.Tk);
     Tensor sbuf = at::empty({rows, cols}, acc), pbuf = at::empty({rows, cols}, acc),
            dbuf = at::empty({rows, cols}, acc);
     // per task, for every query of a head: Rn_O, c and the sum over the keys of Rn_S k
@@ -339,8 +354,8 @@ void relevance_loop(const Layout& L, const Tensor& g4, const Tensor& q4, const T
       // (the key tile's k, v and its sums into dk, dv stay in cache while the queries pass); each sum
       // still runs over the tiles in index order, as the same products of the same shapes.
       for (int64_t j0 = 0; j0 < L.Tk; j0 += kKeyTile) {
-        for (int64_t i0 = 0; i0 < L.Tq; i0 += kTile) {
-          const int64_t n = std::min(kTile, L.Tq - i0), tk = key_end(L, i0, n);
+        for (int64_t i0 = 0; i0 < L.Tq; i0 += tile) {
+          const int64_t n = std::min(tile, L.Tq - i0), tk = key_end(L, i0, n);
           if (j0 >= tk) continue;
           const int64_t m = std::min(kKeyTile, tk - j0);
           const Tensor qt = qf.narrow(0, i0, n), kt = kf.narrow(0, j0, m), vt = vf.narrow(0, j0, m);
