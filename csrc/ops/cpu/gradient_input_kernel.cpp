@@ -125,10 +125,8 @@ void gi_layer_norm_backward_loop(const Tensor& grad, const Tensor& x, const Tens
       const scalar_t* xr = xp + row * len;
       const scalar_t* gr = gp + row * len;
       const acc_t rstd = cpu::row_stats<acc_t>(xr, len, eps).rstd;
-      acc_t h_sum = 0;
-#pragma omp simd reduction(+ : h_sum)
-      for (int64_t k = 0; k < len; ++k) h_sum += static_cast<acc_t>(gr[k]) * wp[k];
-      const acc_t h_mean = h_sum / len;
+      const acc_t h_mean =
+          cpu::lane_sum<acc_t>(len, [gr, wp](int64_t k) { return static_cast<acc_t>(gr[k]) * wp[k]; }) / len;
 #pragma omp simd
       for (int64_t k = 0; k < len; ++k) {
         op[row * len + k] =

@@ -35,10 +35,7 @@ void layer_norm_relevance_loop(const Tensor& grad, const Tensor& x, const Tensor
         const acc_t y = (static_cast<acc_t>(xr[k]) - mean) * rstd * wp[k] + bp[k];
         hp[k] = math::layer_norm_h<acc_t>(gr[k], y, wp[k] * rstd, e);
       }
-      acc_t h_sum = 0;
-#pragma omp simd reduction(+ : h_sum)
-      for (int64_t k = 0; k < len; ++k) h_sum += hp[k];
-      const acc_t h_mean = h_sum / len;
+      const acc_t h_mean = cpu::lane_sum<acc_t>(len, [hp](int64_t k) { return hp[k]; }) / len;
 #pragma omp simd
       for (int64_t k = 0; k < len; ++k) {
         op[row * len + k] = static_cast<scalar_t>(math::layer_norm_relevance<acc_t>(xr[k], hp[k], h_mean));

@@ -27,9 +27,7 @@ void softmax_relevance_loop(const Tensor& grad, const Tensor& x, const Tensor& s
         const scalar_t* xr = xp + row * len;
         const scalar_t* sr = sp + row * len;
         scalar_t* o = op + row * len;
-        acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t k = 0; k < len; ++k) sum += static_cast<acc_t>(g[k]);
+        const acc_t sum = cpu::lane_sum<acc_t>(len, [g](int64_t k) { return static_cast<acc_t>(g[k]); });
 #pragma omp simd
         for (int64_t k = 0; k < len; ++k) {
           o[k] = static_cast<scalar_t>(
