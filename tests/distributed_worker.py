@@ -237,7 +237,7 @@ def check_rules(mesh) -> bool:
     return failed
 
 
-def run(case: str) -> bool:
+def check_case(case: str) -> bool:
     """The case's checks on this rank; whether one failed. Everything that holds the process group
     (the mesh, sharded models, DTensors) lives in here and is gone when it returns."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -276,7 +276,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    failed = run(args.case)
+    failed = check_case(args.case)
     # Destroy the group while nothing else holds it, so that its gloo threads are joined now. A gloo
     # thread drops a finished collective, and the tensors it holds, only after the waiting thread has
     # gone on; if the mesh or a DTensor kept the group alive until the interpreter shuts down, that
