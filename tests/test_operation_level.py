@@ -211,3 +211,36 @@ def test_unruled_torch_functions_are_counted_and_named():
     assert dict(got.coverage.passed) == {"Tensor.sum": 1}
     with pytest.raises(RuntimeError, match=r"strict=True\): torch\.cumprod has no gradient-mode rule"):
         lrpcpp.attribute(Cumprod(), inputs_embeds=x, level="operations", strict=True)
+
+
+class _FunctionalRelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.b(F.relu(self.a(x)) + torch.relu(-self.a(x)))
+
+
+@pytest.mark.parametrize(
+    "build_model", [lambda: nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1)), _FunctionalRelu]
+)
+@pytest.mark.parametrize("level", ["registry", "operations"])
+def test_relu_keeps_its_own_gradient_which_is_the_identity_rule(build_model, level):
+    """relu(x) = relu'(x) x: relu's gradient is the identity rule's gradient form exactly, so a model of
+    linear maps and ReLUs (as a module or as F.relu / torch.relu) keeps its plain input gradient, bit
+    for bit, also where a pre-activation is tiny (the factor y / (x + eps) = x / (x + eps) would not be 1
+    there: 0.91 at x = 1e-9 with eps = 1e-10)."""
+    torch.manual_seed(0)
+    model = build_model().double()
+    first = model[0] if isinstance(model, nn.Sequential) else model.a
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with torch.no_grad():  # unit 0's pre-activation of item 0 is 1e-9
+        first.bias[0] -= (x[0] @ first.weight[0] + first.bias[0]) - 1e-9
+    x.requires_grad_(True)
+    (plain,) = torch.autograd.grad(model(x).sum(), x)
+    with lrpcpp.patch(model, level=level) as handle:
+        xx = x.detach().clone().requires_grad_(True)
+        (patched,) = torch.autograd.grad(model(xx).sum(), xx)
+        assert handle.level == level and (level == "registry" or not handle.coverage.unruled)
+    assert torch.equal(patched, plain)

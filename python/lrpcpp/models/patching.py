@@ -40,7 +40,7 @@ from .layers import apply_preset
 from .operations import GradientRules, warn_unruled
 from .presets import Preset, get_preset
 from .state import claim, release
-from .tracking import is_rule_mode
+from .tracking import is_rule_mode, without
 
 __all__ = ["patch", "PatchHandle", "METHODS", "MODES", "LEVELS"]
 
@@ -68,6 +68,12 @@ _TORCH_ACTIVATIONS = (
     nn.Tanhshrink,
     nn.Identity,
 )
+
+
+# activations whose own gradient is the identity rule's gradient form exactly: relu(x) = relu'(x) x, so
+# g_x = g_y relu'(x) gives x g_x = y g_y (0 where x <= 0), where g_y y / stab(x) would be g_y x / (x + eps)
+# on the positive side (LeakyReLU's gradient at x = 0 is its slope, not 0: it keeps the factor)
+_GRADIENT_IS_IDENTITY = (nn.ReLU,)
 
 
 def is_activation(module: nn.Module) -> bool:
@@ -183,6 +189,9 @@ class _GradientRules(_Rules):
     """Gradient-times-input (RULES.md section 2)."""
 
     def elementwise(self, module, x, forward):
+        if type(module) in _GRADIENT_IS_IDENTITY:
+            with without(is_rule_mode):  # the unit's own call, not one for the operation level's rules
+                return _out_of_place(module, forward, x)
         with torch.no_grad():  # detached too, for torch.jit.trace (see _held_constant)
             y = _out_of_place(module, forward, x).detach()
         return torch.ops.lrpcpp.gi_identity(x, y, self.epsilon)

@@ -209,6 +209,10 @@ def _pow(mode, func, input, exponent, *args, **kwargs):
     return _identity()(mode, func, input, exponent, *args, **kwargs)
 
 
+def _without_relu(names: Tuple[str, ...]) -> Tuple[str, ...]:
+    return tuple(n for n in names if n not in _GRADIENT_IS_IDENTITY)
+
+
 def _table(*groups) -> dict:
     table: dict = {}
     for funcs, handler in groups:
@@ -231,6 +235,9 @@ _ACTIVATIONS: Tuple[str, ...] = (
 )
 _ACTIVATIONS += ("hardsigmoid", "softplus", "mish", "tanh", "sigmoid", "logsigmoid", "tanhshrink", "softsign")
 _ELEMENTWISE = ("tanh", "sigmoid", "relu", "exp", "sqrt", "square")
+# relu's own gradient is the identity rule's gradient form exactly (relu(x) = relu'(x) x, 0 where x <= 0):
+# it is in EXACT, not given the factor y / stab(x)
+_GRADIENT_IS_IDENTITY = ("relu", "relu_")
 _MUL = ("mul", "multiply", "__mul__", "__rmul__")
 _MATMUL = ("matmul", "__matmul__", "bmm", "mm")
 _GROUPED_MM = _spellings(["_grouped_mm"], torch) + _spellings(["grouped_mm"], F)
@@ -259,12 +266,12 @@ RULES: Mapping[Callable, Callable] = MappingProxyType(
         ([F.group_norm, torch.group_norm], _group_norm),
         ([F.instance_norm], _instance_norm),
         ([F.rms_norm, torch.rms_norm], _rms_norm),
-        # element-wise functions of one carrier: the identity rule
-        (_spellings(_ACTIVATIONS, F), _identity()),
-        (_spellings(_ELEMENTWISE, torch, _T), _identity()),
+        # element-wise functions of one carrier: the identity rule (relu's gradient is it: EXACT)
+        (_spellings(_without_relu(_ACTIVATIONS), F), _identity()),
+        (_spellings(_without_relu(_ELEMENTWISE), torch, _T), _identity()),
         (_spellings(["pow", "__pow__"], torch, _T), _pow),
-        (_spellings(["relu_", "elu_", "leaky_relu_", "hardtanh_"], F, torch), _identity(inplace=True)),
-        (_spellings(["relu_", "tanh_", "sigmoid_", "exp_", "sqrt_", "square_"], _T), _identity(inplace=True)),
+        (_spellings(["elu_", "leaky_relu_", "hardtanh_"], F, torch), _identity(inplace=True)),
+        (_spellings(["tanh_", "sigmoid_", "exp_", "sqrt_", "square_"], _T), _identity(inplace=True)),
     )
 )
 
@@ -307,6 +314,7 @@ EXACT = frozenset(
     + _spellings(_FUNCTIONAL, F)
     + [torch.einsum, F.scaled_dot_product_attention]
     + _GROUPED_MM
+    + _spellings(_GRADIENT_IS_IDENTITY, F, torch, _T)
 )
 
 # Functions whose output is a gate: CP-LRP holds it constant where it meets another carrier in a
