@@ -244,3 +244,22 @@ def test_relu_keeps_its_own_gradient_which_is_the_identity_rule(build_model, lev
         (patched,) = torch.autograd.grad(model(xx).sum(), xx)
         assert handle.level == level and (level == "registry" or not handle.coverage.unruled)
     assert torch.equal(patched, plain)
+
+
+@pytest.mark.compile
+@pytest.mark.slow
+@pytest.mark.parametrize("level", ["registry", "operations"])
+def test_a_patched_relu_module_compiles_fullgraph(level):
+    """The ReLU unit runs its own forward with the rule mode taken off the stack: dynamo traces that
+    without a graph break, and the traced graph gives the eager gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 1)).double()
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    torch._dynamo.reset()
+    try:
+        with lrpcpp.patch(model, level=level):
+            (eager,) = torch.autograd.grad(model(x).sum(), x)
+            (got,) = torch.autograd.grad(torch.compile(model, fullgraph=True, backend="eager")(x).sum(), x)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(got, eager)
