@@ -153,6 +153,31 @@ def test_attribute_restores_each_submodule_and_parameter(mode):
     assert_same_state(model, before)
 
 
+@pytest.mark.parametrize("start", ["train", "eval", "mixed"])
+def test_inside_attribute_every_module_is_in_eval_mode_and_every_parameter_frozen(start):
+    """Whatever the model's flags were (a model already in eval mode is left as it is on entering,
+    every flag and requires_grad that the call changed is put back on leaving)."""
+    model = build("llama")
+    if start == "mixed":
+        mixed(model, model.model.layers[0])
+    else:
+        model.train(start == "train")
+    before, seen = state(model), []
+
+    def look(m, args):
+        seen.append(
+            ([n for n, s in m.named_modules() if s.training], [n for n, p in m.named_parameters() if p.requires_grad])
+        )
+
+    hook = model.register_forward_pre_hook(look)
+    try:
+        lrpcpp.attribute(model, **inputs("llama"))
+    finally:
+        hook.remove()
+    assert seen == [([], [])]
+    assert_same_state(model, before)
+
+
 @pytest.mark.compile
 def test_export_archive_and_export_program_restore_each_submodule_and_parameter(tmp_path):
     model = build("llama", dtype=torch.float32)

@@ -5,7 +5,6 @@ the explained value selected, the backward pass and the relevance read from it."
 
 import contextlib
 import difflib
-import inspect
 import numbers
 import warnings
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor, nn
 
+from ._signatures import parameters
 from .distributed import unsharded
 from .models.families import UnsupportedModelError, family_of
 from .models.patching import PatchHandle, patch
@@ -200,7 +200,7 @@ def _call(model: nn.Module, inputs: Dict[str, Tensor], model_kwargs: dict):
     if len(inputs) == 1:
         ((key, leaf),) = inputs.items()
         if key in ("pixel_values", "input_ids"):
-            params = inspect.signature(type(model).forward).parameters
+            params = parameters(type(model).forward)
             if key not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
                 return model(leaf, **model_kwargs)
     return model(**inputs, **model_kwargs)
@@ -313,7 +313,7 @@ def select_target(out, target: Target, attention_mask: Optional[Tensor], batch: 
 def _forward_takes(model: nn.Module, name: str) -> bool:
     """Whether ``model``'s forward takes the keyword argument ``name`` (by name or as ``**kwargs``)."""
     try:
-        params = inspect.signature(model.forward).parameters
+        params = parameters(model.forward)
     except (TypeError, ValueError):  # pragma: no cover - a builtin forward
         return True
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
@@ -328,7 +328,7 @@ def _takes_input(model: nn.Module, name: str, forward: Optional[Callable] = None
     that names some of them but not ``name`` does not take it (CLIP's names ``input_ids`` and
     ``pixel_values`` and hands ``**kwargs`` on to both of its encoders)."""
     try:
-        params = inspect.signature(model.forward if forward is None else forward).parameters
+        params = parameters(model.forward if forward is None else forward)
     except (TypeError, ValueError):  # pragma: no cover - a builtin forward
         return True
     return name in params or (not any(n in params for n in _INPUTS) and _forward_takes(model, name))
@@ -339,7 +339,7 @@ def _check_model_inputs(model: nn.Module, model_inputs: dict) -> None:
     named (or almost named) like one, which the model's forward does not name, is refused."""
     options = preset_options()
     try:
-        named = set(inspect.signature(model.forward).parameters)
+        named = set(parameters(model.forward))
     except (TypeError, ValueError):  # pragma: no cover
         named = set()
     for key in model_inputs:
@@ -405,11 +405,11 @@ def embedding_module(
     module; else the first ``nn.Embedding`` called with ``input_ids`` in ``model``'s forward, found by
     calling ``model`` (without grad, in eval mode) with a forward pre-hook on every ``nn.Embedding``
     that stops the call at the first one that gets ``input_ids``."""
-    names = {m: n for n, m in reversed(list(model.named_modules()))}
     if isinstance(embedding, str):
-        found = dict(model.named_modules()).get(embedding)
+        modules = dict(model.named_modules())
+        found = modules.get(embedding)
         if found is None:
-            close = difflib.get_close_matches(embedding, [n for n in names.values() if n], n=3)
+            close = difflib.get_close_matches(embedding, [n for n in modules if n], n=3)
             hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
             raise ValueError(
                 f"{caller}: embedding={embedding!r} names no module of this {type(model).__name__} (the names are "
@@ -417,7 +417,7 @@ def embedding_module(
             )
         return found
     if isinstance(embedding, nn.Module):
-        if embedding not in names:
+        if not any(m is embedding for m in model.modules()):
             raise ValueError(
                 f"{caller}: embedding= must be a module of the model (one of model.modules()), got a "
                 f"{type(embedding).__name__} that is not part of this {type(model).__name__}"
@@ -443,7 +443,7 @@ def embedding_module(
 
     failed = ""
     try:
-        named = set(inspect.signature(model.forward).parameters)
+        named = set(parameters(model.forward))
     except (TypeError, ValueError):  # pragma: no cover - a builtin forward
         named = set()
     if "inputs_embeds" in named and not _forward_takes(model, "input_ids"):

@@ -18,8 +18,9 @@ A new Hugging Face family is one call::
     )
 """
 
+import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Hashable, Optional, Tuple, Union, cast
 
 from torch import nn
 
@@ -146,7 +147,13 @@ register_family(
 def is_a(module: nn.Module, class_names: Tuple[str, ...]) -> bool:
     """Whether ``module``'s class or one of its base classes is named in ``class_names`` (transformers
     4.x subclasses an attention class per kernel, e.g. ``BertSdpaSelfAttention(BertSelfAttention)``)."""
-    return any(c.__name__ in class_names for c in type(module).__mro__)
+    return _class_is_a(cast(Hashable, type(module)), tuple(class_names))  # (typeshed: a class is hashable)
+
+
+@functools.lru_cache(maxsize=4096)
+def _class_is_a(cls: Any, class_names: Tuple[str, ...]) -> bool:
+    # once per class and names: a patch asks for every module of the model and each kind of the family
+    return any(c.__name__ in class_names for c in cls.__mro__)
 
 
 def _supported() -> str:

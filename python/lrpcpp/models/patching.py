@@ -139,7 +139,7 @@ class _Rules:
 
     def __init__(self, epsilon: float):
         self.epsilon = epsilon
-        self._scales: Dict[Tuple[Tuple[Tuple[int, float], ...], torch.device], Tensor] = {}
+        self._scales: Dict[Tuple[Any, torch.device], Tensor] = {}  # (share or segments, device) -> scale
 
     def elementwise(self, module: nn.Module, x: Tensor, forward: Callable[[Tensor], Tensor]) -> Tensor:
         raise NotImplementedError
@@ -200,11 +200,17 @@ class _GradientRules(_Rules):
         return torch.ops.lrpcpp.gi_layer_norm(x, list(module.normalized_shape), module.weight, module.bias, module.eps)
 
     def _scale(self, t, segments):
-        key = (segments, t.device)
+        # one share for all of the last dim: a 0-dim scale, so that the backward multiplies by a scalar
+        # rather than by a broadcast vector of equal values (the same products)
+        whole = len(segments) == 1
+        key = (segments[0][1] if whole else segments, t.device)
         scale = self._scales.get(key)
         if scale is None:
-            scale = torch.cat([torch.full((n,), s, dtype=torch.float32) for n, s in segments]).to(t.device)
-            self._scales[key] = scale
+            if whole:
+                scale = torch.tensor(segments[0][1], dtype=torch.float32)
+            else:
+                scale = torch.cat([torch.full((n,), s, dtype=torch.float32) for n, s in segments])
+            scale = self._scales[key] = scale.to(t.device)
         return torch.ops.lrpcpp.gi_grad_scale(t, _distributed.placed_like(scale, t))
 
 
@@ -409,14 +415,14 @@ def _original_forward(module: nn.Module) -> Callable:
     return module.__dict__.get(_forward_slot(module)) or types.MethodType(type(module).forward, module)
 
 
-def _checkpointing_in_rules(handle: "PatchHandle") -> None:
+def _checkpointing_in_rules(handle: "PatchHandle", modules: Sequence[Tuple[str, nn.Module]]) -> None:
     """A Hugging Face layer with activation checkpointing (``model.gradient_checkpointing_enable()``)
     runs its forward through its ``_gradient_checkpointing_func``, and again, in the backward pass,
     to recompute what it did not keep. The recomputation runs outside the patched forward, so it
     runs in the rules' modes here (:meth:`_Rules.recomputed`) and computes what the forward did. It is
     torch's non-reentrant checkpoint, whatever ``use_reentrant`` the model was given: the reentrant
     one cannot compute the gradient of chosen inputs (``torch.autograd.grad``), which relevance is."""
-    for name, module in handle.model.named_modules():
+    for name, module in modules:
         checkpoint = module.__dict__.get("_gradient_checkpointing_func")
         if not callable(checkpoint):
             continue
@@ -424,7 +430,7 @@ def _checkpointing_in_rules(handle: "PatchHandle") -> None:
         def in_rules(function, *args, _checkpoint=checkpoint, **kwargs):
             return _checkpoint(handle.rules.recomputed(function), *args, **dict(kwargs, use_reentrant=False))
 
-        module._gradient_checkpointing_func = in_rules
+        cast(Any, module)._gradient_checkpointing_func = in_rules  # a function attribute, not a tensor or module
         handle._undo.append((lambda m, f: lambda: setattr(m, "_gradient_checkpointing_func", f))(module, checkpoint))
         handle.patched.setdefault(name, "activation checkpointing in the rules")
 
@@ -491,6 +497,8 @@ def patch(
             "lrpcpp.patch: level='operations' is for mode='gradient' (explicit mode has lrpcpp.ExplicitRules)"
         )
     _distributed.register_if_loaded()  # the sharding rules of the lrpcpp ops, for a model of DTensors
+    # the module tree, walked once: every step below reads it, and none adds or removes a module
+    modules = list(model.named_modules())
     family = None
     operations = level == "operations"
     if not operations:
@@ -500,9 +508,9 @@ def patch(
             if level == "registry" or mode != "gradient":
                 raise
             operations = True
-        if level == "auto" and mode == "gradient" and family is None and _undescribed_attention(model, set()):
+        if level == "auto" and mode == "gradient" and family is None and _undescribed_attention(modules, set()):
             operations = True
-        refusal = _unpatchable(model, family) if family is not None else None
+        refusal = _unpatchable(modules, family) if family is not None else None
         if refusal is not None:
             if level == "registry" or mode != "gradient":
                 raise _families.UnsupportedModelError(refusal)
@@ -518,26 +526,28 @@ def patch(
     else:
         rules = _GradientRules(epsilon) if mode == "gradient" else _ExplicitRules(epsilon)
     handle = PatchHandle(model, method, mode, rules)
-    claim(model, handle, "lrpcpp.patch")
+    claim(model, handle, "lrpcpp.patch", modules=modules)
     try:
         if preset is not None:
             apply_preset(handle, preset)
         if operations:
-            _apply_operations(handle)
+            _apply_operations(handle, modules)
         else:
-            _apply(handle, family)
-        _checkpointing_in_rules(handle)
+            _apply(handle, family, modules)
+        _checkpointing_in_rules(handle, modules)
     except BaseException:
         handle.remove()
         raise
     return handle
 
 
-def _apply(handle: PatchHandle, family: Optional[_families.Family]) -> None:
+def _apply(
+    handle: PatchHandle, family: Optional[_families.Family], named_modules: Sequence[Tuple[str, nn.Module]]
+) -> None:
     model, rules = handle.model, handle.rules
     uniform = handle.method == "attnlrp"
     q_share, v_share = (0.25, 0.5) if uniform else (0.0, 1.0)
-    modules = dict(model.named_modules())
+    modules = dict(named_modules)
     names = {id(m): n for n, m in modules.items()}
     held_constant: set = set()  # activations whose input is held constant (CP-LRP gates)
     matched_attention: set = set()
@@ -623,7 +633,7 @@ def _apply(handle: PatchHandle, family: Optional[_families.Family]) -> None:
             handle._set_forward(name, module, new, what)
 
     # 3. an attention module nobody described would get a silently wrong map
-    unknown = _undescribed_attention(model, matched_attention)
+    unknown = _undescribed_attention(named_modules, matched_attention)
     if unknown:
         raise _families.UnsupportedModelError(
             f"lrpcpp.patch: no rule for the attention module(s) {', '.join(unknown[:3])}; supported families: "
@@ -641,13 +651,12 @@ def _apply(handle: PatchHandle, family: Optional[_families.Family]) -> None:
         handle._set_forward("", model, explicit_forward, "explicit rules")
 
 
-def _undescribed_attention(model: nn.Module, matched: set) -> List[str]:
-    """The modules named ``...Attention`` that are neither described (``matched`` ids) nor contain a
-    described one, and are no ``nn.MultiheadAttention``."""
-    modules = dict(model.named_modules())
-    matched = matched | {id(m) for m in modules.values() if isinstance(m, nn.MultiheadAttention)}
+def _undescribed_attention(modules: Sequence[Tuple[str, nn.Module]], matched: set) -> List[str]:
+    """The modules (of a model's ``named_modules()``) named ``...Attention`` that are neither described
+    (``matched`` ids) nor contain a described one, and are no ``nn.MultiheadAttention``."""
+    matched = matched | {id(m) for _, m in modules if isinstance(m, nn.MultiheadAttention)}
     unknown = []
-    for name, module in modules.items():
+    for name, module in modules:
         cls = type(module).__name__
         if not cls.endswith("Attention") or id(module) in matched:
             continue
@@ -657,12 +666,12 @@ def _undescribed_attention(model: nn.Module, matched: set) -> List[str]:
     return unknown
 
 
-def _unpatchable(model: nn.Module, family: _families.Family) -> Optional[str]:
-    """Why the registry cannot patch ``model`` although ``family`` describes it, or ``None``: a
+def _unpatchable(modules: Sequence[Tuple[str, nn.Module]], family: _families.Family) -> Optional[str]:
+    """Why the registry cannot patch a model (its ``named_modules()``) although ``family`` describes it, or ``None``: a
     mixture-of-experts block that computes its routing weights in its own forward (the transformers
     4.x layout, whose router is a plain ``nn.Linear``) has no module output the routing rule could
     hook. ``level="auto"`` then explains the model at the operation level, which rules those calls."""
-    for name, module in model.named_modules():
+    for name, module in modules:
         if _families.is_a(module, family.moe) and isinstance(getattr(module, family.router, None), nn.Linear):
             return (
                 f"lrpcpp.patch: {type(module).__name__} ({name}) computes its routing weights in its own forward "
@@ -672,14 +681,14 @@ def _unpatchable(model: nn.Module, family: _families.Family) -> Optional[str]:
     return None
 
 
-def _apply_operations(handle: PatchHandle) -> None:
+def _apply_operations(handle: PatchHandle, modules: Sequence[Tuple[str, nn.Module]]) -> None:
     """The operation level: activation modules and RMSNorms are identity-rule units (their inner
     calls run without grad, so the mode does not rule them), selective state-space mixers hold
     their scan parameters constant (:func:`_patch_selective_scan`, :func:`_patch_chunked_scan`); the
     model's forward runs in the mode, with one warning per forward pass that names the calls without a rule."""
     model, rules = handle.model, handle.rules
     assert isinstance(rules, _OperationRules)
-    for name, module in model.named_modules():
+    for name, module in modules:
         if (is_elementwise_norm(module, None) or is_activation(module)) and not isinstance(module, nn.Identity):
             forward = types.MethodType(type(module).forward, module)
             new = (lambda m, f: lambda x: rules.elementwise(m, x, f))(module, forward)

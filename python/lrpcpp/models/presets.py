@@ -22,12 +22,12 @@ The rules themselves are the classes of :mod:`lrpcpp.rules`, computed by the nat
 """
 
 import dataclasses
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union, cast
 
 from torch import nn
 
+from .._signatures import parameters
 from ..rules import AlphaBeta, Bound, Epsilon, Flat, Gamma, Pass, Rule, ZBox, ZPlus
 
 __all__ = [
@@ -174,7 +174,7 @@ def register_preset(name: str) -> Callable[[Callable[..., Preset]], Callable[...
 
 def preset_arguments(name: str) -> Tuple[str, ...]:
     """The keyword arguments the preset ``name`` takes."""
-    return tuple(inspect.signature(_factory(name)).parameters)
+    return tuple(parameters(_factory(name)))
 
 
 def preset_options() -> Dict[str, Tuple[str, ...]]:

@@ -23,11 +23,18 @@ class Owner(Protocol):
 _OWNERS: "weakref.WeakKeyDictionary[nn.Module, Owner]" = weakref.WeakKeyDictionary()
 
 
-def claim(model: nn.Module, owner: Owner, caller: str, also: Sequence[nn.Module] = ()) -> None:
+def claim(
+    model: nn.Module,
+    owner: Owner,
+    caller: str,
+    also: Sequence[nn.Module] = (),
+    modules: Optional[Sequence[Tuple[str, nn.Module]]] = None,
+) -> None:
     """Records ``owner`` (a handle with ``model`` and ``kind``) for every module of ``model`` (and of
     the modules ``also``); raises ``RuntimeError`` naming the module if one of them is already
-    patched or registered, before recording anything."""
-    modules = list(model.named_modules())
+    patched or registered, before recording anything. ``modules``: ``model.named_modules()``, where
+    the caller has walked it already."""
+    modules = list(model.named_modules() if modules is None else modules)
     modules += [(f"<replacement {type(m).__name__}>", m) for extra in also for m in extra.modules()]
     for name, module in modules:
         other = _OWNERS.get(module)
@@ -67,15 +74,17 @@ class ModelState:
             [(m, m.training) for m in modules],
             [(m, n, p.requires_grad) for m in modules for n, p in m._parameters.items() if p is not None],
         )
-        self.model.eval()
+        if any(training for _, training in self._saved[0]):  # (a model in eval mode stays as it is)
+            self.model.eval()
         for m in modules:
             # a Hugging Face layer with activation checkpointing enabled checkpoints in training mode
             # only; its own flag stays on (its submodules, dropout and attention, are in eval mode)
-            if getattr(m, "gradient_checkpointing", False) is True and m.__dict__.get("_gradient_checkpointing_func"):
+            if m.__dict__.get("_gradient_checkpointing_func") and getattr(m, "gradient_checkpointing", False) is True:
                 m.training = True
         if self.freeze:
-            for m, n, _ in self._saved[1]:
-                m._parameters[n].requires_grad_(False)
+            for m, n, requires_grad in self._saved[1]:
+                if requires_grad:
+                    m._parameters[n].requires_grad_(False)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -83,8 +92,9 @@ class ModelState:
             modules, params = self._saved
             self._saved = None
             for m, training in modules:
-                m.training = training
+                if m.training != training:  # (setting a module attribute goes through nn.Module.__setattr__)
+                    m.training = training
             for m, n, requires_grad in params:
                 p = m._parameters.get(n)
-                if p is not None:
+                if p is not None and p.requires_grad != requires_grad:
                     p.requires_grad_(requires_grad)
