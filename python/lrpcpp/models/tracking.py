@@ -157,8 +157,10 @@ def carries(x: Any) -> bool:
     return (
         isinstance(x, Tensor)
         and x.requires_grad
-        and not isinstance(x, nn.Parameter)
         and not getattr(x, FROM_PARAMETERS, False)
+        # isinstance(x, nn.Parameter), without its Python instance check for a plain tensor (where that
+        # check reads the flag a parameter of a tensor subclass has)
+        and not (getattr(x, "_is_param", False) if type(x) is Tensor else isinstance(x, nn.Parameter))
     )
 
 

@@ -14,13 +14,13 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..tracking import (
+    FROM_PARAMETERS,
     RuleMode,
     UnruledOperationError,
     UnruledOperationWarning,
     carries,
     is_rule_mode,
     mark_from_parameters,
-    marked_arguments,
     op_name,
     run_body,
     tensor_args,
@@ -88,15 +88,15 @@ def _is_lrpcpp_op(func: Callable) -> bool:
 _KINDS: Dict[Callable, Tuple[Optional[Callable], Optional[str]]] = {}
 
 
-def _kind(func: Callable) -> Tuple[Optional[Callable], Optional[str]]:
+def _kind(func: Callable, compiling: bool) -> Tuple[Optional[Callable], Optional[str]]:
     """``func``'s handler of RULES (or None) and the coverage kind of a call that keeps its ordinary
-    gradient, cached per function in eager mode (a forward that torch.compile traces reads the rule
-    tables directly: a cache filled while tracing would become a guard of the graph)."""
-    kind = None if torch.compiler.is_compiling() else _KINDS.get(func)
+    gradient, cached per function in eager mode (a forward that torch.compile traces, ``compiling``,
+    reads the rule tables directly: a cache filled while tracing would become a guard of the graph)."""
+    kind = None if compiling else _KINDS.get(func)
     if kind is None:
         plain = "ruled" if _is_lrpcpp_op(func) else "passed" if func in _EXACT else None
         kind = (_RULES.get(func), plain)
-        if not torch.compiler.is_compiling():
+        if not compiling:
             _KINDS[func] = kind
     return kind
 
@@ -252,17 +252,23 @@ class GradientRules(RuleMode):
             out = func(*args, **kwargs)
             mark_from_parameters(out)
             return out
-        if not torch.compiler.is_compiling():  # a compiled forward leaves no custom Function's node
-            for t, c in zip(grads, carrying):
-                if c:
+        compiling = torch.compiler.is_compiling()
+        # the arguments computed from parameters alone (as marked_arguments finds them: only a tensor
+        # that requires grad is marked), and the custom Functions that computed the carrying ones (a
+        # compiled forward leaves no custom Function's node)
+        marked = []
+        for t, c in zip(grads, carrying):
+            if c:
+                if not compiling:
                     self._check_function(t)
-        marked = marked_arguments(args, kwargs)
-        out = self._with_relevance(func, types_, args, kwargs)
+            elif getattr(t, FROM_PARAMETERS, False):
+                marked.append((t, None if compiling else t._version))
+        out = self._with_relevance(func, types_, args, kwargs, compiling)
         unmark_written(marked, out)  # written into in place with relevance-carrying values
         return out
 
-    def _with_relevance(self, func, types_, args, kwargs):
-        handler, plain = _kind(func)
+    def _with_relevance(self, func, types_, args, kwargs, compiling):
+        handler, plain = _kind(func, compiling)
         if handler is not None:
             if torch._C._len_torch_function_stack() == 0:  # no other mode active (nothing to suspend)
                 out = handler(self, func, *args, **kwargs)
