@@ -35,6 +35,14 @@ _GATE = "_lrpcpp_gate"  # the attribute that marks a gate (a tensor attribute, w
 # plain dicts: torch.compile traces lookups in them (not in a mappingproxy or a frozenset of functions)
 _RULES, _EXACT, _GATES = dict(RULES), dict.fromkeys(EXACT, True), dict.fromkeys(GATES, True)
 _KEEPS_GATE = dict.fromkeys(KEEPS_GATE, True)
+# what a tensor is (its shape, dtype, device, ...), never a tensor: these calls pass straight through, as
+# they would after the scan of their arguments (they return nothing to rule, mark or count); a model's
+# forward asks them often (LLaMA: about one call in five of the mode's)
+_METADATA = dict.fromkeys(
+    [getattr(Tensor, name).__get__ for name in ("shape", "dtype", "device", "ndim", "is_cuda", "layout")]
+    + [getattr(Tensor, name) for name in ("size", "dim", "numel", "stride", "is_contiguous", "is_floating_point")],
+    True,
+)
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,8 @@ def _tensors(out: Any):
 def _requires_grad(out: Any) -> bool:
     if isinstance(out, Tensor):
         return out.requires_grad
+    if out is None or isinstance(out, (torch.Size, int, float)):
+        return False
     return any(t.requires_grad for t in _tensors(out))
 
 
@@ -242,7 +252,7 @@ class GradientRules(RuleMode):
     # --- the mode
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or func in _METADATA:
             return func(*args, **kwargs)
         grads = [t for t in tensor_args(args, kwargs) if t.requires_grad]
         if not grads:  # most calls of a model with frozen parameters: shapes, masks, positions
