@@ -147,12 +147,15 @@ register_family(
 def is_a(module: nn.Module, class_names: Tuple[str, ...]) -> bool:
     """Whether ``module``'s class or one of its base classes is named in ``class_names`` (transformers
     4.x subclasses an attention class per kernel, e.g. ``BertSdpaSelfAttention(BertSelfAttention)``)."""
-    return _class_is_a(cast(Hashable, type(module)), tuple(class_names))  # (typeshed: a class is hashable)
+    cls = type(module)
+    try:  # once per class and names: a patch asks for every module of the model and each kind of the family
+        return _class_is_a(cast(Hashable, cls), class_names)  # (typeshed: a class is hashable)
+    except TypeError:  # names given as a list
+        return _class_is_a.__wrapped__(cls, class_names)
 
 
 @functools.lru_cache(maxsize=4096)
 def _class_is_a(cls: Any, class_names: Tuple[str, ...]) -> bool:
-    # once per class and names: a patch asks for every module of the model and each kind of the family
     return any(c.__name__ in class_names for c in cls.__mro__)
 
 
