@@ -415,3 +415,18 @@ def test_patched_model_compiles_fullgraph_with_the_gradient_input_ops():
     torch._dynamo.reset()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
     assert any("lrpcpp.gi_scale_backward" in s for s in seen)
+
+
+def test_a_family_kind_matches_a_class_or_a_base_class_by_name_however_the_names_are_given():
+    """``families.is_a`` (cached per class and names): a tuple or a list of names, or one name (whose
+    test is a substring test, as it always was); a subclass matches by its base class's name."""
+    from lrpcpp.models.families import is_a
+
+    class SdpaSelfAttention(nn.Linear):  # a subclass per kernel, as transformers 4.x writes them
+        pass
+
+    module = SdpaSelfAttention(2, 2)
+    for names in (("Linear",), ["Linear"], "Linear", ("Other", "SdpaSelfAttention")):
+        assert is_a(module, names) and is_a(module, names)  # the second from the cache
+    for names in (("Conv2d",), ["Conv2d"], "Conv2d", ()):
+        assert not is_a(module, names) and not is_a(module, names)
