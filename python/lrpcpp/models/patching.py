@@ -416,7 +416,8 @@ def _original_forward(module: nn.Module) -> Callable:
 
 
 def _checkpointing_in_rules(handle: "PatchHandle", modules: Sequence[Tuple[str, nn.Module]]) -> None:
-    """A Hugging Face layer with activation checkpointing (``model.gradient_checkpointing_enable()``)
+    """A Hugging Face layer with activation checkpointing (``model.activation_checkpointing_enable()``,
+    ``gradient_checkpointing_enable()`` in transformers 4.x)
     runs its forward through its ``_gradient_checkpointing_func``, and again, in the backward pass,
     to recompute what it did not keep. The recomputation runs outside the patched forward, so it
     runs in the rules' modes here (:meth:`_Rules.recomputed`) and computes what the forward did. It is
