@@ -199,10 +199,13 @@ def mark_from_parameters(out: Any) -> None:
 def marked_arguments(args: Sequence, kwargs: Mapping) -> List[Tuple[Tensor, Optional[int]]]:
     """The arguments computed from parameters alone, each with its version counter (``None`` in a
     forward that torch.compile traces, where versions are not known), for :func:`unmark_written`."""
-    compiled = torch.compiler.is_compiling()
-    return [
-        (t, None if compiled else t._version) for t in tensor_args(args, kwargs) if getattr(t, FROM_PARAMETERS, False)
-    ]
+    return marked_tensors(tensor_args(args, kwargs), torch.compiler.is_compiling())
+
+
+def marked_tensors(tensors: Sequence[Tensor], compiling: bool) -> List[Tuple[Tensor, Optional[int]]]:
+    """:func:`marked_arguments` of a call whose tensor arguments are ``tensors`` (a caller that has
+    them at hand: only a tensor that requires grad can be marked)."""
+    return [(t, None if compiling else t._version) for t in tensors if getattr(t, FROM_PARAMETERS, False)]
 
 
 def unmark_written(marked: Sequence[Tuple[Tensor, Optional[int]]], out: Any) -> None:

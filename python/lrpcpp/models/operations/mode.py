@@ -14,13 +14,13 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..tracking import (
-    FROM_PARAMETERS,
     RuleMode,
     UnruledOperationError,
     UnruledOperationWarning,
     carries,
     is_rule_mode,
     mark_from_parameters,
+    marked_tensors,
     op_name,
     run_body,
     tensor_args,
@@ -263,16 +263,11 @@ class GradientRules(RuleMode):
             mark_from_parameters(out)
             return out
         compiling = torch.compiler.is_compiling()
-        # the arguments computed from parameters alone (as marked_arguments finds them: only a tensor
-        # that requires grad is marked), and the custom Functions that computed the carrying ones (a
-        # compiled forward leaves no custom Function's node)
-        marked = []
-        for t, c in zip(grads, carrying):
-            if c:
-                if not compiling:
+        if not compiling:  # a compiled forward leaves no custom Function's node
+            for t, c in zip(grads, carrying):
+                if c:
                     self._check_function(t)
-            elif getattr(t, FROM_PARAMETERS, False):
-                marked.append((t, None if compiling else t._version))
+        marked = marked_tensors([t for t, c in zip(grads, carrying) if not c], compiling)
         out = self._with_relevance(func, types_, args, kwargs, compiling)
         unmark_written(marked, out)  # written into in place with relevance-carrying values
         return out
