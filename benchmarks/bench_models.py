@@ -540,7 +540,7 @@ def forward_ms(case, reps, max_foreign, max_rounds):
     return {level: statistics.median(k[level] for k in kept) * 1e3 for level in ("operations", "registry")}
 
 
-def patch_ms(model, reps=7):
+def setup_ms(model, reps=7):
     """Median wall time of entering and leaving ``lrpcpp.attribution.explaining(model)``, the block
     every ``attribute`` call runs in: the model put in eval mode with frozen parameters, patched, and
     put back."""
@@ -878,7 +878,7 @@ def render(res, mem, prof, load, args, wall):
             "",
             "Entering and leaving `lrpcpp.attribution.explaining(model)` alone (eval mode, frozen parameters, "
             "`lrpcpp.patch`, everything put back: the setup of every `attribute` call): "
-            + "; ".join(f"{short(res, k)} {res[k]['patch_ms']:.2f} ms" for k in single)
+            + "; ".join(f"{short(res, k)} {res[k]['setup_ms']:.2f} ms" for k in single)
             + ".",
         ]
 
@@ -1159,7 +1159,7 @@ def main():
             seq=int(case.inputs["input_ids"].shape[1]) if "input_ids" in case.inputs else None,
         )
         if key != "llama-batched":
-            res[key]["patch_ms"] = patch_ms(case.model)
+            res[key]["setup_ms"] = setup_ms(case.model)
             res[key]["mode_calls"] = mode_calls(case)
             res[key]["forward_ms"] = forward_ms(
                 case, max(args.reps, 5), args.max_foreign, args.max_rounds or (args.reps if q else 3 * args.reps)
