@@ -102,6 +102,19 @@ def test_a_module_shared_by_two_models_is_patched_once():
             lrpcpp.patch(two)
 
 
+def test_a_module_taken_out_of_a_patched_model_is_released_with_its_patch():
+    """Removing a patch releases every module it claimed, also one the model no longer holds (the
+    claims are the handle's, not found again by walking the model)."""
+    model = Net()
+    handle = lrpcpp.patch(model)
+    taken, model.b = model.b, Block()
+    with pytest.raises(RuntimeError, match=r"this Block is already patched as part of a Net"):
+        lrpcpp.patch(taken)
+    handle.remove()
+    lrpcpp.patch(taken).remove()
+    lrpcpp.patch(model).remove()
+
+
 def test_a_patch_and_a_composite_on_the_same_modules_are_refused():
     model = Net()
     before = state(model)

@@ -430,3 +430,40 @@ def test_a_family_kind_matches_a_class_or_a_base_class_by_name_however_the_names
         assert is_a(module, names) and is_a(module, names)  # the second from the cache
     for names in (("Conv2d",), ["Conv2d"], "Conv2d", ()):
         assert not is_a(module, names) and not is_a(module, names)
+
+
+class _Lookups(nn.Module):
+    """A module with an attribute of every kind the patch looks up by name."""
+
+    kind = "class attribute"
+
+    def __init__(self):
+        super().__init__()
+        self.inplace = True
+        self.child = nn.Linear(2, 2)
+        self.weight_p = nn.Parameter(torch.ones(2))
+        self.register_buffer("scale", torch.ones(2))
+        self.empty = None  # a registered name may hold None
+        self.register_module("gap", None)
+
+    @property
+    def view(self):
+        return self.child
+
+    @property
+    def broken(self):
+        raise AttributeError("computed from something missing")
+
+
+@pytest.mark.parametrize(
+    "name", ["inplace", "child", "weight_p", "scale", "empty", "gap", "kind", "view", "broken", "missing", "forward"]
+)
+def test_the_patch_looks_names_up_as_getattr_does(name):
+    """The patch's lookup of a module's attributes by name (which avoids the exception nn.Module raises
+    for a missing one) finds what ``getattr(module, name, None)`` finds."""
+    from lrpcpp.models.patching import _attribute
+
+    module = _Lookups()
+    expected = getattr(module, name, None)
+    got = _attribute(module, name)
+    assert got is expected or (callable(got) and got == expected)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ._signatures import parameters
 from .distributed import unsharded
 from .models.families import UnsupportedModelError, family_of
-from .models.patching import PatchHandle, patch
+from .models.patching import PatchHandle, patch_walked
 from .models.presets import Preset, get_preset, preset_options
 from .models.state import ModelState
 
@@ -929,9 +929,10 @@ def explaining(
     the parameters frozen, it keeps no layer inputs alive for weight gradients. (Explicit mode's
     rules tell a parameter from a constant by ``requires_grad``, so there they stay as they are.)
     Everything is put back on leaving the block, also by an exception."""
+    named = list(model.named_modules())  # the module tree, walked once for both
     with (
-        ModelState(model, freeze=mode != "explicit"),
-        patch(model, method=method, mode=mode, epsilon=epsilon, preset=preset, level=level, strict=strict) as handle,
+        ModelState(model, freeze=mode != "explicit", modules=[m for _, m in named]),
+        patch_walked(model, named, method, mode, epsilon, preset, level, strict) as handle,
     ):
         yield handle
 

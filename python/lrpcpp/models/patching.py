@@ -25,7 +25,7 @@ functions and registries shared with other models are never touched.
 
 import contextlib
 import types
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -85,7 +85,7 @@ def _out_of_place(module: nn.Module, forward: Callable[[Tensor], Tensor], x: Ten
     """``forward(x)`` with ``x`` left unchanged. torch.nn's in-place activations (``nn.ReLU(inplace=True)``)
     run with their flag off for the call: the same values in a new tensor, with no copy of ``x`` made first
     (the flag is restored after, also when the call fails); any other in-place module runs on a copy."""
-    if not getattr(module, "inplace", False):
+    if not _attribute(module, "inplace"):
         return forward(x)
     if not type(module).__module__.startswith("torch.nn."):
         return forward(x.clone())
@@ -102,15 +102,54 @@ def is_elementwise_norm(module: nn.Module, family: Optional[_families.Family]) -
     return name.endswith("RMSNorm") or (family is not None and name in family.norms)
 
 
+_T = TypeVar("_T")
+
+
+def _per_class(test: Callable[[nn.Module], _T]) -> Callable[[nn.Module], _T]:
+    """``test``, which depends on a module's class only, asked once per class (for one patch: a model
+    has many modules of few classes)."""
+    answers: Dict[type, _T] = {}
+
+    def cached(module: nn.Module) -> _T:
+        cls = type(module)
+        if cls not in answers:
+            answers[cls] = test(module)
+        return answers[cls]
+
+    return cached
+
+
+def _family_role(module: nn.Module, family: _families.Family) -> Optional[str]:
+    """The part a module of this class plays in the family's description: ``"attention"``,
+    ``"gated_mlp"``, ``"moe"`` or ``None``."""
+    for role in ("attention", "gated_mlp", "moe"):
+        if _families.is_a(module, getattr(family, role)):
+            return role
+    return None
+
+
+def _type_role(module: nn.Module, family: Optional[_families.Family]) -> Optional[str]:
+    """How the registry level treats a module of this class whatever the family: ``"mha"``
+    (``nn.MultiheadAttention``), ``"layer_norm"``, ``"elementwise"`` (an activation or an element-wise
+    norm, an identity-rule unit) or ``None``."""
+    if isinstance(module, nn.MultiheadAttention):
+        return "mha"
+    if isinstance(module, nn.LayerNorm):
+        return "layer_norm"
+    if (is_elementwise_norm(module, family) or is_activation(module)) and not isinstance(module, nn.Identity):
+        return "elementwise"
+    return None
+
+
 def is_selective_scan(module: nn.Module) -> bool:
     """A selective state-space mixer (Mamba), by its layout: a linear ``x_proj`` that computes the
     input-dependent step size and ``B``, ``C`` from the scanned sequence, a linear ``dt_proj`` for the
     step size, and the parameters ``A_log`` (the state matrix) and ``D`` (the skip connection), as in
     transformers' ``MambaMixer`` and the ``Mamba`` module of the reference implementation."""
-    return (
-        isinstance(getattr(module, "x_proj", None), nn.Linear)
+    return (  # (the parameters first: a dict lookup, where a missing attribute raises inside nn.Module)
+        all(isinstance(module._parameters.get(p), nn.Parameter) for p in ("A_log", "D"))
+        and isinstance(getattr(module, "x_proj", None), nn.Linear)
         and isinstance(getattr(module, "dt_proj", None), nn.Linear)
-        and all(isinstance(module._parameters.get(p), nn.Parameter) for p in ("A_log", "D"))
     )
 
 
@@ -119,13 +158,14 @@ def is_chunked_scan(module: nn.Module) -> bool:
     the scanned sequence, ``B``, ``C`` and the step size together, a depthwise ``conv1d`` over the
     sequence and ``B``, ``C``, a linear ``out_proj``, and the parameters ``A_log`` and ``D`` (one per
     head) and ``dt_bias``, as in transformers' ``Mamba2Mixer``."""
+    if not all(isinstance(module._parameters.get(p), nn.Parameter) for p in ("A_log", "D", "dt_bias")):
+        return False  # (checked first, as above)
     conv = getattr(module, "conv1d", None)
     return (
         isinstance(getattr(module, "in_proj", None), nn.Linear)
         and isinstance(getattr(module, "out_proj", None), nn.Linear)
         and isinstance(conv, nn.Conv1d)
         and conv.groups == conv.in_channels
-        and all(isinstance(module._parameters.get(p), nn.Parameter) for p in ("A_log", "D", "dt_bias"))
     )
 
 
@@ -407,7 +447,18 @@ def _forward_slot(module: nn.Module) -> str:
     accelerate has hooked (``dispatch_model``, ``cpu_offload``, ``disk_offload``: its ``forward`` loads
     the weights, moves the inputs and calls ``_old_forward``), ``_old_forward``, so that the rules run
     inside accelerate's hook and the hook stays in place."""
-    return "_old_forward" if hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__ else "forward"
+    return "_old_forward" if "_old_forward" in module.__dict__ and hasattr(module, "_hf_hook") else "forward"
+
+
+def _attribute(module: nn.Module, name: str) -> Any:
+    """``getattr(module, name, None)`` without the exception that nn.Module's ``__getattr__`` raises (and
+    ``getattr`` catches) for a missing name: most modules lack most names the patch looks up."""
+    if name in module.__dict__ or hasattr(type(module), name):
+        return getattr(module, name, None)
+    for table in (module._parameters, module._buffers, module._modules):
+        if name in table:
+            return table[name]
+    return None
 
 
 def _original_forward(module: nn.Module) -> Callable:
@@ -477,6 +528,22 @@ def patch(
     ``strict=True`` makes a call without a known rule an error, and ``handle.coverage`` reports the
     calls seen.
     """
+    return patch_walked(model, list(model.named_modules()), method, mode, epsilon, preset, level, strict)
+
+
+def patch_walked(
+    model: nn.Module,
+    modules: Sequence[Tuple[str, nn.Module]],
+    method: Optional[str],
+    mode: str,
+    epsilon: Optional[float],
+    preset: Union[str, Preset, None],
+    level: str,
+    strict: bool,
+) -> PatchHandle:
+    """:func:`patch`, given ``modules``: ``model.named_modules()``, walked by the caller (once for every
+    step of the patch, and for :class:`~lrpcpp.models.state.ModelState` in
+    :func:`lrpcpp.attribution.explaining`). None of the steps adds or removes a module."""
     if preset is not None:
         preset = get_preset(preset)
         if method is None:
@@ -498,8 +565,6 @@ def patch(
             "lrpcpp.patch: level='operations' is for mode='gradient' (explicit mode has lrpcpp.ExplicitRules)"
         )
     _distributed.register_if_loaded()  # the sharding rules of the lrpcpp ops, for a model of DTensors
-    # the module tree, walked once: every step below reads it, and none adds or removes a module
-    modules = list(model.named_modules())
     family = None
     operations = level == "operations"
     if not operations:
@@ -556,7 +621,7 @@ def _apply(
     def child(module: nn.Module, attr: Union[str, Tuple[str, ...]], what: str) -> nn.Module:
         """The child named ``attr``, or the first of the alternative names ``attr`` that ``module`` has."""
         alternatives = (attr,) if isinstance(attr, str) else attr
-        sub = next((getattr(module, a) for a in alternatives if isinstance(getattr(module, a, None), nn.Module)), None)
+        sub = next((s for s in (_attribute(module, a) for a in alternatives) if isinstance(s, nn.Module)), None)
         if sub is None:
             raise _families.UnsupportedModelError(
                 f"lrpcpp.patch: {type(module).__name__} ({names[id(module)]}) has no child module "
@@ -583,9 +648,13 @@ def _apply(
 
     # 1. products of two relevance-carrying tensors, from the family's description
     if family is not None:
+        family_role = _per_class(lambda m: _family_role(m, family))
+        found_attention = False
         for name, module in modules.items():
-            if _families.is_a(module, family.attention):
-                if any(_families.is_a(sub, family.attention) for sub in module.modules() if sub is not module):
+            role = family_role(module)
+            if role == "attention":
+                found_attention = True
+                if any(family_role(sub) == "attention" for sub in module.modules() if sub is not module):
                     continue  # a wrapper of the attention module (transformers 4.x's ViTAttention)
                 matched_attention.add(id(module))
                 if family.qkv is not None:
@@ -602,28 +671,29 @@ def _apply(
                         proj = child(module, attr, "attention projection")
                         width: Any = proj.out_features  # an int (torch's stub types module attributes as tensors)
                         output_share(names[id(proj)], proj, ((width, share),))
-            elif _families.is_a(module, family.gated_mlp):
+            elif role == "gated_mlp":
                 input_share(name, module, 0.5 if uniform else 1.0)
                 if not uniform:
                     held_constant.add(id(child(module, family.gate_act, "gate activation")))
-            elif _families.is_a(module, family.moe):
+            elif role == "moe":
                 _patch_moe(handle, family, module, names, child, input_share, uniform, held_constant)
-        if family.attention and not any(_families.is_a(m, family.attention) for m in modules.values()):
+        if family.attention and not found_attention:
             raise _families.UnsupportedModelError(
                 f"lrpcpp.patch: the '{family.name}' family expects attention modules {family.attention} but "
                 f"{type(model).__name__} has none; update its entry with lrpcpp.register_family"
             )
 
     # 2. modules handled by type, whatever the family
+    type_role = _per_class(lambda m: _type_role(m, family))
     for name, module in modules.items():
-        if isinstance(module, nn.MultiheadAttention):
+        role = type_role(module)
+        if role == "mha":
             matched_attention.add(id(module))
-            _patch_mha(handle, name, module, q_share, v_share)
-        elif isinstance(module, nn.LayerNorm):
-            handle._set_forward(name, module, (lambda m: lambda x: rules.layer_norm(m, x))(module), "layer norm")
-        elif is_elementwise_norm(module, family) or is_activation(module):
-            if isinstance(module, nn.Identity):
-                continue
+            _patch_mha(handle, name, cast(nn.MultiheadAttention, module), q_share, v_share)
+        elif role == "layer_norm":
+            norm = cast(nn.LayerNorm, module)
+            handle._set_forward(name, module, (lambda m: lambda x: rules.layer_norm(m, x))(norm), "layer norm")
+        elif role == "elementwise":
             forward = types.MethodType(type(module).forward, module)
             if id(module) in held_constant:
                 new = (lambda f: lambda x: _held_constant(f, x))(forward)
@@ -672,6 +742,8 @@ def _unpatchable(modules: Sequence[Tuple[str, nn.Module]], family: _families.Fam
     mixture-of-experts block that computes its routing weights in its own forward (the transformers
     4.x layout, whose router is a plain ``nn.Linear``) has no module output the routing rule could
     hook. ``level="auto"`` then explains the model at the operation level, which rules those calls."""
+    if not family.moe:
+        return None
     for name, module in modules:
         if _families.is_a(module, family.moe) and isinstance(getattr(module, family.router, None), nn.Linear):
             return (
@@ -689,8 +761,9 @@ def _apply_operations(handle: PatchHandle, modules: Sequence[Tuple[str, nn.Modul
     model's forward runs in the mode, with one warning per forward pass that names the calls without a rule."""
     model, rules = handle.model, handle.rules
     assert isinstance(rules, _OperationRules)
+    unit = _per_class(lambda m: (is_elementwise_norm(m, None) or is_activation(m)) and not isinstance(m, nn.Identity))
     for name, module in modules:
-        if (is_elementwise_norm(module, None) or is_activation(module)) and not isinstance(module, nn.Identity):
+        if unit(module):
             forward = types.MethodType(type(module).forward, module)
             new = (lambda m, f: lambda x: rules.elementwise(m, x, f))(module, forward)
             handle._set_forward(name, module, new, "identity rule")

@@ -2,8 +2,7 @@
 parameters (:class:`ModelState`), and the registry of the modules that take part in a patch or a
 composite right now (:func:`claim`, :func:`release`)."""
 
-import weakref
-from typing import Optional, Protocol, Sequence, Tuple
+from typing import Dict, Optional, Protocol, Sequence, Tuple
 
 from torch import nn
 
@@ -17,10 +16,12 @@ class Owner(Protocol):
     kind: str  # what the model is while claimed: "patched", "registered with a Composite", ...
 
 
-# every module of a model that is patched, or registered with a Composite, right now -> that
-# handle. A module takes part in one of them at a time: a patch of a model and a patch of one of
-# its submodules would each save the other's changes as the original to restore.
-_OWNERS: "weakref.WeakKeyDictionary[nn.Module, Owner]" = weakref.WeakKeyDictionary()
+# every module of a model that is patched, or registered with a Composite, right now: id(module) ->
+# (the module, that handle). A module takes part in one of them at a time: a patch of a model and a
+# patch of one of its submodules would each save the other's changes as the original to restore. The
+# entry holds the module until the handle releases it (so that the id stays that module's), as the
+# handle holds its model; a plain dict, where weak keys cost a weak reference per module and call.
+_OWNERS: Dict[int, Tuple[nn.Module, Owner]] = {}
 
 
 def claim(
@@ -37,9 +38,10 @@ def claim(
     modules = list(model.named_modules() if modules is None else modules)
     modules += [(f"<replacement {type(m).__name__}>", m) for extra in also for m in extra.modules()]
     for name, module in modules:
-        other = _OWNERS.get(module)
-        if other is None:
+        entry = _OWNERS.get(id(module))
+        if entry is None:
             continue
+        other = entry[1]
         what = f"this {type(model).__name__}" if not name else f"its submodule '{name}' ({type(module).__name__})"
         part = "" if other.model is module else f" as part of a {type(other.model).__name__}"
         raise RuntimeError(
@@ -47,12 +49,12 @@ def claim(
             "(a module takes part in one patch or composite at a time)"
         )
     for _, module in modules:
-        _OWNERS[module] = owner
+        _OWNERS[id(module)] = (module, owner)
 
 
 def release(owner: Owner) -> None:
-    for module in [m for m, o in list(_OWNERS.items()) if o is owner]:
-        del _OWNERS[module]
+    for key in [k for k, (_, o) in _OWNERS.items() if o is owner]:
+        del _OWNERS[key]
 
 
 class ModelState:
@@ -60,14 +62,15 @@ class ModelState:
     ``requires_grad=False`` for the block; on leaving it (also by an exception) every sub-module's
     own ``training`` flag and every parameter's ``requires_grad`` are put back as they were. A Hugging
     Face layer with activation checkpointing enabled keeps its own ``training`` flag on, so that it
-    checkpoints (it does in training mode only); everything in it is in eval mode."""
+    checkpoints (it does in training mode only); everything in it is in eval mode. ``modules``:
+    ``list(model.modules())``, where the caller has walked the tree already."""
 
-    def __init__(self, model: nn.Module, freeze: bool = False):
-        self.model, self.freeze = model, freeze
+    def __init__(self, model: nn.Module, freeze: bool = False, modules: Optional[Sequence[nn.Module]] = None):
+        self.model, self.freeze, self._modules = model, freeze, modules
         self._saved: Optional[Tuple[list, list]] = None
 
     def __enter__(self) -> "ModelState":
-        modules = list(self.model.modules())
+        modules = list(self.model.modules()) if self._modules is None else self._modules
         # a parameter by its module and name: accelerate's offloading hooks replace the parameter
         # objects in every forward (loading the weights, then leaving meta tensors behind)
         self._saved = (
