@@ -265,7 +265,7 @@ TORCH_LIBRARY(lrpcpp, m) {
   m.def(
       "gi_layer_norm(Tensor x, int[] normalized_shape, Tensor? weight=None, Tensor? bias=None, float eps=1e-5) "
       "-> Tensor");
-  m.def("gi_layer_norm_backward(Tensor grad, Tensor x, int[] normalized_shape, Tensor? weight, float eps) -> Tensor");
+  m.def("gi_layer_norm_backward(Tensor grad, Tensor rstd, int[] normalized_shape, Tensor? weight) -> Tensor");
 }
 
 }  // namespace lrpcpp

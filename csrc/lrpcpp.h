@@ -110,8 +110,10 @@ LRPCPP_API Tensor gi_scale_backward(const Tensor& grad, const Tensor& factor, at
 // at::layer_norm; backward with sigma detached: g_x = rstd * (h - mean(h)), h = g * w.
 LRPCPP_API Tensor gi_layer_norm(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
                                 const OptTensor& bias, double eps);
-LRPCPP_API Tensor gi_layer_norm_backward(const Tensor& grad, const Tensor& x, at::IntArrayRef normalized_shape,
-                                         const OptTensor& weight, double eps);
+// its backward: rstd is the forward's 1 / sigma per row (as at::native_layer_norm returns it: grad's
+// leading dims, then a 1 for each normalised dim), so the backward reads no x.
+LRPCPP_API Tensor gi_layer_norm_backward(const Tensor& grad, const Tensor& rstd, at::IntArrayRef normalized_shape,
+                                         const OptTensor& weight);
 
 // Rules for vision and convolution layers (RULES.md section 3): gamma, alpha-beta, z-plus, z-box,
 // flat and w-square on linear layers and 2-D convolutions. Each forward returns exactly at::linear /

@@ -91,6 +91,7 @@ def _rule_cases():
         return torch.randn(*shape, generator=g, dtype=torch.float64)
 
     x, y, w, b = t(2, 4, 6), t(2, 4, 6), t(6), t(6)
+    rstd = t(2, 4, 1).abs()  # a layer norm's 1 / sigma, one value per row of x
     ops, f64 = torch.ops.lrpcpp, torch.float64
     cases = {
         "gi_identity": (ops.gi_identity, [x, y, 1e-10], {0, 1}, (0, 1, 2), True, False),
@@ -99,7 +100,7 @@ def _rule_cases():
         "gi_scale_backward": (ops.gi_scale_backward, [x, y, f64], {0, 1}, (0, 1, 2), False, True),
         "gi_scale_backward(broadcast)": (ops.gi_scale_backward, [x, t(6), f64], {0}, (0, 1, 2), False, True),
         "gi_layer_norm": (ops.gi_layer_norm, [x, [6], w, b, 1e-5], {0}, (0, 1), True, False),
-        "gi_layer_norm_backward": (ops.gi_layer_norm_backward, [y, x, [6], w, 1e-5], {0, 1}, (0, 1), False, False),
+        "gi_layer_norm_backward": (ops.gi_layer_norm_backward, [y, rstd, [6], w], {0, 1}, (0, 1), False, False),
         "rms_norm_identity": (ops.rms_norm_identity, [x, [6], w, 1e-6], {0}, (0, 1), True, False),
         "rms_norm_identity(2 dims)": (ops.rms_norm_identity, [x, [4, 6], None, 1e-6], {0}, (0,), True, False),
         "layer_norm_identity": (ops.layer_norm_identity, [x, [6], w, b, 1e-5], {0}, (0, 1), True, False),

@@ -204,9 +204,8 @@ def test_gi_layer_norm_backward_on_cuda(dtype, shape, ns):
     x = torch.randn(shape, dtype=torch.float64).to(dtype).double()
     g = torch.randn(shape, dtype=torch.float64).to(dtype).double()
     w = torch.randn(ns, dtype=torch.float64).to(dtype).double()
-    out = torch.ops.lrpcpp.gi_layer_norm_backward(
-        g.to("cuda", dtype), x.to("cuda", dtype), ns, w.to("cuda", dtype), 1e-5
-    )
+    rstd = torch.native_layer_norm(x.to("cuda", dtype), ns, None, None, 1e-5)[2]  # the forward's, per row
+    out = torch.ops.lrpcpp.gi_layer_norm_backward(g.to("cuda", dtype), rstd, ns, w.to("cuda", dtype))
     assert out.dtype == dtype
     close_to(out, ref.gi_layer_norm(x, ns, w, g, 1e-5), dtype)
 
@@ -328,7 +327,8 @@ def _row_case(name, rows, length, device, dtype):
         g64 = g.double()
         got = ops.layer_norm_relevance(g.to(device), x.to(device), [length], w.to(device), b.to(device), 1e-5, 1e-6)
         return got, ref.layer_norm(x64, [length], w.double(), b.double(), 1e-5, g64, 1e-6)
-    got = ops.gi_layer_norm_backward(g.to(device), x.to(device), [length], w.to(device), 1e-5)
+    rstd = torch.native_layer_norm(x.to(device), [length], None, None, 1e-5)[2]  # the forward's, per row
+    got = ops.gi_layer_norm_backward(g.to(device), rstd, [length], w.to(device))
     return got, ref.gi_layer_norm(x64, [length], w.double(), g64, 1e-5)
 
 
@@ -417,8 +417,9 @@ def test_strided_broadcast_and_stride0_inputs(device):
         ops.layer_norm_relevance(gs, x, [20], w, None, 1e-5, 1e-6),
         ops.layer_norm_relevance(dense(gs), dense(x), [20], w, None, 1e-5, 1e-6),
     )
+    rstd = torch.native_layer_norm(x, [20], None, None, 1e-5)[2]
     assert torch.equal(
-        ops.gi_layer_norm_backward(gs, x, [20], w, 1e-5), ops.gi_layer_norm_backward(dense(gs), dense(x), [20], w, 1e-5)
+        ops.gi_layer_norm_backward(gs, rstd, [20], w), ops.gi_layer_norm_backward(dense(gs), rstd, [20], w)
     )
     # gi_scale_backward: an expanded (stride-0) gradient, and factors that repeat or broadcast
     grad = torch.randn(1, 20, device=device).expand(6, 20)
@@ -444,7 +445,7 @@ def test_empty_tensors(device, shape):
     if last > 0:
         w = torch.ones(last, device=device)
         assert ops.layer_norm_relevance(e, e, [last], w, w, 1e-5, 1e-6).shape == shape
-        assert ops.gi_layer_norm_backward(e, e, [last], w, 1e-5).shape == shape
+        assert ops.gi_layer_norm_backward(e, e[..., :1], [last], w).shape == shape
     if device == "cuda":
         torch.cuda.synchronize()
 
@@ -502,7 +503,7 @@ def _graph_ops(t):
         ops.softmax_relevance(t["r"], t["z"], t["s"], -1, 2.0),
         ops.layer_norm_relevance(t["r"], t["z"], [64], t["w"], None, 1e-5, 1e-6),
         ops.gi_scale_backward(t["r"], t["w"], torch.float32),
-        ops.gi_layer_norm_backward(t["r"], t["z"], [64], t["w"], 1e-5),
+        ops.gi_layer_norm_backward(t["r"], t["s"][:, :1], [64], t["w"]),
     ]
 
 

@@ -180,14 +180,21 @@ BAD_CALLS = [
         r"gi_layer_norm: expected x to be a floating-point tensor",
     ),
     (
-        lambda: torch.ops.lrpcpp.gi_layer_norm_backward(x_(2, 4), x_(2, 3), [3], None, 1e-5),
+        lambda: torch.ops.lrpcpp.gi_layer_norm_backward(x_(2, 4), x_(2, 1), [3], None),
         RuntimeError,
-        r"gi_layer_norm_backward: expected grad to have the shape of x \[2, 3\], got \[2, 4\]",
+        r"gi_layer_norm_backward: expected grad \[2, 4\] to end with normalized_shape \[3\]",
     ),
     (
-        lambda: torch.ops.lrpcpp.gi_layer_norm_backward(x_(2, 3, dtype=torch.float32), x_(2, 3), [3], None, 1e-5),
+        lambda: torch.ops.lrpcpp.gi_layer_norm_backward(x_(2, 3), x_(2, 3), [3], None),
         RuntimeError,
-        r"gi_layer_norm_backward: expected grad to have the dtype of x \(Double\), got Float",
+        r"gi_layer_norm_backward: expected rstd to hold one value per row of grad \[2, 3\] \(its leading dims, then "
+        r"1 dims of size 1, as native_layer_norm returns it\), got \[2, 3\]",
+    ),
+    (
+        lambda: torch.ops.lrpcpp.gi_layer_norm_backward(x_(2, 3, dtype=torch.float32), x_(2, 1), [3], x_(3)),
+        RuntimeError,
+        r"gi_layer_norm_backward: expected weight to have the dtype of grad \(Float\), or float32 when grad is "
+        r"float16 or bfloat16, got Double",
     ),
     # checks that come before ATen's own (whose messages do not name the op)
     (
@@ -377,6 +384,7 @@ NO_GRAPH_BACKWARD = {
     "stop_relevance": lambda x: lf.stop_relevance(x),
     "gi_identity": lambda x: lf.gi_identity(x, torch.tanh(x)),
     "gi_grad_scale": lambda x: lf.gi_grad_scale(x, torch.tensor(0.5, dtype=f64)),
+    "gi_layer_norm": lambda x: lf.gi_layer_norm(x, [4]),
 }
 
 

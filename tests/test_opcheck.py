@@ -93,7 +93,7 @@ SAMPLES = {
     # a transposed gradient, whose layout the output keeps
     "gi_scale_backward": lambda g: (t(2, 6, 3, grad=g).transpose(1, 2), t(6, grad=g), torch.float32),
     "gi_layer_norm": lambda g: (t(2, 3, 6, grad=g), [6], t(6), t(6), 1e-5),
-    "gi_layer_norm_backward": lambda g: (t(2, 3, 6, grad=g), t(2, 3, 6, grad=g), [6], t(6), 1e-5),
+    "gi_layer_norm_backward": lambda g: (t(2, 3, 6, grad=g), t(2, 3, 1, grad=g, offset=2.0), [6], t(6)),
     "cuda_version": lambda g: (),
     # rules for vision and convolution layers (RULES.md section 3); the optional weight transforms
     # are passed in some samples and left out in others, gi=True in some

@@ -23,13 +23,13 @@ def test_scale_backward_batched_equals_loop(factor_batched, factor_shape):
 
 @pytest.mark.parametrize("in_dims", [(0, None), (1, None), (0, 0)])
 def test_layer_norm_backward_batched_equals_loop(in_dims):
-    x = torch.randn(2, 3, 6, dtype=torch.float64)
+    s = torch.rand(2, 3, 1, dtype=torch.float64) + 0.5  # the forward's 1 / sigma per row
     w = torch.randn(6, dtype=torch.float64)
     grads = torch.randn(4, 2, 3, 6, dtype=torch.float64)
-    xs = torch.randn(4, 2, 3, 6, dtype=torch.float64) if in_dims[1] == 0 else x
+    ss = torch.rand(4, 2, 3, 1, dtype=torch.float64) + 0.5 if in_dims[1] == 0 else s
     batched = grads.movedim(0, in_dims[0])
-    out = torch.vmap(lambda g, xx: ops.gi_layer_norm_backward(g, xx, [6], w, 1e-5), in_dims=in_dims)(batched, xs)
+    out = torch.vmap(lambda g, r: ops.gi_layer_norm_backward(g, r, [6], w), in_dims=in_dims)(batched, ss)
     expected = torch.stack(
-        [ops.gi_layer_norm_backward(g, xs[i] if in_dims[1] == 0 else x, [6], w, 1e-5) for i, g in enumerate(grads)]
+        [ops.gi_layer_norm_backward(g, ss[i] if in_dims[1] == 0 else s, [6], w) for i, g in enumerate(grads)]
     )
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)

@@ -3,7 +3,8 @@
 // ordinary gradient is not already the rule need an op of their own:
 //   gi_identity(x, y):       y = f(x) element-wise (identity rule); g_x = g_y * y / stab(x)
 //   gi_grad_scale(x, scale): x;  g_x = g * scale (uniform shares, or 0 to detach)
-//   gi_layer_norm:           at::layer_norm; sigma detached: g_x = rstd * (h - mean(h)), h = g * w
+//   gi_layer_norm:           at::layer_norm; sigma detached: g_x = rstd * (h - mean(h)), h = g * w (the
+//                            autograd kernel keeps the forward's rstd, not x: the backward reads no x)
 // gi_identity and gi_grad_scale copy nothing: they return y and x themselves, as views (their
 // schemas say so), and keep only what their backward reads: gi_identity the factor y / stab(x)
 // (gi_identity_factor, in place of the x a plain gradient of f keeps), gi_grad_scale the scale.
@@ -38,10 +39,10 @@ Tensor gi_layer_norm(const Tensor& x, at::IntArrayRef normalized_shape, const Op
   return op.call(x, normalized_shape, weight, bias, eps);
 }
 
-Tensor gi_layer_norm_backward(const Tensor& grad, const Tensor& x, at::IntArrayRef normalized_shape,
-                              const OptTensor& weight, double eps) {
+Tensor gi_layer_norm_backward(const Tensor& grad, const Tensor& rstd, at::IntArrayRef normalized_shape,
+                              const OptTensor& weight) {
   LRPCPP_DISPATCH(gi_layer_norm_backward);
-  return op.call(grad, x, normalized_shape, weight, eps);
+  return op.call(grad, rstd, normalized_shape, weight);
 }
 
 namespace impl {
@@ -87,12 +88,22 @@ Tensor gi_scale_backward_empty(const Tensor& grad, const at::TensorOptions& opti
   return at::empty_symint(grad.sym_sizes(), options);
 }
 
-void check_gi_layer_norm_backward(const Tensor& grad, const Tensor& x, at::IntArrayRef normalized_shape,
-                                  const OptTensor& weight, double eps) {
+void check_gi_layer_norm_backward(const Tensor& grad, const Tensor& rstd, at::IntArrayRef normalized_shape,
+                                  const OptTensor& weight) {
   const char* op = "lrpcpp.gi_layer_norm_backward";
-  check_norm(x, normalized_shape, weight, std::nullopt, eps, op);
-  check_like(grad, x, op, "grad", "x");
-  check_same_shape(grad, x, op, "grad", "x");
+  check_norm(grad, normalized_shape, weight, std::nullopt, std::nullopt, op, /*same_dtype=*/true, "grad");
+  check_floating(rstd, op, "rstd");
+  check_same_device(rstd, grad, op, "rstd", "grad");
+  // one value per row: grad's leading dims, then a 1 for each normalised dim
+  const auto rows = grad.dim() - static_cast<int64_t>(normalized_shape.size());
+  bool ok = rstd.dim() == grad.dim();
+  for (int64_t d = 0; ok && d < grad.dim(); ++d) {
+    ok = d < rows ? rstd.sym_size(d).sym_eq(grad.sym_size(d)).guard_bool(__FILE__, __LINE__)
+                  : rstd.sym_size(d).sym_eq(1).guard_bool(__FILE__, __LINE__);
+  }
+  TORCH_CHECK(ok, op, ": expected rstd to hold one value per row of grad ", shape_str(grad),
+              " (its leading dims, then ", normalized_shape.size(),
+              " dims of size 1, as native_layer_norm returns it), got ", shape_str(rstd));
 }
 
 void check_gi_grad_scale(const Tensor& x, const Tensor& scale) {

@@ -71,9 +71,9 @@ Tensor empty_attention_output(c10::SymIntArrayRef shape, const at::TensorOptions
 
 // norms
 // x ends with normalized_shape; weight and bias (when given) have that shape, on x's device (and,
-// with same_dtype, x's dtype or float32 for a float16 / bfloat16 x); eps >= 0
+// with same_dtype, x's dtype or float32 for a float16 / bfloat16 x); eps >= 0. Errors call x `x_name`.
 void check_norm(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight, const OptTensor& bias,
-                std::optional<double> eps, const char* op, bool same_dtype = true);
+                std::optional<double> eps, const char* op, bool same_dtype = true, const char* x_name = "x");
 Tensor rms_norm_identity(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
                          std::optional<double> eps);
 Tensor layer_norm(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight, const OptTensor& bias,
@@ -110,8 +110,8 @@ void check_gi_scale_backward(const Tensor& grad, const Tensor& factor, at::Scala
 // gi_scale_backward's output, in `options`: with grad's strides when grad is dense (a transposed or
 // permuted gradient keeps its memory order), else contiguous; the same on every backend
 Tensor gi_scale_backward_empty(const Tensor& grad, const at::TensorOptions& options);
-void check_gi_layer_norm_backward(const Tensor& grad, const Tensor& x, at::IntArrayRef normalized_shape,
-                                  const OptTensor& weight, double eps);
+void check_gi_layer_norm_backward(const Tensor& grad, const Tensor& rstd, at::IntArrayRef normalized_shape,
+                                  const OptTensor& weight);
 Tensor gi_identity(const Tensor& x, const Tensor& y, double epsilon);
 Tensor gi_grad_scale(const Tensor& x, const Tensor& scale);
 Tensor gi_layer_norm(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight, const OptTensor& bias,

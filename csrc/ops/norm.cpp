@@ -43,16 +43,16 @@ using namespace detail;
 namespace {
 
 void check_affine(const OptTensor& t, const Tensor& x, at::IntArrayRef normalized_shape, const char* op,
-                  const char* arg, bool same_dtype) {
+                  const char* arg, bool same_dtype, const char* x_name) {
   if (!t.has_value() || !t->defined()) return;
   check_floating(*t, op, arg);
   // x's dtype, or float32 with a float16 / bfloat16 x (ATen's mixed-precision layer norm)
   const bool mixed =
       t->scalar_type() == at::kFloat && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16);
   TORCH_CHECK(!same_dtype || mixed || t->scalar_type() == x.scalar_type(), op, ": expected ", arg,
-              " to have the dtype of x (", x.scalar_type(), "), or float32 when x is float16 or bfloat16, got ",
-              t->scalar_type());
-  check_same_device(*t, x, op, arg, "x");
+              " to have the dtype of ", x_name, " (", x.scalar_type(), "), or float32 when ", x_name,
+              " is float16 or bfloat16, got ", t->scalar_type());
+  check_same_device(*t, x, op, arg, x_name);
   TORCH_SYM_CHECK(c10::sym_equals(t->sym_sizes(), c10::fromIntArrayRefSlow(normalized_shape)), op, ": expected ", arg,
                   " to have shape normalized_shape = ", normalized_shape, ", got ", shape_str(*t));
 }
@@ -60,17 +60,18 @@ void check_affine(const OptTensor& t, const Tensor& x, at::IntArrayRef normalize
 }  // namespace
 
 void check_norm(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight, const OptTensor& bias,
-                std::optional<double> eps, const char* op, bool same_dtype) {
-  check_floating(x, op, "x");
+                std::optional<double> eps, const char* op, bool same_dtype, const char* x_name) {
+  check_floating(x, op, x_name);
   const auto n = static_cast<int64_t>(normalized_shape.size());
   TORCH_CHECK(n >= 1, op, ": expected normalized_shape to have at least one dimension, got []");
-  TORCH_CHECK(x.dim() >= n, op, ": expected x ", shape_str(x), " to end with normalized_shape ", normalized_shape);
+  TORCH_CHECK(x.dim() >= n, op, ": expected ", x_name, " ", shape_str(x), " to end with normalized_shape ",
+              normalized_shape);
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_SYM_CHECK(x.sym_size(x.dim() - n + i).sym_eq(normalized_shape[i]), op, ": expected x ", shape_str(x),
-                    " to end with normalized_shape ", normalized_shape);
+    TORCH_SYM_CHECK(x.sym_size(x.dim() - n + i).sym_eq(normalized_shape[i]), op, ": expected ", x_name, " ",
+                    shape_str(x), " to end with normalized_shape ", normalized_shape);
   }
-  check_affine(weight, x, normalized_shape, op, "weight", same_dtype);
-  check_affine(bias, x, normalized_shape, op, "bias", same_dtype);
+  check_affine(weight, x, normalized_shape, op, "weight", same_dtype, x_name);
+  check_affine(bias, x, normalized_shape, op, "bias", same_dtype, x_name);
   if (same_dtype && weight.has_value() && weight->defined() && bias.has_value() && bias->defined()) {
     check_same_dtype(*bias, *weight, op, "bias", "weight");
   }

@@ -29,13 +29,13 @@ def _scale_backward(info, in_dims, grad, factor, dtype):
 
 
 @torch.library.register_vmap("lrpcpp::gi_layer_norm_backward")
-def _layer_norm_backward(info, in_dims, grad, x, normalized_shape, weight, eps):
+def _layer_norm_backward(info, in_dims, grad, rstd, normalized_shape, weight):
     if in_dims[3] is not None:
         raise NotImplementedError("lrpcpp: vmap over the weight of gi_layer_norm_backward is not supported")
-    grad, x = _front(grad, in_dims[0]), _front(x, in_dims[1])
+    grad, rstd = _front(grad, in_dims[0]), _front(rstd, in_dims[1])
     size = info.batch_size
     if in_dims[0] is None:
         grad = grad.expand((size,) + tuple(grad.shape))
     if in_dims[1] is None:
-        x = x.expand((size,) + tuple(x.shape))
-    return _ops.gi_layer_norm_backward(grad, x, normalized_shape, weight, eps), 0
+        rstd = rstd.expand((size,) + tuple(rstd.shape))
+    return _ops.gi_layer_norm_backward(grad, rstd, normalized_shape, weight), 0

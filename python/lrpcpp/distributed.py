@@ -105,14 +105,14 @@ def _norm(x, normalized_shape, weight=None, bias=None, eps=None):
     return _normalised(x, normalized_shape, [weight, bias], 1)
 
 
-def _norm_backward(grad, x, normalized_shape, weight, eps):
-    # the placements of (grad, x, normalized_shape, weight, eps)
+def _norm_backward(grad, rstd, normalized_shape, weight):
+    # the placements of (grad, rstd, normalized_shape, weight): rstd has one value per row of grad
     from torch.distributed.tensor import Replicate, Shard
 
     w = Replicate() if weight is not None else None
-    out = [([Replicate()], [Replicate(), Replicate(), None, w, None])]
-    for d in range(_dim(x) - len(normalized_shape)):
-        out.append(([Shard(d)], [Shard(d), Shard(d), None, w, None]))
+    out = [([Replicate()], [Replicate(), Replicate(), None, w])]
+    for d in range(_dim(grad) - len(normalized_shape)):
+        out.append(([Shard(d)], [Shard(d), Shard(d), None, w]))
     return out
 
 

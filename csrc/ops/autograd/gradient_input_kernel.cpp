@@ -1,9 +1,9 @@
 // Autograd of the gradient-times-input ops. Their backwards return ordinary
 // gradients g = R / x of the rule (not relevance), through the registered ops
-// gi_scale_backward and gi_layer_norm_backward; y, scale, weight and bias take
+// gi_scale_backward and gi_layer_norm_backward (from the forward's rstd: no x); y, scale, weight and bias take
 // no gradient. gi_identity's and gi_grad_scale's backward g * factor has no graph to x (the factor
-// is saved without one), so they refuse create_graph=True (check_no_double_backward); gi_layer_norm's
-// backward op takes x and raises on a second backward like the relevance ops.
+// is saved without one), so they refuse create_graph=True (check_no_double_backward), and so does
+// gi_layer_norm's (its backward op reads the forward's rstd, saved without a graph, not x).
 // gi_identity's and gi_grad_scale's forwards return their input y or x itself: a custom Function
 // returns an input as a view of it with the Function's gradient (no copy; modifying that view in
 // place is refused, as for any view a custom Function returns).
@@ -58,19 +58,23 @@ class GiLayerNormFunction : public torch::autograd::Function<GiLayerNormFunction
   static Tensor forward(AutogradContext* ctx, const Tensor& x, at::IntArrayRef normalized_shape,
                         const OptTensor& weight, const OptTensor& bias, double eps) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({x, saved_or_undefined(weight)});
+    impl::check_norm(x, normalized_shape, weight, bias, eps, "lrpcpp.gi_layer_norm");
+    // the value of at::layer_norm (which computes it so), with the 1 / sigma per row it computes on the
+    // way: the backward needs only that, so x is not kept (a plain gradient of a layer norm keeps it)
+    auto [y, mean, rstd] = at::native_layer_norm(x, normalized_shape, weight, bias, eps);
+    ctx->save_for_backward({rstd, saved_or_undefined(weight)});
     ctx->saved_data["normalized_shape"] = normalized_shape.vec();
-    ctx->saved_data["eps"] = eps;
-    return lrpcpp::gi_layer_norm(x, normalized_shape, weight, bias, eps);
+    return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // (rstd is saved without a graph to x: the backward's dependence on x would be missed)
+    check_no_double_backward("lrpcpp.gi_layer_norm");
     const auto s = ctx->get_saved_variables();
-    auto& d = ctx->saved_data;
     Tensor gx;
     if (ctx->needs_input_grad(0)) {
-      gx = lrpcpp::gi_layer_norm_backward(grads[0], s[0], d["normalized_shape"].toIntVector(), optional_tensor(s[1]),
-                                          d["eps"].toDouble());
+      gx = lrpcpp::gi_layer_norm_backward(grads[0], s[0], ctx->saved_data["normalized_shape"].toIntVector(),
+                                          optional_tensor(s[1]));
     }
     return {gx, Tensor(), Tensor(), Tensor(), Tensor()};
   }

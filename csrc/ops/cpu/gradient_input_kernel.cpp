@@ -113,18 +113,17 @@ Tensor gi_scale_backward_cpu(const Tensor& grad, const Tensor& factor, at::Scala
 }
 
 template <typename scalar_t>
-void gi_layer_norm_backward_loop(const Tensor& grad, const Tensor& x, const Tensor& w, Tensor& out, int64_t rows,
-                                 int64_t len, double eps) {
+void gi_layer_norm_backward_loop(const Tensor& grad, const Tensor& rstd, const Tensor& w, Tensor& out, int64_t rows,
+                                 int64_t len) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* gp = grad.const_data_ptr<scalar_t>();
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const acc_t* sp = rstd.const_data_ptr<acc_t>();
   const acc_t* wp = w.const_data_ptr<acc_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, rows, cpu::row_grain(len), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const scalar_t* xr = xp + row * len;
       const scalar_t* gr = gp + row * len;
-      const acc_t rstd = cpu::row_stats<acc_t>(xr, len, eps).rstd;
+      const acc_t rstd = sp[row];
       const acc_t h_mean =
           cpu::lane_sum<acc_t>(len, [gr, wp](int64_t k) { return static_cast<acc_t>(gr[k]) * wp[k]; }) / len;
 #pragma omp simd
@@ -136,16 +135,18 @@ void gi_layer_norm_backward_loop(const Tensor& grad, const Tensor& x, const Tens
   });
 }
 
-Tensor gi_layer_norm_backward_cpu(const Tensor& grad, const Tensor& x, at::IntArrayRef normalized_shape,
-                                  const OptTensor& weight, double eps) {
-  impl::check_gi_layer_norm_backward(grad, x, normalized_shape, weight, eps);
-  const Tensor xc = x.contiguous(), g = grad.contiguous();
-  Tensor out = at::empty(xc.sizes(), xc.options());
+Tensor gi_layer_norm_backward_cpu(const Tensor& grad, const Tensor& rstd, at::IntArrayRef normalized_shape,
+                                  const OptTensor& weight) {
+  impl::check_gi_layer_norm_backward(grad, rstd, normalized_shape, weight);
+  const Tensor g = grad.contiguous();
+  Tensor out = at::empty(g.sizes(), g.options());
   if (out.numel() == 0) return out;
   const int64_t len = c10::multiply_integers(normalized_shape);
-  const Tensor w = impl::layer_norm_affine_row(x, normalized_shape, weight, 1.0);
-  LRPCPP_DISPATCH_FLOATING(x.scalar_type(), "lrpcpp_gi_layer_norm_backward_cpu",
-                           [&] { gi_layer_norm_backward_loop<scalar_t>(g, xc, w, out, xc.numel() / len, len, eps); });
+  const Tensor w = impl::layer_norm_affine_row(grad, normalized_shape, weight, 1.0);
+  // one value per row, in the accumulation type (the forward's is float32 for float16 on some backends)
+  const Tensor s = rstd.to(w.scalar_type()).contiguous();
+  LRPCPP_DISPATCH_FLOATING(grad.scalar_type(), "lrpcpp_gi_layer_norm_backward_cpu",
+                           [&] { gi_layer_norm_backward_loop<scalar_t>(g, s, w, out, g.numel() / len, len); });
   return out;
 }
 

@@ -181,15 +181,15 @@ Tensor gi_scale_backward_cuda(const Tensor& grad, const Tensor& factor, at::Scal
 
 template <typename scalar_t>
 __launch_bounds__(cuda::kMaxRowThreads) __global__
-    void gi_layer_norm_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
+    void gi_layer_norm_backward_kernel(const scalar_t* __restrict__ grad,
+                                       const at::opmath_type<scalar_t>* __restrict__ rstd_rows,
                                        const at::opmath_type<scalar_t>* __restrict__ w, scalar_t* __restrict__ out,
-                                       int64_t len, at::opmath_type<scalar_t> eps) {
+                                       int64_t len) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t scratch[32];
   const int64_t base = static_cast<int64_t>(blockIdx.x) * len;
-  const scalar_t* xr = x + base;
   const scalar_t* gr = grad + base;
-  const acc_t rstd = cuda::block_row_stats<acc_t>(xr, len, eps, scratch).rstd;
+  const acc_t rstd = rstd_rows[blockIdx.x];
   acc_t partial = 0;
   for (int64_t k = threadIdx.x; k < len; k += blockDim.x) partial += static_cast<acc_t>(gr[k]) * w[k];
   const acc_t h_mean = cuda::block_sum(partial, scratch) / len;
@@ -199,23 +199,24 @@ __launch_bounds__(cuda::kMaxRowThreads) __global__
   }
 }
 
-Tensor gi_layer_norm_backward_cuda(const Tensor& grad, const Tensor& x, at::IntArrayRef normalized_shape,
-                                   const OptTensor& weight, double eps) {
-  impl::check_gi_layer_norm_backward(grad, x, normalized_shape, weight, eps);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const Tensor xc = x.contiguous(), g = grad.contiguous();
-  Tensor out = at::empty(xc.sizes(), xc.options());
+Tensor gi_layer_norm_backward_cuda(const Tensor& grad, const Tensor& rstd, at::IntArrayRef normalized_shape,
+                                   const OptTensor& weight) {
+  impl::check_gi_layer_norm_backward(grad, rstd, normalized_shape, weight);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const Tensor g = grad.contiguous();
+  Tensor out = at::empty(g.sizes(), g.options());
   if (out.numel() == 0) return out;
   const int64_t len = c10::multiply_integers(normalized_shape);
-  const Tensor w = impl::layer_norm_affine_row(x, normalized_shape, weight, 1.0);
-  const int64_t rows = xc.numel() / len;
+  const Tensor w = impl::layer_norm_affine_row(grad, normalized_shape, weight, 1.0);
+  const Tensor s = rstd.to(w.scalar_type()).contiguous();  // one value per row, in the accumulation type
+  const int64_t rows = g.numel() / len;
   TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max(), "lrpcpp.gi_layer_norm_backward: too many rows (", rows,
               ") for one CUDA launch");
-  LRPCPP_DISPATCH_FLOATING(x.scalar_type(), "lrpcpp_gi_layer_norm_backward_cuda", [&] {
+  LRPCPP_DISPATCH_FLOATING(grad.scalar_type(), "lrpcpp_gi_layer_norm_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     gi_layer_norm_backward_kernel<scalar_t><<<static_cast<unsigned>(rows), cuda::row_threads(len), 0, cuda::stream()>>>(
-        g.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(),
-        out.mutable_data_ptr<scalar_t>(), len, static_cast<acc_t>(eps));
+        g.const_data_ptr<scalar_t>(), s.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(),
+        out.mutable_data_ptr<scalar_t>(), len);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

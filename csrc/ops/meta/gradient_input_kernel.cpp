@@ -16,10 +16,10 @@ Tensor gi_scale_backward_meta(const Tensor& grad, const Tensor& factor, at::Scal
   return impl::gi_scale_backward_empty(grad, grad.options().dtype(dtype));
 }
 
-Tensor gi_layer_norm_backward_meta(const Tensor& grad, const Tensor& x, at::IntArrayRef normalized_shape,
-                                   const OptTensor& weight, double eps) {
-  impl::check_gi_layer_norm_backward(grad, x, normalized_shape, weight, eps);
-  return at::empty_like(x, at::MemoryFormat::Contiguous);
+Tensor gi_layer_norm_backward_meta(const Tensor& grad, const Tensor& rstd, at::IntArrayRef normalized_shape,
+                                   const OptTensor& weight) {
+  impl::check_gi_layer_norm_backward(grad, rstd, normalized_shape, weight);
+  return at::empty_like(grad, at::MemoryFormat::Contiguous);
 }
 
 }  // namespace
