@@ -302,6 +302,21 @@ def test_gi_layer_norm(dtype, contiguous, affine):
         assert p is None or p.grad is None  # the weight and bias take no gradient
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gi_layer_norm_keeps_the_forwards_rstd_and_not_x(dtype):
+    """The backward needs 1 / sigma per row, not x: only that and the weight are kept (a plain gradient
+    of F.layer_norm keeps x), and the rstd is the one torch's layer norm computes."""
+    x = make((2, 3, 16), dtype, True, scale=2.0, offset=0.5)
+    w, b = torch.randn(16, dtype=f64).to(dtype), torch.randn(16, dtype=f64).to(dtype)
+    _, saved = saving(lambda: lf.gi_layer_norm(x, [16], w, b, 1e-5))
+    assert all(t.data_ptr() != x.data_ptr() for t in saved)
+    (rstd,) = [t for t in saved if t is not w]
+    assert len(saved) == 2 and rstd.shape == (2, 3, 1)
+    assert torch.equal(rstd, torch.native_layer_norm(x.detach(), [16], w, b, 1e-5)[2])
+    _, plain = saving(lambda: F.layer_norm(x, [16], w, b, 1e-5))
+    assert any(t.data_ptr() == x.data_ptr() for t in plain)
+
+
 def test_gi_layer_norm_two_normalized_dims_and_long_rows():
     for shape, ns in (((2, 3, 4, 5), [4, 5]), ((3, 2500), [2500])):
         x = make(shape, f64)
