@@ -128,6 +128,11 @@ def _family_role(module: nn.Module, family: _families.Family) -> Optional[str]:
     return None
 
 
+def _is_identity_unit(module: nn.Module, family: Optional[_families.Family]) -> bool:
+    """An activation or an element-wise norm module (not ``nn.Identity``): one identity-rule unit."""
+    return (is_elementwise_norm(module, family) or is_activation(module)) and not isinstance(module, nn.Identity)
+
+
 def _type_role(module: nn.Module, family: Optional[_families.Family]) -> Optional[str]:
     """How the registry level treats a module of this class whatever the family: ``"mha"``
     (``nn.MultiheadAttention``), ``"layer_norm"``, ``"elementwise"`` (an activation or an element-wise
@@ -136,7 +141,7 @@ def _type_role(module: nn.Module, family: Optional[_families.Family]) -> Optiona
         return "mha"
     if isinstance(module, nn.LayerNorm):
         return "layer_norm"
-    if (is_elementwise_norm(module, family) or is_activation(module)) and not isinstance(module, nn.Identity):
+    if _is_identity_unit(module, family):
         return "elementwise"
     return None
 
@@ -761,7 +766,7 @@ def _apply_operations(handle: PatchHandle, modules: Sequence[Tuple[str, nn.Modul
     model's forward runs in the mode, with one warning per forward pass that names the calls without a rule."""
     model, rules = handle.model, handle.rules
     assert isinstance(rules, _OperationRules)
-    unit = _per_class(lambda m: (is_elementwise_norm(m, None) or is_activation(m)) and not isinstance(m, nn.Identity))
+    unit = _per_class(lambda m: _is_identity_unit(m, None))
     for name, module in modules:
         if unit(module):
             forward = types.MethodType(type(module).forward, module)
