@@ -33,8 +33,13 @@ run: build
 	$(PY) examples/explain_block.py
 	$(PY) -m lrpcpp explain
 
+# pytest's worker processes in `make test` (pytest-xdist); the tests that build in the checkout all run
+# on one of them (tests/conftest.py)
+TEST_JOBS ?= 2
+PARALLEL := -n $(TEST_JOBS) --dist loadgroup
+
 test: build lint cpp-test docs cuda-check test-tf4
-	$(PY) -m pytest -q -rs tests
+	$(PY) -m pytest -q -rs $(PARALLEL) tests
 
 # the edit loop: the in-place build and the tests not marked slow (no C++/CUDA/docs builds, no
 # command-line runs, subprocesses or compilation; a few minutes)
@@ -116,9 +121,11 @@ $(CUDA_DEPS): requirements-cuda.txt requirements-test.txt requirements-nodeps.tx
 	$(CUDA_PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	touch $@
 
-# Builds the wheel with the CUDA kernels (nvcc, no GPU needed), installs it into .venv-cuda and runs
-# the test suite against the installed package. Sources are copied with their timestamps, so only
-# what changed is compiled again.
+# Builds the wheel with the CUDA kernels (nvcc, no GPU needed), installs it into .venv-cuda and runs,
+# against the installed package and torch 2.14.1, the tests not marked slow (every op's math, opcheck,
+# the models, torchvision's) and the torch.compile/torch.export ones. The slow rest (command-line runs,
+# builds, subprocesses) does not depend on the torch version and runs in .venv. Sources are copied
+# with their timestamps, so only what changed is compiled again.
 cuda-check:
 	@if [ -x "$(CUDA_HOME)/bin/nvcc" ]; then $(MAKE) --no-print-directory cuda-wheel-test; \
 	else echo "no nvcc at $(CUDA_HOME)/bin/nvcc: the CUDA build check is not run (set CUDA_HOME)"; fi
@@ -132,7 +139,7 @@ cuda-wheel-test: $(CUDA_DEPS)
 	@cd $(CUDA_DIR)/src && LRPCPP_CUDA=1 $(CUDA_PY) -m pip wheel -v --no-build-isolation --no-deps \
 		-w ../dist . >../wheel.log 2>&1 || { tail -n 60 ../wheel.log; exit 1; }
 	$(CUDA_PY) -m pip install -q --disable-pip-version-check --no-deps --force-reinstall $(CUDA_DIR)/dist/lrpcpp-*.whl
-	LRPCPP_TEST_INSTALLED=1 PYTHONPATH= $(CUDA_PY) -m pytest -q -rs tests --deselect tests/test_wheel.py
+	LRPCPP_TEST_INSTALLED=1 PYTHONPATH= $(CUDA_PY) -m pytest -q -rs $(PARALLEL) -m "not slow or compile" tests
 
 clean:
 	rm -rf build $(CUDA_DIR) dist python/lrpcpp/_C*.so python/lrpcpp/_build_info.py

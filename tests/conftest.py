@@ -71,10 +71,18 @@ FILE_MARKERS = {
 }
 
 
+# The files whose tests build in the checkout's build/ directory (CMake into build/cmake, pip wheel in
+# the source tree): under pytest-xdist (`make test` runs two workers) one worker runs them all, one after
+# another, so no two builds share a directory at the same time.
+BUILDS_IN_THE_CHECKOUT = {"test_deploy.py", "test_packaging.py", "test_wheel.py"}
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         for name in sorted(FILE_MARKERS.get(item.path.name, ())):
             item.add_marker(getattr(pytest.mark, name))
+        if item.path.name in BUILDS_IN_THE_CHECKOUT:
+            item.add_marker(pytest.mark.xdist_group("builds-in-the-checkout"))
 
 
 def _configured_for_this_torch(build_dir):
