@@ -33,10 +33,11 @@ run: build
 	$(PY) examples/explain_block.py
 	$(PY) -m lrpcpp explain
 
-# pytest's worker processes in `make test` (pytest-xdist); the tests that build in the checkout all run
-# on one of them (tests/conftest.py)
+# pytest's worker processes in `make test` (pytest-xdist), each taking whole test files (a file's
+# models are built once); tests that build in the same directory of the checkout take turns (a lock,
+# tests/conftest.py)
 TEST_JOBS ?= 2
-PARALLEL := -n $(TEST_JOBS) --dist loadgroup
+PARALLEL := -n $(TEST_JOBS) --dist loadfile
 
 test: build lint cpp-test docs cuda-check test-tf4
 	$(PY) -m pytest -q -rs $(PARALLEL) tests

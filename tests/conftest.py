@@ -1,3 +1,5 @@
+import contextlib
+import fcntl
 import os
 import re
 import shutil
@@ -71,18 +73,24 @@ FILE_MARKERS = {
 }
 
 
-# The files whose tests build in the checkout's build/ directory (CMake into build/cmake, pip wheel in
-# the source tree): under pytest-xdist (`make test` runs two workers) one worker runs them all, one after
-# another, so no two builds share a directory at the same time.
-BUILDS_IN_THE_CHECKOUT = {"test_deploy.py", "test_packaging.py", "test_wheel.py"}
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
         for name in sorted(FILE_MARKERS.get(item.path.name, ())):
             item.add_marker(getattr(pytest.mark, name))
-        if item.path.name in BUILDS_IN_THE_CHECKOUT:
-            item.add_marker(pytest.mark.xdist_group("builds-in-the-checkout"))
+
+
+@contextlib.contextmanager
+def checkout_lock(name):
+    """Holds build/<name>.lock exclusively: the test processes that build in the same directory of the
+    checkout (CMake's build/cmake, pip's in-tree wheel build; `make test` runs two pytest-xdist
+    workers) build one at a time."""
+    os.makedirs(os.path.join(ROOT, "build"), exist_ok=True)
+    with open(os.path.join(ROOT, "build", f"{name}.lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _configured_for_this_torch(build_dir):
@@ -106,6 +114,11 @@ def cmake_build(*targets):
     compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
     if cmake is None or compiler is None:
         pytest.skip("the C++ build needs cmake and a C++ compiler on PATH")
+    with checkout_lock("cmake"):
+        return _cmake_build(cmake, targets)
+
+
+def _cmake_build(cmake, targets):
     build_dir = os.path.join(ROOT, "build", "cmake")
     if os.path.exists(os.path.join(build_dir, "CMakeCache.txt")) and not _configured_for_this_torch(build_dir):
         build_dir = os.path.join(ROOT, "build", f"cmake-torch-{torch.__version__}")

@@ -11,6 +11,7 @@ import zipfile
 
 import pytest
 import torch
+from conftest import checkout_lock
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from test_packaging import PROJECT, make_venv, no_pythonpath
@@ -22,11 +23,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def wheel(tmp_path_factory):
     """The wheel, built once for this module's tests."""
     out = tmp_path_factory.mktemp("dist")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w", str(out), ROOT],
-        check=True,
-        cwd=ROOT,
-    )
+    with checkout_lock("wheel"):  # pip builds in the source tree
+        subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w", str(out), ROOT],
+            check=True,
+            cwd=ROOT,
+        )
     (path,) = glob.glob(str(out / "lrpcpp-*.whl"))
     return path
 
