@@ -997,7 +997,8 @@ def reading(res, mem, prof):
             parts.append(f"{short(res, key)} {dwall:+.1f} ms measured, {dop:+.1f} ms in op self time")
         out.append(
             "- Time, params frozen, attribute - plain: " + "; ".join(parts) + ". The ops the patch adds "
-            "are `gi_identity` (activations, RMSNorms), `gi_grad_scale` (q/k/v outputs, gated-MLP input), "
+            "are `gi_identity` (activations; RMSNorms other than LlamaRMSNorm's layout, whose rule holds its "
+            "rsqrt constant in its own ops), `gi_grad_scale` (q/k/v outputs, gated-MLP input), "
             "`gi_layer_norm` and their backward ops (`gi_scale_backward`, `gi_layer_norm_backward`); the "
             "per-op differences are listed above. What the op self time does not cover is outside torch "
             "ops: the Python hooks and module forwards that the patch installs, dispatch, and the patching "
@@ -1035,7 +1036,8 @@ def reading(res, mem, prof):
             )
         line += (
             " The rules copy no forward tensor (`gi_grad_scale` and `gi_identity` return views of their "
-            "input); what they keep is `gi_identity`'s factor y / stab(x) per activation and RMSNorm, in "
+            "input); what they keep is `gi_identity`'s factor y / stab(x) per activation (and per RMSNorm not "
+            "of LlamaRMSNorm's layout, whose rule keeps one rsqrt factor per row), in "
             "place of the input the plain gradient of the activation keeps, and the backward's extra "
             "gradient tensors (`gi_scale_backward`, `gi_layer_norm_backward`)."
         )

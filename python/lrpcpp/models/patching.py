@@ -6,7 +6,8 @@ relevance in the backward pass, without editing the model's source:
 * ``mode="gradient"`` (default; RULES.md section 2): autograd carries ``R / x``. Seed the explained
   value with 1 (``logit.backward()``) and read relevance as ``x * x.grad``. Linear layers, additions,
   masking and the attention kernel (eager, SDPA or flash) keep their own gradient; element-wise
-  activations and RMSNorms get :func:`lrpcpp.functional.gi_identity`, LayerNorms
+  activations and RMSNorms get :func:`lrpcpp.functional.gi_identity` (an RMSNorm written as
+  transformers' ``LlamaRMSNorm``: its own forward with the rsqrt factor held constant), LayerNorms
   :func:`lrpcpp.functional.gi_layer_norm` (standard deviation held constant), and the products of
   two relevance-carrying tensors get their gradient scaled by :func:`lrpcpp.functional.gi_grad_scale`.
 * ``mode="explicit"`` (RULES.md section 1): the backward pass carries relevance itself, through
@@ -24,7 +25,10 @@ functions and registries shared with other models are never touched.
 """
 
 import contextlib
+import inspect
+import textwrap
 import types
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union, cast
 
 import torch
@@ -95,6 +99,54 @@ def _out_of_place(module: nn.Module, forward: Callable[[Tensor], Tensor], x: Ten
         return forward(x)
     finally:
         flagged.inplace = True
+
+
+_RMS_NORM_SOURCE: List[Optional[str]] = []  # the source of LlamaRMSNorm.forward, read once (None: unavailable)
+_COMPUTES_LLAMA_RMS_NORM: "weakref.WeakKeyDictionary[type, bool]" = weakref.WeakKeyDictionary()
+
+
+def _forward_source(cls: type) -> Optional[str]:
+    try:
+        return textwrap.dedent(inspect.getsource(cls.forward))  # type: ignore[attr-defined]
+    except (AttributeError, OSError, TypeError):
+        return None
+
+
+def computes_llama_rms_norm(module: nn.Module) -> bool:
+    """Whether ``module``'s class has, line for line, the forward of transformers' ``LlamaRMSNorm``
+    (``weight * (x.float() * rsqrt(mean(x.float()**2) + variance_epsilon)).to(x.dtype)``), as about 140
+    model families' RMSNorm classes do; asked once per class."""
+    cls = type(module)
+    known = _COMPUTES_LLAMA_RMS_NORM.get(cls)
+    if known is None:
+        if not _RMS_NORM_SOURCE:
+            try:
+                from transformers.models.llama.modeling_llama import LlamaRMSNorm
+            except ImportError:
+                _RMS_NORM_SOURCE.append(None)
+            else:
+                _RMS_NORM_SOURCE.append(_forward_source(LlamaRMSNorm))
+        reference = _RMS_NORM_SOURCE[0]
+        known = reference is not None and _forward_source(cls) == reference
+        _COMPUTES_LLAMA_RMS_NORM[cls] = known
+    return known and isinstance(_attribute(module, "weight"), Tensor)
+
+
+# the dtypes that LlamaRMSNorm's float32 arithmetic holds exactly: a float64 input is rounded to float32
+# there, and so would be the gradient through its casts (it keeps the identity rule's factor instead)
+_WITHIN_FLOAT32 = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _llama_rms_norm_rstd_constant(module: nn.Module, x: Tensor) -> Tensor:
+    """LlamaRMSNorm's forward, op for op (so the same value, bitwise), with the rsqrt factor held
+    constant (RULES.md section 2): its gradient is ``g * weight * rsqrt(...)``, for which autograd keeps
+    one factor per row and the weight, where the identity rule's ``y / x`` is a tensor of x's size."""
+    norm = cast(Any, module)  # (its attributes, which nn.Module's __getattr__ stub types as modules)
+    input_dtype = x.dtype
+    h = x.to(torch.float32)
+    variance = h.detach().pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + norm.variance_epsilon)
+    return norm.weight * h.to(input_dtype)
 
 
 def is_elementwise_norm(module: nn.Module, family: Optional[_families.Family]) -> bool:
@@ -237,6 +289,9 @@ class _GradientRules(_Rules):
         if type(module) in _GRADIENT_IS_IDENTITY:
             with without(is_rule_mode):  # the unit's own call, not one for the operation level's rules
                 return _out_of_place(module, forward, x)
+        if x.dtype in _WITHIN_FLOAT32 and computes_llama_rms_norm(module):
+            with without(is_rule_mode):
+                return _llama_rms_norm_rstd_constant(module, x)
         with torch.no_grad():  # detached too, for torch.jit.trace (see _held_constant)
             y = _out_of_place(module, forward, x).detach()
         return torch.ops.lrpcpp.gi_identity(x, y, self.epsilon)
