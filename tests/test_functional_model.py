@@ -112,6 +112,46 @@ class IdsOnly(nn.Module):
         return self.inner(input_ids=idx).logits
 
 
+class ReadsIds(nn.Module):
+    """A forward that takes both inputs and treats embedded ids otherwise than given embeddings, as
+    OpenLLaMA (a layer norm on embedded ids only) and DeepSeek-V4 (experts chosen by token id) do."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.norm, self.head = nn.Embedding(10, 4), nn.LayerNorm(4), nn.Linear(4, 3)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids=None, inputs_embeds=None):
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids)
+        if input_ids is not None:
+            inputs_embeds = self.norm(inputs_embeds) * (1 + input_ids % 2)[..., None]
+        return self.head(torch.tanh(inputs_embeds)).sum(1)
+
+
+def test_a_model_given_ids_runs_on_the_ids_as_it_does_without_lrpcpp():
+    torch.manual_seed(0)
+    model, ids = ReadsIds().double(), torch.tensor([[1, 2, 3, 4], [5, 6, 7, 9]])
+    got = lrpcpp.attribute(model, input_ids=ids, target=0)
+    with torch.no_grad():
+        assert torch.equal(got.output, model(input_ids=ids)[:, 0])
+        assert not torch.allclose(got.output, model(inputs_embeds=model.embed(ids))[:, 0])
+    assert not model.embed._forward_hooks
+    # the relevance of the embeddings the ids were embedded into, through the model's path for ids:
+    # at the operation level, the layer norm's standard deviation held constant and tanh's identity
+    # rule with its stabiliser (RULES.md section 2; epsilon 1e-10 in gradient mode), written out in float64
+    got = lrpcpp.attribute(model, input_ids=ids, target=0, level="operations", strict=True)
+    x = model.embed(ids).detach().requires_grad_()
+    centred = x - x.mean(-1, keepdim=True)
+    sigma = (centred.pow(2).mean(-1, keepdim=True) + model.norm.eps).sqrt().detach()
+    h = (centred / sigma * model.norm.weight + model.norm.bias) * (1 + ids % 2)[..., None]
+    t = h * (torch.tanh(h) / (h + 1e-10 * torch.where(h >= 0, 1.0, -1.0))).detach()
+    (grad,) = torch.autograd.grad(model.head(t).sum(1)[:, 0].sum(), x)
+    torch.testing.assert_close(got.relevance, x * grad, rtol=1e-10, atol=1e-14)
+
+
 @pytest.mark.parametrize("embedding", [None, "embedded_name", "embedded_module"])
 def test_embedding_given_or_not_gives_the_default_on_a_registered_model(llama, embedding):
     kw = models.inputs("llama")

@@ -485,7 +485,7 @@ def embedded(
     def replace(m, args, out):
         if _embeds(m, args, input_ids):
             calls.append(m)
-            return leaf
+            return for_the_forward(leaf)
         return None
 
     hook = module.register_forward_hook(replace)
@@ -585,10 +585,12 @@ def attribute(
     that embeds ``input_ids`` (a module of ``model`` or its name in ``model.named_modules()``); by default
     ``model.get_input_embeddings()``, or for a model without it the first ``nn.Embedding`` that gets
     ``input_ids`` in the forward (found by calling the model, stopped at that module by a forward
-    pre-hook; see :func:`~lrpcpp.attribution.embedding_module`). The ids are embedded with it and the
-    model is called with the embeddings: as ``inputs_embeds=`` when its forward takes them, else with
-    ``input_ids`` while a forward hook makes the embedding module return the embeddings whose
-    relevance is computed.
+    pre-hook; see :func:`~lrpcpp.attribution.embedding_module`). The ids are embedded with it, and the
+    model is called with the ids while a forward hook makes the embedding module return those
+    embeddings, whose relevance is computed: the model runs as it does on the ids, also where it reads
+    them besides embedding them (a layer norm applied to embedded ids only, routing by token id). A
+    forward that takes ``inputs_embeds`` and not ``input_ids``, and an encoder-decoder given a decoder
+    input, get the embeddings as ``inputs_embeds``.
     ``target``: ``None`` (the top class, or the top next-token logit after the last unmasked position;
     of the decoder, masked by ``decoder_attention_mask``, when a decoder input is given),
     an int, an integer tensor of one id per item, a list of K ids (K relevance maps from one backward
@@ -644,6 +646,9 @@ def attribute(
         attention_mask,
         embedding,
         model_inputs,
+        # (not with a decoder input: an encoder-decoder's encoder may embed with a module of its own that
+        # shares the weights of get_input_embeddings(), T5's embed_tokens)
+        ids_to_the_model=decoder_input_ids is None and decoder_inputs_embeds is None,
     )
     first = next(iter(leaves))
     key, leaf = leaves[first]
@@ -677,6 +682,7 @@ def attribute(
                     hooked, input_ids, leaves["input_ids"][1] if hooked is not None else leaf, "lrpcpp.attribute"
                 ):
                     out = _call(model, calls, model_inputs)
+                calls.clear()  # the copies of the leaves the forward got: kept by the graph where it needs them
                 if causal and attention_mask is not None and key == "inputs_embeds" and not callable(target):
                     _check_pooled_padding(model, logits_of(out), attention_mask)
                 explained, ids = select_target(out, target, target_mask, batches.pop() if len(batches) == 1 else None)
@@ -718,15 +724,18 @@ def input_leaves(
     embedding: Union[None, str, nn.Module],
     model_inputs: Dict[str, Any],
     forward: Optional[Callable] = None,
+    ids_to_the_model: bool = False,
 ) -> Tuple[Dict[str, Tuple[str, Tensor]], Dict[str, Tensor], Optional[nn.Module]]:
     """The given inputs as relevance leaves: ``(leaves, calls, hooked)``. ``leaves``: by the name each
     was given under, in the order of :func:`attribute`'s parameters, ``(the model's keyword for it,
     the leaf)``; ids are embedded (with :func:`embedding_module`) and the embeddings are the leaf.
     ``calls``: what the model is called with. ``hooked``: for a forward that takes no
     ``inputs_embeds``, the module that embeds ``input_ids``, which must return the ``input_ids``
-    leaf while the model is called with the ids themselves (``None`` otherwise). ``forward``: the
-    model's own forward, whose parameters say which inputs it takes (by default ``model.forward``; a
-    patched model's is the patch's)."""
+    leaf while the model is called with the ids themselves (``None`` otherwise); with
+    ``ids_to_the_model`` that is so for every forward that takes ``input_ids``: the model then runs on
+    the ids as it would without lrpcpp, also where it reads them besides embedding them. ``forward``: the model's own
+    forward, whose parameters say which inputs it takes (by default ``model.forward``; a patched
+    model's is the patch's)."""
     given = _given_inputs(input_ids, inputs_embeds, pixel_values, decoder_input_ids, decoder_inputs_embeds)
     if embedding is not None and input_ids is None:
         raise ValueError("lrpcpp.attribute: embedding= is the module that embeds input_ids; give it with input_ids")
@@ -750,14 +759,26 @@ def input_leaves(
         else:
             leaves[name] = _decoder_input(model, decoder_input_ids, decoder_inputs_embeds, forward)
     # a forward without inputs_embeds gets input_ids, and the embedding module's output is the leaf
-    hooked = embedder is not None and not _takes_input(model, "inputs_embeds", forward)
+    hooked = embedder is not None and (
+        not _takes_input(model, "inputs_embeds", forward)
+        or (ids_to_the_model and _takes_input(model, "input_ids", forward))
+    )
     calls: Dict[str, Tensor] = {}  # what the model is called with
     for keyword, t in leaves.values():
         if hooked and keyword == "inputs_embeds" and input_ids is not None:
             calls["input_ids"] = input_ids  # the hooked embedding module returns the leaf t
         else:
-            calls[keyword] = t
+            calls[keyword] = for_the_forward(t)
     return leaves, calls, embedder if hooked else None
+
+
+def for_the_forward(leaf: Tensor) -> Tensor:
+    """What the model's forward gets for a relevance leaf: a copy, which the forward may write into in
+    place (CTRL scales its embeddings with ``*=``, which autograd refuses on a leaf that requires grad).
+    The gradient reaches the leaf through it, and a caller's tensor, whose storage the leaf shares, is
+    never written. (Copied with gradients enabled: ``attribute`` may be called under ``torch.no_grad()``.)"""
+    with torch.enable_grad():
+        return leaf.clone()
 
 
 def _given_inputs(
