@@ -2,6 +2,8 @@
 
 import torch
 import transformers as tfm
+from transformers import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 VOCAB = 64
 _DECODER = dict(
@@ -135,3 +137,46 @@ def attribute_ruled(model, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnruledOperationWarning)
         return lrpcpp.attribute(model, **kw)
+
+
+# the sizes of a small model of any causal language model type, where its config has them
+_SMALL = dict(
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    vocab_size=VOCAB,
+    max_position_embeddings=64,
+    d_model=32,
+    ffn_dim=48,
+    num_layers=2,
+    moe_intermediate_size=16,
+    num_local_experts=4,
+    num_experts=4,
+    num_experts_per_tok=2,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def build_from_defaults(model_type: str):
+    """A float32 model of ``model_type`` from its config's defaults, with the sizes above where it has
+    them (float32: torch's grouped matrix product of the experts has no float64 kernel)."""
+    config = CONFIG_MAPPING[model_type]()
+    for key, value in _SMALL.items():
+        if hasattr(config, key):
+            try:
+                setattr(config, key, value)
+            except AttributeError:  # a property derived from other attributes
+                pass
+    if getattr(config, "layer_types", None) is not None:
+        try:
+            config.layer_types = config.layer_types[: config.num_hidden_layers]
+        except AttributeError:  # derived from the number of layers
+            pass
+    torch.manual_seed(0)
+    model = getattr(tfm, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])(config)
+    return model.eval()

@@ -95,7 +95,7 @@ def test_a_module_with_conv_transpose_is_explained_without_a_warning():
         ("torch.cumsum", lambda x: torch.cumsum(x, -1)),
         ("Tensor.pow", lambda x: x.pow(2)),
         ("torch._C._nn.upsample_linear1d", lambda x: F.interpolate(x[None], scale_factor=2.0, mode="linear")[0]),
-        ("Tensor.amax", lambda x: x.amax(-1)),
+        ("Tensor.prod", lambda x: x.prod(-1)),
     ],
 )
 def test_an_op_without_a_rule_is_named_in_a_warning(name, fn):

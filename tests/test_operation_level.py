@@ -213,6 +213,120 @@ def test_unruled_torch_functions_are_counted_and_named():
         lrpcpp.attribute(Cumprod(), inputs_embeds=x, level="operations", strict=True)
 
 
+# beta * c + alpha * (a @ b) in every spelling of torch's affine products, the factors by position
+# or by name (Bloom's attention calls torch.baddbmm with batch1= and batch2=)
+_AFFINE_PRODUCTS = {
+    "addmm": lambda c, a, b: torch.addmm(c[0], a[0], b[0].mT, beta=0.5, alpha=2.0),
+    "addmm, named": lambda c, a, b: torch.addmm(c[0], mat1=a[0], mat2=b[0].mT, beta=0.5, alpha=2.0),
+    "Tensor.addmm": lambda c, a, b: c[0].addmm(a[0], mat2=b[0].mT, beta=0.5, alpha=2.0),
+    "baddbmm": lambda c, a, b: torch.baddbmm(c, a, b.mT, beta=0.5, alpha=2.0),
+    "baddbmm, named": lambda c, a, b: torch.baddbmm(c, batch1=a, batch2=b.mT, beta=0.5, alpha=2.0),
+    "Tensor.baddbmm": lambda c, a, b: c.baddbmm(batch1=a, batch2=b.mT, beta=0.5, alpha=2.0),
+    "addbmm": lambda c, a, b: torch.addbmm(c[0], batch1=a, batch2=b.mT, beta=0.5, alpha=2.0),
+}
+_AFFINE_PRODUCTS["addcmul"] = lambda c, a, b: torch.addcmul(c[..., :4], a, b, value=2.0)
+_AFFINE_PRODUCTS["Tensor.addcmul"] = lambda c, a, b: c[..., :4].addcmul(a, tensor2=b, value=2.0)
+_WRITTEN_OUT = {
+    "addcmul": lambda c, a, b: c[..., :4] + 2.0 * (a * b),
+    "addmm": lambda c, a, b: 0.5 * c[0] + 2.0 * (a[0] @ b[0].mT),
+    "baddbmm": lambda c, a, b: 0.5 * c + 2.0 * (a @ b.mT),
+    "addbmm": lambda c, a, b: 0.5 * c[0] + 2.0 * (a @ b.mT).sum(0),
+}
+
+
+class _AffineProduct(nn.Module):
+    def __init__(self, product):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(3, 5)
+        self.product = product
+
+    def forward(self, inputs_embeds):
+        x = inputs_embeds  # [2, 5, 3]
+        return self.product(self.c(x), self.a(x), self.b(x)).sum()
+
+
+@pytest.mark.parametrize("method", ["attnlrp", "cp-lrp"])
+@pytest.mark.parametrize("spelling", sorted(_AFFINE_PRODUCTS))
+def test_affine_products_split_the_relevance_of_their_two_factors(spelling, method):
+    torch.manual_seed(0)
+    model = _AffineProduct(_AFFINE_PRODUCTS[spelling]).double()
+    written = _AffineProduct(_WRITTEN_OUT[spelling.split(",")[0].removeprefix("Tensor.")]).double()
+    written.load_state_dict(model.state_dict())
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    got = lrpcpp.attribute(model, inputs_embeds=x, target=lambda y: y, level="operations", method=method)
+    want = lrpcpp.attribute(written, inputs_embeds=x, target=lambda y: y, level="operations", method=method)
+    assert dict(got.coverage.unruled) == {}
+    assert sum(got.coverage.ruled.values()) == 1
+    torch.testing.assert_close(got.relevance, want.relevance, rtol=1e-12, atol=1e-14)
+    # the product's relevance is split between a and b, not all of it passed as the plain gradient
+    plain = x * torch.autograd.grad(model(x.requires_grad_()), x)[0]
+    assert (got.relevance - plain).abs().max() > 1e-3
+
+
+# clamp in its spellings: an element-wise function of one carrier, the identity rule as hardtanh has it
+_CLAMPS = {
+    "torch.clamp": lambda h: torch.clamp(h, -0.5, 0.5),
+    "Tensor.clamp": lambda h: h.clamp(min=-0.5, max=0.5),
+    "torch.clip": lambda h: torch.clip(h, -0.5, 0.5),
+    "Tensor.clamp_": lambda h: (h * 1).clamp_(-0.5, 0.5),
+    "clamp_min and clamp_max": lambda h: h.clamp_min(-0.5).clamp_max(0.5),
+}
+
+
+class _Clamped(nn.Module):
+    def __init__(self, clamp):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 6), nn.Linear(6, 2)
+        self.clamp = clamp
+
+    def forward(self, inputs_embeds):
+        return self.b(self.clamp(self.a(inputs_embeds))).sum(1)
+
+
+@pytest.mark.parametrize("spelling", sorted(_CLAMPS))
+def test_clamp_takes_the_identity_rule(spelling):
+    torch.manual_seed(0)
+    model = _Clamped(_CLAMPS[spelling]).double()
+    if spelling == "clamp_min and clamp_max":  # two identity-rule steps, each with its stabiliser
+        reference = _Clamped(lambda h: F.hardtanh(F.hardtanh(h, -0.5, 1e30), -1e30, 0.5)).double()
+    else:
+        reference = _Clamped(lambda h: F.hardtanh(h, -0.5, 0.5)).double()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    got = lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True)
+    want = lrpcpp.attribute(reference, inputs_embeds=x, level="operations")
+    assert not got.coverage.unruled
+    torch.testing.assert_close(got.relevance, want.relevance, rtol=1e-12, atol=1e-15)
+    plain = x * torch.autograd.grad(model(x.requires_grad_())[:, got.target].diagonal().sum(), x)[0]
+    assert (got.relevance - plain).abs().max() > 1e-3  # the rule differs from the clipped gradient
+
+
+class _Attention(nn.Module):
+    def __init__(self, stabilised):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+        self.stabilised = stabilised
+
+    def forward(self, inputs_embeds):
+        x = inputs_embeds
+        scores = self.q(x) @ self.k(x).mT
+        if self.stabilised:  # the maximum's own gradient (a selection) cancels in the softmax's
+            scores = scores - scores.max(dim=-1, keepdim=True).values
+        return (torch.softmax(scores, -1) @ self.v(x)).sum(1)
+
+
+@pytest.mark.parametrize("method", ["attnlrp", "cp-lrp"])
+def test_a_softmax_less_its_row_maximum_has_the_relevance_of_the_softmax(method):
+    torch.manual_seed(0)
+    model, plain = _Attention(True).double(), _Attention(False).double()
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    got = lrpcpp.attribute(model, inputs_embeds=x, level="operations", method=method, strict=True)
+    want = lrpcpp.attribute(plain, inputs_embeds=x, level="operations", method=method)
+    assert got.coverage.passed["Tensor.max"] == 1
+    torch.testing.assert_close(got.relevance, want.relevance, rtol=1e-10, atol=1e-14)
+
+
 class _FunctionalRelu(nn.Module):
     def __init__(self):
         super().__init__()

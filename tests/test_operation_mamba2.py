@@ -10,8 +10,7 @@ import pytest
 import torch
 import transformers as tfm
 from lrpcpp.models import patching
-from lrpcpp.models.operations import UnruledOperationWarning
-from models import attribute_ruled, bias_free
+from models import attribute_ruled, bias_free, build_from_defaults
 from torch.nn import functional as F
 
 VOCAB = 40
@@ -168,10 +167,26 @@ def test_mamba2_coverage_and_forward_are_unchanged():
 
 def test_mamba2_rule_differs_from_the_plain_operation_level(monkeypatch):
     # without the held scan parameters (the mixer's forward unpatched), the products of Δ, B and C with the
-    # sequence are split and the clamp of Δ is unruled: another relevance
+    # sequence are split and the clamp of Δ takes the identity rule: another relevance
     model, input_ids = build(), ids()
     got = attribute_ruled(model, input_ids=input_ids)
     monkeypatch.setattr(patching, "_patch_chunked_scan", lambda *args: None)
-    with pytest.warns(UnruledOperationWarning, match=r"torch.clamp \(x2\)"):
-        plain = lrpcpp.attribute(model, input_ids=input_ids)
+    plain = lrpcpp.attribute(model, input_ids=input_ids, strict=True)
+    assert plain.coverage.ruled["torch.clamp"] == 2
     assert (got.relevance - plain.relevance).norm() > 0.01 * got.relevance.norm()
+
+
+def test_a_hybrid_of_attention_and_mamba2_mixers_holds_its_scan_parameters():
+    # FalconH1: attention and a Mamba2 mixer side by side in each layer. Under transformers 4.x its
+    # mixer's torch-only scan names its first argument input_states, the forward's hidden_states.
+    model = build_from_defaults("falcon_h1")
+    input_ids = ids()
+    with lrpcpp.patch(model) as handle:
+        assert handle.level == "operations"
+        assert any("step size and B, C held constant" in what for what in handle.patched.values()), handle.patched
+    got = attribute_ruled(model, input_ids=input_ids)
+    assert got.coverage.unruled == {}
+    assert torch.isfinite(got.relevance).all() and got.relevance.abs().sum() > 0
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits[:, -1]
+    torch.testing.assert_close(logits.gather(1, got.target[:, None])[:, 0], got.output, rtol=1e-5, atol=1e-6)

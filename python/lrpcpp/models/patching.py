@@ -80,9 +80,19 @@ _TORCH_ACTIVATIONS = (
 _GRADIENT_IS_IDENTITY = (nn.ReLU,)
 
 
+# the ends of the class names of activations that models define for themselves (BLOOM's BloomGelu)
+_ACTIVATION_NAMES = ("gelu", "silu", "swish", "relu", "mish", "tanh", "sigmoid", "softplus")
+
+
 def is_activation(module: nn.Module) -> bool:
-    """An element-wise activation module: torch.nn's, or any of Hugging Face's ``transformers.activations``."""
-    return isinstance(module, _TORCH_ACTIVATIONS) or type(module).__module__ == "transformers.activations"
+    """An element-wise activation module: torch.nn's, any of Hugging Face's ``transformers.activations``,
+    or a model's own (BLOOM's ``BloomGelu``): a module with no parameters, buffers or submodules whose
+    class name ends in an activation's name (``...Gelu``, ``...SiLU``, ``...Swish``, ...)."""
+    if isinstance(module, _TORCH_ACTIVATIONS) or type(module).__module__ == "transformers.activations":
+        return True
+    return type(module).__name__.lower().endswith(_ACTIVATION_NAMES) and not (
+        module._parameters or module._buffers or module._modules
+    )
 
 
 def _out_of_place(module: nn.Module, forward: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
@@ -867,11 +877,21 @@ def _patch_chunked_scan(handle: PatchHandle, name: str, module: nn.Module) -> No
     of the scanned sequence, as :func:`_patch_selective_scan` does for Mamba. The gated RMSNorm gets
     the operation level's rules: the product ``y * silu(z)`` split (or the gate held, with CP-LRP), its
     normalising factor held constant. A mixer with a torch-only ``torch_forward`` (transformers 4.x)
-    runs it, not the fused kernels."""
+    runs it, not the fused kernels, with the forward's arguments in the forward's order (FalconH1's
+    names its first ``input_states`` where the forward's is ``hidden_states``)."""
     conv, heads = module.get_submodule("conv1d"), module.get_parameter("A_log").numel()
     inner = module.get_submodule("out_proj").in_features
-    forward = getattr(type(module), "torch_forward", None)
-    forward = types.MethodType(forward, module) if callable(forward) else module.forward
+    torch_only = getattr(type(module), "torch_forward", None)
+    forward = module.forward
+    if callable(torch_only):
+        arguments = inspect.signature(forward)
+
+        def scan(*args, **kwargs):
+            bound = arguments.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return torch_only(module, *bound.args, **bound.kwargs)
+
+        forward = scan
 
     def held_forward(*args, **kwargs):
         with _HeldScanParameters(inner, conv.in_channels, heads):

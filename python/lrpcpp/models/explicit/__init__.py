@@ -22,11 +22,11 @@ projection of a detached input): weights and biases take part in the computation
 no argument carries relevance (mask and position construction, anything under ``torch.no_grad``)
 run untouched. The functions of :data:`PASS_THROUGH` keep their ordinary gradient, which is the
 exact relevance rule for them (views, reshapes, transposes, concatenation, slicing, expansion,
-``torch.where`` selection, dtype casts, ...); any other function without an entry in
-:data:`RULES` keeps its gradient with an :class:`UnruledOperationWarning` that names it. Dropout
-is off, whatever the training flag. A Python-level torch function without an entry
-(``F.multi_head_attention_forward``, for example) runs with the rules still active, so the calls
-it makes are mapped in turn.
+``torch.where`` selection, dtype casts, ``scatter`` placement, ``max``/``min`` as winner-takes-all,
+...); any other function without an entry in :data:`RULES` keeps its gradient with an
+:class:`UnruledOperationWarning` that names it. Dropout is off, whatever the training flag. A
+Python-level torch function without an entry (``F.multi_head_attention_forward``, for example)
+runs with the rules still active, so the calls it makes are mapped in turn.
 
 The mode is active only inside its ``with`` block, in the thread that entered it; nothing in
 torch is changed.

@@ -79,6 +79,21 @@ _PASS_TENSOR_METHODS = (
     "copy_",
     "requires_grad_",
     "topk",
+    # placements: a carrier's values written where an index says (a router's scores scattered over
+    # the experts)
+    "scatter",
+    "scatter_",
+    "index_copy",
+    "index_copy_",
+    "masked_scatter",
+    "masked_scatter_",
+    # selections, winner-takes-all as max pooling: the maximum (minimum) takes all the relevance
+    "max",
+    "min",
+    "amax",
+    "amin",
+    "maximum",
+    "minimum",
 )
 _PASS_TORCH_FUNCTIONS = (
     "reshape",
@@ -120,6 +135,18 @@ _PASS_TORCH_FUNCTIONS = (
     "hstack",
     "vstack",
     "topk",
+    # (placements and selections as above; complex views, for rotary embeddings by complex products)
+    "scatter",
+    "index_copy",
+    "masked_scatter",
+    "view_as_real",
+    "view_as_complex",
+    "max",
+    "min",
+    "amax",
+    "amin",
+    "maximum",
+    "minimum",
     "max_pool1d",
     "max_pool2d",
     "max_pool3d",

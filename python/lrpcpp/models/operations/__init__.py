@@ -16,11 +16,11 @@ from . import handlers
 from .mode import Coverage, GradientRules, UnruledOperationError, UnruledOperationWarning, warn_unruled
 
 #: The torch functions with a gradient-mode rule, ``{function: handler}``: products of two
-#: relevance carriers (``mul``, ``matmul``/``bmm``/``mm``, ``einsum``, ``addmm``/``baddbmm``,
+#: relevance carriers (``mul``, ``matmul``/``bmm``/``mm``, ``einsum``, ``addmm``/``baddbmm``/``addbmm``, ``addcmul``,
 #: ``F.scaled_dot_product_attention``), normalisers (a carrying divisor, ``rsqrt``, ``reciprocal``,
 #: norms, variances, ``F.normalize``), ``F.layer_norm``, ``F.group_norm``, ``F.instance_norm``
 #: (each group's standard deviation held constant), ``F.rms_norm`` and element-wise functions
-#: of one carrier (activations, ``exp``, ``pow``, ``sqrt``, ``square``).
+#: of one carrier (activations, ``exp``, ``pow``, ``sqrt``, ``square``, ``clamp``).
 RULES: Mapping[Callable, Callable] = handlers.RULES
 
 #: The torch functions whose ordinary gradient is the gradient-mode rule: linear maps, additions,

@@ -66,11 +66,22 @@ def _grouped_mm(mode, func, mat_a, mat_b, *args, **kwargs):
     return func(a, b, *args, **kwargs)
 
 
-def _affine_mm(mode, func, input, mat1, mat2, *, beta=1, alpha=1, out=None):
-    if out is not None or not (carries(mat1) and carries(mat2)):
+def _affine_mm(mode, func, input, *factors, beta=1, alpha=1, out=None, **named):
+    # beta * input + alpha * (a @ b): the factors by position or by name (addmm's mat1 and mat2,
+    # baddbmm's and addbmm's batch1 and batch2)
+    factors += tuple(named.pop(n) for n in ("mat1", "mat2", "batch1", "batch2") if n in named)
+    if out is not None or named or len(factors) != 2 or not all(carries(f) for f in factors):
         return NotImplemented
-    a, b = _products(mode, (mat1, mat2))
+    a, b = _products(mode, factors)
     return func(input, a, b, beta=beta, alpha=alpha)
+
+
+def _addcmul(mode, func, input, tensor1, tensor2, *, value=1, out=None):
+    # input + value * tensor1 * tensor2, element-wise
+    if out is not None or not (carries(tensor1) and carries(tensor2)):
+        return NotImplemented
+    a, b = _products(mode, (tensor1, tensor2))
+    return func(input, a, b, value=value)
 
 
 def _einsum(mode, func, equation, *operands):
@@ -234,7 +245,7 @@ _ACTIVATIONS: Tuple[str, ...] = (
     "hardswish",
 )
 _ACTIVATIONS += ("hardsigmoid", "softplus", "mish", "tanh", "sigmoid", "logsigmoid", "tanhshrink", "softsign")
-_ELEMENTWISE = ("tanh", "sigmoid", "relu", "exp", "sqrt", "square")
+_ELEMENTWISE = ("tanh", "sigmoid", "relu", "exp", "sqrt", "square", "clamp", "clip", "clamp_min", "clamp_max")
 # relu's own gradient is the identity rule's gradient form exactly (relu(x) = relu'(x) x, 0 where x <= 0):
 # it is in EXACT, not given the factor y / stab(x)
 _GRADIENT_IS_IDENTITY = ("relu", "relu_")
@@ -242,7 +253,8 @@ _MUL = ("mul", "multiply", "__mul__", "__rmul__")
 _MATMUL = ("matmul", "__matmul__", "bmm", "mm")
 _GROUPED_MM = _spellings(["_grouped_mm"], torch) + _spellings(["grouped_mm"], F)
 _DIV = ("div", "divide", "true_divide", "__truediv__", "__div__")
-_NORMALISERS = ("rsqrt", "reciprocal", "norm", "var", "std", "var_mean", "std_mean")
+# (logsumexp: the log of a softmax's denominator, as in an attention sink's scale sigmoid(lse - sink))
+_NORMALISERS = ("rsqrt", "reciprocal", "norm", "var", "std", "var_mean", "std_mean", "logsumexp")
 
 # Described where it is public, as lrpcpp.models.operations.RULES.
 RULES: Mapping[Callable, Callable] = MappingProxyType(
@@ -251,7 +263,8 @@ RULES: Mapping[Callable, Callable] = MappingProxyType(
         (_spellings(_MUL + _MATMUL, torch, _T), _product),
         (_spellings(["__rmatmul__"], _T), lambda m, f, a, b: _product(m, f, a, b)),
         (_spellings(["mul_", "multiply_", "__imul__"], _T), inplace_form(_product, _T.mul)),
-        (_spellings(["addmm", "baddbmm"], torch, _T), _affine_mm),
+        (_spellings(["addmm", "baddbmm", "addbmm"], torch, _T), _affine_mm),
+        (_spellings(["addcmul"], torch, _T), _addcmul),
         (_GROUPED_MM, _grouped_mm),
         ([torch.einsum], _einsum),
         ([F.scaled_dot_product_attention], _sdpa),
@@ -271,7 +284,11 @@ RULES: Mapping[Callable, Callable] = MappingProxyType(
         (_spellings(_without_relu(_ELEMENTWISE), torch, _T), _identity()),
         (_spellings(["pow", "__pow__"], torch, _T), _pow),
         (_spellings(["elu_", "leaky_relu_", "hardtanh_"], F, torch), _identity(inplace=True)),
-        (_spellings(["tanh_", "sigmoid_", "exp_", "sqrt_", "square_"], _T), _identity(inplace=True)),
+        (
+            _spellings(["tanh_", "sigmoid_", "exp_", "sqrt_", "square_"], _T)
+            + _spellings(["clamp_", "clip_", "clamp_min_", "clamp_max_"], _T),
+            _identity(inplace=True),
+        ),
     )
 )
 
@@ -308,7 +325,7 @@ _FUNCTIONAL += ("adaptive_avg_pool3d", "batch_norm", "softmax", "log_softmax", "
 EXACT = frozenset(
     list(PASS_THROUGH)
     + list(DROPOUT)
-    + _spellings(_LINEAR + _MUL + _MATMUL + _DIV + ("addmm", "baddbmm"), torch, _T)
+    + _spellings(_LINEAR + _MUL + _MATMUL + _DIV + ("addmm", "baddbmm", "addbmm", "addcmul"), torch, _T)
     + _spellings(_INPLACE + ("mul_", "multiply_", "__imul__", "div_", "divide_", "__itruediv__"), _T)
     + _spellings(["__rmatmul__", "__rdiv__", "__rtruediv__"], _T)
     + _spellings(_FUNCTIONAL, F)
