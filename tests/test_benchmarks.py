@@ -1,5 +1,6 @@
 """Smoke test of the benchmark scripts: the quick mode runs end to end and prints its report."""
 
+import json
 import os
 import subprocess
 import sys
@@ -126,3 +127,31 @@ def test_tensor_memory_quick():
     peaks = [float(row.split(" | ")[3]) for row in rows]
     assert all(p > 0 for p in peaks) and rows[0].split(" | ")[4] == "1.000"
     assert "vit, registry - plain, live at the peak:" in proc.stdout
+
+
+def test_family_sweep_names_each_outcome(tmp_path):
+    out = tmp_path / "sweep.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "scripts", "family_sweep.py"),
+            "--only",
+            "gpt2",
+            "bloom",
+            "axk1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(out.read_text())["results"]
+    assert results["gpt2"] == dict(outcome="explained", unruled={}, level="registry", finite=True, value=True)
+    assert results["bloom"]["outcome"] == "explained" and results["bloom"]["level"] == "operations"
+    # axk1's default config does not run at the sweep's small sizes: the model's limit, not lrpcpp's
+    assert results["axk1"]["outcome"] == "model"
+    assert "3 model types: {'model': 1, 'explained': 2}" in proc.stdout  # (in the order first seen)

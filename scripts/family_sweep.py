@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""Every causal language model of the installed transformers, explained by ``lrpcpp.attribute``: which
+ones lrpcpp explains with a rule for every relevance-carrying call, which calls it has no rule for,
+and which models fail, and where.
+
+Run from the repository root::
+
+    PYTHONPATH=python .venv/bin/python scripts/family_sweep.py [--only gpt2 bloom ...] [--json FILE]
+
+Each model type of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` is built from its config's defaults, made small
+(hidden size 32, 2 layers, 4 heads, ...: the attributes below, where the config has them), with random
+weights in float32, and explained for 10 random token ids (``level="auto"``: the registry where a family
+entry describes the model, else the operation level). One forked process per model, so that a model
+that needs much memory or time (``--timeout``) does not stop the sweep. Each model ends in one of:
+
+* ``explained``: the explained value is the model's own logit and the relevance is finite, with a rule
+  for every call (``coverage.unruled`` empty at the operation level);
+* ``unruled``: explained, with the calls that kept their plain gradient named;
+* ``lrpcpp error``: the attribution raised, though the model's own forward runs;
+* ``model``: the model could not be built from its small config, or its own forward fails on it
+  (a sweep's limit, not lrpcpp's: nested configs, required extra inputs, ...);
+* ``timeout`` or ``crash``.
+"""
+
+import argparse
+import json
+import os
+import resource
+import signal
+import sys
+import time
+import traceback
+import warnings
+
+import lrpcpp
+import torch
+import transformers as tfm
+from transformers import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+SMALL = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    vocab_size=128,
+    max_position_embeddings=128,
+    n_embd=32,
+    n_layer=2,
+    n_head=4,
+    d_model=32,
+    n_positions=128,
+    ffn_dim=64,
+    d_ff=64,
+    num_layers=2,
+    num_heads=4,
+    moe_intermediate_size=32,
+    num_experts=4,
+    num_local_experts=4,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    shared_expert_intermediate_size=32,
+    kv_lora_rank=16,
+    q_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=8,
+    sliding_window=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+MEMORY_LIMIT = 12 << 30  # address space of one model's process
+
+
+def build(model_type: str) -> torch.nn.Module:
+    config = CONFIG_MAPPING[model_type]()
+    for key, value in SMALL.items():
+        if hasattr(config, key):
+            try:
+                setattr(config, key, value)
+            except Exception:  # a derived or validated attribute: the default stays
+                pass
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = config.layer_types[: config.num_hidden_layers]
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
+    cls = getattr(tfm, name if isinstance(name, str) else name[0])
+    torch.manual_seed(0)
+    try:
+        config._attn_implementation = "sdpa"
+        model = cls(config)
+    except ValueError:  # no sdpa implementation
+        config._attn_implementation = "eager"
+        model = cls(config)
+    return model.eval()
+
+
+def _short(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:240]}"
+
+
+def explain(model_type: str) -> dict:
+    """The outcome for one model type (run in the child process)."""
+    try:
+        model = build(model_type)
+        ids = torch.randint(3, 100, (1, 10))
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, -1]
+    except Exception as e:
+        return dict(outcome="model", why=_short(e))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the unruled calls are read from the coverage
+        try:
+            got = lrpcpp.attribute(model, input_ids=ids)
+        except Exception as e:
+            frame = traceback.extract_tb(e.__traceback__)[-1]
+            return dict(outcome="lrpcpp error", why=_short(e), where=f"{frame.filename}:{frame.lineno}")
+    level = "registry" if got.coverage is None else "operations"
+    checks = dict(
+        level=level,
+        finite=bool(torch.isfinite(got.relevance).all()),
+        value=bool(torch.allclose(got.output[0], logits[got.target[0]], rtol=1e-4, atol=1e-5)),
+    )
+    unruled = dict(got.coverage.unruled) if got.coverage is not None else {}
+    if not (checks["finite"] and checks["value"]):
+        return dict(outcome="lrpcpp error", why=f"checks failed: {checks}", **checks)
+    return dict(outcome="unruled" if unruled else "explained", unruled=unruled, **checks)
+
+
+def run_forked(model_type: str, timeout: float) -> dict:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: one model, its result as one JSON line on the pipe
+        os.close(read)
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+        try:
+            result = explain(model_type)
+        except BaseException as e:  # (MemoryError and the like: reported, not raised in a fork)
+            result = dict(outcome="crash", why=_short(e))
+        os.write(write, json.dumps(result).encode())
+        os._exit(0)
+    os.close(write)
+    start = time.monotonic()
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() - start > timeout:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(read)
+            return dict(outcome="timeout", why=f"over {timeout:.0f} s")
+        time.sleep(0.1)
+    with os.fdopen(read, "rb") as pipe:
+        data = pipe.read()
+    if not data:
+        return dict(outcome="crash", why=f"exit status {status}")
+    return json.loads(data)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="+", default=None, help="model types to run (default: all)")
+    ap.add_argument("--timeout", type=float, default=150.0, help="seconds per model (default 150)")
+    ap.add_argument("--json", default=None, help="also write the results to this file")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    types = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    unknown = sorted(set(args.only or ()) - set(types))
+    if unknown:
+        ap.error(f"not causal language model types of transformers {tfm.__version__}: {', '.join(unknown)}")
+    results = {}
+    for i, model_type in enumerate(t for t in types if not args.only or t in args.only):
+        results[model_type] = result = run_forked(model_type, args.timeout)
+        detail = result.get("why") or ", ".join(f"{n} x{c}" for n, c in sorted(result.get("unruled", {}).items()))
+        print(f"[{i + 1}] {model_type}: {result['outcome']}" + (f" ({detail})" if detail else ""), flush=True)
+    counts: dict = {}
+    for result in results.values():
+        counts[result["outcome"]] = counts.get(result["outcome"], 0) + 1
+    print(f"transformers {tfm.__version__}, torch {torch.__version__}: {len(results)} model types: {counts}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(transformers=tfm.__version__, torch=torch.__version__, results=results), f, indent=1)
+    return 1 if counts.get("lrpcpp error") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
