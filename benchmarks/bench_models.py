@@ -78,7 +78,7 @@ import time
 
 import results_file  # benchmarks/results_file.py
 import torch
-from machine import cpu_model, proc_status_kb  # benchmarks/machine.py
+from machine import MMAP_THRESHOLD, cpu_model, fix_mmap_threshold, proc_status_kb  # benchmarks/machine.py
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
@@ -554,7 +554,9 @@ def setup_ms(model, reps=7):
 
 
 # ----------------------------------------------------------------------------- memory
-def mem_child(key, variant, quick):
+def mem_child(key, variant, quick, malloc_default):
+    if not malloc_default:
+        fix_mmap_threshold()
     sizes = QUICK if quick else FULL
     case = build_case(key, sizes, quick)
     frozen, fn = next((f, fn) for v, f, fn in variants_of(key, memory=True) if v == variant)
@@ -582,7 +584,7 @@ def mem_child(key, variant, quick):
     print(json.dumps(dict(key=key, variant=variant, before_kb=before, peak_kb=peak, method=method, lib=LIB_AT_IMPORT)))
 
 
-def measure_memory(keys, runs, quick):
+def measure_memory(keys, runs, quick, malloc_default):
     """{(key, variant): median-increase measurement}, one fresh subprocess per measurement."""
     env = dict(os.environ)
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(lrpcpp.__file__)))
@@ -596,6 +598,8 @@ def measure_memory(keys, runs, quick):
                 cmd = [sys.executable, os.path.abspath(__file__), "--mem-child", key, variant]
                 if quick:
                     cmd.append("--quick")
+                if malloc_default:
+                    cmd.append("--malloc-default")
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if proc.returncode != 0:
                     raise RuntimeError(f"memory subprocess {key}/{variant} failed:\n{proc.stderr[-3000:]}")
@@ -802,7 +806,15 @@ def render(res, mem, prof, load, args, wall):
         "warm-up calls; a round calls each variant of a model once (order alternating), all in one process. "
         "Memory: the peak RSS increase of one "
         "call over the RSS with the model and input loaded, in a fresh subprocess after one warm-up call "
-        f"(median of {args.mem_runs} subprocesses). Plain gradient: parameters `requires_grad_(False)`, the "
+        f"(median of {args.mem_runs} subprocesses), "
+        + (
+            "with glibc's default, moving mmap threshold (`--malloc-default`). "
+            if args.malloc_default
+            else f"with glibc's mmap threshold fixed at {MMAP_THRESHOLD // 1024} KiB (`machine.fix_mmap_threshold`: "
+            "every tensor of that size or more is mapped and unmapped as it lives and dies, so that the RSS "
+            "follows the tensors' memory rather than what earlier calls left in the heap). "
+        )
+        + "Plain gradient: parameters `requires_grad_(False)`, the "
         "embeddings (or pixels) require grad, forward, explained value, `torch.autograd.grad` to the embeddings. "
         "'params as loaded': `lrpcpp.attribute` on the model as built or as `from_pretrained` returns it, whose "
         "parameters require grad; 'params frozen': the same call after `requires_grad_(False)` on every parameter.",
@@ -1116,13 +1128,19 @@ def main():
     ap.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     ap.add_argument("--no-profile", action="store_true", help="skip the profiler breakdown")
     ap.add_argument(
+        "--malloc-default",
+        action="store_true",
+        help="measure the memory with glibc's own mmap threshold, which moves with what ran before (by "
+        "default the memory subprocesses fix it: benchmarks/machine.py fix_mmap_threshold)",
+    )
+    ap.add_argument(
         "--only", nargs="+", default=None, help="model keys to run (llama-128 llama-512 minilm vit llama-batched)"
     )
     ap.add_argument("--write", action="store_true", help=f"also write the section '{SECTION}' of benchmarks/RESULTS.md")
     ap.add_argument("--mem-child", nargs=2, metavar=("KEY", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.mem_child:
-        mem_child(*args.mem_child, args.quick)
+        mem_child(*args.mem_child, args.quick, args.malloc_default)
         return
     q = args.quick
     args.reps = args.reps or (1 if q else 7)
@@ -1189,7 +1207,7 @@ def main():
     mem = {}
     if not args.no_memory:
         progress("peak memory (subprocesses) ...")
-        mem = measure_memory(keys[:1] if q else keys, args.mem_runs, q)
+        mem = measure_memory(keys[:1] if q else keys, args.mem_runs, q, args.malloc_default)
 
     text = render(res, mem, prof, (load0, load1), args, time.perf_counter() - t_start)
     print(text)
