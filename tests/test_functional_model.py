@@ -152,6 +152,26 @@ def test_a_model_given_ids_runs_on_the_ids_as_it_does_without_lrpcpp():
     torch.testing.assert_close(got.relevance, x * grad, rtol=1e-10, atol=1e-14)
 
 
+class TransposesIds(ReadsIds):
+    """A forward that embeds the ids transposed (sequence first, as XLNet's): the embedding module is
+    not called with the ids themselves, so the model is explained through ``inputs_embeds``."""
+
+    def forward(self, input_ids=None, inputs_embeds=None):
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids.T.contiguous()).transpose(0, 1)
+        return self.head(torch.tanh(self.norm(inputs_embeds))).sum(1)
+
+
+def test_a_model_that_embeds_its_ids_transposed_is_explained_through_its_embeddings():
+    torch.manual_seed(0)
+    model, ids = TransposesIds().double(), torch.tensor([[1, 2, 3, 4], [5, 6, 7, 9]])
+    got = lrpcpp.attribute(model, input_ids=ids, target=0, level="operations", strict=True)
+    want = lrpcpp.attribute(model, inputs_embeds=model.embed(ids).detach(), target=0, level="operations")
+    assert torch.equal(got.relevance, want.relevance) and torch.equal(got.output, want.output)
+    assert sum(got.coverage.ruled.values()) == sum(want.coverage.ruled.values())  # (the ids' call counted nothing)
+    assert not model.embed._forward_hooks
+
+
 @pytest.mark.parametrize("embedding", [None, "embedded_name", "embedded_module"])
 def test_embedding_given_or_not_gives_the_default_on_a_registered_model(llama, embedding):
     kw = models.inputs("llama")

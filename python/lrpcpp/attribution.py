@@ -494,10 +494,14 @@ def embedded(
     finally:
         hook.remove()
     if not calls:
-        raise ValueError(
+        raise EmbeddingNotCalledError(
             f"{caller}: the embedding module ({type(module).__name__}) was not called with input_ids in the "
             "model's forward, so its relevance cannot be read; pass embedding= the module that embeds input_ids"
         )
+
+
+class EmbeddingNotCalledError(ValueError):
+    """The embedding module of :func:`embedded` was not called with the ids in the model's forward."""
 
 
 def is_causal_decoder(model: nn.Module) -> bool:
@@ -589,8 +593,9 @@ def attribute(
     model is called with the ids while a forward hook makes the embedding module return those
     embeddings, whose relevance is computed: the model runs as it does on the ids, also where it reads
     them besides embedding them (a layer norm applied to embedded ids only, routing by token id). A
-    forward that takes ``inputs_embeds`` and not ``input_ids``, and an encoder-decoder given a decoder
-    input, get the embeddings as ``inputs_embeds``.
+    forward that takes ``inputs_embeds`` and not ``input_ids``, one that takes both but never calls the
+    embedding module with the ids as given (then called a second time), and an encoder-decoder given a
+    decoder input get the embeddings as ``inputs_embeds``.
     ``target``: ``None`` (the top class, or the top next-token logit after the last unmasked position;
     of the decoder, masked by ``decoder_attention_mask``, when a decoder input is given),
     an int, an integer tensor of one id per item, a list of K ids (K relevance maps from one backward
@@ -678,9 +683,18 @@ def attribute(
                         )
                     )
             with torch.enable_grad(), handle.rules.context():
-                with embedded(
-                    hooked, input_ids, leaves["input_ids"][1] if hooked is not None else leaf, "lrpcpp.attribute"
-                ):
+                try:
+                    with embedded(
+                        hooked, input_ids, leaves["input_ids"][1] if hooked is not None else leaf, "lrpcpp.attribute"
+                    ):
+                        out = _call(model, calls, model_inputs)
+                except EmbeddingNotCalledError:
+                    if hooked is None or not _takes_input(model, "inputs_embeds"):
+                        raise
+                    # a forward that reads the ids before it embeds them (XLNet transposes them) and takes
+                    # embeddings too: called with those instead (the ids' call carried no relevance)
+                    del calls["input_ids"]
+                    calls["inputs_embeds"] = for_the_forward(leaves["input_ids"][1])
                     out = _call(model, calls, model_inputs)
                 calls.clear()  # the copies of the leaves the forward got: kept by the graph where it needs them
                 if causal and attention_mask is not None and key == "inputs_embeds" and not callable(target):
