@@ -223,9 +223,9 @@ _AFFINE_PRODUCTS = {
     "baddbmm, named": lambda c, a, b: torch.baddbmm(c, batch1=a, batch2=b.mT, beta=0.5, alpha=2.0),
     "Tensor.baddbmm": lambda c, a, b: c.baddbmm(batch1=a, batch2=b.mT, beta=0.5, alpha=2.0),
     "addbmm": lambda c, a, b: torch.addbmm(c[0], batch1=a, batch2=b.mT, beta=0.5, alpha=2.0),
+    "addcmul": lambda c, a, b: torch.addcmul(c[..., :4], a, b, value=2.0),
+    "Tensor.addcmul": lambda c, a, b: c[..., :4].addcmul(a, tensor2=b, value=2.0),
 }
-_AFFINE_PRODUCTS["addcmul"] = lambda c, a, b: torch.addcmul(c[..., :4], a, b, value=2.0)
-_AFFINE_PRODUCTS["Tensor.addcmul"] = lambda c, a, b: c[..., :4].addcmul(a, tensor2=b, value=2.0)
 _WRITTEN_OUT = {
     "addcmul": lambda c, a, b: c[..., :4] + 2.0 * (a * b),
     "addmm": lambda c, a, b: 0.5 * c[0] + 2.0 * (a[0] @ b[0].mT),

@@ -12,6 +12,7 @@ import torch
 from conftest import assert_relevance_close
 from lrpcpp.models.patching import computes_llama_rms_norm
 from models import build, inputs
+from test_gradient_input import saving
 from torch import nn
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -45,13 +46,6 @@ def test_the_layout_is_recognised_by_the_forward_and_not_by_the_name():
     assert not computes_llama_rms_norm(nn.RMSNorm(8))
 
 
-def _saved_by(norm, x):
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = norm(x)
-    return y, saved
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_norm_keeps_one_factor_per_row_and_gives_the_held_constant_gradient(dtype):
     model = build("llama", dtype=dtype)
@@ -62,7 +56,7 @@ def test_the_norm_keeps_one_factor_per_row_and_gives_the_held_constant_gradient(
     x = torch.randn(2, 5, 32, dtype=dtype, requires_grad=True)
     before = norm(x.detach())
     with lrpcpp.patch(model):
-        y, saved = _saved_by(norm, x)
+        y, saved = saving(lambda: norm(x))
     assert torch.equal(y, before)  # the module's value, bitwise
     assert all(t.shape[-1] != 32 or t is norm.weight for t in saved), [tuple(t.shape) for t in saved]
     assert any(t.shape == (2, 5, 1) for t in saved)
@@ -80,7 +74,7 @@ def test_a_float64_input_keeps_the_identity_rule():
     norm = model.model.layers[0].input_layernorm
     x = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
     with lrpcpp.patch(model):
-        y, saved = _saved_by(norm, x)
+        y, saved = saving(lambda: norm(x))
     assert any(t.shape == x.shape for t in saved)  # gi_identity's factor y / x
     y.backward(torch.ones_like(y))
     x2 = x.detach().clone().requires_grad_()

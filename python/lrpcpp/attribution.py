@@ -747,9 +747,9 @@ def input_leaves(
     ``inputs_embeds``, the module that embeds ``input_ids``, which must return the ``input_ids``
     leaf while the model is called with the ids themselves (``None`` otherwise); with
     ``ids_to_the_model`` that is so for every forward that takes ``input_ids``: the model then runs on
-    the ids as it would without lrpcpp, also where it reads them besides embedding them. ``forward``: the model's own
-    forward, whose parameters say which inputs it takes (by default ``model.forward``; a patched
-    model's is the patch's)."""
+    the ids as it would without lrpcpp, also where it reads them besides embedding them. ``forward``:
+    the model's own forward, whose parameters say which inputs it takes (by default ``model.forward``;
+    a patched model's is the patch's)."""
     given = _given_inputs(input_ids, inputs_embeds, pixel_values, decoder_input_ids, decoder_inputs_embeds)
     if embedding is not None and input_ids is None:
         raise ValueError("lrpcpp.attribute: embedding= is the module that embeds input_ids; give it with input_ids")

@@ -25,6 +25,7 @@ functions and registries shared with other models are never touched.
 """
 
 import contextlib
+import functools
 import inspect
 import textwrap
 import types
@@ -111,7 +112,6 @@ def _out_of_place(module: nn.Module, forward: Callable[[Tensor], Tensor], x: Ten
         flagged.inplace = True
 
 
-_RMS_NORM_SOURCE: List[Optional[str]] = []  # the source of LlamaRMSNorm.forward, read once (None: unavailable)
 _COMPUTES_LLAMA_RMS_NORM: "weakref.WeakKeyDictionary[type, bool]" = weakref.WeakKeyDictionary()
 
 
@@ -122,6 +122,16 @@ def _forward_source(cls: type) -> Optional[str]:
         return None
 
 
+@functools.lru_cache(maxsize=None)
+def _llama_rms_norm_source() -> Optional[str]:
+    """The source of transformers' ``LlamaRMSNorm.forward``, read once (``None`` without transformers)."""
+    try:
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    except ImportError:
+        return None
+    return _forward_source(LlamaRMSNorm)
+
+
 def computes_llama_rms_norm(module: nn.Module) -> bool:
     """Whether ``module``'s class has, line for line, the forward of transformers' ``LlamaRMSNorm``
     (``weight * (x.float() * rsqrt(mean(x.float()**2) + variance_epsilon)).to(x.dtype)``), as about 140
@@ -129,14 +139,7 @@ def computes_llama_rms_norm(module: nn.Module) -> bool:
     cls = type(module)
     known = _COMPUTES_LLAMA_RMS_NORM.get(cls)
     if known is None:
-        if not _RMS_NORM_SOURCE:
-            try:
-                from transformers.models.llama.modeling_llama import LlamaRMSNorm
-            except ImportError:
-                _RMS_NORM_SOURCE.append(None)
-            else:
-                _RMS_NORM_SOURCE.append(_forward_source(LlamaRMSNorm))
-        reference = _RMS_NORM_SOURCE[0]
+        reference = _llama_rms_norm_source()
         known = reference is not None and _forward_source(cls) == reference
         _COMPUTES_LLAMA_RMS_NORM[cls] = known
     return known and isinstance(_attribute(module, "weight"), Tensor)
