@@ -172,6 +172,36 @@ def test_a_model_that_embeds_its_ids_transposed_is_explained_through_its_embeddi
     assert not model.embed._forward_hooks
 
 
+class PromptsIds(ReadsIds):
+    """A forward that casts its ids to int32 and puts prompt ids before them, then embeds them all, as
+    CPM-Ant does (its forward takes no embeddings)."""
+
+    def forward(self, input_ids):
+        prompt = torch.tensor([[8, 9, 8]], dtype=torch.int32).expand(input_ids.shape[0], 3)
+        h = self.embed(torch.cat([prompt, input_ids.to(torch.int32)], 1))
+        return self.head(torch.tanh(self.norm(h))).sum(1)
+
+
+def test_ids_that_the_forward_extends_keep_the_relevance_of_their_own_positions():
+    torch.manual_seed(0)
+    model, ids = PromptsIds().double(), torch.tensor([[1, 2, 3, 4], [5, 6, 7, 9]])
+    got = lrpcpp.attribute(model, input_ids=ids, target=0, level="operations", strict=True)
+    with torch.no_grad():
+        assert torch.equal(got.output, model(ids)[:, 0])
+    assert got.relevance.shape == (2, 4, 4) and not model.embed._forward_hooks  # the given positions only
+    # written out in float64 (RULES.md section 2): the prompt's embeddings carry no relevance, the layer
+    # norm's standard deviation is held constant, tanh takes the identity rule with its stabiliser
+    x = model.embed(ids).detach().requires_grad_()
+    prompt = model.embed(torch.tensor([[8, 9, 8]])).detach().expand(2, 3, 4)
+    h = torch.cat([prompt, x], 1)
+    centred = h - h.mean(-1, keepdim=True)
+    sigma = (centred.pow(2).mean(-1, keepdim=True) + model.norm.eps).sqrt().detach()
+    n = centred / sigma * model.norm.weight + model.norm.bias
+    t = n * (torch.tanh(n) / (n + 1e-10 * torch.where(n >= 0, 1.0, -1.0))).detach()
+    (grad,) = torch.autograd.grad(model.head(t).sum(1)[:, 0].sum(), x)
+    torch.testing.assert_close(got.relevance, x * grad, rtol=1e-10, atol=1e-14)
+
+
 @pytest.mark.parametrize("embedding", [None, "embedded_name", "embedded_module"])
 def test_embedding_given_or_not_gives_the_default_on_a_registered_model(llama, embedding):
     kw = models.inputs("llama")

@@ -216,6 +216,7 @@ CALLS = {
     "llama4_text": "torch.view_as_complex",  # rotary embeddings by complex products; the router's scatter_
     "phimoe": "torch.scatter",  # the router's weights placed at the chosen experts
     "ernie4_5_moe": "torch.clamp",  # the routing weights' sum held above epsilon
+    "lara_mini": "torch._C._linalg.linalg_solve_triangular",  # the gated delta rule's chunk transform
 }
 
 
@@ -233,3 +234,15 @@ def test_every_call_of_these_families_has_a_rule(family):
     with lrpcpp.patch(model):
         patched = model(inputs_embeds=x.clone().requires_grad_()).logits
     assert torch.equal(patched, model(inputs_embeds=x).logits)
+
+
+def test_a_model_that_puts_prompt_ids_before_the_given_ones_is_explained():
+    # CPM-Ant: its forward takes no embeddings, casts the ids to int32 and embeds them after prompt ids
+    model, ids = build_from_defaults("cpmant"), inputs("llama")["input_ids"]
+    got = lrpcpp.attribute(model, input_ids=ids, strict=True)
+    assert got.coverage is not None and got.coverage.unruled == {}
+    assert got.relevance.shape[:2] == ids.shape
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, -1]
+    torch.testing.assert_close(logits.gather(1, got.target[:, None])[:, 0], got.output, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(got.relevance).all() and got.relevance.abs().sum() > 0

@@ -301,6 +301,47 @@ def test_clamp_takes_the_identity_rule(spelling):
     assert (got.relevance - plain).abs().max() > 1e-3  # the rule differs from the clipped gradient
 
 
+# linear systems whose matrix carries relevance (a gated delta rule's chunk transform): the matrix is a
+# divisor, held constant, and the solution is linear in the right-hand side
+_SOLVES = {
+    "torch.linalg.solve_triangular": lambda a, b: torch.linalg.solve_triangular(a, b, upper=False, unitriangular=True),
+    "solve_triangular, left=False": lambda a, b: (
+        torch.linalg.solve_triangular(a.mT, b.mT, upper=True, left=False, unitriangular=True).mT
+    ),
+    "torch.linalg.solve": lambda a, b: torch.linalg.solve(a, b),
+    "torch.triangular_solve": lambda a, b: torch.triangular_solve(b, a, upper=False, unitriangular=True).solution,
+    "torch.linalg.inv": lambda a, b: torch.linalg.inv(a) @ b,  # the inverse held constant, as reciprocal is
+}
+
+
+class _Solved(nn.Module):
+    def __init__(self, solve):
+        super().__init__()
+        self.k, self.v, self.o = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 2)
+        self.solve = solve
+
+    def forward(self, inputs_embeds):
+        k = self.k(inputs_embeds)  # [2, 5, 4]
+        a = torch.eye(5, dtype=k.dtype) + 0.1 * (k @ k.mT).tril(-1)  # unit lower triangular, [2, 5, 5]
+        return self.o(self.solve(a, self.v(inputs_embeds))).sum(1)
+
+
+@pytest.mark.filterwarnings("ignore:torch.triangular_solve is deprecated")
+@pytest.mark.parametrize("spelling", sorted(_SOLVES))
+def test_a_linear_system_holds_its_matrix_constant(spelling):
+    torch.manual_seed(0)
+    model = _Solved(_SOLVES[spelling]).double()
+    reference = _Solved(lambda a, b: torch.linalg.inv(a.detach()) @ b).double()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    got = lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True)
+    want = lrpcpp.attribute(reference, inputs_embeds=x, level="operations", strict=True)
+    assert not got.coverage.unruled
+    torch.testing.assert_close(got.relevance, want.relevance, rtol=1e-10, atol=1e-14)
+    plain = x * torch.autograd.grad(model(x.requires_grad_())[:, got.target].diagonal().sum(), x)[0]
+    assert (got.relevance - plain).abs().max() > 1e-3  # the matrix's path is cut
+
+
 class _Attention(nn.Module):
     def __init__(self, stabilised):
         super().__init__()

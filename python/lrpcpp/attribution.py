@@ -386,11 +386,33 @@ class _Found(Exception):
 
 
 def _embeds(module: nn.Module, args: tuple, input_ids: Tensor) -> bool:
-    """Whether ``module`` is called with ``input_ids`` (the tensor itself or an equal one)."""
+    """Whether ``module`` is called with ``input_ids`` (see :func:`_ids_offset`)."""
+    return _ids_offset(args, input_ids) is not None
+
+
+def _ids_offset(args: tuple, input_ids: Tensor) -> Optional[int]:
+    """Where ``input_ids`` lie along the sequence (last) dimension of the first argument of a call: 0
+    for the tensor itself or equal ids (in any integer dtype: CPM-Ant casts them to int32); the offset
+    of the one window equal to them in ids with more positions and the same other dimensions (ids that
+    the forward extended, as CPM-Ant prepends prompt ids); ``None`` otherwise."""
     x = args[0] if args else None
-    return isinstance(x, Tensor) and (
-        x is input_ids or (x.shape == input_ids.shape and x.dtype == input_ids.dtype and torch.equal(x, input_ids))
-    )
+    if x is input_ids:
+        return 0
+    if (
+        not isinstance(x, Tensor)
+        or x.dtype.is_floating_point
+        or x.dtype.is_complex
+        or x.dtype == torch.bool
+        or x.dim() != input_ids.dim()
+        or x.dim() == 0
+        or x.shape[:-1] != input_ids.shape[:-1]
+        or x.shape[-1] < input_ids.shape[-1]
+        or x.device != input_ids.device
+    ):
+        return None
+    n = input_ids.shape[-1]
+    found = [o for o in range(x.shape[-1] - n + 1) if torch.equal(x[..., o : o + n].long(), input_ids.long())]
+    return found[0] if len(found) == 1 else None
 
 
 def embedding_module(
@@ -483,10 +505,19 @@ def embedded(
     calls = []
 
     def replace(m, args, out):
-        if _embeds(m, args, input_ids):
-            calls.append(m)
-            return for_the_forward(leaf)
-        return None
+        offset = _ids_offset(args, input_ids)
+        if offset is None:
+            return None
+        calls.append(m)
+        copy = for_the_forward(leaf)
+        dim, n = input_ids.dim() - 1, input_ids.shape[-1]
+        if out.shape[dim] == n:
+            return copy
+        # ids that the forward extended (prompt ids before them): the extra positions keep the module's
+        # own embeddings, which carry no relevance
+        held = out.detach()
+        before, after = held.narrow(dim, 0, offset), held.narrow(dim, offset + n, held.shape[dim] - offset - n)
+        return torch.cat([before, copy, after], dim)
 
     hook = module.register_forward_hook(replace)
     try:

@@ -120,6 +120,20 @@ def _rdiv(mode, func, input, other):
     return func(input.detach(), other) if carries(input) else NotImplemented
 
 
+def _solve(mode, func, A, B, *args, **kwargs):
+    # X = A^-1 B (torch.linalg.solve, solve_triangular: A X = B, or X A = B with left=False): a
+    # relevance-carrying system matrix is a divisor, held constant; X is linear in B, whose gradient
+    # is then the rule
+    if not carries(A):
+        return NotImplemented
+    return func(A.detach(), B, *args, **kwargs)
+
+
+def _triangular_solve(mode, func, B, A, *args, **kwargs):
+    # torch.triangular_solve(b, A): the right-hand side first
+    return func(B, A.detach(), *args, **kwargs) if carries(A) else NotImplemented
+
+
 def _held_constant(mode, func, *args, **kwargs):
     """A normaliser (``rsqrt``, ``reciprocal``, a norm, a variance): computed as torch does, its
     result held constant."""
@@ -254,6 +268,9 @@ _MATMUL = ("matmul", "__matmul__", "bmm", "mm")
 _GROUPED_MM = _spellings(["_grouped_mm"], torch) + _spellings(["grouped_mm"], F)
 _DIV = ("div", "divide", "true_divide", "__truediv__", "__div__")
 # (logsumexp: the log of a softmax's denominator, as in an attention sink's scale sigmoid(lse - sink))
+# linear systems A X = B: the system matrix divides, as a matrix inverse (held constant, as reciprocal)
+# does (torch.linalg.solve_triangular: a gated delta rule's chunk transform, as in LaraMini)
+_SOLVES = _spellings(["solve", "solve_triangular"], torch.linalg)
 _NORMALISERS = ("rsqrt", "reciprocal", "norm", "var", "std", "var_mean", "std_mean", "logsumexp")
 
 # Described where it is public, as lrpcpp.models.operations.RULES.
@@ -274,7 +291,10 @@ RULES: Mapping[Callable, Callable] = MappingProxyType(
         (_spellings(["__rdiv__", "__rtruediv__"], _T), _rdiv),
         (_spellings(_NORMALISERS, torch, _T), _held_constant),
         ([torch.linalg.norm, torch.linalg.vector_norm], _held_constant),
+        (_spellings(["inv"], torch.linalg) + _spellings(["inverse"], torch, _T), _held_constant),  # 1 / A
         ([F.normalize], _normalize),
+        (_SOLVES, _solve),
+        (_spellings(["triangular_solve"], torch, _T), _triangular_solve),
         ([F.layer_norm, torch.layer_norm], _layer_norm),
         ([F.group_norm, torch.group_norm], _group_norm),
         ([F.instance_norm], _instance_norm),
@@ -331,6 +351,8 @@ EXACT = frozenset(
     + _spellings(_FUNCTIONAL, F)
     + [torch.einsum, F.scaled_dot_product_attention]
     + _GROUPED_MM
+    + _SOLVES
+    + _spellings(["triangular_solve"], torch, _T)
     + _spellings(_GRADIENT_IS_IDENTITY, F, torch, _T)
 )
 
