@@ -64,6 +64,7 @@ otherwise.
 
 import argparse
 import collections
+import contextlib
 import ctypes
 import datetime
 import gc
@@ -393,10 +394,25 @@ def operation_cost_ms(times):
     return (times["attribute-operations"] - times["attribute-frozen"]) * 1e3
 
 
-def mode_us_per_call(r):
-    """The operation level's forward time over the registry's, per call of its torch function mode, in us."""
+def mode_us_per_call(r, baseline="registry"):
+    """The operation level's forward time over the registry's (or another ``forward_ms`` entry's), per
+    call of its torch function mode, in us."""
     f = r["forward_ms"]
-    return (f["operations"] - f["registry"]) * 1e3 / r["mode_calls"][0]
+    return (f["operations"] - f[baseline]) * 1e3 / r["mode_calls"][0]
+
+
+def empty_mode_us_per_call(r):
+    """What any torch function mode written in Python costs, per call: the registry level's forward in a
+    mode that only calls each function, over the registry level's forward, in us."""
+    f = r["forward_ms"]
+    return (f["registry, empty mode"] - f["registry"]) * 1e3 / r["mode_calls"][0]
+
+
+class EmptyMode(torch.overrides.TorchFunctionMode):
+    """A torch function mode that calls each function and does nothing else."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
 
 
 def variants_of(key, memory=False):
@@ -509,9 +525,10 @@ def mode_calls(case):
 
 def forward_ms(case, reps, max_foreign, max_rounds):
     """Median forward time (params frozen, input leaf requiring grad, no backward) of the model patched
-    at the operation level and at the registry level, interleaved, loaded rounds dropped as in
-    ``clean_rounds``: their difference over the mode's calls is the mode's overhead per call (its
-    Python work and the rule ops it places differently)."""
+    at the operation level, at the registry level, and at the registry level inside :class:`EmptyMode`,
+    interleaved, loaded rounds dropped as in ``clean_rounds``: the difference of the first two over the
+    mode's calls is the mode's overhead per call (its Python work and the rule ops it places
+    differently); the empty mode's is what torch's dispatch to any Python mode costs by itself."""
     model, inputs = case.model, dict(case.inputs)
     if "pixel_values" in inputs:
         leaf, key = inputs.pop("pixel_values").detach().requires_grad_(), "pixel_values"
@@ -520,16 +537,18 @@ def forward_ms(case, reps, max_foreign, max_rounds):
             leaf = model.get_input_embeddings()(inputs.pop("input_ids"))
         leaf, key = leaf.requires_grad_(), "inputs_embeds"
 
+    levels = ("operations", "registry", "registry, empty mode")
+
     def forward(level):
-        with lrpcpp.patch(model, level=level):
+        with lrpcpp.patch(model, level=level.split(",")[0]):
+            mode = EmptyMode() if level.endswith("empty mode") else contextlib.nullcontext()
             t0 = time.perf_counter()
-            model(**{key: leaf}, **inputs)
+            with mode:
+                model(**{key: leaf}, **inputs)
             return time.perf_counter() - t0
 
     def run_round(r):
-        return {
-            level: forward(level) for level in (("operations", "registry") if r % 2 else ("registry", "operations"))
-        }
+        return {level: forward(level) for level in (levels[::-1] if r % 2 else levels)}
 
     set_frozen(model, True)
     try:
@@ -537,7 +556,7 @@ def forward_ms(case, reps, max_foreign, max_rounds):
         kept, _, _ = clean_rounds(run_round, reps, max_foreign, max_rounds)
     finally:
         set_frozen(model, False)
-    return {level: statistics.median(k[level] for k in kept) * 1e3 for level in ("operations", "registry")}
+    return {level: statistics.median(k[level] for k in kept) * 1e3 for level in levels}
 
 
 def setup_ms(model, reps=7):
@@ -854,6 +873,14 @@ def render(res, mem, prof, load, args, wall):
             f"{short(res, k)} {res[k]['mode_calls'][0]} calls ({res[k]['mode_calls'][1]}), "
             f"{res[k]['forward_ms']['operations']:.1f} vs {res[k]['forward_ms']['registry']:.1f} ms, "
             f"{mode_us_per_call(res[k]):+.1f} us per call"
+            for k in single
+        )
+        + ". The same forward at the registry level inside a torch function mode that only calls each "
+        "function (what torch's dispatch to any mode written in Python costs, before its rules do anything), "
+        "over the registry level alone, per call of the operation level's mode: "
+        + "; ".join(
+            f"{short(res, k)} {res[k]['forward_ms']['registry, empty mode']:.1f} ms, "
+            f"{empty_mode_us_per_call(res[k]):+.1f} us per call (the rules' mode {mode_us_per_call(res[k]):+.1f})"
             for k in single
         )
         + ".",

@@ -217,7 +217,14 @@ CALLS = {
     "phimoe": "torch.scatter",  # the router's weights placed at the chosen experts
     "ernie4_5_moe": "torch.clamp",  # the routing weights' sum held above epsilon
     "lara_mini": "torch._C._linalg.linalg_solve_triangular",  # the gated delta rule's chunk transform
+    "mega": "torch._C._fft.fft_irfft",  # convolutions by FFT (transformers 4.x)
 }
+if tfm.__version__.startswith("4."):  # (5.24's RecurrentGemma cannot run from its config's defaults)
+    # a square root with a clipped gradient, a custom autograd.Function
+    CALLS["recurrent_gemma"] = (
+        "transformers.models.recurrent_gemma.modeling_recurrent_gemma.SqrtBoundDerivative.apply "
+        "(a custom autograd.Function)"
+    )
 
 
 @pytest.mark.parametrize("family", sorted(f for f in CALLS if f in CONFIG_MAPPING))  # (of this transformers)

@@ -342,6 +342,92 @@ def test_a_linear_system_holds_its_matrix_constant(spelling):
     assert (got.relevance - plain).abs().max() > 1e-3  # the matrix's path is cut
 
 
+class _LongConvolution(nn.Module):
+    """A causal convolution along the sequence with a kernel as long as it (Mega's), by FFT or as the
+    product with its Toeplitz matrix."""
+
+    def __init__(self, by_fft):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.kernel = nn.Parameter(torch.randn(4, 6))  # [channels, sequence]
+        self.by_fft = by_fft
+
+    def forward(self, inputs_embeds):
+        h = torch.tanh(self.a(inputs_embeds)).transpose(1, 2)  # [batch, channels, sequence]
+        n = h.shape[-1]
+        if self.by_fft:
+            spectrum = torch.fft.rfft(h, n=2 * n) * torch.fft.rfft(self.kernel, n=2 * n)
+            y = torch.fft.irfft(spectrum, n=2 * n)[..., :n]
+        else:
+            i = torch.arange(n)
+            lag = (i[:, None] - i[None, :]).clamp_min(0)
+            toeplitz = torch.where(i[:, None] >= i[None, :], self.kernel[:, lag], 0.0)  # [channels, out, in]
+            y = (toeplitz @ h[..., None])[..., 0]
+        return self.b(y.transpose(1, 2)).sum(1)
+
+
+def test_a_convolution_by_fft_is_a_linear_map():
+    torch.manual_seed(0)
+    model, direct = _LongConvolution(True).double(), _LongConvolution(False).double()
+    direct.load_state_dict(model.state_dict())
+    x = torch.randn(2, 6, 3, dtype=torch.float64)
+    got = lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True)
+    want = lrpcpp.attribute(direct, inputs_embeds=x, level="operations", strict=True)
+    assert got.coverage.passed["torch._C._fft.fft_irfft"] == 1
+    torch.testing.assert_close(got.output, want.output, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.relevance, want.relevance, rtol=1e-10, atol=1e-14)
+
+
+class _ClippedSqrt(torch.autograd.Function):
+    """A square root whose gradient is clipped (RecurrentGemma's): its forward is one element-wise
+    function of its input."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.sqrt(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad / torch.sqrt(torch.clip(4.0 * x, min=1e-2))
+
+
+class _ScaledSqrt(_ClippedSqrt):
+    """More than one step in its forward: no rule is known for it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.sqrt(x) * 2.0
+
+
+class _Rooted(nn.Module):
+    def __init__(self, root):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.root = root
+
+    def forward(self, inputs_embeds):
+        return self.b(self.root(torch.sigmoid(self.a(inputs_embeds)))).sum(1)
+
+
+def test_a_custom_function_of_one_element_wise_step_takes_its_identity_rule():
+    torch.manual_seed(0)
+    model, reference = _Rooted(_ClippedSqrt.apply).double(), _Rooted(torch.sqrt).double()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    got = lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True)
+    want = lrpcpp.attribute(reference, inputs_embeds=x, level="operations", strict=True)
+    assert got.coverage.ruled[f"{__name__}._ClippedSqrt.apply (a custom autograd.Function)"] == 1
+    torch.testing.assert_close(got.relevance, want.relevance, rtol=1e-12, atol=1e-15)
+    # its own backward (the clipped gradient) is not used: the gradient of sqrt's identity rule is
+    plain = x * torch.autograd.grad(model(x.requires_grad_())[:, got.target].diagonal().sum(), x)[0]
+    assert (got.relevance - plain).abs().max() > 1e-3
+    with pytest.raises(UnruledOperationError, match="_ScaledSqrt.apply"):
+        lrpcpp.attribute(_Rooted(_ScaledSqrt.apply).double(), inputs_embeds=x, level="operations", strict=True)
+
+
 class _Attention(nn.Module):
     def __init__(self, stabilised):
         super().__init__()

@@ -312,6 +312,14 @@ RULES: Mapping[Callable, Callable] = MappingProxyType(
     )
 )
 
+# Element-wise functions of one carrier (the identity rule). A custom autograd.Function whose forward
+# returns the result of one of them on its relevance-carrying input gets that rule too (mode.py).
+ELEMENTWISE = frozenset(
+    _spellings(_without_relu(_ACTIVATIONS), F)
+    + _spellings(_without_relu(_ELEMENTWISE) + ("pow",), torch, _T)
+    + _spellings(_GRADIENT_IS_IDENTITY, F, torch, _T)
+)
+
 # Linear maps, additions, reductions by summation, softmax, selection, masking and reshaping: their
 # ordinary gradient is the gradient-mode rule (with a product or a division, when only one factor,
 # or only the numerator, carries relevance). Described where it is public, as
@@ -342,6 +350,12 @@ _FUNCTIONAL: Tuple[str, ...] = (
 )
 _FUNCTIONAL += ("avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d")
 _FUNCTIONAL += ("adaptive_avg_pool3d", "batch_norm", "softmax", "log_softmax", "interpolate", "embedding", "pad")
+# the discrete Fourier transforms are linear maps (Mega's FFT convolutions: rfft, a product with the
+# transformed kernel, irfft)
+_FFT = _spellings(
+    [p + n for n in ("fft", "fft2", "fftn") for p in ("", "i", "r", "ir")] + ["hfft", "ihfft", "fftshift", "ifftshift"],
+    torch.fft,
+)
 EXACT = frozenset(
     list(PASS_THROUGH)
     + list(DROPOUT)
@@ -351,6 +365,7 @@ EXACT = frozenset(
     + _spellings(_FUNCTIONAL, F)
     + [torch.einsum, F.scaled_dot_product_attention]
     + _GROUPED_MM
+    + _FFT
     + _SOLVES
     + _spellings(["triangular_solve"], torch, _T)
     + _spellings(_GRADIENT_IS_IDENTITY, F, torch, _T)
@@ -374,4 +389,4 @@ ROUTING = frozenset(_spellings(("topk",), torch, _T))
 # activation's output).
 KEEPS_GATE = frozenset(list(PASS_THROUGH) + list(DROPOUT)) - ROUTING
 
-__all__ = ["RULES", "EXACT", "GATES", "KEEPS_GATE", "ROUTING"]
+__all__ = ["RULES", "EXACT", "ELEMENTWISE", "GATES", "KEEPS_GATE", "ROUTING"]

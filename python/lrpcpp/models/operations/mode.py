@@ -27,7 +27,7 @@ from ..tracking import (
     unmark_written,
     without,
 )
-from .handlers import EXACT, GATES, KEEPS_GATE, RULES
+from .handlers import ELEMENTWISE, EXACT, GATES, KEEPS_GATE, RULES
 
 __all__ = ["GradientRules", "Coverage"]
 
@@ -35,6 +35,10 @@ _GATE = "_lrpcpp_gate"  # the attribute that marks a gate (a tensor attribute, w
 # plain dicts: torch.compile traces lookups in them (not in a mappingproxy or a frozenset of functions)
 _RULES, _EXACT, _GATES = dict(RULES), dict.fromkeys(EXACT, True), dict.fromkeys(GATES, True)
 _KEEPS_GATE = dict.fromkeys(KEEPS_GATE, True)
+_ELEMENTWISE = dict.fromkeys(ELEMENTWISE, True)
+# the attribute on the result of an element-wise function of one carrier computed without grad (inside
+# a custom autograd.Function's forward): (the function, its input)
+_ELEMENTWISE_OF = "_lrpcpp_elementwise_of"
 # what a tensor is (its shape, dtype, device, ...), never a tensor: these calls pass straight through, as
 # they would after the scan of their arguments (they return nothing to rule, mark or count); a model's
 # forward asks them often (LLaMA: about one call in five of the mode's)
@@ -130,6 +134,18 @@ def _tensors(out: Any):
         return  # a size (symbolic, when torch.compile traces with dynamic shapes)
     elif hasattr(out, "to_tuple"):  # a Hugging Face ModelOutput
         yield from _tensors(out.to_tuple())
+
+
+def _substituted(values: Any, by_id: Mapping[int, Tensor]) -> tuple:
+    """``values`` (a call's arguments) with the tensors of ``by_id`` replaced, also in lists and tuples."""
+    return tuple(
+        by_id.get(id(v), v)
+        if isinstance(v, Tensor)
+        else type(v)(by_id.get(id(b), b) if isinstance(b, Tensor) else b for b in v)
+        if type(v) in (list, tuple)
+        else v
+        for v in values
+    )
 
 
 def _requires_grad(out: Any) -> bool:
@@ -231,29 +247,56 @@ class GradientRules(RuleMode):
     def check_functions(self, values: Any) -> None:
         """Reports a custom ``torch.autograd.Function`` whose relevance-carrying output is among
         ``values``: the mode sees its forward's calls only without grad, so it finds the function
-        by the node it left in the graph (in an eager forward: a compiled one has no such nodes)."""
+        by the node it left in the graph (in an eager forward: a compiled one has no such nodes).
+        (Here, the output of the model, no rule can take the place of the function's backward.)"""
         if torch.compiler.is_compiling():
             return
         for t in _tensors(values):
-            self._check_function(t)
+            self._check_function(t, ruled=False)
 
-    def _check_function(self, t: Tensor) -> None:
+    def _check_function(self, t: Tensor, ruled: bool = True) -> Optional[Tensor]:
+        """For ``t``, a relevance-carrying argument of a call: where it is the output of a custom
+        autograd.Function, the function is counted, once; the function is ruled when its forward
+        returned an element-wise function of its relevance-carrying input (RecurrentGemma's square
+        root with a clipped gradient): the identity rule's ``gi_identity`` of that input is returned,
+        to take ``t``'s place in the call, so that the function's own backward is not used."""
         # (a tensor computed from parameters alone was the output of a call the mode saw, never
         # of a custom Function, so the calls check their relevance-carrying arguments only)
-        if t.requires_grad:
-            node = t.grad_fn
-            if not isinstance(node, torch.autograd.function.BackwardCFunction) or node in self._functions:
-                return
+        if not t.requires_grad:
+            return None
+        node = t.grad_fn
+        if not isinstance(node, torch.autograd.function.BackwardCFunction):
+            return None
+        known = self._functions.get(node)
+        if known is not None:
+            return known if isinstance(known, Tensor) else None
+        cls = node._forward_cls  # type: ignore[attr-defined]  # a custom Function's class, not in torch's stubs
+        name = f"{cls.__module__}.{cls.__qualname__}.apply (a custom autograd.Function)"
+        of = getattr(t, _ELEMENTWISE_OF, None)
+        if cls.__module__.startswith("lrpcpp"):
             self._functions[node] = True
-            cls = node._forward_cls  # type: ignore[attr-defined]  # a custom Function's class, not in torch's stubs
-            if not cls.__module__.startswith("lrpcpp"):
-                self._count("unruled", f"{cls.__module__}.{cls.__qualname__}.apply (a custom autograd.Function)")
+        elif ruled and of is not None:
+            substitute = torch.ops.lrpcpp.gi_identity(of[1], t.detach(), self.epsilon)
+            self._functions[node] = substitute
+            self._count("ruled", name)
+            return substitute
+        else:
+            self._functions[node] = True
+            self._count("unruled", name)
+        return None
 
     # --- the mode
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not torch.is_grad_enabled() or func in _METADATA:
+        if func in _METADATA:
             return func(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            out = func(*args, **kwargs)
+            if func in _ELEMENTWISE and isinstance(out, Tensor) and args and carries(args[0]):
+                # maybe the result of a custom autograd.Function's forward: _check_function
+                if not any(carries(t) for t in tensor_args(args[1:], kwargs)):
+                    setattr(out, _ELEMENTWISE_OF, (func, args[0]))
+            return out
         grads = [t for t in tensor_args(args, kwargs) if t.requires_grad]
         if not grads:  # most calls of a model with frozen parameters: shapes, masks, positions
             return func(*args, **kwargs)
@@ -264,9 +307,14 @@ class GradientRules(RuleMode):
             return out
         compiling = torch.compiler.is_compiling()
         if not compiling:  # a compiled forward leaves no custom Function's node
+            ruled = {}
             for t, c in zip(grads, carrying):
                 if c:
-                    self._check_function(t)
+                    substitute = self._check_function(t)
+                    if substitute is not None:
+                        ruled[id(t)] = substitute
+            if ruled:
+                args, kwargs = _substituted(args, ruled), dict(zip(kwargs, _substituted(kwargs.values(), ruled)))
         marked = marked_tensors([t for t, c in zip(grads, carrying) if not c], compiling)
         out = self._with_relevance(func, types_, args, kwargs, compiling)
         unmark_written(marked, out)  # written into in place with relevance-carrying values
