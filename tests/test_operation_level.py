@@ -428,6 +428,29 @@ def test_a_custom_function_of_one_element_wise_step_takes_its_identity_rule():
         lrpcpp.attribute(_Rooted(_ScaledSqrt.apply).double(), inputs_embeds=x, level="operations", strict=True)
 
 
+@pytest.mark.parametrize("write", ["add_", "+=", "setitem"])
+def test_a_custom_function_output_written_in_place_keeps_its_forward(write):
+    def root_then_write(h):
+        y = _ClippedSqrt.apply(h)
+        z = y * 1.0  # the function's output read (ruled) before it is written
+        if write == "add_":
+            y.add_(1.0)
+        elif write == "+=":
+            y += 1.0
+        else:
+            y[..., 0] = 1.0
+        return y + z
+
+    torch.manual_seed(0)
+    model = _Rooted(root_then_write).double()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    with pytest.warns(UnruledOperationWarning):  # the write into its output is the function's own backward
+        got = lrpcpp.attribute(model, inputs_embeds=x, level="operations")
+    with torch.no_grad():
+        torch.testing.assert_close(got.output, model(x)[:, got.target].diagonal(), rtol=0, atol=0)
+    assert torch.isfinite(got.relevance).all()
+
+
 class _Attention(nn.Module):
     def __init__(self, stabilised):
         super().__init__()

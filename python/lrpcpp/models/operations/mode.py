@@ -136,6 +136,19 @@ def _tensors(out: Any):
         yield from _tensors(out.to_tuple())
 
 
+_IN_PLACE_OPERATORS = frozenset(
+    ["__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__idiv__", "__ifloordiv__", "__imod__"]
+    + ["__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__"]
+)
+
+
+def _writes(func: Callable, kwargs: Mapping) -> bool:
+    """Whether a call writes into its first argument (an in-place method such as ``add_``, an in-place
+    operator, ``Tensor.__setitem__``) or into ``out=``."""
+    name = getattr(func, "__name__", "")
+    return "out" in kwargs or (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_OPERATORS
+
+
 def _substituted(values: Any, by_id: Mapping[int, Tensor]) -> tuple:
     """``values`` (a call's arguments) with the tensors of ``by_id`` replaced, also in lists and tuples."""
     return tuple(
@@ -259,7 +272,9 @@ class GradientRules(RuleMode):
         autograd.Function, the function is counted, once; the function is ruled when its forward
         returned an element-wise function of its relevance-carrying input (RecurrentGemma's square
         root with a clipped gradient): the identity rule's ``gi_identity`` of that input is returned,
-        to take ``t``'s place in the call, so that the function's own backward is not used."""
+        to take ``t``'s place in the call, so that the function's own backward is not used.
+        ``ruled=False``: the call writes into ``t`` in place, or ``t`` is the model's output, where no
+        substitute can take its place; a function ruled where it was read is then counted unruled too."""
         # (a tensor computed from parameters alone was the output of a call the mode saw, never
         # of a custom Function, so the calls check their relevance-carrying arguments only)
         if not t.requires_grad:
@@ -268,10 +283,14 @@ class GradientRules(RuleMode):
         if not isinstance(node, torch.autograd.function.BackwardCFunction):
             return None
         known = self._functions.get(node)
-        if known is not None:
-            return known if isinstance(known, Tensor) else None
+        if known is not None and (known is True or ruled):
+            return known if known is not True else None
         cls = node._forward_cls  # type: ignore[attr-defined]  # a custom Function's class, not in torch's stubs
         name = f"{cls.__module__}.{cls.__qualname__}.apply (a custom autograd.Function)"
+        if known is not None:  # ruled where it was read, now written in place: its own backward is used too
+            self._functions[node] = True
+            self._count("unruled", name)
+            return None
         of = getattr(t, _ELEMENTWISE_OF, None)
         if cls.__module__.startswith("lrpcpp"):
             self._functions[node] = True
@@ -308,9 +327,10 @@ class GradientRules(RuleMode):
         compiling = torch.compiler.is_compiling()
         if not compiling:  # a compiled forward leaves no custom Function's node
             ruled = {}
+            written = args[0] if args and _writes(func, kwargs) else None  # keeps its own tensor
             for t, c in zip(grads, carrying):
                 if c:
-                    substitute = self._check_function(t)
+                    substitute = self._check_function(t, ruled=t is not written)
                     if substitute is not None:
                         ruled[id(t)] = substitute
             if ruled:
