@@ -257,8 +257,9 @@ TORCH_LIBRARY(lrpcpp, m) {
   m.def("split_times_input(Tensor x, Tensor a, Tensor b, bool gi=False) -> Tensor");
 
   // gradient-times-input semantics (RULES.md section 2): autograd carries g = R / x
-  // (gi_identity returns y and gi_grad_scale x itself, as views: no copies)
-  m.def("gi_identity(Tensor x, Tensor(a) y, float epsilon=1e-10) -> Tensor(a)");
+  // (gi_identity returns y and gi_grad_scale x itself, as views: no copies; gi_identity keeps the
+  // factor y / stab(x) for its backward, or x and y themselves with keep_inputs)
+  m.def("gi_identity(Tensor x, Tensor(a) y, float epsilon=1e-10, bool keep_inputs=False) -> Tensor(a)");
   m.def("gi_identity_factor(Tensor x, Tensor y, float epsilon) -> Tensor");
   m.def("gi_grad_scale(Tensor(a) x, Tensor scale) -> Tensor(a)");
   m.def("gi_scale_backward(Tensor grad, Tensor factor, ScalarType dtype) -> Tensor");

@@ -100,7 +100,9 @@ LRPCPP_API Tensor stop_relevance(const Tensor& x);
 
 // Gradient-times-input semantics: autograd carries g = R / x (seed with 1), relevance is x * x.grad.
 // gi_identity: y = f(x) (computed by the caller) itself, a view; backward g_x = g_y * y / stab(x).
-LRPCPP_API Tensor gi_identity(const Tensor& x, const Tensor& y, double epsilon);
+// It keeps the factor y / stab(x) for the backward; keep_inputs: x and y instead (no new tensor where
+// other layers keep them too, as rule layers on both sides of an activation do).
+LRPCPP_API Tensor gi_identity(const Tensor& x, const Tensor& y, double epsilon, bool keep_inputs = false);
 // gi_identity's saved factor y / stab(x), in x's dtype, clamped to its finite range.
 LRPCPP_API Tensor gi_identity_factor(const Tensor& x, const Tensor& y, double epsilon);
 // x itself, a view; backward g_x = g * scale (scale broadcastable to x; zeros detach).

@@ -237,6 +237,25 @@ def test_gi_identity_returns_y_itself_and_keeps_only_the_factor(contiguous):
     assert_is_view_of(lf.gi_identity(x.detach(), y), y)
 
 
+@params
+@layouts
+@pytest.mark.parametrize("f", sorted(ACTIVATIONS))
+def test_gi_identity_keeping_its_inputs_keeps_x_and_y_and_gives_the_same_gradient(dtype, contiguous, f):
+    fn, _ = ACTIVATIONS[f]
+    x = make((2, 3, 16), dtype, contiguous)
+    y = fn(x.detach())
+    g = torch.randn(y.shape, dtype=f64).to(y.dtype)
+    lf.gi_identity(x, y).backward(g)
+    want, x.grad = x.grad, None
+    out, saved = saving(lambda: lf.gi_identity(x, y, keep_inputs=True))
+    assert [t.data_ptr() for t in saved] == [x.data_ptr(), y.data_ptr()]  # no new tensor
+    out.backward(g)
+    assert torch.equal(x.grad, want)  # the factor computed in the backward: the same one, bitwise
+    assert_is_view_of(out, y)
+    with pytest.raises(RuntimeError, match="lrpcpp.gi_identity"):  # no double backward either
+        torch.autograd.grad(lf.gi_identity(x, y, keep_inputs=True), x, g, create_graph=True)
+
+
 # ----------------------------------------------------------------------------- gi_scale_backward
 @params
 def test_gi_scale_backward_broadcasts_and_casts(dtype):

@@ -478,6 +478,11 @@ def test_opcheck(name, requires_grad):
         opcheck(op, args)
 
 
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "grad"])
+def test_opcheck_gi_identity_keeping_its_inputs(requires_grad):
+    opcheck(ops.gi_identity.default, (*SAMPLES["gi_identity"](requires_grad), True))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
     "name",

@@ -201,6 +201,41 @@ def test_vit_preset_on_hf_vit_layer_by_layer(mode):
         assert rules[name] == expected, name
 
 
+def test_vit_preset_keeps_no_identity_rule_factor_beside_its_rule_layers():
+    """Between two linear layers with the gamma rule, which keep their inputs and outputs, the GELU's
+    identity rule keeps those same tensors instead of a factor of its own: the same relevance, one
+    MLP-sized tensor per layer fewer."""
+    pytest.importorskip("transformers", reason="the Hugging Face ViT needs transformers")
+    from models import build, inputs
+
+    model = build("vit").requires_grad_(False)
+    pixels = inputs("vit")["pixel_values"]
+
+    def run(keep_inputs):
+        with lrpcpp.patch(model, preset=lrpcpp.preset("vit")) as handle:
+            assert handle.rules.keep_inputs
+            handle.rules.keep_inputs = keep_inputs
+            leaf = pixels.clone().requires_grad_()
+            storages = {}
+
+            def pack(t):
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                logits = model(pixel_values=leaf).logits
+            (grad,) = torch.autograd.grad(logits[:, 0].sum(), leaf)
+        return leaf.detach() * grad, sum(storages.values())
+
+    kept, kept_bytes = run(True)
+    factors, factor_bytes = run(False)
+    assert torch.equal(kept, factors)
+    config = model.config
+    tokens = (config.image_size // config.patch_size) ** 2 + 1
+    per_layer = pixels.shape[0] * tokens * config.intermediate_size * pixels.element_size()
+    assert factor_bytes - kept_bytes == config.num_hidden_layers * per_layer
+
+
 def test_vit_preset_on_a_torch_vit_with_multihead_attention():
     model = vm.vit()
     x = vm.images()

@@ -7,15 +7,16 @@
 //                            autograd kernel keeps the forward's rstd, not x: the backward reads no x)
 // gi_identity and gi_grad_scale copy nothing: they return y and x themselves, as views (their
 // schemas say so), and keep only what their backward reads: gi_identity the factor y / stab(x)
-// (gi_identity_factor, in place of the x a plain gradient of f keeps), gi_grad_scale the scale.
+// (gi_identity_factor, in place of the x a plain gradient of f keeps; with keep_inputs x and y, the
+// factor computed in the backward), gi_grad_scale the scale.
 // Both backwards are the op gi_scale_backward, g * factor.
 #include "impl.h"
 
 namespace lrpcpp {
 
-Tensor gi_identity(const Tensor& x, const Tensor& y, double epsilon) {
+Tensor gi_identity(const Tensor& x, const Tensor& y, double epsilon, bool keep_inputs) {
   LRPCPP_DISPATCH(gi_identity);
-  return op.call(x, y, epsilon);
+  return op.call(x, y, epsilon, keep_inputs);
 }
 
 Tensor gi_identity_factor(const Tensor& x, const Tensor& y, double epsilon) {
@@ -114,7 +115,7 @@ void check_gi_grad_scale(const Tensor& x, const Tensor& scale) {
   check_broadcastable_to(scale, x, op, "scale", "x");
 }
 
-Tensor gi_identity(const Tensor& x, const Tensor& y, double epsilon) {
+Tensor gi_identity(const Tensor& x, const Tensor& y, double epsilon, bool /*keep_inputs*/) {
   check_gi_identity(x, y, epsilon, "lrpcpp.gi_identity");
   return y.alias();
 }

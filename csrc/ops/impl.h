@@ -112,7 +112,7 @@ void check_gi_scale_backward(const Tensor& grad, const Tensor& factor, at::Scala
 Tensor gi_scale_backward_empty(const Tensor& grad, const at::TensorOptions& options);
 void check_gi_layer_norm_backward(const Tensor& grad, const Tensor& rstd, at::IntArrayRef normalized_shape,
                                   const OptTensor& weight);
-Tensor gi_identity(const Tensor& x, const Tensor& y, double epsilon);
+Tensor gi_identity(const Tensor& x, const Tensor& y, double epsilon, bool keep_inputs);
 Tensor gi_grad_scale(const Tensor& x, const Tensor& scale);
 Tensor gi_layer_norm(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight, const OptTensor& bias,
                      double eps);

@@ -234,7 +234,7 @@ def stop_relevance(x: Tensor) -> Tensor:
 # backward with 1 (``logit.backward()``); the relevance of any x is ``x * x.grad``.
 
 
-def gi_identity(x: Tensor, y: Tensor, epsilon: float = 1e-10) -> Tensor:
+def gi_identity(x: Tensor, y: Tensor, epsilon: float = 1e-10, keep_inputs: bool = False) -> Tensor:
     """``y = f(x)`` itself (a view of it, no copy), any element-wise scaling of ``x`` computed by the
     caller (an activation, an RMSNorm, ``F.normalize`` with the norm held constant), with the identity
     rule in gradient-times-input form: ``g_x = g_y * y / stab(x)``, so that ``x * g_x = y * g_y``.
@@ -243,10 +243,12 @@ def gi_identity(x: Tensor, y: Tensor, epsilon: float = 1e-10) -> Tensor:
     gradient, so compute it without one (under ``torch.no_grad()`` or from ``x.detach()``). The factor
     ``y / stab(x)`` is computed in float32 for float16/bfloat16, stored in ``x``'s dtype and clamped to
     its finite range (a float16 factor never becomes ``inf``); it is the only tensor kept for the
-    backward pass. The output cannot be modified in place (it is a view that a custom autograd
-    function returns).
+    backward pass. With ``keep_inputs=True`` ``x`` and ``y`` are kept instead and the factor is
+    computed in the backward (the same values): that keeps no new tensor where the layers before and
+    after keep ``x`` and ``y`` anyway (rule layers around an activation, as with a vision preset). The
+    output cannot be modified in place (it is a view that a custom autograd function returns).
     """
-    return torch.ops.lrpcpp.gi_identity(x, y, epsilon)
+    return torch.ops.lrpcpp.gi_identity(x, y, epsilon, keep_inputs)
 
 
 def gi_grad_scale(x: Tensor, scale: Tensor) -> Tensor:

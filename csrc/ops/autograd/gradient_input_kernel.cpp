@@ -14,10 +14,16 @@ namespace {
 
 class GiIdentityFunction : public torch::autograd::Function<GiIdentityFunction> {
  public:
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& y, double epsilon) {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& y, double epsilon, bool keep_inputs) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    // only the factor is kept: it takes the place of the x that a plain gradient of f keeps
-    ctx->save_for_backward({lrpcpp::gi_identity_factor(x, y, epsilon)});
+    if (keep_inputs) {
+      // x and y, which the layers before and after keep as well: the factor is computed in the backward
+      ctx->save_for_backward({x, y});
+      ctx->saved_data["epsilon"] = epsilon;
+    } else {
+      // only the factor is kept: it takes the place of the x that a plain gradient of f keeps
+      ctx->save_for_backward({lrpcpp::gi_identity_factor(x, y, epsilon)});
+    }
     ctx->saved_data["dtype"] = x.scalar_type();
     return y;
   }
@@ -27,9 +33,12 @@ class GiIdentityFunction : public torch::autograd::Function<GiIdentityFunction> 
     const auto s = ctx->get_saved_variables();
     Tensor gx;
     if (ctx->needs_input_grad(0)) {
-      gx = lrpcpp::gi_scale_backward(grads[0], s[0], ctx->saved_data["dtype"].toScalarType());
+      // (x saved without its graph: the factor is the same tensor the forward would have kept)
+      const Tensor factor =
+          s.size() == 2 ? lrpcpp::gi_identity_factor(s[0].detach(), s[1], ctx->saved_data["epsilon"].toDouble()) : s[0];
+      gx = lrpcpp::gi_scale_backward(grads[0], factor, ctx->saved_data["dtype"].toScalarType());
     }
-    return {gx, Tensor(), Tensor()};
+    return {gx, Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -80,14 +89,14 @@ class GiLayerNormFunction : public torch::autograd::Function<GiLayerNormFunction
   }
 };
 
-Tensor gi_identity_autograd(const Tensor& x, const Tensor& y, double epsilon) {
+Tensor gi_identity_autograd(const Tensor& x, const Tensor& y, double epsilon, bool keep_inputs) {
   // checked here too, so that errors name the op that was called rather than its fused forward
   impl::check_gi_identity(x, y, epsilon, "lrpcpp.gi_identity");
   if (!(at::GradMode::is_enabled() && x.requires_grad())) {
     // nothing will flow back to x: y itself, detached (y takes no gradient), without the factor
     return y.detach();
   }
-  return GiIdentityFunction::apply(x, y, epsilon);
+  return GiIdentityFunction::apply(x, y, epsilon, keep_inputs);
 }
 
 Tensor gi_grad_scale_autograd(const Tensor& x, const Tensor& scale) {

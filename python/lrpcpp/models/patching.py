@@ -250,6 +250,9 @@ class _Rules:
     def __init__(self, epsilon: float):
         self.epsilon = epsilon
         self._scales: Dict[Tuple[Any, torch.device], Tensor] = {}  # (share or segments, device) -> scale
+        # gradient mode: the identity rule keeps x and y rather than its factor (gi_identity's
+        # keep_inputs), where the layers around an element-wise unit keep them anyway: a preset's rules
+        self.keep_inputs = False
 
     def elementwise(self, module: nn.Module, x: Tensor, forward: Callable[[Tensor], Tensor]) -> Tensor:
         raise NotImplementedError
@@ -307,7 +310,7 @@ class _GradientRules(_Rules):
                 return _llama_rms_norm_rstd_constant(module, x)
         with torch.no_grad():  # detached too, for torch.jit.trace (see _held_constant)
             y = _out_of_place(module, forward, x).detach()
-        return torch.ops.lrpcpp.gi_identity(x, y, self.epsilon)
+        return torch.ops.lrpcpp.gi_identity(x, y, self.epsilon, self.keep_inputs)
 
     def layer_norm(self, module, x):
         return torch.ops.lrpcpp.gi_layer_norm(x, list(module.normalized_shape), module.weight, module.bias, module.eps)
@@ -669,6 +672,8 @@ def patch_walked(
     try:
         if preset is not None:
             apply_preset(handle, preset)
+            # the layer rules keep their inputs and outputs (x and z): those of an activation between two
+            rules.keep_inputs = bool(handle.layer_rules)
         if operations:
             _apply_operations(handle, modules)
         else:
