@@ -33,7 +33,7 @@ class GiIdentityFunction : public torch::autograd::Function<GiIdentityFunction> 
     const auto s = ctx->get_saved_variables();
     Tensor gx;
     if (ctx->needs_input_grad(0)) {
-      // (x saved without its graph: the factor is the same tensor the forward would have kept)
+      // (x read without its graph: no derivative of the factor is wanted) the factor the forward keeps otherwise
       const Tensor factor =
           s.size() == 2 ? lrpcpp::gi_identity_factor(s[0].detach(), s[1], ctx->saved_data["epsilon"].toDouble()) : s[0];
       gx = lrpcpp::gi_scale_backward(grads[0], factor, ctx->saved_data["dtype"].toScalarType());

@@ -672,7 +672,8 @@ def patch_walked(
     try:
         if preset is not None:
             apply_preset(handle, preset)
-            # the layer rules keep their inputs and outputs (x and z): those of an activation between two
+            # the layer rules keep their inputs and outputs (x and z), so an activation between two of
+            # them keeps its x and y rather than a factor of its own (gi_identity's keep_inputs)
             rules.keep_inputs = bool(handle.layer_rules)
         if operations:
             _apply_operations(handle, modules)

@@ -136,6 +136,7 @@ def _tensors(out: Any):
         yield from _tensors(out.to_tuple())
 
 
+_CUSTOM_FUNCTION_NODE = torch.autograd.function.BackwardCFunction  # the graph node of a custom Function
 _IN_PLACE_OPERATORS = frozenset(
     ["__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__idiv__", "__ifloordiv__", "__imod__"]
     + ["__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__"]
@@ -280,7 +281,7 @@ class GradientRules(RuleMode):
         if not t.requires_grad:
             return None
         node = t.grad_fn
-        if not isinstance(node, torch.autograd.function.BackwardCFunction):
+        if not isinstance(node, _CUSTOM_FUNCTION_NODE):
             return None
         known = self._functions.get(node)
         if known is not None and (known is True or ruled):
@@ -327,10 +328,11 @@ class GradientRules(RuleMode):
         compiling = torch.compiler.is_compiling()
         if not compiling:  # a compiled forward leaves no custom Function's node
             ruled = {}
-            written = args[0] if args and _writes(func, kwargs) else None  # keeps its own tensor
             for t, c in zip(grads, carrying):
-                if c:
-                    substitute = self._check_function(t, ruled=t is not written)
+                if c and isinstance(t.grad_fn, _CUSTOM_FUNCTION_NODE):
+                    # (a tensor that the call writes into keeps its own tensor)
+                    written = bool(args) and t is args[0] and _writes(func, kwargs)
+                    substitute = self._check_function(t, ruled=not written)
                     if substitute is not None:
                         ruled[id(t)] = substitute
             if ruled:
