@@ -385,11 +385,6 @@ class _Found(Exception):
         self.module = module
 
 
-def _embeds(module: nn.Module, args: tuple, input_ids: Tensor) -> bool:
-    """Whether ``module`` is called with ``input_ids`` (see :func:`_ids_offset`)."""
-    return _ids_offset(args, input_ids) is not None
-
-
 def _ids_offset(args: tuple, input_ids: Tensor) -> Optional[int]:
     """Where ``input_ids`` lie along the sequence (last) dimension of the first argument of a call: 0
     for the tensor itself or equal ids (in any integer dtype: CPM-Ant casts them to int32); the offset
@@ -460,7 +455,7 @@ def embedding_module(
             return found
 
     def look(module, args):
-        if _embeds(module, args, input_ids):
+        if _ids_offset(args, input_ids) is not None:
             raise _Found(module)
 
     failed = ""

@@ -271,6 +271,7 @@ _DIV = ("div", "divide", "true_divide", "__truediv__", "__div__")
 # linear systems A X = B: the system matrix divides, as a matrix inverse (held constant, as reciprocal)
 # does (torch.linalg.solve_triangular: a gated delta rule's chunk transform, as in LaraMini)
 _SOLVES = _spellings(["solve", "solve_triangular"], torch.linalg)
+_TRIANGULAR_SOLVE = _spellings(["triangular_solve"], torch, _T)  # (its right-hand side first)
 _NORMALISERS = ("rsqrt", "reciprocal", "norm", "var", "std", "var_mean", "std_mean", "logsumexp")
 
 # Described where it is public, as lrpcpp.models.operations.RULES.
@@ -294,7 +295,7 @@ RULES: Mapping[Callable, Callable] = MappingProxyType(
         (_spellings(["inv"], torch.linalg) + _spellings(["inverse"], torch, _T), _held_constant),  # 1 / A
         ([F.normalize], _normalize),
         (_SOLVES, _solve),
-        (_spellings(["triangular_solve"], torch, _T), _triangular_solve),
+        (_TRIANGULAR_SOLVE, _triangular_solve),
         ([F.layer_norm, torch.layer_norm], _layer_norm),
         ([F.group_norm, torch.group_norm], _group_norm),
         ([F.instance_norm], _instance_norm),
@@ -367,7 +368,7 @@ EXACT = frozenset(
     + _GROUPED_MM
     + _FFT
     + _SOLVES
-    + _spellings(["triangular_solve"], torch, _T)
+    + _TRIANGULAR_SOLVE
     + _spellings(_GRADIENT_IS_IDENTITY, F, torch, _T)
 )
 

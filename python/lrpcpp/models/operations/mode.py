@@ -37,7 +37,7 @@ _RULES, _EXACT, _GATES = dict(RULES), dict.fromkeys(EXACT, True), dict.fromkeys(
 _KEEPS_GATE = dict.fromkeys(KEEPS_GATE, True)
 _ELEMENTWISE = dict.fromkeys(ELEMENTWISE, True)
 # the attribute on the result of an element-wise function of one carrier computed without grad (inside
-# a custom autograd.Function's forward): (the function, its input)
+# a custom autograd.Function's forward): that input
 _ELEMENTWISE_OF = "_lrpcpp_elementwise_of"
 # what a tensor is (its shape, dtype, device, ...), never a tensor: these calls pass straight through, as
 # they would after the scan of their arguments (they return nothing to rule, mark or count); a model's
@@ -283,9 +283,11 @@ class GradientRules(RuleMode):
         node = t.grad_fn
         if not isinstance(node, _CUSTOM_FUNCTION_NODE):
             return None
-        known = self._functions.get(node)
-        if known is not None and (known is True or ruled):
-            return known if known is not True else None
+        known = self._functions.get(node)  # True (counted), or the substitute of a ruled function
+        if known is True:
+            return None
+        if known is not None and ruled:
+            return known
         cls = node._forward_cls  # type: ignore[attr-defined]  # a custom Function's class, not in torch's stubs
         name = f"{cls.__module__}.{cls.__qualname__}.apply (a custom autograd.Function)"
         if known is not None:  # ruled where it was read, now written in place: its own backward is used too
@@ -296,7 +298,7 @@ class GradientRules(RuleMode):
         if cls.__module__.startswith("lrpcpp"):
             self._functions[node] = True
         elif ruled and of is not None:
-            substitute = torch.ops.lrpcpp.gi_identity(of[1], t.detach(), self.epsilon)
+            substitute = torch.ops.lrpcpp.gi_identity(of, t.detach(), self.epsilon)
             self._functions[node] = substitute
             self._count("ruled", name)
             return substitute
@@ -315,7 +317,7 @@ class GradientRules(RuleMode):
             if func in _ELEMENTWISE and isinstance(out, Tensor) and args and carries(args[0]):
                 # maybe the result of a custom autograd.Function's forward: _check_function
                 if not any(carries(t) for t in tensor_args(args[1:], kwargs)):
-                    setattr(out, _ELEMENTWISE_OF, (func, args[0]))
+                    setattr(out, _ELEMENTWISE_OF, args[0])
             return out
         grads = [t for t in tensor_args(args, kwargs) if t.requires_grad]
         if not grads:  # most calls of a model with frozen parameters: shapes, masks, positions
