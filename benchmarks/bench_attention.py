@@ -4,7 +4,7 @@ its attention as one ``lf.scaled_dot_product_attention`` (relevance, explicit LR
 input gradient of the same block with ``F.scaled_dot_product_attention`` (causal), side by side in
 one process, and the unfused explicit block (``lf.matmul -> lf.softmax -> lf.matmul``) beside them.
 Backward time (median, repetitions interleaved, as in ``bench_cpu.py``) and the activations each
-forward saves for its backward (``saved_tensors_hooks``, weights and input excluded).
+forward keeps for its backward (``bench_cpu.saved_mib``: the tensor memory it leaves allocated).
 
 Run from the repository root::
 
@@ -91,7 +91,6 @@ def measure(seq, batch, reps, unfused_max_seq):
     with torch.no_grad():
         seed = block_sdpa(x, p)
         err = (block_fused(x, p) - seed).abs().max().item() / seed.abs().max().item()
-    consts = list(p.values())
     rows = []
     runs = []
     forwards = []
@@ -99,7 +98,7 @@ def measure(seq, batch, reps, unfused_max_seq):
     if seq > unfused_max_seq:  # its saved [T, T] scores, weights and relevances would not fit in memory
         variants = {name: fn for name, fn in variants.items() if fn is not bc.block_lf}
     for name, fn in variants.items():
-        saved = bc.saved_mib(lambda t, fn=fn: fn(t, p), [x], consts)
+        saved = bc.saved_mib(lambda t, fn=fn: fn(t, p), [x])
         _, run = bc.backward_fn(lambda t, fn=fn: fn(t, p), [x], seed)
         rows.append([name, saved])
         runs.append(run)

@@ -34,9 +34,10 @@ warmed the kernels, the subprocess returns freed heap pages to the system
 ``/proc/self/status``: the peak resident set during forward + backward. Where
 clear_refs is not available it falls back to ``ru_maxrss``. Three subprocesses
 per variant; the one with the median increase is reported. The saved
-activations are counted exactly, in this process, with
-``torch.autograd.graph.saved_tensors_hooks`` (unique storages, weights and
-constants excluded).
+activations are counted exactly, in this process: the tensor memory the
+forward leaves allocated, its output excluded (allocations minus frees, from
+torch.profiler; saved-tensor hooks would turn off what lrpcpp.functional keeps
+by its recipe).
 
 After the timings (so that the profiler cannot disturb them), every op whose
 ratio exceeds the element-wise goal is profiled with torch.profiler and timed
@@ -180,22 +181,26 @@ def backward_fn(fn, inputs, seed):
     return y, run
 
 
-def saved_mib(fn, inputs, constants):
-    """MiB of the unique storages that ``fn``'s forward saves for backward (``constants`` excluded)."""
-    skip = {t.untyped_storage().data_ptr() for t in constants}
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in skip:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
+def saved_mib(fn, inputs):
+    """MiB of tensor memory that ``fn``'s forward leaves allocated, its output excluded: what it keeps
+    for the backward pass. The allocations minus the frees during the forward, from torch.profiler; no
+    saved-tensor hooks, which would turn off what lrpcpp.functional keeps by its recipe
+    (lrpcpp/_recipes.py)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
 
     leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
-    skip.update(t.untyped_storage().data_ptr() for t in leaves)  # the input itself is not an activation
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*leaves)
-    return sum(seen.values()) / 2**20
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn(*leaves)
+    total = 0
+    nodes = list(prof.profiler.kineto_results.experimental_event_tree())
+    while nodes:
+        node = nodes.pop()
+        if node.tag == _EventType.Allocation:
+            total += node.extra_fields.alloc_size  # negative for a free
+        nodes += node.children
+    return (total - out.untyped_storage().nbytes()) / 2**20
 
 
 def _short(name):
@@ -544,9 +549,8 @@ def bench_block(reps, warmup):
     )
     seed = y_pt0.clone()  # explain the block's output
     del y_lf0
-    consts = list(p.values())
-    res["saved_lf_mib"] = saved_mib(lambda t: block_lf(t, p), [x], consts)
-    res["saved_pt_mib"] = saved_mib(lambda t: block_torch(t, p), [x], consts)
+    res["saved_lf_mib"] = saved_mib(lambda t: block_lf(t, p), [x])
+    res["saved_pt_mib"] = saved_mib(lambda t: block_torch(t, p), [x])
 
     y_lf, run_lf = backward_fn(lambda t: block_lf(t, p), [x], seed)
     y_pt, run_pt = backward_fn(lambda t: block_torch(t, p), [x], seed)
@@ -665,8 +669,8 @@ def render(ops, block, mem, sd, threads, reps, block_reps, foreign):
     inc = {k: v["peak_kb"] - v["before_kb"] for k, v in mem.items()}
     L += [
         "",
-        "Forward: median of 3 graph-building forwards. Saved activations: the unique storages the forward keeps "
-        "for backward (torch.autograd.graph.saved_tensors_hooks; weights, the input and constants excluded). "
+        "Forward: median of 3 graph-building forwards. Saved activations: the tensor memory the forward leaves "
+        "allocated for the backward, its output excluded (allocations minus frees, torch.profiler). "
         f"Peak RSS: one forward + backward in a fresh subprocess (median of 3 subprocesses per variant), "
         f"peak = {mem['lrpcpp']['method']} "
         "(see the script's docstring); 'peak - before' is what forward + backward added on top of the weights "

@@ -27,6 +27,8 @@ import torch
 from torch import Tensor
 from torch._jit_internal import BroadcastingList2  # type: ignore[attr-defined]  # made at run time, absent from the stub
 
+from . import _recipes
+
 __all__ = [
     "linear_epsilon",
     "conv2d_epsilon",
@@ -82,6 +84,8 @@ __all__ = [
 # ----------------------------------------------------------------------------- epsilon rule
 def linear_epsilon(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, epsilon: float = 1e-6) -> Tensor:
     """``F.linear`` with the epsilon rule: ``R_x = x * ((R / stab(y)) @ W)`` (AttnLRP Eq. 8)."""
+    if not torch.jit.is_scripting():  # keeps x's recipe where it has one (lrpcpp/_recipes.py)
+        return _recipes.layer(torch.ops.lrpcpp.linear_epsilon, x, weight, bias, epsilon)
     return torch.ops.lrpcpp.linear_epsilon(x, weight, bias, epsilon)
 
 
@@ -96,6 +100,10 @@ def conv2d_epsilon(
     epsilon: float = 1e-6,
 ) -> Tensor:
     """``F.conv2d`` (numeric padding) with the epsilon rule, as :func:`linear_epsilon` over the convolution."""
+    if not torch.jit.is_scripting():  # keeps x's recipe where it has one (lrpcpp/_recipes.py)
+        return _recipes.layer(
+            torch.ops.lrpcpp.conv2d_epsilon, x, weight, bias, stride, padding, dilation, groups, epsilon
+        )
     return torch.ops.lrpcpp.conv2d_epsilon(x, weight, bias, stride, padding, dilation, groups, epsilon)
 
 
@@ -114,7 +122,10 @@ def add2(a: Tensor, b: Tensor, epsilon: float = 1e-8) -> Tensor:
 
 def mul2(a: Tensor, b: Tensor) -> Tensor:
     """``a * b``; relevance split evenly between the operands that require grad (uniform rule)."""
-    return torch.ops.lrpcpp.mul2(a, b)
+    out = torch.ops.lrpcpp.mul2(a, b)
+    if not torch.jit.is_scripting():  # a layer rule may keep its recipe (lrpcpp/_recipes.py)
+        _recipes.leave(out, torch.ops.lrpcpp.mul2, a, b)
+    return out
 
 
 def matmul(a: Tensor, b: Tensor, epsilon: float = 1e-8) -> Tensor:
@@ -161,7 +172,10 @@ def rms_norm_identity(
     x: Tensor, normalized_shape: List[int], weight: Optional[Tensor] = None, eps: Optional[float] = None
 ) -> Tensor:
     """RMSNorm (``F.rms_norm``; fp32 arithmetic, cast back before the weight); identity rule (Prop. 3.4)."""
-    return torch.ops.lrpcpp.rms_norm_identity(x, normalized_shape, weight, eps)
+    out = torch.ops.lrpcpp.rms_norm_identity(x, normalized_shape, weight, eps)
+    if not torch.jit.is_scripting():  # a layer rule may keep its recipe (lrpcpp/_recipes.py)
+        _recipes.leave(out, torch.ops.lrpcpp.rms_norm_identity, x, normalized_shape, weight, eps)
+    return out
 
 
 def layer_norm(
@@ -173,7 +187,10 @@ def layer_norm(
     epsilon: float = 1e-6,
 ) -> Tensor:
     """``F.layer_norm`` with the epsilon rule, the standard deviation treated as a constant."""
-    return torch.ops.lrpcpp.layer_norm(x, normalized_shape, weight, bias, eps, epsilon)
+    out = torch.ops.lrpcpp.layer_norm(x, normalized_shape, weight, bias, eps, epsilon)
+    if not torch.jit.is_scripting():  # a layer rule may keep its recipe (lrpcpp/_recipes.py)
+        _recipes.leave(out, torch.ops.lrpcpp.layer_norm, x, normalized_shape, weight, bias, eps, epsilon)
+    return out
 
 
 def layer_norm_identity(
@@ -184,12 +201,18 @@ def layer_norm_identity(
     eps: float = 1e-5,
 ) -> Tensor:
     """``F.layer_norm`` with the identity rule (Prop. 3.4)."""
-    return torch.ops.lrpcpp.layer_norm_identity(x, normalized_shape, weight, bias, eps)
+    out = torch.ops.lrpcpp.layer_norm_identity(x, normalized_shape, weight, bias, eps)
+    if not torch.jit.is_scripting():  # a layer rule may keep its recipe (lrpcpp/_recipes.py)
+        _recipes.leave(out, torch.ops.lrpcpp.layer_norm_identity, x, normalized_shape, weight, bias, eps)
+    return out
 
 
 def normalize_identity(x: Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12) -> Tensor:
     """``F.normalize`` with the identity rule."""
-    return torch.ops.lrpcpp.normalize_identity(x, p, dim, eps)
+    out = torch.ops.lrpcpp.normalize_identity(x, p, dim, eps)
+    if not torch.jit.is_scripting():  # a layer rule may keep its recipe (lrpcpp/_recipes.py)
+        _recipes.leave(out, torch.ops.lrpcpp.normalize_identity, x, p, dim, eps)
+    return out
 
 
 # ----------------------------------------------------------------------------- reductions
@@ -201,27 +224,42 @@ def mean(x: Tensor, dim: Optional[List[int]] = None, keepdim: bool = False, epsi
 # ----------------------------------------------------------------------------- identity rule
 def silu(x: Tensor) -> Tensor:
     """``F.silu``; identity rule."""
-    return torch.ops.lrpcpp.silu_identity(x)
+    out = torch.ops.lrpcpp.silu_identity(x)
+    if not torch.jit.is_scripting():  # a layer rule may keep its recipe (lrpcpp/_recipes.py)
+        _recipes.leave(out, torch.ops.lrpcpp.silu_identity, x)
+    return out
 
 
 def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     """``F.gelu`` (``approximate`` 'none' or 'tanh'); identity rule."""
-    return torch.ops.lrpcpp.gelu_identity(x, approximate)
+    out = torch.ops.lrpcpp.gelu_identity(x, approximate)
+    if not torch.jit.is_scripting():  # a layer rule may keep its recipe (lrpcpp/_recipes.py)
+        _recipes.leave(out, torch.ops.lrpcpp.gelu_identity, x, approximate)
+    return out
 
 
 def tanh(x: Tensor) -> Tensor:
     """``torch.tanh``; identity rule."""
-    return torch.ops.lrpcpp.tanh_identity(x)
+    out = torch.ops.lrpcpp.tanh_identity(x)
+    if not torch.jit.is_scripting():  # a layer rule may keep its recipe (lrpcpp/_recipes.py)
+        _recipes.leave(out, torch.ops.lrpcpp.tanh_identity, x)
+    return out
 
 
 def relu(x: Tensor) -> Tensor:
     """``F.relu`` (never in place); identity rule."""
-    return torch.ops.lrpcpp.relu_identity(x)
+    out = torch.ops.lrpcpp.relu_identity(x)
+    if not torch.jit.is_scripting():  # a layer rule may keep its recipe (lrpcpp/_recipes.py)
+        _recipes.leave(out, torch.ops.lrpcpp.relu_identity, x)
+    return out
 
 
 def sigmoid(x: Tensor) -> Tensor:
     """``torch.sigmoid``; identity rule."""
-    return torch.ops.lrpcpp.sigmoid_identity(x)
+    out = torch.ops.lrpcpp.sigmoid_identity(x)
+    if not torch.jit.is_scripting():  # a layer rule may keep its recipe (lrpcpp/_recipes.py)
+        _recipes.leave(out, torch.ops.lrpcpp.sigmoid_identity, x)
+    return out
 
 
 def stop_relevance(x: Tensor) -> Tensor:
@@ -523,6 +561,20 @@ def convolution_epsilon(
     epsilon: float = 1e-6,
 ) -> Tensor:
     """``torch.convolution`` with the epsilon rule, as :func:`conv2d_epsilon`."""
+    if not torch.jit.is_scripting():  # keeps x's recipe where it has one (lrpcpp/_recipes.py)
+        return _recipes.layer(
+            torch.ops.lrpcpp.convolution_epsilon,
+            x,
+            weight,
+            bias,
+            stride,
+            padding,
+            dilation,
+            transposed,
+            output_padding,
+            groups,
+            epsilon,
+        )
     return torch.ops.lrpcpp.convolution_epsilon(
         x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, epsilon
     )
