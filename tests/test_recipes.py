@@ -213,4 +213,21 @@ def test_one_recomputation_per_recipe():
         y.backward(y.detach())
     calls = {e.key: e.count for e in prof.key_averages()}
     assert calls["lrpcpp::rms_norm_identity"] == 2
-    assert calls["lrpcpp::mul2"] == 1 and calls["lrpcpp::silu_identity"] == 1
+    # (the product into silu's output, computed just now: lrpcpp.mul2 is torch.mul)
+    assert calls["lrpcpp::silu_identity"] == 1 and "lrpcpp::mul2" not in calls
+
+
+def test_gated_product_broadcast_from_a_narrower_gate():
+    # silu(gate) of one column times up: the product is wider than its first factor, so it is computed
+    # into a new tensor, not into the first factor
+    x = torch.randn(T, H, dtype=f64)
+    w1, w2, w3 = (torch.randn(n, H if n != H else M, dtype=f64) for n in (1, M, H))
+
+    def fn(t, _):
+        return lf.linear_epsilon(lf.mul2(lf.silu(lf.linear_epsilon(t, w1)), lf.linear_epsilon(t, w2)), w3)
+
+    assert torch.equal(relevance(fn, x, None), relevance(fn, x, None, recipes=False))
+    _, with_recipes = kept_bytes(fn, x.requires_grad_(), None)
+    with saved_tensors_hooks(lambda t: t, lambda t: t):
+        _, without = kept_bytes(fn, x, None)
+    assert without - with_recipes == T * M * 8

@@ -139,6 +139,12 @@ class _Held:
                     f"(version {v} then, {a._version} now): its relevance would be that of other values"
                 )
             args.append(a)
+        if self.op is torch.ops.lrpcpp.mul2 and isinstance(self.args[0], _Held):
+            a, b = args
+            if torch.result_type(a, b) == a.dtype and torch.broadcast_shapes(a.shape, b.shape) == a.shape:
+                # into the first factor, computed just now (the gated MLP's silu(gate)): lrpcpp.mul2 is
+                # torch.mul, and a fresh tensor of the gated product's size costs about as much again
+                return a.mul_(b)
         return self.op(*args)
 
 
