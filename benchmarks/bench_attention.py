@@ -14,7 +14,9 @@ Run from the repository root::
 """
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 
 import torch
@@ -41,8 +43,10 @@ NOTE = (
     "The time beyond the plain block is the attention's relevance (a second score product and the "
     "element-wise rule per score, over tiles of 64 queries (128 where a head's keys and values take more "
     "than 2 MiB, as at 8192 here) x 512 keys, the key tiles outer), the recomputed inputs and the rest of "
-    "the block's rules. Saved activations: the tensor memory the forward leaves allocated, its output "
-    "excluded (allocations minus frees, torch.profiler)."
+    "the block's rules. The row 'every layer input kept' is the fused block with the recipes turned off "
+    "(any saved-tensor hooks do that): what the recipes save in memory and cost in time, side by side. "
+    "Saved activations: the tensor memory the forward leaves allocated, its output excluded (allocations "
+    "minus frees, torch.profiler)."
 )
 
 
@@ -69,6 +73,12 @@ def block_fused(x, p):
     )
 
 
+def block_fused_kept(x, p):
+    """The fused block with every layer input kept itself: any saved-tensor hooks turn the recipes off."""
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        return block_fused(x, p)
+
+
 def block_sdpa(x, p):
     return attention_block(
         x,
@@ -85,6 +95,7 @@ def block_sdpa(x, p):
 VARIANTS = {
     "torch block, F.scaled_dot_product_attention (input gradient)": block_sdpa,
     "lrpcpp block, fused lf.scaled_dot_product_attention (relevance)": block_fused,
+    "the same, every layer input kept (no recipes)": block_fused_kept,
     "lrpcpp block, lf.matmul -> lf.softmax -> lf.matmul (relevance)": bc.block_lf,
 }
 
@@ -142,10 +153,14 @@ def main():
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--quick", action="store_true", help="hidden 256, 4 heads (a smoke test)")
     parser.add_argument("--write", action="store_true", help=f"also write the section '{SECTION}' of RESULTS.md")
+    parser.add_argument("--one-length", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
         bc.H, bc.NH, bc.INTER = 256, 4, 512
+    if args.one_length:  # a child of the run below: the table of one sequence length, as JSON lines
+        print(json.dumps(measure(args.seqs[0], args.batch, args.reps, args.unfused_max_seq)))
+        return
     lines = [SECTION, ""] + bc.machine_lines(args.threads)
     if hasattr(os, "getloadavg"):  # a shared machine: the load the times were taken under
         lines.append(f"- Load: 1-minute load average {os.getloadavg()[0]:.1f} at the start")
@@ -157,7 +172,13 @@ def main():
         "",
     ]
     for seq in args.seqs:
-        lines += measure(seq, args.batch, args.reps, args.unfused_max_seq) + [""]
+        # each length in a fresh process: the unfused block's [T, T] tensors at 2048 leave a heap that
+        # the next length's graphs would be added to (a 22 GiB peak RSS at 8192 in one process)
+        argv = [sys.argv[0], "--one-length", "--seqs", str(seq), "--batch", str(args.batch), "--reps", str(args.reps)]
+        argv += ["--threads", str(args.threads), "--unfused-max-seq", str(args.unfused_max_seq)]
+        argv += ["--quick"] if args.quick else []
+        child = subprocess.run([sys.executable] + argv, capture_output=True, text=True, check=True)
+        lines += json.loads(child.stdout.strip().splitlines()[-1]) + [""]
     lines += [NOTE]
     text = "\n".join(lines)
     print(text)

@@ -578,3 +578,17 @@ def test_ops_on_a_second_device():
     close_to(
         out, ref.layer_norm(x.double().cpu(), [64], w.double().cpu(), None, 1e-5, x.double().cpu(), 1e-6), torch.float32
     )
+
+
+@on_devices
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recipes_compute_the_kept_inputs_bitwise(device, dtype):
+    """The explicit LLaMA-style block of test_recipes.py: the normalised inputs and the gated product
+    computed again in the backward pass (lrpcpp/_recipes.py) give the relevance of the kept tensors,
+    bitwise, on each device's kernels."""
+    from test_recipes import block, params, relevance
+
+    p = {k: v.to(device) for k, v in params(dtype).items()}
+    x = torch.randn(1, 12, 16, dtype=dtype, device=device)
+    with_recipes, without = relevance(block, x, p), relevance(block, x, p, recipes=False)
+    assert torch.equal(with_recipes, without) and with_recipes.abs().sum() > 0
