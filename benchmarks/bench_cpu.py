@@ -59,6 +59,7 @@ import subprocess
 import sys
 import time
 
+import results_file  # benchmarks/results_file.py
 import torch
 import torch.nn.functional as F
 from machine import cpu_model, proc_status_kb  # benchmarks/machine.py
@@ -855,11 +856,8 @@ def main():
     text = render(ops, block, mem, sd, args.threads, args.reps, args.block_reps, foreign)
     text += f"\nTotal run time: {time.perf_counter() - t_start:.0f} s.\n"
     print(text)
-    if args.write:
-        path = os.path.join(_HERE, "RESULTS.md")
-        with open(path, "w") as f:
-            f.write(text)
-        progress(f"wrote {path}")
+    if args.write:  # its own sections; the other benchmarks' stay
+        progress(f"wrote {results_file.write_sections(text)}")
 
 
 if __name__ == "__main__":

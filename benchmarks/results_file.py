@@ -24,6 +24,19 @@ def write_section(section: str, text: str, path: str = PATH) -> str:
     return path
 
 
+def write_sections(text: str, path: str = PATH) -> str:
+    """Each section of ``text`` (from a heading of level 1 or 2 to the next) in place of the section of
+    that heading in the file at ``path``, or appended; the file's other sections stay. Returns ``path``."""
+    chunks: list = []
+    for line in text.rstrip("\n").splitlines():
+        if line.startswith(("## ", "# ")) or not chunks:
+            chunks.append([])
+        chunks[-1].append(line)
+    for chunk in chunks:
+        write_section(chunk[0].strip(), "\n".join(chunk), path)
+    return path
+
+
 def commit() -> str:
     """HEAD's short hash, and the tracked files that differ from it (other than RESULTS.md, which the
     benchmarks write themselves): what a recorded figure was measured on."""

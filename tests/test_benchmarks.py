@@ -155,3 +155,17 @@ def test_family_sweep_names_each_outcome(tmp_path):
     # axk1's default config does not run at the sweep's small sizes: the model's limit, not lrpcpp's
     assert results["axk1"]["outcome"] == "model"
     assert "3 model types: {'model': 1, 'explained': 2}" in proc.stdout  # (in the order first seen)
+
+
+def test_results_file_replaces_only_the_sections_written(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import results_file
+    finally:
+        sys.path.pop(0)
+    path = str(tmp_path / "RESULTS.md")
+    with open(path, "w") as f:
+        f.write("# Title\n\nold intro\n\n## A\n\nold a\n\n### A detail\n\nold detail\n\n## B\n\nkept b\n")
+    results_file.write_sections("# Title\n\nnew intro\n\n## A\n\nnew a\n\n## C\n\nnew c\n", path)
+    text = open(path).read()
+    assert text == "# Title\n\nnew intro\n\n## A\n\nnew a\n\n## B\n\nkept b\n\n## C\n\nnew c\n"

@@ -134,9 +134,9 @@ class _Held:
                 a = a.compute()
             elif isinstance(a, Tensor) and a._version != v:
                 raise RuntimeError(
-                    f"lrpcpp: a tensor that {getattr(self.op, '__name__', self.op)} read in the forward pass, and "
-                    "that a layer rule needs to compute its input again, was modified by an in-place operation "
-                    f"(version {v} then, {a._version} now): its relevance would be that of other values"
+                    f"lrpcpp: an input of {self.op} in the forward pass, which a layer rule keeps to compute that "
+                    f"op's output again in the backward pass, was modified by an in-place operation (version {v} "
+                    f"then, {a._version} now): the relevance would be that of other values"
                 )
             args.append(a)
         if self.op is torch.ops.lrpcpp.mul2 and isinstance(self.args[0], _Held):
