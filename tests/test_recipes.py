@@ -130,13 +130,17 @@ def test_product_of_two_unkept_tensors_is_kept_itself():
 
 
 def test_module_layers_use_recipes():
+    # trainable parameters (a module holds them) as the modules come
     torch.manual_seed(0)
-    net = torch.nn.Sequential(lm.LinearEpsilon(H, M), lm.GELUIdentity(), lm.LinearEpsilon(M, H)).double()
+    net = torch.nn.Sequential(
+        lm.RMSNormIdentity(H), lm.LinearEpsilon(H, M), lm.GELUIdentity(), lm.LinearEpsilon(M, H)
+    ).double()
+    assert all(p.requires_grad for p in net.parameters())
     x = torch.randn(T, H, dtype=f64, requires_grad=True)
     _, with_recipes = kept_bytes(net, x)
     with saved_tensors_hooks(lambda t: t, lambda t: t):
         _, without = kept_bytes(net, x)
-    assert without - with_recipes == T * M * 8
+    assert without - with_recipes == (T * H + T * M) * 8
     assert torch.equal(relevance(lambda t, _: net(t), x, None), relevance(lambda t, _: net(t), x, None, recipes=False))
 
 

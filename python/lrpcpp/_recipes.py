@@ -10,7 +10,7 @@ instead of ``x``, and the backward pass computes ``x`` again with the same op, b
 
 The recipe is kept only where it costs no memory: the relevance-carrying tensors it holds that
 nothing else keeps (a layer's output is kept by that layer) take no more memory than ``x``; constants
-(weights, masks: tensors that carry no relevance) are the caller's. So the normalised input of the
+(weights, masks: tensors that carry no relevance) and parameters are the caller's. So the normalised input of the
 q, k and v projections costs nothing beyond the residual stream it is computed from, nor the gated
 MLP's product ``mul2(silu(gate(h)), up(h))`` beyond the two projections' outputs.
 
@@ -43,7 +43,7 @@ class _Recipe:
         self.args: List[Any] = []
         self.versions: List[int] = []  # of each tensor in args, in order
         # the relevance-carrying tensors it would hold that no layer keeps; constants (weights,
-        # masks: tensors that carry no relevance) are the caller's
+        # masks: tensors that carry no relevance) and parameters are the caller's
         self.costly: List[weakref.ref] = []
         for a in args:
             if not isinstance(a, Tensor):
@@ -60,7 +60,7 @@ class _Recipe:
                 continue
             ref = weakref.ref(a)
             self.args.append(ref)
-            if a.requires_grad:
+            if a.requires_grad and not isinstance(a, torch.nn.Parameter):  # (a module holds its parameters)
                 self.costly.append(ref)
         self.output_version = output._version
         self.shared: Optional[weakref.ref] = None  # the _Held of the layers that read this output
