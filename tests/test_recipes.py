@@ -121,7 +121,8 @@ def test_product_of_two_unkept_tensors_is_kept_itself():
     w = torch.randn(H, H, dtype=f64)
 
     def fn(a, b):
-        return lf.linear_epsilon(lf.mul2(lf.rms_norm_identity(a * 2, [H]), lf.rms_norm_identity(b * 2, [H])), w)
+        a2, b2 = a * 2, b * 2  # alive when the layer runs: the recipe would hold both
+        return lf.linear_epsilon(lf.mul2(lf.rms_norm_identity(a2, [H]), lf.rms_norm_identity(b2, [H])), w)
 
     _, with_recipes = kept_bytes(fn, x1, x2)
     with saved_tensors_hooks(lambda t: t, lambda t: t):

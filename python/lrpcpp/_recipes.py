@@ -8,9 +8,10 @@ its recipe on its output: the op and its arguments, the tensors among them held 
 recipes they carry themselves). A layer whose ``x`` carries a recipe keeps the recipe's tensors
 instead of ``x``, and the backward pass computes ``x`` again with the same op, bitwise the same.
 
-The recipe is kept only where it costs no memory: the relevance-carrying tensors it holds that
-nothing else keeps (a layer's output is kept by that layer) take no more memory than ``x``; constants
-(weights, masks: tensors that carry no relevance) and parameters are the caller's. So the normalised input of the
+The recipe is kept only where it costs no memory: the tensors it holds that nothing else keeps take
+no more memory than ``x``. Kept anyway are a layer's output (by that layer) and a parameter (by its
+module); a constant smaller than ``x`` (a weight or a scale that the op broadcasts, a tensor that
+carries no relevance) is held and not counted; one of ``x``'s size counts. So the normalised input of the
 q, k and v projections costs nothing beyond the residual stream it is computed from, nor the gated
 MLP's product ``mul2(silu(gate(h)), up(h))`` beyond the two projections' outputs.
 
@@ -33,8 +34,8 @@ _KEPT = "_lrpcpp_kept"  # the output of a layer rule, which keeps it for its bac
 
 
 class _Recipe:
-    """``op(*args)``: each tensor among ``args`` as the recipe it carries, held where a layer keeps it
-    anyway (its output), else as a weak reference."""
+    """``op(*args)``: each tensor among ``args`` as the recipe it carries, held where it is kept anyway
+    or small, else as a weak reference."""
 
     __slots__ = ("op", "args", "versions", "output_version", "costly", "shared")
 
@@ -42,8 +43,9 @@ class _Recipe:
         self.op = op
         self.args: List[Any] = []
         self.versions: List[int] = []  # of each tensor in args, in order
-        # the relevance-carrying tensors it would hold that no layer keeps; constants (weights,
-        # masks: tensors that carry no relevance) and parameters are the caller's
+        # the tensors it would hold that nothing keeps anyway, as weak references: relevance-carrying
+        # ones that no layer keeps, constants of the output's size (a weight or a scale broadcast onto
+        # the output, and a parameter, are held)
         self.costly: List[weakref.ref] = []
         for a in args:
             if not isinstance(a, Tensor):
@@ -55,13 +57,16 @@ class _Recipe:
                 self.costly += inner.costly
                 continue
             self.versions.append(a._version)
-            if getattr(a, _KEPT, False):
-                self.args.append(a)  # (a layer keeps its storage for its backward pass)
+            if (
+                getattr(a, _KEPT, False)  # a layer keeps its storage for its backward pass
+                or isinstance(a, torch.nn.Parameter)  # its module holds it
+                or (not a.requires_grad and a.numel() < output.numel())  # a weight, a scale: broadcast
+            ):
+                self.args.append(a)
                 continue
             ref = weakref.ref(a)
             self.args.append(ref)
-            if a.requires_grad and not isinstance(a, torch.nn.Parameter):  # (a module holds its parameters)
-                self.costly.append(ref)
+            self.costly.append(ref)
         self.output_version = output._version
         self.shared: Optional[weakref.ref] = None  # the _Held of the layers that read this output
 
