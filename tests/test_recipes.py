@@ -73,6 +73,14 @@ def kept_bytes(fn, *inputs):
     return out, total - out.untyped_storage().nbytes()
 
 
+def recipes_save(fn, *inputs):
+    """Bytes the forward of ``fn`` keeps without recipes (under saved-tensor hooks) minus with them."""
+    _, with_recipes = kept_bytes(fn, *inputs)
+    with saved_tensors_hooks(lambda t: t, lambda t: t):
+        _, without = kept_bytes(fn, *inputs)
+    return without - with_recipes
+
+
 def relevance(fn, x, p, recipes=True):
     x = x.detach().clone().requires_grad_()
     if recipes:
@@ -97,22 +105,16 @@ def test_relevance_bitwise_that_of_the_kept_inputs(fn, dtype):
 def test_block_keeps_neither_normalised_inputs_nor_the_gated_product():
     p = params()
     x = torch.randn(1, T, H, dtype=f64, requires_grad=True)
-    _, with_recipes = kept_bytes(block, x, p)
-    with saved_tensors_hooks(lambda t: t, lambda t: t):
-        _, without = kept_bytes(block, x, p)
     # the two RMSNorm outputs [T, H] and the gated product [T, M]: recomputed from the block's input, the
     # residual stream after the attention (kept by the second add2) and the gate and up outputs (kept by
     # their layers)
-    assert without - with_recipes == (2 * T * H + T * M) * 8
+    assert recipes_save(block, x, p) == (2 * T * H + T * M) * 8
 
 
 def test_mlp_keeps_neither_the_layer_norm_output_nor_the_activation():
     p = params()
     x = torch.randn(1, T, H, dtype=f64, requires_grad=True)
-    _, with_recipes = kept_bytes(mlp, x, p)
-    with saved_tensors_hooks(lambda t: t, lambda t: t):
-        _, without = kept_bytes(mlp, x, p)
-    assert without - with_recipes == (T * H + T * M) * 8  # lf.layer_norm keeps its input; the gate keeps its output
+    assert recipes_save(mlp, x, p) == (T * H + T * M) * 8  # lf.layer_norm keeps its input; the gate its output
 
 
 def test_product_of_two_unkept_tensors_is_kept_itself():
@@ -124,10 +126,7 @@ def test_product_of_two_unkept_tensors_is_kept_itself():
         a2, b2 = a * 2, b * 2  # alive when the layer runs: the recipe would hold both
         return lf.linear_epsilon(lf.mul2(lf.rms_norm_identity(a2, [H]), lf.rms_norm_identity(b2, [H])), w)
 
-    _, with_recipes = kept_bytes(fn, x1, x2)
-    with saved_tensors_hooks(lambda t: t, lambda t: t):
-        _, without = kept_bytes(fn, x1, x2)
-    assert with_recipes == without
+    assert recipes_save(fn, x1, x2) == 0
 
 
 def test_module_layers_use_recipes():
@@ -138,10 +137,7 @@ def test_module_layers_use_recipes():
     ).double()
     assert all(p.requires_grad for p in net.parameters())
     x = torch.randn(T, H, dtype=f64, requires_grad=True)
-    _, with_recipes = kept_bytes(net, x)
-    with saved_tensors_hooks(lambda t: t, lambda t: t):
-        _, without = kept_bytes(net, x)
-    assert without - with_recipes == (T * H + T * M) * 8
+    assert recipes_save(net, x) == (T * H + T * M) * 8
     assert torch.equal(relevance(lambda t, _: net(t), x, None), relevance(lambda t, _: net(t), x, None, recipes=False))
 
 
@@ -232,7 +228,4 @@ def test_gated_product_broadcast_from_a_narrower_gate():
         return lf.linear_epsilon(lf.mul2(lf.silu(lf.linear_epsilon(t, w1)), lf.linear_epsilon(t, w2)), w3)
 
     assert torch.equal(relevance(fn, x, None), relevance(fn, x, None, recipes=False))
-    _, with_recipes = kept_bytes(fn, x.requires_grad_(), None)
-    with saved_tensors_hooks(lambda t: t, lambda t: t):
-        _, without = kept_bytes(fn, x, None)
-    assert without - with_recipes == T * M * 8
+    assert recipes_save(fn, x.requires_grad_(), None) == T * M * 8

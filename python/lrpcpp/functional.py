@@ -562,18 +562,9 @@ def convolution_epsilon(
 ) -> Tensor:
     """``torch.convolution`` with the epsilon rule, as :func:`conv2d_epsilon`."""
     if not torch.jit.is_scripting():  # keeps x's recipe where it has one (lrpcpp/_recipes.py)
+        op = torch.ops.lrpcpp.convolution_epsilon
         return _recipes.layer(
-            torch.ops.lrpcpp.convolution_epsilon,
-            x,
-            weight,
-            bias,
-            stride,
-            padding,
-            dilation,
-            transposed,
-            output_padding,
-            groups,
-            epsilon,
+            op, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, epsilon
         )
     return torch.ops.lrpcpp.convolution_epsilon(
         x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, epsilon
