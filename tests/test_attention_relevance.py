@@ -253,6 +253,33 @@ def test_scores_below_the_float_range_carry_no_relevance(is_causal):
         assert torch.isfinite(t).all()
 
 
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_float32_weights_over_the_whole_exponent_range(is_causal):
+    # scores whose differences from their row's maximum run from 0 to below -100: the CPU kernels' own
+    # float exp (the forward's weights, the relevance's P) meets every range of its argument, including
+    # where exp underflows. With v the identity the output is the weights themselves: each against
+    # float64 (relative to itself; the argument x / T - max alone is rounded to about 1e-5 at such
+    # scores), the log-sum-exp, and the relevance of v, which is P^T times the output's normalised
+    # relevance (q's and k's pass through the softmax rule's differences, which float32 resolves less
+    # well at such scores, whichever the exp)
+    t = 300
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 2, t, 8, generator=g, dtype=f64)
+    k = torch.randn(1, 2, t, 8, generator=g, dtype=f64)
+    q = q * torch.linspace(0.0, 12.0, t, dtype=f64).view(1, 1, t, 1)
+    v = torch.eye(t, dtype=f64).expand(1, 2, t, t)
+    x = (q @ k.mT) / math.sqrt(8)
+    if is_causal:
+        x = x.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    assert (x.amax(-1) - x.masked_fill(x.isinf(), 0.0).amin(-1)).max().item() > 100
+    out, _, _, rv = explain(fused, q.float(), k.float(), v.float(), is_causal=is_causal)
+    _, lse = ops.scaled_dot_product_attention_forward(q.float(), k.float(), v.float(), None, is_causal)
+    _, _, _, want_rv = reference(q, k, v, out.double(), is_causal=is_causal)
+    torch.testing.assert_close(out.double(), x.softmax(-1), rtol=3e-5, atol=1e-37)
+    torch.testing.assert_close(lse.double(), x.logsumexp(-1), rtol=1e-6, atol=1e-6)
+    assert_relevance_close(rv, want_rv, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_reduced_precision_against_float64(dtype):
     q, k, v, kwargs = case_inputs("causal", dtype)

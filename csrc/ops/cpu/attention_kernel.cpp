@@ -8,14 +8,17 @@
 // The relevance puts the key tiles in the outer loop and the query tiles that attend a key tile inside,
 // so that the key tile's k and v and its sums into dk and dv stay in cache (the row sums of R_P it needs
 // come from Rn_O . O, not from the keys); each sum still runs over the tiles in index order.
-// The matrix products are at::mm on the tiles (single-threaded inside at::parallel_for); the softmax's
-// steps are vectorised tensor ops over a tile; in the relevance, x / T - lse is one loop per row before a
-// vectorised exp, and the rule of math::attention_score_relevance one loop over the tile (element by
+// The matrix products are at::mm on the tiles (single-threaded inside at::parallel_for). The softmax's
+// steps are loops over a tile's rows, compiled also for AVX-512 / AVX2 (vector_clones.h): in float the
+// row's maximum, its exp (exp_of_shifted) and its sum, row by row; in double the shifted inputs, torch's
+// exp over the tile, then the sums. In the relevance, x / T - lse and (float) its exp are one
+// loop per row, and the rule of math::attention_score_relevance one loop over the tile (element by
 // element through that function with a float mask). All in float32 for float16 / bfloat16.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -152,40 +155,101 @@ struct Scores {
   }
 };
 
-// The softmax inputs x / T of a tile (rows i0.., columns j0..), in place in p. With a float mask p holds
-// the scores S: x / T = (S + mask / scale) / T element by element. Otherwise p holds them already (the
-// forward multiplies the query tile by 1 / T before its product with the keys), and the mask sets -inf
-// where it excludes a key.
+// exp(x) in float for the softmax's shifted inputs x = s - max <= 0, in operations a vector loop can
+// take: x = n ln 2 + r with n rounded to the nearest integer (by adding 1.5 * 2^23) and |r| <= ln(2) / 2
+// (ln 2 in two parts, exact for |n| < 2^9), exp(r) by a polynomial of degree 7, times 2^n built from its
+// exponent bits: within 1 ulp of exp on [-87.33, 0] (20 million points against float64's exp). 0 below
+// ln of the smallest normal float (exp(-inf) = 0), NaN for NaN. The forward's weights and the
+// relevance's P = exp(x / T - lse) both use it.
+inline float exp_of_shifted(float x) {
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23, whose bits are kRoundBits
+  constexpr uint32_t kRoundBits = 0x4B400000u;
+  const float t = x * 1.44269504088896341f + kRound;
+  const float fn = t - kRound;  // n
+  uint32_t t_bits;
+  std::memcpy(&t_bits, &t, sizeof t_bits);
+  float r = x - fn * 0.693359375f;
+  r = r - fn * -2.12194440e-4f;
+  const float z = r * r;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * z + r + 1.0f;
+  // the bits of 2^n: n + 127 in the exponent field (unsigned: wraps where x is -inf or NaN, masked below)
+  const uint32_t bits = (t_bits - kRoundBits + 127u) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  const float e = y * two_n;
+  return x < -87.33654f ? 0.0f : e;
+}
+
+// The largest of row[0, n) (-inf for none); NaN is passed over, and makes the row's sum NaN below.
+template <typename acc_t>
+inline acc_t row_max(const acc_t* row, int64_t n) {
+  constexpr int64_t W = 16;
+  acc_t part[W];
+  std::fill(part, part + W, -std::numeric_limits<acc_t>::infinity());
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    for (int64_t k = 0; k < W; ++k) part[k] = row[j + k] > part[k] ? row[j + k] : part[k];
+  }
+  for (; j < n; ++j) part[0] = row[j] > part[0] ? row[j] : part[0];
+  acc_t m = part[0];
+  for (int64_t k = 1; k < W; ++k) m = part[k] > m ? part[k] : m;
+  return m;
+}
+
+// The sum of row[0, n) in W partial sums, then those in order.
+template <typename acc_t>
+inline acc_t row_sum(const acc_t* row, int64_t n) {
+  constexpr int64_t W = 16;
+  acc_t part[W] = {};
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    for (int64_t k = 0; k < W; ++k) part[k] += row[j + k];
+  }
+  for (; j < n; ++j) part[0] += row[j];
+  acc_t total = part[0];
+  for (int64_t k = 1; k < W; ++k) total += part[k];
+  return total;
+}
+
+// The softmax inputs x / T of a tile (rows i0.., columns j0..), in place in p, where a mask is given. With
+// a float mask p holds the scores S: x / T = (S + mask / scale) / T element by element. With a boolean
+// mask p holds x / T already (the forward multiplies the query tile by 1 / T before its product with the
+// keys), and the mask sets -inf where it excludes a key. (Under is_causal online_softmax_tile stops each
+// row at the diagonal.)
 template <typename scalar_t, typename acc_t>
 void softmax_inputs(const Scores<scalar_t, acc_t>& scores, Tensor& p, int64_t i0, int64_t j0, acc_t temp) {
   constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  const Layout& L = scores.L;
+  const MaskKind kind = scores.L.kind;
+  if (kind != MaskKind::boolean && kind != MaskKind::additive) return;
   const int64_t n = p.size(0), tk = p.size(1);
   acc_t* xp = p.mutable_data_ptr<acc_t>();
   for (int64_t r = 0; r < n; ++r) {
     acc_t* row = xp + r * tk;
-    switch (L.kind) {
-      case MaskKind::none: break;
-      case MaskKind::causal: std::fill(row + std::clamp<int64_t>(i0 + r + 1 - j0, 0, tk), row + tk, ninf); break;
-      case MaskKind::boolean:
-        for (int64_t j = 0; j < tk; ++j) {
-          if (scores(0, i0 + r, j0 + j) == ninf) row[j] = ninf;
-        }
-        break;
-      case MaskKind::additive:
-        for (int64_t j = 0; j < tk; ++j) row[j] = scores(row[j], i0 + r, j0 + j) / temp;
-        break;
+    for (int64_t j = 0; j < tk; ++j) {
+      if (kind == MaskKind::additive) {
+        row[j] = scores(row[j], i0 + r, j0 + j) / temp;
+      } else if (scores(0, i0 + r, j0 + j) == ninf) {
+        row[j] = ninf;
+      }
     }
   }
 }
 
 // The attention weights P = exp(x / T - lse) of a tile of scores S (rows i0.., columns j0..) into p, 0
 // in a row that attends nothing (lse = -inf): x / T - lse in one loop per row (x / T as the unfused
-// composition computes it, then the subtraction), then one vectorised exp over the tile.
+// composition computes it, then the subtraction), in float its exp_of_shifted in the same loop, in double
+// torch's exp over the tile after.
 template <typename scalar_t, typename acc_t>
 LRPCPP_VECTOR_CLONES void weights_from_lse(const Scores<scalar_t, acc_t>& scores, const Tensor& s, Tensor& p,
                                            const acc_t* lse, int64_t i0, int64_t j0, acc_t temp) {
   constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  constexpr bool fused = std::is_same_v<acc_t, float>;
   const Layout& L = scores.L;
   const int64_t n = s.size(0), tk = s.size(1);
   for (int64_t r = 0; r < n; ++r) {
@@ -201,9 +265,14 @@ LRPCPP_VECTOR_CLONES void weights_from_lse(const Scores<scalar_t, acc_t>& scores
     } else {
       for (int64_t j = 0; j < tk; ++j) prow[j] = scores(srow[j], i0 + r, j0 + j) / temp - m;
     }
-    std::fill(prow + end, prow + tk, ninf);
+    if constexpr (fused) {
+      for (int64_t j = 0; j < end; ++j) prow[j] = exp_of_shifted(prow[j]);
+      std::fill(prow + end, prow + tk, acc_t{0});
+    } else {
+      std::fill(prow + end, prow + tk, ninf);
+    }
   }
-  p.exp_();
+  if constexpr (!fused) p.exp_();
 }
 
 // math::attention_score_relevance over a tile without a float mask (the softmax input is S itself, a
@@ -232,6 +301,43 @@ LRPCPP_VECTOR_CLONES void score_relevance(const Tensor& s, const Tensor& p, Tens
   }
 }
 
+// One key tile of the forward's online softmax, row by row over the tile's softmax inputs x / T in p
+// ([n, m]; -inf where masked; row r attends at most its first `diagonal + r` columns): the new
+// running maximum (in mx), the factor exp(old - new maximum) of the earlier tiles (alpha), the weights
+// exp(x / T - maximum) in place of p (0 where not attended) and the running sum of the weights (l).
+// float: exp_of_shifted row by row; double: the tile's shifted inputs, then torch's exp over it.
+template <typename acc_t>
+LRPCPP_VECTOR_CLONES void online_softmax_tile(Tensor& p, int64_t diagonal, acc_t* mx, acc_t* l, acc_t* alpha,
+                                              bool first) {
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  constexpr bool fused = std::is_same_v<acc_t, float>;
+  const int64_t n = p.size(0), m = p.size(1);
+  acc_t* pp = p.mutable_data_ptr<acc_t>();
+  for (int64_t r = 0; r < n; ++r) {
+    acc_t* row = pp + r * m;
+    const int64_t end = std::clamp<int64_t>(diagonal + r, 0, m);
+    const acc_t old = mx[r], now = std::max(old, row_max(row, end)), shift = now == ninf ? acc_t{0} : now;
+    alpha[r] = old == ninf ? 0 : std::exp(old - now);
+    mx[r] = now;
+    if constexpr (fused) {
+      for (int64_t j = 0; j < end; ++j) row[j] = exp_of_shifted(row[j] - shift);
+      std::fill(row + end, row + m, acc_t{0});
+      const acc_t sum = row_sum(row, m);
+      l[r] = first ? sum : l[r] * alpha[r] + sum;
+    } else {
+      for (int64_t j = 0; j < end; ++j) row[j] -= shift;
+      std::fill(row + end, row + m, ninf);
+    }
+  }
+  if constexpr (!fused) {
+    p.exp_();
+    for (int64_t r = 0; r < n; ++r) {
+      const acc_t sum = row_sum(pp + r * m, m);
+      l[r] = first ? sum : l[r] * alpha[r] + sum;
+    }
+  }
+}
+
 template <typename scalar_t>
 void forward_loop(const Layout& L, const Tensor& q4, const Tensor& k4, const Tensor& v4, Tensor& out4, Tensor& lse3) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -243,8 +349,7 @@ void forward_loop(const Layout& L, const Tensor& q4, const Tensor& k4, const Ten
   at::parallel_for(0, L.B * L.Hq, 1, [&](int64_t begin, int64_t end) {
     const int64_t rows = std::min(tile, L.Tq), cols = std::min(kKeyTile, L.Tk);
     Tensor buf = at::empty({rows, cols}, acc), obuf = at::empty({rows, L.Ev}, acc);
-    Tensor mxbuf = at::empty({rows}, acc), sumbuf = at::empty({rows}, acc), shiftbuf = at::empty({rows}, acc),
-           alphabuf = at::empty({rows}, acc), lbuf = at::empty({rows}, acc);
+    Tensor alphabuf = at::empty({rows}, acc), lbuf = at::empty({rows}, acc);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / L.Hq, h = bh % L.Hq;
       const Tensor kf = k4[b][h / L.G].to(acc).contiguous(), vf = v4[b][h / L.G].to(acc).contiguous();
@@ -259,11 +364,8 @@ void forward_loop(const Layout& L, const Tensor& q4, const Tensor& k4, const Ten
         }
         Tensor qt = q4[b][h].narrow(0, i0, n).to(acc);
         if (!additive) qt = qt * inv_t;
-        Tensor o = obuf.narrow(0, 0, n), mx = mxbuf.narrow(0, 0, n), sum = sumbuf.narrow(0, 0, n),
-               shift = shiftbuf.narrow(0, 0, n), alpha = alphabuf.narrow(0, 0, n), l = lbuf.narrow(0, 0, n);
-        acc_t *mp = mx.mutable_data_ptr<acc_t>(), *sp = sum.mutable_data_ptr<acc_t>(),
-              *hp = shift.mutable_data_ptr<acc_t>(), *ap = alpha.mutable_data_ptr<acc_t>(),
-              *lp = l.mutable_data_ptr<acc_t>();
+        Tensor o = obuf.narrow(0, 0, n), l = lbuf.narrow(0, 0, n);
+        acc_t *ap = alphabuf.mutable_data_ptr<acc_t>(), *lp = l.mutable_data_ptr<acc_t>();
         // the online softmax over the key tiles: per row the running maximum (in lse until the end), the
         // sum of exp(x / T - maximum) in l, and the output's numerator in o, rescaled by exp(old - new
         // maximum) when the maximum grows; a row with no attended key so far has maximum -inf, weights
@@ -274,21 +376,17 @@ void forward_loop(const Layout& L, const Tensor& q4, const Tensor& k4, const Ten
           Tensor p = scratch(buf, n, m);
           at::mm_out(p, qt, kf.narrow(0, j0, m).t());
           softmax_inputs(scores, p, i0, j0, temperature);
-          at::amax_out(mx, p, 1);
-          for (int64_t r = 0; r < n; ++r) {
-            const acc_t old = lse[i0 + r], now = std::max(old, mp[r]);
-            ap[r] = old == ninf ? 0 : std::exp(old - now);
-            hp[r] = now == ninf ? 0 : now;
-            lse[i0 + r] = now;
-          }
-          p.sub_(shift.unsqueeze(1)).exp_();
-          at::sum_out(sum, p, 1);
+          // under is_causal row r attends the first i0 + r + 1 - j0 keys of the tile, else all of them
+          const int64_t diagonal = L.kind == MaskKind::causal ? i0 + 1 - j0 : m;
+          online_softmax_tile(p, diagonal, lse + i0, lp, ap, j0 == 0);
           if (j0 == 0) {
-            l.copy_(sum);
             at::mm_out(o, p, vf.narrow(0, j0, m));
           } else {
-            for (int64_t r = 0; r < n; ++r) lp[r] = lp[r] * ap[r] + sp[r];
-            o.mul_(alpha.unsqueeze(1)).addmm_(p, vf.narrow(0, j0, m));
+            acc_t* op = o.mutable_data_ptr<acc_t>();
+            for (int64_t r = 0; r < n; ++r) {
+              for (int64_t e = 0; e < L.Ev; ++e) op[r * L.Ev + e] *= ap[r];
+            }
+            o.addmm_(p, vf.narrow(0, j0, m));
           }
         }
         // the output o / l and lse = maximum + log(l); a row that attends nothing: output 0, lse -inf
@@ -318,7 +416,7 @@ void relevance_loop(const Layout& L, const Tensor& g4, const Tensor& q4, const T
   // the epsilon rule of each product: both operands carry relevance, or only one
   const acc_t o_scale = (qk && mask[2]) ? 2 : 1, s_scale = (mask[0] && mask[1]) ? 2 : 1;
   const bool additive = L.kind == MaskKind::additive;
-  const int64_t tile = query_rows(L, 128, sizeof(acc_t));
+  const int64_t tile = query_rows(L, 256, sizeof(acc_t));
   at::parallel_for(0, L.B * L.Hq, 1, [&](int64_t begin, int64_t end) {
     const int64_t rows = std::min(tile, L.Tq), cols = std::min(kKeyTile, L.Tk);
     Tensor sbuf = at::empty({rows, cols}, acc), pbuf = at::empty({rows, cols}, acc),
