@@ -3,8 +3,9 @@
 its attention as one ``lf.scaled_dot_product_attention`` (relevance, explicit LRP) against the plain
 input gradient of the same block with ``F.scaled_dot_product_attention`` (causal), side by side in
 one process, and the unfused explicit block (``lf.matmul -> lf.softmax -> lf.matmul``) beside them.
-Backward time (median, repetitions interleaved, as in ``bench_cpu.py``) and the activations each
-forward keeps for its backward (``bench_cpu.saved_mib``: the tensor memory it leaves allocated).
+Time of the whole call (forward, then backward, on a fresh graph: median, repetitions interleaved) with its
+forward and backward alongside, and the activations each forward keeps for its backward
+(``bench_cpu.saved_mib``: the tensor memory it leaves allocated).
 
 Run from the repository root::
 
@@ -16,8 +17,10 @@ Run from the repository root::
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -100,41 +103,53 @@ VARIANTS = {
 }
 
 
+def timed_calls(fns, x, seed, reps):
+    """Per callable: the median forward, backward and whole-call seconds of ``reps`` calls, each a fresh
+    graph on a fresh leaf (forward, then the backward with the seed), the callables interleaved, order
+    alternating, after one warm-up round: what a user's call costs."""
+    times = [([], [], []) for _ in fns]
+    order = list(range(len(fns)))
+    for r in range(reps + 1):
+        for i in order if r % 2 == 0 else order[::-1]:
+            leaf = x.detach().clone().requires_grad_(True)
+            t0 = time.perf_counter()
+            y = fns[i](leaf)
+            t1 = time.perf_counter()
+            torch.autograd.grad(y, leaf, seed)
+            t2 = time.perf_counter()
+            del y
+            if r:
+                for out, t in zip(times[i], (t1 - t0, t2 - t1, t2 - t0)):
+                    out.append(t)
+    return [[statistics.median(t) for t in per] for per in times]
+
+
 def measure(seq, batch, reps, unfused_max_seq):
     bc.B, bc.S = batch, seq
     p, x = bc.block_params()
     with torch.no_grad():
         seed = block_sdpa(x, p)
         err = (block_fused(x, p) - seed).abs().max().item() / seed.abs().max().item()
-    rows = []
-    runs = []
-    forwards = []
     variants = dict(VARIANTS)
     if seq > unfused_max_seq:  # its saved [T, T] scores, weights and relevances would not fit in memory
         variants = {name: fn for name, fn in variants.items() if fn is not bc.block_lf}
-    for name, fn in variants.items():
-        saved = bc.saved_mib(lambda t, fn=fn: fn(t, p), [x])
-        _, run = bc.backward_fn(lambda t, fn=fn: fn(t, p), [x], seed)
-        rows.append([name, saved])
-        runs.append(run)
-        leaf = x.detach().clone().requires_grad_(True)
-        forwards.append(lambda fn=fn, leaf=leaf: fn(leaf, p))  # the forward that builds the graph
-    times = bc.interleaved_times(runs, reps, 1)
-    fwd = bc.interleaved_times(forwards, reps, 1)
-    base_t, base_m, base_f = times[0], rows[0][1], fwd[0]
+    fns = [lambda t, fn=fn: fn(t, p) for fn in variants.values()]
+    saved = [bc.saved_mib(fn, [x]) for fn in fns]
+    times = timed_calls(fns, x, seed, reps)
+    (base_f, base_b, base_t), base_m = times[0], saved[0]
     lines = [
         f"### batch {batch}, sequence {seq}",
         "",
         f"Forward check: max |fused block - torch block| / max |y| = {err:.1e}.",
         "",
-        "| variant | backward (ms) | time / plain | forward (ms) | forward / plain | saved activations (MiB) "
-        "| memory / plain |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| variant | forward + backward (ms) | time / plain | forward (ms) | forward / plain | backward (ms) "
+        "| backward / plain | saved activations (MiB) | memory / plain |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for (name, saved), t, f in zip(rows, times, fwd):
+    for name, (f, b, t), m in zip(variants, times, saved):
         lines.append(
-            f"| {name} | {t * 1e3:.1f} | {t / base_t:.2f} | {f * 1e3:.1f} | {f / base_f:.2f} | {saved:.0f} "
-            f"| {saved / base_m:.2f} |"
+            f"| {name} | {t * 1e3:.1f} | {t / base_t:.2f} | {f * 1e3:.1f} | {f / base_f:.2f} | {b * 1e3:.1f} "
+            f"| {b / base_b:.2f} | {m:.0f} | {m / base_m:.2f} |"
         )
     if len(variants) < len(VARIANTS):
         lines += [
@@ -167,8 +182,9 @@ def main():
     lines += [
         "",
         f"Hidden {bc.H}, {bc.NH} heads x {bc.HD}, MLP {bc.INTER}, causal; float32; median of {args.reps} "
-        "backward passes per variant (interleaved), seed = the torch block's output; the forward (with the "
-        "graph for the backward) timed the same way.",
+        "calls per variant after a warm-up call (interleaved, order alternating), each a fresh graph: the "
+        "forward, then the backward from the torch block's output as the seed; the forward and the "
+        "backward of the same calls beside the whole.",
         "",
     ]
     for seq in args.seqs:
