@@ -105,7 +105,10 @@ Tensor rms_norm_identity(const Tensor& x, at::IntArrayRef normalized_shape, cons
   Tensor xf = x.to(acc);
   Tensor rstd = at::rsqrt(at::mean(xf * xf, dims, /*keepdim=*/true).add_(eps.value_or(machine_eps(x.scalar_type()))));
   Tensor y = (xf * rstd).to(x.scalar_type());
-  return (weight.has_value() && weight->defined()) ? y * *weight : y;
+  if (!weight.has_value() || !weight->defined()) return y;
+  // y is a new tensor: the weight (of shape normalized_shape) multiplied into it where the result keeps
+  // its dtype (one tensor of x's size less), else promoted as y * weight
+  return at::result_type(y, *weight) == y.scalar_type() ? y.mul_(*weight) : y * *weight;
 }
 
 Tensor layer_norm(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight, const OptTensor& bias,

@@ -507,9 +507,10 @@ void relevance_loop(const Layout& L, const Tensor& g4, const Tensor& q4, const T
   });
 }
 
-// dk / dv summed over the query heads that share a key head, times the key / value itself.
+// dk / dv summed over the query heads that share a key head (one each: itself, no copy), times the key /
+// value itself.
 Tensor grouped_times_input(const Tensor& acc_grad, const Layout& L, const Tensor& x) {
-  Tensor g = acc_grad.view({L.B, L.Hk, L.G, acc_grad.size(2), acc_grad.size(3)}).sum(2);
+  Tensor g = L.G == 1 ? acc_grad : acc_grad.view({L.B, L.Hk, L.G, acc_grad.size(2), acc_grad.size(3)}).sum(2);
   return detail::times_input(g.view(x.sizes()).contiguous(), x);
 }
 
