@@ -217,6 +217,31 @@ def test_merging_the_heads_of_the_output_is_a_view(device):
     assert no_heads.shape == (4, 3) and no_heads.is_contiguous()
 
 
+def layout(t):
+    """The strides of t's dimensions of size above one (those of size one address nothing)."""
+    return [s for s, n in zip(t.stride(), t.shape) if n > 1]
+
+
+@pytest.mark.parametrize("dtype", [f64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("device", ["cpu", "meta"] + ([] if NO_CUDA else ["cuda"]))
+def test_relevance_is_laid_out_as_its_input(device, dtype):
+    # heads split from a projection by view and transpose ([..., T, H, E] in memory) get their relevance
+    # laid out so (the view's backward then passes it on without a copy); dense heads get dense
+    # relevance; GQA key heads and batch dimensions alike; on every backend
+    for lead, hq, hk in [((2,), 4, 4), ((2, 3), 4, 2), ((), 2, 1)]:
+        by_position = [
+            torch.randn(*lead, 5, h, e, dtype=dtype).to(device).transpose(-3, -2)
+            for h, e in [(hq, 3), (hk, 3), (hk, 7)]
+        ]
+        dense = [t.contiguous() for t in by_position]
+        for q, k, v in (by_position, dense):
+            out, lse = ops.scaled_dot_product_attention_forward(q, k, v, None, True, None, True)
+            rel = ops.scaled_dot_product_attention_relevance(
+                out, q, k, v, None, out, lse, True, None, True, 1e-8, [True, True, True]
+            )
+            assert [layout(r) for r in rel] == [layout(t) for t in (q, k, v)]
+
+
 @pytest.mark.parametrize("dtype", [f64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", ["causal", "bool_mask", "float_mask"])
 def test_inputs_laid_out_by_position_give_the_same_results(name, dtype):

@@ -149,6 +149,12 @@ Tensor empty_attention_output(c10::SymIntArrayRef shape, const at::TensorOptions
   return at::empty_symint(memory, options).transpose(-3, -2);
 }
 
+Tensor empty_attention_relevance(const Tensor& x) {
+  const bool by_position = x.dim() >= 3 && x.sym_stride(-3) < x.sym_stride(-2);
+  return by_position ? empty_attention_output(x.sym_sizes(), x.options())
+                     : at::empty_symint(x.sym_sizes(), x.options());
+}
+
 void check_attention_method(c10::string_view method, const char* op) {
   TORCH_CHECK(method == "attnlrp" || method == "cp-lrp", op,
               ": expected method to be \"attnlrp\" or \"cp-lrp\", got \"", std::string(method), "\"");

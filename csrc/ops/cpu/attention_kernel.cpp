@@ -508,10 +508,13 @@ void relevance_loop(const Layout& L, const Tensor& g4, const Tensor& q4, const T
 }
 
 // dk / dv summed over the query heads that share a key head (one each: itself, no copy), times the key /
-// value itself.
+// value itself, in x's layout (impl::empty_attention_relevance).
 Tensor grouped_times_input(const Tensor& acc_grad, const Layout& L, const Tensor& x) {
   Tensor g = L.G == 1 ? acc_grad : acc_grad.view({L.B, L.Hk, L.G, acc_grad.size(2), acc_grad.size(3)}).sum(2);
-  return detail::times_input(g.view(x.sizes()).contiguous(), x);
+  g = g.view(x.sizes());
+  Tensor out = impl::empty_attention_relevance(x);
+  if (g.scalar_type() == x.scalar_type()) return at::mul_out(out, g, x);
+  return out.copy_(g.mul_(x));
 }
 
 std::vector<int64_t> output_shape(const Tensor& q, const Tensor& v) {
@@ -549,7 +552,8 @@ TensorTriple attention_relevance_cpu(const Tensor& grad, const Tensor& query, co
   if (!output_mask[0] && !output_mask[1] && !output_mask[2]) return {rq, rk, rv};
   const Layout L = make_layout(query, key, value, attn_mask, is_causal, scale);
   const auto acc = query.options().dtype(impl::attention_stat_dtype(query.scalar_type()));
-  Tensor rq4 = output_mask[0] ? at::zeros({L.B, L.Hq, L.Tq, L.E}, query.options()) : Tensor();
+  if (output_mask[0]) rq = impl::empty_attention_relevance(query).zero_();
+  Tensor rq4 = output_mask[0] ? rq.view({L.B, L.Hq, L.Tq, L.E}) : Tensor();
   Tensor dk = output_mask[1] ? at::zeros({L.B, L.Hq, L.Tk, L.E}, acc) : Tensor();
   Tensor dv = output_mask[2] ? at::zeros({L.B, L.Hq, L.Tk, L.Ev}, acc) : Tensor();
   if (query.numel() > 0 && key.numel() > 0 && value.numel() > 0 && output.numel() > 0) {
@@ -560,7 +564,6 @@ TensorTriple attention_relevance_cpu(const Tensor& grad, const Tensor& query, co
       relevance_loop<scalar_t>(L, g4, q4, k4, v4, o4, lse3, epsilon, output_mask, rq4, dk, dv);
     });
   }
-  if (output_mask[0]) rq = rq4.view(query.sizes());
   if (output_mask[1]) rk = grouped_times_input(dk, L, key);
   if (output_mask[2]) rv = grouped_times_input(dv, L, value);
   return {rq, rk, rv};

@@ -418,7 +418,16 @@ TensorTriple attention_relevance_cuda(const Tensor& grad, const Tensor& query, c
   if (p.mask_q) rq = at::zeros_like(query, at::MemoryFormat::Contiguous);
   if (p.mask_k) rk = at::zeros_like(key, at::MemoryFormat::Contiguous);
   if (p.mask_v) rv = at::zeros_like(value, at::MemoryFormat::Contiguous);
-  if (logsumexp.numel() == 0 || p.Tk == 0) return {rq, rk, rv};
+  // the kernels write contiguous tensors; the op returns them in the inputs' layouts
+  const auto laid_out = [&] {
+    const auto as_input = [](const Tensor& r, const Tensor& x) {
+      if (!r.defined()) return r;
+      Tensor out = impl::empty_attention_relevance(x);
+      return out.strides() == r.strides() ? r : out.copy_(r);
+    };
+    return TensorTriple{as_input(rq, query), as_input(rk, key), as_input(rv, value)};
+  };
+  if (logsumexp.numel() == 0 || p.Tk == 0) return laid_out();
   const Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
   const Tensor g = grad.contiguous(), o = output.contiguous(), lse = logsumexp.contiguous();
   const int64_t qheads = lse.numel() / p.Tq, kheads = qheads / p.G;
@@ -449,7 +458,7 @@ TensorTriple attention_relevance_cuda(const Tensor& grad, const Tensor& query, c
       }
     });
   });
-  return {rq, rk, rv};
+  return laid_out();
 }
 
 }  // namespace

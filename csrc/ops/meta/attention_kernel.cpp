@@ -26,9 +26,9 @@ TensorTriple attention_relevance_meta(const Tensor& grad, const Tensor& query, c
   impl::check_attention_relevance(grad, query, key, value, attn_mask, output, logsumexp, is_causal, scale, enable_gqa,
                                   epsilon);
   Tensor rq, rk, rv;
-  if (output_mask[0]) rq = at::empty_like(query, at::MemoryFormat::Contiguous);
-  if (output_mask[1]) rk = at::empty_like(key, at::MemoryFormat::Contiguous);
-  if (output_mask[2]) rv = at::empty_like(value, at::MemoryFormat::Contiguous);
+  if (output_mask[0]) rq = impl::empty_attention_relevance(query);
+  if (output_mask[1]) rk = impl::empty_attention_relevance(key);
+  if (output_mask[2]) rv = impl::empty_attention_relevance(value);
   return {rq, rk, rv};
 }
 
