@@ -416,7 +416,7 @@ void relevance_loop(const Layout& L, const Tensor& g4, const Tensor& q4, const T
   // the epsilon rule of each product: both operands carry relevance, or only one
   const acc_t o_scale = (qk && mask[2]) ? 2 : 1, s_scale = (mask[0] && mask[1]) ? 2 : 1;
   const bool additive = L.kind == MaskKind::additive;
-  const int64_t tile = query_rows(L, 256, sizeof(acc_t));
+  const int64_t tile = query_rows(L, 128, sizeof(acc_t));
   at::parallel_for(0, L.B * L.Hq, 1, [&](int64_t begin, int64_t end) {
     const int64_t rows = std::min(tile, L.Tq), cols = std::min(kKeyTile, L.Tk);
     Tensor sbuf = at::empty({rows, cols}, acc), pbuf = at::empty({rows, cols}, acc),
