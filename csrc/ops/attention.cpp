@@ -149,10 +149,13 @@ Tensor empty_attention_output(c10::SymIntArrayRef shape, const at::TensorOptions
   return at::empty_symint(memory, options).transpose(-3, -2);
 }
 
+bool attention_laid_out_by_position(const Tensor& x) {
+  return x.dim() >= 3 && x.sym_stride(-3) < x.sym_stride(-2);
+}
+
 Tensor empty_attention_relevance(const Tensor& x) {
-  const bool by_position = x.dim() >= 3 && x.sym_stride(-3) < x.sym_stride(-2);
-  return by_position ? empty_attention_output(x.sym_sizes(), x.options())
-                     : at::empty_symint(x.sym_sizes(), x.options());
+  return attention_laid_out_by_position(x) ? empty_attention_output(x.sym_sizes(), x.options())
+                                           : at::empty_symint(x.sym_sizes(), x.options());
 }
 
 void check_attention_method(c10::string_view method, const char* op) {

@@ -68,9 +68,11 @@ at::ScalarType attention_stat_dtype(at::ScalarType dtype);
 // SDPA lays out its CPU output): merging the heads, transpose(-3, -2) then a reshape, is a view. With
 // fewer than 3 dimensions, contiguous. The same strides on every backend (the Meta kernel's included).
 Tensor empty_attention_output(c10::SymIntArrayRef shape, const at::TensorOptions& options);
-// The relevance of q, k or v (x), in x's layout: as the forward's output where x is laid out by position
-// ([..., T, H, E] in memory: the heads of a projection split by view and transpose), else contiguous.
-// The gradient that the heads' view passes back is then a view too, not a copy. Every backend.
+// Whether q, k or v (x) is laid out by position: [..., T, H, E] in memory, as the heads of a projection
+// split by view and transpose.
+bool attention_laid_out_by_position(const Tensor& x);
+// The relevance of x, in x's layout: as the forward's output where x is laid out by position, else
+// contiguous. The gradient that the heads' view passes back is then a view too, not a copy. Every backend.
 Tensor empty_attention_relevance(const Tensor& x);
 
 // norms

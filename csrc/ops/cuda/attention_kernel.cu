@@ -418,12 +418,11 @@ TensorTriple attention_relevance_cuda(const Tensor& grad, const Tensor& query, c
   if (p.mask_q) rq = at::zeros_like(query, at::MemoryFormat::Contiguous);
   if (p.mask_k) rk = at::zeros_like(key, at::MemoryFormat::Contiguous);
   if (p.mask_v) rv = at::zeros_like(value, at::MemoryFormat::Contiguous);
-  // the kernels write contiguous tensors; the op returns them in the inputs' layouts
+  // the kernels write contiguous tensors; the op returns them in the inputs' layouts (a copy only for an
+  // input laid out by position)
   const auto laid_out = [&] {
     const auto as_input = [](const Tensor& r, const Tensor& x) {
-      if (!r.defined()) return r;
-      Tensor out = impl::empty_attention_relevance(x);
-      return out.strides() == r.strides() ? r : out.copy_(r);
+      return r.defined() && impl::attention_laid_out_by_position(x) ? impl::empty_attention_relevance(x).copy_(r) : r;
     };
     return TensorTriple{as_input(rq, query), as_input(rk, key), as_input(rv, value)};
   };
