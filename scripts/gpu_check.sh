@@ -18,6 +18,8 @@
 #      (the CMake C++ example, the wheel), the benchmark scripts and this script's own test: the tests
 #      not marked slow first, then the slow ones; reaching the time limit here is no failure (a test
 #      that failed before it is); GPU_CHECK_REST_S caps the seconds it may take (default: all that is left)
+# Steps 3 and 5 run pytest in GPU_CHECK_JOBS worker processes (pytest-xdist; default 8 on a machine of
+# 16 cores or more, one process elsewhere).
 # Everything streams to $OUT (default build/gpu-check) as it happens: summary.md (one line per step),
 # <step>.log (pytest -v, one line per test, unbuffered), <step>.xml (JUnit), bench.md. A step that is
 # killed at its limit still leaves the log of every test that finished and the one that was running.
@@ -40,6 +42,13 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=python${PYTHONPATH:+:$PYTHONPATH}  # the in
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} LRPCPP_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
 # the device whose cases of test_cuda.py must have run: cuda, or cpu in a dry run
 DEVICE=${GPU_CHECK_DEVICE:-$([ "$DRY" = 1 ] && echo cpu || echo cuda)}
+# GPU_CHECK_JOBS: pytest-xdist worker processes for the test steps (default: 8 where the machine has
+# 16 cores or more and pytest-xdist is there, else 1, one process; a dry run uses one)
+JOBS=${GPU_CHECK_JOBS:-1}
+if [ -z "${GPU_CHECK_JOBS:-}" ] && [ "$DRY" = 0 ] && [ "$(nproc)" -ge 16 ] &&
+  $PY -c "import xdist" 2>/dev/null; then
+  JOBS=8
+fi
 # GPU_CHECK_STEPS: the steps to run after the prerequisites (default all; a rerun may pick some)
 STEPS=" ${GPU_CHECK_STEPS:-build test_cuda bench rest} "
 START=$(date +%s)
@@ -115,6 +124,9 @@ fi
 log "   $(( $(date +%s) - t0 )) s"
 BUILT=$([ "$STATUS" = 0 ] && echo 1 || echo 0)
 
+# pytest-xdist's arguments for JOBS workers handing out DIST units (load: tests; loadfile: files)
+xdist() { [ "$JOBS" -gt 1 ] && echo "-n $JOBS --dist $1"; }
+
 # runs pytest as step NAME with time limit LIMIT_S on the remaining arguments, streaming NAME.log.
 # With SOFT_LIMIT=1 (the rest of the suite, which runs with whatever time is left) reaching the limit
 # is reported but is not a failure; a test that failed before it still is.
@@ -154,7 +166,8 @@ if ! selected test_cuda; then
   fail "test_cuda.py not run: no verdict on the CUDA kernels"
 elif [ "$BUILT" = 1 ] && [ "$HAVE_PYTEST" = 1 ]; then
   # GPU_CHECK_K: a pytest -k expression that selects part of test_cuda.py (a rerun of some cases)
-  pytest_step test_cuda "$(limit "${GPU_CHECK_TEST_CUDA_S:-200}")" tests/test_cuda.py ${GPU_CHECK_K:+-k "$GPU_CHECK_K"}
+  # shellcheck disable=SC2046
+  pytest_step test_cuda "$(limit "${GPU_CHECK_TEST_CUDA_S:-200}")" $(xdist load) tests/test_cuda.py ${GPU_CHECK_K:+-k "$GPU_CHECK_K"}
   # the verdict: how many cases on $DEVICE ran (passed or failed, not skipped)
   counts=$($PY - "$OUT/test_cuda.xml" "$DEVICE" <<'EOF'
 import re, sys, xml.etree.ElementTree as ET
@@ -219,9 +232,11 @@ elif [ "$DRY" = 1 ]; then
 elif [ "$(left)" -lt 60 ]; then
   log "   skipped: under 60 s left"
 else
-  SOFT_LIMIT=1 pytest_step rest "$(limit $(( ${GPU_CHECK_REST_S:-$(left)} - 10 )))" --maxfail=50 -m "not slow" "${REST[@]}"
+  # shellcheck disable=SC2046
+  SOFT_LIMIT=1 pytest_step rest "$(limit $(( ${GPU_CHECK_REST_S:-$(left)} - 10 )))" $(xdist loadfile) --maxfail=50 -m "not slow" "${REST[@]}"
   if [ "$(left)" -ge 60 ] && [ -z "${GPU_CHECK_REST_S:-}" ]; then
-    SOFT_LIMIT=1 pytest_step rest-slow "$(( $(left) - 10 ))" --maxfail=50 -m slow "${REST[@]}"
+    # shellcheck disable=SC2046
+    SOFT_LIMIT=1 pytest_step rest-slow "$(( $(left) - 10 ))" $(xdist loadfile) --maxfail=50 -m slow "${REST[@]}"
   fi
 fi
 log "   $(( $(date +%s) - t0 )) s"
