@@ -113,6 +113,15 @@ Tensor dense_rows(const Tensor& t) {
   return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
 }
 
+// One head's [T, E] matrix as a contiguous matrix of dtype acc: t itself where it is one, else a copy into
+// buf, allocated on first use and reused for every head of the task. (An activation-sized allocation per
+// head is returned to the system when freed and its pages are faulted in again by the next one.)
+Tensor dense_head(const Tensor& t, Tensor& buf, const at::TensorOptions& acc) {
+  if (t.is_contiguous() && t.dtype() == acc.dtype()) return t;
+  if (!buf.defined()) buf = at::empty(t.sizes(), acc);
+  return buf.copy_(t);
+}
+
 // A [..., H, T, E] tensor as [B, H, T, E], with its own strides where its rows (E) are dense (e.g. the
 // output and its gradient, laid out [..., T, H, E]). The kernels copy a head's q, k and v into a dense
 // [T, E] matrix when it is not one (a row stride of H * E, often a power of two, slows the tiles'
@@ -350,9 +359,12 @@ void forward_loop(const Layout& L, const Tensor& q4, const Tensor& k4, const Ten
     const int64_t rows = std::min(tile, L.Tq), cols = std::min(kKeyTile, L.Tk);
     Tensor buf = at::empty({rows, cols}, acc), obuf = at::empty({rows, L.Ev}, acc);
     Tensor alphabuf = at::empty({rows}, acc), lbuf = at::empty({rows}, acc);
+    Tensor kbuf, vbuf, kf, vf;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / L.Hq, h = bh % L.Hq;
-      const Tensor kf = k4[b][h / L.G].to(acc).contiguous(), vf = v4[b][h / L.G].to(acc).contiguous();
+      if (bh == begin || h % L.G == 0) {  // a new key head (G query heads share one)
+        kf = dense_head(k4[b][h / L.G], kbuf, acc), vf = dense_head(v4[b][h / L.G], vbuf, acc);
+      }
       const Scores<scalar_t, acc_t> scores(L, bh);
       acc_t* lse = lse3[b][h].mutable_data_ptr<acc_t>();
       for (int64_t i0 = 0; i0 < L.Tq; i0 += tile) {
@@ -424,10 +436,13 @@ void relevance_loop(const Layout& L, const Tensor& g4, const Tensor& q4, const T
     // per task, for every query of a head: Rn_O, c and the sum over the keys of Rn_S k
     Tensor rnall = at::empty({L.Tq, L.Ev}, acc), call = at::empty({L.Tq}, acc);
     Tensor rqall = mask[0] ? at::empty({L.Tq, L.E}, acc) : Tensor();
+    Tensor kbuf, vbuf, qbuf, kf, vf;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / L.Hq, h = bh % L.Hq;
-      const Tensor kf = k4[b][h / L.G].to(acc).contiguous(), vf = v4[b][h / L.G].to(acc).contiguous(),
-                   qf = q4[b][h].to(acc).contiguous();
+      if (bh == begin || h % L.G == 0) {  // a new key head (G query heads share one)
+        kf = dense_head(k4[b][h / L.G], kbuf, acc), vf = dense_head(v4[b][h / L.G], vbuf, acc);
+      }
+      const Tensor qf = dense_head(q4[b][h], qbuf, acc);
       const Scores<scalar_t, acc_t> scores(L, bh);
       const acc_t* lse = lse3[b][h].const_data_ptr<acc_t>();
       // Rn_O = R / stab(o_scale O), and c, the row sums of R_P = P (Rn_O v^T): sum_j P_ij (Rn_O v^T)_ij
@@ -507,10 +522,24 @@ void relevance_loop(const Layout& L, const Tensor& g4, const Tensor& q4, const T
   });
 }
 
-// dk / dv summed over the query heads that share a key head (one each: itself, no copy), times the key /
-// value itself, in x's layout (impl::empty_attention_relevance).
-Tensor grouped_times_input(const Tensor& acc_grad, const Layout& L, const Tensor& x) {
-  Tensor g = L.G == 1 ? acc_grad : acc_grad.view({L.B, L.Hk, L.G, acc_grad.size(2), acc_grad.size(3)}).sum(2);
+// Where the sums dk / dv over the query heads that share a key head are accumulated: where each key head
+// has one query head and x's dtype is the accumulation dtype, in the relevance's own memory (x's layout,
+// impl::empty_attention_relevance), then multiplied by x in place; else in a [B, Hq, T, E] buffer of the
+// accumulation dtype.
+bool sums_in_place(const Layout& L, const Tensor& x, const at::TensorOptions& acc) {
+  return L.G == 1 && x.dtype() == acc.dtype();
+}
+
+// Zeroed sums for x (key or value), shaped as x (see sums_in_place) or [B, Hq, T, E].
+Tensor zeroed_sums(const Layout& L, const Tensor& x, const at::TensorOptions& acc) {
+  if (sums_in_place(L, x, acc)) return impl::empty_attention_relevance(x).zero_();
+  return at::zeros({L.B, L.Hq, x.size(-2), x.size(-1)}, acc);
+}
+
+// The relevance of x: its sums over the query heads that share a key head, times x itself, in x's layout.
+Tensor grouped_times_input(const Tensor& sums, const Layout& L, const Tensor& x) {
+  if (sums_in_place(L, x, sums.options())) return sums.mul_(x);
+  Tensor g = L.G == 1 ? sums : sums.view({L.B, L.Hk, L.G, sums.size(2), sums.size(3)}).sum(2);
   g = g.view(x.sizes());
   Tensor out = impl::empty_attention_relevance(x);
   if (g.scalar_type() == x.scalar_type()) return at::mul_out(out, g, x);
@@ -554,14 +583,16 @@ TensorTriple attention_relevance_cpu(const Tensor& grad, const Tensor& query, co
   const auto acc = query.options().dtype(impl::attention_stat_dtype(query.scalar_type()));
   if (output_mask[0]) rq = impl::empty_attention_relevance(query).zero_();
   Tensor rq4 = output_mask[0] ? rq.view({L.B, L.Hq, L.Tq, L.E}) : Tensor();
-  Tensor dk = output_mask[1] ? at::zeros({L.B, L.Hq, L.Tk, L.E}, acc) : Tensor();
-  Tensor dv = output_mask[2] ? at::zeros({L.B, L.Hq, L.Tk, L.Ev}, acc) : Tensor();
+  const Tensor dk = output_mask[1] ? zeroed_sums(L, key, acc) : Tensor();
+  const Tensor dv = output_mask[2] ? zeroed_sums(L, value, acc) : Tensor();
+  Tensor dk4 = output_mask[1] ? dk.view({L.B, L.Hq, L.Tk, L.E}) : Tensor();
+  Tensor dv4 = output_mask[2] ? dv.view({L.B, L.Hq, L.Tk, L.Ev}) : Tensor();
   if (query.numel() > 0 && key.numel() > 0 && value.numel() > 0 && output.numel() > 0) {
     const Tensor q4 = as_bhte(query, L, L.Hq), k4 = as_bhte(key, L, L.Hk), v4 = as_bhte(value, L, L.Hk);
     const Tensor g4 = as_bhte(grad, L, L.Hq), o4 = as_bhte(output, L, L.Hq);
     const Tensor lse3 = logsumexp.contiguous().view({L.B, L.Hq, L.Tq});
     LRPCPP_DISPATCH_FLOATING(query.scalar_type(), "lrpcpp_attention_relevance_cpu", [&] {
-      relevance_loop<scalar_t>(L, g4, q4, k4, v4, o4, lse3, epsilon, output_mask, rq4, dk, dv);
+      relevance_loop<scalar_t>(L, g4, q4, k4, v4, o4, lse3, epsilon, output_mask, rq4, dk4, dv4);
     });
   }
   if (output_mask[1]) rk = grouped_times_input(dk, L, key);
