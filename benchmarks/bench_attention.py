@@ -3,9 +3,10 @@
 its attention as one ``lf.scaled_dot_product_attention`` (relevance, explicit LRP) against the plain
 input gradient of the same block with ``F.scaled_dot_product_attention`` (causal), side by side in
 one process, and the unfused explicit block (``lf.matmul -> lf.softmax -> lf.matmul``) beside them.
-Time of the whole call (forward, then backward, on a fresh graph: median, repetitions interleaved) with its
-forward and backward alongside, and the activations each forward keeps for its backward
-(``bench_cpu.saved_mib``: the tensor memory it leaves allocated).
+Time of the whole call (forward, then backward, on a fresh graph: median, repetitions interleaved;
+ratios as medians of the same round's ratios, in wall and in CPU time) with its forward and backward
+alongside, and the activations each forward keeps for its backward (``bench_cpu.saved_mib``: the
+tensor memory it leaves allocated).
 
 Run from the repository root::
 
@@ -104,24 +105,31 @@ VARIANTS = {
 
 
 def timed_calls(fns, x, seed, reps):
-    """Per callable: the median forward, backward and whole-call seconds of ``reps`` calls, each a fresh
-    graph on a fresh leaf (forward, then the backward with the seed), the callables interleaved, order
-    alternating, after one warm-up round: what a user's call costs."""
-    times = [([], [], []) for _ in fns]
+    """Per callable and round: the forward, backward and whole-call wall seconds and the whole call's
+    process CPU seconds (all threads) of one call on a fresh graph and a fresh leaf (forward, then the
+    backward with the seed), the callables interleaved, order alternating, after one warm-up round: what
+    a user's call costs. Returns per callable four lists, one entry per round."""
+    times = [([], [], [], []) for _ in fns]
     order = list(range(len(fns)))
     for r in range(reps + 1):
         for i in order if r % 2 == 0 else order[::-1]:
             leaf = x.detach().clone().requires_grad_(True)
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             y = fns[i](leaf)
             t1 = time.perf_counter()
             torch.autograd.grad(y, leaf, seed)
-            t2 = time.perf_counter()
+            t2, c2 = time.perf_counter(), time.process_time()
             del y
             if r:
-                for out, t in zip(times[i], (t1 - t0, t2 - t1, t2 - t0)):
+                for out, t in zip(times[i], (t1 - t0, t2 - t1, t2 - t0, c2 - c0)):
                     out.append(t)
-    return [[statistics.median(t) for t in per] for per in times]
+    return times
+
+
+def paired_ratio(times, base):
+    """The median over the rounds of a variant's time over the plain block's in the same round (the
+    calls of one round run back to back, so a machine that is slower for a while slows both)."""
+    return statistics.median(t / b for t, b in zip(times, base))
 
 
 def measure(seq, batch, reps, unfused_max_seq):
@@ -136,20 +144,22 @@ def measure(seq, batch, reps, unfused_max_seq):
     fns = [lambda t, fn=fn: fn(t, p) for fn in variants.values()]
     saved = [bc.saved_mib(fn, [x]) for fn in fns]
     times = timed_calls(fns, x, seed, reps)
-    (base_f, base_b, base_t), base_m = times[0], saved[0]
+    base, base_m = times[0], saved[0]
     lines = [
         f"### batch {batch}, sequence {seq}",
         "",
         f"Forward check: max |fused block - torch block| / max |y| = {err:.1e}.",
         "",
-        "| variant | forward + backward (ms) | time / plain | forward (ms) | forward / plain | backward (ms) "
-        "| backward / plain | saved activations (MiB) | memory / plain |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | forward + backward (ms) | time / plain | CPU time / plain | forward (ms) | forward / plain "
+        "| backward (ms) | backward / plain | saved activations (MiB) | memory / plain |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, (f, b, t), m in zip(variants, times, saved):
+    for name, (f, b, t, c), m in zip(variants, times, saved):
+        med = statistics.median
         lines.append(
-            f"| {name} | {t * 1e3:.1f} | {t / base_t:.2f} | {f * 1e3:.1f} | {f / base_f:.2f} | {b * 1e3:.1f} "
-            f"| {b / base_b:.2f} | {m:.0f} | {m / base_m:.2f} |"
+            f"| {name} | {med(t) * 1e3:.1f} | {paired_ratio(t, base[2]):.2f} | {paired_ratio(c, base[3]):.2f} "
+            f"| {med(f) * 1e3:.1f} | {paired_ratio(f, base[0]):.2f} | {med(b) * 1e3:.1f} "
+            f"| {paired_ratio(b, base[1]):.2f} | {m:.0f} | {m / base_m:.2f} |"
         )
     if len(variants) < len(VARIANTS):
         lines += [
@@ -164,7 +174,7 @@ def main():
     parser.add_argument("--seqs", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--unfused-max-seq", type=int, default=2048, help="longest sequence of the unfused block")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--quick", action="store_true", help="hidden 256, 4 heads (a smoke test)")
     parser.add_argument("--write", action="store_true", help=f"also write the section '{SECTION}' of RESULTS.md")
@@ -181,10 +191,13 @@ def main():
         lines.append(f"- Load: 1-minute load average {os.getloadavg()[0]:.1f} at the start")
     lines += [
         "",
-        f"Hidden {bc.H}, {bc.NH} heads x {bc.HD}, MLP {bc.INTER}, causal; float32; median of {args.reps} "
-        "calls per variant after a warm-up call (interleaved, order alternating), each a fresh graph: the "
+        f"Hidden {bc.H}, {bc.NH} heads x {bc.HD}, MLP {bc.INTER}, causal; float32; {args.reps} rounds after "
+        "a warm-up round, each round one call per variant (order alternating), each call a fresh graph: the "
         "forward, then the backward from the torch block's output as the seed; the forward and the "
-        "backward of the same calls beside the whole.",
+        "backward of the same calls beside the whole. Times: medians over the rounds. Ratios: the median "
+        "over the rounds of the variant's time over the torch block's in the same round (wall time; 'CPU "
+        "time': the process's CPU time over all threads, which another process on the machine does not "
+        "add to).",
         "",
     ]
     for seq in args.seqs:
