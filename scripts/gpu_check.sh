@@ -17,7 +17,8 @@
 #   5. the rest of the test suite, only with the time that is left, without what builds or packages
 #      (the CMake C++ example, the wheel), the benchmark scripts and this script's own test: the tests
 #      not marked slow first, then the slow ones; reaching the time limit here is no failure (a test
-#      that failed before it is); GPU_CHECK_REST_S caps the seconds it may take (default: all that is left)
+#      that failed before it is); GPU_CHECK_REST_S caps the seconds it may take (default: all that is left),
+#      GPU_CHECK_REST_ARGS adds pytest arguments (e.g. --ignore=FILE)
 # Steps 3 and 5 run pytest in GPU_CHECK_JOBS worker processes (pytest-xdist; default 8 on a machine of
 # 16 cores or more, one process elsewhere).
 # Everything streams to $OUT (default build/gpu-check) as it happens: summary.md (one line per step),
@@ -223,6 +224,10 @@ t0=$(date +%s)
 # command-line runs), then the slow ones as far as the time goes
 REST=(tests --ignore=tests/test_cuda.py --ignore=tests/test_gpu_check.py --ignore=tests/test_wheel.py
       --ignore=tests/test_benchmarks.py --deselect tests/test_deploy.py::test_cpp_example_gives_the_relevance_of_attribute)
+# GPU_CHECK_REST_ARGS: more pytest arguments for this step (e.g. --ignore=FILE for the tests of a test-only
+# package that machine lacks)
+read -r -a more <<<"${GPU_CHECK_REST_ARGS:-}"
+REST+=("${more[@]}")
 if ! selected rest; then
   :
 elif [ "$BUILT" = 0 ] || [ "$HAVE_PYTEST" = 0 ]; then

@@ -13,7 +13,7 @@ import pytest
 import reference as ref
 import torch
 import torch.nn.functional as F
-from conftest import TOL, assert_relevance_close
+from conftest import TOL, assert_relevance_close, needs_redispatch
 from lrpcpp.models.explicit import RULES, ExplicitRules, UnruledOperationWarning, identity_rule, run_plain
 from torch import nn
 
@@ -662,7 +662,13 @@ def test_sdpa_gqa():
         assert_relevance_close(got, exp, f64)
 
 
-@pytest.mark.parametrize("hk", [0, 3])
+# torch before 2.13 (2.11 seen) ends the process with SIGFPE, a division by zero in its own
+# F.scaled_dot_product_attention, for zero key heads with enable_gqa
+_OLD_TORCH = tuple(int(n) for n in torch.__version__.split(".")[:2]) < (2, 13)
+_NO_KEY_HEADS = pytest.param(0, marks=pytest.mark.skipif(_OLD_TORCH, reason="torch's own SDPA crashes (SIGFPE)"))
+
+
+@pytest.mark.parametrize("hk", [_NO_KEY_HEADS, 3])
 def test_sdpa_heads_that_do_not_group_are_torchs_case(hk):
     """Key heads that do not divide the query heads (none at all included): torch's own answer, its
     error or its output, never a division by zero in the rules."""
@@ -799,6 +805,7 @@ def test_nested_modes_apply_the_rules_once():
     assert torch.equal(y1, y2) and torch.equal(ra1, ra2) and torch.equal(rb1, rb2)
 
 
+@needs_redispatch
 def test_python_level_functions_are_mapped_inside():
     # nn.MultiheadAttention's functional body (in_proj, SDPA, out_proj) runs under the rules
     mha = nn.MultiheadAttention(8, 2, bias=False, batch_first=True, dtype=f64).eval()

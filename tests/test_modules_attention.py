@@ -9,6 +9,7 @@ import lrpcpp.functional as lf
 import lrpcpp.modules as lm
 import pytest
 import torch
+from conftest import needs_redispatch
 from torch import nn
 
 f64 = torch.float64
@@ -287,6 +288,7 @@ def test_compile_fullgraph():
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
+@needs_redispatch
 def test_in_a_composite():
     """Opted in through module_map, the layer gives its own relevance; the default Composite (torch's
     layer under the explicit rules) gives the same up to rounding."""

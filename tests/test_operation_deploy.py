@@ -8,6 +8,7 @@ import lrpcpp
 import pytest
 import test_operation_vision as vision
 import torch
+from conftest import needs_redispatch
 from lrpcpp import deploy
 from lrpcpp.models.operations import UnruledOperationWarning
 from models import build as build_registered
@@ -185,6 +186,7 @@ class _TorchAttention(nn.Module):
         return self.out(h + inputs_embeds).mean(1)
 
 
+@needs_redispatch
 @pytest.mark.compile
 def test_compile_attribute_refuses_a_function_whose_body_the_rules_run():
     # F.multi_head_attention_forward: eager, the rules treat the calls in its body; dynamo records it

@@ -527,3 +527,22 @@ def test_a_patched_relu_module_compiles_fullgraph(level):
     finally:
         torch._dynamo.reset()
     assert torch.equal(got, eager)
+
+
+def test_a_torch_without_redispatch_counts_a_python_torch_function_as_unruled(monkeypatch):
+    # F.multi_head_attention_forward is written in Python: its body runs under the rules through
+    # torch.overrides.redispatch_function; a torch without it (older releases) runs it as one call,
+    # whose plain gradient is reported, never passed off as ruled
+    from lrpcpp.models import tracking
+    from test_operation_deploy import _TorchAttention
+
+    torch.manual_seed(0)
+    model, x = _TorchAttention().eval(), torch.randn(2, 5, 8)
+    if tracking.redispatch_function is not None:  # (this torch has it: the body is ruled)
+        assert lrpcpp.attribute(model, inputs_embeds=x, target=1, level="operations").coverage.unruled == {}
+    monkeypatch.setattr(tracking, "redispatch_function", None)
+    with pytest.warns(UnruledOperationWarning, match=r"no rule for .*multi_head_attention_forward \(x1\)"):
+        got = lrpcpp.attribute(model, inputs_embeds=x, target=1, level="operations")
+    assert list(got.coverage.unruled) == ["torch.nn.functional.multi_head_attention_forward"]
+    with pytest.raises(UnruledOperationError, match=r"multi_head_attention_forward has no gradient-mode rule"):
+        lrpcpp.attribute(model, inputs_embeds=x, target=1, level="operations", strict=True)

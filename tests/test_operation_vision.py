@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers as tfm
 import vision_models
+from conftest import needs_redispatch
 from lrpcpp.models.families import FAMILIES, Family
 from lrpcpp.models.operations import UnruledOperationWarning
 from torch import nn
@@ -166,6 +167,7 @@ def test_deit_described_like_vit_gives_the_registry_relevance(method, monkeypatc
     torch.testing.assert_close(got.relevance, ref.relevance, rtol=1e-10, atol=1e-12)
 
 
+@needs_redispatch
 @pytest.mark.parametrize("method", ["attnlrp", "cp-lrp"])
 def test_torchvision_style_vit_gives_the_registry_relevance(method):
     # torchvision is not a dependency: tests/vision_models.TinyViT has torchvision's ViT layout
@@ -179,6 +181,7 @@ def test_torchvision_style_vit_gives_the_registry_relevance(method):
     torch.testing.assert_close(got.relevance, ref.relevance, rtol=1e-10, atol=1e-12)
 
 
+@needs_redispatch
 @pytest.mark.parametrize("method", ["attnlrp", "cp-lrp"])
 def test_torchvision_vit_gives_the_registry_relevance(method):
     # torchvision's own VisionTransformer (vit_b_16's layout, a small config): nn.MultiheadAttention

@@ -13,9 +13,13 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Unio
 
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode, redispatch_function
+from torch.overrides import TorchFunctionMode
 
 from .. import functional as lf
+
+# skips one hop of torch function handling (newer torch releases only; None on an older torch, where the
+# body of a torch function written in Python cannot be run under a mode)
+redispatch_function: Optional[Callable[..., Any]] = getattr(torch.overrides, "redispatch_function", None)
 
 
 class RuleMode(TorchFunctionMode):
@@ -76,8 +80,9 @@ def run_body(mode: TorchFunctionMode, func: Callable, types_, args: Sequence, kw
     with ``mode`` active, so that the calls it makes are mapped in turn; ``NotImplemented`` for any
     other function, and for a function whose body reaches torch's function handling under its own
     name again (a Python Tensor method calling its C implementation), which is not redispatched a
-    second time."""
-    if not isinstance(func, types.FunctionType) or func in _IN_BODY.funcs:
+    second time. On a torch without ``torch.overrides.redispatch_function`` (older releases) no body is run:
+    such a function is one call, counted as unruled where it carries relevance."""
+    if redispatch_function is None or not isinstance(func, types.FunctionType) or func in _IN_BODY.funcs:
         return NotImplemented
     _IN_BODY.funcs.add(func)
     if _IN_BODY.ran is not None:
