@@ -15,7 +15,7 @@
 #   3. tests/test_cuda.py (every CUDA kernel case; the CPU cases too)
 #   4. benchmarks/bench_gpu.py, each row appended to bench.md as it is measured
 #   5. the rest of the test suite, only with the time that is left, without what builds or packages
-#      (the CMake C++ example, the wheel), the benchmark scripts and this script's own test: the tests
+#      (the CMake C++ example and package, the wheel), the benchmark scripts and this script's own test: the tests
 #      not marked slow first, then the slow ones; reaching the time limit here is no failure (a test
 #      that failed before it is); GPU_CHECK_REST_S caps the seconds it may take (default: all that is left),
 #      GPU_CHECK_REST_ARGS adds pytest arguments (e.g. --ignore=FILE)
@@ -223,7 +223,9 @@ t0=$(date +%s)
 # the tests not marked slow first (the kernels' math on the GPU's torch; no builds, subprocesses or
 # command-line runs), then the slow ones as far as the time goes
 REST=(tests --ignore=tests/test_cuda.py --ignore=tests/test_gpu_check.py --ignore=tests/test_wheel.py
-      --ignore=tests/test_benchmarks.py --deselect tests/test_deploy.py::test_cpp_example_gives_the_relevance_of_attribute)
+      --ignore=tests/test_benchmarks.py --deselect tests/test_deploy.py::test_cpp_example_gives_the_relevance_of_attribute
+      --deselect tests/test_deploy.py::test_cpp_example_reports_bad_arguments
+      --deselect tests/test_packaging.py::test_installed_cmake_package_builds_and_runs_a_consumer)
 # GPU_CHECK_REST_ARGS: more pytest arguments for this step (e.g. --ignore=FILE for the tests of a test-only
 # package that machine lacks)
 read -r -a more <<<"${GPU_CHECK_REST_ARGS:-}"
