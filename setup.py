@@ -11,6 +11,7 @@ torch in the current environment:
 
 import glob
 import os
+import sys
 
 import torch
 from setuptools import setup
@@ -85,6 +86,12 @@ def extension():
         extra_compile_args={"cxx": cxx},
         extra_link_args=link,
     )
+    if sys.platform.startswith("linux"):
+        # the process's shared C++ runtime, named before the compiler's own libraries: a compiler that
+        # links libstdc++ statically (-static-libstdc++, as some toolchain wrappers do) would otherwise
+        # give the extension a private copy of it, and the exceptions it throws into torch's runtime
+        # crash the process (seen: segmentation faults on bad input, caught fine by a shared runtime)
+        kwargs["libraries"] = [":libstdc++.so.6"]
     if not cuda:
         return CppExtension(**kwargs)
     kwargs["sources"] += rel("csrc/ops/cuda/*.cu")

@@ -11,7 +11,8 @@
 #      under that load. Here: 16 cores and one arch, so the 42 jobs run in three waves of 16 on unloaded
 #      cores (at least twice as fast), the .cu files for one arch (about 60% of two): roughly
 #      3,360 s x 0.8 / 2 / 16 = 85 s of work per core, and not less than the slowest file (~100 s):
-#      an estimated 2-3 minutes; the limit (GPU_CHECK_BUILD_S) is 300 s.
+#      an estimated 2-3 minutes (114 s on an H200 machine); the limit (GPU_CHECK_BUILD_S) is 300 s.
+#      The extension must load the process's shared libstdc++ (readelf -d), not a copy of its own.
 #   3. tests/test_cuda.py (every CUDA kernel case; the CPU cases too)
 #   4. benchmarks/bench_gpu.py, each row appended to bench.md as it is measured
 #   5. the rest of the test suite, only with the time that is left, without what builds or packages
@@ -120,6 +121,9 @@ else
     fail "build (exit or time limit; see build.log)"
   elif ! $PY -c "import lrpcpp, torch, sys; sys.exit(torch.ops.lrpcpp.cuda_version() <= 0)" >>"$OUT/build.log" 2>&1; then
     fail "the build has no CUDA kernels (cuda_version() <= 0; see build.log)"
+  elif ! readelf -d python/lrpcpp/_C*.so 2>>"$OUT/build.log" | grep -q 'libstdc++'; then
+    # a private copy of the C++ runtime crashes the process when an error is thrown into torch's
+    fail "the extension does not load the shared libstdc++ (the compiler linked a copy of its own; see build.log)"
   fi
 fi
 log "   $(( $(date +%s) - t0 )) s"
