@@ -196,21 +196,55 @@ def run_case(name, device, dtype):
         R = torch.randn_like(y) if y.dtype == torch.float32 else y.detach().clone()
         y.backward(R)  # the backward inside the autocast region too
     assert y.dtype == expected_dtype, (y.dtype, expected_dtype)
-    # the inputs as the op receives them: cast to the autocast dtype by the matmul-like ops
+    # the inputs as the op receives them: cast to the autocast dtype by the matmul-like ops; the
+    # reference on the CPU (it builds its own tensors there)
     seen = [lowered(t, dtype) if lowers and t.dtype != f64 else t.detach().double() for t in inputs]
     if name in ("add2", "mul2"):  # promoted to float32
         seen = [t.detach().float().double() for t in inputs]
-    expected = reference(R.double(), *seen)
+    expected = reference(R.double().cpu(), *[t.cpu() for t in seen])
     expected = expected if isinstance(expected, tuple) else (expected,)
     for leaf, exp in zip(leaves[:carriers], expected):
         assert leaf.grad is not None and leaf.grad.dtype == leaf.dtype
         assert torch.isfinite(leaf.grad).all()
-        assert_relevance_close(leaf.grad, exp, dtype)
+        assert leaf.grad.device == leaf.device
+        assert_relevance_close(leaf.grad.cpu(), exp, dtype)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_op_under_cpu_autocast_bfloat16(name):
     run_case(name, "cpu", torch.bfloat16)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA"))])
+@pytest.mark.parametrize("autocast_dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.bfloat16),
+        (torch.float16, torch.float16),
+        (f64, torch.float32),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("name", ["add2", "mul2"])
+def test_add2_mul2_operands_meet_in_the_dtype_of_a_plus_b_under_any_autocast_dtype(
+    name, dtypes, autocast_dtype, device
+):
+    """As a + b and a * b: the operands in torch's promoted dtype whatever the autocast dtype (a bfloat16
+    operand under float16 autocast included), the output that of torch's op."""
+    torch.manual_seed(0)
+    a, b = (torch.randn(3, 4, device=device).to(d) for d in dtypes)
+    call = getattr(lf, name)
+    torch_op = torch.add if name == "add2" else torch.mul
+    with torch.autocast(device, dtype=autocast_dtype):
+        got = call(a.requires_grad_(), b.requires_grad_())
+        want = torch_op(a.detach(), b.detach())
+        got.backward(got.detach())
+    assert got.dtype == want.dtype == torch.promote_types(*dtypes)
+    torch.testing.assert_close(got.detach(), want)
+    assert a.grad.dtype == a.dtype and b.grad.dtype == b.dtype
+    assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")

@@ -7,7 +7,10 @@
 //   lower_precision_fp  the matmul-like forwards (linear, conv2d, matmul, attention): inputs in the
 //                       autocast dtype, as F.linear / F.conv2d / torch.matmul / F.scaled_dot_product_attention
 //                       (the attention accumulates in float32); they save those for backward;
-//   promote             add2 and mul2: both operands in the wider dtype, as a + b and a * b are;
+//   promoted            add2 and mul2: both operands in the dtype a + b and a * b give (torch's type
+//                       promotion, which autocast leaves alone for those): a bfloat16 branch and a float32
+//                       residual meet in float32 under any autocast dtype (torch's own "promote" policy
+//                       would refuse a bfloat16 operand under float16 autocast);
 //   fp32 (CUDA)         layer norms and normalize_identity, as F.layer_norm / F.normalize on CUDA;
 //   fp32_set_opt_dtype  softmax on CUDA: output in float32 unless a dtype is given, as torch.softmax;
 //   no cast             every other op: the relevance ops (the backward may run inside the autocast
@@ -41,6 +44,24 @@ void without_autocast(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 #define LRPCPP_NO_CAST(device, name) \
   m.impl(#name, torch::CppFunction::makeFromBoxedFunction<&without_autocast<c10::DeviceType::device>>())
 
+// add2 / mul2 (a, b, ...): a and b in at::result_type(a, b) where both are floating, then as called.
+template <c10::DeviceType device>
+void promoted(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(device));
+  const auto first = stack->end() - static_cast<std::ptrdiff_t>(op.schema().arguments().size());
+  auto& a = first[0];
+  auto& b = first[1];
+  if (a.isTensor() && b.isTensor() && a.toTensor().is_floating_point() && b.toTensor().is_floating_point()) {
+    const auto common = at::result_type(a.toTensor(), b.toTensor());
+    a = a.toTensor().to(common);
+    b = b.toTensor().to(common);
+  }
+  op.callBoxed(stack);
+}
+
+#define LRPCPP_PROMOTED(device, name) \
+  m.impl(#name, torch::CppFunction::makeFromBoxedFunction<&promoted<c10::DeviceType::device>>())
+
 // The policies shared by both devices.
 #define LRPCPP_AUTOCAST_COMMON(device)                                               \
   LRPCPP_AUTOCAST(device, linear_epsilon, lower_precision_fp);                       \
@@ -58,8 +79,8 @@ void without_autocast(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   LRPCPP_AUTOCAST(device, conv2d_z_box, lower_precision_fp);                         \
   LRPCPP_AUTOCAST(device, conv2d_flat, lower_precision_fp);                          \
   LRPCPP_AUTOCAST(device, conv2d_w_square, lower_precision_fp);                      \
-  LRPCPP_AUTOCAST(device, add2, promote);                                            \
-  LRPCPP_AUTOCAST(device, mul2, promote);                                            \
+  LRPCPP_PROMOTED(device, add2);                                                     \
+  LRPCPP_PROMOTED(device, mul2);                                                     \
   LRPCPP_AUTOCAST(device, scaled_dot_product_attention, lower_precision_fp);         \
   LRPCPP_AUTOCAST(device, scaled_dot_product_attention_forward, lower_precision_fp); \
   LRPCPP_NO_CAST(device, scaled_dot_product_attention_relevance);                    \
