@@ -47,13 +47,24 @@ def _no_tf32():
 OPS = sorted(n for n in SAMPLES if n != "cuda_version")
 
 
-def to(args, device, dtype):
-    return tuple(
-        a.detach().to(device=device, dtype=dtype).requires_grad_(a.requires_grad)
-        if isinstance(a, torch.Tensor) and a.is_floating_point()
-        else a
-        for a in args
-    )
+# the arguments (by position) that hold a forward's row statistics: float32 for a float16 / bfloat16
+# query, as the forward returns them (the attention's logsumexp)
+STATISTICS = {"scaled_dot_product_attention_relevance": {6}}
+
+
+def to(args, device, dtype, name=""):
+    """args on device; the floating tensors in dtype (a statistic in at least float32), the others
+    (bool masks) moved only."""
+
+    def one(i, a):
+        if not isinstance(a, torch.Tensor):
+            return a
+        if not a.is_floating_point():
+            return a.to(device)
+        want = torch.promote_types(dtype, torch.float32) if i in STATISTICS.get(name, ()) else dtype
+        return a.detach().to(device=device, dtype=want).requires_grad_(a.requires_grad)
+
+    return tuple(one(i, a) for i, a in enumerate(args))
 
 
 def run(name, args):
@@ -74,9 +85,9 @@ def run(name, args):
 def test_cuda_matches_cpu_float64(name, dtype):
     torch.manual_seed(0)
     # the reference sees the same inputs, rounded to dtype, so that only the arithmetic is compared
-    args = to(SAMPLES[name](name not in RELEVANCE_OPS), "cpu", dtype)
-    expected = run(name, to(args, "cpu", torch.float64))
-    got = run(name, to(args, "cuda", dtype))
+    args = to(SAMPLES[name](name not in RELEVANCE_OPS), "cpu", dtype, name)
+    expected = run(name, to(args, "cpu", torch.float64, name))
+    got = run(name, to(args, "cuda", dtype, name))
     assert len(got) == len(expected)
     for g, e in zip(got, expected):
         assert g.device.type == "cuda"
@@ -88,7 +99,7 @@ def test_cuda_matches_cpu_float64(name, dtype):
 @needs_cuda
 @pytest.mark.parametrize("name", OPS)
 def test_opcheck_cuda(name):
-    args = to(SAMPLES[name](False), "cuda", torch.float32)
+    args = to(SAMPLES[name](False), "cuda", torch.float32, name)
     opcheck(getattr(torch.ops.lrpcpp, name).default, args)
 
 
