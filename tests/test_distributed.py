@@ -11,7 +11,7 @@ import lrpcpp
 import lrpcpp.distributed
 import pytest
 import torch
-from conftest import subprocess_env
+from conftest import fails_in_torch_before_2_13, subprocess_env
 from distributed_worker import _rule_cases
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -30,7 +30,17 @@ def _torchrun(case, timeout=300):
 
 @pytest.mark.slow
 @needs_distributed
-@pytest.mark.parametrize("case", ["fsdp", "tp", "tp-dtensor"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "fsdp",
+        "tp",
+        pytest.param(
+            "tp-dtensor",
+            marks=fails_in_torch_before_2_13("DTensor refuses to flatten dimensions of which one is sharded"),
+        ),
+    ],
+)
 def test_sharded_model_gives_the_relevance_of_one_process(case):
     run = _torchrun(case)
     assert run.returncode == 0, run.stdout + run.stderr[-4000:]

@@ -13,7 +13,7 @@ import pytest
 import reference as ref
 import torch
 import torch.nn.functional as F
-from conftest import TOL, assert_relevance_close, needs_redispatch
+from conftest import TOL, assert_relevance_close, fails_in_torch_before_2_13, needs_redispatch
 from lrpcpp.models.explicit import RULES, ExplicitRules, UnruledOperationWarning, identity_rule, run_plain
 from torch import nn
 
@@ -662,10 +662,11 @@ def test_sdpa_gqa():
         assert_relevance_close(got, exp, f64)
 
 
-# torch before 2.13 (2.11 seen) ends the process with SIGFPE, a division by zero in its own
+# torch before 2.13 ends the process with SIGFPE, a division by zero in its own
 # F.scaled_dot_product_attention, for zero key heads with enable_gqa
-_OLD_TORCH = tuple(int(n) for n in torch.__version__.split(".")[:2]) < (2, 13)
-_NO_KEY_HEADS = pytest.param(0, marks=pytest.mark.skipif(_OLD_TORCH, reason="torch's own SDPA crashes (SIGFPE)"))
+_NO_KEY_HEADS = pytest.param(
+    0, marks=fails_in_torch_before_2_13("torch's own SDPA crashes (SIGFPE) for zero key heads")
+)
 
 
 @pytest.mark.parametrize("hk", [_NO_KEY_HEADS, 3])

@@ -8,6 +8,7 @@ import lrpcpp
 import pytest
 import torch
 import transformers as tfm
+from conftest import fails_in_torch_before_2_13
 from lrpcpp.attribution import explaining, select_target
 
 f64 = torch.float64
@@ -206,8 +207,14 @@ def _assert_each_input(got, want, rtol=0.0):
         torch.testing.assert_close(got.inputs[name], expected, rtol=rtol, atol=rtol * scale)
 
 
+# T5's decoder builds its cache in forward, and the cache deep-copies the config, which dynamo before
+# torch 2.13 cannot trace
+T5_DEEPCOPY = "dynamo cannot trace the copy.deepcopy of T5's config by its cache (torch._dynamo.exc.Unsupported)"
+
+
 @pytest.mark.compile
 @pytest.mark.slow
+@fails_in_torch_before_2_13(T5_DEEPCOPY)
 def test_compile_attribute_gives_the_relevance_of_t5s_encoder_and_decoder_inputs():
     # fullgraph=True; the traced graph run as dynamo recorded it gives exactly the eager relevance of each
     # input, on the example and on other lengths of both (one more compilation, with dynamic shapes)
@@ -277,6 +284,7 @@ def test_compile_attribute_gives_the_relevance_of_clips_text_and_pixels(float64_
 
 @pytest.mark.compile
 @pytest.mark.slow
+@fails_in_torch_before_2_13(T5_DEEPCOPY)
 def test_compile_attribute_with_inductor_gives_the_relevance_of_each_input():
     # the default backend, inductor, in float32: generated kernels, equal up to rounding
     from lrpcpp import deploy

@@ -8,7 +8,7 @@ import lrpcpp
 import pytest
 import test_operation_vision as vision
 import torch
-from conftest import needs_redispatch
+from conftest import fails_in_torch_before_2_13, needs_redispatch
 from lrpcpp import deploy
 from lrpcpp.models.operations import UnruledOperationWarning
 from models import build as build_registered
@@ -118,6 +118,7 @@ def test_compile_attribute_gives_the_relevance_of_the_operation_level(family, le
 
 @pytest.mark.compile
 @pytest.mark.slow
+@fails_in_torch_before_2_13("inductor's C++ for the graph does not compile ('tmp2' was not declared)")
 def test_compile_attribute_with_inductor_gives_the_relevance_of_the_operation_level():
     # the default backend, inductor: generated kernels, so equal up to rounding (observed: 5e-7 of
     # the largest relevance)
