@@ -144,6 +144,45 @@ class _WithCustomFunction(nn.Module):
         return self.lin(_Twice.apply(inputs_embeds)).sum(1)
 
 
+class _SavesInputs(torch.autograd.Function):
+    """As torch's checkpoint before 2.13 keeps a layer's inputs: an empty output off the relevance path."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, g):
+        return None
+
+
+class _ReadsGraph(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3).double()
+
+    def forward(self, inputs_embeds):
+        saver = _SavesInputs.apply(inputs_embeds)
+        # what a tensor is, not a call: its graph node, whether it requires grad, whether it is a leaf
+        assert saver.grad_fn is not None and saver.requires_grad and not saver.is_leaf
+        return self.lin(inputs_embeds).sum(1)
+
+
+def test_reading_a_custom_functions_graph_node_uses_no_function():
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    model = _ReadsGraph()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnruledOperationWarning)
+        got = lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True)
+    assert got.coverage.unruled == {}
+    plain = _ReadsGraph()
+    plain.lin = model.lin
+    plain.forward = lambda inputs_embeds: plain.lin(inputs_embeds).sum(1)  # the same model without the saver
+    want = lrpcpp.attribute(plain, inputs_embeds=x, level="operations", strict=True)
+    assert torch.equal(got.relevance, want.relevance) and got.relevance.abs().sum() > 0
+
+
 def test_an_unknown_operation_is_named_in_a_warning_and_strict_raises():
     x = torch.randn(2, 5, 4, dtype=torch.float64)
     model = _WithCustomFunction()

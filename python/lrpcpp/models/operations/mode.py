@@ -39,11 +39,16 @@ _ELEMENTWISE = dict.fromkeys(ELEMENTWISE, True)
 # the attribute on the result of an element-wise function of one carrier computed without grad (inside
 # a custom autograd.Function's forward): that input
 _ELEMENTWISE_OF = "_lrpcpp_elementwise_of"
-# what a tensor is (its shape, dtype, device, ...), never a tensor: these calls pass straight through, as
-# they would after the scan of their arguments (they return nothing to rule, mark or count); a model's
-# forward asks them often (LLaMA: about one call in five of the mode's)
+# what a tensor is (its shape, dtype, device, its place in the graph, ...), never a tensor: these calls
+# pass straight through, as they would after the scan of their arguments (they return nothing to rule,
+# mark or count; reading the grad_fn of a custom autograd.Function's output uses no function: torch
+# before 2.13's checkpoint reads that of its own input saver); a model's forward asks them often (LLaMA:
+# about one call in five of the mode's)
 _METADATA = dict.fromkeys(
-    [getattr(Tensor, name).__get__ for name in ("shape", "dtype", "device", "ndim", "is_cuda", "layout")]
+    [
+        getattr(Tensor, name).__get__
+        for name in ("shape", "dtype", "device", "ndim", "is_cuda", "layout", "grad_fn", "requires_grad", "is_leaf")
+    ]
     + [getattr(Tensor, name) for name in ("size", "dim", "numel", "stride", "is_contiguous", "is_floating_point")],
     True,
 )
