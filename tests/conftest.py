@@ -36,7 +36,7 @@ needs_redispatch = pytest.mark.skipif(
     reason="this torch has no torch.overrides.redispatch_function: the rules cannot see into a Python torch function",
 )
 
-# torch releases before 2.13 (2.11 seen, the GPU image's) fail a few tests inside torch itself; each such
+# torch releases before 2.13 (2.11 seen) fail a few tests inside torch itself; each such
 # test says what fails there and is skipped on those releases (it runs on the pinned torch)
 OLD_TORCH = tuple(int(n) for n in torch.__version__.split(".")[:2]) < (2, 13)
 
