@@ -232,22 +232,26 @@ def test_gi_compile_on_cuda():
 
 
 @needs_cuda
+@pytest.mark.parametrize("level", ["registry", "operations"])
 @pytest.mark.parametrize("family", ["llama", "bert", "gpt2", "mixtral"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_attribute_on_cuda_matches_cpu(family, dtype):
+def test_attribute_on_cuda_matches_cpu(family, dtype, level):
     pytest.importorskip("transformers", reason="whole-model tests need transformers (requirements-dev.txt)")
     from models import build, inputs
 
     model = build(family, dtype=torch.float32)
     kw = inputs(family, dtype=torch.float32)
-    expected = lrpcpp.attribute(model, **kw)
+    expected = lrpcpp.attribute(model, **kw, level=level)
     model = model.to("cuda", dtype)
     got = lrpcpp.attribute(
         model,
+        level=level,
         target=expected.target.cuda(),
         **{k: v.to("cuda", dtype) if v.is_floating_point() else v.cuda() for k, v in kw.items()},
     )
     assert torch.isfinite(got.relevance).all()
+    if level == "operations":  # the same calls ruled on the GPU as on the CPU
+        assert got.coverage.unruled == expected.coverage.unruled and got.coverage.seen == expected.coverage.seen
     a, b = got.token_relevance.double().cpu().flatten(), expected.token_relevance.double().flatten()
     if dtype == torch.float32:
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()))
