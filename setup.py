@@ -87,10 +87,11 @@ def extension():
         extra_link_args=link,
     )
     if sys.platform.startswith("linux"):
-        # the process's shared C++ runtime, named before the compiler's own libraries: a compiler that
-        # links libstdc++ statically (-static-libstdc++, as some toolchain wrappers do) would otherwise
-        # give the extension a private copy of it, and the exceptions it throws into torch's runtime
-        # crash the process (seen: segmentation faults on bad input, caught fine by a shared runtime)
+        # the process's shared C++ runtime, named by its file and before the compiler's own libraries: a
+        # compiler that links libstdc++ statically (a wrapper adding -static-libstdc++, whose own library
+        # directory may hold only libstdc++.a, so -lstdc++ is not enough) would otherwise give the
+        # extension a private copy of it, and the errors it throws into torch's runtime crash the process
+        # or lose their message
         kwargs["libraries"] = [":libstdc++.so.6"]
     if not cuda:
         return CppExtension(**kwargs)

@@ -122,7 +122,7 @@ else
     fail "build (exit or time limit; see build.log)"
   elif ! $PY -c "import lrpcpp, torch, sys; sys.exit(torch.ops.lrpcpp.cuda_version() <= 0)" >>"$OUT/build.log" 2>&1; then
     fail "the build has no CUDA kernels (cuda_version() <= 0; see build.log)"
-  elif ! readelf -d python/lrpcpp/_C*.so 2>>"$OUT/build.log" | grep -q 'libstdc++'; then
+  elif command -v readelf >/dev/null && ! readelf -d python/lrpcpp/_C*.so 2>>"$OUT/build.log" | grep -q 'libstdc++'; then
     # a private copy of the C++ runtime crashes the process when an error is thrown into torch's
     fail "the extension does not load the shared libstdc++ (the compiler linked a copy of its own; see build.log)"
   fi
