@@ -2,14 +2,12 @@
 the runtime's exception machinery itself. A private copy (a compiler that links libstdc++ statically)
 throws its errors into torch's runtime, which crashed the process on bad input."""
 
-import glob
-import os
 import shutil
 import subprocess
 import sys
 
-import lrpcpp
 import pytest
+from lrpcpp._library import library_path
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="libstdc++ is the Linux C++ runtime")
 
@@ -20,22 +18,17 @@ def _tool(name):
     return path
 
 
-def _library():
-    (path,) = glob.glob(os.path.join(os.path.dirname(lrpcpp.__file__), "_C*.so"))
-    return path
-
-
 def _run(*cmd):
     return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
 
 
 def test_the_extension_loads_the_shared_libstdcxx():
-    dynamic = _run(_tool("readelf"), "-d", _library())
+    dynamic = _run(_tool("readelf"), "-d", library_path())
     needed = [line.split("[", 1)[1].rstrip("]") for line in dynamic.splitlines() if "(NEEDED)" in line]
     assert any(n.startswith("libstdc++.so") for n in needed), needed
 
 
 def test_the_extension_defines_no_cxx_runtime_of_its_own():
-    defined = _run(_tool("nm"), "-D", "--defined-only", _library()).split()
+    defined = _run(_tool("nm"), "-D", "--defined-only", library_path()).split()
     own = sorted({s for s in defined if s in ("__cxa_throw", "__cxa_begin_catch", "__gxx_personality_v0")})
     assert not own, f"the extension defines the C++ runtime's {own}: a copy of libstdc++ linked in"

@@ -265,23 +265,18 @@ def test_vision_model_on_cuda_matches_cpu(name, level):
     """A CNN under the epsilon-gamma-box preset (z-box on the pixels, gamma on the convolutions; a preset
     needs the registry level) and a ViT in torchvision's layout, explained on the GPU as on the CPU."""
     import vision_models as vm
+    from lrpcpp.models import presets
 
     model, x = getattr(vm, name)(dtype=torch.float32), vm.images(dtype=torch.float32)
     kw = dict(level=level)
     if name == "resnet":
-        kw["preset"] = presets_get("epsilon_gamma_box", low=vm.LOW, high=vm.HIGH)
+        kw["preset"] = presets.get_preset("epsilon_gamma_box", low=vm.LOW, high=vm.HIGH)
     expected = lrpcpp.attribute(model, pixel_values=x, **kw)
     # the preset's bounds stay float64 CPU tensors, as a user writes them
     got = lrpcpp.attribute(model.cuda(), pixel_values=x.cuda(), target=expected.target.cuda(), **kw)
     assert got.relevance.device.type == "cuda" and torch.isfinite(got.relevance).all()
     b = expected.relevance.double()
     torch.testing.assert_close(got.relevance.double().cpu(), b, rtol=1e-3, atol=1e-3 * float(b.abs().max()))
-
-
-def presets_get(name, **kwargs):
-    from lrpcpp.models import presets
-
-    return presets.get_preset(name, **kwargs)
 
 
 # ----------------------------------------------------------------------------- what a GPU exposes

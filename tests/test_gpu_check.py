@@ -98,9 +98,8 @@ def test_the_tests_of_a_package_the_machine_lacks_are_left_out(tmp_path):
         (stubs / name).mkdir(parents=True)
         (stubs / name / "__init__.py").write_text(f"raise ImportError('no {name} on this machine')\n")
     out = tmp_path / "out"
-    e = subprocess_env()
-    e["PYTHONPATH"] = os.pathsep.join([str(stubs)] + [p for p in [e.get("PYTHONPATH")] if p])
-    p = dry_run(out, GPU_CHECK_STEPS="rest", PYTHONPATH=e["PYTHONPATH"])
+    path = os.pathsep.join(filter(None, [str(stubs), subprocess_env().get("PYTHONPATH")]))
+    p = dry_run(out, GPU_CHECK_STEPS="rest", PYTHONPATH=path)
     summary = (out / "summary.md").read_text()
     assert (
         "no zennit here: left out tests/test_zennit.py,tests/test_conv_rules.py,tests/test_vision_models.py" in summary
