@@ -34,6 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -302,11 +303,10 @@ class _GradientRules(_Rules):
     """Gradient-times-input (RULES.md section 2)."""
 
     def elementwise(self, module, x, forward):
-        if type(module) in _GRADIENT_IS_IDENTITY:
-            with without(is_rule_mode):  # the unit's own call, not one for the operation level's rules
-                return _out_of_place(module, forward, x)
-        if x.dtype in _WITHIN_FLOAT32 and computes_llama_rms_norm(module):
-            with without(is_rule_mode):
+        if _own_rule(module, x):
+            with without(is_rule_mode):  # the unit's own calls, not ones for the operation level's rules
+                if type(module) in _GRADIENT_IS_IDENTITY:
+                    return _out_of_place(module, forward, x)
                 return _llama_rms_norm_rstd_constant(module, x)
         with torch.no_grad():  # detached too, for torch.jit.trace (see _held_constant)
             y = _out_of_place(module, forward, x).detach()
@@ -339,15 +339,32 @@ class _OperationRules(_GradientRules):
         self.mode = GradientRules(method, epsilon, strict)
 
     def elementwise(self, module, x, forward):
-        out = super().elementwise(module, x, forward)
+        mode, direct = self.mode, False
+        if mode.alone():
+            # the unit's calls are its rule: made with the mode off the stack (where the mode would leave
+            # its input as it is), its gi_identity counted here, as the mode would count it
+            with mode.suspended():
+                direct = mode.plain_carrier(x)
+                if direct:
+                    out = super().elementwise(module, x, forward)
+                    if not _own_rule(module, x):
+                        mode.count_ruled(torch.ops.lrpcpp.gi_identity)
+        if not direct:
+            out = super().elementwise(module, x, forward)
         if is_activation(module):
-            self.mode.mark_gate(out)
+            mode.mark_gate(out)
         return out
 
     @contextlib.contextmanager
     def modes(self):
         with self.mode.uncounted(), self.mode:
             yield
+
+
+def _own_rule(module: nn.Module, x: Tensor) -> bool:
+    """Whether an identity-rule unit's relevance is its own gradient (ReLU's), or a LLaMA RMSNorm's
+    rule that holds its rsqrt constant in its own ops, rather than ``gi_identity``."""
+    return type(module) in _GRADIENT_IS_IDENTITY or (x.dtype in _WITHIN_FLOAT32 and computes_llama_rms_norm(module))
 
 
 class _ExplicitRules(_Rules):
@@ -486,7 +503,7 @@ class PatchHandle:
                 delattr(module, slot)
 
         self._undo.append(undo)
-        self.patched[name] = what
+        self._report(name, what)
 
     @property
     def coverage(self):
@@ -496,7 +513,11 @@ class PatchHandle:
 
     def _hook(self, name: str, handle, what: str) -> None:
         self._undo.append(handle.remove)
-        self.patched[name] = what
+        self._report(name, what)
+
+    def _report(self, name: str, what: str) -> None:
+        """Records what was done to a module (each change, where several were)."""
+        self.patched[name] = f"{self.patched[name]}; {what}" if name in self.patched else what
 
     def remove(self) -> None:
         """Restores every module exactly as it was (idempotent)."""
@@ -842,10 +863,13 @@ def _apply_operations(handle: PatchHandle, modules: Sequence[Tuple[str, nn.Modul
     assert isinstance(rules, _OperationRules)
     unit = _per_class(lambda m: _is_identity_unit(m, None))
     for name, module in modules:
+        one_call = _ONE_CALL.get(type(module))
         if unit(module):
             forward = types.MethodType(type(module).forward, module)
             new = (lambda m, f: lambda x: rules.elementwise(m, x, f))(module, forward)
             handle._set_forward(name, module, new, "identity rule")
+        elif one_call is not None:
+            handle._set_forward(name, module, _direct_forward(rules.mode, module, one_call), "its one call ruled")
         elif is_selective_scan(module):
             _patch_selective_scan(handle, name, module)
         elif is_chunked_scan(module):
@@ -853,15 +877,32 @@ def _apply_operations(handle: PatchHandle, modules: Sequence[Tuple[str, nn.Modul
     inner = _original_forward(model)
 
     def operations_forward(*args, **kwargs):
-        before = rules.mode.unruled_counts()
+        before = rules.mode.unruled_snapshot()
         with rules.mode:
             out = inner(*args, **kwargs)
         rules.mode.check_functions(out)
-        after = rules.mode.unruled_counts()
-        warn_unruled({n: c - before.get(n, 0) for n, c in after.items() if c > before.get(n, 0)}, type(model).__name__)
+        warn_unruled(rules.mode.unruled_since(before), type(model).__name__)
         return out
 
     handle._set_forward("", model, operations_forward, "operation-level rules")
+
+
+# torch.nn modules whose forward is one torch function of their input and their own attributes: at the
+# operation level, such a module makes that call with the mode's rules itself (GradientRules.direct),
+# without torch's function dispatch (and F.layer_norm's and F.dropout's handling in Python): the
+# same rules, for the layers that every transformer calls most
+_ONE_CALL: Dict[type, Callable[[Any, Tensor], tuple]] = {
+    nn.Linear: lambda m, x: (F.linear, x, m.weight, m.bias),
+    nn.LayerNorm: lambda m, x: (F.layer_norm, x, m.normalized_shape, m.weight, m.bias, m.eps),
+    nn.Dropout: lambda m, x: (F.dropout, x, m.p, m.training, m.inplace),
+}
+
+
+def _direct_forward(mode: GradientRules, module: nn.Module, call: Callable[[Any, Tensor], tuple]) -> Callable:
+    def forward(input: Tensor) -> Tensor:
+        return mode.direct(*call(module, input))
+
+    return forward
 
 
 def _patch_selective_scan(handle: PatchHandle, name: str, module: nn.Module) -> None:

@@ -7,7 +7,7 @@ import warnings
 from collections import abc
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -232,8 +232,14 @@ class GradientRules(RuleMode):
     def coverage(self) -> Coverage:
         return Coverage(**{k: MappingProxyType(_names(c)) for k, c in self._counts.items()})
 
-    def unruled_counts(self) -> Dict[str, int]:
-        return _names(self._counts["unruled"])
+    def unruled_snapshot(self) -> Dict[Any, int]:
+        """The unruled calls counted so far, by function (for :meth:`unruled_since`)."""
+        return dict(self._counts["unruled"])
+
+    def unruled_since(self, before: Mapping[Any, int]) -> Dict[str, int]:
+        """The unruled calls counted since ``before`` (an :meth:`unruled_snapshot`), by name."""
+        now = self._counts["unruled"]
+        return _names({f: c - before.get(f, 0) for f, c in now.items() if c > before.get(f, 0)}) if now else {}
 
     @contextlib.contextmanager
     def uncounted(self) -> Iterator[None]:
@@ -246,12 +252,13 @@ class GradientRules(RuleMode):
             for k, c in saved.items():
                 self._counts[k] = c
 
-    def _count(self, kind: str, func: Any) -> None:
+    def _count(self, kind: str, func: Any, compiling: Optional[bool] = None) -> None:
         """Counts a call (a torch function, or the name of a custom autograd.Function) as ``kind``;
         an unruled one raises with ``strict``. Counted by function, named when read. A compiled
         forward counts nothing: the counts would become constants of its graph
-        (:func:`lrpcpp.deploy.compile_attribute` reports the coverage of an eager forward instead)."""
-        if torch.compiler.is_compiling():
+        (:func:`lrpcpp.deploy.compile_attribute` reports the coverage of an eager forward instead).
+        ``compiling``: whether the forward is compiled, where the caller knows it already."""
+        if torch.compiler.is_compiling() if compiling is None else compiling:
             return
         if kind == "unruled" and self.strict:
             name = func if isinstance(func, str) else op_name(func)
@@ -312,11 +319,58 @@ class GradientRules(RuleMode):
             self._count("unruled", name)
         return None
 
+    # --- calls made by module units, without torch's function dispatch
+    def alone(self) -> bool:
+        """Whether this mode is the one active torch function mode of an eager forward: then a module
+        unit (:func:`lrpcpp.patch` at the operation level) may take it off the stack for its own call
+        and apply the rules itself (:meth:`direct`, :meth:`suspended`), as torch's dispatch would."""
+        return (
+            not torch.compiler.is_compiling()
+            and torch._C._len_torch_function_stack() == 1
+            and torch._C._get_function_stack_at(0) is self
+        )
+
+    def direct(self, func: Callable, *args: Any) -> Any:
+        """``func(*args)`` ruled as this mode rules it, called by a module whose forward is that one
+        call (``nn.Linear``'s ``F.linear``, ...): where the mode is :meth:`alone`, without torch's
+        function dispatch (the mode is off the stack for the call, as the dispatch takes it off);
+        otherwise through the dispatch."""
+        if not self.alone():
+            return func(*args)
+        torch._C._pop_torch_function_stack()
+        try:
+            return self.__torch_function__(func, tuple({type(a) for a in args if isinstance(a, Tensor)}), args)
+        finally:
+            torch._C._push_on_torch_function_stack(self)
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """The block runs with this mode off the stack (a unit whose calls are its own rule; it counts
+        them itself with :meth:`count_ruled`)."""
+        torch._C._pop_torch_function_stack()
+        try:
+            yield
+        finally:
+            torch._C._push_on_torch_function_stack(self)
+
+    def count_ruled(self, func: Callable) -> None:
+        """Counts a call that a unit made with the mode :meth:`suspended` as ruled."""
+        self._count("ruled", func)
+
+    @staticmethod
+    def plain_carrier(t: Any) -> bool:
+        """A relevance-carrying tensor (of torch's own type) that no custom autograd.Function
+        returned: a unit's input that the mode's checks of a call's arguments would leave as it is."""
+        return type(t) is Tensor and carries(t) and not isinstance(t.grad_fn, _CUSTOM_FUNCTION_NODE)
+
     # --- the mode
     def __torch_function__(self, func, types_, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        # (the hot path of every forward at the operation level: one pass over the arguments, the
+        # common calls without helper functions; see benchmarks/bench_models.py for its cost per call)
         if func in _METADATA:
-            return func(*args, **kwargs)
+            return func(*args, **kwargs) if kwargs else func(*args)
+        if kwargs is None:
+            kwargs = {}
         if not torch.is_grad_enabled():
             out = func(*args, **kwargs)
             if func in _ELEMENTWISE and isinstance(out, Tensor) and args and carries(args[0]):
@@ -324,19 +378,19 @@ class GradientRules(RuleMode):
                 if not any(carries(t) for t in tensor_args(args[1:], kwargs)):
                     setattr(out, _ELEMENTWISE_OF, args[0])
             return out
-        grads = [t for t in tensor_args(args, kwargs) if t.requires_grad]
+        grads = _requiring_grad(args, kwargs)
         if not grads:  # most calls of a model with frozen parameters: shapes, masks, positions
             return func(*args, **kwargs)
-        carrying = [carries(t) for t in grads]
-        if not any(carrying):
+        carrying = [t for t in grads if carries(t)]
+        if not carrying:
             out = func(*args, **kwargs)
             mark_from_parameters(out)
             return out
         compiling = torch.compiler.is_compiling()
         if not compiling:  # a compiled forward leaves no custom Function's node
             ruled = {}
-            for t, c in zip(grads, carrying):
-                if c and isinstance(t.grad_fn, _CUSTOM_FUNCTION_NODE):
+            for t in carrying:
+                if isinstance(t.grad_fn, _CUSTOM_FUNCTION_NODE):
                     # (a tensor that the call writes into keeps its own tensor)
                     written = bool(args) and t is args[0] and _writes(func, kwargs)
                     substitute = self._check_function(t, ruled=not written)
@@ -344,13 +398,18 @@ class GradientRules(RuleMode):
                         ruled[id(t)] = substitute
             if ruled:
                 args, kwargs = _substituted(args, ruled), dict(zip(kwargs, _substituted(kwargs.values(), ruled)))
-        marked = marked_tensors([t for t, c in zip(grads, carrying) if not c], compiling)
+        marked = (
+            marked_tensors([t for t in grads if not any(t is c for c in carrying)], compiling)
+            if len(carrying) < len(grads)
+            else None
+        )
         out = self._with_relevance(func, types_, args, kwargs, compiling)
-        unmark_written(marked, out)  # written into in place with relevance-carrying values
+        if marked:
+            unmark_written(marked, out)  # written into in place with relevance-carrying values
         return out
 
     def _with_relevance(self, func, types_, args, kwargs, compiling):
-        handler, plain = _kind(func, compiling)
+        handler, plain = (None if compiling else _KINDS.get(func)) or _kind(func, compiling)
         if handler is not None:
             if torch._C._len_torch_function_stack() == 0:  # no other mode active (nothing to suspend)
                 out = handler(self, func, *args, **kwargs)
@@ -358,14 +417,15 @@ class GradientRules(RuleMode):
                 with without(is_rule_mode):
                     out = handler(self, func, *args, **kwargs)
             if out is not NotImplemented:
-                self._count("ruled", func)
+                self._count("ruled", func, compiling)
                 if func in _GATES:
                     self.mark_gate(out)
                 return out
         if plain is not None:
             out = func(*args, **kwargs)
-            if _requires_grad(out):
-                self._count(plain, func)
+            if out.requires_grad if isinstance(out, Tensor) else _requires_grad(out):
+                if not compiling:
+                    self._counts[plain][func] += 1
                 if not self.uniform and (
                     func in _GATES or (func in _KEEPS_GATE and any(self.is_gate(t) for t in tensor_args(args, kwargs)))
                 ):
@@ -375,8 +435,21 @@ class GradientRules(RuleMode):
         if out is NotImplemented:
             out = func(*args, **kwargs)
             if _requires_grad(out):
-                self._count("unruled", func)
+                self._count("unruled", func, compiling)
         return out
+
+
+def _requiring_grad(args: Any, kwargs: Mapping) -> List[Tensor]:
+    """The tensor arguments of a call that require grad (also in lists and tuples), in one pass."""
+    found: List[Tensor] = []
+    for values in (args, kwargs.values()) if kwargs else (args,):
+        for a in values:
+            if isinstance(a, Tensor):
+                if a.requires_grad:
+                    found.append(a)
+            elif isinstance(a, (list, tuple)):
+                found.extend(b for b in a if isinstance(b, Tensor) and b.requires_grad)
+    return found
 
 
 def unruled_message(names: Mapping[str, int], where: str) -> Optional[str]:

@@ -1,0 +1,122 @@
+"""Module units of the operation level: torch.nn modules whose forward is one torch function
+(``nn.Linear``, ``nn.LayerNorm``, ``nn.Dropout``) and the identity-rule units (activations, RMSNorms)
+apply the mode's rules to their own call, without torch's function dispatch, where the rules' mode is
+the one active mode. The same relevance and coverage as through the dispatch, which they take
+where another mode is active too."""
+
+import lrpcpp
+import pytest
+import torch
+from lrpcpp.models.operations import GradientRules
+from models import build, inputs
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+
+class _PassThrough(TorchFunctionMode):
+    """Another torch function mode, below the rules' mode: the rules' mode is then not alone, and
+    every call reaches it through torch's dispatch."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def direct_calls(monkeypatch):
+    """How many unit calls applied the rules without the dispatch."""
+    taken = []
+    alone = GradientRules.alone
+
+    def counted(self):
+        result = alone(self)
+        taken.append(result)
+        return result
+
+    monkeypatch.setattr(GradientRules, "alone", counted)
+    return taken
+
+
+@pytest.mark.parametrize("method", ["attnlrp", "cp-lrp"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert", "vit"])
+def test_units_rule_their_call_as_the_dispatch_does(family, method, direct_calls):
+    model, kw = build(family), inputs(family)
+    direct = lrpcpp.attribute(model, method=method, level="operations", **kw)
+    assert any(direct_calls), "no unit applied its rules without the dispatch"
+    direct_calls.clear()
+    with _PassThrough():
+        dispatched = lrpcpp.attribute(model, method=method, level="operations", **kw)
+    assert direct_calls and not any(direct_calls)
+    assert torch.equal(direct.relevance, dispatched.relevance)
+    assert torch.equal(direct.output, dispatched.output)
+    assert direct.coverage == dispatched.coverage
+    assert direct.coverage.unruled == {}
+
+
+class _Block(nn.Module):
+    """Linear, LayerNorm, Dropout and GELU modules around a product of two relevance carriers."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.gate, self.down = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8, bias=False)
+        self.norm, self.drop, self.act = nn.LayerNorm(8), nn.Dropout(0.1), nn.GELU()
+
+    def forward(self, x):
+        h = self.norm(x)
+        return self.down(self.drop(self.act(self.gate(h)) * self.up(h))) + x
+
+
+class _Blocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(_Block(), _Block())
+
+    def forward(self, inputs_embeds):
+        return self.blocks(inputs_embeds)
+
+
+def test_unit_calls_are_counted_under_their_functions_names():
+    torch.manual_seed(0)
+    model = _Blocks().double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    got = lrpcpp.attribute(model, inputs_embeds=x, target=lambda out: out.sum(dim=(1, 2)), level="operations")
+    assert got.coverage.unruled == {}
+    assert got.coverage.passed["torch._C._nn.linear"] == 6
+    assert got.coverage.passed["torch.nn.functional.dropout"] == 2
+    assert got.coverage.ruled["torch.nn.functional.layer_norm"] == 2
+    assert got.coverage.ruled["torch.ops.lrpcpp.gi_identity"] == 2  # the GELUs
+    assert got.coverage.ruled["Tensor.mul"] == 2
+    with _PassThrough():
+        dispatched = lrpcpp.attribute(
+            model, inputs_embeds=x, target=lambda out: out.sum(dim=(1, 2)), level="operations"
+        )
+    assert got.coverage == dispatched.coverage
+    assert torch.equal(got.relevance, dispatched.relevance)
+
+
+def test_a_subclass_with_its_own_forward_is_no_unit():
+    class Shifted(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Shifted(4, 4), nn.Linear(4, 2)).double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    plain = model(x)
+    with lrpcpp.patch(model, level="operations") as handle:
+        assert "0" not in handle.patched and handle.patched["1"] == "its one call ruled"
+        assert torch.equal(model(x.clone().requires_grad_()), plain)
+    assert "forward" not in model[1].__dict__
+
+
+def test_a_unit_called_outside_the_forward_is_a_plain_call():
+    """A patched module called on its own (not inside the model's forward, so no mode is active)
+    computes what it computes without the patch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)).double()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    plain = [model[0](x), model[1](x)]
+    with lrpcpp.patch(model, level="operations"):
+        got = [model[0](x), model[1](x)]
+    for g, p in zip(got, plain):
+        assert torch.equal(g, p)
+        assert type(g.grad_fn) is type(p.grad_fn)  # noqa: E721  (the same autograd node: no rule applied)
