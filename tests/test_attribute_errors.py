@@ -2,6 +2,7 @@
 accepts (preset options, wrappers, padded batches) it explains as documented."""
 
 import dataclasses
+import warnings
 
 import lrpcpp
 import numpy as np
@@ -284,3 +285,21 @@ def test_a_decoder_classifier_explains_a_left_padded_batch_and_refuses_right_pad
     right[1, 4:] = 0  # the classifier would read a pad's logits
     with pytest.raises(ValueError, match=r"row\(s\) \[1\] end in padding.*pad the batch on the left"):
         lrpcpp.attribute(model, input_ids=ids, attention_mask=right, target=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_the_finite_check_finds_every_nan_and_infinity_and_nothing_else(dtype):
+    from lrpcpp.attribution import all_finite, warn_not_finite
+
+    big = torch.finfo(dtype).max
+    finite = torch.tensor([[1.0, -2.0, 3.0], [big, big, big]], dtype=torch.float64).to(dtype)  # its sum overflows
+    assert all_finite(finite) and all_finite(finite[:0])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = finite.clone()
+        t[1, 2] = bad
+        assert not all_finite(t)
+        with pytest.warns(RuntimeWarning, match=r"relevance of x \(batch item\(s\) \[1\]\) is not finite"):
+            warn_not_finite({"x": t}, many=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_not_finite({"x": finite}, many=False)

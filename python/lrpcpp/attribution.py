@@ -5,6 +5,7 @@ the explained value selected, the backward pass and the relevance read from it."
 
 import contextlib
 import difflib
+import math
 import numbers
 import warnings
 from dataclasses import dataclass
@@ -998,9 +999,22 @@ def explaining(
         yield handle
 
 
+def all_finite(t: Tensor) -> bool:
+    """Whether every element of ``t`` is finite: its sum is (a NaN or an infinity makes the sum NaN or
+    infinite), a reduction several times cheaper than the element-wise test, which runs only where the
+    sum is not finite (there a sum of large finite values may have overflowed). Half-precision tensors
+    are summed in float32."""
+    if t.numel() == 0:
+        return True
+    total = t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum()
+    return math.isfinite(float(total)) or bool(torch.isfinite(t).all())
+
+
 def check_finite(explained: Tensor, caller: str = "lrpcpp.attribute") -> None:
     """Refuses an explained value that is NaN or infinite: its relevance would be NaN or infinite
     too. The model's own forward computed it (rules change no forward value)."""
+    if all_finite(explained.detach()):
+        return
     bad = ~torch.isfinite(explained.detach())
     if bad.any():
         items = sorted({int(i) for i in bad.nonzero()[:, 0]})
@@ -1018,6 +1032,8 @@ def warn_not_finite(relevances: Dict[str, Tensor], many: bool, caller: str = "lr
     padded position that attends to nothing, whose NaN reaches the others as 0 x NaN)."""
     found = []
     for name, relevance in relevances.items():
+        if all_finite(relevance):
+            continue
         bad = ~torch.isfinite(relevance)
         if bad.any():
             found.append(f"{name} (batch item(s) {sorted({int(i) for i in bad.nonzero()[:, 1 if many else 0]})})")
