@@ -38,7 +38,8 @@ patching and unpatching of the model and the product gradient x input).
 
 Timing: ``--warmup`` calls of each variant, then ``--reps`` rounds; a round calls every variant once,
 the order alternating between rounds, so that a change of machine load hits all variants alike; the
-median per variant is reported. ``torch.set_num_threads`` is left at torch's default. On a small
+median per variant is reported, each ratio to the plain gradient as the median of the rounds' ratios.
+``torch.set_num_threads`` is left at torch's default unless ``--threads`` sets it. On a small
 shared machine another process's burst delays every multi-threaded op by a scheduler slice, so the
 share of CPU time that other processes used is measured for each round (from /proc/stat); a round
 above ``--max-foreign`` (default 5%) is dropped and rerun, up to ``--max-rounds`` rounds (then the
@@ -451,7 +452,8 @@ def clean_rounds(run_round, reps, max_foreign, max_rounds):
 def interleaved_times(case, variants, reps, warmup, max_foreign, max_rounds):
     """Median seconds per variant over the clean rounds (see ``clean_rounds``); one round calls every
     variant once, the order alternating between rounds. The parameter state is set outside the timed
-    region. Returns (medians, mean share of the kept rounds, rounds run)."""
+    region. Returns (medians, mean share of the kept rounds, rounds run, the kept rounds: the times of
+    each variant by name, for :func:`paired_ratio`)."""
 
     def call(frozen, fn):
         set_frozen(case.model, frozen)
@@ -469,7 +471,13 @@ def interleaved_times(case, variants, reps, warmup, max_foreign, max_rounds):
     kept, shares, n = clean_rounds(run_round, reps, max_foreign, max_rounds)
     set_frozen(case.model, False)
     medians = {v: statistics.median(k[v] for k in kept) for v, _, _ in variants}
-    return medians, statistics.mean(shares), n
+    return medians, statistics.mean(shares), n, kept
+
+
+def paired_ratio(r, variant, base):
+    """A variant's time over ``base``'s: the median over the kept rounds of the two calls' ratio in the
+    same round (back to back, so a while in which the shared machine runs slower slows both)."""
+    return statistics.median(k[variant] / k[base] for k in r["kept"])
 
 
 def checks(case):
@@ -618,6 +626,8 @@ def measure_memory(keys, runs, quick, malloc_default):
                     cmd.append("--quick")
                 if malloc_default:
                     cmd.append("--malloc-default")
+                if _THREADS_SET:
+                    cmd += ["--threads", str(torch.get_num_threads())]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if proc.returncode != 0:
                     raise RuntimeError(f"memory subprocess {key}/{variant} failed:\n{proc.stderr[-3000:]}")
@@ -737,12 +747,16 @@ def fmt_deltas(rows):
 
 
 # ----------------------------------------------------------------------------- report
+_THREADS_SET = False  # torch.set_num_threads called by --threads
+
+
 def machine_lines():
     cores = physical_cores()
     lines = [
         f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores"
         + (f" ({cores} physical)" if cores else "")
-        + f"; torch.get_num_threads() = {torch.get_num_threads()} (torch's default, not set)"
+        + f"; torch.get_num_threads() = {torch.get_num_threads()}"
+        + (" (set by --threads)" if _THREADS_SET else " (torch's default, not set)")
     ]
     version = getattr(sys.modules.get("lrpcpp._build_info"), "VERSION", "?")
     lines.append(
@@ -821,7 +835,8 @@ def render(res, mem, prof, load, args, wall):
         f"Produced by `benchmarks/bench_models.py{' --quick' if args.quick else ''}` (see `benchmarks/README.md`). "
         'float32, batch 1, eval mode, `sdpa` attention, `method="attnlrp"` in gradient mode (the defaults). '
         f"Time: the whole call (forward and backward), median of {args.reps} rounds after {args.warmup} "
-        "warm-up calls; a round calls each variant of a model once (order alternating), all in one process. "
+        "warm-up calls; a round calls each variant of a model once (order alternating), all in one process; "
+        "time / plain is the median over the rounds of the round's ratio. "
         "Memory: the peak RSS increase of one "
         "call over the RSS with the model and input loaded, in a fresh subprocess after one warm-up call "
         f"(median of {args.mem_runs} subprocesses), "
@@ -845,10 +860,10 @@ def render(res, mem, prof, load, args, wall):
     ]
     for key in single:
         r = res[key]
-        base_t, base_m = r["times"]["plain"], mem_inc(mem, key, "plain")
+        base_m = mem_inc(mem, key, "plain")
         for v, _, _ in SINGLE:
             t, m = r["times"][v], mem_inc(mem, key, v)
-            rt, rm = t / base_t, ratio(m, base_m)
+            rt, rm = paired_ratio(r, v, "plain"), ratio(m, base_m)
             goal = (
                 "" if v == "plain" else f"{yes_no(rt <= TIME_GOAL)}, {'—' if rm is None else yes_no(rm <= TIME_GOAL)}"
             )
@@ -948,12 +963,12 @@ def batched_lines(res, mem):
         "|---|---:|---:|---:|---:|:---:|",
     ]
     for sep, one in BATCHED_PAIRS:
-        ts, tb = r["times"][sep], r["times"][one]
+        ts, tb, rt = r["times"][sep], r["times"][one], paired_ratio(r, one, sep)
         ms, mb = mem_inc(mem, "llama-batched", sep), mem_inc(mem, "llama-batched", one)
         L.append(f"| {LABELS[sep]} | {ts * 1e3:.0f} | 1.00 | {fmt_mib(ms)} | {'—' if ms is None else '1.00'} | |")
         L.append(
-            f"| {LABELS[one]} | {tb * 1e3:.0f} | {tb / ts:.2f} | {fmt_mib(mb)} | {fmt_ratio(ratio(mb, ms))} | "
-            f"{yes_no(tb / ts <= BATCH_GOAL)} |"
+            f"| {LABELS[one]} | {tb * 1e3:.0f} | {rt:.2f} | {fmt_mib(mb)} | {fmt_ratio(ratio(mb, ms))} | "
+            f"{yes_no(rt <= BATCH_GOAL)} |"
         )
     c = r["check"]
     L += [
@@ -1014,7 +1029,7 @@ def reading(res, mem, prof):
     out = []
     single = [k for k in res if k != "llama-batched"]
     for label, v in (("params as loaded", "attribute"), ("params frozen", "attribute-frozen")):
-        t_ok = [k for k in single if res[k]["times"][v] / res[k]["times"]["plain"] <= TIME_GOAL]
+        t_ok = [k for k in single if paired_ratio(res[k], v, "plain") <= TIME_GOAL]
         t_no = [k for k in single if k not in t_ok]
         m_have = [k for k in single if ratio(mem_inc(mem, k, v), mem_inc(mem, k, "plain")) is not None]
         m_ok = [k for k in m_have if ratio(mem_inc(mem, k, v), mem_inc(mem, k, "plain")) <= TIME_GOAL]
@@ -1133,6 +1148,7 @@ def main():
         help="tiny models, one round, memory of two variants of one model only (a smoke test)",
     )
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 7; 1 with --quick)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up calls per variant (default 2; 1 with --quick)")
     ap.add_argument(
         "--max-foreign",
@@ -1165,6 +1181,10 @@ def main():
     ap.add_argument("--write", action="store_true", help=f"also write the section '{SECTION}' of benchmarks/RESULTS.md")
     ap.add_argument("--mem-child", nargs=2, metavar=("KEY", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads is not None:
+        global _THREADS_SET
+        torch.set_num_threads(args.threads)
+        _THREADS_SET = True
     if args.mem_child:
         mem_child(*args.mem_child, args.quick, args.malloc_default)
         return
@@ -1186,7 +1206,7 @@ def main():
     for key in keys:
         progress(f"{key} ...")
         case = build_case(key, sizes, q, cache)
-        times, foreign, rounds = interleaved_times(
+        times, foreign, rounds, kept = interleaved_times(
             case,
             variants_of(key),
             args.reps,
@@ -1198,6 +1218,7 @@ def main():
             model=case.model_name,
             input=case.input_text,
             times=times,
+            kept=kept,
             foreign=foreign,
             rounds=rounds,
             check=checks(case),
@@ -1222,7 +1243,7 @@ def main():
     prof = {}
     if not args.no_profile and not q:
         first = next((k for k in keys if k.startswith("llama-") and k != "llama-batched"), None)
-        slow = [k for k in cases if k != first and res[k]["times"]["attribute"] / res[k]["times"]["plain"] > TIME_GOAL]
+        slow = [k for k in cases if k != first and paired_ratio(res[k], "attribute", "plain") > TIME_GOAL]
         for key in ([first] if first in cases else []) + slow:
             progress(f"profiling {key} ...")
             prof[key] = profile_variants(cases[key], SINGLE, 5, args.max_foreign, 15)
