@@ -120,3 +120,34 @@ def test_a_unit_called_outside_the_forward_is_a_plain_call():
     for g, p in zip(got, plain):
         assert torch.equal(g, p)
         assert type(g.grad_fn) is type(p.grad_fn)  # noqa: E721  (the same autograd node: no rule applied)
+
+
+def test_a_unit_under_disabled_torch_functions_is_a_plain_call():
+    """Where the model's code turns torch function handling off (``torch._C.DisableTorchFunction``),
+    the mode sees none of its calls: nor do the units rule theirs."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.head = nn.LayerNorm(4), nn.Linear(4, 2)
+
+        def forward(self, inputs_embeds):
+            with torch._C.DisableTorchFunction():
+                h = self.norm(inputs_embeds)
+            return self.head(h)
+
+    torch.manual_seed(0)
+    model = Model().double()
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    got = lrpcpp.attribute(model, inputs_embeds=x, target=lambda out: out.sum(dim=(1, 2)), level="operations")
+    with _PassThrough():
+        dispatched = lrpcpp.attribute(
+            model, inputs_embeds=x, target=lambda out: out.sum(dim=(1, 2)), level="operations"
+        )
+    assert "torch.nn.functional.layer_norm" not in got.coverage.ruled
+    assert got.coverage == dispatched.coverage
+    assert torch.equal(got.relevance, dispatched.relevance)
+    # the plain layer norm's gradient, not gi_layer_norm's
+    leaf = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(model(leaf).sum(), leaf)
+    torch.testing.assert_close(got.relevance, grad * x, rtol=1e-12, atol=1e-12)

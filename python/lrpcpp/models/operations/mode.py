@@ -326,6 +326,7 @@ class GradientRules(RuleMode):
         and apply the rules itself (:meth:`direct`, :meth:`suspended`), as torch's dispatch would."""
         return (
             not torch.compiler.is_compiling()
+            and torch._C._is_torch_function_mode_enabled()  # (not in a torch._C.DisableTorchFunction block)
             and torch._C._len_torch_function_stack() == 1
             and torch._C._get_function_stack_at(0) is self
         )
