@@ -151,3 +151,48 @@ def test_a_unit_under_disabled_torch_functions_is_a_plain_call():
     leaf = x.clone().requires_grad_()
     (grad,) = torch.autograd.grad(model(leaf).sum(), leaf)
     torch.testing.assert_close(got.relevance, grad * x, rtol=1e-12, atol=1e-12)
+
+
+class _Convolutions(nn.Module):
+    """Convolutions (zero padding: one call; reflection padding: F.pad first, the class's own
+    forward) and a position embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 4, 3, padding=1)
+        self.c1_reflect = nn.Conv1d(4, 4, 3, padding=1, padding_mode="reflect")
+        self.c2, self.c3 = nn.Conv2d(4, 4, 3, padding="same"), nn.Conv3d(4, 2, 1)
+        self.positions = nn.Embedding(6, 4)
+
+    def forward(self, inputs_embeds):  # [batch, 6, 4]
+        x = inputs_embeds + self.positions(torch.arange(6))
+        x = self.c1_reflect(self.c1(x.transpose(1, 2)))  # [batch, 4, 6]
+        x = self.c2(x[:, :, None, :].expand(-1, -1, 3, -1))  # [batch, 4, 3, 6]
+        return self.c3(x[:, :, None])
+
+
+def test_convolution_and_embedding_units():
+    torch.manual_seed(0)
+    model = _Convolutions().double()
+    x = torch.randn(2, 6, 4, dtype=torch.float64)
+    target = lambda out: out.sum(dim=(1, 2, 3, 4))  # noqa: E731
+    with lrpcpp.patch(model, level="operations") as handle:
+        assert {n for n, w in handle.patched.items() if w == "its one call ruled"} == {
+            "c1",
+            "c1_reflect",
+            "c2",
+            "c3",
+            "positions",
+        }
+    got = lrpcpp.attribute(model, inputs_embeds=x, target=target, level="operations")
+    with _PassThrough():
+        dispatched = lrpcpp.attribute(model, inputs_embeds=x, target=target, level="operations")
+    assert torch.equal(got.relevance, dispatched.relevance)
+    assert got.coverage == dispatched.coverage and got.coverage.unruled == {}
+    assert got.coverage.passed["torch.nn.functional.pad"] == 1  # the reflecting convolution's own forward
+    for conv in ("conv1d", "conv2d", "conv3d"):
+        assert got.coverage.passed[f"torch.{conv}"] == (2 if conv == "conv1d" else 1)
+    # every step is a linear map or an addition, whose own gradient is the rule: the plain gradient x input
+    leaf = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(target(model(leaf)).sum(), leaf)
+    torch.testing.assert_close(got.relevance, grad * x, rtol=1e-12, atol=1e-12)

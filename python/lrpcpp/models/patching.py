@@ -869,7 +869,8 @@ def _apply_operations(handle: PatchHandle, modules: Sequence[Tuple[str, nn.Modul
             new = (lambda m, f: lambda x: rules.elementwise(m, x, f))(module, forward)
             handle._set_forward(name, module, new, "identity rule")
         elif one_call is not None:
-            handle._set_forward(name, module, _direct_forward(rules.mode, module, one_call), "its one call ruled")
+            direct = _direct_forward(rules.mode, module, one_call, _original_forward(module))
+            handle._set_forward(name, module, direct, "its one call ruled")
         elif is_selective_scan(module):
             _patch_selective_scan(handle, name, module)
         elif is_chunked_scan(module):
@@ -889,18 +890,38 @@ def _apply_operations(handle: PatchHandle, modules: Sequence[Tuple[str, nn.Modul
 
 # torch.nn modules whose forward is one torch function of their input and their own attributes: at the
 # operation level, such a module makes that call with the mode's rules itself (GradientRules.direct),
-# without torch's function dispatch (and F.layer_norm's and F.dropout's handling in Python): the
-# same rules, for the layers that every transformer calls most
-_ONE_CALL: Dict[type, Callable[[Any, Tensor], tuple]] = {
+# without torch's function dispatch (and the handling in Python of F.layer_norm, F.dropout and
+# F.embedding): the same rules, for the layers that every model calls most. Each gives the call's
+# function and arguments, or None where its forward is more than that call (a convolution that pads
+# by reflection); the class's own forward runs then.
+def _convolution(function: Callable) -> Callable[[Any, Tensor], Optional[tuple]]:
+    def call(m: Any, x: Tensor) -> Optional[tuple]:
+        if m.padding_mode != "zeros":
+            return None  # padded by F.pad first
+        return (function, x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
+
+    return call
+
+
+_ONE_CALL: Dict[type, Callable[[Any, Tensor], Optional[tuple]]] = {
     nn.Linear: lambda m, x: (F.linear, x, m.weight, m.bias),
     nn.LayerNorm: lambda m, x: (F.layer_norm, x, m.normalized_shape, m.weight, m.bias, m.eps),
     nn.Dropout: lambda m, x: (F.dropout, x, m.p, m.training, m.inplace),
+    nn.Embedding: lambda m, x: (
+        (F.embedding, x, m.weight, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
+    ),
+    nn.Conv1d: _convolution(F.conv1d),
+    nn.Conv2d: _convolution(F.conv2d),
+    nn.Conv3d: _convolution(F.conv3d),
 }
 
 
-def _direct_forward(mode: GradientRules, module: nn.Module, call: Callable[[Any, Tensor], tuple]) -> Callable:
+def _direct_forward(
+    mode: GradientRules, module: nn.Module, call: Callable[[Any, Tensor], Optional[tuple]], original: Callable
+) -> Callable:
     def forward(input: Tensor) -> Tensor:
-        return mode.direct(*call(module, input))
+        one = call(module, input)
+        return original(input) if one is None else mode.direct(*one)
 
     return forward
 
