@@ -1,8 +1,8 @@
 """Module units of the operation level: torch.nn modules whose forward is one torch function
-(``nn.Linear``, ``nn.LayerNorm``, ``nn.Dropout``) and the identity-rule units (activations, RMSNorms)
-apply the mode's rules to their own call, without torch's function dispatch, where the rules' mode is
-the one active mode. The same relevance and coverage as through the dispatch, which they take
-where another mode is active too."""
+(``nn.Linear``, ``nn.LayerNorm``, ``nn.Dropout``, ``nn.Embedding``, zero-padded convolutions) and the
+identity-rule units (activations, RMSNorms) apply the mode's rules to their own call, without torch's
+function dispatch, where the rules' mode is the one active mode. The same relevance and coverage as
+through the dispatch, which they take where another mode is active too."""
 
 import lrpcpp
 import pytest
@@ -23,7 +23,7 @@ class _PassThrough(TorchFunctionMode):
 
 @pytest.fixture
 def direct_calls(monkeypatch):
-    """How many unit calls applied the rules without the dispatch."""
+    """Each unit call's answer to whether it may apply the rules without the dispatch."""
     taken = []
     alone = GradientRules.alone
 
