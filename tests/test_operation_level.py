@@ -585,3 +585,28 @@ def test_a_torch_without_redispatch_counts_a_python_torch_function_as_unruled(mo
     assert list(got.coverage.unruled) == ["torch.nn.functional.multi_head_attention_forward"]
     with pytest.raises(UnruledOperationError, match=r"multi_head_attention_forward has no gradient-mode rule"):
         lrpcpp.attribute(model, inputs_embeds=x, target=1, level="operations", strict=True)
+
+
+@pytest.mark.parametrize("how", ["torch.compile(layer)", "torch.compile(model)", "layer.compile()"])
+def test_a_compiled_module_is_explained_as_its_eager_module(how):
+    """A compiled region entered with the rules' mode active would run its traced calls through the
+    mode a second time (torch 2.13: every product's shares taken twice). At the operation level a
+    compiled module runs eagerly for the call, and is put back compiled."""
+    model, kw = build("bert"), inputs("bert")
+    ref = lrpcpp.attribute(model, level="operations", **kw)
+    layer = model.bert.encoder.layer[0]
+    explained, compiled = model, None
+    if how == "torch.compile(layer)":
+        model.bert.encoder.layer[0] = compiled = torch.compile(layer, backend="eager")
+    elif how == "torch.compile(model)":
+        explained = compiled = torch.compile(model, backend="eager")
+    else:
+        layer.compile(backend="eager")
+    saved = dict(compiled.__dict__ if compiled is not None else layer.__dict__)
+    with lrpcpp.patch(explained, level="operations") as handle:
+        assert any(w.startswith("compiled") for w in handle.patched.values())
+    got = lrpcpp.attribute(explained, level="operations", **kw)
+    assert torch.equal(got.relevance, ref.relevance)
+    assert got.coverage == ref.coverage
+    after = compiled.__dict__ if compiled is not None else layer.__dict__
+    assert after.keys() == saved.keys() and all(after[k] is saved[k] for k in saved)  # compiled again

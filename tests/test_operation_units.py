@@ -196,3 +196,34 @@ def test_convolution_and_embedding_units():
     leaf = x.clone().requires_grad_()
     (grad,) = torch.autograd.grad(target(model(leaf)).sum(), leaf)
     torch.testing.assert_close(got.relevance, grad * x, rtol=1e-12, atol=1e-12)
+
+
+class _Both(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks, self.convs = _Blocks(), _Convolutions()
+
+    def forward(self, inputs_embeds):  # [2, 6, 8]
+        return self.convs(self.blocks(inputs_embeds).reshape(2, 6, 4, 2).sum(-1))
+
+
+@pytest.mark.compile
+@pytest.mark.slow
+def test_units_compile_fullgraph_with_the_eager_relevance():
+    """In a forward that torch.compile traces, the units' calls go through the mode, which dynamo
+    traces with them: no graph break, and the compiled gradient is the eager one."""
+    torch.manual_seed(0)
+    # (parameters frozen, as lrpcpp.deploy.compile_attribute has them: see docs/models.rst)
+    model = _Both().double().requires_grad_(False).eval()  # (dropout off)
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    torch._dynamo.reset()
+    try:
+        with lrpcpp.patch(model, level="operations"):
+            leaf = x.clone().requires_grad_()
+            (eager,) = torch.autograd.grad(model(leaf).sum(), leaf)
+            compiled = torch.compile(model, fullgraph=True, backend="eager")
+            leaf = x.clone().requires_grad_()
+            (got,) = torch.autograd.grad(compiled(leaf).sum(), leaf)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(got, eager)

@@ -27,6 +27,7 @@ functions and registries shared with other models are never touched.
 import contextlib
 import functools
 import inspect
+import sys
 import textwrap
 import types
 import weakref
@@ -858,9 +859,11 @@ def _apply_operations(handle: PatchHandle, modules: Sequence[Tuple[str, nn.Modul
     """The operation level: activation modules and RMSNorms are identity-rule units (their inner
     calls run without grad, so the mode does not rule them), selective state-space mixers hold
     their scan parameters constant (:func:`_patch_selective_scan`, :func:`_patch_chunked_scan`); the
-    model's forward runs in the mode, with one warning per forward pass that names the calls without a rule."""
+    model's forward runs in the mode, with one warning per forward pass that names the calls without a rule.
+    Modules compiled with ``torch.compile`` run eagerly (:func:`_compiled_run_eagerly`)."""
     model, rules = handle.model, handle.rules
     assert isinstance(rules, _OperationRules)
+    _compiled_run_eagerly(handle, modules)
     unit = _per_class(lambda m: _is_identity_unit(m, None))
     for name, module in modules:
         one_call = _ONE_CALL.get(type(module))
@@ -886,6 +889,25 @@ def _apply_operations(handle: PatchHandle, modules: Sequence[Tuple[str, nn.Modul
         return out
 
     handle._set_forward("", model, operations_forward, "operation-level rules")
+
+
+def _compiled_run_eagerly(handle: PatchHandle, modules: Sequence[Tuple[str, nn.Module]]) -> None:
+    """At the operation level, a module compiled with ``torch.compile`` (the module it returns, or a
+    module compiled in place with ``module.compile()``) runs its original forward eagerly for the
+    patch, under the rules. A compiled region that is entered with the rules' mode active runs the
+    calls that dynamo traced through the mode a second time (torch 2.13): every product would take
+    its shares twice, a silently wrong relevance."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # (no compiled module exists before it is loaded)
+    optimized = getattr(eval_frame, "OptimizedModule", None)
+    for name, module in modules:
+        if optimized is not None and isinstance(module, optimized):
+            original = cast(Any, module)._orig_mod
+            handle._set_forward(name, module, original.__call__, "compiled: its module runs eagerly")
+        elif module.__dict__.get("_compiled_call_impl") is not None:
+            state = module.__dict__
+            compiled, state["_compiled_call_impl"] = state["_compiled_call_impl"], None
+            handle._undo.append((lambda d, c: lambda: d.__setitem__("_compiled_call_impl", c))(state, compiled))
+            handle._report(name, "compiled in place: runs eagerly")
 
 
 # torch.nn modules whose forward is one torch function of their input and their own attributes: at the
