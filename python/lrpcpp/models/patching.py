@@ -910,13 +910,9 @@ def _compiled_run_eagerly(handle: PatchHandle, modules: Sequence[Tuple[str, nn.M
             handle._report(name, "compiled in place: runs eagerly")
 
 
-# torch.nn modules whose forward is one torch function of their input and their own attributes: at the
-# operation level, such a module makes that call with the mode's rules itself (GradientRules.direct),
-# without torch's function dispatch (and the handling in Python of F.layer_norm, F.dropout and
-# F.embedding): the same rules, for the layers that every model calls most. Each gives the call's
-# function and arguments, or None where its forward is more than that call (a convolution that pads
-# by reflection); the class's own forward runs then.
 def _convolution(function: Callable) -> Callable[[Any, Tensor], Optional[tuple]]:
+    """The one call of a convolution module (:data:`_ONE_CALL`) that pads with zeros."""
+
     def call(m: Any, x: Tensor) -> Optional[tuple]:
         if m.padding_mode != "zeros":
             return None  # padded by F.pad first
@@ -925,6 +921,12 @@ def _convolution(function: Callable) -> Callable[[Any, Tensor], Optional[tuple]]
     return call
 
 
+# torch.nn modules whose forward is one torch function of their input and their own attributes: at the
+# operation level, such a module makes that call with the mode's rules itself (GradientRules.direct),
+# without torch's function dispatch (and the handling in Python of F.layer_norm, F.dropout and
+# F.embedding): the same rules, for the layers that every model calls most. Each gives the call's
+# function and arguments, or None where its forward is more than that call (a convolution that pads
+# by reflection); the class's own forward runs then.
 _ONE_CALL: Dict[type, Callable[[Any, Tensor], Optional[tuple]]] = {
     nn.Linear: lambda m, x: (F.linear, x, m.weight, m.bias),
     nn.LayerNorm: lambda m, x: (F.layer_norm, x, m.normalized_shape, m.weight, m.bias, m.eps),
