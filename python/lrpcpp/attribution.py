@@ -20,6 +20,7 @@ from .models.families import UnsupportedModelError, family_of
 from .models.patching import PatchHandle, patch_walked
 from .models.presets import Preset, get_preset, preset_options
 from .models.state import ModelState
+from .models.tree import named_modules
 
 __all__ = [
     "attribute",
@@ -991,7 +992,7 @@ def explaining(
     the parameters frozen, it keeps no layer inputs alive for weight gradients. (Explicit mode's
     rules tell a parameter from a constant by ``requires_grad``, so there they stay as they are.)
     Everything is put back on leaving the block, also by an exception."""
-    named = list(model.named_modules())  # the module tree, walked once for both
+    named = named_modules(model)  # the module tree, walked once for both
     with (
         ModelState(model, freeze=mode != "explicit", modules=[m for _, m in named]),
         patch_walked(model, named, method, mode, epsilon, preset, level, strict) as handle,

@@ -48,6 +48,7 @@ from .operations import GradientRules, warn_unruled
 from .presets import Preset, get_preset
 from .state import claim, release
 from .tracking import is_rule_mode, without
+from .tree import named_modules
 
 __all__ = ["patch", "PatchHandle", "METHODS", "MODES", "LEVELS"]
 
@@ -218,6 +219,8 @@ def is_selective_scan(module: nn.Module) -> bool:
     input-dependent step size and ``B``, ``C`` from the scanned sequence, a linear ``dt_proj`` for the
     step size, and the parameters ``A_log`` (the state matrix) and ``D`` (the skip connection), as in
     transformers' ``MambaMixer`` and the ``Mamba`` module of the reference implementation."""
+    if "A_log" not in module._parameters:  # (most modules: one dict lookup)
+        return False
     return (  # (the parameters first: a dict lookup, where a missing attribute raises inside nn.Module)
         all(isinstance(module._parameters.get(p), nn.Parameter) for p in ("A_log", "D"))
         and isinstance(getattr(module, "x_proj", None), nn.Linear)
@@ -230,7 +233,9 @@ def is_chunked_scan(module: nn.Module) -> bool:
     the scanned sequence, ``B``, ``C`` and the step size together, a depthwise ``conv1d`` over the
     sequence and ``B``, ``C``, a linear ``out_proj``, and the parameters ``A_log`` and ``D`` (one per
     head) and ``dt_bias``, as in transformers' ``Mamba2Mixer``."""
-    if not all(isinstance(module._parameters.get(p), nn.Parameter) for p in ("A_log", "D", "dt_bias")):
+    if "A_log" not in module._parameters or not all(
+        isinstance(module._parameters.get(p), nn.Parameter) for p in ("A_log", "D", "dt_bias")
+    ):
         return False  # (checked first, as above)
     conv = getattr(module, "conv1d", None)
     return (
@@ -492,18 +497,12 @@ class PatchHandle:
 
     # --- bookkeeping
     def _set_forward(self, name: str, module: nn.Module, forward: Callable, what: str) -> None:
-        slot = _forward_slot(module)
-        had = slot in module.__dict__
-        previous = module.__dict__.get(slot)
-        setattr(module, slot, forward)
-
-        def undo() -> None:
-            if had:
-                module.__dict__[slot] = previous
-            else:
-                delattr(module, slot)
-
-        self._undo.append(undo)
+        # an instance attribute, as nn.Module's __setattr__ sets a plain value (no parameter, buffer or
+        # submodule is named like the slot), without its checks: a patch sets one for most modules
+        slot, state = _forward_slot(module), module.__dict__
+        previous = state.get(slot, _ABSENT)
+        state[slot] = forward
+        self._undo.append(lambda: state.pop(slot, None) if previous is _ABSENT else state.__setitem__(slot, previous))
         self._report(name, what)
 
     @property
@@ -538,6 +537,9 @@ class PatchHandle:
             f"level={self.level!r}, "
             f"{len(self.patched)} modules)"
         )
+
+
+_ABSENT = object()  # (no instance attribute of that name)
 
 
 def _forward_slot(module: nn.Module) -> str:
@@ -626,7 +628,7 @@ def patch(
     ``strict=True`` makes a call without a known rule an error, and ``handle.coverage`` reports the
     calls seen.
     """
-    return patch_walked(model, list(model.named_modules()), method, mode, epsilon, preset, level, strict)
+    return patch_walked(model, named_modules(model), method, mode, epsilon, preset, level, strict)
 
 
 def patch_walked(
@@ -826,15 +828,21 @@ def _apply(
 def _undescribed_attention(modules: Sequence[Tuple[str, nn.Module]], matched: set) -> List[str]:
     """The modules (of a model's ``named_modules()``) named ``...Attention`` that are neither described
     (``matched`` ids) nor contain a described one, and are no ``nn.MultiheadAttention``."""
+    candidates = [(n, m) for n, m in modules if type(m).__name__.endswith("Attention") and id(m) not in matched]
+    if not candidates:
+        return []
     matched = matched | {id(m) for _, m in modules if isinstance(m, nn.MultiheadAttention)}
+    matched_names = [n for n, m in modules if id(m) in matched]
     unknown = []
-    for name, module in modules:
-        cls = type(module).__name__
-        if not cls.endswith("Attention") or id(module) in matched:
+    for name, module in candidates:
+        if id(module) in matched:
             continue
-        if any(id(sub) in matched for sub in module.modules()):
+        # (a wrapper of a described module holds it under its own name; a module reached by several
+        # names is listed under its first, so the wrapper's own submodules are asked then)
+        prefix = f"{name}." if name else ""
+        if any(n.startswith(prefix) for n in matched_names) or any(id(sub) in matched for sub in module.modules()):
             continue
-        unknown.append(f"{name or '<root>'} ({cls})")
+        unknown.append(f"{name or '<root>'} ({type(module).__name__})")
     return unknown
 
 
