@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..tracking import (
+    FROM_PARAMETERS,
     RuleMode,
     UnruledOperationError,
     UnruledOperationWarning,
@@ -362,7 +363,7 @@ class GradientRules(RuleMode):
     def plain_carrier(t: Any) -> bool:
         """A relevance-carrying tensor (of torch's own type) that no custom autograd.Function
         returned: a unit's input that the mode's checks of a call's arguments would leave as it is."""
-        return type(t) is Tensor and carries(t) and not isinstance(t.grad_fn, _CUSTOM_FUNCTION_NODE)
+        return type(t) is Tensor and t.requires_grad and _plain_carrier(t)
 
     # --- the mode
     def __torch_function__(self, func, types_, args=(), kwargs=None):
@@ -370,6 +371,16 @@ class GradientRules(RuleMode):
         # common calls without helper functions; see benchmarks/bench_models.py for its cost per call)
         if func in _METADATA:
             return func(*args, **kwargs) if kwargs else func(*args)
+        compiling = torch.compiler.is_compiling()
+        if not compiling and self.uniform and args:
+            # the calls that most forwards make most (views, transposes, additions, linear maps): their
+            # ordinary gradient is the rule, and their relevance-carrying arguments need no checks
+            kind = _KINDS.get(func)
+            if kind is not None and kind[0] is None and kind[1] is not None and _plain_carriers(args, kwargs):
+                out = func(*args, **kwargs) if kwargs else func(*args)
+                if out.requires_grad if isinstance(out, Tensor) else _requires_grad(out):
+                    self._counts[kind[1]][func] += 1
+                return out
         if kwargs is None:
             kwargs = {}
         if not torch.is_grad_enabled():
@@ -387,7 +398,6 @@ class GradientRules(RuleMode):
             out = func(*args, **kwargs)
             mark_from_parameters(out)
             return out
-        compiling = torch.compiler.is_compiling()
         if not compiling:  # a compiled forward leaves no custom Function's node
             ruled = {}
             for t in carrying:
@@ -438,6 +448,40 @@ class GradientRules(RuleMode):
             if _requires_grad(out):
                 self._count("unruled", func, compiling)
         return out
+
+
+def _plain_carriers(args: tuple, kwargs: Optional[Mapping]) -> bool:
+    """Whether, in a forward with grad, the first argument of a call and every other that requires
+    grad are relevance-carrying tensors of torch's own type that no custom autograd.Function
+    returned, and no argument is a list, a tuple or a tensor given by keyword (those are left to the
+    whole scan): for a call that keeps its ordinary gradient, the checks of the whole mode then leave
+    it as it is, so :meth:`GradientRules.__torch_function__` calls it at once."""
+    x = args[0]
+    if type(x) is not Tensor or not x.requires_grad or not torch.is_grad_enabled() or not _plain_carrier(x):
+        return False
+    for a in args[1:]:
+        kind = type(a)
+        if kind in _NO_TENSOR:
+            continue
+        if isinstance(a, Tensor):
+            if a.requires_grad and (kind is not Tensor or not _plain_carrier(a)):
+                return False
+        elif isinstance(a, (list, tuple)):
+            return False
+    return not kwargs or not any(isinstance(v, (Tensor, list, tuple)) for v in kwargs.values())
+
+
+def _plain_carrier(t: Tensor) -> bool:
+    """For a tensor of torch's own type that requires grad: :func:`carries` it, and no custom
+    autograd.Function returned it."""
+    return not (
+        getattr(t, FROM_PARAMETERS, False)
+        or getattr(t, "_is_param", False)
+        or isinstance(t.grad_fn, _CUSTOM_FUNCTION_NODE)
+    )
+
+
+_NO_TENSOR = dict.fromkeys([int, float, bool, type(None), str, torch.dtype, torch.device, torch.Size], True)
 
 
 def _requiring_grad(args: Any, kwargs: Mapping) -> List[Tensor]:
