@@ -11,6 +11,7 @@ import torch
 from lrpcpp.models.operations import UnruledOperationWarning
 from lrpcpp.models.operations import mode as mode_module
 from models import build, inputs
+from test_operation_level import _Twice  # (x * 2, gradient g * 2)
 from torch import nn
 
 f64 = torch.float64
@@ -64,16 +65,6 @@ def test_the_quick_path_gives_what_the_whole_scan_gives(family, method, quick):
     assert taken > 0 if method == "attnlrp" else taken == 0
 
 
-class _Doubled(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x * 2
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * 2
-
-
 class _Checked(nn.Module):
     """A custom Function's output, viewed and transposed before anything else reads it; another one
     added to a carrier; a tensor computed from a parameter that a relevance carrier is added to in
@@ -86,8 +77,8 @@ class _Checked(nn.Module):
         self.offset = nn.Parameter(torch.randn(4, dtype=f64))
 
     def forward(self, x):
-        h = _Doubled.apply(self.lin(x)).view(2, 3, 4).transpose(1, 2).transpose(1, 2)
-        h = h + _Doubled.apply(x)  # a custom Function's output as the second argument
+        h = _Twice.apply(self.lin(x)).view(2, 3, 4).transpose(1, 2).transpose(1, 2)
+        h = h + _Twice.apply(x)  # a custom Function's output as the second argument
         buf = self.offset * torch.ones(2, 3, 4, dtype=f64)  # computed from a parameter: no carrier
         buf.add_(h)  # now it carries relevance: a product of two carriers below
         return (buf * h).sum()
@@ -107,6 +98,6 @@ def test_arguments_that_need_their_checks_take_the_whole_scan(quick):
 
     (g_fast, c_fast), (g_whole, c_whole), taken = _both(quick, run)
     assert torch.equal(g_fast, g_whole) and c_fast == c_whole
-    assert [n for n in c_fast.unruled if "_Doubled" in n] == list(c_fast.unruled) and sum(c_fast.unruled.values()) == 2
+    assert [n for n in c_fast.unruled if "_Twice" in n] == list(c_fast.unruled) and sum(c_fast.unruled.values()) == 2
     assert c_fast.ruled["Tensor.mul"] == 1  # the product of the two carriers
     assert taken > 0  # (the final sum)
