@@ -215,6 +215,30 @@ def test_unknown_attention_module_in_plain_model_is_an_error():
         lrpcpp.patch(nn.Sequential(FancyAttention()), level="registry")  # "auto": the operation level
 
 
+def test_wrappers_of_a_described_attention_module_are_no_unknown_attention():
+    """A module named ...Attention that holds a described one (here torch's nn.MultiheadAttention) is
+    its wrapper, not an attention of its own: also a second wrapper of the same module, which
+    ``named_modules()`` lists under the first wrapper's name only."""
+
+    class WrapAttention(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+    class Unrelated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(4, 4)
+
+    mha = nn.MultiheadAttention(4, 2, batch_first=True)
+    model = nn.Sequential(WrapAttention(mha), WrapAttention(mha))
+    with lrpcpp.patch(model, level="registry") as handle:
+        assert handle.patched["0.inner"].startswith("attention")
+    unknown = nn.Sequential(WrapAttention(mha), type("OtherAttention", (Unrelated,), {})())
+    with pytest.raises(lrpcpp.UnsupportedModelError, match=r"1 \(OtherAttention\)"):
+        lrpcpp.patch(unknown, level="registry")
+
+
 def test_register_family_makes_a_new_architecture_work():
     model = build("llama")
     model.config.model_type = "llama_clone"

@@ -880,7 +880,7 @@ def _apply_operations(handle: PatchHandle, modules: Sequence[Tuple[str, nn.Modul
             new = (lambda m, f: lambda x: rules.elementwise(m, x, f))(module, forward)
             handle._set_forward(name, module, new, "identity rule")
         elif one_call is not None:
-            direct = _direct_forward(rules.mode, module, one_call, _original_forward(module))
+            direct = _direct_forward(rules.mode, module, one_call, module.__dict__.get(_forward_slot(module)))
             handle._set_forward(name, module, direct, "its one call ruled")
         elif is_selective_scan(module):
             _patch_selective_scan(handle, name, module)
@@ -949,11 +949,16 @@ _ONE_CALL: Dict[type, Callable[[Any, Tensor], Optional[tuple]]] = {
 
 
 def _direct_forward(
-    mode: GradientRules, module: nn.Module, call: Callable[[Any, Tensor], Optional[tuple]], original: Callable
+    mode: GradientRules, module: nn.Module, call: Callable[[Any, Tensor], Optional[tuple]], previous: Any
 ) -> Callable:
+    """The unit's forward; ``previous``: the forward in the module's instance dict that the patch
+    replaces (``None``: the class's, called only where the unit's call is not the whole forward)."""
+
     def forward(input: Tensor) -> Tensor:
         one = call(module, input)
-        return original(input) if one is None else mode.direct(*one)
+        if one is not None:
+            return mode.direct(*one)
+        return previous(input) if previous is not None else type(module).forward(module, input)
 
     return forward
 
