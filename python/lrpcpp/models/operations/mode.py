@@ -453,9 +453,10 @@ class GradientRules(RuleMode):
 def _plain_carriers(args: tuple, kwargs: Optional[Mapping]) -> bool:
     """Whether, in a forward with grad, the first argument of a call and every other that requires
     grad are relevance-carrying tensors of torch's own type that no custom autograd.Function
-    returned, and no argument is a list, a tuple or a tensor given by keyword (those are left to the
-    whole scan): for a call that keeps its ordinary gradient, the checks of the whole mode then leave
-    it as it is, so :meth:`GradientRules.__torch_function__` calls it at once."""
+    returned, and no argument is a list or a tuple (a ``torch.Size`` aside) or a tensor given by
+    keyword (those are left to the whole scan): for a call that keeps its ordinary gradient, the
+    checks of the whole mode then leave it as it is, so :meth:`GradientRules.__torch_function__`
+    calls it at once."""
     x = args[0]
     if type(x) is not Tensor or not x.requires_grad or not torch.is_grad_enabled() or not _plain_carrier(x):
         return False
