@@ -1016,15 +1016,14 @@ def check_finite(explained: Tensor, caller: str = "lrpcpp.attribute") -> None:
     too. The model's own forward computed it (rules change no forward value)."""
     if all_finite(explained.detach()):
         return
-    bad = ~torch.isfinite(explained.detach())
-    if bad.any():
-        items = sorted({int(i) for i in bad.nonzero()[:, 0]})
-        raise ValueError(
-            f"{caller}: the explained output of batch item(s) {items} is not finite "
-            f"({explained.detach()[bad].flatten()[:4].tolist()}): the model's own forward gives it (for example "
-            "a row whose attention mask leaves a position nothing to attend to, or an overflow in float16), "
-            "and its relevance would be NaN or infinite"
-        )
+    bad = ~torch.isfinite(explained.detach())  # (not all finite: some element is bad)
+    items = sorted({int(i) for i in bad.nonzero()[:, 0]})
+    raise ValueError(
+        f"{caller}: the explained output of batch item(s) {items} is not finite "
+        f"({explained.detach()[bad].flatten()[:4].tolist()}): the model's own forward gives it (for example "
+        "a row whose attention mask leaves a position nothing to attend to, or an overflow in float16), "
+        "and its relevance would be NaN or infinite"
+    )
 
 
 def warn_not_finite(relevances: Dict[str, Tensor], many: bool, caller: str = "lrpcpp.attribute") -> None:
@@ -1035,9 +1034,8 @@ def warn_not_finite(relevances: Dict[str, Tensor], many: bool, caller: str = "lr
     for name, relevance in relevances.items():
         if all_finite(relevance):
             continue
-        bad = ~torch.isfinite(relevance)
-        if bad.any():
-            found.append(f"{name} (batch item(s) {sorted({int(i) for i in bad.nonzero()[:, 1 if many else 0]})})")
+        bad = ~torch.isfinite(relevance)  # (not all finite: some element is bad)
+        found.append(f"{name} (batch item(s) {sorted({int(i) for i in bad.nonzero()[:, 1 if many else 0]})})")
     if found:
         warnings.warn(
             f"{caller}: the relevance of {', '.join(found)} is not finite, although the explained output is: the "

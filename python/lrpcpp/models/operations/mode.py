@@ -14,7 +14,6 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..tracking import (
-    FROM_PARAMETERS,
     RuleMode,
     UnruledOperationError,
     UnruledOperationWarning,
@@ -363,7 +362,7 @@ class GradientRules(RuleMode):
     def plain_carrier(t: Any) -> bool:
         """A relevance-carrying tensor (of torch's own type) that no custom autograd.Function
         returned: a unit's input that the mode's checks of a call's arguments would leave as it is."""
-        return type(t) is Tensor and t.requires_grad and _plain_carrier(t)
+        return type(t) is Tensor and _plain_carrier(t)
 
     # --- the mode
     def __torch_function__(self, func, types_, args=(), kwargs=None):
@@ -473,13 +472,8 @@ def _plain_carriers(args: tuple, kwargs: Optional[Mapping]) -> bool:
 
 
 def _plain_carrier(t: Tensor) -> bool:
-    """For a tensor of torch's own type that requires grad: :func:`carries` it, and no custom
-    autograd.Function returned it."""
-    return not (
-        getattr(t, FROM_PARAMETERS, False)
-        or getattr(t, "_is_param", False)
-        or isinstance(t.grad_fn, _CUSTOM_FUNCTION_NODE)
-    )
+    """It :func:`carries` relevance, and no custom autograd.Function returned it."""
+    return carries(t) and not isinstance(t.grad_fn, _CUSTOM_FUNCTION_NODE)
 
 
 _NO_TENSOR = dict.fromkeys([int, float, bool, type(None), str, torch.dtype, torch.device, torch.Size], True)
