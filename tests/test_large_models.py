@@ -52,6 +52,25 @@ def test_checkpointing_recomputes_with_the_rules(family, level, method, reentran
         assert model.model.layers[0]._gradient_checkpointing_func is checkpoint
 
 
+def test_the_patch_names_the_modules_that_checkpoint_in_the_rules():
+    """``handle.patched`` lists each module that checkpoints with "activation checkpointing in the rules",
+    where nothing else was done to it; where something was, that stays its entry."""
+    model = build("llama")
+    model.gradient_checkpointing_enable()
+    checkpointing = {n for n, m in model.named_modules() if callable(m.__dict__.get("_gradient_checkpointing_func"))}
+    assert "model.layers.0" in checkpointing
+    act = model.model.layers[0].mlp.act_fn  # an identity-rule unit, given a checkpoint function as well
+    act._gradient_checkpointing_func = torch.utils.checkpoint.checkpoint
+    try:
+        for level in ("registry", "operations"):
+            with lrpcpp.patch(model, level=level) as handle:
+                noted = {n for n, w in handle.patched.items() if w == "activation checkpointing in the rules"}
+                assert noted == checkpointing
+                assert handle.patched["model.layers.0.mlp.act_fn"] == "identity rule"
+    finally:
+        del act._gradient_checkpointing_func
+
+
 def test_checkpointing_explicit_mode():
     model, x = build("llama"), inputs("llama")
     plain = lrpcpp.attribute(model, **x, mode="explicit")

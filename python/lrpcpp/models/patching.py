@@ -491,19 +491,24 @@ class PatchHandle:
         self.model, self.method, self.mode, self.rules = model, method, mode, rules
         self.level = "operations" if isinstance(rules, _OperationRules) else "registry"
         self._undo: List[Callable[[], None]] = []
-        self.patched: Dict[str, str] = {}  # module name -> what was done to it
+        self._reports: List[Tuple[str, str, bool]] = []  # (module name, what was done to it, unless named)
         self.layer_rules: Dict[str, object] = {}  # layer name -> its lrpcpp.rules rule (with a preset)
         self.merged_batch_norms: Dict[str, str] = {}  # convolution name -> the batch norm merged into it
 
     # --- bookkeeping
     def _set_forward(self, name: str, module: nn.Module, forward: Callable, what: str) -> None:
-        # an instance attribute, as nn.Module's __setattr__ sets a plain value (no parameter, buffer or
-        # submodule is named like the slot), without its checks: a patch sets one for most modules
-        slot, state = _forward_slot(module), module.__dict__
-        previous = state.get(slot, _ABSENT)
-        state[slot] = forward
-        self._undo.append(lambda: state.pop(slot, None) if previous is _ABSENT else state.__setitem__(slot, previous))
+        self._replace(module, _forward_slot(module), forward)
         self._report(name, what)
+
+    def _replace(self, module: nn.Module, key: str, value: Any) -> None:
+        """Sets ``module``'s instance attribute ``key`` until :meth:`remove` takes it out again or puts
+        the one it replaced back. As nn.Module's ``__setattr__`` sets a plain value (no parameter,
+        buffer or submodule is named like the forward and the other slots that a patch replaces),
+        without its checks: a patch sets one for most modules."""
+        state = module.__dict__
+        previous = state.get(key, _ABSENT)
+        state[key] = value
+        self._undo.append(lambda: state.pop(key, None) if previous is _ABSENT else state.__setitem__(key, previous))
 
     @property
     def coverage(self):
@@ -515,9 +520,21 @@ class PatchHandle:
         self._undo.append(handle.remove)
         self._report(name, what)
 
-    def _report(self, name: str, what: str) -> None:
-        """Records what was done to a module (each change, where several were)."""
-        self.patched[name] = f"{self.patched[name]}; {what}" if name in self.patched else what
+    def _report(self, name: str, what: str, unless_named: bool = False) -> None:
+        """Records what was done to a module (each change, where several were; ``unless_named``: only
+        where nothing else was)."""
+        self._reports.append((name, what, unless_named))
+
+    @property
+    def patched(self) -> Dict[str, str]:
+        """What was done to each module, by module name (several changes joined by ``"; "``)."""
+        patched: Dict[str, str] = {}
+        for name, what, unless_named in self._reports:
+            if name not in patched:
+                patched[name] = what
+            elif not unless_named:
+                patched[name] = f"{patched[name]}; {what}"
+        return patched
 
     def remove(self) -> None:
         """Restores every module exactly as it was (idempotent)."""
@@ -582,9 +599,8 @@ def _checkpointing_in_rules(handle: "PatchHandle", modules: Sequence[Tuple[str, 
         def in_rules(function, *args, _checkpoint=checkpoint, **kwargs):
             return _checkpoint(handle.rules.recomputed(function), *args, **dict(kwargs, use_reentrant=False))
 
-        cast(Any, module)._gradient_checkpointing_func = in_rules  # a function attribute, not a tensor or module
-        handle._undo.append((lambda m, f: lambda: setattr(m, "_gradient_checkpointing_func", f))(module, checkpoint))
-        handle.patched.setdefault(name, "activation checkpointing in the rules")
+        handle._replace(module, "_gradient_checkpointing_func", in_rules)
+        handle._report(name, "activation checkpointing in the rules", unless_named=True)
 
 
 def _first_tensor_arg(args: tuple, kwargs: dict, transform: Callable[[Tensor], Tensor], names: Sequence[str]):
@@ -734,10 +750,18 @@ def _apply(
         return sub
 
     def output_share(name: str, module: nn.Module, segments: Segments) -> None:
+        what = f"output share {list(segments)}"
+        if type(module) is nn.Linear and _forward_slot(module) == "forward" and "forward" not in module.__dict__:
+            # an nn.Linear's forward with the share (a forward hook would cost each call the module's hook path)
+            linear = cast(nn.Linear, module)
+            handle._set_forward(
+                name, module, lambda x: rules.share_segments(F.linear(x, linear.weight, linear.bias), segments), what
+            )
+            return
         handle._hook(
             name,
             module.register_forward_hook(lambda m, args, out: rules.share_segments(out, segments)),
-            f"output share {list(segments)}",
+            what,
         )
 
     def input_share(name: str, module: nn.Module, share: float) -> None:
@@ -912,9 +936,7 @@ def _compiled_run_eagerly(handle: PatchHandle, modules: Sequence[Tuple[str, nn.M
             original = cast(Any, module)._orig_mod
             handle._set_forward(name, module, original.__call__, "compiled: its module runs eagerly")
         elif module.__dict__.get("_compiled_call_impl") is not None:
-            state = module.__dict__
-            compiled, state["_compiled_call_impl"] = state["_compiled_call_impl"], None
-            handle._undo.append((lambda d, c: lambda: d.__setitem__("_compiled_call_impl", c))(state, compiled))
+            handle._replace(module, "_compiled_call_impl", None)
             handle._report(name, "compiled in place: runs eagerly")
 
 

@@ -59,45 +59,52 @@ def release(owner: Owner) -> None:
 
 class ModelState:
     """A context manager that puts ``model`` in eval mode and, with ``freeze``, its parameters to
-    ``requires_grad=False`` for the block; on leaving it (also by an exception) every sub-module's
-    own ``training`` flag and every parameter's ``requires_grad`` are put back as they were. A Hugging
-    Face layer with activation checkpointing enabled keeps its own ``training`` flag on, so that it
-    checkpoints (it does in training mode only); everything in it is in eval mode. ``modules``:
-    ``list(model.modules())``, where the caller has walked the tree already."""
+    ``requires_grad=False`` for the block; on leaving it (also by an exception) what it changed is put
+    back: the ``training`` flag of each sub-module that was in training mode, the ``requires_grad`` of
+    each parameter it froze. A Hugging Face layer with activation checkpointing enabled keeps its own
+    ``training`` flag on, so that it checkpoints (it does in training mode only); everything in it is
+    in eval mode. ``modules``: ``list(model.modules())``, where the caller has walked the tree already.
+    A model in eval mode with frozen parameters is left as it is, and leaving the block touches nothing."""
 
     def __init__(self, model: nn.Module, freeze: bool = False, modules: Optional[Sequence[nn.Module]] = None):
         self.model, self.freeze, self._modules = model, freeze, modules
-        self._saved: Optional[Tuple[list, list]] = None
+        self._saved: Optional[Tuple[list, list, list]] = None
 
     def __enter__(self) -> "ModelState":
         modules = list(self.model.modules()) if self._modules is None else self._modules
-        # a parameter by its module and name: accelerate's offloading hooks replace the parameter
-        # objects in every forward (loading the weights, then leaving meta tensors behind)
-        self._saved = (
-            [(m, m.training) for m in modules],
-            [(m, n, p.requires_grad) for m in modules for n, p in m._parameters.items() if p is not None],
-        )
-        if any(training for _, training in self._saved[0]):  # (a model in eval mode stays as it is)
-            self.model.eval()
+        # what the block changes: the modules in training mode, the layers that checkpoint (their own
+        # flag on), the parameters that require grad (by module and name: accelerate's offloading hooks
+        # replace the parameter objects in every forward, loading the weights, then leaving meta tensors)
+        training: list = []
+        checkpointing: list = []
+        frozen: list = []
         for m in modules:
+            if m.training:
+                training.append(m)
             # a Hugging Face layer with activation checkpointing enabled checkpoints in training mode
-            # only; its own flag stays on (its submodules, dropout and attention, are in eval mode)
+            # only; its own flag goes on (its submodules, dropout and attention, are in eval mode)
             if m.__dict__.get("_gradient_checkpointing_func") and getattr(m, "gradient_checkpointing", False) is True:
-                m.training = True
-        if self.freeze:
-            for m, n, requires_grad in self._saved[1]:
-                if requires_grad:
-                    m._parameters[n].requires_grad_(False)
+                checkpointing.append(m)
+            if self.freeze:
+                frozen += [(m, n) for n, p in m._parameters.items() if p is not None and p.requires_grad]
+        self._saved = (training, checkpointing, frozen)
+        if training:
+            self.model.eval()
+        for m in checkpointing:
+            m.training = True
+        for m, n in frozen:
+            m._parameters[n].requires_grad_(False)
         return self
 
     def __exit__(self, *exc) -> None:
         if self._saved is not None:
-            modules, params = self._saved
+            training, checkpointing, frozen = self._saved
             self._saved = None
-            for m, training in modules:
-                if m.training != training:  # (setting a module attribute goes through nn.Module.__setattr__)
-                    m.training = training
-            for m, n, requires_grad in params:
+            for m in checkpointing:
+                m.training = False  # (back on below where it was on before)
+            for m in training:
+                m.training = True
+            for m, n in frozen:
                 p = m._parameters.get(n)
-                if p is not None and p.requires_grad != requires_grad:
-                    p.requires_grad_(requires_grad)
+                if p is not None and not p.requires_grad:
+                    p.requires_grad_(True)

@@ -118,11 +118,21 @@ def _kind(func: Callable, compiling: bool) -> Tuple[Optional[Callable], Optional
     return kind
 
 
+# a torch function's readable name, spelled once per function (every attribute call names its coverage)
+_NAMES: Dict[Any, str] = {}
+
+
 def _names(counts: Mapping[Any, int]) -> Dict[str, int]:
     """Counts by torch function (or by name) as counts by readable name."""
     named: Dict[str, int] = collections.Counter()
     for key, n in counts.items():
-        named[key if isinstance(key, str) else op_name(key)] += n
+        if isinstance(key, str):
+            named[key] += n
+            continue
+        name = _NAMES.get(key)
+        if name is None:
+            name = _NAMES[key] = op_name(key)
+        named[name] += n
     return dict(named)
 
 
