@@ -75,18 +75,19 @@ class ModelState:
         # what the block changes: the modules in training mode, the layers that checkpoint (their own
         # flag on), the parameters that require grad (by module and name: accelerate's offloading hooks
         # replace the parameter objects in every forward, loading the weights, then leaving meta tensors)
-        training: list = []
-        checkpointing: list = []
-        frozen: list = []
-        for m in modules:
-            if m.training:
-                training.append(m)
-            # a Hugging Face layer with activation checkpointing enabled checkpoints in training mode
-            # only; its own flag goes on (its submodules, dropout and attention, are in eval mode)
-            if m.__dict__.get("_gradient_checkpointing_func") and getattr(m, "gradient_checkpointing", False) is True:
-                checkpointing.append(m)
-            if self.freeze:
-                frozen += [(m, n) for n, p in m._parameters.items() if p is not None and p.requires_grad]
+        training = [m for m in modules if m.training]
+        # a Hugging Face layer with activation checkpointing enabled checkpoints in training mode only;
+        # its own flag goes on (its submodules, dropout and attention, are in eval mode)
+        checkpointing = [
+            m
+            for m in modules
+            if m.__dict__.get("_gradient_checkpointing_func") and getattr(m, "gradient_checkpointing", False) is True
+        ]
+        frozen = (
+            [(m, n) for m in modules for n, p in m._parameters.items() if p is not None and p.requires_grad]
+            if self.freeze
+            else []
+        )
         self._saved = (training, checkpointing, frozen)
         if training:
             self.model.eval()
