@@ -298,8 +298,10 @@ def test_the_finite_check_finds_every_nan_and_infinity_and_nothing_else(dtype):
         t = finite.clone()
         t[1, 2] = bad
         assert not all_finite(t)
-        with pytest.warns(RuntimeWarning, match=r"relevance of x \(batch item\(s\) \[1\]\) is not finite"):
-            warn_not_finite({"x": t}, many=False)
+        for sums in (None, {"x": t.sum(-1)}):  # (the per-token sums that attribute has: tested first)
+            with pytest.warns(RuntimeWarning, match=r"relevance of x \(batch item\(s\) \[1\]\) is not finite"):
+                warn_not_finite({"x": t}, many=False, sums=sums)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_not_finite({"x": finite}, many=False)
+        warn_not_finite({"x": finite}, many=False, sums={"x": finite.sum(-1)})  # a sum that overflows

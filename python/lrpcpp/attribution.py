@@ -748,8 +748,8 @@ def attribute(
             for (name, t), g in zip(captured.items(), grads[len(leaves) :])
         }
     relevances = {name: relevance_of(t, g, explicit, k).detach() for (name, (_, t)), g in zip(leaves.items(), grads)}
-    warn_not_finite(relevances, k is not None)
     result = attribution_of(relevances[first], explained, ids, key, latent_map)
+    warn_not_finite(relevances, k is not None, sums={first: result.token_relevance})
     result.coverage = coverage
     result.inputs = relevances
     return result
@@ -1026,13 +1026,22 @@ def check_finite(explained: Tensor, caller: str = "lrpcpp.attribute") -> None:
     )
 
 
-def warn_not_finite(relevances: Dict[str, Tensor], many: bool, caller: str = "lrpcpp.attribute") -> None:
+def warn_not_finite(
+    relevances: Dict[str, Tensor],
+    many: bool,
+    caller: str = "lrpcpp.attribute",
+    sums: Optional[Dict[str, Tensor]] = None,
+) -> None:
     """Warns once, naming the inputs and the batch items, where a finite explained output still gives
     NaN or infinite relevance: the backward met a non-finite value of the model's forward (such as a
-    padded position that attends to nothing, whose NaN reaches the others as 0 x NaN)."""
+    padded position that attends to nothing, whose NaN reaches the others as 0 x NaN). ``sums``: an
+    input's relevance summed over a dim (its per-token values), by name, where the caller has them:
+    finite only where the relevance is (a NaN or an infinity stays one in the sum), so their few
+    values are tested first, the relevance itself only where a sum is not finite."""
     found = []
     for name, relevance in relevances.items():
-        if all_finite(relevance):
+        total = sums.get(name) if sums else None
+        if (total is not None and all_finite(total)) or all_finite(relevance):
             continue
         bad = ~torch.isfinite(relevance)  # (not all finite: some element is bad)
         found.append(f"{name} (batch item(s) {sorted({int(i) for i in bad.nonzero()[:, 1 if many else 0]})})")
