@@ -755,7 +755,10 @@ def _apply(
             # an nn.Linear's forward with the share (a forward hook would cost each call the module's hook path)
             linear = cast(nn.Linear, module)
             handle._set_forward(
-                name, module, lambda x: rules.share_segments(F.linear(x, linear.weight, linear.bias), segments), what
+                name,
+                module,
+                lambda input: rules.share_segments(F.linear(input, linear.weight, linear.bias), segments),
+                what,
             )
             return
         handle._hook(

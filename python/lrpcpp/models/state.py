@@ -84,7 +84,7 @@ class ModelState:
             if m.__dict__.get("_gradient_checkpointing_func") and getattr(m, "gradient_checkpointing", False) is True
         ]
         frozen = (
-            [(m, n) for m in modules for n, p in m._parameters.items() if p is not None and p.requires_grad]
+            [(m, n, p) for m in modules for n, p in m._parameters.items() if p is not None and p.requires_grad]
             if self.freeze
             else []
         )
@@ -93,8 +93,8 @@ class ModelState:
             self.model.eval()
         for m in checkpointing:
             m.training = True
-        for m, n in frozen:
-            m._parameters[n].requires_grad_(False)
+        for _, _, p in frozen:
+            p.requires_grad_(False)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -105,7 +105,7 @@ class ModelState:
                 m.training = False  # (back on below where it was on before)
             for m in training:
                 m.training = True
-            for m, n in frozen:
+            for m, n, _ in frozen:
                 p = m._parameters.get(n)
                 if p is not None and not p.requires_grad:
                     p.requires_grad_(True)
