@@ -750,22 +750,14 @@ def _apply(
         return sub
 
     def output_share(name: str, module: nn.Module, segments: Segments) -> None:
-        what = f"output share {list(segments)}"
-        if type(module) is nn.Linear and _forward_slot(module) == "forward" and "forward" not in module.__dict__:
-            # an nn.Linear's forward with the share (a forward hook would cost each call the module's hook path)
-            linear = cast(nn.Linear, module)
-            handle._set_forward(
-                name,
-                module,
-                lambda input: rules.share_segments(F.linear(input, linear.weight, linear.bias), segments),
-                what,
-            )
-            return
-        handle._hook(
-            name,
-            module.register_forward_hook(lambda m, args, out: rules.share_segments(out, segments)),
-            what,
-        )
+        # the module's forward (its class's, a preset's layer rule, accelerate's inner one) with the share
+        # applied to its output: no forward hook, whose path every call of the module would take
+        forward = _original_forward(module)
+
+        def shared(*args, **kwargs):
+            return rules.share_segments(forward(*args, **kwargs), segments)
+
+        handle._set_forward(name, module, shared, f"output share {list(segments)}")
 
     def input_share(name: str, module: nn.Module, share: float) -> None:
         if share == 1.0:
