@@ -381,15 +381,22 @@ class GradientRules(RuleMode):
         if func in _METADATA:
             return func(*args, **kwargs) if kwargs else func(*args)
         compiling = torch.compiler.is_compiling()
-        if not compiling and self.uniform and args:
-            # the calls that most forwards make most (views, transposes, additions, linear maps): their
-            # ordinary gradient is the rule, and their relevance-carrying arguments need no checks
-            kind = _KINDS.get(func)
-            if kind is not None and kind[0] is None and kind[1] is not None and _plain_carriers(args, kwargs):
-                out = func(*args, **kwargs) if kwargs else func(*args)
-                if out.requires_grad if isinstance(out, Tensor) else _requires_grad(out):
-                    self._counts[kind[1]][func] += 1
-                return out
+        if not compiling and args:
+            carriers = _plain_carriers(args, kwargs)
+            if carriers is False:  # most calls of a model with frozen parameters: shapes, masks, positions
+                return func(*args, **kwargs) if kwargs else func(*args)
+            if carriers and self.uniform:
+                # the calls that most forwards make most (views, transposes, additions, linear maps, layer
+                # norms, attention): every argument that requires grad carries relevance and needs no checks,
+                # so the call goes to its rule at once (or, where its ordinary gradient is the rule, is made)
+                kind = _KINDS.get(func)
+                if kind is not None:
+                    if kind[0] is None and kind[1] is not None:
+                        out = func(*args, **kwargs) if kwargs else func(*args)
+                        if out.requires_grad if isinstance(out, Tensor) else _requires_grad(out):
+                            self._counts[kind[1]][func] += 1
+                        return out
+                    return self._with_relevance(func, types_, args, kwargs or {}, compiling)
         if kwargs is None:
             kwargs = {}
         if not torch.is_grad_enabled():
@@ -459,26 +466,34 @@ class GradientRules(RuleMode):
         return out
 
 
-def _plain_carriers(args: tuple, kwargs: Optional[Mapping]) -> bool:
-    """Whether, in a forward with grad, the first argument of a call and every other that requires
-    grad are relevance-carrying tensors of torch's own type that no custom autograd.Function
-    returned, and no argument is a list or a tuple (a ``torch.Size`` aside) or a tensor given by
-    keyword (those are left to the whole scan): for a call that keeps its ordinary gradient, the
-    checks of the whole mode then leave it as it is, so :meth:`GradientRules.__torch_function__`
-    calls it at once."""
-    x = args[0]
-    if type(x) is not Tensor or not x.requires_grad or not torch.is_grad_enabled() or not _plain_carrier(x):
-        return False
-    for a in args[1:]:
-        kind = type(a)
-        if kind in _NO_TENSOR:
-            continue
-        if isinstance(a, Tensor):
-            if a.requires_grad and (kind is not Tensor or not _plain_carrier(a)):
-                return False
-        elif isinstance(a, (list, tuple)):
-            return False
-    return not kwargs or not any(isinstance(v, (Tensor, list, tuple)) for v in kwargs.values())
+def _plain_carriers(args: tuple, kwargs: Optional[Mapping]) -> Optional[bool]:
+    """What a call's arguments need, in a forward with grad, in one pass over them (also into lists
+    and tuples, and over those given by keyword): ``False`` where no tensor among them requires grad
+    (the mode makes the call as it is); ``True`` where every one that does is a relevance-carrying
+    tensor of torch's own type that no custom autograd.Function returned (the checks of the whole mode
+    would leave the call as it is: no substitute, nothing marked, so
+    :meth:`GradientRules.__torch_function__` hands it to its rule at once); ``None`` otherwise, and in
+    a forward without grad: the whole scan."""
+    if not torch.is_grad_enabled():
+        return None
+    found = False
+    for values in (args, kwargs.values()) if kwargs else (args,):
+        for a in values:
+            kind = type(a)
+            if kind in _NO_TENSOR:
+                continue
+            if isinstance(a, Tensor):
+                if a.requires_grad:
+                    if kind is not Tensor or not _plain_carrier(a):
+                        return None
+                    found = True
+            elif isinstance(a, (list, tuple)):
+                for b in a:
+                    if isinstance(b, Tensor) and b.requires_grad:
+                        if type(b) is not Tensor or not _plain_carrier(b):
+                            return None
+                        found = True
+    return found
 
 
 def _plain_carrier(t: Tensor) -> bool:
