@@ -477,22 +477,24 @@ def _plain_carriers(args: tuple, kwargs: Optional[Mapping]) -> Optional[bool]:
     if not torch.is_grad_enabled():
         return None
     found = False
-    for values in (args, kwargs.values()) if kwargs else (args,):
-        for a in values:
-            kind = type(a)
-            if kind in _NO_TENSOR:
-                continue
-            if isinstance(a, Tensor):
-                if a.requires_grad:
-                    if kind is not Tensor or not _plain_carrier(a):
+    for a in args + tuple(kwargs.values()) if kwargs else args:
+        kind = type(a)
+        if kind in _NO_TENSOR:
+            continue
+        if kind is Tensor:
+            if a.requires_grad:
+                if not _plain_carrier(a):
+                    return None
+                found = True
+        elif isinstance(a, Tensor):  # (a subclass)
+            if a.requires_grad:
+                return None
+        elif isinstance(a, (list, tuple)):
+            for b in a:
+                if isinstance(b, Tensor) and b.requires_grad:
+                    if type(b) is not Tensor or not _plain_carrier(b):
                         return None
                     found = True
-            elif isinstance(a, (list, tuple)):
-                for b in a:
-                    if isinstance(b, Tensor) and b.requires_grad:
-                        if type(b) is not Tensor or not _plain_carrier(b):
-                            return None
-                        found = True
     return found
 
 
