@@ -385,13 +385,14 @@ class GradientRules(RuleMode):
             carriers = _plain_carriers(args, kwargs)
             if carriers is False:  # most calls of a model with frozen parameters: shapes, masks, positions
                 return func(*args, **kwargs) if kwargs else func(*args)
-            if carriers and self.uniform:
+            if carriers:
                 # the calls that most forwards make most (views, transposes, additions, linear maps, layer
                 # norms, attention): every argument that requires grad carries relevance and needs no checks,
-                # so the call goes to its rule at once (or, where its ordinary gradient is the rule, is made)
+                # so the call goes to its rule at once (with AttnLRP, where its ordinary gradient is the rule,
+                # it is made: CP-LRP asks such a call whether it passes a gate on)
                 kind = _KINDS.get(func)
                 if kind is not None:
-                    if kind[0] is None and kind[1] is not None:
+                    if kind[0] is None and kind[1] is not None and self.uniform:
                         out = func(*args, **kwargs) if kwargs else func(*args)
                         if out.requires_grad if isinstance(out, Tensor) else _requires_grad(out):
                             self._counts[kind[1]][func] += 1
