@@ -1,9 +1,9 @@
 """The operation level's quick path: a call whose arguments that require grad all carry relevance
 and need no checks (a view, a transpose, an addition, a linear map, a layer norm, an attention, a
 product of two carriers) goes to its rule at once, without the mode's whole scan of its arguments.
-The same relevance and coverage as through the whole scan, on whole models and where an argument
-does need its checks: the output of a custom autograd.Function (also in a list or given by
-keyword), a tensor computed from parameters, a gate of CP-LRP."""
+The same relevance and coverage as through the whole scan, on whole models with AttnLRP and CP-LRP
+(whose rules ask each call about gates), and where an argument does need its checks: the output of a
+custom autograd.Function (also in a list or given by keyword), a tensor computed from parameters."""
 
 import functional_model
 import lrpcpp
@@ -143,8 +143,6 @@ def test_calls_with_a_rule_take_the_quick_path(method, quick):
 
 def test_the_quick_path_looks_into_lists_and_keywords():
     """Every tensor that requires grad must be a plain carrier, wherever it is among the arguments."""
-    from test_operation_level import _Twice
-
     carrier = torch.randn(3, requires_grad=True) * 1
     custom = _Twice.apply(carrier)
     parameter = nn.Parameter(torch.randn(3))
