@@ -408,7 +408,7 @@ class GradientRules(RuleMode):
                     setattr(out, _ELEMENTWISE_OF, args[0])
             return out
         grads = _requiring_grad(args, kwargs)
-        if not grads:  # most calls of a model with frozen parameters: shapes, masks, positions
+        if not grads:  # (an eager forward's calls made above; a compiled one's and keyword-only calls)
             return func(*args, **kwargs)
         carrying = [t for t in grads if carries(t)]
         if not carrying:
