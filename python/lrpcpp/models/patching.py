@@ -35,7 +35,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -893,14 +892,12 @@ def _apply_operations(handle: PatchHandle, modules: Sequence[Tuple[str, nn.Modul
     _compiled_run_eagerly(handle, modules)
     unit = _per_class(lambda m: _is_identity_unit(m, None))
     for name, module in modules:
-        one_call = _ONE_CALL.get(type(module))
         if unit(module):
             forward = types.MethodType(type(module).forward, module)
             new = (lambda m, f: lambda x: rules.elementwise(m, x, f))(module, forward)
             handle._set_forward(name, module, new, "identity rule")
-        elif one_call is not None:
-            direct = _direct_forward(rules.mode, module, one_call, module.__dict__.get(_forward_slot(module)))
-            handle._set_forward(name, module, direct, "its one call ruled")
+        elif "A_log" not in module._parameters:  # (no state-space mixer: most modules, one dict lookup)
+            continue
         elif is_selective_scan(module):
             _patch_selective_scan(handle, name, module)
         elif is_chunked_scan(module):
@@ -933,51 +930,6 @@ def _compiled_run_eagerly(handle: PatchHandle, modules: Sequence[Tuple[str, nn.M
         elif module.__dict__.get("_compiled_call_impl") is not None:
             handle._replace(module, "_compiled_call_impl", None)
             handle._report(name, "compiled in place: runs eagerly")
-
-
-def _convolution(function: Callable) -> Callable[[Any, Tensor], Optional[tuple]]:
-    """The one call of a convolution module (:data:`_ONE_CALL`) that pads with zeros."""
-
-    def call(m: Any, x: Tensor) -> Optional[tuple]:
-        if m.padding_mode != "zeros":
-            return None  # padded by F.pad first
-        return (function, x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
-
-    return call
-
-
-# torch.nn modules whose forward is one torch function of their input and their own attributes: at the
-# operation level, such a module makes that call with the mode's rules itself (GradientRules.direct),
-# without torch's function dispatch (and the handling in Python of F.layer_norm, F.dropout and
-# F.embedding): the same rules, for the layers that every model calls most. Each gives the call's
-# function and arguments, or None where its forward is more than that call (a convolution that pads
-# by reflection); the class's own forward runs then.
-_ONE_CALL: Dict[type, Callable[[Any, Tensor], Optional[tuple]]] = {
-    nn.Linear: lambda m, x: (F.linear, x, m.weight, m.bias),
-    nn.LayerNorm: lambda m, x: (F.layer_norm, x, m.normalized_shape, m.weight, m.bias, m.eps),
-    nn.Dropout: lambda m, x: (F.dropout, x, m.p, m.training, m.inplace),
-    nn.Embedding: lambda m, x: (
-        (F.embedding, x, m.weight, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
-    ),
-    nn.Conv1d: _convolution(F.conv1d),
-    nn.Conv2d: _convolution(F.conv2d),
-    nn.Conv3d: _convolution(F.conv3d),
-}
-
-
-def _direct_forward(
-    mode: GradientRules, module: nn.Module, call: Callable[[Any, Tensor], Optional[tuple]], previous: Any
-) -> Callable:
-    """The unit's forward; ``previous``: the forward in the module's instance dict that the patch
-    replaces (``None``: the class's, called only where the unit's call is not the whole forward)."""
-
-    def forward(input: Tensor) -> Tensor:
-        one = call(module, input)
-        if one is not None:
-            return mode.direct(*one)
-        return previous(input) if previous is not None else type(module).forward(module, input)
-
-    return forward
 
 
 def _patch_selective_scan(handle: PatchHandle, name: str, module: nn.Module) -> None:

@@ -329,30 +329,17 @@ class GradientRules(RuleMode):
             self._count("unruled", name)
         return None
 
-    # --- calls made by module units, without torch's function dispatch
+    # --- the calls of identity-rule units, made without torch's function dispatch
     def alone(self) -> bool:
-        """Whether this mode is the one active torch function mode of an eager forward: then a module
-        unit (:func:`lrpcpp.patch` at the operation level) may take it off the stack for its own call
-        and apply the rules itself (:meth:`direct`, :meth:`suspended`), as torch's dispatch would."""
+        """Whether this mode is the one active torch function mode of an eager forward: then an
+        identity-rule unit (:func:`lrpcpp.patch` at the operation level) may take it off the stack for
+        its own calls (:meth:`suspended`), which are its rule, and count its rule itself."""
         return (
             not torch.compiler.is_compiling()
             and torch._C._is_torch_function_mode_enabled()  # (not in a torch._C.DisableTorchFunction block)
             and torch._C._len_torch_function_stack() == 1
             and torch._C._get_function_stack_at(0) is self
         )
-
-    def direct(self, func: Callable, *args: Any) -> Any:
-        """``func(*args)`` ruled as this mode rules it, called by a module whose forward is that one
-        call (``nn.Linear``'s ``F.linear``, ...): where the mode is :meth:`alone`, without torch's
-        function dispatch (the mode is off the stack for the call, as the dispatch takes it off);
-        otherwise through the dispatch."""
-        if not self.alone():
-            return func(*args)
-        torch._C._pop_torch_function_stack()
-        try:
-            return self.__torch_function__(func, tuple({type(a) for a in args if isinstance(a, Tensor)}), args)
-        finally:
-            torch._C._push_on_torch_function_stack(self)
 
     @contextlib.contextmanager
     def suspended(self) -> Iterator[None]:
