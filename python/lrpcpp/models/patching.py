@@ -344,20 +344,19 @@ class _OperationRules(_GradientRules):
         self.mode = GradientRules(method, epsilon, strict)
 
     def elementwise(self, module, x, forward):
-        mode, direct = self.mode, False
+        mode, out = self.mode, None
         if mode.alone():
             # the unit's calls are its rule: made with the mode off the stack (where the mode would leave
             # its input as it is), its gi_identity counted here, as the mode would count it
             with mode.suspended():
-                direct = mode.plain_carrier(x)
-                if direct:
+                if mode.plain_carrier(x):
                     out = super().elementwise(module, x, forward)
                     if not _own_rule(module, x):
                         mode.count_ruled(torch.ops.lrpcpp.gi_identity)
-        if not direct:
+        if out is None:
             out = super().elementwise(module, x, forward)
-        if is_activation(module):
-            mode.mark_gate(out)
+        if not mode.uniform and is_activation(module):
+            mode.mark_gate(out)  # (CP-LRP's gates)
         return out
 
     @contextlib.contextmanager

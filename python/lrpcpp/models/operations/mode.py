@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..tracking import (
+    FROM_PARAMETERS,
     RuleMode,
     UnruledOperationError,
     UnruledOperationWarning,
@@ -341,15 +342,10 @@ class GradientRules(RuleMode):
             and torch._C._get_function_stack_at(0) is self
         )
 
-    @contextlib.contextmanager
-    def suspended(self) -> Iterator[None]:
+    def suspended(self) -> "_Suspended":
         """The block runs with this mode off the stack (a unit whose calls are its own rule; it counts
         them itself with :meth:`count_ruled`)."""
-        torch._C._pop_torch_function_stack()
-        try:
-            yield
-        finally:
-            torch._C._push_on_torch_function_stack(self)
+        return _Suspended(self)
 
     def count_ruled(self, func: Callable) -> None:
         """Counts a call that a unit made with the mode :meth:`suspended` as ruled."""
@@ -454,6 +450,22 @@ class GradientRules(RuleMode):
         return out
 
 
+class _Suspended:
+    """:meth:`GradientRules.suspended`'s block (a class rather than a generator: it is entered on every
+    call of an identity-rule unit)."""
+
+    __slots__ = ("mode",)
+
+    def __init__(self, mode: GradientRules):
+        self.mode = mode
+
+    def __enter__(self) -> None:
+        torch._C._pop_torch_function_stack()
+
+    def __exit__(self, *exc: Any) -> None:
+        torch._C._push_on_torch_function_stack(self.mode)
+
+
 def _plain_carriers(args: tuple, kwargs: Optional[Mapping]) -> Optional[bool]:
     """What a call's arguments need, in a forward with grad, in one pass over them (also into lists
     and tuples, and over those given by keyword): ``False`` where no tensor among them requires grad
@@ -471,7 +483,11 @@ def _plain_carriers(args: tuple, kwargs: Optional[Mapping]) -> Optional[bool]:
             continue
         if kind is Tensor:
             if a.requires_grad:
-                if not _plain_carrier(a):
+                # (what _plain_carrier asks of a tensor of torch's own type that requires grad, written out:
+                # this is most calls' one tensor)
+                if getattr(a, FROM_PARAMETERS, False) or getattr(a, "_is_param", False):
+                    return None
+                if isinstance(a.grad_fn, _CUSTOM_FUNCTION_NODE):
                     return None
                 found = True
         elif isinstance(a, Tensor):  # (a subclass)
