@@ -895,8 +895,6 @@ def _apply_operations(handle: PatchHandle, modules: Sequence[Tuple[str, nn.Modul
             forward = types.MethodType(type(module).forward, module)
             new = (lambda m, f: lambda x: rules.elementwise(m, x, f))(module, forward)
             handle._set_forward(name, module, new, "identity rule")
-        elif "A_log" not in module._parameters:  # (no state-space mixer: most modules, one dict lookup)
-            continue
         elif is_selective_scan(module):
             _patch_selective_scan(handle, name, module)
         elif is_chunked_scan(module):

@@ -14,7 +14,6 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..tracking import (
-    FROM_PARAMETERS,
     RuleMode,
     UnruledOperationError,
     UnruledOperationWarning,
@@ -483,11 +482,7 @@ def _plain_carriers(args: tuple, kwargs: Optional[Mapping]) -> Optional[bool]:
             continue
         if kind is Tensor:
             if a.requires_grad:
-                # (what _plain_carrier asks of a tensor of torch's own type that requires grad, written out:
-                # this is most calls' one tensor)
-                if getattr(a, FROM_PARAMETERS, False) or getattr(a, "_is_param", False):
-                    return None
-                if isinstance(a.grad_fn, _CUSTOM_FUNCTION_NODE):
+                if not _plain_carrier(a):
                     return None
                 found = True
         elif isinstance(a, Tensor):  # (a subclass)
