@@ -308,11 +308,22 @@ class _GradientRules(_Rules):
     """Gradient-times-input (RULES.md section 2)."""
 
     def elementwise(self, module, x, forward):
-        if _own_rule(module, x):
+        out = self._own_rule(module, x, forward)
+        return self._identity_rule(module, x, forward) if out is None else out
+
+    @staticmethod
+    def _own_rule(module, x, forward):
+        """The unit's output where its relevance is its own gradient (ReLU's), or a LLaMA RMSNorm's rule
+        that holds its rsqrt constant in its own ops; ``None`` where it takes ``gi_identity``."""
+        if type(module) in _GRADIENT_IS_IDENTITY:
             with without(is_rule_mode):  # the unit's own calls, not ones for the operation level's rules
-                if type(module) in _GRADIENT_IS_IDENTITY:
-                    return _out_of_place(module, forward, x)
+                return _out_of_place(module, forward, x)
+        if x.dtype in _WITHIN_FLOAT32 and computes_llama_rms_norm(module):
+            with without(is_rule_mode):
                 return _llama_rms_norm_rstd_constant(module, x)
+        return None
+
+    def _identity_rule(self, module, x, forward):
         with torch.no_grad():  # detached too, for torch.jit.trace (see _held_constant)
             y = _out_of_place(module, forward, x).detach()
         return torch.ops.lrpcpp.gi_identity(x, y, self.epsilon, self.keep_inputs)
@@ -350,8 +361,9 @@ class _OperationRules(_GradientRules):
             # its input as it is), its gi_identity counted here, as the mode would count it
             with mode.suspended():
                 if mode.plain_carrier(x):
-                    out = super().elementwise(module, x, forward)
-                    if not _own_rule(module, x):
+                    out = self._own_rule(module, x, forward)
+                    if out is None:
+                        out = self._identity_rule(module, x, forward)
                         mode.count_ruled(torch.ops.lrpcpp.gi_identity)
         if out is None:
             out = super().elementwise(module, x, forward)
@@ -363,12 +375,6 @@ class _OperationRules(_GradientRules):
     def modes(self):
         with self.mode.uncounted(), self.mode:
             yield
-
-
-def _own_rule(module: nn.Module, x: Tensor) -> bool:
-    """Whether an identity-rule unit's relevance is its own gradient (ReLU's), or a LLaMA RMSNorm's
-    rule that holds its rsqrt constant in its own ops, rather than ``gi_identity``."""
-    return type(module) in _GRADIENT_IS_IDENTITY or (x.dtype in _WITHIN_FLOAT32 and computes_llama_rms_norm(module))
 
 
 class _ExplicitRules(_Rules):

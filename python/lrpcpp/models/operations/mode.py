@@ -7,7 +7,7 @@ import warnings
 from collections import abc
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -389,7 +389,7 @@ class GradientRules(RuleMode):
                 if not any(carries(t) for t in tensor_args(args[1:], kwargs)):
                     setattr(out, _ELEMENTWISE_OF, args[0])
             return out
-        grads = _requiring_grad(args, kwargs)
+        grads = [t for t in tensor_args(args, kwargs) if t.requires_grad]
         if not grads:  # (an eager forward's calls made above; a compiled one's and keyword-only calls)
             return func(*args, **kwargs)
         carrying = [t for t in grads if carries(t)]
@@ -503,19 +503,6 @@ def _plain_carrier(t: Tensor) -> bool:
 
 
 _NO_TENSOR = dict.fromkeys([int, float, bool, type(None), str, torch.dtype, torch.device, torch.Size], True)
-
-
-def _requiring_grad(args: Any, kwargs: Mapping) -> List[Tensor]:
-    """The tensor arguments of a call that require grad (also in lists and tuples), in one pass."""
-    found: List[Tensor] = []
-    for values in (args, kwargs.values()) if kwargs else (args,):
-        for a in values:
-            if isinstance(a, Tensor):
-                if a.requires_grad:
-                    found.append(a)
-            elif isinstance(a, (list, tuple)):
-                found.extend(b for b in a if isinstance(b, Tensor) and b.requires_grad)
-    return found
 
 
 def unruled_message(names: Mapping[str, int], where: str) -> Optional[str]:
