@@ -181,6 +181,42 @@ def test_a_wrapped_model_given_embeddings_is_explained_as_the_model_itself(gpt2)
     torch.testing.assert_close(got.relevance, ref.relevance, rtol=1e-12, atol=1e-12)
 
 
+class _EmbeddedWith(nn.Module):
+    """A model whose embedding module returns ``embed(ids)``'s output as it is."""
+
+    def __init__(self, embed):
+        super().__init__()
+        self.embed, self.head = embed, nn.Linear(4, 2)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids=None, inputs_embeds=None):
+        return self.head(inputs_embeds).sum(1)
+
+
+class _ScaledEmbedding(nn.Embedding):
+    def forward(self, ids):  # (the embeddings with their scale, as I-BERT's QuantEmbedding returns them)
+        return super().forward(ids), torch.tensor(1.0)
+
+
+class _IdsAsTheyAre(nn.Module):
+    def forward(self, ids):
+        return ids
+
+
+@pytest.mark.parametrize(
+    "embed, message",
+    [
+        (_ScaledEmbedding(10, 4), r"embeds input_ids \(_ScaledEmbedding\) returned a tuple, not a tensor "),
+        (_IdsAsTheyAre(), r"the embeddings of input_ids \(_IdsAsTheyAre's output\) must be floating point"),
+    ],
+)
+def test_an_embedding_module_that_returns_no_embeddings_is_named(embed, message):
+    with pytest.raises(TypeError, match=message):
+        lrpcpp.attribute(_EmbeddedWith(embed), input_ids=torch.tensor([[1, 2, 3]]))
+
+
 def test_a_wrapper_of_two_architectures_is_refused(gpt2):
     class Two(nn.Module):
         def __init__(self):

@@ -934,7 +934,14 @@ def choose_input(
             raise ValueError(f"{caller}: input_ids need the model's input embeddings; pass inputs_embeds")
         embeddings = input_embeddings(model, caller) if embedding is None else embedding
         with torch.no_grad(), unsharded(model, embeddings):  # gathered, outside the forward of an FSDP2 model
-            return "inputs_embeds", input_leaf(embeddings(input_ids), "input_ids", caller)
+            embedded = embeddings(input_ids)
+        name = type(embeddings).__name__
+        if not isinstance(embedded, Tensor):  # (I-BERT's QuantEmbedding returns the embeddings with a scale)
+            raise TypeError(
+                f"{caller}: the module that embeds input_ids ({name}) returned a {type(embedded).__name__}, not a "
+                "tensor of embeddings; pass embedding= (a module that returns them) or inputs_embeds="
+            )
+        return "inputs_embeds", input_leaf(embedded, f"the embeddings of input_ids ({name}'s output)", caller)
     return "inputs_embeds", input_leaf(inputs_embeds, "inputs_embeds", caller)
 
 
