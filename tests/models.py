@@ -1,5 +1,7 @@
 """Tiny random-weight models of every supported family, built from transformers configs."""
 
+from typing import Mapping
+
 import torch
 import transformers as tfm
 from transformers import CONFIG_MAPPING
@@ -162,9 +164,10 @@ _SMALL = dict(
 )
 
 
-def build_from_defaults(model_type: str):
+def build_from_defaults(model_type: str, classes: Mapping[str, str] = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
     """A float32 model of ``model_type`` from its config's defaults, with the sizes above where it has
-    them (float32: torch's grouped matrix product of the experts has no float64 kernel)."""
+    them (float32: torch's grouped matrix product of the experts has no float64 kernel). ``classes``:
+    the model class by type (by default the causal language model's)."""
     config = CONFIG_MAPPING[model_type]()
     for key, value in _SMALL.items():
         if hasattr(config, key):
@@ -178,5 +181,5 @@ def build_from_defaults(model_type: str):
         except AttributeError:  # derived from the number of layers
             pass
     torch.manual_seed(0)
-    model = getattr(tfm, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])(config)
+    model = getattr(tfm, classes[model_type])(config)
     return model.eval()

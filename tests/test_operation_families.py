@@ -9,6 +9,7 @@ from lrpcpp import deploy
 from lrpcpp.models.families import FAMILIES
 from models import _DECODER, VOCAB, attribute_ruled, bias_free, build_from_defaults, inputs
 from transformers import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
 _IDS = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
@@ -241,6 +242,29 @@ def test_every_call_of_these_families_has_a_rule(family):
     with lrpcpp.patch(model):
         patched = model(inputs_embeds=x.clone().requires_grad_()).logits
     assert torch.equal(patched, model(inputs_embeds=x).logits)
+
+
+# Encoders (sequence classifiers, scripts/family_sweep.py --task sequence-classification) whose layers
+# call functions that none of the families above calls: the function each must have ruled or passed.
+ENCODER_CALLS = {
+    "esm": "torch.erf",  # its GELU written out: x * (1 + erf(x / sqrt(2))) / 2
+    "convbert": "torch.nn.functional.unfold",  # the span-based dynamic convolution's windows
+    "fnet": "Tensor.real",  # Fourier mixing: the real part of a 2-D FFT
+    "longformer": "Tensor.as_strided",  # sliding-window attention over overlapping chunks
+}
+
+
+@pytest.mark.parametrize("family", sorted(f for f in ENCODER_CALLS if f in CONFIG_MAPPING))
+def test_every_call_of_these_encoders_has_a_rule(family):
+    model = build_from_defaults(family, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+    ids = inputs("llama")["input_ids"]
+    got = lrpcpp.attribute(model, input_ids=ids, strict=True)
+    assert got.coverage is not None and got.coverage.unruled == {}
+    assert ENCODER_CALLS[family] in {**got.coverage.ruled, **got.coverage.passed}
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    torch.testing.assert_close(logits.gather(1, got.target[:, None])[:, 0], got.output, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(got.relevance).all() and got.relevance.abs().sum() > 0
 
 
 def test_a_model_that_puts_prompt_ids_before_the_given_ones_is_explained():

@@ -20,11 +20,13 @@ from .mode import Coverage, GradientRules, UnruledOperationError, UnruledOperati
 #: ``F.scaled_dot_product_attention``), normalisers (a carrying divisor, ``rsqrt``, ``reciprocal``,
 #: norms, variances, ``F.normalize``), ``F.layer_norm``, ``F.group_norm``, ``F.instance_norm``
 #: (each group's standard deviation held constant), ``F.rms_norm`` and element-wise functions
-#: of one carrier (activations, ``exp``, ``pow``, ``sqrt``, ``square``, ``clamp``).
+#: of one carrier (activations, ``exp``, ``pow``, ``sqrt``, ``square``, ``clamp``, ``erf``, logarithms,
+#: trigonometric and hyperbolic functions).
 RULES: Mapping[Callable, Callable] = handlers.RULES
 
 #: The torch functions whose ordinary gradient is the gradient-mode rule: linear maps, additions,
-#: sums and means, softmax, and every function of :data:`lrpcpp.models.explicit.PASS_THROUGH`.
+#: sums and means, softmax, the Fourier transforms, strided views and sliding windows, the parts of a
+#: complex tensor, ``relu`` and ``abs``, and every function of :data:`lrpcpp.models.explicit.PASS_THROUGH`.
 EXACT = handlers.EXACT
 
 __all__ = [

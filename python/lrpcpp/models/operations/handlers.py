@@ -260,9 +260,13 @@ _ACTIVATIONS: Tuple[str, ...] = (
 )
 _ACTIVATIONS += ("hardsigmoid", "softplus", "mish", "tanh", "sigmoid", "logsigmoid", "tanhshrink", "softsign")
 _ELEMENTWISE = ("tanh", "sigmoid", "relu", "exp", "sqrt", "square", "clamp", "clip", "clamp_min", "clamp_max")
-# relu's own gradient is the identity rule's gradient form exactly (relu(x) = relu'(x) x, 0 where x <= 0):
-# it is in EXACT, not given the factor y / stab(x)
-_GRADIENT_IS_IDENTITY = ("relu", "relu_")
+# (erf: a GELU written out, x * (1 + erf(x / sqrt(2))) / 2, as ESM has it; the logarithms and the
+# trigonometric and hyperbolic functions: periodic activations, log-scaled features)
+_ELEMENTWISE += ("erf", "erfc", "expm1", "exp2", "log", "log1p", "log2", "log10", "sin", "cos", "atan", "sinh")
+_ELEMENTWISE += ("asinh",)
+# relu's and abs's own gradients are the identity rule's gradient form exactly (relu(x) = relu'(x) x, 0
+# where x <= 0; |x| = sign(x) x): they are in EXACT, not given the factor y / stab(x)
+_GRADIENT_IS_IDENTITY = ("relu", "relu_", "abs", "absolute")
 _MUL = ("mul", "multiply", "__mul__", "__rmul__")
 _MATMUL = ("matmul", "__matmul__", "bmm", "mm")
 _GROUPED_MM = _spellings(["_grouped_mm"], torch) + _spellings(["grouped_mm"], F)
@@ -351,6 +355,15 @@ _FUNCTIONAL: Tuple[str, ...] = (
 )
 _FUNCTIONAL += ("avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d")
 _FUNCTIONAL += ("adaptive_avg_pool3d", "batch_norm", "softmax", "log_softmax", "interpolate", "embedding", "pad")
+_FUNCTIONAL += ("unfold", "fold")  # (sliding windows and their sum back: ConvBERT's span convolution)
+# more rearrangements: a strided view of windows (Longformer's chunks), the sliding windows of unfold
+# and their sum back as the functions F.unfold and F.fold call, the parts of a complex tensor (FNet's
+# Fourier mixing keeps .real)
+_REARRANGEMENTS = _spellings(["as_strided", "unfold", "real", "imag"], torch) + _spellings(["as_strided", "unfold"], _T)
+_REARRANGEMENTS += _spellings(["im2col", "col2im"], torch._C._nn)
+# (Tensor.real and .imag are attributes: the mode sees their getters; the attributes themselves are
+# descriptors, which no table holds, since torch.compile cannot compare them as keys)
+_REARRANGEMENTS += [_T.real.__get__, _T.imag.__get__]
 # the discrete Fourier transforms are linear maps (Mega's FFT convolutions: rfft, a product with the
 # transformed kernel, irfft)
 _FFT = _spellings(
@@ -367,6 +380,7 @@ EXACT = frozenset(
     + [torch.einsum, F.scaled_dot_product_attention]
     + _GROUPED_MM
     + _FFT
+    + _REARRANGEMENTS
     + _SOLVES
     + _TRIANGULAR_SOLVE
     + _spellings(_GRADIENT_IS_IDENTITY, F, torch, _T)
