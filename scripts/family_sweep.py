@@ -1,16 +1,20 @@
 #!/usr/bin/env python
-"""Every causal language model of the installed transformers, explained by ``lrpcpp.attribute``: which
-ones lrpcpp explains with a rule for every relevance-carrying call, which calls it has no rule for,
-and which models fail, and where.
+"""Every causal language model (or every encoder's sequence classifier) of the installed transformers,
+explained by ``lrpcpp.attribute``: which ones lrpcpp explains with a rule for every relevance-carrying
+call, which calls it has no rule for, and which models fail, and where.
 
 Run from the repository root::
 
-    PYTHONPATH=python .venv/bin/python scripts/family_sweep.py [--only gpt2 bloom ...] [--json FILE]
+    PYTHONPATH=python .venv/bin/python scripts/family_sweep.py [--task sequence-classification]
+        [--only gpt2 bloom ...] [--json FILE]
 
-Each model type of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` is built from its config's defaults, made small
-(hidden size 32, 2 layers, 4 heads, ...: the attributes below, where the config has them), with random
-weights in float32, and explained for 10 random token ids (``level="auto"``: the registry where a family
-entry describes the model, else the operation level). One forked process per model, so that a model
+Each model type of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` (``--task causal-lm``, the default; explained:
+the top next-token logit) or of ``MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES`` that has no causal
+language model (``--task sequence-classification``: the encoders; explained: the top class) is built
+from its config's defaults, made small (hidden size 32, 2 layers, 4 heads, ...: the attributes below,
+where the config has them), with random weights in float32, and explained for 10 random token ids
+(``level="auto"``: the registry where a family entry describes the model, else the operation level).
+One forked process per model, so that a model
 that needs much memory or time (``--timeout``) does not stop the sweep. Each model ends in one of:
 
 * ``explained``: the explained value is the model's own logit and the relevance is finite, with a rule
@@ -36,7 +40,10 @@ import lrpcpp
 import torch
 import transformers as tfm
 from transformers import CONFIG_MAPPING
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+)
 
 SMALL = dict(
     hidden_size=32,
@@ -73,9 +80,18 @@ SMALL = dict(
     eos_token_id=2,
 )
 MEMORY_LIMIT = 12 << 30  # address space of one model's process
+# the model classes of each task by model type
+TASKS = {
+    "causal-lm": dict(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+    "sequence-classification": {
+        t: c
+        for t, c in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.items()
+        if t not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    },
+}
 
 
-def build(model_type: str) -> torch.nn.Module:
+def build(model_type: str, task: str = "causal-lm") -> torch.nn.Module:
     config = CONFIG_MAPPING[model_type]()
     for key, value in SMALL.items():
         if hasattr(config, key):
@@ -85,7 +101,7 @@ def build(model_type: str) -> torch.nn.Module:
                 pass
     if getattr(config, "layer_types", None) is not None:
         config.layer_types = config.layer_types[: config.num_hidden_layers]
-    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
+    name = TASKS[task][model_type]
     cls = getattr(tfm, name if isinstance(name, str) else name[0])
     torch.manual_seed(0)
     try:
@@ -101,13 +117,15 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())[:240]}"
 
 
-def explain(model_type: str) -> dict:
+def explain(model_type: str, task: str = "causal-lm") -> dict:
     """The outcome for one model type (run in the child process)."""
     try:
-        model = build(model_type)
+        model = build(model_type, task)
         ids = torch.randint(3, 100, (1, 10))
         with torch.no_grad():
-            logits = model(input_ids=ids).logits[0, -1]
+            logits = model(input_ids=ids).logits[0]
+            if task == "causal-lm":
+                logits = logits[-1]  # the next token's
     except Exception as e:
         return dict(outcome="model", why=_short(e))
     with warnings.catch_warnings():
@@ -129,14 +147,14 @@ def explain(model_type: str) -> dict:
     return dict(outcome="unruled" if unruled else "explained", unruled=unruled, **checks)
 
 
-def run_forked(model_type: str, timeout: float) -> dict:
+def run_forked(model_type: str, task: str, timeout: float) -> dict:
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: one model, its result as one JSON line on the pipe
         os.close(read)
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
         try:
-            result = explain(model_type)
+            result = explain(model_type, task)
         except BaseException as e:  # (MemoryError and the like: reported, not raised in a fork)
             result = dict(outcome="crash", why=_short(e))
         os.write(write, json.dumps(result).encode())
@@ -162,27 +180,30 @@ def run_forked(model_type: str, timeout: float) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", choices=sorted(TASKS), default="causal-lm", help="models to sweep (default causal-lm)")
     ap.add_argument("--only", nargs="+", default=None, help="model types to run (default: all)")
     ap.add_argument("--timeout", type=float, default=150.0, help="seconds per model (default 150)")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    types = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    types = sorted(TASKS[args.task])
     unknown = sorted(set(args.only or ()) - set(types))
     if unknown:
-        ap.error(f"not causal language model types of transformers {tfm.__version__}: {', '.join(unknown)}")
+        ap.error(f"not {args.task} model types of transformers {tfm.__version__}: {', '.join(unknown)}")
     results = {}
     for i, model_type in enumerate(t for t in types if not args.only or t in args.only):
-        results[model_type] = result = run_forked(model_type, args.timeout)
+        results[model_type] = result = run_forked(model_type, args.task, args.timeout)
         detail = result.get("why") or ", ".join(f"{n} x{c}" for n, c in sorted(result.get("unruled", {}).items()))
         print(f"[{i + 1}] {model_type}: {result['outcome']}" + (f" ({detail})" if detail else ""), flush=True)
     counts: dict = {}
     for result in results.values():
         counts[result["outcome"]] = counts.get(result["outcome"], 0) + 1
-    print(f"transformers {tfm.__version__}, torch {torch.__version__}: {len(results)} model types: {counts}")
+    versions = f"transformers {tfm.__version__}, torch {torch.__version__}"
+    print(f"{versions}, {args.task}: {len(results)} model types: {counts}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(transformers=tfm.__version__, torch=torch.__version__, results=results), f, indent=1)
+            summary = dict(transformers=tfm.__version__, torch=torch.__version__, task=args.task, results=results)
+            json.dump(summary, f, indent=1)
     return 1 if counts.get("lrpcpp error") else 0
 
 

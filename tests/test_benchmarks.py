@@ -129,32 +129,38 @@ def test_tensor_memory_quick():
     assert "vit, registry - plain, live at the peak:" in proc.stdout
 
 
-def test_family_sweep_names_each_outcome(tmp_path):
+def _family_sweep(tmp_path, *args):
+    """scripts/family_sweep.py run with ``args``: its process and its JSON results."""
     out = tmp_path / "sweep.json"
     proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "scripts", "family_sweep.py"),
-            "--only",
-            "gpt2",
-            "bloom",
-            "axk1",
-            "--json",
-            str(out),
-        ],
+        [sys.executable, os.path.join(ROOT, "scripts", "family_sweep.py"), *args, "--json", str(out)],
         capture_output=True,
         text=True,
         env=subprocess_env(),
         cwd=ROOT,
         timeout=600,
     )
+    return proc, json.loads(out.read_text())["results"] if out.exists() else None
+
+
+def test_family_sweep_names_each_outcome(tmp_path):
+    proc, results = _family_sweep(tmp_path, "--only", "gpt2", "bloom", "axk1")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(out.read_text())["results"]
     assert results["gpt2"] == dict(outcome="explained", unruled={}, level="registry", finite=True, value=True)
     assert results["bloom"]["outcome"] == "explained" and results["bloom"]["level"] == "operations"
     # axk1's default config does not run at the sweep's small sizes: the model's limit, not lrpcpp's
     assert results["axk1"]["outcome"] == "model"
     assert "3 model types: {'model': 1, 'explained': 2}" in proc.stdout  # (in the order first seen)
+
+
+def test_family_sweep_of_encoders_explains_their_top_class(tmp_path):
+    proc, results = _family_sweep(tmp_path, "--task", "sequence-classification", "--only", "esm", "fnet", "ibert")
+    assert proc.returncode == 1, proc.stderr[-4000:]  # (an lrpcpp error: I-BERT's embedding module)
+    for family in ("esm", "fnet"):  # erf, the real part of an FFT: ruled and passed
+        assert results[family] == dict(outcome="explained", unruled={}, level="operations", finite=True, value=True)
+    ibert = results["ibert"]
+    assert ibert["outcome"] == "lrpcpp error" and "(QuantEmbedding) returned a tuple" in ibert["why"]
+    assert "sequence-classification: 3 model types" in proc.stdout
 
 
 def test_results_file_replaces_only_the_sections_written(tmp_path):
