@@ -167,3 +167,41 @@ def test_no_rule_table_holds_an_attribute_descriptor():
     tables = (handlers.RULES, handlers.EXACT, handlers.GATES, handlers.ELEMENTWISE, handlers.KEEPS_GATE)
     assert not [f for table in tables for f in table if isinstance(f, types.GetSetDescriptorType)]
     assert torch.Tensor.real.__get__ in handlers.EXACT
+
+
+class _Windowed(nn.Module):
+    """Attention weights taken in overlapping windows of two rows, each window times the values."""
+
+    def __init__(self, windows):
+        super().__init__()
+        self.q, self.k, self.v, self.o = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 2)
+        self.windows = windows
+
+    def forward(self, inputs_embeds):
+        weights = torch.softmax(self.q(inputs_embeds) @ self.k(inputs_embeds).mT, -1)  # [B, 4, 4]
+        windows = self.windows(weights)  # [B, 3, 2, 4]: rows i and i + 1
+        return self.o((windows @ self.v(inputs_embeds)[:, None]).sum(2)).sum(1)
+
+
+_WINDOWS = {
+    "Tensor.as_strided": lambda a: a.as_strided((a.shape[0], 3, 2, 4), (a.stride(0), 4, 4, 1)),
+    "Tensor.unfold": lambda a: a.unfold(1, 2, 1).transpose(-1, -2),
+}
+
+
+@pytest.mark.parametrize("method", ["attnlrp", "cp-lrp"])
+@pytest.mark.parametrize("spelling", sorted(_WINDOWS))
+def test_attention_weights_in_windows_stay_a_gate(spelling, method):
+    # the same windows as narrow slices stacked (views, through which a gate stays one): CP-LRP holds
+    # the weights constant in their product with the values either way
+    torch.manual_seed(0)
+    model = _Windowed(_WINDOWS[spelling]).double()
+    sliced = _Windowed(lambda a: torch.stack([a.narrow(1, i, 2) for i in range(3)], 1)).double()
+    sliced.load_state_dict(model.state_dict())
+    x = torch.randn(2, 4, 3, dtype=torch.float64)
+    got = lrpcpp.attribute(model, inputs_embeds=x, level="operations", method=method, strict=True)
+    want = lrpcpp.attribute(sliced, inputs_embeds=x, level="operations", method=method, strict=True)
+    torch.testing.assert_close(got.relevance, want.relevance, rtol=1e-12, atol=1e-15)
+    if method == "cp-lrp":  # (the gate matters: AttnLRP splits the product's relevance instead)
+        other = lrpcpp.attribute(sliced, inputs_embeds=x, level="operations", method="attnlrp")
+        assert (want.relevance - other.relevance).abs().max() > 1e-3

@@ -355,15 +355,14 @@ _FUNCTIONAL: Tuple[str, ...] = (
 )
 _FUNCTIONAL += ("avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d")
 _FUNCTIONAL += ("adaptive_avg_pool3d", "batch_norm", "softmax", "log_softmax", "interpolate", "embedding", "pad")
-_FUNCTIONAL += ("unfold", "fold")  # (sliding windows and their sum back: ConvBERT's span convolution)
-# more rearrangements: a strided view of windows (Longformer's chunks), the sliding windows of unfold
-# and their sum back as the functions F.unfold and F.fold call, the parts of a complex tensor (FNet's
-# Fourier mixing keeps .real)
-_REARRANGEMENTS = _spellings(["as_strided", "unfold", "real", "imag"], torch) + _spellings(["as_strided", "unfold"], _T)
-_REARRANGEMENTS += _spellings(["im2col", "col2im"], torch._C._nn)
-# (Tensor.real and .imag are attributes: the mode sees their getters; the attributes themselves are
-# descriptors, which no table holds, since torch.compile cannot compare them as keys)
-_REARRANGEMENTS += [_T.real.__get__, _T.imag.__get__]
+# more rearrangements, each output value a copy of one input value (so a gate stays one through them):
+# a strided view of windows (Longformer's chunks), sliding windows (Tensor.unfold; F.unfold, which
+# calls im2col: ConvBERT's span convolution), the parts of a complex tensor (FNet's Fourier mixing
+# keeps .real; the attributes are seen as their getters: the descriptors themselves are no table's
+# keys, since torch.compile cannot compare them); F.fold (col2im) sums the windows back, a linear map
+_WINDOWS = _spellings(["as_strided", "real", "imag"], torch) + _spellings(["as_strided", "unfold"], _T)
+_WINDOWS += _spellings(["unfold"], F) + _spellings(["im2col"], torch._C._nn) + [_T.real.__get__, _T.imag.__get__]
+_SUMMED_BACK = _spellings(["fold"], F) + _spellings(["col2im"], torch._C._nn)
 # the discrete Fourier transforms are linear maps (Mega's FFT convolutions: rfft, a product with the
 # transformed kernel, irfft)
 _FFT = _spellings(
@@ -380,7 +379,8 @@ EXACT = frozenset(
     + [torch.einsum, F.scaled_dot_product_attention]
     + _GROUPED_MM
     + _FFT
-    + _REARRANGEMENTS
+    + _WINDOWS
+    + _SUMMED_BACK
     + _SOLVES
     + _TRIANGULAR_SOLVE
     + _spellings(_GRADIENT_IS_IDENTITY, F, torch, _T)
@@ -399,9 +399,9 @@ GATES = frozenset(
 # that RULES.md section 4 splits uniformly under either method (CP-LRP holds no routing weight).
 ROUTING = frozenset(_spellings(("topk",), torch, _T))
 
-# Functions through which a gate stays a gate: casts, views, selections other than top-k, and dropout
-# (not linear maps or sums, whose output mixes the gate with other values, such as a scan over an
-# activation's output).
-KEEPS_GATE = frozenset(list(PASS_THROUGH) + list(DROPOUT)) - ROUTING
+# Functions through which a gate stays a gate: casts, views, windows, selections other than top-k, and
+# dropout (not linear maps or sums, whose output mixes the gate with other values, such as a scan over
+# an activation's output).
+KEEPS_GATE = frozenset(list(PASS_THROUGH) + list(DROPOUT) + _WINDOWS) - ROUTING
 
 __all__ = ["RULES", "EXACT", "ELEMENTWISE", "GATES", "KEEPS_GATE", "ROUTING"]
