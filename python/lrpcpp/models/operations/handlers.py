@@ -259,11 +259,12 @@ _ACTIVATIONS: Tuple[str, ...] = (
     "hardswish",
 )
 _ACTIVATIONS += ("hardsigmoid", "softplus", "mish", "tanh", "sigmoid", "logsigmoid", "tanhshrink", "softsign")
-_ELEMENTWISE = ("tanh", "sigmoid", "relu", "exp", "sqrt", "square", "clamp", "clip", "clamp_min", "clamp_max")
+_ELEMENTWISE: Tuple[str, ...] = ("tanh", "sigmoid", "relu", "exp", "sqrt", "square")
+_ELEMENTWISE += ("clamp", "clip", "clamp_min", "clamp_max")
 # (erf: a GELU written out, x * (1 + erf(x / sqrt(2))) / 2, as ESM has it; the logarithms and the
 # trigonometric and hyperbolic functions: periodic activations, log-scaled features)
-_ELEMENTWISE += ("erf", "erfc", "expm1", "exp2", "log", "log1p", "log2", "log10", "sin", "cos", "atan", "sinh")
-_ELEMENTWISE += ("asinh",)
+_ELEMENTWISE += ("erf", "erfc", "expm1", "exp2", "log", "log1p", "log2", "log10")
+_ELEMENTWISE += ("sin", "cos", "atan", "sinh", "asinh")
 # relu's and abs's own gradients are the identity rule's gradient form exactly (relu(x) = relu'(x) x, 0
 # where x <= 0; |x| = sign(x) x): they are in EXACT, not given the factor y / stab(x)
 _GRADIENT_IS_IDENTITY = ("relu", "relu_", "abs", "absolute")
@@ -361,7 +362,8 @@ _FUNCTIONAL += ("adaptive_avg_pool3d", "batch_norm", "softmax", "log_softmax", "
 # keeps .real; the attributes are seen as their getters: the descriptors themselves are no table's
 # keys, since torch.compile cannot compare them); F.fold (col2im) sums the windows back, a linear map
 _WINDOWS = _spellings(["as_strided", "real", "imag"], torch) + _spellings(["as_strided", "unfold"], _T)
-_WINDOWS += _spellings(["unfold"], F) + _spellings(["im2col"], torch._C._nn) + [_T.real.__get__, _T.imag.__get__]
+_WINDOWS += _spellings(["unfold"], F) + _spellings(["im2col"], torch._C._nn)
+_WINDOWS += [getattr(_T, n).__get__ for n in ("real", "imag")]
 _SUMMED_BACK = _spellings(["fold"], F) + _spellings(["col2im"], torch._C._nn)
 # the discrete Fourier transforms are linear maps (Mega's FFT convolutions: rfft, a product with the
 # transformed kernel, irfft)
