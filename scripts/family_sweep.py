@@ -1,21 +1,27 @@
 #!/usr/bin/env python
-"""Every causal language model (or every encoder's sequence classifier) of the installed transformers,
-explained by ``lrpcpp.attribute``: which ones lrpcpp explains with a rule for every relevance-carrying
-call, which calls it has no rule for, and which models fail, and where.
+"""Every causal language model of the installed transformers (or every encoder's sequence classifier,
+or every image classifier), explained by ``lrpcpp.attribute``: which ones lrpcpp explains with a rule
+for every relevance-carrying call, which calls it has no rule for, and which models fail, and where.
 
 Run from the repository root::
 
-    PYTHONPATH=python .venv/bin/python scripts/family_sweep.py [--task sequence-classification]
-        [--only gpt2 bloom ...] [--json FILE]
+    PYTHONPATH=python .venv/bin/python scripts/family_sweep.py [--task TASK] [--only gpt2 bloom ...]
+        [--json FILE]
 
-Each model type of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` (``--task causal-lm``, the default; explained:
-the top next-token logit) or of ``MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES`` that has no causal
-language model (``--task sequence-classification``: the encoders; explained: the top class) is built
-from its config's defaults, made small (hidden size 32, 2 layers, 4 heads, ...: the attributes below,
-where the config has them), with random weights in float32, and explained for 10 random token ids
-(``level="auto"``: the registry where a family entry describes the model, else the operation level).
-One forked process per model, so that a model
-that needs much memory or time (``--timeout``) does not stop the sweep. Each model ends in one of:
+The models of a task, by model type, and what is explained:
+
+* ``causal-lm`` (the default): ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``, the top next-token logit after
+  10 random token ids;
+* ``sequence-classification``: ``MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES`` of the types that
+  have no causal language model (the encoders), the top class of 10 random token ids;
+* ``image-classification``: ``MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES``, the top class of a random
+  image of 64 x 64 pixels.
+
+Each is built from its config's defaults, made small (hidden size 32, 2 layers, 4 heads, ...: the
+attributes below, where the config has them), with random weights in float32, and explained with
+``level="auto"`` (the registry where a family entry describes the model, else the operation level).
+One forked process per model, so that a model that needs much memory or time (``--timeout``) does not
+stop the sweep. Each model ends in one of:
 
 * ``explained``: the explained value is the model's own logit and the relevance is finite, with a rule
   for every call (``coverage.unruled`` empty at the operation level);
@@ -42,6 +48,7 @@ import transformers as tfm
 from transformers import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
 )
 
@@ -88,7 +95,9 @@ TASKS = {
         for t, c in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.items()
         if t not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     },
+    "image-classification": dict(MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES),
 }
+IMAGE_SIZE = 64  # the image classifiers' image size (where the config has one)
 
 
 def build(model_type: str, task: str = "causal-lm") -> torch.nn.Module:
@@ -99,8 +108,11 @@ def build(model_type: str, task: str = "causal-lm") -> torch.nn.Module:
                 setattr(config, key, value)
             except Exception:  # a derived or validated attribute: the default stays
                 pass
-    if getattr(config, "layer_types", None) is not None:
-        config.layer_types = config.layer_types[: config.num_hidden_layers]
+    if getattr(config, "layer_types", None) is not None and hasattr(config, "num_hidden_layers"):
+        config.layer_types = config.layer_types[: config.num_hidden_layers]  # (a CNN's are its stages' kinds)
+    if task == "image-classification" and hasattr(config, "image_size"):
+        size = config.image_size  # (an int, or a height and a width)
+        config.image_size = type(size)([IMAGE_SIZE] * len(size)) if isinstance(size, (list, tuple)) else IMAGE_SIZE
     name = TASKS[task][model_type]
     cls = getattr(tfm, name if isinstance(name, str) else name[0])
     torch.manual_seed(0)
@@ -121,9 +133,13 @@ def explain(model_type: str, task: str = "causal-lm") -> dict:
     """The outcome for one model type (run in the child process)."""
     try:
         model = build(model_type, task)
-        ids = torch.randint(3, 100, (1, 10))
+        if task == "image-classification":
+            channels = getattr(model.config, "num_channels", 3)
+            inputs = dict(pixel_values=torch.randn(1, channels, IMAGE_SIZE, IMAGE_SIZE))
+        else:
+            inputs = dict(input_ids=torch.randint(3, 100, (1, 10)))
         with torch.no_grad():
-            logits = model(input_ids=ids).logits[0]
+            logits = model(**inputs).logits[0]
             if task == "causal-lm":
                 logits = logits[-1]  # the next token's
     except Exception as e:
@@ -131,7 +147,7 @@ def explain(model_type: str, task: str = "causal-lm") -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the unruled calls are read from the coverage
         try:
-            got = lrpcpp.attribute(model, input_ids=ids)
+            got = lrpcpp.attribute(model, **inputs)
         except Exception as e:
             frame = traceback.extract_tb(e.__traceback__)[-1]
             return dict(outcome="lrpcpp error", why=_short(e), where=f"{frame.filename}:{frame.lineno}")

@@ -163,6 +163,14 @@ def test_family_sweep_of_encoders_explains_their_top_class(tmp_path):
     assert "sequence-classification: 3 model types" in proc.stdout
 
 
+def test_family_sweep_of_image_classifiers_explains_their_top_class(tmp_path):
+    proc, results = _family_sweep(tmp_path, "--task", "image-classification", "--only", "resnet", "levit")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for family in ("resnet", "levit"):  # a CNN (batch norms, max pooling), a hybrid with attention biases
+        assert results[family] == dict(outcome="explained", unruled={}, level="operations", finite=True, value=True)
+    assert "image-classification: 2 model types" in proc.stdout
+
+
 def test_results_file_replaces_only_the_sections_written(tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
