@@ -255,7 +255,7 @@ class _Rules:
 
     def __init__(self, epsilon: float):
         self.epsilon = epsilon
-        self._scales: Dict[Tuple[Any, torch.device], Tensor] = {}  # (share or segments, device) -> scale
+        self._scales: Dict[Tuple[Any, torch.device, torch.dtype], Tensor] = {}  # (share(s), device, dtype) -> scale
         # gradient mode: the identity rule keeps x and y rather than its factor (gi_identity's
         # keep_inputs), where the layers around an element-wise unit keep them anyway: a preset's rules
         self.keep_inputs = False
@@ -335,13 +335,14 @@ class _GradientRules(_Rules):
         # one share for all of the last dim: a 0-dim scale, so that the backward multiplies by a scalar
         # rather than by a broadcast vector of equal values (the same products)
         whole = len(segments) == 1
-        key = (segments[0][1] if whole else segments, t.device)
+        key = (segments[0][1] if whole else segments, t.device, t.dtype)
         scale = self._scales.get(key)
         if scale is None:
+            dtype = torch.promote_types(t.dtype, torch.float32)  # (float64 for a float64 tensor: shares such as 1/3)
             if whole:
-                scale = torch.tensor(segments[0][1], dtype=torch.float32)
+                scale = torch.tensor(segments[0][1], dtype=dtype)
             else:
-                scale = torch.cat([torch.full((n,), s, dtype=torch.float32) for n, s in segments])
+                scale = torch.cat([torch.full((n,), s, dtype=dtype) for n, s in segments])
             scale = self._scales[key] = scale.to(t.device)
         return torch.ops.lrpcpp.gi_grad_scale(t, _distributed.placed_like(scale, t))
 

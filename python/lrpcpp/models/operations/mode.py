@@ -218,9 +218,11 @@ class GradientRules(RuleMode):
             return t.detach()
         if share == 1.0:
             return t
-        key = (share, t.device)
+        key = (share, t.device, t.dtype)
         if key not in self._scales:
-            self._scales[key] = torch.tensor(share, dtype=torch.float32, device=t.device)
+            # (in float32 for half precision too, in float64 for a float64 tensor: a share such as 1/3)
+            dtype = torch.promote_types(t.dtype, torch.float32)
+            self._scales[key] = torch.tensor(share, dtype=dtype, device=t.device)
         # a view of t (no copy): the ops after it see the layout the model made; gi_scale_backward keeps
         # the layout the gradient arrives in, as an element-wise product does (the gradients that
         # F.scaled_dot_product_attention returns for an attention's heads, a transposed view of their
