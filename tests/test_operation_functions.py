@@ -1,6 +1,7 @@
-"""Element-wise functions and rearrangements at the operation level of gradient mode, checked against
-float64 transcriptions of RULES.md section 2: an element-wise function of one carrier takes the
-identity rule (``g_x = g_y f(x) / stab(x)``), a linear rearrangement keeps its own gradient."""
+"""Torch functions at the operation level of gradient mode, checked against float64 transcriptions of
+RULES.md section 2: an element-wise function of one carrier takes the identity rule (``g_x = g_y f(x) /
+stab(x)``); rearrangements and selections keep their own gradient; normalisers and step functions are
+held constant; a product of carriers splits its relevance (evenly with AttnLRP)."""
 
 import math
 import types
@@ -13,8 +14,33 @@ from torch.nn import functional as F
 
 EPS = 1e-10  # the operation level's default stabiliser of the identity rule
 
+
+def _method(name):
+    """``h.name()``."""
+    return lambda h: getattr(h, name)()
+
+
+def _times(step):
+    """``h * step(h)``."""
+    return lambda h: h * step(h)
+
+
 # torch.X and Tensor.X, on inputs in (2, 4), where each is defined and not flat
 _ELEMENTWISE = ["erf", "erfc", "expm1", "exp2", "log", "log1p", "log2", "log10", "sin", "cos", "atan", "sinh", "asinh"]
+_SPECIAL = ["erf", "erfc", "expm1", "exp2", "log1p", "expit"]  # torch.special's (expit: the sigmoid)
+_SLOPE = torch.tensor([0.25], dtype=torch.float64)  # (a parameter of PReLU's)
+# spelling -> (the function as the model calls it, the shift of its inputs, whether the identity rule
+# differs from its own gradient: not for an activation of the form y = f'(x) x, as relu is)
+_IDENTITY = {
+    **{f"torch.{n}": (getattr(torch, n), 3.0, True) for n in _ELEMENTWISE},
+    **{f"Tensor.{n}": (_method(n), 3.0, True) for n in _ELEMENTWISE},
+    **{f"torch.special.{n}": (getattr(torch.special, n), 3.0, True) for n in _SPECIAL},
+    "F.prelu": (lambda h: F.prelu(h, _SLOPE), 0.0, False),
+    "F.rrelu": (lambda h: F.rrelu(h, training=False), 0.0, False),
+    "F.hardshrink": (lambda h: F.hardshrink(h, 0.3), 0.0, False),
+    "F.threshold": (lambda h: F.threshold(h, 0.3, -1.0), 0.0, True),
+    "F.softshrink": (lambda h: F.softshrink(h, 0.3), 0.0, True),
+}
 
 
 def _stab(z):
@@ -22,14 +48,15 @@ def _stab(z):
 
 
 class _Stepped(nn.Module):
-    """A linear map into (2, 4), a step, a linear map, summed over the sequence."""
+    """A linear map (into (2, 4) with ``shift`` 3, around 0 with 0), a step, a linear map, summed over
+    the sequence."""
 
-    def __init__(self, step):
+    def __init__(self, step, shift=3.0):
         super().__init__()
         self.a, self.b = nn.Linear(3, 6), nn.Linear(6, 2)
         with torch.no_grad():
-            self.a.weight.mul_(0.2)
-            self.a.bias.fill_(3.0)
+            self.a.weight.mul_(0.2 if shift else 2.0)
+            self.a.bias.fill_(shift)
         self.step = step
 
     def forward(self, inputs_embeds):
@@ -55,20 +82,19 @@ def _identity_rule(f):
     return step
 
 
-@pytest.mark.parametrize("owner", ["torch", "Tensor"])
-@pytest.mark.parametrize("name", _ELEMENTWISE)
-def test_an_element_wise_function_takes_the_identity_rule(name, owner):
-    f = getattr(torch, name) if owner == "torch" else (lambda h: getattr(h, name)())
+@pytest.mark.parametrize("spelling", sorted(_IDENTITY))
+def test_an_element_wise_function_takes_the_identity_rule(spelling):
+    f, shift, differs = _IDENTITY[spelling]
     torch.manual_seed(0)
-    model = _Stepped(f).double()
+    model = _Stepped(f, shift).double()
     x = torch.randn(2, 5, 3, dtype=torch.float64)
     got = lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True)
     assert got.coverage.ruled[_name(f, x)] == 1
-    want = _relevance(model, x, got.target, _identity_rule(getattr(torch, name)))
+    want = _relevance(model, x, got.target, _identity_rule(f))
     torch.testing.assert_close(got.relevance, want, rtol=1e-10, atol=1e-14)
     plain = _relevance(model, x, got.target, f)
     scale = torch.maximum(got.relevance.abs().max(), plain.abs().max())
-    assert (got.relevance - plain).abs().max() > 1e-2 * scale  # the rule is not the function's own gradient
+    assert ((got.relevance - plain).abs().max() > 1e-2 * scale) == differs  # the rule or the own gradient
 
 
 def _name(f, x):
@@ -142,7 +168,22 @@ _REARRANGED = {
     "Tensor.real of an FFT": lambda h: torch.fft.fft(h, dim=1).real,
     "Tensor.imag of an FFT": lambda h: torch.fft.fft(h, dim=1).imag,
     "torch.real of an FFT": lambda h: torch.real(torch.fft.fft(h, dim=1)),
+    # selections and permutations (with max and min's rule: the selected value takes all)
+    "Tensor.sort": lambda h: h.sort(-1).values,
+    "torch.msort": lambda h: torch.msort(h.transpose(0, 1)).transpose(0, 1),  # (each item's rows sorted)
+    "torch.kthvalue": lambda h: torch.kthvalue(h, 2, 1, keepdim=True).values,
+    "Tensor.median": lambda h: h.median(1, keepdim=True).values,
+    "torch.nanmedian": lambda h: torch.nanmedian(h, 1, keepdim=True).values,
+    "torch.cummax": lambda h: torch.cummax(h, 1).values,
+    "Tensor.cummin": lambda h: h.cummin(1).values,
+    "torch.masked_select": lambda h: torch.masked_select(h, _EVERY_OTHER_ROW).reshape(h.shape[0], 2, 6),
+    "Tensor.narrow_copy": lambda h: h.narrow_copy(1, 1, 2),
+    "torch.nan_to_num": torch.nan_to_num,
+    "F.pixel_shuffle and F.pixel_unshuffle": lambda h: F.pixel_unshuffle(F.pixel_shuffle(h[..., None], 2), 2)[..., 0],
+    "torch.channel_shuffle": lambda h: torch.channel_shuffle(h, 2),
+    "torch.diff": lambda h: torch.diff(h, dim=1, prepend=h[:, :1]),
 }
+_EVERY_OTHER_ROW = torch.tensor([True, False, True, False])[None, :, None].expand(2, 4, 6)
 
 
 @pytest.mark.parametrize("spelling", sorted(_REARRANGED))
@@ -205,3 +246,138 @@ def test_attention_weights_in_windows_stay_a_gate(spelling, method):
     if method == "cp-lrp":  # (the gate matters: AttnLRP splits the product's relevance instead)
         other = lrpcpp.attribute(sliced, inputs_embeds=x, level="operations", method="attnlrp")
         assert (want.relevance - other.relevance).abs().max() > 1e-3
+
+
+# functions whose result is held constant: normalisers (distances, hypotenuses, running softmax
+# denominators) and step functions (whose gradient is zero wherever it exists)
+_HELD = {
+    "torch.cdist": lambda h: h / (torch.cdist(h, h)[..., :1] + 1.0),
+    "torch.hypot": lambda h: h / torch.hypot(h, 2 * h),
+    "torch.logcumsumexp": lambda h: h - torch.logcumsumexp(h, -1),
+    **{f"torch.{n}": _times(getattr(torch, n)) for n in ("sign", "sgn", "round", "floor")},
+    **{f"Tensor.{n}": _times(_method(n)) for n in ("ceil", "trunc", "fix")},
+    "torch.heaviside": lambda h: h * torch.heaviside(h, _HALF),
+}
+_HALF = torch.tensor(0.5, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("spelling", sorted(_HELD))
+def test_a_normaliser_or_a_step_function_is_held_constant(spelling):
+    torch.manual_seed(0)
+    f = _HELD[spelling]
+    model = _Stepped(f, 0.0).double()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    got = lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True)
+    held = _HeldConstant()
+    with held:
+        want = _relevance(model, x, got.target, f)
+    assert held.calls == 1
+    torch.testing.assert_close(got.relevance, want, rtol=1e-10, atol=1e-14)
+
+
+class _HeldConstant(torch.overrides.TorchFunctionMode):
+    """Detaches the result of the one call of a held function (the reference's step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = lrpcpp.models.tracking.op_name(func).rpartition(".")[2]
+        if name in ("cdist", "hypot", "logcumsumexp", "heaviside") + _STEPS:
+            self.calls += 1
+            return out.detach()
+        return out
+
+
+_STEPS = ("sign", "sgn", "round", "floor", "ceil", "trunc", "fix")
+
+
+class _Pair(nn.Module):
+    """Two linear maps of the input (without biases), a function of both, summed to one value per item
+    (its two classes: the value and twice it)."""
+
+    def __init__(self, f, width=6):
+        super().__init__()
+        self.a, self.c = nn.Linear(3, width, bias=False), nn.Linear(3, width, bias=False)
+        self.f = f
+
+    def forward(self, inputs_embeds):
+        z = self.f(self.a(inputs_embeds), self.c(inputs_embeds)).flatten(1).sum(1)
+        return torch.stack([z, 2 * z], -1)
+
+
+def _halves(product):
+    """``product(h, g)`` with each factor's gradient halved (AttnLRP's uniform rule), its value exactly."""
+    return lambda h, g: 0.5 * (product(h, g.detach()) + product(h.detach(), g))
+
+
+def _cosine(h, g):
+    """The cosine similarity of the last dim with the norms held constant (factors split evenly)."""
+    n1, n2 = (t.norm(dim=-1, keepdim=True).detach() for t in (h, g))
+    return _halves(lambda a, b: ((a / n1) * (b / n2)).sum(-1))(h, g)
+
+
+def _glu(h, g):
+    """F.glu's rule: the identity rule on the sigmoid, the product split evenly."""
+    a, b = h.chunk(2, -1)
+    return _halves(torch.mul)(a, _identity_rule(torch.sigmoid)(b))
+
+
+_W = torch.randn(2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+# spelling -> (the function of two carriers as the model calls it, its rule as a reference)
+_PRODUCTS = {
+    "F.cosine_similarity": (lambda h, g: F.cosine_similarity(h, g, dim=-1), _cosine),
+    "torch.tensordot": (
+        lambda h, g: torch.tensordot(h, g, ([2], [2])),
+        _halves(lambda h, g: torch.tensordot(h, g, ([2], [2]))),
+    ),
+    "F.bilinear": (lambda h, g: F.bilinear(h, g, _W), _halves(lambda h, g: F.bilinear(h, g, _W))),
+    "torch.linalg.cross": (
+        lambda h, g: torch.linalg.cross(h[..., :3], g[..., :3]),
+        _halves(lambda h, g: torch.linalg.cross(h[..., :3], g[..., :3])),
+    ),
+    "F.glu": (lambda h, g: F.glu(h * 0.1 + g, -1), lambda h, g: _glu(h * 0.1 + g, g)),
+    "torch.lerp": (
+        lambda h, g: torch.lerp(h, g, torch.sigmoid(h)),
+        lambda h, g: h + _halves(torch.mul)(_identity_rule(torch.sigmoid)(h), g - h),
+    ),
+    "torch.addcdiv": (lambda h, g: torch.addcdiv(h, g, h.abs() + 1.0), lambda h, g: h + g / (h.abs() + 1.0).detach()),
+}
+
+
+@pytest.mark.parametrize("spelling", sorted(_PRODUCTS))
+def test_a_product_of_two_carriers_splits_its_relevance(spelling):
+    f, rule = _PRODUCTS[spelling]
+    torch.manual_seed(0)
+    model, reference = _Pair(f).double(), _Pair(rule).double()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    got = lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True)
+    with torch.no_grad():
+        assert torch.equal(got.output, model(x).gather(1, got.target[:, None])[:, 0])  # torch's own value
+    x = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(reference(x).gather(1, got.target[:, None]).sum(), x)
+    torch.testing.assert_close(got.relevance, x.detach() * grad, rtol=1e-10, atol=1e-14)
+
+
+def test_a_product_of_n_carriers_gives_each_a_share_of_one_nth():
+    # bias-free, the product of the six features is homogeneous of degree 6 in the input: with each
+    # factor's gradient scaled by 1/6 the relevance sums to the output
+    torch.manual_seed(0)
+    model = _Pair(lambda h, g: h.prod(-1) + torch.prod(g, -1)).double()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    got = lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True)
+    assert got.coverage.ruled == {"Tensor.prod": 1, "torch.prod": 1}
+    torch.testing.assert_close(got.relevance.sum((1, 2)), got.output, rtol=1e-10, atol=1e-12)
+
+
+def test_an_output_that_no_relevance_reaches_has_zero_relevance_and_a_warning():
+    # every path from the input passes a divisor, held constant: the explained value carries no relevance
+    model = _Stepped(lambda h: torch.reciprocal(h.abs() + 1.0)).double()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    for level, target in (("operations", None), ("operations", [0, 1])):
+        with pytest.warns(UserWarning, match="the explained value carries no relevance from the inputs"):
+            got = lrpcpp.attribute(model, inputs_embeds=x, level=level, target=target)
+        assert got.relevance.shape == ((2,) if target else ()) + x.shape and not got.relevance.any()

@@ -1067,7 +1067,18 @@ def relevance_backward(
 ) -> Tuple[Optional[Tensor], ...]:
     """The gradients of ``inputs`` from ``explained`` seeded as the semantics asks: with 1 (gradient
     mode) or with the explained value itself (explicit mode); ``many``: one map per target
-    (:func:`batched_backward`)."""
+    (:func:`batched_backward`). Where ``explained`` does not require grad, no path from the inputs
+    carries relevance to it (the rules hold every path constant, such as a divisor, or it does not
+    depend on the inputs): a warning says so, and every input gets no gradient (zero relevance)."""
+    if not explained.requires_grad:
+        warnings.warn(
+            "lrpcpp: the explained value carries no relevance from the inputs: every path from them to it is held "
+            "constant by the rules (a divisor or a normaliser, a step function such as sign or round), or it does not "
+            "depend on them; their relevance is zero",
+            UserWarning,
+            stacklevel=3,
+        )
+        return (None,) * len(inputs)
     if many:
         return batched_backward(explained, inputs, explicit)
     seed = explained.detach() if explicit else torch.ones_like(explained)

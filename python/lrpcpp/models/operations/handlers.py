@@ -50,11 +50,12 @@ def _products(mode: _Shares, operands: Sequence) -> List:
     return [mode.share(o, shares[i]) if i in shares else const(o) for i, o in enumerate(operands)]
 
 
-def _product(mode, func, input, other, *, out=None):
+def _product(mode, func, input, other, *args, out=None, **kwargs):
+    # (the other arguments: tensordot's dims, bilinear's weight and bias, cross's dim)
     if out is not None or not (carries(input) and carries(other)):
         return NotImplemented
     a, b = _products(mode, (input, other))
-    return func(a, b)
+    return func(a, b, *args, **kwargs)
 
 
 def _grouped_mm(mode, func, mat_a, mat_b, *args, **kwargs):
@@ -228,6 +229,63 @@ def _normalize(mode, func, input, p=2.0, dim=1, eps=1e-12, out=None):
     return input / denom
 
 
+def _cosine_similarity(mode, func, x1, x2, dim=1, eps=1e-8):
+    # sum(x1 x2) / (||x1|| ||x2||), the norms held constant (normalisers) and the product of the two
+    # split as any product's; the value is torch's own
+    if not (carries(x1) or carries(x2)):
+        return NotImplemented
+    with torch.no_grad():
+        out = func(x1, x2, dim, eps)
+        n1, n2 = (x.norm(2, dim, keepdim=True).clamp_min(eps) for x in (x1, x2))
+    a, b = _products(mode, (x1, x2))
+    lin = ((a / n1) * (b / n2)).sum(dim)
+    return out + (lin - lin.detach())
+
+
+def _glu(mode, func, input, dim=-1):
+    # a * sigmoid(b) of the two halves: the identity rule on the sigmoid (a gate), then the product's
+    # rule; the value is torch's own
+    if not carries(input):
+        return NotImplemented
+    with torch.no_grad():
+        out = func(input, dim)
+    a, b = input.chunk(2, dim)
+    with torch.no_grad():
+        gate = torch.sigmoid(b)
+    gate = torch.ops.lrpcpp.gi_identity(b, gate, mode.epsilon)
+    mode.mark_gate(gate)
+    lin = torch.mul(*_products(mode, (a, gate)))
+    return out + (lin - lin.detach())
+
+
+def _addcdiv(mode, func, input, tensor1, tensor2, *, value=1, out=None):
+    # input + value * tensor1 / tensor2: a relevance-carrying divisor held constant (linear otherwise)
+    if out is not None or not carries(tensor2):
+        return NotImplemented
+    return func(input, tensor1, tensor2.detach(), value=value)
+
+
+def _lerp(mode, func, start, end, weight, *, out=None):
+    # start + weight * (end - start): with a relevance-carrying weight, a product of the weight and the
+    # difference (linear otherwise); the value is torch's own
+    if out is not None or not carries(weight):
+        return NotImplemented
+    with torch.no_grad():
+        value = func(start, end, weight)
+    lin = start + torch.mul(*_products(mode, (weight, end - start)))
+    return value + (lin - lin.detach())
+
+
+def _prod(mode, func, input, *args, **kwargs):
+    # a product of n carrying factors (along dim, or of all): each factor's gradient scaled by 1 / n,
+    # the uniform rule of a product of two
+    if not carries(input) or kwargs.get("out") is not None:
+        return NotImplemented
+    dim = args[0] if args and not isinstance(args[0], torch.dtype) else kwargs.get("dim")
+    n = input.numel() if dim is None else input.shape[dim]
+    return func(mode.share(input, 1.0 / n) if n > 1 else input, *args, **kwargs)
+
+
 def _pow(mode, func, input, exponent, *args, **kwargs):
     if not isinstance(input, Tensor) or not isinstance(exponent, (int, float)):
         return NotImplemented
@@ -259,12 +317,15 @@ _ACTIVATIONS: Tuple[str, ...] = (
     "hardswish",
 )
 _ACTIVATIONS += ("hardsigmoid", "softplus", "mish", "tanh", "sigmoid", "logsigmoid", "tanhshrink", "softsign")
+_ACTIVATIONS += ("prelu", "rrelu", "threshold", "hardshrink", "softshrink")
 _ELEMENTWISE: Tuple[str, ...] = ("tanh", "sigmoid", "relu", "exp", "sqrt", "square")
 _ELEMENTWISE += ("clamp", "clip", "clamp_min", "clamp_max")
 # (erf: a GELU written out, x * (1 + erf(x / sqrt(2))) / 2, as ESM has it; the logarithms and the
 # trigonometric and hyperbolic functions: periodic activations, log-scaled features)
 _ELEMENTWISE += ("erf", "erfc", "expm1", "exp2", "log", "log1p", "log2", "log10")
 _ELEMENTWISE += ("sin", "cos", "atan", "sinh", "asinh")
+# torch.special's spellings of them (expit: the sigmoid)
+_SPECIAL = _spellings(["erf", "erfc", "expm1", "exp2", "log1p", "expit"], torch.special)
 # relu's and abs's own gradients are the identity rule's gradient form exactly (relu(x) = relu'(x) x, 0
 # where x <= 0; |x| = sign(x) x): they are in EXACT, not given the factor y / stab(x)
 _GRADIENT_IS_IDENTITY = ("relu", "relu_", "abs", "absolute")
@@ -277,7 +338,12 @@ _DIV = ("div", "divide", "true_divide", "__truediv__", "__div__")
 # does (torch.linalg.solve_triangular: a gated delta rule's chunk transform, as in LaraMini)
 _SOLVES = _spellings(["solve", "solve_triangular"], torch.linalg)
 _TRIANGULAR_SOLVE = _spellings(["triangular_solve"], torch, _T)  # (its right-hand side first)
-_NORMALISERS = ("rsqrt", "reciprocal", "norm", "var", "std", "var_mean", "std_mean", "logsumexp")
+_NORMALISERS: Tuple[str, ...] = ("rsqrt", "reciprocal", "norm", "var", "std", "var_mean", "std_mean", "logsumexp")
+# (distances and hypotenuses are norms; logcumsumexp: running softmax denominators)
+_NORMALISERS += ("cdist", "hypot", "logcumsumexp")
+# step functions: their output is a constant of the input wherever it has a gradient (which is zero), so
+# it carries no relevance (a sign times a magnitude: the magnitude takes all of the product's)
+_STEPS = ("sign", "sgn", "round", "floor", "ceil", "trunc", "fix", "heaviside")
 
 # Described where it is public, as lrpcpp.models.operations.RULES.
 RULES: Mapping[Callable, Callable] = MappingProxyType(
@@ -288,6 +354,10 @@ RULES: Mapping[Callable, Callable] = MappingProxyType(
         (_spellings(["mul_", "multiply_", "__imul__"], _T), inplace_form(_product, _T.mul)),
         (_spellings(["addmm", "baddbmm", "addbmm"], torch, _T), _affine_mm),
         (_spellings(["addcmul"], torch, _T), _addcmul),
+        (_spellings(["tensordot", "bilinear"], torch) + [F.bilinear, torch.linalg.cross, torch.cross], _product),
+        ([F.glu, torch._C._nn.glu], _glu),
+        (_spellings(["addcdiv"], torch, _T), _addcdiv),
+        (_spellings(["lerp"], torch, _T), _lerp),
         (_GROUPED_MM, _grouped_mm),
         ([torch.einsum], _einsum),
         ([F.scaled_dot_product_attention], _sdpa),
@@ -297,6 +367,9 @@ RULES: Mapping[Callable, Callable] = MappingProxyType(
         (_spellings(["__rdiv__", "__rtruediv__"], _T), _rdiv),
         (_spellings(_NORMALISERS, torch, _T), _held_constant),
         ([torch.linalg.norm, torch.linalg.vector_norm], _held_constant),
+        (_spellings(_STEPS, torch, _T), _held_constant),
+        ([F.cosine_similarity, torch.cosine_similarity], _cosine_similarity),
+        (_spellings(["prod"], torch, _T), _prod),
         (_spellings(["inv"], torch.linalg) + _spellings(["inverse"], torch, _T), _held_constant),  # 1 / A
         ([F.normalize], _normalize),
         (_SOLVES, _solve),
@@ -307,7 +380,7 @@ RULES: Mapping[Callable, Callable] = MappingProxyType(
         ([F.rms_norm, torch.rms_norm], _rms_norm),
         # element-wise functions of one carrier: the identity rule (relu's gradient is it: EXACT)
         (_spellings(_without_relu(_ACTIVATIONS), F), _identity()),
-        (_spellings(_without_relu(_ELEMENTWISE), torch, _T), _identity()),
+        (_spellings(_without_relu(_ELEMENTWISE), torch, _T) + _SPECIAL, _identity()),
         (_spellings(["pow", "__pow__"], torch, _T), _pow),
         (_spellings(["elu_", "leaky_relu_", "hardtanh_"], F, torch), _identity(inplace=True)),
         (
@@ -323,6 +396,7 @@ RULES: Mapping[Callable, Callable] = MappingProxyType(
 ELEMENTWISE = frozenset(
     _spellings(_without_relu(_ACTIVATIONS), F)
     + _spellings(_without_relu(_ELEMENTWISE) + ("pow",), torch, _T)
+    + _SPECIAL
     + _spellings(_GRADIENT_IS_IDENTITY, F, torch, _T)
 )
 
@@ -332,6 +406,9 @@ ELEMENTWISE = frozenset(
 # lrpcpp.models.operations.EXACT.
 _LINEAR: Tuple[str, ...] = ("add", "sub", "subtract", "rsub", "neg", "negative", "sum", "mean", "cumsum", "nansum")
 _LINEAR += ("softmax", "log_softmax", "index_add", "scatter_add", "conv1d", "conv2d", "conv3d", "sum_to_size")
+# (tensordot, bilinear and cross are products, addcdiv divides, lerp weighs: linear where their rule
+# declines, with one factor, no divisor, no weight carrying relevance)
+_LINEAR += ("diff", "tensordot", "bilinear", "cross", "addcdiv", "lerp")
 _INPLACE: Tuple[str, ...] = (
     "add_",
     "sub_",
@@ -364,6 +441,12 @@ _FUNCTIONAL += ("adaptive_avg_pool3d", "batch_norm", "softmax", "log_softmax", "
 _WINDOWS = _spellings(["as_strided", "real", "imag"], torch) + _spellings(["as_strided", "unfold"], _T)
 _WINDOWS += _spellings(["unfold"], F) + _spellings(["im2col"], torch._C._nn)
 _WINDOWS += [getattr(_T, n).__get__ for n in ("real", "imag")]
+# and selections and permutations like max and min's: sorting, the k-th value and the median, running
+# maxima, a masked selection, a copy of a slice, finite values kept, pixels shuffled into channels
+_SELECTIONS: Tuple[str, ...] = ("sort", "msort", "kthvalue", "median", "nanmedian", "cummax", "cummin")
+_SELECTIONS += ("masked_select",)
+_SELECTIONS += ("narrow_copy", "nan_to_num", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle")
+_WINDOWS += _spellings(_SELECTIONS, torch, _T) + _spellings(["pixel_shuffle", "pixel_unshuffle"], F)
 _SUMMED_BACK = _spellings(["fold"], F) + _spellings(["col2im"], torch._C._nn)
 # the discrete Fourier transforms are linear maps (Mega's FFT convolutions: rfft, a product with the
 # transformed kernel, irfft)
@@ -378,7 +461,7 @@ EXACT = frozenset(
     + _spellings(_INPLACE + ("mul_", "multiply_", "__imul__", "div_", "divide_", "__itruediv__"), _T)
     + _spellings(["__rmatmul__", "__rdiv__", "__rtruediv__"], _T)
     + _spellings(_FUNCTIONAL, F)
-    + [torch.einsum, F.scaled_dot_product_attention]
+    + [torch.einsum, F.scaled_dot_product_attention, F.bilinear, torch.linalg.cross]
     + _GROUPED_MM
     + _FFT
     + _WINDOWS
