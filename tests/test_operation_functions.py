@@ -381,3 +381,75 @@ def test_an_output_that_no_relevance_reaches_has_zero_relevance_and_a_warning():
         with pytest.warns(UserWarning, match="the explained value carries no relevance from the inputs"):
             got = lrpcpp.attribute(model, inputs_embeds=x, level=level, target=target)
         assert got.relevance.shape == ((2,) if target else ()) + x.shape and not got.relevance.any()
+
+
+class _Wrapped(nn.Module):
+    """A linear map into 8 features, ``body`` (on [batch, seq, 8]), a linear map, summed over the sequence."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.a, self.body, self.b = nn.Linear(3, 8), body, nn.Linear(8, 2)
+
+    def forward(self, inputs_embeds):
+        y = self.body(self.a(inputs_embeds))
+        return self.b(y[0] if isinstance(y, tuple) else y).sum(1)
+
+
+class _Channels(nn.Module):
+    """``m`` on [batch, 8, seq]."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return self.m(x.transpose(1, 2)).transpose(1, 2)
+
+
+class _SelfAttending(nn.Module):
+    """``m(x, x)``: a decoder layer or a whole nn.Transformer attending to its own input."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return self.m(x, x)
+
+
+def _torch_nn_modules():
+    layer = dict(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    return {
+        "nn.TransformerEncoderLayer": nn.TransformerEncoderLayer(**layer),
+        "nn.TransformerDecoderLayer": _SelfAttending(nn.TransformerDecoderLayer(**layer)),
+        "nn.Transformer": _SelfAttending(nn.Transformer(num_encoder_layers=1, num_decoder_layers=1, **layer)),
+        "nn.Bilinear": _SelfAttending(nn.Bilinear(8, 8, 8)),
+        "nn.GLU": nn.Sequential(nn.GLU(), nn.Linear(4, 8)),
+        "nn.PReLU, nn.Mish, nn.Hardswish": nn.Sequential(nn.PReLU(), nn.Mish(), nn.Hardswish()),
+        "nn.RMSNorm": nn.RMSNorm(8),
+        "nn.GroupNorm": _Channels(nn.GroupNorm(2, 8)),
+        "nn.LocalResponseNorm": _Channels(nn.LocalResponseNorm(2)),
+        "nn.Upsample": _Channels(nn.Upsample(scale_factor=2)),
+        "nn.AdaptiveMaxPool1d": _Channels(nn.AdaptiveMaxPool1d(3)),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_torch_nn_modules()))
+def test_torch_nn_modules_are_ruled_call_by_call(name):
+    torch.manual_seed(0)
+    model = _Wrapped(_torch_nn_modules()[name]).double().eval()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    got = lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True)
+    assert got.coverage.unruled == {} and got.coverage.seen > 0
+    assert torch.isfinite(got.relevance).all() and got.relevance.abs().sum() > 0
+
+
+@pytest.mark.parametrize("rnn, call", [(nn.LSTM, "torch.lstm"), (nn.GRU, "torch.gru"), (nn.RNN, "torch.rnn_tanh")])
+def test_torch_recurrent_layers_are_named_as_unruled(rnn, call):
+    model = _Wrapped(rnn(8, 8, batch_first=True)).double().eval()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    with pytest.warns(lrpcpp.models.operations.UnruledOperationWarning, match=call):
+        got = lrpcpp.attribute(model, inputs_embeds=x, level="operations")
+    assert got.coverage.unruled == {call: 1}
+    with pytest.raises(lrpcpp.models.operations.UnruledOperationError, match=call):
+        lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True)
