@@ -444,12 +444,154 @@ def test_torch_nn_modules_are_ruled_call_by_call(name):
     assert torch.isfinite(got.relevance).all() and got.relevance.abs().sum() > 0
 
 
-@pytest.mark.parametrize("rnn, call", [(nn.LSTM, "torch.lstm"), (nn.GRU, "torch.gru"), (nn.RNN, "torch.rnn_tanh")])
-def test_torch_recurrent_layers_are_named_as_unruled(rnn, call):
-    model = _Wrapped(rnn(8, 8, batch_first=True)).double().eval()
+def _written_out(rnn, x):
+    """``rnn``'s output (batch first, zero initial state) written out step by step with torch's ops, as
+    a model of one's own would: the operation level rules each of them."""
+    kind = rnn.nonlinearity if type(rnn) is nn.RNN else type(rnn).__name__.lower()
+    seq, steps = x, range(x.shape[1])
+    for layer in range(rnn.num_layers):
+        outs = []
+        for reverse in (False, True)[: 2 if rnn.bidirectional else 1]:
+            names = [f"{n}_l{layer}" + ("_reverse" if reverse else "") for n in ("weight_ih", "weight_hh")]
+            w_ih, w_hh = (getattr(rnn, n) for n in names)
+            b_ih, b_hh = (getattr(rnn, n.replace("weight", "bias"), None) for n in names)
+            h = c = torch.zeros(x.shape[0], rnn.hidden_size, dtype=x.dtype)
+            ys = {}
+            for t in reversed(steps) if reverse else steps:
+                xi, hh = F.linear(seq[:, t], w_ih, b_ih), F.linear(h, w_hh, b_hh)
+                if kind == "lstm":
+                    i, f, g, o = (xi + hh).chunk(4, -1)
+                    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                    h = torch.sigmoid(o) * torch.tanh(c)
+                elif kind == "gru":
+                    (x_r, x_z, x_n), (h_r, h_z, h_n) = xi.chunk(3, -1), hh.chunk(3, -1)
+                    r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
+                    h = (1 - z) * torch.tanh(x_n + r * h_n) + z * h
+                else:
+                    h = torch.tanh(xi + hh) if kind == "tanh" else torch.relu(xi + hh)
+                ys[t] = h
+            outs.append(torch.stack([ys[t] for t in steps], 1))
+        seq = torch.cat(outs, -1)
+    return seq
+
+
+class _WrittenOut(nn.Module):
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x):
+        return _written_out(self.rnn, x)
+
+
+_RECURRENT = {
+    "nn.LSTM": lambda: nn.LSTM(8, 4, batch_first=True),
+    "nn.LSTM, 2 layers, bidirectional": lambda: nn.LSTM(8, 4, num_layers=2, bidirectional=True, batch_first=True),
+    "nn.GRU": lambda: nn.GRU(8, 4, batch_first=True),
+    "nn.GRU, 2 layers, bidirectional, no biases": lambda: nn.GRU(
+        8, 4, 2, bias=False, batch_first=True, bidirectional=True
+    ),
+    "nn.RNN (tanh)": lambda: nn.RNN(8, 4, batch_first=True),
+    "nn.RNN (relu), bidirectional": lambda: nn.RNN(8, 4, nonlinearity="relu", batch_first=True, bidirectional=True),
+}
+
+
+@pytest.mark.parametrize("method", ["attnlrp", "cp-lrp"])
+@pytest.mark.parametrize("name", sorted(_RECURRENT))
+def test_a_recurrent_layer_is_ruled_as_its_steps_written_out(name, method):
+    torch.manual_seed(0)
+    rnn = _RECURRENT[name]().double()
+    width = rnn.hidden_size * (2 if rnn.bidirectional else 1)
+    model, reference = (
+        _Wrapped(nn.Sequential(rnn, _First(), nn.Linear(width, 8))),
+        _Wrapped(nn.Sequential(_WrittenOut(rnn), nn.Linear(width, 8))),
+    )
+    reference.a, reference.b, reference.body[1] = model.a, model.b, model.body[2]
+    model, reference = model.double().eval(), reference.double().eval()
     x = torch.randn(2, 5, 3, dtype=torch.float64)
-    with pytest.warns(lrpcpp.models.operations.UnruledOperationWarning, match=call):
-        got = lrpcpp.attribute(model, inputs_embeds=x, level="operations")
-    assert got.coverage.unruled == {call: 1}
-    with pytest.raises(lrpcpp.models.operations.UnruledOperationError, match=call):
+    got = lrpcpp.attribute(model, inputs_embeds=x, level="operations", method=method, strict=True)
+    want = lrpcpp.attribute(reference, inputs_embeds=x, level="operations", method=method, strict=True)
+    assert (
+        got.coverage.ruled[
+            lrpcpp.models.tracking.op_name(_FUSED[type(rnn), rnn.nonlinearity if type(rnn) is nn.RNN else None])
+        ]
+        == 1
+    )
+    with torch.no_grad():  # torch's fused value (of the frozen model: with weights that require grad, or
+        # not, torch's own recurrent and linear kernels may round differently)
+        assert torch.equal(got.output, model.requires_grad_(False)(x).gather(1, got.target[:, None])[:, 0])
+    torch.testing.assert_close(got.output, want.output, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.relevance, want.relevance, rtol=1e-9, atol=1e-12)
+
+
+class _First(nn.Module):
+    def forward(self, out):
+        return out[0]
+
+
+_FUSED = {
+    (nn.LSTM, None): torch.lstm,
+    (nn.GRU, None): torch.gru,
+    (nn.RNN, "tanh"): torch.rnn_tanh,
+    (nn.RNN, "relu"): torch.rnn_relu,
+}
+
+
+@pytest.mark.parametrize("rnn", [nn.LSTM, nn.RNN])
+def test_a_recurrent_layer_without_biases_conserves_relevance(rnn):
+    # AttnLRP on a bias-free LSTM (or tanh RNN) from a zero state: the identity rule on the gates and
+    # the tanh, products split evenly, linear maps without biases: the relevance sums to the output
+    torch.manual_seed(0)
+    model = _Wrapped(nn.Sequential(rnn(8, 4, bias=False, batch_first=True), _First(), nn.Linear(4, 8, bias=False)))
+    for layer in (model.a, model.b):
+        layer.bias = None
+    model = model.double().eval()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    got = lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True)
+    torch.testing.assert_close(got.relevance.sum((1, 2)), got.output, rtol=1e-8, atol=1e-10)
+
+
+class _Cells(nn.Module):
+    """A recurrent cell run over the sequence."""
+
+    def __init__(self, cell):
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, x):
+        state, ys = None, []
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)
+            ys.append(state[0] if isinstance(state, tuple) else state)
+        return torch.stack(ys, 1)
+
+
+@pytest.mark.parametrize("cell, layer", [(nn.LSTMCell, nn.LSTM), (nn.GRUCell, nn.GRU), (nn.RNNCell, nn.RNN)])
+def test_a_recurrent_cell_is_ruled_as_its_layer(cell, layer):
+    torch.manual_seed(0)
+    rnn = layer(8, 4, batch_first=True).double()
+    step = cell(8, 4).double()
+    step.load_state_dict({k.replace("_l0", ""): v for k, v in rnn.state_dict().items()})
+    model = _Wrapped(nn.Sequential(_Cells(step), nn.Linear(4, 8))).double().eval()
+    fused = _Wrapped(nn.Sequential(rnn, _First(), nn.Linear(4, 8))).double().eval()
+    fused.a, fused.b, fused.body[2] = model.a, model.b, model.body[1]
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    got = lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True)
+    want = lrpcpp.attribute(fused, inputs_embeds=x, level="operations", strict=True)
+    torch.testing.assert_close(got.relevance, want.relevance, rtol=1e-9, atol=1e-12)
+
+
+def test_a_packed_sequence_through_a_recurrent_layer_is_named_as_unruled():
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(8, 4, batch_first=True)
+
+        def forward(self, x):
+            packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([5, 3]), batch_first=True)
+            return nn.utils.rnn.pad_packed_sequence(self.rnn(packed)[0], batch_first=True)[0]
+
+    model = _Wrapped(Packed()).double().eval()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    with pytest.raises(lrpcpp.models.operations.UnruledOperationError, match="torch.lstm"):
         lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True)

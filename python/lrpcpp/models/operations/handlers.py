@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from ..explicit.pass_through import DROPOUT, PASS_THROUGH
 from ..tracking import carries, const, inplace_form
+from .recurrent import RECURRENT
 
 _T = Tensor
 
@@ -356,6 +357,8 @@ RULES: Mapping[Callable, Callable] = MappingProxyType(
         (_spellings(["addcmul"], torch, _T), _addcmul),
         (_spellings(["tensordot", "bilinear"], torch) + [F.bilinear, torch.linalg.cross, torch.cross], _product),
         ([F.glu, torch._C._nn.glu], _glu),
+        # torch's fused recurrent layers and cells, step by step (recurrent.py)
+        *(([f], handler) for f, handler in RECURRENT.items()),
         (_spellings(["addcdiv"], torch, _T), _addcdiv),
         (_spellings(["lerp"], torch, _T), _lerp),
         (_GROUPED_MM, _grouped_mm),
@@ -446,6 +449,7 @@ _WINDOWS += [getattr(_T, n).__get__ for n in ("real", "imag")]
 _SELECTIONS: Tuple[str, ...] = ("sort", "msort", "kthvalue", "median", "nanmedian", "cummax", "cummin")
 _SELECTIONS += ("masked_select",)
 _SELECTIONS += ("narrow_copy", "nan_to_num", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle")
+_SELECTIONS += ("_pack_padded_sequence", "_pad_packed_sequence")  # (a recurrent layer's packed input)
 _WINDOWS += _spellings(_SELECTIONS, torch, _T) + _spellings(["pixel_shuffle", "pixel_unshuffle"], F)
 _SUMMED_BACK = _spellings(["fold"], F) + _spellings(["col2im"], torch._C._nn)
 # the discrete Fourier transforms are linear maps (Mega's FFT convolutions: rfft, a product with the
