@@ -581,17 +581,38 @@ def test_a_recurrent_cell_is_ruled_as_its_layer(cell, layer):
     torch.testing.assert_close(got.relevance, want.relevance, rtol=1e-9, atol=1e-12)
 
 
-def test_a_packed_sequence_through_a_recurrent_layer_is_named_as_unruled():
-    class Packed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.rnn = nn.LSTM(8, 4, batch_first=True)
+class _Packed(nn.Module):
+    """``rnn`` over the sequences of the given lengths, packed (the longest first), padded back with zeros."""
 
-        def forward(self, x):
-            packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([5, 3]), batch_first=True)
-            return nn.utils.rnn.pad_packed_sequence(self.rnn(packed)[0], batch_first=True)[0]
+    def __init__(self, rnn, lengths):
+        super().__init__()
+        self.rnn, self.lengths = rnn, lengths
 
-    model = _Wrapped(Packed()).double().eval()
+    def forward(self, x):
+        packed = nn.utils.rnn.pack_padded_sequence(x, self.lengths, batch_first=True, enforce_sorted=False)
+        return nn.utils.rnn.pad_packed_sequence(self.rnn(packed)[0], batch_first=True, total_length=x.shape[1])[0]
+
+
+@pytest.mark.parametrize("layer", [nn.LSTM, nn.GRU])
+def test_a_packed_sequence_has_the_relevance_of_each_sequence_alone(layer):
+    # three sequences of lengths 3, 5, 2 (packed after sorting them): each item's relevance is that of its
+    # own positions run alone, through two stacked bidirectional layers; its padding gets none
+    torch.manual_seed(0)
+    rnn, lengths = layer(8, 4, num_layers=2, bidirectional=True, batch_first=True).double(), torch.tensor([3, 5, 2])
+    model = _Wrapped(nn.Sequential(_Packed(rnn, lengths), nn.Linear(8, 8))).double().eval()
+    alone = _Wrapped(nn.Sequential(rnn, _First(), nn.Linear(8, 8))).double().eval()
+    alone.a, alone.b, alone.body[2] = model.a, model.b, model.body[1]
+    x = torch.randn(3, 5, 3, dtype=torch.float64)
+    got = lrpcpp.attribute(model, inputs_embeds=x, level="operations", target=0, strict=True)
+    assert got.coverage.ruled[lrpcpp.models.tracking.op_name(_FUSED[layer, None])] == 1
+    for i, n in enumerate(lengths.tolist()):
+        want = lrpcpp.attribute(alone, inputs_embeds=x[i : i + 1, :n], level="operations", target=0, strict=True)
+        torch.testing.assert_close(got.relevance[i, :n], want.relevance[0], rtol=1e-9, atol=1e-12)
+        assert not got.relevance[i, n:].any()
+
+
+def test_a_recurrent_layer_with_a_projection_is_named_as_unruled():
+    model = _Wrapped(nn.Sequential(nn.LSTM(8, 4, proj_size=2, batch_first=True), _First(), nn.Linear(2, 8)))
     x = torch.randn(2, 5, 3, dtype=torch.float64)
     with pytest.raises(lrpcpp.models.operations.UnruledOperationError, match="torch.lstm"):
-        lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True)
+        lrpcpp.attribute(model.double().eval(), inputs_embeds=x, level="operations", strict=True)

@@ -62,40 +62,87 @@ def _with_value(out, rule: Sequence[Tensor]):
     return type(out)(o + (r - r.detach()) for o, r in zip(out, rule))
 
 
-def _unrolled(mode, step: Step, input: Tensor, states: State, params, has_biases: bool, layers: int, dirs: int):
-    """The layers' output and final states (``[layers * dirs, batch, hidden]`` each), step by step."""
+def _unrolled(mode, step: Step, input: Tensor, states: State, params, has_biases, layers, dirs, sizes=None):
+    """The layers' output and final states (``[layers * dirs, batch, hidden]`` each), step by step.
+    ``input``: ``[time, batch, features]``; or, with ``sizes`` (a packed sequence's batch sizes, one per
+    step, falling), the steps' rows one after another."""
     per = 4 if has_biases else 2
-    x = input  # [time, batch, features]
+    x = input
     finals: List[State] = [[] for _ in states]
     for layer in range(layers):
         outs = []
         for d in range(dirs):
             k = layer * dirs + d
             w_ih, w_hh, b_ih, b_hh = (list(params[k * per : (k + 1) * per]) + [None, None])[:4]
-            state, ys = [s[k] for s in states], [x[0]] * x.shape[0]
-            for t in range(x.shape[0]) if d == 0 else reversed(range(x.shape[0])):
-                state = step(mode, x[t], state, w_ih, w_hh, b_ih, b_hh)
-                ys[t] = state[0]
-            outs.append(torch.stack(ys))
+            weights = (w_ih, w_hh, b_ih, b_hh)
+            run = _run if sizes is None else _run_packed
+            ys, state = run(mode, step, x, [s[k] for s in states], weights, d == 1, sizes)
+            outs.append(ys)
             for final, s in zip(finals, state):
                 final.append(s)
         x = torch.cat(outs, -1) if dirs == 2 else outs[0]
     return [x] + [torch.stack(f) for f in finals]
 
 
+def _run(mode, step: Step, x: Tensor, state: State, weights, reverse: bool, sizes=None):
+    """One direction of one layer over ``[time, batch, features]``: the outputs and the final state."""
+    ys = [x[0]] * x.shape[0]
+    for t in reversed(range(x.shape[0])) if reverse else range(x.shape[0]):
+        state = step(mode, x[t], state, *weights)
+        ys[t] = state[0]
+    return torch.stack(ys), state
+
+
+def _run_packed(mode, step: Step, x: Tensor, initial: State, weights, reverse: bool, sizes: List[int]):
+    """:func:`_run` over a packed sequence: step t has the first ``sizes[t]`` sequences (the longest
+    first). Forward, a sequence that ends leaves its state as its final one; in reverse, a sequence
+    joins with its initial state at its last step."""
+    starts = [sum(sizes[:t]) for t in range(len(sizes))]
+    ys = [x[:0]] * len(sizes)
+    if reverse:
+        state = [s[:0] for s in initial]
+        for t in reversed(range(len(sizes))):
+            rows, n = x[starts[t] : starts[t] + sizes[t]], state[0].shape[0]
+            # the sequences that join take their first step apart: their initial state carries relevance
+            # only where the given one does, not where the others' states do
+            parts = [step(mode, rows[:n], state, *weights)] if n else []
+            if sizes[t] > n:
+                parts.append(step(mode, rows[n:], [i[n : sizes[t]] for i in initial], *weights))
+            state = [torch.cat(p) for p in zip(*parts)]
+            ys[t] = state[0]
+        return torch.cat(ys), state
+    state = initial
+    ended: List[State] = [[] for _ in initial]  # (the ended rows' states, first rows first)
+    for t in range(len(sizes)):
+        for e, s in zip(ended, state):
+            e.insert(0, s[sizes[t] :])
+        state = step(mode, x[starts[t] : starts[t] + sizes[t]], [s[: sizes[t]] for s in state], *weights)
+        ys[t] = state[0]
+    return torch.cat(ys), [torch.cat([s] + e) for s, e in zip(state, ended)]
+
+
 def _layer(step: Step) -> Callable:
-    def handler(mode, func, input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
+    def handler(mode, func, input, *args):
+        # (input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first), or of a
+        # packed sequence (data, batch_sizes, hx, params, has_biases, num_layers, dropout, train, bidirectional)
+        packed = isinstance(args[0], Tensor) and not args[0].is_floating_point()
+        if packed:
+            sizes, (hx, params, has_biases, num_layers, dropout, train, bidirectional) = args[0], args[1:]
+            batch_first = False
+        else:
+            sizes, (hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first) = None, args
         dirs = 2 if bidirectional else 1
-        # (packed sequences, projections, dropout between layers: no rule, named as unruled)
-        if not isinstance(params, (list, tuple)) or input.dim() != 3 or (train and dropout > 0):
+        # (projections, dropout between layers: no rule, named as unruled)
+        if input.dim() != (2 if packed else 3) or (train and dropout > 0):
             return NotImplemented
         if len(params) != num_layers * dirs * (4 if has_biases else 2):
             return NotImplemented
         with torch.no_grad():
-            out = func(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+            out = func(input, *args)
         states = list(hx) if isinstance(hx, (list, tuple)) else [hx]
         x = input.transpose(0, 1) if batch_first else input
-        rule = _unrolled(mode, step, x, states, params, has_biases, num_layers, dirs)
+        sizes = None if sizes is None else [int(n) for n in sizes.tolist()]
+        rule = _unrolled(mode, step, x, states, params, has_biases, num_layers, dirs, sizes)
         if batch_first:
             rule[0] = rule[0].transpose(0, 1)
         return _with_value(out, rule)
