@@ -282,7 +282,7 @@ def _prod(mode, func, input, *args, **kwargs):
     # the uniform rule of a product of two
     if not carries(input) or kwargs.get("out") is not None:
         return NotImplemented
-    dim = args[0] if args and not isinstance(args[0], torch.dtype) else kwargs.get("dim")
+    dim = args[0] if args else kwargs.get("dim")  # (dtype is keyword-only)
     n = input.numel() if dim is None else input.shape[dim]
     return func(mode.share(input, 1.0 / n) if n > 1 else input, *args, **kwargs)
 
@@ -355,7 +355,7 @@ RULES: Mapping[Callable, Callable] = MappingProxyType(
         (_spellings(["mul_", "multiply_", "__imul__"], _T), inplace_form(_product, _T.mul)),
         (_spellings(["addmm", "baddbmm", "addbmm"], torch, _T), _affine_mm),
         (_spellings(["addcmul"], torch, _T), _addcmul),
-        (_spellings(["tensordot", "bilinear"], torch) + [F.bilinear, torch.linalg.cross, torch.cross], _product),
+        (_spellings(["tensordot", "bilinear", "cross"], torch, _T) + [F.bilinear, torch.linalg.cross], _product),
         ([F.glu, torch._C._nn.glu], _glu),
         # torch's fused recurrent layers and cells, step by step (recurrent.py)
         *(([f], handler) for f, handler in RECURRENT.items()),
@@ -481,6 +481,7 @@ GATES = frozenset(
     _spellings(("softmax",), torch, _T, F)
     + _spellings(_ACTIVATIONS, F)
     + _spellings(("tanh", "sigmoid", "relu"), torch, _T)
+    + _spellings(["expit"], torch.special)
 )
 
 # Functions whose output is no gate, whatever their input: a top-k selection picks a mixture of

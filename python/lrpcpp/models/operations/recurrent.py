@@ -75,8 +75,11 @@ def _unrolled(mode, step: Step, input: Tensor, states: State, params, has_biases
             k = layer * dirs + d
             w_ih, w_hh, b_ih, b_hh = (list(params[k * per : (k + 1) * per]) + [None, None])[:4]
             weights = (w_ih, w_hh, b_ih, b_hh)
-            run = _run if sizes is None else _run_packed
-            ys, state = run(mode, step, x, [s[k] for s in states], weights, d == 1, sizes)
+            initial = [s[k] for s in states]
+            if sizes is None:
+                ys, state = _run(mode, step, x, initial, weights, d == 1)
+            else:
+                ys, state = _run_packed(mode, step, x, initial, weights, d == 1, sizes)
             outs.append(ys)
             for final, s in zip(finals, state):
                 final.append(s)
@@ -84,7 +87,7 @@ def _unrolled(mode, step: Step, input: Tensor, states: State, params, has_biases
     return [x] + [torch.stack(f) for f in finals]
 
 
-def _run(mode, step: Step, x: Tensor, state: State, weights, reverse: bool, sizes=None):
+def _run(mode, step: Step, x: Tensor, state: State, weights, reverse: bool):
     """One direction of one layer over ``[time, batch, features]``: the outputs and the final state."""
     ys = [x[0]] * x.shape[0]
     for t in reversed(range(x.shape[0])) if reverse else range(x.shape[0]):
