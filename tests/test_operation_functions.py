@@ -159,8 +159,8 @@ def _windows_summed_back(h):
     return F.fold(F.unfold(h, (2, 1)), h.shape[2:], (2, 1))
 
 
-# linear rearrangements: the model is linear, so the gradient-mode relevance is the input times the
-# plain gradient, and it conserves the output without biases
+# rearrangements and selections: the model is linear (piecewise, with selections), so the gradient-mode
+# relevance is the input times the plain gradient, and it conserves the output without biases
 _REARRANGED = {
     "Tensor.as_strided": lambda h: h.as_strided((h.shape[0], 3, 2, 6), (h.stride(0), 6, 6, 1)).sum(2),
     "Tensor.unfold": lambda h: h.unfold(1, 2, 1).sum(-1),
