@@ -38,7 +38,7 @@ class _Shares(Protocol):
     def share(self, t: Tensor, share: float) -> Tensor: ...
 
 
-def _products(mode: _Shares, operands: Sequence) -> List:
+def products(mode: _Shares, operands: Sequence) -> List:
     """The operands of a product, each carrier with its share of the gradient (RULES.md section 2):
     ``attnlrp`` splits it evenly; ``cp-lrp`` holds the gates (softmax and activation outputs)
     constant and splits it among the others, or evenly when all or none are gates."""
@@ -55,7 +55,7 @@ def _product(mode, func, input, other, *args, out=None, **kwargs):
     # (the other arguments: tensordot's dims, bilinear's weight and bias, cross's dim)
     if out is not None or not (carries(input) and carries(other)):
         return NotImplemented
-    a, b = _products(mode, (input, other))
+    a, b = products(mode, (input, other))
     return func(a, b, *args, **kwargs)
 
 
@@ -64,7 +64,7 @@ def _grouped_mm(mode, func, mat_a, mat_b, *args, **kwargs):
     # ordinary gradient), a product when both operands carry relevance
     if not (carries(mat_a) and carries(mat_b)):
         return NotImplemented
-    a, b = _products(mode, (mat_a, mat_b))
+    a, b = products(mode, (mat_a, mat_b))
     return func(a, b, *args, **kwargs)
 
 
@@ -74,7 +74,7 @@ def _affine_mm(mode, func, input, *factors, beta=1, alpha=1, out=None, **named):
     factors += tuple(named.pop(n) for n in ("mat1", "mat2", "batch1", "batch2") if n in named)
     if out is not None or named or len(factors) != 2 or not all(carries(f) for f in factors):
         return NotImplemented
-    a, b = _products(mode, factors)
+    a, b = products(mode, factors)
     return func(input, a, b, beta=beta, alpha=alpha)
 
 
@@ -82,7 +82,7 @@ def _addcmul(mode, func, input, tensor1, tensor2, *, value=1, out=None):
     # input + value * tensor1 * tensor2, element-wise
     if out is not None or not (carries(tensor1) and carries(tensor2)):
         return NotImplemented
-    a, b = _products(mode, (tensor1, tensor2))
+    a, b = products(mode, (tensor1, tensor2))
     return func(input, a, b, value=value)
 
 
@@ -91,7 +91,7 @@ def _einsum(mode, func, equation, *operands):
         operands = tuple(operands[0])
     if not isinstance(equation, str) or sum(carries(o) for o in operands) < 2:
         return NotImplemented
-    return torch.einsum(equation, *_products(mode, operands))
+    return torch.einsum(equation, *products(mode, operands))
 
 
 def _sdpa(mode, func, query, key, value, *args, **kwargs):
@@ -162,6 +162,13 @@ def _identity(inplace: bool = False) -> Callable:
         return torch.ops.lrpcpp.gi_identity(input, y, mode.epsilon)
 
     return handler
+
+
+def identity_rule(mode, f: Callable, x: Tensor) -> Tensor:
+    """``f(x)`` with the identity rule where ``x`` carries relevance (``f(x)`` itself otherwise): the
+    rule of an element-wise function's call, for a rule made of several steps (recurrent.py)."""
+    out = _identity()(mode, f, x)
+    return f(x) if out is NotImplemented else out
 
 
 def _layer_norm(mode, func, input, normalized_shape, weight=None, bias=None, eps=1e-5, *args):
@@ -238,7 +245,7 @@ def _cosine_similarity(mode, func, x1, x2, dim=1, eps=1e-8):
     with torch.no_grad():
         out = func(x1, x2, dim, eps)
         n1, n2 = (x.norm(2, dim, keepdim=True).clamp_min(eps) for x in (x1, x2))
-    a, b = _products(mode, (x1, x2))
+    a, b = products(mode, (x1, x2))
     lin = ((a / n1) * (b / n2)).sum(dim)
     return out + (lin - lin.detach())
 
@@ -255,7 +262,7 @@ def _glu(mode, func, input, dim=-1):
         gate = torch.sigmoid(b)
     gate = torch.ops.lrpcpp.gi_identity(b, gate, mode.epsilon)
     mode.mark_gate(gate)
-    lin = torch.mul(*_products(mode, (a, gate)))
+    lin = torch.mul(*products(mode, (a, gate)))
     return out + (lin - lin.detach())
 
 
@@ -273,7 +280,7 @@ def _lerp(mode, func, start, end, weight, *, out=None):
         return NotImplemented
     with torch.no_grad():
         value = func(start, end, weight)
-    lin = start + torch.mul(*_products(mode, (weight, end - start)))
+    lin = start + torch.mul(*products(mode, (weight, end - start)))
     return value + (lin - lin.detach())
 
 

@@ -17,19 +17,17 @@ Step = Callable[..., State]
 def _activation(mode, f: Callable, pre: Tensor) -> Tensor:
     """``f(pre)`` with the identity rule where ``pre`` carries relevance (relu: its own gradient), marked
     as a gate (for CP-LRP), as the mode treats the call ``f(pre)``."""
-    from .handlers import _identity  # (imported here: handlers.py holds this module's rules in its table)
+    from .handlers import identity_rule  # (imported here: handlers.py holds this module's rules in its table)
 
-    out = NotImplemented if f is torch.relu else _identity()(mode, f, pre)
-    if out is NotImplemented:  # (relu; an input without relevance)
-        out = f(pre)
+    out = f(pre) if f is torch.relu else identity_rule(mode, f, pre)
     mode.mark_gate(out)
     return out
 
 
 def _mul(mode, a: Tensor, b: Tensor) -> Tensor:
-    from .handlers import _products
+    from .handlers import products
 
-    return torch.mul(*_products(mode, (a, b)))
+    return torch.mul(*products(mode, (a, b)))
 
 
 def _lstm(mode, x: Tensor, state: State, w_ih, w_hh, b_ih, b_hh) -> State:
