@@ -164,10 +164,13 @@ def _identity(inplace: bool = False) -> Callable:
     return handler
 
 
+_IDENTITY_RULE = _identity()  # (one handler, called by the rules below and by identity_rule)
+
+
 def identity_rule(mode, f: Callable, x: Tensor) -> Tensor:
     """``f(x)`` with the identity rule where ``x`` carries relevance (``f(x)`` itself otherwise): the
     rule of an element-wise function's call, for a rule made of several steps (recurrent.py)."""
-    out = _identity()(mode, f, x)
+    out = _IDENTITY_RULE(mode, f, x)
     return f(x) if out is NotImplemented else out
 
 
@@ -225,7 +228,7 @@ def _instance_norm(
 
 def _rms_norm(mode, func, input, *args, **kwargs):
     # the identity rule over the whole normalisation, as for an RMSNorm module
-    return _identity()(mode, func, input, *args, **kwargs)
+    return _IDENTITY_RULE(mode, func, input, *args, **kwargs)
 
 
 def _normalize(mode, func, input, p=2.0, dim=1, eps=1e-12, out=None):
@@ -258,9 +261,7 @@ def _glu(mode, func, input, dim=-1):
     with torch.no_grad():
         out = func(input, dim)
     a, b = input.chunk(2, dim)
-    with torch.no_grad():
-        gate = torch.sigmoid(b)
-    gate = torch.ops.lrpcpp.gi_identity(b, gate, mode.epsilon)
+    gate = identity_rule(mode, torch.sigmoid, b)
     mode.mark_gate(gate)
     lin = torch.mul(*products(mode, (a, gate)))
     return out + (lin - lin.detach())
@@ -297,7 +298,7 @@ def _prod(mode, func, input, *args, **kwargs):
 def _pow(mode, func, input, exponent, *args, **kwargs):
     if not isinstance(input, Tensor) or not isinstance(exponent, (int, float)):
         return NotImplemented
-    return _identity()(mode, func, input, exponent, *args, **kwargs)
+    return _IDENTITY_RULE(mode, func, input, exponent, *args, **kwargs)
 
 
 def _without_relu(names: Tuple[str, ...]) -> Tuple[str, ...]:
@@ -389,8 +390,8 @@ RULES: Mapping[Callable, Callable] = MappingProxyType(
         ([F.instance_norm], _instance_norm),
         ([F.rms_norm, torch.rms_norm], _rms_norm),
         # element-wise functions of one carrier: the identity rule (relu's gradient is it: EXACT)
-        (_spellings(_without_relu(_ACTIVATIONS), F), _identity()),
-        (_spellings(_without_relu(_ELEMENTWISE), torch, _T) + _SPECIAL, _identity()),
+        (_spellings(_without_relu(_ACTIVATIONS), F), _IDENTITY_RULE),
+        (_spellings(_without_relu(_ELEMENTWISE), torch, _T) + _SPECIAL, _IDENTITY_RULE),
         (_spellings(["pow", "__pow__"], torch, _T), _pow),
         (_spellings(["elu_", "leaky_relu_", "hardtanh_"], F, torch), _identity(inplace=True)),
         (

@@ -71,8 +71,7 @@ def _unrolled(mode, step: Step, input: Tensor, states: State, params, has_biases
         outs = []
         for d in range(dirs):
             k = layer * dirs + d
-            w_ih, w_hh, b_ih, b_hh = (list(params[k * per : (k + 1) * per]) + [None, None])[:4]
-            weights = (w_ih, w_hh, b_ih, b_hh)
+            weights = tuple((list(params[k * per : (k + 1) * per]) + [None, None])[:4])  # (w_ih, w_hh, b_ih, b_hh)
             initial = [s[k] for s in states]
             if sizes is None:
                 ys, state = _run(mode, step, x, initial, weights, d == 1)
@@ -142,7 +141,7 @@ def _layer(step: Step) -> Callable:
             out = func(input, *args)
         states = list(hx) if isinstance(hx, (list, tuple)) else [hx]
         x = input.transpose(0, 1) if batch_first else input
-        sizes = None if sizes is None else [int(n) for n in sizes.tolist()]
+        sizes = None if sizes is None else sizes.tolist()
         rule = _unrolled(mode, step, x, states, params, has_biases, num_layers, dirs, sizes)
         if batch_first:
             rule[0] = rule[0].transpose(0, 1)
