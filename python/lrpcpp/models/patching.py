@@ -46,7 +46,7 @@ from .layers import apply_preset
 from .operations import GradientRules, warn_unruled
 from .presets import Preset, get_preset
 from .state import claim, release
-from .tracking import is_rule_mode, without
+from .tracking import is_rule_mode, share_scale, without
 from .tree import named_modules
 
 __all__ = ["patch", "PatchHandle", "METHODS", "MODES", "LEVELS"]
@@ -332,18 +332,8 @@ class _GradientRules(_Rules):
         return torch.ops.lrpcpp.gi_layer_norm(x, list(module.normalized_shape), module.weight, module.bias, module.eps)
 
     def _scale(self, t, segments):
-        # one share for all of the last dim: a 0-dim scale, so that the backward multiplies by a scalar
-        # rather than by a broadcast vector of equal values (the same products)
-        whole = len(segments) == 1
-        key = (segments[0][1] if whole else segments, t.device, t.dtype)
-        scale = self._scales.get(key)
-        if scale is None:
-            dtype = torch.promote_types(t.dtype, torch.float32)  # (float64 for a float64 tensor: shares such as 1/3)
-            if whole:
-                scale = torch.tensor(segments[0][1], dtype=dtype)
-            else:
-                scale = torch.cat([torch.full((n,), s, dtype=dtype) for n, s in segments])
-            scale = self._scales[key] = scale.to(t.device)
+        # one share for all of the last dim: a 0-dim scale (share_scale)
+        scale = share_scale(self._scales, segments[0][1] if len(segments) == 1 else segments, t)
         return torch.ops.lrpcpp.gi_grad_scale(t, _distributed.placed_like(scale, t))
 
 

@@ -253,6 +253,33 @@ def operand(x: Any, dtype: torch.dtype, like: Tensor) -> Tensor:
     return x
 
 
+def with_gradient_of(value: Tensor, lin: Tensor) -> Tensor:
+    """``value`` (torch's own, computed without grad) with the gradient of ``lin``, a formula of the
+    same value whose gradient is the rule: the added term is an exact zero."""
+    return value + (lin - lin.detach())
+
+
+Shares = Union[float, Tuple[Tuple[int, float], ...]]
+
+
+def share_scale(scales: dict, share: Shares, like: Tensor) -> Tensor:
+    """The scale that ``gi_grad_scale`` multiplies ``like``'s gradient by: one ``share`` for all of it
+    (a 0-dim tensor, so that the backward multiplies by a scalar), or one per consecutive slice of
+    its last dim (``(width, share)`` pairs, a fused q/k/v projection's). Made once per share, device
+    and dtype and kept in ``scales``; in float32 for half precision, in float64 for a float64 tensor
+    (a share such as 1/3)."""
+    key = (share, like.device, like.dtype)
+    scale = scales.get(key)
+    if scale is None:
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        if isinstance(share, tuple):
+            scale = torch.cat([torch.full((n,), s, dtype=dtype, device=like.device) for n, s in share])
+        else:
+            scale = torch.tensor(share, dtype=dtype, device=like.device)
+        scales[key] = scale
+    return scale
+
+
 class _PassRelevance(torch.autograd.Function):
     """Forward: ``compute()``, without grad, so exactly what torch computes. Backward: the relevance
     of the output goes unchanged to ``receiver`` (summed back over broadcast dimensions, cast to

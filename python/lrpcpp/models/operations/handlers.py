@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from ..explicit.pass_through import DROPOUT, PASS_THROUGH
-from ..tracking import carries, const, inplace_form
+from ..tracking import carries, const, inplace_form, with_gradient_of
 from .recurrent import RECURRENT
 
 _T = Tensor
@@ -191,7 +191,7 @@ def _held_deviation(input, groups, weight, eps, out):
     lin = ((grouped - grouped.mean(-1, keepdim=True)) * inv).reshape(input.shape)
     if weight is not None:
         lin = lin * weight.reshape(1, -1, *([1] * (input.dim() - 2)))
-    return out + (lin - lin.detach())
+    return with_gradient_of(out, lin)
 
 
 def _group_norm(mode, func, input, num_groups, weight=None, bias=None, eps=1e-5, *args, **kwargs):
@@ -250,7 +250,7 @@ def _cosine_similarity(mode, func, x1, x2, dim=1, eps=1e-8):
         n1, n2 = (x.norm(2, dim, keepdim=True).clamp_min(eps) for x in (x1, x2))
     a, b = products(mode, (x1, x2))
     lin = ((a / n1) * (b / n2)).sum(dim)
-    return out + (lin - lin.detach())
+    return with_gradient_of(out, lin)
 
 
 def _glu(mode, func, input, dim=-1):
@@ -264,7 +264,7 @@ def _glu(mode, func, input, dim=-1):
     gate = identity_rule(mode, torch.sigmoid, b)
     mode.mark_gate(gate)
     lin = torch.mul(*products(mode, (a, gate)))
-    return out + (lin - lin.detach())
+    return with_gradient_of(out, lin)
 
 
 def _addcdiv(mode, func, input, tensor1, tensor2, *, value=1, out=None):
@@ -282,7 +282,7 @@ def _lerp(mode, func, start, end, weight, *, out=None):
     with torch.no_grad():
         value = func(start, end, weight)
     lin = start + torch.mul(*products(mode, (weight, end - start)))
-    return value + (lin - lin.detach())
+    return with_gradient_of(value, lin)
 
 
 def _prod(mode, func, input, *args, **kwargs):

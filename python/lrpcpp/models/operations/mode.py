@@ -23,6 +23,7 @@ from ..tracking import (
     marked_tensors,
     op_name,
     run_body,
+    share_scale,
     tensor_args,
     unmark_written,
     without,
@@ -218,17 +219,12 @@ class GradientRules(RuleMode):
             return t.detach()
         if share == 1.0:
             return t
-        key = (share, t.device, t.dtype)
-        if key not in self._scales:
-            # (in float32 for half precision too, in float64 for a float64 tensor: a share such as 1/3)
-            dtype = torch.promote_types(t.dtype, torch.float32)
-            self._scales[key] = torch.tensor(share, dtype=dtype, device=t.device)
         # a view of t (no copy): the ops after it see the layout the model made; gi_scale_backward keeps
         # the layout the gradient arrives in, as an element-wise product does (the gradients that
         # F.scaled_dot_product_attention returns for an attention's heads, a transposed view of their
         # projection, are in that projection's memory order: the views that made the heads pass them back
         # without a copy)
-        return torch.ops.lrpcpp.gi_grad_scale(t, self._scales[key])
+        return torch.ops.lrpcpp.gi_grad_scale(t, share_scale(self._scales, share, t))
 
     def is_gate(self, t: Any) -> bool:
         return isinstance(t, Tensor) and getattr(t, _GATE, False)

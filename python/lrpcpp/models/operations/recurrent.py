@@ -10,6 +10,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from ..tracking import with_gradient_of
+
 State = List[Tensor]
 Step = Callable[..., State]
 
@@ -56,8 +58,8 @@ def _elman(f: Callable) -> Step:
 def _with_value(out, rule: Sequence[Tensor]):
     """torch's values ``out`` (a tensor or a tuple) with the gradients of ``rule``."""
     if isinstance(out, Tensor):
-        return out + (rule[0] - rule[0].detach())
-    return type(out)(o + (r - r.detach()) for o, r in zip(out, rule))
+        return with_gradient_of(out, rule[0])
+    return type(out)(with_gradient_of(o, r) for o, r in zip(out, rule))
 
 
 def _unrolled(mode, step: Step, input: Tensor, states: State, params, has_biases, layers, dirs, sizes=None):
