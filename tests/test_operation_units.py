@@ -208,3 +208,65 @@ def test_units_compile_fullgraph_with_the_eager_relevance():
     finally:
         torch._dynamo.reset()
     assert torch.equal(got, eager)
+
+
+class _FactorRMSNorm(nn.Module):
+    """An RMSNorm by its class name whose output is the normalising factor alone, one per row
+    (Hunyuan V4's unweighted norm), not one value per input element."""
+
+    def forward(self, x):
+        return torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6)
+
+
+class _Scaled(nn.Module):
+    """Embeddings times their RMS factor, then a linear head (float64)."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(20, 8, dtype=torch.float64)
+        self.norm, self.head = norm, nn.Linear(8, 3, dtype=torch.float64)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        return self.head(x * self.norm(x)).sum(1)
+
+
+@pytest.mark.parametrize("other_mode", [False, True])
+def test_a_unit_whose_output_is_not_elementwise_gets_its_calls_ruled(other_mode):
+    # the identity rule needs one output per input element: the factor's calls get their rules instead,
+    # its rsqrt a normaliser held constant; reference: the gradient of the head with the factor constant
+    model, ids = _Scaled(_FactorRMSNorm()), torch.tensor([[1, 4, 7, 2]])
+    with _PassThrough() if other_mode else torch.enable_grad():
+        got = lrpcpp.attribute(model, input_ids=ids, target=1, level="operations")
+    x = model.embed(ids).detach().requires_grad_()
+    factor = torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6).detach()
+    (grad,) = torch.autograd.grad(model.head(x * factor).sum(1)[0, 1], x)
+    torch.testing.assert_close(got.relevance, (x * grad).detach(), rtol=1e-12, atol=1e-14)
+    assert not got.coverage.unruled and got.coverage.ruled.get("torch.rsqrt") == 1
+
+
+def test_a_unit_whose_output_is_not_elementwise_is_refused_at_the_registry_level():
+    import transformers as tfm
+
+    config = tfm.LlamaConfig(
+        hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, vocab_size=32
+    )
+    model = tfm.LlamaForCausalLM(config).eval()
+    model.model.norm = _ScaledNorm(model.model.norm)
+    ids = torch.tensor([[1, 5, 9]])
+    with pytest.raises(RuntimeError, match=r"_FactorRMSNorm is patched as an element-wise unit .* level='operations'"):
+        lrpcpp.attribute(model, input_ids=ids, level="registry")
+    got = lrpcpp.attribute(model, input_ids=ids, level="operations")
+    assert torch.isfinite(got.relevance).all() and not got.coverage.unruled
+
+
+class _ScaledNorm(nn.Module):
+    """A LLaMA's final norm given its input times the input's RMS factor (a module of its own)."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.norm, self.factor = norm, _FactorRMSNorm()
+
+    def forward(self, x):
+        return self.norm(x * self.factor(x))

@@ -309,7 +309,19 @@ class _GradientRules(_Rules):
 
     def elementwise(self, module, x, forward):
         out = self._own_rule(module, x, forward)
-        return self._identity_rule(module, x, forward) if out is None else out
+        if out is None:
+            out = self._identity_rule(module, x, forward)
+        return self._not_elementwise(module, x, forward) if out is None else out
+
+    def _not_elementwise(self, module, x, forward):
+        """A unit (an activation or an RMSNorm by its class name) whose output is not one value per
+        input element: the identity rule does not apply to it."""
+        raise RuntimeError(
+            f"lrpcpp.patch: {type(module).__name__} is patched as an element-wise unit (an activation or an "
+            f"RMSNorm, by its class name), but its output is not of its input's shape {list(x.shape)}, so the "
+            "identity rule cannot take its relevance; explain the model with level='operations', whose rules "
+            "take each call of its forward"
+        )
 
     @staticmethod
     def _own_rule(module, x, forward):
@@ -324,9 +336,14 @@ class _GradientRules(_Rules):
         return None
 
     def _identity_rule(self, module, x, forward):
-        with torch.no_grad():  # detached too, for torch.jit.trace (see _held_constant)
-            y = _out_of_place(module, forward, x).detach()
-        return torch.ops.lrpcpp.gi_identity(x, y, self.epsilon, self.keep_inputs)
+        """``gi_identity`` of the unit, or ``None`` where its output is not of its input's shape (such
+        as a norm that returns the normalising factor alone)."""
+        with torch.no_grad():
+            y = _out_of_place(module, forward, x)
+        if not (isinstance(y, Tensor) and y.shape == x.shape):
+            return None
+        # (detached too, for torch.jit.trace: see _held_constant)
+        return torch.ops.lrpcpp.gi_identity(x, y.detach(), self.epsilon, self.keep_inputs)
 
     def layer_norm(self, module, x):
         return torch.ops.lrpcpp.gi_layer_norm(x, list(module.normalized_shape), module.weight, module.bias, module.eps)
@@ -355,12 +372,17 @@ class _OperationRules(_GradientRules):
                     out = self._own_rule(module, x, forward)
                     if out is None:
                         out = self._identity_rule(module, x, forward)
-                        mode.count_ruled(torch.ops.lrpcpp.gi_identity)
+                        if out is not None:
+                            mode.count_ruled(torch.ops.lrpcpp.gi_identity)
         if out is None:
             out = super().elementwise(module, x, forward)
         if not mode.uniform and is_activation(module):
             mode.mark_gate(out)  # (CP-LRP's gates)
         return out
+
+    def _not_elementwise(self, module, x, forward):
+        # its forward's calls, each with its rule (a norm's factor alone: a normaliser, held constant)
+        return forward(x)
 
     @contextlib.contextmanager
     def modes(self):
