@@ -45,7 +45,7 @@ import warnings
 import lrpcpp
 import torch
 import transformers as tfm
-from transformers import CONFIG_MAPPING
+from transformers import CONFIG_MAPPING, PretrainedConfig
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
@@ -80,7 +80,31 @@ SMALL = dict(
     q_lora_rank=16,
     qk_rope_head_dim=8,
     qk_nope_head_dim=8,
+    qk_head_dim=16,
     v_head_dim=8,
+    n_shared_experts=1,
+    moe_topk=2,
+    expert_ffn_hidden_size=32,
+    ffn_hidden_size=64,
+    rotary_dim=4,
+    attention_hidden_size=32,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
+    attn_layer_period=2,  # hybrids of state-space and attention layers: an attention layer among 2
+    attn_layer_offset=1,
+    attn_layer_indices=[1],
+    expert_layer_period=2,
+    expert_layer_offset=1,
+    mamba_n_heads=8,  # (times mamba_d_head: mamba_expand x hidden_size)
+    mamba_d_head=8,
+    mamba_d_ssm=64,
+    mamba_d_state=16,
+    mamba_dt_rank=8,
+    mamba_chunk_size=16,
     sliding_window=64,
     pad_token_id=0,
     bos_token_id=1,
@@ -100,21 +124,46 @@ TASKS = {
 IMAGE_SIZE = 64  # the image classifiers' image size (where the config has one)
 
 
-def build(model_type: str, task: str = "causal-lm") -> torch.nn.Module:
-    config = CONFIG_MAPPING[model_type]()
+def small(config) -> None:
+    """``config`` and its sub-configs (a multimodal model's text and vision configs) with the sizes of
+    ``SMALL`` where they have them; every kind of layer of its ``layer_types`` kept."""
     for key, value in SMALL.items():
         if hasattr(config, key):
             try:
                 setattr(config, key, value)
             except Exception:  # a derived or validated attribute: the default stays
                 pass
-    if getattr(config, "layer_types", None) is not None and hasattr(config, "num_hidden_layers"):
-        config.layer_types = config.layer_types[: config.num_hidden_layers]  # (a CNN's are its stages' kinds)
+    if getattr(config, "kv_lora_rank", None):  # multi-head latent attention: a key and a value per head
+        config.num_key_value_heads = config.num_attention_heads
+    if all(hasattr(config, k) for k in ("expand", "num_heads", "head_dim", "n_groups")):
+        # a Mamba2 mixer: its heads span expand x hidden_size
+        config.num_heads, config.n_groups = config.expand * config.hidden_size // config.head_dim, 1
+    layers = getattr(config, "num_hidden_layers", None)
+    for key in ("layer_types", "block_types"):  # (a CNN's layer types are its stages' kinds)
+        types = getattr(config, key, None)
+        if types is not None and layers is not None:
+            kinds = set(types)  # the first layers, up to the first of each kind (a hybrid's attention layer)
+            n = next((i for i in range(layers, len(types) + 1) if set(types[:i]) == kinds), len(types))
+            try:
+                setattr(config, key, types[:n])
+                config.num_hidden_layers = n
+            except AttributeError:  # derived from other attributes
+                pass
+    for value in list(vars(config).values()):
+        if isinstance(value, PretrainedConfig):
+            small(value)
+
+
+def build(model_type: str, task: str = "causal-lm") -> torch.nn.Module:
+    config = CONFIG_MAPPING[model_type]()
+    small(config)
     if task == "image-classification" and hasattr(config, "image_size"):
         size = config.image_size  # (an int, or a height and a width)
         config.image_size = type(size)([IMAGE_SIZE] * len(size)) if isinstance(size, (list, tuple)) else IMAGE_SIZE
     name = TASKS[task][model_type]
     cls = getattr(tfm, name if isinstance(name, str) else name[0])
+    if not isinstance(config, cls.config_class):  # a multimodal config's language model
+        config = config.get_text_config(decoder=True)
     torch.manual_seed(0)
     try:
         config._attn_implementation = "sdpa"

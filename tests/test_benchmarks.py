@@ -171,6 +171,18 @@ def test_family_sweep_of_image_classifiers_explains_their_top_class(tmp_path):
     assert "image-classification: 2 model types" in proc.stdout
 
 
+def test_family_sweep_builds_hybrids_latent_attention_and_multimodal_language_models(tmp_path):
+    # the sweep's small configs: a hybrid keeps a layer of each kind (qwen3_next's attention among its
+    # linear-attention layers, jamba's among its Mamba layers), latent attention a key and value per
+    # head (deepseek_v3), a multimodal config gives its language model's (llama4); rwkv's cache and
+    # hy_v4's norm that returns its factor alone are explained
+    types = ("qwen3_next", "jamba", "deepseek_v3", "llama4", "rwkv", "hy_v4")
+    proc, results = _family_sweep(tmp_path, "--only", *types)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for family in types:
+        assert results[family] == dict(outcome="explained", unruled={}, level="operations", finite=True, value=True)
+
+
 def test_results_file_replaces_only_the_sections_written(tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
