@@ -641,8 +641,7 @@ def attribute(
     gamma_linear=0.05)`` for a preset with options, putting a rule on every linear and convolution
     layer. ``rules``: per-layer overrides, ``{module name or type: rule}``. ``method=None`` is the
     preset's method, else ``"attnlrp"``. The other keyword arguments (``model_inputs``) go to the
-    model; one named like a preset option is an error. A forward that names ``use_cache`` gets
-    ``use_cache=False`` unless given: no cache is built for the one forward that is explained.
+    model; one named like a preset option is an error.
 
     With ``attention_mask``, a causal decoder (:func:`~lrpcpp.attribution.is_causal_decoder`) gets
     ``position_ids`` counted over the unmasked tokens, unless given: each row of a left- or
@@ -957,15 +956,6 @@ def input_leaf(x: object, name: str, caller: str = "lrpcpp.attribute") -> Tensor
     return (x.clone() if x.is_inference() else x).detach().requires_grad_()
 
 
-def takes_use_cache(model: nn.Module) -> bool:
-    """Whether ``model``'s forward names a ``use_cache`` argument (a Hugging Face decoder's cache,
-    which :func:`attribute` and the deployed forms turn off)."""
-    try:
-        return "use_cache" in parameters(model.forward)
-    except (TypeError, ValueError):  # pragma: no cover - a builtin forward
-        return False
-
-
 def model_kwargs(
     model: nn.Module,
     key: str,
@@ -982,7 +972,7 @@ def model_kwargs(
     generated after it, so no cache is built (a cache that the forward updates in place, such as
     RWKV's recurrent state, would break the backward pass as it breaks the plain gradient)."""
     out = dict(model_inputs)
-    if "use_cache" not in out and takes_use_cache(model):
+    if "use_cache" not in out and "use_cache" in parameters(model.forward):
         out["use_cache"] = False
     if attention_mask is None:
         return out

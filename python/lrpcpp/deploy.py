@@ -47,7 +47,6 @@ from .attribution import (
     relevance_backward,
     relevance_of,
     select_target,
-    takes_use_cache,
 )
 from .attribution import (
     model_kwargs as model_kwargs_of,
@@ -83,6 +82,15 @@ MISSING_OPERATORS_MESSAGE = (
 _CHECK_RTOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
+def _takes_use_cache(model: nn.Module) -> bool:
+    """Whether ``model``'s forward has a ``use_cache`` argument (a Hugging Face decoder's cache, which
+    the exported forms turn off)."""
+    try:
+        return "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
+
+
 class ExplainableModel(nn.Module):
     """``(inputs_embeds, attention_mask) -> logits`` of ``model``: the signature of every exported form.
 
@@ -96,7 +104,7 @@ class ExplainableModel(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self._use_cache = takes_use_cache(model)
+        self._use_cache = _takes_use_cache(model)
         self._causal = is_causal_decoder(model)
 
     def forward(self, inputs_embeds: Tensor, attention_mask: Tensor) -> Tensor:
@@ -124,7 +132,7 @@ class ExplainableInputs(nn.Module):
         super().__init__()
         self.model = model
         self.embedding = embedding
-        self._use_cache = takes_use_cache(model)
+        self._use_cache = _takes_use_cache(model)
         self._causal = is_causal_decoder(model)
 
     def forward(self, inputs: Dict[str, Tensor]):
