@@ -966,14 +966,9 @@ def model_kwargs(
     caller: str = "lrpcpp.attribute",
 ) -> Dict[str, Any]:
     """The keyword arguments of the model besides its input: ``model_inputs`` with the
-    ``attention_mask`` (checked against the tokens' ``[batch, seq]``), for a causal decoder given
-    embeddings the :func:`position_ids` of the mask unless given, and ``use_cache=False`` for a
-    forward that names ``use_cache``, unless given: one forward pass is explained and nothing is
-    generated after it, so no cache is built (a cache that the forward updates in place, such as
-    RWKV's recurrent state, would break the backward pass as it breaks the plain gradient)."""
+    ``attention_mask`` (checked against the tokens' ``[batch, seq]``) and, for a causal decoder given
+    embeddings, the :func:`position_ids` of the mask unless given."""
     out = dict(model_inputs)
-    if "use_cache" not in out and "use_cache" in parameters(model.forward):
-        out["use_cache"] = False
     if attention_mask is None:
         return out
     if key == "inputs_embeds" and tuple(attention_mask.shape) != tuple(leaf.shape[:2]):
