@@ -277,3 +277,22 @@ def test_a_model_that_puts_prompt_ids_before_the_given_ones_is_explained():
         logits = model(input_ids=ids).logits[:, -1]
     torch.testing.assert_close(logits.gather(1, got.target[:, None])[:, 0], got.output, rtol=1e-5, atol=1e-6)
     assert torch.isfinite(got.relevance).all() and got.relevance.abs().sum() > 0
+
+
+def test_a_cache_written_in_place_gets_a_message_that_names_use_cache():
+    # RWKV writes its recurrent state into its cache in place, which breaks the backward pass of a
+    # forward that builds the cache (its plain gradient too): the error says what to pass, and without
+    # the cache the model is explained with every call ruled
+    torch.manual_seed(0)
+    config = tfm.RwkvConfig(
+        hidden_size=16, attention_hidden_size=16, intermediate_size=32, num_hidden_layers=2, vocab_size=VOCAB
+    )
+    model = tfm.RwkvForCausalLM(config).double().eval()
+    ids = torch.tensor([[3, 9, 4, 11, 7]])
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(model(inputs_embeds=embeds).logits[0, -1].max(), embeds)
+    with pytest.raises(RuntimeError, match=r"wrote in place .* pass use_cache=False\. torch: .* modified inplace"):
+        lrpcpp.attribute(model, input_ids=ids)
+    got = attribute_ruled(model, input_ids=ids, use_cache=False)
+    assert got.coverage is not None and not got.coverage.unruled and torch.isfinite(got.relevance).all()

@@ -1079,10 +1079,19 @@ def relevance_backward(
             stacklevel=3,
         )
         return (None,) * len(inputs)
-    if many:
-        return batched_backward(explained, inputs, explicit)
-    seed = explained.detach() if explicit else torch.ones_like(explained)
-    return torch.autograd.grad(explained, inputs, seed, allow_unused=True)
+    try:
+        if many:
+            return batched_backward(explained, inputs, explicit)
+        seed = explained.detach() if explicit else torch.ones_like(explained)
+        return torch.autograd.grad(explained, inputs, seed, allow_unused=True)
+    except RuntimeError as e:
+        if "modified by an inplace operation" not in str(e) and "has been modified inplace" not in str(e):
+            raise
+        raise RuntimeError(
+            "lrpcpp: the backward pass failed: the model's forward wrote in place into a tensor that the backward "
+            "needs, which breaks its plain gradient as well; where that tensor is a cache the forward updates (RWKV's "
+            f"recurrent state), pass use_cache=False. torch: {e}"
+        ) from e
 
 
 def relevance_of(x: Tensor, grad: Optional[Tensor], explicit: bool, k: Optional[int] = None) -> Tensor:
