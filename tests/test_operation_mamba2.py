@@ -176,10 +176,34 @@ def test_mamba2_rule_differs_from_the_plain_operation_level(monkeypatch):
     assert (got.relevance - plain.relevance).norm() > 0.01 * got.relevance.norm()
 
 
-def test_a_hybrid_of_attention_and_mamba2_mixers_holds_its_scan_parameters():
-    # FalconH1: attention and a Mamba2 mixer side by side in each layer. Under transformers 4.x its
-    # mixer's torch-only scan names its first argument input_states, the forward's hidden_states.
-    model = build_from_defaults("falcon_h1")
+def _bamba():
+    torch.manual_seed(0)
+    config = tfm.BambaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_layer_indices=[1],
+        mamba_n_heads=8,
+        mamba_d_head=8,
+        mamba_n_groups=1,
+        mamba_d_state=16,
+        mamba_chunk_size=4,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return tfm.BambaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("family", ["falcon_h1", "bamba"])
+def test_a_hybrid_of_attention_and_mamba2_mixers_holds_its_scan_parameters(family):
+    # FalconH1: attention and a Mamba2 mixer side by side in each layer; Bamba: a Mamba2 layer, then an
+    # attention layer. Under transformers 4.x their mixers' torch-only scans name their first argument
+    # input_states, the forward's hidden_states, and Bamba's forward takes seq_idx besides (fused kernels only)
+    model = build_from_defaults("falcon_h1") if family == "falcon_h1" else _bamba()
     input_ids = ids()
     with lrpcpp.patch(model) as handle:
         assert handle.level == "operations"

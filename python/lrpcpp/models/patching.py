@@ -971,18 +971,30 @@ def _patch_chunked_scan(handle: PatchHandle, name: str, module: nn.Module) -> No
     the operation level's rules: the product ``y * silu(z)`` split (or the gate held, with CP-LRP), its
     normalising factor held constant. A mixer with a torch-only ``torch_forward`` (transformers 4.x)
     runs it, not the fused kernels, with the forward's arguments in the forward's order (FalconH1's
-    names its first ``input_states`` where the forward's is ``hidden_states``)."""
+    names its first ``input_states`` where the forward's is ``hidden_states``), as many as it takes
+    (Bamba's forward takes ``seq_idx`` too)."""
     conv, heads = module.get_submodule("conv1d"), module.get_parameter("A_log").numel()
     inner = module.get_submodule("out_proj").in_features
     torch_only = getattr(type(module), "torch_forward", None)
     forward = module.forward
     if callable(torch_only):
         arguments = inspect.signature(forward)
+        named = [
+            p.name for p in arguments.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        taken = named[: len(inspect.signature(torch_only).parameters) - 1]  # (its self)
 
         def scan(*args, **kwargs):
+            # (the forward's other keywords go nowhere on its torch-only path either; an argument only its
+            # fused kernels take, Bamba's seq_idx of packed sequences, is refused as the forward refuses it)
             bound = arguments.bind(*args, **kwargs)
             bound.apply_defaults()
-            return torch_only(module, *bound.args, **bound.kwargs)
+            extra = [n for n in named[len(taken) :] if bound.arguments[n] is not None]
+            if extra:
+                raise NotImplementedError(
+                    f"lrpcpp.patch: {type(module).__name__}.torch_forward, which the rules run, takes no {extra[0]}"
+                )
+            return torch_only(module, *(bound.arguments[n] for n in taken))
 
         forward = scan
 
