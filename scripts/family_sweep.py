@@ -18,8 +18,10 @@ The models of a task, by model type, and what is explained:
   image of 64 x 64 pixels.
 
 Each is built from its config's defaults, made small (hidden size 32, 2 layers, 4 heads, ...: the
-attributes below, where the config has them), with random weights in float32, and explained with
-``level="auto"`` (the registry where a family entry describes the model, else the operation level).
+attributes below, where the config or a multimodal config's text and vision configs have them; a
+hybrid keeps a layer of each kind), with random weights in float32, and explained with
+``level="auto"`` (the registry where a family entry describes the model, else the operation level),
+with ``use_cache=False`` where the forward takes it, for the model's own call as well.
 One forked process per model, so that a model that needs much memory or time (``--timeout``) does not
 stop the sweep. Each model ends in one of:
 
@@ -33,6 +35,7 @@ stop the sweep. Each model ends in one of:
 """
 
 import argparse
+import inspect
 import json
 import os
 import resource
@@ -187,6 +190,8 @@ def explain(model_type: str, task: str = "causal-lm") -> dict:
             inputs = dict(pixel_values=torch.randn(1, channels, IMAGE_SIZE, IMAGE_SIZE))
         else:
             inputs = dict(input_ids=torch.randint(3, 100, (1, 10)))
+        if "use_cache" in inspect.signature(model.forward).parameters:
+            inputs["use_cache"] = False  # (one forward, nothing generated: RWKV's cache breaks the backward)
         with torch.no_grad():
             logits = model(**inputs).logits[0]
             if task == "causal-lm":
