@@ -86,6 +86,8 @@ SMALL = dict(
     qk_head_dim=16,
     v_head_dim=8,
     n_shared_experts=1,
+    n_group=1,  # (the routing groups of the experts)
+    topk_group=1,
     moe_topk=2,
     expert_ffn_hidden_size=32,
     ffn_hidden_size=64,
@@ -97,6 +99,10 @@ SMALL = dict(
     decoder_attention_heads=4,
     encoder_ffn_dim=64,
     decoder_ffn_dim=64,
+    pooler_hidden_size=32,
+    embedding_size=32,
+    embedding_dim=32,
+    num_blocks=2,
     attn_layer_period=2,  # hybrids of state-space and attention layers: an attention layer among 2
     attn_layer_offset=1,
     attn_layer_indices=[1],
@@ -124,18 +130,22 @@ TASKS = {
     },
     "image-classification": dict(MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES),
 }
-IMAGE_SIZE = 64  # the image classifiers' image size (where the config has one)
+IMAGE_SIZE = 64  # the image size of every config that has one
 
 
 def small(config) -> None:
     """``config`` and its sub-configs (a multimodal model's text and vision configs) with the sizes of
-    ``SMALL`` where they have them; every kind of layer of its ``layer_types`` kept."""
+    ``SMALL`` where they have them (not where they have one per stage: a list), and images of
+    ``IMAGE_SIZE``; every kind of layer of its ``layer_types`` kept."""
     for key, value in SMALL.items():
-        if hasattr(config, key):
+        if hasattr(config, key) and not isinstance(getattr(config, key), (list, tuple)):
             try:
                 setattr(config, key, value)
             except Exception:  # a derived or validated attribute: the default stays
                 pass
+    size = getattr(config, "image_size", None)  # (an int, or a height and a width)
+    if size is not None:
+        config.image_size = type(size)([IMAGE_SIZE] * len(size)) if isinstance(size, (list, tuple)) else IMAGE_SIZE
     if getattr(config, "kv_lora_rank", None):  # multi-head latent attention: a key and a value per head
         config.num_key_value_heads = config.num_attention_heads
     if all(hasattr(config, k) for k in ("expand", "num_heads", "head_dim", "n_groups")):
@@ -160,9 +170,6 @@ def small(config) -> None:
 def build(model_type: str, task: str = "causal-lm") -> torch.nn.Module:
     config = CONFIG_MAPPING[model_type]()
     small(config)
-    if task == "image-classification" and hasattr(config, "image_size"):
-        size = config.image_size  # (an int, or a height and a width)
-        config.image_size = type(size)([IMAGE_SIZE] * len(size)) if isinstance(size, (list, tuple)) else IMAGE_SIZE
     name = TASKS[task][model_type]
     cls = getattr(tfm, name if isinstance(name, str) else name[0])
     if not isinstance(config, cls.config_class):  # a multimodal config's language model
