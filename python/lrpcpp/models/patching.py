@@ -363,7 +363,7 @@ class _OperationRules(_GradientRules):
         self.mode = GradientRules(method, epsilon, strict)
 
     def elementwise(self, module, x, forward):
-        mode, out = self.mode, None
+        mode, out, unit = self.mode, None, True
         if mode.alone():
             # the unit's calls are its rule: made with the mode off the stack (where the mode would leave
             # its input as it is), its gi_identity counted here, as the mode would count it
@@ -372,10 +372,11 @@ class _OperationRules(_GradientRules):
                     out = self._own_rule(module, x, forward)
                     if out is None:
                         out = self._identity_rule(module, x, forward)
-                        if out is not None:
+                        unit = out is not None
+                        if unit:
                             mode.count_ruled(torch.ops.lrpcpp.gi_identity)
-        if out is None:
-            out = super().elementwise(module, x, forward)
+        if out is None:  # (a module found not element-wise above is not asked again)
+            out = super().elementwise(module, x, forward) if unit else self._not_elementwise(module, x, forward)
         if not mode.uniform and is_activation(module):
             mode.mark_gate(out)  # (CP-LRP's gates)
         return out
