@@ -172,6 +172,31 @@ def test_a_model_that_embeds_its_ids_transposed_is_explained_through_its_embeddi
     assert not model.embed._forward_hooks
 
 
+class TiedCopy(ReadsIds):
+    """A forward that embeds its ids with a module of its own tied to ``get_input_embeddings()`` (the
+    same weight parameter) and refuses embeddings, as T5's sequence classifier does."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder_embed = nn.Embedding(10, 4)
+        self.encoder_embed.weight = self.embed.weight
+
+    def forward(self, input_ids=None, inputs_embeds=None):
+        if input_ids is None:
+            raise NotImplementedError("Passing input embeddings is not supported")
+        return self.head(torch.tanh(self.norm(self.encoder_embed(input_ids)))).sum(1)
+
+
+def test_ids_embedded_by_a_module_tied_to_the_input_embeddings_have_their_relevance():
+    torch.manual_seed(0)
+    model, ids = TiedCopy().double(), torch.tensor([[1, 2, 3, 4], [5, 6, 7, 9]])
+    got = lrpcpp.attribute(model, input_ids=ids, target=0, level="operations", strict=True)
+    want = lrpcpp.attribute(model, input_ids=ids, target=0, level="operations", embedding="encoder_embed")
+    assert torch.equal(got.relevance, want.relevance) and torch.equal(got.output, want.output)
+    assert got.relevance.abs().sum() > 0
+    assert not model.embed._forward_hooks and not model.encoder_embed._forward_hooks
+
+
 class PromptsIds(ReadsIds):
     """A forward that casts its ids to int32 and puts prompt ids before them, then embeds them all, as
     CPM-Ant does (its forward takes no embeddings)."""

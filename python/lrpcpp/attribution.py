@@ -491,14 +491,23 @@ def embedding_module(
 
 @contextlib.contextmanager
 def embedded(
-    module: Optional[nn.Module], input_ids: Optional[Tensor], leaf: Optional[Tensor], caller: str
+    module: Optional[nn.Module],
+    input_ids: Optional[Tensor],
+    leaf: Optional[Tensor],
+    caller: str,
+    model: Optional[nn.Module] = None,
 ) -> Iterator[None]:
     """For the block, ``module`` called with ``input_ids`` returns ``leaf`` (the embeddings whose
     relevance is computed); an error if the block never calls it so. ``module=None`` (or no
-    ``input_ids`` or ``leaf``): nothing."""
+    ``input_ids`` or ``leaf``): nothing. With ``model``, so do the embedding modules of ``model`` tied
+    to ``module`` (the same weight parameter): T5's encoder embeds with its own ``embed_tokens``,
+    which shares the weight of ``get_input_embeddings()``."""
     if module is None or input_ids is None or leaf is None:
         yield
         return
+    weight, tied = getattr(module, "weight", None), [module]
+    if model is not None and isinstance(weight, nn.Parameter):
+        tied += [m for m in model.modules() if m is not module and isinstance(m, nn.Embedding) and m.weight is weight]
     calls = []
 
     def replace(m, args, out):
@@ -516,11 +525,12 @@ def embedded(
         before, after = held.narrow(dim, 0, offset), held.narrow(dim, offset + n, held.shape[dim] - offset - n)
         return torch.cat([before, copy, after], dim)
 
-    hook = module.register_forward_hook(replace)
+    hooks = [m.register_forward_hook(replace) for m in tied]
     try:
         yield
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     if not calls:
         raise EmbeddingNotCalledError(
             f"{caller}: the embedding module ({type(module).__name__}) was not called with input_ids in the "
@@ -713,7 +723,11 @@ def attribute(
             with torch.enable_grad(), handle.rules.context():
                 try:
                     with embedded(
-                        hooked, input_ids, leaves["input_ids"][1] if hooked is not None else leaf, "lrpcpp.attribute"
+                        hooked,
+                        input_ids,
+                        leaves["input_ids"][1] if hooked is not None else leaf,
+                        "lrpcpp.attribute",
+                        model,
                     ):
                         out = _call(model, calls, model_inputs)
                 except EmbeddingNotCalledError:
