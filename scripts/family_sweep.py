@@ -19,7 +19,8 @@ The models of a task, by model type, and what is explained:
 
 Each is built from its config's defaults, made small (hidden size 32, 2 layers, 4 heads, ...: the
 attributes below, where the config or a multimodal config's text and vision configs have them; a
-hybrid keeps a layer of each kind), with random weights in float32, and explained with
+hybrid keeps a layer of each kind, a layer sized apart keeps its sizes in proportion, and a model
+sized per stage keeps its stages), with random weights in float32, and explained with
 ``level="auto"`` (the registry where a family entry describes the model, else the operation level),
 with ``use_cache=False`` where the forward takes it, for the model's own call as well.
 One forked process per model, so that a model that needs much memory or time (``--timeout``) does not
@@ -63,6 +64,7 @@ SMALL = dict(
     num_key_value_heads=2,
     head_dim=8,
     vocab_size=128,
+    vocab_size_per_layer_input=128,  # (Gemma 3n's and 4's per-layer embeddings)
     max_position_embeddings=128,
     n_embd=32,
     n_layer=2,
@@ -108,6 +110,7 @@ SMALL = dict(
     attn_layer_indices=[1],
     expert_layer_period=2,
     expert_layer_offset=1,
+    window_size=2,  # (Swin: a window within the last stage of an image of IMAGE_SIZE)
     mamba_n_heads=8,  # (times mamba_d_head: mamba_expand x hidden_size)
     mamba_d_head=8,
     mamba_d_ssm=64,
@@ -136,8 +139,41 @@ IMAGE_SIZE = 64  # the image size of every config that has one
 def small(config) -> None:
     """``config`` and its sub-configs (a multimodal model's text and vision configs) with the sizes of
     ``SMALL`` where they have them (not where they have one per stage: a list), and images of
-    ``IMAGE_SIZE``; every kind of layer of its ``layer_types`` kept."""
+    ``IMAGE_SIZE``; every kind of layer of its ``layer_types`` kept, and the layers that a heterogeneous
+    config sizes apart (Gemma 4's full-attention heads) kept apart, their sizes scaled alike."""
+    spec = vars(config).get("_heterogeneity_spec")  # (transformers 5's per_layer_config)
+    if spec is not None:
+        overrides = spec.per_layer_overrides
+        config.per_layer_config = None  # homogeneous while the global sizes are set
+        before = {key: getattr(config, key, None) for layer in overrides.values() for key in layer}
+        _small_sizes(config)
+        kept = {i: _scaled(layer, before, config) for i, layer in overrides.items() if i < config.num_hidden_layers}
+        if kept:
+            config.per_layer_config = kept
+        return
+    _small_sizes(config)
+
+
+def _scaled(layer: dict, before: dict, config) -> dict:
+    """A layer's own sizes in the ratio to the global ones that they had before ``small``."""
+    scaled = {}
+    for key, value in layer.items():
+        old, new = before.get(key), getattr(config, key, None)
+        same_kind = all(type(v) is int for v in (value, old, new))
+        scaled[key] = max(1, round(new * value / old)) if same_kind and old else value
+    return scaled
+
+
+# the sizes that a config with sizes per stage (a list: ConvNeXt's, Swin's) derives from those lists
+_PER_STAGE = ("depths", "hidden_sizes")
+_OF_THE_STAGES = ("num_hidden_layers", "num_layers", "num_stages", "hidden_size")
+
+
+def _small_sizes(config) -> None:
+    staged = any(isinstance(getattr(config, k, None), (list, tuple)) for k in _PER_STAGE)
     for key, value in SMALL.items():
+        if staged and key in _OF_THE_STAGES:
+            continue
         if hasattr(config, key) and not isinstance(getattr(config, key), (list, tuple)):
             try:
                 setattr(config, key, value)
@@ -157,9 +193,13 @@ def small(config) -> None:
         if types is not None and layers is not None:
             kinds = set(types)  # the first layers, up to the first of each kind (a hybrid's attention layer)
             n = next((i for i in range(layers, len(types) + 1) if set(types[:i]) == kinds), len(types))
+            # Gemma 3n's last layers reuse the keys and values of the first: as many again, to reuse them
+            shared = bool(getattr(config, "num_kv_shared_layers", 0))
             try:
-                setattr(config, key, types[:n])
-                config.num_hidden_layers = n
+                setattr(config, key, types[:n] * (1 + shared))
+                config.num_hidden_layers = n * (1 + shared)
+                if shared:
+                    config.num_kv_shared_layers = n
             except AttributeError:  # derived from other attributes
                 pass
     for value in list(vars(config).values()):
@@ -174,6 +214,10 @@ def build(model_type: str, task: str = "causal-lm") -> torch.nn.Module:
     cls = getattr(tfm, name if isinstance(name, str) else name[0])
     if not isinstance(config, cls.config_class):  # a multimodal config's language model
         config = config.get_text_config(decoder=True)
+    if config.is_encoder_decoder and getattr(config, "decoder_start_token_id", None) is None:
+        config.decoder_start_token_id = config.pad_token_id  # (the decoder's first input, T5's convention)
+    if task == "causal-lm":
+        config.is_decoder = True  # (an encoder's language model head is a decoder's: a causal mask)
     torch.manual_seed(0)
     try:
         config._attn_implementation = "sdpa"
@@ -197,6 +241,9 @@ def explain(model_type: str, task: str = "causal-lm") -> dict:
             inputs = dict(pixel_values=torch.randn(1, channels, IMAGE_SIZE, IMAGE_SIZE))
         else:
             inputs = dict(input_ids=torch.randint(3, 100, (1, 10)))
+            eos = getattr(model.config, "eos_token_id", None)
+            if task == "sequence-classification" and isinstance(eos, int):
+                inputs["input_ids"][0, -1] = eos  # (T5's classifiers read the last one's state)
         if "use_cache" in inspect.signature(model.forward).parameters:
             inputs["use_cache"] = False  # (one forward, nothing generated: RWKV's cache breaks the backward)
         with torch.no_grad():

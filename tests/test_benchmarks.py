@@ -154,13 +154,16 @@ def test_family_sweep_names_each_outcome(tmp_path):
 
 
 def test_family_sweep_of_encoders_explains_their_top_class(tmp_path):
-    proc, results = _family_sweep(tmp_path, "--task", "sequence-classification", "--only", "esm", "fnet", "ibert")
+    types = ("esm", "fnet", "t5", "ibert")
+    proc, results = _family_sweep(tmp_path, "--task", "sequence-classification", "--only", *types)
     assert proc.returncode == 1, proc.stderr[-4000:]  # (an lrpcpp error: I-BERT's embedding module)
-    for family in ("esm", "fnet"):  # erf, the real part of an FFT: ruled and passed
+    # erf, the real part of an FFT: ruled and passed; T5's classifier embeds the ids with its encoder's
+    # own module (tied to get_input_embeddings()) and refuses inputs_embeds
+    for family in ("esm", "fnet", "t5"):
         assert results[family] == dict(outcome="explained", unruled={}, level="operations", finite=True, value=True)
     ibert = results["ibert"]
     assert ibert["outcome"] == "lrpcpp error" and "(QuantEmbedding) returned a tuple" in ibert["why"]
-    assert "sequence-classification: 3 model types" in proc.stdout
+    assert "sequence-classification: 4 model types" in proc.stdout
 
 
 def test_family_sweep_of_image_classifiers_explains_their_top_class(tmp_path):
@@ -175,8 +178,10 @@ def test_family_sweep_builds_hybrids_latent_attention_and_multimodal_language_mo
     # the sweep's small configs: a hybrid keeps a layer of each kind (qwen3_next's attention among its
     # linear-attention layers, jamba's among its Mamba layers), latent attention a key and value per
     # head (deepseek_v3), experts routed in one group (beam), a multimodal config gives its language
-    # model's (llama4); rwkv (without its cache) and hy_v4's norm that returns its factor alone are explained
-    types = ("qwen3_next", "jamba", "deepseek_v3", "llama4", "rwkv", "hy_v4", "beam")
+    # model's (llama4); rwkv (without its cache) and hy_v4's norm that returns its factor alone are explained;
+    # a heterogeneous config keeps its layers' own sizes (gemma4_text's full-attention heads), and
+    # gemma3n_text's last layers reuse the keys and values of the first
+    types = ("qwen3_next", "jamba", "deepseek_v3", "llama4", "rwkv", "hy_v4", "beam", "gemma4_text", "gemma3n_text")
     proc, results = _family_sweep(tmp_path, "--only", *types)
     assert proc.returncode == 0, proc.stderr[-4000:]
     for family in types:
