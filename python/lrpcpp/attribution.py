@@ -495,19 +495,19 @@ def embedded(
     input_ids: Optional[Tensor],
     leaf: Optional[Tensor],
     caller: str,
-    model: Optional[nn.Module] = None,
+    modules: Sequence[nn.Module] = (),
 ) -> Iterator[None]:
     """For the block, ``module`` called with ``input_ids`` returns ``leaf`` (the embeddings whose
     relevance is computed); an error if the block never calls it so. ``module=None`` (or no
-    ``input_ids`` or ``leaf``): nothing. With ``model``, so do the embedding modules of ``model`` tied
-    to ``module`` (the same weight parameter): T5's encoder embeds with its own ``embed_tokens``,
-    which shares the weight of ``get_input_embeddings()``."""
+    ``input_ids`` or ``leaf``): nothing. So do the embedding modules among ``modules`` (the model's)
+    tied to ``module`` (the same weight parameter): T5's encoder embeds with its own
+    ``embed_tokens``, which shares the weight of ``get_input_embeddings()``."""
     if module is None or input_ids is None or leaf is None:
         yield
         return
     weight, tied = getattr(module, "weight", None), [module]
-    if model is not None and isinstance(weight, nn.Parameter):
-        tied += [m for m in model.modules() if m is not module and isinstance(m, nn.Embedding) and m.weight is weight]
+    if isinstance(weight, nn.Parameter):
+        tied += [m for m in modules if m is not module and isinstance(m, nn.Embedding) and m.weight is weight]
     calls = []
 
     def replace(m, args, out):
@@ -727,7 +727,7 @@ def attribute(
                         input_ids,
                         leaves["input_ids"][1] if hooked is not None else leaf,
                         "lrpcpp.attribute",
-                        model,
+                        handle.modules,
                     ):
                         out = _call(model, calls, model_inputs)
                 except EmbeddingNotCalledError:

@@ -505,8 +505,9 @@ class PatchHandle:
 
     kind = "patched"
 
-    def __init__(self, model: nn.Module, method: str, mode: str, rules: _Rules):
+    def __init__(self, model: nn.Module, method: str, mode: str, rules: _Rules, modules: Sequence[nn.Module] = ()):
         self.model, self.method, self.mode, self.rules = model, method, mode, rules
+        self.modules = tuple(modules)  # the model's modules, as walked when it was patched
         self.level = "operations" if isinstance(rules, _OperationRules) else "registry"
         self._undo: List[Callable[[], None]] = []
         self._reports: List[Tuple[str, str, bool]] = []  # (module name, what was done to it, unless named)
@@ -725,7 +726,7 @@ def patch_walked(
         rules = _OperationRules(epsilon, method, strict)
     else:
         rules = _GradientRules(epsilon) if mode == "gradient" else _ExplicitRules(epsilon)
-    handle = PatchHandle(model, method, mode, rules)
+    handle = PatchHandle(model, method, mode, rules, [m for _, m in modules])
     claim(model, handle, "lrpcpp.patch", modules=modules)
     try:
         if preset is not None:
