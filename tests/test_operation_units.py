@@ -255,8 +255,10 @@ def test_a_unit_whose_output_is_not_elementwise_is_refused_at_the_registry_level
     model = tfm.LlamaForCausalLM(config).eval()
     model.model.norm = _ScaledNorm(model.model.norm)
     ids = torch.tensor([[1, 5, 9]])
-    with pytest.raises(RuntimeError, match=r"_FactorRMSNorm is patched as an element-wise unit .* level='operations'"):
-        lrpcpp.attribute(model, input_ids=ids, level="registry")
+    refused = r"_FactorRMSNorm is patched as an element-wise unit .* shape \[1, 3, 16\].* level='operations'"
+    for mode in ("gradient", "explicit"):  # (the registry's rules of either mode: the module named)
+        with pytest.raises(RuntimeError, match=refused):
+            lrpcpp.attribute(model, input_ids=ids, level="registry", mode=mode)
     got = lrpcpp.attribute(model, input_ids=ids, level="operations")
     assert torch.isfinite(got.relevance).all() and not got.coverage.unruled
 

@@ -263,6 +263,16 @@ class _Rules:
     def elementwise(self, module: nn.Module, x: Tensor, forward: Callable[[Tensor], Tensor]) -> Tensor:
         raise NotImplementedError
 
+    def _not_elementwise(self, module: nn.Module, x: Tensor, forward: Callable[[Tensor], Tensor]) -> Tensor:
+        """A unit (an activation or an RMSNorm by its class name) whose output is not one value per
+        input element: the identity rule does not apply to it."""
+        raise RuntimeError(
+            f"lrpcpp.patch: {type(module).__name__} is patched as an element-wise unit (an activation or an "
+            f"RMSNorm, by its class name), but its output is not of its input's shape {list(x.shape)}, so the "
+            "identity rule cannot take its relevance; explain the model in gradient mode with level='operations', "
+            "whose rules take each call of its forward"
+        )
+
     def layer_norm(self, module: nn.LayerNorm, x: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -312,16 +322,6 @@ class _GradientRules(_Rules):
         if out is None:
             out = self._identity_rule(module, x, forward)
         return self._not_elementwise(module, x, forward) if out is None else out
-
-    def _not_elementwise(self, module, x, forward):
-        """A unit (an activation or an RMSNorm by its class name) whose output is not one value per
-        input element: the identity rule does not apply to it."""
-        raise RuntimeError(
-            f"lrpcpp.patch: {type(module).__name__} is patched as an element-wise unit (an activation or an "
-            f"RMSNorm, by its class name), but its output is not of its input's shape {list(x.shape)}, so the "
-            "identity rule cannot take its relevance; explain the model with level='operations', whose rules "
-            "take each call of its forward"
-        )
 
     @staticmethod
     def _own_rule(module, x, forward):
@@ -403,7 +403,8 @@ class _ExplicitRules(_Rules):
     def elementwise(self, module, x, forward):
         def plain(t: Tensor) -> Tensor:
             with self._explicit.ExplicitRules.suspended():
-                return _out_of_place(module, forward, t)
+                y = _out_of_place(module, forward, t)
+            return y if isinstance(y, Tensor) and y.shape == t.shape else self._not_elementwise(module, t, forward)
 
         return self._explicit.identity_rule(plain, x)
 
