@@ -171,6 +171,9 @@ _OF_THE_STAGES = ("num_hidden_layers", "num_layers", "num_stages", "hidden_size"
 
 def _small_sizes(config) -> None:
     staged = any(isinstance(getattr(config, k, None), (list, tuple)) for k in _PER_STAGE)
+    # latent attention's head size: the rotary part (DeepSeek-V3's) or the whole query head (Mistral 4's)
+    head, nope, rope = (getattr(config, k, None) for k in ("head_dim", "qk_nope_head_dim", "qk_rope_head_dim"))
+    whole_head = all(type(v) is int for v in (head, nope, rope)) and head == nope + rope
     for key, value in SMALL.items():
         if staged and key in _OF_THE_STAGES:
             continue
@@ -184,6 +187,8 @@ def _small_sizes(config) -> None:
         config.image_size = type(size)([IMAGE_SIZE] * len(size)) if isinstance(size, (list, tuple)) else IMAGE_SIZE
     if getattr(config, "kv_lora_rank", None):  # multi-head latent attention: a key and a value per head
         config.num_key_value_heads = config.num_attention_heads
+    if whole_head:
+        config.head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
     if all(hasattr(config, k) for k in ("expand", "num_heads", "head_dim", "n_groups")):
         # a Mamba2 mixer: its heads span expand x hidden_size
         config.num_heads, config.n_groups = config.expand * config.hidden_size // config.head_dim, 1
