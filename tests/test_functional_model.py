@@ -197,6 +197,22 @@ def test_ids_embedded_by_a_module_tied_to_the_input_embeddings_have_their_releva
     assert not model.embed._forward_hooks and not model.encoder_embed._forward_hooks
 
 
+class _Doubled(nn.Embedding):
+    def forward(self, input_ids):
+        return 2 * super().forward(input_ids)
+
+
+def test_a_tied_module_that_embeds_otherwise_keeps_its_own_embeddings():
+    # the tied module's output is not the embeddings of get_input_embeddings(): replacing it would
+    # change the model's value, so it is left alone (and this forward, which refuses embeddings, fails)
+    model, ids = TiedCopy().double(), torch.tensor([[1, 2, 3, 4]])
+    model.encoder_embed = _Doubled(10, 4).double()
+    model.encoder_embed.weight = model.embed.weight
+    with pytest.raises(NotImplementedError, match="Passing input embeddings is not supported"):
+        lrpcpp.attribute(model, input_ids=ids, target=0)
+    assert not model.embed._forward_hooks and not model.encoder_embed._forward_hooks
+
+
 class PromptsIds(ReadsIds):
     """A forward that casts its ids to int32 and puts prompt ids before them, then embeds them all, as
     CPM-Ant does (its forward takes no embeddings)."""

@@ -500,8 +500,9 @@ def embedded(
     """For the block, ``module`` called with ``input_ids`` returns ``leaf`` (the embeddings whose
     relevance is computed); an error if the block never calls it so. ``module=None`` (or no
     ``input_ids`` or ``leaf``): nothing. So do the embedding modules among ``modules`` (the model's)
-    tied to ``module`` (the same weight parameter): T5's encoder embeds with its own
-    ``embed_tokens``, which shares the weight of ``get_input_embeddings()``."""
+    tied to ``module`` (the same weight parameter) where they embed the ids as ``module`` does (their
+    output equals ``leaf``): T5's encoder embeds with its own ``embed_tokens``, which shares the
+    weight of ``get_input_embeddings()``."""
     if module is None or input_ids is None or leaf is None:
         yield
         return
@@ -514,9 +515,11 @@ def embedded(
         offset = _ids_offset(args, input_ids)
         if offset is None:
             return None
+        dim, n = input_ids.dim() - 1, input_ids.shape[-1]
+        if m is not module and not torch.equal(out.narrow(dim, offset, n), leaf):
+            return None  # a tied module that embeds otherwise (scaled, say): replaced, it would change the forward
         calls.append(m)
         copy = for_the_forward(leaf)
-        dim, n = input_ids.dim() - 1, input_ids.shape[-1]
         if out.shape[dim] == n:
             return copy
         # ids that the forward extended (prompt ids before them): the extra positions keep the module's
