@@ -373,6 +373,30 @@ def test_a_product_of_n_carriers_gives_each_a_share_of_one_nth():
     torch.testing.assert_close(got.relevance.sum((1, 2)), got.output, rtol=1e-10, atol=1e-12)
 
 
+def test_a_cumulative_product_gives_each_factor_of_each_output_its_share():
+    # y_j = x_0 ... x_j has j + 1 factors: with y_j's gradient scaled by 1 / (j + 1) each output's
+    # relevance is split among its factors, so (bias-free, homogeneous) the relevance sums to the output
+    torch.manual_seed(0)
+    model = _Pair(lambda h, g: torch.cumprod(h, -1) + g.cumprod(dim=1) + h.cumprod(1, dtype=torch.float64)).double()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    got = lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True)
+    assert got.coverage.ruled == {"torch.cumprod": 1, "Tensor.cumprod": 2}
+    torch.testing.assert_close(got.relevance.sum((1, 2)), got.output, rtol=1e-10, atol=1e-12)
+
+    def shared(y, dim):  # RULES.md section 2, a product's gradient divided by its number of factors
+        n = y.shape[dim]
+        scale = 1.0 / torch.arange(1, n + 1, dtype=y.dtype).reshape([n if d == dim % 3 else 1 for d in range(3)])
+        return y * scale + (y - y * scale).detach()
+
+    reference = _Pair(
+        lambda h, g: shared(torch.cumprod(h, -1), -1) + shared(g.cumprod(1), 1) + shared(h.cumprod(1), 1)
+    ).double()
+    reference.load_state_dict(model.state_dict())
+    x = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(reference(x).gather(1, got.target[:, None]).sum(), x)
+    torch.testing.assert_close(got.relevance, x.detach() * grad, rtol=1e-10, atol=1e-14)
+
+
 def test_an_output_that_no_relevance_reaches_has_zero_relevance_and_a_warning():
     # every path from the input passes a divisor, held constant: the explained value carries no relevance
     model = _Stepped(lambda h: torch.reciprocal(h.abs() + 1.0)).double()

@@ -239,17 +239,17 @@ def test_a_shared_operand_passes_its_gradient_on_in_the_layout_it_arrives_in():
 
 
 def test_unruled_torch_functions_are_counted_and_named():
-    class Cumprod(nn.Module):
+    class Angles(nn.Module):  # (atan2 of two carriers: a function of both that no rule describes)
         def forward(self, inputs_embeds):
-            return torch.cumprod(torch.cumprod(inputs_embeds, 1), 1).sum(1)
+            return torch.atan2(torch.atan2(inputs_embeds, inputs_embeds.flip(1)), inputs_embeds).sum(1)
 
     x = torch.randn(2, 5, 4, dtype=torch.float64)
-    with pytest.warns(UnruledOperationWarning, match=r"no rule for torch\.cumprod \(x2\)"):
-        got = lrpcpp.attribute(Cumprod(), inputs_embeds=x, level="operations")
-    assert dict(got.coverage.unruled) == {"torch.cumprod": 2}
-    assert dict(got.coverage.passed) == {"Tensor.sum": 1}
-    with pytest.raises(RuntimeError, match=r"strict=True\): torch\.cumprod has no gradient-mode rule"):
-        lrpcpp.attribute(Cumprod(), inputs_embeds=x, level="operations", strict=True)
+    with pytest.warns(UnruledOperationWarning, match=r"no rule for torch\.atan2 \(x2\)"):
+        got = lrpcpp.attribute(Angles(), inputs_embeds=x, level="operations")
+    assert dict(got.coverage.unruled) == {"torch.atan2": 2}
+    assert dict(got.coverage.passed) == {"Tensor.flip": 1, "Tensor.sum": 1}
+    with pytest.raises(RuntimeError, match=r"strict=True\): torch\.atan2 has no gradient-mode rule"):
+        lrpcpp.attribute(Angles(), inputs_embeds=x, level="operations", strict=True)
 
 
 # beta * c + alpha * (a @ b) in every spelling of torch's affine products, the factors by position

@@ -295,6 +295,22 @@ def _prod(mode, func, input, *args, **kwargs):
     return func(mode.share(input, 1.0 / n) if n > 1 else input, *args, **kwargs)
 
 
+def _cumprod(mode, func, input, *args, **kwargs):
+    # y_j = x_0 ... x_j along dim, a product of j + 1 carrying factors: y_j's gradient scaled by
+    # 1 / (j + 1), the uniform rule of a product for each output
+    if not carries(input) or kwargs.get("out") is not None:
+        return NotImplemented
+    out = func(input, *args, **kwargs)
+    dim = args[0] if args else kwargs["dim"]
+    n = out.shape[dim] if out.dim() else 1
+    if n == 1:
+        return out
+    counts = torch.arange(1, n + 1, dtype=torch.float64 if out.dtype == torch.float64 else torch.float32)
+    shape = [1] * out.dim()
+    shape[dim] = n
+    return torch.ops.lrpcpp.gi_grad_scale(out, counts.reciprocal().to(out.device).reshape(shape))
+
+
 def _pow(mode, func, input, exponent, *args, **kwargs):
     if not isinstance(input, Tensor) or not isinstance(exponent, (int, float)):
         return NotImplemented
@@ -381,6 +397,7 @@ RULES: Mapping[Callable, Callable] = MappingProxyType(
         (_spellings(_STEPS, torch, _T), _held_constant),
         ([F.cosine_similarity, torch.cosine_similarity], _cosine_similarity),
         (_spellings(["prod"], torch, _T), _prod),
+        (_spellings(["cumprod"], torch, _T), _cumprod),
         (_spellings(["inv"], torch.linalg) + _spellings(["inverse"], torch, _T), _held_constant),  # 1 / A
         ([F.normalize], _normalize),
         (_SOLVES, _solve),
