@@ -27,7 +27,10 @@ def _times(step):
 
 # torch.X and Tensor.X, on inputs in (2, 4), where each is defined and not flat
 _ELEMENTWISE = ["erf", "erfc", "expm1", "exp2", "log", "log1p", "log2", "log10", "sin", "cos", "atan", "sinh", "asinh"]
-_SPECIAL = ["erf", "erfc", "expm1", "exp2", "log1p", "expit"]  # torch.special's (expit: the sigmoid)
+_ELEMENTWISE += ["tan", "cosh", "acosh", "sinc", "lgamma", "digamma", "frac"]
+_SPECIAL = ["erf", "erfc", "expm1", "exp2", "log1p", "expit", "sinc", "psi", "gammaln"]  # (expit: the sigmoid)
+# and on inputs in (0.3, 0.7)
+_ON_THE_UNIT_INTERVAL = ["asin", "acos", "atanh", "logit", "erfinv"]
 _SLOPE = torch.tensor([0.25], dtype=torch.float64)  # (a parameter of PReLU's)
 # spelling -> (the function as the model calls it, the shift of its inputs, whether the identity rule
 # differs from its own gradient: not for an activation of the form y = f'(x) x, as relu is)
@@ -35,6 +38,13 @@ _IDENTITY = {
     **{f"torch.{n}": (getattr(torch, n), 3.0, True) for n in _ELEMENTWISE},
     **{f"Tensor.{n}": (_method(n), 3.0, True) for n in _ELEMENTWISE},
     **{f"torch.special.{n}": (getattr(torch.special, n), 3.0, True) for n in _SPECIAL},
+    **{f"torch.{n}": (getattr(torch, n), 0.5, True) for n in _ON_THE_UNIT_INTERVAL},
+    **{f"torch.special.{n}": (getattr(torch.special, n), 0.5, True) for n in ("logit", "erfinv")},
+    # remainders of a constant divisor, and a constant's power (an exponential)
+    "torch.fmod": (lambda h: torch.fmod(h, 0.7), 3.0, True),
+    "Tensor.remainder": (lambda h: h.remainder(0.7), 3.0, True),
+    "Tensor.__mod__": (lambda h: h % 0.7, 3.0, True),
+    "torch.pow of a constant base": (lambda h: torch.pow(1.5, h), 3.0, True),
     "F.prelu": (lambda h: F.prelu(h, _SLOPE), 0.0, False),
     "F.rrelu": (lambda h: F.rrelu(h, training=False), 0.0, False),
     "F.hardshrink": (lambda h: F.hardshrink(h, 0.3), 0.0, False),
@@ -48,14 +58,14 @@ def _stab(z):
 
 
 class _Stepped(nn.Module):
-    """A linear map (into (2, 4) with ``shift`` 3, around 0 with 0), a step, a linear map, summed over
-    the sequence."""
+    """A linear map (into (2, 4) with ``shift`` 3, into (0.3, 0.7) with 0.5, around 0 with 0), a step,
+    a linear map, summed over the sequence."""
 
     def __init__(self, step, shift=3.0):
         super().__init__()
         self.a, self.b = nn.Linear(3, 6), nn.Linear(6, 2)
         with torch.no_grad():
-            self.a.weight.mul_(0.2 if shift else 2.0)
+            self.a.weight.mul_(2.0 if not shift else 0.2 if shift >= 1 else 0.04)
             self.a.bias.fill_(shift)
         self.step = step
 
@@ -182,6 +192,12 @@ _REARRANGED = {
     "F.pixel_shuffle and F.pixel_unshuffle": lambda h: F.pixel_unshuffle(F.pixel_shuffle(h[..., None], 2), 2)[..., 0],
     "torch.channel_shuffle": lambda h: torch.channel_shuffle(h, 2),
     "torch.diff": lambda h: torch.diff(h, dim=1, prepend=h[:, :1]),
+    # (constant weights of the order statistics around a quantile; a sign copied onto a magnitude; sums)
+    "torch.quantile": lambda h: torch.quantile(h, 0.3, dim=1, keepdim=True),
+    "Tensor.nanquantile": lambda h: h.nanquantile(0.6, dim=1, keepdim=True),
+    "torch.copysign": lambda h: torch.copysign(h, h.flip(1)),
+    "torch.trapezoid": lambda h: torch.trapezoid(h, dim=1)[:, None],
+    "torch.cumulative_trapezoid": lambda h: torch.cumulative_trapezoid(h, dim=1),
 }
 _EVERY_OTHER_ROW = torch.tensor([True, False, True, False])[None, :, None].expand(2, 4, 6)
 
@@ -254,6 +270,9 @@ _HELD = {
     "torch.cdist": lambda h: h / (torch.cdist(h, h)[..., :1] + 1.0),
     "torch.hypot": lambda h: h / torch.hypot(h, 2 * h),
     "torch.logcumsumexp": lambda h: h - torch.logcumsumexp(h, -1),
+    "torch.logaddexp": lambda h: h - torch.logaddexp(h, h.flip(-1)),
+    "torch.dist": lambda h: h / (torch.dist(h, h.flip(-1)) + 1.0),
+    "torch.angle": _times(torch.angle),
     **{f"torch.{n}": _times(getattr(torch, n)) for n in ("sign", "sgn", "round", "floor")},
     **{f"Tensor.{n}": _times(_method(n)) for n in ("ceil", "trunc", "fix")},
     "torch.heaviside": lambda h: h * torch.heaviside(h, _HALF),
@@ -285,7 +304,7 @@ class _HeldConstant(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = lrpcpp.models.tracking.op_name(func).rpartition(".")[2]
-        if name in ("cdist", "hypot", "logcumsumexp", "heaviside") + _STEPS:
+        if name in ("cdist", "hypot", "logcumsumexp", "logaddexp", "dist", "angle", "heaviside") + _STEPS:
             self.calls += 1
             return out.detach()
         return out
@@ -334,6 +353,9 @@ _PRODUCTS = {
         _halves(lambda h, g: torch.tensordot(h, g, ([2], [2]))),
     ),
     "F.bilinear": (lambda h, g: F.bilinear(h, g, _W), _halves(lambda h, g: F.bilinear(h, g, _W))),
+    # (of each item's first rows, vectors; the Kronecker product of two of its rows)
+    "torch.outer": (lambda h, g: torch.outer(h[0, 0], g[0, 1]), _halves(lambda h, g: torch.outer(h[0, 0], g[0, 1]))),
+    "Tensor.kron": (lambda h, g: h[:, 0].kron(g[:, 1]), _halves(lambda h, g: torch.kron(h[:, 0], g[:, 1]))),
     "torch.linalg.cross": (
         lambda h, g: torch.linalg.cross(h[..., :3], g[..., :3]),
         _halves(lambda h, g: torch.linalg.cross(h[..., :3], g[..., :3])),

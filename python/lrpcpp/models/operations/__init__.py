@@ -17,18 +17,19 @@ from .mode import Coverage, GradientRules, UnruledOperationError, UnruledOperati
 
 #: The torch functions with a gradient-mode rule, ``{function: handler}``: products of relevance
 #: carriers (``mul``, ``matmul``/``bmm``/``mm``, ``einsum``, ``addmm``/``baddbmm``/``addbmm``, ``addcmul``,
-#: ``tensordot``, ``F.bilinear``, ``torch.linalg.cross``, ``prod``, ``F.glu``, ``lerp`` with a carrying
-#: weight, ``F.scaled_dot_product_attention``), normalisers (a carrying divisor, also ``addcdiv``'s,
-#: ``rsqrt``, ``reciprocal``, norms, distances, variances, ``F.normalize``, ``F.cosine_similarity``),
-#: step functions (held constant), ``F.layer_norm``, ``F.group_norm``, ``F.instance_norm`` (each
-#: group's standard deviation held constant), ``F.rms_norm`` and element-wise functions of one carrier
-#: (activations, ``exp``, ``pow``, ``sqrt``, ``square``, ``clamp``, ``erf``, logarithms, trigonometric
-#: and hyperbolic functions).
+#: ``tensordot``, ``F.bilinear``, ``torch.linalg.cross``, ``outer``, ``kron``, ``prod``, ``cumprod``,
+#: ``F.glu``, ``lerp`` with a carrying weight, ``F.scaled_dot_product_attention``), normalisers (a
+#: carrying divisor, also ``addcdiv``'s, ``rsqrt``, ``reciprocal``, norms, distances, variances,
+#: ``logsumexp`` and ``logaddexp``, ``F.normalize``, ``F.cosine_similarity``), step functions (held
+#: constant), ``F.layer_norm``, ``F.group_norm``, ``F.instance_norm`` (each group's standard deviation
+#: held constant), ``F.rms_norm`` and element-wise functions of one carrier (activations, ``exp``,
+#: ``pow``, ``sqrt``, ``square``, ``clamp``, ``erf``, logarithms, trigonometric and hyperbolic
+#: functions and their inverses, ``lgamma``, ``digamma``, remainders of a constant divisor).
 RULES: Mapping[Callable, Callable] = handlers.RULES
 
 #: The torch functions whose ordinary gradient is the gradient-mode rule: linear maps, additions,
 #: sums and means, softmax, the Fourier transforms, strided views and sliding windows, the parts of a
-#: complex tensor, selections (sorting, medians, running maxima), ``relu`` and ``abs``, and every
+#: complex tensor, selections (sorting, medians, quantiles, running maxima), ``relu`` and ``abs``, and every
 #: function of :data:`lrpcpp.models.explicit.PASS_THROUGH`.
 EXACT = handlers.EXACT
 

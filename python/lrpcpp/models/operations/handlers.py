@@ -312,9 +312,12 @@ def _cumprod(mode, func, input, *args, **kwargs):
 
 
 def _pow(mode, func, input, exponent, *args, **kwargs):
-    if not isinstance(input, Tensor) or not isinstance(exponent, (int, float)):
-        return NotImplemented
-    return _IDENTITY_RULE(mode, func, input, exponent, *args, **kwargs)
+    # x ** c, a power of a carrier, and c ** x, an exponential of one: element-wise, the identity rule
+    if isinstance(input, Tensor) and isinstance(exponent, (int, float)):
+        return _IDENTITY_RULE(mode, func, input, exponent, *args, **kwargs)
+    if isinstance(input, (int, float)) and isinstance(exponent, Tensor):
+        return _IDENTITY_RULE(mode, lambda x: func(input, x, *args, **kwargs), exponent)
+    return NotImplemented
 
 
 def _without_relu(names: Tuple[str, ...]) -> Tuple[str, ...]:
@@ -348,9 +351,15 @@ _ELEMENTWISE += ("clamp", "clip", "clamp_min", "clamp_max")
 # (erf: a GELU written out, x * (1 + erf(x / sqrt(2))) / 2, as ESM has it; the logarithms and the
 # trigonometric and hyperbolic functions: periodic activations, log-scaled features)
 _ELEMENTWISE += ("erf", "erfc", "expm1", "exp2", "log", "log1p", "log2", "log10")
-_ELEMENTWISE += ("sin", "cos", "atan", "sinh", "asinh")
-# torch.special's spellings of them (expit: the sigmoid)
-_SPECIAL = _spellings(["erf", "erfc", "expm1", "exp2", "log1p", "expit"], torch.special)
+_ELEMENTWISE += ("sin", "cos", "atan", "sinh", "asinh", "tan", "asin", "acos", "cosh", "acosh", "atanh", "sinc")
+# (the logit, the inverse error function and the gamma function's logarithm and derivative; the
+# fractional part and the remainders of a constant divisor)
+_ELEMENTWISE += ("logit", "erfinv", "lgamma", "digamma", "frac", "fmod", "remainder", "__mod__")
+# torch.special's spellings of them (expit: the sigmoid; psi: digamma; gammaln: lgamma)
+_SPECIAL = _spellings(
+    ["erf", "erfc", "erfinv", "expm1", "exp2", "log1p", "expit", "logit", "sinc", "psi", "digamma", "gammaln"],
+    torch.special,
+)
 # relu's and abs's own gradients are the identity rule's gradient form exactly (relu(x) = relu'(x) x, 0
 # where x <= 0; |x| = sign(x) x): they are in EXACT, not given the factor y / stab(x)
 _GRADIENT_IS_IDENTITY = ("relu", "relu_", "abs", "absolute")
@@ -358,17 +367,18 @@ _MUL = ("mul", "multiply", "__mul__", "__rmul__")
 _MATMUL = ("matmul", "__matmul__", "bmm", "mm")
 _GROUPED_MM = _spellings(["_grouped_mm"], torch) + _spellings(["grouped_mm"], F)
 _DIV = ("div", "divide", "true_divide", "__truediv__", "__div__")
+_PRODUCTS = ("tensordot", "bilinear", "cross", "outer", "ger", "kron")  # (of two operands, by other names)
 # (logsumexp: the log of a softmax's denominator, as in an attention sink's scale sigmoid(lse - sink))
 # linear systems A X = B: the system matrix divides, as a matrix inverse (held constant, as reciprocal)
 # does (torch.linalg.solve_triangular: a gated delta rule's chunk transform, as in LaraMini)
 _SOLVES = _spellings(["solve", "solve_triangular"], torch.linalg)
 _TRIANGULAR_SOLVE = _spellings(["triangular_solve"], torch, _T)  # (its right-hand side first)
 _NORMALISERS: Tuple[str, ...] = ("rsqrt", "reciprocal", "norm", "var", "std", "var_mean", "std_mean", "logsumexp")
-# (distances and hypotenuses are norms; logcumsumexp: running softmax denominators)
-_NORMALISERS += ("cdist", "hypot", "logcumsumexp")
+# (distances and hypotenuses are norms; logcumsumexp: running softmax denominators, logaddexp: one of two)
+_NORMALISERS += ("cdist", "dist", "hypot", "logcumsumexp", "logaddexp", "logaddexp2")
 # step functions: their output is a constant of the input wherever it has a gradient (which is zero), so
 # it carries no relevance (a sign times a magnitude: the magnitude takes all of the product's)
-_STEPS = ("sign", "sgn", "round", "floor", "ceil", "trunc", "fix", "heaviside")
+_STEPS = ("sign", "sgn", "round", "floor", "ceil", "trunc", "fix", "heaviside", "angle")
 
 # Described where it is public, as lrpcpp.models.operations.RULES.
 RULES: Mapping[Callable, Callable] = MappingProxyType(
@@ -379,7 +389,7 @@ RULES: Mapping[Callable, Callable] = MappingProxyType(
         (_spellings(["mul_", "multiply_", "__imul__"], _T), inplace_form(_product, _T.mul)),
         (_spellings(["addmm", "baddbmm", "addbmm"], torch, _T), _affine_mm),
         (_spellings(["addcmul"], torch, _T), _addcmul),
-        (_spellings(["tensordot", "bilinear", "cross"], torch, _T) + [F.bilinear, torch.linalg.cross], _product),
+        (_spellings(_PRODUCTS, torch, _T) + [F.bilinear, torch.linalg.cross], _product),
         ([F.glu, torch._C._nn.glu], _glu),
         # torch's fused recurrent layers and cells, step by step (recurrent.py)
         *(([f], handler) for f, handler in RECURRENT.items()),
@@ -434,9 +444,9 @@ ELEMENTWISE = frozenset(
 # lrpcpp.models.operations.EXACT.
 _LINEAR: Tuple[str, ...] = ("add", "sub", "subtract", "rsub", "neg", "negative", "sum", "mean", "cumsum", "nansum")
 _LINEAR += ("softmax", "log_softmax", "index_add", "scatter_add", "conv1d", "conv2d", "conv3d", "sum_to_size")
-# (tensordot, bilinear and cross are products, addcdiv divides, lerp weighs: linear where their rule
-# declines, with one factor, no divisor, no weight carrying relevance)
-_LINEAR += ("diff", "tensordot", "bilinear", "cross", "addcdiv", "lerp")
+# (the other products, addcdiv divides, lerp weighs: linear where their rule declines, with one
+# factor, no divisor, no weight carrying relevance; the trapezoidal rule sums)
+_LINEAR += ("diff", "addcdiv", "lerp", "trapezoid", "trapz", "cumulative_trapezoid") + _PRODUCTS
 _INPLACE: Tuple[str, ...] = (
     "add_",
     "sub_",
@@ -472,7 +482,9 @@ _WINDOWS += [getattr(_T, n).__get__ for n in ("real", "imag")]
 # and selections and permutations like max and min's: sorting, the k-th value and the median, running
 # maxima, a masked selection, a copy of a slice, finite values kept, pixels shuffled into channels
 _SELECTIONS: Tuple[str, ...] = ("sort", "msort", "kthvalue", "median", "nanmedian", "cummax", "cummin")
-_SELECTIONS += ("masked_select",)
+# (a quantile weighs the two order statistics around it by constants; copysign puts a step's sign
+# on a magnitude, which takes all of the relevance, as a product of a sign and a value does)
+_SELECTIONS += ("masked_select", "quantile", "nanquantile", "copysign")
 _SELECTIONS += ("narrow_copy", "nan_to_num", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle")
 _SELECTIONS += ("_pack_padded_sequence", "_pad_packed_sequence")  # (a recurrent layer's packed input)
 _WINDOWS += _spellings(_SELECTIONS, torch, _T) + _spellings(["pixel_shuffle", "pixel_unshuffle"], F)
