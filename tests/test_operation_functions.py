@@ -198,6 +198,10 @@ _REARRANGED = {
     "torch.copysign": lambda h: torch.copysign(h, h.flip(1)),
     "torch.trapezoid": lambda h: torch.trapezoid(h, dim=1)[:, None],
     "torch.cumulative_trapezoid": lambda h: torch.cumulative_trapezoid(h, dim=1),
+    "Tensor.nanmean": lambda h: h.nanmean(1, keepdim=True),
+    "torch.aminmax": lambda h: torch.aminmax(h, dim=1, keepdim=True).max,
+    "torch.complex": lambda h: torch.view_as_real(torch.complex(h, h.flip(1)))[..., 0],
+    "Tensor.cumsum_": lambda h: (h * 1).cumsum_(1),
 }
 _EVERY_OTHER_ROW = torch.tensor([True, False, True, False])[None, :, None].expand(2, 4, 6)
 
@@ -214,6 +218,50 @@ def test_a_linear_rearrangement_keeps_its_own_gradient(spelling):
     assert got.coverage.unruled == {} and got.coverage.ruled == {}
     torch.testing.assert_close(got.relevance, _relevance(model, x, got.target, model.step), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(got.relevance.sum((1, 2)), got.output, rtol=1e-10, atol=1e-12)
+
+
+# the same, where the rule depends on the arguments: scattered sums, means and maxima (a place's values
+# reduced; their product has no rule), an interpolation at constant points (at carrying points, none)
+_PLACES = torch.tensor([0, 1, 0, 1])[None, :, None].expand(2, 4, 6)
+_POINTS = torch.linspace(-0.9, 0.9, 2 * 4 * 6 * 2, dtype=torch.float64).reshape(2, 4, 6, 2)
+_ARGUMENTS = {
+    **{
+        f"Tensor.scatter_reduce {r}": (lambda h, r=r: torch.zeros_like(h).scatter_reduce(1, _PLACES, h, r))
+        for r in ("sum", "mean", "amax", "amin")
+    },
+    "torch.grid_sampler": lambda h: F.grid_sample(h[:, None], _POINTS, align_corners=False)[:, 0],
+}
+
+
+@pytest.mark.parametrize("spelling", sorted(_ARGUMENTS))
+def test_a_linear_call_by_its_arguments_keeps_its_own_gradient(spelling):
+    torch.manual_seed(0)
+    model = _Stepped(_ARGUMENTS[spelling]).double()
+    with torch.no_grad():
+        model.a.bias.zero_()
+        model.b.bias.zero_()
+    x = torch.randn(2, 4, 3, dtype=torch.float64)
+    got = lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True)
+    assert got.coverage.ruled == {spelling.split(" ")[0]: 1}
+    torch.testing.assert_close(got.relevance, _relevance(model, x, got.target, model.step), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got.relevance.sum((1, 2)), got.output, rtol=1e-10, atol=1e-12)
+
+
+_NO_RULE = {
+    "Tensor.scatter_reduce": lambda h: torch.ones_like(h).scatter_reduce(1, _PLACES, h, "prod"),
+    "torch.grid_sampler": lambda h: F.grid_sample(
+        h[:, None], torch.tanh(h[..., None].expand(2, 4, 6, 2)), align_corners=False
+    )[:, 0],
+}
+
+
+@pytest.mark.parametrize("name", sorted(_NO_RULE))
+def test_a_call_whose_arguments_have_no_rule_is_unruled(name):
+    # (a product of the scattered values; an interpolation at points that carry relevance)
+    model = _Stepped(_NO_RULE[name]).double()
+    x = torch.randn(2, 4, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=f"{name} has no gradient-mode rule"):
+        lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True)
 
 
 def test_no_rule_table_holds_an_attribute_descriptor():
@@ -272,6 +320,7 @@ _HELD = {
     "torch.logcumsumexp": lambda h: h - torch.logcumsumexp(h, -1),
     "torch.logaddexp": lambda h: h - torch.logaddexp(h, h.flip(-1)),
     "torch.dist": lambda h: h / (torch.dist(h, h.flip(-1)) + 1.0),
+    "F.pairwise_distance": lambda h: h / (F.pairwise_distance(h, h.flip(-1), keepdim=True) + 1.0),
     "torch.angle": _times(torch.angle),
     **{f"torch.{n}": _times(getattr(torch, n)) for n in ("sign", "sgn", "round", "floor")},
     **{f"Tensor.{n}": _times(_method(n)) for n in ("ceil", "trunc", "fix")},
@@ -304,7 +353,11 @@ class _HeldConstant(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = lrpcpp.models.tracking.op_name(func).rpartition(".")[2]
-        if name in ("cdist", "hypot", "logcumsumexp", "logaddexp", "dist", "angle", "heaviside") + _STEPS:
+        if (
+            name
+            in ("cdist", "hypot", "logcumsumexp", "logaddexp", "dist", "pairwise_distance", "angle", "heaviside")
+            + _STEPS
+        ):
             self.calls += 1
             return out.detach()
         return out
@@ -325,6 +378,11 @@ class _Pair(nn.Module):
     def forward(self, inputs_embeds):
         z = self.f(self.a(inputs_embeds), self.c(inputs_embeds)).flatten(1).sum(1)
         return torch.stack([z, 2 * z], -1)
+
+
+def _per_item(product):
+    """``product`` of each item's h and g, stacked: a product of vectors keeps the batch."""
+    return lambda h, g: torch.stack([product(a, b) for a, b in zip(h, g)])
 
 
 def _halves(product):
@@ -353,9 +411,27 @@ _PRODUCTS = {
         _halves(lambda h, g: torch.tensordot(h, g, ([2], [2]))),
     ),
     "F.bilinear": (lambda h, g: F.bilinear(h, g, _W), _halves(lambda h, g: F.bilinear(h, g, _W))),
-    # (of each item's first rows, vectors; the Kronecker product of two of its rows)
-    "torch.outer": (lambda h, g: torch.outer(h[0, 0], g[0, 1]), _halves(lambda h, g: torch.outer(h[0, 0], g[0, 1]))),
-    "Tensor.kron": (lambda h, g: h[:, 0].kron(g[:, 1]), _halves(lambda h, g: torch.kron(h[:, 0], g[:, 1]))),
+    # (products of vectors, item by item: a row of h and a row of g; a matrix and a vector)
+    "torch.outer": (
+        _per_item(lambda h, g: torch.outer(h[0], g[1])),
+        _halves(_per_item(lambda h, g: h[0, :, None] * g[1])),
+    ),
+    "Tensor.kron": (
+        _per_item(lambda h, g: h[0].kron(g[1])),
+        _halves(_per_item(lambda h, g: (h[0, :, None] * g[1]).flatten())),
+    ),
+    "torch.mv": (_per_item(lambda h, g: torch.mv(h, g[0])), _halves(_per_item(lambda h, g: h @ g[0]))),
+    "Tensor.dot": (
+        _per_item(lambda h, g: h[0].dot(g[1])[None]),
+        _halves(_per_item(lambda h, g: (h[0] * g[1]).sum(0, True))),
+    ),
+    "torch.inner": (lambda h, g: torch.inner(h, g), _halves(lambda h, g: torch.einsum("ijd,kld->ijkl", h, g))),
+    # (complex numbers made of both, as rotary embeddings written with complex numbers have them)
+    "complex Tensor.__mul__": (
+        lambda h, g: torch.view_as_real(torch.complex(h, g) * torch.complex(g, h)),
+        lambda h, g: torch.view_as_real(_halves(torch.mul)(torch.complex(h, g), torch.complex(g, h))),
+    ),
+    "torch.linalg.vecdot": (lambda h, g: torch.linalg.vecdot(h, g), _halves(lambda h, g: (h * g).sum(-1))),
     "torch.linalg.cross": (
         lambda h, g: torch.linalg.cross(h[..., :3], g[..., :3]),
         _halves(lambda h, g: torch.linalg.cross(h[..., :3], g[..., :3])),
@@ -392,6 +468,30 @@ def test_a_product_of_n_carriers_gives_each_a_share_of_one_nth():
     x = torch.randn(2, 5, 3, dtype=torch.float64)
     got = lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True)
     assert got.coverage.ruled == {"Tensor.prod": 1, "torch.prod": 1}
+    torch.testing.assert_close(got.relevance.sum((1, 2)), got.output, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:torch.chain_matmul is deprecated")  # (still a spelling models use)
+def test_a_chain_of_matrix_products_gives_each_carrying_factor_its_share():
+    # h g^T h (item 0's first three rows) and h h^T h (item 1's): three carrying factors, a third of the
+    # gradient each; a matrix's square: two factors of the same matrix, half each. Bias-free and
+    # homogeneous, so each item's relevance sums to its output
+    torch.manual_seed(0)
+    model = _Pair(
+        lambda h, g: (
+            torch.stack(
+                [
+                    torch.linalg.multi_dot([h[0, :3], g[0, :3].mT, h[0, :3]]),
+                    torch.chain_matmul(h[1, :3], h[1, :3].T, h[1, :3]),
+                ]
+            )[..., :3]
+            + torch.linalg.matrix_power(h[:, :3, :3], 2)
+        )
+    ).double()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    got = lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True)
+    ruled = {"torch._C._linalg.linalg_multi_dot": 1, "torch.functional.chain_matmul": 1}  # (as torch names them)
+    assert got.coverage.ruled == {**ruled, "torch._C._linalg.linalg_matrix_power": 1}
     torch.testing.assert_close(got.relevance.sum((1, 2)), got.output, rtol=1e-10, atol=1e-12)
 
 

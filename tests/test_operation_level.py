@@ -264,12 +264,19 @@ _AFFINE_PRODUCTS = {
     "addbmm": lambda c, a, b: torch.addbmm(c[0], batch1=a, batch2=b.mT, beta=0.5, alpha=2.0),
     "addcmul": lambda c, a, b: torch.addcmul(c[..., :4], a, b, value=2.0),
     "Tensor.addcmul": lambda c, a, b: c[..., :4].addcmul(a, tensor2=b, value=2.0),
+    # (a matrix times a vector, and an outer product of two vectors: the first item's)
+    "addmv": lambda c, a, b: torch.addmv(c[0, :, 0], a[0], b[0, 0], beta=0.5, alpha=2.0),
+    "Tensor.addmv, named": lambda c, a, b: c[0, :, 0].addmv(mat=a[0], vec=b[0, 0], beta=0.5, alpha=2.0),
+    "addr": lambda c, a, b: torch.addr(c[0, :4, :4], a[0, 0], b[0, 1], beta=0.5, alpha=2.0),
+    "Tensor.addr, named": lambda c, a, b: c[0, :4, :4].addr(vec1=a[0, 0], vec2=b[0, 1], beta=0.5, alpha=2.0),
 }
 _WRITTEN_OUT = {
     "addcmul": lambda c, a, b: c[..., :4] + 2.0 * (a * b),
     "addmm": lambda c, a, b: 0.5 * c[0] + 2.0 * (a[0] @ b[0].mT),
     "baddbmm": lambda c, a, b: 0.5 * c + 2.0 * (a @ b.mT),
     "addbmm": lambda c, a, b: 0.5 * c[0] + 2.0 * (a @ b.mT).sum(0),
+    "addmv": lambda c, a, b: 0.5 * c[0, :, 0] + 2.0 * (a[0] @ b[0, 0]),
+    "addr": lambda c, a, b: 0.5 * c[0, :4, :4] + 2.0 * (a[0, 0, :, None] * b[0, 1, None, :]),
 }
 
 
@@ -338,6 +345,25 @@ def test_clamp_takes_the_identity_rule(spelling):
     torch.testing.assert_close(got.relevance, want.relevance, rtol=1e-12, atol=1e-15)
     plain = x * torch.autograd.grad(model(x.requires_grad_())[:, got.target].diagonal().sum(), x)[0]
     assert (got.relevance - plain).abs().max() > 1e-3  # the rule differs from the clipped gradient
+
+
+def test_clamp_with_bounds_that_carry_relevance_is_a_selection():
+    # an element-wise max and min of carriers: the selected value takes all of the relevance (its own
+    # gradient), as torch.maximum and torch.minimum have it
+    torch.manual_seed(0)
+    model = _Clamped(lambda h: torch.clamp(h, min=-h.flip(1).abs(), max=h.flip(1).abs())).double()
+    reference = _Clamped(lambda h: torch.minimum(torch.maximum(h, -h.flip(1).abs()), h.flip(1).abs())).double()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for m in (model, reference):
+            m.a.bias.zero_()
+            m.b.bias.zero_()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    got = lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True)
+    want = lrpcpp.attribute(reference, inputs_embeds=x, level="operations", strict=True)
+    assert got.coverage.ruled == {"torch.clamp": 1}
+    torch.testing.assert_close(got.relevance, want.relevance, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(got.relevance.sum((1, 2)), got.output, rtol=1e-10, atol=1e-12)
 
 
 # linear systems whose matrix carries relevance (a gated delta rule's chunk transform): the matrix is a

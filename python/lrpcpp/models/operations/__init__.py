@@ -16,15 +16,18 @@ from . import handlers
 from .mode import Coverage, GradientRules, UnruledOperationError, UnruledOperationWarning, warn_unruled
 
 #: The torch functions with a gradient-mode rule, ``{function: handler}``: products of relevance
-#: carriers (``mul``, ``matmul``/``bmm``/``mm``, ``einsum``, ``addmm``/``baddbmm``/``addbmm``, ``addcmul``,
-#: ``tensordot``, ``F.bilinear``, ``torch.linalg.cross``, ``outer``, ``kron``, ``prod``, ``cumprod``,
-#: ``F.glu``, ``lerp`` with a carrying weight, ``F.scaled_dot_product_attention``), normalisers (a
-#: carrying divisor, also ``addcdiv``'s, ``rsqrt``, ``reciprocal``, norms, distances, variances,
-#: ``logsumexp`` and ``logaddexp``, ``F.normalize``, ``F.cosine_similarity``), step functions (held
-#: constant), ``F.layer_norm``, ``F.group_norm``, ``F.instance_norm`` (each group's standard deviation
-#: held constant), ``F.rms_norm`` and element-wise functions of one carrier (activations, ``exp``,
-#: ``pow``, ``sqrt``, ``square``, ``clamp``, ``erf``, logarithms, trigonometric and hyperbolic
-#: functions and their inverses, ``lgamma``, ``digamma``, remainders of a constant divisor).
+#: carriers (``mul``, ``matmul``/``bmm``/``mm``, ``einsum``, ``addmm``/``baddbmm``/``addbmm``,
+#: ``addcmul``, ``addmv``, ``addr``, ``mv``, ``dot``, ``inner``, ``vecdot``, ``tensordot``,
+#: ``F.bilinear``, ``torch.linalg.cross``, ``outer``, ``kron``, ``multi_dot``, ``chain_matmul``,
+#: ``matrix_power``, ``prod``, ``cumprod``, ``F.glu``, ``lerp`` with a carrying weight,
+#: ``F.scaled_dot_product_attention``), normalisers (a carrying divisor, also ``addcdiv``'s,
+#: ``rsqrt``, ``reciprocal``, norms, distances, variances, ``logsumexp`` and ``logaddexp``,
+#: ``F.normalize``, ``F.cosine_similarity``), step functions (held constant), ``F.layer_norm``,
+#: ``F.group_norm``, ``F.instance_norm`` (each group's standard deviation held constant),
+#: ``F.rms_norm``, element-wise functions of one carrier (activations, ``exp``, ``pow``, ``sqrt``,
+#: ``square``, ``clamp``, ``erf``, logarithms, trigonometric and hyperbolic functions and their
+#: inverses, ``lgamma``, ``digamma``, remainders of a constant divisor), and the calls whose rule
+#: depends on their arguments (``scatter_reduce``, ``grid_sampler``).
 RULES: Mapping[Callable, Callable] = handlers.RULES
 
 #: The torch functions whose ordinary gradient is the gradient-mode rule: linear maps, additions,

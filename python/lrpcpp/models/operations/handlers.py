@@ -70,8 +70,10 @@ def _grouped_mm(mode, func, mat_a, mat_b, *args, **kwargs):
 
 def _affine_mm(mode, func, input, *factors, beta=1, alpha=1, out=None, **named):
     # beta * input + alpha * (a @ b): the factors by position or by name (addmm's mat1 and mat2,
-    # baddbmm's and addbmm's batch1 and batch2)
-    factors += tuple(named.pop(n) for n in ("mat1", "mat2", "batch1", "batch2") if n in named)
+    # baddbmm's and addbmm's batch1 and batch2, addmv's mat and vec, addr's vec1 and vec2)
+    factors += tuple(
+        named.pop(n) for n in ("mat1", "mat2", "batch1", "batch2", "mat", "vec", "vec1", "vec2") if n in named
+    )
     if out is not None or named or len(factors) != 2 or not all(carries(f) for f in factors):
         return NotImplemented
     a, b = products(mode, factors)
@@ -92,6 +94,46 @@ def _einsum(mode, func, equation, *operands):
     if not isinstance(equation, str) or sum(carries(o) for o in operands) < 2:
         return NotImplemented
     return torch.einsum(equation, *products(mode, operands))
+
+
+def _chain(mode, func, *matrices, **kwargs):
+    # a product of several matrices (torch.linalg.multi_dot's list, torch.chain_matmul's arguments):
+    # the gradient split among its carriers as a product of two's is
+    listed = len(matrices) == 1 and isinstance(matrices[0], (list, tuple))
+    operands = tuple(matrices[0]) if listed else matrices
+    if sum(carries(o) for o in operands) < 2 or kwargs.get("out") is not None:
+        return NotImplemented
+    shared = products(mode, operands)
+    return func(shared, **kwargs) if listed else func(*shared, **kwargs)
+
+
+def _matrix_power(mode, func, input, n, *args, **kwargs):
+    # A^n (n > 1): a product of n carrying factors, each with 1 / n of the gradient, as prod's; A^0 is
+    # a constant; a negative power inverts A, which no rule here describes
+    if not carries(input) or not isinstance(n, int) or n < 0 or kwargs.get("out") is not None:
+        return NotImplemented
+    return func(mode.share(input, 1.0 / n) if n > 1 else input, n, *args, **kwargs)
+
+
+def _clamp(mode, func, input, *args, **kwargs):
+    # bounds that carry relevance make it an element-wise max and min, a selection whose own gradient
+    # gives the selected value all of it; constant bounds: an element-wise function, the identity rule
+    if any(carries(b) for b in list(args) + list(kwargs.values())):
+        return func(input, *args, **kwargs)
+    return _IDENTITY_RULE(mode, func, input, *args, **kwargs)
+
+
+def _scatter_reduce(mode, func, input, *args, **kwargs):
+    # sums, means and maxima of the values scattered to each place: their own gradient, as
+    # scatter_add's and max's; a product of them has no rule here
+    reduce = args[3] if len(args) > 3 else kwargs.get("reduce")
+    return func(input, *args, **kwargs) if reduce in ("sum", "mean", "amax", "amin") else NotImplemented
+
+
+def _grid_sample(mode, func, input, grid, *args, **kwargs):
+    # an interpolation at constant points is linear in the input: its own gradient; at points that
+    # carry relevance (a spatial transformer's), a product that no rule here describes
+    return NotImplemented if carries(grid) else func(input, grid, *args, **kwargs)
 
 
 def _sdpa(mode, func, query, key, value, *args, **kwargs):
@@ -362,12 +404,17 @@ _SPECIAL = _spellings(
 )
 # relu's and abs's own gradients are the identity rule's gradient form exactly (relu(x) = relu'(x) x, 0
 # where x <= 0; |x| = sign(x) x): they are in EXACT, not given the factor y / stab(x)
-_GRADIENT_IS_IDENTITY = ("relu", "relu_", "abs", "absolute")
+_GRADIENT_IS_IDENTITY = ("relu", "relu_", "abs", "absolute", "abs_", "absolute_")
 _MUL = ("mul", "multiply", "__mul__", "__rmul__")
 _MATMUL = ("matmul", "__matmul__", "bmm", "mm")
 _GROUPED_MM = _spellings(["_grouped_mm"], torch) + _spellings(["grouped_mm"], F)
 _DIV = ("div", "divide", "true_divide", "__truediv__", "__div__")
-_PRODUCTS = ("tensordot", "bilinear", "cross", "outer", "ger", "kron")  # (of two operands, by other names)
+# (products of two operands, by other names; linalg.vecdot's is spelled below)
+_PRODUCTS = ("tensordot", "bilinear", "cross", "outer", "ger", "kron", "mv", "dot", "vdot", "inner")
+_AFFINE = ("addmm", "baddbmm", "addbmm", "addmv", "addr")  # beta * input + alpha * a product
+_CHAINS = _spellings(["multi_dot"], torch.linalg) + _spellings(["chain_matmul"], torch)
+_MATRIX_POWERS = _spellings(["matrix_power"], torch.linalg, torch, _T)
+_CLAMPS = ("clamp", "clip", "clamp_min", "clamp_max")
 # (logsumexp: the log of a softmax's denominator, as in an attention sink's scale sigmoid(lse - sink))
 # linear systems A X = B: the system matrix divides, as a matrix inverse (held constant, as reciprocal)
 # does (torch.linalg.solve_triangular: a gated delta rule's chunk transform, as in LaraMini)
@@ -375,7 +422,7 @@ _SOLVES = _spellings(["solve", "solve_triangular"], torch.linalg)
 _TRIANGULAR_SOLVE = _spellings(["triangular_solve"], torch, _T)  # (its right-hand side first)
 _NORMALISERS: Tuple[str, ...] = ("rsqrt", "reciprocal", "norm", "var", "std", "var_mean", "std_mean", "logsumexp")
 # (distances and hypotenuses are norms; logcumsumexp: running softmax denominators, logaddexp: one of two)
-_NORMALISERS += ("cdist", "dist", "hypot", "logcumsumexp", "logaddexp", "logaddexp2")
+_NORMALISERS += ("cdist", "dist", "pairwise_distance", "hypot", "logcumsumexp", "logaddexp", "logaddexp2")
 # step functions: their output is a constant of the input wherever it has a gradient (which is zero), so
 # it carries no relevance (a sign times a magnitude: the magnitude takes all of the product's)
 _STEPS = ("sign", "sgn", "round", "floor", "ceil", "trunc", "fix", "heaviside", "angle")
@@ -387,9 +434,11 @@ RULES: Mapping[Callable, Callable] = MappingProxyType(
         (_spellings(_MUL + _MATMUL, torch, _T), _product),
         (_spellings(["__rmatmul__"], _T), lambda m, f, a, b: _product(m, f, a, b)),
         (_spellings(["mul_", "multiply_", "__imul__"], _T), inplace_form(_product, _T.mul)),
-        (_spellings(["addmm", "baddbmm", "addbmm"], torch, _T), _affine_mm),
+        (_spellings(_AFFINE, torch, _T), _affine_mm),
         (_spellings(["addcmul"], torch, _T), _addcmul),
-        (_spellings(_PRODUCTS, torch, _T) + [F.bilinear, torch.linalg.cross], _product),
+        (_spellings(_PRODUCTS, torch, _T) + [F.bilinear, torch.linalg.cross, torch.linalg.vecdot], _product),
+        (_CHAINS, _chain),
+        (_MATRIX_POWERS, _matrix_power),
         ([F.glu, torch._C._nn.glu], _glu),
         # torch's fused recurrent layers and cells, step by step (recurrent.py)
         *(([f], handler) for f, handler in RECURRENT.items()),
@@ -402,7 +451,7 @@ RULES: Mapping[Callable, Callable] = MappingProxyType(
         (_spellings(_DIV, torch, _T), _div),
         (_spellings(["div_", "divide_", "true_divide_", "__itruediv__", "__idiv__"], _T), _div),
         (_spellings(["__rdiv__", "__rtruediv__"], _T), _rdiv),
-        (_spellings(_NORMALISERS, torch, _T), _held_constant),
+        (_spellings(_NORMALISERS, torch, _T) + [F.pairwise_distance], _held_constant),
         ([torch.linalg.norm, torch.linalg.vector_norm], _held_constant),
         (_spellings(_STEPS, torch, _T), _held_constant),
         ([F.cosine_similarity, torch.cosine_similarity], _cosine_similarity),
@@ -420,12 +469,11 @@ RULES: Mapping[Callable, Callable] = MappingProxyType(
         (_spellings(_without_relu(_ACTIVATIONS), F), _IDENTITY_RULE),
         (_spellings(_without_relu(_ELEMENTWISE), torch, _T) + _SPECIAL, _IDENTITY_RULE),
         (_spellings(["pow", "__pow__"], torch, _T), _pow),
+        (_spellings(_CLAMPS, torch, _T), _clamp),  # (after the element-wise functions: bounds may carry)
         (_spellings(["elu_", "leaky_relu_", "hardtanh_"], F, torch), _identity(inplace=True)),
-        (
-            _spellings(["tanh_", "sigmoid_", "exp_", "sqrt_", "square_"], _T)
-            + _spellings(["clamp_", "clip_", "clamp_min_", "clamp_max_"], _T),
-            _identity(inplace=True),
-        ),
+        (_spellings([n + "_" for n in _without_relu(_ELEMENTWISE)], _T), _identity(inplace=True)),
+        (_spellings(["scatter_reduce"], torch, _T), _scatter_reduce),
+        (_spellings(["grid_sampler"], torch), _grid_sample),  # (F.grid_sample's body calls it)
     )
 )
 
@@ -443,6 +491,7 @@ ELEMENTWISE = frozenset(
 # or only the numerator, carries relevance). Described where it is public, as
 # lrpcpp.models.operations.EXACT.
 _LINEAR: Tuple[str, ...] = ("add", "sub", "subtract", "rsub", "neg", "negative", "sum", "mean", "cumsum", "nansum")
+_LINEAR += ("nanmean", "cumsum_", "complex")  # (complex(a, b) = a + ib)
 _LINEAR += ("softmax", "log_softmax", "index_add", "scatter_add", "conv1d", "conv2d", "conv3d", "sum_to_size")
 # (the other products, addcdiv divides, lerp weighs: linear where their rule declines, with one
 # factor, no divisor, no weight carrying relevance; the trapezoidal rule sums)
@@ -484,7 +533,7 @@ _WINDOWS += [getattr(_T, n).__get__ for n in ("real", "imag")]
 _SELECTIONS: Tuple[str, ...] = ("sort", "msort", "kthvalue", "median", "nanmedian", "cummax", "cummin")
 # (a quantile weighs the two order statistics around it by constants; copysign puts a step's sign
 # on a magnitude, which takes all of the relevance, as a product of a sign and a value does)
-_SELECTIONS += ("masked_select", "quantile", "nanquantile", "copysign")
+_SELECTIONS += ("masked_select", "quantile", "nanquantile", "copysign", "aminmax")
 _SELECTIONS += ("narrow_copy", "nan_to_num", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle")
 _SELECTIONS += ("_pack_padded_sequence", "_pad_packed_sequence")  # (a recurrent layer's packed input)
 _WINDOWS += _spellings(_SELECTIONS, torch, _T) + _spellings(["pixel_shuffle", "pixel_unshuffle"], F)
@@ -498,11 +547,12 @@ _FFT = _spellings(
 EXACT = frozenset(
     list(PASS_THROUGH)
     + list(DROPOUT)
-    + _spellings(_LINEAR + _MUL + _MATMUL + _DIV + ("addmm", "baddbmm", "addbmm", "addcmul"), torch, _T)
+    + _spellings(_LINEAR + _MUL + _MATMUL + _DIV + _AFFINE + ("addcmul",), torch, _T)
     + _spellings(_INPLACE + ("mul_", "multiply_", "__imul__", "div_", "divide_", "__itruediv__"), _T)
     + _spellings(["__rmatmul__", "__rdiv__", "__rtruediv__"], _T)
     + _spellings(_FUNCTIONAL, F)
-    + [torch.einsum, F.scaled_dot_product_attention, F.bilinear, torch.linalg.cross]
+    + [torch.einsum, F.scaled_dot_product_attention, F.bilinear, torch.linalg.cross, torch.linalg.vecdot]
+    + _CHAINS
     + _GROUPED_MM
     + _FFT
     + _WINDOWS

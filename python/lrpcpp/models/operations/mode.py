@@ -26,6 +26,7 @@ from ..tracking import (
     share_scale,
     tensor_args,
     unmark_written,
+    with_gradient_of,
     without,
 )
 from .handlers import ELEMENTWISE, EXACT, GATES, KEEPS_GATE, RULES
@@ -219,6 +220,8 @@ class GradientRules(RuleMode):
             return t.detach()
         if share == 1.0:
             return t
+        if t.is_complex():  # (a product of complex carriers; gi_grad_scale takes real tensors)
+            return with_gradient_of(t.detach(), t * share)
         # a view of t (no copy): the ops after it see the layout the model made; gi_scale_backward keeps
         # the layout the gradient arrives in, as an element-wise product does (the gradients that
         # F.scaled_dot_product_attention returns for an attention's heads, a transposed view of their
