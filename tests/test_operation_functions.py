@@ -107,6 +107,19 @@ def test_an_element_wise_function_takes_the_identity_rule(spelling):
     assert ((got.relevance - plain).abs().max() > 1e-2 * scale) == differs  # the rule or the own gradient
 
 
+@pytest.mark.parametrize("name", ["erfc", "log", "sin", "tanh", "exp", "frac", "abs"])
+def test_an_element_wise_function_in_place_has_the_rule_of_its_out_of_place_spelling(name):
+    torch.manual_seed(0)
+    model = _Stepped(lambda h: getattr(h * 1, name + "_")()).double()
+    reference = _Stepped(lambda h: getattr(h * 1, name)()).double()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    got = lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True)
+    want = lrpcpp.attribute(reference, inputs_embeds=x, level="operations", strict=True)
+    torch.testing.assert_close(got.relevance, want.relevance, rtol=1e-12, atol=1e-15)
+    assert torch.equal(got.output, want.output)
+
+
 def _name(f, x):
     """The coverage's name of the one function ``f`` calls (as the mode spells it)."""
     names = []
