@@ -389,7 +389,8 @@ _ACTIVATIONS: Tuple[str, ...] = (
 _ACTIVATIONS += ("hardsigmoid", "softplus", "mish", "tanh", "sigmoid", "logsigmoid", "tanhshrink", "softsign")
 _ACTIVATIONS += ("prelu", "rrelu", "threshold", "hardshrink", "softshrink")
 _ELEMENTWISE: Tuple[str, ...] = ("tanh", "sigmoid", "relu", "exp", "sqrt", "square")
-_ELEMENTWISE += ("clamp", "clip", "clamp_min", "clamp_max")
+_CLAMPS = ("clamp", "clip", "clamp_min", "clamp_max")  # (with constant bounds; see _clamp)
+_ELEMENTWISE += _CLAMPS
 # (erf: a GELU written out, x * (1 + erf(x / sqrt(2))) / 2, as ESM has it; the logarithms and the
 # trigonometric and hyperbolic functions: periodic activations, log-scaled features)
 _ELEMENTWISE += ("erf", "erfc", "expm1", "exp2", "log", "log1p", "log2", "log10")
@@ -414,7 +415,6 @@ _PRODUCTS = ("tensordot", "bilinear", "cross", "outer", "ger", "kron", "mv", "do
 _AFFINE = ("addmm", "baddbmm", "addbmm", "addmv", "addr")  # beta * input + alpha * a product
 _CHAINS = _spellings(["multi_dot"], torch.linalg) + _spellings(["chain_matmul"], torch)
 _MATRIX_POWERS = _spellings(["matrix_power"], torch.linalg, torch, _T)
-_CLAMPS = ("clamp", "clip", "clamp_min", "clamp_max")
 # (logsumexp: the log of a softmax's denominator, as in an attention sink's scale sigmoid(lse - sink))
 # linear systems A X = B: the system matrix divides, as a matrix inverse (held constant, as reciprocal)
 # does (torch.linalg.solve_triangular: a gated delta rule's chunk transform, as in LaraMini)
