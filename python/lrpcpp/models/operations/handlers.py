@@ -347,10 +347,11 @@ def _cumprod(mode, func, input, *args, **kwargs):
     n = out.shape[dim] if out.dim() else 1
     if n == 1:
         return out
-    counts = torch.arange(1, n + 1, dtype=torch.float64 if out.dtype == torch.float64 else torch.float32)
+    # (made on the output's device, in share_scale's dtype: float32 for half precision)
+    counts = torch.arange(1, n + 1, dtype=torch.promote_types(out.dtype, torch.float32), device=out.device)
     shape = [1] * out.dim()
     shape[dim] = n
-    return torch.ops.lrpcpp.gi_grad_scale(out, counts.reciprocal().to(out.device).reshape(shape))
+    return torch.ops.lrpcpp.gi_grad_scale(out, counts.reciprocal().reshape(shape))
 
 
 def _pow(mode, func, input, exponent, *args, **kwargs):
