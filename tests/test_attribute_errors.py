@@ -195,9 +195,9 @@ class _EmbeddedWith(nn.Module):
         return self.head(inputs_embeds).sum(1)
 
 
-class _ScaledEmbedding(nn.Embedding):
-    def forward(self, ids):  # (the embeddings with their scale, as I-BERT's QuantEmbedding returns them)
-        return super().forward(ids), torch.tensor(1.0)
+class _NamedEmbedding(nn.Embedding):
+    def forward(self, ids):  # (a mapping: its embeddings are not found in it)
+        return {"embeddings": super().forward(ids)}
 
 
 class _IdsAsTheyAre(nn.Module):
@@ -208,7 +208,7 @@ class _IdsAsTheyAre(nn.Module):
 @pytest.mark.parametrize(
     "embed, message",
     [
-        (_ScaledEmbedding(10, 4), r"embeds input_ids \(_ScaledEmbedding\) returned a tuple, not a tensor "),
+        (_NamedEmbedding(10, 4), r"embeds input_ids \(_NamedEmbedding\) returned a dict, not a tensor "),
         (_IdsAsTheyAre(), r"the embeddings of input_ids \(_IdsAsTheyAre's output\) must be floating point"),
     ],
 )

@@ -154,17 +154,18 @@ def test_family_sweep_names_each_outcome(tmp_path):
 
 
 def test_family_sweep_of_encoders_explains_their_top_class(tmp_path):
-    types = ("esm", "fnet", "t5", "mistral4", "ibert")
+    types = ("esm", "fnet", "t5", "mistral4", "ibert", "canine")
     proc, results = _family_sweep(tmp_path, "--task", "sequence-classification", "--only", *types)
-    assert proc.returncode == 1, proc.stderr[-4000:]  # (an lrpcpp error: I-BERT's embedding module)
+    assert proc.returncode == 1, proc.stderr[-4000:]  # (an lrpcpp error: CANINE's ids reach no embedding module)
     # erf, the real part of an FFT: ruled and passed; T5's classifier embeds the ids with its encoder's
     # own module (tied to get_input_embeddings()) and refuses inputs_embeds; Mistral 4's latent attention
-    # has query heads of its rotary and other parts together
-    for family in ("esm", "fnet", "t5", "mistral4"):
+    # has query heads of its rotary and other parts together; I-BERT's embedding module returns the
+    # embeddings with their quantisation scale (None: not quantised)
+    for family in ("esm", "fnet", "t5", "mistral4", "ibert"):
         assert results[family] == dict(outcome="explained", unruled={}, level="operations", finite=True, value=True)
-    ibert = results["ibert"]
-    assert ibert["outcome"] == "lrpcpp error" and "(QuantEmbedding) returned a tuple" in ibert["why"]
-    assert "sequence-classification: 5 model types" in proc.stdout
+    canine = results["canine"]  # (it hashes the ids into the buckets of several embeddings)
+    assert canine["outcome"] == "lrpcpp error" and "its forward calls no nn.Embedding with input_ids" in canine["why"]
+    assert "sequence-classification: 6 model types" in proc.stdout
 
 
 def test_family_sweep_of_image_classifiers_explains_their_top_class(tmp_path):

@@ -213,6 +213,38 @@ def test_a_tied_module_that_embeds_otherwise_keeps_its_own_embeddings():
     assert not model.embed._forward_hooks and not model.encoder_embed._forward_hooks
 
 
+class _WithScale(nn.Embedding):
+    """Returns the embeddings with a second output, as I-BERT's ``QuantEmbedding`` returns them with
+    their quantisation scale (``None`` without quantisation)."""
+
+    def forward(self, input_ids):
+        return super().forward(input_ids), None
+
+
+class EmbedsWithScale(ReadsIds):
+    def __init__(self):
+        super().__init__()
+        self.embed = _WithScale(10, 4)
+
+    def forward(self, input_ids=None, inputs_embeds=None):
+        if inputs_embeds is None:
+            inputs_embeds, scale = self.embed(input_ids)
+            assert scale is None  # (the rest of the module's output reaches the forward as it was)
+        return self.head(torch.tanh(self.norm(inputs_embeds))).sum(1)
+
+
+@pytest.mark.parametrize("kind", ["ids", "ids or embeddings"])
+def test_an_embedding_module_that_returns_a_tuple_gives_the_relevance_of_its_first_item(kind):
+    torch.manual_seed(0)
+    model, ids = EmbedsWithScale().double(), torch.tensor([[1, 2, 3, 4], [5, 6, 7, 9]])
+    want = lrpcpp.attribute(model, inputs_embeds=model.embed(ids)[0].detach(), target=0, level="operations")
+    if kind == "ids":  # a forward that takes no embeddings: called with the ids, the module's output replaced
+        model.forward = lambda input_ids: EmbedsWithScale.forward(model, input_ids)
+    got = lrpcpp.attribute(model, input_ids=ids, target=0, level="operations", strict=True)
+    assert torch.equal(got.relevance, want.relevance) and torch.equal(got.output, want.output)
+    assert got.relevance.abs().sum() > 0 and not model.embed._forward_hooks
+
+
 class PromptsIds(ReadsIds):
     """A forward that casts its ids to int32 and puts prompt ids before them, then embeds them all, as
     CPM-Ant does (its forward takes no embeddings)."""

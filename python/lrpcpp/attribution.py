@@ -513,20 +513,21 @@ def embedded(
 
     def replace(m, args, out):
         offset = _ids_offset(args, input_ids)
-        if offset is None:
+        embeddings = _embeddings_in(out)
+        if offset is None or not isinstance(embeddings, Tensor):
             return None
         dim, n = input_ids.dim() - 1, input_ids.shape[-1]
-        if m is not module and not torch.equal(out.narrow(dim, offset, n), leaf):
+        if m is not module and not torch.equal(embeddings.narrow(dim, offset, n), leaf):
             return None  # a tied module that embeds otherwise (scaled, say): replaced, it would change the forward
         calls.append(m)
         copy = for_the_forward(leaf)
-        if out.shape[dim] == n:
-            return copy
-        # ids that the forward extended (prompt ids before them): the extra positions keep the module's
-        # own embeddings, which carry no relevance
-        held = out.detach()
-        before, after = held.narrow(dim, 0, offset), held.narrow(dim, offset + n, held.shape[dim] - offset - n)
-        return torch.cat([before, copy, after], dim)
+        if embeddings.shape[dim] != n:
+            # ids that the forward extended (prompt ids before them): the extra positions keep the module's
+            # own embeddings, which carry no relevance
+            held = embeddings.detach()
+            before, after = held.narrow(dim, 0, offset), held.narrow(dim, offset + n, held.shape[dim] - offset - n)
+            copy = torch.cat([before, copy, after], dim)
+        return copy if embeddings is out else (copy,) + out[1:]
 
     hooks = [m.register_forward_hook(replace) for m in tied]
     try:
@@ -630,9 +631,10 @@ def attribute(
     that embeds ``input_ids`` (a module of ``model`` or its name in ``model.named_modules()``); by default
     ``model.get_input_embeddings()``, or for a model without it the first ``nn.Embedding`` that gets
     ``input_ids`` in the forward (found by calling the model, stopped at that module by a forward
-    pre-hook; see :func:`~lrpcpp.attribution.embedding_module`). The ids are embedded with it, and the
-    model is called with the ids while a forward hook makes the embedding module return those
-    embeddings, whose relevance is computed: the model runs as it does on the ids, also where it reads
+    pre-hook; see :func:`~lrpcpp.attribution.embedding_module`). The ids are embedded with it (the
+    first item of a tuple it returns, as I-BERT's does with a scale), and the model is called with the
+    ids while a forward hook makes the embedding module return those embeddings, whose relevance is
+    computed: the model runs as it does on the ids, also where it reads
     them besides embedding them (a layer norm applied to embedded ids only, routing by token id). A
     forward that takes ``inputs_embeds`` and not ``input_ids``, one that takes both but never calls the
     embedding module with the ids as given (then called a second time), and an encoder-decoder given a
@@ -951,15 +953,23 @@ def choose_input(
             raise ValueError(f"{caller}: input_ids need the model's input embeddings; pass inputs_embeds")
         embeddings = input_embeddings(model, caller) if embedding is None else embedding
         with torch.no_grad(), unsharded(model, embeddings):  # gathered, outside the forward of an FSDP2 model
-            embedded = embeddings(input_ids)
+            embedded = _embeddings_in(embeddings(input_ids))
         name = type(embeddings).__name__
-        if not isinstance(embedded, Tensor):  # (I-BERT's QuantEmbedding returns the embeddings with a scale)
+        if not isinstance(embedded, Tensor):
             raise TypeError(
                 f"{caller}: the module that embeds input_ids ({name}) returned a {type(embedded).__name__}, not a "
-                "tensor of embeddings; pass embedding= (a module that returns them) or inputs_embeds="
+                "tensor of embeddings (or a tuple that begins with one); pass embedding= (a module that returns "
+                "them) or inputs_embeds="
             )
         return "inputs_embeds", input_leaf(embedded, f"the embeddings of input_ids ({name}'s output)", caller)
     return "inputs_embeds", input_leaf(inputs_embeds, "inputs_embeds", caller)
+
+
+def _embeddings_in(out: Any) -> Any:
+    """The embeddings in an embedding module's output: the output, or the first item of a tuple
+    that begins with a tensor (I-BERT's ``QuantEmbedding`` returns the embeddings with their
+    quantisation scale)."""
+    return out[0] if type(out) is tuple and out and isinstance(out[0], Tensor) else out
 
 
 def input_leaf(x: object, name: str, caller: str = "lrpcpp.attribute") -> Tensor:
