@@ -222,6 +222,8 @@ _EVERY_OTHER_ROW = torch.tensor([True, False, True, False])[None, :, None].expan
 # the same, where the rule depends on the arguments: scattered sums, means and maxima (a place's values
 # reduced; their product has no rule), an interpolation at constant points (at carrying points, none)
 _PLACES = torch.tensor([0, 1, 0, 1])[None, :, None].expand(2, 4, 6)
+_BAGS = torch.tensor([[0, 1], [2, 3], [1, 2], [3, 0]])
+_BAGS = torch.cat([_BAGS, _BAGS + 4])  # (the rows of two items of 4 rows each)
 _POINTS = torch.linspace(-0.9, 0.9, 2 * 4 * 6 * 2, dtype=torch.float64).reshape(2, 4, 6, 2)
 _ARGUMENTS = {
     **{
@@ -229,6 +231,17 @@ _ARGUMENTS = {
         for r in ("sum", "mean", "amax", "amin")
     },
     "torch.grid_sampler": lambda h: F.grid_sample(h[:, None], _POINTS, align_corners=False)[:, 0],
+    # (the sums, means and maxima of bags of rows of a table that carries relevance, each item's rows
+    # bagged apart: one call)
+    **{
+        f"torch.nn.functional.embedding_bag {m}": (
+            lambda h, m=m: F.embedding_bag(_BAGS, h.flatten(0, 1), mode=m).view_as(h)
+        )
+        for m in ("sum", "mean", "max")
+    },
+    "torch.embedding_bag": (  # (ids in one row, each bag from its offset: 0, 2, 4, ...; 0 is the mode "sum")
+        lambda h: torch.embedding_bag(h.flatten(0, 1), _BAGS.flatten(), torch.arange(0, 16, 2), False, 0)[0].view_as(h)
+    ),
 }
 
 
@@ -344,6 +357,27 @@ def test_a_normaliser_or_a_step_function_is_held_constant(spelling):
     torch.testing.assert_close(got.relevance, want, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("spelling", ["torch.renorm", "Tensor.renorm"])
+def test_renorm_holds_its_scale_constant(spelling):
+    # each slice along dim 1 scaled by maxnorm / (norm + 1e-7) where its norm exceeds maxnorm: a
+    # normaliser, its factor held constant (the slices' norms here lie on both sides of 4.5)
+    torch.manual_seed(0)
+    renorm = torch.renorm if spelling == "torch.renorm" else torch.Tensor.renorm
+    model = _Stepped(lambda h: renorm(h, 2, 1, 4.5), 0.0).double()
+    x = torch.randn(2, 4, 3, dtype=torch.float64)
+    got = lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True)
+    assert got.coverage.ruled == {spelling: 1}
+
+    def held(h):
+        norm = h.detach().norm(2, dim=(0, 2), keepdim=True)
+        assert (norm > 4.5).any() and (norm < 4.5).any()
+        return h * torch.where(norm > 4.5, 4.5 / (norm + 1e-7), 1.0)
+
+    with torch.no_grad():
+        assert torch.equal(got.output, model(x).gather(1, got.target[:, None])[:, 0])  # torch's own value
+    torch.testing.assert_close(got.relevance, _relevance(model, x, got.target, held), rtol=1e-10, atol=1e-14)
+
+
 class _HeldConstant(torch.overrides.TorchFunctionMode):
     """Detaches the result of the one call of a held function (the reference's step)."""
 
@@ -443,6 +477,11 @@ _PRODUCTS = {
         lambda h, g: h + _halves(torch.mul)(_identity_rule(torch.sigmoid)(h), g - h),
     ),
     "torch.addcdiv": (lambda h, g: torch.addcdiv(h, g, h.abs() + 1.0), lambda h, g: h + g / (h.abs() + 1.0).detach()),
+    # (a table's rows summed with per-sample weights, both carrying relevance)
+    "F.embedding_bag": (
+        _per_item(lambda h, g: F.embedding_bag(_BAGS[:4], h, per_sample_weights=g[:4, :2], mode="sum")),
+        _halves(_per_item(lambda h, g: F.embedding_bag(_BAGS[:4], h, per_sample_weights=g[:4, :2], mode="sum"))),
+    ),
 }
 
 
@@ -578,7 +617,20 @@ def _torch_nn_modules():
         "nn.LocalResponseNorm": _Channels(nn.LocalResponseNorm(2)),
         "nn.Upsample": _Channels(nn.Upsample(scale_factor=2)),
         "nn.AdaptiveMaxPool1d": _Channels(nn.AdaptiveMaxPool1d(3)),
+        "nn.EmbeddingBag": _PerSampleWeights(nn.EmbeddingBag(10, 8, mode="sum")),
     }
+
+
+class _PerSampleWeights(nn.Module):
+    """``bag`` (an nn.EmbeddingBag) of constant ids weighted per sample by the input's first feature."""
+
+    def __init__(self, bag):
+        super().__init__()
+        self.bag = bag
+
+    def forward(self, x):
+        ids = torch.arange(x.shape[0] * x.shape[1]).view(x.shape[:2]) % self.bag.num_embeddings
+        return x + self.bag(ids, per_sample_weights=x[..., 0])[:, None]
 
 
 @pytest.mark.parametrize("name", sorted(_torch_nn_modules()))
@@ -589,3 +641,41 @@ def test_torch_nn_modules_are_ruled_call_by_call(name):
     got = lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True)
     assert got.coverage.unruled == {} and got.coverage.seen > 0
     assert torch.isfinite(got.relevance).all() and got.relevance.abs().sum() > 0
+
+
+class _Many(nn.Module):
+    """Calls of several rules together: a renormalisation, bags of a carrying table with and without
+    carrying per-sample weights (both spellings), a cumulative product, a clamp with carrying bounds,
+    a chain of matrix products, a scattered maximum, a product of complex numbers."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = nn.Linear(3, 6), nn.Linear(3, 6)
+
+    def forward(self, x):
+        h, g = self.a(x), self.c(x)
+        bags = F.embedding_bag(_BAGS[:4], h[0], per_sample_weights=g[0, :4, :2], mode="sum").sum()
+        bags = bags + torch.embedding_bag(h[1], _BAGS[:4].flatten(), torch.arange(0, 8, 2), False, 2)[0].sum()
+        y = torch.renorm(h, 2, 1, 1.0) + torch.cumprod(torch.tanh(h), 1) + torch.clamp(h, min=-g.abs(), max=g.abs())
+        w = torch.linalg.multi_dot([h[0, :3], g[0, :3].mT, h[0, :3]]).sum()
+        w = w + torch.zeros_like(h).scatter_reduce(1, torch.zeros_like(h, dtype=torch.long), h, "amax").sum()
+        c = torch.view_as_real(torch.complex(h, g) * torch.complex(g, h)).sum()
+        return y.sum((1, 2)) + bags + w + c
+
+
+def test_the_rules_compile_fullgraph_to_the_relevance_of_the_eager_forward():
+    torch.manual_seed(0)
+    model = _Many().double().requires_grad_(False).eval()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    torch._dynamo.reset()
+    with lrpcpp.patch(model, level="operations", strict=True) as handle:
+        leaf = x.clone().requires_grad_()
+        (eager,) = torch.autograd.grad(model(leaf).sum(), leaf)
+        assert handle.coverage.unruled == {} and len(handle.coverage.ruled) >= 8
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        leaf = x.clone().requires_grad_()
+        (got,) = torch.autograd.grad(compiled(leaf).sum(), leaf)
+    leaf = x.clone().requires_grad_()
+    (plain,) = torch.autograd.grad(model(leaf).sum(), leaf)
+    assert not torch.allclose(eager, plain)  # (the rules changed the gradient)
+    torch.testing.assert_close(got, eager, rtol=1e-12, atol=1e-14)

@@ -22,12 +22,13 @@ from .mode import Coverage, GradientRules, UnruledOperationError, UnruledOperati
 #: ``matrix_power``, ``prod``, ``cumprod``, ``F.glu``, ``lerp`` with a carrying weight,
 #: ``F.scaled_dot_product_attention``), normalisers (a carrying divisor, also ``addcdiv``'s,
 #: ``rsqrt``, ``reciprocal``, norms, distances, variances, ``logsumexp`` and ``logaddexp``,
-#: ``F.normalize``, ``F.cosine_similarity``), step functions (held constant), ``F.layer_norm``,
+#: ``F.normalize``, ``F.cosine_similarity``, ``renorm``), step functions (held constant), ``F.layer_norm``,
 #: ``F.group_norm``, ``F.instance_norm`` (each group's standard deviation held constant),
 #: ``F.rms_norm``, element-wise functions of one carrier (activations, ``exp``, ``pow``, ``sqrt``,
 #: ``square``, ``clamp``, ``erf``, logarithms, trigonometric and hyperbolic functions and their
 #: inverses, ``lgamma``, ``digamma``, remainders of a constant divisor), and the calls whose rule
-#: depends on their arguments (``scatter_reduce``, ``grid_sampler``).
+#: depends on their arguments (``scatter_reduce``, ``grid_sampler``, ``embedding_bag``: a product
+#: where its table and its per-sample weights both carry relevance).
 RULES: Mapping[Callable, Callable] = handlers.RULES
 
 #: The torch functions whose ordinary gradient is the gradient-mode rule: linear maps, additions,

@@ -136,6 +136,48 @@ def _grid_sample(mode, func, input, grid, *args, **kwargs):
     return NotImplemented if carries(grid) else func(input, grid, *args, **kwargs)
 
 
+def _bagged(rules, func, args: list, kwargs: dict, table_at: int, weights_at: int):
+    # sums, means or maxima of a table's rows per bag: linear in the table and in a sum's per-sample
+    # weights (their own gradient, as embedding's); a product of the two where both carry relevance
+    named = "per_sample_weights" in kwargs
+    weights = kwargs["per_sample_weights"] if named else args[weights_at] if len(args) > weights_at else None
+    if carries(args[table_at]) and carries(weights):
+        args[table_at], weights = products(rules, (args[table_at], weights))
+        if named:
+            kwargs = {**kwargs, "per_sample_weights": weights}
+        else:
+            args[weights_at] = weights
+    return func(*args, **kwargs)
+
+
+def _embedding_bag(rules, func, weight, input, /, *args, **kwargs):
+    # torch.embedding_bag(weight, indices, offsets, scale_grad_by_freq, mode, sparse, per_sample_weights, ...)
+    # (the mode is rules here: the function has an argument "mode" of its own)
+    return _bagged(rules, func, [weight, input, *args], kwargs, 0, 6)
+
+
+def _functional_embedding_bag(rules, func, input, weight, /, *args, **kwargs):
+    # F.embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse,
+    # per_sample_weights, ...) ruled as one call (torch.compile records it as one); with max_norm, which
+    # renormalises the table's rows in place, its body's calls get their rules
+    if (args[1] if len(args) > 1 else kwargs.get("max_norm")) is not None:
+        return NotImplemented
+    return _bagged(rules, func, [input, weight, *args], kwargs, 1, 8)
+
+
+def _renorm(mode, func, input, p, dim, maxnorm, *, out=None):
+    # each slice along dim scaled to a norm of at most maxnorm, by torch's factor maxnorm / (norm + 1e-7)
+    # where the norm exceeds it: a normaliser, held constant; the value is torch's own
+    if out is not None or not carries(input):
+        return NotImplemented
+    with torch.no_grad():
+        value = func(input, p, dim, maxnorm)
+        others = [d for d in range(input.dim()) if d != dim % input.dim()]
+        norm = torch.linalg.vector_norm(input, p, others, keepdim=True)
+        scale = torch.where(norm > maxnorm, maxnorm / (norm + 1e-7), torch.ones_like(norm))
+    return with_gradient_of(value, input * scale)
+
+
 def _sdpa(mode, func, query, key, value, *args, **kwargs):
     """``softmax(q kᵀ s + mask) v`` stays one kernel: the products' shares go to q, k and v as the
     registry's attention entries give them (AttnLRP: a quarter each to q and k, half to v; CP-LRP:
@@ -475,6 +517,9 @@ RULES: Mapping[Callable, Callable] = MappingProxyType(
         (_spellings([n + "_" for n in _without_relu(_ELEMENTWISE)], _T), _identity(inplace=True)),
         (_spellings(["scatter_reduce"], torch, _T), _scatter_reduce),
         (_spellings(["grid_sampler"], torch), _grid_sample),  # (F.grid_sample's body calls it)
+        (_spellings(["embedding_bag"], torch), _embedding_bag),
+        ([F.embedding_bag], _functional_embedding_bag),
+        (_spellings(["renorm"], torch, _T), _renorm),
     )
 )
 
