@@ -206,6 +206,35 @@ def test_compile_attribute_refuses_a_function_whose_body_the_rules_run():
     assert lrpcpp.attribute(model, inputs_embeds=x, target=1, level="operations").coverage.unruled == {}  # eager
 
 
+@needs_redispatch
+@pytest.mark.compile
+def test_a_patched_model_compiled_by_hand_never_runs_such_a_function_without_its_rules():
+    # torch.compile of the patched model itself: with fullgraph=True an error names the cause (dynamo
+    # puts the rules' message in its own); without, dynamo breaks the graph there and the function runs
+    # eagerly, with the rules: the relevance of the eager forward, not the plain gradient
+    torch.manual_seed(0)
+    model, x = _TorchAttention().eval().requires_grad_(False), torch.randn(2, 5, 8)
+
+    def relevance(m):
+        leaf = x.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(m(leaf)[:, 1].sum(), leaf)
+        return grad * x
+
+    plain = relevance(model)
+    torch._dynamo.reset()
+    try:
+        with lrpcpp.patch(model, level="operations", strict=True):
+            eager = relevance(model)
+            with pytest.raises(Exception, match=r"records a torch function written in Python .* as one call"):
+                relevance(torch.compile(model, backend="eager", fullgraph=True))
+            torch._dynamo.reset()
+            got = relevance(torch.compile(model, backend="eager"))
+    finally:
+        torch._dynamo.reset()
+    assert not torch.allclose(eager, plain)
+    torch.testing.assert_close(got, eager, rtol=1e-6, atol=1e-7)
+
+
 class _FromParameters(nn.Module):
     # tensors computed from parameters alone (``1 + scale``, ``w * 2``): no relevance carriers, until
     # relevance-carrying values are written into one in place

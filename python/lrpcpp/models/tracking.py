@@ -81,9 +81,20 @@ def run_body(mode: TorchFunctionMode, func: Callable, types_, args: Sequence, kw
     other function, and for a function whose body reaches torch's function handling under its own
     name again (a Python Tensor method calling its C implementation), which is not redispatched a
     second time. On a torch without ``torch.overrides.redispatch_function`` (older releases) no body is run:
-    such a function is one call, counted as unruled where it carries relevance."""
+    such a function is one call, counted as unruled where it carries relevance. A forward that
+    torch.compile traces cannot run such a body: it records the function as one call, which would
+    run without the rules, so it raises (with ``fullgraph=True``, an error, in whose context dynamo names
+    the function; without, dynamo breaks the graph there and the call runs eagerly, under the rules)."""
     if redispatch_function is None or not isinstance(func, types.FunctionType) or func in _IN_BODY.funcs:
         return NotImplemented
+    if torch.compiler.is_dynamo_compiling():  # (not torch.export's tracing, which runs the body as eager does)
+        # (a constant message: dynamo cannot trace the spelling of the function's name)
+        raise RuntimeError(
+            "lrpcpp: torch.compile records a torch function written in Python whose body the rules run call by "
+            "call (such as F.multi_head_attention_forward, in nn.MultiheadAttention) as one call, which would run "
+            "without the rules and give a wrong relevance; compile without fullgraph=True (the call then runs "
+            "eagerly, with its rules), or explain the model with lrpcpp.attribute"
+        )
     _IN_BODY.funcs.add(func)
     if _IN_BODY.ran is not None:
         _IN_BODY.ran.add(func)
