@@ -10,7 +10,7 @@ import test_operation_vision as vision
 import torch
 from conftest import fails_in_torch_before_2_13, needs_redispatch
 from lrpcpp import deploy
-from lrpcpp.models.operations import UnruledOperationWarning
+from lrpcpp.models.operations import UnruledOperationError, UnruledOperationWarning
 from models import build as build_registered
 from models import inputs
 from test_deploy import assert_same_relevance, hooks_and_flags
@@ -233,6 +233,34 @@ def test_a_patched_model_compiled_by_hand_never_runs_such_a_function_without_its
         torch._dynamo.reset()
     assert not torch.allclose(eager, plain)
     torch.testing.assert_close(got, eager, rtol=1e-6, atol=1e-7)
+
+
+class _Unruled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+
+    def forward(self, inputs_embeds):
+        h = self.a(inputs_embeds)
+        return torch.atan2(h, h.flip(-1)).sum(1)  # (a function of two carriers without a rule)
+
+
+@pytest.mark.compile
+def test_strict_holds_in_a_patched_model_compiled_by_hand():
+    # a compiled forward counts no calls, but one without a rule still stops it with strict=True: with
+    # fullgraph=True, in dynamo's error; without, dynamo runs the call eagerly, which names it
+    model, x = _Unruled().double().eval().requires_grad_(False), torch.randn(2, 5, 3, dtype=torch.float64)
+    torch._dynamo.reset()
+    try:
+        with lrpcpp.patch(model, level="operations", strict=True):
+            with pytest.raises(Exception, match=r"strict=True\): a call of the compiled forward has no gradient-mode"):
+                torch.compile(model, backend="eager", fullgraph=True)(x.clone().requires_grad_())
+            torch._dynamo.reset()
+            with pytest.raises(UnruledOperationError, match=r"torch\.atan2 has no gradient-mode rule") as error:
+                torch.compile(model, backend="eager")(x.clone().requires_grad_())
+            assert list(error.value.names) == ["torch.atan2"]
+    finally:
+        torch._dynamo.reset()
 
 
 class _FromParameters(nn.Module):

@@ -269,7 +269,18 @@ class GradientRules(RuleMode):
         forward counts nothing: the counts would become constants of its graph
         (:func:`lrpcpp.deploy.compile_attribute` reports the coverage of an eager forward instead).
         ``compiling``: whether the forward is compiled, where the caller knows it already."""
-        if torch.compiler.is_compiling() if compiling is None else compiling:
+        compiled = torch.compiler.is_compiling() if compiling is None else compiling
+        if kind == "unruled" and self.strict and compiled:
+            # strict holds in a forward compiled by hand too: dynamo stops there (with fullgraph=True, with this
+            # error in its own; without, it runs the call eagerly, which raises the error below). (A RuntimeError
+            # with a constant message: dynamo traces neither the spelling of a function's name nor the
+            # construction of an exception class of this package.)
+            raise RuntimeError(
+                "lrpcpp (operation level, strict=True): a call of the compiled forward has no gradient-mode rule "
+                "and its gradient is not known to be exact on the relevance-carrying path; run the forward without "
+                "torch.compile for its name, or pass strict=False to count it in the coverage instead"
+            )
+        if compiled:
             return
         if kind == "unruled" and self.strict:
             name = func if isinstance(func, str) else op_name(func)
