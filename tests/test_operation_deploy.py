@@ -15,7 +15,7 @@ from models import build as build_registered
 from models import inputs
 from test_deploy import assert_same_relevance, hooks_and_flags
 from test_operation_families import build as build_unregistered
-from test_operation_level import _WithCustomFunction
+from test_operation_level import _ClippedSqrt, _Rooted, _WithCustomFunction
 from torch import nn
 from torch.nn import functional as F
 
@@ -233,6 +233,22 @@ def test_a_patched_model_compiled_by_hand_never_runs_such_a_function_without_its
         torch._dynamo.reset()
     assert not torch.allclose(eager, plain)
     torch.testing.assert_close(got, eager, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.compile
+def test_compile_attribute_refuses_a_custom_function_ruled_in_place_of_its_backward():
+    # RecurrentGemma's clipped square root: eager, the identity rule of sqrt takes the place of its
+    # backward; torch.compile keeps the function's own backward: refused on the first call
+    torch.manual_seed(0)
+    model, x = _Rooted(_ClippedSqrt.apply).double().eval(), torch.randn(2, 5, 3, dtype=torch.float64)
+    torch._dynamo.reset()
+    try:
+        with deploy.compile_attribute(model, level="operations", backend="eager") as explain:
+            with pytest.raises(RuntimeError, match=r"rules \S*_ClippedSqrt\.apply .* which torch\.compile keeps"):
+                explain(inputs_embeds=x, target=1)
+    finally:
+        torch._dynamo.reset()
+    assert lrpcpp.attribute(model, inputs_embeds=x, target=1, level="operations", strict=True).coverage.unruled == {}
 
 
 class _Unruled(nn.Module):

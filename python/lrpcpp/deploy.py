@@ -844,12 +844,7 @@ class CompiledAttribute:
                     with embedded(hooked, input_ids, self._embeds, caller):
                         self.model(**calls, **model_kwargs)
                 if ran:
-                    raise RuntimeError(
-                        "lrpcpp.deploy.compile_attribute: the operation level gives rules to the calls inside "
-                        f"{', '.join(sorted(op_name(f) for f in ran))}, which torch.compile records as one call that "
-                        "then runs without the rules: the compiled relevance would be wrong. Explain this model with "
-                        "lrpcpp.attribute"
-                    )
+                    raise RuntimeError(_uncompilable(ran))
                 self._warm = True
             with torch.enable_grad():
                 out = self.compiled(**calls, **model_kwargs)
@@ -898,6 +893,26 @@ class CompiledAttribute:
 
     def __repr__(self) -> str:
         return f"CompiledAttribute({type(self.model).__name__}, method={self.method!r})"
+
+
+def _uncompilable(ran: set) -> str:
+    """What compile_attribute says of the rules that its eager forward gave and a compiled forward
+    cannot: the calls in the bodies of torch functions written in Python, and custom
+    autograd.Functions (by name) ruled in place of their own backward (:func:`bodies_run`)."""
+    bodies = sorted(op_name(f) for f in ran if not isinstance(f, str))
+    functions = sorted(f for f in ran if isinstance(f, str))
+    what = []
+    if bodies:
+        what.append(
+            f"gives rules to the calls inside {', '.join(bodies)}, which torch.compile records as one call that "
+            "then runs without the rules"
+        )
+    if functions:
+        what.append(f"rules {', '.join(functions)} in place of its own backward, which torch.compile keeps")
+    return (
+        f"lrpcpp.deploy.compile_attribute: the operation level {'; and it '.join(what)}: the compiled relevance "
+        "would be wrong. Explain this model with lrpcpp.attribute"
+    )
 
 
 def compile_attribute(

@@ -105,11 +105,20 @@ def run_body(mode: TorchFunctionMode, func: Callable, types_, args: Sequence, kw
         _IN_BODY.funcs.discard(func)
 
 
+def ruled_in_place(name: str) -> None:
+    """Records, in a :func:`bodies_run` block, a custom autograd.Function (by name) that the operation
+    level ruled in place of its own backward."""
+    if _IN_BODY.ran is not None:
+        _IN_BODY.ran.add(name)
+
+
 @contextlib.contextmanager
 def bodies_run():
     """A block that collects (in the set it yields) the functions whose bodies :func:`run_body`
-    ran in it. torch.compile cannot do that: it records such a function (``F.multi_head_attention_forward``)
-    as one call, which then runs without the rules."""
+    ran in it, and the names of the custom autograd.Functions ruled in place of their own backward
+    (:func:`ruled_in_place`). torch.compile can do neither: it records such a function
+    (``F.multi_head_attention_forward``) as one call, which then runs without the rules, and keeps a
+    custom Function's own backward."""
     outer, _IN_BODY.ran = _IN_BODY.ran, set()
     try:
         yield _IN_BODY.ran

@@ -22,6 +22,7 @@ from ..tracking import (
     mark_from_parameters,
     marked_tensors,
     op_name,
+    ruled_in_place,
     run_body,
     share_scale,
     tensor_args,
@@ -335,6 +336,7 @@ class GradientRules(RuleMode):
             substitute = torch.ops.lrpcpp.gi_identity(of, t.detach(), self.epsilon)
             self._functions[node] = substitute
             self._count("ruled", name)
+            ruled_in_place(name)
             return substitute
         else:
             self._functions[node] = True
