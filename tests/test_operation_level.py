@@ -252,6 +252,38 @@ def test_unruled_torch_functions_are_counted_and_named():
         lrpcpp.attribute(Angles(), inputs_embeds=x, level="operations", strict=True)
 
 
+class _Ensembled(nn.Module):
+    """A function of the hidden states vectorised with torch.vmap inside the forward (as an ensemble's
+    members are, with torch.func.functional_call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(3, 2)
+
+    def forward(self, inputs_embeds):
+        h = self.a(inputs_embeds)
+        return self.b(torch.vmap(lambda row: torch.tanh(row) * row)(h) + h).sum(1)
+
+
+def test_calls_inside_torch_vmap_are_named_unruled():
+    # inside the transform the tensors are wrappers that require no grad: the rules do not reach the
+    # calls there (their plain gradient is used), which the coverage names instead of passing them silently
+    torch.manual_seed(0)
+    model, x = _Ensembled().double(), torch.randn(2, 5, 4, dtype=torch.float64)
+    inside = " (inside a torch.func transform, such as torch.vmap)"
+    with pytest.warns(UnruledOperationWarning, match=r"no rule for Tensor\.mul \(inside a torch\.func transform"):
+        got = lrpcpp.attribute(model, inputs_embeds=x, level="operations")
+    assert dict(got.coverage.unruled) == {"torch.tanh" + inside: 1, "Tensor.mul" + inside: 1}
+    with pytest.raises(UnruledOperationError, match=r"strict=True\): torch\.tanh \(inside a torch\.func"):
+        lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True)
+    # a vmap of calls whose arguments carry no relevance counts nothing
+    constant = torch.vmap(torch.cos)
+    model.forward = lambda inputs_embeds: _Ensembled.forward(model, inputs_embeds) + constant(x).sum((1, 2))[:, None]
+    with pytest.warns(UnruledOperationWarning):
+        again = lrpcpp.attribute(model, inputs_embeds=x, level="operations")
+    assert dict(again.coverage.unruled) == dict(got.coverage.unruled)
+
+
 # beta * c + alpha * (a @ b) in every spelling of torch's affine products, the factors by position
 # or by name (Bloom's attention calls torch.baddbmm with batch1= and batch2=)
 _AFFINE_PRODUCTS = {

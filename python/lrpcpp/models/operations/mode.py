@@ -405,6 +405,8 @@ class GradientRules(RuleMode):
             return out
         grads = [t for t in tensor_args(args, kwargs) if t.requires_grad]
         if not grads:  # (an eager forward's calls made above; a compiled one's and keyword-only calls)
+            if not compiling and torch._C._are_functorch_transforms_active():
+                return self._transformed(func, args, kwargs)
             return func(*args, **kwargs)
         carrying = [t for t in grads if carries(t)]
         if not carrying:
@@ -430,6 +432,17 @@ class GradientRules(RuleMode):
         out = self._with_relevance(func, types_, args, kwargs, compiling)
         if marked:
             unmark_written(marked, out)  # written into in place with relevance-carrying values
+        return out
+
+    def _transformed(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        """A call inside ``torch.vmap`` (or another ``torch.func`` transform), whose tensors are the
+        transform's wrappers, which require no grad: the rules do not reach into it, so a call whose
+        wrapped arguments and result carry relevance keeps its plain gradient and is counted as
+        unruled, by name, with the transform named (a rule would have to hold inside the transform)."""
+        out = func(*args, **kwargs)
+        results = [out] if isinstance(out, Tensor) else list(_tensors(out))
+        if any(_unwrapped(t) for t in results) and any(_unwrapped(t) for t in tensor_args(args, kwargs)):
+            self._count("unruled", f"{op_name(func)} (inside a torch.func transform, such as torch.vmap)")
         return out
 
     def _with_relevance(self, func, types_, args, kwargs, compiling):
@@ -508,7 +521,16 @@ def _plain_carriers(args: tuple, kwargs: Optional[Mapping]) -> Optional[bool]:
                     if type(b) is not Tensor or not _plain_carrier(b):
                         return None
                     found = True
-    return found
+    # (inside torch.vmap the tensors are wrappers that require no grad: the whole scan looks into them)
+    return None if not found and torch._C._are_functorch_transforms_active() else found
+
+
+def _unwrapped(t: Tensor) -> bool:
+    """Whether the tensor that ``torch.vmap`` (or another ``torch.func`` transform) wraps as ``t``
+    carries relevance."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return carries(t)
 
 
 def _plain_carrier(t: Tensor) -> bool:
