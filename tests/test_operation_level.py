@@ -284,6 +284,30 @@ def test_calls_inside_torch_vmap_are_named_unruled():
     assert dict(again.coverage.unruled) == dict(got.coverage.unruled)
 
 
+class _Checkpointed(nn.Module):
+    """A block checkpointed with torch.utils.checkpoint in the model's own forward."""
+
+    def __init__(self, reentrant):
+        super().__init__()
+        self.a, self.b, self.reentrant = nn.Linear(4, 4), nn.Linear(4, 2), reentrant
+
+    def forward(self, inputs_embeds):
+        block = lambda h: torch.tanh(self.a(h)) * h  # noqa: E731
+        h = torch.utils.checkpoint.checkpoint(block, inputs_embeds, use_reentrant=self.reentrant)
+        return self.b(h).sum(1)
+
+
+def test_a_block_checkpointed_by_the_forward_itself_is_refused_or_named():
+    # its recomputation in the backward pass runs outside the rules: the non-reentrant checkpoint finds
+    # other tensors saved than in the ruled forward (an error that says why); the reentrant one is a
+    # custom autograd.Function, named unruled
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"torch\.utils\.checkpoint checkpoints runs its forward again"):
+        lrpcpp.attribute(_Checkpointed(False).double(), inputs_embeds=x, level="operations")
+    with pytest.raises(UnruledOperationError, match=r"CheckpointFunction\.apply \(a custom autograd\.Function\)"):
+        lrpcpp.attribute(_Checkpointed(True).double(), inputs_embeds=x, level="operations", strict=True)
+
+
 # beta * c + alpha * (a @ b) in every spelling of torch's affine products, the factors by position
 # or by name (Bloom's attention calls torch.baddbmm with batch1= and batch2=)
 _AFFINE_PRODUCTS = {

@@ -1111,6 +1111,14 @@ def relevance_backward(
             return batched_backward(explained, inputs, explicit)
         seed = explained.detach() if explicit else torch.ones_like(explained)
         return torch.autograd.grad(explained, inputs, seed, allow_unused=True)
+    except torch.utils.checkpoint.CheckpointError as e:
+        raise RuntimeError(
+            "lrpcpp: the backward pass failed: a block of the model that torch.utils.checkpoint checkpoints runs its "
+            "forward again in the backward pass, where the operation level's rules are not active, and computes "
+            "other tensors than the forward with the rules did; explain the model without activation checkpointing "
+            "(a Hugging Face model's own, gradient_checkpointing_enable(), is run in the rules). torch: "
+            f"{' '.join(str(e).split())[:300]}"
+        ) from e
     except RuntimeError as e:
         if "modified by an inplace operation" not in str(e) and "has been modified inplace" not in str(e):
             raise
