@@ -297,13 +297,22 @@ class _Checkpointed(nn.Module):
         return self.b(h).sum(1)
 
 
-def test_a_block_checkpointed_by_the_forward_itself_is_refused_or_named():
-    # its recomputation in the backward pass runs outside the rules: the non-reentrant checkpoint finds
-    # other tensors saved than in the ruled forward (an error that says why); the reentrant one is a
-    # custom autograd.Function, named unruled
-    x = torch.randn(2, 5, 4, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match=r"torch\.utils\.checkpoint checkpoints runs its forward again"):
-        lrpcpp.attribute(_Checkpointed(False).double(), inputs_embeds=x, level="operations")
+def test_a_block_checkpointed_by_the_forward_itself_is_recomputed_in_the_rules():
+    # attribute runs the backward pass in the rules' mode: the non-reentrant checkpoint's recomputation
+    # computes the tensors of the ruled forward (without it, other ones, and the backward fails), counted
+    # once; the reentrant checkpoint is a custom autograd.Function, named unruled
+    torch.manual_seed(0)
+    model, x = _Checkpointed(False).double(), torch.randn(2, 5, 4, dtype=torch.float64)
+    got = lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True)
+    model.forward = lambda inputs_embeds: model.b(torch.tanh(model.a(inputs_embeds)) * inputs_embeds).sum(1)
+    want = lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True)
+    assert torch.equal(got.relevance, want.relevance) and got.coverage == want.coverage
+    checkpointed = _Checkpointed(False).double()
+    with lrpcpp.patch(checkpointed, level="operations"):  # a backward pass outside the mode fails, saying why
+        leaf = x.clone().requires_grad_()
+        explained = checkpointed(leaf)[:, 0]
+        with pytest.raises(RuntimeError, match=r"torch\.utils\.checkpoint checkpoints runs its forward again"):
+            lrpcpp.attribution.relevance_backward(explained, [leaf], explicit=False, many=False)
     with pytest.raises(UnruledOperationError, match=r"CheckpointFunction\.apply \(a custom autograd\.Function\)"):
         lrpcpp.attribute(_Checkpointed(True).double(), inputs_embeds=x, level="operations", strict=True)
 

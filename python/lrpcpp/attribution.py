@@ -753,7 +753,11 @@ def attribute(
                 h.remove()
             hooks = []
             inputs: List[Tensor] = [t for _, t in leaves.values()] + list(captured.values())
-            grads = relevance_backward(explained, inputs, explicit, many)
+            # (at the operation level the backward pass runs in the rules' mode, uncounted: a block that the
+            # forward checkpoints with torch.utils.checkpoint is recomputed there as the forward computed it;
+            # every other call of the backward runs without grad, which the mode passes as it is)
+            with handle.rules.modes() if handle.level == "operations" else contextlib.nullcontext():
+                grads = relevance_backward(explained, inputs, explicit, many)
             coverage = handle.coverage
     finally:
         for h in hooks:
@@ -1114,9 +1118,9 @@ def relevance_backward(
     except torch.utils.checkpoint.CheckpointError as e:
         raise RuntimeError(
             "lrpcpp: the backward pass failed: a block of the model that torch.utils.checkpoint checkpoints runs its "
-            "forward again in the backward pass, where the operation level's rules are not active, and computes "
-            "other tensors than the forward with the rules did; explain the model without activation checkpointing "
-            "(a Hugging Face model's own, gradient_checkpointing_enable(), is run in the rules). torch: "
+            "forward again in the backward pass outside the rules, and computes other tensors than the forward with "
+            "the rules did; explain the model without that checkpointing (lrpcpp.attribute runs the recomputation "
+            "in the rules at the operation level, and a Hugging Face model's own at both levels). torch: "
             f"{' '.join(str(e).split())[:300]}"
         ) from e
     except RuntimeError as e:
