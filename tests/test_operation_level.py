@@ -317,6 +317,37 @@ def test_a_block_checkpointed_by_the_forward_itself_is_recomputed_in_the_rules()
         lrpcpp.attribute(_Checkpointed(True).double(), inputs_embeds=x, level="operations", strict=True)
 
 
+class _Gated(nn.Module):
+    def forward(self, h):
+        return torch.tanh(h) * h
+
+
+class _WithScripted(nn.Module):
+    """A submodule compiled to TorchScript, called on the hidden states and on a constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(3, 2)
+        self.scripted = torch.jit.script(_Gated())
+
+    def forward(self, inputs_embeds):
+        h = self.a(inputs_embeds)
+        return self.b(self.scripted(h) + self.scripted(torch.ones_like(h))).sum(1)
+
+
+def test_a_torchscript_module_is_named_unruled_where_relevance_enters_it():
+    # its calls run without Python's torch function dispatch: the rules see none of them
+    model, x = _WithScripted().double(), torch.randn(2, 5, 4, dtype=torch.float64)
+    own = model.scripted.__dict__.get("forward")  # (a TorchScript module keeps its method there)
+    name = "scripted (a TorchScript module: the rules do not see its calls)"
+    with pytest.warns(UnruledOperationWarning, match=r"no rule for scripted \(a TorchScript module"):
+        got = lrpcpp.attribute(model, inputs_embeds=x, level="operations")
+    assert dict(got.coverage.unruled) == {name: 1}  # (its call on a constant counted nothing)
+    with pytest.raises(UnruledOperationError, match=r"strict=True\): scripted \(a TorchScript module"):
+        lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True)
+    assert model.scripted.__dict__.get("forward") is own  # the patch is undone
+
+
 # beta * c + alpha * (a @ b) in every spelling of torch's affine products, the factors by position
 # or by name (Bloom's attention calls torch.baddbmm with batch1= and batch2=)
 _AFFINE_PRODUCTS = {

@@ -46,7 +46,7 @@ from .layers import apply_preset
 from .operations import GradientRules, warn_unruled
 from .presets import Preset, get_preset
 from .state import claim, release
-from .tracking import is_rule_mode, share_scale, without
+from .tracking import carries, is_rule_mode, requires_grad, share_scale, tensor_args, without
 from .tree import named_modules
 
 __all__ = ["patch", "PatchHandle", "METHODS", "MODES", "LEVELS"]
@@ -912,8 +912,13 @@ def _apply_operations(handle: PatchHandle, modules: Sequence[Tuple[str, nn.Modul
     assert isinstance(rules, _OperationRules)
     _compiled_run_eagerly(handle, modules)
     unit = _per_class(lambda m: _is_identity_unit(m, None))
+    scripted: List[str] = []  # (the TorchScript modules called from Python: not their submodules)
     for name, module in modules:
-        if unit(module):
+        if isinstance(module, torch.jit.ScriptModule):
+            if not any(name.startswith(outer + ".") for outer in scripted):
+                scripted.append(name)
+                _count_scripted(handle, name, module)
+        elif unit(module):
             forward = types.MethodType(type(module).forward, module)
             new = (lambda m, f: lambda x: rules.elementwise(m, x, f))(module, forward)
             handle._set_forward(name, module, new, "identity rule")
@@ -932,6 +937,22 @@ def _apply_operations(handle: PatchHandle, modules: Sequence[Tuple[str, nn.Modul
         return out
 
     handle._set_forward("", model, operations_forward, "operation-level rules")
+
+
+def _count_scripted(handle: PatchHandle, name: str, module: nn.Module) -> None:
+    """A TorchScript module runs its calls without Python's torch function dispatch, so the rules see
+    none of them: a call of it with a relevance-carrying input is counted as unruled, by its name (a
+    warning; with ``strict``, an error). (A scripted function called in the forward is not seen at all.)"""
+    forward, mode = module.forward, cast(_OperationRules, handle.rules).mode
+    what = f"{name or type(module).__name__} (a TorchScript module: the rules do not see its calls)"
+
+    def counted(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if any(carries(t) for t in tensor_args(args, kwargs)) and requires_grad((out,), {}):
+            mode.count_unruled(what)
+        return out
+
+    handle._set_forward(name, module, counted, "TorchScript: its calls counted as unruled")
 
 
 def _compiled_run_eagerly(handle: PatchHandle, modules: Sequence[Tuple[str, nn.Module]]) -> None:

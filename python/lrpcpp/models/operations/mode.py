@@ -364,6 +364,11 @@ class GradientRules(RuleMode):
         """Counts a call that a unit made with the mode :meth:`suspended` as ruled."""
         self._count("ruled", func)
 
+    def count_unruled(self, name: str) -> None:
+        """Counts a call that the mode cannot see (a TorchScript module's, by name) as unruled; with
+        ``strict``, raises."""
+        self._count("unruled", name)
+
     @staticmethod
     def plain_carrier(t: Any) -> bool:
         """A relevance-carrying tensor (of torch's own type) that no custom autograd.Function
