@@ -445,8 +445,7 @@ class GradientRules(RuleMode):
         wrapped arguments and result carry relevance keeps its plain gradient and is counted as
         unruled, by name, with the transform named (a rule would have to hold inside the transform)."""
         out = func(*args, **kwargs)
-        results = [out] if isinstance(out, Tensor) else list(_tensors(out))
-        if any(_unwrapped(t) for t in results) and any(_unwrapped(t) for t in tensor_args(args, kwargs)):
+        if any(_unwrapped(t) for t in _tensors(out)) and any(_unwrapped(t) for t in tensor_args(args, kwargs)):
             self._count("unruled", f"{op_name(func)} (inside a torch.func transform, such as torch.vmap)")
         return out
 
