@@ -189,25 +189,6 @@ class _TorchAttention(nn.Module):
 
 @needs_redispatch
 @pytest.mark.compile
-def test_compile_attribute_refuses_a_function_whose_body_the_rules_run():
-    # F.multi_head_attention_forward: eager, the rules treat the calls in its body; dynamo records it
-    # as one call, which would run without them (the plain gradient): refused on the first call
-    torch.manual_seed(0)
-    model, x = _TorchAttention().eval(), torch.randn(2, 5, 8)
-    before = hooks_and_flags(model)
-    torch._dynamo.reset()
-    try:
-        with deploy.compile_attribute(model, level="operations", backend="eager") as explain:
-            with pytest.raises(RuntimeError, match=r"multi_head_attention_forward.*records as one call"):
-                explain(inputs_embeds=x, target=1)
-    finally:
-        torch._dynamo.reset()
-    assert hooks_and_flags(model) == before
-    assert lrpcpp.attribute(model, inputs_embeds=x, target=1, level="operations").coverage.unruled == {}  # eager
-
-
-@needs_redispatch
-@pytest.mark.compile
 def test_a_patched_model_compiled_by_hand_never_runs_such_a_function_without_its_rules():
     # torch.compile of the patched model itself: with fullgraph=True an error names the cause (dynamo
     # puts the rules' message in its own); without, dynamo breaks the graph there and the function runs
@@ -235,19 +216,38 @@ def test_a_patched_model_compiled_by_hand_never_runs_such_a_function_without_its
     torch.testing.assert_close(got, eager, rtol=1e-6, atol=1e-7)
 
 
+# what the operation level rules in an eager forward and a compiled one cannot: the calls in the body
+# of F.multi_head_attention_forward, which dynamo records as one call that would run without the rules
+# (the plain gradient); RecurrentGemma's clipped square root, a custom autograd.Function whose backward
+# the identity rule of sqrt takes the place of, and whose own backward the compiled graph keeps
+_UNCOMPILABLE = {
+    "a function whose body the rules run": pytest.param(
+        lambda: (_TorchAttention().eval(), torch.randn(2, 5, 8)),
+        r"multi_head_attention_forward.*records as one call",
+        marks=needs_redispatch,
+    ),
+    "a custom function ruled in place of its backward": pytest.param(
+        lambda: (_Rooted(_ClippedSqrt.apply).double().eval(), torch.randn(2, 5, 3, dtype=torch.float64)),
+        r"rules \S*_ClippedSqrt\.apply .* which torch\.compile keeps",
+    ),
+}
+
+
 @pytest.mark.compile
-def test_compile_attribute_refuses_a_custom_function_ruled_in_place_of_its_backward():
-    # RecurrentGemma's clipped square root: eager, the identity rule of sqrt takes the place of its
-    # backward; torch.compile keeps the function's own backward: refused on the first call
+@pytest.mark.parametrize("build, message", list(_UNCOMPILABLE.values()), ids=list(_UNCOMPILABLE))
+def test_compile_attribute_refuses_what_a_compiled_forward_cannot_rule(build, message):
+    # refused on the first call, the model left as it was; eager, every call is ruled
     torch.manual_seed(0)
-    model, x = _Rooted(_ClippedSqrt.apply).double().eval(), torch.randn(2, 5, 3, dtype=torch.float64)
+    model, x = build()
+    before = hooks_and_flags(model)
     torch._dynamo.reset()
     try:
         with deploy.compile_attribute(model, level="operations", backend="eager") as explain:
-            with pytest.raises(RuntimeError, match=r"rules \S*_ClippedSqrt\.apply .* which torch\.compile keeps"):
+            with pytest.raises(RuntimeError, match=message):
                 explain(inputs_embeds=x, target=1)
     finally:
         torch._dynamo.reset()
+    assert hooks_and_flags(model) == before
     assert lrpcpp.attribute(model, inputs_embeds=x, target=1, level="operations", strict=True).coverage.unruled == {}
 
 
