@@ -303,10 +303,12 @@ def test_a_block_checkpointed_by_the_forward_itself_is_recomputed_in_the_rules()
     # once; the reentrant checkpoint is a custom autograd.Function, named unruled
     torch.manual_seed(0)
     model, x = _Checkpointed(False).double(), torch.randn(2, 5, 4, dtype=torch.float64)
-    got = lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True)
+    # (one target, and two: one backward pass of a batched seed, torch.vmap over the backward)
+    got = [lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True, target=t) for t in (0, [0, 1])]
     model.forward = lambda inputs_embeds: model.b(torch.tanh(model.a(inputs_embeds)) * inputs_embeds).sum(1)
-    want = lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True)
-    assert torch.equal(got.relevance, want.relevance) and got.coverage == want.coverage
+    for g, t in zip(got, (0, [0, 1])):
+        want = lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True, target=t)
+        assert torch.equal(g.relevance, want.relevance) and g.coverage == want.coverage
     checkpointed = _Checkpointed(False).double()
     with lrpcpp.patch(checkpointed, level="operations"):  # a backward pass outside the mode fails, saying why
         leaf = x.clone().requires_grad_()
