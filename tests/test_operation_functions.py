@@ -191,6 +191,14 @@ _REARRANGED = {
     "Tensor.real of an FFT": lambda h: torch.fft.fft(h, dim=1).real,
     "Tensor.imag of an FFT": lambda h: torch.fft.fft(h, dim=1).imag,
     "torch.real of an FFT": lambda h: torch.real(torch.fft.fft(h, dim=1)),
+    # the aten operators of Tensor.T, .mT, .H and .mH (torch.compile passes the attributes so to a torch
+    # function mode from torch 2.14 on), each twice
+    "the aten operators of Tensor.T, .mT, .H, .mH": lambda h: torch.stack(
+        [
+            torch.ops.aten.matrix_H(torch.ops.aten.matrix_H(torch.ops.aten.numpy_T(torch.ops.aten.numpy_T(t))))
+            for t in torch.ops.aten.mH(torch.ops.aten.mH(torch.ops.aten.mT(torch.ops.aten.mT(h))))
+        ]
+    ),
     # selections and permutations (with max and min's rule: the selected value takes all)
     "Tensor.sort": lambda h: h.sort(-1).values,
     "torch.msort": lambda h: torch.msort(h.transpose(0, 1)).transpose(0, 1),  # (each item's rows sorted)

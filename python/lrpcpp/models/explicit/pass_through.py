@@ -171,4 +171,7 @@ PASS_THROUGH = frozenset(
     ]
     + [getattr(torch._C._nn, n) for n in _PASS_NN_FUNCTIONS]
     + [getattr(Tensor, n).__get__ for n in ("T", "mT", "H", "mH")]
+    # (the same attributes as torch.compile passes them to a torch function mode from torch 2.14 on: the
+    # aten operators they stand for)
+    + [getattr(torch.ops.aten, n) for n in ("numpy_T", "mT", "matrix_H", "mH")]
 )
