@@ -294,6 +294,26 @@ class Case:
             self.model, **self.inputs, target=self.target if target == "default" else target, **kwargs
         )
 
+    def attribute_mode_floor(self):
+        """``attribute`` at the registry level with the model's forward in a torch function mode that only
+        calls each function (:class:`EmptyMode`): the registry's rules plus what torch's dispatch of every
+        call to a mode written in Python costs, the floor of an operation level built on such a mode."""
+        mode = EmptyMode()
+
+        def enter(module, args):
+            mode.__enter__()  # (a pre-hook that returns a value replaces the arguments)
+
+        def leave(module, args, out):
+            mode.__exit__(None, None, None)
+
+        pre = self.model.register_forward_pre_hook(enter)
+        post = self.model.register_forward_hook(leave, always_call=True)
+        try:
+            return self.attribute(level="registry")
+        finally:
+            pre.remove()
+            post.remove()
+
 
 def case_keys(sizes):
     s1, s2 = sizes["llama_seqs"]
@@ -364,6 +384,8 @@ SINGLE = [
     # every torch call ruled by the operation-level mode instead of the family registry's patches
     ("attribute-operations", True, lambda c: c.attribute(level="operations")),
 ]
+# time only: the floor of the operation level (see Case.attribute_mode_floor)
+FLOOR = ("attribute-floor", True, lambda c: c.attribute_mode_floor())
 # memory only: the plain gradient with the model output held through the backward, and the plain
 # gradient through the patched model (what the rules cost without the rest of attribute's call)
 PLAIN_KEEP = ("plain-keep", True, lambda c: c.plain(keep_output=True))
@@ -383,6 +405,10 @@ LABELS = {
     "attribute": "lrpcpp.attribute (params as loaded)",
     "attribute-frozen": "lrpcpp.attribute (params frozen)",
     "attribute-operations": 'lrpcpp.attribute, `level="operations"` (params frozen)',
+    "attribute-floor": (
+        'lrpcpp.attribute, `level="registry"`, its forward in a torch function mode that only calls each function '
+        "(the operation level's floor; params frozen)"
+    ),
     "separate": f"{N_TARGETS} single-target calls (params as loaded)",
     "batched": f"one call, {N_TARGETS} targets (params as loaded)",
     "separate-ltk1": f"{N_TARGETS} single-target calls, `logits_to_keep=1` (params as loaded)",
@@ -418,7 +444,7 @@ class EmptyMode(torch.overrides.TorchFunctionMode):
 def variants_of(key, memory=False):
     if key == "llama-batched":
         return BATCHED
-    return SINGLE + [PLAIN_KEEP, PATCHED_PLAIN] if memory else SINGLE
+    return SINGLE + [PLAIN_KEEP, PATCHED_PLAIN] if memory else SINGLE + [FLOOR]
 
 
 def warmup_fn(key, variant):
@@ -861,11 +887,13 @@ def render(res, mem, prof, load, args, wall):
     for key in single:
         r = res[key]
         base_m = mem_inc(mem, key, "plain")
-        for v, _, _ in SINGLE:
+        for v, _, _ in SINGLE + [FLOOR]:
             t, m = r["times"][v], mem_inc(mem, key, v)
             rt, rm = paired_ratio(r, v, "plain"), ratio(m, base_m)
             goal = (
-                "" if v == "plain" else f"{yes_no(rt <= TIME_GOAL)}, {'—' if rm is None else yes_no(rm <= TIME_GOAL)}"
+                ""
+                if v in ("plain", FLOOR[0])
+                else f"{yes_no(rt <= TIME_GOAL)}, {'—' if rm is None else yes_no(rm <= TIME_GOAL)}"
             )
             L.append(
                 f"| {r['model']} | {r['input']} | {LABELS[v]} | {t * 1e3:.1f} | {rt:.2f} | {fmt_mib(m)} | "
@@ -1028,7 +1056,11 @@ def names(res, keys):
 def reading(res, mem, prof):
     out = []
     single = [k for k in res if k != "llama-batched"]
-    for label, v in (("params as loaded", "attribute"), ("params frozen", "attribute-frozen")):
+    for label, v in (
+        ("params as loaded", "attribute"),
+        ("params frozen", "attribute-frozen"),
+        ('`level="operations"`, params frozen', "attribute-operations"),
+    ):
         t_ok = [k for k in single if paired_ratio(res[k], v, "plain") <= TIME_GOAL]
         t_no = [k for k in single if k not in t_ok]
         m_have = [k for k in single if ratio(mem_inc(mem, k, v), mem_inc(mem, k, "plain")) is not None]
@@ -1037,6 +1069,18 @@ def reading(res, mem, prof):
             f"- **{label}**: time goal met for {len(t_ok)} of {len(single)} ({names(res, t_ok)}), missed for "
             f"{names(res, t_no)}; memory goal met for {len(m_ok)} of {len(m_have)} ({names(res, m_ok)})."
         )
+    out.append(
+        "- The operation level against its floor (the registry level with its forward in a torch function mode "
+        "that only calls each function: the registry's rules and torch's dispatch of every call to a mode "
+        "written in Python, with no rule of the mode's own), time / plain: "
+        + "; ".join(
+            f"{short(res, k)} {paired_ratio(res[k], 'attribute-operations', 'plain'):.3f} against "
+            f"{paired_ratio(res[k], FLOOR[0], 'plain'):.3f}"
+            for k in single
+        )
+        + ". An operation level built on a torch function mode cannot be faster than its floor; where the floor "
+        f"is above {TIME_GOAL}x, so is any such operation level."
+    )
     if prof:
         parts = []
         for key, p in prof.items():

@@ -25,14 +25,34 @@ def test_bench_models_quick():
     assert "## Whole-model attribution (CPU)" in out
     assert "| model | input | variant | time (ms) | time / plain |" in out
     assert "The operation level's torch function mode per forward" in out
+    assert "The operation level against its floor" in out
     for variant in (
         "plain gradient (params frozen)",
         "lrpcpp.attribute (params as loaded)",
         "lrpcpp.attribute (params frozen)",
+        "(the operation level's floor; params frozen)",
         "one call, 16 targets",
     ):
         assert variant in out
     assert "relevance finite: **no**" not in out
+
+
+def test_bench_mode_floor_quick():
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_mode_floor.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = proc.stdout
+    assert "## The operation level's floor: what seeing every call of a forward costs (CPU)" in out
+    for row in ("| none |", "| python |", "| dispatch |", "| attribute, operation level |"):
+        assert row in out
+    # the C mode is measured, or the report says why it is not
+    assert "| C |" in out or "The C mode is left out" in out
 
 
 def test_bench_attention_quick():
