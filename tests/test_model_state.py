@@ -133,7 +133,11 @@ def test_disjoint_patches_are_removed_in_any_order(mode, order):
     model = Net()
     x = torch.randn(2, 4, 6, dtype=f64)
     before, out = state(model), model(x)
-    handles = [lrpcpp.patch(model.a, mode=mode), lrpcpp.patch(model.b, mode=mode, method="cp-lrp")]
+    # (the registry level, which replaces the forward of the modules it patches)
+    handles = [
+        lrpcpp.patch(model.a, mode=mode, level="registry"),
+        lrpcpp.patch(model.b, mode=mode, method="cp-lrp", level="registry"),
+    ]
     assert {m: "forward" in m.__dict__ for m in (model.a.norm, model.b.act)} == {model.a.norm: True, model.b.act: True}
     for h in handles if order == "creation" else handles[::-1]:
         h.remove()

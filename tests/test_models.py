@@ -328,15 +328,21 @@ def test_family_with_a_fused_projection_needs_its_split():
         del lrpcpp.models.families.FAMILIES["llama_fused"]
 
 
-def test_plain_torch_transformer_conserves_with_cp_lrp():
+@pytest.mark.parametrize("level", ["registry", "auto"])
+def test_plain_torch_transformer_conserves_with_cp_lrp(level):
+    # the registry patches nn.MultiheadAttention; the default level explains a plain torch model (no family
+    # entry describes it) operation by operation
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True, bias=False, activation=nn.GELU())
     model = nn.Sequential(
         nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Flatten(), nn.Linear(16 * 5, 3, bias=False)
     ).double()
     x = torch.randn(2, 5, 16, dtype=torch.float64)
-    with lrpcpp.patch(model, method="cp-lrp") as handle:
-        assert any("attention" in w for w in handle.patched.values())
+    with lrpcpp.patch(model, method="cp-lrp", level=level) as handle:
+        if level == "registry":
+            assert any("attention" in w for w in handle.patched.values())
+        else:
+            assert handle.level == "operations"
         leaf = x.clone().requires_grad_()
         out = model(leaf)[:, 1]
         (g,) = torch.autograd.grad(out.sum(), leaf)

@@ -125,6 +125,49 @@ def test_plain_torch_model_with_an_unknown_attention_class():
     torch.testing.assert_close(got.relevance, leaf.grad * x, rtol=1e-9, atol=1e-12)
 
 
+class _Mixer(nn.Module):
+    """An attention in a class whose name does not say so."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.o = nn.Linear(8, 24), nn.Linear(8, 8)
+
+    def forward(self, h):
+        return self.o(F.scaled_dot_product_attention(*self.qkv(h).chunk(3, -1)))
+
+
+class _MixerModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mix, self.head = _Mixer(), nn.Linear(8, 2)
+
+    def forward(self, inputs_embeds):
+        h = inputs_embeds + self.mix(inputs_embeds)
+        return self.head(h * torch.tanh(h)).mean(1)  # a functional activation, a product of two carriers
+
+
+def test_the_default_level_explains_a_plain_torch_model_call_by_call():
+    # no family entry describes a plain torch model: level="auto" is the operation level, whatever the model's
+    # classes are named (the registry's module patches would leave its attention, torch.tanh and the product
+    # with their plain gradient, unnoticed)
+    torch.manual_seed(0)
+    model, x = _MixerModel().double(), torch.randn(2, 5, 8, dtype=torch.float64)
+    got = lrpcpp.attribute(model, inputs_embeds=x, target=0)
+    want = lrpcpp.attribute(model, inputs_embeds=x, target=0, level="operations")
+    assert torch.equal(got.relevance, want.relevance) and got.coverage == want.coverage
+    assert dict(got.coverage.ruled) == {
+        "torch._C._nn.scaled_dot_product_attention": 1,
+        "torch.tanh": 1,
+        "Tensor.mul": 1,
+    }
+    leaf = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(model(leaf)[:, 0].sum(), leaf)
+    assert (got.relevance - leaf * grad).abs().max() > 0.1 * got.relevance.abs().max()  # not the plain gradient
+    for level, resolved in (("auto", "operations"), ("registry", "registry")):
+        with lrpcpp.patch(model, level=level) as handle:
+            assert handle.level == resolved
+
+
 class _Twice(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
@@ -310,11 +353,31 @@ def test_a_block_checkpointed_by_the_forward_itself_is_recomputed_in_the_rules()
         want = lrpcpp.attribute(model, inputs_embeds=x, level="operations", strict=True, target=t)
         assert torch.equal(g.relevance, want.relevance) and g.coverage == want.coverage
     checkpointed = _Checkpointed(False).double()
-    with lrpcpp.patch(checkpointed, level="operations"):  # a backward pass outside the mode fails, saying why
+    checkpointed.load_state_dict(model.state_dict())
+    with lrpcpp.patch(checkpointed, level="operations") as handle:  # a backward pass outside the mode fails, saying why
         leaf = x.clone().requires_grad_()
         explained = checkpointed(leaf)[:, 0]
-        with pytest.raises(RuntimeError, match=r"torch\.utils\.checkpoint checkpoints runs its forward again"):
+        with pytest.raises(RuntimeError, match=r"checkpoints runs its forward again .* `with handle\.backward\(\):`"):
             lrpcpp.attribution.relevance_backward(explained, [leaf], explicit=False, many=False)
+    # a backward pass of one's own in the patch's handle.backward(): the relevance of attribute, with torch's
+    # non-reentrant checkpoint (torch.autograd.grad) and the reentrant one (Tensor.backward; named unruled, as
+    # the forward cannot know where its backward runs)
+    for reentrant in (False, True):
+        checkpointed = _Checkpointed(reentrant).double()
+        checkpointed.load_state_dict(model.state_dict())
+        checkpointed.requires_grad_(False)
+        leaf = x.clone().requires_grad_()
+        with lrpcpp.patch(checkpointed, level="operations") as handle, warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            explained = checkpointed(leaf)[:, 0].sum()
+            with handle.backward():
+                if reentrant:
+                    explained.backward()
+                else:
+                    (leaf.grad,) = torch.autograd.grad(explained, leaf)
+        assert torch.allclose(leaf * leaf.grad, got[0].relevance, rtol=1e-12, atol=0)
+        unruled = [str(w.message) for w in seen if issubclass(w.category, UnruledOperationWarning)]
+        assert len(unruled) == reentrant and all("CheckpointFunction.apply" in m for m in unruled)
     with pytest.raises(UnruledOperationError, match=r"CheckpointFunction\.apply \(a custom autograd\.Function\)"):
         lrpcpp.attribute(_Checkpointed(True).double(), inputs_embeds=x, level="operations", strict=True)
 

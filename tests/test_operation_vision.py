@@ -173,10 +173,10 @@ def test_torchvision_style_vit_gives_the_registry_relevance(method):
     # torchvision is not a dependency: tests/vision_models.TinyViT has torchvision's ViT layout
     # (nn.MultiheadAttention, which needs no entry)
     model, x = vision_models.vit(), vision_models.images()
-    ref = lrpcpp.attribute(model, pixel_values=x, method=method)
+    ref = lrpcpp.attribute(model, pixel_values=x, method=method, level="registry")
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnruledOperationWarning)
-        got = lrpcpp.attribute(model, pixel_values=x, method=method, level="operations")
+        got = lrpcpp.attribute(model, pixel_values=x, method=method)  # (no family entry: the operation level)
     assert ref.coverage is None and got.coverage.unruled == {}
     torch.testing.assert_close(got.relevance, ref.relevance, rtol=1e-10, atol=1e-12)
 

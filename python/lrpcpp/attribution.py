@@ -753,10 +753,9 @@ def attribute(
                 h.remove()
             hooks = []
             inputs: List[Tensor] = [t for _, t in leaves.values()] + list(captured.values())
-            # (at the operation level the backward pass runs in the rules' mode, uncounted: a block that the
-            # forward checkpoints with torch.utils.checkpoint is recomputed there as the forward computed it;
-            # every other call of the backward runs without grad, which the mode passes as it is)
-            with handle.rules.modes() if handle.level == "operations" else contextlib.nullcontext():
+            # (at the operation level in the rules' mode: a block that the forward checkpoints with
+            # torch.utils.checkpoint is recomputed as the forward computed it)
+            with handle.backward():
                 grads = relevance_backward(explained, inputs, explicit, many)
             coverage = handle.coverage
     finally:
@@ -1119,8 +1118,9 @@ def relevance_backward(
         raise RuntimeError(
             "lrpcpp: the backward pass failed: a block of the model that torch.utils.checkpoint checkpoints runs its "
             "forward again in the backward pass outside the rules, and computes other tensors than the forward with "
-            "the rules did; explain the model without that checkpointing (lrpcpp.attribute runs the recomputation "
-            "in the rules at the operation level, and a Hugging Face model's own at both levels). torch: "
+            "the rules did; run a backward pass of your own through a model patched with lrpcpp.patch in "
+            "`with handle.backward():` (lrpcpp.attribute does), or explain the model without that checkpointing. "
+            "torch: "
             f"{' '.join(str(e).split())[:300]}"
         ) from e
     except RuntimeError as e:

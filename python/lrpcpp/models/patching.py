@@ -536,6 +536,17 @@ class PatchHandle:
         far; ``None`` at the registry level."""
         return self.rules.mode.coverage() if isinstance(self.rules, _OperationRules) else None
 
+    def backward(self) -> contextlib.AbstractContextManager:
+        """The context of a backward pass of your own through the patched model (``loss.backward()``,
+        ``torch.autograd.grad``), inside the patch's ``with`` block: at the operation level, the rules'
+        mode, uncounted, so that a block which the forward checkpoints with ``torch.utils.checkpoint``
+        is recomputed as the ruled forward computed it (outside it, torch recomputes the block with its
+        plain calls: the non-reentrant checkpoint then fails, finding other tensors saved); the
+        backward's other calls run without grad, which the mode passes as they are. At the registry
+        level the patched modules recompute themselves, and this context does nothing.
+        :func:`lrpcpp.attribute` runs its backward pass in it."""
+        return self.rules.modes() if self.level == "operations" else contextlib.nullcontext()
+
     def _hook(self, name: str, handle, what: str) -> None:
         self._undo.append(handle.remove)
         self._report(name, what)
@@ -658,9 +669,10 @@ def patch(
     ``level`` (gradient mode): ``"registry"`` patches the modules a family entry describes (as
     above); ``"operations"`` rules each torch call of the forward instead
     (:mod:`lrpcpp.models.operations`), for any architecture; ``"auto"`` (default) takes the registry
-    when it describes the model and the operation level otherwise (a Hugging Face architecture
-    without a family entry, an attention module no entry describes, or a layout the registry cannot
-    patch: transformers 4.x's mixture-of-experts blocks). At the operation level,
+    when a family entry describes the model (or ``preset`` needs its layer rules) and the operation
+    level otherwise (a plain torch model, whose functional calls the registry's module patches would
+    leave with their plain gradient; a Hugging Face architecture without a family entry; a layout the
+    registry cannot patch: transformers 4.x's mixture-of-experts blocks). At the operation level,
     ``strict=True`` makes a call without a known rule an error, and ``handle.coverage`` reports the
     calls seen.
     """
@@ -710,7 +722,10 @@ def patch_walked(
             if level == "registry" or mode != "gradient":
                 raise
             operations = True
-        if level == "auto" and mode == "gradient" and family is None and _undescribed_attention(modules, set()):
+        if level == "auto" and mode == "gradient" and family is None and preset is None:
+            # a model no family entry describes (a plain torch model): the registry's module patches would
+            # leave its functional calls (torch.tanh, a product of two relevance carriers, an attention
+            # written in its own ops) with their plain gradient, unnoticed; the operation level rules each
             operations = True
         refusal = _unpatchable(modules, family) if family is not None else None
         if refusal is not None:
