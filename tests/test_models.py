@@ -305,27 +305,21 @@ def test_family_matches_subclasses_wrappers_and_alternative_child_names():
         }
         model[0].attention = nn.Identity()  # a wrapper with neither layout's children
         with pytest.raises(lrpcpp.UnsupportedModelError, match="'q_proj' or 'query'"):
-            lrpcpp.patch(model)
+            lrpcpp.patch(model, level="registry")
+        # the default level: the operation level, saying why (an entry is no gate)
+        with pytest.warns(UserWarning, match=r"'q_proj' or 'query'.*level='auto' explains the model at the operation"):
+            with lrpcpp.patch(model) as handle:
+                assert handle.level == "operations"
+        assert all("forward" not in m.__dict__ for m in model.modules())  # nothing left patched
     finally:
         del lrpcpp.models.families.FAMILIES["two_layouts"]
 
 
 def test_family_with_a_fused_projection_needs_its_split():
-    model = build("llama")
-    model.config.model_type = "llama_fused"
-    lrpcpp.register_family(
-        "llama_fused",
-        model_types=("llama_fused",),
-        attention=("LlamaAttention",),
-        qkv="q_proj",
-        norms=("LlamaRMSNorm",),
-    )
-    try:
-        with pytest.raises(lrpcpp.UnsupportedModelError, match="qkv_split"):
-            lrpcpp.patch(model)
-        assert all("forward" not in m.__dict__ for m in model.modules())  # nothing left patched
-    finally:
-        del lrpcpp.models.families.FAMILIES["llama_fused"]
+    fields = dict(model_types=("llama_fused",), attention=("LlamaAttention",), qkv="q_proj", norms=("LlamaRMSNorm",))
+    with pytest.raises(ValueError, match=r"'llama_fused' names a fused projection qkv='q_proj' but no qkv_split"):
+        lrpcpp.register_family("llama_fused", **fields)
+    assert "llama_fused" not in lrpcpp.models.families.FAMILIES
 
 
 @pytest.mark.parametrize("level", ["registry", "auto"])

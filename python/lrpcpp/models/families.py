@@ -85,6 +85,13 @@ class Family:
     norms: Tuple[str, ...] = field(default=())
     causal: bool = False
 
+    def __post_init__(self) -> None:
+        if self.qkv is not None and self.qkv_split is None:
+            raise ValueError(
+                f"lrpcpp.register_family: the family '{self.name}' names a fused projection qkv={self.qkv!r} but no "
+                "qkv_split(module) -> (q, k, v) sizes"
+            )
+
 
 FAMILIES: Dict[str, Family] = {}
 

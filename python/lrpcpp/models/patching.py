@@ -30,6 +30,7 @@ import inspect
 import sys
 import textwrap
 import types
+import warnings
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union, cast
 
@@ -672,7 +673,8 @@ def patch(
     when a family entry describes the model (or ``preset`` needs its layer rules) and the operation
     level otherwise (a plain torch model, whose functional calls the registry's module patches would
     leave with their plain gradient; a Hugging Face architecture without a family entry; a layout the
-    registry cannot patch: transformers 4.x's mixture-of-experts blocks). At the operation level,
+    registry cannot patch: transformers 4.x's mixture-of-experts blocks; a family entry that does not
+    match the model, such as the module names of another version, which a warning names). At the operation level,
     ``strict=True`` makes a call without a known rule an error, and ``handle.coverage`` reports the
     calls seen.
     """
@@ -755,6 +757,20 @@ def patch_walked(
         else:
             _apply(handle, family, modules)
         _checkpointing_in_rules(handle, modules)
+    except _families.UnsupportedModelError as e:
+        handle.remove()
+        if level != "auto" or mode != "gradient" or preset is not None or operations:
+            raise
+        # the family entry does not match this model (the module names of another version, an attention
+        # module it does not describe): an entry is an override, never a gate, so the operation level
+        # explains the model instead, and says why
+        warnings.warn(
+            f"{e}. level='auto' explains the model at the operation level instead (level='operations' does so "
+            "without this warning)",
+            UserWarning,
+            stacklevel=3,
+        )
+        return patch_walked(model, modules, method, mode, epsilon, preset, "operations", strict)
     except BaseException:
         handle.remove()
         raise
@@ -814,12 +830,7 @@ def _apply(
                 if any(family_role(sub) == "attention" for sub in module.modules() if sub is not module):
                     continue  # a wrapper of the attention module (transformers 4.x's ViTAttention)
                 matched_attention.add(id(module))
-                if family.qkv is not None:
-                    if family.qkv_split is None:
-                        raise _families.UnsupportedModelError(
-                            f"lrpcpp.patch: the family '{family.name}' names a fused projection qkv={family.qkv!r} "
-                            "but no qkv_split(module) -> (q, k, v) sizes"
-                        )
+                if family.qkv is not None and family.qkv_split is not None:  # (a Family checks they come together)
                     q, k, v = family.qkv_split(module)
                     proj = child(module, family.qkv, "fused query/key/value projection")
                     output_share(names[id(proj)], proj, ((q, q_share), (k, q_share), (v, v_share)))
