@@ -11,9 +11,10 @@ from conftest import ROOT, subprocess_env
 pytest.importorskip("transformers")
 
 
-def test_bench_models_quick():
+def quick_run(script, *args):
+    """``benchmarks/<script> --quick [args]`` in a fresh process: its standard output, once it exited with 0."""
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_models.py"), "--quick"],
+        [sys.executable, os.path.join(ROOT, "benchmarks", script), "--quick", *args],
         capture_output=True,
         text=True,
         env=subprocess_env(),
@@ -21,7 +22,11 @@ def test_bench_models_quick():
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    out = proc.stdout
+    return proc.stdout
+
+
+def test_bench_models_quick():
+    out = quick_run("bench_models.py")
     assert "## Whole-model attribution (CPU)" in out
     assert "| model | input | variant | time (ms) | time / plain |" in out
     assert "The operation level's torch function mode per forward" in out
@@ -38,16 +43,7 @@ def test_bench_models_quick():
 
 
 def test_bench_mode_floor_quick():
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_mode_floor.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = proc.stdout
+    out = quick_run("bench_mode_floor.py")
     assert "## The operation level's floor: what seeing every call of a forward costs (CPU)" in out
     for row in ("| none |", "| python |", "| dispatch |", "| attribute, operation level |"):
         assert row in out
@@ -56,39 +52,14 @@ def test_bench_mode_floor_quick():
 
 
 def test_bench_attention_quick():
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "benchmarks", "bench_attention.py"),
-            "--quick",
-            "--seqs",
-            "32",
-            "--reps",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = proc.stdout
+    out = quick_run("bench_attention.py", "--seqs", "32", "--reps", "1")
     assert "## LLaMA-style block with the fused attention (CPU)" in out
     assert "| lrpcpp block, fused lf.scaled_dot_product_attention (relevance) |" in out
 
 
 def test_bench_long_quick():
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_long.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = proc.stdout.splitlines()
+    out = quick_run("bench_long.py")
+    lines = out.splitlines()
     assert lines[0] == "## Long sequences, with and without activation checkpointing (CPU)"
 
     def table(header, columns):
@@ -122,23 +93,15 @@ def test_bench_long_quick():
     assert all(float(x) >= 0 for r in memory[:2] for x in r[:3]) and all(x == "—" for r in memory[2:] for x in r)
     assert (
         "relevance with checkpointing bitwise equal to without: attribute yes, attribute, "
-        '`level="operations"` yes; plain gradient with checkpointing bitwise equal to without: yes;' in proc.stdout
+        '`level="operations"` yes; plain gradient with checkpointing bitwise equal to without: yes;' in out
     )
-    assert "relevance finite: yes" in proc.stdout
+    assert "relevance finite: yes" in out
 
 
 @pytest.mark.slow
 def test_tensor_memory_quick():
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "tensor_memory.py"), "--quick", "--only", "vit"],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ViT")]
+    out = quick_run("tensor_memory.py", "--only", "vit")
+    rows = [line for line in out.splitlines() if line.startswith("| ViT")]
     assert [row.split(" | ")[2] for row in rows] == [
         "plain gradient",
         "lrpcpp.attribute",
@@ -146,7 +109,7 @@ def test_tensor_memory_quick():
     ]
     peaks = [float(row.split(" | ")[3]) for row in rows]
     assert all(p > 0 for p in peaks) and rows[0].split(" | ")[4] == "1.000"
-    assert "vit, registry - plain, live at the peak:" in proc.stdout
+    assert "vit, registry - plain, live at the peak:" in out
 
 
 def _family_sweep(tmp_path, *args):
