@@ -354,7 +354,7 @@ def test_a_block_checkpointed_by_the_forward_itself_is_recomputed_in_the_rules()
         assert torch.equal(g.relevance, want.relevance) and g.coverage == want.coverage
     checkpointed = _Checkpointed(False).double()
     checkpointed.load_state_dict(model.state_dict())
-    with lrpcpp.patch(checkpointed, level="operations") as handle:  # a backward pass outside the mode fails, saying why
+    with lrpcpp.patch(checkpointed, level="operations"):  # a backward pass outside the mode fails, saying why
         leaf = x.clone().requires_grad_()
         explained = checkpointed(leaf)[:, 0]
         with pytest.raises(RuntimeError, match=r"checkpoints runs its forward again .* `with handle\.backward\(\):`"):
