@@ -33,13 +33,11 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
 import sys
 import timeit
 import types
 
 import bench_models as bm  # benchmarks/bench_models.py
-import lrpcpp
 import results_file  # benchmarks/results_file.py
 import torch
 import torch.nn.functional as F
@@ -125,67 +123,28 @@ def per_call_us(modes, number):
     return out
 
 
-def in_forward(model, make):
-    """``attribute`` at the registry level with the model's forward in a new ``make()`` mode."""
-    state = {}
-
-    def enter(module, args):
-        state["mode"] = make()
-        state["mode"].__enter__()  # (a pre-hook that returns a value replaces the arguments)
-
-    def leave(module, args, out):
-        state.pop("mode").__exit__(None, None, None)
-
-    pre = model.register_forward_pre_hook(enter)
-    post = model.register_forward_hook(leave, always_call=True)
-    return pre, post
-
-
-def model_rounds(model, ids, mask, modes, rounds):
-    emb = model.get_input_embeddings()
-
-    def plain():
-        with torch.no_grad():
-            x = emb(ids)
-        x.requires_grad_()
-        torch.autograd.grad(bm.mean_pooled_sum(model(inputs_embeds=x, attention_mask=mask)).sum(), x)
-
-    def attribute(level):
-        return lrpcpp.attribute(model, input_ids=ids, attention_mask=mask, target=bm.mean_pooled_sum, level=level)
-
-    def floor(make):
-        def run():
-            hooks = in_forward(model, make)
-            try:
-                attribute("registry")
-            finally:
-                for h in hooks:
-                    h.remove()
-
-        return run
-
-    variants = {"plain gradient": plain, "attribute, registry level": lambda: attribute("registry")}
-    variants.update({f"attribute, registry level, forward in the {n} interceptor": floor(m) for n, m in modes.items()})
-    variants["attribute, operation level"] = lambda: attribute("operations")
-    for _ in range(3):
-        for f in variants.values():
-            f()
-    kept = []
-    for r in range(rounds):
-        order = list(variants) if r % 2 == 0 else list(variants)[::-1]
-        row = {}
-        for name in order:
-            t0 = timeit.default_timer()
-            variants[name]()
-            row[name] = timeit.default_timer() - t0
-        kept.append(row)
-    return {
-        v: (statistics.median(k[v] for k in kept) * 1e3, statistics.median(k[v] / k["plain gradient"] for k in kept))
-        for v in variants
-    }
+def model_rounds(case, modes, rounds):
+    """Median time (ms) and median ratio to the plain gradient of each variant on ``case`` (parameters
+    frozen), over ``rounds`` interleaved rounds after 3 warm-up calls."""
+    variants = [
+        ("plain gradient", True, lambda c: c.plain()),
+        ("attribute, registry level", True, lambda c: c.attribute(level="registry")),
+    ]
+    variants += [
+        (
+            f"attribute, registry level, forward in the {name} interceptor",
+            True,
+            (lambda m: lambda c: c.attribute_mode_floor(m))(make),
+        )
+        for name, make in modes.items()
+    ]
+    variants.append(("attribute, operation level", True, lambda c: c.attribute(level="operations")))
+    # (every round kept: this measurement does not drop the rounds other processes shared)
+    medians, _, _, kept = bm.interleaved_times(case, variants, rounds, 3, max_foreign=1.0, max_rounds=rounds)
+    return {v: (medians[v] * 1e3, bm.paired_ratio({"kept": kept}, v, "plain gradient")) for v, _, _ in variants}
 
 
-def report(model_name, seq, calls, times, c_missing, rounds, load):
+def report(model_name, input_text, calls, times, c_missing, rounds, load):
     lines = [
         SECTION,
         "",
@@ -208,7 +167,7 @@ def report(model_name, seq, calls, times, c_missing, rounds, load):
         lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in row.values()) + " |")
     lines += [
         "",
-        f"{model_name}, sequence {seq}, parameters frozen ({rounds} rounds):",
+        f"{model_name}, {input_text}, parameters frozen ({rounds} rounds):",
         "",
         "| variant | time (ms) | time / plain gradient |",
         "|---|---:|---:|",
@@ -246,14 +205,11 @@ def main():
     progress("per call")
     calls = per_call_us({"none": None, **modes}, 2000 if args.quick else 20000)
     progress("the model")
-    model, model_name = bm.minilm_model(args.quick)
-    model.requires_grad_(False)
-    seq = 16 if args.quick else 128
-    ids = bm.token_ids(model.config.vocab_size, seq, cls_sep=(101, 102))
+    case = bm.build_case("minilm", bm.QUICK if args.quick else bm.FULL, args.quick)
     rounds = 3 if args.quick else args.rounds
-    times = model_rounds(model, ids, torch.ones_like(ids), modes, rounds)
+    times = model_rounds(case, modes, rounds)
     load.append(os.getloadavg()[0])
-    text = report(model_name, seq, calls, times, c_missing, rounds, load)
+    text = report(case.model_name, case.input_text, calls, times, c_missing, rounds, load)
     sys.stdout.write(text)
     if args.write:
         progress(f"wrote the section '{SECTION}' of {results_file.write_section(SECTION, text)}")

@@ -294,11 +294,12 @@ class Case:
             self.model, **self.inputs, target=self.target if target == "default" else target, **kwargs
         )
 
-    def attribute_mode_floor(self):
+    def attribute_mode_floor(self, interceptor=None):
         """``attribute`` at the registry level with the model's forward in a torch function mode that only
-        calls each function (:class:`EmptyMode`): the registry's rules plus what torch's dispatch of every
-        call to a mode written in Python costs, the floor of an operation level built on such a mode."""
-        mode = EmptyMode()
+        calls each function (:class:`EmptyMode`, or another ``interceptor`` class): the registry's rules plus
+        what torch's dispatch of every call to a mode written in Python costs, the floor of an operation
+        level built on such a mode."""
+        mode = (interceptor or EmptyMode)()
 
         def enter(module, args):
             mode.__enter__()  # (a pre-hook that returns a value replaces the arguments)
